@@ -1,0 +1,25 @@
+# Two entry points (see README): `make run` builds the default Snakemake target,
+# `make test` runs the test suite. Both create the virtual environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CORES ?= 2
+
+.PHONY: setup run test clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the CPU wheel pinned here, so nothing pulls a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --cores $(CORES) --workflow-profile workflows/profiles/local
+
+test: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests
+
+clean:
+	rm -rf results .snakemake
