@@ -48,6 +48,8 @@ def _rank_main(rank: int, world_size: int, store_path: str, topology: Topology, 
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - sent to the parent with the rank
         results.put(("error", rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        results.close()
+        results.join_thread()  # flush the message before the hard exit
         os._exit(1)
 
 
@@ -102,9 +104,9 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), kwargs: di
                     try:
                         status, rank, value = results_q.get(timeout=1.0)
                     except queue.Empty:
-                        r = dead[0]
-                        raise LaunchError(f"rank {r} died with exit code {procs[r].exitcode} "
-                                          f"(signal {-procs[r].exitcode} if negative) without reporting an error") from None
+                        r, code = dead[0], procs[dead[0]].exitcode
+                        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                        raise LaunchError(f"rank {r} {how} without reporting an error") from None
                 elif time.monotonic() > end:
                     missing = sorted(set(range(world_size)) - set(results))
                     raise LaunchError(f"job exceeded its {deadline_s:.0f} s deadline; ranks {missing} did not finish")
