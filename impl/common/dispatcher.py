@@ -24,6 +24,8 @@ import torch
 from .comm import Comm, all_to_all_autograd
 from .routing import RoutingResult
 
+from .registry import register
+
 __all__ = ["ExpertPlacement", "TokenDispatcher", "FlatDispatchMeta", "FlatAlltoAllDispatcher",
            "DispatchedTokens", "check_expert_parallel"]
 
@@ -162,6 +164,8 @@ def chunk_transpose_index(counts_AB: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
+@register("dispatcher", "flat")
+@register("dispatcher", "megatron-flat")
 class FlatAlltoAllDispatcher(TokenDispatcher):
     """Megatron-LM's alltoall dispatcher semantics (dropless; capacity drops are the gate's)."""
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from impl.common.comm import Comm, CommGroup, all_to_all_autograd
+from impl.common.registry import register
 from impl.common.dispatcher import DispatchedTokens, ExpertPlacement, TokenDispatcher
 from impl.common.routing import RoutingResult
 
@@ -179,3 +180,17 @@ class HierarchicalDispatcher(TokenDispatcher):
             return rows
         out = rows.new_zeros((meta.num_tokens,) + tuple(rows.shape[1:]))
         return out.index_add(0, meta.token_of_row, rows)
+
+
+def _variant(dim: int, dedup: bool):
+    def factory(comm: Comm, num_experts: int, placement: ExpertPlacement | None = None):
+        return HierarchicalDispatcher(comm, num_experts, placement, dim=dim, dedup=dedup)
+    factory.__qualname__ = f"{'HD' if dedup else 'H'}{dim}"
+    return factory
+
+
+# Named variants for configs: hd1..hd8 (dedup) and h1..h8 (hierarchical, no dedup); a name whose
+# d exceeds the topology's depth fails at construction with the allowed range.
+for _d in range(1, 9):
+    register("dispatcher", f"hd{_d}")(_variant(_d, True))
+    register("dispatcher", f"h{_d}")(_variant(_d, False))

@@ -1,0 +1,101 @@
+"""Figure conventions (fixed styles, PDF + PNG with Type 42 fonts), the papers' CSV convention,
+and the Table II figure and markdown table from a hand-made tidy CSV."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from figures import hiermoe_table2 as fig_t2  # noqa: E402
+from figures import style  # noqa: E402
+from figures.paper import PAPER_DIR, REQUIRED_KEYS, read_paper_csv  # noqa: E402
+
+
+def test_every_system_has_its_own_style():
+    assert len(style.SYSTEM_ORDER) == 16 == len(set(style.SYSTEM_ORDER))
+    pairs = {(s.color, s.hatch) for s in style.SYSTEM_STYLES.values()}
+    assert len(pairs) == len(style.SYSTEM_ORDER)
+    for systems in style.PAPER_SYSTEMS.values():  # within one paper's figure: all colours differ
+        assert len({style.style_for(s).color for s in systems}) == len(systems)
+        assert len({style.style_for(s).hatch for s in systems}) == len(systems)
+    assert style.style_for("HierMoE") == style.SYSTEM_STYLES["HierMoE"]
+    with pytest.raises(ValueError, match="no style for 'Hiermoe'; known: Megatron-LM, "):
+        style.style_for("Hiermoe")
+
+
+def test_save_writes_pdf_with_type42_fonts_and_png(tmp_path):
+    style.set_style()
+    fig, ax = plt.subplots()
+    ax.bar([0, 1], [1, 2])
+    ax.set_title("fonts")
+    pdf, png = style.save(fig, tmp_path / "sub" / "f.pdf", source="x.csv")
+    plt.close(fig)
+    assert (pdf, png) == (tmp_path / "sub" / "f.pdf", tmp_path / "sub" / "f.png")
+    data = pdf.read_bytes()
+    assert b"/Type3" not in data and (b"/FontFile2" in data or b"/CIDFontType2" in data)
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in pdf.parent.iterdir()) == ["f.pdf", "f.png"]
+
+
+def test_paper_csvs_follow_the_convention():
+    files = sorted(PAPER_DIR.glob("*.csv"))
+    assert files
+    for path in files:
+        table, header = read_paper_csv(path)
+        assert all(header[k] for k in REQUIRED_KEYS)
+        assert table["value"].notna().all()
+
+
+def test_paper_csv_without_citation_is_refused(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("# location: Table 1\n# quantity: q\n# unit: ms\nK,value\n2,1\n")
+    with pytest.raises(ValueError, match="header lacks 'citation'"):
+        read_paper_csv(bad)
+    with pytest.raises(ValueError, match="not found; known: .*hiermoe_table2"):
+        read_paper_csv("no_such_table")
+
+
+def tidy_rows():
+    """Two repeats of two cells, with values chosen so every printed number is known."""
+    base = dict(experiment="hiermoe_table2", tier="sim", distribution="uniform", skew=1.0, E=256,
+                tokens=100, copies=200, distinct=0, paper_source="hiermoe_table2")
+    rows = []
+    for r, k, measured, expected, paper in [(8, 2, (0.05, 0.07), 0.061, 0.06),
+                                            (4, 2, (0.12, 0.13), 0.124, 0.12)]:
+        for repeat, m in enumerate(measured):
+            rows.append(dict(base, R=r, K=k, repeat=repeat, seed=repeat, measured=m, expected=expected,
+                             paper=paper))
+    return pd.DataFrame(rows)
+
+
+def test_markdown_table_values():
+    table = fig_t2.markdown_table2(tidy_rows(), source="t.csv")
+    lines = [line for line in table.splitlines() if line.startswith("| 8 |") or line.startswith("| 4 |")]
+    # median of (5, 7) = 6; p5 = 5.1, p95 = 6.9; 6 - 6 = 0; closed form 6.1 - 6 = +0.10
+    assert lines[0] == "| 8 | 2 | 6 | 6.00 | 5.10-6.90 | 6.10 | +0.00 | +0.10 |"
+    assert lines[1] == "| 4 | 2 | 12 | 12.50 | 12.05-12.95 | 12.40 | +0.50 | +0.40 |"
+    assert "Largest difference from the paper: +0.50 pp; mean absolute difference 0.25 pp over 2 cells." in table
+    assert "tier: sim" in table and "arXiv:2508.09591v1" in table and "`t.csv`" in table
+
+
+def test_plot_cli_writes_all_outputs(tmp_path):
+    csv = tmp_path / "t.csv"
+    tidy_rows().to_csv(csv, index=False)
+    out = tmp_path / "fig"
+    code = fig_t2.main(["--csv", str(csv), "--out-pdf", str(out / "t2.pdf"), "--out-png", str(out / "t2.png"),
+                        "--out-md", str(out / "t2.md")])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["t2.md", "t2.pdf", "t2.png"]
+
+
+def test_plot_cli_rejects_bad_input(tmp_path, capsys):
+    csv = tmp_path / "t.csv"
+    tidy_rows().drop(columns=["expected"]).to_csv(csv, index=False)
+    code = fig_t2.main(["--csv", str(csv), "--out-pdf", str(tmp_path / "a.pdf"), "--out-png", str(tmp_path / "a.png"),
+                        "--out-md", str(tmp_path / "a.md")])
+    assert code == 2 and "missing column 'expected'" in capsys.readouterr().err
+    code = fig_t2.main(["--csv", str(csv), "--out-pdf", str(tmp_path / "a.pdf"), "--out-png", str(tmp_path / "b.png"),
+                        "--out-md", str(tmp_path / "a.md")])
+    assert code == 2 and "must be X.pdf and X.png with the same X" in capsys.readouterr().err

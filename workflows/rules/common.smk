@@ -1,0 +1,63 @@
+# Shared helpers of the workflow: config validation and the paths and overrides every rule
+# needs. Functions only; rules live in the per-paper files.
+import json
+import shlex
+from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+# The repository: where the shipped inputs (experiment configs, papers' numbers) live.
+REPO = Path(workflow.basedir)
+
+
+def repo_path(relative):
+    """A path from the config, relative to the repository unless it is absolute."""
+    path = Path(relative)
+    return str(path if path.is_absolute() else REPO / path)
+
+
+def experiment_config(name):
+    """The experiment YAML of one experiment entry of the config."""
+    return repo_path(config[name]["config"])
+
+
+def typed(value):
+    """`--config` delivers nested values as strings ('2', not 2): re-read every string as YAML,
+    which is also how the experiment CLIs read `--set` values, so both routes agree."""
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    if isinstance(value, list):
+        return [typed(item) for item in value]
+    if isinstance(value, dict):
+        return {key: typed(item) for key, item in value.items()}
+    return value
+
+
+def experiment_overrides(name):
+    """The entry's `set:` mapping as `key=value` strings (nested keys dotted, values as JSON,
+    which parses as YAML), in the form the experiment CLIs take after --set."""
+
+    def flatten(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from flatten(f"{prefix}{key}.", item)
+        else:
+            yield f"{prefix[:-1]}={json.dumps(typed(value))}"
+
+    return list(flatten("", config[name].get("set", {})))
+
+
+def set_flags(name):
+    """The overrides as shell-quoted `--set key=value` flags."""
+    return " ".join(f"--set {shlex.quote(item)}" for item in experiment_overrides(name))
+
+
+def paper_csv(name):
+    """The papers' reported numbers for one figure or table (figures/paper/<name>.csv)."""
+    return repo_path(f"figures/paper/{name}.csv")

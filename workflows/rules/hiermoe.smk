@@ -1,0 +1,38 @@
+# HierMoE experiments (tier 'sim' here: measured on routing masks in one process).
+from impl.common.config import config_hash
+from impl.common.records import record_path
+from impl.hiermoe import table2
+
+# Build and check the Table II config now, so a bad key or value stops the workflow before any
+# job runs, with the experiment's own error message.
+TABLE2_CONFIG = table2.load_config(
+    experiment_config("hiermoe_table2"), experiment_overrides("hiermoe_table2")
+)
+# Results are named by the config's hash (results/raw/<experiment>/<system>/<topology>/<hash>),
+# so runs of different configs sit side by side and switching back reuses the earlier one.
+TABLE2_RECORD = record_path(
+    "results", table2.EXPERIMENT, table2.SYSTEM, table2.TOPOLOGY, config_hash(TABLE2_CONFIG)
+)
+
+
+rule hiermoe_table2:
+    """HierMoE Table II: token duplication rate per number of expert groups R and top-K."""
+    input:
+        config=experiment_config("hiermoe_table2"),
+        paper=paper_csv(TABLE2_CONFIG.paper),
+    output:
+        csv=str(TABLE2_RECORD.with_suffix(".csv")),
+        record=str(TABLE2_RECORD),
+    log:
+        str(Path("results/logs") / TABLE2_RECORD.relative_to("results/raw").with_suffix(".log")),
+    params:
+        overrides=set_flags("hiermoe_table2"),
+    threads: 1
+    resources:
+        runtime=15,
+        mem_mb=4000,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m impl.hiermoe.table2 --config {input.config} {params.overrides} --no-progress"
+        " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
