@@ -28,7 +28,7 @@ from impl.common.models import ModelConfig, get_model
 from impl.common.moe_layer import ExpertParallelMoE
 from impl.common.records import make_record, write_record
 from impl.common.registry import RegistryError, get, names
-from impl.common.routing import build_gate
+from impl.common.routing import build_gate, init_gate_from_seed
 from impl.common.topology import Topology, TopologyError, get_topology
 
 __all__ = ["LayerBenchConfig", "validate", "run", "main"]
@@ -109,9 +109,8 @@ def validate(config: LayerBenchConfig) -> ResolvedBench:
 def _bench_rank(comm: Comm, rb: ResolvedBench) -> dict:
     """One rank: build gate, dispatcher and local experts, time forward + backward."""
     cfg, dtype = rb.config, DTYPES[rb.config.dtype]
-    torch.manual_seed(cfg.seed)                       # the gate is replicated: same init everywhere
     gate_cfg = replace(rb.model.gate_config(), top_k=rb.top_k)
-    gate = build_gate(gate_cfg, rb.hidden, rb.num_experts).to(dtype)
+    gate = init_gate_from_seed(build_gate(gate_cfg, rb.hidden, rb.num_experts), cfg.seed).to(dtype)
     dispatcher = get("dispatcher", cfg.system)(comm, rb.num_experts)
     experts = GroupedExperts(len(dispatcher.local_experts()), rb.hidden, rb.ffn_hidden,
                              kind=rb.model.ffn_kind).to(dtype)

@@ -89,9 +89,11 @@ class GroupedExperts(nn.Module):
         if sum(counts) != x_RM.shape[0]:
             raise ValueError(f"tokens_per_expert sums to {sum(counts)} but x has {x_RM.shape[0]} rows")
         if x_RM.shape[0] == 0:
-            # Keep the graph connected to every parameter so gradients are zeros, not None.
+            # Keep the graph connected to the input and to every parameter: the backward of the
+            # collective that delivered x_RM must run on this rank too (its peers wait for it),
+            # and the parameters get zero gradients, not None.
             total = sum(getattr(self, name).sum() for name in self._shapes())
-            return x_RM.new_zeros(0, self.hidden) + 0 * total
+            return x_RM @ x_RM.new_zeros(self.hidden, self.hidden) + 0 * total
         outs = [self.forward_one(i, rows) for i, rows in enumerate(x_RM.split(counts)) if rows.shape[0]]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 

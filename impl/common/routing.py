@@ -36,7 +36,7 @@ from .config import ConfigError
 from .registry import register
 
 __all__ = ["RoutingResult", "GateKind", "DropPolicy", "GateConfig", "Gate", "GateSelection", "GATES",
-           "build_gate", "SoftmaxTopKGate", "GShardNoisyTopKGate", "SwitchGate", "DeepSeekV3Gate",
+           "build_gate", "init_gate_from_seed", "SoftmaxTopKGate", "GShardNoisyTopKGate", "SwitchGate", "DeepSeekV3Gate",
            "SigmoidGate", "XMoEGate", "ExpertChoiceGate", "SoftMoERouter", "SoftMoEWeights",
            "expert_capacity", "expert_choice_capacity", "apply_capacity", "load_balancing_loss",
            "router_z_loss", "topk_ids_from_routing", "routing_from_topk"]
@@ -624,6 +624,21 @@ def build_gate(cfg: GateConfig, hidden: int, num_experts: int) -> Gate:
     if not isinstance(cfg, GateConfig):
         raise TypeError(f"cfg must be a GateConfig, got {type(cfg).__name__}")
     return GATES[cfg.kind](cfg, hidden, num_experts)
+
+
+@torch.no_grad()
+def init_gate_from_seed(gate: nn.Module, seed: int) -> nn.Module:
+    """Re-initialise every parameter of a replicated gate from a private generator.
+
+    torch's global RNG is shared by threads, so SimComm ranks (threads) seeding it and then
+    building their gates can interleave and end up with different "replicated" weights; a
+    private generator gives every rank bit-identical gates. Buffers (e.g. DeepSeek-V3's score
+    bias) are left as built."""
+    g = torch.Generator().manual_seed(int(seed))
+    for _, p in sorted(gate.named_parameters()):
+        fan_in = p.shape[-1] if p.dim() > 1 else 1
+        p.copy_((torch.randn(p.shape, generator=g, dtype=torch.float64) / fan_in ** 0.5).to(p.dtype))
+    return gate
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from impl.common.comm import Comm
 from impl.common.dispatcher import ExpertPlacement, FlatAlltoAllDispatcher
 from impl.common.experts import GroupedExperts
 from impl.common.moe_layer import ExpertParallelMoE, dense_moe_reference
-from impl.common.routing import GateConfig, build_gate
+from impl.common.routing import GateConfig, RoutingResult, build_gate, init_gate_from_seed
 
 DTYPE = torch.float64
 
@@ -32,6 +32,7 @@ class EPCase:
     slot_of_expert: tuple[int, ...] | None = None   # None = identity placement
     dispatcher: str = "flat"
     dispatcher_kwargs: dict = field(default_factory=dict)
+    gate_kwargs: dict = field(default_factory=dict)   # extra GateConfig fields, e.g. capacity_factor
 
 
 def global_inputs(case: EPCase, world_size: int):
@@ -42,9 +43,11 @@ def global_inputs(case: EPCase, world_size: int):
 
 
 def make_gate(case: EPCase):
-    torch.manual_seed(case.seed + 1)
-    gate = build_gate(GateConfig(kind="softmax_topk", top_k=case.top_k), case.hidden, case.num_experts)
-    return gate.to(DTYPE)
+    """The replicated gate, initialised from a private generator: SimComm ranks are threads, so
+    the global RNG would race between them."""
+    gate = build_gate(GateConfig(kind="softmax_topk", top_k=case.top_k, **case.gate_kwargs), case.hidden,
+                      case.num_experts).to(DTYPE)
+    return init_gate_from_seed(gate, case.seed + 1)
 
 
 def make_experts(case: EPCase, expert_ids: list[int]):
@@ -88,7 +91,9 @@ def reference(case: EPCase, world_size: int) -> dict:
     x = x_all.clone().requires_grad_(True)
     gate = make_gate(case)
     experts = make_experts(case, list(range(case.num_experts)))
-    routing = gate(x)
+    # each rank routes its own tokens (a capacity limit applies per rank, as in the EP run)
+    chunks = [gate(x_r) for x_r in x.split(case.tokens_per_rank)]
+    routing = RoutingResult(torch.cat([r.routing_map_TE for r in chunks]), torch.cat([r.probs_TE for r in chunks]))
     y = dense_moe_reference(x, routing, experts)
     (y * w_all).sum().backward()
     return {

@@ -87,3 +87,12 @@ def test_count_mismatch_is_rejected():
 def test_flops():
     assert expert_flops(10, 4, 8, "gpt") == 2 * 10 * 4 * 8 * 2
     assert expert_flops(10, 4, 8, "swiglu") == 2 * 10 * 4 * 8 * 3
+
+
+def test_empty_input_output_depends_on_input():
+    """A rank that receives no rows must still run the backward of the collective that
+    delivered them, so the empty output stays connected to the (empty) input."""
+    ex = make("gpt")
+    x = torch.zeros(0, 6, dtype=DT, requires_grad=True)
+    ex(x, [0, 0, 0, 0]).sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 6)
