@@ -25,6 +25,7 @@ rule all:
     default_target: True
     input:
         rules.plot_hiermoe_table2.output,
+        rules.plot_hiermoe_fig9.output,
 
 
 onerror:

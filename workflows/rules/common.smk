@@ -61,3 +61,9 @@ def set_flags(name):
 def paper_csv(name):
     """The papers' reported numbers for one figure or table (figures/paper/<name>.csv)."""
     return repo_path(f"figures/paper/{name}.csv")
+
+
+def calibration_profile():
+    """The profile our calibration rule writes for the configured topology and backend."""
+    entry = config["hiermoe_calibration"]
+    return f"results/raw/calibration/{entry['topology']}-{entry['backend']}.yaml"

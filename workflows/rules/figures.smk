@@ -4,6 +4,7 @@
 
 localrules:
     plot_hiermoe_table2,
+    plot_hiermoe_fig9,
 
 
 rule plot_hiermoe_table2:
@@ -26,3 +27,25 @@ rule plot_hiermoe_table2:
     shell:
         "python -m figures.hiermoe_table2 --csv {input.csv}"
         " --out-pdf {output.pdf} --out-png {output.png} --out-md {output.md} > {log} 2>&1"
+
+
+rule plot_hiermoe_fig9:
+    """HierMoE Fig. 9: the paper's alpha-beta fits beside our calibration of this machine."""
+    input:
+        profile=calibration_profile(),
+        paper=paper_csv("hiermoe_fig9"),
+    output:
+        pdf="results/figures/hiermoe_fig9.pdf",
+        png="results/figures/hiermoe_fig9.png",
+        md="results/figures/hiermoe_fig9.md",
+    log:
+        "results/logs/figures/hiermoe_fig9.log",
+    threads: 1
+    resources:
+        runtime=5,
+        mem_mb=2000,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m figures.hiermoe_fig9 --profile {input.profile}"
+        " --out {output.pdf} --out-md {output.md} > {log} 2>&1"

@@ -36,3 +36,22 @@ rule hiermoe_table2:
     shell:
         "python -m impl.hiermoe.table2 --config {input.config} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
+
+
+rule hiermoe_calibration:
+    """Our alpha-beta fits of the AlltoAll kinds on this machine (Fig. 9, right panel)."""
+    output:
+        profile="results/raw/calibration/{topology}-{backend}.yaml",
+    log:
+        "results/logs/calibration/{topology}-{backend}.log",
+    params:
+        extra=config["hiermoe_calibration"]["args"],
+    threads: 2
+    resources:
+        runtime=20,
+        mem_mb=4000,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m impl.common.calibrate --topology {wildcards.topology} --backend {wildcards.backend}"
+        " {params.extra} --quiet --out {output.profile} > {log} 2>&1"
