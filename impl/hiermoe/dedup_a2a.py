@@ -34,7 +34,7 @@ from impl.common.registry import register
 from impl.common.dispatcher import DispatchedTokens, ExpertPlacement, TokenDispatcher
 from impl.common.routing import RoutingResult
 
-__all__ = ["HierarchicalDispatcher", "RouteStep", "HierDispatchMeta", "step_groups"]
+__all__ = ["HierarchicalDispatcher", "HierDAlltoAllDispatcher", "RouteStep", "HierDispatchMeta", "step_groups"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,63 @@ class HierarchicalDispatcher(TokenDispatcher):
         out = rows.new_zeros((meta.num_tokens,) + tuple(rows.shape[1:]))
         return out.index_add(0, meta.token_of_row, rows)
 
+
+
+@dataclass(frozen=True)
+class AdaptiveDispatchMeta:
+    dim: int                      # d* chosen for this dispatch
+    inner: HierDispatchMeta
+
+
+class HierDAlltoAllDispatcher(TokenDispatcher):
+    """HierD-AlltoAll: HDd with d = d* chosen per dispatch (per layer, per step) by the alpha-beta
+    model of `profile` (Eqs. (1)-(7), Algorithm 1) from globally reduced duplicate-free counts,
+    so every rank picks the same d and issues the same collectives. The routes of every d are
+    built once; the choice costs one small all-reduce per dispatch."""
+
+    def __init__(self, comm: Comm, num_experts: int, placement: ExpertPlacement | None = None, *,
+                 profile=None, bytes_per_elem: int | None = None):
+        super().__init__(comm, num_experts, placement)
+        from impl.common.costmodel import load_profile
+        from impl.hiermoe.dimension import check_profile
+
+        self.profile = load_profile(profile or comm.topology.name) if not hasattr(profile, "comm_time") else profile
+        check_profile(self.profile, comm.topology)
+        self.bytes_per_elem = bytes_per_elem
+        self.routes = {d: HierarchicalDispatcher(comm, num_experts, self.placement, dim=d, dedup=True)
+                       for d in range(1, comm.topology.D + 1)}
+        self.last_dim: int | None = None
+
+    @property
+    def name(self) -> str:
+        return "HierD"
+
+    def dispatch_preprocess(self, x_TM: torch.Tensor, routing: RoutingResult):
+        from impl.hiermoe.dimension import choose_dimension
+
+        v = self.bytes_per_elem or x_TM.element_size()
+        d = choose_dimension(self.comm, routing.routing_map_TE, self.placement, x_TM.shape[-1], v, self.profile)
+        self.last_dim = d
+        rows, probs, inner = self.routes[d].dispatch_preprocess(x_TM, routing)
+        return rows, probs, AdaptiveDispatchMeta(d, inner)
+
+    def token_dispatch(self, rows, probs, meta: AdaptiveDispatchMeta):
+        return self.routes[meta.dim].token_dispatch(rows, probs, meta.inner)
+
+    def dispatch_postprocess(self, rows, probs, meta: AdaptiveDispatchMeta):
+        return self.routes[meta.dim].dispatch_postprocess(rows, probs, meta.inner)
+
+    def combine_preprocess(self, expert_out_RM, meta: AdaptiveDispatchMeta):
+        return self.routes[meta.dim].combine_preprocess(expert_out_RM, meta.inner)
+
+    def token_combine(self, rows, meta: AdaptiveDispatchMeta):
+        return self.routes[meta.dim].token_combine(rows, meta.inner)
+
+    def combine_postprocess(self, rows, meta: AdaptiveDispatchMeta):
+        return self.routes[meta.dim].combine_postprocess(rows, meta.inner)
+
+
+register("dispatcher", "hierd")(HierDAlltoAllDispatcher)
 
 def _variant(dim: int, dedup: bool):
     def factory(comm: Comm, num_experts: int, placement: ExpertPlacement | None = None):

@@ -106,3 +106,24 @@ def test_dimension_out_of_range_is_rejected():
             HierarchicalDispatcher(comm, 8, dim=3)
 
     SimWorld(topo).run(body)
+
+
+def test_hierd_auto_dimension_equals_reference_and_agrees_on_all_ranks():
+    """HD-MoE: d* per dispatch from the testbed profile; same d on every rank, exact results."""
+    topo = get_topology("hiermoe-testbed")
+    case = EPCase(num_experts=64, top_k=8, tokens_per_rank=6, dispatcher="hierd", seed=4)
+    results = SimWorld(topo).run(run_rank, case)
+    assert_matches_reference(results, reference(case, topo.G))
+
+    def chosen(comm):
+        from impl.hiermoe.dedup_a2a import HierDAlltoAllDispatcher
+        from impl.common.routing import RoutingResult
+        g = torch.Generator().manual_seed(comm.rank)
+        ids = torch.stack([torch.randperm(64, generator=g)[:8] for _ in range(64)])
+        rmap = torch.zeros(64, 64, dtype=torch.bool).scatter_(1, ids, True)
+        disp = HierDAlltoAllDispatcher(comm, 64, bytes_per_elem=2)
+        disp.dispatch(torch.zeros(64, 2048), RoutingResult(rmap, rmap.float() / 8))
+        return disp.last_dim
+
+    dims = SimWorld(topo).run(chosen)
+    assert len(set(dims)) == 1 and dims[0] > 1

@@ -1,0 +1,339 @@
+"""The dimension d* of HierD-AlltoAll: HierMoE's alpha-beta performance model (Eqs. (1)-(7),
+Algorithm 1) evaluated on duplicate-free token counts, and the exact per-level volume of every
+HDd / Hd route computed from routing masks alone.
+
+Counts (Eq. (7)). Experts live in physical slots; the experts of a level-L group (one of U[L],
+U[D] = G GPUs) are a contiguous block of E / U[L] slots. For every origin rank s and every
+level-L group j, q_L[s, j] is the number of rows s starts towards group j:
+
+* with dedup (HDd): the tokens of s that select at least one expert of block j (the OR of the
+  mask over the block, then a count);
+* without (Hd): the (token, expert) pairs of s inside block j.
+
+`process()` (Algorithm 1, line 9). Our reading: it tracks *who holds* the rows entering each
+step. The route of `impl.hiermoe.dedup_a2a` is deterministic: after Inter-1..Inter-P, the copy of
+a token of origin s that serves level-P group p is held by the rank whose coarsest P coordinates
+are p's and whose other coordinates are s's. That copy carries only p's experts, and the blocks
+of finer levels nest inside p's block, so the rows entering step (destination level L, parent
+level P) are the per-origin counts q_L re-indexed to their holders:
+
+    rows[holder, peer in group j] = sum of q_L[s, j] over the U[P] origins s whose
+                                    coordinates below level P are the holder's
+
+(`holder_rows`). One pass over the routing therefore gives every step of every dimension, as
+Algorithm 1 intends, and the same counts give the exact bytes and messages per level
+(`route_volumes`), equal to what the dispatcher's traffic counters record.
+
+Model (Eqs. (1)-(5)). A step over sub-groups of `fan` ranks is one AlltoAll, padded to the
+largest split, whose per-rank buffer is n = fan * max(rows) * M * v bytes (nccl-tests size);
+its time is alpha + beta * n with the profile's model of that step:
+
+    t_1 = T_flat(G * max rows_flat)
+    t_d = sum_{i<d} T_inter-i((U[i]/U[i-1]) * max rows_inter-i) + T_intra-(d-1)((G/U[d-1]) * max rows_intra-(d-1))
+
+d* (Eq. (6)): d* = 1 if t_1 < min_{d>1} t_d, else argmin_{d>1} t_d (the smallest such d on a
+tie; a tie between t_1 and a deeper t_d goes deeper, as the paper's strict < says).
+
+Where the paper is unclear (digest section 3.5) and what we chose:
+
+* Whose max. The paper's max(p) is read as the padded *per-rank* buffer: the largest split any
+  rank sends to any peer in that step (self included, as in nccl-tests), the max over every
+  concurrent sub-group, since the step ends with its slowest sub-AlltoAll.
+* Agreement. Every rank must issue the same collectives, so d* is chosen from *global* counts:
+  `choose_dimension` all-reduces (sum) a [G, sum_L U[L]] table in which each rank fills its own
+  row, then every rank evaluates the same deterministic model on the same numbers. A sum over
+  ranks of the count vectors would not do: which holder carries a row depends on its origin.
+  One small all-reduce per layer and step (G * (U[1] + ... + U[D]) int64, 15 KiB at G = 32;
+  it grows as G^2); the paper does not cover this cost.
+* Frequency. Per MoE layer, per step, before the dispatch, from that layer's routing.
+* Placement. The OR blocks are taken over physical slot order (the placement is applied to the
+  mask columns first), so expert swaps change the counts.
+* What travels. Only the hidden vectors (M * v bytes per row) enter the model, as in the paper;
+  the ids and gate weights that travel with them are metadata (counted apart by the traffic
+  counters) and are left out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Mapping, Sequence
+
+import torch
+
+from impl.common.comm import Comm
+from impl.common.costmodel import HardwareProfile
+from impl.common.dispatcher import ExpertPlacement, check_expert_parallel
+from impl.common.topology import Topology
+
+__all__ = ["RouteCounts", "StepVolume", "RouteVolumes", "local_counts", "route_counts", "gather_counts",
+           "holder_rows", "route_steps", "step_name_of", "route_volumes", "volumes", "step_maxima",
+           "modeled_time", "modeled_times", "select_dimension", "choose_from_counts", "choose_dimension",
+           "check_profile", "variant_name"]
+
+
+# ==========================================================================================
+# counts
+# ==========================================================================================
+@dataclass(frozen=True, eq=False)
+class RouteCounts:
+    """Rows every origin rank starts towards every group of every level: the one input of the
+    model and of the volumes. by_level[L - 1] is int64 [G, U[L]] for L = 1..D (level D = GPUs)."""
+
+    topology: Topology
+    dedup: bool
+    by_level: tuple[torch.Tensor, ...]
+
+    def __post_init__(self):
+        topo = self.topology
+        if len(self.by_level) != topo.D:
+            raise ValueError(f"RouteCounts needs {topo.D} levels for topology {topo.name!r}, got {len(self.by_level)}")
+        for L, q in enumerate(self.by_level, start=1):
+            if tuple(q.shape) != (topo.G, topo.U[L]):
+                raise ValueError(f"RouteCounts level {L}: expected shape ({topo.G}, {topo.U[L]}), got {tuple(q.shape)}")
+
+    @classmethod
+    def from_table(cls, topology: Topology, table_GX: torch.Tensor, dedup: bool) -> "RouteCounts":
+        """From the [G, U[1] + ... + U[D]] table of per-rank count vectors (`local_counts` rows)."""
+        widths = list(topology.U[1:])
+        if tuple(table_GX.shape) != (topology.G, sum(widths)):
+            raise ValueError(f"count table must be [{topology.G}, {sum(widths)}] for topology "
+                             f"{topology.name!r}, got {tuple(table_GX.shape)}")
+        return cls(topology, dedup, tuple(table_GX.to(torch.int64).split(widths, dim=1)))
+
+    def level(self, L: int) -> torch.Tensor:
+        return self.by_level[L - 1]
+
+
+def _check_map(routing_map_TE: torch.Tensor, topology: Topology) -> int:
+    if routing_map_TE.dim() != 2 or routing_map_TE.dtype != torch.bool:
+        raise ValueError(f"routing_map_TE must be a 2-D bool tensor [T, E], got dtype {routing_map_TE.dtype} "
+                         f"and shape {tuple(routing_map_TE.shape)}")
+    E = routing_map_TE.shape[1]
+    check_expert_parallel(E, topology.G)
+    return E
+
+
+def _slot_order(placement: ExpertPlacement | None, num_experts: int) -> torch.Tensor | None:
+    """Logical expert of every slot, or None for the identity placement."""
+    if placement is None:
+        return None
+    if placement.num_experts != num_experts:
+        raise ValueError(f"placement has {placement.num_experts} experts, routing map {num_experts}")
+    expert_of_slot = placement.expert_of_slot
+    return None if expert_of_slot == tuple(range(num_experts)) else torch.tensor(expert_of_slot)
+
+
+def local_counts(routing_map_TE: torch.Tensor, topology: Topology, placement: ExpertPlacement | None = None,
+                 dedup: bool = True) -> torch.Tensor:
+    """One rank's counts, int64 [U[1] + ... + U[D]]: for each level L = 1..D and group j, the
+    tokens (dedup) or (token, expert) pairs (no dedup) of this rank that need group j (Eq. (7))."""
+    E = _check_map(routing_map_TE, topology)
+    order_S = _slot_order(placement, E)
+    T, G, U = routing_map_TE.shape[0], topology.G, topology.U
+    if not dedup:
+        pairs_S = routing_map_TE.sum(0)
+        if order_S is not None:
+            pairs_S = pairs_S.index_select(0, order_S)
+        return torch.cat([pairs_S.view(U[L], E // U[L]).sum(1) for L in range(1, topology.D + 1)])
+    # slot-major bytes [E, T] (0 / 1): the OR over a block of slots is a max over contiguous rows
+    map_ST = routing_map_TE.t()
+    map_ST = map_ST.contiguous() if order_S is None else map_ST.index_select(0, order_S)
+    needs = [map_ST.view(torch.uint8).view(G, E // G, T).amax(1)]            # [G, T]: OR per GPU
+    for L in range(topology.D - 1, 0, -1):                                   # coarser blocks nest
+        needs.append(needs[-1].view(U[L], U[L + 1] // U[L], T).amax(1))
+    return torch.cat([n.sum(1) for n in reversed(needs)])
+
+
+def route_counts(routing_maps: Sequence[torch.Tensor], topology: Topology,
+                 placement: ExpertPlacement | None = None, dedup: bool = True) -> RouteCounts:
+    """Global counts from every rank's routing map (rank order): the sim tier's input."""
+    if len(routing_maps) != topology.G:
+        raise ValueError(f"got routing maps of {len(routing_maps)} ranks; topology {topology.name!r} has G = {topology.G}")
+    table = torch.stack([local_counts(m, topology, placement, dedup) for m in routing_maps])
+    return RouteCounts.from_table(topology, table, dedup)
+
+
+def gather_counts(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPlacement | None = None,
+                  dedup: bool = True) -> RouteCounts:
+    """Global counts on every rank: one all-reduce (sum) of a table holding each rank's row."""
+    topo = comm.topology
+    mine = local_counts(routing_map_TE, topo, placement, dedup)
+    table = torch.zeros(topo.G, mine.numel(), dtype=torch.int64)
+    table[comm.rank] = mine
+    return RouteCounts.from_table(topo, comm.all_reduce(table, "sum"), dedup)
+
+
+# ==========================================================================================
+# the route: steps, holders (process) and their splits
+# ==========================================================================================
+def route_steps(topology: Topology, dim: int) -> list[tuple[int, int]]:
+    """(level L of the destination groups, parent level P) of each step of an HD`dim` / H`dim`
+    route: Inter-i = (i, i-1) for i < dim, then Intra-(dim-1) = (D, dim-1)."""
+    if not 1 <= dim <= topology.D:
+        raise ValueError(f"dimension d={dim} not available on topology {topology.name!r}; allowed: 1..{topology.D}")
+    return [(i, i - 1) for i in range(1, dim)] + [(topology.D, dim - 1)]
+
+
+def step_name_of(topology: Topology, L: int, P: int) -> str:
+    """The profile's name of step (L, P): 'inter-L' for L < D, else 'flat' / 'intra-P'."""
+    if L < topology.D:
+        return f"inter-{L}"
+    return "flat" if P == 0 else f"intra-{P}"
+
+
+def holder_rows(counts: RouteCounts, L: int, P: int) -> torch.Tensor:
+    """process(): rows entering step (L, P), int64 [G/U[P], U[L]]. Entry [x, j] is what the
+    holder with lower coordinates x (inside the level-P group above j) sends to its peer in
+    level-L group j: the sum of q_L over the U[P] origins with those lower coordinates."""
+    topo = counts.topology
+    return counts.level(L).view(topo.U[P], topo.G // topo.U[P], topo.U[L]).sum(0)
+
+
+@lru_cache(maxsize=None)
+def _step_geometry(topology: Topology, L: int, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(holder, peer, link level or -1 for oneself), each int64 [G/U[P], U[L]], of step (L, P)."""
+    G, U = topology.G, topology.U
+    x = torch.arange(G // U[P]).view(-1, 1)
+    j = torch.arange(U[L]).view(1, -1)
+    holder = (j // (U[L] // U[P])) * (G // U[P]) + x
+    peer = j * (G // U[L]) + x % (G // U[L])
+    link = torch.tensor([[-1 if a == b else topology.link_level(a, b) for b in range(G)] for a in range(G)])
+    return holder, peer, link[holder, peer]
+
+
+def step_maxima(counts: RouteCounts) -> dict[tuple[int, int], int]:
+    """Largest split of every step any dimension uses (Algorithm 1's single pass):
+    Inter-i for 1 <= i < D and Intra-P for 0 <= P < D."""
+    topo = counts.topology
+    keys = [(i, i - 1) for i in range(1, topo.D)] + [(topo.D, P) for P in range(topo.D)]
+    return {k: int(holder_rows(counts, *k).max()) for k in keys}
+
+
+# ==========================================================================================
+# volumes
+# ==========================================================================================
+@dataclass(frozen=True)
+class StepVolume:
+    """One sub-AlltoAll of a route, all its concurrent sub-groups together."""
+
+    step: str          # profile step name: 'inter-i', 'intra-i' or 'flat'
+    fan: int           # ranks per sub-group
+    max_rows: int      # largest split any rank sends to any peer (itself included)
+    rows: int          # rows sent to other ranks
+    messages: int      # non-empty (rank, other rank) splits
+
+    def padded_bytes(self, row_bytes: int) -> int:
+        """The model's per-rank buffer n = fan * max split * row bytes (Eqs. (2), (4), (5))."""
+        return self.fan * self.max_rows * row_bytes
+
+
+@dataclass(frozen=True)
+class RouteVolumes:
+    """Exact traffic of one dispatch of an HD`dim` / H`dim` route (the combine mirrors it)."""
+
+    dim: int
+    dedup: bool
+    row_bytes: int
+    rows_by_level: dict[str, int]
+    bytes_by_level: dict[str, int]
+    messages_by_level: dict[str, int]
+    steps: tuple[StepVolume, ...]
+
+    @property
+    def variant(self) -> str:
+        return variant_name(self.dim, self.dedup)
+
+
+def variant_name(dim: int, dedup: bool) -> str:
+    return f"{'HD' if dedup else 'H'}{dim}"
+
+
+def route_volumes(counts: RouteCounts, dim: int, row_bytes: int) -> RouteVolumes:
+    """Rows, bytes and messages per topology level (the level whose link a message crosses, as
+    `TrafficCounter` counts them) and per step, of the HD`dim` (counts.dedup) or H`dim` route."""
+    topo = counts.topology
+    names = topo.level_names
+    rows_lv = torch.zeros(topo.D, dtype=torch.int64)
+    msgs_lv = torch.zeros(topo.D, dtype=torch.int64)
+    steps = []
+    for L, P in route_steps(topo, dim):
+        rows = holder_rows(counts, L, P)
+        _, _, link = _step_geometry(topo, L, P)
+        remote = link >= 0
+        rows_lv.index_add_(0, link[remote], rows[remote])
+        msgs_lv.index_add_(0, link[remote], (rows[remote] > 0).to(torch.int64))
+        steps.append(StepVolume(step_name_of(topo, L, P), topo.U[L] // topo.U[P], int(rows.max()),
+                                int(rows[remote].sum()), int((rows[remote] > 0).sum())))
+    rows_by = {n: int(v) for n, v in zip(names, rows_lv.tolist())}
+    return RouteVolumes(dim, counts.dedup, int(row_bytes), rows_by, {n: v * int(row_bytes) for n, v in rows_by.items()},
+                        {n: int(v) for n, v in zip(names, msgs_lv.tolist())}, tuple(steps))
+
+
+def volumes(routing_maps: Sequence[torch.Tensor], topology: Topology, placement: ExpertPlacement | None,
+            dim: int, dedup: bool, *, row_bytes: int = 1) -> RouteVolumes:
+    """Exact per-level traffic of one HD`dim` (dedup) / H`dim` dispatch, analytically from the
+    routing maps of all G ranks (logical expert columns; `placement` maps them to slots).
+    `row_bytes` is the size of one token row (M * v); the default 1 makes bytes count rows."""
+    return route_volumes(route_counts(routing_maps, topology, placement, dedup), dim, row_bytes)
+
+
+# ==========================================================================================
+# the model and the choice of d*
+# ==========================================================================================
+def check_profile(profile: HardwareProfile, topology: Topology) -> None:
+    """The profile must model a topology of the same shape (same fan-outs, coarsest first)."""
+    theirs = profile.get_topology()
+    if tuple(lv.fanout for lv in theirs.levels) != tuple(lv.fanout for lv in topology.levels):
+        raise ValueError(f"hardware profile {profile.name!r} models topology {theirs.name!r} ({theirs.describe()}), "
+                         f"not {topology.name!r} ({topology.describe()}); pick a profile of the same shape")
+
+
+def _time(profile: HardwareProfile, topo: Topology, maxima: Mapping[tuple[int, int], int], dim: int,
+          row_bytes: int) -> float:
+    total = 0.0
+    for L, P in route_steps(topo, dim):
+        fan = topo.U[L] // topo.U[P]
+        total += profile.comm_time("a2a", step_name_of(topo, L, P), fan * maxima[(L, P)] * row_bytes)
+    return total
+
+
+def modeled_time(counts: RouteCounts, dim: int, profile: HardwareProfile, row_bytes: int) -> float:
+    """t_d (ms) of one dispatch AlltoAll of the HD`dim` (counts.dedup) or H`dim` route."""
+    check_profile(profile, counts.topology)
+    return _time(profile, counts.topology, step_maxima(counts), dim, row_bytes)
+
+
+def modeled_times(counts: RouteCounts, profile: HardwareProfile, row_bytes: int) -> dict[int, float]:
+    """{d: t_d} for every d = 1..D, from one pass over the counts."""
+    check_profile(profile, counts.topology)
+    maxima = step_maxima(counts)
+    return {d: _time(profile, counts.topology, maxima, d, row_bytes) for d in range(1, counts.topology.D + 1)}
+
+
+def select_dimension(times: Mapping[int, float]) -> int:
+    """Eq. (6): 1 if t_1 is strictly below every deeper t_d, else the deeper argmin (first on ties)."""
+    if 1 not in times:
+        raise ValueError(f"times must include d=1, got d={sorted(times)}")
+    deeper = sorted(d for d in times if d > 1)
+    if not deeper:
+        return 1
+    best = min(deeper, key=lambda d: (times[d], d))
+    return 1 if times[1] < times[best] else best
+
+
+def choose_from_counts(counts: RouteCounts, profile: HardwareProfile, row_bytes: int) -> int:
+    """d* from global dedup counts (sim tier, or after `gather_counts`)."""
+    if not counts.dedup:
+        raise ValueError("d* is chosen among the deduplicating routes HD1..HDD: pass dedup counts")
+    return select_dimension(modeled_times(counts, profile, row_bytes))
+
+
+def choose_dimension(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPlacement | None,
+                     hidden: int, bytes_per_elem: int, profile: HardwareProfile) -> int:
+    """d* of this layer and step, the same on every rank: every rank calls it (one all-reduce)."""
+    for name, value in (("hidden", hidden), ("bytes_per_elem", bytes_per_elem)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_profile(profile, comm.topology)
+    counts = gather_counts(comm, routing_map_TE, placement, dedup=True)
+    return choose_from_counts(counts, profile, hidden * bytes_per_elem)

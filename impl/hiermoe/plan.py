@@ -1,0 +1,266 @@
+"""Plan one MoE layer's dispatch AlltoAll on a topology: for every route (H1 = Megatron's flat
+AlltoAll, H2..HD without dedup, HD1..HDD with dedup) the exact rows, bytes and messages per
+topology level and the modeled time, and the dimension d* HierMoE would choose.
+
+    python -m impl.hiermoe.plan --topology hiermoe-testbed --synthetic zipf --skew 1.2
+    python -m impl.hiermoe.plan --topology hiermoe-testbed --trace run.npz --layer 0 --json
+
+Routing comes from a `impl.common.traces.RoutingTrace` file (.npz / .jsonl; its rank tags are the
+source ranks, which must be 0..G-1; every (step, layer) in it is planned unless --step / --layer
+select some) or from the synthetic generator (--synthetic, one step and layer, T tokens per rank).
+Volumes are those of one dispatch; the combine and both backward phases mirror them.
+
+Modeled times use a hardware profile (alpha-beta per step, impl.common.costmodel): --profile, or
+by default the shipped profile whose topology has the requested name, else the one shipped profile
+of the same shape. Without one, and for routes whose steps a profile does not model, the time is
+'n/a' (null in JSON) and d* is not chosen; bytes and messages are always exact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from impl.common.costmodel import HardwareProfile, list_profiles, load_profile
+from impl.common.topology import Topology, get_topology
+from impl.common.traces import RoutingTrace, synthetic_trace
+from impl.hiermoe.dimension import (check_profile, modeled_time, route_counts, route_steps, route_volumes,
+                                    select_dimension, step_name_of, variant_name)
+
+__all__ = ["DTYPE_BYTES", "default_profile", "plan_layer", "main"]
+
+PROG = "python -m impl.hiermoe.plan"
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Defaults: the Qwen3-30B-A3B setting of the paper's ablation (E=128, K=8, 1024 tokens per GPU).
+DEFAULTS = {"num_experts": 128, "top_k": 8, "tokens_per_rank": 1024, "seed": 0, "skew": 1.0}
+
+
+class PlanError(ValueError):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise PlanError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p.add_argument("--topology", required=True, help="preset, NxG, nvswitch-Nx8 or hier:LEVEL=N,...")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", help="RoutingTrace file (.npz / .jsonl) or directory of router_trace_rank*.jsonl")
+    src.add_argument("--synthetic", choices=("uniform", "zipf", "correlated"), help="synthetic routing")
+    p.add_argument("--num-experts", type=int, help=f"E (synthetic; default {DEFAULTS['num_experts']})")
+    p.add_argument("--top-k", type=int, help=f"K (synthetic; default {DEFAULTS['top_k']})")
+    p.add_argument("--tokens-per-rank", type=int, help=f"T (synthetic; default {DEFAULTS['tokens_per_rank']})")
+    p.add_argument("--seed", type=int, help="synthetic seed (default 0)")
+    p.add_argument("--skew", type=float, help="zipf exponent (synthetic zipf only; default 1.0)")
+    p.add_argument("--step", type=int, action="append", help="trace step to plan (repeatable; default all)")
+    p.add_argument("--layer", type=int, action="append", help="trace layer to plan (repeatable; default all)")
+    p.add_argument("--hidden", type=int, default=2048, help="M, hidden size of a token (default 2048)")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16", help="element type on the wire")
+    p.add_argument("--profile", help="hardware profile name or YAML path (default: the topology's own)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+# ==========================================================================================
+# planning
+# ==========================================================================================
+def default_profile(topology: Topology) -> HardwareProfile | None:
+    """The shipped profile named by the topology's preset name, else the only shipped profile of
+    the same shape; None if there is none (or several)."""
+    profiles = [load_profile(n) for n in list_profiles()]
+    for prof in profiles:
+        if prof.topology == topology.name:
+            return prof
+    shape = [lv.fanout for lv in topology.levels]
+    same = [p for p in profiles if [lv.fanout for lv in p.get_topology().levels] == shape]
+    return same[0] if len(same) == 1 else None
+
+
+def _covers(profile: HardwareProfile | None, topology: Topology, dim: int) -> bool:
+    return profile is not None and all(profile.has_comm("a2a", step_name_of(topology, L, P))
+                                       for L, P in route_steps(topology, dim))
+
+
+def plan_layer(routing_maps: list[torch.Tensor], topology: Topology, profile: HardwareProfile | None,
+               row_bytes: int) -> dict[str, Any]:
+    """Every route's volumes and modeled time for one layer's routing (one map per rank)."""
+    variants = []
+    for dedup in (False, True):
+        counts = route_counts(routing_maps, topology, None, dedup)
+        for dim in range(1, topology.D + 1):
+            vol = route_volumes(counts, dim, row_bytes)
+            covered = _covers(profile, topology, dim)
+            steps = [{"step": s.step, "fan": s.fan, "max_rows": s.max_rows, "padded_bytes": s.padded_bytes(row_bytes),
+                      "rows": s.rows, "messages": s.messages,
+                      "time_ms": profile.comm_time("a2a", s.step, s.padded_bytes(row_bytes)) if covered else None}
+                     for s in vol.steps]
+            variants.append({
+                "variant": vol.variant, "dim": dim, "dedup": dedup, "flat": dim == 1 and not dedup,
+                "levels": {n: {"rows": vol.rows_by_level[n], "bytes": vol.bytes_by_level[n],
+                               "messages": vol.messages_by_level[n]} for n in topology.level_names},
+                "steps": steps, "time_ms": modeled_time(counts, dim, profile, row_bytes) if covered else None})
+    hd_times = {v["dim"]: v["time_ms"] for v in variants if v["dedup"]}
+    d_star = select_dimension(hd_times) if None not in hd_times.values() else None
+    flat_ms = variants[0]["time_ms"]
+    return {"tokens": int(sum(m.shape[0] for m in routing_maps)),
+            "routed_pairs": int(sum(int(m.sum()) for m in routing_maps)),
+            "variants": variants, "d_star": d_star,
+            "hierd": None if d_star is None else {
+                "variant": variant_name(d_star, True), "time_ms": hd_times[d_star],
+                "speedup_over_flat": None if not flat_ms else flat_ms / hd_times[d_star]}}
+
+
+# ==========================================================================================
+# input
+# ==========================================================================================
+def _positive(name: str, value: int | None, low: int = 1):
+    if value is not None and value < low:
+        raise PlanError(f"--{name}={value} is not allowed; allowed: an integer >= {low}")
+
+
+def _resolve(args) -> dict[str, Any]:
+    """Every check, before any work: topology, profile, sizes, trace / synthetic parameters."""
+    topology = get_topology(args.topology)
+    _positive("hidden", args.hidden)
+    if args.profile is not None:
+        profile = load_profile(args.profile)
+        check_profile(profile, topology)
+    else:
+        profile = default_profile(topology)
+    G = topology.G
+    out = {"topology": topology, "profile": profile, "row_bytes": args.hidden * DTYPE_BYTES[args.dtype]}
+    synthetic_only = {"num-experts": args.num_experts, "top-k": args.top_k, "tokens-per-rank": args.tokens_per_rank,
+                      "seed": args.seed, "skew": args.skew}
+    if args.trace is not None:
+        given = [k for k, v in synthetic_only.items() if v is not None]
+        if given:
+            raise PlanError(f"--{given[0]} applies to --synthetic only; a trace fixes its own routing")
+        trace = RoutingTrace.load(args.trace)
+        ranks = sorted(set(trace.rank_T.tolist()))
+        if ranks and (ranks[-1] >= G or len(ranks) != G):
+            raise PlanError(f"trace {args.trace!r} has source ranks {ranks[0]}..{ranks[-1]} ({len(ranks)} ranks) but "
+                            f"topology {topology.name!r} has G = {G} ranks; pick a topology with {len(ranks)} GPUs")
+        if trace.num_experts % G:
+            raise PlanError(f"trace {args.trace!r} has E={trace.num_experts} experts, not divisible by "
+                            f"G={G} of topology {topology.name!r}")
+        groups = sorted({(s, l) for s, l, _ in trace.keys()})
+        for name, wanted, have in (("step", args.step, {s for s, _ in groups}),
+                                   ("layer", args.layer, {l for _, l in groups})):
+            missing = sorted(set(wanted or ()) - have)
+            if missing:
+                raise PlanError(f"--{name}={missing[0]} is not in trace {args.trace!r}; its {name}s: "
+                                f"{', '.join(map(str, sorted(have)))}")
+        groups = [(s, l) for s, l in groups if (not args.step or s in args.step) and (not args.layer or l in args.layer)]
+        if not groups:
+            raise PlanError(f"trace {args.trace!r}: no tokens for the selected step(s) and layer(s) together")
+        out.update(trace=trace, groups=groups, source={"trace": str(args.trace), "num_experts": trace.num_experts,
+                                                         "top_k": trace.top_k})
+        return out
+    for name in ("step", "layer"):
+        if getattr(args, name):
+            raise PlanError(f"--{name} applies to --trace only")
+    if args.skew is not None and args.synthetic != "zipf":
+        raise PlanError(f"--skew applies to --synthetic zipf only, not {args.synthetic!r}")
+    p = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in DEFAULTS.items()}
+    _positive("num-experts", p["num_experts"])
+    _positive("tokens-per-rank", p["tokens_per_rank"], 0)
+    _positive("seed", p["seed"], 0)
+    if p["skew"] < 0:
+        raise PlanError(f"--skew={p['skew']} is not allowed; allowed: a number >= 0")
+    E, K = p["num_experts"], p["top_k"]
+    if not 1 <= K <= E:
+        raise PlanError(f"--top-k={K} is not allowed with --num-experts={E}; allowed: 1..{E}")
+    if E % G:
+        raise PlanError(f"--num-experts={E} is not divisible by G={G} of topology {topology.name!r}; "
+                        f"allowed: a multiple of {G}")
+    out.update(synthetic=p, groups=[(0, 0)],
+               source={"synthetic": args.synthetic, **p, **({} if args.synthetic == "zipf" else {"skew": None})})
+    return out
+
+
+def _routing_maps(r: dict[str, Any], step: int, layer: int) -> list[torch.Tensor]:
+    G = r["topology"].G
+    if "trace" in r:
+        group = r["trace"].select(step=step, layer=layer)
+        return [group.select(rank=rank).to_routing_map() for rank in range(G)]
+    p = r["synthetic"]
+    trace = synthetic_trace(p["num_experts"], p["top_k"], tokens_per_rank=p["tokens_per_rank"], num_ranks=G,
+                            distribution=r["source"]["synthetic"], skew=p["skew"], seed=p["seed"])
+    map_TE = trace.to_routing_map()
+    return list(map_TE.split(p["tokens_per_rank"]))
+
+
+# ==========================================================================================
+# output
+# ==========================================================================================
+def _table(topology: Topology, layer: dict[str, Any]) -> list[str]:
+    levels = topology.level_names
+    head = (["variant"] + [f"{n} MB" for n in levels] + [f"{n} msgs" for n in levels] + ["model ms"])
+    rows = []
+    for v in layer["variants"]:
+        label = v["variant"] + (" (flat)" if v["flat"] else "") + (" (d*)" if v["dedup"] and v["dim"] == layer["d_star"] else "")
+        rows.append([label] + [f"{v['levels'][n]['bytes'] / 1e6:.3f}" for n in levels]
+                    + [str(v["levels"][n]["messages"]) for n in levels]
+                    + ["n/a" if v["time_ms"] is None else f"{v['time_ms']:.3f}"])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+
+
+def _human(result: dict[str, Any]) -> str:
+    topology = get_topology(result["topology"]["name"])
+    lines = [f"topology {topology.name}: {topology.describe()}"]
+    src = result["source"]
+    if "trace" in src:
+        lines.append(f"routing: trace {src['trace']} (E={src['num_experts']}, K={src['top_k']})")
+    else:
+        skew = f", skew {src['skew']}" if src["skew"] is not None else ""
+        lines.append(f"routing: synthetic {src['synthetic']}{skew}, E={src['num_experts']}, K={src['top_k']}, "
+                     f"{src['tokens_per_rank']} tokens per rank, seed {src['seed']}")
+    lines.append(f"row: hidden {result['hidden']} x {result['dtype']} = {result['row_bytes']} bytes; volumes of one "
+                 "dispatch (combine and backward mirror it); MB = 1e6 bytes crossing that level's links")
+    lines.append(f"profile: {result['profile']} (modeled ms, alpha-beta per step)" if result["profile"]
+                 else f"profile: none for topology {topology.name!r}; modeled time n/a (give --profile)")
+    for layer in result["layers"]:
+        lines += ["", f"step {layer['step']}, layer {layer['layer']}: {layer['tokens']} tokens, "
+                      f"{layer['routed_pairs']} (token, expert) pairs"]
+        lines += _table(topology, layer)
+        h = layer["hierd"]
+        if h is not None:
+            speed = f", {h['speedup_over_flat']:.2f}x the flat AlltoAll" if h["speedup_over_flat"] else ""
+            lines.append(f"d* = {layer['d_star']}: HierD-AlltoAll = {h['variant']}, modeled {h['time_ms']:.3f} ms{speed}")
+        elif result["profile"]:
+            lines.append(f"d* = n/a: profile {result['profile']!r} does not model every step of HD1..HD{topology.D}")
+        else:
+            lines.append("d* = n/a: no hardware profile")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        r = _resolve(args)
+    except ValueError as e:  # PlanError, TopologyError, TraceError, profile errors
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    topology, profile = r["topology"], r["profile"]
+    layers = []
+    for step, layer in r["groups"]:
+        planned = plan_layer(_routing_maps(r, step, layer), topology, profile, r["row_bytes"])
+        layers.append({"step": step, "layer": layer, **planned})
+    result = {"topology": topology.to_dict(), "profile": None if profile is None else profile.name,
+              "time_unit": "ms", "hidden": args.hidden, "dtype": args.dtype, "row_bytes": r["row_bytes"],
+              "source": r["source"], "layers": layers}
+    print(json.dumps(result, indent=2) if args.json else _human(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

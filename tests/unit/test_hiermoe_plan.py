@@ -1,0 +1,142 @@
+"""The planning CLI: every route's per-level volumes and modeled time, d*, trace selection, and a
+one-line error (exit 2) for every bad input, before any work."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from impl.common.costmodel import load_profile
+from impl.common.dispatcher import ExpertPlacement
+from impl.common.topology import get_topology
+from impl.common.traces import synthetic_trace
+from impl.hiermoe import plan
+from impl.hiermoe.dimension import choose_from_counts, modeled_time, route_counts, volumes
+from tests.support.ep_case import brute_force_flat_bytes
+
+
+def run_json(capsys, *argv):
+    assert plan.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def run_error(capsys, *argv):
+    assert plan.main(list(argv)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def per_rank_maps(trace, G):
+    return [trace.select(rank=r).to_routing_map() for r in range(G)]
+
+
+def check_layer(layer, maps, topo, profile, row_bytes):
+    """Every variant's volumes and time equal the library's, H1's bytes an enumeration."""
+    assert [v["variant"] for v in layer["variants"]] == \
+        [f"H{d}" for d in range(1, topo.D + 1)] + [f"HD{d}" for d in range(1, topo.D + 1)]
+    for v in layer["variants"]:
+        vol = volumes(maps, topo, None, v["dim"], v["dedup"], row_bytes=row_bytes)
+        assert {n: lv["bytes"] for n, lv in v["levels"].items()} == vol.bytes_by_level
+        assert {n: lv["messages"] for n, lv in v["levels"].items()} == vol.messages_by_level
+        if profile is None:
+            assert v["time_ms"] is None
+        else:
+            counts = route_counts(maps, topo, None, v["dedup"])
+            assert v["time_ms"] == pytest.approx(modeled_time(counts, v["dim"], profile, row_bytes))
+            assert v["time_ms"] == pytest.approx(sum(s["time_ms"] for s in v["steps"]))
+    flat_bytes, flat_msgs = brute_force_flat_bytes(maps, topo, ExpertPlacement.identity(maps[0].shape[1]), row_bytes)
+    assert {n: lv["bytes"] for n, lv in layer["variants"][0]["levels"].items()} == flat_bytes
+    assert {n: lv["messages"] for n, lv in layer["variants"][0]["levels"].items()} == flat_msgs
+    expected = None if profile is None else choose_from_counts(route_counts(maps, topo), profile, row_bytes)
+    assert layer["d_star"] == expected
+
+
+def test_synthetic_testbed_json(capsys):
+    out = run_json(capsys, "--topology", "hiermoe-testbed", "--synthetic", "zipf", "--skew", "1.1",
+                   "--num-experts", "64", "--top-k", "6", "--tokens-per-rank", "40", "--seed", "3",
+                   "--hidden", "1024", "--dtype", "fp32")
+    topo, profile = get_topology("hiermoe-testbed"), load_profile("hiermoe-testbed")
+    assert out["profile"] == "hiermoe-testbed" and out["row_bytes"] == 4096
+    trace = synthetic_trace(64, 6, tokens_per_rank=40, num_ranks=32, distribution="zipf", skew=1.1, seed=3)
+    (layer,) = out["layers"]
+    check_layer(layer, per_rank_maps(trace, 32), topo, profile, 4096)
+    assert layer["hierd"]["variant"] == f"HD{layer['d_star']}"
+
+
+def test_trace_every_group_and_selection(capsys, tmp_path):
+    topo = get_topology("hier:node=2,socket=2,gpu=2")
+    trace = synthetic_trace(16, 3, tokens_per_rank=20, num_steps=2, num_layers=2, num_ranks=8,
+                            distribution="uniform", seed=1)
+    for suffix in (".npz", ".jsonl"):
+        path = trace.save(tmp_path / f"t{suffix}")
+        out = run_json(capsys, "--topology", topo.name, "--trace", str(path), "--profile",
+                       "hiermoe-node", "--hidden", "8")
+        assert [(g["step"], g["layer"]) for g in out["layers"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        for g in out["layers"]:
+            maps = per_rank_maps(trace.select(step=g["step"], layer=g["layer"]), 8)
+            check_layer(g, maps, topo, load_profile("hiermoe-node"), 16)
+    out = run_json(capsys, "--topology", topo.name, "--trace", str(path), "--step", "1", "--layer", "0")
+    assert [(g["step"], g["layer"]) for g in out["layers"]] == [(1, 0)]
+    assert out["profile"] == "hiermoe-node"     # the one shipped profile of the same shape
+
+
+def test_no_profile_prints_bytes_and_na(capsys):
+    out = run_json(capsys, "--topology", "2x4", "--synthetic", "uniform", "--num-experts", "16",
+                   "--top-k", "4", "--tokens-per-rank", "10")
+    assert out["profile"] is None
+    (layer,) = out["layers"]
+    trace = synthetic_trace(16, 4, tokens_per_rank=10, num_ranks=8, distribution="uniform", seed=0)
+    check_layer(layer, per_rank_maps(trace, 8), get_topology("2x4"), None, 4096)
+    assert plan.main(["--topology", "2x4", "--synthetic", "uniform", "--num-experts", "16",
+                      "--tokens-per-rank", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "n/a" in text and "d* = n/a: no hardware profile" in text
+
+
+def test_human_table_marks_d_star(capsys):
+    assert plan.main(["--topology", "hiermoe-testbed", "--synthetic", "uniform", "--tokens-per-rank", "128"]) == 0
+    text = capsys.readouterr().out
+    for name in ("H1 (flat)", "H4", "HD1", "HD4", "node MB", "gpu msgs", "model ms"):
+        assert name in text
+    d_star = int(text.split("d* = ")[1][0])
+    assert f"HD{d_star} (d*)" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--topology", "nope", "--synthetic", "uniform"], "unknown topology 'nope'"),
+    (["--topology", "2x4", "--synthetic", "uniform", "--profile", "nope"], "unknown hardware profile 'nope'"),
+    (["--topology", "2x4", "--synthetic", "uniform", "--profile", "hiermoe-testbed"], "not '2x4'"),
+    (["--topology", "2x4", "--synthetic", "uniform", "--num-experts", "12"], "--num-experts=12 is not divisible by G=8"),
+    (["--topology", "2x4", "--synthetic", "uniform", "--num-experts", "16", "--top-k", "17"],
+     "--top-k=17 is not allowed with --num-experts=16; allowed: 1..16"),
+    (["--topology", "2x4", "--synthetic", "uniform", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--topology", "2x4", "--synthetic", "uniform", "--hidden", "0"], "--hidden=0 is not allowed"),
+    (["--topology", "2x4", "--synthetic", "uniform", "--skew", "2"], "--skew applies to --synthetic zipf only"),
+    (["--topology", "2x4", "--synthetic", "uniform", "--step", "1"], "--step applies to --trace only"),
+    (["--topology", "2x4"], "one of the arguments --trace --synthetic is required"),
+    (["--topology", "2x4", "--synthetic", "uniform", "--trace", "x.npz"], "not allowed with argument"),
+    (["--topology", "2x4", "--trace", "missing.npz"], "does not exist"),
+    (["--topology", "2x4", "--trace", "missing.npz", "--top-k", "2"], "--top-k applies to --synthetic only"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv, message):
+    assert message in run_error(capsys, *argv)
+
+
+def test_trace_errors(capsys, tmp_path):
+    path = synthetic_trace(16, 2, tokens_per_rank=4, num_ranks=8, num_layers=2).save(tmp_path / "t.npz")
+    line = run_error(capsys, "--topology", "hiermoe-testbed", "--trace", str(path))
+    assert "0..7 (8 ranks)" in line and "G = 32" in line
+    assert "--layer=5 is not in trace" in run_error(capsys, "--topology", "2x4", "--trace", str(path), "--layer", "5")
+    path = synthetic_trace(12, 2, tokens_per_rank=4, num_ranks=8).save(tmp_path / "e.npz")
+    assert "E=12 experts, not divisible by G=8" in run_error(capsys, "--topology", "2x4", "--trace", str(path))
+
+
+def test_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "impl.hiermoe.plan", "--topology", "2x2", "--synthetic", "uniform",
+                           "--num-experts", "8", "--top-k", "2", "--tokens-per-rank", "4", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["layers"][0]["tokens"] == 16
