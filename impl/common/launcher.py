@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import shutil
 import signal
@@ -44,7 +45,9 @@ def _rank_main(rank: int, world_size: int, store_path: str, topology: Topology, 
                                 timeout=timedelta(seconds=timeout_s))
         comm = TorchComm(topology, timeout_s=timeout_s)
         value = fn(comm, *args, **kwargs)
-        results.put(("ok", rank, value))
+        # By value: torch would send tensors as shared-memory handles that vanish when this
+        # process exits, before the parent has opened them.
+        results.put(("ok", rank, pickle.dumps(value)))
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - sent to the parent with the rank
         results.put(("error", rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -114,7 +117,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), kwargs: di
                     continue
             if status == "error":
                 raise LaunchError(f"rank {rank} failed: {value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
         for p in procs:
             p.join(30)
         return [results[r] for r in range(world_size)]
