@@ -17,7 +17,7 @@ from impl.common.records import read_records
     ("num_experts=6", "num_experts E=6 is not divisible by the expert-parallel size 4"),
     ("top_k=40", "top_k: 40 is not allowed with num_experts=32; allowed: 1..32"),
     ("world_size=8", "world_size: 8 does not match topology '2x2'; allowed: 4"),
-    ("system=nope", "system: unknown 'nope'; allowed: flat,"),
+    ("system=nope", "system: unknown 'nope'; allowed: "),
     ("tier=cloud", "tier"),
     ("model=llama2-7b-tiny", "is dense"),
 ])

@@ -1,0 +1,201 @@
+"""Tutel's 2-D hierarchical AlltoAll (2DH) as a token dispatcher, over capacity-padded equal slices.
+
+Tutel (and DeepSpeed-MoE, `baselines.deepspeed_moe.sim`) does not send one row per routed
+(token, expert) pair: every rank lays out a [E, C, M] buffer, C rows for every expert whether
+used or not (unused rows are zeros), and exchanges equal slices of E/G * C rows. So the bytes on
+the wire are fixed by C, not by the routing: **padding is sent and counted** by the
+TrafficCounter like any other row.
+
+Capacity C (`tutel_capacity`, Tutel's `capacity_factor` convention):
+* cf > 0: C = top_k * int(cf * ceil(T / E)), fixed;
+* cf = 0: dynamic, C = the largest per-expert row count of any rank, agreed by an all_reduce
+  max (Tutel's dropless mode);
+* cf < 0: dynamic, bounded: C = min(that global max, top_k * int(-cf * ceil(T / E))).
+The dispatcher never drops: which (token, expert) pairs survive is the gate's capacity policy
+(e.g. `GateConfig(capacity_factor=..., drop_policy='position')`). If the gate kept more rows
+for one expert than C, every rank raises the same ValueError instead of corrupting the exchange.
+For that, `dispatch_preprocess` runs one all_reduce(max) of three ints in every mode (Tutel
+needs it only in the dynamic modes); like every all_reduce it is not counted as traffic.
+
+The 2DH exchange (`equal_slice_all_to_all`), on N nodes of Gn GPUs (level 0 of the topology is
+the node, everything below it is "intra-node"; ranks are node-major):
+1. stride copy: the G destination slices, viewed [N][Gn], are transposed to [Gn][N], so all
+   slices for local index g (on any node) are one contiguous chunk;
+2. intra-node AlltoAll over the node's Gn GPUs (chunk g -> local GPU g);
+3. stride copy back: [Gn (source GPU)][N (destination node)] -> [N][Gn];
+4. inter-node AlltoAll among the N GPUs with this local index: chunk n -> node n. Each
+   inter-node message carries the node's Gn slices for one remote GPU: N-1 messages of Gn
+   slices per rank instead of (N-1) * Gn messages of one slice.
+The result is exactly a flat AlltoAll's (rows ordered by source rank). With one node or one GPU
+per node it is a flat AlltoAll. Costs: the two local copies, and every slice bound for another
+node crosses the intra-node fabric first. The combine runs the same exchange on the returning
+buffer (an equal-slice AlltoAll is its own inverse pattern), as Tutel does; autograd gives each
+exchange a backward twin with the stages in reverse order.
+
+Gate weights are applied on the home rank in `combine_postprocess` (Tutel's decode / DeepSpeed's
+combine), so no gate weights cross the network; the experts receive unit weights (`probs_R` = 1).
+Inside one expert's slice rows are in token order (Tutel puts first choices before second
+choices); positions inside a slice change neither the result nor the bytes.
+"""
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from impl.common.comm import Comm, all_to_all_autograd
+from impl.common.dispatcher import DispatchedTokens, ExpertPlacement, TokenDispatcher
+from impl.common.registry import register
+from impl.common.routing import RoutingResult
+
+__all__ = ["PaddedDispatchMeta", "CapacityPaddedDispatcher", "Tutel2DHDispatcher", "tutel_capacity",
+           "equal_slice_all_to_all", "uses_2dh"]
+
+
+def uses_2dh(comm: Comm) -> bool:
+    """2DH needs at least two nodes with at least two GPUs each; otherwise it is a flat AlltoAll."""
+    topo = comm.topology
+    return topo.D >= 2 and topo.num_nodes > 1 and topo.gpus_per_node > 1
+
+
+def equal_slice_all_to_all(comm: Comm, rows: torch.Tensor, hierarchical: bool) -> torch.Tensor:
+    """AlltoAll of G equal slices (slice j of `rows` goes to rank j; the result holds slice i from
+    rank i), flat or by Tutel's 2DH route. Differentiable."""
+    G = comm.world_size
+    if rows.shape[0] % G:
+        raise ValueError(f"equal-slice all-to-all: {rows.shape[0]} rows do not split into {G} equal slices")
+    B, rest = rows.shape[0] // G, tuple(rows.shape[1:])
+    if not (hierarchical and uses_2dh(comm)):
+        return all_to_all_autograd(comm, rows, [B] * G, [B] * G)
+    N, Gn = comm.topology.num_nodes, comm.topology.gpus_per_node
+    by_local = rows.reshape(N, Gn, B, *rest).transpose(0, 1).reshape(G * B, *rest)           # stride copy 1
+    got = all_to_all_autograd(comm, by_local, [N * B] * Gn, [N * B] * Gn, comm.group("intra", 1))
+    by_node = got.reshape(Gn, N, B, *rest).transpose(0, 1).reshape(G * B, *rest)             # stride copy 2
+    return all_to_all_autograd(comm, by_node, [Gn * B] * N, [Gn * B] * N, comm.group("inter", 1))
+
+
+def tutel_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Tutel's fixed capacity bound: top_k * int(|cf| * ceil(T / E))."""
+    return top_k * int(abs(capacity_factor) * ((num_tokens + num_experts - 1) // num_experts))
+
+
+@dataclass(frozen=True)
+class PaddedDispatchMeta:
+    """Everything the later stages need; buffer row = slot * C + position in the slot's slice."""
+
+    num_tokens: int
+    capacity: int
+    row_P: torch.Tensor        # buffer row of every routed (token, expert) pair, token-major
+    token_P: torch.Tensor      # its token
+    probs_P: torch.Tensor      # its gate weight (keeps the router's autograd graph)
+
+
+class CapacityPaddedDispatcher(TokenDispatcher):
+    """Equal-slice dispatcher: a [E, C, M] buffer per rank, exchanged flat or by 2DH.
+
+    Subclasses give the capacity rule (`capacity_rule`); the six stages are shared."""
+
+    hierarchical: bool = False
+
+    @abstractmethod
+    def capacity_rule(self, num_tokens: int) -> tuple[int | None, bool]:
+        """(fixed bound or None, dynamic): dynamic means C = the global max per-expert count
+        (capped by the bound when there is one); otherwise C = the bound."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def _agree_capacity(self, num_tokens: int, local_max: int) -> int:
+        """One all_reduce(max) of three ints gives every rank the global max count and checks that
+        all ranks computed the same fixed bound (equal slices need the same C everywhere)."""
+        bound, dynamic = self.capacity_rule(num_tokens)
+        b = -1 if bound is None else bound
+        stats = self.comm.all_reduce(torch.tensor([local_max, b, -b], dtype=torch.int64), "max").tolist()
+        global_max, b_max, b_min = stats[0], stats[1], -stats[2]
+        if b_max != b_min:
+            raise ValueError(f"{self.name}: capacity differs across ranks ({b_min}..{b_max}) because their "
+                             "token counts differ; an equal-slice all-to-all needs the same T on every rank")
+        capacity = (global_max if bound is None else min(global_max, bound)) if dynamic else bound
+        if global_max > capacity:
+            raise ValueError(f"{self.name}: the gate kept {global_max} (token, expert) pairs for one expert, more "
+                             f"than the capacity C={capacity}; give the gate a capacity limit of at most {capacity} "
+                             "per expert (it decides what is dropped) or use a dynamic capacity")
+        return capacity
+
+    # ---- the six stages -------------------------------------------------------------------
+    def dispatch_preprocess(self, x_TM: torch.Tensor, routing: RoutingResult):
+        if routing.num_experts != self.num_experts:
+            raise ValueError(f"routing has {routing.num_experts} experts, dispatcher expects {self.num_experts}")
+        map_TS = self.placement.to_slots(routing.routing_map_TE)
+        probs_TS = self.placement.to_slots(routing.probs_TE)
+        T, E = map_TS.shape
+        local_max = int(map_TS.sum(0).max()) if T else 0
+        C = self._agree_capacity(T, local_max)
+        position_TS = map_TS.long().cumsum(0) - 1               # rank of each token in its slot's slice
+        token_P, slot_P = map_TS.nonzero(as_tuple=True)
+        row_P = slot_P * C + position_TS[token_P, slot_P]
+        source_R = torch.full((E * C,), T, dtype=torch.long)     # T = the zero padding row
+        source_R[row_P] = token_P
+        x_pad = torch.cat([x_TM, x_TM.new_zeros((1,) + tuple(x_TM.shape[1:]))])
+        meta = PaddedDispatchMeta(T, C, row_P, token_P, probs_TS[token_P, slot_P])
+        return x_pad.index_select(0, source_R), None, meta
+
+    def token_dispatch(self, rows, probs, meta: PaddedDispatchMeta):
+        return equal_slice_all_to_all(self.comm, rows, self.hierarchical), probs
+
+    def dispatch_postprocess(self, rows, probs, meta: PaddedDispatchMeta):
+        """[G source][E_local][C] -> [E_local][G source][C]: rows grouped by local expert."""
+        G, El, C = self.comm.world_size, self.num_local_experts, meta.capacity
+        rest = tuple(rows.shape[1:])
+        x_RM = rows.reshape(G, El, C, *rest).transpose(0, 1).reshape(G * El * C, *rest)
+        return DispatchedTokens(x_RM, torch.ones(x_RM.shape[0], dtype=x_RM.dtype), (G * C,) * El)
+
+    def combine_preprocess(self, expert_out_RM, meta: PaddedDispatchMeta):
+        G, El, C = self.comm.world_size, self.num_local_experts, meta.capacity
+        rest = tuple(expert_out_RM.shape[1:])
+        return expert_out_RM.reshape(El, G, C, *rest).transpose(0, 1).reshape(G * El * C, *rest)
+
+    def token_combine(self, rows, meta: PaddedDispatchMeta):
+        return equal_slice_all_to_all(self.comm, rows, self.hierarchical)
+
+    def combine_postprocess(self, rows, meta: PaddedDispatchMeta):
+        """y[t] = sum over t's kept pairs of gate weight * expert output (padding rows are unread)."""
+        weighted = (rows.index_select(0, meta.row_P) * meta.probs_P.unsqueeze(-1)).to(rows.dtype)
+        out = rows.new_zeros((meta.num_tokens,) + tuple(rows.shape[1:]))
+        return out.index_add(0, meta.token_P, weighted)
+
+
+@register("dispatcher", "tutel-2dh")
+class Tutel2DHDispatcher(CapacityPaddedDispatcher):
+    """Tutel's MoE exchange with `use_2dh=True`: capacity-padded equal slices, 2DH AlltoAll.
+
+    capacity_factor: Tutel's convention (module docstring); 0 (default) = dropless dynamic.
+    top_k: experts per token, needed by the fixed bound (cf != 0)."""
+
+    hierarchical = True
+
+    def __init__(self, comm: Comm, num_experts: int, placement: ExpertPlacement | None = None, *,
+                 capacity_factor: float = 0.0, top_k: int | None = None):
+        super().__init__(comm, num_experts, placement)
+        if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool) \
+                or not math.isfinite(capacity_factor):
+            raise ValueError(f"tutel-2dh capacity_factor: {capacity_factor!r} is not allowed; expected a finite "
+                             "number (> 0 fixed, 0 dropless, < 0 dynamic with a bound)")
+        if capacity_factor != 0 and (top_k is None or isinstance(top_k, bool) or not isinstance(top_k, int)
+                                     or not 1 <= top_k <= num_experts):
+            raise ValueError(f"tutel-2dh top_k: {top_k!r} is not allowed with capacity_factor={capacity_factor}; "
+                             f"expected an integer in 1..{num_experts} (the bound is top_k * int(|cf| * ceil(T/E)))")
+        self.capacity_factor, self.top_k = float(capacity_factor), top_k
+
+    @property
+    def name(self) -> str:
+        return "tutel-2dh"
+
+    def capacity_rule(self, num_tokens):
+        if self.capacity_factor == 0:
+            return None, True
+        bound = tutel_capacity(num_tokens, self.num_experts, self.top_k, self.capacity_factor)
+        return bound, self.capacity_factor < 0

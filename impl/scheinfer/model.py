@@ -1,0 +1,707 @@
+"""One reference decoder for the models ScheInfer serves: LLaMA-2 (dense), Mixtral (MoE, softmax
+top-2), Qwen-MoE (routed experts + a sigmoid-gated shared expert) and Phi-3.5-MoE (SparseMixer
+top-2, LayerNorm, biased attention and LM head).
+
+Why one model: ScheInfer only changes *where* each FFN / expert slice runs (CC / CG / GG,
+scheinfer.md 2.2); everything else (attention, norms, routing, sampling) must be one exact code
+path that the engine reuses and that is checked against llama.cpp and between weight formats.
+
+Conventions
+* Semantics are Hugging Face's for every architecture (the checkpoints' own reference code);
+  RoPE is HF's rotate-half form on HF-layout q/k weights. GGUF 'llama' files store q/k rows
+  permuted for llama.cpp's interleaved-pair RoPE; `weights.py` undoes that permutation on load,
+  so one RoPE serves both formats.
+* Every FFN and expert goes through `ffn(ExpertWeights, x_TM)`. `ExpertWeights` keeps
+  gate/up as [F, M] and down as [M, F], so a slice of the intermediate dimension F is a row slice of
+  gate/up plus a column slice of down (`ExpertWeights.slice`), and the slices' outputs sum to the
+  whole: y = sum_s ffn(w.slice(s), x). The engine replaces `Decoder.expert_fn` to run slices
+  on different devices; `Decoder.route_observer` sees every routing decision.
+* Weights come from a `WeightSource` (weights.py) by canonical name (`weight_shapes`). With
+  `cache_weights=False` the decoder fetches each layer's tensors when it runs that layer and drops
+  them afterwards, so a lazily generated real-size model never sits in memory whole.
+* Batches of prompts are left-padded into one KV cache; padded slots are masked out of attention
+  and skipped by the FFN / MoE (which therefore see only real tokens), and each sequence's RoPE
+  positions count its own real tokens only, so a prompt's outputs do not depend on its batch.
+
+Shape letters: B batch, S new positions, L cache slots, V vocab, M hidden, F FFN width, H query
+heads, G key/value heads, D head dim, T tokens, E experts, K top-k.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+
+from impl.common.config import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from impl.common.models import ModelConfig
+    from .weights import WeightSource
+
+__all__ = [
+    "ARCHS", "ROUTERS", "NORMS", "LongRope", "DecoderConfig", "ExpertWeights", "ffn", "Norm",
+    "AttentionWeights", "MoEWeights", "LayerWeights", "weight_shapes", "expert_weight_names",
+    "route", "KVCache", "SamplingConfig", "sample_next", "GenerationOutput", "Decoder",
+]
+
+ARCHS = ("llama", "mixtral", "qwen2_moe", "phimoe")
+ROUTERS = ("softmax_topk", "sparsemixer")
+NORMS = ("rmsnorm", "layernorm")
+EXPERT_PARTS = ("gate", "up", "down")
+
+# ModelConfig.family -> architecture; runtime constants that ModelConfig (shapes only) lacks, used
+# when a config is built from a ModelConfig (random init at real shapes). Values are those of the
+# published HF configs (rms_norm_eps, rope_theta, max_position_embeddings).
+_FAMILY_ARCH = {"llama2": "llama", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "phimoe": "phimoe"}
+_ARCH_RUNTIME_DEFAULTS = {
+    "llama": dict(norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096),
+    "mixtral": dict(norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768),
+    "qwen2_moe": dict(norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=8192),
+    "phimoe": dict(norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096),
+}
+
+
+def _fail(owner: str, key: str, value, allowed: str):
+    raise ConfigError(f"{owner}: {key}={value!r} is not allowed; expected {allowed}")
+
+
+# ----------------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class LongRope:
+    """Phi-3.5's 'longrope' RoPE scaling: per-frequency divisors and a cos/sin scale, 'short'
+    while the sequence is within original_max_position_embeddings, 'long' beyond (HF semantics:
+    the switch is decided per forward call from the largest position in it)."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    short_mscale: float
+    long_mscale: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Runtime configuration of one decoder, read from a weights file (or derived from a
+    `impl.common.models.ModelConfig` for random weights at real shapes)."""
+
+    arch: Literal["llama", "mixtral", "qwen2_moe", "phimoe"]
+    vocab_size: int
+    hidden: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden: int                      # width of dense FFN layers (0 if every layer is MoE)
+    # --- MoE ---
+    num_experts: int = 0
+    top_k: int = 0
+    moe_ffn_hidden: int = 0
+    shared_expert_ffn_hidden: int = 0    # 0: no shared expert (Qwen fuses its shared experts in one)
+    shared_expert_gate: bool = False     # sigmoid(x . w) scale on the shared expert (Qwen)
+    router: Literal["softmax_topk", "sparsemixer"] = "softmax_topk"
+    normalize_topk: bool = True          # renormalise the top-k softmax weights (Mixtral: yes, Qwen: no)
+    router_jitter_eps: float = 0.01      # SparseMixer's threshold (Phi-3.5 router_jitter_noise)
+    moe_layer_freq: int = 1              # layer i is MoE iff (i + 1) % freq == 0 (Qwen decoder_sparse_step)
+    mlp_only_layers: tuple[int, ...] = ()
+    # --- norms, biases, positions ---
+    norm_kind: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    out_proj_bias: bool = False
+    lm_head_bias: bool = False
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: LongRope | None = None
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        owner = f"DecoderConfig(arch={self.arch!r})"
+        if self.arch not in ARCHS:
+            _fail(owner, "arch", self.arch, "one of " + ", ".join(map(repr, ARCHS)))
+        for f in ("vocab_size", "hidden", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, f) < 1:
+                _fail(owner, f, getattr(self, f), "an integer >= 1")
+        for f in ("ffn_hidden", "num_experts", "top_k", "moe_ffn_hidden", "shared_expert_ffn_hidden"):
+            if getattr(self, f) < 0:
+                _fail(owner, f, getattr(self, f), "an integer >= 0")
+        if self.head_dim % 2:
+            _fail(owner, "head_dim", self.head_dim, "an even number (RoPE rotates pairs)")
+        if self.num_heads % self.num_kv_heads:
+            _fail(owner, "num_kv_heads", self.num_kv_heads, f"a divisor of num_heads={self.num_heads}")
+        if self.router not in ROUTERS:
+            _fail(owner, "router", self.router, "one of " + ", ".join(map(repr, ROUTERS)))
+        if self.norm_kind not in NORMS:
+            _fail(owner, "norm_kind", self.norm_kind, "one of " + ", ".join(map(repr, NORMS)))
+        if self.moe_layer_freq < 1:
+            _fail(owner, "moe_layer_freq", self.moe_layer_freq, "an integer >= 1")
+        if self.num_experts:
+            if not 1 <= self.top_k <= self.num_experts:
+                _fail(owner, "top_k", self.top_k, f"an integer in 1..num_experts={self.num_experts}")
+            if self.moe_ffn_hidden < 1:
+                _fail(owner, "moe_ffn_hidden", self.moe_ffn_hidden, "an integer >= 1 for an MoE model")
+            if self.router == "sparsemixer" and self.top_k != 2:
+                _fail(owner, "top_k", self.top_k, "2 with router 'sparsemixer' (SparseMixer picks two experts)")
+        else:
+            if self.top_k or self.shared_expert_ffn_hidden:
+                _fail(owner, "top_k" if self.top_k else "shared_expert_ffn_hidden",
+                      self.top_k or self.shared_expert_ffn_hidden, "0 for a dense model (num_experts=0)")
+        if self.shared_expert_gate and not self.shared_expert_ffn_hidden:
+            _fail(owner, "shared_expert_gate", True, "False without a shared expert")
+        if any(not 0 <= i < self.num_layers for i in self.mlp_only_layers):
+            _fail(owner, "mlp_only_layers", self.mlp_only_layers, f"layer indices in 0..{self.num_layers - 1}")
+        if self.num_dense_layers and self.ffn_hidden < 1:
+            _fail(owner, "ffn_hidden", self.ffn_hidden, f"an integer >= 1 ({self.num_dense_layers} layers are dense)")
+        if self.rope_scaling is not None:
+            half = self.head_dim // 2
+            for f in ("short_factor", "long_factor"):
+                if len(getattr(self.rope_scaling, f)) != half:
+                    _fail(owner, f"rope_scaling.{f}", f"<{len(getattr(self.rope_scaling, f))} values>",
+                          f"head_dim/2 = {half} values")
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (self.is_moe and layer not in self.mlp_only_layers
+                and (layer + 1) % self.moe_layer_freq == 0)
+
+    @property
+    def num_dense_layers(self) -> int:
+        return sum(not self.is_moe_layer(i) for i in range(self.num_layers))
+
+    @classmethod
+    def from_model_config(cls, mc: "ModelConfig | str", **overrides) -> "DecoderConfig":
+        """The runtime config of a `impl.common.models` model (name or ModelConfig) for random
+        weights at its real shapes; runtime constants missing from ModelConfig (norm eps, RoPE
+        base, context length) take the published values of the architecture. `overrides` set
+        any field."""
+        if isinstance(mc, str):
+            from impl.common.models import get_model
+            mc = get_model(mc)
+        owner = f"ModelConfig {mc.name!r}"
+        if mc.family not in _FAMILY_ARCH:
+            _fail(owner, "family", mc.family, "one of " + ", ".join(map(repr, sorted(_FAMILY_ARCH))))
+        if mc.ffn_kind != "swiglu" or mc.is_mla:
+            _fail(owner, "ffn_kind/kv_lora_rank", (mc.ffn_kind, mc.kv_lora_rank), "('swiglu', 0)")
+        arch = _FAMILY_ARCH[mc.family]
+        kw = dict(
+            arch=arch, vocab_size=mc.vocab_size, hidden=mc.hidden, num_layers=mc.num_layers,
+            num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+            ffn_hidden=mc.ffn_hidden, num_experts=mc.num_experts, top_k=mc.top_k,
+            moe_ffn_hidden=mc.moe_ffn_hidden,
+            shared_expert_ffn_hidden=mc.num_shared_experts * mc.shared_ffn_hidden if mc.num_shared_experts else 0,
+            shared_expert_gate=mc.shared_expert_gate,
+            router="sparsemixer" if arch == "phimoe" else "softmax_topk",
+            normalize_topk=True if mc.normalize_topk is None else mc.normalize_topk,
+            moe_layer_freq=mc.moe_layer_freq, mlp_only_layers=tuple(range(mc.first_k_dense_layers)),
+            norm_kind=mc.norm_kind, qkv_bias=mc.qkv_bias, out_proj_bias=mc.out_proj_bias,
+            lm_head_bias=arch == "phimoe", tie_word_embeddings=mc.tie_word_embeddings,
+            bos_token_id=1, eos_token_id=2,
+            **_ARCH_RUNTIME_DEFAULTS[arch])
+        kw.update(overrides)
+        return cls(**kw).without_unused_ffn()
+
+    def without_unused_ffn(self) -> "DecoderConfig":
+        """ffn_hidden set to 0 when no layer is dense (HF and ModelConfig still carry a width
+        there), so one model has one config whichever file or description it came from."""
+        return self if self.num_dense_layers or not self.ffn_hidden else replace(self, ffn_hidden=0)
+
+
+# ----------------------------------------------------------------------------------- weights
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One SwiGLU FFN / expert: y = down_MF (silu(gate_FM x) * up_FM x)."""
+
+    gate_FM: torch.Tensor
+    up_FM: torch.Tensor
+    down_MF: torch.Tensor
+
+    def __post_init__(self):
+        Fg, M = self.gate_FM.shape
+        if self.up_FM.shape != (Fg, M) or self.down_MF.shape != (M, Fg):
+            raise ValueError(f"ExpertWeights: gate {tuple(self.gate_FM.shape)}, up {tuple(self.up_FM.shape)}, "
+                             f"down {tuple(self.down_MF.shape)}; expected [F, M], [F, M], [M, F]")
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.gate_FM.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate_FM, self.up_FM, self.down_MF))
+
+    def slice(self, start: int, stop: int) -> "ExpertWeights":
+        """Intermediate units [start, stop): rows of gate/up, columns of down (views, no copy)."""
+        if not 0 <= start <= stop <= self.ffn_hidden:
+            raise ValueError(f"slice [{start}, {stop}) is outside 0..{self.ffn_hidden}")
+        return ExpertWeights(self.gate_FM[start:stop], self.up_FM[start:stop], self.down_MF[:, start:stop])
+
+    def to(self, *args, **kwargs) -> "ExpertWeights":
+        return ExpertWeights(*(t.to(*args, **kwargs) for t in (self.gate_FM, self.up_FM, self.down_MF)))
+
+
+def ffn(w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
+    """SwiGLU FFN; exact under slicing of F: sum over disjoint slices s of ffn(w.slice(s), x)."""
+    return F.linear(F.silu(F.linear(x_TM, w.gate_FM)) * F.linear(x_TM, w.up_FM), w.down_MF)
+
+
+@dataclass(frozen=True)
+class Norm:
+    weight_M: torch.Tensor
+    bias_M: torch.Tensor | None
+    kind: str
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight_M, self.bias_M, self.eps)
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight_M
+        return y if self.bias_M is None else y + self.bias_M
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    q_w: torch.Tensor            # [H*D, M], HF (rotate-half) row order
+    k_w: torch.Tensor            # [G*D, M]
+    v_w: torch.Tensor            # [G*D, M]
+    o_w: torch.Tensor            # [M, H*D]
+    q_b: torch.Tensor | None = None
+    k_b: torch.Tensor | None = None
+    v_b: torch.Tensor | None = None
+    o_b: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class MoEWeights:
+    router_EM: torch.Tensor
+    experts: tuple[ExpertWeights, ...]
+    shared: ExpertWeights | None = None
+    shared_gate_1M: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: Norm
+    attn: AttentionWeights
+    ffn_norm: Norm
+    dense: ExpertWeights | None = None
+    moe: MoEWeights | None = None
+
+
+def expert_weight_names(prefix: str) -> dict[str, str]:
+    """Canonical names of one FFN's three matrices under `prefix` (e.g. 'layers.0.moe.experts.3')."""
+    return {p: f"{prefix}.{p}.weight" for p in EXPERT_PARTS}
+
+
+def weight_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical weight name the decoder reads, with its shape. The one naming scheme
+    all weight formats map to:
+
+        embed.weight [V, M]; norm.{weight,bias} [M]; lm_head.{weight [V, M], bias [V]}
+        layers.{i}.{attn_norm,ffn_norm}.{weight,bias} [M]
+        layers.{i}.attn.{q,k,v,o}.{weight,bias}   q [H*D, M], k/v [G*D, M], o [M, H*D]
+        layers.{i}.ffn.{gate,up,down}.weight      dense FFN: [F, M], [F, M], [M, F]
+        layers.{i}.moe.router.weight [E, M]; layers.{i}.moe.experts.{e}.{gate,up,down}.weight
+        layers.{i}.moe.shared.{gate,up,down}.weight; layers.{i}.moe.shared_gate.weight [1, M]
+    """
+    M, V = cfg.hidden, cfg.vocab_size
+    qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layernorm = cfg.norm_kind == "layernorm"
+    out: dict[str, tuple[int, ...]] = {"embed.weight": (V, M)}
+
+    def norm(prefix: str):
+        out[f"{prefix}.weight"] = (M,)
+        if layernorm:
+            out[f"{prefix}.bias"] = (M,)
+
+    def expert(prefix: str, width: int):
+        names = expert_weight_names(prefix)
+        out[names["gate"]] = (width, M)
+        out[names["up"]] = (width, M)
+        out[names["down"]] = (M, width)
+
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}"
+        norm(f"{p}.attn_norm")
+        for proj, shape in (("q", (qd, M)), ("k", (kvd, M)), ("v", (kvd, M))):
+            out[f"{p}.attn.{proj}.weight"] = shape
+            if cfg.qkv_bias:
+                out[f"{p}.attn.{proj}.bias"] = (shape[0],)
+        out[f"{p}.attn.o.weight"] = (M, qd)
+        if cfg.out_proj_bias:
+            out[f"{p}.attn.o.bias"] = (M,)
+        norm(f"{p}.ffn_norm")
+        if cfg.is_moe_layer(i):
+            out[f"{p}.moe.router.weight"] = (cfg.num_experts, M)
+            for e in range(cfg.num_experts):
+                expert(f"{p}.moe.experts.{e}", cfg.moe_ffn_hidden)
+            if cfg.shared_expert_ffn_hidden:
+                expert(f"{p}.moe.shared", cfg.shared_expert_ffn_hidden)
+                if cfg.shared_expert_gate:
+                    out[f"{p}.moe.shared_gate.weight"] = (1, M)
+        else:
+            expert(f"{p}.ffn", cfg.ffn_hidden)
+    norm("norm")
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (V, M)
+    if cfg.lm_head_bias:
+        out["lm_head.bias"] = (V,)
+    return out
+
+
+# ----------------------------------------------------------------------------------- routing
+
+def route(cfg: DecoderConfig, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_TK, weights_TK) of the model's router, computed in float32 like the HF references."""
+    logits_TE = logits_TE.float()
+    if cfg.router == "sparsemixer":
+        return _sparsemixer(logits_TE, cfg.router_jitter_eps)
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    weights_TK, ids_TK = probs_TE.topk(cfg.top_k, dim=-1)
+    if cfg.normalize_topk:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return ids_TK, weights_TK
+
+
+def _sparsemixer(scores_TE: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's SparseMixer at inference: expert 1 is the arg-max, weighted by a softmax over
+    the experts whose score lies within a relative 2*eps of it; expert 2 likewise among the rest."""
+    ids, weights = [], []
+    masked_TE = scores_TE
+    for _ in range(2):
+        top_T1, top_ids_T1 = masked_TE.max(dim=-1, keepdim=True)
+        factor_TE = scores_TE.abs().clamp(min=top_T1)
+        far_TE = (top_T1 - scores_TE) / factor_TE > 2 * eps
+        gates_TE = torch.softmax(masked_TE.masked_fill(far_TE, float("-inf")), dim=-1)
+        ids.append(top_ids_T1)
+        weights.append(gates_TE.gather(-1, top_ids_T1))
+        masked_TE = masked_TE.scatter(-1, top_ids_T1, float("-inf"))
+    return torch.cat(ids, dim=-1), torch.cat(weights, dim=-1)
+
+
+# ----------------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Per-layer K/V [B, G, L, D] for left-padded batches: slot j of sequence b holds a real token
+    iff valid_BL[b, j]; next_pos_B counts each sequence's real tokens (its next RoPE position)."""
+
+    def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, dtype: torch.dtype, device="cpu"):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.valid_BL = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos_B = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    @property
+    def batch(self) -> int:
+        return self.valid_BL.shape[0]
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 = greedy (arg-max; top_k / top_p ignored). Otherwise softmax(logits / T)
+    restricted to the top_k tokens (0 = all) and to the smallest set whose probability reaches
+    top_p; sequence b of a batch draws from torch.Generator seeded with seed + b."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            _fail("SamplingConfig", "temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            _fail("SamplingConfig", "top_k", self.top_k, "an integer >= 0 (0 = no limit)")
+        if not 0 < self.top_p <= 1:
+            _fail("SamplingConfig", "top_p", self.top_p, "a number in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig,
+                generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """Next token id per row of logits_BV (see SamplingConfig)."""
+    if cfg.greedy:
+        return logits_BV.argmax(dim=-1)
+    logits_BV = logits_BV.float() / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits_BV.shape[-1]:
+        kth_B1 = logits_BV.topk(cfg.top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    probs_BV = torch.softmax(logits_BV, dim=-1)
+    if cfg.top_p < 1:
+        sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+        before_BV = sorted_BV.cumsum(-1) - sorted_BV           # mass of the strictly better tokens
+        drop_BV = before_BV >= cfg.top_p                        # the best token always stays
+        probs_BV = probs_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, 0.0))
+    if generators is None:
+        generators = [torch.Generator().manual_seed(cfg.seed + b) for b in range(logits_BV.shape[0])]
+    out = [torch.multinomial(probs_BV[b].cpu(), 1, generator=generators[b]) for b in range(logits_BV.shape[0])]
+    return torch.cat(out).to(logits_BV.device)
+
+
+@dataclass
+class GenerationOutput:
+    """tokens[b]: the new ids of prompt b (ending with eos if it was produced); step_logits[b]
+    ([n_new, V], float32) the logits each new token was chosen from, when requested."""
+
+    tokens: list[list[int]]
+    step_logits: list[torch.Tensor] | None
+    prefill_s: float
+    decode_s: float
+    prompt_tokens: int
+    decode_steps: int = 0
+
+
+# ----------------------------------------------------------------------------------- decoder
+
+ExpertFn = Callable[[int, "int | str", ExpertWeights, torch.Tensor], torch.Tensor]
+RouteObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def _default_expert_fn(layer: int, expert: int | str, w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
+    return ffn(w, x_TM)
+
+
+class Decoder:
+    """The model. `expert_fn(layer, expert, weights, x_TM) -> y_TM` computes every FFN (expert is
+    the routed expert's id, 'shared' or 'dense'); `route_observer(layer, ids_TK, weights_TK)` is
+    called with every MoE routing decision (real tokens only)."""
+
+    def __init__(self, source: "WeightSource", *, dtype: torch.dtype = torch.float32, device="cpu",
+                 cache_weights: bool = True, expert_fn: ExpertFn | None = None,
+                 route_observer: RouteObserver | None = None):
+        self.source = source
+        self.config: DecoderConfig = source.config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.expert_fn: ExpertFn = expert_fn or _default_expert_fn
+        self.route_observer = route_observer
+        cfg = self.config
+        self.embed_VM = self._w("embed.weight")
+        self.final_norm = self._norm("norm")
+        self.lm_head_VM = self.embed_VM if cfg.tie_word_embeddings else self._w("lm_head.weight")
+        self.lm_head_b = self._w("lm_head.bias") if cfg.lm_head_bias else None
+        self._layers = [self.layer_weights(i) for i in range(cfg.num_layers)] if cache_weights else None
+        half = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
+        self._base_inv_freq = 1.0 / (cfg.rope_theta ** half)
+
+    # -------------------------------------------------------------- weights
+
+    def _w(self, name: str) -> torch.Tensor:
+        # Always a fresh (allocator-aligned) copy: CPU matmul kernels pick code paths by address
+        # alignment, and a tensor mapped from a file sits wherever its format put it; copying makes
+        # the result independent of the file format, bit for bit.
+        return self.source.load(name).to(device=self.device, dtype=self.dtype, copy=True)
+
+    def _norm(self, prefix: str) -> Norm:
+        cfg = self.config
+        bias = self._w(f"{prefix}.bias") if cfg.norm_kind == "layernorm" else None
+        return Norm(self._w(f"{prefix}.weight"), bias, cfg.norm_kind, cfg.norm_eps)
+
+    def _expert(self, prefix: str) -> ExpertWeights:
+        names = expert_weight_names(prefix)
+        return ExpertWeights(self._w(names["gate"]), self._w(names["up"]), self._w(names["down"]))
+
+    def layer_weights(self, i: int) -> LayerWeights:
+        """Layer i's weights in the compute dtype / device (cached ones when cache_weights)."""
+        if getattr(self, "_layers", None) is not None:
+            return self._layers[i]
+        cfg, p = self.config, f"layers.{i}"
+        opt = lambda name, present: self._w(name) if present else None  # noqa: E731
+        attn = AttentionWeights(
+            q_w=self._w(f"{p}.attn.q.weight"), k_w=self._w(f"{p}.attn.k.weight"),
+            v_w=self._w(f"{p}.attn.v.weight"), o_w=self._w(f"{p}.attn.o.weight"),
+            q_b=opt(f"{p}.attn.q.bias", cfg.qkv_bias), k_b=opt(f"{p}.attn.k.bias", cfg.qkv_bias),
+            v_b=opt(f"{p}.attn.v.bias", cfg.qkv_bias), o_b=opt(f"{p}.attn.o.bias", cfg.out_proj_bias))
+        dense = moe = None
+        if cfg.is_moe_layer(i):
+            shared = self._expert(f"{p}.moe.shared") if cfg.shared_expert_ffn_hidden else None
+            moe = MoEWeights(
+                router_EM=self._w(f"{p}.moe.router.weight"),
+                experts=tuple(self._expert(f"{p}.moe.experts.{e}") for e in range(cfg.num_experts)),
+                shared=shared, shared_gate_1M=opt(f"{p}.moe.shared_gate.weight", cfg.shared_expert_gate))
+        else:
+            dense = self._expert(f"{p}.ffn")
+        return LayerWeights(self._norm(f"{p}.attn_norm"), attn, self._norm(f"{p}.ffn_norm"), dense, moe)
+
+    # -------------------------------------------------------------- pieces
+
+    def rope(self, pos_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, S, D] for positions pos_BS (HF rotate-half layout)."""
+        cfg, inv_freq, scale = self.config, self._base_inv_freq, 1.0
+        if cfg.rope_scaling is not None:
+            rs = cfg.rope_scaling
+            long = int(pos_BS.max()) + 1 > rs.original_max_position_embeddings
+            ext = torch.tensor(rs.long_factor if long else rs.short_factor, dtype=torch.float32)
+            inv_freq, scale = inv_freq / ext, (rs.long_mscale if long else rs.short_mscale)
+        freqs_BSh = pos_BS.to(torch.float32)[..., None].cpu() * inv_freq
+        emb_BSD = torch.cat((freqs_BSh, freqs_BSh), dim=-1)
+        cos, sin = emb_BSD.cos() * scale, emb_BSD.sin() * scale
+        return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def attention(self, i: int, w: AttentionWeights, h_BSM: torch.Tensor, cache: KVCache,
+                  cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, allowed_BSL: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        B, S, _ = h_BSM.shape
+        H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_BHSD = F.linear(h_BSM, w.q_w, w.q_b).view(B, S, H, D).transpose(1, 2)
+        k_BGSD = F.linear(h_BSM, w.k_w, w.k_b).view(B, S, G, D).transpose(1, 2)
+        v_BGSD = F.linear(h_BSM, w.v_w, w.v_b).view(B, S, G, D).transpose(1, 2)
+        cos, sin = cos_BSD[:, None], sin_BSD[:, None]
+        q_BHSD, k_BGSD = self._rotate(q_BHSD, cos, sin), self._rotate(k_BGSD, cos, sin)
+        L1 = allowed_BSL.shape[-1]
+        L0 = L1 - S
+        cache.k[i][:, :, L0:L1] = k_BGSD
+        cache.v[i][:, :, L0:L1] = v_BGSD
+        k_BHLD = cache.k[i][:, :, :L1].repeat_interleave(H // G, dim=1)
+        v_BHLD = cache.v[i][:, :, :L1].repeat_interleave(H // G, dim=1)
+        scores_BHSL = (q_BHSD @ k_BHLD.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))
+        scores_BHSL = scores_BHSL.masked_fill(~allowed_BSL[:, None], float("-inf"))
+        probs_BHSL = torch.softmax(scores_BHSL, dim=-1).to(self.dtype)
+        o_BSX = (probs_BHSL @ v_BHLD).transpose(1, 2).reshape(B, S, H * D)
+        return F.linear(o_BSX, w.o_w, w.o_b)
+
+    def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
+        ids_TK, weights_TK = route(self.config, F.linear(x_TM, w.router_EM))
+        if self.route_observer is not None:
+            self.route_observer(i, ids_TK, weights_TK)
+        y_TM = torch.zeros_like(x_TM)
+        for e in ids_TK.unique().tolist():
+            tok_T, slot_T = (ids_TK == e).nonzero(as_tuple=True)
+            y_e = self.expert_fn(i, e, w.experts[e], x_TM[tok_T])
+            y_TM.index_add_(0, tok_T, y_e * weights_TK[tok_T, slot_T, None].to(y_e.dtype))
+        if w.shared is not None:
+            s_TM = self.expert_fn(i, "shared", w.shared, x_TM)
+            if w.shared_gate_1M is not None:
+                s_TM = torch.sigmoid(F.linear(x_TM, w.shared_gate_1M)) * s_TM
+            y_TM = y_TM + s_TM
+        return y_TM
+
+    def feed_forward(self, i: int, w: LayerWeights, x_TM: torch.Tensor) -> torch.Tensor:
+        if w.moe is not None:
+            return self.moe(i, w.moe, x_TM)
+        return self.expert_fn(i, "dense", w.dense, x_TM)
+
+    # -------------------------------------------------------------- forward
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+
+    @torch.no_grad()
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache, valid_BS: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Append tokens_BS to the cache and return float32 logits [B, S, V] (or [B, 1, V] with
+        last_only). valid_BS marks real tokens (False = left padding)."""
+        cfg = self.config
+        tokens_BS = torch.as_tensor(tokens_BS, dtype=torch.long, device=self.device)
+        B, S = tokens_BS.shape
+        if B != cache.batch:
+            raise ValueError(f"tokens batch {B} != cache batch {cache.batch}")
+        if cache.length + S > cache.max_len:
+            raise ValueError(f"cache holds {cache.max_len} slots; {cache.length} used + {S} new exceeds it")
+        if int(tokens_BS.min()) < 0 or int(tokens_BS.max()) >= cfg.vocab_size:
+            raise ValueError(f"token ids must lie in 0..{cfg.vocab_size - 1}; got "
+                             f"{int(tokens_BS.min())}..{int(tokens_BS.max())}")
+        valid_BS = (torch.ones_like(tokens_BS, dtype=torch.bool) if valid_BS is None
+                    else torch.as_tensor(valid_BS, dtype=torch.bool, device=self.device))
+        L0, L1 = cache.length, cache.length + S
+        pos_BS = (cache.next_pos_B[:, None] + valid_BS.long().cumsum(1) - 1).clamp(min=0)
+        cache.valid_BL[:, L0:L1] = valid_BS
+        slots_L = torch.arange(L1, device=self.device)
+        query_slot_S = slots_L[L0:]
+        allowed_BSL = (slots_L[None, :] <= query_slot_S[:, None])[None] & cache.valid_BL[:, None, :L1]
+        allowed_BSL |= (slots_L[None, :] == query_slot_S[:, None])[None]  # padded queries see themselves
+        cos, sin = self.rope(pos_BS)
+
+        x_BSM = self.embed_VM[tokens_BS]
+        for i in range(cfg.num_layers):
+            w = self.layer_weights(i)
+            x_BSM = x_BSM + self.attention(i, w.attn, w.attn_norm(x_BSM), cache, cos, sin, allowed_BSL)
+            h_TM = w.ffn_norm(x_BSM)[valid_BS]
+            ffn_BSM = torch.zeros_like(x_BSM)
+            ffn_BSM[valid_BS] = self.feed_forward(i, w, h_TM)
+            x_BSM = x_BSM + ffn_BSM
+        cache.length = L1
+        cache.next_pos_B += valid_BS.sum(1)
+        if last_only:
+            x_BSM = x_BSM[:, -1:]
+        return F.linear(self.final_norm(x_BSM), self.lm_head_VM, self.lm_head_b).float()
+
+    def logits(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Float32 logits [S, V] of one sequence (every position, fresh cache)."""
+        cache = self.new_cache(1, len(tokens))
+        return self.forward(torch.tensor([list(tokens)]), cache)[0]
+
+    # -------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: SamplingConfig | None = None, eos_token_id: int | None = None,
+                 return_logits: bool = False) -> GenerationOutput:
+        """Prefill all prompts as one left-padded batch, then decode one token per sequence per
+        step until max_new_tokens or every sequence has produced eos_token_id."""
+        sampling = sampling or SamplingConfig()
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt and every prompt needs >= 1 token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is not allowed; expected an integer >= 1")
+        B, P = len(prompts), max(map(len, prompts))
+        tokens_BS = torch.zeros(B, P, dtype=torch.long)
+        valid_BS = torch.zeros(B, P, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            tokens_BS[b, P - len(p):] = torch.tensor(p)
+            valid_BS[b, P - len(p):] = True
+        cache = self.new_cache(B, P + max_new_tokens)
+        gens = None if sampling.greedy else [torch.Generator().manual_seed(sampling.seed + b) for b in range(B)]
+        out_tokens: list[list[int]] = [[] for _ in range(B)]
+        out_logits: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        done = [False] * B
+
+        def take(logits_BV: torch.Tensor) -> torch.Tensor:
+            next_B = sample_next(logits_BV, sampling, gens)
+            for b in range(B):
+                if not done[b]:
+                    out_tokens[b].append(int(next_B[b]))
+                    if return_logits:
+                        out_logits[b].append(logits_BV[b].cpu())
+                    done[b] = (eos_token_id is not None and int(next_B[b]) == eos_token_id) \
+                        or len(out_tokens[b]) >= max_new_tokens
+            return next_B
+
+        t0 = time.perf_counter()
+        next_B = take(self.forward(tokens_BS, cache, valid_BS, last_only=True)[:, -1])
+        t1 = time.perf_counter()
+        steps = 0
+        while not all(done):
+            next_B = take(self.forward(next_B[:, None], cache, last_only=True)[:, -1])
+            steps += 1
+        t2 = time.perf_counter()
+        step_logits = [torch.stack(l) for l in out_logits] if return_logits else None
+        return GenerationOutput(out_tokens, step_logits, t1 - t0, t2 - t1, int(valid_BS.sum()), steps)

@@ -1,0 +1,264 @@
+"""The reference decoder: slicing algebra, routing, KV cache, batching, sampling, hooks, configs."""
+import math
+
+import pytest
+import torch
+
+from impl.common.config import ConfigError
+from impl.common.models import get_model
+from impl.scheinfer.generate_models import KINDS, tiny_config
+from impl.scheinfer.model import (Decoder, DecoderConfig, ExpertWeights, LongRope, SamplingConfig, ffn, route,
+                                  sample_next, weight_shapes)
+from impl.scheinfer.weights import RandomWeights
+
+ALL_KINDS = list(KINDS)
+
+
+@pytest.fixture(scope="module")
+def decoders():
+    return {k: Decoder(RandomWeights(tiny_config(k), seed=11, dtype=torch.float32)) for k in ALL_KINDS}
+
+
+# ------------------------------------------------------------------------- FFN slicing
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_ffn_is_exact_sum_of_intermediate_slices(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    M, Fw = 24, 37                                  # F not a multiple of any tile
+    w = ExpertWeights(*(torch.randn(s, generator=g, dtype=dtype) for s in ((Fw, M), (Fw, M), (M, Fw))))
+    x = torch.randn(5, M, generator=g, dtype=dtype)
+    whole = ffn(w, x)
+    for cuts in ([0, 0, 37], [0, 37, 37], [0, 1, 36], [0, 12, 25], [0, 3, 3], [0, 36, 37]):
+        parts = [ffn(w.slice(a, b), x) for a, b in zip(cuts, cuts[1:] + [Fw])]
+        torch.testing.assert_close(sum(parts), whole, rtol=tol, atol=tol * whole.abs().max().item())
+    assert w.slice(3, 9).gate_FM.data_ptr() == w.gate_FM[3:9].data_ptr()     # a view, no copy
+    with pytest.raises(ValueError, match="outside"):
+        w.slice(5, 38)
+    with pytest.raises(ValueError, match=r"\[F, M\]"):
+        ExpertWeights(w.gate_FM, w.up_FM, w.gate_FM)
+
+
+def test_ffn_hand_formula():
+    w = ExpertWeights(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[3.0], [1.0]]))
+    x = torch.tensor([[1.0, 1.0]])
+    h = torch.nn.functional.silu(torch.tensor(1.0)) * 2.0
+    torch.testing.assert_close(ffn(w, x), torch.tensor([[3.0 * h, h]]))
+
+
+# ------------------------------------------------------------------------- routing
+
+def _sparsemixer_by_hand(s, eps):
+    """Straight per-token transcription of SparseMixer's inference path, for comparison."""
+    ids, ws = [], []
+    E = len(s)
+    allowed = list(range(E))
+    for _ in range(2):
+        best = max(allowed, key=lambda e: (s[e], -e))
+        keep = [e for e in allowed if (s[best] - s[e]) / max(abs(s[e]), s[best]) <= 2 * eps]
+        z = sum(math.exp(s[e] - s[best]) for e in keep)
+        ids.append(best)
+        ws.append(1.0 / z)
+        allowed.remove(best)
+    return ids, ws
+
+
+def test_sparsemixer_matches_hand_transcription():
+    cfg = tiny_config("phimoe")
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, cfg.num_experts, generator=g, dtype=torch.float64) * 0.05 + 1.0   # many near-ties
+    ids, w = route(cfg, logits)
+    for t in range(64):
+        eids, ew = _sparsemixer_by_hand(logits[t].tolist(), cfg.router_jitter_eps)
+        assert ids[t].tolist() == eids
+        torch.testing.assert_close(w[t].double(), torch.tensor(ew, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert (w < 1).any() and (w == 1).any()        # both near-tie groups and lone winners occurred
+
+
+def test_softmax_topk_normalised_and_not():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    p = torch.softmax(logits, -1)[0]
+    mix = DecoderConfig(arch="mixtral", vocab_size=8, hidden=4, num_layers=1, num_heads=1, num_kv_heads=1,
+                        head_dim=4, ffn_hidden=0, num_experts=4, top_k=2, moe_ffn_hidden=4)
+    ids, w = route(mix, logits)
+    assert ids.tolist() == [[0, 1]]
+    torch.testing.assert_close(w[0], p[:2] / p[:2].sum())
+    ids, w = route(DecoderConfig(**{**mix.__dict__, "normalize_topk": False}), logits)
+    torch.testing.assert_close(w[0], p[:2])
+
+
+# ------------------------------------------------------------------------- KV cache, batching
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_incremental_decode_equals_full_forward(decoders, kind):
+    dec = decoders[kind]
+    toks = [1, 17, 300, 42, 8, 255, 77, 3, 90, 400]
+    full = dec.logits(toks)
+    cache = dec.new_cache(1, len(toks))
+    steps = [dec.forward(torch.tensor([toks[:4]]), cache)[0]]
+    for t in toks[4:]:
+        steps.append(dec.forward(torch.tensor([[t]]), cache)[0])
+    torch.testing.assert_close(torch.cat(steps), full, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2_moe", "phimoe"])
+def test_left_padded_batch_equals_single_prompts(decoders, kind):
+    dec = decoders[kind]
+    prompts = [[1, 5, 9], [1, 300, 22, 41, 7, 8, 100], [2], [1, 17, 17, 17, 17]]
+    batch = dec.generate(prompts, 6, return_logits=True)
+    for b, p in enumerate(prompts):
+        one = dec.generate([p], 6, return_logits=True)
+        assert batch.tokens[b] == one.tokens[0]
+        torch.testing.assert_close(batch.step_logits[b], one.step_logits[0], rtol=0, atol=2e-5)
+    assert batch.prompt_tokens == sum(map(len, prompts))
+
+
+def test_generate_greedy_follows_logits_and_stops_at_eos(decoders):
+    dec = decoders["mixtral"]
+    prompt = [1, 44, 9, 310]
+    out = dec.generate([prompt], 5, return_logits=True)
+    seq = list(prompt)
+    for t in out.tokens[0]:
+        assert t == int(dec.logits(seq)[-1].argmax())
+        seq.append(t)
+    eos = out.tokens[0][2]
+    stopped = dec.generate([prompt], 5, eos_token_id=eos)
+    assert stopped.tokens[0] == out.tokens[0][: out.tokens[0].index(eos) + 1]
+
+
+# ------------------------------------------------------------------------- sampling
+
+def test_sampling_is_seeded_and_respects_top_k_top_p(decoders):
+    dec = decoders["llama"]
+    prompts = [[1, 2, 3], [1, 9]]
+    s = SamplingConfig(temperature=1.5, top_k=5, seed=7)
+    a, b = dec.generate(prompts, 8, s), dec.generate(prompts, 8, s)
+    assert a.tokens == b.tokens
+    assert dec.generate(prompts, 8, SamplingConfig(temperature=1.5, top_k=5, seed=8)).tokens != a.tokens
+    # sequence b of a batch draws with seed + b: alone with that seed it gives the same tokens
+    assert dec.generate([prompts[1]], 8, SamplingConfig(temperature=1.5, top_k=5, seed=8)).tokens[0] == a.tokens[1]
+    greedy = dec.generate(prompts, 8).tokens
+    assert dec.generate(prompts, 8, SamplingConfig(temperature=0.7, top_k=1, seed=3)).tokens == greedy
+    assert dec.generate(prompts, 8, SamplingConfig(temperature=0.7, top_p=1e-6, seed=3)).tokens == greedy
+
+    logits = torch.tensor([[5.0, 4.0, 3.0, -2.0, -3.0]])
+    gens = [torch.Generator().manual_seed(0)]
+    seen = {int(sample_next(logits, SamplingConfig(temperature=2.0, top_k=3), gens)) for _ in range(300)}
+    assert seen == {0, 1, 2}
+    p = torch.softmax(logits / 2.0, -1)[0]           # top_p just above p0 + p1 keeps exactly {0, 1}
+    seen = {int(sample_next(logits, SamplingConfig(temperature=2.0, top_p=float(p[0] + p[1]) + 1e-4), gens))
+            for _ in range(300)}
+    assert seen == {0, 1, 2}
+    seen = {int(sample_next(logits, SamplingConfig(temperature=2.0, top_p=float(p[0] + p[1]) - 1e-4), gens))
+            for _ in range(300)}
+    assert seen == {0, 1}
+
+
+@pytest.mark.parametrize("kw,key", [({"temperature": -1}, "temperature"), ({"top_k": -2}, "top_k"),
+                                    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")])
+def test_sampling_config_errors(kw, key):
+    with pytest.raises(ConfigError, match=key):
+        SamplingConfig(**kw)
+
+
+# ------------------------------------------------------------------------- hooks, lazy weights
+
+def test_sliced_expert_fn_gives_same_logits_and_observer_sees_real_tokens():
+    src = RandomWeights(tiny_config("qwen2_moe"), seed=3, dtype=torch.float32)
+    plain = Decoder(src)
+    calls = []
+
+    def three_way(layer, expert, w, x):             # CC | CG | GG-style split of every FFN
+        f = w.ffn_hidden
+        cuts = [0, f // 3, (2 * f) // 3, f]
+        calls.append((layer, expert))
+        return sum(ffn(w.slice(a, b), x) for a, b in zip(cuts, cuts[1:]))
+
+    routed = []
+    sliced = Decoder(src, expert_fn=three_way, route_observer=lambda l, ids, w: routed.append((l, ids.shape)))
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    a = plain.generate(prompts, 3, return_logits=True)
+    b = sliced.generate(prompts, 3, return_logits=True)
+    assert a.tokens == b.tokens
+    for x, y in zip(a.step_logits, b.step_logits):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+    assert {e for _, e in calls} >= {"shared"} and any(isinstance(e, int) for _, e in calls)
+    cfg = src.config
+    assert routed[0] == (0, (7, cfg.top_k))         # prefill: the 7 real tokens, padding excluded
+    assert routed[cfg.num_layers] == (0, (2, cfg.top_k))
+
+
+def test_lazy_weights_equal_cached():
+    src = RandomWeights(tiny_config("mixtral"), seed=5, dtype=torch.float32)
+    toks = [1, 9, 33, 250]
+    assert torch.equal(Decoder(src, cache_weights=False).logits(toks), Decoder(src).logits(toks))
+
+
+def test_dense_layers_inside_moe_model():
+    cfg = tiny_config("qwen2_moe", mlp_only_layers=(0,))
+    assert not cfg.is_moe_layer(0) and cfg.is_moe_layer(1)
+    names = weight_shapes(cfg)
+    assert "layers.0.ffn.gate.weight" in names and "layers.1.moe.router.weight" in names
+    dec = Decoder(RandomWeights(cfg, dtype=torch.float32))
+    assert dec.logits([1, 2, 3]).shape == (3, cfg.vocab_size)
+
+
+def test_longrope_unit_factors_equal_plain_rope():
+    base = tiny_config("phimoe")
+    half = base.head_dim // 2
+    src = RandomWeights(base, seed=2, dtype=torch.float32)
+    plain = Decoder(src).logits([1, 2, 3, 4])
+    unit = LongRope((1.0,) * half, (1.0,) * half, 1.0, 1.0, 4096)
+    src_u = RandomWeights(DecoderConfig(**{**base.__dict__, "rope_scaling": unit}), seed=2, dtype=torch.float32)
+    assert torch.equal(Decoder(src_u).logits([1, 2, 3, 4]), plain)
+    # 'long' factors apply only once the sequence passes original_max_position_embeddings
+    switch = LongRope((1.0,) * half, (4.0,) * half, 1.0, 1.3, 4)
+    src_s = RandomWeights(DecoderConfig(**{**base.__dict__, "rope_scaling": switch}), seed=2, dtype=torch.float32)
+    dec_s = Decoder(src_s)
+    assert torch.equal(dec_s.logits([1, 2, 3, 4]), plain)
+    assert not torch.allclose(dec_s.logits([1, 2, 3, 4, 5])[:4], plain)
+
+
+# ------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("name,uncounted", [("llama2-7b", 0), ("mixtral-8x7b", 0), ("qwen2-57b-a14b", 0),
+                                            ("qwen1.5-moe-a2.7b", 0), ("phi-3.5-moe", 32064)])
+def test_real_shapes_match_published_parameter_counts(name, uncounted):
+    cfg = DecoderConfig.from_model_config(name)
+    total = sum(math.prod(s) for s in weight_shapes(cfg).values())
+    assert total - uncounted == get_model(name).param_counts()[0]   # phi: lm_head bias not counted there
+
+
+def test_random_weights_at_real_shape_are_lazy_and_deterministic():
+    src = RandomWeights("mixtral-8x7b", seed=1)
+    r = src.load("layers.31.moe.router.weight")
+    assert r.shape == (8, 4096) and r.dtype == torch.bfloat16
+    assert torch.equal(r, src.load("layers.31.moe.router.weight"))
+    assert not torch.equal(r, RandomWeights("mixtral-8x7b", seed=2).load("layers.31.moe.router.weight"))
+    with pytest.raises(KeyError, match="layers.32"):
+        src.load("layers.32.moe.router.weight")
+
+
+@pytest.mark.parametrize("kw,key", [
+    ({"top_k": 9}, "top_k"), ({"num_kv_heads": 3}, "num_kv_heads"), ({"arch": "gpt2"}, "arch"),
+    ({"router": "sparsemixer"}, "top_k"), ({"head_dim": 15}, "head_dim"), ({"norm_kind": "batchnorm"}, "norm_kind"),
+    ({"mlp_only_layers": (5,)}, "mlp_only_layers")])
+def test_config_errors_name_key(kw, key):
+    base = tiny_config("mixtral").__dict__
+    if kw.get("router") == "sparsemixer":
+        kw = {**kw, "top_k": 3}
+    with pytest.raises(ConfigError, match=key):
+        DecoderConfig(**{**base, **kw})
+
+
+def test_from_model_config_rejects_other_families():
+    with pytest.raises(ConfigError, match="family"):
+        DecoderConfig.from_model_config("deepseek-v3")
+
+
+def test_bad_tokens_and_cache_overflow(decoders):
+    dec = decoders["llama"]
+    with pytest.raises(ValueError, match="token ids"):
+        dec.logits([1, dec.config.vocab_size])
+    cache = dec.new_cache(1, 2)
+    with pytest.raises(ValueError, match="exceeds"):
+        dec.forward(torch.tensor([[1, 2, 3]]), cache)
