@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 import importlib
+import threading
 
 __all__ = ["RegistryError", "register", "get", "names", "kinds"]
 
@@ -26,16 +27,34 @@ PROVIDER_MODULES = (
     "impl.common.routing",
     "impl.common.dispatcher",
     "impl.hiermoe.dedup_a2a",
+    "impl.hiermoe.expert_swap",
+    "baselines.smartmoe.planner",
+    "baselines.tutel_2dh.dispatcher",
+    "baselines.deepspeed_moe.sim",
+    "baselines.megatron",          # lazy: megatron itself is imported only when the factory is called
 )
 _providers_loaded = False
+_providers_loading = False
+_providers_lock = threading.RLock()
 
 
 def _load_providers() -> None:
-    global _providers_loaded
-    if not _providers_loaded:
-        _providers_loaded = True
-        for module in PROVIDER_MODULES:
-            importlib.import_module(module)
+    """Import every provider once. Thread-safe: SimComm ranks are threads that may all call `get`
+    first; the others wait until every module is imported. A provider that calls `get` while it
+    is being imported (same thread) sees the names registered so far."""
+    global _providers_loaded, _providers_loading
+    if _providers_loaded:
+        return
+    with _providers_lock:
+        if _providers_loaded or _providers_loading:
+            return
+        _providers_loading = True
+        try:
+            for module in PROVIDER_MODULES:
+                importlib.import_module(module)
+            _providers_loaded = True
+        finally:
+            _providers_loading = False
 
 
 class RegistryError(ValueError):

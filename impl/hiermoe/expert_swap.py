@@ -1,0 +1,498 @@
+"""HierD-ES: HierMoE's dedup-aware hierarchical expert swap (Section IV, Eqs. (8)-(11), Fig. 8,
+Theorem 1), planning side. `impl.common.expert_migration` executes the chosen swap.
+
+What is optimised. Swapping the slots of two experts r, c changes, at every topology level L
+(U[L] groups of E / U[L] consecutive slots, level D = single GPUs), how many tokens touch each
+group: the duplicate-free counts Z_L[r, c, :] that set the volume of the HierD-AlltoAll steps.
+For the route of dimension d (Inter-1 .. Inter-(d-1), Intra-(d-1)) the modeled time of the swap is
+
+    Q_d[r, c] = sum_{i<d} (alpha_inter-i + beta_inter-i * N_inter-i[r, c]) + alpha_intra + beta_intra * N_intra[r, c]
+    N[r, c]   = fan * maxfn(p[r, c, :]) * M * v                                            (Eqs. (8), (9))
+
+with fan = U[L] / U[P] ranks per sub-group (parent level P) and maxfn plain max, smooth-max
+max(x) * (sum (x / max(x))^gamma)^(1/gamma) (Eq. (11), gamma = 10) or log-sum-exp. The best single
+swap is argmin Q (Theorem 1); it is made only when it beats the current placement, so "no swap"
+is always a candidate. d is d* of Eq. (6) (`impl.hiermoe.dimension`), chosen on the current
+placement, or fixed (HD2-MoE uses d = 2).
+
+Z by the four-case rule (Fig. 8). Start from the no-swap counts z0 and, for every token and pair
+(A selected, B not) in different groups: B's group gains the token if the token touched it
+nowhere before (+1, cases 1/2), A's group loses it if A was its only expert there (-1, cases 2/4).
+`z_four_case` runs that update literally, O(T*K*E) per level (the paper's O(D*T*K*E)). Summed over
+tokens, the four cases factor through four small tables per level (`LevelStats`):
+
+    x[s, h]   tokens that select s and touch group h nowhere            (+1 of cases 1/2)
+    solo[s]   tokens for which s is the only selected expert of its group (-1 of cases 2/4)
+    w[s, s']  tokens that select both s and s', s the only one of its group (both selected: no -1)
+
+    Z[s1, s2, grp(s2)] = z0[grp(s2)] + x[s1, grp(s2)] - solo[s2] + w[s2, s1]
+    Z[s1, s2, grp(s1)] = z0[grp(s1)] + x[s2, grp(s1)] - solo[s1] + w[s1, s2]
+
+(other groups unchanged; same-group pairs change nothing), built for all levels in O(D*T*K^2)
+from each token's sorted slot list and evaluated for all pairs in O(D*E^2). Both methods give the
+same Z, exactly (tests compare them with a recount from scratch); 'factored' is the default,
+'four_case' the literal reference (over 100x slower at the paper's scale).
+
+Agreement [reconstruction: the paper does not say how ranks agree]. All counts are *global*: every
+rank computes its tokens' tables, one all-reduce (sum) adds them, and every rank then runs the same
+deterministic choice on the same integers (verified by a 4-int all-reduce). Global per-group counts
+are exact after any swap at every level, so the second-order effect the per-level formulation
+leaves open (a swap across nodes changes the token sets of the lower levels) does not arise. The
+paper's p is a per-rank count (the padded per-rank buffer); from global counts we use its mean over
+the G / U[P] ranks that send into a level-L group in that step: p = Z * U[P] / G.
+
+Evaluation, ties and hysteresis. All E^2 pairs are screened in float32 (a few E^2 passes per
+level); the pairs within a relative 1e-5 of the screened minimum are evaluated again in float64 from
+their exact counts. Pairs whose Q lies within a relative 1e-9 of the minimum are tied and the
+smallest (r, c), r < c logical ids, among them wins; the swap is made only if the minimum beats the
+current placement's Q by more than that tolerance. Rounding therefore never decides, and an
+exhaustive search over all pairs with the same objective and rule picks the same pair.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from impl.common.comm import Comm
+from impl.common.costmodel import HardwareProfile, load_profile
+from impl.common.dispatcher import ExpertPlacement, check_expert_parallel
+from impl.common.expert_migration import PlacementPlanner
+from impl.common.registry import register
+from impl.common.topology import Topology
+from impl.hiermoe.dimension import RouteCounts, check_profile, choose_from_counts, route_steps, step_name_of
+
+__all__ = ["MAX_FNS", "Z_METHODS", "LevelStats", "SwapStats", "SwapDecision", "HierDExpertSwap", "apply_max_fn",
+           "selected_slots", "level_stats", "z_four_case", "local_swap_stats", "global_swap_stats",
+           "gather_swap_stats", "swap_objective", "decide_swap"]
+
+MAX_FNS = ("max", "smooth", "lse")
+Z_METHODS = ("factored", "four_case")
+REL_TOL = 1e-9       # pairs within this relative distance of the best are tied
+SCREEN_TOL = 1e-5    # screening margin: far above float32 rounding of Q, far below real differences
+
+
+def _check_options(max_fn: str, gamma: float, z_method: str = "factored") -> None:
+    if max_fn not in MAX_FNS:
+        raise ValueError(f"max_fn: {max_fn!r} is not allowed; allowed: {', '.join(MAX_FNS)}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0 < gamma < math.inf):
+        raise ValueError(f"gamma: {gamma!r} is not allowed; expected a finite number > 0 (paper default 10)")
+    if z_method not in Z_METHODS:
+        raise ValueError(f"z_method: {z_method!r} is not allowed; allowed: {', '.join(Z_METHODS)}")
+
+
+# ==========================================================================================
+# the max function (Eq. (9) / Eq. (11))
+# ==========================================================================================
+def apply_max_fn(x_NU: torch.Tensor, max_fn: str = "smooth", gamma: float = 10.0) -> torch.Tensor:
+    """Row-wise max function of [N, U] -> float64 [N]: plain max, smooth-max
+    max(x) * (sum (x_i / max x)^gamma)^(1/gamma) (0 for an all-zero row) or log-sum-exp."""
+    _check_options(max_fn, gamma)
+    x = x_NU.to(torch.float64)
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float64)
+    if max_fn == "lse":
+        return torch.logsumexp(x, dim=1)
+    m = x.max(dim=1).values
+    if max_fn == "max":
+        return m
+    safe = torch.where(m > 0, m, torch.ones_like(m))
+    total = ((x / safe.unsqueeze(1)) ** gamma).sum(1)
+    return torch.where(m > 0, m * total ** (1.0 / gamma), torch.zeros_like(m))
+
+
+# ==========================================================================================
+# per-level statistics
+# ==========================================================================================
+def selected_slots(routing_map_TE: torch.Tensor, placement: ExpertPlacement | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_TK, valid_TK): each token's selected *slots*, ascending, padded to the largest number
+    any token selects (top-K routing: exactly K) with the sentinel E / False. Sparse: no [T, E]
+    permutation of the map."""
+    T, E = routing_map_TE.shape
+    t, e = routing_map_TE.nonzero(as_tuple=True)
+    s = e if placement is None else torch.tensor(placement.slot_of_expert, dtype=torch.long)[e]
+    per_token = torch.bincount(t, minlength=T)
+    K = int(per_token.max()) if T else 0
+    pos = torch.arange(t.numel()) - (torch.cumsum(per_token, 0) - per_token)[t]
+    ids_TK = torch.full((T, K), E, dtype=torch.long)
+    ids_TK[t, pos] = s
+    ids_TK = torch.sort(ids_TK, dim=1).values
+    return ids_TK, ids_TK < E
+
+
+@dataclass(frozen=True, eq=False)
+class LevelStats:
+    """The four-case tables of one level (int64): z0 [U], x [E, U], solo [E], w [E, E]."""
+
+    z0: torch.Tensor
+    x: torch.Tensor
+    solo: torch.Tensor
+    w: torch.Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return self.z0.numel()
+
+    @property
+    def num_experts(self) -> int:
+        return self.solo.numel()
+
+    def swapped_counts(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        """int64 [C, U]: the group counts after swapping slots s1[i] and s2[i] (Z[s1, s2, :])."""
+        E, U = self.num_experts, self.num_groups
+        grp = torch.arange(E) // (E // U)
+        a, b = grp[s1], grp[s2]
+        out = self.z0.unsqueeze(0).repeat(s1.numel(), 1)
+        diff = a != b
+        rows = torch.arange(s1.numel())[diff]
+        a, b, s1, s2 = a[diff], b[diff], s1[diff], s2[diff]
+        out[rows, b] = self.z0[b] + self.x[s1, b] - self.solo[s2] + self.w[s2, s1]
+        out[rows, a] = self.z0[a] + self.x[s2, a] - self.solo[s1] + self.w[s1, s2]
+        return out
+
+    def z_tensor(self) -> torch.Tensor:
+        """The full Z [E, E, U] (for tests and small cases)."""
+        E = self.num_experts
+        s1, s2 = torch.meshgrid(torch.arange(E), torch.arange(E), indexing="ij")
+        return self.swapped_counts(s1.reshape(-1), s2.reshape(-1)).view(E, E, self.num_groups)
+
+    def pair_values(self, scale: float, max_fn: str, gamma: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """[E, E] in `dtype`: maxfn(scale * Z[s1, s2, :]) for every slot pair, vectorised (equal to
+        `apply_max_fn` up to rounding). Slot pairs are laid out as [U, g, U, g] blocks (group a,
+        member i, group b, member j); only groups a and b change, and Z is symmetric, so
+        p_a = scale * Z[s1, s2, a] is computed once and p_b is its transpose."""
+        E, U = self.num_experts, self.num_groups
+        g = E // U
+        p0 = self.z0.to(torch.float64) * scale
+        h = torch.arange(U)
+        keep_UUU = (h.view(1, 1, U) != h.view(U, 1, 1)) & (h.view(1, 1, U) != h.view(1, U, 1))   # h not in {a, b}
+        rmax_UU = torch.where(keep_UUU, p0.view(1, 1, U), -math.inf).max(2).values       # -inf when U = 2
+        unchanged = float(apply_max_fn(p0.unsqueeze(0), max_fn, gamma)[0])
+        # Z[s1, s2, a] = z0[a] + x[s2, a] - solo[s1] + w[s1, s2]; smooth-max works on Z / unit <= 1
+        # (no overflow in float32), the others on the values scale * Z
+        unit = float(self.z0.max()) + float(self.x.max()) + 1.0 if max_fn == "smooth" else 1.0 / scale
+        base_UE = (self.z0.to(torch.float64).view(U, 1) + self.x.t().to(torch.float64)).to(dtype)
+        pa = self.w.to(dtype, copy=True).view(U, g, U, g)
+        pa.sub_(self.solo.to(dtype).view(U, g, 1, 1)).add_(base_UE.view(U, 1, U, g)).mul_(1.0 / unit)
+        pb = pa.permute(2, 3, 0, 1)                                                      # Z[s1, s2, b]
+        if max_fn == "smooth":  # unit * scale * (sum over groups of (Z / unit)^gamma)^(1/gamma)
+            z0n = self.z0.to(torch.float64) / unit
+            rsum_UU = torch.where(keep_UUU, _power(z0n, gamma).view(1, 1, U), 0.0).sum(2)
+            power = _power(pa, gamma)
+            val = power + power.permute(2, 3, 0, 1)
+            val.add_(rsum_UU.to(dtype).view(U, 1, U, 1)).pow_(1.0 / gamma).mul_(unit * scale)
+        else:
+            val = torch.maximum(pa, pb)
+            val = torch.maximum(val, rmax_UU.to(dtype).view(U, 1, U, 1), out=val)
+            if max_fn == "lse":
+                finite = torch.where(rmax_UU > -math.inf, rmax_UU, 0.0)
+                rlog_UU = finite + torch.log(torch.where(keep_UUU, torch.exp(p0.view(1, 1, U) - finite.unsqueeze(2)),
+                                                         0.0).sum(2))
+                top = val
+                val = torch.exp(pa - top).add_(torch.exp(pb - top))
+                val.add_(torch.exp(rlog_UU.to(dtype).view(U, 1, U, 1) - top)).log_().add_(top)
+        val.diagonal(0, 0, 2).fill_(unchanged)                                            # a == b: no change
+        return val.view(E, E)
+
+
+def _power(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """x ** gamma; by repeated squaring for integer gamma (a few multiplications, far cheaper than pow)."""
+    if float(gamma).is_integer() and 1 <= gamma <= 64:
+        n, out, base = int(gamma), None, x
+        while n:
+            if n & 1:
+                out = base if out is None else out * base
+            n >>= 1
+            if n:
+                base = base * base
+        return out
+    return x ** gamma
+
+
+def level_stats(ids_TK: torch.Tensor, valid_TK: torch.Tensor, num_experts: int, num_groups: Sequence[int]
+                ) -> list[LevelStats]:
+    """The four-case tables of the tokens' selected slots (`selected_slots`) at every level of a
+    hierarchy of `num_groups` (coarsest first, nested: each count divides the next). O(D * T * K^2).
+
+    `lca[t, k, k']` is the number of levels at which two selected slots share a group; with it a
+    slot is alone in its level-L group iff no other selected slot shares L levels with it, and (the
+    slots are sorted) it starts a run of its level-L group iff it shares fewer than L levels with
+    the previous one. Masked entries are counted into a spare last bin."""
+    E, D = num_experts, len(num_groups)
+    T, K = ids_TK.shape
+    for coarse, fine in zip(num_groups, num_groups[1:]):
+        if fine % coarse:
+            raise ValueError(f"group counts {list(num_groups)} do not nest (each must divide the next)")
+
+    def count(index: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
+        return torch.bincount(torch.where(mask, index, size).reshape(-1), minlength=size + 1)[:size]
+
+    index = torch.int32 if (D + 1) * E * E < 2 ** 31 else torch.int64      # bin indices reach D * E^2
+    ids_TK = ids_TK.to(index)
+    grp = [ids_TK // (E // U) for U in num_groups]                      # invalid entries: group U (sentinel)
+    lca_TKK = torch.zeros(T, K, K, dtype=torch.uint8)
+    for g in grp:
+        lca_TKK += g.unsqueeze(2) == g.unsqueeze(1)
+    other_TKK = valid_TK.unsqueeze(2) & valid_TK.unsqueeze(1) & ~torch.eye(K, dtype=torch.bool)
+    shared_TK = torch.where(other_TKK, lca_TKK, 0).amax(2) if K else torch.zeros(T, 0, dtype=torch.uint8)
+    prev_TK = torch.cat([torch.zeros(T, min(K, 1), dtype=torch.uint8), lca_TKK.diagonal(1, 1, 2)], dim=1)
+    n_E = count(ids_TK, valid_TK, E)
+    # W: pairs (s alone in its group from level shared+1 on, s' selected), then summed over levels
+    C = count(shared_TK.to(index).unsqueeze(2) * (E * E) + ids_TK.unsqueeze(2) * E + ids_TK.unsqueeze(1),
+              other_TKK & (shared_TK.unsqueeze(2) < D), D * E * E).view(D, E, E)
+    W = [C[0]]
+    for level in range(1, D):
+        W.append(W[-1] + C[level])
+    out = []
+    for L, (U, g) in enumerate(zip(num_groups, grp), start=1):
+        first_TK = valid_TK & (prev_TK < L)                                   # first slot of its group run
+        z0 = count(g, first_TK, U)
+        co = count(ids_TK.unsqueeze(2) * U + g.unsqueeze(1), valid_TK.unsqueeze(2) & first_TK.unsqueeze(1), E * U)
+        solo = count(ids_TK, valid_TK & (shared_TK < L), E)
+        out.append(LevelStats(z0, n_E.unsqueeze(1) - co.view(E, U), solo, W[L - 1].contiguous()))
+    return out
+
+
+def z_four_case(map_TS: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Z [E, E, U] by the paper's incremental rule, literally (Fig. 8; digest pseudo-code): start
+    at the no-swap counts, then for every token, every selected A and every unselected B in another
+    group apply the four cases to Z[A, B] and Z[B, A]. O(T * K * E) for one level."""
+    T, E = map_TS.shape
+    U = num_groups
+    g = E // U
+    grp_E = torch.arange(E) // g
+    cnt_TU = map_TS.view(T, U, g).sum(2)
+    Z = cnt_TU.gt(0).sum(0).unsqueeze(0).repeat(E * E, 1).view(-1)          # flat [E * E * U]
+    t_P, A_P = map_TS.nonzero(as_tuple=True)
+    B = torch.arange(E).unsqueeze(0)                                          # [1, E]
+    gA, gB = grp_E[A_P].unsqueeze(1), grp_E[B]                                # [P, 1], [1, E]
+    other = (gA != gB) & ~map_TS[t_P]                                         # B unselected, other group
+    dB = other & (cnt_TU[t_P][:, grp_E] == 0)                                 # cases 1/2: +1 to grp(B)
+    dA = other & (cnt_TU[t_P, grp_E[A_P]] == 1).unsqueeze(1)                  # cases 2/4: -1 to grp(A)
+    A = A_P.unsqueeze(1)
+    for r, c in ((A, B), (B, A)):                                             # Z is symmetric in (r, c)
+        base = (r * E + c) * U
+        Z.index_add_(0, (base + gB).expand_as(dB)[dB], torch.ones(int(dB.sum()), dtype=Z.dtype))
+        Z.index_add_(0, (base + gA).expand_as(dA)[dA], -torch.ones(int(dA.sum()), dtype=Z.dtype))
+    return Z.view(E, E, U)
+
+
+# ==========================================================================================
+# global statistics (what every rank plans from)
+# ==========================================================================================
+@dataclass(frozen=True, eq=False)
+class SwapStats:
+    """Global statistics of one layer and step: the per-origin dedup counts (d*, z0) and, per
+    level L = 1..D, either the four-case tables (`LevelStats`) or the full Z [E, E, U[L]]."""
+
+    counts: RouteCounts
+    levels: tuple  # LevelStats | torch.Tensor per level
+
+    @property
+    def topology(self) -> Topology:
+        return self.counts.topology
+
+    def level(self, L: int):
+        return self.levels[L - 1]
+
+
+def _layout(topology: Topology, E: int, z_method: str) -> list[tuple[int, ...]]:
+    G, U = topology.G, topology.U
+    shapes = [(G, sum(U[1:]))]
+    for L in range(1, topology.D + 1):
+        shapes += [(E, E, U[L])] if z_method == "four_case" else [(E, U[L]), (E,), (E, E)]
+    return shapes
+
+
+def local_swap_stats(routing_map_TE: torch.Tensor, topology: Topology, placement: ExpertPlacement | None,
+                     rank: int, z_method: str = "factored") -> torch.Tensor:
+    """One rank's statistics as a flat int64 vector; the element-wise sum over ranks is the
+    global statistics (`SwapStats` via `_unflatten`)."""
+    _check_options("max", 1.0, z_method)
+    if routing_map_TE.dim() != 2 or routing_map_TE.dtype != torch.bool:
+        raise ValueError(f"routing_map_TE must be a 2-D bool tensor [T, E], got dtype {routing_map_TE.dtype} "
+                         f"and shape {tuple(routing_map_TE.shape)}")
+    E = routing_map_TE.shape[1]
+    check_expert_parallel(E, topology.G)
+    placement = placement or ExpertPlacement.identity(E)
+    if placement.num_experts != E:
+        raise ValueError(f"placement has {placement.num_experts} experts, routing map {E}")
+    ids_TK, valid_TK = selected_slots(routing_map_TE, placement)
+    stats = level_stats(ids_TK, valid_TK, E, topology.U[1:])
+    table = torch.zeros(topology.G, sum(topology.U[1:]), dtype=torch.int64)
+    table[rank] = torch.cat([st.z0 for st in stats])       # = dimension.local_counts (dedup)
+    parts = [table.view(-1)]
+    if z_method == "four_case":
+        map_TS = placement.to_slots(routing_map_TE).contiguous()
+        parts += [z_four_case(map_TS, topology.U[L]).reshape(-1) for L in range(1, topology.D + 1)]
+    else:
+        for st in stats:
+            parts += [st.x.reshape(-1), st.solo, st.w.reshape(-1)]
+    return torch.cat(parts)
+
+
+def _unflatten(flat: torch.Tensor, topology: Topology, E: int, z_method: str) -> SwapStats:
+    shapes = _layout(topology, E, z_method)
+    pieces = list(flat.split([math.prod(s) for s in shapes]))
+    counts = RouteCounts.from_table(topology, pieces[0].view(shapes[0]), dedup=True)
+    levels = []
+    per = 1 if z_method == "four_case" else 3
+    for L in range(1, topology.D + 1):
+        chunk = [p.view(s) for p, s in zip(pieces[1 + (L - 1) * per: 1 + L * per], shapes[1 + (L - 1) * per:])]
+        if z_method == "four_case":
+            levels.append(chunk[0])
+        else:
+            levels.append(LevelStats(counts.level(L).sum(0), *chunk))
+    return SwapStats(counts, tuple(levels))
+
+
+def global_swap_stats(routing_maps: Sequence[torch.Tensor], topology: Topology, placement: ExpertPlacement | None,
+                      z_method: str = "factored") -> SwapStats:
+    """Sim tier: the global statistics from the routing maps of all G ranks (rank order)."""
+    if len(routing_maps) != topology.G:
+        raise ValueError(f"got routing maps of {len(routing_maps)} ranks; topology {topology.name!r} "
+                         f"has G = {topology.G}")
+    flat = sum(local_swap_stats(m, topology, placement, r, z_method) for r, m in enumerate(routing_maps))
+    return _unflatten(flat, topology, routing_maps[0].shape[1], z_method)
+
+
+def gather_swap_stats(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPlacement | None,
+                      z_method: str = "factored") -> SwapStats:
+    """The global statistics on every rank: one all-reduce (sum). A collective."""
+    flat = local_swap_stats(routing_map_TE, comm.topology, placement, comm.rank, z_method)
+    return _unflatten(comm.all_reduce(flat, "sum"), comm.topology, routing_map_TE.shape[1], z_method)
+
+
+# ==========================================================================================
+# the objective and the choice
+# ==========================================================================================
+def _step_terms(topology: Topology, dim: int, profile: HardwareProfile):
+    """(level L, per-sender scale U[P]/G, fan, alpha, beta) of each step of the HD`dim` route."""
+    out = []
+    for L, P in route_steps(topology, dim):
+        model = profile.comm_model("a2a", step_name_of(topology, L, P))
+        out.append((L, topology.U[P] / topology.G, topology.U[L] // topology.U[P], model.alpha_ms, model.beta_ms))
+    return out
+
+
+def swap_objective(counts_by_level: Mapping[int, torch.Tensor], topology: Topology, dim: int,
+                   profile: HardwareProfile, row_bytes: int, max_fn: str = "smooth", gamma: float = 10.0
+                   ) -> torch.Tensor:
+    """Q_d (ms, Eq. (8)) of C placements from their global dedup group counts, int [C, U[L]] per
+    level L the route uses; float64 [C]."""
+    total = None
+    for L, scale, fan, alpha, beta in _step_terms(topology, dim, profile):
+        f = apply_max_fn(counts_by_level[L].to(torch.float64) * scale, max_fn, gamma)
+        term = alpha + beta * (fan * row_bytes) * f
+        total = term if total is None else total + term
+    return total
+
+
+@dataclass(frozen=True)
+class SwapDecision:
+    """One HierD-ES decision: swap logical experts `pair` (None: keep the placement)."""
+
+    dim: int
+    pair: tuple[int, int] | None
+    q_current: float     # modeled ms of the current placement
+    q_best: float        # modeled ms after the decision
+    ties: int            # pairs within the tolerance of the best
+
+
+def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareProfile, row_bytes: int, *,
+                max_fn: str = "smooth", gamma: float = 10.0, dim: int | None = None,
+                screen_dtype: torch.dtype = torch.float32) -> SwapDecision:
+    """Theorem 1 / Eq. (10) on global statistics: the pair (r, c) minimising Q_d, made only if it
+    beats the current placement. Deterministic: every rank decides the same from the same stats.
+
+    Two passes: all E^2 slot pairs are screened in `screen_dtype`; the pairs within a relative
+    SCREEN_TOL of the screened minimum (a superset of the float64 ties) are evaluated again in
+    float64 from their exact counts (`swap_objective`), and the tie rule is applied there."""
+    _check_options(max_fn, gamma)
+    topo = stats.topology
+    check_profile(profile, topo)
+    E = placement.num_experts
+    El = check_expert_parallel(E, topo.G)
+    d = choose_from_counts(stats.counts, profile, row_bytes) if dim is None else dim
+    terms = _step_terms(topo, d, profile)
+    q_now = float(swap_objective({L: stats.counts.level(L).sum(0, keepdim=True) for L, *_ in terms},
+                                 topo, d, profile, row_bytes, max_fn, gamma)[0])
+    if topo.G == 1:
+        return SwapDecision(d, None, q_now, q_now, 0)
+    q_SS = torch.zeros(E, E, dtype=screen_dtype)
+    for L, scale, fan, alpha, beta in terms:
+        lv = stats.level(L)
+        if isinstance(lv, LevelStats):
+            f = lv.pair_values(scale, max_fn, gamma, screen_dtype)
+        else:
+            f = apply_max_fn(lv.reshape(E * E, -1).to(torch.float64) * scale, max_fn, gamma).view(E, E)
+        q_SS.add_(f.to(screen_dtype), alpha=beta * fan * row_bytes)
+    q_SS.view(topo.G, El, topo.G, El).diagonal(0, 0, 2).fill_(math.inf)     # pairs on one GPU change nothing
+    q_min = float(q_SS.min())
+    s1, s2 = (q_SS <= q_min + SCREEN_TOL * max(1.0, abs(q_min))).triu_(1).nonzero(as_tuple=True)
+    rows = {}
+    for L, *_ in terms:
+        lv = stats.level(L)
+        rows[L] = lv.swapped_counts(s1, s2) if isinstance(lv, LevelStats) else lv[s1, s2]
+    q_C = swap_objective(rows, topo, d, profile, row_bytes, max_fn, gamma)
+    q_best_exact = float(q_C.min())
+    tied = q_C <= q_best_exact + REL_TOL * max(1.0, abs(q_best_exact))
+    of_slot = torch.tensor(placement.expert_of_slot)
+    r, c = torch.minimum(of_slot[s1], of_slot[s2]), torch.maximum(of_slot[s1], of_slot[s2])
+    best = int(torch.argmin(torch.where(tied, r * E + c, E * E)))
+    ties = int(tied.sum())
+    if q_best_exact < q_now - REL_TOL * max(1.0, abs(q_now)):
+        return SwapDecision(d, (int(r[best]), int(c[best])), q_now, float(q_C[best]), ties)
+    return SwapDecision(d, None, q_now, q_now, ties)
+
+
+# ==========================================================================================
+# the planner
+# ==========================================================================================
+@register("placement_planner", "hierd-es")
+class HierDExpertSwap(PlacementPlanner):
+    """HierD-ES: at every `every`-th iteration, swap the one pair of experts of this layer that
+    most lowers the modeled HierD-AlltoAll time, from this iteration's routing of all ranks.
+
+    profile: hardware profile (or its name) of the topology's shape; hidden, bytes_per_elem: the
+    M and v of a token row; max_fn 'max' | 'smooth' | 'lse', gamma for 'smooth'; dim: None = d*
+    (Eq. (6)) on the current placement, or a fixed route dimension; z_method 'factored' |
+    'four_case' (same result, see the module docstring)."""
+
+    name = "hierd-es"
+
+    def __init__(self, profile: HardwareProfile | str, hidden: int, bytes_per_elem: int = 2, *,
+                 max_fn: str = "smooth", gamma: float = 10.0, dim: int | None = None, every: int = 1,
+                 z_method: str = "factored", verify_agreement: bool = True):
+        super().__init__(every)
+        _check_options(max_fn, gamma, z_method)
+        for key, value in (("hidden", hidden), ("bytes_per_elem", bytes_per_elem)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}: {value!r} is not allowed; expected a positive integer")
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"dim: {dim!r} is not allowed; expected None (d*) or a route dimension >= 1")
+        self.profile = load_profile(profile) if isinstance(profile, str) else profile
+        self.row_bytes = hidden * bytes_per_elem
+        self.max_fn, self.gamma, self.dim, self.z_method = max_fn, float(gamma), dim, z_method
+        self.verify_agreement = verify_agreement
+        self.last_decision: SwapDecision | None = None
+
+    def plan(self, comm: Comm, placement: ExpertPlacement, routing_map_TE: torch.Tensor) -> ExpertPlacement:
+        check_profile(self.profile, comm.topology)
+        if self.dim is not None and self.dim > comm.topology.D:
+            raise ValueError(f"dim: {self.dim} is not available on topology {comm.topology.name!r}; "
+                             f"allowed: 1..{comm.topology.D}")
+        stats = gather_swap_stats(comm, routing_map_TE, placement, self.z_method)
+        decision = decide_swap(stats, placement, self.profile, self.row_bytes, max_fn=self.max_fn,
+                               gamma=self.gamma, dim=self.dim)
+        if self.verify_agreement:
+            pair = decision.pair or (-1, -1)
+            mine = torch.tensor([pair[0], pair[1], -pair[0], -pair[1]])
+            top = comm.all_reduce(mine, "max")
+            if not (int(top[0]) == -int(top[2]) == pair[0] and int(top[1]) == -int(top[3]) == pair[1]):
+                raise RuntimeError(f"HierD-ES: ranks chose different swaps (rank {comm.rank}: {decision.pair})")
+        self.last_decision = decision
+        return placement.swap(*decision.pair) if decision.pair else placement

@@ -1,0 +1,148 @@
+"""A few Adam steps of one expert-parallel MoE layer, with the expert placement changed after
+every step (or never), run identically on SimComm ranks and on gloo ranks.
+
+Changing where experts live must not change training: the losses and the final parameters and
+optimizer state of every *logical* expert must equal those of a run that never moves an expert.
+Every rank builds the same global batch of each step from the seed and keeps its slice; the gate
+is replicated (its gradients all-reduced); the experts are initialised by global id, so a run is
+a pure function of the case.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from impl.common.comm import Comm
+from impl.common.costmodel import HardwareProfile, load_profile, topology_steps
+from impl.common.dispatcher import ExpertPlacement
+from impl.common.experts import GroupedExperts
+from impl.common.expert_migration import (apply_planner, gather_logical_expert_state, load_logical_expert_state,
+                                          migrate_experts)
+from impl.common.moe_layer import ExpertParallelMoE
+from impl.common.registry import get
+from impl.common.routing import GateConfig, build_gate, init_gate_from_seed
+from impl.common.topology import Topology
+
+DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class TrainCase:
+    num_experts: int = 8
+    top_k: int = 2
+    tokens_per_rank: int = 16
+    hidden: int = 8
+    ffn_hidden: int = 6
+    ffn_kind: str = "swiglu"
+    dispatcher: str = "flat"
+    steps: int = 5
+    lr: float = 1e-2
+    seed: int = 0
+    policy: str = "none"               # 'none', 'random' (a fresh random permutation every step) or a planner name
+    planner_kwargs: tuple = ()         # (key, value) pairs for the planner
+    resume_steps: int = 0              # > 0: checkpoint after `steps`, then train on and compare with a resumed run
+
+
+def profile_for_topology(topology: Topology) -> HardwareProfile:
+    """The HierMoE testbed's alpha-beta models for the steps a smaller topology has (same step
+    names), so planners can run on test topologies."""
+    testbed = load_profile("hiermoe-testbed")
+    comm = {("a2a", s): testbed.comm_model("a2a", s) for s in topology_steps(topology)}
+    return HardwareProfile(name=f"testbed-{topology.name}", topology=topology.name,
+                           source="hiermoe-testbed constants for the steps of a test topology", comm=comm)
+
+
+def make_planner(case: TrainCase, comm: Comm):
+    kwargs = dict(case.planner_kwargs)
+    if case.policy == "hierd-es":
+        kwargs.setdefault("profile", profile_for_topology(comm.topology))
+        kwargs.setdefault("hidden", case.hidden)
+    return get("placement_planner", case.policy)(**kwargs)
+
+
+def batch(case: TrainCase, comm: Comm, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(case.seed * 7919 + step)
+    n = comm.world_size * case.tokens_per_rank
+    x = torch.randn(n, case.hidden, generator=g, dtype=torch.float64).to(DTYPE)
+    target = torch.randn(n, case.hidden, generator=g, dtype=torch.float64).to(DTYPE)
+    sl = slice(comm.rank * case.tokens_per_rank, (comm.rank + 1) * case.tokens_per_rank)
+    return x[sl], target[sl]
+
+
+def random_placement(case: TrainCase, step: int) -> ExpertPlacement:
+    g = torch.Generator().manual_seed(case.seed * 104729 + step + 1)
+    return ExpertPlacement(tuple(torch.randperm(case.num_experts, generator=g).tolist()))
+
+
+class Trainer:
+    """One rank's layer, optimizers and placement policy."""
+
+    def __init__(self, comm: Comm, case: TrainCase, with_policy: bool = True):
+        self.comm, self.case = comm, case
+        gate_cfg = GateConfig(kind="softmax_topk", top_k=case.top_k)
+        self.gate = build_gate(gate_cfg, case.hidden, case.num_experts).to(DTYPE)
+        init_gate_from_seed(self.gate, case.seed + 1)
+        self.dispatcher = get("dispatcher", case.dispatcher)(comm, case.num_experts, None)
+        self.experts = GroupedExperts(self.dispatcher.num_local_experts, case.hidden, case.ffn_hidden,
+                                      kind=case.ffn_kind).to(DTYPE)
+        self.experts.init_from_seed(self.dispatcher.local_experts(), case.seed + 2)
+        self.layer = ExpertParallelMoE(self.gate, self.experts, self.dispatcher)
+        self.opt_gate = torch.optim.Adam(self.gate.parameters(), lr=case.lr)
+        self.opt_experts = torch.optim.Adam(self.experts.parameters(), lr=case.lr)
+        self.planner = make_planner(case, comm) if with_policy and case.policy not in ("none", "random") else None
+        self.moves = 0
+
+    def train_step(self, step: int, move: bool = True) -> float:
+        comm, case = self.comm, self.case
+        x, target = batch(case, comm, step)
+        self.opt_gate.zero_grad()
+        self.opt_experts.zero_grad()
+        out = self.layer(x)
+        loss = ((out.y_TM - target) ** 2).sum() / (comm.world_size * case.tokens_per_rank)
+        loss.backward()
+        for p in self.gate.parameters():
+            p.grad.copy_(comm.all_reduce(p.grad, "sum"))
+        self.opt_gate.step()
+        self.opt_experts.step()
+        if move and case.policy == "random":
+            result = migrate_experts(comm, self.experts, self.dispatcher.placement, random_placement(case, step),
+                                     optimizer=self.opt_experts, dispatcher=self.dispatcher)
+            self.moves += len(result.moved_experts)
+        elif move and self.planner is not None:
+            result = apply_planner(comm, self.planner, step, self.layer, out.routing.routing_map_TE,
+                                   optimizer=self.opt_experts)
+            self.moves += len(result.moved_experts)
+        return float(comm.all_reduce(loss.detach().to(torch.float64), "sum"))
+
+    def logical_state(self) -> dict:
+        return gather_logical_expert_state(self.comm, self.experts, self.dispatcher.placement,
+                                           optimizer=self.opt_experts)
+
+
+def train_rank(comm: Comm, case: TrainCase) -> dict:
+    """Train `case.steps` steps; with `resume_steps`, also checkpoint (logical order), train on,
+    and train a fresh identity-placement run resumed from the checkpoint."""
+    t = Trainer(comm, case)
+    losses = [t.train_step(s) for s in range(case.steps)]
+    out = {"losses": losses, "placement": t.dispatcher.placement.slot_of_expert, "moves": t.moves,
+           "experts": t.logical_state(), "gate": {k: v.clone() for k, v in t.gate.state_dict().items()}}
+    if case.resume_steps:
+        ckpt = out["experts"]
+        gate_state, gate_opt = copy.deepcopy(t.gate.state_dict()), copy.deepcopy(t.opt_gate.state_dict())
+        more = range(case.steps, case.steps + case.resume_steps)
+        out["continued"] = [t.train_step(s, move=False) for s in more]
+        fresh = Trainer(comm, case, with_policy=False)
+        fresh.gate.load_state_dict(gate_state)
+        fresh.opt_gate.load_state_dict(gate_opt)
+        load_logical_expert_state(fresh.experts, fresh.dispatcher.placement, comm.rank, comm.world_size, ckpt,
+                                  optimizer=fresh.opt_experts)
+        out["reloaded"] = fresh.logical_state()
+        out["resumed"] = [fresh.train_step(s, move=False) for s in more]
+    return out
+
+
+def train_cases(comm: Comm, cases: list[TrainCase]) -> list[dict]:
+    """Several cases in one job (one gloo start-up)."""
+    return [train_rank(comm, c) for c in cases]

@@ -1,0 +1,86 @@
+"""The sim-tier HierMoE experiment engine: config checks before work, systems parsed by name,
+per-system times equal the model evaluated directly, d* is the best fixed dimension, planners
+really change the placement they are evaluated on."""
+import pytest
+import torch
+
+from impl.common.config import ConfigError, build_config
+from impl.common.dispatcher import ExpertPlacement
+from impl.hiermoe import simulate
+from impl.hiermoe.dimension import modeled_time, route_counts
+
+SMALL = ["model=qwen3-30b-a3b-32l-tiny", "topology=hiermoe-node", "profile=hiermoe-node", "tokens_per_rank=32",
+         "layers=2", "iterations=3", "warmup=1"]
+
+
+def resolved(*extra):
+    return simulate.resolve(build_config(simulate.SimExperimentConfig, None, SMALL + list(extra)))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("systems=[Megatron-LM,FooMoE]", "unknown system 'FooMoE'"),
+    ("systems=[HD4]", "HD4 needs d=4 but topology 'hiermoe-node' has D = 3"),
+    ("systems=['HierMoE[colour=red]']", "option 'colour'"),
+    ("num_experts=12", "E=12 is not divisible by the expert-parallel size 8"),
+    ("top_k=99", "top_k: 99 is not allowed"),
+    ("model=gpt5", "model: unknown model 'gpt5'"),
+    ("profile=hiermoe-testbed", "profile:"),
+    ("warmup=3", "warmup: 3 is not allowed"),
+])
+def test_bad_config_fails_before_work(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        resolved(override)
+
+
+def test_parse_system_variants():
+    d = dict(max_fn="smooth", gamma=10.0, every=1, history=2)
+    assert simulate.parse_system("HierMoE[gamma=5,every=2]", d) == simulate.SystemSpec(
+        "HierMoE[gamma=5,every=2]", route="auto", dedup=True, planner="hierd-es", gamma=5.0, every=2)
+    assert simulate.parse_system("H3", d).route == "fixed" and not simulate.parse_system("H3", d).dedup
+    assert simulate.parse_system("HD2-MoE-Smart", d).planner == "smartmoe"
+
+
+def test_run_times_equal_the_model_and_auto_is_the_best_fixed_dimension():
+    rz = resolved("systems=[Megatron-LM,H2,HD1,HD2,HD3,HD-MoE,HierMoE,Tutel-2DH]")
+    frame = simulate.run_experiment(rz, progress=False)
+    assert len(frame) == 3 * 2 * 8
+    # Megatron-LM on iteration 0 re-evaluated directly from a fresh stream of the same seed
+    stream = simulate.RoutingStream(rz.model, 2, rz.topology.G, 32, rz.config.stream, rz.config.seed)
+    maps = stream.per_rank(stream.next_iteration()[0])
+    row_bytes = rz.model.hidden * 2
+    flat = modeled_time(route_counts(maps, rz.topology, None, dedup=False), 1, rz.profile, row_bytes)
+    got = frame[(frame.iteration == 0) & (frame.layer == 0) & (frame.system == "Megatron-LM")]["dispatch_ms"].item()
+    assert got == pytest.approx(flat)
+    for (it, layer), g in frame.groupby(["iteration", "layer"]):
+        ms = dict(zip(g.system, g.dispatch_ms))
+        assert ms["HD-MoE"] == pytest.approx(min(ms["HD2"], ms["HD3"])) or ms["HD-MoE"] == pytest.approx(ms["HD1"])
+        assert ms["HD-MoE"] <= min(ms["HD1"], ms["HD2"], ms["HD3"]) + 1e-9
+        assert ms["HD2"] <= ms["H2"] + 1e-9              # dedup never sends more
+    # iteration 0 is evaluated before any swap: HierMoE equals HD-MoE there
+    first = frame[frame.iteration == 0].set_index(["layer", "system"])["dispatch_ms"]
+    for layer in (0, 1):
+        assert first[(layer, "HierMoE")] == pytest.approx(first[(layer, "HD-MoE")])
+
+
+def test_tutel_2dh_time_pads_every_expert_slice_to_the_largest_count():
+    rz = resolved()
+    E, G = rz.num_experts, rz.topology.G
+    maps = [torch.zeros(4, E, dtype=torch.bool) for _ in range(G)]
+    maps[0][:3, 5] = True        # the largest (rank, expert) count is 3
+    maps[1][0, 7] = True
+    n = E * 3 * 100
+    # level 0 of the topology is the "node" of Tutel's 2D route: intra-level-1, then inter-level-1
+    assert simulate.tutel_2dh_time(maps, rz, ExpertPlacement.identity(E), 100) == pytest.approx(
+        rz.profile.comm_time("a2a", "intra-1", n) + rz.profile.comm_time("a2a", "inter-1", n))
+
+
+def test_planners_change_the_placement_they_are_evaluated_on():
+    rz = resolved("systems=[HierMoE,SmartMoE]", "iterations=3")
+    states = [simulate.SystemState(s, rz) for s in rz.systems]
+    stream = simulate.RoutingStream(rz.model, 2, rz.topology.G, 32, rz.config.stream, rz.config.seed)
+    for it in range(3):
+        for layer, full in enumerate(stream.next_iteration()):
+            for st in states:
+                st.update(it, layer, stream.per_rank(full), rz.model.hidden * 2)
+    identity = ExpertPlacement.identity(rz.num_experts)
+    assert any(p != identity for st in states for p in st.placements)
