@@ -26,6 +26,7 @@ rule all:
     input:
         rules.plot_hiermoe_table2.output,
         rules.plot_hiermoe_fig9.output,
+        rules.plot_hiermoe_sim.output,
 
 
 onerror:

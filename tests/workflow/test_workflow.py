@@ -16,9 +16,12 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = BIN / "snakemake"
 REDUCED = ["hiermoe_table2={set: {tokens_per_sample: 512, repeats: 2, top_ks: [2, 8], group_counts: [8, 4]}}",
-           "hiermoe_calibration={topology: 1x2, args: '--sizes 64K,128K,256K --repeats 2 --warmup 1 --iters 1'}"]
-DEFAULT_OUTPUTS = tuple(f"results/figures/{name}.{ext}" for name in ("hiermoe_table2", "hiermoe_fig9")
-                        for ext in ("pdf", "png", "md"))
+           "hiermoe_calibration={topology: 1x2, args: '--sizes 64K,128K,256K --repeats 2 --warmup 1 --iters 1'}",
+           "hiermoe_sim={set: {iterations: 3, warmup: 1, layers: 1, tokens_per_rank: 64}}"]
+DEFAULT_OUTPUTS = tuple(f"results/figures/{name}.{ext}" for name in ("hiermoe_table2", "hiermoe_fig9", "hiermoe_fig10",
+                                                   "hiermoe_fig11", "hiermoe_fig12", "hiermoe_fig13",
+                                                   "hiermoe_table4")
+                        for ext in ("pdf", "png")) + ("results/figures/hiermoe_report.md",)
 
 pytestmark = pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed in this environment")
 

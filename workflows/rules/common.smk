@@ -39,9 +39,9 @@ def typed(value):
     return value
 
 
-def experiment_overrides(name):
-    """The entry's `set:` mapping as `key=value` strings (nested keys dotted, values as JSON,
-    which parses as YAML), in the form the experiment CLIs take after --set."""
+def overrides_of(mapping):
+    """A `set:` mapping as `key=value` strings (nested keys dotted, values as JSON, which parses
+    as YAML), in the form the experiment CLIs take after --set."""
 
     def flatten(prefix, value):
         if isinstance(value, dict):
@@ -50,12 +50,21 @@ def experiment_overrides(name):
         else:
             yield f"{prefix[:-1]}={json.dumps(typed(value))}"
 
-    return list(flatten("", config[name].get("set", {})))
+    return list(flatten("", mapping or {}))
+
+
+def experiment_overrides(name):
+    """The overrides of one experiment entry of the config."""
+    return overrides_of(config[name].get("set", {}))
+
+
+def as_flags(items):
+    """Overrides as shell-quoted `--set key=value` flags."""
+    return " ".join(f"--set {shlex.quote(item)}" for item in items)
 
 
 def set_flags(name):
-    """The overrides as shell-quoted `--set key=value` flags."""
-    return " ".join(f"--set {shlex.quote(item)}" for item in experiment_overrides(name))
+    return as_flags(experiment_overrides(name))
 
 
 def paper_csv(name):

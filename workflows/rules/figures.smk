@@ -5,6 +5,7 @@
 localrules:
     plot_hiermoe_table2,
     plot_hiermoe_fig9,
+    plot_hiermoe_sim,
 
 
 rule plot_hiermoe_table2:
@@ -49,3 +50,31 @@ rule plot_hiermoe_fig9:
     shell:
         "python -m figures.hiermoe_fig9 --profile {input.profile}"
         " --out {output.pdf} --out-md {output.md} > {log} 2>&1"
+
+
+rule plot_hiermoe_sim:
+    """HierMoE Figs. 10-13, Table IV, ablations and the paper-vs-ours report."""
+    input:
+        qwen3="results/raw/hiermoe_sim/qwen3.csv",
+        deepseek="results/raw/hiermoe_sim/deepseek.csv",
+        node="results/raw/hiermoe_sim/node.csv",
+        table4=[f"results/raw/hiermoe_sim/{run}.csv" for run in SIM_RUNS if run.startswith("table4-")],
+        paper=[paper_csv(n) for n in ("hiermoe_fig10", "hiermoe_fig11", "hiermoe_table4", "hiermoe_ablation")],
+    output:
+        figures=[
+            f"results/figures/hiermoe_{name}.{ext}"
+            for name in ("fig10", "fig11", "fig12", "fig13", "table4")
+            for ext in ("pdf", "png")
+        ],
+        report="results/figures/hiermoe_report.md",
+    log:
+        "results/logs/figures/hiermoe_sim.log",
+    threads: 1
+    resources:
+        runtime=5,
+        mem_mb=2000,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m figures.hiermoe_sim --qwen3 {input.qwen3} --deepseek {input.deepseek} --node {input.node}"
+        " --table4 {input.table4} --out-dir results/figures > {log} 2>&1"

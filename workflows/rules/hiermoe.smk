@@ -55,3 +55,43 @@ rule hiermoe_calibration:
     shell:
         "python -m impl.common.calibrate --topology {wildcards.topology} --backend {wildcards.backend}"
         " {params.extra} --quiet --out {output.profile} > {log} 2>&1"
+
+
+SIM_RUNS = config["hiermoe_sim"]["runs"]
+
+
+def sim_overrides(run):
+    """The run's own overrides, then the ones for every run."""
+    return overrides_of(SIM_RUNS[run].get("set", {})) + overrides_of(config["hiermoe_sim"].get("set", {}))
+
+
+# Check every sim run's config now (unknown keys, models, topologies, systems), before any job.
+from impl.common.config import build_config as _build_config
+from impl.hiermoe import simulate as _simulate
+
+for _run in SIM_RUNS:
+    _simulate.resolve(_build_config(_simulate.SimExperimentConfig, repo_path(SIM_RUNS[_run]["config"]), sim_overrides(_run)))
+
+
+rule hiermoe_sim:
+    """One sim-tier HierMoE run: every listed system on one routing stream."""
+    input:
+        config=lambda wc: repo_path(SIM_RUNS[wc.run]["config"]),
+    output:
+        csv="results/raw/hiermoe_sim/{run}.csv",
+        record="results/raw/hiermoe_sim/{run}.json",
+    log:
+        "results/logs/hiermoe_sim/{run}.log",
+    wildcard_constraints:
+        run="|".join(SIM_RUNS),
+    params:
+        overrides=lambda wc: as_flags(sim_overrides(wc.run)),
+    threads: 1
+    resources:
+        runtime=30,
+        mem_mb=4000,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m impl.hiermoe.simulate --config {input.config} {params.overrides} --no-progress"
+        " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
