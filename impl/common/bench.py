@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from impl.common.comm import Comm, SimWorld
-from impl.common.config import ConfigError, build_config
+from impl.common.config import ConfigError, build_config, checked
 from impl.common.dispatcher import check_expert_parallel
 from impl.common.experts import GroupedExperts
 from impl.common.models import ModelConfig, get_model
@@ -29,7 +29,7 @@ from impl.common.moe_layer import ExpertParallelMoE
 from impl.common.records import make_record, write_record
 from impl.common.registry import RegistryError, get, names
 from impl.common.routing import build_gate, init_gate_from_seed
-from impl.common.topology import Topology, TopologyError, get_topology
+from impl.common.topology import Topology, get_topology
 
 __all__ = ["LayerBenchConfig", "validate", "run", "main"]
 
@@ -69,14 +69,8 @@ class ResolvedBench:
 
 def validate(config: LayerBenchConfig) -> ResolvedBench:
     """All checks that need no rank; raises ConfigError with a one-line message."""
-    try:
-        model = get_model(config.model)
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
-    try:
-        topology = get_topology(config.topology)
-    except TopologyError as e:
-        raise ConfigError(f"topology: {e}") from None
+    model = checked("model", get_model, config.model)
+    topology = checked("topology", get_topology, config.topology)
     if config.world_size is not None and config.world_size != topology.G:
         raise ConfigError(f"world_size: {config.world_size} does not match topology {topology.name!r}; "
                           f"allowed: {topology.G} (its G)")

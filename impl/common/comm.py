@@ -117,11 +117,16 @@ class Comm(ABC):
         self.rank = rank
         self.world_size = topology.G
         self.traffic = TrafficCounter(topology)
+        self._groups: dict[tuple[str, int], CommGroup] = {}   # filled by the backend
 
     # ---- groups --------------------------------------------------------------------------
-    @abstractmethod
     def group(self, kind: str, level: int) -> CommGroup:
         """This rank's group for the Inter-level-`level` or Intra-level-`level` step."""
+        try:
+            return self._groups[(kind, level)]
+        except KeyError:
+            raise CommError(f"no {kind}-level-{level} step in topology {self.topology.name!r}; "
+                            f"steps: {sorted(self._groups)}") from None
 
     @property
     def world(self) -> CommGroup:
@@ -232,7 +237,6 @@ class TorchComm(Comm):
         self._dist = dist
         self.backend = dist.get_backend()
         timeout = timedelta(seconds=timeout_s)
-        self._groups: dict[tuple[str, int], CommGroup] = {}
         self._handles: dict[tuple[int, ...], Any] = {tuple(range(topology.G)): dist.group.WORLD}
         for kind, level, ranks in topology.all_step_groups():
             if ranks not in self._handles:
@@ -240,13 +244,6 @@ class TorchComm(Comm):
                 self._handles[ranks] = dist.new_group(list(ranks), timeout=timeout)
             if self.rank in ranks:
                 self._groups[(kind, level)] = CommGroup(kind, level, ranks, self._handles[ranks])
-
-    def group(self, kind: str, level: int) -> CommGroup:
-        try:
-            return self._groups[(kind, level)]
-        except KeyError:
-            raise CommError(f"no {kind}-level-{level} step in topology {self.topology.name!r}; "
-                            f"steps: {sorted(self._groups)}") from None
 
     def _all_to_all(self, x, send_splits, recv_splits, group):
         out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
@@ -370,13 +367,6 @@ class SimComm(Comm):
         topo = world.topology
         self._groups = {(kind, level): CommGroup(kind, level, ranks)
                         for kind, level, ranks in topo.all_step_groups() if rank in ranks}
-
-    def group(self, kind: str, level: int) -> CommGroup:
-        try:
-            return self._groups[(kind, level)]
-        except KeyError:
-            raise CommError(f"no {kind}-level-{level} step in topology {self.topology.name!r}; "
-                            f"steps: {sorted(self._groups)}") from None
 
     def _exchange(self, group: CommGroup, payload: Any) -> list[Any]:
         st = self._world.state(group.ranks)

@@ -176,3 +176,12 @@ def config_hash(obj) -> str:
     """Stable short hash of a resolved config (dataclass or mapping)."""
     blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def checked(key: str, lookup, value):
+    """`lookup(value)` (a model, topology or profile by name), its ValueError re-raised as a
+    one-line ConfigError naming the config key."""
+    try:
+        return lookup(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None

@@ -41,12 +41,12 @@ import torch
 from tqdm import tqdm
 
 from baselines.smartmoe.planner import smartmoe_placement
-from impl.common.config import ConfigError, build_config
+from impl.common.config import ConfigError, build_config, checked
 from impl.common.costmodel import HardwareProfile, load_profile
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.models import ModelConfig, get_model
 from impl.common.records import atomic_output, make_record, write_record
-from impl.common.topology import Topology, TopologyError, get_topology
+from impl.common.topology import Topology, get_topology
 from impl.hiermoe.dimension import check_profile, modeled_time, modeled_times, route_counts, select_dimension
 from impl.hiermoe.expert_swap import decide_swap, global_swap_stats
 from impl.hiermoe.workload import RoutingStream, TokenStreamConfig
@@ -145,14 +145,8 @@ class Resolved:
 
 def resolve(config: SimExperimentConfig) -> Resolved:
     """Every check before any work; ConfigError (one line) on bad input."""
-    try:
-        model = get_model(config.model)
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
-    try:
-        topo = get_topology(config.topology)
-    except TopologyError as e:
-        raise ConfigError(f"topology: {e}") from None
+    model = checked("model", get_model, config.model)
+    topo = checked("topology", get_topology, config.topology)
     profiles = []
     for key in ("profile", "compute_profile"):
         try:
