@@ -76,3 +76,21 @@ def calibration_profile():
     """The profile our calibration rule writes for the configured topology and backend."""
     entry = config["hiermoe_calibration"]
     return f"results/raw/calibration/{entry['topology']}-{entry['backend']}.yaml"
+
+
+SIM_RUNS = config["hiermoe_sim"]["runs"]
+
+
+def sim_overrides(run):
+    """The run's own overrides, then the ones for every run."""
+    return overrides_of(SIM_RUNS[run].get("set", {})) + overrides_of(config["hiermoe_sim"].get("set", {}))
+
+
+def check_sim_runs():
+    """Resolve every sim run's config (unknown keys, models, topologies, systems) with the
+    experiment's own checks, so a bad value stops the workflow before any job runs."""
+    from impl.common.config import build_config
+    from impl.hiermoe import simulate
+
+    for run in SIM_RUNS:
+        simulate.resolve(build_config(simulate.SimExperimentConfig, repo_path(SIM_RUNS[run]["config"]), sim_overrides(run)))

@@ -57,20 +57,8 @@ rule hiermoe_calibration:
         " {params.extra} --quiet --out {output.profile} > {log} 2>&1"
 
 
-SIM_RUNS = config["hiermoe_sim"]["runs"]
-
-
-def sim_overrides(run):
-    """The run's own overrides, then the ones for every run."""
-    return overrides_of(SIM_RUNS[run].get("set", {})) + overrides_of(config["hiermoe_sim"].get("set", {}))
-
-
 # Check every sim run's config now (unknown keys, models, topologies, systems), before any job.
-from impl.common.config import build_config as _build_config
-from impl.hiermoe import simulate as _simulate
-
-for _run in SIM_RUNS:
-    _simulate.resolve(_build_config(_simulate.SimExperimentConfig, repo_path(SIM_RUNS[_run]["config"]), sim_overrides(_run)))
+check_sim_runs()
 
 
 rule hiermoe_sim:
