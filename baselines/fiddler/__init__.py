@@ -1,0 +1,2 @@
+"""Fiddler (Kamahori et al., arXiv 2402.07033; efeslab/fiddler@227715b) as a placement / execution
+policy of the ScheInfer engine: see policy.py."""

@@ -1,0 +1,86 @@
+"""`python -m impl.scheinfer`: generation output, byte-level prompts, one-line errors (exit 2)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from impl.scheinfer.__main__ import byte_tokenize, main
+from impl.scheinfer.generate_models import generate
+from impl.scheinfer.partition import REFERENCE_COST
+from impl.scheinfer.weights import GGUFWeights
+from impl.scheinfer.model import Decoder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scheinfer_cli")
+    cost = d / "cost.json"
+    cost.write_text(json.dumps({"cost": json.loads(REFERENCE_COST.to_json())}))
+    return {"mixtral": generate("mixtral", d / "mixtral.gguf", seed=2), "llama": generate("llama", d / "llama.gguf"),
+            "st": generate("llama", d / "llama_st"), "cost": cost, "dir": d}
+
+
+def _ok(capsys, argv):
+    assert main(argv) == 0
+    return capsys.readouterr()
+
+
+@pytest.mark.parametrize("policy", ["scheinfer", "fiddler", "layers"])
+def test_generate_tokens_match_reference(files, capsys, policy):
+    argv = ["generate", "--model", str(files["mixtral"]), "--tokens", "1,5,9,33", "--n-predict", "4",
+            "--policy", policy, "--cost", str(files["cost"]), "--tile", "16", "--ignore-eos", "--threads", "1"]
+    out = _ok(capsys, argv)
+    lines = out.out.splitlines()
+    ref = Decoder(GGUFWeights(files["mixtral"])).generate([[1, 5, 9, 33]], 4).tokens[0]
+    assert list(map(int, lines[0].split())) == ref
+    assert lines[1].startswith("prefill: 4 tokens,") and lines[1].endswith("tok/s")
+    assert lines[2].startswith("decode: 3 tokens,") and f"policy: {policy}" in lines[3]
+    assert "tokens" in out.err                      # tqdm progress on stderr
+
+
+def test_prompt_is_byte_tokenized_and_timeline_written(files, capsys):
+    assert byte_tokenize(files["llama"], "hi") == [1, 3 + ord("h"), 3 + ord("i")]
+    tl = files["dir"] / "timeline.json"
+    out = _ok(capsys, ["generate", "--model", str(files["llama"]), "--prompt", "hi", "--n-predict", "2",
+                       "--cost", str(files["cost"]), "--gpu-mem", "0", "--timeline", str(tl), "--no-progress"])
+    assert "prefill: 3 tokens" in out.out
+    events = json.loads(tl.read_text())
+    assert events and {e["lane"] for e in events} == {"cpu"}       # no GPU memory: CPU only
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "{dir}/missing.gguf", "--tokens", "1", "--n-predict", "2"], "no such file"),
+    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "-1"], "--n-predict=-1"),
+    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--policy", "magic"], "--policy='magic'"),
+    (["--model", "{mixtral}", "--tokens", "1,x", "--n-predict", "2"], "--tokens"),
+    (["--model", "{mixtral}", "--tokens", "1,99999", "--n-predict", "2"], "outside the vocabulary"),
+    (["--model", "{st}", "--prompt", "hi", "--n-predict", "2"], "pass --tokens"),
+    (["--model", "{gpt2}", "--tokens", "1", "--n-predict", "2"], "not supported"),
+    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--gpu-mem", "-5"], "--gpu-mem"),
+])
+def test_bad_input_is_one_line_exit_2(files, capsys, argv, msg):
+    import gguf
+    gpt2 = files["dir"] / "gpt2.gguf"
+    if not gpt2.exists():
+        w = gguf.GGUFWriter(str(gpt2), "gpt2")
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    paths = {k: str(v) for k, v in files.items()} | {"gpt2": str(gpt2)}
+    assert main(["generate"] + [a.format(**paths) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--n-predict", "2"])
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_module_entry_point(files):
+    r = subprocess.run([sys.executable, "-m", "impl.scheinfer", "generate", "--model", str(files["llama"]),
+                        "--tokens", "1 2 3", "--n-predict", "2", "--cost", str(files["cost"]), "--no-progress"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()[0].split()) == 2

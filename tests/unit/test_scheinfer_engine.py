@@ -1,0 +1,205 @@
+"""ScheInfer three-lane engine: exact outputs under every partition and policy, real lane overlap,
+determinism under injected delays, placement within the GPU budget, calibration."""
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from impl.common.config import ConfigError
+from impl.scheinfer.engine import (FixedPolicy, HybridDecoder, HybridEngine, LayersPolicy, ffn_widths,
+                                   make_policy)
+from impl.scheinfer.generate_models import generate
+from impl.scheinfer.model import Decoder
+from impl.scheinfer.partition import REFERENCE_COST
+from impl.scheinfer.weights import GGUFWeights
+
+KINDS = ("llama", "mixtral")
+PROMPT = [1, 5, 9, 33, 100, 7, 8, 200, 17, 3]
+N_NEW = 5
+BIG = 1 << 30                       # a budget that holds everything
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scheinfer_models")
+    out = {}
+    for k in KINDS:
+        src = GGUFWeights(generate(k, d / f"{k}.gguf", dtype="f32", seed=5))
+        ref = Decoder(src).generate([PROMPT], N_NEW, return_logits=True)
+        out[k] = (src, ref)
+    return out
+
+
+def _run(src, policy, gpu_mem=BIG, **kw):
+    eng = HybridEngine(policy, src.config.hidden, gpu_mem_bytes=gpu_mem, **kw)
+    try:
+        out = HybridDecoder(src, eng).generate([PROMPT], N_NEW, return_logits=True)
+    finally:
+        eng.close()
+    return out, eng
+
+
+def _assert_same(out, ref):
+    assert out.tokens == ref.tokens
+    torch.testing.assert_close(out.step_logits[0], ref.step_logits[0], rtol=0, atol=1e-4)
+
+
+FRACTIONS = {"cc_only": (1, 0, 0), "cg_only": (0, 1, 0), "gg_only": (0, 0, 1), "mixed": (0.3, 0.3, 0.4),
+             "cc_gg": (0.5, 0, 0.5)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("frac", FRACTIONS, ids=list(FRACTIONS))
+def test_fixed_partitions_match_reference(models, kind, frac):
+    src, ref = models[kind]
+    out, eng = _run(src, FixedPolicy(*FRACTIONS[frac]))
+    _assert_same(out, ref)
+    bands = {e.band for e in eng.events}
+    assert bands == {b for b, f in zip(("cc", "cg", "gg"), FRACTIONS[frac]) if f}
+    assert {e.phase for e in eng.events} == {"prefill", "decode"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("policy,opts", [("scheinfer", {}), ("scheinfer", {"assign": "threshold"}),
+                                         ("scheinfer", {"assign": "makespan"}),
+                                         ("scheinfer", {"gg_mode": "popularity"}), ("fiddler", {}),
+                                         ("layers", {}), ("layers", {"order": "first"})])
+def test_policies_match_reference(models, kind, policy, opts):
+    src, ref = models[kind]
+    cfg = src.config
+    ffn_bytes = sum(ffn_widths(cfg).values()) * 3 * cfg.hidden * 4
+    p = make_policy(policy, cost=REFERENCE_COST, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
+                    tile=16, **opts)
+    max_ffn = max(ffn_widths(cfg).values()) * 3 * cfg.hidden * 4
+    budget = 2 * max_ffn + ffn_bytes // 2              # staging + half of the FFN weights
+    out, eng = _run(src, p, gpu_mem=budget)
+    _assert_same(out, ref)
+    staging = p.staging_buffers * max_ffn if eng.cg_max else 0
+    assert 0 < eng.resident_bytes and eng.resident_bytes + staging <= budget
+
+
+def test_scheinfer_split_differs_by_phase(models):
+    """Compute-bound CPU, a copy as fast as one token's CPU work: decode (n = 1) splits the
+    off-GPU rows about evenly, prefill (n = 10) streams most of them."""
+    from impl.scheinfer.partition import CostModel, PerRowLinear
+    cost = CostModel(PerRowLinear((1,), (1e-9,)), PerRowLinear((1,), (1e-12,)), 4e9)
+    src, _ = models["llama"]
+    p = make_policy("scheinfer", cost=cost, hidden=64, num_layers=2, dtype_bytes=4, tile=4)
+    row_bytes = 3 * 64 * 4
+    _, eng = _run(src, p, gpu_mem=2 * 172 * row_bytes + 2 * 84 * row_bytes)   # staging + 84 GG rows each
+    cc = {ph: [e.rows for e in eng.events if e.band == "cc" and e.phase == ph] for ph in ("prefill", "decode")}
+    cg = {ph: [e.rows for e in eng.events if e.band == "cg" and e.phase == ph] for ph in ("prefill", "decode")}
+    assert set(cc["decode"]) == {44} and set(cc["prefill"]) == {8}      # of 88 off-GPU rows (tile 4)
+    assert set(cg["decode"]) == {44} and set(cg["prefill"]) == {80}
+
+
+def test_lanes_overlap(models):
+    """Each lane blocks at a 3-party barrier inside its band: only concurrent lanes get through,
+    and every layer's three bands then share a common instant in the recorded events."""
+    src, ref = models["llama"]
+    barrier = threading.Barrier(3)
+
+    def hook(lane, band):
+        if (lane, band) in (("cpu", "cc"), ("h2d", "cg"), ("gpu", "gg")):
+            barrier.wait(timeout=30)
+    out, eng = _run(src, FixedPolicy(0.25, 0.25, 0.5), lane_hook=hook)
+    _assert_same(out, ref)
+    calls = {}
+    for e in eng.events:
+        if (e.lane, e.band) in (("cpu", "cc"), ("h2d", "cg"), ("gpu", "gg")):
+            calls.setdefault((e.layer, e.lane), []).append(e)
+    for layer in range(src.config.num_layers):
+        runs = [calls[(layer, lane)] for lane in ("cpu", "h2d", "gpu")]
+        assert len({len(r) for r in runs}) == 1
+        for trio in zip(*runs):
+            assert max(e.start for e in trio) < min(e.end for e in trio)
+
+
+def test_serial_policies_do_not_overlap(models):
+    src, ref = models["mixtral"]
+    out, eng = _run(src, FixedPolicy(0.25, 0.25, 0.5, concurrent=False))
+    _assert_same(out, ref)
+    ev = sorted(eng.events, key=lambda e: e.start)
+    assert all(a.end <= b.start for a, b in zip(ev, ev[1:]))
+
+
+def test_deterministic_under_injected_delays(models):
+    src, _ = models["mixtral"]
+    first, _ = _run(src, FixedPolicy(0.3, 0.3, 0.4))
+    rng = random.Random(0)
+    for _ in range(2):
+        out, _ = _run(src, FixedPolicy(0.3, 0.3, 0.4), lane_hook=lambda lane, band: time.sleep(rng.random() * 2e-3))
+        assert out.tokens == first.tokens
+        assert torch.equal(out.step_logits[0], first.step_logits[0])
+
+
+def test_plain_decoder_expert_fn(models):
+    src, ref = models["mixtral"]
+    eng = HybridEngine(FixedPolicy(0.5, 0.25, 0.25), src.config.hidden, gpu_mem_bytes=BIG)
+    out = Decoder(src, expert_fn=eng.expert_fn).generate([PROMPT], N_NEW, return_logits=True)
+    eng.close()
+    _assert_same(out, ref)
+
+
+def test_fiddler_and_layers_placement(models):
+    src, _ = models["mixtral"]
+    cfg = src.config
+    e_bytes = cfg.moe_ffn_hidden * 3 * cfg.hidden * 4
+    pop = {(1, 3): 9.0, (0, 6): 5.0, (0, 2): 1.0}
+    p = make_policy("fiddler", cost=REFERENCE_COST, hidden=cfg.hidden, num_layers=2, dtype_bytes=4, popularity=pop)
+    eng = HybridEngine(p, cfg.hidden, gpu_mem_bytes=e_bytes * 3)          # 1 staging + 2 resident
+    gg = eng.place(ffn_widths(cfg))
+    assert {k for k, v in gg.items() if v} == {(1, 3), (0, 6)} and set(gg.values()) == {0, cfg.moe_ffn_hidden}
+    assert p.plan(0, [], "decode", 1, None) == []
+    eng.close()
+    lp = LayersPolicy(2)
+    eng = HybridEngine(lp, cfg.hidden, gpu_mem_bytes=e_bytes * (1 + 8))
+    gg = eng.place(ffn_widths(cfg))
+    assert lp.gpu_layers == {1} and all(v == (cfg.moe_ffn_hidden if k[0] == 1 else 0) for k, v in gg.items())
+    eng.close()
+
+
+def test_budget_below_staging_disables_cg(models):
+    src, ref = models["llama"]
+    p = make_policy("scheinfer", cost=REFERENCE_COST, hidden=64, num_layers=2, dtype_bytes=4, tile=16)
+    out, eng = _run(src, p, gpu_mem=1000)
+    _assert_same(out, ref)
+    assert eng.cg_max == 0 and eng.resident_bytes == 0 and {e.band for e in eng.events} == {"cc"}
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="policy"):
+        make_policy("magic", cost=REFERENCE_COST, hidden=8, num_layers=1, dtype_bytes=4)
+    with pytest.raises(ConfigError, match="cost model"):
+        make_policy("scheinfer", cost=None, hidden=8, num_layers=1, dtype_bytes=4)
+    with pytest.raises(ConfigError, match="fixed fractions"):
+        FixedPolicy(0.5, 0.6, 0)
+    with pytest.raises(ConfigError, match="gpu_mem_bytes"):
+        HybridEngine(FixedPolicy(1, 0, 0), 8, gpu_mem_bytes=-1)
+    with pytest.raises(ConfigError, match="assign"):
+        make_policy("scheinfer", cost=REFERENCE_COST, hidden=8, num_layers=1, dtype_bytes=4, assign="x")
+
+
+def test_calibrate_fits_a_usable_cost_model():
+    from impl.scheinfer.calibrate import calibrate
+    from impl.scheinfer.partition import optimal_split
+    c = calibrate(hidden=32, widths=(32, 64, 128), rows=(1, 8), reps=2, copy_sizes=(1 << 12, 1 << 14, 1 << 16))
+    assert set(c.fits) >= {"cpu_n1", "cpu_n8", "gpu_n1", "h2d"}
+    assert all(f.n == 3 and f.r2 <= 1 for f in c.fits.values())
+    assert c.cost.h2d_bytes_per_s > 0 and c.mem_bytes_per_s > 0
+    assert c.gpu_emulated == (not torch.cuda.is_available())
+    assert c.cost.source.startswith("calibrated:")
+    s = optimal_split(c.cost, 4, 32, 128, 32, 16, 4)
+    assert s.width == 128 and s.gg == 32
+    assert "cost" in c.as_dict()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_lanes_match_reference(models):
+    src, ref = models["mixtral"]
+    out, eng = _run(src, FixedPolicy(0.3, 0.3, 0.4))
+    assert eng.cuda
+    _assert_same(out, ref)
