@@ -8,7 +8,7 @@ from impl.common.dispatcher import (ExpertPlacement, FlatAlltoAllDispatcher, chu
                                     check_expert_parallel)
 from impl.common.routing import RoutingResult
 from impl.common.topology import get_topology
-from tests.support.ep_case import EPCase, assert_matches_reference, brute_force_flat_bytes, reference, run_rank
+from tests.support.ep_case import EPCase, identity_round_trip, assert_matches_reference, brute_force_flat_bytes, reference, run_rank
 
 
 @pytest.mark.parametrize("topo_name,E,K", [("1x1", 4, 2), ("1x2", 4, 2), ("2x2", 8, 2), ("2x4", 16, 4),
@@ -47,25 +47,7 @@ def test_flat_bytes_per_level_equal_brute_force(topo_name):
 def test_round_trip_identity_experts_returns_input():
     """dispatch then combine with identity experts and probs summing to 1 returns the input
     (Megatron's core dispatcher invariant), and so does the gradient."""
-    topo = get_topology("2x2")
-    E, K, T, M = 8, 2, 9, 5
-
-    def body(comm):
-        g = torch.Generator().manual_seed(10 + comm.rank)
-        x = torch.randn(T, M, generator=g, dtype=torch.float64, requires_grad=True)
-        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-        rmap = torch.zeros(T, E, dtype=torch.bool).scatter_(1, ids, True)
-        routing = RoutingResult(rmap, rmap.double() / K)
-        d = FlatAlltoAllDispatcher(comm, E)
-        tokens, meta = d.dispatch(x, routing)
-        assert sum(tokens.tokens_per_local_expert) == tokens.x_RM.shape[0]
-        y = d.combine(tokens.x_RM * tokens.probs_R[:, None], meta)
-        y.sum().backward()
-        return torch.equal(y.detach(), x.detach()) or torch.allclose(y, x, rtol=0, atol=1e-12), x.grad
-
-    for ok, grad in SimWorld(topo).run(body):
-        assert ok
-        torch.testing.assert_close(grad, torch.ones_like(grad))
+    identity_round_trip(get_topology("2x2"), FlatAlltoAllDispatcher)
 
 
 def test_rows_arrive_grouped_by_local_expert():

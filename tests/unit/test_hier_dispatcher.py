@@ -8,7 +8,7 @@ from impl.common.comm import SimWorld
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.topology import get_topology
 from impl.hiermoe.dedup_a2a import HierarchicalDispatcher
-from tests.support.ep_case import EPCase, assert_matches_reference, reference, run_rank
+from tests.support.ep_case import EPCase, assert_matches_reference, identity_round_trip, reference, run_rank
 from tests.support.hier_route import brute_force_hier_traffic, information_minimum_node_bytes
 
 
@@ -77,25 +77,10 @@ def test_inter_node_bytes_are_the_information_minimum():
 
 def test_identity_round_trip_and_gradient_of_ones():
     topo = get_topology("hier:node=2,socket=2,gpu=2")
-    E, K, T, M = 16, 4, 9, 5
-
-    def body(comm, d, dedup):
-        g = torch.Generator().manual_seed(20 + comm.rank)
-        x = torch.randn(T, M, generator=g, dtype=torch.float64, requires_grad=True)
-        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-        rmap = torch.zeros(T, E, dtype=torch.bool).scatter_(1, ids, True)
-        from impl.common.routing import RoutingResult
-        disp = HierarchicalDispatcher(comm, E, dim=d, dedup=dedup)
-        tokens, meta = disp.dispatch(x, RoutingResult(rmap, rmap.double() / K))
-        y = disp.combine(tokens.x_RM * tokens.probs_R[:, None], meta)
-        y.sum().backward()
-        return y.detach(), x.detach(), x.grad
-
     for d in (1, 2, 3):
         for dedup in (True, False):
-            for y, x, grad in SimWorld(topo).run(body, d, dedup):
-                torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
-                torch.testing.assert_close(grad, torch.ones_like(grad))
+            identity_round_trip(topo, lambda comm, E: HierarchicalDispatcher(comm, E, dim=d, dedup=dedup),
+                                num_experts=16, top_k=4)
 
 
 def test_dimension_out_of_range_is_rejected():

@@ -11,7 +11,7 @@ from impl.common.comm import SimWorld
 from impl.common.registry import get
 from impl.common.routing import RoutingResult
 from impl.common.topology import get_topology
-from tests.support.ep_case import EPCase, assert_matches_reference, reference, run_rank
+from tests.support.ep_case import EPCase, assert_matches_reference, identity_round_trip, reference, run_rank
 
 TOPOLOGIES = ["2x2", "2x4", "4x2", "hiermoe-testbed", "1x4", "4x1"]
 
@@ -129,24 +129,12 @@ def test_flat_fallback_detection():
 
 def test_round_trip_identity_experts_returns_input_and_gradient():
     topo = get_topology("2x2")
-    E, K, T, M = 8, 2, 9, 5
 
-    def body(comm):
-        g = torch.Generator().manual_seed(10 + comm.rank)
-        x = torch.randn(T, M, generator=g, dtype=torch.float64, requires_grad=True)
-        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-        rmap = torch.zeros(T, E, dtype=torch.bool).scatter_(1, ids, True)
-        d = Tutel2DHDispatcher(comm, E)
-        tokens, meta = d.dispatch(x, RoutingResult(rmap, rmap.double() / K))
+    def check(tokens, meta):
         assert tokens.tokens_per_local_expert == (topo.G * meta.capacity,) * 2
         assert torch.equal(tokens.probs_R, torch.ones_like(tokens.probs_R))   # weights stay home
-        y = d.combine(tokens.x_RM * tokens.probs_R[:, None], meta)
-        y.sum().backward()
-        return y.detach(), x.detach(), x.grad
 
-    for y, x, grad in SimWorld(topo).run(body):
-        torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
-        torch.testing.assert_close(grad, torch.ones_like(grad))
+    identity_round_trip(topo, Tutel2DHDispatcher, check_dispatched=check)
 
 
 def test_two_micro_batches_in_flight():
