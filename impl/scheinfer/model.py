@@ -28,6 +28,7 @@ heads, G key/value heads, D head dim, T tokens, E experts, K top-k.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -252,9 +253,50 @@ class ExpertWeights:
         return ExpertWeights(*(t.to(*args, **kwargs) for t in (self.gate_FM, self.up_FM, self.down_MF)))
 
 
+# Few-token products x_TK @ w_NK^T are memory bound, and one BLAS call streams the weight on one
+# core. When w^T is stored row-major ([K, N] rows, see `Decoder._expert`) the reduction dimension K
+# is cut into chunks that one batched call runs on all cores; the partial products are summed.
+_SPLIT_MAX_TOKENS = 32
+_SPLIT_MIN_K = 256
+
+
+def _linear(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    """x_TK @ w_NK^T (F.linear without bias), K-split across cores for few tokens."""
+    if x_TK.dim() != 2 or x_TK.device.type != "cpu":
+        return F.linear(x_TK, w_NK)
+    T, K = x_TK.shape
+    n = min(torch.get_num_threads(), 2)
+    wt_KN = w_NK.t()
+    if n > 1 and T <= _SPLIT_MAX_TOKENS and K >= _SPLIT_MIN_K and K % n == 0 and wt_KN.stride(1) == 1:
+        parts_nTN = torch.bmm(x_TK.reshape(T, n, K // n).transpose(0, 1), wt_KN.view(n, K // n, -1))
+        return parts_nTN.sum(0)
+    return F.linear(x_TK, w_NK)
+
+
+def _joined(*parts: torch.Tensor, dim: int = 0) -> torch.Tensor | None:
+    """The tensor whose consecutive blocks along dim are exactly these views (one product
+    instead of several, see `Decoder._expert` / `layer_weights`), or None if they are not."""
+    base = parts[0]._base
+    if base is None or not base.is_contiguous() or base.dim() != parts[0].dim():
+        return None
+    ptr, step = base.data_ptr(), base.element_size() * base.stride(dim)
+    for t in parts:
+        if (t._base is not base or t.data_ptr() != ptr or t.stride() != base.stride()
+                or t.shape[:dim] + t.shape[dim + 1:] != base.shape[:dim] + base.shape[dim + 1:]):
+            return None
+        ptr += t.shape[dim] * step
+    return base if sum(t.shape[dim] for t in parts) == base.shape[dim] else None
+
+
 def ffn(w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
     """SwiGLU FFN; exact under slicing of F: sum over disjoint slices s of ffn(w.slice(s), x)."""
-    return F.linear(F.silu(F.linear(x_TM, w.gate_FM)) * F.linear(x_TM, w.up_FM), w.down_MF)
+    gu_M2F = _joined(w.gate_FM.t(), w.up_FM.t(), dim=1)
+    if gu_M2F is not None:          # gate and up side by side in one [M, 2F] array: one product
+        gu_T2F = _linear(x_TM, gu_M2F.t())
+        h_TF = F.silu(gu_T2F[:, :w.ffn_hidden]) * gu_T2F[:, w.ffn_hidden:]
+    else:
+        h_TF = F.silu(_linear(x_TM, w.gate_FM)) * _linear(x_TM, w.up_FM)
+    return _linear(h_TF, w.down_MF)
 
 
 @dataclass(frozen=True)
@@ -267,6 +309,9 @@ class Norm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight_M, self.bias_M, self.eps)
+        if x.dtype == torch.float32:   # one fused kernel; same result as the lines below in float32
+            y = torch.rms_norm(x, (x.shape[-1],), self.weight_M, self.eps)
+            return y if self.bias_M is None else y + self.bias_M
         xf = x.float()
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight_M
         return y if self.bias_M is None else y + self.bias_M
@@ -406,6 +451,7 @@ class KVCache:
         self.next_pos_B = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
         self.max_len = max_len
+        self.unpadded = True        # every used slot holds a real token (lets decode skip the mask)
 
     @property
     def batch(self) -> int:
@@ -519,8 +565,16 @@ class Decoder:
         return Norm(self._w(f"{prefix}.weight"), bias, cfg.norm_kind, cfg.norm_eps)
 
     def _expert(self, prefix: str) -> ExpertWeights:
+        # Stored transposed, ExpertWeights holding views: gate and up side by side in one [M, 2F]
+        # array (`ffn` streams both in one product), down as [F, M] rows: the layout in which
+        # few-token products stream the weights fastest (`_linear`). Slices stay views.
         names = expert_weight_names(prefix)
-        return ExpertWeights(self._w(names["gate"]), self._w(names["up"]), self._w(names["down"]))
+        gate, up, down = (self.source.load(names[p]).to(device=self.device, dtype=self.dtype)
+                          for p in EXPERT_PARTS)
+        width = gate.shape[0]
+        gu_M2F = torch.cat((gate.t(), up.t()), dim=1)
+        down_FM = down.t().clone(memory_format=torch.contiguous_format)
+        return ExpertWeights(gu_M2F[:, :width].t(), gu_M2F[:, width:].t(), down_FM.t())
 
     def layer_weights(self, i: int) -> LayerWeights:
         """Layer i's weights in the compute dtype / device (cached ones when cache_weights)."""
@@ -528,11 +582,14 @@ class Decoder:
             return self._layers[i]
         cfg, p = self.config, f"layers.{i}"
         opt = lambda name, present: self._w(name) if present else None  # noqa: E731
-        attn = AttentionWeights(
-            q_w=self._w(f"{p}.attn.q.weight"), k_w=self._w(f"{p}.attn.k.weight"),
-            v_w=self._w(f"{p}.attn.v.weight"), o_w=self._w(f"{p}.attn.o.weight"),
-            q_b=opt(f"{p}.attn.q.bias", cfg.qkv_bias), k_b=opt(f"{p}.attn.k.bias", cfg.qkv_bias),
-            v_b=opt(f"{p}.attn.v.bias", cfg.qkv_bias), o_b=opt(f"{p}.attn.o.bias", cfg.out_proj_bias))
+        # q, k, v (and their biases) are consecutive rows of one array: `attention` runs one product
+        qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        qkv_w = torch.cat([self._w(f"{p}.attn.{n}.weight") for n in "qkv"])
+        qkv_b = torch.cat([self._w(f"{p}.attn.{n}.bias") for n in "qkv"]) if cfg.qkv_bias else None
+        split = lambda t: (None,) * 3 if t is None else (t[:qd], t[qd:qd + kvd], t[qd + kvd:])  # noqa: E731
+        (q_w, k_w, v_w), (q_b, k_b, v_b) = split(qkv_w), split(qkv_b)
+        attn = AttentionWeights(q_w=q_w, k_w=k_w, v_w=v_w, o_w=self._w(f"{p}.attn.o.weight"),
+                                q_b=q_b, k_b=k_b, v_b=v_b, o_b=opt(f"{p}.attn.o.bias", cfg.out_proj_bias))
         dense = moe = None
         if cfg.is_moe_layer(i):
             shared = self._expert(f"{p}.moe.shared") if cfg.shared_expert_ffn_hidden else None
@@ -566,41 +623,66 @@ class Decoder:
         return x * cos + rotated * sin
 
     def attention(self, i: int, w: AttentionWeights, h_BSM: torch.Tensor, cache: KVCache,
-                  cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, allowed_BSL: torch.Tensor) -> torch.Tensor:
+                  cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, allowed_BSL: torch.Tensor | None,
+                  L1: int | None = None) -> torch.Tensor:
+        """allowed_BSL None: every one of the L1 cached slots is visible to every query."""
         cfg = self.config
         B, S, _ = h_BSM.shape
         H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_BHSD = F.linear(h_BSM, w.q_w, w.q_b).view(B, S, H, D).transpose(1, 2)
-        k_BGSD = F.linear(h_BSM, w.k_w, w.k_b).view(B, S, G, D).transpose(1, 2)
-        v_BGSD = F.linear(h_BSM, w.v_w, w.v_b).view(B, S, G, D).transpose(1, 2)
+        R = H // G
         cos, sin = cos_BSD[:, None], sin_BSD[:, None]
-        q_BHSD, k_BGSD = self._rotate(q_BHSD, cos, sin), self._rotate(k_BGSD, cos, sin)
-        L1 = allowed_BSL.shape[-1]
+        qkv_XM = _joined(w.q_w, w.k_w, w.v_w)
+        qkv_b = None if w.q_b is None else _joined(w.q_b, w.k_b, w.v_b)
+        if qkv_XM is not None and (w.q_b is None or qkv_b is not None):     # one product, one RoPE
+            qkv_BNSD = F.linear(h_BSM, qkv_XM, qkv_b)
+            qkv_BNSD = qkv_BNSD.view(B, S, H + 2 * G, D).transpose(1, 2)
+            qk_BNSD = self._rotate(qkv_BNSD[:, :H + G], cos, sin)
+            q_BHSD, k_BGSD, v_BGSD = qk_BNSD[:, :H], qk_BNSD[:, H:], qkv_BNSD[:, H + G:]
+        else:
+            q_BHSD = F.linear(h_BSM, w.q_w, w.q_b).view(B, S, H, D).transpose(1, 2)
+            k_BGSD = F.linear(h_BSM, w.k_w, w.k_b).view(B, S, G, D).transpose(1, 2)
+            v_BGSD = F.linear(h_BSM, w.v_w, w.v_b).view(B, S, G, D).transpose(1, 2)
+            q_BHSD, k_BGSD = self._rotate(q_BHSD, cos, sin), self._rotate(k_BGSD, cos, sin)
+        L1 = allowed_BSL.shape[-1] if allowed_BSL is not None else L1
         L0 = L1 - S
         cache.k[i][:, :, L0:L1] = k_BGSD
         cache.v[i][:, :, L0:L1] = v_BGSD
-        k_BHLD = cache.k[i][:, :, :L1].repeat_interleave(H // G, dim=1)
-        v_BHLD = cache.v[i][:, :, :L1].repeat_interleave(H // G, dim=1)
-        scores_BHSL = (q_BHSD @ k_BHLD.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))
-        scores_BHSL = scores_BHSL.masked_fill(~allowed_BSL[:, None], float("-inf"))
-        probs_BHSL = torch.softmax(scores_BHSL, dim=-1).to(self.dtype)
-        o_BSX = (probs_BHSL @ v_BHLD).transpose(1, 2).reshape(B, S, H * D)
+        # query heads g*R .. g*R+R-1 share key/value head g: one matmul per kv head, no K/V copies
+        k_BGLD, v_BGLD = cache.k[i][:, :, :L1], cache.v[i][:, :, :L1]
+        q_BGXD = q_BHSD.reshape(B, G, R * S, D)
+        scores_BHSL = (q_BGXD @ k_BGLD.transpose(-1, -2)).view(B, H, S, L1).float() * (1.0 / math.sqrt(D))
+        if allowed_BSL is not None:
+            scores_BHSL = scores_BHSL.masked_fill(~allowed_BSL[:, None], float("-inf"))
+        probs_BGXL = torch.softmax(scores_BHSL, dim=-1).to(self.dtype).view(B, G, R * S, L1)
+        o_BSX = (probs_BGXL @ v_BGLD).view(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
         return F.linear(o_BSX, w.o_w, w.o_b)
 
     def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
         ids_TK, weights_TK = route(self.config, F.linear(x_TM, w.router_EM))
         if self.route_observer is not None:
             self.route_observer(i, ids_TK, weights_TK)
-        y_TM = torch.zeros_like(x_TM)
-        for e in ids_TK.unique().tolist():
-            tok_T, slot_T = (ids_TK == e).nonzero(as_tuple=True)
-            y_e = self.expert_fn(i, e, w.experts[e], x_TM[tok_T])
-            y_TM.index_add_(0, tok_T, y_e * weights_TK[tok_T, slot_T, None].to(y_e.dtype))
+        if x_TM.shape[0] == 1:      # one token: same sums as below (0 + a + b, experts ascending)
+            y_TM = None
+            for e, k in sorted((e, k) for k, e in enumerate(ids_TK[0].tolist())):
+                y_e = self.expert_fn(i, e, w.experts[e], x_TM)
+                y_e = y_e * weights_TK[:, k:k + 1].to(y_e.dtype)
+                y_TM = y_e if y_TM is None else y_TM + y_e
+        else:
+            y_TM = self._routed(i, w, x_TM, ids_TK, weights_TK)
         if w.shared is not None:
             s_TM = self.expert_fn(i, "shared", w.shared, x_TM)
             if w.shared_gate_1M is not None:
                 s_TM = torch.sigmoid(F.linear(x_TM, w.shared_gate_1M)) * s_TM
             y_TM = y_TM + s_TM
+        return y_TM
+
+    def _routed(self, i: int, w: MoEWeights, x_TM: torch.Tensor, ids_TK: torch.Tensor,
+                weights_TK: torch.Tensor) -> torch.Tensor:
+        y_TM = torch.zeros_like(x_TM)
+        for e in ids_TK.unique().tolist():
+            tok_T, slot_T = (ids_TK == e).nonzero(as_tuple=True)
+            y_e = self.expert_fn(i, e, w.experts[e], x_TM[tok_T])
+            y_TM.index_add_(0, tok_T, y_e * weights_TK[tok_T, slot_T, None].to(y_e.dtype))
         return y_TM
 
     def feed_forward(self, i: int, w: LayerWeights, x_TM: torch.Tensor) -> torch.Tensor:
@@ -625,30 +707,45 @@ class Decoder:
             raise ValueError(f"tokens batch {B} != cache batch {cache.batch}")
         if cache.length + S > cache.max_len:
             raise ValueError(f"cache holds {cache.max_len} slots; {cache.length} used + {S} new exceeds it")
-        if int(tokens_BS.min()) < 0 or int(tokens_BS.max()) >= cfg.vocab_size:
-            raise ValueError(f"token ids must lie in 0..{cfg.vocab_size - 1}; got "
-                             f"{int(tokens_BS.min())}..{int(tokens_BS.max())}")
-        valid_BS = (torch.ones_like(tokens_BS, dtype=torch.bool) if valid_BS is None
-                    else torch.as_tensor(valid_BS, dtype=torch.bool, device=self.device))
+        lo, hi = (int(v) for v in tokens_BS.aminmax())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids must lie in 0..{cfg.vocab_size - 1}; got {lo}..{hi}")
+        if valid_BS is not None:
+            valid_BS = torch.as_tensor(valid_BS, dtype=torch.bool, device=self.device)
+            if bool(valid_BS.all()):
+                valid_BS = None
         L0, L1 = cache.length, cache.length + S
-        pos_BS = (cache.next_pos_B[:, None] + valid_BS.long().cumsum(1) - 1).clamp(min=0)
-        cache.valid_BL[:, L0:L1] = valid_BS
-        slots_L = torch.arange(L1, device=self.device)
-        query_slot_S = slots_L[L0:]
-        allowed_BSL = (slots_L[None, :] <= query_slot_S[:, None])[None] & cache.valid_BL[:, None, :L1]
-        allowed_BSL |= (slots_L[None, :] == query_slot_S[:, None])[None]  # padded queries see themselves
+        if valid_BS is None:        # no padding among the new tokens (every decode step)
+            pos_BS = cache.next_pos_B[:, None] + torch.arange(S, device=self.device)
+            cache.valid_BL[:, L0:L1] = True
+        else:
+            pos_BS = (cache.next_pos_B[:, None] + valid_BS.long().cumsum(1) - 1).clamp(min=0)
+            cache.valid_BL[:, L0:L1] = valid_BS
+        allowed_BSL = None          # one unpadded new token sees every slot: no mask needed
+        if S > 1 or valid_BS is not None or not cache.unpadded:
+            slots_L = torch.arange(L1, device=self.device)
+            query_slot_S = slots_L[L0:]
+            allowed_BSL = (slots_L[None, :] <= query_slot_S[:, None])[None] & cache.valid_BL[:, None, :L1]
+            allowed_BSL |= (slots_L[None, :] == query_slot_S[:, None])[None]  # padded queries see themselves
         cos, sin = self.rope(pos_BS)
 
         x_BSM = self.embed_VM[tokens_BS]
         for i in range(cfg.num_layers):
             w = self.layer_weights(i)
-            x_BSM = x_BSM + self.attention(i, w.attn, w.attn_norm(x_BSM), cache, cos, sin, allowed_BSL)
-            h_TM = w.ffn_norm(x_BSM)[valid_BS]
-            ffn_BSM = torch.zeros_like(x_BSM)
-            ffn_BSM[valid_BS] = self.feed_forward(i, w, h_TM)
-            x_BSM = x_BSM + ffn_BSM
+            x_BSM = x_BSM + self.attention(i, w.attn, w.attn_norm(x_BSM), cache, cos, sin, allowed_BSL, L1)
+            if valid_BS is None:
+                x_BSM = x_BSM + self.feed_forward(i, w, w.ffn_norm(x_BSM).view(B * S, -1)).view(B, S, -1)
+            else:
+                h_TM = w.ffn_norm(x_BSM)[valid_BS]
+                ffn_BSM = torch.zeros_like(x_BSM)
+                ffn_BSM[valid_BS] = self.feed_forward(i, w, h_TM)
+                x_BSM = x_BSM + ffn_BSM
         cache.length = L1
-        cache.next_pos_B += valid_BS.sum(1)
+        if valid_BS is None:
+            cache.next_pos_B += S
+        else:
+            cache.next_pos_B += valid_BS.sum(1)
+            cache.unpadded = False
         if last_only:
             x_BSM = x_BSM[:, -1:]
         return F.linear(self.final_norm(x_BSM), self.lm_head_VM, self.lm_head_b).float()
@@ -695,13 +792,17 @@ class Decoder:
                         or len(out_tokens[b]) >= max_new_tokens
             return next_B
 
-        t0 = time.perf_counter()
-        next_B = take(self.forward(tokens_BS, cache, valid_BS, last_only=True)[:, -1])
-        t1 = time.perf_counter()
-        steps = 0
-        while not all(done):
-            next_B = take(self.forward(next_B[:, None], cache, last_only=True)[:, -1])
-            steps += 1
-        t2 = time.perf_counter()
+        # Inference mode trims per-op overhead; it is thread-local, and a plugged-in expert_fn may
+        # update tensors in place on its own threads, which inference tensors forbid there.
+        mode = torch.inference_mode() if self.expert_fn is _default_expert_fn else contextlib.nullcontext()
+        with mode:
+            t0 = time.perf_counter()
+            next_B = take(self.forward(tokens_BS, cache, valid_BS, last_only=True)[:, -1])
+            t1 = time.perf_counter()
+            steps = 0
+            while not all(done):
+                next_B = take(self.forward(next_B[:, None], cache, last_only=True)[:, -1])
+                steps += 1
+            t2 = time.perf_counter()
         step_logits = [torch.stack(l) for l in out_logits] if return_logits else None
         return GenerationOutput(out_tokens, step_logits, t1 - t0, t2 - t1, int(valid_BS.sum()), steps)
