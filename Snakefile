@@ -18,6 +18,7 @@ configfile: workflow.source_path("workflows/config/config.yaml")
 
 include: "workflows/rules/common.smk"
 include: "workflows/rules/hiermoe.smk"
+include: "workflows/rules/scheinfer.smk"
 include: "workflows/rules/figures.smk"
 
 
@@ -27,6 +28,7 @@ rule all:
         rules.plot_hiermoe_table2.output,
         rules.plot_hiermoe_fig9.output,
         rules.plot_hiermoe_sim.output,
+        rules.plot_scheinfer_sim.output,
 
 
 onerror:

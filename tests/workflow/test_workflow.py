@@ -17,11 +17,14 @@ BIN = Path(sys.executable).parent
 SNAKEMAKE = BIN / "snakemake"
 REDUCED = ["hiermoe_table2={set: {tokens_per_sample: 512, repeats: 2, top_ks: [2, 8], group_counts: [8, 4]}}",
            "hiermoe_calibration={topology: 1x2, args: '--sizes 64K,128K,256K --repeats 2 --warmup 1 --iters 1'}",
-           "hiermoe_sim={set: {iterations: 3, warmup: 1, layers: 1, tokens_per_rank: 64}}"]
+           "hiermoe_sim={set: {iterations: 3, warmup: 1, layers: 1, tokens_per_rank: 64}}",
+           "scheinfer_sim={set: {decode_tokens: 4, hardware: [rtx4090-pcie4-16core, rtx3090-pcie3-8core]}}"]
 DEFAULT_OUTPUTS = tuple(f"results/figures/{name}.{ext}" for name in ("hiermoe_table2", "hiermoe_fig9", "hiermoe_fig10",
                                                    "hiermoe_fig11", "hiermoe_fig12", "hiermoe_fig13",
                                                    "hiermoe_table4")
-                        for ext in ("pdf", "png")) + ("results/figures/hiermoe_report.md",)
+                        for ext in ("pdf", "png")) + ("results/figures/hiermoe_report.md",) + tuple(
+    f"results/figures/scheinfer_{name}.{ext}" for name in ("speedup", "partition", "timeline") for ext in ("pdf", "png")
+) + ("results/figures/scheinfer_report.md",)
 
 pytestmark = pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed in this environment")
 
@@ -70,6 +73,9 @@ def test_default_target_on_reduced_config(tmp_path):
     table = (tmp_path / "results/figures/hiermoe_table2.md").read_text()
     assert table.count("\n| 8 |") + table.count("\n| 4 |") == 4
     assert (tmp_path / "results/logs/hiermoe_table2/dedup-analysis/expert-groups" / f"{record_file.stem}.log").exists()
+    sim_record = json.loads((tmp_path / "results/raw/scheinfer_sim/sim.json").read_text())
+    validate_record(sim_record)
+    assert sim_record["tier"] == "sim" and sim_record["config"]["decode_tokens"] == 4
     # everything is up to date afterwards: a second dry run has nothing to do
     again = snakemake(tmp_path, "-n", "--config", *REDUCED)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
@@ -83,6 +89,8 @@ def test_default_target_on_reduced_config(tmp_path):
     ("hiermoe_sim={set: {top_k: 999}}", "top_k: 999 is not allowed with num_experts=128; allowed: 1..128"),
     ("hiermoe_sim={set: {systems: [Megatron-LM, HD9]}}", "HD9 needs d=9 but topology 'hiermoe-testbed' has D = 4"),
     ("hiermoe_calibration={backend: mpi}", "'mpi' is not one of ['gloo']"),
+    ("scheinfer_sim={set: {policies: [layers, vllm]}}", "policies: 'vllm' is not allowed; allowed: layers, fiddler"),
+    ("scheinfer_sim={set: {hardware: [a100]}}", "hardware: 'a100' is not allowed; allowed: rtx4090-pcie4-16core"),
 ])
 def test_bad_config_fails_before_any_job_with_a_clear_message(tmp_path, override, message):
     proc = snakemake(tmp_path, "-n", "--config", override)

@@ -94,3 +94,31 @@ def check_sim_runs():
 
     for run in SIM_RUNS:
         simulate.resolve(build_config(simulate.SimExperimentConfig, repo_path(SIM_RUNS[run]["config"]), sim_overrides(run)))
+
+
+# ScheInfer ------------------------------------------------------------------------------------
+
+SCHEINFER_TIMELINE = config["scheinfer_timeline"]
+
+
+def scheinfer_sim_config():
+    """The ScheInfer sim config, resolved now (unknown keys, models, hardware, policies fail here
+    with the experiment's own one-line message, before any job)."""
+    from impl.common.config import build_config
+    from impl.scheinfer import simulate
+
+    return simulate.resolve(
+        build_config(simulate.SimConfig, experiment_config("scheinfer_sim"), experiment_overrides("scheinfer_sim"))
+    ).config
+
+
+def scheinfer_tiny_hidden():
+    """Hidden size of the small generated model the timeline runs (the calibration's width)."""
+    from impl.scheinfer.generate_models import tiny_config
+
+    return tiny_config(SCHEINFER_TIMELINE["kind"]).hidden
+
+
+def scheinfer_prompt_ids():
+    """Token ids 1..prompt_tokens: the timeline's prompt (ids only matter for timing)."""
+    return ",".join(str(i) for i in range(1, SCHEINFER_TIMELINE["prompt_tokens"] + 1))

@@ -1,0 +1,464 @@
+"""Sim tier of ScheInfer: prefill / decode / overall tokens per second of ScheInfer, llama.cpp's
+layer offload ('layers') and Fiddler for real model shapes on named moderate-GPU hardware classes.
+
+    python -m impl.scheinfer.simulate --config workflows/config/experiments/scheinfer_sim.yaml \
+        [--set key=value ...] --out-csv OUT.csv --out-record OUT.json
+
+One code path with the engine (engine.py): residency comes from each policy's `resident` under
+the engine's own budget arithmetic (`place`, which mirrors `HybridEngine.place`), every layer's
+CC / CG / GG splits from the policy's `plan` (partition.optimal_split / assign.assign_layer for
+ScheInfer, baselines/fiddler/policy.py for Fiddler, engine.LayersPolicy for llama.cpp), and the
+FFN time of a layer from partition.lane_times: `assign.layer_makespan` for concurrent policies,
+the sum of every band's lane time for serial ones (the engine's `_run_serial` order). What is
+added around the FFNs, the same for every policy [R]: attention, router and LM head on the GPU
+(roofline: weights read once, flops at the GPU's rate, KV cache read), and the activation round
+trip (D2H input + H2D partial output) of a layer whose CPU lane has work (scheinfer.md 3.2).
+
+What is assumption, not paper:
+* Hardware: the classes in workflows/config/experiments/scheinfer_hardware.yaml are spec-sheet
+  peaks times assumed efficiencies; the paper's three machines are not public. A class becomes a
+  `CostModel` by the roofline of scheinfer.md 3.2: per MAC, max(2 / flops, bytes_per_param /
+  (n * bytes_per_s)) at a geometric grid of token counts n (linear in between, as `PerRowLinear`).
+* Routing: 'gate' runs the model's real routing function (`model.route`: softmax top-k or
+  Phi's SparseMixer) with seeded random router weights on seeded random hidden states (no
+  checkpoint is read; one set of hidden states per step, shared by the layers); 'uniform' gives
+  every expert n * k / E tokens in prefill and rotates k experts per decode step.
+* Fiddler's popularity (which experts are resident) is counted on the same routing it then
+  runs (an oracle: favourable to Fiddler). Fiddler is run on MoE models only, as in the paper.
+* llama.cpp keeps the attention of its CPU layers on the CPU; here attention is on the GPU for
+  every policy (favourable to llama.cpp in decode), so only the FFN placement differs.
+* No cross-layer prefetch of CG weights (the engine has none).
+Metrics: prefill tok/s = prompt tokens / prefill time; decode tok/s = decode steps / decode
+time; overall = (prompt tokens + decode steps) / (prefill + decode time). Batch 1.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+import yaml
+
+from impl.common.config import ConfigError, build_config
+from impl.common.records import atomic_output, make_record, write_record
+
+from .assign import ExpertLoad, layer_makespan
+from .engine import Policy, ScheInferPolicy, ffn_widths, make_policy
+from .model import DecoderConfig, route, weight_shapes
+from .partition import CostModel, PerRowLinear, Split, lane_times
+
+__all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "place", "make_sim_policy",
+           "Routing", "make_routing", "ffn_time", "CaseSetup", "setup_case", "simulate_case", "run", "resolve",
+           "main"]
+
+REPO = Path(__file__).resolve().parents[2]
+HARDWARE_FILE = "workflows/config/experiments/scheinfer_hardware.yaml"
+# policy -> system name in figures (figures/style.py); cc-only / cg-only are ScheInfer's ablations
+SYSTEMS = {"layers": "llama.cpp", "fiddler": "Fiddler", "scheinfer": "ScheInfer",
+           "cc-only": "ScheInfer[CC+GG]", "cg-only": "ScheInfer[CG+GG]"}
+MODELS = ("mixtral-8x7b", "llama2-7b", "llama2-13b", "qwen1.5-moe-a2.7b", "phi-3.5-moe")
+ROWS_GRID = tuple(2 ** i for i in range(15))          # 1 .. 16384 tokens
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    experiment: str = "scheinfer_sim"
+    models: tuple[str, ...] = MODELS
+    hardware: tuple[str, ...] = ("rtx4090-pcie4-16core", "rtx3090-pcie3-8core")
+    hardware_file: str = HARDWARE_FILE            # relative to the repository unless absolute
+    policies: tuple[str, ...] = ("layers", "fiddler", "scheinfer", "cc-only", "cg-only")
+    prompt_tokens: int = 128
+    decode_tokens: int = 32
+    routing: Literal["gate", "uniform"] = "gate"
+    assign: Literal["split", "threshold", "makespan"] = "split"
+    gg_mode: Literal["uniform", "popularity"] = "uniform"
+    tile: int = 128
+    dtype_bytes: int = 2
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------- hardware
+
+@dataclass(frozen=True)
+class HardwareClass:
+    name: str
+    gpu_mem_bytes: float
+    gpu_reserve_bytes: float
+    gpu_flops: float
+    gpu_bytes_per_s: float
+    cpu_flops: float
+    cpu_bytes_per_s: float
+    h2d_bytes_per_s: float
+    gpu_alpha_s: float = 0.0
+    cpu_alpha_s: float = 0.0
+    h2d_alpha_s: float = 0.0
+    description: str = ""
+    source: str = ""
+
+
+_HW_NUMBERS = ("gpu_mem_bytes", "gpu_reserve_bytes", "gpu_flops", "gpu_bytes_per_s", "cpu_flops", "cpu_bytes_per_s",
+               "h2d_bytes_per_s", "gpu_alpha_s", "cpu_alpha_s", "h2d_alpha_s")
+
+
+def load_hardware(path: str | Path) -> dict[str, HardwareClass]:
+    """The hardware classes of a YAML file (format in the file's header), each checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"hardware_file: {str(path)!r} is not a file")
+    data = yaml.safe_load(path.read_text()) or {}
+    out = {}
+    for name, d in data.items():
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: hardware {name!r} must be a mapping")
+        unknown = set(d) - set(_HW_NUMBERS) - {"description", "source"}
+        if unknown:
+            raise ConfigError(f"{path}: hardware {name!r}: key {sorted(unknown)[0]!r} is not allowed; "
+                              f"allowed: {', '.join(_HW_NUMBERS)}, description, source")
+        for k in _HW_NUMBERS[:7]:
+            if k not in d:
+                raise ConfigError(f"{path}: hardware {name!r} lacks {k!r}")
+        for k in _HW_NUMBERS:
+            v = d.get(k, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+                    k in _HW_NUMBERS[2:7] and v == 0):
+                raise ConfigError(f"{path}: hardware {name!r}: {k}={v!r} is not allowed; expected a number "
+                                  f"{'> 0' if k in _HW_NUMBERS[2:7] else '>= 0'}")
+        out[name] = HardwareClass(name=name, **{k: float(d.get(k, 0.0)) for k in _HW_NUMBERS},
+                                  description=str(d.get("description", "")).strip(),
+                                  source=str(d.get("source", "")).strip())
+    return out
+
+
+def cost_model(hw: HardwareClass, dtype_bytes: int) -> CostModel:
+    """The engine's cost model of a hardware class (roofline per MAC, module doc)."""
+    def lane(flops, bw, alpha):
+        return PerRowLinear(ROWS_GRID, tuple(max(2.0 / flops, dtype_bytes / (n * bw)) for n in ROWS_GRID), alpha)
+    return CostModel(lane(hw.cpu_flops, hw.cpu_bytes_per_s, hw.cpu_alpha_s),
+                     lane(hw.gpu_flops, hw.gpu_bytes_per_s, hw.gpu_alpha_s),
+                     hw.h2d_bytes_per_s, hw.h2d_alpha_s, source=f"roofline:{hw.name}")
+
+
+# ----------------------------------------------------------------------------------- policies
+
+class _BandOnlyPolicy(ScheInferPolicy):
+    """ScheInfer's residency with every off-GPU row on one side: 'cc' (CC+GG) or 'cg' (CG+GG),
+    CG falling back to CC where the staging buffers cannot hold it (the ablations of scheinfer.md 7)."""
+
+    def __init__(self, band: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.band, self.name = band, f"{band}-only"
+
+    def plan(self, layer, loads, phase, layer_tokens, cg_max):
+        out = []
+        for ld in loads:
+            r = ld.width - ld.gg
+            to_cg = self.band == "cg" and (cg_max is None or r <= cg_max)
+            out.append(Split(0, r, ld.gg) if to_cg else Split(r, 0, ld.gg))
+        return out
+
+
+def make_sim_policy(name: str, cfg: DecoderConfig, cost: CostModel, sc: SimConfig,
+                    popularity: dict | None = None) -> Policy:
+    common = dict(cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=sc.dtype_bytes, tile=sc.tile)
+    if name == "scheinfer":
+        return make_policy("scheinfer", **common, assign=sc.assign, gg_mode=sc.gg_mode, popularity=popularity)
+    if name == "fiddler":
+        return make_policy("fiddler", **common, popularity=popularity)
+    if name == "layers":
+        return make_policy("layers", **common)
+    if name in ("cc-only", "cg-only"):
+        return _BandOnlyPolicy(name[:2], cost, cfg.hidden, sc.dtype_bytes, sc.tile, gg_mode=sc.gg_mode,
+                               popularity=popularity)
+    raise ConfigError(f"policies: {name!r} is not allowed; allowed: {', '.join(SYSTEMS)}")
+
+
+def place(policy: Policy, widths: dict, hidden: int, dtype_bytes: int, budget_bytes: int) -> tuple[dict, int]:
+    """(GG rows per FFN, cg_max): `HybridEngine.place`'s arithmetic without allocating buffers."""
+    row_bytes = 3 * hidden * dtype_bytes
+    max_w = max(widths.values())
+    staging = policy.staging_buffers * max_w * row_bytes
+    cg_max = 0
+    if budget_bytes >= staging:
+        budget_bytes -= staging
+        cg_max = max_w
+    return policy.resident(dict(widths), hidden, dtype_bytes, int(budget_bytes)), cg_max
+
+
+def ffn_time(policy: Policy, cost: CostModel, loads, splits, hidden: int, dtype_bytes: int) -> float:
+    """Predicted FFN time of one layer: lanes overlapped (concurrent policy) or one after another."""
+    if not loads:
+        return 0.0
+    if policy.concurrent:
+        return layer_makespan(cost, loads, splits, hidden, dtype_bytes)
+    return sum(t.cpu + t.h2d + t.gpu for t in (lane_times(cost, ld.n, hidden, s, dtype_bytes)
+                                               for ld, s in zip(loads, splits)))
+
+
+# ----------------------------------------------------------------------------------- routing
+
+@dataclass
+class Routing:
+    """Per MoE layer: prefill token counts per expert [E], decode expert ids per step [S, K]."""
+
+    prefill_counts: dict[int, list[int]]
+    decode_ids: dict[int, list[list[int]]]
+
+    def popularity(self) -> dict[tuple[int, int], float]:
+        pop: dict[tuple[int, int], float] = {}
+        for i, counts in self.prefill_counts.items():
+            for e, c in enumerate(counts):
+                pop[(i, e)] = pop.get((i, e), 0.0) + c
+        for i, steps in self.decode_ids.items():
+            for ids in steps:
+                for e in ids:
+                    pop[(i, e)] = pop.get((i, e), 0.0) + 1
+        return pop
+
+
+def make_routing(cfg: DecoderConfig, prompt_tokens: int, decode_tokens: int, kind: str, seed: int) -> Routing:
+    """Routing of every MoE layer (module doc for 'gate' and 'uniform')."""
+    pre, dec = {}, {}
+    E, K = cfg.num_experts, cfg.top_k
+    g = torch.Generator().manual_seed(seed)
+    x_prefill = torch.randn(prompt_tokens, cfg.hidden, generator=g)
+    x_decode = torch.randn(decode_tokens, cfg.hidden, generator=g)
+    for i in range(cfg.num_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        if kind == "uniform":
+            base, rem = divmod(prompt_tokens * K, E)
+            pre[i] = [base + (1 if (e - i) % E < rem else 0) for e in range(E)]
+            dec[i] = [[(t * K + j + i) % E for j in range(K)] for t in range(decode_tokens)]
+            continue
+        router_EM = torch.randn(E, cfg.hidden, generator=g) / math.sqrt(cfg.hidden)
+        ids_TK, _ = route(cfg, x_prefill @ router_EM.t())
+        pre[i] = torch.bincount(ids_TK.flatten(), minlength=E).tolist()
+        ids_SK, _ = route(cfg, x_decode @ router_EM.t())
+        dec[i] = ids_SK.tolist()
+    return Routing(pre, dec)
+
+
+# ----------------------------------------------------------------------------------- one case
+
+@dataclass
+class CaseSetup:
+    cfg: DecoderConfig
+    hw: HardwareClass
+    cost: CostModel
+    policy: Policy
+    widths: dict
+    gg: dict
+    cg_max: int
+    budget_bytes: int
+    nonffn_bytes: int
+    routing: Routing
+    model_name: str
+    policy_key: str
+    dtype_bytes: int
+    attn_params: int          # per layer: attention projections + router
+
+
+def _nonffn_params(cfg: DecoderConfig) -> tuple[int, int]:
+    """(per-layer attention + router parameters, all non-FFN parameters)."""
+    shapes = weight_shapes(cfg)
+    total = sum(math.prod(s) for s in shapes.values())
+    ffn = sum(ffn_widths(cfg).values()) * 3 * cfg.hidden
+    M, qd, kvd = cfg.hidden, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return 2 * qd * M + 2 * kvd * M + cfg.num_experts * M, total - ffn
+
+
+def setup_case(cfg: DecoderConfig, hw: HardwareClass, policy_name: str, sc: SimConfig,
+               routing: Routing, model_name: str = "") -> CaseSetup:
+    """Cost model, policy and placement of one (model, hardware, policy)."""
+    b = sc.dtype_bytes
+    cost = cost_model(hw, b)
+    policy = make_sim_policy(policy_name, cfg, cost, sc, routing.popularity())
+    attn, nonffn = _nonffn_params(cfg)
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * b * (sc.prompt_tokens + sc.decode_tokens)
+    budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes - nonffn * b - kv))
+    widths = ffn_widths(cfg)
+    gg, cg_max = place(policy, widths, cfg.hidden, b, budget)
+    return CaseSetup(cfg, hw, cost, policy, widths, gg, cg_max, budget, nonffn * b, routing, model_name, policy_name, b, attn)
+
+
+def _loads(st: CaseSetup, layer: int, phase: str, n: int, step: int) -> list[ExpertLoad]:
+    """The active FFNs of a layer in the engine's order: routed experts by id, then shared."""
+    cfg = st.cfg
+    if not cfg.is_moe_layer(layer):
+        keys = [((layer, "dense"), n)]
+    else:
+        if phase == "prefill":
+            counts = st.routing.prefill_counts[layer]
+            keys = [((layer, e), c) for e, c in enumerate(counts) if c]
+        else:
+            ids = st.routing.decode_ids[layer][step]
+            keys = [((layer, e), 1) for e in sorted(set(ids))]
+        if cfg.shared_expert_ffn_hidden:
+            keys.append(((layer, "shared"), n))
+    return [ExpertLoad(k, c, st.widths[k], st.gg.get(k, 0)) for k, c in keys]
+
+
+def _nonffn_time(st: CaseSetup, n: int, ctx: int) -> float:
+    """GPU time of one layer's attention + router on n new tokens over ctx cached positions [R]."""
+    cfg, hw, b = st.cfg, st.hw, st.dtype_bytes
+    p_attn = st.attn_params
+    kv_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * b * ctx
+    sdpa_flops = 4 * n * (ctx - n / 2 if n > 1 else ctx) * cfg.num_heads * cfg.head_dim
+    return (hw.gpu_alpha_s + max(2 * n * p_attn / hw.gpu_flops, b * p_attn / hw.gpu_bytes_per_s)
+            + kv_bytes / hw.gpu_bytes_per_s + sdpa_flops / hw.gpu_flops)
+
+
+def _act_time(st: CaseSetup, cpu_tokens: int, dtype_bytes: int) -> float:
+    """D2H of the CPU lane's input rows and H2D of its partial output (scheinfer.md 3.2 T_act)."""
+    if cpu_tokens == 0:
+        return 0.0
+    return 2 * st.cost.h2d_time(dtype_bytes * cpu_tokens * st.cfg.hidden)
+
+
+def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_bytes: int, bands: dict) -> dict:
+    """One forward step (all layers + LM head): ffn / nonffn / act seconds; adds rows to `bands`."""
+    out = {"ffn_s": 0.0, "nonffn_s": 0.0, "act_s": 0.0}
+    for i in range(st.cfg.num_layers):
+        loads = _loads(st, i, phase, n, step)
+        splits = st.policy.plan(i, loads, phase, n, st.cg_max)
+        for ld, s in zip(loads, splits):
+            if s.width != ld.width or s.gg != ld.gg or s.cg > st.cg_max:
+                raise RuntimeError(f"policy {st.policy.name!r} planned {s} for {ld} (cg_max {st.cg_max})")
+            for k in ("cc", "cg", "gg"):
+                bands[k] += getattr(s, k)
+        out["ffn_s"] += ffn_time(st.policy, st.cost, loads, splits, st.cfg.hidden, dtype_bytes)
+        out["act_s"] += _act_time(st, sum(ld.n for ld, s in zip(loads, splits) if s.cc), dtype_bytes)
+        out["nonffn_s"] += _nonffn_time(st, n, ctx)
+    lm = st.cfg.vocab_size * st.cfg.hidden            # last position only (prefill and decode)
+    out["nonffn_s"] += st.hw.gpu_alpha_s + dtype_bytes * lm / st.hw.gpu_bytes_per_s
+    return out
+
+
+def simulate_case(st: CaseSetup, sc: SimConfig) -> list[dict]:
+    """Rows (prefill, decode, overall) of one (model, hardware, policy)."""
+    b = sc.dtype_bytes
+    rows, totals = [], {"ffn_s": 0.0, "nonffn_s": 0.0, "act_s": 0.0}
+    all_bands = {"cc": 0, "cg": 0, "gg": 0}
+    for phase in ("prefill", "decode"):
+        bands = {"cc": 0, "cg": 0, "gg": 0}
+        acc = {"ffn_s": 0.0, "nonffn_s": 0.0, "act_s": 0.0}
+        steps = [(sc.prompt_tokens, sc.prompt_tokens, 0)] if phase == "prefill" else [
+            (1, sc.prompt_tokens + t + 1, t) for t in range(sc.decode_tokens)]
+        for n, ctx, step in steps:
+            for k, v in step_time(st, phase, n, ctx, step, b, bands).items():
+                acc[k] += v
+        tokens = sc.prompt_tokens if phase == "prefill" else sc.decode_tokens
+        rows.append(_row(st, sc, phase, tokens, acc, bands))
+        for k in totals:
+            totals[k] += acc[k]
+        for k in all_bands:
+            all_bands[k] += bands[k]
+    rows.append(_row(st, sc, "overall", sc.prompt_tokens + sc.decode_tokens, totals, all_bands))
+    return rows
+
+
+def _row(st: CaseSetup, sc: SimConfig, phase: str, tokens: int, acc: dict, bands: dict) -> dict:
+    t = acc["ffn_s"] + acc["nonffn_s"] + acc["act_s"]
+    width = max(1, sum(bands.values()))
+    ffn_rows = sum(st.widths.values())
+    return {"hardware": st.hw.name, "model": st.model_name, "system": SYSTEMS[st.policy_key], "policy": st.policy_key,
+            "phase": phase, "tokens": tokens, "time_s": t, "tokens_per_s": tokens / t if t > 0 else math.inf,
+            **acc, "cc_frac": bands["cc"] / width, "cg_frac": bands["cg"] / width, "gg_frac": bands["gg"] / width,
+            "resident_frac": sum(st.gg.values()) / ffn_rows, "gpu_ffn_budget_bytes": st.budget_bytes,
+            "cg_max": st.cg_max, "routing": sc.routing, "assign": sc.assign,
+            "prompt_tokens": sc.prompt_tokens, "decode_tokens": sc.decode_tokens}
+
+
+# ----------------------------------------------------------------------------------- experiment
+
+@dataclass(frozen=True)
+class Resolved:
+    config: SimConfig
+    hardware: dict[str, HardwareClass]
+    models: dict[str, DecoderConfig] = field(default_factory=dict)
+
+
+def resolve(sc: SimConfig) -> Resolved:
+    """Check every value against what exists (models, hardware, policies), before any work."""
+    for key in ("prompt_tokens", "decode_tokens", "tile"):
+        if getattr(sc, key) < 1:
+            raise ConfigError(f"{key}: {getattr(sc, key)!r} is not allowed; allowed: >= 1")
+    if sc.dtype_bytes not in (2, 4):
+        raise ConfigError(f"dtype_bytes: {sc.dtype_bytes!r} is not allowed; allowed: 2, 4")
+    for key in ("models", "hardware", "policies"):
+        if not getattr(sc, key):
+            raise ConfigError(f"{key}: an empty list is not allowed")
+    for p in sc.policies:
+        if p not in SYSTEMS:
+            raise ConfigError(f"policies: {p!r} is not allowed; allowed: {', '.join(SYSTEMS)}")
+    path = Path(sc.hardware_file)
+    hw = load_hardware(path if path.is_absolute() else REPO / path)
+    for h in sc.hardware:
+        if h not in hw:
+            raise ConfigError(f"hardware: {h!r} is not allowed; allowed: {', '.join(hw)}")
+    models = {}
+    for m in sc.models:
+        try:
+            models[m] = DecoderConfig.from_model_config(m)
+        except (ConfigError, KeyError, ValueError) as e:
+            raise ConfigError(f"models: {m!r}: {e}") from None
+    return Resolved(sc, {h: hw[h] for h in sc.hardware}, models)
+
+
+def run(rz: Resolved) -> pd.DataFrame:
+    sc, rows = rz.config, []
+    for mname, cfg in rz.models.items():
+        routing = make_routing(cfg, sc.prompt_tokens, sc.decode_tokens, sc.routing, sc.seed)
+        for hw in rz.hardware.values():
+            for p in sc.policies:
+                if p == "fiddler" and not cfg.is_moe:
+                    continue                    # Fiddler supports MoE models only
+                rows.extend(simulate_case(setup_case(cfg, hw, p, sc, routing, mname), sc))
+    return pd.DataFrame(rows)
+
+
+def make_sim_record(rz: Resolved, frame: pd.DataFrame) -> dict:
+    metrics = {f"tokens_per_s/{r.hardware}/{r.model}/{r.system}/{r.phase}": [float(r.tokens_per_s)]
+               for r in frame.itertuples()}
+    return make_record(
+        experiment=rz.config.experiment, system=",".join(SYSTEMS[p] for p in rz.config.policies), tier="sim",
+        topology={"name": "single-gpu-host", "hardware": list(rz.hardware)},
+        model={"names": list(rz.models), "prompt_tokens": rz.config.prompt_tokens,
+               "decode_tokens": rz.config.decode_tokens, "dtype_bytes": rz.config.dtype_bytes},
+        config=rz.config, metrics=metrics, seed=rz.config.seed,
+        trace_id=f"{rz.config.routing}:seed={rz.config.seed}",
+        extra={"hardware": {h: vars(c) for h, c in rz.hardware.items()},
+               "note": "times MODELED with the engine's cost model on ASSUMED hardware classes (spec sheets "
+                       "x assumed efficiencies); the paper's machines are not public"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m impl.scheinfer.simulate", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="experiment YAML (SimConfig keys)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out-csv", required=True)
+    parser.add_argument("--out-record", required=True)
+    parser.add_argument("--no-progress", action="store_true", help="accepted for symmetry; nothing to show")
+    args = parser.parse_args(argv)
+    try:
+        rz = resolve(build_config(SimConfig, args.config, args.overrides))
+    except (ConfigError, OSError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    frame = run(rz)
+    with atomic_output(args.out_csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    write_record(args.out_record, make_sim_record(rz, frame))
+    for (hw, model), g in frame[frame["phase"] == "overall"].groupby(["hardware", "model"], sort=False):
+        print(f"{hw} {model}: " + ", ".join(f"{r.system} {r.tokens_per_s:.2f}" for r in g.itertuples())
+              + " tok/s overall (modeled)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""ScheInfer's sim tier: config errors before work, the sim's times equal the cost model evaluated
+by hand, placement equals the engine's, and ScheInfer never loses to its own CC+GG / CG+GG
+extremes."""
+import math
+
+import pytest
+import torch
+
+from impl.common.config import ConfigError, build_config
+from impl.scheinfer import simulate
+from impl.scheinfer.engine import HybridEngine
+from impl.scheinfer.generate_models import tiny_config
+from impl.scheinfer.partition import Split, lane_times, optimal_split
+from impl.scheinfer.simulate import SimConfig, resolve
+
+HW = "rtx4090-pcie4-16core"
+
+
+def _resolve(*overrides):
+    return resolve(build_config(SimConfig, None, list(overrides)))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("policies=[layers, vllm]", "policies: 'vllm' is not allowed; allowed: layers, fiddler, scheinfer"),
+    ("hardware=[a100]", "hardware: 'a100' is not allowed; allowed: rtx4090-pcie4-16core"),
+    ("prompt_tokens=0", "prompt_tokens: 0 is not allowed; allowed: >= 1"),
+    ("routing=zipf", "routing: 'zipf' is not allowed; allowed: 'gate', 'uniform'"),
+    ("promt_tokens=5", "promt_tokens"),
+    ("models=[gpt5]", "models: 'gpt5'"),
+    ("hardware_file=/nonexistent.yaml", "hardware_file: '/nonexistent.yaml' is not a file"),
+])
+def test_bad_config_is_one_line_error(override, message):
+    with pytest.raises(ConfigError) as e:
+        _resolve(override)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_fails_before_work_with_exit_2(tmp_path, capsys):
+    rc = simulate.main(["--set", "decode_tokens=-1", "--out-csv", str(tmp_path / "a.csv"),
+                        "--out-record", str(tmp_path / "a.json")])
+    assert rc == 2 and "decode_tokens: -1 is not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "a.csv").exists()
+
+
+def test_bad_hardware_value(tmp_path):
+    bad = tmp_path / "hw.yaml"
+    bad.write_text("x: {gpu_mem_bytes: 1.0e+9, gpu_reserve_bytes: 0, gpu_flops: 0, gpu_bytes_per_s: 1, "
+                   "cpu_flops: 1, cpu_bytes_per_s: 1, h2d_bytes_per_s: 1}\n")
+    with pytest.raises(ConfigError, match=r"gpu_flops=0 is not allowed; expected a number > 0"):
+        _resolve(f"hardware_file={bad}", "hardware=[x]")
+
+
+def test_placement_equals_the_engine(tmp_path):
+    cfg = tiny_config("mixtral")
+    sc = SimConfig(models=("mixtral-8x7b-tiny",), hardware=(HW,), prompt_tokens=4, decode_tokens=1, tile=16,
+                   dtype_bytes=4)
+    rz = resolve(sc)
+    routing = simulate.make_routing(cfg, 4, 1, "uniform", 0)
+    widths = simulate.ffn_widths(cfg)
+    budget = sum(widths.values()) * 3 * cfg.hidden * 4 // 2
+    for p in ("scheinfer", "fiddler", "layers"):
+        policy = simulate.make_sim_policy(p, cfg, simulate.cost_model(rz.hardware[HW], 4), sc, routing.popularity())
+        ours = simulate.place(policy, widths, cfg.hidden, 4, budget)
+        engine = HybridEngine(simulate.make_sim_policy(p, cfg, simulate.cost_model(rz.hardware[HW], 4), sc,
+                                                       routing.popularity()), cfg.hidden, torch.float32, budget,
+                              device="cpu")
+        try:
+            assert ours == (engine.place(widths), engine.cg_max), p
+        finally:
+            engine.close()
+
+
+def _case(policy, model="mixtral-8x7b", **kw):
+    sc = SimConfig(models=(model,), hardware=(HW,), policies=(policy,), prompt_tokens=64, decode_tokens=3,
+                   routing="uniform", **kw)
+    rz = resolve(sc)
+    cfg = rz.models[model]
+    routing = simulate.make_routing(cfg, sc.prompt_tokens, sc.decode_tokens, sc.routing, sc.seed)
+    st = simulate.setup_case(cfg, rz.hardware[HW], policy, sc, routing, model)
+    return sc, cfg, st, {r["phase"]: r for r in simulate.simulate_case(st, sc)}
+
+
+@pytest.mark.parametrize("policy", ["scheinfer", "layers", "fiddler"])
+def test_sim_time_equals_cost_model_by_hand(policy):
+    sc, cfg, st, rows = _case(policy)
+    b, M, E, K, n = sc.dtype_bytes, cfg.hidden, cfg.num_experts, cfg.top_k, sc.prompt_tokens
+    assert rows["prefill"]["tokens"] == n
+    expected = 0.0
+    for i in range(cfg.num_layers):               # uniform routing: n*K/E tokens for each expert
+        keys = [(i, e) for e in range(E)]
+        counts = [n * K // E] * E
+        gg = [st.gg[k] for k in keys]
+        width = cfg.moe_ffn_hidden
+        if policy == "scheinfer":
+            splits = [optimal_split(st.cost, c, M, width, g, sc.tile, b, st.cg_max) for c, g in zip(counts, gg)]
+        elif policy == "layers":                  # n >= 32: CPU-resident layers are copied to the GPU
+            splits = [Split(0, width - g, g) for g in gg]
+        else:
+            splits = [Split(0, 0, width) if g == width else
+                      Split(width, 0, 0) if st.policy.on_cpu(c, width) else Split(0, width, 0)
+                      for c, g in zip(counts, gg)]
+        t = [lane_times(st.cost, c, M, s, b) for c, s in zip(counts, splits)]
+        if policy == "scheinfer":                 # the three lanes overlap
+            last_cg = next((lane_times(st.cost, c, M, Split(0, s.cg, 0), b).gpu
+                            for c, s in zip(reversed(counts), reversed(splits)) if s.cg), 0.0)
+            expected += max(sum(x.cpu for x in t), sum(x.gpu for x in t), sum(x.h2d for x in t) + last_cg)
+        else:                                     # one part after another
+            expected += sum(x.cpu + x.h2d + x.gpu for x in t)
+    assert math.isclose(rows["prefill"]["ffn_s"], expected, rel_tol=1e-12)
+    total = rows["prefill"]["ffn_s"] + rows["prefill"]["nonffn_s"] + rows["prefill"]["act_s"]
+    assert math.isclose(rows["prefill"]["time_s"], total)
+    assert math.isclose(rows["overall"]["time_s"], rows["prefill"]["time_s"] + rows["decode"]["time_s"])
+    assert math.isclose(rows["decode"]["tokens_per_s"], 3 / rows["decode"]["time_s"])
+
+
+@pytest.mark.parametrize("routing", ["uniform", "gate"])
+def test_scheinfer_never_slower_than_its_extremes(routing):
+    frame = simulate.run(_resolve(f"routing={routing}", "prompt_tokens=48", "decode_tokens=2",
+                                  "policies=[scheinfer, cc-only, cg-only]",
+                                  "hardware=[rtx4090-pcie4-16core, rtx3090-pcie3-8core]"))
+    wide = frame.pivot_table(index=["hardware", "model", "phase"], columns="policy", values="time_s")
+    assert len(wide) == 5 * 2 * 3
+    assert (wide["scheinfer"] <= wide["cc-only"] * (1 + 1e-12)).all()
+    assert (wide["scheinfer"] <= wide["cg-only"] * (1 + 1e-12)).all()
+
+
+def test_makespan_assignment_is_never_slower_per_layer():
+    """With assign=makespan the extremes are among the candidates of every layer: a theorem."""
+    _, _, st, _ = _case("scheinfer", "qwen1.5-moe-a2.7b", assign="makespan")
+    for phase, n in (("prefill", 64), ("decode", 1)):
+        for i in range(st.cfg.num_layers):
+            loads = simulate._loads(st, i, phase, n, 0)
+            ours = simulate.ffn_time(st.policy, st.cost, loads, st.policy.plan(i, loads, phase, n, st.cg_max),
+                                     st.cfg.hidden, 2)
+            for band in ("cc", "cg"):
+                other = simulate._BandOnlyPolicy(band, st.cost, st.cfg.hidden, 2, 128)
+                t = simulate.ffn_time(other, st.cost, loads, other.plan(i, loads, phase, n, st.cg_max),
+                                      st.cfg.hidden, 2)
+                assert ours <= t * (1 + 1e-12)
