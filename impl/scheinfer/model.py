@@ -254,23 +254,34 @@ class ExpertWeights:
 
 
 # Few-token products x_TK @ w_NK^T are memory bound, and one BLAS call streams the weight on one
-# core. When w^T is stored row-major ([K, N] rows, see `Decoder._expert`) the reduction dimension K
-# is cut into chunks that one batched call runs on all cores; the partial products are summed.
+# core. So the weight is cut into one block per core and one batched call runs the blocks on all
+# cores: along the output dimension N when w is stored row-major ([N, K] rows, the natural
+# layout), else along the reduction dimension K when w^T is ([K, N] rows: the engine's down
+# slices, see `engine.HybridDecoder._expert`), the partial products then summed.
 _SPLIT_MAX_TOKENS = 32
-_SPLIT_MIN_K = 256
+_SPLIT_MIN_WIDTH = 256
 
 
-def _linear(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """x_TK @ w_NK^T (F.linear without bias), K-split across cores for few tokens."""
-    if x_TK.dim() != 2 or x_TK.device.type != "cpu":
-        return F.linear(x_TK, w_NK)
-    T, K = x_TK.shape
+def _linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w_NK, b_N) for x of shape [..., K], split across cores for few tokens."""
     n = min(torch.get_num_threads(), 2)
-    wt_KN = w_NK.t()
-    if n > 1 and T <= _SPLIT_MAX_TOKENS and K >= _SPLIT_MIN_K and K % n == 0 and wt_KN.stride(1) == 1:
-        parts_nTN = torch.bmm(x_TK.reshape(T, n, K // n).transpose(0, 1), wt_KN.view(n, K // n, -1))
-        return parts_nTN.sum(0)
-    return F.linear(x_TK, w_NK)
+    K = x.shape[-1]
+    T = x.numel() // K if K else 0
+    if n == 1 or x.device.type != "cpu" or not 0 < T <= _SPLIT_MAX_TOKENS or x.dtype != w_NK.dtype:
+        return F.linear(x, w_NK, b_N)
+    x_TK, N = x.reshape(T, K), w_NK.shape[0]
+    if N >= _SPLIT_MIN_WIDTH and N % n == 0 and w_NK.stride(1) == 1:       # blocks of output rows
+        w_nXK = w_NK.as_strided((n, N // n, K), (N // n * w_NK.stride(0), w_NK.stride(0), 1))
+        y_TN = torch.bmm(w_nXK, x_TK.t().expand(n, K, T)).view(N, T).t()
+    elif K >= _SPLIT_MIN_WIDTH and K % n == 0 and w_NK.stride(0) == 1:     # blocks of the reduction
+        wt_KN = w_NK.t()
+        wt_nXN = wt_KN.as_strided((n, K // n, N), (K // n * wt_KN.stride(0), wt_KN.stride(0), 1))
+        y_TN = torch.bmm(x_TK.view(T, n, K // n).transpose(0, 1), wt_nXN).sum(0)
+    else:
+        return F.linear(x, w_NK, b_N)
+    if b_N is not None:
+        y_TN = y_TN + b_N
+    return y_TN.reshape(*x.shape[:-1], N)
 
 
 def _joined(*parts: torch.Tensor, dim: int = 0) -> torch.Tensor | None:
@@ -290,9 +301,9 @@ def _joined(*parts: torch.Tensor, dim: int = 0) -> torch.Tensor | None:
 
 def ffn(w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
     """SwiGLU FFN; exact under slicing of F: sum over disjoint slices s of ffn(w.slice(s), x)."""
-    gu_M2F = _joined(w.gate_FM.t(), w.up_FM.t(), dim=1)
-    if gu_M2F is not None:          # gate and up side by side in one [M, 2F] array: one product
-        gu_T2F = _linear(x_TM, gu_M2F.t())
+    gu_2FM = _joined(w.gate_FM, w.up_FM)
+    if gu_2FM is not None:          # gate and up rows stacked in one [2F, M] array: one product
+        gu_T2F = _linear(x_TM, gu_2FM)
         h_TF = F.silu(gu_T2F[:, :w.ffn_hidden]) * gu_T2F[:, w.ffn_hidden:]
     else:
         h_TF = F.silu(_linear(x_TM, w.gate_FM)) * _linear(x_TM, w.up_FM)
@@ -565,16 +576,13 @@ class Decoder:
         return Norm(self._w(f"{prefix}.weight"), bias, cfg.norm_kind, cfg.norm_eps)
 
     def _expert(self, prefix: str) -> ExpertWeights:
-        # Stored transposed, ExpertWeights holding views: gate and up side by side in one [M, 2F]
-        # array (`ffn` streams both in one product), down as [F, M] rows: the layout in which
-        # few-token products stream the weights fastest (`_linear`). Slices stay views.
+        # gate and up rows stacked in one [2F, M] array, ExpertWeights holding views of it: `ffn`
+        # streams both in one product. Slices along F stay views.
         names = expert_weight_names(prefix)
-        gate, up, down = (self.source.load(names[p]).to(device=self.device, dtype=self.dtype)
-                          for p in EXPERT_PARTS)
+        gate, up, down = (self._w(names[p]) for p in EXPERT_PARTS)
         width = gate.shape[0]
-        gu_M2F = torch.cat((gate.t(), up.t()), dim=1)
-        down_FM = down.t().clone(memory_format=torch.contiguous_format)
-        return ExpertWeights(gu_M2F[:, :width].t(), gu_M2F[:, width:].t(), down_FM.t())
+        gu_2FM = torch.cat((gate, up))
+        return ExpertWeights(gu_2FM[:width], gu_2FM[width:], down.contiguous())
 
     def layer_weights(self, i: int) -> LayerWeights:
         """Layer i's weights in the compute dtype / device (cached ones when cache_weights)."""
@@ -634,14 +642,14 @@ class Decoder:
         qkv_XM = _joined(w.q_w, w.k_w, w.v_w)
         qkv_b = None if w.q_b is None else _joined(w.q_b, w.k_b, w.v_b)
         if qkv_XM is not None and (w.q_b is None or qkv_b is not None):     # one product, one RoPE
-            qkv_BNSD = F.linear(h_BSM, qkv_XM, qkv_b)
+            qkv_BNSD = _linear(h_BSM, qkv_XM, qkv_b)
             qkv_BNSD = qkv_BNSD.view(B, S, H + 2 * G, D).transpose(1, 2)
             qk_BNSD = self._rotate(qkv_BNSD[:, :H + G], cos, sin)
             q_BHSD, k_BGSD, v_BGSD = qk_BNSD[:, :H], qk_BNSD[:, H:], qkv_BNSD[:, H + G:]
         else:
-            q_BHSD = F.linear(h_BSM, w.q_w, w.q_b).view(B, S, H, D).transpose(1, 2)
-            k_BGSD = F.linear(h_BSM, w.k_w, w.k_b).view(B, S, G, D).transpose(1, 2)
-            v_BGSD = F.linear(h_BSM, w.v_w, w.v_b).view(B, S, G, D).transpose(1, 2)
+            q_BHSD = _linear(h_BSM, w.q_w, w.q_b).view(B, S, H, D).transpose(1, 2)
+            k_BGSD = _linear(h_BSM, w.k_w, w.k_b).view(B, S, G, D).transpose(1, 2)
+            v_BGSD = _linear(h_BSM, w.v_w, w.v_b).view(B, S, G, D).transpose(1, 2)
             q_BHSD, k_BGSD = self._rotate(q_BHSD, cos, sin), self._rotate(k_BGSD, cos, sin)
         L1 = allowed_BSL.shape[-1] if allowed_BSL is not None else L1
         L0 = L1 - S
@@ -655,7 +663,7 @@ class Decoder:
             scores_BHSL = scores_BHSL.masked_fill(~allowed_BSL[:, None], float("-inf"))
         probs_BGXL = torch.softmax(scores_BHSL, dim=-1).to(self.dtype).view(B, G, R * S, L1)
         o_BSX = (probs_BGXL @ v_BGLD).view(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
-        return F.linear(o_BSX, w.o_w, w.o_b)
+        return _linear(o_BSX, w.o_w, w.o_b)
 
     def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
         ids_TK, weights_TK = route(self.config, F.linear(x_TM, w.router_EM))
@@ -748,7 +756,7 @@ class Decoder:
             cache.unpadded = False
         if last_only:
             x_BSM = x_BSM[:, -1:]
-        return F.linear(self.final_norm(x_BSM), self.lm_head_VM, self.lm_head_b).float()
+        return _linear(self.final_norm(x_BSM), self.lm_head_VM, self.lm_head_b).float()
 
     def logits(self, tokens: Sequence[int]) -> torch.Tensor:
         """Float32 logits [S, V] of one sequence (every position, fresh cache)."""

@@ -38,6 +38,31 @@ def test_ffn_is_exact_sum_of_intermediate_slices(dtype, tol):
         ExpertWeights(w.gate_FM, w.up_FM, w.gate_FM)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["rows", "transposed", "narrow"])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_split_linear_equals_f_linear(threads, layout, tokens):
+    """model._linear's core-split paths (blocks of output rows, blocks of the reduction) and its
+    fallback equal F.linear, with bias and leading batch dims."""
+    from impl.scheinfer.model import _linear
+    g = torch.Generator().manual_seed(tokens)
+    N, K = (512, 384) if layout != "narrow" else (6, 8)
+    w_NK = torch.randn(N, K, generator=g, dtype=torch.float64)
+    if layout == "transposed":
+        w_NK = w_NK.t().contiguous().t()
+    x = torch.randn(2, tokens, K, generator=g, dtype=torch.float64)
+    b = torch.randn(N, generator=g, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (None, b):
+            got = _linear(x, w_NK, bias)
+            assert got.shape == (2, tokens, N)
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, w_NK, bias), rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ffn_hand_formula():
     w = ExpertWeights(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[3.0], [1.0]]))
     x = torch.tensor([[1.0, 1.0]])
