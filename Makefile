@@ -15,10 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# The test suite's references besides: the real llama.cpp (built from source once, about 10 min
+# on 2 cores, then cached by pip) and HF transformers.
+$(VENV)/.installed-test: $(VENV)/.installed
+	CMAKE_BUILD_PARALLEL_LEVEL=$(CORES) DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev,llamacpp,reference]'
+	touch $@
+
 run: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --cores $(CORES) --workflow-profile workflows/profiles/local
 
-test: setup
+test: $(VENV)/.installed-test
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests
 
 clean:

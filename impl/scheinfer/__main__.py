@@ -3,8 +3,15 @@
     python -m impl.scheinfer generate --model FILE (--prompt TEXT | --tokens IDS) --n-predict N
         [--gpu-mem BYTES] [--policy scheinfer|fiddler|layers] [--threads N] [--tile ROWS]
         [--assign split|threshold|makespan] [--cost COST.json] [--timeline OUT.json]
+    python -m impl.scheinfer bench --model FILE.gguf --prompt-tokens 16,64 --n-predict N
+        [--policies scheinfer,fiddler,layers] [--gpu-mem BYTES] [--llamacpp] [--repeats R]
+        --out-csv OUT.csv --out-record OUT.json
     python -m impl.scheinfer calibrate [--out COST.json] [--quick]
 
+`bench` measures every (policy, prompt length) on one model (and the real llama.cpp on the same
+GGUF with --llamacpp, CPU build: n_gpu_layers only with a CUDA build), in alternating rounds so
+that machine noise hits every system alike, and writes the per-round tok/s as a CSV and one run
+record (medians, p5/p95). Tier 'emu' when the GPU lanes run on the CPU, 'cluster' on a CUDA device.
 `generate` prints the new token ids, then prefill and decode speed (tokens/s); a progress bar goes
 to stderr. The cost model comes from --cost (a `calibrate` output) or a quick calibration at start.
 Bad arguments give one line on stderr and exit status 2, before any weights are read.
@@ -84,6 +91,31 @@ def _validate_generate(args) -> str | None:
     return None
 
 
+def _cost_model(path: str | None, hidden: int):
+    """The engine's cost model: a `calibrate --out` JSON, else a quick calibration now."""
+    from .calibrate import calibrate
+    from .partition import CostModel
+    if path:
+        d = json.loads(Path(path).read_text())
+        return CostModel.from_dict(d.get("cost", d))
+    return calibrate(hidden=hidden, widths=(64, 128, 256), rows=(1, 8, 32), reps=3,
+                     copy_sizes=(1 << 14, 1 << 16, 1 << 18)).cost
+
+
+def _gpu_mem(gpu_mem: int | None, cfg) -> int:
+    from .engine import ffn_widths
+    return gpu_mem if gpu_mem is not None else sum(ffn_widths(cfg).values()) * 3 * cfg.hidden * 4 // 2
+
+
+def _engine(policy_name: str, cost, cfg, gpu_mem: int, tile: int, assign: str, threads: int | None):
+    import torch
+    from .engine import HybridEngine, make_policy
+    opts = {"assign": assign} if policy_name == "scheinfer" else {}
+    policy = make_policy(policy_name, cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
+                         tile=tile, **opts)
+    return policy, HybridEngine(policy, cfg.hidden, torch.float32, gpu_mem, threads=threads)
+
+
 def cmd_generate(args) -> int:
     err = _validate_generate(args)
     if err:
@@ -105,25 +137,14 @@ def cmd_generate(args) -> int:
 
     import torch
     from tqdm import tqdm
-    from .calibrate import calibrate
-    from .engine import HybridDecoder, HybridEngine, ffn_widths, make_policy
-    from .partition import CostModel
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cost:
-        d = json.loads(Path(args.cost).read_text())
-        cost = CostModel.from_dict(d.get("cost", d))
-    else:
-        cost = calibrate(hidden=cfg.hidden, widths=(64, 128, 256), rows=(1, 8, 32), reps=3,
-                         copy_sizes=(1 << 14, 1 << 16, 1 << 18)).cost
-    ffn_bytes = sum(ffn_widths(cfg).values()) * 3 * cfg.hidden * 4
-    gpu_mem = args.gpu_mem if args.gpu_mem is not None else ffn_bytes // 2
-    opts = {"assign": args.assign} if args.policy == "scheinfer" else {}
-    policy = make_policy(args.policy, cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
-                         tile=args.tile, **opts)
-    engine = HybridEngine(policy, cfg.hidden, torch.float32, gpu_mem, threads=args.threads)
+    cost = _cost_model(args.cost, cfg.hidden)
+    gpu_mem = _gpu_mem(args.gpu_mem, cfg)
+    policy, engine = _engine(args.policy, cost, cfg, gpu_mem, args.tile, args.assign, args.threads)
     bar = tqdm(total=len(prompt) + args.n_predict - 1, desc="tokens", unit="tok", file=sys.stderr,
                disable=args.no_progress)
+    from .engine import HybridDecoder
     try:
         dec = HybridDecoder(source, engine, on_forward=bar.update)
         out = dec.generate([prompt], args.n_predict, eos_token_id=None if args.ignore_eos else cfg.eos_token_id)
@@ -139,6 +160,132 @@ def cmd_generate(args) -> int:
           f"device {engine.device}, cost {cost.source}")
     if args.timeline:
         Path(args.timeline).write_text(json.dumps([dataclasses.asdict(e) for e in engine.events], default=str))
+    return 0
+
+
+def _split_list(text: str, name: str, kind=str) -> list:
+    try:
+        items = [kind(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected a comma-separated list") from None
+    if not items:
+        raise ValueError(f"{name}={text!r}: expected at least one value")
+    return items
+
+
+def _validate_bench(args) -> str | None:
+    from .engine import POLICIES
+    model = Path(args.model)
+    if model.suffix != ".gguf" or not model.is_file():
+        return f"--model {model}: expected an existing .gguf file"
+    try:
+        args.policies = _split_list(args.policies, "--policies")
+        args.prompt_tokens = _split_list(args.prompt_tokens, "--prompt-tokens", int)
+    except ValueError as e:
+        return str(e)
+    for p in args.policies:
+        if p not in POLICIES or p == "fixed":
+            return f"--policies: {p!r} is not allowed; expected scheinfer, fiddler, layers"
+    if min(args.prompt_tokens) < 1:
+        return f"--prompt-tokens: {min(args.prompt_tokens)} is not allowed; expected integers >= 1"
+    for name in ("n_predict", "repeats"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; expected an integer >= 1"
+    if args.gpu_mem is not None and args.gpu_mem < 0:
+        return f"--gpu-mem={args.gpu_mem} is not allowed; expected bytes >= 0"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads={args.threads} is not allowed; expected an integer >= 1"
+    if args.cost is not None and not Path(args.cost).is_file():
+        return f"--cost {args.cost}: no such file"
+    from .assign import ASSIGN_MODES
+    if args.assign not in ASSIGN_MODES:
+        return f"--assign={args.assign!r} is not allowed; expected one of {', '.join(ASSIGN_MODES)}"
+    if args.tile < 1:
+        return f"--tile={args.tile} is not allowed; expected an integer >= 1"
+    if args.llamacpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            return "--llamacpp needs llama-cpp-python (pip install -e '.[llamacpp]')"
+    return None
+
+
+def cmd_bench(args) -> int:
+    err = _validate_bench(args)
+    if err:
+        return _fail(err)
+    from impl.common.config import ConfigError
+    from .weights import WeightFormatError, load_weights
+    try:
+        source = load_weights(Path(args.model))
+    except (WeightFormatError, ConfigError) as e:
+        return _fail(str(e))
+    cfg = source.config
+    n_ctx = max(args.prompt_tokens) + args.n_predict + 1
+    if n_ctx > cfg.max_position_embeddings:
+        return _fail(f"--prompt-tokens {max(args.prompt_tokens)} + --n-predict {args.n_predict} exceed the "
+                     f"model's {cfg.max_position_embeddings} positions")
+
+    import pandas as pd
+    import torch
+    from tqdm import tqdm
+    from impl.common.records import atomic_output, make_record, write_record
+    from .engine import HybridDecoder
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    cost = _cost_model(args.cost, cfg.hidden)
+    gpu_mem = _gpu_mem(args.gpu_mem, cfg)
+    prompts = {n: [1 + (i % (cfg.vocab_size - 1)) for i in range(n)] for n in args.prompt_tokens}
+    decoders, engines = {}, []
+    try:
+        for name in args.policies:          # weights loaded once per policy, outside the timings
+            policy, engine = _engine(name, cost, cfg, gpu_mem, args.tile, args.assign, args.threads)
+            engines.append(engine)
+            decoders[name] = HybridDecoder(source, engine)
+        device = str(engines[0].device)
+        systems = [*args.policies, *(["llama.cpp"] if args.llamacpp else [])]
+        rows = []
+        bar = tqdm(total=args.repeats * len(prompts) * len(systems), desc="runs", file=sys.stderr,
+                   disable=args.no_progress)
+        for r in range(args.repeats):
+            for n, prompt in prompts.items():
+                for system in systems:
+                    if system == "llama.cpp":
+                        from baselines.llamacpp.runner import LlamaCppSettings, measure_speed
+                        res = measure_speed(args.model, prompt, args.n_predict,
+                                            LlamaCppSettings(n_ctx=n_ctx, n_threads=threads), repeats=1)
+                        pre, dec = res.prefill_median, res.decode_median
+                    else:
+                        d = decoders[system]
+                        for _ in range(2):  # the first generation warms caches and thread pools up
+                            out = d.generate([prompt], args.n_predict + 1, eos_token_id=None)
+                        pre, dec = out.prompt_tokens / out.prefill_s, out.decode_steps / out.decode_s
+                    rows.append({"round": r, "system": system, "prompt_tokens": n, "n_predict": args.n_predict,
+                                 "prefill_tok_s": pre, "decode_tok_s": dec, "device": device,
+                                 "threads": threads, "gpu_mem_bytes": gpu_mem if system != "llama.cpp" else None})
+                    bar.update()
+        bar.close()
+    finally:
+        for e in engines:
+            e.close()
+    frame = pd.DataFrame(rows)
+    metrics = {f"{ph}_tok_s/{g.system.iloc[0]}/prompt={g.prompt_tokens.iloc[0]}": g[f"{ph}_tok_s"].tolist()
+               for _, g in frame.groupby(["system", "prompt_tokens"], sort=False) for ph in ("prefill", "decode")}
+    record = make_record(
+        experiment="scheinfer_bench", system=",".join(systems), tier="cluster" if device.startswith("cuda") else "emu",
+        topology={"name": "single-host", "device": device, "threads": threads},
+        model={"path": str(args.model), "arch": cfg.arch, "hidden": cfg.hidden, "layers": cfg.num_layers,
+               "experts": cfg.num_experts, "dtype": "float32"},
+        config={k: v for k, v in vars(args).items() if k not in ("cmd",)}, metrics=metrics, seed=0,
+        extra={"cost_model": cost.source, "note": "MEASURED on this host; without CUDA the engine's GPU and PCIe "
+                                                  "lanes run on the CPU (emulated)"})
+    with atomic_output(args.out_csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    write_record(args.out_record, record)
+    med = frame.groupby(["prompt_tokens", "system"], sort=False)[["prefill_tok_s", "decode_tok_s"]].median()
+    print(f"device {device}, {threads} threads, {args.repeats} rounds (medians, tok/s):")
+    print(med.to_string(float_format=lambda v: f"{v:.1f}"))
     return 0
 
 
@@ -171,12 +318,27 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--timeline", default=None, help="write lane events as JSON")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--no-progress", action="store_true")
+    b = sub.add_parser("bench", help="measure tok/s of every policy (and llama.cpp) on one model")
+    b.add_argument("--model", required=True, help=".gguf file")
+    b.add_argument("--prompt-tokens", default="16,64", help="prompt lengths, e.g. '16,64'")
+    b.add_argument("--n-predict", type=int, default=16)
+    b.add_argument("--policies", default="scheinfer,fiddler,layers")
+    b.add_argument("--llamacpp", action="store_true", help="also the real llama.cpp on the same file")
+    b.add_argument("--gpu-mem", type=int, default=None, help="as for generate")
+    b.add_argument("--assign", default="split")
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--tile", type=int, default=64)
+    b.add_argument("--cost", default=None)
+    b.add_argument("--repeats", type=int, default=3, help="alternating rounds")
+    b.add_argument("--out-csv", required=True)
+    b.add_argument("--out-record", required=True)
+    b.add_argument("--no-progress", action="store_true")
     c = sub.add_parser("calibrate", help="fit the cost model on this machine")
     c.add_argument("--out", default=None)
     c.add_argument("--hidden", type=int, default=256)
     c.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
-    return cmd_generate(args) if args.cmd == "generate" else cmd_calibrate(args)
+    return {"generate": cmd_generate, "bench": cmd_bench, "calibrate": cmd_calibrate}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,36 @@ def test_module_entry_point(files):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()[0].split()) == 2
+
+
+def test_bench_writes_rounds_and_a_valid_record(files, capsys, tmp_path):
+    from impl.common.records import validate_record
+    csv, rec = tmp_path / "b.csv", tmp_path / "b.json"
+    out = _ok(capsys, ["bench", "--model", str(files["mixtral"]), "--prompt-tokens", "4,9", "--n-predict", "3",
+                       "--policies", "scheinfer,layers", "--repeats", "2", "--cost", str(files["cost"]),
+                       "--tile", "16", "--threads", "1", "--out-csv", str(csv), "--out-record", str(rec),
+                       "--no-progress"])
+    import pandas as pd
+    frame = pd.read_csv(csv)
+    assert len(frame) == 2 * 2 * 2 and set(frame["system"]) == {"scheinfer", "layers"}
+    assert (frame["prefill_tok_s"] > 0).all() and (frame["decode_tok_s"] > 0).all()
+    record = json.loads(rec.read_text())
+    validate_record(record)
+    assert record["tier"] == "emu" and record["experiment"] == "scheinfer_bench"
+    assert record["metrics"]["decode_tok_s/layers/prompt=9"]["n"] == 2
+    assert "device cpu" in out.out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policies", "scheinfer,vllm"], "--policies: 'vllm' is not allowed"),
+    (["--prompt-tokens", "0,4"], "--prompt-tokens: 0 is not allowed"),
+    (["--prompt-tokens", "a"], "--prompt-tokens='a': expected a comma-separated list"),
+    (["--repeats", "0"], "--repeats=0 is not allowed"),
+    (["--assign", "greedy"], "--assign='greedy' is not allowed"),
+])
+def test_bench_bad_arguments_fail_before_work(files, capsys, tmp_path, args, message):
+    rc = main(["bench", "--model", str(files["mixtral"]), "--out-csv", str(tmp_path / "b.csv"),
+               "--out-record", str(tmp_path / "b.json"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.csv").exists()
