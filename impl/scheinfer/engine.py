@@ -28,6 +28,7 @@ embeddings, norms, routers and the KV cache are assumed resident besides it [R, 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -48,6 +49,7 @@ __all__ = ["POLICIES", "LaneEvent", "Policy", "ScheInferPolicy", "FixedPolicy", 
            "HybridEngine", "HybridDecoder", "ffn_widths"]
 
 POLICIES = ("scheinfer", "fiddler", "layers", "fixed")
+LANE_SWITCH_INTERVAL_S = 1e-4     # GIL switch interval while an engine is open (see __init__)
 Key = tuple[int, Hashable]          # (layer, expert id | 'dense' | 'shared')
 
 
@@ -201,6 +203,12 @@ def make_policy(name: str, *, cost: CostModel | None, hidden: int, num_layers: i
 
 # ----------------------------------------------------------------------------------- engine
 
+def _start_lane_thread(threads: int) -> None:
+    torch.set_num_threads(threads)
+    x = torch.ones(4, 64)
+    F.linear(x, x)
+
+
 def _contiguous_rows(w: ExpertWeights, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate, up, down^T rows [a, b) (each [b-a, M]; contiguous when down is stored as [F, M])."""
     return w.gate_FM[a:b], w.up_FM[a:b], w.down_MF[:, a:b].t()
@@ -235,6 +243,18 @@ class HybridEngine:
         self._slots: queue.Queue | None = None
         self._pools = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"scheinfer-{lane}")
                        for lane in ("cpu", "h2d", "gpu")}
+        # The lanes are Python threads whose work is many short GIL-free torch calls; with the
+        # default 5 ms switch interval one lane re-takes the GIL after each call while another
+        # waits for it (a convoy), which serialises the lanes. A short interval lets them overlap.
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, LANE_SWITCH_INTERVAL_S))
+        # Start every lane's thread now, with one small product: a thread's first torch call pays
+        # one-off set-up (milliseconds) that would otherwise land in the first layer's timeline.
+        # torch's thread count is per thread (OpenMP), so each lane is given this thread's: left at
+        # its default, every lane would run multi-threaded kernels on all cores at once.
+        self.threads = torch.get_num_threads()
+        for f in [pool.submit(_start_lane_thread, self.threads) for pool in self._pools.values()]:
+            f.result()
         if self.cuda:
             self._compute_stream = torch.cuda.Stream(self.device)
             self._copy_stream = torch.cuda.Stream(self.device)
@@ -425,6 +445,7 @@ class HybridEngine:
     def close(self):
         for p in self._pools.values():
             p.shutdown(wait=True)
+        sys.setswitchinterval(self._switch_interval)
 
 
 # ----------------------------------------------------------------------------------- decoder

@@ -19,6 +19,7 @@ the vocabulary size (ids are what matters; tests run on token ids).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -55,6 +56,10 @@ def _check_dtype(dtype: str) -> torch.dtype:
 
 def tiny_config(kind: str, **overrides) -> DecoderConfig:
     """DecoderConfig of a test model: `kind` is a key of KINDS or any model name of get_model."""
+    fields = {f.name for f in dataclasses.fields(DecoderConfig)}
+    for key in overrides:
+        if key not in fields:
+            raise ConfigError(f"model field {key!r} is not allowed; allowed: {', '.join(sorted(fields))}")
     try:
         return DecoderConfig.from_model_config(KINDS.get(kind, kind), **overrides)
     except ConfigError as e:
@@ -156,9 +161,10 @@ def write_safetensors(source: WeightSource, out_dir: str | Path, dtype: str = "f
     return out_dir
 
 
-def generate(kind: str, out: str | Path, dtype: str = "f32", seed: int = 0) -> Path:
-    """A test model of `kind` at `out`: GGUF when out ends in .gguf, else a safetensors directory."""
-    source = random_source(kind, seed)
+def generate(kind: str, out: str | Path, dtype: str = "f32", seed: int = 0, **overrides) -> Path:
+    """A test model of `kind` at `out`: GGUF when out ends in .gguf, else a safetensors directory.
+    `overrides` replace DecoderConfig fields (hidden=256, num_layers=4, ...)."""
+    source = random_source(tiny_config(kind, **overrides), seed)
     out = Path(out)
     if out.suffix == ".gguf":
         return write_gguf(source, out, dtype, name=f"tiny-{kind}-seed{seed}")
@@ -172,9 +178,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="X.gguf for GGUF, otherwise a directory for safetensors")
     ap.add_argument("--dtype", default="f32", choices=list(DTYPES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=INT",
+                    help="replace an integer field of the model config, e.g. --set hidden=256")
     args = ap.parse_args(argv)
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        try:
+            overrides[key.strip()] = int(value)
+        except ValueError:
+            ap.error(f"--set {item!r}: expected FIELD=INTEGER")
+        if not sep:
+            ap.error(f"--set {item!r}: expected FIELD=INTEGER")
     try:
-        path = generate(args.kind, args.out, args.dtype, args.seed)
+        path = generate(args.kind, args.out, args.dtype, args.seed, **overrides)
     except (ConfigError, WeightFormatError) as e:
         ap.error(str(e))
     print(path)

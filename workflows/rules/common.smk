@@ -116,7 +116,12 @@ def scheinfer_tiny_hidden():
     """Hidden size of the small generated model the timeline runs (the calibration's width)."""
     from impl.scheinfer.generate_models import tiny_config
 
-    return tiny_config(SCHEINFER_TIMELINE["kind"]).hidden
+    return tiny_config(SCHEINFER_TIMELINE["kind"], **SCHEINFER_TIMELINE["model_set"]).hidden
+
+
+def scheinfer_model_flags():
+    """--set flags of generate_models for the timeline's model."""
+    return " ".join(f"--set {k}={v}" for k, v in SCHEINFER_TIMELINE["model_set"].items())
 
 
 def scheinfer_prompt_ids():

@@ -40,6 +40,7 @@ rule scheinfer_tiny_model:
         "results/logs/scheinfer_timeline/model.log",
     params:
         kind=SCHEINFER_TIMELINE["kind"],
+        overrides=scheinfer_model_flags(),
     threads: 1
     resources:
         runtime=5,
@@ -47,7 +48,7 @@ rule scheinfer_tiny_model:
     conda:
         "../../environment.yml"
     shell:
-        "python -m impl.scheinfer.generate_models --kind {params.kind} --out {output.gguf} > {log} 2>&1"
+        "python -m impl.scheinfer.generate_models --kind {params.kind} {params.overrides} --out {output.gguf} > {log} 2>&1"
 
 
 rule scheinfer_cost:
