@@ -246,13 +246,19 @@ def level_stats(ids_TK: torch.Tensor, valid_TK: torch.Tensor, num_experts: int, 
     W = [C[0]]
     for level in range(1, D):
         W.append(W[-1] + C[level])
+    # co[s, h] = tokens selecting s that touch group h = sel_TE^T @ touch_TU, one product for all
+    # levels (0/1 entries, integer sums below 2^24 in float32 or 2^53 in float64: exact)
+    cdtype = torch.float32 if T < 2 ** 24 else torch.float64
+    sel_TE = torch.zeros(T, E + 1, dtype=cdtype).scatter_(1, ids_TK.long(), 1.0)[:, :E]
+    touch_TX = torch.cat([torch.zeros(T, U + 1, dtype=cdtype).scatter_(1, g.long(), 1.0)[:, :U]
+                          for U, g in zip(num_groups, grp)], dim=1)
+    co_EX = (sel_TE.t() @ touch_TX).round_().to(torch.int64).split(list(num_groups), dim=1)
     out = []
-    for L, (U, g) in enumerate(zip(num_groups, grp), start=1):
+    for L, (U, g, co) in enumerate(zip(num_groups, grp, co_EX), start=1):
         first_TK = valid_TK & (prev_TK < L)                                   # first slot of its group run
         z0 = count(g, first_TK, U)
-        co = count(ids_TK.unsqueeze(2) * U + g.unsqueeze(1), valid_TK.unsqueeze(2) & first_TK.unsqueeze(1), E * U)
         solo = count(ids_TK, valid_TK & (shared_TK < L), E)
-        out.append(LevelStats(z0, n_E.unsqueeze(1) - co.view(E, U), solo, W[L - 1].contiguous()))
+        out.append(LevelStats(z0, n_E.unsqueeze(1) - co, solo, W[L - 1].contiguous()))
     return out
 
 
