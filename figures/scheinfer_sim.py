@@ -161,7 +161,7 @@ def _one_layer(events: pd.DataFrame, phase: str, layer: int) -> pd.DataFrame:
     return ev.assign(t0=(ev["start"] - ev["start"].min()) * 1e6, t1=(ev["end"] - ev["start"].min()) * 1e6)
 
 
-def plot_timeline(timelines: dict[str, pd.DataFrame], device: str, layer: int = 0):
+def plot_timeline(timelines: dict[str, pd.DataFrame], device: str, layer: int = 0, model: str = "small generated"):
     fig, axes = plt.subplots(len(timelines), 2, figsize=(style.PAGE_WIDTH, 1.1 * len(timelines) + 0.8),
                              squeeze=False)
     for r, (policy, events) in enumerate(timelines.items()):
@@ -184,7 +184,7 @@ def plot_timeline(timelines: dict[str, pd.DataFrame], device: str, layer: int = 
     fig.legend(handles, [b.upper() for b in BAND_COLORS], loc="upper center", ncol=3, frameon=False, fontsize=6,
                bbox_to_anchor=(0.5, 1.03))
     emulated = device != "cuda"
-    fig.suptitle("MEASURED HybridEngine lane events on a small generated Mixtral-structured GGUF; "
+    fig.suptitle(f"MEASURED HybridEngine lane events on a {model} GGUF; "
                  + ("GPU and PCIe lanes EMULATED on CPU (no CUDA device): all lanes share this CPU"
                     if emulated else f"device {device}"), fontsize=6, y=-0.01)
     fig.tight_layout()
@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sim", required=True, help="impl.scheinfer.simulate CSV")
     ap.add_argument("--timeline", nargs="+", required=True, help="generate --timeline JSONs named <policy>.json")
     ap.add_argument("--timeline-log", nargs="*", default=[], help="the generate runs' stdout (device line)")
+    ap.add_argument("--timeline-model", default="small generated", help="what the timeline model is, for the caption")
     ap.add_argument("--out-dir", required=True)
     args = ap.parse_args(argv)
     try:
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     style.set_style()
     for name, fig in (("scheinfer_speedup", plot_speedup(frame)), ("scheinfer_partition", plot_partition(frame)),
-                      ("scheinfer_timeline", plot_timeline(timelines, _device_of(args.timeline_log)))):
+                      ("scheinfer_timeline", plot_timeline(timelines, _device_of(args.timeline_log), model=args.timeline_model))):
         style.save(fig, out / name, source=args.sim if name != "scheinfer_timeline" else ",".join(args.timeline))
         plt.close(fig)
     atomic_write_text(out / "scheinfer_report.md", report(frame))

@@ -119,6 +119,13 @@ def scheinfer_tiny_hidden():
     return tiny_config(SCHEINFER_TIMELINE["kind"], **SCHEINFER_TIMELINE["model_set"]).hidden
 
 
+def scheinfer_timeline_model():
+    """Caption of the timeline's model: its kind and widths."""
+    cfg = SCHEINFER_TIMELINE
+    widths = ", ".join(f"{k} {v}" for k, v in cfg["model_set"].items())
+    return f"small generated {cfg['kind']}-structured ({widths})" if widths else f"small generated {cfg['kind']}-structured"
+
+
 def scheinfer_model_flags():
     """--set flags of generate_models for the timeline's model."""
     return " ".join(f"--set {k}={v}" for k, v in SCHEINFER_TIMELINE["model_set"].items())

@@ -116,6 +116,8 @@ rule plot_scheinfer_sim:
         report="results/figures/scheinfer_report.md",
     log:
         "results/logs/figures/scheinfer_sim.log",
+    params:
+        model=scheinfer_timeline_model(),
     threads: 1
     resources:
         runtime=5,
@@ -124,4 +126,4 @@ rule plot_scheinfer_sim:
         "../../environment.yml"
     shell:
         "python -m figures.scheinfer_sim --sim {input.sim} --timeline {input.events}"
-        " --timeline-log {input.stdout} --out-dir results/figures > {log} 2>&1"
+        " --timeline-log {input.stdout} --timeline-model '{params.model}' --out-dir results/figures > {log} 2>&1"
