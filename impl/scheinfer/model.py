@@ -264,7 +264,7 @@ _SPLIT_MIN_WIDTH = 256
 
 def _linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w_NK, b_N) for x of shape [..., K], split across cores for few tokens."""
-    n = min(torch.get_num_threads(), 2)
+    n = torch.get_num_threads()
     K = x.shape[-1]
     T = x.numel() // K if K else 0
     if n == 1 or x.device.type != "cpu" or not 0 < T <= _SPLIT_MAX_TOKENS or x.dtype != w_NK.dtype:

@@ -38,7 +38,7 @@ def test_ffn_is_exact_sum_of_intermediate_slices(dtype, tol):
         ExpertWeights(w.gate_FM, w.up_FM, w.gate_FM)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
 @pytest.mark.parametrize("layout", ["rows", "transposed", "narrow"])
 @pytest.mark.parametrize("tokens", [1, 5, 40])
 def test_split_linear_equals_f_linear(threads, layout, tokens):
