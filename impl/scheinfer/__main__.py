@@ -66,20 +66,11 @@ def byte_tokenize(model: Path, text: str) -> list[int]:
     return ([int(bos.contents())] if bos is not None else []) + [byte_ids[b] for b in text.encode("utf-8")]
 
 
-def _validate_generate(args) -> str | None:
-    from .engine import POLICIES
+def _validate_engine_options(args) -> str | None:
+    """The engine options generate and bench share (--assign, --gpu-mem, --threads, --tile, --cost)."""
     from .assign import ASSIGN_MODES
-    model = Path(args.model)
-    if not model.exists():
-        return f"--model {model}: no such file or directory"
-    if not (model.suffix == ".gguf" and model.is_file()) and not (model / "config.json").is_file():
-        return f"--model {model}: expected a .gguf file or an HF checkpoint directory with config.json"
-    if args.policy not in POLICIES or args.policy == "fixed":
-        return f"--policy={args.policy!r} is not allowed; expected one of scheinfer, fiddler, layers"
     if args.assign not in ASSIGN_MODES:
         return f"--assign={args.assign!r} is not allowed; expected one of {', '.join(ASSIGN_MODES)}"
-    if args.n_predict < 1:
-        return f"--n-predict={args.n_predict} is not allowed; expected an integer >= 1"
     if args.gpu_mem is not None and args.gpu_mem < 0:
         return f"--gpu-mem={args.gpu_mem} is not allowed; expected bytes >= 0"
     if args.threads is not None and args.threads < 1:
@@ -89,6 +80,20 @@ def _validate_generate(args) -> str | None:
     if args.cost is not None and not Path(args.cost).is_file():
         return f"--cost {args.cost}: no such file"
     return None
+
+
+def _validate_generate(args) -> str | None:
+    from .engine import POLICIES
+    model = Path(args.model)
+    if not model.exists():
+        return f"--model {model}: no such file or directory"
+    if not (model.suffix == ".gguf" and model.is_file()) and not (model / "config.json").is_file():
+        return f"--model {model}: expected a .gguf file or an HF checkpoint directory with config.json"
+    if args.policy not in POLICIES or args.policy == "fixed":
+        return f"--policy={args.policy!r} is not allowed; expected one of scheinfer, fiddler, layers"
+    if args.n_predict < 1:
+        return f"--n-predict={args.n_predict} is not allowed; expected an integer >= 1"
+    return _validate_engine_options(args)
 
 
 def _cost_model(path: str | None, hidden: int):
@@ -191,17 +196,9 @@ def _validate_bench(args) -> str | None:
     for name in ("n_predict", "repeats"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; expected an integer >= 1"
-    if args.gpu_mem is not None and args.gpu_mem < 0:
-        return f"--gpu-mem={args.gpu_mem} is not allowed; expected bytes >= 0"
-    if args.threads is not None and args.threads < 1:
-        return f"--threads={args.threads} is not allowed; expected an integer >= 1"
-    if args.cost is not None and not Path(args.cost).is_file():
-        return f"--cost {args.cost}: no such file"
-    from .assign import ASSIGN_MODES
-    if args.assign not in ASSIGN_MODES:
-        return f"--assign={args.assign!r} is not allowed; expected one of {', '.join(ASSIGN_MODES)}"
-    if args.tile < 1:
-        return f"--tile={args.tile} is not allowed; expected an integer >= 1"
+    err = _validate_engine_options(args)
+    if err:
+        return err
     if args.llamacpp:
         try:
             import llama_cpp  # noqa: F401

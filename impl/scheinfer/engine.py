@@ -203,6 +203,24 @@ def make_policy(name: str, *, cost: CostModel | None, hidden: int, num_layers: i
 
 # ----------------------------------------------------------------------------------- engine
 
+_switch = {"open": 0, "saved": None}
+_switch_lock = threading.Lock()
+
+
+def _short_switch_interval(delta: int) -> None:
+    """While any engine is open the GIL switch interval is LANE_SWITCH_INTERVAL_S; the first open
+    engine saves the old one, the last to close restores it. Why: the lanes are Python threads whose
+    work is many short GIL-free torch calls; with the default 5 ms interval one lane re-takes the
+    GIL after each call while another waits for it (a convoy), which serialises the lanes."""
+    with _switch_lock:
+        if delta > 0 and _switch["open"] == 0:
+            _switch["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch["saved"], LANE_SWITCH_INTERVAL_S))
+        _switch["open"] += delta
+        if delta < 0 and _switch["open"] == 0:
+            sys.setswitchinterval(_switch["saved"])
+
+
 def _start_lane_thread(threads: int) -> None:
     torch.set_num_threads(threads)
     x = torch.ones(4, 64)
@@ -243,11 +261,8 @@ class HybridEngine:
         self._slots: queue.Queue | None = None
         self._pools = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"scheinfer-{lane}")
                        for lane in ("cpu", "h2d", "gpu")}
-        # The lanes are Python threads whose work is many short GIL-free torch calls; with the
-        # default 5 ms switch interval one lane re-takes the GIL after each call while another
-        # waits for it (a convoy), which serialises the lanes. A short interval lets them overlap.
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, LANE_SWITCH_INTERVAL_S))
+        _short_switch_interval(+1)
+        self._open = True
         # Start every lane's thread now, with one small product: a thread's first torch call pays
         # one-off set-up (milliseconds) that would otherwise land in the first layer's timeline.
         # torch's thread count is per thread (OpenMP), so each lane is given this thread's: left at
@@ -445,7 +460,9 @@ class HybridEngine:
     def close(self):
         for p in self._pools.values():
             p.shutdown(wait=True)
-        sys.setswitchinterval(self._switch_interval)
+        if self._open:
+            self._open = False
+            _short_switch_interval(-1)
 
 
 # ----------------------------------------------------------------------------------- decoder

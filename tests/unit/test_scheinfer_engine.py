@@ -203,3 +203,19 @@ def test_cuda_lanes_match_reference(models):
     out, eng = _run(src, FixedPolicy(0.3, 0.3, 0.4))
     assert eng.cuda
     _assert_same(out, ref)
+
+
+def test_switch_interval_short_while_any_engine_is_open_and_restored_after():
+    import sys
+    from impl.scheinfer.engine import LANE_SWITCH_INTERVAL_S
+    before = sys.getswitchinterval()
+    a = HybridEngine(FixedPolicy(1, 0, 0), 8, device="cpu")
+    b = HybridEngine(FixedPolicy(1, 0, 0), 8, device="cpu")
+    try:
+        assert sys.getswitchinterval() == pytest.approx(min(before, LANE_SWITCH_INTERVAL_S))
+        a.close()
+        a.close()                                   # idempotent: b still open
+        assert sys.getswitchinterval() == pytest.approx(min(before, LANE_SWITCH_INTERVAL_S))
+    finally:
+        b.close()
+    assert sys.getswitchinterval() == before
