@@ -50,6 +50,7 @@ exhaustive search over all pairs with the same objective and rule picks the same
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -112,15 +113,22 @@ def selected_slots(routing_map_TE: torch.Tensor, placement: ExpertPlacement | No
     any token selects (top-K routing: exactly K) with the sentinel E / False. Sparse: no [T, E]
     permutation of the map."""
     T, E = routing_map_TE.shape
-    t, e = routing_map_TE.nonzero(as_tuple=True)
+    t, e = routing_map_TE.nonzero(as_tuple=True)                  # row-major: each token's experts ascending
+    if placement is not None and tuple(placement.slot_of_expert) == tuple(range(E)):
+        placement = None
     s = e if placement is None else torch.tensor(placement.slot_of_expert, dtype=torch.long)[e]
     per_token = torch.bincount(t, minlength=T)
     K = int(per_token.max()) if T else 0
-    pos = torch.arange(t.numel()) - (torch.cumsum(per_token, 0) - per_token)[t]
-    ids_TK = torch.full((T, K), E, dtype=torch.long)
-    ids_TK[t, pos] = s
-    ids_TK = torch.sort(ids_TK, dim=1).values
+    if T and t.numel() == T * K:                                  # every token selects K (top-K, no drops)
+        ids_TK = s.view(T, K)
+    else:
+        pos = torch.arange(t.numel()) - (torch.cumsum(per_token, 0) - per_token)[t]
+        ids_TK = torch.full((T, K), E, dtype=torch.long)
+        ids_TK[t, pos] = s
+    if placement is not None or t.numel() != T * K:
+        ids_TK = torch.sort(ids_TK, dim=1).values
     return ids_TK, ids_TK < E
+
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,54 +220,93 @@ def _power(x: torch.Tensor, gamma: float) -> torch.Tensor:
     return x ** gamma
 
 
-def level_stats(ids_TK: torch.Tensor, valid_TK: torch.Tensor, num_experts: int, num_groups: Sequence[int]
-                ) -> list[LevelStats]:
-    """The four-case tables of the tokens' selected slots (`selected_slots`) at every level of a
-    hierarchy of `num_groups` (coarsest first, nested: each count divides the next). O(D * T * K^2).
-
-    `lca[t, k, k']` is the number of levels at which two selected slots share a group; with it a
-    slot is alone in its level-L group iff no other selected slot shares L levels with it, and (the
-    slots are sorted) it starts a run of its level-L group iff it shares fewer than L levels with
-    the previous one. Masked entries are counted into a spare last bin."""
-    E, D = num_experts, len(num_groups)
-    T, K = ids_TK.shape
+def _check_nested(num_groups: Sequence[int]) -> None:
     for coarse, fine in zip(num_groups, num_groups[1:]):
         if fine % coarse:
             raise ValueError(f"group counts {list(num_groups)} do not nest (each must divide the next)")
 
-    def count(index: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
-        return torch.bincount(torch.where(mask, index, size).reshape(-1), minlength=size + 1)[:size]
 
-    index = torch.int32 if (D + 1) * E * E < 2 ** 31 else torch.int64      # bin indices reach D * E^2
-    ids_TK = ids_TK.to(index)
-    grp = [ids_TK // (E // U) for U in num_groups]                      # invalid entries: group U (sentinel)
-    lca_TKK = torch.zeros(T, K, K, dtype=torch.uint8)
-    for g in grp:
-        lca_TKK += g.unsqueeze(2) == g.unsqueeze(1)
-    other_TKK = valid_TK.unsqueeze(2) & valid_TK.unsqueeze(1) & ~torch.eye(K, dtype=torch.bool)
-    shared_TK = torch.where(other_TKK, lca_TKK, 0).amax(2) if K else torch.zeros(T, 0, dtype=torch.uint8)
-    prev_TK = torch.cat([torch.zeros(T, min(K, 1), dtype=torch.uint8), lca_TKK.diagonal(1, 1, 2)], dim=1)
-    n_E = count(ids_TK, valid_TK, E)
-    # W: pairs (s alone in its group from level shared+1 on, s' selected), then summed over levels
-    C = count(shared_TK.to(index).unsqueeze(2) * (E * E) + ids_TK.unsqueeze(2) * E + ids_TK.unsqueeze(1),
-              other_TKK & (shared_TK.unsqueeze(2) < D), D * E * E).view(D, E, E)
-    W = [C[0]]
-    for level in range(1, D):
-        W.append(W[-1] + C[level])
-    # co[s, h] = tokens selecting s that touch group h = sel_TE^T @ touch_TU, one product for all
-    # levels (0/1 entries, integer sums below 2^24 in float32 or 2^53 in float64: exact)
-    cdtype = torch.float32 if T < 2 ** 24 else torch.float64
-    sel_TE = torch.zeros(T, E + 1, dtype=cdtype).scatter_(1, ids_TK.long(), 1.0)[:, :E]
-    touch_TX = torch.cat([torch.zeros(T, U + 1, dtype=cdtype).scatter_(1, g.long(), 1.0)[:, :U]
-                          for U, g in zip(num_groups, grp)], dim=1)
-    co_EX = (sel_TE.t() @ touch_TX).round_().to(torch.int64).split(list(num_groups), dim=1)
-    out = []
-    for L, (U, g, co) in enumerate(zip(num_groups, grp, co_EX), start=1):
-        first_TK = valid_TK & (prev_TK < L)                                   # first slot of its group run
-        z0 = count(g, first_TK, U)
-        solo = count(ids_TK, valid_TK & (shared_TK < L), E)
-        out.append(LevelStats(z0, n_E.unsqueeze(1) - co, solo, W[L - 1].contiguous()))
-    return out
+def _raw_tables(ids_TK: torch.Tensor, num_experts: int, num_groups: Sequence[int], rank: int = 0,
+                num_ranks: int = 1) -> torch.Tensor:
+    """The four-case counts of the tokens' sorted selected slots (padding: the sentinel slot E) as
+    one flat int64 vector, all of them one `bincount` of one index buffer, O(D * T * K^2). Summed
+    over ranks it is the global statistics; `_tables_of` reads it. Columns h run over the groups of
+    every level (coarsest first), each level with one spare column; slots have one spare row E:
+
+        route[rank, h]     tokens (of this rank) touching group h          [num_ranks, X1]
+        co[s, h]           tokens selecting s that touch group h            [E + 1, X1]
+        by_shared[l, s, s'] tokens selecting s and s' (s = s' included) for which s shares its
+                           group with another selected slot at exactly l levels, l < D  [D, E + 1, E + 1]
+        (one spare row for l = D)
+
+    Sorted and nested, a slot shares its level-L group with another selected slot iff it shares
+    it with a neighbour, so `shared` (the levels shared with any other slot) is the max of the
+    levels shared with the previous and the next slot, and a slot starts its group's run at level L
+    iff it shares fewer than L levels with the previous one. The sentinel has its own group U[L]
+    at every level and its own row, so nothing is masked; the spares are dropped after the sum."""
+    E, D = num_experts, len(num_groups)
+    T, K = ids_TK.shape
+    U = torch.tensor(list(num_groups), dtype=torch.int64)
+    E1, X1 = E + 1, int(U.sum()) + D
+    off_co, off_w = num_ranks * X1, num_ranks * X1 + E1 * X1
+    total = off_w + D * E1 * E1 + E1
+    index = torch.int32 if total < 2 ** 31 else torch.int64
+    ids = ids_TK.to(index)
+    grp_DTK = ids.unsqueeze(0) // (E // U).to(index).view(D, 1, 1)     # sentinel E -> group U[L]
+    same_TK = (grp_DTK[:, :, 1:] == grp_DTK[:, :, :-1]).sum(0, dtype=torch.int32)   # levels shared with slot k-1
+    zero = torch.zeros(T, min(K, 1), dtype=torch.int32)
+    prev_TK = torch.cat([zero, same_TK], dim=1)
+    shared_TK = torch.maximum(prev_TK, torch.cat([same_TK, zero], dim=1)).to(index)
+    level = torch.arange(1, D + 1, dtype=torch.int32).view(D, 1, 1)
+    col_off = (torch.cumsum(U + 1, 0) - (U + 1)).to(index).view(D, 1, 1)
+    n_z, n_co = D * T * K, D * T * K * K
+    buf = torch.empty(n_z + n_co + T * K * K, dtype=index)
+    col_DTK = buf[:n_z].view(D, T, K)               # each slot's column if it starts its group's run, else spare
+    torch.where(prev_TK.unsqueeze(0) < level, grp_DTK, U.to(index).view(D, 1, 1), out=col_DTK).add_(col_off)
+    torch.add((ids * X1 + off_co).view(1, T, K, 1), col_DTK.view(D, T, 1, K),
+              out=buf[n_z:n_z + n_co].view(D, T, K, K))
+    row_TK = torch.where(shared_TK < D, shared_TK * (E1 * E1) + ids * E1, D * E1 * E1).add_(off_w)
+    torch.add(row_TK.unsqueeze(2), ids.unsqueeze(1), out=buf[n_z + n_co:].view(T, K, K))
+    col_DTK.add_(rank * X1)
+    return torch.bincount(buf, minlength=total)
+
+
+def _tables_of(flat: torch.Tensor, num_experts: int, num_groups: Sequence[int], num_ranks: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(route [G, X], co [E, X], w [D, E, E]) of a `_raw_tables` vector (local or summed), spares
+    dropped: w[L-1, s, s'] counts the tokens selecting s and s' for which s is the only selected
+    slot of its level-L group (diagonal: the level's solo). Accumulates the levels of `flat` in
+    place (w_L = sum of by_shared[l < L]); w is a view."""
+    E, D, X = num_experts, len(num_groups), sum(num_groups)
+    E1, X1 = E + 1, X + D
+    off_co, off_w = num_ranks * X1, num_ranks * X1 + E1 * X1
+    keep = torch.cat([torch.arange(u) + o for u, o in
+                      zip(num_groups, itertools.accumulate([0] + [u + 1 for u in num_groups]))])
+    route = flat[:off_co].view(num_ranks, X1).index_select(1, keep)
+    co = flat[off_co:off_w].view(E1, X1)[:E].index_select(1, keep)
+    w = flat[off_w:off_w + D * E1 * E1].view(D, E1, E1)
+    for L in range(1, D):
+        w[L].add_(w[L - 1])
+    return route, co, w[:, :E, :E]
+
+
+def _level_stats_of(z0_X: torch.Tensor, co_EX: torch.Tensor, w_DEE: torch.Tensor, num_groups: Sequence[int]
+                    ) -> list[LevelStats]:
+    """`LevelStats` per level from `_tables_of` (z0 = the route table summed over ranks)."""
+    E = co_EX.shape[0]
+    n_E = co_EX[torch.arange(E), torch.arange(E) // (E // num_groups[0])]   # a token selecting s touches grp(s)
+    return [LevelStats(z0, n_E.unsqueeze(1) - co, w.diagonal().clone(), w)
+            for z0, co, w in zip(z0_X.split(list(num_groups)), co_EX.split(list(num_groups), dim=1), w_DEE)]
+
+
+def level_stats(ids_TK: torch.Tensor, valid_TK: torch.Tensor, num_experts: int, num_groups: Sequence[int]
+                ) -> list[LevelStats]:
+    """The four-case tables of the tokens' selected slots (`selected_slots`) at every level of a
+    hierarchy of `num_groups` (coarsest first, nested: each count divides the next). O(D * T * K^2)."""
+    _check_nested(num_groups)
+    ids = torch.where(valid_TK, ids_TK, num_experts)
+    route, co, w = _tables_of(_raw_tables(ids, num_experts, num_groups), num_experts, num_groups, 1)
+    return _level_stats_of(route[0], co, w, num_groups)
 
 
 def z_four_case(map_TS: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -305,54 +352,39 @@ class SwapStats:
         return self.levels[L - 1]
 
 
-def _layout(topology: Topology, E: int, z_method: str) -> list[tuple[int, ...]]:
-    G, U = topology.G, topology.U
-    shapes = [(G, sum(U[1:]))]
-    for L in range(1, topology.D + 1):
-        shapes += [(E, E, U[L])] if z_method == "four_case" else [(E, U[L]), (E,), (E, E)]
-    return shapes
-
-
 def local_swap_stats(routing_map_TE: torch.Tensor, topology: Topology, placement: ExpertPlacement | None,
                      rank: int, z_method: str = "factored") -> torch.Tensor:
     """One rank's statistics as a flat int64 vector; the element-wise sum over ranks is the
-    global statistics (`SwapStats` via `_unflatten`)."""
+    global statistics (`SwapStats` via `_unflatten`): the `_raw_tables` of the rank's tokens, or
+    ('four_case') the per-origin dedup route table (this rank's row) and Z of every level."""
     _check_options("max", 1.0, z_method)
     if routing_map_TE.dim() != 2 or routing_map_TE.dtype != torch.bool:
         raise ValueError(f"routing_map_TE must be a 2-D bool tensor [T, E], got dtype {routing_map_TE.dtype} "
                          f"and shape {tuple(routing_map_TE.shape)}")
-    E = routing_map_TE.shape[1]
+    E, groups = routing_map_TE.shape[1], topology.U[1:]
     check_expert_parallel(E, topology.G)
-    placement = placement or ExpertPlacement.identity(E)
-    if placement.num_experts != E:
+    if placement is not None and placement.num_experts != E:
         raise ValueError(f"placement has {placement.num_experts} experts, routing map {E}")
-    ids_TK, valid_TK = selected_slots(routing_map_TE, placement)
-    stats = level_stats(ids_TK, valid_TK, E, topology.U[1:])
-    table = torch.zeros(topology.G, sum(topology.U[1:]), dtype=torch.int64)
-    table[rank] = torch.cat([st.z0 for st in stats])       # = dimension.local_counts (dedup)
-    parts = [table.view(-1)]
-    if z_method == "four_case":
-        map_TS = placement.to_slots(routing_map_TE).contiguous()
-        parts += [z_four_case(map_TS, topology.U[L]).reshape(-1) for L in range(1, topology.D + 1)]
-    else:
-        for st in stats:
-            parts += [st.x.reshape(-1), st.solo, st.w.reshape(-1)]
-    return torch.cat(parts)
+    ids_TK, _ = selected_slots(routing_map_TE, placement)
+    flat = _raw_tables(ids_TK, E, groups, rank, topology.G)
+    if z_method == "factored":
+        return flat
+    route = _tables_of(flat, E, groups, topology.G)[0]
+    map_TS = routing_map_TE if placement is None else placement.to_slots(routing_map_TE).contiguous()
+    return torch.cat([route.reshape(-1)] + [z_four_case(map_TS, u).reshape(-1) for u in groups])
 
 
 def _unflatten(flat: torch.Tensor, topology: Topology, E: int, z_method: str) -> SwapStats:
-    shapes = _layout(topology, E, z_method)
-    pieces = list(flat.split([math.prod(s) for s in shapes]))
-    counts = RouteCounts.from_table(topology, pieces[0].view(shapes[0]), dedup=True)
-    levels = []
-    per = 1 if z_method == "four_case" else 3
-    for L in range(1, topology.D + 1):
-        chunk = [p.view(s) for p, s in zip(pieces[1 + (L - 1) * per: 1 + L * per], shapes[1 + (L - 1) * per:])]
-        if z_method == "four_case":
-            levels.append(chunk[0])
-        else:
-            levels.append(LevelStats(counts.level(L).sum(0), *chunk))
-    return SwapStats(counts, tuple(levels))
+    """The `SwapStats` of a summed `local_swap_stats` vector (consumed: levels accumulate in place)."""
+    G, groups = topology.G, topology.U[1:]
+    if z_method == "four_case":
+        sizes = [G * sum(groups)] + [E * E * u for u in groups]
+        route, *zs = flat.split(sizes)
+        return SwapStats(RouteCounts.from_table(topology, route.view(G, -1), dedup=True),
+                         tuple(z.view(E, E, u) for z, u in zip(zs, groups)))
+    route, co, w = _tables_of(flat, E, groups, G)
+    return SwapStats(RouteCounts.from_table(topology, route, dedup=True),
+                     tuple(_level_stats_of(route.sum(0), co, w, groups)))
 
 
 def global_swap_stats(routing_maps: Sequence[torch.Tensor], topology: Topology, placement: ExpertPlacement | None,

@@ -12,7 +12,8 @@ from impl.common.topology import get_topology
 from impl.common.traces import synthetic_topk
 from impl.hiermoe.dimension import choose_from_counts, local_counts, route_counts, route_steps
 from impl.hiermoe.expert_swap import (MAX_FNS, REL_TOL, HierDExpertSwap, apply_max_fn, decide_swap, global_swap_stats,
-                                      level_stats, local_swap_stats, selected_slots, swap_objective, z_four_case)
+                                      _unflatten, level_stats, local_swap_stats, selected_slots, swap_objective,
+                                      z_four_case)
 from tests.support.expert_training import TrainCase, profile_for_topology, train_rank
 
 
@@ -249,16 +250,19 @@ def test_update_frequency():
 def test_local_stats_add_up_and_follow_the_placement():
     topo = get_topology("2x2")
     maps = [routing_map(10, 8, 3, seed=r, drop=0.2) for r in range(topo.G)]
-    both = sum(local_swap_stats(m, topo, None, r) for r, m in enumerate(maps))
-    whole = local_swap_stats(torch.cat(maps), topo, None, 0)
-    tail = sum(topo.G * u for u in topo.U[1:])
-    assert torch.equal(both[tail:], whole[tail:])            # the four-case tables are sums over tokens
+    both = _unflatten(sum(local_swap_stats(m, topo, None, r) for r, m in enumerate(maps)), topo, 8, "factored")
+    whole = _unflatten(local_swap_stats(torch.cat(maps), topo, None, 0), topo, 8, "factored")
+    for L in range(1, topo.D + 1):                            # the four-case tables are sums over tokens
+        for name in ("z0", "x", "solo", "w"):
+            assert torch.equal(getattr(both.level(L), name), getattr(whole.level(L), name)), (L, name)
     placement = ExpertPlacement((3, 6, 0, 7, 1, 5, 2, 4))
     m = maps[1]
     sparse = local_swap_stats(m, topo, placement, 1)          # slots looked up per selected expert
     dense = local_swap_stats(placement.to_slots(m), topo, None, 1)
     assert torch.equal(sparse, dense)
-    assert torch.equal(sparse[:tail].view(topo.G, -1)[1], local_counts(m, topo, placement))
+    counts = _unflatten(sparse, topo, 8, "factored").counts
+    assert torch.equal(torch.cat([counts.level(L)[1] for L in range(1, topo.D + 1)]),
+                       local_counts(m, topo, placement))
 
 
 # ------------------------------------------------------------------------------------------
