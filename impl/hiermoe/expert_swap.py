@@ -132,6 +132,142 @@ def selected_slots(routing_map_TE: torch.Tensor, placement: ExpertPlacement | No
 
 
 @dataclass(frozen=True, eq=False)
+class StackedLevels:
+    """The four-case tables of several levels (int64), stacked along a level axis and padded to the
+    widest level (`width` groups; padded groups count 0), so that one set of tensor operations
+    serves every level a route uses:
+
+        z0 [D, width]   x [D, E, width]   solo [D, E]   w [D, E, E]   groups: U of each level
+
+    `pair_values` and `swapped_counts` take `levels`, indices into the level axis (default all)."""
+
+    groups: tuple[int, ...]
+    z0: torch.Tensor
+    x: torch.Tensor
+    solo: torch.Tensor
+    w: torch.Tensor
+
+    @classmethod
+    def from_tables(cls, z0_X: torch.Tensor, co_EX: torch.Tensor, w_DEE: torch.Tensor, groups: Sequence[int]
+                    ) -> "StackedLevels":
+        """From `_tables_of` (z0 = the route table summed over ranks): x = n - co, where n[s]
+        (tokens selecting s) is co at s's own group."""
+        E, groups = co_EX.shape[0], tuple(groups)
+        width = max(groups)
+        starts = itertools.accumulate([0] + list(groups[:-1]))
+        cols = torch.tensor([[o + u if u < U else sum(groups) for u in range(width)] for o, U in zip(starts, groups)])
+        n_E = co_EX[torch.arange(E), torch.arange(E) // (E // groups[0])]
+        x_EX = torch.cat([n_E.unsqueeze(1) - co_EX, torch.zeros(E, 1, dtype=co_EX.dtype)], dim=1)
+        z0 = torch.cat([z0_X, z0_X.new_zeros(1)])[cols]
+        x = x_EX[:, cols].permute(1, 0, 2).masked_fill_((cols == sum(groups)).unsqueeze(1), 0)
+        return cls(groups, z0, x, w_DEE.diagonal(0, 1, 2), w_DEE)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w.shape[-1]
+
+    def level(self, index: int) -> "LevelStats":
+        """The tables of level axis entry `index` (level L = index + 1 of a hierarchy)."""
+        U = self.groups[index]
+        return LevelStats(self.z0[index, :U], self.x[index, :, :U], self.solo[index], self.w[index])
+
+    def _index(self, levels: Sequence[int] | None):
+        levels = list(range(len(self.groups))) if levels is None else list(levels)
+        U = torch.tensor([self.groups[i] for i in levels])
+        return torch.tensor(levels), U, (torch.arange(self.num_experts).view(1, -1) // (self.num_experts // U).view(-1, 1))
+
+    def swapped_counts(self, s1: torch.Tensor, s2: torch.Tensor, levels: Sequence[int] | None = None) -> torch.Tensor:
+        """int64 [levels, C, width]: the group counts after swapping slots s1[i] and s2[i] (Z[s1, s2, :])."""
+        sel, U, grp_LE = self._index(levels)
+        nL, C = sel.numel(), s1.numel()
+        z0 = self.z0.index_select(0, sel)
+        x = self.x.index_select(0, sel)
+        a, b = grp_LE[:, s1], grp_LE[:, s2]                                             # [nL, C]
+        out = z0.unsqueeze(1).repeat(1, C, 1)
+        solo = self.solo.index_select(0, sel)
+        for g, enter, leave in ((b, s1, s2), (a, s2, s1)):      # group g: slot `leave` moves out, `enter` in
+            new = z0.gather(1, g) + x[:, enter].gather(2, g.unsqueeze(2)).squeeze(2) - solo[:, leave] \
+                + self.w[:, leave, enter].index_select(0, sel)
+            out.scatter_(2, g.unsqueeze(2), torch.where(a != b, new, z0.gather(1, g)).unsqueeze(2))
+        return out
+
+    def pair_values(self, scales: Sequence[float], max_fn: str, gamma: float, dtype: torch.dtype = torch.float64,
+                    rows: tuple[int, int] | None = None, levels: Sequence[int] | None = None) -> torch.Tensor:
+        """[levels, n, E] in `dtype`: maxfn(scale * Z[s1, s2, :]) per level (scale per level) for the
+        slots s1 in `rows` = [first, end) (default all; n = end - first) and every slot s2 (equal
+        to `apply_max_fn` up to rounding).
+
+        Only groups a = grp(s1) and b = grp(s2) change: the rows are taken in blocks of
+        consecutive slots inside one group at every level, so a is one value per block, and
+        p_b[s1, s2] is computed by the same operations as p_a[s2, s1], so the values are symmetric
+        bit for bit whichever rows a caller takes."""
+        _check_options(max_fn, gamma)
+        E = self.num_experts
+        sel, U, grp_LE = self._index(levels)
+        nL, width = sel.numel(), self.z0.shape[1]
+        first, end = (0, E) if rows is None else rows
+        if not 0 <= first < end <= E:
+            raise ValueError(f"rows: {rows!r} is not allowed; expected 0 <= first < end <= {E}")
+        blk = math.gcd(first, end, *(E // U).tolist())
+        n, nb = end - first, (end - first) // blk
+        a_LB = grp_LE[:, first:end:blk]                                                 # group of each block
+        z0 = self.z0.index_select(0, sel).to(torch.float64)                             # [nL, width]
+        x = self.x.index_select(0, sel)
+        scale = torch.tensor(list(scales), dtype=torch.float64).view(nL, 1)
+        p0 = z0 * scale
+        h = torch.arange(width)
+        real_LU = h.view(1, width) < U.view(nL, 1)
+        # groups h that neither a nor b is: [level, block, b, h]
+        keep = (real_LU.view(nL, 1, 1, width) & (h.view(1, 1, 1, width) != a_LB.view(nL, nb, 1, 1))
+                & (h.view(1, 1, 1, width) != h.view(1, 1, width, 1)))
+
+        def rest(table_LBU: torch.Tensor) -> torch.Tensor:                             # [level, block, 1, s2]
+            return table_LBU.gather(2, grp_LE.view(nL, 1, E).expand(nL, nb, E)).to(dtype).view(nL, nb, 1, E)
+
+        unchanged = apply_max_fn(torch.where(real_LU, p0, 0.0 if max_fn == "smooth" else -math.inf), max_fn, gamma)
+        # Z[s1, s2, a] = z0[a] + x[s2, a] - solo[s1] + w[s1, s2]; smooth-max works on Z / unit <= 1
+        # (no overflow in float32), the others on the values scale * Z
+        if max_fn == "smooth":
+            unit = z0.amax(1) + x.amax((1, 2)).to(torch.float64) + 1.0
+        else:
+            unit = 1.0 / scale.view(nL)
+        inv_unit = (1.0 / unit).to(dtype).view(nL, 1, 1, 1)
+        xf = x.to(torch.float64)
+        base_a = z0.gather(1, a_LB).unsqueeze(2) + xf.gather(2, a_LB.view(nL, 1, nb).expand(nL, E, nb)).transpose(1, 2)
+        pa = self.w[:, first:end].index_select(0, sel).to(dtype).view(nL, nb, blk, E)
+        pa.sub_(self.solo[:, first:end].index_select(0, sel).to(dtype).view(nL, nb, blk, 1))
+        pa.add_(base_a.to(dtype).view(nL, nb, 1, E)).mul_(inv_unit)
+        if n == E:                                                                     # all rows: p_b = p_a^T
+            pb = pa.view(nL, E, E).transpose(1, 2).view(nL, nb, blk, E)
+        else:
+            base_b = (z0.unsqueeze(1) + xf[:, first:end]).gather(2, grp_LE.view(nL, 1, E).expand(nL, n, E))
+            pb = self.w[:, :, first:end].index_select(0, sel).transpose(1, 2).to(dtype).contiguous()
+            pb = pb.view(nL, nb, blk, E)
+            pb.sub_(self.solo.index_select(0, sel).to(dtype).view(nL, 1, 1, E))
+            pb.add_(base_b.to(dtype).view(nL, nb, blk, E)).mul_(inv_unit)
+        if max_fn == "smooth":  # unit * scale * (sum over groups of (Z / unit)^gamma)^(1/gamma)
+            rsum = torch.where(keep, _power(z0 / unit.view(nL, 1), gamma).view(nL, 1, 1, width), 0.0).sum(3)
+            power = _power(pa, gamma)
+            val = power + (power.view(nL, E, E).transpose(1, 2).view(nL, nb, blk, E) if n == E else _power(pb, gamma))
+            val.add_(rest(rsum)).pow_(1.0 / gamma).mul_((unit * scale.view(nL)).to(dtype).view(nL, 1, 1, 1))
+        else:
+            rmax = torch.where(keep, p0.view(nL, 1, 1, width), -math.inf).amax(3)       # -inf when U = 2
+            val = torch.maximum(pa, pb)
+            val = torch.maximum(val, rest(rmax), out=val)
+            if max_fn == "lse":
+                finite = torch.where(rmax > -math.inf, rmax, 0.0)
+                rlog = finite + torch.log(torch.where(keep, torch.exp(p0.view(nL, 1, 1, width) - finite.unsqueeze(3)),
+                                                      0.0).sum(3))
+                top = val
+                val = torch.exp(pa - top).add_(torch.exp(pb - top))
+                val.add_(torch.exp(rest(rlog) - top)).log_().add_(top)
+        same = a_LB.view(nL, nb, 1, 1) == grp_LE.view(nL, 1, 1, E)                       # a == b: no change
+        for i in range(nL):
+            val[i].masked_fill_(same[i], float(unchanged[i]))
+        return val.view(nL, n, E)
+
+
+@dataclass(frozen=True, eq=False)
 class LevelStats:
     """The four-case tables of one level (int64): z0 [U], x [E, U], solo [E], w [E, E]."""
 
@@ -148,18 +284,13 @@ class LevelStats:
     def num_experts(self) -> int:
         return self.solo.numel()
 
+    def _stacked(self) -> StackedLevels:
+        return StackedLevels((self.num_groups,), self.z0.unsqueeze(0), self.x.unsqueeze(0), self.solo.unsqueeze(0),
+                             self.w.unsqueeze(0))
+
     def swapped_counts(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
         """int64 [C, U]: the group counts after swapping slots s1[i] and s2[i] (Z[s1, s2, :])."""
-        E, U = self.num_experts, self.num_groups
-        grp = torch.arange(E) // (E // U)
-        a, b = grp[s1], grp[s2]
-        out = self.z0.unsqueeze(0).repeat(s1.numel(), 1)
-        diff = a != b
-        rows = torch.arange(s1.numel())[diff]
-        a, b, s1, s2 = a[diff], b[diff], s1[diff], s2[diff]
-        out[rows, b] = self.z0[b] + self.x[s1, b] - self.solo[s2] + self.w[s2, s1]
-        out[rows, a] = self.z0[a] + self.x[s2, a] - self.solo[s1] + self.w[s1, s2]
-        return out
+        return self._stacked().swapped_counts(s1, s2)[0]
 
     def z_tensor(self) -> torch.Tensor:
         """The full Z [E, E, U] (for tests and small cases)."""
@@ -167,43 +298,10 @@ class LevelStats:
         s1, s2 = torch.meshgrid(torch.arange(E), torch.arange(E), indexing="ij")
         return self.swapped_counts(s1.reshape(-1), s2.reshape(-1)).view(E, E, self.num_groups)
 
-    def pair_values(self, scale: float, max_fn: str, gamma: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """[E, E] in `dtype`: maxfn(scale * Z[s1, s2, :]) for every slot pair, vectorised (equal to
-        `apply_max_fn` up to rounding). Slot pairs are laid out as [U, g, U, g] blocks (group a,
-        member i, group b, member j); only groups a and b change, and Z is symmetric, so
-        p_a = scale * Z[s1, s2, a] is computed once and p_b is its transpose."""
-        E, U = self.num_experts, self.num_groups
-        g = E // U
-        p0 = self.z0.to(torch.float64) * scale
-        h = torch.arange(U)
-        keep_UUU = (h.view(1, 1, U) != h.view(U, 1, 1)) & (h.view(1, 1, U) != h.view(1, U, 1))   # h not in {a, b}
-        rmax_UU = torch.where(keep_UUU, p0.view(1, 1, U), -math.inf).max(2).values       # -inf when U = 2
-        unchanged = float(apply_max_fn(p0.unsqueeze(0), max_fn, gamma)[0])
-        # Z[s1, s2, a] = z0[a] + x[s2, a] - solo[s1] + w[s1, s2]; smooth-max works on Z / unit <= 1
-        # (no overflow in float32), the others on the values scale * Z
-        unit = float(self.z0.max()) + float(self.x.max()) + 1.0 if max_fn == "smooth" else 1.0 / scale
-        base_UE = (self.z0.to(torch.float64).view(U, 1) + self.x.t().to(torch.float64)).to(dtype)
-        pa = self.w.to(dtype, copy=True).view(U, g, U, g)
-        pa.sub_(self.solo.to(dtype).view(U, g, 1, 1)).add_(base_UE.view(U, 1, U, g)).mul_(1.0 / unit)
-        pb = pa.permute(2, 3, 0, 1)                                                      # Z[s1, s2, b]
-        if max_fn == "smooth":  # unit * scale * (sum over groups of (Z / unit)^gamma)^(1/gamma)
-            z0n = self.z0.to(torch.float64) / unit
-            rsum_UU = torch.where(keep_UUU, _power(z0n, gamma).view(1, 1, U), 0.0).sum(2)
-            power = _power(pa, gamma)
-            val = power + power.permute(2, 3, 0, 1)
-            val.add_(rsum_UU.to(dtype).view(U, 1, U, 1)).pow_(1.0 / gamma).mul_(unit * scale)
-        else:
-            val = torch.maximum(pa, pb)
-            val = torch.maximum(val, rmax_UU.to(dtype).view(U, 1, U, 1), out=val)
-            if max_fn == "lse":
-                finite = torch.where(rmax_UU > -math.inf, rmax_UU, 0.0)
-                rlog_UU = finite + torch.log(torch.where(keep_UUU, torch.exp(p0.view(1, 1, U) - finite.unsqueeze(2)),
-                                                         0.0).sum(2))
-                top = val
-                val = torch.exp(pa - top).add_(torch.exp(pb - top))
-                val.add_(torch.exp(rlog_UU.to(dtype).view(U, 1, U, 1) - top)).log_().add_(top)
-        val.diagonal(0, 0, 2).fill_(unchanged)                                            # a == b: no change
-        return val.view(E, E)
+    def pair_values(self, scale: float, max_fn: str, gamma: float, dtype: torch.dtype = torch.float64,
+                    rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """[n, E]: `StackedLevels.pair_values` of this level."""
+        return self._stacked().pair_values([scale], max_fn, gamma, dtype, rows)[0]
 
 
 def _power(x: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -290,15 +388,6 @@ def _tables_of(flat: torch.Tensor, num_experts: int, num_groups: Sequence[int], 
     return route, co, w[:, :E, :E]
 
 
-def _level_stats_of(z0_X: torch.Tensor, co_EX: torch.Tensor, w_DEE: torch.Tensor, num_groups: Sequence[int]
-                    ) -> list[LevelStats]:
-    """`LevelStats` per level from `_tables_of` (z0 = the route table summed over ranks)."""
-    E = co_EX.shape[0]
-    n_E = co_EX[torch.arange(E), torch.arange(E) // (E // num_groups[0])]   # a token selecting s touches grp(s)
-    return [LevelStats(z0, n_E.unsqueeze(1) - co, w.diagonal().clone(), w)
-            for z0, co, w in zip(z0_X.split(list(num_groups)), co_EX.split(list(num_groups), dim=1), w_DEE)]
-
-
 def level_stats(ids_TK: torch.Tensor, valid_TK: torch.Tensor, num_experts: int, num_groups: Sequence[int]
                 ) -> list[LevelStats]:
     """The four-case tables of the tokens' selected slots (`selected_slots`) at every level of a
@@ -306,7 +395,8 @@ def level_stats(ids_TK: torch.Tensor, valid_TK: torch.Tensor, num_experts: int, 
     _check_nested(num_groups)
     ids = torch.where(valid_TK, ids_TK, num_experts)
     route, co, w = _tables_of(_raw_tables(ids, num_experts, num_groups), num_experts, num_groups, 1)
-    return _level_stats_of(route[0], co, w, num_groups)
+    stacked = StackedLevels.from_tables(route[0], co, w, num_groups)
+    return [stacked.level(i) for i in range(len(num_groups))]
 
 
 def z_four_case(map_TS: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -338,18 +428,21 @@ def z_four_case(map_TS: torch.Tensor, num_groups: int) -> torch.Tensor:
 # ==========================================================================================
 @dataclass(frozen=True, eq=False)
 class SwapStats:
-    """Global statistics of one layer and step: the per-origin dedup counts (d*, z0) and, per
-    level L = 1..D, either the four-case tables (`LevelStats`) or the full Z [E, E, U[L]]."""
+    """Global statistics of one layer and step: the per-origin dedup counts (d*, z0) and either the
+    four-case tables of every level L = 1..D, stacked (`tables`, the 'factored' method), or the
+    full Z [E, E, U[L]] of every level (`z`, the 'four_case' reference)."""
 
     counts: RouteCounts
-    levels: tuple  # LevelStats | torch.Tensor per level
+    tables: StackedLevels | None = None
+    z: tuple[torch.Tensor, ...] = ()
 
     @property
     def topology(self) -> Topology:
         return self.counts.topology
 
     def level(self, L: int):
-        return self.levels[L - 1]
+        """LevelStats (factored) or Z (four_case) of level L."""
+        return self.tables.level(L - 1) if self.tables is not None else self.z[L - 1]
 
 
 def local_swap_stats(routing_map_TE: torch.Tensor, topology: Topology, placement: ExpertPlacement | None,
@@ -381,10 +474,10 @@ def _unflatten(flat: torch.Tensor, topology: Topology, E: int, z_method: str) ->
         sizes = [G * sum(groups)] + [E * E * u for u in groups]
         route, *zs = flat.split(sizes)
         return SwapStats(RouteCounts.from_table(topology, route.view(G, -1), dedup=True),
-                         tuple(z.view(E, E, u) for z, u in zip(zs, groups)))
+                         z=tuple(z.view(E, E, u) for z, u in zip(zs, groups)))
     route, co, w = _tables_of(flat, E, groups, G)
     return SwapStats(RouteCounts.from_table(topology, route, dedup=True),
-                     tuple(_level_stats_of(route.sum(0), co, w, groups)))
+                     StackedLevels.from_tables(route.sum(0), co, w, groups))
 
 
 def global_swap_stats(routing_maps: Sequence[torch.Tensor], topology: Topology, placement: ExpertPlacement | None,
@@ -442,13 +535,18 @@ class SwapDecision:
 
 def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareProfile, row_bytes: int, *,
                 max_fn: str = "smooth", gamma: float = 10.0, dim: int | None = None,
-                screen_dtype: torch.dtype = torch.float32) -> SwapDecision:
+                screen_dtype: torch.dtype = torch.float32, comm: Comm | None = None) -> SwapDecision:
     """Theorem 1 / Eq. (10) on global statistics: the pair (r, c) minimising Q_d, made only if it
     beats the current placement. Deterministic: every rank decides the same from the same stats.
 
-    Two passes: all E^2 slot pairs are screened in `screen_dtype`; the pairs within a relative
+    Two passes: the slot pairs are screened in `screen_dtype`; the pairs within a relative
     SCREEN_TOL of the screened minimum (a superset of the float64 ties) are evaluated again in
-    float64 from their exact counts (`swap_objective`), and the tie rule is applied there."""
+    float64 from their exact counts (`swap_objective`), and the tie rule is applied there.
+
+    With `comm` (a collective) the pairs are split across the ranks: each screens the rows of its
+    own GPU's slots (E / G x E pairs) and evaluates the candidates (r < c) of its rows; three small
+    collectives (the screened minimum, the exact minimum, each rank's tie-break key) combine them.
+    Without, one process takes all rows; both give the same decision."""
     _check_options(max_fn, gamma)
     topo = stats.topology
     check_profile(profile, topo)
@@ -456,34 +554,58 @@ def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareP
     El = check_expert_parallel(E, topo.G)
     d = choose_from_counts(stats.counts, profile, row_bytes) if dim is None else dim
     terms = _step_terms(topo, d, profile)
-    q_now = float(swap_objective({L: stats.counts.level(L).sum(0, keepdim=True) for L, *_ in terms},
-                                 topo, d, profile, row_bytes, max_fn, gamma)[0])
-    if topo.G == 1:
-        return SwapDecision(d, None, q_now, q_now, 0)
-    q_SS = torch.zeros(E, E, dtype=screen_dtype)
-    for L, scale, fan, alpha, beta in terms:
-        lv = stats.level(L)
-        if isinstance(lv, LevelStats):
-            f = lv.pair_values(scale, max_fn, gamma, screen_dtype)
+    levels = [L for L, *_ in terms]
+
+    def exact_q(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:                  # float64 Q of swaps
+        if stats.tables is not None:
+            z = stats.tables.swapped_counts(s1, s2, [L - 1 for L in levels])
+            rows = {L: z[i, :, :topo.U[L]] for i, L in enumerate(levels)}
         else:
-            f = apply_max_fn(lv.reshape(E * E, -1).to(torch.float64) * scale, max_fn, gamma).view(E, E)
-        q_SS.add_(f.to(screen_dtype), alpha=beta * fan * row_bytes)
-    q_SS.view(topo.G, El, topo.G, El).diagonal(0, 0, 2).fill_(math.inf)     # pairs on one GPU change nothing
-    q_min = float(q_SS.min())
-    s1, s2 = (q_SS <= q_min + SCREEN_TOL * max(1.0, abs(q_min))).triu_(1).nonzero(as_tuple=True)
-    rows = {}
-    for L, *_ in terms:
-        lv = stats.level(L)
-        rows[L] = lv.swapped_counts(s1, s2) if isinstance(lv, LevelStats) else lv[s1, s2]
-    q_C = swap_objective(rows, topo, d, profile, row_bytes, max_fn, gamma)
-    q_best_exact = float(q_C.min())
-    tied = q_C <= q_best_exact + REL_TOL * max(1.0, abs(q_best_exact))
+            rows = {L: stats.level(L)[s1, s2] for L in levels}
+        return swap_objective(rows, topo, d, profile, row_bytes, max_fn, gamma)
+
+    if topo.G == 1:
+        q_now = float(exact_q(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))[0])
+        return SwapDecision(d, None, q_now, q_now, 0)
+    first, end = (0, E) if comm is None else (comm.rank * El, (comm.rank + 1) * El)
+
+    def reduce_min(value: float) -> float:
+        return value if comm is None else float(comm.all_reduce(torch.tensor([value], dtype=torch.float64), "min"))
+
+    n = end - first
+    coef = [beta * fan * row_bytes for _, _, fan, _, beta in terms]
+    if stats.tables is not None:
+        f_LRS = stats.tables.pair_values([scale for _, scale, *_ in terms], max_fn, gamma, screen_dtype,
+                                         rows=(first, end), levels=[L - 1 for L in levels])
+        q_RS = f_LRS.mul_(torch.tensor(coef, dtype=screen_dtype).view(-1, 1, 1)).sum(0)
+    else:
+        q_RS = torch.zeros(n, E, dtype=screen_dtype)
+        for (L, scale, *_), c in zip(terms, coef):
+            zs = stats.level(L)[first:end].reshape(n * E, -1).to(torch.float64) * scale
+            q_RS.add_(apply_max_fn(zs, max_fn, gamma).view(n, E).to(screen_dtype), alpha=c)
+    gpu = torch.arange(first, end) // El
+    q_RS.view(n, topo.G, El)[torch.arange(n), gpu] = math.inf              # pairs on one GPU change nothing
+    q_min = reduce_min(float(q_RS.min()))
+    near = q_RS <= q_min + SCREEN_TOL * max(1.0, abs(q_min))
+    i, s2 = (near & (torch.arange(E).view(1, E) > torch.arange(first, end).view(n, 1))).nonzero(as_tuple=True)
+    s1 = i + first
+    # the current placement (slot `first` swapped with itself) is evaluated with the candidates
+    q_all = exact_q(torch.cat([s1.new_tensor([first]), s1]), torch.cat([s2.new_tensor([first]), s2]))
+    q_now, q_C = float(q_all[0]), q_all[1:]
+    q_best = reduce_min(float(q_C.min()) if q_C.numel() else math.inf)
+    tied = q_C <= q_best + REL_TOL * max(1.0, abs(q_best))
     of_slot = torch.tensor(placement.expert_of_slot)
     r, c = torch.minimum(of_slot[s1], of_slot[s2]), torch.maximum(of_slot[s1], of_slot[s2])
-    best = int(torch.argmin(torch.where(tied, r * E + c, E * E)))
-    ties = int(tied.sum())
-    if q_best_exact < q_now - REL_TOL * max(1.0, abs(q_now)):
-        return SwapDecision(d, (int(r[best]), int(c[best])), q_now, float(q_C[best]), ties)
+    key_C = torch.where(tied, r * E + c, E * E)
+    mine = torch.tensor([float(E * E), math.inf, float(tied.sum())], dtype=torch.float64)
+    if q_C.numel():
+        best = int(torch.argmin(key_C))
+        mine[0], mine[1] = float(key_C[best]), float(q_C[best])
+    every = torch.stack([mine] if comm is None else comm.all_gather(mine))     # [ranks, (key, q, ties)]
+    key, q_pair = (float(v) for v in every[int(torch.argmin(every[:, 0]))][:2])
+    ties = int(every[:, 2].sum())
+    if q_best < q_now - REL_TOL * max(1.0, abs(q_now)):
+        return SwapDecision(d, (int(key) // E, int(key) % E), q_now, q_pair, ties)
     return SwapDecision(d, None, q_now, q_now, ties)
 
 
@@ -525,7 +647,7 @@ class HierDExpertSwap(PlacementPlanner):
                              f"allowed: 1..{comm.topology.D}")
         stats = gather_swap_stats(comm, routing_map_TE, placement, self.z_method)
         decision = decide_swap(stats, placement, self.profile, self.row_bytes, max_fn=self.max_fn,
-                               gamma=self.gamma, dim=self.dim)
+                               gamma=self.gamma, dim=self.dim, comm=comm)
         if self.verify_agreement:
             pair = decision.pair or (-1, -1)
             mine = torch.tensor([pair[0], pair[1], -pair[0], -pair[1]])

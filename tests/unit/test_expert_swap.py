@@ -90,6 +90,19 @@ def test_vectorised_pair_values_equal_max_fn_of_recount(E, K, T, U, dist, drop, 
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_fn", MAX_FNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pair_values_of_any_rows_are_the_rows_of_the_whole_and_symmetric(max_fn, dtype):
+    m = routing_map(23, 16, 4, seed=5, distribution="correlated", drop=0.1)
+    st = stats_of(m, 4)
+    whole = st.pair_values(0.37, max_fn, 10.0, dtype)
+    assert torch.equal(whole, whole.t())                      # bit for bit: any rank's rows agree
+    for first, end in ((0, 2), (6, 8), (4, 12), (3, 5), (15, 16)):
+        assert torch.equal(st.pair_values(0.37, max_fn, 10.0, dtype, rows=(first, end)), whole[first:end])
+    with pytest.raises(ValueError, match="rows"):
+        st.pair_values(0.37, max_fn, 10.0, dtype, rows=(8, 8))
+
+
 def test_four_cases_of_fig8_by_hand():
     """8 experts in 4 groups {0,1} {2,3} {4,5} {6,7}; one token selects 0, 1, 4, 6 (z0 = [1,0,1,1])."""
     m = torch.zeros(1, 8, dtype=torch.bool)
@@ -169,6 +182,32 @@ def test_choice_equals_exhaustive_search(topo_name, E, K, T, max_fn):
                               screen_dtype=screen)
             assert (got.dim, got.pair) == (d, pair)
             assert got.q_current == pytest.approx(q_now, rel=1e-12)
+        split = SimWorld(topo).run(_decide_rank, stats, placement, profile, row_bytes, max_fn, dim)
+        assert all(s == got for s in split)                   # rows split over the ranks: the same decision
+
+
+def _decide_rank(comm, stats, placement, profile, row_bytes, max_fn, dim):
+    return decide_swap(stats, placement, profile, row_bytes, max_fn=max_fn, dim=dim, comm=comm)
+
+
+@pytest.mark.parametrize("max_fn", ["max", "smooth"])
+def test_split_decision_breaks_ties_like_the_whole(max_fn):
+    """Two tokens per rank, one expert each: many tied pairs spread over the ranks' rows. The split
+    decision picks the same smallest (r, c) and counts the same ties as one process and as the
+    exhaustive search."""
+    topo = get_topology("4x2")
+    profile = profile_for_topology(topo)
+    seen_ties = 0
+    for seed in range(6):
+        maps = [routing_map(2, 16, 1, seed=seed * 10 + r, distribution="uniform") for r in range(topo.G)]
+        placement = ExpertPlacement.identity(16)
+        stats = global_swap_stats(maps, topo, placement)
+        whole = decide_swap(stats, placement, profile, 1 << 20, max_fn=max_fn)
+        split = SimWorld(topo).run(_decide_rank, stats, placement, profile, 1 << 20, max_fn, None)
+        assert all(s == whole for s in split)
+        assert whole.pair == exhaustive_swap(maps, topo, placement, profile, 1 << 20, max_fn, 10.0, None)[1]
+        seen_ties = max(seen_ties, whole.ties if whole.pair else 0)
+    assert seen_ties > 4
 
 
 @pytest.mark.parametrize("topo_name,E", [("2x2", 8), ("hier:node=2,socket=2,gpu=2", 16)])
