@@ -29,30 +29,40 @@ tokens, the four cases factor through four small tables per level (`LevelStats`)
     Z[s1, s2, grp(s1)] = z0[grp(s1)] + x[s2, grp(s1)] - solo[s1] + w[s1, s2]
 
 (other groups unchanged; same-group pairs change nothing), built for all levels in O(D*T*K^2)
-from each token's sorted slot list and evaluated for all pairs in O(D*E^2). Both methods give the
-same Z, exactly (tests compare them with a recount from scratch); 'factored' is the default,
-'four_case' the literal reference (over 100x slower at the paper's scale).
+from each token's sorted slot list (one `bincount` of one index buffer, `_raw_tables`) and
+evaluated for all pairs in O(D*E^2), the route's levels stacked (`StackedLevels`). Both methods
+give the same Z, exactly (tests compare them with a recount from scratch); 'factored' is the
+default, 'four_case' the literal reference (over 100x slower at the paper's scale).
 
 Agreement [reconstruction: the paper does not say how ranks agree]. All counts are *global*: every
-rank computes its tokens' tables, one all-reduce (sum) adds them, and every rank then runs the same
-deterministic choice on the same integers (verified by a 4-int all-reduce). Global per-group counts
-are exact after any swap at every level, so the second-order effect the per-level formulation
-leaves open (a swap across nodes changes the token sets of the lower levels) does not arise. The
-paper's p is a per-rank count (the padded per-rank buffer); from global counts we use its mean over
-the G / U[P] ranks that send into a level-L group in that step: p = Z * U[P] / G.
+rank computes its tokens' tables, one all-reduce (sum) adds them. Global per-group counts are exact
+after any swap at every level, so the second-order effect the per-level formulation leaves open (a
+swap across nodes changes the token sets of the lower levels) does not arise. The paper's p is a
+per-rank count (the padded per-rank buffer); from global counts we use its mean over the G / U[P]
+ranks that send into a level-L group in that step: p = Z * U[P] / G.
 
-Evaluation, ties and hysteresis. All E^2 pairs are screened in float32 (a few E^2 passes per
+Split decision [ours]. The E^2 pairs are split by rows: each rank screens the pairs (s1, s2) whose
+s1 is one of its own GPU's E / G slots and evaluates exactly those of them with s1 < s2, so every
+unordered pair is evaluated by one rank. Three scalar collectives combine the ranks: the screened
+minimum (min), the exact minimum (min), and each rank's best tie-break key with its Q and tie
+count (all-gather). The values of a pair are computed bit for bit alike from either row, and all
+exact values come from the same integers on every rank, so the split decision equals the one-process
+decision (tests run both against an exhaustive search); a 4-int all-reduce verifies the agreement.
+
+Evaluation, ties and hysteresis. The pairs are screened in float32 (a few passes over the rows per
 level); the pairs within a relative 1e-5 of the screened minimum are evaluated again in float64 from
-their exact counts. Pairs whose Q lies within a relative 1e-9 of the minimum are tied and the
-smallest (r, c), r < c logical ids, among them wins; the swap is made only if the minimum beats the
-current placement's Q by more than that tolerance. Rounding therefore never decides, and an
-exhaustive search over all pairs with the same objective and rule picks the same pair.
+their exact counts, with the current placement. Pairs whose Q lies within a relative 1e-9 of the
+minimum are tied and the smallest (r, c), r < c logical ids, among them wins; the swap is made only
+if the minimum beats the current placement's Q by more than that tolerance. Rounding therefore
+never decides, and an exhaustive search over all pairs with the same objective and rule picks the
+same pair.
 """
 from __future__ import annotations
 
 import itertools
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Mapping, Sequence
 
 import torch
@@ -65,7 +75,7 @@ from impl.common.registry import register
 from impl.common.topology import Topology
 from impl.hiermoe.dimension import RouteCounts, check_profile, choose_from_counts, route_steps, step_name_of
 
-__all__ = ["MAX_FNS", "Z_METHODS", "LevelStats", "SwapStats", "SwapDecision", "HierDExpertSwap", "apply_max_fn",
+__all__ = ["MAX_FNS", "Z_METHODS", "LevelStats", "StackedLevels", "SwapStats", "SwapDecision", "HierDExpertSwap", "apply_max_fn",
            "selected_slots", "level_stats", "z_four_case", "local_swap_stats", "global_swap_stats",
            "gather_swap_stats", "swap_objective", "decide_swap"]
 
@@ -153,9 +163,7 @@ class StackedLevels:
         """From `_tables_of` (z0 = the route table summed over ranks): x = n - co, where n[s]
         (tokens selecting s) is co at s's own group."""
         E, groups = co_EX.shape[0], tuple(groups)
-        width = max(groups)
-        starts = itertools.accumulate([0] + list(groups[:-1]))
-        cols = torch.tensor([[o + u if u < U else sum(groups) for u in range(width)] for o, U in zip(starts, groups)])
+        cols = _padded_columns(groups)
         n_E = co_EX[torch.arange(E), torch.arange(E) // (E // groups[0])]
         x_EX = torch.cat([n_E.unsqueeze(1) - co_EX, torch.zeros(E, 1, dtype=co_EX.dtype)], dim=1)
         z0 = torch.cat([z0_X, z0_X.new_zeros(1)])[cols]
@@ -369,6 +377,20 @@ def _raw_tables(ids_TK: torch.Tensor, num_experts: int, num_groups: Sequence[int
     return torch.bincount(buf, minlength=total)
 
 
+@lru_cache(maxsize=None)
+def _real_columns(groups: tuple[int, ...]) -> torch.Tensor:
+    """Indices of the real (not spare) columns of a `_raw_tables` layout."""
+    starts = itertools.accumulate([0] + [u + 1 for u in groups])
+    return torch.cat([torch.arange(u) + o for u, o in zip(groups, starts)])
+
+
+@lru_cache(maxsize=None)
+def _padded_columns(groups: tuple[int, ...]) -> torch.Tensor:
+    """[D, width] column of each (level, group) in the concatenated layout; padding -> sum(groups)."""
+    width, starts = max(groups), itertools.accumulate([0] + list(groups[:-1]))
+    return torch.tensor([[o + u if u < U else sum(groups) for u in range(width)] for o, U in zip(starts, groups)])
+
+
 def _tables_of(flat: torch.Tensor, num_experts: int, num_groups: Sequence[int], num_ranks: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(route [G, X], co [E, X], w [D, E, E]) of a `_raw_tables` vector (local or summed), spares
@@ -378,8 +400,7 @@ def _tables_of(flat: torch.Tensor, num_experts: int, num_groups: Sequence[int], 
     E, D, X = num_experts, len(num_groups), sum(num_groups)
     E1, X1 = E + 1, X + D
     off_co, off_w = num_ranks * X1, num_ranks * X1 + E1 * X1
-    keep = torch.cat([torch.arange(u) + o for u, o in
-                      zip(num_groups, itertools.accumulate([0] + [u + 1 for u in num_groups]))])
+    keep = _real_columns(tuple(num_groups))
     route = flat[:off_co].view(num_ranks, X1).index_select(1, keep)
     co = flat[off_co:off_w].view(E1, X1)[:E].index_select(1, keep)
     w = flat[off_w:off_w + D * E1 * E1].view(D, E1, E1)

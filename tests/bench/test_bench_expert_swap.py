@@ -1,22 +1,28 @@
 """Planning cost of HierD-ES and SmartMoE at the paper's scale, on one CPU core, against the modeled
-time of the MoE layer it plans for.
+time of the MoE layer it plans for and of the training step.
 
 Scale: the HierMoE testbed (32 GPUs, 4 levels), 1024 tokens per GPU, E = 256, K = 8, hidden 3584
 (DeepSeek-V3 halved) in bf16; routing is a skewed (Zipf 1.0) synthetic top-8 trace shared by all
 ranks' popularity order. What one rank computes per layer and step: its four-case tables
 (`local_swap_stats`) and, after the all-reduce, its share of the decision (`decide_swap` with the
 rank's rows; the whole decision in one process, as the sim tier runs it, is reported beside).
+Not timed: the all-reduce of the tables (its bytes and a modeled estimate are reported) and the
+three scalar collectives of the split decision.
 
-Modeled MoE-layer time (the denominator; a lower bound of the layer's share of a training step,
-which also holds attention, dense layers and the optimizer): the four HierD-AlltoAll phases at d*
-(dispatch, combine and their backward twins, `impl.hiermoe.dimension` on the testbed profile) plus
-the expert GEMMs of the busiest GPU, forward (3 per expert) and backward (6), from the GEMM model of
-FSMoE's Testbed A, the same A6000 hardware class (the HierMoE profile has no compute model).
+Denominators (modeled). The MoE layer: the four HierD-AlltoAll phases at d* (dispatch, combine and
+their backward twins, `impl.hiermoe.dimension` on the testbed profile) plus the expert GEMMs of the
+busiest GPU, forward (3 per expert) and backward (6), from the GEMM model of FSMoE's Testbed A, the
+same A6000 hardware class (the HierMoE profile has no compute model); a lower bound of the layer's
+share of a step. The step: the sim tier's DeepSeek-V3 experiment (`hiermoe_deepseek.yaml`: 6 layers,
+3 of them MoE), every MoE layer as above plus the dense compute (`simulate.dense_compute_ms`);
+planning runs once per MoE layer, so its share of the step is layers x planning / step.
 
     .venv/bin/python -m pytest tests/bench/test_bench_expert_swap.py --benchmark-enable \
         --benchmark-timer time.process_time -s
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,11 +35,14 @@ from impl.common.topology import get_topology
 from impl.common.traces import synthetic_topk
 from impl.hiermoe.dimension import modeled_times, select_dimension
 from impl.common.comm import Comm
+from impl.common.config import build_config
 from impl.hiermoe.expert_swap import MAX_FNS, _unflatten, decide_swap, local_swap_stats
+from impl.hiermoe.simulate import SimExperimentConfig, dense_compute_ms, resolve
 
 pytestmark = pytest.mark.bench
 
 G_TOPOLOGY, TOKENS, BYTES_PER_ELEM = "hiermoe-testbed", 1024, 2
+EXPERIMENT = Path(__file__).resolve().parents[2] / "workflows/config/experiments/hiermoe_deepseek.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +70,19 @@ def scale():
     busiest = max(range(topo.G), key=lambda g: int(rows_per_expert[g].sum()))
     gemm_ms = sum(9 * gemm.time_ms(int(rows) * M * H) for rows in rows_per_expert[busiest].tolist())
     layer_ms = 4 * times[d] + gemm_ms
+    # the modeled training step of the sim tier's DeepSeek-V3 experiment (same model, topology,
+    # profiles): every MoE layer as above plus the dense compute (attention, dense FFN layers, head)
+    rz = resolve(build_config(SimExperimentConfig, EXPERIMENT))
+    moe_layers = sum(1 for i in range(rz.model.num_layers) if rz.model.is_moe_layer(i))
+    step_ms = dense_compute_ms(rz) + moe_layers * layer_ms
     table_bytes = flat.numel() * flat.element_size()
     # the tables' all-reduce, estimated: a ring all-reduce sends every rank (G - 1) / G of the
     # vector twice, a flat AlltoAll of the vector once (modeled, not measured)
     allreduce_ms = 2 * profile.comm_time("a2a", "flat", table_bytes)
     info = {"G": topo.G, "E": E, "K": K, "tokens_per_gpu": TOKENS, "hidden": M, "d_star": d,
             "t_dstar_ms": times[d], "expert_gemm_ms": gemm_ms, "modeled_moe_layer_ms": layer_ms,
-            "allreduce_bytes": table_bytes, "allreduce_estimated_ms": allreduce_ms}
+            "allreduce_bytes": table_bytes, "allreduce_estimated_ms": allreduce_ms,
+            "moe_layers": moe_layers, "modeled_step_ms": step_ms}
     yield {"topo": topo, "profile": profile, "maps": maps, "placement": placement, "stats": stats,
            "flat_sum": flat_sum, "row_bytes": row_bytes, "info": info}
     torch.set_num_threads(threads)
@@ -77,12 +92,16 @@ def _report(benchmark, scale, what: str):
     benchmark.extra_info.update(scale["info"])
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None) is not None:
+        info = scale["info"]
         median_ms = stats.stats.median * 1e3
-        share = median_ms / scale["info"]["modeled_moe_layer_ms"]
-        benchmark.extra_info.update(median_ms=median_ms, share_of_modeled_layer=share)
-        print(f"\n{what}: {median_ms:.2f} ms = {100 * share:.2f}% of the modeled MoE layer "
-              f"({scale['info']['modeled_moe_layer_ms']:.1f} ms: 4 x t_d*={scale['info']['t_dstar_ms']:.2f} ms "
-              f"at d*={scale['info']['d_star']} + expert GEMMs {scale['info']['expert_gemm_ms']:.1f} ms)")
+        share = median_ms / info["modeled_moe_layer_ms"]
+        step_share = info["moe_layers"] * median_ms / info["modeled_step_ms"]
+        benchmark.extra_info.update(median_ms=median_ms, share_of_modeled_layer=share,
+                                    share_of_modeled_step=step_share)
+        print(f"\n{what}: {median_ms:.2f} ms per layer = {100 * share:.2f}% of the modeled MoE layer "
+              f"({info['modeled_moe_layer_ms']:.1f} ms: 4 x t_d*={info['t_dstar_ms']:.2f} ms at d*={info['d_star']} "
+              f"+ expert GEMMs {info['expert_gemm_ms']:.1f} ms); x {info['moe_layers']} MoE layers = "
+              f"{100 * step_share:.2f}% of the modeled step ({info['modeled_step_ms']:.0f} ms)")
 
 
 def test_bench_local_tables(benchmark, scale):
