@@ -33,6 +33,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -239,6 +240,11 @@ class ExpertWeights:
     def ffn_hidden(self) -> int:
         return self.gate_FM.shape[0]
 
+    @cached_property
+    def gate_up_2FM(self) -> torch.Tensor | None:
+        """gate and up as one [2F, M] array when they are its two halves (see `_joined`), else None."""
+        return _joined(self.gate_FM, self.up_FM)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.gate_FM, self.up_FM, self.down_MF))
@@ -258,16 +264,20 @@ class ExpertWeights:
 # cores: along the output dimension N when w is stored row-major ([N, K] rows, the natural
 # layout), else along the reduction dimension K when w^T is ([K, N] rows: the engine's down
 # slices, see `engine.HybridDecoder._expert`), the partial products then summed.
+# Small weights (cache-resident, a few microseconds of work) are not split: the extra calls cost
+# more than they save.
 _SPLIT_MAX_TOKENS = 32
 _SPLIT_MIN_WIDTH = 256
+_SPLIT_MIN_BYTES = 1 << 20
 
 
 def _linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w_NK, b_N) for x of shape [..., K], split across cores for few tokens."""
-    n = torch.get_num_threads()
     K = x.shape[-1]
     T = x.numel() // K if K else 0
-    if n == 1 or x.device.type != "cpu" or not 0 < T <= _SPLIT_MAX_TOKENS or x.dtype != w_NK.dtype:
+    n = torch.get_num_threads()
+    if (n == 1 or not 0 < T <= _SPLIT_MAX_TOKENS or w_NK.numel() * w_NK.element_size() < _SPLIT_MIN_BYTES
+            or x.device.type != "cpu" or x.dtype != w_NK.dtype):
         return F.linear(x, w_NK, b_N)
     x_TK, N = x.reshape(T, K), w_NK.shape[0]
     if N >= _SPLIT_MIN_WIDTH and N % n == 0 and w_NK.stride(1) == 1:       # blocks of output rows
@@ -301,7 +311,7 @@ def _joined(*parts: torch.Tensor, dim: int = 0) -> torch.Tensor | None:
 
 def ffn(w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
     """SwiGLU FFN; exact under slicing of F: sum over disjoint slices s of ffn(w.slice(s), x)."""
-    gu_2FM = _joined(w.gate_FM, w.up_FM)
+    gu_2FM = w.gate_up_2FM
     if gu_2FM is not None:          # gate and up rows stacked in one [2F, M] array: one product
         gu_T2F = _linear(x_TM, gu_2FM)
         h_TF = F.silu(gu_T2F[:, :w.ffn_hidden]) * gu_T2F[:, w.ffn_hidden:]
@@ -338,6 +348,13 @@ class AttentionWeights:
     k_b: torch.Tensor | None = None
     v_b: torch.Tensor | None = None
     o_b: torch.Tensor | None = None
+
+    @cached_property
+    def qkv(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) of q, k, v as one array when they are consecutive rows of one (`_joined`)."""
+        w = _joined(self.q_w, self.k_w, self.v_w)
+        b = None if self.q_b is None else _joined(self.q_b, self.k_b, self.v_b)
+        return None if w is None or (self.q_b is not None and b is None) else (w, b)
 
 
 @dataclass(frozen=True)
@@ -561,6 +578,7 @@ class Decoder:
         self._layers = [self.layer_weights(i) for i in range(cfg.num_layers)] if cache_weights else None
         half = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
         self._base_inv_freq = 1.0 / (cfg.rope_theta ** half)
+        self._rope_tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}   # long RoPE -> (cos, sin)
 
     # -------------------------------------------------------------- weights
 
@@ -612,23 +630,35 @@ class Decoder:
     # -------------------------------------------------------------- pieces
 
     def rope(self, pos_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, S, D] for positions pos_BS (HF rotate-half layout)."""
+        """cos and sign-folded sin [B, S, D] for positions pos_BS (HF rotate-half layout; the first
+        half of sin negated, see `_rotate`), looked up in a table that grows on demand."""
+        cfg = self.config
+        end = int(pos_BS.max()) + 1
+        long = cfg.rope_scaling is not None and end > cfg.rope_scaling.original_max_position_embeddings
+        table = self._rope_tables.get(long)
+        if table is None or table[0].shape[0] < end:
+            table = self._rope_tables[long] = self._rope_table(max(end, 2 * (0 if table is None else len(table[0])),
+                                                                   256), long)
+        return table[0][pos_BS], table[1][pos_BS]
+
+    def _rope_table(self, length: int, long: bool) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, inv_freq, scale = self.config, self._base_inv_freq, 1.0
         if cfg.rope_scaling is not None:
             rs = cfg.rope_scaling
-            long = int(pos_BS.max()) + 1 > rs.original_max_position_embeddings
             ext = torch.tensor(rs.long_factor if long else rs.short_factor, dtype=torch.float32)
             inv_freq, scale = inv_freq / ext, (rs.long_mscale if long else rs.short_mscale)
-        freqs_BSh = pos_BS.to(torch.float32)[..., None].cpu() * inv_freq
-        emb_BSD = torch.cat((freqs_BSh, freqs_BSh), dim=-1)
-        cos, sin = emb_BSD.cos() * scale, emb_BSD.sin() * scale
+        freqs_Nh = torch.arange(length, dtype=torch.int64).to(torch.float32)[:, None] * inv_freq
+        emb_ND = torch.cat((freqs_Nh, freqs_Nh), dim=-1)
+        cos, sin = emb_ND.cos() * scale, emb_ND.sin() * scale
+        sin[:, :cfg.head_dim // 2].neg_()
         return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1) = (x2, x1) * (-1, 1): the
+        halves swapped in one flip, the sign folded into sin (exact, the same values)."""
+        swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+        return x * cos + swapped * signed_sin
 
     def attention(self, i: int, w: AttentionWeights, h_BSM: torch.Tensor, cache: KVCache,
                   cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, allowed_BSL: torch.Tensor | None,
@@ -639,10 +669,8 @@ class Decoder:
         H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         R = H // G
         cos, sin = cos_BSD[:, None], sin_BSD[:, None]
-        qkv_XM = _joined(w.q_w, w.k_w, w.v_w)
-        qkv_b = None if w.q_b is None else _joined(w.q_b, w.k_b, w.v_b)
-        if qkv_XM is not None and (w.q_b is None or qkv_b is not None):     # one product, one RoPE
-            qkv_BNSD = _linear(h_BSM, qkv_XM, qkv_b)
+        if w.qkv is not None:                                               # one product, one RoPE
+            qkv_BNSD = _linear(h_BSM, *w.qkv)
             qkv_BNSD = qkv_BNSD.view(B, S, H + 2 * G, D).transpose(1, 2)
             qk_BNSD = self._rotate(qkv_BNSD[:, :H + G], cos, sin)
             q_BHSD, k_BGSD, v_BGSD = qk_BNSD[:, :H], qk_BNSD[:, H:], qkv_BNSD[:, H + G:]
@@ -655,14 +683,10 @@ class Decoder:
         L0 = L1 - S
         cache.k[i][:, :, L0:L1] = k_BGSD
         cache.v[i][:, :, L0:L1] = v_BGSD
-        # query heads g*R .. g*R+R-1 share key/value head g: one matmul per kv head, no K/V copies
         k_BGLD, v_BGLD = cache.k[i][:, :, :L1], cache.v[i][:, :, :L1]
-        q_BGXD = q_BHSD.reshape(B, G, R * S, D)
-        scores_BHSL = (q_BGXD @ k_BGLD.transpose(-1, -2)).view(B, H, S, L1).float() * (1.0 / math.sqrt(D))
-        if allowed_BSL is not None:
-            scores_BHSL = scores_BHSL.masked_fill(~allowed_BSL[:, None], float("-inf"))
-        probs_BGXL = torch.softmax(scores_BHSL, dim=-1).to(self.dtype).view(B, G, R * S, L1)
-        o_BSX = (probs_BGXL @ v_BGLD).view(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
+        mask = None if allowed_BSL is None else allowed_BSL[:, None]
+        o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, enable_gqa=G != H)
+        o_BSX = o_BHSD.transpose(1, 2).reshape(B, S, H * D)
         return _linear(o_BSX, w.o_w, w.o_b)
 
     def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
@@ -670,10 +694,12 @@ class Decoder:
         if self.route_observer is not None:
             self.route_observer(i, ids_TK, weights_TK)
         if x_TM.shape[0] == 1:      # one token: same sums as below (0 + a + b, experts ascending)
-            y_TM = None
+            y_TM, gate_K = None, None
             for e, k in sorted((e, k) for k, e in enumerate(ids_TK[0].tolist())):
                 y_e = self.expert_fn(i, e, w.experts[e], x_TM)
-                y_e = y_e * weights_TK[:, k:k + 1].to(y_e.dtype)
+                if gate_K is None:  # Python numbers of the same values: scalar products, the same results
+                    gate_K = weights_TK[0].to(y_e.dtype).tolist()
+                y_e = y_e * gate_K[k]
                 y_TM = y_e if y_TM is None else y_TM + y_e
         else:
             y_TM = self._routed(i, w, x_TM, ids_TK, weights_TK)
