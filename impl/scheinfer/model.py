@@ -298,18 +298,20 @@ def _linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None
 
 
 def _joined(*parts: torch.Tensor, dim: int = 0) -> torch.Tensor | None:
-    """The tensor whose consecutive blocks along dim are exactly these views (one product
-    instead of several, see `Decoder._expert` / `layer_weights`), or None if they are not."""
-    base = parts[0]._base
-    if base is None or not base.is_contiguous() or base.dim() != parts[0].dim():
-        return None
-    ptr, step = base.data_ptr(), base.element_size() * base.stride(dim)
+    """The view whose consecutive blocks along dim are exactly these views (one product instead of
+    several, see `Decoder._expert` / `layer_weights`), or None if they do not lie so in memory."""
+    first = parts[0]
+    rest_shape = first.shape[:dim] + first.shape[dim + 1:]
+    ptr, step = first.data_ptr(), first.element_size() * first.stride(dim)
     for t in parts:
-        if (t._base is not base or t.data_ptr() != ptr or t.stride() != base.stride()
-                or t.shape[:dim] + t.shape[dim + 1:] != base.shape[:dim] + base.shape[dim + 1:]):
+        if (t.dtype != first.dtype or t.device != first.device or t.stride() != first.stride()
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.data_ptr() != ptr or t.shape[:dim] + t.shape[dim + 1:] != rest_shape):
             return None
         ptr += t.shape[dim] * step
-    return base if sum(t.shape[dim] for t in parts) == base.shape[dim] else None
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in parts)
+    return first.as_strided(shape, first.stride(), first.storage_offset())
 
 
 def ffn(w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
@@ -366,6 +368,9 @@ class MoEWeights:
     experts: tuple[ExpertWeights, ...]
     shared: ExpertWeights | None = None
     shared_gate_1M: torch.Tensor | None = None
+    # all experts in two arrays, gate/up [E, 2F, M] and down [E, M, F], the experts' weights views
+    # of them (`Decoder._experts`); None when the experts are stored apart
+    stacked: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -559,6 +564,22 @@ def _default_expert_fn(layer: int, expert: int | str, w: ExpertWeights, x_TM: to
     return ffn(w, x_TM)
 
 
+def _pair_ffn(stacked: tuple[torch.Tensor, torch.Tensor], a: int, b: int, x_1M: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ffn` of experts a < b of one stacked layer for one token, as two batched products: any two
+    experts of an [E, ...] array are one strided [2, ...] view (batch stride b - a experts)."""
+    gu_E2FM, down_EMF = stacked
+    _, F2, M = gu_E2FM.shape
+    width = F2 // 2
+    gu_2M2F = gu_E2FM.as_strided((2, M, F2), ((b - a) * F2 * M, 1, M), gu_E2FM.storage_offset() + a * F2 * M)
+    down_2FM = down_EMF.as_strided((2, width, M), ((b - a) * width * M, 1, width),
+                                   down_EMF.storage_offset() + a * width * M)
+    g_21F2 = torch.bmm(x_1M.view(1, 1, M).expand(2, 1, M), gu_2M2F)
+    h_21F = F.silu(g_21F2[..., :width]) * g_21F2[..., width:]
+    y_2M = torch.bmm(h_21F, down_2FM).view(2, M)
+    return y_2M[0:1], y_2M[1:2]
+
+
 class Decoder:
     """The model. `expert_fn(layer, expert, weights, x_TM) -> y_TM` computes every FFN (expert is
     the routed expert's id, 'shared' or 'dense'); `route_observer(layer, ids_TK, weights_TK)` is
@@ -597,13 +618,25 @@ class Decoder:
         return Norm(self._w(f"{prefix}.weight"), bias, cfg.norm_kind, cfg.norm_eps)
 
     def _expert(self, prefix: str) -> ExpertWeights:
-        # gate and up rows stacked in one [2F, M] array, ExpertWeights holding views of it: `ffn`
-        # streams both in one product. Slices along F stay views.
-        names = expert_weight_names(prefix)
-        gate, up, down = (self._w(names[p]) for p in EXPERT_PARTS)
-        width = gate.shape[0]
-        gu_2FM = torch.cat((gate, up))
-        return ExpertWeights(gu_2FM[:width], gu_2FM[width:], down.contiguous())
+        return self._experts([prefix])[0][0]
+
+    def _experts(self, prefixes: Sequence[str]) -> tuple[list[ExpertWeights], tuple[torch.Tensor, torch.Tensor]]:
+        """The experts under these prefixes, all in one gate/up array [E, 2F, M] (gate rows, then
+        up rows, per expert: `ffn` streams both in one product) and one down array [E, M, F], the
+        ExpertWeights holding views of them. Slices along F stay views."""
+        gu_E2FM = down_EMF = None
+        for e, prefix in enumerate(prefixes):
+            names = expert_weight_names(prefix)
+            gate, up, down = (self._w(names[p]) for p in EXPERT_PARTS)
+            if gu_E2FM is None:
+                width, hidden = gate.shape
+                gu_E2FM = gate.new_empty(len(prefixes), 2 * width, hidden)
+                down_EMF = down.new_empty(len(prefixes), hidden, width)
+            gu_E2FM[e, :width], gu_E2FM[e, width:] = gate, up
+            down_EMF[e] = down
+        width = gu_E2FM.shape[1] // 2
+        experts = [ExpertWeights(gu[:width], gu[width:], dn) for gu, dn in zip(gu_E2FM, down_EMF)]
+        return experts, (gu_E2FM, down_EMF)
 
     def layer_weights(self, i: int) -> LayerWeights:
         """Layer i's weights in the compute dtype / device (cached ones when cache_weights)."""
@@ -622,10 +655,10 @@ class Decoder:
         dense = moe = None
         if cfg.is_moe_layer(i):
             shared = self._expert(f"{p}.moe.shared") if cfg.shared_expert_ffn_hidden else None
-            moe = MoEWeights(
-                router_EM=self._w(f"{p}.moe.router.weight"),
-                experts=tuple(self._expert(f"{p}.moe.experts.{e}") for e in range(cfg.num_experts)),
-                shared=shared, shared_gate_1M=opt(f"{p}.moe.shared_gate.weight", cfg.shared_expert_gate))
+            experts, stacked = self._experts([f"{p}.moe.experts.{e}" for e in range(cfg.num_experts)])
+            moe = MoEWeights(router_EM=self._w(f"{p}.moe.router.weight"), experts=tuple(experts),
+                             shared=shared, shared_gate_1M=opt(f"{p}.moe.shared_gate.weight", cfg.shared_expert_gate),
+                             stacked=stacked)
         else:
             dense = self._expert(f"{p}.ffn")
         return LayerWeights(self._norm(f"{p}.attn_norm"), attn, self._norm(f"{p}.ffn_norm"), dense, moe)
@@ -696,14 +729,8 @@ class Decoder:
         ids_TK, weights_TK = route(self.config, F.linear(x_TM, w.router_EM))
         if self.route_observer is not None:
             self.route_observer(i, ids_TK, weights_TK)
-        if x_TM.shape[0] == 1:      # one token: same sums as below (0 + a + b, experts ascending)
-            y_TM, gate_K = None, None
-            for e, k in sorted((e, k) for k, e in enumerate(ids_TK[0].tolist())):
-                y_e = self.expert_fn(i, e, w.experts[e], x_TM)
-                if gate_K is None:  # Python numbers of the same values: scalar products, the same results
-                    gate_K = weights_TK[0].to(y_e.dtype).tolist()
-                y_e = y_e * gate_K[k]
-                y_TM = y_e if y_TM is None else y_TM + y_e
+        if x_TM.shape[0] == 1:
+            y_TM = self._one_token(i, w, x_TM, ids_TK[0], weights_TK[0])
         else:
             y_TM = self._routed(i, w, x_TM, ids_TK, weights_TK)
         if w.shared is not None:
@@ -712,6 +739,30 @@ class Decoder:
                 s_TM = torch.sigmoid(F.linear(x_TM, w.shared_gate_1M)) * s_TM
             y_TM = y_TM + s_TM
         return y_TM
+
+    def _one_token(self, i: int, w: MoEWeights, x_1M: torch.Tensor, ids_K: torch.Tensor,
+                   weights_K: torch.Tensor) -> torch.Tensor:
+        """One token's routed experts, added in ascending expert order. With the plain expert
+        function, stacked experts and at most two cores, each pair of experts is one batched
+        product (two blocks, one per core, `_pair_ffn`): half the calls of one split product per
+        expert. Otherwise each expert goes through `expert_fn`."""
+        order = sorted((e, k) for k, e in enumerate(ids_K.tolist()))
+        gate_K = None               # Python numbers of the gate weights: scalar products, same values
+        paired = w.stacked is not None and self.expert_fn is _default_expert_fn and torch.get_num_threads() <= 2
+        y_1M, j = None, 0
+        while j < len(order):
+            if paired and j + 1 < len(order):
+                (a, _), (b, _) = order[j], order[j + 1]
+                ys = list(_pair_ffn(w.stacked, a, b, x_1M))
+            else:
+                ys = [self.expert_fn(i, order[j][0], w.experts[order[j][0]], x_1M)]
+            for y_e, (_, k) in zip(ys, order[j:j + len(ys)]):
+                if gate_K is None:
+                    gate_K = weights_K.to(y_e.dtype).tolist()
+                y_e = y_e * gate_K[k]
+                y_1M = y_e if y_1M is None else y_1M + y_e
+            j += len(ys)
+        return y_1M
 
     def _routed(self, i: int, w: MoEWeights, x_TM: torch.Tensor, ids_TK: torch.Tensor,
                 weights_TK: torch.Tensor) -> torch.Tensor:
