@@ -7,8 +7,8 @@ import torch
 from impl.common.config import ConfigError
 from impl.common.models import get_model
 from impl.scheinfer.generate_models import KINDS, tiny_config
-from impl.scheinfer.model import (Decoder, DecoderConfig, ExpertWeights, LongRope, SamplingConfig, ffn, route,
-                                  sample_next, weight_shapes)
+from impl.scheinfer.model import (Decoder, DecoderConfig, ExpertWeights, LongRope, SamplingConfig, _pair_ffn, ffn,
+                                  route, sample_next, weight_shapes)
 from impl.scheinfer.weights import RandomWeights
 
 ALL_KINDS = list(KINDS)
@@ -123,6 +123,32 @@ def test_incremental_decode_equals_full_forward(decoders, kind):
     for t in toks[4:]:
         steps.append(dec.forward(torch.tensor([[t]]), cache)[0])
     torch.testing.assert_close(torch.cat(steps), full, rtol=0, atol=2e-5)
+
+
+def test_paired_experts_equal_each_expert_alone(decoders):
+    """Any two experts of a stacked layer as one batched product give each expert's own `ffn`."""
+    moe = decoders["mixtral"].layer_weights(0).moe
+    x = torch.randn(1, moe.stacked[0].shape[2], generator=torch.Generator().manual_seed(3))
+    E = len(moe.experts)
+    for a, b in ((0, 1), (0, E - 1), (2, 5)):
+        for y, e in zip(_pair_ffn(moe.stacked, a, b, x), (a, b)):
+            torch.testing.assert_close(y, ffn(moe.experts[e], x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_one_token_path_is_the_same_with_pairs_and_without(decoders, kind):
+    """Decode with the paired one-token path (<= 2 torch threads) and with one split product per
+    expert (more threads): the same tokens, logits within rounding."""
+    dec, before = decoders[kind], torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            outs.append(dec.generate([[1, 17, 300, 42]], 6, return_logits=True))
+    finally:
+        torch.set_num_threads(before)
+    assert outs[0].tokens == outs[1].tokens
+    torch.testing.assert_close(outs[0].step_logits[0], outs[1].step_logits[0], rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2_moe", "phimoe"])
