@@ -15,7 +15,9 @@ Conventions
   gate/up as [F, M] and down as [M, F], so a slice of the intermediate dimension F is a row slice of
   gate/up plus a column slice of down (`ExpertWeights.slice`), and the slices' outputs sum to the
   whole: y = sum_s ffn(w.slice(s), x). The engine replaces `Decoder.expert_fn` to run slices
-  on different devices; `Decoder.route_observer` sees every routing decision.
+  on different devices; `Decoder.route_observer` sees every routing decision. One exception, for
+  speed: with the plain expert function, a decoded token's experts go in pairs through
+  `_pair_ffn` (the same products, two experts per batched call; `Decoder._one_token`).
 * Weights come from a `WeightSource` (weights.py) by canonical name (`weight_shapes`). With
   `cache_weights=False` the decoder fetches each layer's tensors when it runs that layer and drops
   them afterwards, so a lazily generated real-size model never sits in memory whole.
