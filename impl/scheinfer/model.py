@@ -31,7 +31,6 @@ heads, G key/value heads, D head dim, T tokens, E experts, K top-k.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -674,9 +673,9 @@ class Decoder:
         end = int(pos_BS.max()) + 1
         long = cfg.rope_scaling is not None and end > cfg.rope_scaling.original_max_position_embeddings
         table = self._rope_tables.get(long)
-        if table is None or table[0].shape[0] < end:
-            table = self._rope_tables[long] = self._rope_table(max(end, 2 * (0 if table is None else len(table[0])),
-                                                                   256), long)
+        if table is None or len(table[0]) < end:           # grow by doubling, at least 256 positions
+            length = max(end, 256, 0 if table is None else 2 * len(table[0]))
+            table = self._rope_tables[long] = self._rope_table(length, long)
         return table[0][pos_BS], table[1][pos_BS]
 
     def _rope_table(self, length: int, long: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -705,7 +704,6 @@ class Decoder:
         cfg = self.config
         B, S, _ = h_BSM.shape
         H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        R = H // G
         cos, sin = cos_BSD[:, None], sin_BSD[:, None]
         if w.qkv is not None:                                               # one product, one RoPE
             qkv_BNSD = _linear(h_BSM, *w.qkv)
@@ -749,21 +747,20 @@ class Decoder:
         product (two blocks, one per core, `_pair_ffn`): half the calls of one split product per
         expert. Otherwise each expert goes through `expert_fn`."""
         order = sorted((e, k) for k, e in enumerate(ids_K.tolist()))
-        gate_K = None               # Python numbers of the gate weights: scalar products, same values
         paired = w.stacked is not None and self.expert_fn is _default_expert_fn and torch.get_num_threads() <= 2
-        y_1M, j = None, 0
-        while j < len(order):
-            if paired and j + 1 < len(order):
-                (a, _), (b, _) = order[j], order[j + 1]
-                ys = list(_pair_ffn(w.stacked, a, b, x_1M))
+        groups = [order[j:j + 2] for j in range(0, len(order), 2)] if paired else [[ek] for ek in order]
+        gate_K = None               # Python numbers of the gate weights: scalar products, same values
+        y_1M = None
+        for group in groups:
+            if len(group) == 2:
+                ys = _pair_ffn(w.stacked, group[0][0], group[1][0], x_1M)
             else:
-                ys = [self.expert_fn(i, order[j][0], w.experts[order[j][0]], x_1M)]
-            for y_e, (_, k) in zip(ys, order[j:j + len(ys)]):
+                ys = (self.expert_fn(i, group[0][0], w.experts[group[0][0]], x_1M),)
+            for y_e, (_, k) in zip(ys, group):
                 if gate_K is None:
                     gate_K = weights_K.to(y_e.dtype).tolist()
                 y_e = y_e * gate_K[k]
                 y_1M = y_e if y_1M is None else y_1M + y_e
-            j += len(ys)
         return y_1M
 
     def _routed(self, i: int, w: MoEWeights, x_TM: torch.Tensor, ids_TK: torch.Tensor,
