@@ -16,7 +16,6 @@ decode. Skipped without llama-cpp-python (optional extra `llamacpp`). With --ben
 (the default) only the small width runs, once, at a reduced size, as a smoke test.
 """
 import statistics
-import time
 
 import pytest
 import torch
