@@ -63,7 +63,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -257,18 +257,19 @@ class StackedLevels:
             rsum = torch.where(keep, _power(z0 / unit.view(nL, 1), gamma).view(nL, 1, 1, width), 0.0).sum(3)
             power = _power(pa, gamma)
             val = power + (power.view(nL, E, E).transpose(1, 2).view(nL, nb, blk, E) if n == E else _power(pb, gamma))
-            val.add_(rest(rsum)).pow_(1.0 / gamma).mul_((unit * scale.view(nL)).to(dtype).view(nL, 1, 1, 1))
+            val = _lanewise(lambda t: t.pow_(1.0 / gamma), val.add_(rest(rsum)))
+            val.mul_((unit * scale.view(nL)).to(dtype).view(nL, 1, 1, 1))
         else:
             rmax = torch.where(keep, p0.view(nL, 1, 1, width), -math.inf).amax(3)       # -inf when U = 2
             val = torch.maximum(pa, pb)
             val = torch.maximum(val, rest(rmax), out=val)
             if max_fn == "lse":
                 finite = torch.where(rmax > -math.inf, rmax, 0.0)
-                rlog = finite + torch.log(torch.where(keep, torch.exp(p0.view(nL, 1, 1, width) - finite.unsqueeze(3)),
-                                                      0.0).sum(3))
+                rlog = finite + _lanewise(torch.log, torch.where(
+                    keep, _lanewise(torch.exp, p0.view(nL, 1, 1, width) - finite.unsqueeze(3)), 0.0).sum(3))
                 top = val
-                val = torch.exp(pa - top).add_(torch.exp(pb - top))
-                val.add_(torch.exp(rest(rlog) - top)).log_().add_(top)
+                val = _lanewise(torch.exp, pa - top).add_(_lanewise(torch.exp, pb - top))
+                val = _lanewise(torch.log, val.add_(_lanewise(torch.exp, rest(rlog) - top))).add_(top)
         same = a_LB.view(nL, nb, 1, 1) == grp_LE.view(nL, 1, 1, E)                       # a == b: no change
         for i in range(nL):
             val[i].masked_fill_(same[i], float(unchanged[i]))
@@ -310,6 +311,23 @@ class LevelStats:
                     rows: tuple[int, int] | None = None) -> torch.Tensor:
         """[n, E]: `StackedLevels.pair_values` of this level."""
         return self._stacked().pair_values([scale], max_fn, gamma, dtype, rows)[0]
+
+
+_LANES = 64     # a multiple of twice the widest CPU vector (AVX-512: 16 float32 lanes)
+
+
+def _lanewise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for an elementwise transcendental (exp, log, pow), each element's value independent of
+    where it sits. ATen's CPU loops compute a buffer's last len % (2 * vector width) elements, and
+    those at the edges of the threads' chunks, with scalar code whose rounding differs from the
+    vector code's; so the same input could give other bits in a row block than in the whole matrix
+    (`StackedLevels.pair_values` promises identical bits). On a flat buffer padded to a multiple of
+    _LANES * threads every element runs through the vector code."""
+    flat, n = x.reshape(-1), x.numel()
+    chunk = _LANES * torch.get_num_threads()
+    padded = flat.new_ones(-(-n // chunk) * chunk)
+    padded[:n] = flat
+    return fn(padded)[:n].view(x.shape)
 
 
 def _power(x: torch.Tensor, gamma: float) -> torch.Tensor:
