@@ -15,9 +15,13 @@ Conventions
   gate/up as [F, M] and down as [M, F], so a slice of the intermediate dimension F is a row slice of
   gate/up plus a column slice of down (`ExpertWeights.slice`), and the slices' outputs sum to the
   whole: y = sum_s ffn(w.slice(s), x). The engine replaces `Decoder.expert_fn` to run slices
-  on different devices; `Decoder.route_observer` sees every routing decision. One exception, for
-  speed: with the plain expert function, a decoded token's experts go in pairs through
-  `_pair_ffn` (the same products, two experts per batched call; `Decoder._one_token`).
+  on different devices; `Decoder.route_observer` sees every routing decision. Two exceptions, for
+  speed, both with the plain expert function only: a decoded token's experts go in pairs through
+  `_pair_ffn` (the same products, two experts per batched call; `Decoder._one_token`); and with
+  `Decoder(compile_decode=True)` a decode step runs two torch.compile'd regions per layer, the
+  attention block and the token's routing + routed experts (`_token_moe`, gathered
+  multiply-reduce products that stream the weights at close to the memory bandwidth, which
+  MKL's f32 GEMV does not reach on AMD CPUs). Same math, other summation order.
 * Weights come from a `WeightSource` (weights.py) by canonical name (`weight_shapes`). With
   `cache_weights=False` the decoder fetches each layer's tensors when it runs that layer and drops
   them afterwards, so a lazily generated real-size model never sits in memory whole.
@@ -278,6 +282,11 @@ def _linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None
     """F.linear(x, w_NK, b_N) for x of shape [..., K], split across cores for few tokens."""
     K = x.shape[-1]
     T = x.numel() // K if K else 0
+    if torch.compiler.is_compiling():   # one token: a multiply-reduce that Inductor fuses (`_token_moe`)
+        if T != 1:
+            return F.linear(x, w_NK, b_N)
+        y = (x.unsqueeze(-2) * w_NK).sum(-1)
+        return y if b_N is None else y + b_N
     n = torch.get_num_threads()
     if (n == 1 or not 0 < T <= _SPLIT_MAX_TOKENS or w_NK.numel() * w_NK.element_size() < _SPLIT_MIN_BYTES
             or x.device.type != "cpu" or x.dtype != w_NK.dtype):
@@ -581,18 +590,52 @@ def _pair_ffn(stacked: tuple[torch.Tensor, torch.Tensor], a: int, b: int, x_1M: 
     return y_2M[0:1], y_2M[1:2]
 
 
+def _token_moe(cfg: DecoderConfig, router_EM: torch.Tensor, gu_E2FM: torch.Tensor, down_EMF: torch.Tensor,
+               x_1M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y_1M, ids_1K, weights_1K): the routing and the routed experts of one token, the experts as
+    gathered multiply-reduce products. Written for torch.compile (`Decoder(compile_decode=True)`):
+    Inductor fuses the gather into one reduction loop, so each chosen expert's weights stream once,
+    at close to the memory bandwidth (MKL's f32 GEMV reaches about half of it on the AMD hosts the
+    CPU bench runs on). Run eagerly it would copy the chosen experts' weights first."""
+    ids_1K, weights_1K = route(cfg, F.linear(x_1M, router_EM))
+    ids_K, width = ids_1K[0], down_EMF.shape[-1]
+    gu_K2F = (gu_E2FM[ids_K] * x_1M).sum(-1)
+    h_KF = F.silu(gu_K2F[:, :width]) * gu_K2F[:, width:]
+    y_KM = (down_EMF[ids_K] * h_KF[:, None, :]).sum(-1)
+    y_1M = (weights_1K[0, :, None].to(y_KM.dtype) * y_KM).sum(0, keepdim=True)
+    return y_1M, ids_1K, weights_1K
+
+
+def _attention_block(attention: Callable, norm: Norm, w: AttentionWeights, x_BSM: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor,
+                     allowed_BSL: torch.Tensor | None, L1: int) -> torch.Tensor:
+    """x + attention(norm(x)): the pre-norm attention half of a layer, one region for
+    torch.compile (with the cache length L1 dynamic, one graph serves every decode step)."""
+    return x_BSM + attention(w, norm(x_BSM), k_cache, v_cache, cos_BSD, sin_BSD, allowed_BSL, L1)
+
+
 class Decoder:
     """The model. `expert_fn(layer, expert, weights, x_TM) -> y_TM` computes every FFN (expert is
     the routed expert's id, 'shared' or 'dense'); `route_observer(layer, ids_TK, weights_TK)` is
-    called with every MoE routing decision (real tokens only)."""
+    called with every MoE routing decision (real tokens only).
+
+    compile_decode: decode steps run two torch.compile'd regions per layer: the attention block
+    (`_attention_block`, for every step without a mask) and a single token's routing and routed
+    experts (`_token_moe`). CPU only, with the plain expert function. The first decode steps of
+    each new weight shape compile (seconds); prefill and padded batches stay eager."""
 
     def __init__(self, source: "WeightSource", *, dtype: torch.dtype = torch.float32, device="cpu",
                  cache_weights: bool = True, expert_fn: ExpertFn | None = None,
-                 route_observer: RouteObserver | None = None):
+                 route_observer: RouteObserver | None = None, compile_decode: bool = False):
         self.source = source
         self.config: DecoderConfig = source.config
         self.dtype = dtype
         self.device = torch.device(device)
+        if compile_decode and (self.device.type != "cpu" or expert_fn is not None):
+            raise ValueError(f"compile_decode=True needs device 'cpu' and no expert_fn; got device "
+                             f"{str(self.device)!r}, expert_fn {'given' if expert_fn else 'None'}")
+        self._token_moe = torch.compile(_token_moe, fullgraph=True) if compile_decode else None
+        self._attention_block = torch.compile(_attention_block, fullgraph=True) if compile_decode else None
         self.expert_fn: ExpertFn = expert_fn or _default_expert_fn
         self.route_observer = route_observer
         cfg = self.config
@@ -697,10 +740,12 @@ class Decoder:
         swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
         return x * cos + swapped * signed_sin
 
-    def attention(self, i: int, w: AttentionWeights, h_BSM: torch.Tensor, cache: KVCache,
+    def attention(self, w: AttentionWeights, h_BSM: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cos_BSD: torch.Tensor, sin_BSD: torch.Tensor, allowed_BSL: torch.Tensor | None,
                   L1: int | None = None) -> torch.Tensor:
-        """allowed_BSL None: every one of the L1 cached slots is visible to every query."""
+        """Attention of one layer over its cache k_cache / v_cache [B, G, max_len, D], the S new
+        positions written to slots L1 - S .. L1 - 1. allowed_BSL None: every one of the L1 cached
+        slots is visible to every query."""
         cfg = self.config
         B, S, _ = h_BSM.shape
         H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -717,22 +762,26 @@ class Decoder:
             q_BHSD, k_BGSD = self._rotate(q_BHSD, cos, sin), self._rotate(k_BGSD, cos, sin)
         L1 = allowed_BSL.shape[-1] if allowed_BSL is not None else L1
         L0 = L1 - S
-        cache.k[i][:, :, L0:L1] = k_BGSD
-        cache.v[i][:, :, L0:L1] = v_BGSD
-        k_BGLD, v_BGLD = cache.k[i][:, :, :L1], cache.v[i][:, :, :L1]
+        k_cache[:, :, L0:L1] = k_BGSD
+        v_cache[:, :, L0:L1] = v_BGSD
+        k_BGLD, v_BGLD = k_cache[:, :, :L1], v_cache[:, :, :L1]
         mask = None if allowed_BSL is None else allowed_BSL[:, None]
-        o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, enable_gqa=G != H)
+        o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask,
+                                                enable_gqa=True if G != H else False)  # a bool under torch.compile too
         o_BSX = o_BHSD.transpose(1, 2).reshape(B, S, H * D)
         return _linear(o_BSX, w.o_w, w.o_b)
 
     def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
-        ids_TK, weights_TK = route(self.config, F.linear(x_TM, w.router_EM))
+        if x_TM.shape[0] == 1 and self._token_moe is not None and w.stacked is not None:
+            y_TM, ids_TK, weights_TK = self._token_moe(self.config, w.router_EM, *w.stacked, x_TM)
+        else:
+            ids_TK, weights_TK = route(self.config, F.linear(x_TM, w.router_EM))
+            if x_TM.shape[0] == 1:
+                y_TM = self._one_token(i, w, x_TM, ids_TK[0], weights_TK[0])
+            else:
+                y_TM = self._routed(i, w, x_TM, ids_TK, weights_TK)
         if self.route_observer is not None:
             self.route_observer(i, ids_TK, weights_TK)
-        if x_TM.shape[0] == 1:
-            y_TM = self._one_token(i, w, x_TM, ids_TK[0], weights_TK[0])
-        else:
-            y_TM = self._routed(i, w, x_TM, ids_TK, weights_TK)
         if w.shared is not None:
             s_TM = self.expert_fn(i, "shared", w.shared, x_TM)
             if w.shared_gate_1M is not None:
@@ -815,11 +864,14 @@ class Decoder:
             allowed_BSL = (slots_L[None, :] <= query_slot_S[:, None])[None] & cache.valid_BL[:, None, :L1]
             allowed_BSL |= (slots_L[None, :] == query_slot_S[:, None])[None]  # padded queries see themselves
         cos, sin = self.rope(pos_BS)
+        attend = self._attention_block if self._attention_block is not None and allowed_BSL is None \
+            else _attention_block
 
         x_BSM = self.embed_VM[tokens_BS]
         for i in range(cfg.num_layers):
             w = self.layer_weights(i)
-            x_BSM = x_BSM + self.attention(i, w.attn, w.attn_norm(x_BSM), cache, cos, sin, allowed_BSL, L1)
+            x_BSM = attend(self.attention, w.attn_norm, w.attn, x_BSM, cache.k[i], cache.v[i], cos, sin,
+                           allowed_BSL, L1)
             if valid_BS is None:
                 x_BSM = x_BSM + self.feed_forward(i, w, w.ffn_norm(x_BSM).view(B * S, -1)).view(B, S, -1)
             else:
