@@ -19,7 +19,7 @@ Conventions
   speed, both with the plain expert function only: a decoded token's experts go in pairs through
   `_pair_ffn` (the same products, two experts per batched call; `Decoder._one_token`); and with
   `Decoder(compile_decode=True)` a decode step runs two torch.compile'd regions per layer, the
-  attention block and the token's routing + routed experts (`_token_moe`, gathered
+  attention block and the FFN block (`_token_ffn_block`: routed experts as gathered
   multiply-reduce products that stream the weights at close to the memory bandwidth, which
   MKL's f32 GEMV does not reach on AMD CPUs). Same math, other summation order.
 * Weights come from a `WeightSource` (weights.py) by canonical name (`weight_shapes`). With
@@ -282,7 +282,7 @@ def _linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None
     """F.linear(x, w_NK, b_N) for x of shape [..., K], split across cores for few tokens."""
     K = x.shape[-1]
     T = x.numel() // K if K else 0
-    if torch.compiler.is_compiling():   # one token: a multiply-reduce that Inductor fuses (`_token_moe`)
+    if torch.compiler.is_compiling():   # one token: a multiply-reduce that Inductor fuses (`_routed_experts`)
         if T != 1:
             return F.linear(x, w_NK, b_N)
         y = (x.unsqueeze(-2) * w_NK).sum(-1)
@@ -590,20 +590,38 @@ def _pair_ffn(stacked: tuple[torch.Tensor, torch.Tensor], a: int, b: int, x_1M: 
     return y_2M[0:1], y_2M[1:2]
 
 
-def _token_moe(cfg: DecoderConfig, router_EM: torch.Tensor, gu_E2FM: torch.Tensor, down_EMF: torch.Tensor,
-               x_1M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _routed_experts(cfg: DecoderConfig, w: MoEWeights, h_1M: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y_1M, ids_1K, weights_1K): the routing and the routed experts of one token, the experts as
-    gathered multiply-reduce products. Written for torch.compile (`Decoder(compile_decode=True)`):
-    Inductor fuses the gather into one reduction loop, so each chosen expert's weights stream once,
-    at close to the memory bandwidth (MKL's f32 GEMV reaches about half of it on the AMD hosts the
+    gathered multiply-reduce products. Written for torch.compile (`_token_ffn_block`): Inductor
+    fuses the gather into one reduction loop, so each chosen expert's weights stream once, at
+    close to the memory bandwidth (MKL's f32 GEMV reaches about half of it on the AMD hosts the
     CPU bench runs on). Run eagerly it would copy the chosen experts' weights first."""
-    ids_1K, weights_1K = route(cfg, F.linear(x_1M, router_EM))
+    gu_E2FM, down_EMF = w.stacked
+    ids_1K, weights_1K = route(cfg, F.linear(h_1M, w.router_EM))
     ids_K, width = ids_1K[0], down_EMF.shape[-1]
-    gu_K2F = (gu_E2FM[ids_K] * x_1M).sum(-1)
+    gu_K2F = (gu_E2FM[ids_K] * h_1M).sum(-1)
     h_KF = F.silu(gu_K2F[:, :width]) * gu_K2F[:, width:]
     y_KM = (down_EMF[ids_K] * h_KF[:, None, :]).sum(-1)
     y_1M = (weights_1K[0, :, None].to(y_KM.dtype) * y_KM).sum(0, keepdim=True)
     return y_1M, ids_1K, weights_1K
+
+
+def _token_ffn_block(cfg: DecoderConfig, w: LayerWeights, x_11M: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(x + FFN(norm(x)), norm(x), ids_1K, weights_1K) of one token, without a MoE layer's shared
+    expert (the caller adds it); one region for torch.compile. Dense layers: `ffn`, whose
+    products are multiply-reduces under compile (`_linear`)."""
+    h_1M = w.ffn_norm(x_11M).view(1, -1)
+    if w.moe is None:
+        return x_11M + ffn(w.dense, h_1M).view(x_11M.shape), h_1M, None, None
+    y_1M, ids_1K, weights_1K = _routed_experts(cfg, w.moe, h_1M)
+    return x_11M + y_1M.view(x_11M.shape), h_1M, ids_1K, weights_1K
+
+
+# Inductor's C++ wrapper calls a region's kernels without Python in between: about 10 us less per
+# region call on the 2-core bench VM (0.83 -> 0.73 ms fixed cost per decoded token, 4 layers).
+_COMPILE_OPTIONS = {"cpp_wrapper": True}
 
 
 def _attention_block(attention: Callable, norm: Norm, w: AttentionWeights, x_BSM: torch.Tensor,
@@ -620,9 +638,10 @@ class Decoder:
     called with every MoE routing decision (real tokens only).
 
     compile_decode: decode steps run two torch.compile'd regions per layer: the attention block
-    (`_attention_block`, for every step without a mask) and a single token's routing and routed
-    experts (`_token_moe`). CPU only, with the plain expert function. The first decode steps of
-    each new weight shape compile (seconds); prefill and padded batches stay eager."""
+    (`_attention_block`, for every step without a mask) and a single token's FFN block
+    (`_token_ffn_block`: norm, routing and routed experts, or the dense FFN). CPU only, with the
+    plain expert function. The first decode steps of each new weight shape compile (seconds);
+    prefill and padded batches stay eager."""
 
     def __init__(self, source: "WeightSource", *, dtype: torch.dtype = torch.float32, device="cpu",
                  cache_weights: bool = True, expert_fn: ExpertFn | None = None,
@@ -634,8 +653,12 @@ class Decoder:
         if compile_decode and (self.device.type != "cpu" or expert_fn is not None):
             raise ValueError(f"compile_decode=True needs device 'cpu' and no expert_fn; got device "
                              f"{str(self.device)!r}, expert_fn {'given' if expert_fn else 'None'}")
-        self._token_moe = torch.compile(_token_moe, fullgraph=True) if compile_decode else None
-        self._attention_block = torch.compile(_attention_block, fullgraph=True) if compile_decode else None
+        self._token_ffn_block = self._attention_block = None
+        if compile_decode:   # each architecture / shape is its own graph of the two regions; a
+            # process with several models (the tests, a sweep) needs more than Dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            compiled = lambda fn: torch.compile(fn, fullgraph=True, options=_COMPILE_OPTIONS)  # noqa: E731
+            self._token_ffn_block, self._attention_block = compiled(_token_ffn_block), compiled(_attention_block)
         self.expert_fn: ExpertFn = expert_fn or _default_expert_fn
         self.route_observer = route_observer
         cfg = self.config
@@ -765,29 +788,42 @@ class Decoder:
         k_cache[:, :, L0:L1] = k_BGSD
         v_cache[:, :, L0:L1] = v_BGSD
         k_BGLD, v_BGLD = k_cache[:, :, :L1], v_cache[:, :, :L1]
-        mask = None if allowed_BSL is None else allowed_BSL[:, None]
-        o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask,
-                                                enable_gqa=True if G != H else False)  # a bool under torch.compile too
-        o_BSX = o_BHSD.transpose(1, 2).reshape(B, S, H * D)
+        if torch.compiler.is_compiling() and S == 1 and allowed_BSL is None:
+            # one query per sequence: scores and weighted sum as multiply-reduces that Inductor
+            # fuses with the softmax (the extern SDPA kernel costs more than the work here)
+            q_BGRD = q_BHSD.reshape(B, G, H // G, D)
+            scores_BGRL = (q_BGRD.unsqueeze(3) * k_BGLD.unsqueeze(2)).sum(-1) * D ** -0.5
+            p_BGRL = torch.softmax(scores_BGRL, dim=-1)
+            o_BSX = (p_BGRL.unsqueeze(-1) * v_BGLD.unsqueeze(2)).sum(3).reshape(B, S, H * D)
+        else:
+            mask = None if allowed_BSL is None else allowed_BSL[:, None]
+            o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, enable_gqa=G != H)
+            o_BSX = o_BHSD.transpose(1, 2).reshape(B, S, H * D)
         return _linear(o_BSX, w.o_w, w.o_b)
 
     def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
-        if x_TM.shape[0] == 1 and self._token_moe is not None and w.stacked is not None:
-            y_TM, ids_TK, weights_TK = self._token_moe(self.config, w.router_EM, *w.stacked, x_TM)
-        else:
-            ids_TK, weights_TK = route(self.config, F.linear(x_TM, w.router_EM))
-            if x_TM.shape[0] == 1:
-                y_TM = self._one_token(i, w, x_TM, ids_TK[0], weights_TK[0])
-            else:
-                y_TM = self._routed(i, w, x_TM, ids_TK, weights_TK)
+        ids_TK, weights_TK = route(self.config, F.linear(x_TM, w.router_EM))
         if self.route_observer is not None:
             self.route_observer(i, ids_TK, weights_TK)
-        if w.shared is not None:
-            s_TM = self.expert_fn(i, "shared", w.shared, x_TM)
-            if w.shared_gate_1M is not None:
-                s_TM = torch.sigmoid(F.linear(x_TM, w.shared_gate_1M)) * s_TM
-            y_TM = y_TM + s_TM
-        return y_TM
+        if x_TM.shape[0] == 1:
+            y_TM = self._one_token(i, w, x_TM, ids_TK[0], weights_TK[0])
+        else:
+            y_TM = self._routed(i, w, x_TM, ids_TK, weights_TK)
+        return y_TM if w.shared is None else y_TM + self._shared(i, w, x_TM)
+
+    def _shared(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
+        s_TM = self.expert_fn(i, "shared", w.shared, x_TM)
+        return s_TM if w.shared_gate_1M is None else torch.sigmoid(F.linear(x_TM, w.shared_gate_1M)) * s_TM
+
+    def _compiled_token_ffn(self, i: int, w: LayerWeights, x_11M: torch.Tensor) -> torch.Tensor:
+        """The FFN half of layer i for one token through the compiled `_token_ffn_block`."""
+        x_11M, h_1M, ids_1K, weights_1K = self._token_ffn_block(self.config, w, x_11M)
+        if w.moe is not None:
+            if self.route_observer is not None:
+                self.route_observer(i, ids_1K, weights_1K)
+            if w.moe.shared is not None:
+                x_11M = x_11M + self._shared(i, w.moe, h_1M).view(x_11M.shape)
+        return x_11M
 
     def _one_token(self, i: int, w: MoEWeights, x_1M: torch.Tensor, ids_K: torch.Tensor,
                    weights_K: torch.Tensor) -> torch.Tensor:
@@ -872,7 +908,9 @@ class Decoder:
             w = self.layer_weights(i)
             x_BSM = attend(self.attention, w.attn_norm, w.attn, x_BSM, cache.k[i], cache.v[i], cos, sin,
                            allowed_BSL, L1)
-            if valid_BS is None:
+            if self._token_ffn_block is not None and B * S == 1:
+                x_BSM = self._compiled_token_ffn(i, w, x_BSM)
+            elif valid_BS is None:
                 x_BSM = x_BSM + self.feed_forward(i, w, w.ffn_norm(x_BSM).view(B * S, -1)).view(B, S, -1)
             else:
                 h_TM = w.ffn_norm(x_BSM)[valid_BS]
