@@ -18,10 +18,10 @@ Conventions
   on different devices; `Decoder.route_observer` sees every routing decision. Two exceptions, for
   speed, both with the plain expert function only: a decoded token's experts go in pairs through
   `_pair_ffn` (the same products, two experts per batched call; `Decoder._one_token`); and with
-  `Decoder(compile_decode=True)` a decode step runs two torch.compile'd regions per layer, the
-  attention block and the FFN block (`_token_ffn_block`: routed experts as gathered
-  multiply-reduce products that stream the weights at close to the memory bandwidth, which
-  MKL's f32 GEMV does not reach on AMD CPUs). Same math, other summation order.
+  `Decoder(compile_decode=True)` a decoded token's layer is one torch.compile'd region
+  (`_token_layer`; its products, the routed experts' included, are multiply-reduces that stream
+  the weights at close to the memory bandwidth, which MKL's f32 GEMV does not reach on AMD
+  CPUs). Same math, other summation order.
 * Weights come from a `WeightSource` (weights.py) by canonical name (`weight_shapes`). With
   `cache_weights=False` the decoder fetches each layer's tensors when it runs that layer and drops
   them afterwards, so a lazily generated real-size model never sits in memory whole.
@@ -632,15 +632,24 @@ def _attention_block(attention: Callable, norm: Norm, w: AttentionWeights, x_BSM
     return x_BSM + attention(w, norm(x_BSM), k_cache, v_cache, cos_BSD, sin_BSD, allowed_BSL, L1)
 
 
+def _token_layer(attention: Callable, cfg: DecoderConfig, w: LayerWeights, x_11M: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, cos_11D: torch.Tensor, sin_11D: torch.Tensor,
+                 L1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A whole layer of one decoded token, `_attention_block` then `_token_ffn_block` (same
+    outputs): one region for torch.compile, so one call per layer."""
+    x_11M = _attention_block(attention, w.attn_norm, w.attn, x_11M, k_cache, v_cache, cos_11D, sin_11D, None, L1)
+    return _token_ffn_block(cfg, w, x_11M)
+
+
 class Decoder:
     """The model. `expert_fn(layer, expert, weights, x_TM) -> y_TM` computes every FFN (expert is
     the routed expert's id, 'shared' or 'dense'); `route_observer(layer, ids_TK, weights_TK)` is
     called with every MoE routing decision (real tokens only).
 
-    compile_decode: decode steps run two torch.compile'd regions per layer: the attention block
-    (`_attention_block`, for every step without a mask) and a single token's FFN block
-    (`_token_ffn_block`: norm, routing and routed experts, or the dense FFN). CPU only, with the
-    plain expert function. The first decode steps of each new weight shape compile (seconds);
+    compile_decode: decode steps run as torch.compile'd regions, one per layer: a single token's
+    whole layer (`_token_layer`: the attention block, then norm, routing and routed experts or the
+    dense FFN), or for a batch without padding the attention block (`_attention_block`; the FFN
+    stays eager). CPU only, with the plain expert function. The first decode steps of each new weight shape compile (seconds);
     prefill and padded batches stay eager."""
 
     def __init__(self, source: "WeightSource", *, dtype: torch.dtype = torch.float32, device="cpu",
@@ -653,12 +662,12 @@ class Decoder:
         if compile_decode and (self.device.type != "cpu" or expert_fn is not None):
             raise ValueError(f"compile_decode=True needs device 'cpu' and no expert_fn; got device "
                              f"{str(self.device)!r}, expert_fn {'given' if expert_fn else 'None'}")
-        self._token_ffn_block = self._attention_block = None
+        self._token_layer = self._attention_block = None
         if compile_decode:   # each architecture / shape is its own graph of the two regions; a
             # process with several models (the tests, a sweep) needs more than Dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             compiled = lambda fn: torch.compile(fn, fullgraph=True, options=_COMPILE_OPTIONS)  # noqa: E731
-            self._token_ffn_block, self._attention_block = compiled(_token_ffn_block), compiled(_attention_block)
+            self._token_layer, self._attention_block = compiled(_token_layer), compiled(_attention_block)
         self.expert_fn: ExpertFn = expert_fn or _default_expert_fn
         self.route_observer = route_observer
         cfg = self.config
@@ -815,9 +824,12 @@ class Decoder:
         s_TM = self.expert_fn(i, "shared", w.shared, x_TM)
         return s_TM if w.shared_gate_1M is None else torch.sigmoid(F.linear(x_TM, w.shared_gate_1M)) * s_TM
 
-    def _compiled_token_ffn(self, i: int, w: LayerWeights, x_11M: torch.Tensor) -> torch.Tensor:
-        """The FFN half of layer i for one token through the compiled `_token_ffn_block`."""
-        x_11M, h_1M, ids_1K, weights_1K = self._token_ffn_block(self.config, w, x_11M)
+    def _compiled_token_layer(self, i: int, w: LayerWeights, x_11M: torch.Tensor, cache: KVCache,
+                              cos_11D: torch.Tensor, sin_11D: torch.Tensor, L1: int) -> torch.Tensor:
+        """Layer i for one token through the compiled `_token_layer`, plus what stays outside it:
+        the route observer and a shared expert (through `expert_fn`)."""
+        x_11M, h_1M, ids_1K, weights_1K = self._token_layer(self.attention, self.config, w, x_11M, cache.k[i],
+                                                            cache.v[i], cos_11D, sin_11D, L1)
         if w.moe is not None:
             if self.route_observer is not None:
                 self.route_observer(i, ids_1K, weights_1K)
@@ -906,11 +918,12 @@ class Decoder:
         x_BSM = self.embed_VM[tokens_BS]
         for i in range(cfg.num_layers):
             w = self.layer_weights(i)
+            if self._token_layer is not None and B * S == 1 and allowed_BSL is None:
+                x_BSM = self._compiled_token_layer(i, w, x_BSM, cache, cos, sin, L1)
+                continue
             x_BSM = attend(self.attention, w.attn_norm, w.attn, x_BSM, cache.k[i], cache.v[i], cos, sin,
                            allowed_BSL, L1)
-            if self._token_ffn_block is not None and B * S == 1:
-                x_BSM = self._compiled_token_ffn(i, w, x_BSM)
-            elif valid_BS is None:
+            if valid_BS is None:
                 x_BSM = x_BSM + self.feed_forward(i, w, w.ffn_norm(x_BSM).view(B * S, -1)).view(B, S, -1)
             else:
                 h_TM = w.ffn_norm(x_BSM)[valid_BS]
