@@ -2,14 +2,13 @@
 GGUF, in the same job, at two widths of a Mixtral-style model (8 experts, top-2, 4 layers):
 
 * 'small': hidden 512, experts 1536 wide: 75 MB of weights per decoded token, so the fixed
-  per-token cost of eager PyTorch (about 45 tensor operations per layer, ~1.6 ms per token for the
-  4 layers on a 2-core VM) is a large share of the step;
+  per-token cost (eager: about 45 tensor operations per layer, ~1.6 ms per token for the 4 layers
+  on a 2-core VM; compiled: ~0.6 ms) is a large share of the step;
 * 'mixtral-shaped': hidden 1024, experts 3584 wide (Mixtral's 3.5 ratio): 350 MB per token, so
   the step is bound by memory bandwidth, as in real MoE models.
 
-Ours runs twice: eager, and with `Decoder(compile_decode=True)` (each decoded token's routing
-and routed experts one torch.compile'd region per layer; compile time is paid in the first,
-untimed generation and printed). The target applies to the compiled decoder; the eager one is
+Ours runs twice: eager, and with `Decoder(compile_decode=True)` (each decoded token's layer one
+torch.compile'd region; compile time is paid in the first, untimed generation and printed). The target applies to the compiled decoder; the eager one is
 reported beside it.
 
     pytest tests/bench/test_bench_scheinfer_cpu.py --benchmark-enable -s
