@@ -35,6 +35,7 @@ heads, G key/value heads, D head dim, T tokens, E experts, K top-k.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -622,6 +623,7 @@ def _token_ffn_block(cfg: DecoderConfig, w: LayerWeights, x_11M: torch.Tensor
 # Inductor's C++ wrapper calls a region's kernels without Python in between: about 10 us less per
 # region call on the 2-core bench VM (0.83 -> 0.73 ms fixed cost per decoded token, 4 layers).
 _COMPILE_OPTIONS = {"cpp_wrapper": True}
+_CXX = ("g++", "c++", "clang++")     # what Inductor's CPU backend can build its kernels with
 
 
 def _attention_block(attention: Callable, norm: Norm, w: AttentionWeights, x_BSM: torch.Tensor,
@@ -662,6 +664,9 @@ class Decoder:
         if compile_decode and (self.device.type != "cpu" or expert_fn is not None):
             raise ValueError(f"compile_decode=True needs device 'cpu' and no expert_fn; got device "
                              f"{str(self.device)!r}, expert_fn {'given' if expert_fn else 'None'}")
+        if compile_decode and not any(map(shutil.which, _CXX)):
+            raise ValueError(f"compile_decode=True needs a C++ compiler for Inductor ({' or '.join(_CXX)} on "
+                             "PATH); none was found")
         self._token_layer = self._attention_block = None
         if compile_decode:   # each architecture / shape is its own graph of the two regions; a
             # process with several models (the tests, a sweep) needs more than Dynamo's default 8

@@ -169,12 +169,15 @@ def test_compiled_decode_equals_eager(decoders, kind):
         assert seen and all(ids.shape[-1] == eager.config.top_k for ids in seen)
 
 
-def test_compiled_decode_rejects_expert_fn_and_other_devices():
+def test_compiled_decode_rejects_expert_fn_other_devices_and_no_compiler(monkeypatch):
     src = RandomWeights(tiny_config("mixtral"), seed=11, dtype=torch.float32)
     with pytest.raises(ValueError, match="compile_decode=True needs device 'cpu' and no expert_fn"):
         Decoder(src, compile_decode=True, expert_fn=lambda layer, e, w, x: ffn(w, x))
     with pytest.raises(ValueError, match="got device 'meta'"):
         Decoder(src, compile_decode=True, device="meta")
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(ValueError, match=r"needs a C\+\+ compiler"):
+        Decoder(src, compile_decode=True)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2_moe", "phimoe"])
