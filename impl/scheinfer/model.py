@@ -283,7 +283,7 @@ def _linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None
     """F.linear(x, w_NK, b_N) for x of shape [..., K], split across cores for few tokens."""
     K = x.shape[-1]
     T = x.numel() // K if K else 0
-    if torch.compiler.is_compiling():   # one token: a multiply-reduce that Inductor fuses (`_routed_experts`)
+    if torch.compiler.is_compiling():   # one token: a multiply-reduce that Inductor fuses (see `_routed_experts`)
         if T != 1:
             return F.linear(x, w_NK, b_N)
         y = (x.unsqueeze(-2) * w_NK).sum(-1)
@@ -651,8 +651,9 @@ class Decoder:
     compile_decode: decode steps run as torch.compile'd regions, one per layer: a single token's
     whole layer (`_token_layer`: the attention block, then norm, routing and routed experts or the
     dense FFN), or for a batch without padding the attention block (`_attention_block`; the FFN
-    stays eager). CPU only, with the plain expert function. The first decode steps of each new weight shape compile (seconds);
-    prefill and padded batches stay eager."""
+    stays eager). CPU only, with the plain expert function. The first decode steps of each new
+    weight shape compile (seconds); prefill and padded batches stay eager. A shared expert runs
+    eagerly after the region."""
 
     def __init__(self, source: "WeightSource", *, dtype: torch.dtype = torch.float32, device="cpu",
                  cache_weights: bool = True, expert_fn: ExpertFn | None = None,
