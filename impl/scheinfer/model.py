@@ -594,7 +594,7 @@ def _pair_ffn(stacked: tuple[torch.Tensor, torch.Tensor], a: int, b: int, x_1M: 
 def _routed_experts(cfg: DecoderConfig, w: MoEWeights, h_1M: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y_1M, ids_1K, weights_1K): the routing and the routed experts of one token, the experts as
-    gathered multiply-reduce products. Written for torch.compile (`_token_ffn_block`): Inductor
+    gathered multiply-reduce products. Written for torch.compile (inside `_token_layer`): Inductor
     fuses the gather into one reduction loop, so each chosen expert's weights stream once, at
     close to the memory bandwidth (MKL's f32 GEMV reaches about half of it on the AMD hosts the
     CPU bench runs on). Run eagerly it would copy the chosen experts' weights first."""
@@ -611,8 +611,8 @@ def _routed_experts(cfg: DecoderConfig, w: MoEWeights, h_1M: torch.Tensor
 def _token_ffn_block(cfg: DecoderConfig, w: LayerWeights, x_11M: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(x + FFN(norm(x)), norm(x), ids_1K, weights_1K) of one token, without a MoE layer's shared
-    expert (the caller adds it); one region for torch.compile. Dense layers: `ffn`, whose
-    products are multiply-reduces under compile (`_linear`)."""
+    expert (the caller adds it): the FFN half of the compiled `_token_layer`. Dense layers: `ffn`,
+    whose products are multiply-reduces under compile (`_linear`)."""
     h_1M = w.ffn_norm(x_11M).view(1, -1)
     if w.moe is None:
         return x_11M + ffn(w.dense, h_1M).view(x_11M.shape), h_1M, None, None
@@ -623,7 +623,13 @@ def _token_ffn_block(cfg: DecoderConfig, w: LayerWeights, x_11M: torch.Tensor
 # Inductor's C++ wrapper calls a region's kernels without Python in between: about 10 us less per
 # region call on the 2-core bench VM (0.83 -> 0.73 ms fixed cost per decoded token, 4 layers).
 _COMPILE_OPTIONS = {"cpp_wrapper": True}
-_CXX = ("g++", "c++", "clang++")     # what Inductor's CPU backend can build its kernels with
+
+
+def _inductor_compilers() -> tuple[str, ...]:
+    """The C++ compilers Inductor's CPU backend will try (its `cpp.cxx` setting: $CXX or g++)."""
+    from torch._inductor import config
+    cxx = config.cpp.cxx
+    return tuple(c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c)
 
 
 def _attention_block(attention: Callable, norm: Norm, w: AttentionWeights, x_BSM: torch.Tensor,
@@ -665,9 +671,9 @@ class Decoder:
         if compile_decode and (self.device.type != "cpu" or expert_fn is not None):
             raise ValueError(f"compile_decode=True needs device 'cpu' and no expert_fn; got device "
                              f"{str(self.device)!r}, expert_fn {'given' if expert_fn else 'None'}")
-        if compile_decode and not any(map(shutil.which, _CXX)):
-            raise ValueError(f"compile_decode=True needs a C++ compiler for Inductor ({' or '.join(_CXX)} on "
-                             "PATH); none was found")
+        if compile_decode and not any(map(shutil.which, _inductor_compilers())):
+            raise ValueError(f"compile_decode=True needs a C++ compiler for Inductor "
+                             f"({' or '.join(_inductor_compilers())} on PATH, or set CXX); none was found")
         self._token_layer = self._attention_block = None
         if compile_decode:   # each architecture / shape is its own graph of the two regions; a
             # process with several models (the tests, a sweep) needs more than Dynamo's default 8
