@@ -48,7 +48,6 @@ from torch import nn
 
 from baselines.tutel_2dh.dispatcher import CapacityPaddedDispatcher
 from impl.common.comm import Comm
-from impl.common.dispatcher import ExpertPlacement
 from impl.common.moe_layer import ExpertParallelMoE
 from impl.common.registry import register
 from impl.common.routing import RoutingResult, init_gate_from_seed
@@ -150,9 +149,9 @@ class DeepSpeedDispatcher(CapacityPaddedDispatcher):
 
     hierarchical = False
 
-    def __init__(self, comm: Comm, num_experts: int, placement: ExpertPlacement | None = None, *,
-                 top_k: int = 1, capacity_factor: float = 1.0, min_capacity: int = 4, drop_tokens: bool = False):
-        super().__init__(comm, num_experts, placement)
+    def __init__(self, comm: Comm, num_experts: int, *, top_k: int = 1, capacity_factor: float = 1.0,
+                 min_capacity: int = 4, drop_tokens: bool = False):
+        super().__init__(comm, num_experts)
         self.cfg = DeepSpeedMoEConfig(top_k, capacity_factor, min_capacity, drop_tokens)
 
     @property

@@ -85,6 +85,7 @@ def tutel_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_facto
 class PaddedDispatchMeta:
     """Everything the later stages need; buffer row = slot * C + position in the slot's slice."""
 
+    placement: ExpertPlacement
     num_tokens: int
     capacity: int
     row_P: torch.Tensor        # buffer row of every routed (token, expert) pair, token-major
@@ -126,11 +127,12 @@ class CapacityPaddedDispatcher(TokenDispatcher):
         return capacity
 
     # ---- the six stages -------------------------------------------------------------------
-    def dispatch_preprocess(self, x_TM: torch.Tensor, routing: RoutingResult):
-        if routing.num_experts != self.num_experts:
-            raise ValueError(f"routing has {routing.num_experts} experts, dispatcher expects {self.num_experts}")
-        map_TS = self.placement.to_slots(routing.routing_map_TE)
-        probs_TS = self.placement.to_slots(routing.probs_TE)
+    def dispatch_preprocess(self, x_TM: torch.Tensor, routing: RoutingResult,
+                            placement: ExpertPlacement | None = None):
+        self.check_routing(routing)
+        placement = self.placement_or_identity(placement)
+        map_TS = placement.to_slots(routing.routing_map_TE)
+        probs_TS = placement.to_slots(routing.probs_TE)
         T, E = map_TS.shape
         local_max = int(map_TS.sum(0).max()) if T else 0
         C = self._agree_capacity(T, local_max)
@@ -140,7 +142,7 @@ class CapacityPaddedDispatcher(TokenDispatcher):
         source_R = torch.full((E * C,), T, dtype=torch.long)     # T = the zero padding row
         source_R[row_P] = token_P
         x_pad = torch.cat([x_TM, x_TM.new_zeros((1,) + tuple(x_TM.shape[1:]))])
-        meta = PaddedDispatchMeta(T, C, row_P, token_P, probs_TS[token_P, slot_P])
+        meta = PaddedDispatchMeta(placement, T, C, row_P, token_P, probs_TS[token_P, slot_P])
         return x_pad.index_select(0, source_R), None, meta
 
     def token_dispatch(self, rows, probs, meta: PaddedDispatchMeta):
@@ -177,9 +179,8 @@ class Tutel2DHDispatcher(CapacityPaddedDispatcher):
 
     hierarchical = True
 
-    def __init__(self, comm: Comm, num_experts: int, placement: ExpertPlacement | None = None, *,
-                 capacity_factor: float = 0.0, top_k: int | None = None):
-        super().__init__(comm, num_experts, placement)
+    def __init__(self, comm: Comm, num_experts: int, *, capacity_factor: float = 0.0, top_k: int | None = None):
+        super().__init__(comm, num_experts)
         if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool) \
                 or not math.isfinite(capacity_factor):
             raise ValueError(f"tutel-2dh capacity_factor: {capacity_factor!r} is not allowed; expected a finite "

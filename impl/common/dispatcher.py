@@ -6,13 +6,18 @@ chunks) can be in flight through one dispatcher object. Only `token_dispatch` an
 `token_combine` move hidden vectors; the pre/post stages are local, except that
 `dispatch_preprocess` may exchange split counts (metadata), as Megatron's does.
 
+The expert placement is an argument of `dispatch_preprocess` and travels in the metadata, so no
+dispatcher holds one: an expert swap between two steps changes what the next call is given, and a
+dispatcher (or a cache it built) can never route by a stale placement.
+
 `FlatAlltoAllDispatcher` has Megatron-LM's alltoall semantics: one copy of a token per selected
 (token, expert) pair, rows permuted expert-major, one uneven all-to-all over all G ranks, then
 received rows re-sorted by local expert; the gate weights travel with the rows, and the combine
 is the exact reverse. It is the reference every other scheme is compared against.
 
 Experts live in physical *slots*: slot s is hosted by rank s // (E / G). `ExpertPlacement` maps
-logical expert ids to slots; expert swaps (HierMoE, SmartMoE) change only the placement.
+logical expert ids to slots; expert swaps (HierMoE, SmartMoE) change only the placement, which
+the MoE layer keeps beside the expert weights it describes.
 """
 from __future__ import annotations
 
@@ -78,6 +83,16 @@ class ExpertPlacement:
     def owner_rank(self, expert: int, ep_size: int) -> int:
         return self.slot_of_expert[expert] // (self.num_experts // ep_size)
 
+    def local_experts(self, rank: int, ep_size: int) -> list[int]:
+        """Logical ids of the experts `rank` hosts, in slot order."""
+        per_rank = check_expert_parallel(self.num_experts, ep_size)
+        return [self.expert_of_slot[s] for s in range(rank * per_rank, (rank + 1) * per_rank)]
+
+    def check_for(self, num_experts: int) -> "ExpertPlacement":
+        if self.num_experts != num_experts:
+            raise ValueError(f"placement has {self.num_experts} experts, the dispatcher {num_experts}")
+        return self
+
 
 @dataclass(frozen=True)
 class DispatchedTokens:
@@ -90,25 +105,32 @@ class DispatchedTokens:
 
 class TokenDispatcher(ABC):
     """Six-stage stateless dispatcher. Subclasses implement the stages; `dispatch` and
-    `combine` chain them."""
+    `combine` chain them. The placement is given to each dispatch (identity when omitted)."""
 
-    def __init__(self, comm: Comm, num_experts: int, placement: ExpertPlacement | None = None):
+    def __init__(self, comm: Comm, num_experts: int):
         self.comm = comm
         self.num_experts = num_experts
         self.num_local_experts = check_expert_parallel(num_experts, comm.world_size)
-        self.placement = placement or ExpertPlacement.identity(num_experts)
-        if self.placement.num_experts != num_experts:
-            raise ValueError(f"placement has {self.placement.num_experts} experts, dispatcher {num_experts}")
 
-    def local_experts(self) -> list[int]:
-        """Logical ids of the experts this rank hosts, in slot order."""
-        first = self.comm.rank * self.num_local_experts
-        return [self.placement.expert_of_slot[s] for s in range(first, first + self.num_local_experts)]
+    def local_experts(self, placement: ExpertPlacement | None = None) -> list[int]:
+        """Logical ids of the experts this rank hosts under `placement`, in slot order."""
+        placement = self.placement_or_identity(placement)
+        return placement.local_experts(self.comm.rank, self.comm.world_size)
+
+    def placement_or_identity(self, placement: ExpertPlacement | None) -> ExpertPlacement:
+        if placement is None:
+            return ExpertPlacement.identity(self.num_experts)
+        return placement.check_for(self.num_experts)
+
+    def check_routing(self, routing: RoutingResult) -> None:
+        if routing.num_experts != self.num_experts:
+            raise ValueError(f"routing has {routing.num_experts} experts, dispatcher expects {self.num_experts}")
 
     # the six stages -------------------------------------------------------------------------
     @abstractmethod
-    def dispatch_preprocess(self, x_TM: torch.Tensor, routing: RoutingResult):
-        """Local: permute rows, compute split sizes. Returns (rows, probs, meta)."""
+    def dispatch_preprocess(self, x_TM: torch.Tensor, routing: RoutingResult, placement: ExpertPlacement | None = None):
+        """Local: permute rows by `placement` (logical expert -> slot; identity when None),
+        compute split sizes. Returns (rows, probs, meta); meta carries the placement."""
 
     @abstractmethod
     def token_dispatch(self, rows, probs, meta):
@@ -131,8 +153,8 @@ class TokenDispatcher(ABC):
         """Local: sum the rows of each token into the [T, M] output."""
 
     # convenience ------------------------------------------------------------------------------
-    def dispatch(self, x_TM: torch.Tensor, routing: RoutingResult):
-        rows, probs, meta = self.dispatch_preprocess(x_TM, routing)
+    def dispatch(self, x_TM: torch.Tensor, routing: RoutingResult, placement: ExpertPlacement | None = None):
+        rows, probs, meta = self.dispatch_preprocess(x_TM, routing, placement)
         rows, probs = self.token_dispatch(rows, probs, meta)
         return self.dispatch_postprocess(rows, probs, meta), meta
 
@@ -144,6 +166,7 @@ class TokenDispatcher(ABC):
 
 @dataclass(frozen=True)
 class FlatDispatchMeta:
+    placement: ExpertPlacement
     num_tokens: int
     token_of_row_R: torch.Tensor      # home-token index of every sent row (rows slot-major)
     send_splits: tuple[int, ...]      # rows to each rank
@@ -169,12 +192,12 @@ def chunk_transpose_index(counts_AB: torch.Tensor) -> torch.Tensor:
 class FlatAlltoAllDispatcher(TokenDispatcher):
     """Megatron-LM's alltoall dispatcher semantics (dropless; capacity drops are the gate's)."""
 
-    def dispatch_preprocess(self, x_TM, routing):
+    def dispatch_preprocess(self, x_TM, routing, placement=None):
         G, El = self.comm.world_size, self.num_local_experts
-        if routing.num_experts != self.num_experts:
-            raise ValueError(f"routing has {routing.num_experts} experts, dispatcher expects {self.num_experts}")
-        map_TS = self.placement.to_slots(routing.routing_map_TE)
-        probs_TS = self.placement.to_slots(routing.probs_TE)
+        self.check_routing(routing)
+        placement = self.placement_or_identity(placement)
+        map_TS = placement.to_slots(routing.routing_map_TE)
+        probs_TS = placement.to_slots(routing.probs_TE)
         slot_token = map_TS.t().nonzero()                   # [R, 2] sorted by slot, then token
         slot_R, token_R = slot_token[:, 0], slot_token[:, 1]
         rows_per_slot = map_TS.sum(0)                        # [E]
@@ -182,7 +205,7 @@ class FlatAlltoAllDispatcher(TokenDispatcher):
         recv_GE = self.comm.all_to_all(send_GE.contiguous(), [1] * G, [1] * G, category="meta")
         sort_idx = chunk_transpose_index(recv_GE)
         meta = FlatDispatchMeta(
-            num_tokens=x_TM.shape[0], token_of_row_R=token_R,
+            placement=placement, num_tokens=x_TM.shape[0], token_of_row_R=token_R,
             send_splits=tuple(send_GE.sum(1).tolist()), recv_splits=tuple(recv_GE.sum(1).tolist()),
             sort_idx=sort_idx, unsort_idx=torch.argsort(sort_idx),
             tokens_per_local_expert=tuple(recv_GE.sum(0).tolist()))

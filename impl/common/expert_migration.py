@@ -39,7 +39,7 @@ from torch import nn
 from .comm import Comm
 from .dispatcher import ExpertPlacement, check_expert_parallel
 
-__all__ = ["PlacementPlanner", "MigrationResult", "migrate_experts", "apply_planner", "install_placement",
+__all__ = ["PlacementPlanner", "MigrationResult", "migrate_experts", "apply_planner",
            "expert_tensors", "gather_logical_expert_state", "load_logical_expert_state", "moved_experts"]
 
 MIGRATION_CATEGORY = "migration"
@@ -188,35 +188,20 @@ def moved_experts(old: ExpertPlacement, new: ExpertPlacement) -> tuple[int, ...]
     return tuple(e for e in range(old.num_experts) if old.slot_of_expert[e] != new.slot_of_expert[e])
 
 
-def install_placement(dispatcher, placement: ExpertPlacement) -> None:
-    """Make a dispatcher route by `placement` from its next dispatch on. Dispatchers that derive
-    state from the placement provide `set_placement`; the stateless ones read the attribute."""
-    if placement.num_experts != dispatcher.num_experts:
-        raise ValueError(f"placement has {placement.num_experts} experts, dispatcher {dispatcher.num_experts}")
-    if hasattr(dispatcher, "set_placement"):
-        dispatcher.set_placement(placement)
-    else:
-        dispatcher.placement = placement
-
-
 @torch.no_grad()
 def migrate_experts(comm: Comm, experts: nn.Module, old: ExpertPlacement, new: ExpertPlacement, *,
                     optimizer: torch.optim.Optimizer | None = None,
                     extra_tensors: Mapping[str, torch.Tensor] | None = None,
-                    dispatcher=None, check: bool = True) -> MigrationResult:
+                    check: bool = True) -> MigrationResult:
     """Move every expert whose slot differs between `old` and `new`, with its gradients, optimizer
-    state and extra tensors, then install `new` in `dispatcher` (when given). A collective: every
-    rank calls it with the same placements. `check` verifies first (one small all-gather) that all
-    ranks hold the same kinds of expert state."""
+    state and extra tensors. A collective: every rank calls it with the same placements. `check`
+    verifies first (one small all-gather) that all ranks hold the same kinds of expert state. The
+    caller routes by `new` from then on (`apply_planner` sets the layer's placement)."""
     E = old.num_experts
     moved = moved_experts(old, new)
     El = check_expert_parallel(E, comm.world_size)
-    if dispatcher is not None and dispatcher.placement != old:
-        raise ValueError("migrate_experts: the dispatcher's current placement is not `old`")
     stacked, shared = expert_tensors(experts, El, optimizer=optimizer, extra_tensors=extra_tensors)
     if not moved:
-        if dispatcher is not None:
-            install_placement(dispatcher, new)
         return MigrationResult((), 0, 0, sum(_row_bytes(stacked)))
     if check:
         _check_agreement(comm, stacked, shared, "migrate_experts")
@@ -231,8 +216,6 @@ def migrate_experts(comm: Comm, experts: nn.Module, old: ExpertPlacement, new: E
     buf = comm.all_to_all(_pack(stacked, send_idx), send_splits, recv_splits, category=MIGRATION_CATEGORY)
     for s, rows in _unpack_rows(stacked, buf):
         s.tensor.index_copy_(0, recv_idx, rows)
-    if dispatcher is not None:
-        install_placement(dispatcher, new)
     return MigrationResult(moved, len(sends), len(recvs), sum(_row_bytes(stacked)))
 
 
@@ -240,11 +223,12 @@ def apply_planner(comm: Comm, planner: PlacementPlanner, iteration: int, layer: 
                   *, optimizer: torch.optim.Optimizer | None = None,
                   extra_tensors: Mapping[str, torch.Tensor] | None = None) -> MigrationResult:
     """One iteration of dynamic placement for an `ExpertParallelMoE` layer (after the optimizer
-    step): plan when due, move the experts, install the placement. A collective."""
-    current = layer.dispatcher.placement
+    step): plan when due, move the experts, set the layer's placement. A collective."""
+    current = layer.placement
     new = planner.step(comm, iteration, current, routing_map_TE)
-    return migrate_experts(comm, layer.experts, current, new, optimizer=optimizer, extra_tensors=extra_tensors,
-                           dispatcher=layer.dispatcher)
+    result = migrate_experts(comm, layer.experts, current, new, optimizer=optimizer, extra_tensors=extra_tensors)
+    layer.placement = new
+    return result
 
 
 # ==========================================================================================

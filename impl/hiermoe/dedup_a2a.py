@@ -50,6 +50,7 @@ class RouteStep:
 
 @dataclass(frozen=True)
 class HierDispatchMeta:
+    placement: ExpertPlacement
     num_tokens: int
     token_of_row: torch.Tensor | None   # Hd: the token of each initial (token, expert) row; HDd: None
     steps: tuple[RouteStep, ...]
@@ -78,9 +79,8 @@ def step_groups(comm: Comm, dim: int) -> list[tuple[CommGroup, int, int]]:
 class HierarchicalDispatcher(TokenDispatcher):
     """HD`dim` (dedup=True) or H`dim` (dedup=False) AlltoAll over the comm's topology."""
 
-    def __init__(self, comm: Comm, num_experts: int, placement: ExpertPlacement | None = None, *,
-                 dim: int, dedup: bool = True):
-        super().__init__(comm, num_experts, placement)
+    def __init__(self, comm: Comm, num_experts: int, *, dim: int, dedup: bool = True):
+        super().__init__(comm, num_experts)
         D = comm.topology.D
         if not 1 <= dim <= D:
             raise ValueError(f"dimension d={dim} not available on topology {comm.topology.name!r}; "
@@ -95,11 +95,12 @@ class HierarchicalDispatcher(TokenDispatcher):
     def _slots_per_unit(self, level: int) -> int:
         return self.num_experts // self.comm.topology.U[level]
 
-    def dispatch_preprocess(self, x_TM: torch.Tensor, routing: RoutingResult):
-        if routing.num_experts != self.num_experts:
-            raise ValueError(f"routing has {routing.num_experts} experts, dispatcher expects {self.num_experts}")
-        map_TS = self.placement.to_slots(routing.routing_map_TE)
-        probs_TS = self.placement.to_slots(routing.probs_TE)
+    def dispatch_preprocess(self, x_TM: torch.Tensor, routing: RoutingResult,
+                            placement: ExpertPlacement | None = None):
+        self.check_routing(routing)
+        placement = self.placement_or_identity(placement)
+        map_TS = placement.to_slots(routing.routing_map_TE)
+        probs_TS = placement.to_slots(routing.probs_TE)
         T = map_TS.shape[0]
         # every rank must ship K ids per row: agree on the largest experts-per-token of any rank
         local_K = int(map_TS.sum(1).max().item()) if T else 0
@@ -145,7 +146,7 @@ class HierarchicalDispatcher(TokenDispatcher):
         local_P = local_RK[row_P, k_P]
         order_P = torch.argsort(local_P * max(ids_RK.shape[0], 1) + row_P, stable=True)
         meta = HierDispatchMeta(
-            num_tokens=T, token_of_row=token_of_row, steps=tuple(steps),
+            placement=placement, num_tokens=T, token_of_row=token_of_row, steps=tuple(steps),
             expand_row=row_P[order_P], expand_k=k_P[order_P],
             tokens_per_local_expert=tuple(torch.bincount(local_P, minlength=El).tolist()),
             final_rows=ids_RK.shape[0])
@@ -188,23 +189,27 @@ class AdaptiveDispatchMeta:
     dim: int                      # d* chosen for this dispatch
     inner: HierDispatchMeta
 
+    @property
+    def placement(self) -> ExpertPlacement:
+        return self.inner.placement
+
 
 class HierDAlltoAllDispatcher(TokenDispatcher):
     """HierD-AlltoAll: HDd with d = d* chosen per dispatch (per layer, per step) by the alpha-beta
-    model of `profile` (Eqs. (1)-(7), Algorithm 1) from globally reduced duplicate-free counts,
-    so every rank picks the same d and issues the same collectives. The routes of every d are
-    built once; the choice costs one small all-reduce per dispatch."""
+    model of `profile` (Eqs. (1)-(7), Algorithm 1) from globally reduced duplicate-free counts
+    under the placement of this dispatch, so every rank picks the same d and issues the same
+    collectives. The routes of every d are built once (they hold step groups, no placement); the
+    choice costs one small all-reduce per dispatch."""
 
-    def __init__(self, comm: Comm, num_experts: int, placement: ExpertPlacement | None = None, *,
-                 profile=None, bytes_per_elem: int | None = None):
-        super().__init__(comm, num_experts, placement)
+    def __init__(self, comm: Comm, num_experts: int, *, profile=None, bytes_per_elem: int | None = None):
+        super().__init__(comm, num_experts)
         from impl.common.costmodel import load_profile
         from impl.hiermoe.dimension import check_profile
 
         self.profile = load_profile(profile or comm.topology.name) if not hasattr(profile, "comm_time") else profile
         check_profile(self.profile, comm.topology)
         self.bytes_per_elem = bytes_per_elem
-        self.routes = {d: HierarchicalDispatcher(comm, num_experts, self.placement, dim=d, dedup=True)
+        self.routes = {d: HierarchicalDispatcher(comm, num_experts, dim=d, dedup=True)
                        for d in range(1, comm.topology.D + 1)}
         self.last_dim: int | None = None
 
@@ -212,13 +217,16 @@ class HierDAlltoAllDispatcher(TokenDispatcher):
     def name(self) -> str:
         return "HierD"
 
-    def dispatch_preprocess(self, x_TM: torch.Tensor, routing: RoutingResult):
+    def dispatch_preprocess(self, x_TM: torch.Tensor, routing: RoutingResult,
+                            placement: ExpertPlacement | None = None):
         from impl.hiermoe.dimension import choose_dimension
 
+        self.check_routing(routing)
+        placement = self.placement_or_identity(placement)
         v = self.bytes_per_elem or x_TM.element_size()
-        d = choose_dimension(self.comm, routing.routing_map_TE, self.placement, x_TM.shape[-1], v, self.profile)
+        d = choose_dimension(self.comm, routing.routing_map_TE, placement, x_TM.shape[-1], v, self.profile)
         self.last_dim = d
-        rows, probs, inner = self.routes[d].dispatch_preprocess(x_TM, routing)
+        rows, probs, inner = self.routes[d].dispatch_preprocess(x_TM, routing, placement)
         return rows, probs, AdaptiveDispatchMeta(d, inner)
 
     def token_dispatch(self, rows, probs, meta: AdaptiveDispatchMeta):
@@ -240,14 +248,15 @@ class HierDAlltoAllDispatcher(TokenDispatcher):
 register("dispatcher", "hierd")(HierDAlltoAllDispatcher)
 
 def _variant(dim: int, dedup: bool):
-    def factory(comm: Comm, num_experts: int, placement: ExpertPlacement | None = None):
-        return HierarchicalDispatcher(comm, num_experts, placement, dim=dim, dedup=dedup)
+    def factory(comm: Comm, num_experts: int):
+        return HierarchicalDispatcher(comm, num_experts, dim=dim, dedup=dedup)
     factory.__qualname__ = f"{'HD' if dedup else 'H'}{dim}"
     return factory
 
 
-# Named variants for configs: hd1..hd8 (dedup) and h1..h8 (hierarchical, no dedup); a name whose
+# Named variants for configs: hd1..hd4 (dedup) and h1..h4 (hierarchical, no dedup), as deep as the
+# deepest shipped topology (the HierMoE testbed, D = 4); deeper topologies use `hierd`. A name whose
 # d exceeds the topology's depth fails at construction with the allowed range.
-for _d in range(1, 9):
+for _d in range(1, 5):
     register("dispatcher", f"hd{_d}")(_variant(_d, True))
     register("dispatcher", f"h{_d}")(_variant(_d, False))

@@ -69,7 +69,8 @@ class SixStageDispatcherAdapter(MoETokenDispatcher):
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         self._hidden_shape = hidden_states.shape
         x_TM = hidden_states.reshape(-1, hidden_states.shape[-1])
-        rows, row_probs, self._meta = self.inner.dispatch_preprocess(x_TM, RoutingResult(routing_map, probs))
+        # megatron's experts never move: the identity placement
+        rows, row_probs, self._meta = self.inner.dispatch_preprocess(x_TM, RoutingResult(routing_map, probs), None)
         return rows, row_probs
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):

@@ -57,11 +57,14 @@ def make_experts(case: EPCase, expert_ids: list[int]):
 
 
 def make_dispatcher(case: EPCase, comm: Comm):
-    placement = ExpertPlacement(case.slot_of_expert) if case.slot_of_expert else None
     if case.dispatcher == "flat":
-        return FlatAlltoAllDispatcher(comm, case.num_experts, placement, **case.dispatcher_kwargs)
+        return FlatAlltoAllDispatcher(comm, case.num_experts, **case.dispatcher_kwargs)
     from impl.common.registry import get
-    return get("dispatcher", case.dispatcher)(comm, case.num_experts, placement, **case.dispatcher_kwargs)
+    return get("dispatcher", case.dispatcher)(comm, case.num_experts, **case.dispatcher_kwargs)
+
+
+def case_placement(case: EPCase) -> ExpertPlacement:
+    return ExpertPlacement(case.slot_of_expert) if case.slot_of_expert else ExpertPlacement.identity(case.num_experts)
 
 
 def run_rank(comm: Comm, case: EPCase) -> dict:
@@ -71,8 +74,10 @@ def run_rank(comm: Comm, case: EPCase) -> dict:
     x = x_all[comm.rank * T:(comm.rank + 1) * T].clone().requires_grad_(True)
     gate = make_gate(case)
     dispatcher = make_dispatcher(case, comm)
-    experts = make_experts(case, dispatcher.local_experts())
-    layer = ExpertParallelMoE(gate, experts, dispatcher)
+    placement = case_placement(case)
+    local = placement.local_experts(comm.rank, comm.world_size)
+    experts = make_experts(case, local)
+    layer = ExpertParallelMoE(gate, experts, dispatcher, placement)
     out = layer(x)
     loss = (out.y_TM * w_all[comm.rank * T:(comm.rank + 1) * T]).sum()
     loss.backward()
@@ -80,7 +85,7 @@ def run_rank(comm: Comm, case: EPCase) -> dict:
         "y": out.y_TM.detach(), "x_grad": x.grad.detach(),
         "gate_grads": {n: p.grad.detach().clone() for n, p in gate.named_parameters()},
         "expert_grads": {e: {n: p.grad[i].detach().clone() for n, p in experts.named_parameters()}
-                         for i, e in enumerate(dispatcher.local_experts())},
+                         for i, e in enumerate(local)},
         "routing_map": out.routing.routing_map_TE.detach(),
         "traffic": comm.traffic.to_dict(),
     }

@@ -54,6 +54,15 @@ def profile_for_topology(topology: Topology) -> HardwareProfile:
                            source="hiermoe-testbed constants for the steps of a test topology", comm=comm)
 
 
+def make_dispatcher(case: TrainCase, comm: Comm):
+    """The registered dispatcher; the ones that choose a route by the cost model get the testbed
+    constants for this topology's steps."""
+    factory = get("dispatcher", case.dispatcher)
+    if case.dispatcher == "hierd":
+        return factory(comm, case.num_experts, profile=profile_for_topology(comm.topology))
+    return factory(comm, case.num_experts)
+
+
 def make_planner(case: TrainCase, comm: Comm):
     kwargs = dict(case.planner_kwargs)
     if case.policy == "hierd-es":
@@ -84,7 +93,7 @@ class Trainer:
         gate_cfg = GateConfig(kind="softmax_topk", top_k=case.top_k)
         self.gate = build_gate(gate_cfg, case.hidden, case.num_experts).to(DTYPE)
         init_gate_from_seed(self.gate, case.seed + 1)
-        self.dispatcher = get("dispatcher", case.dispatcher)(comm, case.num_experts, None)
+        self.dispatcher = make_dispatcher(case, comm)
         self.experts = GroupedExperts(self.dispatcher.num_local_experts, case.hidden, case.ffn_hidden,
                                       kind=case.ffn_kind).to(DTYPE)
         self.experts.init_from_seed(self.dispatcher.local_experts(), case.seed + 2)
@@ -107,8 +116,9 @@ class Trainer:
         self.opt_gate.step()
         self.opt_experts.step()
         if move and case.policy == "random":
-            result = migrate_experts(comm, self.experts, self.dispatcher.placement, random_placement(case, step),
-                                     optimizer=self.opt_experts, dispatcher=self.dispatcher)
+            new = random_placement(case, step)
+            result = migrate_experts(comm, self.experts, self.layer.placement, new, optimizer=self.opt_experts)
+            self.layer.placement = new
             self.moves += len(result.moved_experts)
         elif move and self.planner is not None:
             result = apply_planner(comm, self.planner, step, self.layer, out.routing.routing_map_TE,
@@ -117,7 +127,7 @@ class Trainer:
         return float(comm.all_reduce(loss.detach().to(torch.float64), "sum"))
 
     def logical_state(self) -> dict:
-        return gather_logical_expert_state(self.comm, self.experts, self.dispatcher.placement,
+        return gather_logical_expert_state(self.comm, self.experts, self.layer.placement,
                                            optimizer=self.opt_experts)
 
 
@@ -126,7 +136,7 @@ def train_rank(comm: Comm, case: TrainCase) -> dict:
     and train a fresh identity-placement run resumed from the checkpoint."""
     t = Trainer(comm, case)
     losses = [t.train_step(s) for s in range(case.steps)]
-    out = {"losses": losses, "placement": t.dispatcher.placement.slot_of_expert, "moves": t.moves,
+    out = {"losses": losses, "placement": t.layer.placement.slot_of_expert, "moves": t.moves,
            "experts": t.logical_state(), "gate": {k: v.clone() for k, v in t.gate.state_dict().items()}}
     if case.resume_steps:
         ckpt = out["experts"]
@@ -136,7 +146,7 @@ def train_rank(comm: Comm, case: TrainCase) -> dict:
         fresh = Trainer(comm, case, with_policy=False)
         fresh.gate.load_state_dict(gate_state)
         fresh.opt_gate.load_state_dict(gate_opt)
-        load_logical_expert_state(fresh.experts, fresh.dispatcher.placement, comm.rank, comm.world_size, ckpt,
+        load_logical_expert_state(fresh.experts, fresh.layer.placement, comm.rank, comm.world_size, ckpt,
                                   optimizer=fresh.opt_experts)
         out["reloaded"] = fresh.logical_state()
         out["resumed"] = [fresh.train_step(s, move=False) for s in more]

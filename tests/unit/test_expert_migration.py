@@ -1,16 +1,22 @@
 """Executing placement changes on simulated ranks: every moved expert arrives with its parameters,
 gradients, optimizer state and master weights; checkpoints are placement-free; training with a new
 placement after every step equals training without (the acceptance test; gloo twin in tests/dist)."""
+import dataclasses
+
 import pytest
 import torch
 
 from impl.common.comm import CommError, SimWorld
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.experts import GroupedExperts
-from impl.common.expert_migration import (gather_logical_expert_state, install_placement, load_logical_expert_state,
+from impl.common.expert_migration import (gather_logical_expert_state, load_logical_expert_state,
                                           migrate_experts)
+from impl.common.registry import names
 from impl.common.topology import get_topology
 from tests.support.expert_training import TrainCase, train_rank
+
+DISPATCHERS = names("dispatcher")
+DEEP = "hier:node=2,socket=2,pcie-pair=2,gpu=2"      # the HierMoE testbed's levels, fan-out 2
 
 TOPO = get_topology("2x2")
 E = 8
@@ -139,28 +145,16 @@ def test_ranks_with_different_state_fail_clearly(what, message):
         SimWorld(TOPO).run(_disagree_rank, what)
 
 
-class _CachingDispatcher:
-    num_experts = E
-
-    def __init__(self):
-        self.placement = ExpertPlacement.identity(E)
-        self.installed = None
-
-    def set_placement(self, placement):
-        self.installed = placement
-
-
-def test_no_op_migration_and_install():
+def test_no_op_migration_moves_nothing():
     def rank(comm):
         ex = _experts(comm, ExpertPlacement.identity(E))
         before = {k: v.clone() for k, v in ex.state_dict().items()}
-        d = _CachingDispatcher()
-        res = migrate_experts(comm, ex, d.placement, d.placement, dispatcher=d)
-        return res.moved_experts, all(torch.equal(before[k], v) for k, v in ex.state_dict().items()), d.installed
-    for moved, same, installed in SimWorld(TOPO).run(rank):
-        assert moved == () and same and installed == ExpertPlacement.identity(E)
-    with pytest.raises(ValueError, match="placement has 4 experts, dispatcher 8"):
-        install_placement(_CachingDispatcher(), ExpertPlacement.identity(4))
+        res = migrate_experts(comm, ex, ExpertPlacement.identity(E), ExpertPlacement.identity(E))
+        return res.moved_experts, all(torch.equal(before[k], v) for k, v in ex.state_dict().items())
+    for moved, same in SimWorld(TOPO).run(rank):
+        assert moved == () and same
+    with pytest.raises(ValueError, match="placements have 8 and 4 experts"):
+        migrate_experts(None, None, ExpertPlacement.identity(E), ExpertPlacement.identity(4))
 
 
 def _checkpoint_rank(comm):
@@ -224,6 +218,18 @@ def _assert_same_training(run, base, exact):
             _assert_same_tensor(run["experts"]["experts"][e][label], value, exact, (e, label))
     for name, value in base["gate"].items():
         _assert_same_tensor(run["gate"][name], value, exact, name)
+
+
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_every_dispatcher_trains_the_same_under_a_new_placement_every_step(dispatcher):
+    """The invariant for every registered dispatcher, on a four-level topology deep enough for
+    every registered route (K = 2: bit-identical)."""
+    case = TrainCase(dispatcher=dispatcher, top_k=2, steps=3, num_experts=16, tokens_per_rank=8)
+    base = SimWorld(get_topology(DEEP)).run(train_rank, case)[0]
+    run = SimWorld(get_topology(DEEP)).run(train_rank, dataclasses.replace(case, policy="random"))
+    assert all(r["losses"] == run[0]["losses"] for r in run)
+    assert run[0]["moves"] >= 3 * 8
+    _assert_same_training(run[0], base, exact=True)
 
 
 @pytest.mark.parametrize("dispatcher", ["flat", "hd2"])

@@ -169,8 +169,8 @@ def test_volumes_equal_loop_route(topo_name, E, K):
 def _dispatch_rank(comm, ids_by_rank, E, placement, dim, dedup):
     ids = ids_by_rank[comm.rank]
     routing = routing_from_topk(ids, torch.ones(ids.shape), E)
-    dispatcher = HierarchicalDispatcher(comm, E, placement, dim=dim, dedup=dedup)
-    dispatcher.dispatch(torch.randn(ids.shape[0], 3), routing)
+    dispatcher = HierarchicalDispatcher(comm, E, dim=dim, dedup=dedup)
+    dispatcher.dispatch(torch.randn(ids.shape[0], 3), routing, placement)
     return routing.routing_map_TE
 
 
