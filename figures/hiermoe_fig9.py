@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from figures import style  # noqa: E402
-from figures.paper import read_paper_csv  # noqa: E402
+from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 
 __all__ = ["paper_fits", "calibrated_fits", "plot_fig9", "markdown_fig9", "main"]

@@ -1,5 +1,5 @@
 """HierMoE Figs. 10-13, Table IV and the ablations from the sim-tier runs of
-`impl.hiermoe.simulate`, each with the paper's numbers beside ours, plus one markdown table that
+`impl.experiments.hiermoe.sim`, each with the paper's numbers beside ours, plus one markdown table that
 lists paper vs ours for every reported number with the reason for any gap.
 
     python -m figures.hiermoe_sim --qwen3 Q.csv --deepseek D.csv --node N.csv \
@@ -23,9 +23,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
-from figures.paper import read_paper_csv  # noqa: E402
+from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
-from impl.hiermoe.simulate import summarize_frame  # noqa: E402
+from impl.experiments.hiermoe.sim import summarize_frame  # noqa: E402
 
 __all__ = ["speedups", "plot_fig10", "plot_fig11", "plot_fig12", "plot_fig13", "plot_table4", "main"]
 
@@ -38,7 +38,7 @@ def read_run(path: str) -> pd.DataFrame:
     frame = pd.read_csv(path)
     for col in ("system", "iteration", "a2a_ms", "model", "warmup"):
         if col not in frame.columns:
-            raise ValueError(f"{path}: missing column {col!r}; is it a impl.hiermoe.simulate CSV?")
+            raise ValueError(f"{path}: missing column {col!r}; is it a impl.experiments.hiermoe.sim CSV?")
     return frame
 
 
@@ -228,7 +228,7 @@ GAPS = """## Why our numbers differ from the paper's
   over Megatron-LM for Qwen3 by the paper's own constants, measured 1.26x), so our HD2 / HD-MoE /
   HierMoE speedups are expected to sit above the paper's.
 * **Routing.** The paper's dataset is not stated. Our routing is the models' real gates over a
-  skewed, drifting synthetic token stream (`impl.hiermoe.workload`, max/mean expert load about 3);
+  skewed, drifting synthetic token stream (`impl.experiments.hiermoe.workload`, max/mean expert load about 3);
   skew inflates the flat baseline's largest split and so every dedup speedup.
 * **Tutel-2DH** runs dropless with dynamic capacity (every expert slice padded to the largest
   per-(rank, expert) count, as Tutel does without a capacity factor); under skew the padding is

@@ -6,7 +6,7 @@ closed form under uniform routing and the paper's value.
         --out-pdf results/figures/hiermoe_table2.pdf --out-png results/figures/hiermoe_table2.png \
         --out-md results/figures/hiermoe_table2.md
 
-Input is the tidy CSV of `impl.hiermoe.table2` (rates as fractions); nothing is computed here
+Input is the tidy CSV of `impl.experiments.hiermoe.table2` (rates as fractions); nothing is computed here
 beyond the median and percentiles of the repeats.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pandas as pd
 import seaborn as sns
 
 from figures import style
-from figures.paper import read_paper_csv
+from impl.common.paper import read_paper_csv
 from impl.common.records import atomic_write_text, summarize
 
 __all__ = ["REQUIRED_COLUMNS", "read_table2_csv", "plot_table2", "markdown_table2", "main"]
@@ -131,7 +131,7 @@ def markdown_table2(frame: pd.DataFrame, source: str = "") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m figures.hiermoe_table2", description=__doc__.split("\n")[0])
-    parser.add_argument("--csv", required=True, help="tidy CSV written by impl.hiermoe.table2")
+    parser.add_argument("--csv", required=True, help="tidy CSV written by impl.experiments.hiermoe.table2")
     parser.add_argument("--out-pdf", required=True)
     parser.add_argument("--out-png", required=True)
     parser.add_argument("--out-md", required=True, help="markdown table, paper vs ours")

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
-from figures.paper import read_paper_csv  # noqa: E402
+from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 
 __all__ = ["speedups", "plot_speedup", "plot_partition", "plot_timeline", "report", "main"]

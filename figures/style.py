@@ -15,6 +15,7 @@ import matplotlib as mpl
 import seaborn as sns
 
 from impl.common.records import atomic_output
+from impl.experiments import systems
 
 __all__ = ["PAPER_SYSTEMS", "SYSTEM_ORDER", "SYSTEM_STYLES", "REFERENCE_STYLES", "HATCHES",
            "COLUMN_WIDTH", "PAGE_WIDTH", "Style", "set_style", "style_for", "apply_hatches", "hatch_legend",
@@ -23,18 +24,16 @@ __all__ = ["PAPER_SYSTEMS", "SYSTEM_ORDER", "SYSTEM_STYLES", "REFERENCE_STYLES",
 COLUMN_WIDTH = 3.4  # inches, one column of a two-column paper
 PAGE_WIDTH = 7.0    # inches, both columns
 
-# The systems each paper compares, baselines first and the paper's own system last.
+# The systems each paper compares (baselines first, the paper's own system last), from the one
+# system registry.
 PAPER_SYSTEMS: dict[str, tuple[str, ...]] = {
-    "hiermoe": ("Megatron-LM", "Tutel-2DH", "SmartMoE", "HD2-MoE", "HD2-MoE-Smart", "HD-MoE",
-                "HierMoE"),
-    "fsmoe": ("DS-MoE", "Tutel", "Tutel-Improved", "PipeMoE+Lina", "FSMoE-No-IIO", "FSMoE"),
-    "scheinfer": ("llama.cpp", "Fiddler", "ScheInfer"),
+    paper: tuple(s.name for s in systems.paper_systems(paper) if s.style is not None) for paper in systems.PAPERS
 }
-SYSTEM_ORDER: tuple[str, ...] = tuple(s for systems in PAPER_SYSTEMS.values() for s in systems)
+SYSTEM_ORDER: tuple[str, ...] = tuple(sorted(systems.style_slots(), key=systems.style_slots().get))
 
-# Seven hatches against ten colours: 7 and 10 are coprime, so walking both lists with one index
-# gives every system a distinct (colour, hatch) pair, and consecutive systems (one paper's
-# figure) distinct colours and distinct hatches.
+# Seven hatches against ten colours: 7 and 10 are coprime, so walking both lists with a system's
+# style slot gives every system a distinct (colour, hatch) pair, and consecutive slots (one
+# paper's figure) distinct colours and distinct hatches.
 HATCHES: tuple[str, ...] = ("", "//", "\\\\", "xx", "..", "++", "oo")
 _PALETTE = sns.color_palette("colorblind", 10)
 
@@ -47,7 +46,7 @@ class Style:
 
 SYSTEM_STYLES: dict[str, Style] = {
     name: Style(color=tuple(_PALETTE[i % len(_PALETTE)]), hatch=HATCHES[i % len(HATCHES)])
-    for i, name in enumerate(SYSTEM_ORDER)
+    for name, i in systems.style_slots().items()
 }
 
 # Series drawn beside ours in every figure: the paper's reported numbers and our analytic models.

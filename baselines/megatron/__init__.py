@@ -1,5 +1,5 @@
-"""megatron-core as a baseline: the real MoELayer / GPT model on CPU or GPU (`moe`), and the CPU
-patches it needs (`cpu_patches`).
+"""megatron-core as a baseline: the real MoELayer / GPT model on CPU or GPU (`moe`). The CPU patches
+and parallel-state set-up it shares with HierMoE's adapter live in `impl.common.megatron`.
 
 Importing this package does not import megatron (slow): the registry entry
 ('moe_layer', 'megatron-core') is a lazy factory that loads `baselines.megatron.moe` on call.

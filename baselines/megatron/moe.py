@@ -7,7 +7,7 @@ normalised to. Running the real package - not a re-implementation - next to our
 gradients and bytes per level on the same routing and weights), and it is the layer into which
 `impl.hiermoe.megatron_adapter.install_hiermoe` drops the HierMoE dispatcher.
 
-* `init_parallel(ep)`: CPU patches (`cpu_patches`), then megatron's
+* `init_parallel(ep)` (from `impl.common.megatron`): CPU patches, then megatron's
   `parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)` on top of the world
   the launcher created, and megatron's model-parallel RNG seeds.
 * `MegatronMoEConfig`: one MoE layer in our vocabulary (E, M, FFN width and kind, our
@@ -50,11 +50,11 @@ from impl.common.moe_layer import MoEOutput
 from impl.common.routing import GateConfig, RoutingResult, build_gate
 from impl.common.topology import Topology
 
-from .cpu_patches import apply_cpu_patches
+from impl.common.megatron import apply_cpu_patches, ep_group_ranks, init_parallel
 
-__all__ = ["MegatronMoEConfig", "MegatronMoE", "init_parallel", "transformer_config", "build_moe_layer",
+__all__ = ["MegatronMoEConfig", "MegatronMoE", "transformer_config", "build_moe_layer",
            "build_megatron_moe", "load_gate", "load_grouped_experts", "expert_tensors", "count_all_to_all",
-           "ep_group_ranks", "build_gpt_model", "GPTTrainer", "causal_mask", "DTYPES"]
+           "build_gpt_model", "GPTTrainer", "causal_mask", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -64,37 +64,6 @@ _ROUTER_KINDS = ("softmax_topk", "switch", "sigmoid")
 # ------------------------------------------------------------------------------------------
 # parallel state
 # ------------------------------------------------------------------------------------------
-def init_parallel(expert_parallel_size: int, *, seed: int = 0) -> None:
-    """Megatron's parallel state (TP = PP = CP = 1, EP as given, DP = world) on the existing
-    torch.distributed world; every rank must call it. Re-initialises when called again with
-    another EP size. `seed` feeds megatron's model-parallel RNG tracker (attention dropout,
-    expert init on GPU)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    apply_cpu_patches()
-    if not dist.is_initialized():
-        raise RuntimeError("init_parallel needs torch.distributed to be initialised first "
-                           "(see impl.common.launcher)")
-    world = dist.get_world_size()
-    if expert_parallel_size < 1 or world % expert_parallel_size:
-        raise ValueError(f"expert_parallel_size={expert_parallel_size} does not divide the world size "
-                         f"{world}; allowed: a divisor of {world}")
-    if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_expert_model_parallel_world_size() == expert_parallel_size:
-            return
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=expert_parallel_size)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-
-
-def ep_group_ranks(group) -> list[int]:
-    """Global ranks of a megatron process group, in group order."""
-    import torch.distributed as dist
-
-    return list(dist.get_process_group_ranks(group))
-
-
 # ------------------------------------------------------------------------------------------
 # configuration
 # ------------------------------------------------------------------------------------------

@@ -26,21 +26,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import platform
 import re
 import shlex
-import socket
-import subprocess
 import sys
 import textwrap
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import median
 from typing import Any, Sequence
 
 from .costmodel import (HardwareProfile, LinearModel, fit_linear, parse_step, profile_summary, save_profile,
                         step_name, topology_steps)
+from .records import collect_env, git_info
 from .topology import Topology, TopologyError, get_topology
 
 __all__ = ["CalibrationPlan", "parse_size", "parse_sizes", "step_group_size", "message_nbytes", "calibrate",
@@ -305,23 +302,14 @@ def build_profile(name: str, plan: CalibrationPlan, comm_results: dict[str, Any]
                            measurements=measurements)
 
 
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def _provenance(backend: str, world_size: int, command: str) -> dict[str, Any]:
-    import torch
-
+    """How a profile was measured: the run records' environment and git fields, in the profile's keys."""
+    env = collect_env()
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    host = socket.gethostname()
-    return {"source": f"measured with `{command}` on {host}, {now}", "host": host, "platform": platform.platform(),
-            "python": platform.python_version(), "torch": str(torch.__version__), "backend": backend,
-            "world_size": world_size, "date": now, "command": command, "git_sha": _git_sha()}
+    host = env["hostname"]
+    return {"source": f"measured with `{command}` on {host}, {now}", "host": host, "platform": env["platform"],
+            "python": env["python"], "torch": env["torch"], "backend": backend, "world_size": world_size,
+            "date": now, "command": command, "git_sha": git_info()["sha"]}
 
 
 # ==========================================================================================

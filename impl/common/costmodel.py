@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import scipy.stats
 import yaml
 
 from .topology import Topology, TopologyError, get_topology
@@ -70,9 +71,8 @@ class LinearFit:
 
 
 def fit_linear(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
-    """Ordinary least squares with intercept, computed on centred sums (stable for byte-sized x).
-
-    r^2 = 1 - SS_res / SS_tot; when every y is equal (SS_tot = 0) the fit is exact and r^2 = 1."""
+    """Ordinary least squares with intercept (scipy's linregress). r^2 = 1 - SS_res / SS_tot; when
+    every y is equal (SS_tot = 0) the fit is exact and r^2 = 1."""
     x = np.asarray(xs, dtype=np.float64).ravel()
     y = np.asarray(ys, dtype=np.float64).ravel()
     if x.size != y.size:
@@ -81,14 +81,10 @@ def fit_linear(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
         raise ValueError("fit_linear: xs and ys must be finite numbers")
     if np.unique(x).size < 2:
         raise ValueError(f"fit_linear: needs at least 2 distinct x values, got {np.unique(x).tolist()}")
-    x_mean, y_mean = x.mean(), y.mean()
-    dx, dy = x - x_mean, y - y_mean
-    beta = float(np.dot(dx, dy) / np.dot(dx, dx))
-    alpha = float(y_mean - beta * x_mean)
-    ss_res = float(np.sum((y - (alpha + beta * x)) ** 2))
-    ss_tot = float(np.dot(dy, dy))
-    r2 = 1.0 if ss_tot == 0.0 else 1.0 - ss_res / ss_tot
-    return LinearFit(alpha, beta, r2, int(x.size))
+    if np.ptp(y) == 0.0:
+        return LinearFit(float(y[0]), 0.0, 1.0, int(x.size))
+    fit = scipy.stats.linregress(x, y)
+    return LinearFit(float(fit.intercept), float(fit.slope), float(fit.rvalue) ** 2, int(x.size))
 
 
 # ==========================================================================================

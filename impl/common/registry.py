@@ -1,60 +1,26 @@
-"""Name -> factory registry, so configs select systems, baselines, gates, ... by string name.
+"""Name -> factory registry, so configs select implementations (dispatchers, gates, placement
+planners, inference policies, ...) by string name.
 
-    @register("system", "hiermoe")
-    class HierMoEDispatcher: ...
+    @register("dispatcher", "hd2")
+    def make_hd2(comm, num_experts): ...
 
-    factory = get("system", config.system)    # error lists every registered "system"
+    factory = get("dispatcher", config.system)    # error lists every registered "dispatcher"
 
-Registration happens when the defining module is imported. `get` and `names` first import every
-module listed in `PROVIDER_MODULES`, so a name is found no matter which module the caller happened
-to import; a new module that registers names is added to that list.
+Registration happens when the defining module is imported; this module names none of them, so
+the substrate depends on nothing above it. `impl.experiments.systems` imports every module that
+registers something (and holds the papers' systems by their paper names); code that looks up
+names chosen by a user imports it first.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TypeVar
-import importlib
-import threading
 
 __all__ = ["RegistryError", "register", "get", "names", "kinds"]
 
 F = TypeVar("F", bound=Callable)
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}
-
-# Modules that register selectable implementations (imported lazily, once).
-PROVIDER_MODULES = (
-    "impl.common.routing",
-    "impl.common.dispatcher",
-    "impl.hiermoe.dedup_a2a",
-    "impl.hiermoe.expert_swap",
-    "baselines.smartmoe.planner",
-    "baselines.tutel_2dh.dispatcher",
-    "baselines.deepspeed_moe.sim",
-    "baselines.megatron",          # lazy: megatron itself is imported only when the factory is called
-)
-_providers_loaded = False
-_providers_loading = False
-_providers_lock = threading.RLock()
-
-
-def _load_providers() -> None:
-    """Import every provider once. Thread-safe: SimComm ranks are threads that may all call `get`
-    first; the others wait until every module is imported. A provider that calls `get` while it
-    is being imported (same thread) sees the names registered so far."""
-    global _providers_loaded, _providers_loading
-    if _providers_loaded:
-        return
-    with _providers_lock:
-        if _providers_loaded or _providers_loading:
-            return
-        _providers_loading = True
-        try:
-            for module in PROVIDER_MODULES:
-                importlib.import_module(module)
-            _providers_loaded = True
-        finally:
-            _providers_loading = False
 
 
 class RegistryError(ValueError):
@@ -88,10 +54,10 @@ def register(kind: str, name: str) -> Callable[[F], F]:
 
 def get(kind: str, name: str) -> Callable:
     """The factory registered under (kind, name)."""
-    _load_providers()
     if kind not in _REGISTRY:
         raise RegistryError(f"unknown registry kind {kind!r}; registered kinds: "
-                            f"{', '.join(kinds()) or '(none)'}")
+                            f"{', '.join(kinds()) or '(none)'} (import impl.experiments.systems to "
+                            "register every implementation)")
     table = _REGISTRY[kind]
     if name not in table:
         raise RegistryError(f"unknown {kind} {name!r}; registered: {', '.join(names(kind))}")
@@ -100,10 +66,8 @@ def get(kind: str, name: str) -> Callable:
 
 def names(kind: str) -> tuple[str, ...]:
     """Registered names of one kind, sorted; empty when nothing of that kind is registered."""
-    _load_providers()
     return tuple(sorted(_REGISTRY.get(kind, {})))
 
 
 def kinds() -> tuple[str, ...]:
-    _load_providers()
     return tuple(sorted(_REGISTRY))

@@ -34,8 +34,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from baselines.megatron.moe import ep_group_ranks
 from impl.common.comm import DEFAULT_TIMEOUT_S, Comm, TorchComm
+from impl.common.megatron import ep_group_ranks
 from impl.common.dispatcher import TokenDispatcher
 from impl.common.routing import RoutingResult
 from impl.common.topology import Topology, get_topology

@@ -37,7 +37,7 @@ from impl.hiermoe.dimension import modeled_times, select_dimension
 from impl.common.comm import Comm
 from impl.common.config import build_config
 from impl.hiermoe.expert_swap import MAX_FNS, _unflatten, decide_swap, local_swap_stats
-from impl.hiermoe.simulate import SimExperimentConfig, dense_compute_ms, resolve
+from impl.experiments.hiermoe.sim import SimExperimentConfig, dense_compute_ms, resolve
 
 pytestmark = pytest.mark.bench
 

@@ -68,7 +68,7 @@ def _forward_backward(layer, x, w):
 def _rank(comm, cases):
     """Both layers on this rank; the result is pickled by value (tensors handed over as shared
     memory can vanish with the rank's process before the parent reads them)."""
-    from baselines.megatron.cpu_patches import apply_cpu_patches
+    from impl.common.megatron.cpu_patches import apply_cpu_patches
     from baselines.megatron.moe import count_all_to_all
     from impl.common.registry import get
 

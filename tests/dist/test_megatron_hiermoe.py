@@ -90,7 +90,8 @@ def _layer_results(comm, case: LayerCase) -> dict:
 
 
 def _gpt_results(comm, case: GPTCase) -> dict:
-    from baselines.megatron.moe import GPTTrainer, MegatronMoEConfig, build_gpt_model, init_parallel
+    from baselines.megatron.moe import GPTTrainer, MegatronMoEConfig, build_gpt_model
+    from impl.common.megatron import init_parallel
     from impl.hiermoe.megatron_adapter import install_hiermoe, moe_layers
 
     init_parallel(comm.world_size, seed=case.seed)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from impl.common.bench import main
+from impl.experiments.layer_bench import main
 from impl.common.records import read_records
 
 
@@ -39,6 +39,6 @@ def test_runs_in_sim_tier_and_writes_record(tmp_path):
 
 
 def test_exit_code_from_a_real_process():
-    proc = subprocess.run([sys.executable, "-m", "impl.common.bench", "--set", "top_k=0"],
+    proc = subprocess.run([sys.executable, "-m", "impl.experiments.layer_bench", "--set", "top_k=0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "top_k: 0 is not allowed" in proc.stderr

@@ -10,10 +10,10 @@ import torch
 
 from impl.common.config import ConfigError
 from impl.common.records import validate_record
-from impl.hiermoe import table2
+from impl.experiments.hiermoe import table2
 from impl.hiermoe.duplication import (duplication_counts, duplication_rate, expected_distinct_groups,
                                       expected_duplication_rate, group_mask)
-from figures.paper import read_paper_csv
+from impl.common.paper import read_paper_csv
 
 
 def mask(rows, num_experts):

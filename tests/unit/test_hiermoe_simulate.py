@@ -6,7 +6,7 @@ import torch
 
 from impl.common.config import ConfigError, build_config
 from impl.common.dispatcher import ExpertPlacement
-from impl.hiermoe import simulate
+from impl.experiments.hiermoe import sim as simulate
 from impl.hiermoe.dimension import modeled_time, route_counts
 
 SMALL = ["model=qwen3-30b-a3b-32l-tiny", "topology=hiermoe-node", "profile=hiermoe-node", "tokens_per_rank=32",
@@ -20,7 +20,10 @@ def resolved(*extra):
 @pytest.mark.parametrize("override,message", [
     ("systems=[Megatron-LM,FooMoE]", "unknown system 'FooMoE'"),
     ("systems=[HD4]", "HD4 needs d=4 but topology 'hiermoe-node' has D = 3"),
-    ("systems=['HierMoE[colour=red]']", "option 'colour'"),
+    ("systems=['HierMoE[colour=red]']", "unknown key 'colour'"),
+    ("systems=['HierMoE[gamma=abc]']", "systems: HierMoE[gamma=abc].gamma: expected a number, got 'abc'"),
+    ("systems=['HierMoE[every=0]']", "every: 0 is not allowed; allowed: >= 1"),
+    ("systems=['HierMoE[max_fn=mean]']", "'mean' is not allowed; allowed: 'max', 'smooth', 'lse'"),
     ("num_experts=12", "E=12 is not divisible by the expert-parallel size 8"),
     ("top_k=99", "top_k: 99 is not allowed"),
     ("model=gpt5", "model: unknown model 'gpt5'"),

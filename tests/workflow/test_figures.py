@@ -10,11 +10,11 @@ import pytest  # noqa: E402
 
 from figures import hiermoe_table2 as fig_t2  # noqa: E402
 from figures import style  # noqa: E402
-from figures.paper import PAPER_DIR, REQUIRED_KEYS, read_paper_csv  # noqa: E402
+from impl.common.paper import PAPER_DIR, REQUIRED_KEYS, read_paper_csv  # noqa: E402
 
 
 def test_every_system_has_its_own_style():
-    assert len(style.SYSTEM_ORDER) == 16 == len(set(style.SYSTEM_ORDER))
+    assert len(style.SYSTEM_ORDER) == len(set(style.SYSTEM_ORDER)) >= 10
     pairs = {(s.color, s.hatch) for s in style.SYSTEM_STYLES.values()}
     assert len(pairs) == len(style.SYSTEM_ORDER)
     for systems in style.PAPER_SYSTEMS.values():  # within one paper's figure: all colours differ

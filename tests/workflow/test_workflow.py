@@ -87,7 +87,7 @@ def test_default_target_on_reduced_config(tmp_path):
     ("hiermoe_table2={sett: {repeats: 2}}", "Additional properties are not allowed ('sett' was unexpected)"),
     ("hiermoe_table2={set: {repeats: 0}}", "repeats: 0 is not allowed; allowed: >= 1"),
     ("hiermoe_sim={set: {top_k: 999}}", "top_k: 999 is not allowed with num_experts=128; allowed: 1..128"),
-    ("hiermoe_sim={set: {systems: [Megatron-LM, HD9]}}", "HD9 needs d=9 but topology 'hiermoe-testbed' has D = 4"),
+    ("hiermoe_sim={set: {systems: [Megatron-LM, HD5]}}", "HD5 needs d=5 but topology 'hiermoe-testbed' has D = 4"),
     ("hiermoe_calibration={backend: mpi}", "'mpi' is not one of ['gloo']"),
     ("scheinfer_sim={set: {policies: [layers, vllm]}}", "policies: 'vllm' is not allowed; allowed: layers, fiddler"),
     ("scheinfer_sim={set: {hardware: [a100]}}", "hardware: 'a100' is not allowed; allowed: rtx4090-pcie4-16core"),

@@ -90,7 +90,7 @@ def check_sim_runs():
     """Resolve every sim run's config (unknown keys, models, topologies, systems) with the
     experiment's own checks, so a bad value stops the workflow before any job runs."""
     from impl.common.config import build_config
-    from impl.hiermoe import simulate
+    from impl.experiments.hiermoe import sim as simulate
 
     for run in SIM_RUNS:
         simulate.resolve(build_config(simulate.SimExperimentConfig, repo_path(SIM_RUNS[run]["config"]), sim_overrides(run)))

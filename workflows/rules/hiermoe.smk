@@ -1,7 +1,7 @@
 # HierMoE experiments (tier 'sim' here: measured on routing masks in one process).
 from impl.common.config import config_hash
 from impl.common.records import record_path
-from impl.hiermoe import table2
+from impl.experiments.hiermoe import table2
 
 # Build and check the Table II config now, so a bad key or value stops the workflow before any
 # job runs, with the experiment's own error message.
@@ -34,7 +34,7 @@ rule hiermoe_table2:
     conda:
         "../../environment.yml"
     shell:
-        "python -m impl.hiermoe.table2 --config {input.config} {params.overrides} --no-progress"
+        "python -m impl.experiments.hiermoe.table2 --config {input.config} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
 
 
@@ -81,5 +81,5 @@ rule hiermoe_sim:
     conda:
         "../../environment.yml"
     shell:
-        "python -m impl.hiermoe.simulate --config {input.config} {params.overrides} --no-progress"
+        "python -m impl.experiments.hiermoe.sim --config {input.config} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"

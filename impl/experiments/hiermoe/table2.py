@@ -1,7 +1,7 @@
 """HierMoE Table II: how much of the token traffic deduplication removes, per number of expert
 groups R and top-K (tier 'sim': measured on synthetic routing masks, no communication).
 
-    python -m impl.hiermoe.table2 --config workflows/config/experiments/hiermoe_table2.yaml \
+    python -m impl.experiments.hiermoe.table2 --config workflows/config/experiments/hiermoe_table2.yaml \
         [--set repeats=3 --set top_ks=[2,8] ...] --out-csv table2.csv --out-record record.json
 
 For every repeat (seed = seed + repeat) and every K, one routing mask of `tokens_per_sample`
@@ -28,7 +28,7 @@ from impl.common.config import ConfigError, build_config
 from impl.common.records import atomic_output, make_record, write_record
 from impl.common.routing import routing_from_topk
 from impl.hiermoe.duplication import duplication_counts, expected_duplication_rate
-from figures.paper import read_paper_csv
+from impl.common.paper import read_paper_csv
 
 __all__ = ["Table2Config", "load_config", "routing_mask", "measure", "make_table2_record", "main"]
 
@@ -145,7 +145,7 @@ def make_table2_record(config: Table2Config, frame: pd.DataFrame) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.hiermoe.table2", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m impl.experiments.hiermoe.table2", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="experiment YAML (Table2Config keys); defaults apply without it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (value parsed as YAML), repeatable")

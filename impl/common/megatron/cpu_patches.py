@@ -51,7 +51,7 @@ def _check_version() -> None:
 
     version = getattr(megatron.core, "__version__", "unknown")
     if version != PATCHED_VERSION:
-        raise RuntimeError(f"baselines.megatron.cpu_patches targets megatron-core {PATCHED_VERSION}, "
+        raise RuntimeError(f"impl.common.megatron.cpu_patches targets megatron-core {PATCHED_VERSION}, "
                            f"found {version}; install megatron-core=={PATCHED_VERSION}")
 
 

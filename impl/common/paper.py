@@ -1,4 +1,6 @@
-"""The papers' reported numbers, one CSV per figure or table (convention in README.md)."""
+"""The papers' reported numbers: one CSV per figure or table in `figures/paper/` (convention in its
+README.md). They are data, read by path from every layer that compares with them (experiments and
+figures), so the reader sits at the bottom."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +9,7 @@ import pandas as pd
 
 __all__ = ["PAPER_DIR", "REQUIRED_KEYS", "read_paper_csv"]
 
-PAPER_DIR = Path(__file__).resolve().parent
+PAPER_DIR = Path(__file__).resolve().parents[2] / "figures" / "paper"
 REQUIRED_KEYS = ("citation", "location", "quantity", "unit")
 
 

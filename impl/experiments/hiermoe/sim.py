@@ -1,11 +1,11 @@
 """Sim-tier HierMoE experiments at paper scale: every system of Figs. 10-13, Table IV and the
 ablations evaluated on the same routing stream, iteration by iteration, layer by layer.
 
-    python -m impl.hiermoe.simulate --config workflows/config/experiments/hiermoe_fig11_qwen3.yaml \
+    python -m impl.experiments.hiermoe.sim --config workflows/config/experiments/hiermoe_fig11_qwen3.yaml \
         --out-csv results/.../x.csv --out-record results/.../x.json
 
 What is exact and what is modeled:
-* Routing: the model's real gate over a skewed token stream (`impl.hiermoe.workload`), at the
+* Routing: the model's real gate over a skewed token stream (`impl.experiments.hiermoe.workload`), at the
   paper's scale (G ranks x 1024 tokens, the paper's E, K, M).
 * Volumes: exact duplicate-free (and raw) counts per rank, step and level from the routing maps
   under each system's current expert placement (`impl.hiermoe.dimension`), equal to what the
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,63 +48,20 @@ from impl.common.records import atomic_output, make_record, write_record
 from impl.common.topology import Topology, get_topology
 from impl.hiermoe.dimension import check_profile, modeled_time, modeled_times, route_counts, select_dimension
 from impl.hiermoe.expert_swap import decide_swap, global_swap_stats
-from impl.hiermoe.workload import RoutingStream, TokenStreamConfig
+from impl.experiments.hiermoe.spec import SystemSpec
+from impl.experiments.hiermoe.workload import RoutingStream, TokenStreamConfig
+from impl.experiments.systems import paper_systems, parse_system_name
 
-__all__ = ["SimExperimentConfig", "SystemSpec", "parse_system", "run_experiment", "main"]
+__all__ = ["SimExperimentConfig", "parse_system", "run_experiment", "main"]
 
-PAPER_SYSTEMS = ("Megatron-LM", "Tutel-2DH", "SmartMoE", "HD2-MoE", "HD2-MoE-Smart", "HD-MoE", "HierMoE")
-_FIXED = re.compile(r"^(H|HD)(\d)$")
-_OPTIONS = {"max_fn": str, "gamma": float, "every": int, "history": int}
-
-
-@dataclass(frozen=True)
-class SystemSpec:
-    """How one system moves tokens and places experts."""
-    name: str
-    route: Literal["flat", "tutel-2dh", "fixed", "auto"]
-    dedup: bool = False
-    dim: int = 1
-    planner: Literal["none", "smartmoe", "hierd-es"] = "none"
-    max_fn: str = "smooth"
-    gamma: float = 10.0
-    every: int = 1
-    history: int = 2
+PAPER_SYSTEMS = tuple(s.name for s in paper_systems("hiermoe", roles=("baseline", "ours")))
 
 
 def parse_system(text: str, defaults: dict) -> SystemSpec:
-    """'HierMoE', 'HD3', 'HierMoE[gamma=5,every=2]' -> SystemSpec; ConfigError names what is allowed."""
-    m = re.fullmatch(r"([A-Za-z0-9-]+)(?:\[(.*)\])?", text.strip())
-    if not m:
-        raise ConfigError(f"systems: {text!r} is not a system name")
-    base, opts = m[1], {}
-    for item in filter(None, (m[2] or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in _OPTIONS:
-            raise ConfigError(f"systems: option {key!r} of {text!r} is unknown; allowed: {', '.join(_OPTIONS)}")
-        opts[key] = _OPTIONS[key](value)
-    kw = {**defaults, **opts}
-    table = {
-        "Megatron-LM": dict(route="flat"),
-        "Tutel-2DH": dict(route="tutel-2dh"),
-        "SmartMoE": dict(route="flat", planner="smartmoe"),
-        "HD2-MoE": dict(route="fixed", dedup=True, dim=2),
-        "HD2-MoE-Smart": dict(route="fixed", dedup=True, dim=2, planner="smartmoe"),
-        "HD-MoE": dict(route="auto", dedup=True),
-        "HierMoE": dict(route="auto", dedup=True, planner="hierd-es"),
-    }
-    if base in table:
-        spec = table[base]
-    elif f := _FIXED.match(base):
-        spec = dict(route="fixed", dedup=f[1] == "HD", dim=int(f[2]))
-    else:
-        raise ConfigError(f"systems: unknown system {base!r}; allowed: {', '.join(PAPER_SYSTEMS)}, Hd, HDd "
-                          "(d = 1..D), with optional [max_fn=..,gamma=..,every=..,history=..]")
-    spec = {**spec, **kw}
-    if spec["max_fn"] not in ("max", "smooth", "lse"):
-        raise ConfigError(f"systems: max_fn {spec['max_fn']!r} in {text!r}; allowed: max, smooth, lse")
-    if spec["every"] < 1 or spec["history"] < 1:
-        raise ConfigError(f"systems: every and history must be >= 1 in {text!r}")
-    return SystemSpec(name=text.strip(), **spec)
+    """'HierMoE', 'HD3', 'HierMoE[gamma=5,every=2]' -> SystemSpec (the registry's entry with its
+    options); ConfigError names what is allowed."""
+    _, spec = parse_system_name(text, "hiermoe", defaults)
+    return dataclasses.replace(spec, name=text.strip())
 
 
 @dataclass(frozen=True)
@@ -375,7 +331,7 @@ def make_sim_record(rz: Resolved, frame: pd.DataFrame) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.hiermoe.simulate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m impl.experiments.hiermoe.sim", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="experiment YAML (SimExperimentConfig keys)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out-csv", required=True)

@@ -1,7 +1,7 @@
 """The layer bench CLI: one expert-parallel MoE layer, forward + backward, any registered dispatcher,
 on SimComm ranks (tier `sim`) or local gloo ranks (tier `emu`); writes one run record.
 
-    python -m impl.common.bench --set model=deepseek-v3-tiny --set topology=2x2 --set system=hd2 \
+    python -m impl.experiments.layer_bench --set model=deepseek-v3-tiny --set topology=2x2 --set system=hd2 \
         --out-record results/raw/bench.json
 
 Every check (model, topology, system, world size, E divisible by the expert-parallel size, top-k)
@@ -30,6 +30,7 @@ from impl.common.records import make_record, write_record
 from impl.common.registry import RegistryError, get, names
 from impl.common.routing import build_gate, init_gate_from_seed
 from impl.common.topology import Topology, get_topology
+from impl.experiments import systems  # noqa: F401  (registers every dispatcher)
 
 __all__ = ["LayerBenchConfig", "validate", "run", "main"]
 
@@ -160,7 +161,7 @@ def make_bench_record(rb: ResolvedBench, per_rank: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.common.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m impl.experiments.layer_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML with LayerBenchConfig keys")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (value parsed as YAML), repeatable")

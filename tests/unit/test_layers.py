@@ -1,0 +1,128 @@
+"""Layers point one way: common < systems < baselines < experiments < figures, with no import
+cycle between modules. Read from the source (nothing imported), including imports by string:
+a string constant naming one of our modules (`importlib.import_module("baselines.x")`, a
+provider list) counts as an import."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("impl", "baselines", "figures")
+LAYER_NAMES = ("common", "systems", "baselines", "experiments", "figures")
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    if "experiments" in parts:
+        return 3
+    return {"figures": 4, "baselines": 2}.get(parts[0], 0 if parts[:2] == ["impl", "common"] else 1)
+
+
+def project_modules() -> dict[str, Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def _docstring_nodes(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first.value))
+    return ids
+
+
+def referenced_modules(module: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Our modules that `module` imports, statically or by a string naming them."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    docstrings = _docstring_nodes(tree)
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            names += [base] + [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            text = node.value.split(":")[0]
+            if "." in text and text.split(".")[0] in PACKAGES and text in known:   # not a bare path part
+                names.append(text)
+    found = set()
+    for name in names:
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        if name and name != module:
+            found.add(name)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    known = project_modules()
+    return {m: referenced_modules(m, p, known) for m, p in known.items()}
+
+
+def test_no_module_imports_a_higher_layer(graph):
+    upward = sorted(f"{a} ({LAYER_NAMES[layer_of(a)]}) -> {b} ({LAYER_NAMES[layer_of(b)]})"
+                    for a, deps in graph.items() for b in deps if layer_of(b) > layer_of(a))
+    assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def test_no_import_cycle_between_modules(graph):
+    """Tarjan's strongly connected components; a package importing its own submodules is fine."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            shortest = min(component, key=len)
+            if len(component) > 1 and not all(c.startswith(shortest) for c in component):
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_checker_sees_string_and_relative_imports(tmp_path):
+    known = {"impl.common.a": tmp_path / "a.py", "baselines.b": tmp_path / "b.py", "impl.common.c": tmp_path / "c.py"}
+    src = tmp_path / "a.py"
+    src.write_text('"""Docstring naming baselines.b is not an import."""\n'
+                   "import importlib\nfrom .c import thing\nmod = importlib.import_module('baselines.b')\n")
+    assert referenced_modules("impl.common.a", src, known) == {"baselines.b", "impl.common.c"}
+    src.write_text('"""Only the docstring names baselines.b."""\n')
+    assert referenced_modules("impl.common.a", src, known) == set()
