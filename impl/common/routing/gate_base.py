@@ -122,6 +122,12 @@ class Gate(nn.Module):
         return GateSelection(routing_map_TE, probs_TE, logits_TE,
                              self._aux_loss(balance_scores_TE, routing_map_TE, self.top_k))
 
+    def _softmax_topk_selection(self, logits_TE: torch.Tensor) -> GateSelection:
+        """Softmax over all E experts, then top-k of those probabilities, which also serve as the
+        load-balancing loss's per-expert probabilities (softmax_topk, switch, xmoe)."""
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        return self._topk_selection(probs_TE, logits_TE, probs_TE)
+
 
 class _LinearRouterGate(Gate):
     """A gate whose logits are x W^T with W = `weight_EM` [E, M], no bias."""

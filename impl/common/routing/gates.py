@@ -20,9 +20,7 @@ class SoftmaxTopKGate(_LinearRouterGate):
     """Softmax over all E experts, then top-k (Mixtral, Qwen-MoE, Megatron-core's default)."""
 
     def select(self, x_TM):
-        logits_TE = self.logits(x_TM)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        return self._topk_selection(probs_TE, logits_TE, probs_TE)
+        return self._softmax_topk_selection(self.logits(x_TM))
 
 
 @_gate("switch")
@@ -167,9 +165,7 @@ class XMoEGate(Gate):
         return cosine_TE / self.temperature
 
     def select(self, x_TM):
-        logits_TE = self.logits(x_TM)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        return self._topk_selection(probs_TE, logits_TE, probs_TE)
+        return self._softmax_topk_selection(self.logits(x_TM))
 
 
 @_gate("expert_choice")
