@@ -521,7 +521,7 @@ def test_recorder_auto_step_pause_and_fixed_layers():
 
 
 def test_recorder_with_project_gate_and_padding():
-    """A real gate from routing.py with capacity drops: dropped slots become -1 / 0."""
+    """A real gate from impl.common.routing with capacity drops: dropped slots become -1 / 0."""
     torch.manual_seed(1)
     gate = build_gate(GateConfig(kind="softmax_topk", top_k=2, capacity_factor=0.5), 8, 4)
     model = nn.Sequential(gate)
