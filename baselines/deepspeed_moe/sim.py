@@ -6,7 +6,7 @@ tests/unit/test_deepspeed_sim.py.
 
 Gate (`DeepSpeedGate`, registered as gates 'deepspeed_top1' / 'deepspeed_top2'): DeepSpeed's
 `TopKGate` with noise and random token selection off (noisy_gate_policy=None, use_rts=False,
-top2_2nd_expert_sampling=False), which is what makes it deterministic. Our routing.py gates do
+top2_2nd_expert_sampling=False), which is what makes it deterministic. Our gates (impl.common.routing) do
 not match it, so it lives here:
 * computed in fp32 whatever the model dtype: logits = x.float() @ wg.float()^T, softmax;
 * top-1: argmax; top-2: argmax, then argmax of the logits with the first masked out;
@@ -33,7 +33,7 @@ rank (all_reduce max, DeepSpeed's drop_tokens=False). DeepSpeed also caps the to
 at the local T, a no-op with equal T per rank. The expert-parallel group is the whole comm
 (DeepSpeed's ep_size = G); for ep_size < G run one comm per expert-parallel group. Inside an
 expert's slice rows are in token order (DeepSpeed's top-2 puts first choices first): neither
-the result nor the bytes depend on it. With a routing.py gate that drops, note that DeepSpeed's
+the result nor the bytes depend on it. With one of our gates that drops, note that DeepSpeed's
 fp32 capacity can be one below routing.expert_capacity (T=45, E=3, k=2, cf=1.1: 33 vs 34); the
 dispatcher then raises instead of dropping.
 """

@@ -12,7 +12,6 @@ exact in both tiers.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -20,14 +19,15 @@ from typing import Literal
 
 import torch
 
+from impl.common import cli
 from impl.common.comm import Comm, SimWorld
-from impl.common.config import ConfigError, build_config, checked
+from impl.common.config import ConfigError, checked
 from impl.common.dispatcher import check_expert_parallel
 from impl.common.experts import GroupedExperts
 from impl.common.models import ModelConfig, get_model
 from impl.common.moe_layer import ExpertParallelMoE
 from impl.common.records import make_record, write_record
-from impl.common.registry import RegistryError, get, names
+from impl.common.registry import get, names
 from impl.common.routing import build_gate, init_gate_from_seed
 from impl.common.topology import Topology, get_topology
 from impl.experiments import systems  # noqa: F401  (registers every dispatcher)
@@ -161,17 +161,13 @@ def make_bench_record(rb: ResolvedBench, per_rank: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.experiments.layer_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML with LayerBenchConfig keys")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key (value parsed as YAML), repeatable")
+    parser = cli.parser("python -m impl.experiments.layer_bench", __doc__, config=LayerBenchConfig)
     parser.add_argument("--out-record", help="write the JSON run record here")
     args = parser.parse_args(argv)
     try:
-        rb = validate(build_config(LayerBenchConfig, args.config, args.overrides))
-    except (ConfigError, RegistryError, OSError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+        rb = validate(cli.load_config(args, LayerBenchConfig))
+    except cli.INPUT_ERRORS as e:
+        return cli.fail(parser, e)
     record = make_bench_record(rb, run(rb))
     if args.out_record:
         write_record(args.out_record, record)

@@ -28,7 +28,6 @@ iteration), HierMoE (d* + HierD-ES), and Hd / HDd for fixed d. Options in bracke
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -40,11 +39,12 @@ import torch
 from tqdm import tqdm
 
 from baselines.smartmoe.planner import smartmoe_placement
-from impl.common.config import ConfigError, build_config, checked
+from impl.common import cli
+from impl.common.config import ConfigError, checked
 from impl.common.costmodel import HardwareProfile, load_profile
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.models import ModelConfig, get_model
-from impl.common.records import atomic_output, make_record, write_record
+from impl.common.records import make_record
 from impl.common.topology import Topology, get_topology
 from impl.hiermoe.dimension import check_profile, modeled_time, modeled_times, route_counts, select_dimension
 from impl.hiermoe.expert_swap import decide_swap, global_swap_stats
@@ -331,22 +331,15 @@ def make_sim_record(rz: Resolved, frame: pd.DataFrame) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.experiments.hiermoe.sim", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="experiment YAML (SimExperimentConfig keys)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out-csv", required=True)
-    parser.add_argument("--out-record", required=True)
-    parser.add_argument("--no-progress", action="store_true")
+    parser = cli.parser("python -m impl.experiments.hiermoe.sim", __doc__, config=SimExperimentConfig,
+                        outputs=("csv", "record"), progress=True)
     args = parser.parse_args(argv)
     try:
-        rz = resolve(build_config(SimExperimentConfig, args.config, args.overrides))
-    except (ConfigError, OSError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+        rz = resolve(cli.load_config(args, SimExperimentConfig))
+    except cli.INPUT_ERRORS as e:
+        return cli.fail(parser, e)
     frame = run_experiment(rz, progress=False if args.no_progress else None)
-    with atomic_output(args.out_csv) as tmp:
-        frame.to_csv(tmp, index=False)
-    write_record(args.out_record, make_sim_record(rz, frame))
+    cli.write_csv_and_record(frame, args.out_csv, make_sim_record(rz, frame), args.out_record)
     summary = summarize_frame(frame).groupby("system", sort=False)["a2a_ms"].median()
     base = summary.get("Megatron-LM")
     for system, ms in summary.items():

@@ -13,7 +13,6 @@ Rates are fractions in [0, 1]. A run record (impl.common.records) summarizes the
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from impl.common import traces
+from impl.common import cli, traces
 from impl.common.config import ConfigError, build_config
-from impl.common.records import atomic_output, make_record, write_record
+from impl.common.records import make_record
 from impl.common.routing import routing_from_topk
 from impl.hiermoe.duplication import duplication_counts, expected_duplication_rate
 from impl.common.paper import read_paper_csv
@@ -145,25 +144,16 @@ def make_table2_record(config: Table2Config, frame: pd.DataFrame) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.experiments.hiermoe.table2", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="experiment YAML (Table2Config keys); defaults apply without it")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key (value parsed as YAML), repeatable")
-    parser.add_argument("--out-csv", required=True, help="tidy CSV, one row per (R, K, repeat)")
-    parser.add_argument("--out-record", required=True, help="JSON run record")
-    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    parser = cli.parser("python -m impl.experiments.hiermoe.table2", __doc__, config=Table2Config,
+                        outputs=("csv", "record"), progress=True)
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
         paper_rates(config)  # a missing or malformed paper CSV fails before any work
-    except (ConfigError, ValueError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    except cli.INPUT_ERRORS as e:
+        return cli.fail(parser, e)
     frame = measure(config, progress=False if args.no_progress else None)
-    record = make_table2_record(config, frame)
-    with atomic_output(args.out_csv) as tmp:
-        frame.to_csv(tmp, index=False)
-    write_record(args.out_record, record)
+    cli.write_csv_and_record(frame, args.out_csv, make_table2_record(config, frame), args.out_record)
     worst = (frame["measured"] - frame["paper"]).abs().max() * 100
     print(f"{EXPERIMENT}: {len(frame)} rows -> {args.out_csv}; record -> {args.out_record}; "
           f"max |measured - paper| = {worst:.2f} percentage points")
