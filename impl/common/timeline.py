@@ -1,0 +1,160 @@
+"""The sim tier's clock: an event-timeline simulator of a schedule of tasks on lanes.
+
+A `Schedule` is a list of `Task`s in issue order. Each task runs on one lane (a CUDA stream, a
+network link, a pipeline stage: anything that does one thing at a time), takes `duration` ms
+(from a cost model) and may depend on other tasks. A lane runs its tasks strictly in issue order
+(FIFO), each starting when the lane is free and all its dependencies have ended:
+
+    start(t) = max(end of the previous task on t's lane, max over d in deps(t) of end(d))
+
+`simulate` returns a `Timeline`: every task's start and end, the makespan and the busy time per
+lane. The same `Schedule` drives the real executor (`impl.common.executor`), which fills a
+`Timeline` with measured times, so a prediction and a measurement of one schedule compare task by
+task (`compare`). Issue order matters exactly as on a GPU: a task that waits for a dependency
+blocks every later task of its lane, which is why FSMoE launches all dispatches before the
+experts. A schedule whose lane heads wait on each other forever is rejected, naming them.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Mapping
+
+__all__ = ["Task", "Schedule", "Timeline", "ScheduleError", "simulate", "compare"]
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run: duplicate or unknown task names, bad durations, a deadlock."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work. `kind` says what it does ('a2a', 'ag', 'exp', 'F', 'B', ...) and `chunk`
+    which piece of the work (pipeline chunk, micro-batch); `size` is what the cost model charged
+    for (bytes or work units), kept for reports."""
+
+    name: str
+    lane: str
+    duration: float = 0.0
+    deps: tuple[str, ...] = ()
+    kind: str = ""
+    chunk: int | None = None
+    size: float = 0.0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    tasks: tuple[Task, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        names: set[str] = set()
+        for t in self.tasks:
+            if t.name in names:
+                raise ScheduleError(f"task name {t.name!r} appears twice")
+            names.add(t.name)
+            if not (isinstance(t.duration, (int, float)) and math.isfinite(t.duration) and t.duration >= 0):
+                raise ScheduleError(f"task {t.name!r}: duration {t.duration!r} is not allowed; allowed: a finite "
+                                    "number >= 0")
+        for t in self.tasks:
+            missing = [d for d in t.deps if d not in names]
+            if missing:
+                raise ScheduleError(f"task {t.name!r} depends on unknown task {missing[0]!r}")
+
+    @property
+    def lanes(self) -> tuple[str, ...]:
+        """Lanes in order of first use."""
+        return tuple(dict.fromkeys(t.lane for t in self.tasks))
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def with_durations(self, duration: Callable[[Task], float]) -> "Schedule":
+        """The same schedule with every duration recomputed, e.g. from another hardware profile."""
+        return Schedule(tuple(replace(t, duration=float(duration(t))) for t in self.tasks))
+
+    def on_lanes(self, lane_of: Mapping[str, str]) -> "Schedule":
+        """The same tasks with lanes renamed (e.g. 'inter' and 'intra' -> one shared 'comm' lane)."""
+        return Schedule(tuple(replace(t, lane=lane_of.get(t.lane, t.lane)) for t in self.tasks))
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Start and end (ms) of every task of a schedule, predicted or measured."""
+
+    schedule: Schedule
+    start: Mapping[str, float]
+    end: Mapping[str, float]
+    source: str = "simulated"          # or 'measured on ...'
+
+    @property
+    def makespan(self) -> float:
+        return max(self.end.values(), default=0.0) - min(self.start.values(), default=0.0)
+
+    def busy(self, lane: str | None = None) -> dict[str, float] | float:
+        """Busy ms per lane (a dict), or of one lane."""
+        out: dict[str, float] = defaultdict(float)
+        for t in self.schedule.tasks:
+            out[t.lane] += self.end[t.name] - self.start[t.name]
+        return dict(out) if lane is None else out.get(lane, 0.0)
+
+    def idle(self, lane: str) -> float:
+        """Time the lane is not busy within the makespan."""
+        return self.makespan - self.busy(lane)
+
+    def rows(self) -> list[dict]:
+        """One dict per task: name, lane, kind, chunk, start, end, duration (for CSVs and plots)."""
+        return [{"task": t.name, "lane": t.lane, "kind": t.kind, "chunk": t.chunk, "start_ms": self.start[t.name],
+                 "end_ms": self.end[t.name], "duration_ms": self.end[t.name] - self.start[t.name]}
+                for t in self.schedule.tasks]
+
+
+def simulate(schedule: Schedule) -> Timeline:
+    """Run the schedule on its lanes (FIFO per lane in issue order, dependencies respected)."""
+    queues: dict[str, deque[Task]] = defaultdict(deque)
+    for t in schedule.tasks:
+        queues[t.lane].append(t)
+    free = {lane: 0.0 for lane in queues}
+    start: dict[str, float] = {}
+    end: dict[str, float] = {}
+    remaining = len(schedule.tasks)
+    while remaining:
+        progressed = False
+        for lane, q in queues.items():
+            while q and all(d in end for d in q[0].deps):
+                t = q.popleft()
+                start[t.name] = max([free[lane]] + [end[d] for d in t.deps])
+                end[t.name] = start[t.name] + t.duration
+                free[lane] = end[t.name]
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            heads = [f"{q[0].name!r} on {lane!r} waits for {[d for d in q[0].deps if d not in end]}"
+                     for lane, q in queues.items() if q]
+            raise ScheduleError("deadlock: every lane's next task waits for a task queued behind another: "
+                                + "; ".join(heads))
+    return Timeline(schedule, start, end)
+
+
+@dataclass(frozen=True)
+class TaskError:
+    name: str
+    predicted_ms: float
+    measured_ms: float
+
+    @property
+    def error(self) -> float:
+        """(predicted - measured) / measured; inf when the measurement is 0."""
+        return (self.predicted_ms - self.measured_ms) / self.measured_ms if self.measured_ms else math.inf
+
+
+def compare(predicted: Timeline, measured: Timeline, names: Iterable[str] | None = None) -> list[TaskError]:
+    """Task-by-task durations of two timelines of the same schedule."""
+    if [t.name for t in predicted.schedule.tasks] != [t.name for t in measured.schedule.tasks]:
+        raise ScheduleError("the two timelines are of different schedules")
+    names = list(names) if names is not None else [t.name for t in predicted.schedule.tasks]
+    return [TaskError(n, predicted.end[n] - predicted.start[n], measured.end[n] - measured.start[n]) for n in names]

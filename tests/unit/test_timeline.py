@@ -1,0 +1,82 @@
+"""The sim tier's clock: hand-computed makespans, deadlocks found, and published pipeline-bubble
+closed forms reproduced (1F1B / GPipe: (PP-1)(F+B); DualPipe: (PP/2-1)(F&B+B-3W))."""
+import pytest
+
+from impl.common.pipeline import dualpipe, gpipe, one_f_one_b
+from impl.common.timeline import Schedule, ScheduleError, Task, compare, simulate
+
+
+def test_fifo_lanes_and_dependencies_by_hand():
+    # inter: D1(2) D2(2) C1(2); compute: E1(3, after D1) E2(3, after D2); C1 after E1
+    s = Schedule((Task("D1", "inter", 2), Task("D2", "inter", 2, ()), Task("E1", "gpu", 3, ("D1",)),
+                  Task("E2", "gpu", 3, ("D2",)), Task("C1", "inter", 2, ("E1",))))
+    tl = simulate(s)
+    assert (tl.start["E1"], tl.end["E1"]) == (2, 5)
+    assert (tl.start["E2"], tl.end["E2"]) == (5, 8)        # the lane is busy until E1 ends
+    assert (tl.start["C1"], tl.end["C1"]) == (5, 7)        # waits for E1, the link is free since 4
+    assert tl.makespan == 8 and tl.busy() == {"inter": 6, "gpu": 6} and tl.idle("inter") == 2
+
+
+def test_issue_order_blocks_a_lane():
+    """A lane head waiting on a dependency holds back later tasks of its lane (FIFO)."""
+    s = Schedule((Task("A", "x", 5), Task("B", "y", 1, ("A",)), Task("C", "y", 1)))
+    tl = simulate(s)
+    assert tl.start["C"] == 6 and tl.makespan == 7
+
+
+def test_deadlock_is_named():
+    s = Schedule((Task("A", "x", 1, ("D",)), Task("B", "y", 1), Task("D", "y", 1, ("C",)), Task("C", "x", 1)))
+    with pytest.raises(ScheduleError, match="deadlock.*'A' on 'x' waits for \\['D'\\]"):
+        simulate(s)
+
+
+@pytest.mark.parametrize("tasks,message", [
+    ((Task("A", "x", 1), Task("A", "y", 1)), "task name 'A' appears twice"),
+    ((Task("A", "x", -1),), "duration -1 is not allowed"),
+    ((Task("A", "x", 1, ("Z",)),), "depends on unknown task 'Z'"),
+])
+def test_bad_schedules_fail_with_one_line(tasks, message):
+    with pytest.raises(ScheduleError, match=message):
+        Schedule(tasks)
+
+
+@pytest.mark.parametrize("build", [one_f_one_b, gpipe])
+@pytest.mark.parametrize("stages,micro_batches", [(2, 2), (4, 8), (4, 3), (8, 16), (3, 7)])
+@pytest.mark.parametrize("f,b", [(1.0, 2.0), (1.5, 1.0)])
+def test_1f1b_and_gpipe_bubble_is_the_closed_form(build, stages, micro_batches, f, b):
+    tl = simulate(build(stages, micro_batches, f, b))
+    for lane in tl.schedule.lanes:
+        assert tl.busy(lane) == pytest.approx(micro_batches * (f + b))
+    assert tl.makespan - micro_batches * (f + b) == pytest.approx((stages - 1) * (f + b))
+
+
+@pytest.mark.parametrize("stages,micro_batches", [(4, 8), (6, 12), (8, 16), (8, 32), (10, 20)])
+@pytest.mark.parametrize("f,fb_factor", [(1.0, 2.0), (1.0, 2.5), (2.0, 3.0)])
+def test_dualpipe_bubble_is_the_published_closed_form(stages, micro_batches, f, fb_factor):
+    """DeepSeek-V3 Table 2 under the zero-bubble assumption F = B - W = W: the largest idle time
+    of any rank is (PP/2 - 1)(F&B + B - 3W)."""
+    b, w, fb = 2 * f, f, fb_factor * f
+    tl = simulate(dualpipe(stages, micro_batches, f, b, w, fb))
+    bubble = max(tl.idle(lane) for lane in tl.schedule.lanes)
+    assert bubble == pytest.approx((stages / 2 - 1) * (fb + b - 3 * w))
+    # every micro-batch passes every rank once forward and once backward (in its direction)
+    kinds = [t.kind for t in tl.schedule.tasks]
+    assert kinds.count("F") + kinds.count("FB") == stages * micro_batches
+    assert kinds.count("B") + kinds.count("FB") == stages * micro_batches
+
+
+def test_dualpipe_rejects_shapes_it_cannot_run():
+    with pytest.raises(ScheduleError, match="even number of stages"):
+        dualpipe(3, 12, 1, 2, 1, 2)
+    with pytest.raises(ScheduleError, match=">= 2 x stages"):
+        dualpipe(4, 6, 1, 2, 1, 2)
+
+
+def test_compare_task_by_task():
+    s = Schedule((Task("A", "x", 2), Task("B", "x", 4)))
+    predicted = simulate(s)
+    measured = simulate(s.with_durations(lambda t: {"A": 1.0, "B": 5.0}[t.name]))
+    errors = {e.name: e.error for e in compare(predicted, measured)}
+    assert errors == {"A": pytest.approx(1.0), "B": pytest.approx(-0.2)}
+    merged = s.on_lanes({"x": "comm"})
+    assert merged.lanes == ("comm",)
