@@ -15,22 +15,15 @@ The dispatcher never drops: which (token, expert) pairs survive is the gate's ca
 (e.g. `GateConfig(capacity_factor=..., drop_policy='position')`). If the gate kept more rows
 for one expert than C, every rank raises the same ValueError instead of corrupting the exchange.
 For that, `dispatch_preprocess` runs one all_reduce(max) of three ints in every mode (Tutel
-needs it only in the dynamic modes); like every all_reduce it is not counted as traffic.
+needs it only in the dynamic modes), counted as metadata.
 
-The 2DH exchange (`equal_slice_all_to_all`), on N nodes of Gn GPUs (level 0 of the topology is
-the node, everything below it is "intra-node"; ranks are node-major):
-1. stride copy: the G destination slices, viewed [N][Gn], are transposed to [Gn][N], so all
-   slices for local index g (on any node) are one contiguous chunk;
-2. intra-node AlltoAll over the node's Gn GPUs (chunk g -> local GPU g);
-3. stride copy back: [Gn (source GPU)][N (destination node)] -> [N][Gn];
-4. inter-node AlltoAll among the N GPUs with this local index: chunk n -> node n. Each
-   inter-node message carries the node's Gn slices for one remote GPU: N-1 messages of Gn
-   slices per rank instead of (N-1) * Gn messages of one slice.
-The result is exactly a flat AlltoAll's (rows ordered by source rank). With one node or one GPU
-per node it is a flat AlltoAll. Costs: the two local copies, and every slice bound for another
-node crosses the intra-node fabric first. The combine runs the same exchange on the returning
-buffer (an equal-slice AlltoAll is its own inverse pattern), as Tutel does; autograd gives each
-exchange a backward twin with the stages in reverse order.
+The layout is `impl.common.ordering`'s (Tutel-style index ordering) and the exchange is
+`impl.common.equal_slice`'s 2DH algorithm (level 0 of the topology is the node, everything below
+it is "intra-node"): a stride copy, an intra-node AlltoAll, a stride copy back and an inter-node
+AlltoAll among the GPUs with the same local index, so each rank sends N - 1 inter-node messages
+of Gn slices instead of (N - 1) * Gn messages of one slice. The result is exactly a flat
+AlltoAll's. The combine runs the same exchange on the returning buffer (an equal-slice AlltoAll
+is its own inverse pattern), as Tutel does.
 
 Gate weights are applied on the home rank in `combine_postprocess` (Tutel's decode / DeepSpeed's
 combine), so no gate weights cross the network; the experts receive unit weights (`probs_R` = 1).
@@ -45,35 +38,16 @@ from dataclasses import dataclass
 
 import torch
 
-from impl.common.comm import Comm, all_to_all_autograd
+from impl.common.comm import Comm
 from impl.common.dispatcher import DispatchedTokens, ExpertPlacement, TokenDispatcher
+from impl.common.equal_slice import equal_slice_all_to_all_autograd
+from impl.common.ordering import CapacityPlan, IndexOrder, plan_capacity
 from impl.common.registry import register
 from impl.common.routing import RoutingResult
 
-__all__ = ["PaddedDispatchMeta", "CapacityPaddedDispatcher", "Tutel2DHDispatcher", "tutel_capacity",
-           "equal_slice_all_to_all", "uses_2dh"]
+__all__ = ["PaddedDispatchMeta", "CapacityPaddedDispatcher", "Tutel2DHDispatcher", "tutel_capacity"]
 
-
-def uses_2dh(comm: Comm) -> bool:
-    """2DH needs at least two nodes with at least two GPUs each; otherwise it is a flat AlltoAll."""
-    topo = comm.topology
-    return topo.D >= 2 and topo.num_nodes > 1 and topo.gpus_per_node > 1
-
-
-def equal_slice_all_to_all(comm: Comm, rows: torch.Tensor, hierarchical: bool) -> torch.Tensor:
-    """AlltoAll of G equal slices (slice j of `rows` goes to rank j; the result holds slice i from
-    rank i), flat or by Tutel's 2DH route. Differentiable."""
-    G = comm.world_size
-    if rows.shape[0] % G:
-        raise ValueError(f"equal-slice all-to-all: {rows.shape[0]} rows do not split into {G} equal slices")
-    B, rest = rows.shape[0] // G, tuple(rows.shape[1:])
-    if not (hierarchical and uses_2dh(comm)):
-        return all_to_all_autograd(comm, rows, [B] * G, [B] * G)
-    N, Gn = comm.topology.num_nodes, comm.topology.gpus_per_node
-    by_local = rows.reshape(N, Gn, B, *rest).transpose(0, 1).reshape(G * B, *rest)           # stride copy 1
-    got = all_to_all_autograd(comm, by_local, [N * B] * Gn, [N * B] * Gn, comm.group("intra", 1))
-    by_node = got.reshape(Gn, N, B, *rest).transpose(0, 1).reshape(G * B, *rest)             # stride copy 2
-    return all_to_all_autograd(comm, by_node, [Gn * B] * N, [Gn * B] * N, comm.group("inter", 1))
+_ORDER = IndexOrder()
 
 
 def tutel_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -83,14 +57,16 @@ def tutel_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_facto
 
 @dataclass(frozen=True)
 class PaddedDispatchMeta:
-    """Everything the later stages need; buffer row = slot * C + position in the slot's slice."""
+    """Everything the later stages need: the capacity layout of the slots (buffer row = slot * C +
+    position in the slot's slice) and the gate weights in slot order (they keep the router's graph)."""
 
     placement: ExpertPlacement
-    num_tokens: int
-    capacity: int
-    row_P: torch.Tensor        # buffer row of every routed (token, expert) pair, token-major
-    token_P: torch.Tensor      # its token
-    probs_P: torch.Tensor      # its gate weight (keeps the router's autograd graph)
+    plan: CapacityPlan
+    probs_TS: torch.Tensor
+
+    @property
+    def capacity(self) -> int:
+        return self.plan.capacity
 
 
 class CapacityPaddedDispatcher(TokenDispatcher):
@@ -133,20 +109,16 @@ class CapacityPaddedDispatcher(TokenDispatcher):
         placement = self.placement_or_identity(placement)
         map_TS = placement.to_slots(routing.routing_map_TE)
         probs_TS = placement.to_slots(routing.probs_TE)
-        T, E = map_TS.shape
+        T = map_TS.shape[0]
         local_max = int(map_TS.sum(0).max()) if T else 0
-        C = self._agree_capacity(T, local_max)
-        position_TS = map_TS.long().cumsum(0) - 1               # rank of each token in its slot's slice
-        token_P, slot_P = map_TS.nonzero(as_tuple=True)
-        row_P = slot_P * C + position_TS[token_P, slot_P]
-        source_R = torch.full((E * C,), T, dtype=torch.long)     # T = the zero padding row
-        source_R[row_P] = token_P
-        x_pad = torch.cat([x_TM, x_TM.new_zeros((1,) + tuple(x_TM.shape[1:]))])
-        meta = PaddedDispatchMeta(placement, T, C, row_P, token_P, probs_TS[token_P, slot_P])
-        return x_pad.index_select(0, source_R), None, meta
+        plan = plan_capacity(map_TS, self._agree_capacity(T, local_max))   # drops nothing: C >= every count
+        return _ORDER.order(x_TM, plan), None, PaddedDispatchMeta(placement, plan, probs_TS)
+
+    def _exchange(self, rows):
+        return equal_slice_all_to_all_autograd(self.comm, rows, "2dh" if self.hierarchical else "flat")
 
     def token_dispatch(self, rows, probs, meta: PaddedDispatchMeta):
-        return equal_slice_all_to_all(self.comm, rows, self.hierarchical), probs
+        return self._exchange(rows), probs
 
     def dispatch_postprocess(self, rows, probs, meta: PaddedDispatchMeta):
         """[G source][E_local][C] -> [E_local][G source][C]: rows grouped by local expert."""
@@ -161,13 +133,11 @@ class CapacityPaddedDispatcher(TokenDispatcher):
         return expert_out_RM.reshape(El, G, C, *rest).transpose(0, 1).reshape(G * El * C, *rest)
 
     def token_combine(self, rows, meta: PaddedDispatchMeta):
-        return equal_slice_all_to_all(self.comm, rows, self.hierarchical)
+        return self._exchange(rows)
 
     def combine_postprocess(self, rows, meta: PaddedDispatchMeta):
         """y[t] = sum over t's kept pairs of gate weight * expert output (padding rows are unread)."""
-        weighted = (rows.index_select(0, meta.row_P) * meta.probs_P.unsqueeze(-1)).to(rows.dtype)
-        out = rows.new_zeros((meta.num_tokens,) + tuple(rows.shape[1:]))
-        return out.index_add(0, meta.token_P, weighted)
+        return _ORDER.iorder(rows, meta.plan, meta.probs_TS)
 
 
 @register("dispatcher", "tutel-2dh")
