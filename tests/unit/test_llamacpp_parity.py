@@ -15,7 +15,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from baselines.llamacpp.runner import LlamaCppRunner, LlamaCppSettings, measure_speed  # noqa: E402
 from impl.scheinfer.generate_models import generate  # noqa: E402
-from impl.scheinfer.model import Decoder  # noqa: E402
+from impl.scheinfer.decoder import Decoder  # noqa: E402
 from impl.scheinfer.weights import load_weights  # noqa: E402
 
 # max |ours - llama.cpp| allowed, relative to the largest |logit| of llama.cpp
