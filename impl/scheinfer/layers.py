@@ -124,7 +124,9 @@ def route(cfg: DecoderConfig, logits_TE: torch.Tensor) -> tuple[torch.Tensor, to
     order llama.cpp gives them: its MoE graph selects experts with ggml_argsort_top_k (a
     descending argsort of the probabilities, then the first k), whose CPU kernel is std::sort with
     a strict '>' comparison, and libstdc++'s std::sort is an insertion sort, hence stable, up to 16
-    elements (Mixtral's 8 and Phi-3.5's 16 experts). torch.topk gives no such order."""
+    elements (Mixtral's 8 and Phi-3.5's 16 experts). Beyond 16 (Qwen1.5-MoE's 60) std::sort leaves
+    the order of equal elements unspecified, and llama.cpp's choice among exactly equal
+    probabilities is not reproduced. torch.topk gives no defined order at all."""
     logits_TE = logits_TE.float()
     if cfg.router == "sparsemixer":
         return _sparsemixer(logits_TE, cfg.router_jitter_eps)
