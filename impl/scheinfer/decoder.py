@@ -121,9 +121,10 @@ class Decoder:
         """cos and sin [B, S, D] of positions pos_BS in the compute dtype and device."""
         return tuple(t.to(self.device, self.dtype) for t in rope_cos_sin(self.config, pos_BS))
 
-    def attention_mask(self, cache: KVCache, L0: int, L1: int) -> torch.Tensor | None:
+    def attention_mask(self, cache: KVCache, L0: int, L1: int, padded: bool) -> torch.Tensor | None:
         """allowed_BSL: new position s (cache slot L0 + s) sees the real tokens of slots <= its own,
-        and itself (so a padded query is never left without a key)."""
+        and itself (so a padded query is never left without a key). `padded`: some of the new
+        positions are padding (cache.valid_BL says which)."""
         slots_L = torch.arange(L1, device=self.device)
         query_slot_S = slots_L[L0:]
         allowed_BSL = (slots_L[None, :] <= query_slot_S[:, None])[None] & cache.valid_BL[:, None, :L1]
@@ -215,7 +216,7 @@ class Decoder:
         else:
             pos_BS = (cache.next_pos_B[:, None] + valid_BS.long().cumsum(1) - 1).clamp(min=0)
             cache.valid_BL[:, L0:L1] = valid_BS
-        allowed_BSL = self.attention_mask(cache, L0, L1)
+        allowed_BSL = self.attention_mask(cache, L0, L1, padded=valid_BS is not None)
         cos_BSD, sin_BSD = self.rope(pos_BS)
 
         x_BSM = self.embed_VM[tokens_BS]

@@ -322,11 +322,11 @@ class FastDecoder(Decoder):
             table = self._rope_tables[long] = (cos.to(self.device, self.dtype), sin.to(self.device, self.dtype))
         return table[0][pos_BS], table[1][pos_BS]
 
-    def attention_mask(self, cache: KVCache, L0: int, L1: int) -> torch.Tensor | None:
+    def attention_mask(self, cache: KVCache, L0: int, L1: int, padded: bool) -> torch.Tensor | None:
         """None (no mask) when the one new token of each sequence sees every slot."""
-        if L1 - L0 == 1 and cache.unpadded and bool(cache.valid_BL[:, L0].all()):
+        if L1 - L0 == 1 and not padded and cache.unpadded:
             return None
-        return super().attention_mask(cache, L0, L1)
+        return super().attention_mask(cache, L0, L1, padded)
 
     def attention_block(self, i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, L1):
         block = self._compiled_attention_block if self._compiled_attention_block is not None \
