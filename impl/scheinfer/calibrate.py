@@ -1,7 +1,8 @@
 """Micro-benchmarks that fit the engine's cost model on this machine (scheinfer.md 9.1 item 4).
 
 * CPU lane: FFN slices of several widths at several row counts n, timed as the engine runs them
-  (`fast_decode.fast_ffn`); per n a least-squares line t = alpha + s_per_mac(n) * MACs (fit_linear, r^2 kept).
+  (`fast_decode.fast_ffn`); per n a least-squares line t = alpha + s_per_mac(n) * MACs
+  (fit_linear, r^2 kept).
 * Memory bandwidth: a large tensor copy (reported, explains the GEMV regime).
 * GPU lane and host->device copies: with CUDA, the same FFN slices on the GPU and pinned H2D
   copies of several sizes. Without CUDA the GPU lanes are emulated on CPU tensors (engine.py), so
