@@ -105,10 +105,10 @@ def scheinfer_sim_config():
     """The ScheInfer sim config, resolved now (unknown keys, models, hardware, policies fail here
     with the experiment's own one-line message, before any job)."""
     from impl.common.config import build_config
-    from impl.scheinfer import simulate
+    from impl.experiments.scheinfer import sim
 
-    return simulate.resolve(
-        build_config(simulate.SimConfig, experiment_config("scheinfer_sim"), experiment_overrides("scheinfer_sim"))
+    return sim.resolve(
+        build_config(sim.SimConfig, experiment_config("scheinfer_sim"), experiment_overrides("scheinfer_sim"))
     ).config
 
 

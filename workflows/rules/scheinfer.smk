@@ -28,7 +28,7 @@ rule scheinfer_sim:
     conda:
         "../../environment.yml"
     shell:
-        "python -m impl.scheinfer.simulate --config {input.config} {params.overrides} --no-progress"
+        "python -m impl.experiments.scheinfer.sim --config {input.config} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
 
 
@@ -66,7 +66,7 @@ rule scheinfer_cost:
     conda:
         "../../environment.yml"
     shell:
-        "python -m impl.scheinfer calibrate --quick --hidden {params.hidden} --out {output.cost} > {log} 2>&1"
+        "python -m impl.experiments.scheinfer calibrate --quick --hidden {params.hidden} --out {output.cost} > {log} 2>&1"
 
 
 rule scheinfer_timeline:
@@ -93,7 +93,7 @@ rule scheinfer_timeline:
     conda:
         "../../environment.yml"
     shell:
-        "python -m impl.scheinfer generate --model {input.model} --tokens {params.tokens}"
+        "python -m impl.experiments.scheinfer generate --model {input.model} --tokens {params.tokens}"
         " --n-predict {params.n_predict} --policy {wildcards.policy} --cost {input.cost} --tile {params.tile}"
         " --gpu-mem {params.gpu_mem} --threads 1 --ignore-eos --no-progress --timeline {output.events}"
         " > {output.stdout} 2> {log}"
