@@ -23,6 +23,7 @@ import yaml
 # Every module that registers implementations (import for the side effect).
 import baselines.deepspeed_moe.sim  # noqa: F401
 import baselines.fiddler  # noqa: F401
+import baselines.llamacpp  # noqa: F401
 import baselines.megatron  # noqa: F401  (lazy: megatron itself loads when its factory is called)
 import baselines.smartmoe.planner  # noqa: F401
 import baselines.tutel_2dh.dispatcher  # noqa: F401
