@@ -16,7 +16,8 @@ What is ours where the paper is silent (each a documented choice, not a publishe
 * the dense part's compute is the GEMM model applied to its GEMMs: Q, K, V and O projections
   (K and V of width M n_kv / n_heads under grouped-query attention), the attention core as two
   GEMMs per head (Q K^T and A V: 2 L^2 d per sample and head) and the router (M x E); heads and
-  projection columns are split over the N_MP = N_ESP GPUs of a node; its backward is 2x;
+  projection columns are split over the N_MP = N_ESP GPUs of a node; its backward is 2x; the
+  router's GEMMs depend on the gate (`ROUTER_MACS`), its top-k and the ordering are not charged;
 * sequence parallelism moves B L M elements per AllGather / ReduceScatter on the intra-node link,
   one of each per pass (AllGather before attention, ReduceScatter after);
 * the dense gradient volume per GPU is the released optimiser's: GPT 3M^2/N_MP + 3M/N_MP + M^2/N_MP
@@ -31,7 +32,13 @@ from typing import Literal
 from impl.common.config import ConfigError
 from impl.common.costmodel import HardwareProfile, LinearModel
 
-__all__ = ["BlockShape", "ChunkModel", "PassModel", "BlockCosts", "block_costs"]
+__all__ = ["BlockShape", "ChunkModel", "PassModel", "BlockCosts", "block_costs", "ROUTER_MACS"]
+
+# The router's multiply-accumulates per token, per gate (M hidden, E experts): GShard's noisy
+# top-k has a second projection for its noise scale; X-MoE projects to 16 dimensions first
+# (its default low-rank size) and scores by cosine against E expert embeddings.
+ROUTER_MACS = {"gshard": lambda M, E: 2 * M * E, "sigmoid": lambda M, E: M * E,
+               "xmoe": lambda M, E: 16 * M + 16 * E, "expert_choice": lambda M, E: M * E}
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class BlockShape:
     ffn: Literal["gpt", "mixtral"] = "gpt"
     kv_heads: int | None = None             # grouped-query attention (Mixtral); None = heads
     bytes_per_elem: int = 4                 # the paper's runs are fp32
+    gate: Literal["gshard", "sigmoid", "xmoe", "expert_choice"] = "gshard"
 
     def __post_init__(self):
         for key in ("batch", "seq", "hidden", "ffn_hidden", "heads", "num_experts", "top_k", "bytes_per_elem"):
@@ -59,6 +67,8 @@ class BlockShape:
             raise ConfigError(f"ffn: {self.ffn!r} is not allowed; allowed: 'gpt', 'mixtral'")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ConfigError(f"capacity_factor: {self.capacity_factor!r} is not allowed; allowed: > 0 or null")
+        if self.gate not in ROUTER_MACS:
+            raise ConfigError(f"gate: {self.gate!r} is not allowed; allowed: {', '.join(map(repr, ROUTER_MACS))}")
 
     @property
     def gemms(self) -> int:
@@ -174,7 +184,7 @@ def block_costs(shape: BlockShape, profile: HardwareProfile, *, ep_step: str = "
     tokens = B * L
     proj_macs = tokens * M * (M + 2 * kv * d + M) / n_esp                    # Q, K, V, O
     core_macs = 2 * B * L * L * d * heads / n_esp                            # Q K^T and A V
-    router_macs = tokens / n_esp * M * E
+    router_macs = tokens / n_esp * ROUTER_MACS[shape.gate](M, E)
     dense_fwd = sum(gemm.time_ms(w) for w in (proj_macs / 2, proj_macs / 2, core_macs / 2, core_macs / 2, router_macs))
     mp = profile.comm_model("allgather", esp_step).time_ms(tokens * M * v)
     if shape.ffn == "mixtral":

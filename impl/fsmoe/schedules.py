@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from impl.common.timeline import Schedule, Task
 
 __all__ = ["CHUNK_KINDS", "COMM_KINDS", "LANES_3", "LANES_SHARED", "LANES_SEQUENTIAL", "fsmoe_pass", "pass_tasks",
-           "GradTask", "iteration"]
+           "GradTask", "forward_tasks", "backward_tasks", "iteration", "gpipe_iteration"]
 
 CHUNK_KINDS = ("dispatch", "ag", "expert", "rs", "combine")
 COMM_KINDS = ("dispatch", "ag", "rs", "combine", "gar", "mp")
@@ -75,48 +75,90 @@ class GradTask:
     producers: tuple[int, ...]
 
 
+def _grad_tasks(grads: list[GradTask], where: tuple, block_costs, lanes: dict[str, str], prefix: str) -> list[Task]:
+    out = []
+    for j, g in enumerate(t for t in grads if tuple(t.where) == where):
+        deps = tuple(f"{prefix}b{p}.b.dense" for p in g.producers)
+        label = "-".join(str(x) for x in where)
+        out.append(Task(f"{prefix}gar.{label}.{j}", lanes["gar"], block_costs.t_ar(g.nbytes), deps, "gar",
+                        size=g.nbytes))
+    return out
+
+
+def _filled(task: Task, model, r: int) -> Task:
+    return replace(task, duration=model.duration(task.kind, r))
+
+
+def forward_tasks(blocks: list, degrees: list[tuple[int, int]], lanes: dict[str, str], *, prefix: str = "",
+                  first_deps: tuple[str, ...] = ()) -> tuple[list[Task], tuple[str, ...]]:
+    """Every block's forward: sequence-parallel AllGather, dense part, ReduceScatter, MoE pass.
+    Returns the tasks and the names the next stage waits for."""
+    tasks, prev = [], first_deps
+    for b, (bc, (r_fwd, _)) in enumerate(zip(blocks, degrees)):
+        p = f"{prefix}b{b}.f."
+        tasks += [Task(p + "mpag", lanes["mp"], bc.mp_comm_ms, prev, "mp"),
+                  Task(p + "dense", lanes["dense"], bc.dense_fwd_ms, (p + "mpag",), "dense"),
+                  Task(p + "mprs", lanes["mp"], bc.mp_comm_ms, (p + "dense",), "mp")]
+        tasks += [_filled(t, bc.fwd, r_fwd) for t in pass_tasks(r_fwd, lanes, prefix=p, first_deps=(p + "mprs",))]
+        prev = tuple(f"{p}combine{c}" for c in range(r_fwd))
+    return tasks, prev
+
+
+def backward_tasks(blocks: list, degrees: list[tuple[int, int]], grads: list[GradTask], lanes: dict[str, str], *,
+                   prefix: str = "", first_deps: tuple[str, ...] = ()) -> tuple[list[Task], tuple[str, ...]]:
+    """Every block's backward in reverse (MoE pass, then the dense part's gradients), the gradient
+    tasks placed where `grads` says (the tail ones too, after the last block)."""
+    tasks, prev = [], first_deps
+    for b in reversed(range(len(blocks))):
+        bc, (_, r_bwd) = blocks[b], degrees[b]
+        p = f"{prefix}b{b}.b."
+        moe = [_filled(t, bc.bwd, r_bwd) for t in pass_tasks(r_bwd, lanes, prefix=p, first_deps=prev)]
+        last_dispatch = max(i for i, t in enumerate(moe) if t.kind == "dispatch")
+        moe[last_dispatch + 1:last_dispatch + 1] = _grad_tasks(grads, ("moe", b), bc, lanes, prefix)
+        tasks += moe
+        combines = tuple(f"{p}combine{c}" for c in range(r_bwd))
+        tasks += _grad_tasks(grads, ("dense", b), bc, lanes, prefix)
+        tasks += [Task(p + "mprs", lanes["mp"], bc.mp_comm_ms, combines, "mp"),
+                  Task(p + "dense", lanes["dense"], bc.dense_bwd_ms, (p + "mprs",), "dense"),
+                  Task(p + "mpag", lanes["mp"], bc.mp_comm_ms, (p + "dense",), "mp")]
+        tasks += _grad_tasks(grads, ("after", b), bc, lanes, prefix)
+        prev = (p + "mpag",)
+    tasks += _grad_tasks(grads, ("tail",), blocks[0], lanes, prefix)
+    return tasks, prev
+
+
 def iteration(blocks: list, degrees: list[tuple[int, int]], grads: list[GradTask],
               lanes: dict[str, str] = LANES_3) -> Schedule:
     """Forward and backward of every block of `blocks` (`costs.BlockCosts`, first block first)
     with per-block degrees (r_fwd, r_bwd), the gradient tasks placed as given, durations filled."""
-    n = len(blocks)
+    fwd, last = forward_tasks(blocks, degrees, lanes)
+    bwd, _ = backward_tasks(blocks, degrees, grads, lanes, first_deps=last)
+    return Schedule(tuple(fwd + bwd))
+
+
+def gpipe_iteration(stages: list[tuple[list, list[tuple[int, int]], list[GradTask]]], micro_batches: int,
+                    lanes: dict[str, str] = LANES_3) -> Schedule:
+    """GPipe over pipeline stages, each (blocks, degrees, gradient tasks) on its own GPUs (its own
+    lanes): every micro-batch's forward through the stages, then every backward in reverse; a
+    stage all-reduces its gradients in its last backward (micro-batch 0), where its plan puts them.
+    Stage-to-stage activation transfers are not modeled (point-to-point, small against the MoE
+    traffic at these shapes)."""
     tasks: list[Task] = []
-    at: dict[tuple, list[GradTask]] = {}
-    for g in grads:
-        at.setdefault(tuple(g.where), []).append(g)
-
-    def grad_tasks(where: tuple, block_costs) -> list[Task]:
-        out = []
-        for j, g in enumerate(at.get(where, [])):
-            deps = tuple(f"b{p}.b.dense" for p in g.producers)
-            label = "-".join(str(x) for x in where)
-            out.append(Task(f"gar.{label}.{j}", lanes["gar"], block_costs.t_ar(g.nbytes), deps, "gar", size=g.nbytes))
-        return out
-
-    def filled(task: Task, model, r) -> Task:
-        return replace(task, duration=model.duration(task.kind, r))
-
-    prev = ()
-    for b, (bc, (r_fwd, _)) in enumerate(zip(blocks, degrees)):
-        p = f"b{b}.f."
-        tasks += [Task(p + "mpag", lanes["mp"], bc.mp_comm_ms, prev, "mp"),
-                  Task(p + "dense", lanes["dense"], bc.dense_fwd_ms, (p + "mpag",), "dense"),
-                  Task(p + "mprs", lanes["mp"], bc.mp_comm_ms, (p + "dense",), "mp")]
-        tasks += [filled(t, bc.fwd, r_fwd) for t in pass_tasks(r_fwd, lanes, prefix=p, first_deps=(p + "mprs",))]
-        prev = tuple(f"{p}combine{c}" for c in range(r_fwd))
-    for b in reversed(range(n)):
-        bc, (_, r_bwd) = blocks[b], degrees[b]
-        p = f"b{b}.b."
-        moe = [filled(t, bc.bwd, r_bwd) for t in pass_tasks(r_bwd, lanes, prefix=p, first_deps=prev)]
-        last_dispatch = max(i for i, t in enumerate(moe) if t.kind == "dispatch")
-        moe[last_dispatch + 1:last_dispatch + 1] = grad_tasks(("moe", b), bc)
-        tasks += moe
-        combines = tuple(f"{p}combine{c}" for c in range(r_bwd))
-        tasks += grad_tasks(("dense", b), bc)
-        tasks += [Task(p + "mprs", lanes["mp"], bc.mp_comm_ms, combines, "mp"),
-                  Task(p + "dense", lanes["dense"], bc.dense_bwd_ms, (p + "mprs",), "dense"),
-                  Task(p + "mpag", lanes["mp"], bc.mp_comm_ms, (p + "dense",), "mp")]
-        tasks += grad_tasks(("after", b), bc)
-        prev = (p + "mpag",)
-    tasks += grad_tasks(("tail",), blocks[0])
+    ends: dict[tuple[int, int, str], tuple[str, ...]] = {}
+    for m in range(micro_batches):
+        for s, (blocks, degrees, _) in enumerate(stages):
+            stage_lanes = {k: f"{v}@s{s}" for k, v in lanes.items()}
+            fwd, last = forward_tasks(blocks, degrees, stage_lanes, prefix=f"s{s}.m{m}.",
+                                      first_deps=ends.get((s - 1, m, "f"), ()))
+            tasks += fwd
+            ends[(s, m, "f")] = last
+    for m in reversed(range(micro_batches)):
+        for s in reversed(range(len(stages))):
+            blocks, degrees, grads = stages[s]
+            stage_lanes = {k: f"{v}@s{s}" for k, v in lanes.items()}
+            after = ends.get((s + 1, m, "b"), ends[(len(stages) - 1, m, "f")] if s == len(stages) - 1 else ())
+            bwd, last = backward_tasks(blocks, degrees, grads if m == 0 else [], stage_lanes, prefix=f"s{s}.m{m}.",
+                                       first_deps=after)
+            tasks += bwd
+            ends[(s, m, "b")] = last
     return Schedule(tuple(tasks))
