@@ -15,8 +15,9 @@ inside its MoE backward (t_olp,moe, from Algorithm 1 with t_gar = 0) and during 
    their windows, which raises their t_gar and may change their best degree r_bwd; the objective
    is sum_b f_moe^b(t_ar(window_b + x_b)) + t_ar(leftover - sum_b x_b) (the exposed tail), under
    the causal constraint that a block can take only gradients produced before it (prefix sums).
-   Solved by scipy's differential evolution over a grid of `grid` steps per block (integrality),
-   kept only if it beats pushing nothing.
+   Solved by scipy's differential evolution over a grid of `grid` steps per block (integrality;
+   a population of 15 per dimension up to 6 blocks, fewer for deeper stacks, at most 100
+   generations), kept only if it beats pushing nothing.
 
 `partition` returns the resulting `GradTask`s and per-block r_bwd; `final_check` (the caller's)
 compares the simulated iteration with the plan against the no-partitioning placement (every
@@ -115,12 +116,22 @@ def objective(blocks: list[BlockCosts], s1: _Step1, x: np.ndarray, model_of=lamb
     """Step 2's objective for pushes x [..., n] (bytes per block): MoE backward times with their
     gradient slices plus the exposed tail. Vectorised over leading axes."""
     x = np.asarray(x, dtype=float)
+    window = np.array([sum(a for a, _ in s1.moe[b]) for b in range(len(blocks))])
+    nbytes = window + x
     total = np.zeros(x.shape[:-1])
+    groups: dict[int, list[int]] = {}                 # blocks with one model are evaluated together
+    models = {}
     for b, bc in enumerate(blocks):
-        window = sum(a for a, _ in s1.moe[b])
-        nbytes = window + x[..., b]
-        t_gar = np.where(nbytes > 0, bc.allreduce.alpha_ms + bc.allreduce.beta_ms * nbytes, 0.0)
-        total = total + moe_times(model_of(bc), t_gar, domain)[0]
+        m = model_of(bc)
+        key = next((k for k, other in models.items() if other == m and blocks[groups[k][0]].allreduce == bc.allreduce),
+                   len(models))
+        models.setdefault(key, m)
+        groups.setdefault(key, []).append(b)
+    for key, idx in groups.items():
+        ar = blocks[idx[0]].allreduce
+        sub = nbytes[..., idx]
+        t_gar = np.where(sub > 0, ar.alpha_ms + ar.beta_ms * sub, 0.0)
+        total = total + moe_times(models[key], t_gar, domain)[0].sum(-1)
     tail = sum(a for a, _ in s1.leftover) - x.sum(-1)
     ref = blocks[0]
     return total + np.where(tail > 1e-9, ref.allreduce.alpha_ms + ref.allreduce.beta_ms * np.maximum(tail, 0), 0.0)
@@ -132,28 +143,38 @@ def _available(s1: _Step1, n: int) -> np.ndarray:
 
 
 def partition(blocks: list[BlockCosts], *, grid: int = 16, seed: int = 0, model_of=lambda bc: bc.bwd,
-              domain=DOMAINS["1..8"], maxiter: int = 200) -> GradientPlan:
+              domain=DOMAINS["1..8"], maxiter: int = 100, max_push_blocks: int = 8) -> GradientPlan:
     """FSMoE's plan: Step 1, then Step 2 on a grid of `grid` steps of each block's available
-    leftover, kept only if better than pushing nothing (see the module docstring)."""
+    leftover, kept only if better than pushing nothing (see the module docstring). Step 2's
+    variables are the `max_push_blocks` last-processed blocks that have leftover available
+    (ours: they see the most of it; deeper stacks keep the search small)."""
     n = len(blocks)
     s1 = step1(blocks, model_of, domain)
     avail = _available(s1, n)
     none = float(objective(blocks, s1, np.zeros(n), model_of, domain))
     pushed = np.zeros(n)
     best = none
-    if avail.max() > 0:
+    free = [b for b in range(n) if avail[b] > 0][:max_push_blocks]
+    if free:
         step = avail.max() / grid
-        units = np.floor(avail / step + 1e-9)
+        units = np.floor(avail[free] / step + 1e-9)
+        k = len(free)
         # causal prefix constraint in backward order: sum_{b' >= b} x_b' <= avail[b] (in units)
-        A = np.array([[1.0 if b2 >= b else 0.0 for b2 in range(n)] for b in range(n)])
+        A = np.array([[1.0 if free[j2] >= free[j] else 0.0 for j2 in range(k)] for j in range(k)])
+
+        def full(u: np.ndarray) -> np.ndarray:
+            x = np.zeros(u.shape[:-1] + (n,))
+            x[..., free] = u * step
+            return x
+
         result = differential_evolution(
-            lambda u: objective(blocks, s1, np.asarray(u).T * step, model_of, domain),
-            Bounds(np.zeros(n), np.maximum(units, 0)), constraints=LinearConstraint(A, -np.inf, units),
-            integrality=np.ones(n, dtype=bool), seed=seed, maxiter=maxiter, tol=1e-10, polish=False,
-            vectorized=True, updating="deferred", init="sobol")
-        candidate = float(objective(blocks, s1, result.x * step, model_of, domain))
+            lambda u: objective(blocks, s1, full(np.asarray(u).T), model_of, domain),
+            Bounds(np.zeros(k), np.maximum(units, 0)), constraints=LinearConstraint(A, -np.inf, units),
+            integrality=np.ones(k, dtype=bool), seed=seed, maxiter=maxiter, tol=1e-10, polish=False,
+            popsize=15, vectorized=True, updating="deferred", init="sobol")
+        candidate = float(objective(blocks, s1, full(result.x), model_of, domain))
         if candidate < none - 1e-9 and np.all(A @ result.x <= units + 1e-9):
-            pushed, best = result.x * step, candidate
+            pushed, best = full(result.x), candidate
     return _plan(blocks, s1, pushed, best, model_of, domain)
 
 

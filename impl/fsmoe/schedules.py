@@ -67,7 +67,7 @@ def fsmoe_pass(r: int, *, gradient_slice: bool = False, lanes: dict[str, str] = 
 class GradTask:
     """An AllReduce of `nbytes` of dense gradients produced by the blocks `producers`, issued at
     `where`: ('moe', b) inside block b's MoE backward after its last dispatch; ('dense', b) when
-    block b's dense backward starts; ('after', b) right after block b's dense backward; ('tail',)
+    block b's dense backward starts (after its first sequence-parallel collective); ('after', b) right after block b's dense backward; ('tail',)
     after the whole backward."""
 
     nbytes: float
@@ -117,9 +117,11 @@ def backward_tasks(blocks: list, degrees: list[tuple[int, int]], grads: list[Gra
         moe[last_dispatch + 1:last_dispatch + 1] = _grad_tasks(grads, ("moe", b), bc, lanes, prefix)
         tasks += moe
         combines = tuple(f"{p}combine{c}" for c in range(r_bwd))
+        # a dense-window gradient is issued after the sequence-parallel collective that starts the
+        # dense backward, so on a shared lane it runs while the dense part computes
+        tasks.append(Task(p + "mprs", lanes["mp"], bc.mp_comm_ms, combines, "mp"))
         tasks += _grad_tasks(grads, ("dense", b), bc, lanes, prefix)
-        tasks += [Task(p + "mprs", lanes["mp"], bc.mp_comm_ms, combines, "mp"),
-                  Task(p + "dense", lanes["dense"], bc.dense_bwd_ms, (p + "mprs",), "dense"),
+        tasks += [Task(p + "dense", lanes["dense"], bc.dense_bwd_ms, (p + "mprs",), "dense"),
                   Task(p + "mpag", lanes["mp"], bc.mp_comm_ms, (p + "dense",), "mp")]
         tasks += _grad_tasks(grads, ("after", b), bc, lanes, prefix)
         prev = (p + "mpag",)

@@ -17,11 +17,9 @@ from typing import Literal
 from impl.common import cli
 from impl.common.config import ConfigError, checked
 from impl.common.costmodel import load_profile
-from impl.common.registry import get
 from impl.common.timeline import Schedule, simulate
 from impl.experiments.systems import paper_systems
 from impl.fsmoe.costs import BlockShape, block_costs
-from impl.fsmoe.planner import TRAINING_PLAN
 from impl.fsmoe.schedules import fsmoe_pass
 
 __all__ = ["PlanConfig", "plan_rows", "main"]
