@@ -299,7 +299,7 @@ def build_profile(name: str, plan: CalibrationPlan, comm_results: dict[str, Any]
         fit = fit_linear(gemm["work"], gemm["median_ms"])
         warning = fit_warning("gemm", fit.r2)
         compute["gemm"] = LinearModel.from_fit(fit, work_unit="mac",
-                                               note=f"{warning}; {gemm_note}" if warning else gemm_note)
+                                               note=f"{warning} | {gemm_note}" if warning else gemm_note)
         measurements["gemm"] = {"work": list(gemm["work"]), "median_ms": list(gemm["median_ms"])}
     notes = [f"Measured on this machine by impl.common.calibrate: per point the median over {plan.repeats} "
              f"repeats (each the mean of {plan.iters} calls) of the slowest rank's time; sizes per rank in the nccl-tests convention (AlltoAll send buffer, AllGather "
@@ -325,7 +325,7 @@ def fit_warning(key: str, r2: float) -> str | None:
 def poor_fits(profile: HardwareProfile) -> list[str]:
     """Every flagged model of a profile, one line each."""
     models = [m for m in profile.comm.values()] + list(profile.compute.values())
-    return [m.note.split(";")[0] for m in models if m.note.startswith("POOR FIT")]
+    return [m.note.split(" | ")[0] for m in models if m.note.startswith("POOR FIT")]
 
 
 def _provenance(backend: str, world_size: int, command: str) -> dict[str, Any]:
