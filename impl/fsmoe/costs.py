@@ -77,13 +77,14 @@ class BlockShape:
 
 @dataclass(frozen=True)
 class ChunkModel:
-    """t(r) = alpha + work / r: one chunk of a task split r ways (`work` = n beta, in ms)."""
+    """t(r) = alpha + work / r: one chunk of a task split r ways (`work` = n beta, in ms); never
+    below 0 (a least-squares fit of noisy measurements can have a negative intercept)."""
 
     alpha: float
     work: float
 
     def at(self, r: float) -> float:
-        return self.alpha + self.work / r
+        return max(0.0, self.alpha + self.work / r)
 
     def scaled(self, factor: float) -> "ChunkModel":
         return ChunkModel(self.alpha * factor, self.work * factor)

@@ -24,6 +24,7 @@ Fig. 8, each of the two pipeline stages is half the nodes with half the layers, 
 """
 from __future__ import annotations
 
+import random
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -37,12 +38,12 @@ from impl.common.costmodel import HardwareProfile, load_profile
 from impl.common.records import make_record
 from impl.common.timeline import simulate
 from impl.experiments.fsmoe.degrees import grid_shapes
-from impl.experiments.systems import paper_systems
+from impl.experiments.systems import get_system, paper_systems
 from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs
 from impl.fsmoe.degree import DOMAINS, integer_optimum
 from impl.fsmoe.schedules import gpipe_iteration
 
-__all__ = ["ResultsConfig", "MODELS", "run_grid", "run_statistic", "run_table2", "run_models", "main"]
+__all__ = ["ResultsConfig", "MODELS", "READINGS", "DS_MOE_MP_ALLREDUCE", "read_profile", "run_grid", "run_statistic", "run_table2", "run_models", "main"]
 
 PROG = "python -m impl.experiments.fsmoe.results"
 PARTS = ("grid", "statistic", "table2", "models")
@@ -63,11 +64,29 @@ MODELS = {"gpt2-xl": ModelSpec(1600, 6400, 25, 48),
           "mixtral-22b": ModelSpec(6144, 16384, 48, 33, 8, "mixtral")}
 
 
+READINGS = ("published", "gemm-per-byte", "comm-per-byte")
+
+
+def read_profile(profile: HardwareProfile, reading: str) -> HardwareProfile:
+    """The profile under one reading of the paper's units (digest §8.5), for ablations:
+    'published' (ours: betas per float element, GEMM beta per 1/4 multiply-accumulate, as the
+    profiles load), 'gemm-per-byte' (the GEMM beta per multiply-accumulate: experts and dense
+    GEMMs 4x faster), 'comm-per-byte' (every communication beta per byte: 4x slower links)."""
+    if reading == "published":
+        return profile
+    if reading == "gemm-per-byte":
+        compute = {k: replace(m, beta_ms=m.beta_ms / 4) if k == "gemm" else m for k, m in profile.compute.items()}
+        return replace(profile, name=f"{profile.name}[{reading}]", compute=compute)
+    comm = {k: replace(m, beta_ms=m.beta_ms * 4) for k, m in profile.comm.items()}
+    return replace(profile, name=f"{profile.name}[{reading}]", comm=comm)
+
+
 @dataclass(frozen=True)
 class ResultsConfig:
     testbeds: dict[str, str] = field(default_factory=lambda: {"A": "fsmoe-testbed-a", "B": "fsmoe-testbed-b"})
+    reading: Literal["published", "gemm-per-byte", "comm-per-byte"] = "published"
     grid_blocks: int = 2
-    grid_limit: int | None = None            # first n configured layers per testbed (None: all 1,458)
+    grid_sample: int | None = None           # a random sample of n configured layers per testbed (None: all 1,458)
     seq: dict[str, int] = field(default_factory=lambda: {"A": 1024, "B": 256})
     fig6: tuple[tuple[str, str], ...] = (("A", "gpt2-xl"), ("A", "mixtral-7b"), ("A", "mixtral-22b"),
                                          ("B", "gpt2-xl"), ("B", "mixtral-7b"))
@@ -83,14 +102,20 @@ class ResultsConfig:
     def __post_init__(self):
         if self.grid_blocks < 1:
             raise ConfigError(f"grid_blocks: {self.grid_blocks} is not allowed; allowed: >= 1")
-        if self.grid_limit is not None and self.grid_limit < 1:
-            raise ConfigError(f"grid_limit: {self.grid_limit} is not allowed; allowed: >= 1 or null")
+        if self.grid_sample is not None and self.grid_sample < 1:
+            raise ConfigError(f"grid_sample: {self.grid_sample} is not allowed; allowed: >= 1 or null")
         if self.pp_micro_batches < 1:
             raise ConfigError(f"pp_micro_batches: {self.pp_micro_batches} is not allowed; allowed: >= 1")
         for testbed, model in self.fig6:
-            if testbed not in self.testbeds or model not in MODELS:
-                raise ConfigError(f"fig6: ({testbed!r}, {model!r}) is not allowed; testbeds: "
-                                  f"{', '.join(self.testbeds)}; models: {', '.join(MODELS)}")
+            if model not in MODELS:
+                raise ConfigError(f"fig6: model {model!r} is not allowed; allowed: {', '.join(MODELS)}")
+
+    def check_models(self) -> None:
+        """The real-model runs need Testbed A and B and every Fig. 6 testbed among `testbeds`."""
+        for testbed in {t for t, _ in self.fig6} | {"A", "B"}:
+            if testbed not in self.testbeds:
+                raise ConfigError(f"testbeds: {testbed!r} is missing; the real-model runs use "
+                                  f"{', '.join(sorted({t for t, _ in self.fig6} | {'A', 'B'}))}")
 
 
 def _systems():
@@ -98,7 +123,7 @@ def _systems():
 
 
 def _profiles(cfg: ResultsConfig) -> dict[str, HardwareProfile]:
-    return {k: load_profile(v) for k, v in cfg.testbeds.items()}
+    return {k: read_profile(load_profile(v), cfg.reading) for k, v in cfg.testbeds.items()}
 
 
 def _model_shape(spec: ModelSpec, profile: HardwareProfile, seq: int, gate: str = "gshard",
@@ -107,19 +132,32 @@ def _model_shape(spec: ModelSpec, profile: HardwareProfile, seq: int, gate: str 
                       spec.ffn, spec.kv_heads, gate=gate)
 
 
+DS_MOE_MP_ALLREDUCE = "DS-MoE (MP AllReduce)"
+
+
 def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
+    """Every FSMoE-paper plan on `blocks`, plus the ablation `DS_MOE_MP_ALLREDUCE`: DeepSpeed-MoE's
+    sequential plan with tensor-parallel attention synchronised by AllReduce (as the released
+    harness emulates DeepSpeed-MoE) instead of sequence parallelism's AllGather / ReduceScatter:
+    each of the two collectives of a pass becomes an AllReduce (a ReduceScatter and an AllGather)."""
     rows = []
     for system in _systems():
         plan = system.factory()(blocks)
         rows.append({**labels, "system": system.name, "iteration_ms": simulate(plan.schedule(blocks)).makespan,
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
+    allreduce_mp = [replace(bc, mp_comm_ms=2 * bc.mp_comm_ms) for bc in blocks]
+    plan = get_system("fsmoe", "DS-MoE").factory()(allreduce_mp)
+    rows.append({**labels, "system": DS_MOE_MP_ALLREDUCE, "iteration_ms": simulate(plan.schedule(allreduce_mp)).makespan,
+                 "r_fwd": 1, "r_bwd": 1, "plan_note": "ablation: MP attention synchronised by AllReduce"})
     return rows
 
 
 def run_grid(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
     rows = []
     for testbed, profile in _profiles(cfg).items():
-        shapes = grid_shapes(profile.name, profile.get_topology().num_nodes)[:cfg.grid_limit]
+        shapes = grid_shapes(cfg.testbeds[testbed], profile.get_topology().num_nodes)
+        if cfg.grid_sample is not None:
+            shapes = random.Random(cfg.seed).sample(shapes, min(cfg.grid_sample, len(shapes)))
         for i, shape in enumerate(tqdm(shapes, desc=f"configured layers, testbed {testbed}",
                                        disable=None if progress is None else not progress)):
             bc = block_costs(shape, profile)
@@ -138,7 +176,7 @@ def _released_rules(model_fwd, model_bwd, domain) -> tuple[int, int]:
 def run_statistic(cfg: ResultsConfig) -> pd.DataFrame:
     rows = []
     for testbed, profile in _profiles(cfg).items():
-        shapes = grid_shapes(profile.name, profile.get_topology().num_nodes)
+        shapes = grid_shapes(cfg.testbeds[testbed], profile.get_topology().num_nodes)
         for domain in DOMAINS:
             for with_gar in (False, True):
                 for rules in (False, True):
@@ -193,15 +231,15 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
 
 def run_models(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
     profiles = _profiles(cfg)
-    jobs = [("fig6", testbed, model, cfg.seq[testbed], profiles[testbed].name, "gshard") for testbed, model in cfg.fig6]
+    jobs = [("fig6", testbed, model, cfg.seq[testbed], cfg.testbeds[testbed], "gshard") for testbed, model in cfg.fig6]
     a_models = sorted({m for t, m in cfg.fig6 if t == "A"})
-    jobs += [("fig7-L", "A", m, L, profiles["A"].name, "gshard") for m in a_models for L in cfg.fig7_seq]
+    jobs += [("fig7-L", "A", m, L, cfg.testbeds["A"], "gshard") for m in a_models for L in cfg.fig7_seq]
     jobs += [("fig7-P", "A", m, cfg.seq["A"], name, "gshard") for m in a_models for name in cfg.fig7_profiles.values()]
-    jobs += [("table6", "B", "gpt2-xl", cfg.seq["B"], profiles["B"].name, g) for g in cfg.gates]
+    jobs += [("table6", "B", "gpt2-xl", cfg.seq["B"], cfg.testbeds["B"], g) for g in cfg.gates]
     rows = []
     for figure, testbed, model, seq, profile_name, gate in tqdm(jobs, desc="models", disable=None if progress is None
                                                                else not progress):
-        profile = load_profile(profile_name)
+        profile = read_profile(load_profile(profile_name), cfg.reading)
         spec = MODELS[model]
         bc = block_costs(_model_shape(spec, profile, seq, gate), profile)
         rows += _iteration_rows([bc] * spec.layers, figure=figure, testbed=testbed, model=model, L=seq, gate=gate,
@@ -223,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = cli.load_config(args, ResultsConfig)
+        if args.part in ("models", "table2"):
+            cfg.check_models()
         _profiles(cfg)
         for name in cfg.fig7_profiles.values():
             load_profile(name)
@@ -231,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = RUNNERS[args.part]
     frame = runner(cfg, progress=False if args.no_progress else None) if args.part in ("grid", "models") else runner(cfg)
     frame["tier"] = "sim"
+    frame["reading"] = cfg.reading
     record = make_record(experiment=f"fsmoe_{args.part}", system=",".join(s.name for s in _systems()), tier="sim",
                          topology={"name": ",".join(cfg.testbeds.values())}, model={"part": args.part},
                          config=cfg, metrics={"rows": [float(len(frame))]}, seed=cfg.seed,
