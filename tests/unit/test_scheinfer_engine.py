@@ -319,8 +319,12 @@ def test_close_is_idempotent_and_cancels_a_running_layer(models):
     t = threading.Thread(target=body, daemon=True)
     t.start()
     assert entered.wait(30)
+    run = engine._active_run
     closer = threading.Thread(target=engine.close, daemon=True)
     closer.start()
+    deadline = time.monotonic() + 30
+    while run.error is None and time.monotonic() < deadline:    # close() has cancelled the layer
+        time.sleep(0.01)
     release.set()
     closer.join(30)
     t.join(30)

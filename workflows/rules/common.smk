@@ -7,6 +7,25 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
+
+
+def _numbers_typed(value):
+    """`--config` delivers nested values as strings ('4', not 4): strings that read as a number
+    or a boolean become one before the schema checks the config; other strings stay strings."""
+    if isinstance(value, dict):
+        return {key: _numbers_typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_numbers_typed(item) for item in value]
+    if isinstance(value, str):
+        try:
+            read = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return read if isinstance(read, (bool, int, float)) else value
+    return value
+
+
+config.update(_numbers_typed(dict(config)))
 validate(config, schema="../schemas/config.schema.yaml")
 
 # The repository: where the shipped inputs (experiment configs, papers' numbers) live.
@@ -75,7 +94,7 @@ def paper_csv(name):
 def calibration_profile():
     """The profile our calibration rule writes for the configured topology and backend."""
     entry = config["hiermoe_calibration"]
-    return f"results/raw/calibration/{entry['topology']}-{entry['backend']}.yaml"
+    return f"resources/calibration/{entry['topology']}-{entry['backend']}.yaml"
 
 
 SIM_RUNS = config["hiermoe_sim"]["runs"]
@@ -134,3 +153,14 @@ def scheinfer_model_flags():
 def scheinfer_prompt_ids():
     """Token ids 1..prompt_tokens: the timeline's prompt (ids only matter for timing)."""
     return ",".join(str(i) for i in range(1, SCHEINFER_TIMELINE["prompt_tokens"] + 1))
+
+
+# FSMoE ----------------------------------------------------------------------------------------
+
+FSMOE = config["fsmoe"]
+FSMOE_TESTBEDS = ["A", "B"]
+
+
+def fsmoe_flags(*extra):
+    """--set flags of impl.experiments.fsmoe.results: the config's overrides, then `extra`."""
+    return as_flags(experiment_overrides("fsmoe") + list(extra))

@@ -24,8 +24,6 @@ rule plot_hiermoe_table2:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m figures.hiermoe_table2 --csv {input.csv}"
         " --out-pdf {output.pdf} --out-png {output.png} --out-md {output.md} > {log} 2>&1"
@@ -46,8 +44,6 @@ rule plot_hiermoe_fig9:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m figures.hiermoe_fig9 --profile {input.profile}"
         " --out {output.pdf} --out-md {output.md} > {log} 2>&1"
@@ -74,8 +70,6 @@ rule plot_hiermoe_sim:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m figures.hiermoe_sim --qwen3 {input.qwen3} --deepseek {input.deepseek} --node {input.node}"
         " --table4 {input.table4} --out-dir results/figures > {log} 2>&1"
@@ -92,7 +86,7 @@ rule plot_fsmoe:
         ablation_models=expand("results/raw/fsmoe/ablation-{r}-models.csv", r=FSMOE["ablation_readings"]),
         degrees=repo_path("figures/reference/fsmoe_degree_methods.csv"),
         emu="results/raw/fsmoe/emu.csv",
-        profile="results/raw/calibration/fsmoe-2x2-gloo.yaml",
+        profile="resources/calibration/fsmoe-2x2-gloo.yaml",
         paper=[paper_csv(n) for n in ("fsmoe_table2", "fsmoe_table5", "fsmoe_statistic", "fsmoe_fig5", "fsmoe_fig6",
                                       "fsmoe_fig7", "fsmoe_fig8", "fsmoe_table6")],
     output:

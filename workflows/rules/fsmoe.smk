@@ -1,14 +1,6 @@
 # FSMoE experiments (tier sim: modeled on the paper's testbeds; tier emu: the real layer on this
 # machine's gloo ranks) and its figures and report.
 
-FSMOE = config["fsmoe"]
-FSMOE_TESTBEDS = ["A", "B"]
-
-
-def fsmoe_flags(*extra):
-    return as_flags(experiment_overrides("fsmoe") + list(extra))
-
-
 rule fsmoe_grid:
     """Table 4's configured layers on one testbed: every plan's degrees and iteration time."""
     input:
@@ -21,7 +13,7 @@ rule fsmoe_grid:
     wildcard_constraints:
         testbed="|".join(FSMOE_TESTBEDS),
     params:
-        flags=lambda wc: fsmoe_flags("testbeds={" + wc.testbed + ": " + ("fsmoe-testbed-" + wc.testbed.lower()) + "}"),
+        flags=lambda wc: fsmoe_flags(f"testbeds={{{wc.testbed}: fsmoe-testbed-{wc.testbed.lower()}}}"),
     threads: 1
     resources:
         runtime=20,
@@ -83,7 +75,7 @@ rule fsmoe_ablation:
 rule fsmoe_calibration:
     """This machine's alpha-beta models of every FSMoE task (Fig. 5's bottom row, the emu prediction)."""
     output:
-        profile="results/raw/calibration/fsmoe-2x2-gloo.yaml",
+        profile="resources/calibration/fsmoe-2x2-gloo.yaml",
     log:
         "results/logs/calibration/fsmoe-2x2-gloo.log",
     params:

@@ -25,8 +25,6 @@ rule scheinfer_sim:
     resources:
         runtime=10,
         mem_mb=4000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.experiments.scheinfer.sim --config {input.config} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
@@ -35,7 +33,7 @@ rule scheinfer_sim:
 rule scheinfer_tiny_model:
     """A small GGUF with the structure of a real model (impl.scheinfer.generate_models)."""
     output:
-        gguf="results/raw/scheinfer_timeline/model.gguf",
+        gguf="resources/scheinfer/model.gguf",
     log:
         "results/logs/scheinfer_timeline/model.log",
     params:
@@ -45,8 +43,6 @@ rule scheinfer_tiny_model:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.scheinfer.generate_models --kind {params.kind} {params.overrides} --out {output.gguf} > {log} 2>&1"
 
@@ -54,7 +50,7 @@ rule scheinfer_tiny_model:
 rule scheinfer_cost:
     """The engine's cost model fitted on this machine (GPU lanes emulated without CUDA)."""
     output:
-        cost="results/raw/scheinfer_timeline/cost.json",
+        cost="resources/scheinfer/cost.json",
     log:
         "results/logs/scheinfer_timeline/cost.log",
     params:
@@ -63,8 +59,6 @@ rule scheinfer_cost:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.experiments.scheinfer calibrate --quick --hidden {params.hidden} --out {output.cost} > {log} 2>&1"
 
@@ -90,8 +84,6 @@ rule scheinfer_timeline:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.experiments.scheinfer generate --model {input.model} --tokens {params.tokens}"
         " --n-predict {params.n_predict} --policy {wildcards.policy} --cost {input.cost} --tile {params.tile}"
@@ -122,8 +114,6 @@ rule plot_scheinfer_sim:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m figures.scheinfer_sim --sim {input.sim} --timeline {input.events}"
         " --timeline-log {input.stdout} --timeline-model '{params.model}' --out-dir results/figures > {log} 2>&1"

@@ -4,7 +4,7 @@ forward and hand-written backward, under FSMoE's three-lane schedule and the seq
 schedule from a calibration of this machine (the profile the calibration CLI wrote for the same
 topology), task by task.
 
-    python -m impl.experiments.fsmoe.emu --profile results/raw/calibration/fsmoe-2x2-gloo.yaml \\
+    python -m impl.experiments.fsmoe.emu --profile resources/calibration/fsmoe-2x2-gloo.yaml \\
         --out-csv emu.csv --out-record emu.json
 
 Per schedule it records the median over repeats of the slowest rank's forward + backward wall
