@@ -102,7 +102,7 @@ class PassModel:
     t_gar: float = 0.0
 
     def with_gar(self, t_gar: float) -> "PassModel":
-        return replace(self, t_gar=float(t_gar))
+        return replace(self, t_gar=max(0.0, float(t_gar)))
 
     def single_lane(self) -> "PassModel":
         """The harness's single-stream model (Tutel, FSMoE-No-IIO): AllGather and ReduceScatter

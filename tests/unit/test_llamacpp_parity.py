@@ -57,8 +57,8 @@ def assert_greedy_match(ours_tokens, ours_logits, ref_tokens, tol):
     assert len(ours_tokens) == len(ref_tokens)
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
-@pytest.mark.parametrize("kind", ["llama", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("dtype", ["f32", pytest.param("f16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["llama", "mixtral", pytest.param("qwen2_moe", marks=pytest.mark.slow)])
 def test_logits_and_greedy_tokens_match_llamacpp(gguf_dir, kind, dtype):
     path = _model(gguf_dir, kind, dtype)
     dec = Decoder(load_weights(path))

@@ -78,6 +78,7 @@ def test_usage_errors_exit_2(capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_module_entry_point(files):
     r = subprocess.run([sys.executable, "-m", "impl.experiments.scheinfer", "generate", "--model", str(files["llama"]),
                         "--tokens", "1 2 3", "--n-predict", "2", "--cost", str(files["cost"]), "--no-progress"],

@@ -208,6 +208,7 @@ def test_paired_experts_equal_each_expert_alone(fast_decoders):
             torch.testing.assert_close(y, ffn(moe.experts[e], x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_compiled_decode_equals_reference(decoders, kind):
     """compile_decode=True (the compiled one-token layer region, and the compiled attention block
