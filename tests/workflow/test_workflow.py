@@ -69,7 +69,7 @@ def test_lint_is_clean(tmp_path):
     assert findings and all(f == ALLOWED_LINT.rstrip(".") + "." or f == ALLOWED_LINT for f in findings), out
 
 
-@pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_default_target_on_reduced_config(tmp_path):
     proc = snakemake(tmp_path, "--cores", "2", "--config", *REDUCED, timeout=1200)
     assert proc.returncode == 0, proc.stderr
