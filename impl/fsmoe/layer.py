@@ -6,7 +6,8 @@ AllGather, expert shards, ESP ReduceScatter, combine) -> I-Order, with the hooks
 
 The schedules the core runs default to FSMoE's (`schedules.fsmoe_pass` with degrees r_fwd and
 r_bwd, the gradient slice in the backward); any schedule with the same tasks can be given
-instead (the baselines of the FSMoE paper are schedules). `layer.gradient_slice` (a tensor) is
+instead (the baselines of the FSMoE paper are schedules). `layer.gradient_slice` (a tensor, or a
+function returning the flat gradients and a write-back when the slice runs, see `pipeline`) is
 all-reduced over the data-parallel group during the next backward, where the schedule puts it.
 `layer.last_timelines` holds the measured timelines of the last forward and backward.
 
@@ -67,7 +68,7 @@ class FSMoELayer(nn.Module):
                                       cfg.act, shard=self.layout.esp_index(comm.rank),
                                       num_shards=self.layout.n_esp, seed=seed + 2, dtype=dtype)
         self.hooks = hooks or CallbackBase()
-        self.gradient_slice: torch.Tensor | None = None
+        self.gradient_slice = None
         self.last_timelines: dict = {}
         self.last_capacity: int | None = None
         self.last_dropped = 0

@@ -8,8 +8,9 @@ same layout. It is a custom autograd function: the forward pipeline runs without
 the backward is its own pipeline over the gradient (AlltoAll of the output gradient to the
 experts, AllGather over the node, the experts' hand-written backward, ReduceScatter, AlltoAll
 back), so the two passes can use different degrees. A gradient slice handed to the core
-(`gradient_slice`) is all-reduced over the data-parallel group during the backward, where the
-schedule places it ('gar').
+(`gradient_slice`: a tensor, or a function called when the slice runs that returns the flat
+gradients and a function writing their sum back) is all-reduced over the data-parallel group
+during the backward, where the schedule places it ('gar').
 
 Message layouts per chunk of c = C / r capacity rows: the send buffer [N_EP, E_l, c, M] (slice j
 for EP member j), received [N_EP (source), E_l, c, M]; gathered over the node [N_ESP, N_EP, E_l,
@@ -19,6 +20,7 @@ source's rows in its [N_EP (owner), E_l, c, M] order, which is the input layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
 from impl.common.comm import Comm, CommGroup
@@ -45,7 +47,7 @@ class PipelineCore:
     dispatch_algorithm: str
     capacity: int
     schedules: dict[str, Schedule]              # 'fwd' and 'bwd'
-    gradient_slice: torch.Tensor | None = None
+    gradient_slice: object = None                 # tensor, or () -> (flat, write_back)
     timelines: dict[str, Timeline] = field(default_factory=dict)
     cache: dict = field(default_factory=dict)           # the experts' forward caches
     grads: dict = field(default_factory=dict)           # the experts' weight gradients
@@ -100,7 +102,10 @@ class PipelineCore:
                 back = hooks.after_combine(self._a2a(task, send, phase), k, phase)
                 result[:, :, cap] = back.view(shape[:2] + (c, shape[-1]))
             elif task.kind == "gar":
-                if self.gradient_slice is not None:
+                if callable(self.gradient_slice):       # produced by now: (flat gradients, write back)
+                    flat, write_back = self.gradient_slice()
+                    write_back(self._lane(task).all_reduce(flat, "sum", self.ep_group, category="grads", phase=phase))
+                elif self.gradient_slice is not None:
                     self.gradient_slice.copy_(self._lane(task).all_reduce(
                         self.gradient_slice, "sum", self.ep_group, category="grads", phase=phase))
             else:
