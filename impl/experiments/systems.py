@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 # Every module that registers implementations (import for the side effect).
+import baselines.deepep  # noqa: F401
 import baselines.deepspeed_moe.sim  # noqa: F401
 import baselines.fiddler  # noqa: F401
 import baselines.megatron  # noqa: F401  (lazy: megatron itself loads when its factory is called)

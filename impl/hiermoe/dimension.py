@@ -24,15 +24,28 @@ level P) are the per-origin counts q_L re-indexed to their holders:
 Algorithm 1 intends, and the same counts give the exact bytes and messages per level
 (`route_volumes`), equal to what the dispatcher's traffic counters record.
 
-Model (Eqs. (1)-(5)). A step over sub-groups of `fan` ranks is one AlltoAll, padded to the
-largest split, whose per-rank buffer is n = fan * max(rows) * M * v bytes (nccl-tests size);
-its time is alpha + beta * n with the profile's model of that step:
+The paper's model (Eqs. (1)-(5), `paper_time`). A step over sub-groups of `fan` ranks is one
+AlltoAll, padded to the largest split, whose per-rank buffer is n = fan * max(rows) * M * v bytes
+(nccl-tests size); its time is alpha + beta * n with the profile's model of that step:
 
     t_1 = T_flat(G * max rows_flat)
     t_d = sum_{i<d} T_inter-i((U[i]/U[i-1]) * max rows_inter-i) + T_intra-(d-1)((G/U[d-1]) * max rows_intra-(d-1))
 
+Our model (`route_collectives`, `route_time`, the default `charge='all'`). The paper charges one
+start-up per step and the token rows only, but a step of the real dispatch issues four AlltoAlls
+(split counts, expert ids, rows, gate weights) and the combine and the backward twins move rows
+and gate-weight gradients too. Each collective the dispatcher issues is charged alpha + beta * n
+of its step, n its own padded buffer (largest split x fan), metadata bytes included; a layer's
+iteration is dispatch + combine + their backward twins, which do not carry equal volumes (only
+the forward dispatch sends counts and ids). `flat_collectives` does the same for Megatron-LM's flat
+AlltoAll (a [G, E/G] count table, rows, one gate weight per row); Tutel-2DH's and the DeepEP-style
+dispatcher's live beside them (`baselines`). Bytes and messages per level of every collective
+equal the dispatchers' traffic counters (category 'tokens' and 'meta'; tests). `charge='tokens'`
+is the paper's 4 x t_d, kept for the ablation that shows what charging the metadata changes.
+
 d* (Eq. (6)): d* = 1 if t_1 < min_{d>1} t_d, else argmin_{d>1} t_d (the smallest such d on a
-tie; a tie between t_1 and a deeper t_d goes deeper, as the paper's strict < says).
+tie; a tie between t_1 and a deeper t_d goes deeper, as the paper's strict < says), with t_d the
+modeled iteration time of HDd under the chosen charge.
 
 Where the paper is unclear (digest section 3.5) and what we chose:
 
@@ -40,21 +53,19 @@ Where the paper is unclear (digest section 3.5) and what we chose:
   rank sends to any peer in that step (self included, as in nccl-tests), the max over every
   concurrent sub-group, since the step ends with its slowest sub-AlltoAll.
 * Agreement. Every rank must issue the same collectives, so d* is chosen from *global* counts:
-  `choose_dimension` all-reduces (sum) a [G, sum_L U[L]] table in which each rank fills its own
-  row, then every rank evaluates the same deterministic model on the same numbers. A sum over
-  ranks of the count vectors would not do: which holder carries a row depends on its origin.
-  One small all-reduce per layer and step (G * (U[1] + ... + U[D]) int64, 15 KiB at G = 32;
-  it grows as G^2); the paper does not cover this cost.
+  `choose_dimension` all-reduces (sum) a [G, 2 (U[1] + ... + U[D])] table (copies and pairs) in
+  which each rank fills its own row, then every rank evaluates the same deterministic model on
+  the same numbers. A sum over ranks of the count vectors would not do: which holder carries a
+  row depends on its origin. One all-reduce per layer and step (`agreement_bytes`, 30 KiB at
+  G = 32; it grows as G^2); the paper does not cover this cost. The sim charges it to HD-MoE and
+  HierMoE (`agreement_collective`, `allreduce_time`).
 * Frequency. Per MoE layer, per step, before the dispatch, from that layer's routing.
 * Placement. The OR blocks are taken over physical slot order (the placement is applied to the
   mask columns first), so expert swaps change the counts.
-* What travels. Only the hidden vectors (M * v bytes per row) enter the model, as in the paper;
-  the ids and gate weights that travel with them are metadata (counted apart by the traffic
-  counters) and are left out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping, Sequence
 
@@ -65,10 +76,13 @@ from impl.common.costmodel import HardwareProfile
 from impl.common.dispatcher import ExpertPlacement, check_expert_parallel
 from impl.common.topology import Topology
 
-__all__ = ["RouteCounts", "StepVolume", "RouteVolumes", "local_counts", "route_counts", "gather_counts",
-           "holder_rows", "route_steps", "step_name_of", "route_volumes", "volumes", "step_maxima",
-           "modeled_time", "modeled_times", "select_dimension", "choose_from_counts", "choose_dimension",
-           "check_profile", "variant_name"]
+__all__ = ["RouteCounts", "StepVolume", "RouteVolumes", "DispatchCounts", "Collective", "CHARGES", "COUNT_BYTES",
+           "local_counts", "route_counts", "gather_counts", "dispatch_counts", "gather_dispatch_counts",
+           "holder_rows", "route_steps", "step_name_of", "route_volumes", "volumes", "step_maxima", "link_table",
+           "mask_bytes", "agreement_bytes", "a2a_collective", "route_collectives", "flat_collectives",
+           "agreement_collective", "traffic_of", "allreduce_time", "collective_time", "collectives_time",
+           "paper_time", "paper_times", "route_time", "flat_time", "iteration_times", "select_dimension",
+           "choose_from_counts", "choose_dimension", "check_profile", "variant_name"]
 
 
 # ==========================================================================================
@@ -190,6 +204,15 @@ def holder_rows(counts: RouteCounts, L: int, P: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
+def link_table(topology: Topology) -> torch.Tensor:
+    """int64 [G, G]: the level whose link a message a -> b crosses (`Topology.link_level`), -1 for
+    a message to oneself; vectorised, so topologies of a thousand GPUs are cheap."""
+    coords = torch.tensor([topology.coords(r) for r in range(topology.G)], dtype=torch.int64)   # [G, D]
+    differ = coords.unsqueeze(1) != coords.unsqueeze(0)                                        # [G, G, D]
+    return torch.where(differ.any(2), differ.to(torch.int8).argmax(2), torch.full((), -1)).to(torch.int64)
+
+
+@lru_cache(maxsize=None)
 def _step_geometry(topology: Topology, L: int, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(holder, peer, link level or -1 for oneself), each int64 [G/U[P], U[L]], of step (L, P)."""
     G, U = topology.G, topology.U
@@ -197,8 +220,7 @@ def _step_geometry(topology: Topology, L: int, P: int) -> tuple[torch.Tensor, to
     j = torch.arange(U[L]).view(1, -1)
     holder = (j // (U[L] // U[P])) * (G // U[P]) + x
     peer = j * (G // U[L]) + x % (G // U[L])
-    link = torch.tensor([[-1 if a == b else topology.link_level(a, b) for b in range(G)] for a in range(G)])
-    return holder, peer, link[holder, peer]
+    return holder, peer, link_table(topology)[holder, peer]
 
 
 def step_maxima(counts: RouteCounts) -> dict[tuple[int, int], int]:
@@ -278,6 +300,220 @@ def volumes(routing_maps: Sequence[torch.Tensor], topology: Topology, placement:
 
 
 # ==========================================================================================
+# what a dispatch issues: every collective, metadata included
+# ==========================================================================================
+COUNT_BYTES = 8          # one split count per peer and step, int64
+CHARGES = ("all", "tokens")
+
+
+@dataclass(frozen=True, eq=False)
+class DispatchCounts:
+    """The two per-origin count tables every collective of a dispatch follows from:
+    `copies`, the duplicate-free rows (what HDd sends), and `pairs`, the (token, expert) pairs
+    (the rows of Hd and of the flat AlltoAll, and the number of gate weights that travel with the
+    rows of any route)."""
+
+    copies: RouteCounts
+    pairs: RouteCounts
+    num_experts: int
+
+    def __post_init__(self):
+        if not self.copies.dedup or self.pairs.dedup or self.copies.topology != self.pairs.topology:
+            raise ValueError("DispatchCounts needs dedup copies and no-dedup pairs of one topology")
+
+    @property
+    def topology(self) -> Topology:
+        return self.copies.topology
+
+    def rows(self, dedup: bool) -> RouteCounts:
+        return self.copies if dedup else self.pairs
+
+
+def dispatch_counts(routing_maps: Sequence[torch.Tensor], topology: Topology,
+                    placement: ExpertPlacement | None = None) -> DispatchCounts:
+    """Both tables from every rank's routing map (rank order): the sim tier's input."""
+    E = routing_maps[0].shape[1] if routing_maps else 0
+    return DispatchCounts(route_counts(routing_maps, topology, placement, True),
+                          route_counts(routing_maps, topology, placement, False), E)
+
+
+def gather_dispatch_counts(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPlacement | None = None
+                           ) -> DispatchCounts:
+    """Both tables on every rank: ONE all-reduce (sum) of a [G, 2 (U[1] + ... + U[D])] int64
+    table in which each rank fills its own row (`agreement_bytes`)."""
+    topo = comm.topology
+    mine = torch.cat([local_counts(routing_map_TE, topo, placement, True),
+                      local_counts(routing_map_TE, topo, placement, False)])
+    table = torch.zeros(topo.G, mine.numel(), dtype=torch.int64)
+    table[comm.rank] = mine
+    copies, pairs = comm.all_reduce(table, "sum").split(mine.numel() // 2, dim=1)
+    return DispatchCounts(RouteCounts.from_table(topo, copies, True), RouteCounts.from_table(topo, pairs, False),
+                          routing_map_TE.shape[1])
+
+
+def agreement_bytes(topology: Topology) -> int:
+    """Bytes of the count table HierD-AlltoAll all-reduces to agree on d* (per layer and step)."""
+    return topology.G * 2 * sum(topology.U[1:]) * COUNT_BYTES
+
+
+def mask_bytes(num_experts: int, groups: int) -> int:
+    """Bytes of the expert ids a row carries towards one of `groups` groups: a bitmask over the
+    group's E / groups slots (1 byte for up to 8 slots; never wider than K one-byte ids when the
+    group has at most 8 K slots)."""
+    return -(-(num_experts // groups) // 8)
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective of a dispatch or combine, all its concurrent sub-groups together.
+
+    stage: the six-stage call that issues it ('dispatch': preprocess + token_dispatch; 'combine');
+    phase: 'fwd', or 'bwd' for the autograd twin of a forward AlltoAll; what: 'counts' (split
+    sizes), 'ids' (expert ids: bitmasks), 'tokens', 'weights' (gate weights), 'notify' (all split
+    sizes of a route at once) or 'agree' (the d* all-reduce); category: the TrafficCounter
+    category ('tokens', 'meta'; 'none' for all-reduces, which the counters do not see).
+    max_bytes is the largest split any rank sends to any peer (itself included), the model's
+    per-rank buffer is fan * max_bytes (Eqs. (2), (4), (5)); an all-reduce's buffer is max_bytes."""
+
+    stage: str
+    phase: str
+    what: str
+    category: str
+    kind: str
+    step: str
+    fan: int
+    max_bytes: int
+    bytes_by_level: Mapping[str, int] = field(default_factory=dict)
+    messages_by_level: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.fan * self.max_bytes if self.kind == "a2a" else self.max_bytes
+
+
+def allreduce_time(profile: HardwareProfile, nbytes: float) -> float:
+    """An all-reduce over all ranks: the profile's 'allreduce/flat' model when it has one, else
+    estimated as two flat AlltoAlls of the buffer (a ring all-reduce sends every rank (G-1)/G of
+    it twice; modeled, no measurement behind it)."""
+    if profile.has_comm("allreduce", "flat"):
+        return profile.comm_time("allreduce", "flat", nbytes)
+    return 2 * profile.comm_time("a2a", "flat", nbytes)
+
+
+def collective_time(c: Collective, profile: HardwareProfile) -> float:
+    return profile.comm_time("a2a", c.step, c.nbytes) if c.kind == "a2a" else allreduce_time(profile, c.nbytes)
+
+
+def collectives_time(collectives: Sequence[Collective], profile: HardwareProfile) -> float:
+    """Modeled ms of the collectives, one after another (none overlaps another)."""
+    return sum(collective_time(c, profile) for c in collectives)
+
+
+def a2a_collective(topology: Topology, L: int, P: int, units_XJ: torch.Tensor, unit_bytes: int, *,
+                   with_levels: bool = True, **fields) -> Collective:
+    """The AlltoAll of step (L, P) whose split (holder, peer) carries units_XJ[x, j] units of
+    `unit_bytes` (layout of `holder_rows`); bytes and messages per level as TrafficCounter counts
+    them (messages to oneself and empty splits are not traffic)."""
+    D = topology.D
+    out = dict(kind="a2a", step=step_name_of(topology, L, P), fan=topology.U[L] // topology.U[P],
+               max_bytes=int(units_XJ.max()) * int(unit_bytes) if units_XJ.numel() else 0)
+    if with_levels:
+        _, _, link = _step_geometry(topology, L, P)
+        remote = link >= 0
+        units = units_XJ[remote]
+        b = torch.zeros(D, dtype=torch.int64).index_add_(0, link[remote], units * int(unit_bytes))
+        m = torch.zeros(D, dtype=torch.int64).index_add_(0, link[remote], (units > 0).to(torch.int64))
+        out["bytes_by_level"] = dict(zip(topology.level_names, b.tolist()))
+        out["messages_by_level"] = dict(zip(topology.level_names, m.tolist()))
+    return Collective(**fields, **out)
+
+
+def _step_phases(topo: Topology, L: int, P: int, rows: torch.Tensor, pairs: torch.Tensor, row_bytes: int,
+                 weight_bytes: int, ids_bytes: int, counts_bytes: int | None, with_levels: bool) -> dict:
+    """The collectives one step of a route issues, by (stage, phase): the dispatch sends the split
+    counts (unless a notify gave them), the ids, then the rows and their gate weights; the combine
+    sends the rows back; autograd adds the twins of the three data AlltoAlls."""
+    def c(units, unit_bytes, stage, phase, what, category):
+        return a2a_collective(topo, L, P, units, unit_bytes, with_levels=with_levels, stage=stage, phase=phase,
+                              what=what, category=category)
+    dispatch = []
+    if counts_bytes is not None:
+        dispatch.append(c(torch.ones_like(rows), counts_bytes, "dispatch", "fwd", "counts", "meta"))
+    if ids_bytes:
+        dispatch.append(c(rows, ids_bytes, "dispatch", "fwd", "ids", "meta"))
+    dispatch += [c(rows, row_bytes, "dispatch", "fwd", "tokens", "tokens"),
+                 c(pairs, weight_bytes, "dispatch", "fwd", "weights", "meta")]
+    return {("dispatch", "fwd"): dispatch,
+            ("combine", "fwd"): [c(rows, row_bytes, "combine", "fwd", "tokens", "tokens")],
+            ("combine", "bwd"): [c(rows, row_bytes, "combine", "bwd", "tokens", "tokens")],
+            ("dispatch", "bwd"): [c(rows, row_bytes, "dispatch", "bwd", "tokens", "tokens"),
+                                  c(pairs, weight_bytes, "dispatch", "bwd", "weights", "meta")]}
+
+
+def _in_order(per_step: list[dict]) -> tuple[Collective, ...]:
+    """Issue order over an iteration: dispatch, combine (forward), then their backward twins."""
+    out = []
+    for key, steps in ((("dispatch", "fwd"), per_step), (("combine", "fwd"), per_step[::-1]),
+                       (("combine", "bwd"), per_step), (("dispatch", "bwd"), per_step[::-1])):
+        for s in steps:
+            out += s[key]
+    return tuple(out)
+
+
+def route_collectives(counts: DispatchCounts, dim: int, dedup: bool, row_bytes: int, weight_bytes: int = 4, *,
+                      notify: bool = False, with_levels: bool = True) -> tuple[Collective, ...]:
+    """Every collective one layer's HD`dim` (dedup) / H`dim` route issues in one training
+    iteration, as `impl.hiermoe.dedup_a2a` issues them: per step of the dispatch the split counts
+    (one int64 per peer), the ids (a bitmask of the destination group's slots per row), the rows
+    and the gate weights of the experts in the destination group (one per (row, expert) pair);
+    per step of the combine the rows back; in backward the twins of the data AlltoAlls.
+    `notify`: the split counts of every step come from one notify beforehand (not included here)."""
+    topo = counts.topology
+    per_step = []
+    for L, P in route_steps(topo, dim):
+        rows = holder_rows(counts.rows(dedup), L, P)
+        pairs = holder_rows(counts.pairs, L, P)
+        per_step.append(_step_phases(topo, L, P, rows, pairs, row_bytes, weight_bytes,
+                                     mask_bytes(counts.num_experts, topo.U[L]), None if notify else COUNT_BYTES,
+                                     with_levels))
+    return _in_order(per_step)
+
+
+def flat_collectives(counts: DispatchCounts, row_bytes: int, weight_bytes: int = 4, *,
+                     with_levels: bool = True) -> tuple[Collective, ...]:
+    """Every collective of Megatron-LM's flat AlltoAll (`FlatAlltoAllDispatcher`) in one
+    iteration: the [G, E/G] rows-per-expert table (E/G int64 per peer), the rows and one gate
+    weight per row; the combine's rows; the backward twins. No ids travel: rows arrive sorted by
+    expert."""
+    topo = counts.topology
+    pairs = holder_rows(counts.pairs, topo.D, 0)
+    El = counts.num_experts // topo.G
+    return _in_order([_step_phases(topo, topo.D, 0, pairs, pairs, row_bytes, weight_bytes, 0, El * COUNT_BYTES,
+                                   with_levels)])
+
+
+def agreement_collective(topology: Topology) -> Collective:
+    """HierD-AlltoAll's all-reduce of the count table (d* the same on every rank)."""
+    return Collective("dispatch", "fwd", "agree", "none", "allreduce", "flat", topology.G, agreement_bytes(topology))
+
+
+def traffic_of(collectives: Sequence[Collective], what: str = "bytes", category: str = "tokens",
+               phase: str | None = "fwd") -> dict[str, int]:
+    """{level: total} of the collectives, in `TrafficCounter.by_level`'s form."""
+    names = None
+    out: dict[str, int] = {}
+    for c in collectives:
+        table = c.bytes_by_level if what == "bytes" else c.messages_by_level
+        names = names or list(table)
+        for n in table:
+            out.setdefault(n, 0)
+        if c.category == category and (phase is None or c.phase == phase):
+            for n, v in table.items():
+                out[n] += v
+    return out
+
+
+# ==========================================================================================
 # the model and the choice of d*
 # ==========================================================================================
 def check_profile(profile: HardwareProfile, topology: Topology) -> None:
@@ -288,8 +524,13 @@ def check_profile(profile: HardwareProfile, topology: Topology) -> None:
                          f"not {topology.name!r} ({topology.describe()}); pick a profile of the same shape")
 
 
-def _time(profile: HardwareProfile, topo: Topology, maxima: Mapping[tuple[int, int], int], dim: int,
-          row_bytes: int) -> float:
+def _check_charge(charge: str) -> None:
+    if charge not in CHARGES:
+        raise ValueError(f"charge: {charge!r} is not allowed; allowed: {', '.join(CHARGES)}")
+
+
+def _paper(profile: HardwareProfile, topo: Topology, maxima: Mapping[tuple[int, int], int], dim: int,
+           row_bytes: int) -> float:
     total = 0.0
     for L, P in route_steps(topo, dim):
         fan = topo.U[L] // topo.U[P]
@@ -297,17 +538,47 @@ def _time(profile: HardwareProfile, topo: Topology, maxima: Mapping[tuple[int, i
     return total
 
 
-def modeled_time(counts: RouteCounts, dim: int, profile: HardwareProfile, row_bytes: int) -> float:
-    """t_d (ms) of one dispatch AlltoAll of the HD`dim` (counts.dedup) or H`dim` route."""
+def paper_time(counts: RouteCounts, dim: int, profile: HardwareProfile, row_bytes: int) -> float:
+    """The paper's t_d (ms, Eqs. (1)-(5)) of one dispatch of the HD`dim` (counts.dedup) or H`dim`
+    route: one start-up per step and the token rows only."""
     check_profile(profile, counts.topology)
-    return _time(profile, counts.topology, step_maxima(counts), dim, row_bytes)
+    return _paper(profile, counts.topology, step_maxima(counts), dim, row_bytes)
 
 
-def modeled_times(counts: RouteCounts, profile: HardwareProfile, row_bytes: int) -> dict[int, float]:
-    """{d: t_d} for every d = 1..D, from one pass over the counts."""
+def paper_times(counts: RouteCounts, profile: HardwareProfile, row_bytes: int) -> dict[int, float]:
+    """{d: t_d} of the paper's model for every d = 1..D, from one pass over the counts."""
     check_profile(profile, counts.topology)
     maxima = step_maxima(counts)
-    return {d: _time(profile, counts.topology, maxima, d, row_bytes) for d in range(1, counts.topology.D + 1)}
+    return {d: _paper(profile, counts.topology, maxima, d, row_bytes) for d in range(1, counts.topology.D + 1)}
+
+
+def route_time(counts: DispatchCounts, dim: int, dedup: bool, profile: HardwareProfile, row_bytes: int,
+               weight_bytes: int = 4, charge: str = "all") -> float:
+    """Modeled ms of one layer's HD`dim` / H`dim` AlltoAlls in one training iteration (dispatch,
+    combine and their backward twins). charge='all': every collective the dispatcher issues with
+    every byte it sends (`route_collectives`); charge='tokens': the paper's model, 4 x t_d."""
+    _check_charge(charge)
+    check_profile(profile, counts.topology)
+    if charge == "tokens":
+        return 4 * paper_time(counts.rows(dedup), dim, profile, row_bytes)
+    return collectives_time(route_collectives(counts, dim, dedup, row_bytes, weight_bytes, with_levels=False), profile)
+
+
+def flat_time(counts: DispatchCounts, profile: HardwareProfile, row_bytes: int, weight_bytes: int = 4,
+              charge: str = "all") -> float:
+    """Modeled ms of Megatron-LM's flat AlltoAlls of one layer in one iteration (see `route_time`)."""
+    _check_charge(charge)
+    check_profile(profile, counts.topology)
+    if charge == "tokens":
+        return 4 * paper_time(counts.pairs, 1, profile, row_bytes)
+    return collectives_time(flat_collectives(counts, row_bytes, weight_bytes, with_levels=False), profile)
+
+
+def iteration_times(counts: DispatchCounts, profile: HardwareProfile, row_bytes: int, weight_bytes: int = 4,
+                    charge: str = "all") -> dict[int, float]:
+    """{d: modeled ms of HDd's AlltoAlls in one iteration} for d = 1..D: what d* minimises."""
+    return {d: route_time(counts, d, True, profile, row_bytes, weight_bytes, charge)
+            for d in range(1, counts.topology.D + 1)}
 
 
 def select_dimension(times: Mapping[int, float]) -> int:
@@ -321,19 +592,20 @@ def select_dimension(times: Mapping[int, float]) -> int:
     return 1 if times[1] < times[best] else best
 
 
-def choose_from_counts(counts: RouteCounts, profile: HardwareProfile, row_bytes: int) -> int:
-    """d* from global dedup counts (sim tier, or after `gather_counts`)."""
-    if not counts.dedup:
-        raise ValueError("d* is chosen among the deduplicating routes HD1..HDD: pass dedup counts")
-    return select_dimension(modeled_times(counts, profile, row_bytes))
+def choose_from_counts(counts: DispatchCounts, profile: HardwareProfile, row_bytes: int, weight_bytes: int = 4,
+                       charge: str = "all") -> int:
+    """d* from global counts (sim tier, or after `gather_dispatch_counts`)."""
+    if not isinstance(counts, DispatchCounts):
+        raise ValueError("d* is chosen from DispatchCounts (copies and pairs); build them with dispatch_counts")
+    return select_dimension(iteration_times(counts, profile, row_bytes, weight_bytes, charge))
 
 
 def choose_dimension(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPlacement | None,
-                     hidden: int, bytes_per_elem: int, profile: HardwareProfile) -> int:
+                     hidden: int, bytes_per_elem: int, profile: HardwareProfile, weight_bytes: int = 4) -> int:
     """d* of this layer and step, the same on every rank: every rank calls it (one all-reduce)."""
-    for name, value in (("hidden", hidden), ("bytes_per_elem", bytes_per_elem)):
+    for name, value in (("hidden", hidden), ("bytes_per_elem", bytes_per_elem), ("weight_bytes", weight_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     check_profile(profile, comm.topology)
-    counts = gather_counts(comm, routing_map_TE, placement, dedup=True)
-    return choose_from_counts(counts, profile, hidden * bytes_per_elem)
+    counts = gather_dispatch_counts(comm, routing_map_TE, placement)
+    return choose_from_counts(counts, profile, hidden * bytes_per_elem, weight_bytes)

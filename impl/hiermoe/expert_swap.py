@@ -73,7 +73,8 @@ from impl.common.dispatcher import ExpertPlacement, check_expert_parallel
 from impl.common.expert_migration import PlacementPlanner
 from impl.common.registry import register
 from impl.common.topology import Topology
-from impl.hiermoe.dimension import RouteCounts, check_profile, choose_from_counts, route_steps, step_name_of
+from impl.hiermoe.dimension import (DispatchCounts, RouteCounts, check_profile, choose_from_counts, local_counts,
+                                    route_steps, step_name_of)
 
 __all__ = ["MAX_FNS", "Z_METHODS", "LevelStats", "StackedLevels", "SwapStats", "SwapDecision", "HierDExpertSwap", "apply_max_fn",
            "selected_slots", "level_stats", "z_four_case", "local_swap_stats", "global_swap_stats",
@@ -467,17 +468,24 @@ def z_four_case(map_TS: torch.Tensor, num_groups: int) -> torch.Tensor:
 # ==========================================================================================
 @dataclass(frozen=True, eq=False)
 class SwapStats:
-    """Global statistics of one layer and step: the per-origin dedup counts (d*, z0) and either the
+    """Global statistics of one layer and step: the per-origin dedup counts (d*, z0), the
+    per-origin (token, expert) pair counts (the gate weights of d*'s model), and either the
     four-case tables of every level L = 1..D, stacked (`tables`, the 'factored' method), or the
     full Z [E, E, U[L]] of every level (`z`, the 'four_case' reference)."""
 
     counts: RouteCounts
+    pairs: RouteCounts
     tables: StackedLevels | None = None
     z: tuple[torch.Tensor, ...] = ()
 
     @property
     def topology(self) -> Topology:
         return self.counts.topology
+
+    @property
+    def dispatch_counts(self) -> DispatchCounts:
+        E = self.tables.num_experts if self.tables is not None else self.z[0].shape[0]
+        return DispatchCounts(self.counts, self.pairs, E)
 
     def level(self, L: int):
         """LevelStats (factored) or Z (four_case) of level L."""
@@ -487,8 +495,9 @@ class SwapStats:
 def local_swap_stats(routing_map_TE: torch.Tensor, topology: Topology, placement: ExpertPlacement | None,
                      rank: int, z_method: str = "factored") -> torch.Tensor:
     """One rank's statistics as a flat int64 vector; the element-wise sum over ranks is the
-    global statistics (`SwapStats` via `_unflatten`): the `_raw_tables` of the rank's tokens, or
-    ('four_case') the per-origin dedup route table (this rank's row) and Z of every level."""
+    global statistics (`SwapStats` via `_unflatten`): the rank's row of the per-origin pair
+    counts, then the `_raw_tables` of the rank's tokens, or ('four_case') the per-origin dedup
+    route table (this rank's row) and Z of every level."""
     _check_options("max", 1.0, z_method)
     if routing_map_TE.dim() != 2 or routing_map_TE.dtype != torch.bool:
         raise ValueError(f"routing_map_TE must be a 2-D bool tensor [T, E], got dtype {routing_map_TE.dtype} "
@@ -497,25 +506,29 @@ def local_swap_stats(routing_map_TE: torch.Tensor, topology: Topology, placement
     check_expert_parallel(E, topology.G)
     if placement is not None and placement.num_experts != E:
         raise ValueError(f"placement has {placement.num_experts} experts, routing map {E}")
+    pairs = torch.zeros(topology.G, sum(groups), dtype=torch.int64)
+    pairs[rank] = local_counts(routing_map_TE, topology, placement, dedup=False)
     ids_TK, _ = selected_slots(routing_map_TE, placement)
     flat = _raw_tables(ids_TK, E, groups, rank, topology.G)
     if z_method == "factored":
-        return flat
+        return torch.cat([pairs.view(-1), flat])
     route = _tables_of(flat, E, groups, topology.G)[0]
     map_TS = routing_map_TE if placement is None else placement.to_slots(routing_map_TE).contiguous()
-    return torch.cat([route.reshape(-1)] + [z_four_case(map_TS, u).reshape(-1) for u in groups])
+    return torch.cat([pairs.view(-1), route.reshape(-1)] + [z_four_case(map_TS, u).reshape(-1) for u in groups])
 
 
 def _unflatten(flat: torch.Tensor, topology: Topology, E: int, z_method: str) -> SwapStats:
     """The `SwapStats` of a summed `local_swap_stats` vector (consumed: levels accumulate in place)."""
     G, groups = topology.G, topology.U[1:]
+    pairs = RouteCounts.from_table(topology, flat[:G * sum(groups)].view(G, -1), dedup=False)
+    flat = flat[G * sum(groups):]
     if z_method == "four_case":
         sizes = [G * sum(groups)] + [E * E * u for u in groups]
         route, *zs = flat.split(sizes)
-        return SwapStats(RouteCounts.from_table(topology, route.view(G, -1), dedup=True),
+        return SwapStats(RouteCounts.from_table(topology, route.view(G, -1), dedup=True), pairs,
                          z=tuple(z.view(E, E, u) for z, u in zip(zs, groups)))
     route, co, w = _tables_of(flat, E, groups, G)
-    return SwapStats(RouteCounts.from_table(topology, route, dedup=True),
+    return SwapStats(RouteCounts.from_table(topology, route, dedup=True), pairs,
                      StackedLevels.from_tables(route.sum(0), co, w, groups))
 
 
@@ -574,7 +587,8 @@ class SwapDecision:
 
 def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareProfile, row_bytes: int, *,
                 max_fn: str = "smooth", gamma: float = 10.0, dim: int | None = None,
-                screen_dtype: torch.dtype = torch.float32, comm: Comm | None = None) -> SwapDecision:
+                screen_dtype: torch.dtype = torch.float32, comm: Comm | None = None,
+                weight_bytes: int = 4) -> SwapDecision:
     """Theorem 1 / Eq. (10) on global statistics: the pair (r, c) minimising Q_d, made only if it
     beats the current placement. Deterministic: every rank decides the same from the same stats.
 
@@ -591,7 +605,7 @@ def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareP
     check_profile(profile, topo)
     E = placement.num_experts
     El = check_expert_parallel(E, topo.G)
-    d = choose_from_counts(stats.counts, profile, row_bytes) if dim is None else dim
+    d = choose_from_counts(stats.dispatch_counts, profile, row_bytes, weight_bytes) if dim is None else dim
     terms = _step_terms(topo, d, profile)
     levels = [L for L, *_ in terms]
 
@@ -657,24 +671,25 @@ class HierDExpertSwap(PlacementPlanner):
     most lowers the modeled HierD-AlltoAll time, from this iteration's routing of all ranks.
 
     profile: hardware profile (or its name) of the topology's shape; hidden, bytes_per_elem: the
-    M and v of a token row; max_fn 'max' | 'smooth' | 'lse', gamma for 'smooth'; dim: None = d*
-    (Eq. (6)) on the current placement, or a fixed route dimension; z_method 'factored' |
-    'four_case' (same result, see the module docstring)."""
+    M and v of a token row; weight_bytes: bytes of a gate weight (the router's dtype, fp32), for
+    d*'s model; max_fn 'max' | 'smooth' | 'lse', gamma for 'smooth'; dim: None = d* (Eq. (6),
+    `impl.hiermoe.dimension`) on the current placement, or a fixed route dimension; z_method
+    'factored' | 'four_case' (same result, see the module docstring)."""
 
     name = "hierd-es"
 
     def __init__(self, profile: HardwareProfile | str, hidden: int, bytes_per_elem: int = 2, *,
                  max_fn: str = "smooth", gamma: float = 10.0, dim: int | None = None, every: int = 1,
-                 z_method: str = "factored", verify_agreement: bool = True):
+                 z_method: str = "factored", verify_agreement: bool = True, weight_bytes: int = 4):
         super().__init__(every)
         _check_options(max_fn, gamma, z_method)
-        for key, value in (("hidden", hidden), ("bytes_per_elem", bytes_per_elem)):
+        for key, value in (("hidden", hidden), ("bytes_per_elem", bytes_per_elem), ("weight_bytes", weight_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}: {value!r} is not allowed; expected a positive integer")
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise ValueError(f"dim: {dim!r} is not allowed; expected None (d*) or a route dimension >= 1")
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
-        self.row_bytes = hidden * bytes_per_elem
+        self.row_bytes, self.weight_bytes = hidden * bytes_per_elem, weight_bytes
         self.max_fn, self.gamma, self.dim, self.z_method = max_fn, float(gamma), dim, z_method
         self.verify_agreement = verify_agreement
         self.last_decision: SwapDecision | None = None
@@ -686,7 +701,7 @@ class HierDExpertSwap(PlacementPlanner):
                              f"allowed: 1..{comm.topology.D}")
         stats = gather_swap_stats(comm, routing_map_TE, placement, self.z_method)
         decision = decide_swap(stats, placement, self.profile, self.row_bytes, max_fn=self.max_fn,
-                               gamma=self.gamma, dim=self.dim, comm=comm)
+                               gamma=self.gamma, dim=self.dim, comm=comm, weight_bytes=self.weight_bytes)
         if self.verify_agreement:
             pair = decision.pair or (-1, -1)
             mine = torch.tensor([pair[0], pair[1], -pair[0], -pair[1]])

@@ -10,7 +10,7 @@ from impl.common.dispatcher import ExpertPlacement
 from impl.common.registry import get
 from impl.common.topology import get_topology
 from impl.common.traces import synthetic_topk
-from impl.hiermoe.dimension import choose_from_counts, local_counts, route_counts, route_steps
+from impl.hiermoe.dimension import choose_from_counts, dispatch_counts, local_counts, route_counts, route_steps
 from impl.hiermoe.expert_swap import (MAX_FNS, REL_TOL, HierDExpertSwap, apply_max_fn, decide_swap, global_swap_stats,
                                       _unflatten, level_stats, local_swap_stats, selected_slots, swap_objective,
                                       z_four_case)
@@ -140,7 +140,7 @@ def exhaustive_swap(maps, topo, placement, profile, row_bytes, max_fn, gamma, di
     """Try every pair of experts on different GPUs: recount the global dedup counts of every level
     the route uses after the swap, evaluate Q with the same objective, apply the same tie rule."""
     E, G = placement.num_experts, topo.G
-    d = dim or choose_from_counts(route_counts(maps, topo, placement), profile, row_bytes)
+    d = dim or choose_from_counts(dispatch_counts(maps, topo, placement), profile, row_bytes)
     levels = [L for L, _ in route_steps(topo, d)]
 
     def q_of(pl):
