@@ -78,6 +78,7 @@ from impl.common.topology import Topology
 
 __all__ = ["RouteCounts", "StepVolume", "RouteVolumes", "DispatchCounts", "Collective", "CHARGES", "COUNT_BYTES",
            "local_counts", "route_counts", "gather_counts", "dispatch_counts", "gather_dispatch_counts",
+           "selected_slots", "counts_from_slots",
            "holder_rows", "route_steps", "step_name_of", "route_volumes", "volumes", "step_maxima", "link_table",
            "mask_bytes", "agreement_bytes", "a2a_collective", "route_collectives", "flat_collectives",
            "agreement_collective", "traffic_of", "allreduce_time", "collective_time", "collectives_time",
@@ -156,6 +157,51 @@ def local_counts(routing_map_TE: torch.Tensor, topology: Topology, placement: Ex
     for L in range(topology.D - 1, 0, -1):                                   # coarser blocks nest
         needs.append(needs[-1].view(U[L], U[L + 1] // U[L], T).amax(1))
     return torch.cat([n.sum(1) for n in reversed(needs)])
+
+
+def selected_slots(routing_map_TE: torch.Tensor, placement: ExpertPlacement | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_TK, valid_TK): each token's selected *slots*, ascending, padded to the largest number
+    any token selects (top-K routing: exactly K) with the sentinel E / False. Sparse: no [T, E]
+    permutation of the map."""
+    T, E = routing_map_TE.shape
+    t, e = routing_map_TE.nonzero(as_tuple=True)                  # row-major: each token's experts ascending
+    if placement is not None and tuple(placement.slot_of_expert) == tuple(range(E)):
+        placement = None
+    s = e if placement is None else torch.tensor(placement.slot_of_expert, dtype=torch.long)[e]
+    per_token = torch.bincount(t, minlength=T)
+    K = int(per_token.max()) if T else 0
+    if T and t.numel() == T * K:                                  # every token selects K (top-K, no drops)
+        ids_TK = s.view(T, K)
+    else:
+        pos = torch.arange(t.numel()) - (torch.cumsum(per_token, 0) - per_token)[t]
+        ids_TK = torch.full((T, K), E, dtype=torch.long)
+        ids_TK[t, pos] = s
+    if placement is not None or t.numel() != T * K:
+        ids_TK = torch.sort(ids_TK, dim=1).values
+    return ids_TK, ids_TK < E
+
+
+def counts_from_slots(slots_NK: torch.Tensor, origin_N: torch.Tensor, topology: Topology, num_experts: int
+                      ) -> "DispatchCounts":
+    """Both per-origin count tables from every token's selected slots (`selected_slots`: ascending,
+    padded with the sentinel E) and its origin rank, all ranks at once: per level L, the groups of a
+    token's sorted slots are sorted, so its distinct groups are where the group changes. Sparse
+    (O(N * K * D)); equal to `route_counts` with and without dedup (tested)."""
+    E, G = num_experts, topology.G
+    check_expert_parallel(E, G)
+    valid = slots_NK < E
+    origin = origin_N.view(-1, 1).to(torch.int64)
+    copies, pairs = [], []
+    for L in range(1, topology.D + 1):
+        U = topology.U[L]
+        grp = torch.where(valid, slots_NK // (E // U), U)
+        first = valid.clone()
+        first[:, 1:] &= grp[:, 1:] != grp[:, :-1]
+        index = origin * (U + 1) + grp
+        copies.append(torch.bincount(index[first], minlength=G * (U + 1)).view(G, U + 1)[:, :U])
+        pairs.append(torch.bincount(index[valid], minlength=G * (U + 1)).view(G, U + 1)[:, :U])
+    return DispatchCounts(RouteCounts(topology, True, tuple(copies)), RouteCounts(topology, False, tuple(pairs)), E)
 
 
 def route_counts(routing_maps: Sequence[torch.Tensor], topology: Topology,
@@ -332,9 +378,14 @@ class DispatchCounts:
 def dispatch_counts(routing_maps: Sequence[torch.Tensor], topology: Topology,
                     placement: ExpertPlacement | None = None) -> DispatchCounts:
     """Both tables from every rank's routing map (rank order): the sim tier's input."""
-    E = routing_maps[0].shape[1] if routing_maps else 0
-    return DispatchCounts(route_counts(routing_maps, topology, placement, True),
-                          route_counts(routing_maps, topology, placement, False), E)
+    if len(routing_maps) != topology.G:
+        raise ValueError(f"got routing maps of {len(routing_maps)} ranks; topology {topology.name!r} has G = {topology.G}")
+    E = _check_map(routing_maps[0], topology)
+    if placement is not None and placement.num_experts != E:
+        raise ValueError(f"placement has {placement.num_experts} experts, routing map {E}")
+    slots_NK, _ = selected_slots(torch.cat(list(routing_maps)), placement)
+    origin_N = torch.repeat_interleave(torch.arange(topology.G), torch.tensor([m.shape[0] for m in routing_maps]))
+    return counts_from_slots(slots_NK, origin_N, topology, E)
 
 
 def gather_dispatch_counts(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPlacement | None = None

@@ -73,8 +73,8 @@ from impl.common.dispatcher import ExpertPlacement, check_expert_parallel
 from impl.common.expert_migration import PlacementPlanner
 from impl.common.registry import register
 from impl.common.topology import Topology
-from impl.hiermoe.dimension import (DispatchCounts, RouteCounts, check_profile, choose_from_counts, local_counts,
-                                    route_steps, step_name_of)
+from impl.hiermoe.dimension import (DispatchCounts, RouteCounts, check_profile, choose_from_counts, counts_from_slots,
+                                    local_counts, route_steps, selected_slots, step_name_of)
 
 __all__ = ["MAX_FNS", "Z_METHODS", "LevelStats", "StackedLevels", "SwapStats", "SwapDecision", "HierDExpertSwap", "apply_max_fn",
            "selected_slots", "level_stats", "z_four_case", "local_swap_stats", "global_swap_stats",
@@ -118,29 +118,6 @@ def apply_max_fn(x_NU: torch.Tensor, max_fn: str = "smooth", gamma: float = 10.0
 # ==========================================================================================
 # per-level statistics
 # ==========================================================================================
-def selected_slots(routing_map_TE: torch.Tensor, placement: ExpertPlacement | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids_TK, valid_TK): each token's selected *slots*, ascending, padded to the largest number
-    any token selects (top-K routing: exactly K) with the sentinel E / False. Sparse: no [T, E]
-    permutation of the map."""
-    T, E = routing_map_TE.shape
-    t, e = routing_map_TE.nonzero(as_tuple=True)                  # row-major: each token's experts ascending
-    if placement is not None and tuple(placement.slot_of_expert) == tuple(range(E)):
-        placement = None
-    s = e if placement is None else torch.tensor(placement.slot_of_expert, dtype=torch.long)[e]
-    per_token = torch.bincount(t, minlength=T)
-    K = int(per_token.max()) if T else 0
-    if T and t.numel() == T * K:                                  # every token selects K (top-K, no drops)
-        ids_TK = s.view(T, K)
-    else:
-        pos = torch.arange(t.numel()) - (torch.cumsum(per_token, 0) - per_token)[t]
-        ids_TK = torch.full((T, K), E, dtype=torch.long)
-        ids_TK[t, pos] = s
-    if placement is not None or t.numel() != T * K:
-        ids_TK = torch.sort(ids_TK, dim=1).values
-    return ids_TK, ids_TK < E
-
-
 
 @dataclass(frozen=True, eq=False)
 class StackedLevels:
@@ -534,12 +511,23 @@ def _unflatten(flat: torch.Tensor, topology: Topology, E: int, z_method: str) ->
 
 def global_swap_stats(routing_maps: Sequence[torch.Tensor], topology: Topology, placement: ExpertPlacement | None,
                       z_method: str = "factored") -> SwapStats:
-    """Sim tier: the global statistics from the routing maps of all G ranks (rank order)."""
+    """Sim tier: the global statistics from the routing maps of all G ranks (rank order). The
+    four-case tables are sums over tokens, so all ranks' tokens go through `_raw_tables` at once;
+    the per-origin counts come from `counts_from_slots` (equal to summing `local_swap_stats`)."""
     if len(routing_maps) != topology.G:
         raise ValueError(f"got routing maps of {len(routing_maps)} ranks; topology {topology.name!r} "
                          f"has G = {topology.G}")
-    flat = sum(local_swap_stats(m, topology, placement, r, z_method) for r, m in enumerate(routing_maps))
-    return _unflatten(flat, topology, routing_maps[0].shape[1], z_method)
+    E = routing_maps[0].shape[1]
+    if z_method != "factored":
+        flat = sum(local_swap_stats(m, topology, placement, r, z_method) for r, m in enumerate(routing_maps))
+        return _unflatten(flat, topology, E, z_method)
+    check_expert_parallel(E, topology.G)
+    ids_NK, _ = selected_slots(torch.cat(list(routing_maps)), placement)
+    origin_N = torch.repeat_interleave(torch.arange(topology.G), torch.tensor([m.shape[0] for m in routing_maps]))
+    counts = counts_from_slots(ids_NK, origin_N, topology, E)
+    groups = topology.U[1:]
+    route, co, w = _tables_of(_raw_tables(ids_NK, E, groups, 0, 1), E, groups, 1)
+    return SwapStats(counts.copies, counts.pairs, StackedLevels.from_tables(route[0], co, w, groups))
 
 
 def gather_swap_stats(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPlacement | None,

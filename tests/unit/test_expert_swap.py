@@ -291,9 +291,13 @@ def test_local_stats_add_up_and_follow_the_placement():
     maps = [routing_map(10, 8, 3, seed=r, drop=0.2) for r in range(topo.G)]
     both = _unflatten(sum(local_swap_stats(m, topo, None, r) for r, m in enumerate(maps)), topo, 8, "factored")
     whole = _unflatten(local_swap_stats(torch.cat(maps), topo, None, 0), topo, 8, "factored")
+    at_once = global_swap_stats(maps, topo, None)             # the sim tier's path: all tokens at once
     for L in range(1, topo.D + 1):                            # the four-case tables are sums over tokens
         for name in ("z0", "x", "solo", "w"):
             assert torch.equal(getattr(both.level(L), name), getattr(whole.level(L), name)), (L, name)
+            assert torch.equal(getattr(both.level(L), name), getattr(at_once.level(L), name)), (L, name)
+        assert torch.equal(both.counts.level(L), at_once.counts.level(L))
+        assert torch.equal(both.pairs.level(L), at_once.pairs.level(L))
     placement = ExpertPlacement((3, 6, 0, 7, 1, 5, 2, 4))
     m = maps[1]
     sparse = local_swap_stats(m, topo, placement, 1)          # slots looked up per selected expert

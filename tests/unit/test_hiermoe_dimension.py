@@ -164,6 +164,20 @@ def test_counts_equal_loop_count(topo_name, E, K):
                 loop_counts(m, topo, placement.slot_of_expert, dedup)
 
 
+@pytest.mark.parametrize("topo_name,E,K", [("2x4", 16, 3), ("hier:a=3,b=2,c=2", 24, 5), ("hiermoe-testbed", 64, 8)])
+def test_sparse_counts_of_all_ranks_equal_the_per_rank_counts(topo_name, E, K):
+    """`dispatch_counts` (every rank's sorted slot lists at once) equals `route_counts` with and
+    without dedup, with uneven ranks, empty ranks and dropped slots."""
+    topo = get_topology(topo_name)
+    placement = random_placement(E, 8)
+    maps = random_maps(topo, E, K, 9, "zipf", seed=3, drop=0.25)
+    maps = [m[: (r % 3) * 4] for r, m in enumerate(maps)]
+    both = dispatch_counts(maps, topo, placement)
+    for table, dedup in ((both.copies, True), (both.pairs, False)):
+        ref = route_counts(maps, topo, placement, dedup)
+        assert all(torch.equal(a, b) for a, b in zip(table.by_level, ref.by_level)), dedup
+
+
 def test_counts_by_hand():
     topo = get_topology("2x2")          # 4 GPUs, E = 8: GPU blocks {0,1} {2,3} {4,5} {6,7}
     m = torch.zeros(3, 8, dtype=torch.bool)
