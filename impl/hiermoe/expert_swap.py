@@ -78,7 +78,7 @@ from impl.hiermoe.dimension import (DispatchCounts, RouteCounts, check_profile, 
 
 __all__ = ["MAX_FNS", "Z_METHODS", "LevelStats", "StackedLevels", "SwapStats", "SwapDecision", "HierDExpertSwap", "apply_max_fn",
            "selected_slots", "level_stats", "z_four_case", "local_swap_stats", "global_swap_stats",
-           "gather_swap_stats", "swap_objective", "decide_swap"]
+           "gather_swap_stats", "swap_objective", "decide_swap", "stats_bytes"]
 
 MAX_FNS = ("max", "smooth", "lse")
 Z_METHODS = ("factored", "four_case")
@@ -492,6 +492,16 @@ def local_swap_stats(routing_map_TE: torch.Tensor, topology: Topology, placement
     route = _tables_of(flat, E, groups, topology.G)[0]
     map_TS = routing_map_TE if placement is None else placement.to_slots(routing_map_TE).contiguous()
     return torch.cat([pairs.view(-1), route.reshape(-1)] + [z_four_case(map_TS, u).reshape(-1) for u in groups])
+
+
+def stats_bytes(topology: Topology, num_experts: int) -> int:
+    """Bytes of the vector every rank all-reduces per layer and plan ('factored' statistics): the
+    per-origin pair counts and `_raw_tables` (route, co and the by-level pair table, spares
+    included), int64."""
+    G, D, E1 = topology.G, topology.D, num_experts + 1
+    X = sum(topology.U[1:])
+    X1 = X + D
+    return 8 * (G * X + G * X1 + E1 * X1 + D * E1 * E1 + E1)
 
 
 def _unflatten(flat: torch.Tensor, topology: Topology, E: int, z_method: str) -> SwapStats:

@@ -1,34 +1,52 @@
 """Sim-tier HierMoE experiments at paper scale: every system of Figs. 10-13, Table IV and the
 ablations evaluated on the same routing stream, iteration by iteration, layer by layer.
 
-    python -m impl.experiments.hiermoe.sim --config workflows/config/experiments/hiermoe_fig11_qwen3.yaml \
+    python -m impl.experiments.hiermoe.sim --config workflows/config/experiments/hiermoe_qwen3.yaml \
         --out-csv results/.../x.csv --out-record results/.../x.json
 
 What is exact and what is modeled:
-* Routing: the model's real gate over a skewed token stream (`impl.experiments.hiermoe.workload`), at the
-  paper's scale (G ranks x 1024 tokens, the paper's E, K, M).
-* Volumes: exact duplicate-free (and raw) counts per rank, step and level from the routing maps
-  under each system's current expert placement (`impl.hiermoe.dimension`), equal to what the
-  real dispatchers send (tested against their traffic counters).
-* Times: MODELED with the alpha-beta hardware profile (HierMoE Fig. 9 constants), as the paper's
-  own Eqs. (1)-(5); an iteration's AlltoAll time is 4 x the dispatch (dispatch and combine carry
-  equal volumes, forward and backward). Swaps and placements are really planned by the systems'
+* Routing: the model's real gate over a token stream of explicit skew (`stream.skew`,
+  `impl.experiments.hiermoe.workload`), at the paper's scale (G ranks x 1024 tokens, the paper's E,
+  K, M). Every (iteration, layer) row records the routing's balance (largest flat split over its
+  mean, MaxVio).
+* Volumes: exact duplicate-free and (token, expert) counts per rank, step and level from the
+  routing maps under each system's current expert placement (`impl.hiermoe.dimension`), equal to
+  what the real dispatchers send, metadata included (tested against their traffic counters).
+* Times: MODELED with the alpha-beta hardware profile (HierMoE Fig. 9 constants). By default
+  (`charge: all`) every collective a system's dispatcher issues is charged with every byte it
+  sends: split counts, expert ids, rows, gate weights, in the dispatch, the combine and their
+  backward twins, plus HierD-AlltoAll's d* all-reduce and Tutel's capacity all-reduce;
+  `charge: tokens` is the paper's Eqs. (1)-(5) (4 x one dispatch, token rows only, one start-up
+  per step), kept for the ablation. Swaps and placements are really planned by the systems'
   planners (HierD-ES, SmartMoE) and change the next iteration's counts.
 * End to end (Fig. 10): AlltoAll plus a compute model with constants BORROWED from FSMoE's
   Testbed A profile (same GPU and CPU class; the HierMoE paper gives none): GEMMs by its GEMM
   alpha-beta, attention by its attention model, expert GEMMs per GPU on the rows its experts
-  receive (the slowest GPU sets the pace), backward = 2 x forward, plus the modeled swap traffic.
-  Not modeled: dense-gradient all-reduce and optimizer step (identical for all systems).
+  receive (the slowest GPU sets the pace), backward = 2 x forward. Not modeled: dense-gradient
+  all-reduce and optimizer step (identical for all systems).
+* Expert moves (HierD-ES one pair per layer and planning iteration, SmartMoE whatever its plan
+  moves): what moves is each moved expert's bf16 weights, fp32 master weights and two fp32 Adam
+  moments (14 bytes per parameter), point to point between its old and new owner over the link
+  of their level (`p2p_time`), plus the planner's statistics all-reduce. When: the move of a
+  layer's experts can run once that layer's backward is done, under the backward compute of the
+  layers below it (`swap_cost: overlap`, the default): the iteration is charged only the part of
+  the moves' link time that exceeds the backward compute (a lower bound: moves and AlltoAlls do
+  not share a link in our timeline). `swap_cost: serial` charges the moves in full, after the
+  step (the ablation). Swaps happen every `every` iterations, so their cost is amortised over the
+  interval (the median iteration of `every` > 1 carries none).
 
 Systems (names as in the paper): Megatron-LM (flat, one copy per (token, expert)), Tutel-2DH
-(intra-node then inter-node AlltoAll over capacity-padded equal slices, dropless capacity),
-SmartMoE (flat + SmartMoE placement), HD2-MoE, HD2-MoE-Smart, HD-MoE (d* per layer and
-iteration), HierMoE (d* + HierD-ES), and Hd / HDd for fixed d. Options in brackets make variants:
-`HierMoE[max_fn=max]`, `HierMoE[gamma=5]`, `HierMoE[every=4]`, `SmartMoE[history=1]`.
+(intra-node then inter-node AlltoAll over capacity-padded equal slices, capacity factor 1.0:
+Tutel's default), SmartMoE (flat + SmartMoE placement), HD2-MoE, HD2-MoE-Smart, HD-MoE (d* per
+layer and iteration), HierMoE (d* + HierD-ES), DeepEP (beyond the paper: DeepEP-style node-level
+dedup, `baselines.deepep`), and Hd / HDd for fixed d. Options in brackets make variants:
+`HierMoE[max_fn=max]`, `HierMoE[every=4]`, `Megatron-LM[charge=tokens]`,
+`Tutel-2DH[capacity_factor=0]`, `HD2-MoE-Smart[method=greedy-swap]`, `DeepEP[overlap=true]`.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +56,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from baselines.deepep import deepep_time
 from baselines.smartmoe.planner import smartmoe_placement
+from baselines.tutel_2dh.dispatcher import capacity_of, tutel_2dh_collectives
 from impl.common import cli
 from impl.common.config import ConfigError, checked
 from impl.common.costmodel import HardwareProfile, load_profile
@@ -46,13 +66,16 @@ from impl.common.dispatcher import ExpertPlacement
 from impl.common.models import ModelConfig, get_model
 from impl.common.records import make_record
 from impl.common.topology import Topology, get_topology
-from impl.hiermoe.dimension import check_profile, modeled_time, modeled_times, route_counts, select_dimension
-from impl.hiermoe.expert_swap import decide_swap, global_swap_stats
+from impl.hiermoe.dimension import (COUNT_BYTES, DispatchCounts, agreement_bytes, allreduce_time, check_profile,
+                                    collective_time, dispatch_counts, flat_time, iteration_times, route_time,
+                                    select_dimension)
+from impl.hiermoe.expert_swap import decide_swap, global_swap_stats, stats_bytes
 from impl.experiments.hiermoe.spec import SystemSpec
-from impl.experiments.hiermoe.workload import RoutingStream, TokenStreamConfig
+from impl.experiments.hiermoe.workload import RoutingStream, TokenStreamConfig, routing_balance
 from impl.experiments.systems import paper_systems, parse_system_name
 
-__all__ = ["SimExperimentConfig", "parse_system", "run_experiment", "main"]
+__all__ = ["SimExperimentConfig", "parse_system", "run_experiment", "summarize_frame", "main", "a2a_time",
+           "expert_state_bytes", "p2p_time", "migration_time"]
 
 PAPER_SYSTEMS = tuple(s.name for s in paper_systems("hiermoe", roles=("baseline", "ours")))
 
@@ -75,14 +98,20 @@ class SimExperimentConfig:
     top_k: int | None = None
     tokens_per_rank: int = 1024               # micro-batch 1 x sequence 1024
     bytes_per_elem: int = 2                   # bf16 activations
+    weight_bytes: int = 4                     # gate weights (router probabilities) in fp32
     layers: int = 4                           # MoE layers whose routing is simulated
     iterations: int = 8
     warmup: int = 2                           # first iterations left out of the summary
     systems: tuple[str, ...] = PAPER_SYSTEMS
+    # defaults of the systems' options (each system name may override them in brackets)
     max_fn: Literal["max", "smooth", "lse"] = "smooth"
     gamma: float = 10.0
     swap_every: int = 1
     smartmoe_history: int = 2
+    smartmoe_method: Literal["lpt", "greedy-swap"] = "lpt"
+    charge: Literal["all", "tokens"] = "all"
+    capacity_factor: float = 1.0
+    swap_cost: Literal["overlap", "serial"] = "overlap"
     stream: TokenStreamConfig = field(default_factory=TokenStreamConfig)
     seed: int = 0
 
@@ -97,6 +126,10 @@ class Resolved:
     systems: tuple[SystemSpec, ...]
     num_experts: int
     top_k: int
+
+    @property
+    def row_bytes(self) -> int:
+        return self.model.hidden * self.config.bytes_per_elem
 
 
 def resolve(config: SimExperimentConfig) -> Resolved:
@@ -116,12 +149,17 @@ def resolve(config: SimExperimentConfig) -> Resolved:
                           f"allowed: a positive multiple of {topo.G}")
     if not 1 <= K <= E:
         raise ConfigError(f"top_k: {K} is not allowed with num_experts={E}; allowed: 1..{E}")
-    for key in ("layers", "iterations", "tokens_per_rank", "bytes_per_elem", "swap_every", "smartmoe_history"):
+    for key in ("layers", "iterations", "tokens_per_rank", "bytes_per_elem", "weight_bytes", "swap_every",
+                "smartmoe_history"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key}: {getattr(config, key)} is not allowed; allowed: >= 1")
     if not 0 <= config.warmup < config.iterations:
         raise ConfigError(f"warmup: {config.warmup} is not allowed; allowed: 0..iterations-1 ({config.iterations - 1})")
-    defaults = dict(max_fn=config.max_fn, gamma=config.gamma, every=config.swap_every, history=config.smartmoe_history)
+    if not math.isfinite(config.capacity_factor):
+        raise ConfigError(f"capacity_factor: {config.capacity_factor} is not allowed; allowed: a finite number")
+    defaults = dict(max_fn=config.max_fn, gamma=config.gamma, every=config.swap_every,
+                    history=config.smartmoe_history, method=config.smartmoe_method, charge=config.charge,
+                    capacity_factor=config.capacity_factor, swap_cost=config.swap_cost)
     systems = tuple(parse_system(s, defaults) for s in config.systems)
     for s in systems:
         if s.route == "fixed" and s.dim > topo.D:
@@ -152,55 +190,73 @@ def _load_profile(name: str, topology: Topology | None) -> HardwareProfile:
 
 
 # ------------------------------------------------------------------------------------------
-# per-system AlltoAll time of one dispatch, and placement updates
+# per-system AlltoAll time of one layer in one iteration
 # ------------------------------------------------------------------------------------------
-def tutel_2dh_time(maps, rz: Resolved, placement: ExpertPlacement, row_bytes: int) -> float:
-    """Tutel-2DH over capacity-padded equal slices: every rank sends E * C rows, C the largest
-    (source rank, expert) count (dropless dynamic capacity), first inside the node, then across
-    nodes; falls back to one flat AlltoAll on one node."""
-    topo = rz.topology
-    counts_GE = torch.stack([m.sum(0) for m in maps])            # rows of each rank per expert
-    n = rz.num_experts * int(counts_GE.max()) * row_bytes
-    if topo.D < 2 or topo.U[1] == 1:
-        return rz.profile.comm_time("a2a", "flat", n)
-    return rz.profile.comm_time("a2a", "intra-1", n) + rz.profile.comm_time("a2a", "inter-1", n)
-
-
-def dispatch_time(spec: SystemSpec, maps, rz: Resolved, placement: ExpertPlacement, row_bytes: int) -> tuple[float, int]:
-    """(ms of one dispatch AlltoAll, route dimension used)."""
+def a2a_time(spec: SystemSpec, counts: DispatchCounts, maps_TS, rz: Resolved) -> tuple[float, int]:
+    """(modeled ms of the layer's AlltoAlls in one iteration: dispatch, combine and their backward
+    twins; route dimension used). `maps_TS`: the ranks' routing maps in slot order (Tutel's
+    capacity)."""
+    rb, wb, prof = rz.row_bytes, rz.config.weight_bytes, rz.profile
     if spec.route == "tutel-2dh":
-        return tutel_2dh_time(maps, rz, placement, row_bytes), 2
-    counts = route_counts(maps, rz.topology, placement, spec.dedup)
+        counts_GE = torch.stack([m.sum(0) for m in maps_TS])
+        C = capacity_of(counts_GE, rz.config.tokens_per_rank, rz.top_k, spec.capacity_factor)
+        cs = tutel_2dh_collectives(rz.topology, rz.num_experts, C, rb, with_levels=False)
+        return sum(collective_time(c, prof) for c in cs if spec.charge == "all" or c.what == "tokens"), 2
+    if spec.route == "deepep":
+        if spec.charge == "tokens":
+            return route_time(counts, min(2, rz.topology.D), True, prof, rb, wb, "tokens"), 2
+        return deepep_time(counts, prof, rb, wb, overlap=spec.overlap), 2
     if spec.route == "flat":
-        return modeled_time(counts, 1, rz.profile, row_bytes), 1
+        return flat_time(counts, prof, rb, wb, spec.charge), 1
     if spec.route == "fixed":
-        return modeled_time(counts, spec.dim, rz.profile, row_bytes), spec.dim
-    times = modeled_times(counts, rz.profile, row_bytes)
+        return route_time(counts, spec.dim, spec.dedup, prof, rb, wb, spec.charge), spec.dim
+    times = iteration_times(counts, prof, rb, wb, spec.charge)
     d = select_dimension(times)
-    return times[d], d
+    agree = allreduce_time(prof, agreement_bytes(rz.topology)) if spec.charge == "all" else 0.0
+    return times[d] + agree, d
 
 
+# ------------------------------------------------------------------------------------------
+# expert moves: what moves, over which link, and what the planners exchange
+# ------------------------------------------------------------------------------------------
 def expert_state_bytes(model: ModelConfig) -> int:
-    """Bytes one expert swap moves per expert, after the optimizer step (gradients are consumed):
-    bf16 weights, fp32 master weights and two fp32 Adam moments, 14 bytes per parameter."""
+    """Bytes one moved expert carries, after the optimizer step (gradients are consumed): bf16
+    weights, fp32 master weights and two fp32 Adam moments, 14 bytes per parameter."""
     gemms = 3 if model.ffn_kind == "swiglu" else 2
     return gemms * model.hidden * model.moe_ffn_hidden * 14
 
 
+def p2p_time(profile: HardwareProfile, topology: Topology, src: int, dst: int, nbytes: int) -> float:
+    """Modeled ms of one point-to-point message src -> dst: the start-up and byte rate of the
+    AlltoAll step whose messages cross exactly that link's level (Inter-(l+1) for level l, the
+    final Intra step for the finest level). That step's beta is per byte of a rank's buffer, of
+    which (fan - 1) / fan crosses the link, so one message of n bytes costs alpha + beta * n * fan
+    / (fan - 1)."""
+    level = topology.link_level(src, dst)
+    if level is None:
+        return 0.0
+    D, U = topology.D, topology.U
+    if D == 1:
+        step, fan = "flat", topology.G
+    elif level + 1 < D:
+        step, fan = f"inter-{level + 1}", U[level + 1] // U[level]
+    else:
+        step, fan = f"intra-{D - 1}", U[D] // U[D - 1]
+    model = profile.comm_model("a2a", step)
+    return model.alpha_ms + model.beta_ms * nbytes * fan / max(fan - 1, 1)
+
+
 def migration_time(old: ExpertPlacement, new: ExpertPlacement, rz: Resolved) -> float:
-    """Modeled ms to move the experts whose owner changed: each over the link between its old and
-    new owner, with the alpha-beta of the AlltoAll step of that link's level. Moves leaving one
-    GPU run one after another, different GPUs' moves concurrently (links are full duplex, so a
-    swap's two directions overlap); no overlap with compute."""
+    """Modeled link ms of moving the experts whose owner changed: one message per expert; the moves
+    leaving one GPU one after another, different GPUs' concurrently (full-duplex links, so a swap's
+    two directions overlap)."""
     topo, El = rz.topology, rz.num_experts // rz.topology.G
     nbytes = expert_state_bytes(rz.model)
     per_sender: dict[int, float] = {}
     for a, b in zip(old.slot_of_expert, new.slot_of_expert):
         src, dst = a // El, b // El
         if src != dst:
-            level = topo.link_level(src, dst)
-            step = f"inter-{level + 1}" if level + 1 < topo.D else f"intra-{topo.D - 1}"
-            per_sender[src] = per_sender.get(src, 0.0) + rz.profile.comm_time("a2a", step if topo.D > 1 else "flat", nbytes)
+            per_sender[src] = per_sender.get(src, 0.0) + p2p_time(rz.profile, topo, src, dst, nbytes)
     return max(per_sender.values(), default=0.0)
 
 
@@ -212,22 +268,27 @@ class SystemState:
         self.placements = [ExpertPlacement.identity(rz.num_experts) for _ in range(rz.config.layers)]
         self.loads: list[list[torch.Tensor]] = [[] for _ in range(rz.config.layers)]
 
-    def update(self, iteration: int, layer: int, maps, row_bytes: int) -> tuple[float, float]:
-        """Plan after this iteration's dispatch; returns (planning seconds, modeled migration ms)."""
-        spec, old = self.spec, self.placements[layer]
+    def update(self, iteration: int, layer: int, maps, dim: int) -> tuple[float, float, float, int]:
+        """Plan after this iteration's dispatch: (planning seconds in this process, modeled link ms of
+        the moves, modeled ms of the planner's all-reduce, experts moved)."""
+        spec, old, rz = self.spec, self.placements[layer], self.rz
         if spec.planner == "none" or (iteration + 1) % spec.every:
-            return 0.0, 0.0
+            return 0.0, 0.0, 0.0, 0
         start = time.perf_counter()
         if spec.planner == "smartmoe":
             self.loads[layer] = (self.loads[layer] + [sum(m.sum(0) for m in maps)])[-spec.history:]
-            new = smartmoe_placement(sum(self.loads[layer]), old, self.rz.topology.G)
+            new = smartmoe_placement(sum(self.loads[layer]), old, rz.topology.G, spec.method)
+            plan_bytes = rz.num_experts * COUNT_BYTES
         else:
-            stats = global_swap_stats(maps, self.rz.topology, old)
-            decision = decide_swap(stats, old, self.rz.profile, row_bytes, max_fn=spec.max_fn, gamma=spec.gamma)
+            stats = global_swap_stats(maps, rz.topology, old)
+            decision = decide_swap(stats, old, rz.profile, rz.row_bytes, max_fn=spec.max_fn, gamma=spec.gamma,
+                                   dim=dim if spec.route != "flat" else 1, weight_bytes=rz.config.weight_bytes)
             new = old.swap(*decision.pair) if decision.pair else old
+            plan_bytes = stats_bytes(rz.topology, rz.num_experts)
         planning_s = time.perf_counter() - start
         self.placements[layer] = new
-        return planning_s, migration_time(old, new, self.rz)
+        moved = sum(1 for a, b in zip(old.slot_of_expert, new.slot_of_expert) if a != b)
+        return planning_s, migration_time(old, new, rz), allreduce_time(rz.profile, plan_bytes), moved
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,10 +318,9 @@ def dense_compute_ms(rz: Resolved) -> float:
     return 3 * forward
 
 
-def expert_compute_ms(rz: Resolved, maps, placement: ExpertPlacement) -> float:
+def expert_compute_ms(rz: Resolved, rows_E: torch.Tensor, placement: ExpertPlacement) -> float:
     """Forward + backward of one MoE layer's routed experts on the slowest GPU."""
     gemms = 3 if rz.model.ffn_kind == "swiglu" else 2
-    rows_E = sum(m.sum(0) for m in maps)
     rows_S = rows_E[list(placement.expert_of_slot)].view(rz.topology.G, -1).to(torch.float64)
     per_gpu = [sum(_gemm(rz, float(r) * rz.model.hidden * rz.model.moe_ffn_hidden) for r in row) for row in rows_S]
     return 3 * gemms * max(per_gpu)
@@ -270,7 +330,6 @@ def expert_compute_ms(rz: Resolved, maps, placement: ExpertPlacement) -> float:
 def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
     """Tidy rows: one per (iteration, layer, system)."""
     cfg = rz.config
-    row_bytes = rz.model.hidden * cfg.bytes_per_elem
     stream = RoutingStream(rz.model, cfg.layers, rz.topology.G, cfg.tokens_per_rank, cfg.stream, cfg.seed,
                            num_experts=rz.num_experts, top_k=rz.top_k)
     states = [SystemState(s, rz) for s in rz.systems]
@@ -280,19 +339,31 @@ def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
         layer_maps = stream.next_iteration()
         for layer, full_map in enumerate(layer_maps):
             maps = stream.per_rank(full_map)
+            balance = routing_balance(full_map, rz.topology.G)
+            rows_E = full_map.sum(0)
+            counts_of: dict[ExpertPlacement, tuple[DispatchCounts, list]] = {}
             for st in states:
                 placement = st.placements[layer]
-                ms, d = dispatch_time(st.spec, maps, rz, placement, row_bytes)
-                expert_ms = expert_compute_ms(rz, maps, placement)
-                planning_s, migration_ms = st.update(it, layer, maps, row_bytes)
-                rows.append({"iteration": it, "layer": layer, "system": st.spec.name, "dim": d,
-                             "dispatch_ms": ms, "a2a_ms": 4 * ms, "expert_compute_ms": expert_ms,
-                             "planning_ms": planning_s * 1e3, "migration_ms": migration_ms})
+                if placement not in counts_of:          # systems on the same placement share the counts
+                    counts_of[placement] = (dispatch_counts(maps, rz.topology, placement),
+                                            [placement.to_slots(m) for m in maps] if st.spec.route == "tutel-2dh"
+                                            else None)
+                counts, slot_maps = counts_of[placement]
+                if st.spec.route == "tutel-2dh" and slot_maps is None:
+                    slot_maps = [placement.to_slots(m) for m in maps]
+                ms, d = a2a_time(st.spec, counts, slot_maps, rz)
+                expert_ms = expert_compute_ms(rz, rows_E, placement)
+                planning_s, migration_ms, plan_comm_ms, moved = st.update(it, layer, maps, d)
+                rows.append({"iteration": it, "layer": layer, "system": st.spec.name, "dim": d, "a2a_ms": ms,
+                             "expert_compute_ms": expert_ms, "planning_ms": planning_s * 1e3,
+                             "migration_ms": migration_ms, "plan_comm_ms": plan_comm_ms, "moved_experts": moved,
+                             "swap_cost": st.spec.swap_cost, **balance})
     frame = pd.DataFrame(rows)
     frame.insert(0, "experiment", cfg.experiment)
     for key, value in (("model", rz.model.name), ("topology", rz.topology.name), ("G", rz.topology.G),
                        ("E", rz.num_experts), ("K", rz.top_k), ("M", rz.model.hidden), ("tier", "sim"),
-                       ("profile", rz.profile.name), ("warmup", cfg.warmup)):
+                       ("profile", rz.profile.name), ("warmup", cfg.warmup), ("skew", cfg.stream.skew),
+                       ("capacity_factor", cfg.capacity_factor)):
         frame[key] = value
     frame["dense_compute_ms"] = dense_compute_ms(rz)
     frame["moe_layers_total"] = sum(1 for i in range(rz.model.num_layers) if rz.model.is_moe_layer(i))
@@ -300,15 +371,23 @@ def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
 
 
 def summarize_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per system, over the measured iterations (after warm-up): mean per-layer AlltoAll ms and
-    the modeled end-to-end iteration ms (layers scaled to the model's MoE layer count)."""
+    """Per system and measured iteration (after warm-up): mean per-layer AlltoAll ms and the
+    modeled end-to-end iteration ms (layers scaled to the model's MoE layer count). The moves'
+    link time (planner all-reduce included) is charged in full ('serial') or beyond the backward
+    compute it hides under ('overlap'; module docstring)."""
     measured = frame[frame["iteration"] >= frame["warmup"]]
     per_it = measured.groupby(["system", "iteration"], sort=False).agg(
         a2a_ms=("a2a_ms", "mean"), expert_ms=("expert_compute_ms", "mean"), migration_ms=("migration_ms", "mean"),
-        layers=("layer", "nunique"), dense_ms=("dense_compute_ms", "first"),
-        moe_layers=("moe_layers_total", "first")).reset_index()
+        plan_comm_ms=("plan_comm_ms", "mean"), moved=("moved_experts", "mean"), layers=("layer", "nunique"),
+        dense_ms=("dense_compute_ms", "first"), moe_layers=("moe_layers_total", "first"),
+        swap_cost=("swap_cost", "first")).reset_index()
+    compute = per_it["dense_ms"] + per_it["moe_layers"] * per_it["expert_ms"]
     per_it["e2e_ms_no_migration"] = per_it["dense_ms"] + per_it["moe_layers"] * (per_it["a2a_ms"] + per_it["expert_ms"])
-    per_it["e2e_ms"] = per_it["e2e_ms_no_migration"] + per_it["moe_layers"] * per_it["migration_ms"]
+    per_it["swap_link_ms"] = per_it["moe_layers"] * (per_it["migration_ms"] + per_it["plan_comm_ms"])
+    hidden_under = compute * 2 / 3                                # the backward part of the compute
+    exposed = (per_it["swap_link_ms"] - hidden_under).clip(lower=0)
+    per_it["swap_exposed_ms"] = exposed.where(per_it["swap_cost"] == "overlap", per_it["swap_link_ms"])
+    per_it["e2e_ms"] = per_it["e2e_ms_no_migration"] + per_it["swap_exposed_ms"]
     return per_it
 
 
@@ -319,13 +398,15 @@ def make_sim_record(rz: Resolved, frame: pd.DataFrame) -> dict:
         metrics[f"a2a_ms_per_layer/{system}"] = g["a2a_ms"].tolist()
         metrics[f"e2e_ms_modeled/{system}"] = g["e2e_ms"].tolist()
         metrics[f"e2e_ms_modeled_no_migration/{system}"] = g["e2e_ms_no_migration"].tolist()
+    metrics["max_split_ratio"] = frame.groupby(["iteration", "layer"])["max_split_ratio"].first().tolist()
+    metrics["maxvio"] = frame.groupby(["iteration", "layer"])["maxvio"].first().tolist()
     return make_record(
         experiment=rz.config.experiment, system=",".join(s.name for s in rz.systems), tier="sim",
         topology=rz.topology,
         model={"name": rz.model.name, "num_experts": rz.num_experts, "top_k": rz.top_k, "hidden": rz.model.hidden,
                "tokens_per_rank": rz.config.tokens_per_rank, "layers_simulated": rz.config.layers},
         config=rz.config, metrics=metrics, seed=rz.config.seed,
-        trace_id=f"gate:{rz.model.gate_kind}:token-stream:seed={rz.config.seed}",
+        trace_id=f"gate:{rz.model.gate_kind}:token-stream:skew={rz.config.stream.skew}:seed={rz.config.seed}",
         extra={"profile": rz.profile.name, "compute_profile": rz.compute.name,
                "note": "times are modeled (alpha-beta profile); volumes exact from routing masks"})
 
