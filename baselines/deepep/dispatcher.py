@@ -112,20 +112,21 @@ def deepep_collectives(counts: DispatchCounts, row_bytes: int, weight_bytes: int
 
 
 def deepep_time(counts: DispatchCounts, profile: HardwareProfile, row_bytes: int, weight_bytes: int = 4, *,
-                overlap: bool = False) -> float:
+                overlap: bool = False, buffer: str = "padded") -> float:
     """Modeled ms of one layer's DeepEP-style AlltoAlls in one iteration; `overlap`: each stage's
-    node step and forwarding step run concurrently (max instead of sum, module docstring)."""
+    node step and forwarding step run concurrently (max instead of sum, module docstring);
+    `buffer`: as in `impl.hiermoe.dimension.route_time`."""
     check_profile(profile, counts.topology)
     cs = deepep_collectives(counts, row_bytes, weight_bytes, with_levels=False)
     if not overlap or _dim(counts.topology) == 1:
-        return sum(collective_time(c, profile) for c in cs)
+        return sum(collective_time(c, profile, buffer) for c in cs)
     total = 0.0
     stages: dict[tuple[str, str], dict[str, float]] = {}
     for c in cs:
         if c.what == "notify":
-            total += collective_time(c, profile)
+            total += collective_time(c, profile, buffer)
             continue
         level = "node" if c.step.startswith("inter") else "inside"
         per = stages.setdefault((c.stage, c.phase), {"node": 0.0, "inside": 0.0})
-        per[level] += collective_time(c, profile)
+        per[level] += collective_time(c, profile, buffer)
     return total + sum(max(v.values()) for v in stages.values())

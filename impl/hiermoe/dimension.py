@@ -80,7 +80,7 @@ __all__ = ["RouteCounts", "StepVolume", "RouteVolumes", "DispatchCounts", "Colle
            "local_counts", "route_counts", "gather_counts", "dispatch_counts", "gather_dispatch_counts",
            "selected_slots", "counts_from_slots",
            "holder_rows", "route_steps", "step_name_of", "route_volumes", "volumes", "step_maxima", "link_table",
-           "mask_bytes", "agreement_bytes", "a2a_collective", "route_collectives", "flat_collectives",
+           "mask_bytes", "agreement_bytes", "BUFFERS", "a2a_collective", "route_collectives", "flat_collectives",
            "agreement_collective", "traffic_of", "allreduce_time", "collective_time", "collectives_time",
            "paper_time", "paper_times", "route_time", "flat_time", "iteration_times", "select_dimension",
            "choose_from_counts", "choose_dimension", "check_profile", "variant_name"]
@@ -350,6 +350,7 @@ def volumes(routing_maps: Sequence[torch.Tensor], topology: Topology, placement:
 # ==========================================================================================
 COUNT_BYTES = 8          # one split count per peer and step, int64
 CHARGES = ("all", "tokens")
+BUFFERS = ("padded", "total")
 
 
 @dataclass(frozen=True, eq=False)
@@ -424,7 +425,9 @@ class Collective:
     sizes of a route at once) or 'agree' (the d* all-reduce); category: the TrafficCounter
     category ('tokens', 'meta'; 'none' for all-reduces, which the counters do not see).
     max_bytes is the largest split any rank sends to any peer (itself included), the model's
-    per-rank buffer is fan * max_bytes (Eqs. (2), (4), (5)); an all-reduce's buffer is max_bytes."""
+    per-rank buffer is fan * max_bytes (Eqs. (2), (4), (5), 'padded'); max_total_bytes is the
+    largest amount any rank sends or receives in it (the 'total' reading of the buffer, for the
+    ablation); an all-reduce's buffer is max_bytes."""
 
     stage: str
     phase: str
@@ -436,10 +439,19 @@ class Collective:
     max_bytes: int
     bytes_by_level: Mapping[str, int] = field(default_factory=dict)
     messages_by_level: Mapping[str, int] = field(default_factory=dict)
+    max_total_bytes: int | None = None
 
     @property
     def nbytes(self) -> int:
         return self.fan * self.max_bytes if self.kind == "a2a" else self.max_bytes
+
+    def buffer_bytes(self, buffer: str = "padded") -> int:
+        """The per-rank buffer the alpha-beta model is evaluated at: 'padded' (fan x largest split,
+        the paper's Eq. (2) read per rank) or 'total' (the largest amount one rank sends or
+        receives; equal for even splits)."""
+        if buffer == "total" and self.kind == "a2a" and self.max_total_bytes is not None:
+            return self.max_total_bytes
+        return self.nbytes
 
 
 def allreduce_time(profile: HardwareProfile, nbytes: float) -> float:
@@ -451,13 +463,21 @@ def allreduce_time(profile: HardwareProfile, nbytes: float) -> float:
     return 2 * profile.comm_time("a2a", "flat", nbytes)
 
 
-def collective_time(c: Collective, profile: HardwareProfile) -> float:
-    return profile.comm_time("a2a", c.step, c.nbytes) if c.kind == "a2a" else allreduce_time(profile, c.nbytes)
+def _check_buffer(buffer: str) -> None:
+    if buffer not in BUFFERS:
+        raise ValueError(f"buffer: {buffer!r} is not allowed; allowed: {', '.join(BUFFERS)}")
 
 
-def collectives_time(collectives: Sequence[Collective], profile: HardwareProfile) -> float:
+def collective_time(c: Collective, profile: HardwareProfile, buffer: str = "padded") -> float:
+    if c.kind == "a2a":
+        return profile.comm_time("a2a", c.step, c.buffer_bytes(buffer))
+    return allreduce_time(profile, c.nbytes)
+
+
+def collectives_time(collectives: Sequence[Collective], profile: HardwareProfile, buffer: str = "padded") -> float:
     """Modeled ms of the collectives, one after another (none overlaps another)."""
-    return sum(collective_time(c, profile) for c in collectives)
+    _check_buffer(buffer)
+    return sum(collective_time(c, profile, buffer) for c in collectives)
 
 
 def a2a_collective(topology: Topology, L: int, P: int, units_XJ: torch.Tensor, unit_bytes: int, *,
@@ -465,11 +485,14 @@ def a2a_collective(topology: Topology, L: int, P: int, units_XJ: torch.Tensor, u
     """The AlltoAll of step (L, P) whose split (holder, peer) carries units_XJ[x, j] units of
     `unit_bytes` (layout of `holder_rows`); bytes and messages per level as TrafficCounter counts
     them (messages to oneself and empty splits are not traffic)."""
-    D = topology.D
+    D, G = topology.D, topology.G
+    holder, peer, link = _step_geometry(topology, L, P)
+    sent = torch.zeros(G, dtype=torch.int64).index_add_(0, holder.reshape(-1), units_XJ.reshape(-1))
+    got = torch.zeros(G, dtype=torch.int64).index_add_(0, peer.reshape(-1), units_XJ.reshape(-1))
     out = dict(kind="a2a", step=step_name_of(topology, L, P), fan=topology.U[L] // topology.U[P],
-               max_bytes=int(units_XJ.max()) * int(unit_bytes) if units_XJ.numel() else 0)
+               max_bytes=int(units_XJ.max()) * int(unit_bytes) if units_XJ.numel() else 0,
+               max_total_bytes=int(torch.maximum(sent, got).max()) * int(unit_bytes))
     if with_levels:
-        _, _, link = _step_geometry(topology, L, P)
         remote = link >= 0
         units = units_XJ[remote]
         b = torch.zeros(D, dtype=torch.int64).index_add_(0, link[remote], units * int(unit_bytes))
@@ -603,32 +626,42 @@ def paper_times(counts: RouteCounts, profile: HardwareProfile, row_bytes: int) -
     return {d: _paper(profile, counts.topology, maxima, d, row_bytes) for d in range(1, counts.topology.D + 1)}
 
 
+def _tokens_only(cs: Sequence[Collective]) -> list[Collective]:
+    """The paper's charge: the forward dispatch's token AlltoAlls, one per step, x 4 phases."""
+    return [c for c in cs if c.stage == "dispatch" and c.phase == "fwd" and c.what == "tokens"] * 4
+
+
 def route_time(counts: DispatchCounts, dim: int, dedup: bool, profile: HardwareProfile, row_bytes: int,
-               weight_bytes: int = 4, charge: str = "all") -> float:
+               weight_bytes: int = 4, charge: str = "all", buffer: str = "padded") -> float:
     """Modeled ms of one layer's HD`dim` / H`dim` AlltoAlls in one training iteration (dispatch,
     combine and their backward twins). charge='all': every collective the dispatcher issues with
-    every byte it sends (`route_collectives`); charge='tokens': the paper's model, 4 x t_d."""
+    every byte it sends (`route_collectives`); charge='tokens': the paper's model, 4 x t_d.
+    buffer: 'padded' (fan x largest split, the paper's reading) or 'total' (`Collective.buffer_bytes`)."""
     _check_charge(charge)
+    _check_buffer(buffer)
     check_profile(profile, counts.topology)
-    if charge == "tokens":
+    if charge == "tokens" and buffer == "padded":
         return 4 * paper_time(counts.rows(dedup), dim, profile, row_bytes)
-    return collectives_time(route_collectives(counts, dim, dedup, row_bytes, weight_bytes, with_levels=False), profile)
+    cs = route_collectives(counts, dim, dedup, row_bytes, weight_bytes, with_levels=False)
+    return collectives_time(_tokens_only(cs) if charge == "tokens" else cs, profile, buffer)
 
 
 def flat_time(counts: DispatchCounts, profile: HardwareProfile, row_bytes: int, weight_bytes: int = 4,
-              charge: str = "all") -> float:
+              charge: str = "all", buffer: str = "padded") -> float:
     """Modeled ms of Megatron-LM's flat AlltoAlls of one layer in one iteration (see `route_time`)."""
     _check_charge(charge)
+    _check_buffer(buffer)
     check_profile(profile, counts.topology)
-    if charge == "tokens":
+    if charge == "tokens" and buffer == "padded":
         return 4 * paper_time(counts.pairs, 1, profile, row_bytes)
-    return collectives_time(flat_collectives(counts, row_bytes, weight_bytes, with_levels=False), profile)
+    cs = flat_collectives(counts, row_bytes, weight_bytes, with_levels=False)
+    return collectives_time(_tokens_only(cs) if charge == "tokens" else cs, profile, buffer)
 
 
 def iteration_times(counts: DispatchCounts, profile: HardwareProfile, row_bytes: int, weight_bytes: int = 4,
-                    charge: str = "all") -> dict[int, float]:
+                    charge: str = "all", buffer: str = "padded") -> dict[int, float]:
     """{d: modeled ms of HDd's AlltoAlls in one iteration} for d = 1..D: what d* minimises."""
-    return {d: route_time(counts, d, True, profile, row_bytes, weight_bytes, charge)
+    return {d: route_time(counts, d, True, profile, row_bytes, weight_bytes, charge, buffer)
             for d in range(1, counts.topology.D + 1)}
 
 
@@ -644,11 +677,11 @@ def select_dimension(times: Mapping[int, float]) -> int:
 
 
 def choose_from_counts(counts: DispatchCounts, profile: HardwareProfile, row_bytes: int, weight_bytes: int = 4,
-                       charge: str = "all") -> int:
+                       charge: str = "all", buffer: str = "padded") -> int:
     """d* from global counts (sim tier, or after `gather_dispatch_counts`)."""
     if not isinstance(counts, DispatchCounts):
         raise ValueError("d* is chosen from DispatchCounts (copies and pairs); build them with dispatch_counts")
-    return select_dimension(iteration_times(counts, profile, row_bytes, weight_bytes, charge))
+    return select_dimension(iteration_times(counts, profile, row_bytes, weight_bytes, charge, buffer))
 
 
 def choose_dimension(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPlacement | None,

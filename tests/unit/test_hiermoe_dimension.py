@@ -276,6 +276,32 @@ def test_choice_equals_brute_force_argmin(topo_name):
     assert len(chosen) > 1, f"every case chose d={chosen}: the cases do not discriminate"
 
 
+@pytest.mark.parametrize("topo_name,E,K", [("2x4", 16, 4), ("hier:a=3,b=2,c=2", 24, 6), ("hiermoe-testbed", 64, 8)])
+def test_total_buffer_is_the_largest_amount_a_rank_sends_or_receives(topo_name, E, K):
+    """The 'total' reading of a step's buffer (ablation) against the loop route: per step the
+    largest of every rank's sent and received rows (itself included); 'padded' is fan x largest split."""
+    from impl.hiermoe.dimension import route_collectives
+    topo = get_topology(topo_name)
+    placement = random_placement(E, 4)
+    maps = random_maps(topo, E, K, 7, "zipf", seed=6, drop=0.1)
+    both = dispatch_counts(maps, topo, placement)
+    for dedup in (True, False):
+        for d in range(1, topo.D + 1):
+            ref = loop_route(maps, topo, placement.slot_of_expert, d, dedup)
+            tokens = [c for c in route_collectives(both, d, dedup, 10) if c.what == "tokens" and c.stage == "dispatch"
+                      and c.phase == "fwd"]
+            for split, c in zip(ref, tokens):
+                sent, got = defaultdict(int), defaultdict(int)
+                for (a, b), n in split.items():
+                    sent[a] += n
+                    got[b] += n
+                assert c.max_total_bytes == 10 * max(list(sent.values()) + list(got.values()), default=0)
+                assert c.buffer_bytes("padded") == c.fan * 10 * max(split.values(), default=0)
+    assert route_time(both, 1, True, random_profile(topo, random.Random(1)), 10, buffer="total") > 0
+    with pytest.raises(ValueError, match="buffer: 'max' is not allowed; allowed: padded, total"):
+        route_time(both, 1, True, random_profile(topo, random.Random(1)), 10, buffer="max")
+
+
 def test_select_dimension_rule_of_eq6():
     assert select_dimension({1: 0.9, 2: 1.0, 3: 1.2}) == 1
     assert select_dimension({1: 1.0, 2: 1.0}) == 2            # t_1 must be strictly smaller

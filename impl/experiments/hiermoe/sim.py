@@ -41,7 +41,9 @@ Tutel's default), SmartMoE (flat + SmartMoE placement), HD2-MoE, HD2-MoE-Smart, 
 layer and iteration), HierMoE (d* + HierD-ES), DeepEP (beyond the paper: DeepEP-style node-level
 dedup, `baselines.deepep`), and Hd / HDd for fixed d. Options in brackets make variants:
 `HierMoE[max_fn=max]`, `HierMoE[every=4]`, `Megatron-LM[charge=tokens]`,
-`Tutel-2DH[capacity_factor=0]`, `HD2-MoE-Smart[method=greedy-swap]`, `DeepEP[overlap=true]`.
+`Tutel-2DH[capacity_factor=0]`, `HD2-MoE-Smart[method=greedy-swap]`, `DeepEP[overlap=true]`,
+`Megatron-LM[buffer=total]` (the model evaluated at the largest amount a rank sends or receives
+instead of the paper's fan x largest split).
 """
 from __future__ import annotations
 
@@ -110,6 +112,7 @@ class SimExperimentConfig:
     smartmoe_history: int = 2
     smartmoe_method: Literal["lpt", "greedy-swap"] = "lpt"
     charge: Literal["all", "tokens"] = "all"
+    buffer: Literal["padded", "total"] = "padded"
     capacity_factor: float = 1.0
     swap_cost: Literal["overlap", "serial"] = "overlap"
     stream: TokenStreamConfig = field(default_factory=TokenStreamConfig)
@@ -158,7 +161,7 @@ def resolve(config: SimExperimentConfig) -> Resolved:
     if not math.isfinite(config.capacity_factor):
         raise ConfigError(f"capacity_factor: {config.capacity_factor} is not allowed; allowed: a finite number")
     defaults = dict(max_fn=config.max_fn, gamma=config.gamma, every=config.swap_every,
-                    history=config.smartmoe_history, method=config.smartmoe_method, charge=config.charge,
+                    history=config.smartmoe_history, method=config.smartmoe_method, charge=config.charge, buffer=config.buffer,
                     capacity_factor=config.capacity_factor, swap_cost=config.swap_cost)
     systems = tuple(parse_system(s, defaults) for s in config.systems)
     for s in systems:
@@ -196,21 +199,21 @@ def a2a_time(spec: SystemSpec, counts: DispatchCounts, maps_TS, rz: Resolved) ->
     """(modeled ms of the layer's AlltoAlls in one iteration: dispatch, combine and their backward
     twins; route dimension used). `maps_TS`: the ranks' routing maps in slot order (Tutel's
     capacity)."""
-    rb, wb, prof = rz.row_bytes, rz.config.weight_bytes, rz.profile
+    rb, wb, prof, buf = rz.row_bytes, rz.config.weight_bytes, rz.profile, spec.buffer
     if spec.route == "tutel-2dh":
         counts_GE = torch.stack([m.sum(0) for m in maps_TS])
         C = capacity_of(counts_GE, rz.config.tokens_per_rank, rz.top_k, spec.capacity_factor)
         cs = tutel_2dh_collectives(rz.topology, rz.num_experts, C, rb, with_levels=False)
-        return sum(collective_time(c, prof) for c in cs if spec.charge == "all" or c.what == "tokens"), 2
+        return sum(collective_time(c, prof, buf) for c in cs if spec.charge == "all" or c.what == "tokens"), 2
     if spec.route == "deepep":
         if spec.charge == "tokens":
-            return route_time(counts, min(2, rz.topology.D), True, prof, rb, wb, "tokens"), 2
-        return deepep_time(counts, prof, rb, wb, overlap=spec.overlap), 2
+            return route_time(counts, min(2, rz.topology.D), True, prof, rb, wb, "tokens", buf), 2
+        return deepep_time(counts, prof, rb, wb, overlap=spec.overlap, buffer=buf), 2
     if spec.route == "flat":
-        return flat_time(counts, prof, rb, wb, spec.charge), 1
+        return flat_time(counts, prof, rb, wb, spec.charge, buf), 1
     if spec.route == "fixed":
-        return route_time(counts, spec.dim, spec.dedup, prof, rb, wb, spec.charge), spec.dim
-    times = iteration_times(counts, prof, rb, wb, spec.charge)
+        return route_time(counts, spec.dim, spec.dedup, prof, rb, wb, spec.charge, buf), spec.dim
+    times = iteration_times(counts, prof, rb, wb, spec.charge, buf)
     d = select_dimension(times)
     agree = allreduce_time(prof, agreement_bytes(rz.topology)) if spec.charge == "all" else 0.0
     return times[d] + agree, d

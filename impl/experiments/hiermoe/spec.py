@@ -21,6 +21,7 @@ class HierMoEOptions:
     history: int = 2                                     # SmartMoE's load window (iterations)
     method: Literal["lpt", "greedy-swap"] = "lpt"        # SmartMoE's planner
     charge: Literal["all", "tokens"] = "all"             # what the model charges (impl.hiermoe.dimension)
+    buffer: Literal["padded", "total"] = "padded"        # the AlltoAll buffer the model is evaluated at
     capacity_factor: float = 1.0                         # Tutel-2DH's capacity factor (Tutel's default)
     swap_cost: Literal["overlap", "serial"] = "overlap"  # expert moves hidden under backward, or not
     overlap: bool = False                                # DeepEP: node step and forwarding pipelined
@@ -46,6 +47,7 @@ class SystemSpec:
     history: int = 2
     method: str = "lpt"
     charge: str = "all"
+    buffer: str = "padded"
     capacity_factor: float = 1.0
     swap_cost: str = "overlap"
     overlap: bool = False
@@ -53,5 +55,5 @@ class SystemSpec:
     @classmethod
     def from_options(cls, opts: HierMoEOptions, *, name: str = "", **spec) -> "SystemSpec":
         return cls(name=name, max_fn=opts.max_fn, gamma=opts.gamma, every=opts.every, history=opts.history,
-                   method=opts.method, charge=opts.charge, capacity_factor=opts.capacity_factor,
+                   method=opts.method, charge=opts.charge, buffer=opts.buffer, capacity_factor=opts.capacity_factor,
                    swap_cost=opts.swap_cost, overlap=opts.overlap, **spec)
