@@ -330,12 +330,20 @@ def expert_compute_ms(rz: Resolved, rows_E: torch.Tensor, placement: ExpertPlace
 
 
 # ------------------------------------------------------------------------------------------
+def _plan_key(spec: SystemSpec) -> SystemSpec:
+    return dataclasses.replace(spec, name="", swap_cost="overlap")
+
+
 def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
     """Tidy rows: one per (iteration, layer, system)."""
     cfg = rz.config
     stream = RoutingStream(rz.model, cfg.layers, rz.topology.G, cfg.tokens_per_rank, cfg.stream, cfg.seed,
                            num_experts=rz.num_experts, top_k=rz.top_k)
-    states = [SystemState(s, rz) for s in rz.systems]
+    # systems that plan alike share one planner state (an option that only changes how their time is
+    # charged afterwards, swap_cost, does not change the plan)
+    shared: dict[SystemSpec, SystemState] = {}
+    for s in rz.systems:
+        shared.setdefault(_plan_key(s), SystemState(s, rz))
     rows = []
     for it in tqdm(range(cfg.iterations), desc=f"{cfg.experiment} iterations", disable=None if progress is None
                    else not progress):
@@ -345,22 +353,26 @@ def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
             balance = routing_balance(full_map, rz.topology.G)
             rows_E = full_map.sum(0)
             counts_of: dict[ExpertPlacement, tuple[DispatchCounts, list]] = {}
-            for st in states:
-                placement = st.placements[layer]
+            updates: dict[SystemSpec, tuple] = {}
+            for spec in rz.systems:
+                st = shared[_plan_key(spec)]
+                placement = st.placements[layer] if _plan_key(spec) not in updates else updates[_plan_key(spec)][0]
                 if placement not in counts_of:          # systems on the same placement share the counts
                     counts_of[placement] = (dispatch_counts(maps, rz.topology, placement),
                                             [placement.to_slots(m) for m in maps] if st.spec.route == "tutel-2dh"
                                             else None)
                 counts, slot_maps = counts_of[placement]
-                if st.spec.route == "tutel-2dh" and slot_maps is None:
+                if spec.route == "tutel-2dh" and slot_maps is None:
                     slot_maps = [placement.to_slots(m) for m in maps]
-                ms, d = a2a_time(st.spec, counts, slot_maps, rz)
+                ms, d = a2a_time(spec, counts, slot_maps, rz)
                 expert_ms = expert_compute_ms(rz, rows_E, placement)
-                planning_s, migration_ms, plan_comm_ms, moved = st.update(it, layer, maps, d)
-                rows.append({"iteration": it, "layer": layer, "system": st.spec.name, "dim": d, "a2a_ms": ms,
+                if _plan_key(spec) not in updates:
+                    updates[_plan_key(spec)] = (placement, st.update(it, layer, maps, d))
+                planning_s, migration_ms, plan_comm_ms, moved = updates[_plan_key(spec)][1]
+                rows.append({"iteration": it, "layer": layer, "system": spec.name, "dim": d, "a2a_ms": ms,
                              "expert_compute_ms": expert_ms, "planning_ms": planning_s * 1e3,
                              "migration_ms": migration_ms, "plan_comm_ms": plan_comm_ms, "moved_experts": moved,
-                             "swap_cost": st.spec.swap_cost, **balance})
+                             "swap_cost": spec.swap_cost, **balance})
     frame = pd.DataFrame(rows)
     frame.insert(0, "experiment", cfg.experiment)
     for key, value in (("model", rz.model.name), ("topology", rz.topology.name), ("G", rz.topology.G),
