@@ -74,17 +74,18 @@ def test_tutel_2dh_time_pads_every_expert_slice_to_the_capacity():
     maps[0][:3, 5] = True        # the largest (rank, expert) count is 3
     maps[1][0, 7] = True
     counts = dispatch_counts(maps, rz.topology)
+    counts_GE = torch.stack([m.sum(0) for m in maps])
     n = E * 3 * rz.row_bytes
     # level 0 of the topology is the "node" of Tutel's 2D route: intra-level-1, then inter-level-1,
     # four exchanges (dispatch, combine, their backward twins), one capacity all-reduce
     one = rz.profile.comm_time("a2a", "intra-1", n) + rz.profile.comm_time("a2a", "inter-1", n)
     dropless = simulate.parse_system("Tutel-2DH[capacity_factor=0]", {})
-    assert simulate.a2a_time(dropless, counts, maps, rz)[0] == pytest.approx(allreduce_time(rz.profile, 24) + 4 * one)
+    assert simulate.a2a_time(dropless, counts, counts_GE, rz)[0] == pytest.approx(allreduce_time(rz.profile, 24) + 4 * one)
     fixed = simulate.parse_system("Tutel-2DH", {})                 # Tutel's default capacity factor 1.0
     C = rz.top_k * int(1.0 * -(-4 // E))
     n = E * C * rz.row_bytes
     one = rz.profile.comm_time("a2a", "intra-1", n) + rz.profile.comm_time("a2a", "inter-1", n)
-    assert simulate.a2a_time(fixed, counts, maps, rz)[0] == pytest.approx(allreduce_time(rz.profile, 24) + 4 * one)
+    assert simulate.a2a_time(fixed, counts, counts_GE, rz)[0] == pytest.approx(allreduce_time(rz.profile, 24) + 4 * one)
 
 
 def test_planners_change_the_placement_they_are_evaluated_on():
@@ -101,24 +102,31 @@ def test_planners_change_the_placement_they_are_evaluated_on():
 
 def test_swap_cost_is_one_pair_point_to_point_and_hidden_under_backward():
     """A HierD-ES swap moves two experts' weights and optimizer state (14 bytes per parameter)
-    in both directions at once: one message's time. 'overlap' charges only what exceeds the
-    backward compute; 'serial' charges it all; the plan is the same."""
-    rz = resolved("systems=[HierMoE,'HierMoE[swap_cost=serial]',HD-MoE]", "stream.skew=1.5", "iterations=3")
+    in both directions at once: one message's time, a lone message having its link to itself.
+    'overlap' charges only what exceeds the backward compute; 'exposed' charges it all; the plan is
+    the same; 'shared' gives the move one rank's share of the link."""
+    rz = resolved("systems=[HierMoE,'HierMoE[swap_cost=exposed]','HierMoE[swap_cost=shared]',HD-MoE]",
+                  "stream.skew=1.5", "iterations=3")
     m = rz.model
     assert simulate.expert_state_bytes(m) == 3 * m.hidden * m.moe_ffn_hidden * 14
     old = ExpertPlacement.identity(rz.num_experts)
     new = old.swap(0, rz.num_experts - 1)                              # GPU 0 <-> GPU 7 (across sockets)
     one = simulate.p2p_time(rz.profile, rz.topology, 0, 7, simulate.expert_state_bytes(m))
-    model = rz.profile.comm_model("a2a", "inter-1")
-    assert one == pytest.approx(model.alpha_ms + model.beta_ms * simulate.expert_state_bytes(m) * 2)
+    model = rz.profile.comm_model("a2a", "inter-1")             # fan 2; 4 GPUs of a socket share the link
+    assert one == pytest.approx(model.alpha_ms + model.beta_ms * simulate.expert_state_bytes(m) * 2 / 4)
+    shared = simulate.p2p_time(rz.profile, rz.topology, 0, 7, simulate.expert_state_bytes(m), shared=True)
+    assert shared == pytest.approx(model.alpha_ms + model.beta_ms * simulate.expert_state_bytes(m) * 2)
+    nvlink = rz.profile.comm_model("a2a", "intra-2")            # the finest level: a pair's own link
+    assert simulate.p2p_time(rz.profile, rz.topology, 0, 1, 100) == pytest.approx(nvlink.alpha_ms + nvlink.beta_ms * 200)
     assert simulate.migration_time(old, new, rz) == pytest.approx(one)
     frame = simulate.run_experiment(rz, progress=False)
     by = {s: g.reset_index(drop=True) for s, g in frame.groupby("system")}
-    assert by["HierMoE"]["a2a_ms"].equals(by["HierMoE[swap_cost=serial]"]["a2a_ms"])
+    assert by["HierMoE"]["a2a_ms"].equals(by["HierMoE[swap_cost=exposed]"]["a2a_ms"])
     assert by["HierMoE"]["moved_experts"].sum() > 0
     per_it = simulate.summarize_frame(frame).set_index(["system", "iteration"])
-    serial = per_it.loc["HierMoE[swap_cost=serial]"]
+    exposed = per_it.loc["HierMoE[swap_cost=exposed]"]
     overlap = per_it.loc["HierMoE"]
-    assert (serial["swap_exposed_ms"] == serial["swap_link_ms"]).all()
+    assert (exposed["swap_exposed_ms"] == exposed["swap_link_ms"]).all()
     assert (overlap["swap_exposed_ms"] <= overlap["swap_link_ms"]).all()
+    assert (overlap["swap_link_ms"] == exposed["swap_link_ms"]).all()
     assert (per_it.loc["HD-MoE"]["swap_link_ms"] == 0).all()

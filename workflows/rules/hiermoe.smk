@@ -83,3 +83,55 @@ rule hiermoe_sim:
     shell:
         "python -m impl.experiments.hiermoe.sim --config {input.config} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
+
+
+rule hiermoe_swap_measure:
+    """One expert swap on local gloo ranks (tier emu) beside the sim's model of it (this machine's
+    calibration): what the report says about the swap cost's model."""
+    input:
+        profile=calibration_profile(),
+    output:
+        csv="results/raw/hiermoe_swap/measure.csv",
+        record="results/raw/hiermoe_swap/measure.json",
+    log:
+        "results/logs/hiermoe_swap/measure.log",
+    params:
+        overrides=as_flags(overrides_of(config["hiermoe_swap_measure"].get("set", {}))),
+        topology=config["hiermoe_calibration"]["topology"],
+    threads: 2
+    resources:
+        runtime=15,
+        mem_mb=4000,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m impl.experiments.hiermoe.swap_measure --profile {input.profile} --set topology={params.topology}"
+        " {params.overrides} --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
+
+
+rule hiermoe_scaleout:
+    """Beyond the paper (not in the default target): AlltoAll speedups from 32 to 1,024 GPUs,
+    8 per node, D = 2..4, with the crossover points; `snakemake --cores 2 hiermoe_scaleout`."""
+    input:
+        config=repo_path(config["hiermoe_scaleout"]["config"]),
+    output:
+        csv="results/raw/hiermoe_scaleout/scaleout.csv",
+        record="results/raw/hiermoe_scaleout/scaleout.json",
+        pdf="results/figures/hiermoe_scaleout.pdf",
+        png="results/figures/hiermoe_scaleout.png",
+        md="results/figures/hiermoe_scaleout.md",
+    log:
+        "results/logs/hiermoe_scaleout/scaleout.log",
+    params:
+        overrides=as_flags(overrides_of(config["hiermoe_scaleout"].get("set", {}))),
+    threads: 1
+    resources:
+        runtime=60,
+        mem_mb=8000,
+    conda:
+        "../../environment.yml"
+    shell:
+        "(python -m impl.experiments.hiermoe.scaleout --config {input.config} {params.overrides} --no-progress"
+        " --out-csv {output.csv} --out-record {output.record}"
+        " && python -m figures.hiermoe_scaleout --csv {output.csv} --out results/figures/hiermoe_scaleout"
+        " --out-md {output.md}) > {log} 2>&1"

@@ -27,13 +27,15 @@ What is exact and what is modeled:
 * Expert moves (HierD-ES one pair per layer and planning iteration, SmartMoE whatever its plan
   moves): what moves is each moved expert's bf16 weights, fp32 master weights and two fp32 Adam
   moments (14 bytes per parameter), point to point between its old and new owner over the link
-  of their level (`p2p_time`), plus the planner's statistics all-reduce. When: the move of a
-  layer's experts can run once that layer's backward is done, under the backward compute of the
-  layers below it (`swap_cost: overlap`, the default): the iteration is charged only the part of
-  the moves' link time that exceeds the backward compute (a lower bound: moves and AlltoAlls do
-  not share a link in our timeline). `swap_cost: serial` charges the moves in full, after the
-  step (the ablation). Swaps happen every `every` iterations, so their cost is amortised over the
-  interval (the median iteration of `every` > 1 carries none).
+  of their level (`p2p_time`: a lone message has its link to itself), plus the planner's
+  statistics all-reduce. When: a layer's moves can run once that layer's backward is done, under
+  the backward compute of the layers below it (`swap_cost: overlap`, the default): the iteration
+  is charged only the part of the moves' link time that exceeds the backward compute (a lower
+  bound: moves and AlltoAlls do not share a link in our timeline). Ablations: `exposed` charges
+  the moves in full, after the step; `shared` also gives every move only one rank's share of its
+  link (the AlltoAll fit's rate, the model the paper-less earlier version used). Swaps happen every
+  `every` iterations, so their cost is amortised over the interval (the median iteration of
+  `every` > 1 carries none).
 
 Systems (names as in the paper): Megatron-LM (flat, one copy per (token, expert)), Tutel-2DH
 (intra-node then inter-node AlltoAll over capacity-padded equal slices, capacity factor 1.0:
@@ -77,7 +79,7 @@ from impl.experiments.hiermoe.workload import RoutingStream, TokenStreamConfig, 
 from impl.experiments.systems import paper_systems, parse_system_name
 
 __all__ = ["SimExperimentConfig", "parse_system", "run_experiment", "summarize_frame", "main", "a2a_time",
-           "expert_state_bytes", "p2p_time", "migration_time"]
+           "expert_state_bytes", "p2p_time", "migration_time", "uniform_paper_model"]
 
 PAPER_SYSTEMS = tuple(s.name for s in paper_systems("hiermoe", roles=("baseline", "ours")))
 
@@ -114,7 +116,7 @@ class SimExperimentConfig:
     charge: Literal["all", "tokens"] = "all"
     buffer: Literal["padded", "total"] = "padded"
     capacity_factor: float = 1.0
-    swap_cost: Literal["overlap", "serial"] = "overlap"
+    swap_cost: Literal["overlap", "exposed", "shared"] = "overlap"
     stream: TokenStreamConfig = field(default_factory=TokenStreamConfig)
     seed: int = 0
 
@@ -195,14 +197,14 @@ def _load_profile(name: str, topology: Topology | None) -> HardwareProfile:
 # ------------------------------------------------------------------------------------------
 # per-system AlltoAll time of one layer in one iteration
 # ------------------------------------------------------------------------------------------
-def a2a_time(spec: SystemSpec, counts: DispatchCounts, maps_TS, rz: Resolved) -> tuple[float, int]:
+def a2a_time(spec: SystemSpec, counts: DispatchCounts, counts_GS: torch.Tensor | None, rz: Resolved
+             ) -> tuple[float, int]:
     """(modeled ms of the layer's AlltoAlls in one iteration: dispatch, combine and their backward
-    twins; route dimension used). `maps_TS`: the ranks' routing maps in slot order (Tutel's
-    capacity)."""
+    twins; route dimension used). `counts_GS`: the ranks' (token, expert) counts per slot, [G, E]
+    (Tutel's capacity; None for the other systems)."""
     rb, wb, prof, buf = rz.row_bytes, rz.config.weight_bytes, rz.profile, spec.buffer
     if spec.route == "tutel-2dh":
-        counts_GE = torch.stack([m.sum(0) for m in maps_TS])
-        C = capacity_of(counts_GE, rz.config.tokens_per_rank, rz.top_k, spec.capacity_factor)
+        C = capacity_of(counts_GS, rz.config.tokens_per_rank, rz.top_k, spec.capacity_factor)
         cs = tutel_2dh_collectives(rz.topology, rz.num_experts, C, rb, with_levels=False)
         return sum(collective_time(c, prof, buf) for c in cs if spec.charge == "all" or c.what == "tokens"), 2
     if spec.route == "deepep":
@@ -229,37 +231,41 @@ def expert_state_bytes(model: ModelConfig) -> int:
     return gemms * model.hidden * model.moe_ffn_hidden * 14
 
 
-def p2p_time(profile: HardwareProfile, topology: Topology, src: int, dst: int, nbytes: int) -> float:
-    """Modeled ms of one point-to-point message src -> dst: the start-up and byte rate of the
-    AlltoAll step whose messages cross exactly that link's level (Inter-(l+1) for level l, the
-    final Intra step for the finest level). That step's beta is per byte of a rank's buffer, of
-    which (fan - 1) / fan crosses the link, so one message of n bytes costs alpha + beta * n * fan
-    / (fan - 1)."""
+def p2p_time(profile: HardwareProfile, topology: Topology, src: int, dst: int, nbytes: int, *,
+             shared: bool = False) -> float:
+    """Modeled ms of one point-to-point message src -> dst, from the AlltoAll step whose messages
+    cross exactly that link's level (Inter-(l+1) for level l, the final Intra step for the finest
+    level). That step's beta is per byte of a rank's buffer, of which (fan - 1) / fan crosses the
+    link, while all the ranks behind the link (G / U[l+1] of them: the GPUs of a node for the
+    inter-node link) send at once. A lone message has the link to itself: alpha + beta * n *
+    fan / (fan - 1) / (G / U[l+1]). `shared`: the message gets only one rank's share of the link,
+    as inside the AlltoAll the fit measured (no division; the ablation)."""
     level = topology.link_level(src, dst)
     if level is None:
         return 0.0
-    D, U = topology.D, topology.U
+    D, U, G = topology.D, topology.U, topology.G
     if D == 1:
-        step, fan = "flat", topology.G
+        step, fan = "flat", G
     elif level + 1 < D:
         step, fan = f"inter-{level + 1}", U[level + 1] // U[level]
     else:
         step, fan = f"intra-{D - 1}", U[D] // U[D - 1]
+    sharing = 1 if shared else G // U[level + 1]
     model = profile.comm_model("a2a", step)
-    return model.alpha_ms + model.beta_ms * nbytes * fan / max(fan - 1, 1)
+    return model.alpha_ms + model.beta_ms * nbytes * fan / max(fan - 1, 1) / sharing
 
 
-def migration_time(old: ExpertPlacement, new: ExpertPlacement, rz: Resolved) -> float:
+def migration_time(old: ExpertPlacement, new: ExpertPlacement, rz: Resolved, shared: bool = False) -> float:
     """Modeled link ms of moving the experts whose owner changed: one message per expert; the moves
     leaving one GPU one after another, different GPUs' concurrently (full-duplex links, so a swap's
-    two directions overlap)."""
+    two directions overlap); `shared` as in `p2p_time`."""
     topo, El = rz.topology, rz.num_experts // rz.topology.G
     nbytes = expert_state_bytes(rz.model)
     per_sender: dict[int, float] = {}
     for a, b in zip(old.slot_of_expert, new.slot_of_expert):
         src, dst = a // El, b // El
         if src != dst:
-            per_sender[src] = per_sender.get(src, 0.0) + p2p_time(rz.profile, topo, src, dst, nbytes)
+            per_sender[src] = per_sender.get(src, 0.0) + p2p_time(rz.profile, topo, src, dst, nbytes, shared=shared)
     return max(per_sender.values(), default=0.0)
 
 
@@ -271,19 +277,25 @@ class SystemState:
         self.placements = [ExpertPlacement.identity(rz.num_experts) for _ in range(rz.config.layers)]
         self.loads: list[list[torch.Tensor]] = [[] for _ in range(rz.config.layers)]
 
-    def update(self, iteration: int, layer: int, maps, dim: int) -> tuple[float, float, float, int]:
+    def update(self, iteration: int, layer: int, maps, dim: int, rows_E: torch.Tensor | None = None,
+               stats_cache: dict | None = None) -> tuple[float, dict[str, float], float, int]:
         """Plan after this iteration's dispatch: (planning seconds in this process, modeled link ms of
-        the moves, modeled ms of the planner's all-reduce, experts moved)."""
+        the moves per swap_cost, modeled ms of the planner's all-reduce, experts moved)."""
         spec, old, rz = self.spec, self.placements[layer], self.rz
         if spec.planner == "none" or (iteration + 1) % spec.every:
-            return 0.0, 0.0, 0.0, 0
+            return 0.0, {"overlap": 0.0, "exposed": 0.0, "shared": 0.0}, 0.0, 0
         start = time.perf_counter()
         if spec.planner == "smartmoe":
-            self.loads[layer] = (self.loads[layer] + [sum(m.sum(0) for m in maps)])[-spec.history:]
+            load_E = rows_E if rows_E is not None else sum(m.sum(0) for m in maps)
+            self.loads[layer] = (self.loads[layer] + [load_E])[-spec.history:]
             new = smartmoe_placement(sum(self.loads[layer]), old, rz.topology.G, spec.method)
             plan_bytes = rz.num_experts * COUNT_BYTES
         else:
-            stats = global_swap_stats(maps, rz.topology, old)
+            if stats_cache is None or old not in stats_cache:     # planners on one placement share them
+                stats = global_swap_stats(maps, rz.topology, old)
+                if stats_cache is not None:
+                    stats_cache[old] = stats
+            stats = stats_cache[old] if stats_cache is not None else stats
             decision = decide_swap(stats, old, rz.profile, rz.row_bytes, max_fn=spec.max_fn, gamma=spec.gamma,
                                    dim=dim if spec.route != "flat" else 1, weight_bytes=rz.config.weight_bytes)
             new = old.swap(*decision.pair) if decision.pair else old
@@ -291,7 +303,9 @@ class SystemState:
         planning_s = time.perf_counter() - start
         self.placements[layer] = new
         moved = sum(1 for a, b in zip(old.slot_of_expert, new.slot_of_expert) if a != b)
-        return planning_s, migration_time(old, new, rz), allreduce_time(rz.profile, plan_bytes), moved
+        lone = migration_time(old, new, rz)
+        links = {"overlap": lone, "exposed": lone, "shared": migration_time(old, new, rz, shared=True)}
+        return planning_s, links, allreduce_time(rz.profile, plan_bytes), moved
 
 
 # ------------------------------------------------------------------------------------------
@@ -322,15 +336,22 @@ def dense_compute_ms(rz: Resolved) -> float:
 
 
 def expert_compute_ms(rz: Resolved, rows_E: torch.Tensor, placement: ExpertPlacement) -> float:
-    """Forward + backward of one MoE layer's routed experts on the slowest GPU."""
+    """Forward + backward of one MoE layer's routed experts on the slowest GPU: per expert with
+    rows, one GEMM of the GEMM model per projection (alpha + beta * rows * M * H)."""
     gemms = 3 if rz.model.ffn_kind == "swiglu" else 2
+    gemm = rz.compute.compute_model("gemm")
     rows_S = rows_E[list(placement.expert_of_slot)].view(rz.topology.G, -1).to(torch.float64)
-    per_gpu = [sum(_gemm(rz, float(r) * rz.model.hidden * rz.model.moe_ffn_hidden) for r in row) for row in rows_S]
-    return 3 * gemms * max(per_gpu)
+    per_gpu = (rows_S > 0).sum(1) * gemm.alpha_ms + rows_S.sum(1) * (rz.model.hidden * rz.model.moe_ffn_hidden
+                                                                      * gemm.beta_ms)
+    return 3 * gemms * float(per_gpu.max())
 
 
 # ------------------------------------------------------------------------------------------
 def _plan_key(spec: SystemSpec) -> SystemSpec:
+    """Specs that plan alike share a state: swap_cost only prices the same moves differently, and
+    SmartMoE plans from raw loads whatever the route and the AlltoAll model (charge, buffer)."""
+    if spec.planner == "smartmoe":
+        return SystemSpec("", "flat", planner="smartmoe", every=spec.every, history=spec.history, method=spec.method)
     return dataclasses.replace(spec, name="", swap_cost="overlap")
 
 
@@ -352,27 +373,26 @@ def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
             maps = stream.per_rank(full_map)
             balance = routing_balance(full_map, rz.topology.G)
             rows_E = full_map.sum(0)
-            counts_of: dict[ExpertPlacement, tuple[DispatchCounts, list]] = {}
+            counts_GE = full_map.view(rz.topology.G, -1, rz.num_experts).sum(1)
+            per_placement: dict[ExpertPlacement, tuple[DispatchCounts, torch.Tensor, float]] = {}
             updates: dict[SystemSpec, tuple] = {}
+            stats_cache: dict = {}
             for spec in rz.systems:
                 st = shared[_plan_key(spec)]
                 placement = st.placements[layer] if _plan_key(spec) not in updates else updates[_plan_key(spec)][0]
-                if placement not in counts_of:          # systems on the same placement share the counts
-                    counts_of[placement] = (dispatch_counts(maps, rz.topology, placement),
-                                            [placement.to_slots(m) for m in maps] if st.spec.route == "tutel-2dh"
-                                            else None)
-                counts, slot_maps = counts_of[placement]
-                if spec.route == "tutel-2dh" and slot_maps is None:
-                    slot_maps = [placement.to_slots(m) for m in maps]
-                ms, d = a2a_time(spec, counts, slot_maps, rz)
-                expert_ms = expert_compute_ms(rz, rows_E, placement)
+                if placement not in per_placement:       # systems on the same placement share these
+                    per_placement[placement] = (dispatch_counts(maps, rz.topology, placement),
+                                                counts_GE[:, list(placement.expert_of_slot)],
+                                                expert_compute_ms(rz, rows_E, placement))
+                counts, counts_GS, expert_ms = per_placement[placement]
+                ms, d = a2a_time(spec, counts, counts_GS, rz)
                 if _plan_key(spec) not in updates:
-                    updates[_plan_key(spec)] = (placement, st.update(it, layer, maps, d))
-                planning_s, migration_ms, plan_comm_ms, moved = updates[_plan_key(spec)][1]
+                    updates[_plan_key(spec)] = (placement, st.update(it, layer, maps, d, rows_E, stats_cache))
+                planning_s, links, plan_comm_ms, moved = updates[_plan_key(spec)][1]
                 rows.append({"iteration": it, "layer": layer, "system": spec.name, "dim": d, "a2a_ms": ms,
                              "expert_compute_ms": expert_ms, "planning_ms": planning_s * 1e3,
-                             "migration_ms": migration_ms, "plan_comm_ms": plan_comm_ms, "moved_experts": moved,
-                             "swap_cost": spec.swap_cost, **balance})
+                             "migration_ms": links[spec.swap_cost], "plan_comm_ms": plan_comm_ms,
+                             "moved_experts": moved, "swap_cost": spec.swap_cost, **balance})
     frame = pd.DataFrame(rows)
     frame.insert(0, "experiment", cfg.experiment)
     for key, value in (("model", rz.model.name), ("topology", rz.topology.name), ("G", rz.topology.G),
@@ -388,8 +408,8 @@ def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
 def summarize_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Per system and measured iteration (after warm-up): mean per-layer AlltoAll ms and the
     modeled end-to-end iteration ms (layers scaled to the model's MoE layer count). The moves'
-    link time (planner all-reduce included) is charged in full ('serial') or beyond the backward
-    compute it hides under ('overlap'; module docstring)."""
+    link time (planner all-reduce included) is charged beyond the backward compute it hides under
+    ('overlap') or in full ('exposed', 'shared'; module docstring)."""
     measured = frame[frame["iteration"] >= frame["warmup"]]
     per_it = measured.groupby(["system", "iteration"], sort=False).agg(
         a2a_ms=("a2a_ms", "mean"), expert_ms=("expert_compute_ms", "mean"), migration_ms=("migration_ms", "mean"),
@@ -402,8 +422,38 @@ def summarize_frame(frame: pd.DataFrame) -> pd.DataFrame:
     hidden_under = compute * 2 / 3                                # the backward part of the compute
     exposed = (per_it["swap_link_ms"] - hidden_under).clip(lower=0)
     per_it["swap_exposed_ms"] = exposed.where(per_it["swap_cost"] == "overlap", per_it["swap_link_ms"])
+    # (swap_cost 'exposed' and 'shared' charge the link time in full; 'shared' also gives each move
+    # only one rank's share of its link, planned in SystemState.update)
     per_it["e2e_ms"] = per_it["e2e_ms_no_migration"] + per_it["swap_exposed_ms"]
     return per_it
+
+
+def uniform_paper_model(model: str, topology: str = "hiermoe-testbed", profile: str = "hiermoe-testbed",
+                        tokens_per_rank: int = 1024, bytes_per_elem: int = 2, top_k: int | None = None,
+                        num_experts: int | None = None) -> dict[str, float]:
+    """The paper's own model (Eqs. (1)-(5), its Fig. 9 constants) under idealised uniform routing:
+    every count at its expectation (digest section 3.7), no skew, no sampling noise, token rows
+    only. Speedups of HD2 and of HDd* over the flat AlltoAll, and d*: what the paper's model itself
+    predicts for the paper's setting, a reference for the measured numbers."""
+    from impl.hiermoe.dimension import RouteCounts, paper_time, paper_times
+
+    m, topo = get_model(model), get_topology(topology)
+    prof = _load_profile(profile, topo)
+    E, K, T = num_experts or m.num_experts, top_k or m.top_k, tokens_per_rank
+    row_bytes = m.hidden * bytes_per_elem
+
+    def expected(dedup: bool) -> RouteCounts:
+        levels = []
+        for L in range(1, topo.D + 1):
+            g = E // topo.U[L]
+            mean = T * (1 - math.comb(E - g, K) / math.comb(E, K)) if dedup else T * K / topo.U[L]
+            levels.append(torch.full((topo.G, topo.U[L]), round(mean), dtype=torch.int64))
+        return RouteCounts(topo, dedup, tuple(levels))
+
+    flat = paper_time(expected(False), 1, prof, row_bytes)
+    times = paper_times(expected(True), prof, row_bytes)
+    d = select_dimension(times)
+    return {"HD2": flat / times[2], "HD-MoE": flat / times[d], "d_star": float(d)}
 
 
 def make_sim_record(rz: Resolved, frame: pd.DataFrame) -> dict:

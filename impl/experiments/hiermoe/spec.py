@@ -23,7 +23,8 @@ class HierMoEOptions:
     charge: Literal["all", "tokens"] = "all"             # what the model charges (impl.hiermoe.dimension)
     buffer: Literal["padded", "total"] = "padded"        # the AlltoAll buffer the model is evaluated at
     capacity_factor: float = 1.0                         # Tutel-2DH's capacity factor (Tutel's default)
-    swap_cost: Literal["overlap", "serial"] = "overlap"  # expert moves hidden under backward, or not
+    swap_cost: Literal["overlap", "exposed", "shared"] = "overlap"   # expert moves: hidden under backward,
+    #                                               not hidden, or not hidden and at a rank's share of the link
     overlap: bool = False                                # DeepEP: node step and forwarding pipelined
 
     def __post_init__(self):

@@ -45,7 +45,7 @@ __all__ = ["TokenStreamConfig", "RoutingStream", "routing_balance"]
 
 @dataclass(frozen=True)
 class TokenStreamConfig:
-    skew: float = 0.6             # topic-centre scale over the unit token noise (0 = isotropic tokens)
+    skew: float = 0.0             # topic-centre scale over the unit token noise (0 = isotropic tokens)
     num_topics: int = 64          # topic clusters per layer
     topic_skew: float = 1.0       # Zipf exponent of topic popularity (0 = uniform topics)
     drift: float = 0.15           # std of the per-iteration random walk of log topic popularity
