@@ -343,3 +343,13 @@ def test_registered_and_bad_options_fail_clearly():
     maps = [routing_map(4, 8, 2, seed=r) for r in range(8)]
     with pytest.raises(ValueError, match="pick a profile of the same shape"):
         decide_swap(global_swap_stats(maps, get_topology("2x4"), None), ExpertPlacement.identity(8), profile, 64)
+
+
+def test_stats_bytes_is_the_all_reduced_vector():
+    """What the sim charges for the planner's all-reduce is the vector every rank sends."""
+    from impl.hiermoe.expert_swap import stats_bytes
+    for topo_name, E in (("2x2", 8), ("hiermoe-testbed", 64)):
+        topo = get_topology(topo_name)
+        m = routing_map(6, E, 2, seed=1)
+        flat = local_swap_stats(m, topo, None, 0)
+        assert stats_bytes(topo, E) == flat.numel() * flat.element_size()
