@@ -146,7 +146,7 @@ def _paper_speedups(name: str, model: str, baseline: str = BASE) -> dict[str, tu
     return out
 
 
-def _legend(fig, y: float = 1.0):
+def _legend(fig, y: float = 0.0):
     ref = style.style_for("paper")
     handles = [plt.Rectangle((0, 0), 1, 1, fc="white", ec="black", lw=0.4, label="ours (bars, p5-p95)"),
                plt.Rectangle((0, 0), 1, 1, fc=ref.color, hatch=ref.hatch, ec="black", lw=0.4,
@@ -160,9 +160,9 @@ def _speedup_figure(runs: dict[str, pd.DataFrame], systems, metric, paper_name, 
         _bars(ax, frame, systems, metric, _paper_speedups(paper_name, model))
         ax.set_title(MODEL_LABEL.get(model, model), fontsize=8)
     np.atleast_1d(axes)[0].set_ylabel(ylabel, fontsize=8)
-    fig.suptitle(title, fontsize=7, y=0.02, va="bottom")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.93))
-    _legend(fig, 0.93)
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    fig.suptitle(title, fontsize=7, y=0.99, va="top")
+    _legend(fig, 0.0)
     return fig
 
 
@@ -180,15 +180,15 @@ def plot_fig10(runs: dict[str, pd.DataFrame]):
 def plot_fig12(frame: pd.DataFrame):
     """First-layer AlltoAll time per iteration (the paper prints no numbers); the long ablation
     run (one layer, many iterations) gives the curve."""
-    layer0 = frame[(frame["layer"] == 0) & frame["system"].isin([BASE, "HierMoE", "HD-MoE"])]
+    layer0 = frame[(frame["layer"] == 0) & frame["system"].isin([BASE, "HierMoE", "HD-MoE", "DeepEP"])]
     fig, ax = plt.subplots(figsize=(style.PAGE_WIDTH * 0.75, 3.0))
     for system, g in layer0.groupby("system"):
         st = style.style_for(system)
         ax.plot(g["iteration"], g["a2a_ms"], marker="o", ms=3, lw=1.2, color=st.color, label=system)
     ax.set(xlabel="training iteration", ylabel="AlltoAll ms, first MoE layer (modeled)", ylim=(0, None))
-    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    ax.legend(frameon=False, fontsize=8, loc="lower right", ncol=2)
     ax.set_title(f"HierMoE Fig. 12: {MODEL_LABEL.get(frame['model'].iloc[0], '')}, first MoE layer, "
-                 f"routing skew {frame['skew'].iloc[0]:g} ({NOTE})", fontsize=7)
+                 f"routing skew {frame['skew'].iloc[0]:g}\n({NOTE})", fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -284,7 +284,7 @@ def fit_skew(sk: pd.DataFrame, target: float, system: str = "HD2-MoE") -> tuple[
 
 
 def plot_skew(sk: pd.DataFrame, fitted: float):
-    fig, ax = plt.subplots(figsize=(style.PAGE_WIDTH * 0.8, 3.2))
+    fig, ax = plt.subplots(figsize=(style.PAGE_WIDTH, 3.4))
     for system, g in sk.groupby("system", sort=False):
         st = style.style_for(system) if system in style.SYSTEM_STYLES else style.style_for("model")
         ax.errorbar(g["skew"], g["median"], yerr=[g["median"] - g["p5"], g["p95"] - g["median"]], marker="o", ms=3,
@@ -295,18 +295,18 @@ def plot_skew(sk: pd.DataFrame, fitted: float):
             ax.axhline(lo, ls=":", lw=0.8, color=style.style_for(system).color)
     ax.axhline(1.26, ls=":", lw=0.8, color=style.style_for("HD2-MoE").color)
     ax.axvline(fitted, ls="--", lw=0.8, color="black")
-    ax.annotate(f"fitted skew {fitted:g}", (fitted, ax.get_ylim()[1]), fontsize=7, ha="left", va="top",
-                xytext=(3, -3), textcoords="offset points")
+    ax.annotate(f"fitted skew {fitted:g}", (fitted, 1.0), fontsize=7, ha="left", va="bottom",
+                xytext=(3, 3), textcoords="offset points")
     style.baseline_line(ax)
     top = ax.secondary_xaxis("top")
     g0 = sk.drop_duplicates("skew")
     top.set_xticks(g0["skew"], [f"{v:.2f}" for v in g0["max_split_ratio"]], fontsize=6)
     top.set_xlabel("largest flat split / mean split (measured)", fontsize=7)
     ax.set(xlabel="routing skew (topic-centre scale over token noise)", ylabel="AlltoAll speedup over Megatron-LM")
-    ax.legend(fontsize=6, frameon=False, ncol=2, loc="upper left")
-    fig.suptitle(f"AlltoAll speedups against routing skew, Qwen3-30B-A3B (dotted: the paper's Qwen3 values; {NOTE})",
+    ax.legend(fontsize=6, frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"AlltoAll speedups against routing skew, Qwen3-30B-A3B (dotted: the paper's Qwen3 values)\n{NOTE}",
                  fontsize=7, y=0.01, va="bottom")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
 
@@ -515,13 +515,16 @@ def orderings(runs: Runs) -> list[str]:
         hs, h = sp(model, "HD2-MoE-Smart"), sp(model, "HD2-MoE")
         hg = sp(model, "HD2-MoE-Smart[method=greedy-swap]")
         e2e_s, e2e_h = sp(model, "HD2-MoE-Smart", metric="e2e_ms"), sp(model, "HD2-MoE", metric="e2e_ms")
-        out.append(f"* HD2-MoE-Smart slower than HD2-MoE ({name}): paper yes; ours AlltoAll {fmt(hs)} vs {fmt(h)} "
-                   f"(greedy-swap planner {fmt(hg)}), end to end {fmt(e2e_s)} vs {fmt(e2e_h)} -> "
-                   f"{'holds' if hs < h else 'does not hold'} in the AlltoAll. Skew sweep: "
-                   + ", ".join(f"{fmt(r1['median'])} vs {fmt(r2['median'])} at skew {r1['skew']:g}"
-                               for (_, r1), (_, r2) in zip(runs.skew[runs.skew.system == 'HD2-MoE-Smart'].iterrows(),
-                                                           runs.skew[runs.skew.system == 'HD2-MoE'].iterrows()))
-                   + " (SmartMoE balances raw counts: it helps only where a skew persists).")
+        sweep = ("" if model != QWEN3 else " Skew sweep: " + ", ".join(
+            f"{fmt(r1['median'])} vs {fmt(r2['median'])} at skew {r1['skew']:g}"
+            for (_, r1), (_, r2) in zip(runs.skew[runs.skew.system == "HD2-MoE-Smart"].iterrows(),
+                                        runs.skew[runs.skew.system == "HD2-MoE"].iterrows()))
+            + " (SmartMoE balances raw counts: its moves pay off only where a skew persists).")
+        greedy = "" if np.isnan(hg) else f" (greedy-swap planner {fmt(hg)})"
+        out.append(f"* HD2-MoE-Smart slower than HD2-MoE ({name}): paper yes; ours AlltoAll {fmt(hs)} vs {fmt(h)}"
+                   f"{greedy}, end to end {fmt(e2e_s)} vs {fmt(e2e_h)} -> "
+                   f"{'holds' if hs < h else 'does not hold'} in the AlltoAll, "
+                   f"{'holds' if e2e_s < e2e_h else 'does not hold'} end to end.{sweep}")
     for model in (QWEN3,):
         h = {d: sp(model, f"H{d}") for d in (2, 3, 4)}
         ht = {d: sp(model, f"H{d}[charge=tokens]") for d in (2,)}
@@ -583,38 +586,46 @@ def headline(runs: Runs, t4: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
 def swap_section(runs: Runs) -> str:
     per = summarize_frame(runs.qwen3).set_index(["system", "iteration"])
     lines = []
-    for s in ("HierMoE", "HierMoE[swap_cost=serial]", "HD2-MoE-Smart", "HD2-MoE-Smart[swap_cost=serial]",
-              "SmartMoE"):
+    for s in ("HierMoE", "HierMoE[swap_cost=exposed]", "HierMoE[swap_cost=shared]", "HD2-MoE-Smart",
+              "HD2-MoE-Smart[swap_cost=exposed]", "SmartMoE"):
         if s not in per.index.get_level_values(0):
             continue
         g = per.loc[s]
         lines.append({"system": s, "experts moved per layer per plan": float(g["moved"].mean()),
                       "move link ms per iteration (all MoE layers)": float(g["swap_link_ms"].median()),
+                      "link time / step": f"{100 * g['swap_link_ms'].median() / g['e2e_ms'].median():.1f}%",
                       "charged ms per iteration": float(g["swap_exposed_ms"].median()),
-                      "share of the modeled step": f"{100 * g['swap_exposed_ms'].median() / g['e2e_ms'].median():.2f}%"})
+                      "charged / step": f"{100 * g['swap_exposed_ms'].median() / g['e2e_ms'].median():.2f}%"})
     table = _md_table(pd.DataFrame(lines))
-    ab = summarize_frame(runs.ablation).set_index(["system", "iteration"])
-    plans = {s: int((runs.ablation[(runs.ablation.system == s) & (runs.ablation.iteration >= runs.ablation.warmup)]
-                     ["moved_experts"] > 0).sum()) for s in ("HierMoE", "HierMoE[every=2]", "HierMoE[every=4]",
-                                                              "HierMoE[every=8]") if s in ab.index.get_level_values(0)}
+    measured = runs.ablation[runs.ablation["iteration"] >= runs.ablation["warmup"]]
+    plans = {s: int((measured[measured.system == s]["moved_experts"] > 0).sum())
+             for s in ("HierMoE", "HierMoE[every=2]", "HierMoE[every=4]", "HierMoE[every=8]")
+             if s in set(measured["system"])}
     meas = runs.swap.groupby("pair", sort=False).agg(measured_ms=("measured_ms", "median"),
                                                      bare_alltoall_ms=("transport_ms", "median"),
                                                      modeled_ms=("modeled_ms", "first"),
                                                      bytes_sent_per_expert=("bytes_per_expert", "first"),
                                                      bytes_per_expert_model=("bytes_per_expert_model", "first")).reset_index()
+    meas["measured / modeled"] = meas["measured_ms"] / meas["modeled_ms"]
+    meas["bare AlltoAll / modeled"] = meas["bare_alltoall_ms"] / meas["modeled_ms"]
     first = runs.swap.iloc[0]
+    same = bool((meas["bytes_sent_per_expert"] == meas["bytes_per_expert_model"]).all())
     return "\n".join([
         "What a swap moves: one pair of experts per layer (HierD-ES) or every expert SmartMoE's plan moves, each "
-        "with its bf16 weights, fp32 master weights and two Adam moments, point to point between its owners; "
-        "when: after the layer's backward, under the backward compute of the layers below (`swap_cost: overlap`, "
-        "the default; `serial` charges it all), every `every` iterations (the median iteration of `every` > 1 "
-        "carries none; the mean amortises it). Modeled, Qwen3 run:", "", table, "",
-        "Swaps made in the swap-interval ablation (measured iterations, one layer): "
+        "with its bf16 weights, fp32 master weights and two Adam moments (14 bytes per parameter), point to point "
+        "between its owners, a lone message having its link to itself; when: after the layer's backward, under the "
+        "backward compute of the layers below (`swap_cost: overlap`, the default), every `every` iterations. "
+        "Ablations: `exposed` charges the link time in full, `shared` also gives each move only one rank's share "
+        "of its link (as inside an AlltoAll). Modeled, Qwen3 run (the paper reports about 1% of the step for a swap):",
+        "", table, "",
+        "Swaps made in the swap-interval ablation (measured iterations, first layer): "
         + ", ".join(f"{s} {n}" for s, n in plans.items()) + ".", "",
         f"Measured on this machine (tier emu, {first['topology']} gloo ranks, experts of {first['model']}'s shape, "
-        f"profile `{first['profile_path']}`): the migration sends exactly the bytes the model assumes; its time "
-        "beside the model's prediction from this machine's calibration and the bare AlltoAll of the same bytes:", "",
-        _md_table(meas, 1)])
+        f"profile `{first['profile_path']}`): the migration sends "
+        + ("exactly the bytes the model assumes" if same else "other bytes than the model assumes")
+        + "; its time beside the model's prediction from this machine's calibration (Fig. 9, right) and the bare "
+        "AlltoAll of the same bytes between the same ranks (the rest of the measured time is packing the state, "
+        "unpacking it and the state check):", "", _md_table(meas, 2)])
 
 
 def deepep_section(runs: Runs) -> str:
@@ -646,8 +657,10 @@ def deepep_section(runs: Runs) -> str:
 def fig12_numbers(frame: pd.DataFrame) -> str:
     layer0 = frame[(frame["layer"] == 0) & (frame["iteration"] >= frame["warmup"])]
     rows = []
-    for s in (BASE, "HD-MoE", "HierMoE"):
+    for s in (BASE, "HD-MoE", "HierMoE", "DeepEP"):
         g = layer0[layer0["system"] == s]["a2a_ms"]
+        if g.empty:
+            continue
         rows.append({"system": s, "mean ms": float(g.mean()), "std ms": float(g.std()),
                      "coefficient of variation": f"{100 * g.std() / g.mean():.1f}%",
                      "min-max ms": f"{g.min():.1f}-{g.max():.1f}"})
@@ -691,7 +704,7 @@ def markdown_report(runs: Runs, t4: pd.DataFrame, fig9_md: str | None, table2: s
              f"the mean, MaxVio {first['maxvio'].median():.2f} (largest expert load over the mean, minus 1). "
              "Every other number is a prediction.", "",
            "![skew](hiermoe_skew.png)", "",
-           _md_table(runs.skew[["skew", "system", "median", "p5", "p95", "max_split_ratio", "maxvio"]]), "",
+           _skew_table(runs.skew), "",
            "## Every paper number beside ours", "",
            "Speedups are medians over the measured iterations of the same routing. A range the paper states over both "
            "models is compared end to end: its low end with the lower of our two models, its high end with the "
@@ -727,6 +740,13 @@ def markdown_report(runs: Runs, t4: pd.DataFrame, fig9_md: str | None, table2: s
     else:
         out += ["", f"(`{emu.name}` was not there when this report was generated; rerun the plot rule after its rule.)"]
     return "\n".join(out) + "\n"
+
+
+def _skew_table(sk: pd.DataFrame) -> str:
+    """Speedups over Megatron-LM (median) per skew, one column per system, with the routing's balance."""
+    wide = sk.pivot(index="skew", columns="system", values="median")
+    bal = sk.drop_duplicates("skew").set_index("skew")[["max_split_ratio", "maxvio"]]
+    return _md_table(bal.join(wide).reset_index())
 
 
 def _speedup_table(runs: Runs, metric: str) -> str:

@@ -188,19 +188,23 @@ def counts_from_slots(slots_NK: torch.Tensor, origin_N: torch.Tensor, topology: 
     padded with the sentinel E) and its origin rank, all ranks at once: per level L, the groups of a
     token's sorted slots are sorted, so its distinct groups are where the group changes. Sparse
     (O(N * K * D)); equal to `route_counts` with and without dedup (tested)."""
-    E, G = num_experts, topology.G
+    E, G, D = num_experts, topology.G, topology.D
     check_expert_parallel(E, G)
-    valid = slots_NK < E
-    origin = origin_N.view(-1, 1).to(torch.int64)
-    copies, pairs = [], []
-    for L in range(1, topology.D + 1):
-        U = topology.U[L]
-        grp = torch.where(valid, slots_NK // (E // U), U)
-        first = valid.clone()
-        first[:, 1:] &= grp[:, 1:] != grp[:, :-1]
-        index = origin * (U + 1) + grp
-        copies.append(torch.bincount(index[first], minlength=G * (U + 1)).view(G, U + 1)[:, :U])
-        pairs.append(torch.bincount(index[valid], minlength=G * (U + 1)).view(G, U + 1)[:, :U])
+    U = torch.tensor(topology.U[1:], dtype=torch.int32).view(D, 1, 1)
+    width = [G * (u + 1) for u in topology.U[1:]]                  # per level: G origins x (U[L] + spare)
+    offset = torch.tensor([0] + width[:-1], dtype=torch.int32).cumsum(0).to(torch.int32).view(D, 1, 1)
+    slots = slots_NK.to(torch.int32).unsqueeze(0)
+    valid = (slots < E).expand(D, -1, -1)
+    grp = torch.where(valid, slots // (E // U), U)                    # [D, N, K]; padding -> the spare group
+    first = valid.clone()
+    first[:, :, 1:] &= grp[:, :, 1:] != grp[:, :, :-1]
+    index = grp + offset + origin_N.to(torch.int32).view(1, -1, 1) * (U + 1)
+    total = sum(width)
+    tables = []
+    for keep in (first, valid):                                     # one bincount for all levels
+        flat = torch.bincount(torch.where(keep, index, total).view(-1), minlength=total + 1)[:total]
+        tables.append([t.view(G, u + 1)[:, :u] for t, u in zip(flat.split(width), topology.U[1:])])
+    copies, pairs = tables
     return DispatchCounts(RouteCounts(topology, True, tuple(copies)), RouteCounts(topology, False, tuple(pairs)), E)
 
 
@@ -367,6 +371,13 @@ class DispatchCounts:
     def __post_init__(self):
         if not self.copies.dedup or self.pairs.dedup or self.copies.topology != self.pairs.topology:
             raise ValueError("DispatchCounts needs dedup copies and no-dedup pairs of one topology")
+        object.__setattr__(self, "_memo", {})     # collectives already derived from these counts
+
+    def memo(self, key, build):
+        """`build()` once per key: the systems of a sim run evaluate the same routes on one routing."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     @property
     def topology(self) -> Topology:
@@ -543,14 +554,18 @@ def route_collectives(counts: DispatchCounts, dim: int, dedup: bool, row_bytes: 
     per step of the combine the rows back; in backward the twins of the data AlltoAlls.
     `notify`: the split counts of every step come from one notify beforehand (not included here)."""
     topo = counts.topology
-    per_step = []
-    for L, P in route_steps(topo, dim):
-        rows = holder_rows(counts.rows(dedup), L, P)
-        pairs = holder_rows(counts.pairs, L, P)
-        per_step.append(_step_phases(topo, L, P, rows, pairs, row_bytes, weight_bytes,
-                                     mask_bytes(counts.num_experts, topo.U[L]), None if notify else COUNT_BYTES,
-                                     with_levels))
-    return _in_order(per_step)
+
+    def build():
+        per_step = []
+        for L, P in route_steps(topo, dim):
+            rows = holder_rows(counts.rows(dedup), L, P)
+            pairs = holder_rows(counts.pairs, L, P)
+            per_step.append(_step_phases(topo, L, P, rows, pairs, row_bytes, weight_bytes,
+                                         mask_bytes(counts.num_experts, topo.U[L]), None if notify else COUNT_BYTES,
+                                         with_levels))
+        return _in_order(per_step)
+
+    return counts.memo(("route", dim, dedup, row_bytes, weight_bytes, notify, with_levels), build)
 
 
 def flat_collectives(counts: DispatchCounts, row_bytes: int, weight_bytes: int = 4, *,
@@ -560,10 +575,14 @@ def flat_collectives(counts: DispatchCounts, row_bytes: int, weight_bytes: int =
     weight per row; the combine's rows; the backward twins. No ids travel: rows arrive sorted by
     expert."""
     topo = counts.topology
-    pairs = holder_rows(counts.pairs, topo.D, 0)
     El = counts.num_experts // topo.G
-    return _in_order([_step_phases(topo, topo.D, 0, pairs, pairs, row_bytes, weight_bytes, 0, El * COUNT_BYTES,
-                                   with_levels)])
+
+    def build():
+        pairs = holder_rows(counts.pairs, topo.D, 0)
+        return _in_order([_step_phases(topo, topo.D, 0, pairs, pairs, row_bytes, weight_bytes, 0, El * COUNT_BYTES,
+                                       with_levels)])
+
+    return counts.memo(("flat", row_bytes, weight_bytes, with_levels), build)
 
 
 def agreement_collective(topology: Topology) -> Collective:

@@ -78,7 +78,7 @@ from impl.hiermoe.dimension import (DispatchCounts, RouteCounts, check_profile, 
 
 __all__ = ["MAX_FNS", "Z_METHODS", "LevelStats", "StackedLevels", "SwapStats", "SwapDecision", "HierDExpertSwap", "apply_max_fn",
            "selected_slots", "level_stats", "z_four_case", "local_swap_stats", "global_swap_stats",
-           "gather_swap_stats", "swap_objective", "decide_swap", "stats_bytes"]
+           "gather_swap_stats", "swap_stats_from_slots", "swap_objective", "decide_swap", "stats_bytes"]
 
 MAX_FNS = ("max", "smooth", "lse")
 Z_METHODS = ("factored", "four_case")
@@ -534,8 +534,15 @@ def global_swap_stats(routing_maps: Sequence[torch.Tensor], topology: Topology, 
     check_expert_parallel(E, topology.G)
     ids_NK, _ = selected_slots(torch.cat(list(routing_maps)), placement)
     origin_N = torch.repeat_interleave(torch.arange(topology.G), torch.tensor([m.shape[0] for m in routing_maps]))
+    return swap_stats_from_slots(ids_NK, origin_N, topology, E)
+
+
+def swap_stats_from_slots(ids_NK: torch.Tensor, origin_N: torch.Tensor, topology: Topology, num_experts: int
+                          ) -> SwapStats:
+    """The global statistics from every token's sorted selected slots (`selected_slots`, padded with
+    E) and its origin rank ('factored' tables)."""
+    E, groups = num_experts, topology.U[1:]
     counts = counts_from_slots(ids_NK, origin_N, topology, E)
-    groups = topology.U[1:]
     route, co, w = _tables_of(_raw_tables(ids_NK, E, groups, 0, 1), E, groups, 1)
     return SwapStats(counts.copies, counts.pairs, StackedLevels.from_tables(route[0], co, w, groups))
 

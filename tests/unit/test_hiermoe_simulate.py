@@ -95,7 +95,7 @@ def test_planners_change_the_placement_they_are_evaluated_on():
     for it in range(3):
         for layer, full in enumerate(stream.next_iteration()):
             for st in states:
-                st.update(it, layer, stream.per_rank(full), 2)
+                st.update(it, layer, simulate.LayerRouting(full, rz), 2)
     identity = ExpertPlacement.identity(rz.num_experts)
     assert any(p != identity for st in states for p in st.placements)
 

@@ -70,6 +70,8 @@ rule hiermoe_sim:
         record="results/raw/hiermoe_sim/{run}.json",
     log:
         "results/logs/hiermoe_sim/{run}.log",
+    benchmark:
+        "results/benchmarks/hiermoe_sim/{run}.tsv"
     wildcard_constraints:
         run="|".join(SIM_RUNS),
     params:
@@ -95,6 +97,8 @@ rule hiermoe_swap_measure:
         record="results/raw/hiermoe_swap/measure.json",
     log:
         "results/logs/hiermoe_swap/measure.log",
+    benchmark:
+        "results/benchmarks/hiermoe_swap/measure.tsv"
     params:
         overrides=as_flags(overrides_of(config["hiermoe_swap_measure"].get("set", {}))),
         topology=config["hiermoe_calibration"]["topology"],

@@ -71,14 +71,14 @@ from impl.common.models import ModelConfig, get_model
 from impl.common.records import make_record
 from impl.common.topology import Topology, get_topology
 from impl.hiermoe.dimension import (COUNT_BYTES, DispatchCounts, agreement_bytes, allreduce_time, check_profile,
-                                    collective_time, dispatch_counts, flat_time, iteration_times, route_time,
-                                    select_dimension)
-from impl.hiermoe.expert_swap import decide_swap, global_swap_stats, stats_bytes
+                                    collective_time, counts_from_slots, flat_time, iteration_times, route_time,
+                                    select_dimension, selected_slots)
+from impl.hiermoe.expert_swap import decide_swap, stats_bytes, swap_stats_from_slots
 from impl.experiments.hiermoe.spec import SystemSpec
 from impl.experiments.hiermoe.workload import RoutingStream, TokenStreamConfig, routing_balance
 from impl.experiments.systems import paper_systems, parse_system_name
 
-__all__ = ["SimExperimentConfig", "parse_system", "run_experiment", "summarize_frame", "main", "a2a_time",
+__all__ = ["SimExperimentConfig", "parse_system", "run_experiment", "summarize_frame", "main", "a2a_time", "LayerRouting",
            "expert_state_bytes", "p2p_time", "migration_time", "uniform_paper_model"]
 
 PAPER_SYSTEMS = tuple(s.name for s in paper_systems("hiermoe", roles=("baseline", "ours")))
@@ -269,6 +269,42 @@ def migration_time(old: ExpertPlacement, new: ExpertPlacement, rz: Resolved, sha
     return max(per_sender.values(), default=0.0)
 
 
+class LayerRouting:
+    """One layer's routing in one iteration and what every system derives from it, computed once
+    per expert placement (the systems on one placement share it): the sorted slot lists, the
+    per-origin counts, the per-rank slot loads, the expert compute and HierD-ES's statistics."""
+
+    def __init__(self, full_map_TE: torch.Tensor, rz: "Resolved"):
+        self.rz, self.full_map = rz, full_map_TE
+        G = rz.topology.G
+        self.rows_E = full_map_TE.sum(0)
+        self.counts_GE = full_map_TE.view(G, -1, rz.num_experts).sum(1)
+        self.origin_N = torch.arange(G).repeat_interleave(full_map_TE.shape[0] // G)
+        self._slots: dict[ExpertPlacement, torch.Tensor] = {}
+        self._counts: dict[ExpertPlacement, tuple] = {}
+        self._stats: dict = {}
+
+    def slots(self, placement: ExpertPlacement) -> torch.Tensor:
+        if placement not in self._slots:
+            self._slots[placement] = selected_slots(self.full_map, placement)[0]
+        return self._slots[placement]
+
+    def of(self, placement: ExpertPlacement) -> tuple[DispatchCounts, torch.Tensor, float]:
+        """(dispatch counts, per-rank counts per slot [G, E], expert compute ms) under `placement`."""
+        if placement not in self._counts:
+            self._counts[placement] = (
+                counts_from_slots(self.slots(placement), self.origin_N, self.rz.topology, self.rz.num_experts),
+                self.counts_GE[:, list(placement.expert_of_slot)],
+                expert_compute_ms(self.rz, self.rows_E, placement))
+        return self._counts[placement]
+
+    def swap_stats(self, placement: ExpertPlacement):
+        if placement not in self._stats:
+            self._stats[placement] = swap_stats_from_slots(self.slots(placement), self.origin_N, self.rz.topology,
+                                                           self.rz.num_experts)
+        return self._stats[placement]
+
+
 class SystemState:
     """One system's per-layer placements and planner memory across iterations."""
 
@@ -277,8 +313,8 @@ class SystemState:
         self.placements = [ExpertPlacement.identity(rz.num_experts) for _ in range(rz.config.layers)]
         self.loads: list[list[torch.Tensor]] = [[] for _ in range(rz.config.layers)]
 
-    def update(self, iteration: int, layer: int, maps, dim: int, rows_E: torch.Tensor | None = None,
-               stats_cache: dict | None = None) -> tuple[float, dict[str, float], float, int]:
+    def update(self, iteration: int, layer: int, routing: "LayerRouting", dim: int
+               ) -> tuple[float, dict[str, float], float, int]:
         """Plan after this iteration's dispatch: (planning seconds in this process, modeled link ms of
         the moves per swap_cost, modeled ms of the planner's all-reduce, experts moved)."""
         spec, old, rz = self.spec, self.placements[layer], self.rz
@@ -286,16 +322,11 @@ class SystemState:
             return 0.0, {"overlap": 0.0, "exposed": 0.0, "shared": 0.0}, 0.0, 0
         start = time.perf_counter()
         if spec.planner == "smartmoe":
-            load_E = rows_E if rows_E is not None else sum(m.sum(0) for m in maps)
-            self.loads[layer] = (self.loads[layer] + [load_E])[-spec.history:]
+            self.loads[layer] = (self.loads[layer] + [routing.rows_E])[-spec.history:]
             new = smartmoe_placement(sum(self.loads[layer]), old, rz.topology.G, spec.method)
             plan_bytes = rz.num_experts * COUNT_BYTES
         else:
-            if stats_cache is None or old not in stats_cache:     # planners on one placement share them
-                stats = global_swap_stats(maps, rz.topology, old)
-                if stats_cache is not None:
-                    stats_cache[old] = stats
-            stats = stats_cache[old] if stats_cache is not None else stats
+            stats = routing.swap_stats(old)
             decision = decide_swap(stats, old, rz.profile, rz.row_bytes, max_fn=spec.max_fn, gamma=spec.gamma,
                                    dim=dim if spec.route != "flat" else 1, weight_bytes=rz.config.weight_bytes)
             new = old.swap(*decision.pair) if decision.pair else old
@@ -370,24 +401,16 @@ def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
                    else not progress):
         layer_maps = stream.next_iteration()
         for layer, full_map in enumerate(layer_maps):
-            maps = stream.per_rank(full_map)
+            routing = LayerRouting(full_map, rz)
             balance = routing_balance(full_map, rz.topology.G)
-            rows_E = full_map.sum(0)
-            counts_GE = full_map.view(rz.topology.G, -1, rz.num_experts).sum(1)
-            per_placement: dict[ExpertPlacement, tuple[DispatchCounts, torch.Tensor, float]] = {}
             updates: dict[SystemSpec, tuple] = {}
-            stats_cache: dict = {}
             for spec in rz.systems:
                 st = shared[_plan_key(spec)]
                 placement = st.placements[layer] if _plan_key(spec) not in updates else updates[_plan_key(spec)][0]
-                if placement not in per_placement:       # systems on the same placement share these
-                    per_placement[placement] = (dispatch_counts(maps, rz.topology, placement),
-                                                counts_GE[:, list(placement.expert_of_slot)],
-                                                expert_compute_ms(rz, rows_E, placement))
-                counts, counts_GS, expert_ms = per_placement[placement]
+                counts, counts_GS, expert_ms = routing.of(placement)
                 ms, d = a2a_time(spec, counts, counts_GS, rz)
                 if _plan_key(spec) not in updates:
-                    updates[_plan_key(spec)] = (placement, st.update(it, layer, maps, d, rows_E, stats_cache))
+                    updates[_plan_key(spec)] = (placement, st.update(it, layer, routing, d))
                 planning_s, links, plan_comm_ms, moved = updates[_plan_key(spec)][1]
                 rows.append({"iteration": it, "layer": layer, "system": spec.name, "dim": d, "a2a_ms": ms,
                              "expert_compute_ms": expert_ms, "planning_ms": planning_s * 1e3,
