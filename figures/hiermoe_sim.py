@@ -77,8 +77,18 @@ def like_baseline(system: str, baseline: str, available) -> str:
     return baseline
 
 
+_SUMMARIES: dict[int, tuple[pd.DataFrame, pd.DataFrame]] = {}
+
+
+def _summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """`summarize_frame` once per run (the report asks for hundreds of ratios of the same runs)."""
+    if id(frame) not in _SUMMARIES or _SUMMARIES[id(frame)][0] is not frame:
+        _SUMMARIES[id(frame)] = (frame, summarize_frame(frame))
+    return _SUMMARIES[id(frame)][1]
+
+
 def _wide(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    return summarize_frame(frame).pivot(index="iteration", columns="system", values=metric)
+    return _summary(frame).pivot(index="iteration", columns="system", values=metric)
 
 
 def speedup(frame: pd.DataFrame, system: str, over: str = BASE, metric: str = "a2a_ms") -> dict[str, float]:
@@ -200,7 +210,7 @@ def fixed_dims(systems) -> list[str]:
 def plot_fig13(runs: dict[str, pd.DataFrame]):
     fig, axes = plt.subplots(1, len(runs), figsize=(style.PAGE_WIDTH, 2.8))
     for ax, (label, frame) in zip(np.atleast_1d(axes), runs.items()):
-        per = summarize_frame(frame).groupby("system", sort=False)["a2a_ms"]
+        per = _summary(frame).groupby("system", sort=False)["a2a_ms"]
         med, lo, hi = per.median(), per.quantile(0.05), per.quantile(0.95)
         systems = fixed_dims(med.index) + [s for s in ("HD-MoE", "DeepEP") if s in med.index]
         colors = [style.style_for(s).color if s in ("HD-MoE", "DeepEP") else ("#4c72b0" if s.startswith("HD")
@@ -545,7 +555,7 @@ def orderings(runs: Runs) -> list[str]:
                f"{fmt(spread['HierMoE']['p5'], 3)}-{fmt(spread['HierMoE']['p95'], 3)}, wider than the differences. On a "
                f"persistent skew: smooth {fmt(pers['HierMoE'], 3)}, max {fmt(pers['HierMoE[max_fn=max]'], 3)}, "
                f"LSE {fmt(pers['HierMoE[max_fn=lse]'], 3)}.")
-    per = summarize_frame(runs.qwen3).groupby("system")["a2a_ms"].median()
+    per = _summary(runs.qwen3).groupby("system")["a2a_ms"].median()
     fixed = {s: per[s] for s in ("HD1", "HD2", "HD3", "HD4") if s in per}
     best_d = min(fixed, key=fixed.get)
     out.append(f"* HD-MoE matches the best fixed dimension (Fig. 13): paper yes; ours HD-MoE {fmt(per['HD-MoE'])} ms "
@@ -584,7 +594,7 @@ def headline(runs: Runs, t4: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
 
 
 def swap_section(runs: Runs) -> str:
-    per = summarize_frame(runs.qwen3).set_index(["system", "iteration"])
+    per = _summary(runs.qwen3).set_index(["system", "iteration"])
     lines = []
     for s in ("HierMoE", "HierMoE[swap_cost=exposed]", "HierMoE[swap_cost=shared]", "HD2-MoE-Smart",
               "HD2-MoE-Smart[swap_cost=exposed]", "SmartMoE"):
@@ -766,7 +776,7 @@ def _speedup_table(runs: Runs, metric: str) -> str:
 def _fig13_table(runs: Runs) -> str:
     rows = []
     for label, frame in (("4 nodes (G = 32, D = 4)", runs.qwen3), ("1 node (G = 8, D = 3)", runs.node)):
-        per = summarize_frame(frame).groupby("system", sort=False)["a2a_ms"].median()
+        per = _summary(frame).groupby("system", sort=False)["a2a_ms"].median()
         rows.append({"setting": label, **{s: per[s] for s in fixed_dims(per.index) + ["HD-MoE", "DeepEP"]
                                           if s in per.index}})
     return _md_table(pd.DataFrame(rows).astype(object).fillna("-"))
