@@ -65,6 +65,7 @@ Where the paper is unclear (digest section 3.5) and what we chose:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping, Sequence
@@ -78,7 +79,7 @@ from impl.common.topology import Topology
 
 __all__ = ["RouteCounts", "StepVolume", "RouteVolumes", "DispatchCounts", "Collective", "CHARGES", "COUNT_BYTES",
            "local_counts", "route_counts", "gather_counts", "dispatch_counts", "gather_dispatch_counts",
-           "selected_slots", "counts_from_slots",
+           "selected_slots", "counts_from_slots", "uniform_counts",
            "holder_rows", "route_steps", "step_name_of", "route_volumes", "volumes", "step_maxima", "link_table",
            "mask_bytes", "agreement_bytes", "BUFFERS", "a2a_collective", "route_collectives", "flat_collectives",
            "agreement_collective", "traffic_of", "allreduce_time", "collective_time", "collectives_time",
@@ -215,6 +216,19 @@ def route_counts(routing_maps: Sequence[torch.Tensor], topology: Topology,
         raise ValueError(f"got routing maps of {len(routing_maps)} ranks; topology {topology.name!r} has G = {topology.G}")
     table = torch.stack([local_counts(m, topology, placement, dedup) for m in routing_maps])
     return RouteCounts.from_table(topology, table, dedup)
+
+
+def uniform_counts(topology: Topology, num_experts: int, top_k: int, tokens_per_rank: int, dedup: bool) -> RouteCounts:
+    """Counts with every split at its expectation under uniform top-K routing without replacement
+    (digest section 3.7's idealised setting): a group of g = E / U[L] experts is touched by a token
+    with probability 1 - C(E - g, K) / C(E, K) (dedup), or receives K / U[L] of its pairs."""
+    E, K, T = num_experts, top_k, tokens_per_rank
+    levels = []
+    for L in range(1, topology.D + 1):
+        g = E // topology.U[L]
+        mean = T * (1 - math.comb(E - g, K) / math.comb(E, K)) if dedup else T * K / topology.U[L]
+        levels.append(torch.full((topology.G, topology.U[L]), round(mean), dtype=torch.int64))
+    return RouteCounts(topology, dedup, tuple(levels))
 
 
 def gather_counts(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPlacement | None = None,
@@ -592,17 +606,12 @@ def agreement_collective(topology: Topology) -> Collective:
 
 def traffic_of(collectives: Sequence[Collective], what: str = "bytes", category: str = "tokens",
                phase: str | None = "fwd") -> dict[str, int]:
-    """{level: total} of the collectives, in `TrafficCounter.by_level`'s form."""
-    names = None
+    """{level: total} of the collectives, in `TrafficCounter.by_level`'s form (every level present)."""
     out: dict[str, int] = {}
     for c in collectives:
         table = c.bytes_by_level if what == "bytes" else c.messages_by_level
-        names = names or list(table)
-        for n in table:
-            out.setdefault(n, 0)
-        if c.category == category and (phase is None or c.phase == phase):
-            for n, v in table.items():
-                out[n] += v
+        for n, v in table.items():
+            out[n] = out.get(n, 0) + (v if c.category == category and (phase is None or c.phase == phase) else 0)
     return out
 
 

@@ -17,7 +17,8 @@ from impl.common.traces import synthetic_topk
 from impl.hiermoe.dedup_a2a import HierarchicalDispatcher
 from impl.hiermoe.dimension import (DispatchCounts, RouteCounts, choose_dimension, choose_from_counts,
                                     dispatch_counts, iteration_times, local_counts, paper_time, paper_times,
-                                    route_counts, route_time, route_volumes, select_dimension, volumes)
+                                    route_counts, route_time, route_volumes, select_dimension, uniform_counts,
+                                    volumes)
 
 TOPOLOGIES = ["2x4", "hier:node=2,socket=2,gpu=2", "hier:a=3,b=2,c=2", "hiermoe-testbed"]
 
@@ -310,16 +311,6 @@ def test_select_dimension_rule_of_eq6():
     assert select_dimension({1: 3.0}) == 1
 
 
-def _expected_counts(topo, E, K, T, dedup):
-    """Counts under uniform routing with every split at its mean (digest section 3.7's setting)."""
-    levels = []
-    for L in range(1, topo.D + 1):
-        g = E // topo.U[L]
-        mean = T * (1 - math.comb(E - g, K) / math.comb(E, K)) if dedup else T * K / topo.U[L]
-        levels.append(torch.full((topo.G, topo.U[L]), round(mean), dtype=torch.int64))
-    return RouteCounts(topo, dedup, tuple(levels))
-
-
 @pytest.mark.parametrize("E,K,M,megatron,hd", [
     (128, 8, 2048, 19.85, [18.32, 13.04, 12.40, 12.90]),    # Qwen3-30B-A3B
     (256, 8, 3584, 34.19, [31.12, 21.88, 20.90, 21.59]),    # DeepSeek-V3, half width
@@ -328,8 +319,8 @@ def test_model_reproduces_testbed_illustration(E, K, M, megatron, hd):
     """Fig. 9 constants, T = 1024 tokens per GPU, bf16: the predicted times of digest section 3.7
     (rounding the mean counts to whole tokens moves them by < 0.1 ms) and d* = 3."""
     topo, profile = get_topology("hiermoe-testbed"), load_profile("hiermoe-testbed")
-    assert paper_time(_expected_counts(topo, E, K, 1024, False), 1, profile, 2 * M) == pytest.approx(megatron, abs=0.1)
-    counts = _expected_counts(topo, E, K, 1024, True)
+    assert paper_time(uniform_counts(topo, E, K, 1024, False), 1, profile, 2 * M) == pytest.approx(megatron, abs=0.1)
+    counts = uniform_counts(topo, E, K, 1024, True)
     assert list(paper_times(counts, profile, 2 * M).values()) == pytest.approx(hd, abs=0.1)
     assert select_dimension(paper_times(counts, profile, 2 * M)) == 3
 

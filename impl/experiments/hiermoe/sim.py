@@ -458,23 +458,14 @@ def uniform_paper_model(model: str, topology: str = "hiermoe-testbed", profile: 
     every count at its expectation (digest section 3.7), no skew, no sampling noise, token rows
     only. Speedups of HD2 and of HDd* over the flat AlltoAll, and d*: what the paper's model itself
     predicts for the paper's setting, a reference for the measured numbers."""
-    from impl.hiermoe.dimension import RouteCounts, paper_time, paper_times
+    from impl.hiermoe.dimension import paper_time, paper_times, uniform_counts
 
     m, topo = get_model(model), get_topology(topology)
     prof = _load_profile(profile, topo)
     E, K, T = num_experts or m.num_experts, top_k or m.top_k, tokens_per_rank
     row_bytes = m.hidden * bytes_per_elem
-
-    def expected(dedup: bool) -> RouteCounts:
-        levels = []
-        for L in range(1, topo.D + 1):
-            g = E // topo.U[L]
-            mean = T * (1 - math.comb(E - g, K) / math.comb(E, K)) if dedup else T * K / topo.U[L]
-            levels.append(torch.full((topo.G, topo.U[L]), round(mean), dtype=torch.int64))
-        return RouteCounts(topo, dedup, tuple(levels))
-
-    flat = paper_time(expected(False), 1, prof, row_bytes)
-    times = paper_times(expected(True), prof, row_bytes)
+    flat = paper_time(uniform_counts(topo, E, K, T, False), 1, prof, row_bytes)
+    times = paper_times(uniform_counts(topo, E, K, T, True), prof, row_bytes)
     d = select_dimension(times)
     return {"HD2": flat / times[2], "HD-MoE": flat / times[d], "d_star": float(d)}
 
