@@ -25,7 +25,9 @@ __all__ = ["plot_scaleout", "markdown_scaleout", "main"]
 
 
 def _style(system: str):
-    return style.style_for(system.split("[")[0])
+    """The system's fixed style; the ablation routes without one (H2) take the reference grey."""
+    name = system.split("[")[0]
+    return style.style_for(name if name in style.SYSTEM_STYLES else "model")
 
 
 def plot_scaleout(frame: pd.DataFrame):
