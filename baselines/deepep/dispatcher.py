@@ -38,7 +38,7 @@ from impl.common.costmodel import HardwareProfile
 from impl.common.registry import register
 from impl.hiermoe.dedup_a2a import HierarchicalDispatcher
 from impl.hiermoe.dimension import (COUNT_BYTES, Collective, DispatchCounts, a2a_collective, check_profile,
-                                    collective_time, route_collectives)
+                                    collective_time, route_collectives, route_time)
 
 __all__ = ["DeepEPDispatcher", "notify_bytes", "deepep_collectives", "deepep_time"]
 
@@ -101,14 +101,15 @@ class DeepEPDispatcher(HierarchicalDispatcher):
 
 
 def deepep_collectives(counts: DispatchCounts, row_bytes: int, weight_bytes: int = 4, *,
-                       with_levels: bool = True) -> tuple[Collective, ...]:
+                       with_levels: bool = True, totals: bool = True) -> tuple[Collective, ...]:
     """Every collective of one layer's DeepEP-style dispatch and combine in one iteration: the
     notify (flat), then HD2's collectives without per-step counts."""
     topo = counts.topology
     notify = a2a_collective(topo, topo.D, 0, torch.ones(topo.G, topo.G, dtype=torch.int64), notify_bytes(topo),
-                            with_levels=with_levels, stage="dispatch", phase="fwd", what="notify", category="meta")
+                            with_levels=with_levels, totals=totals, stage="dispatch", phase="fwd", what="notify",
+                            category="meta")
     return (notify,) + route_collectives(counts, _dim(topo), True, row_bytes, weight_bytes, notify=True,
-                                         with_levels=with_levels)
+                                         with_levels=with_levels, totals=totals)
 
 
 def deepep_time(counts: DispatchCounts, profile: HardwareProfile, row_bytes: int, weight_bytes: int = 4, *,
@@ -117,8 +118,12 @@ def deepep_time(counts: DispatchCounts, profile: HardwareProfile, row_bytes: int
     node step and forwarding step run concurrently (max instead of sum, module docstring);
     `buffer`: as in `impl.hiermoe.dimension.route_time`."""
     check_profile(profile, counts.topology)
-    cs = deepep_collectives(counts, row_bytes, weight_bytes, with_levels=False)
-    if not overlap or _dim(counts.topology) == 1:
+    topo = counts.topology
+    if not overlap and buffer == "padded":      # the closed form of HD2's collectives, plus the notify
+        notify = profile.comm_time("a2a", "flat", topo.G * notify_bytes(topo))
+        return notify + route_time(counts, _dim(topo), True, profile, row_bytes, weight_bytes, notify=True)
+    cs = deepep_collectives(counts, row_bytes, weight_bytes, with_levels=False, totals=buffer == "total")
+    if not overlap or _dim(topo) == 1:
         return sum(collective_time(c, profile, buffer) for c in cs)
     total = 0.0
     stages: dict[tuple[str, str], dict[str, float]] = {}

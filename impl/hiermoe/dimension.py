@@ -506,17 +506,22 @@ def collectives_time(collectives: Sequence[Collective], profile: HardwareProfile
 
 
 def a2a_collective(topology: Topology, L: int, P: int, units_XJ: torch.Tensor, unit_bytes: int, *,
-                   with_levels: bool = True, **fields) -> Collective:
+                   with_levels: bool = True, totals: bool = True, max_units: int | None = None,
+                   **fields) -> Collective:
     """The AlltoAll of step (L, P) whose split (holder, peer) carries units_XJ[x, j] units of
     `unit_bytes` (layout of `holder_rows`); bytes and messages per level as TrafficCounter counts
-    them (messages to oneself and empty splits are not traffic)."""
+    them (messages to oneself and empty splits are not traffic). `totals`: also the largest
+    amount a rank sends or receives (the 'total' buffer); `max_units`: units_XJ.max() if known."""
     D, G = topology.D, topology.G
     holder, peer, link = _step_geometry(topology, L, P)
-    sent = torch.zeros(G, dtype=torch.int64).index_add_(0, holder.reshape(-1), units_XJ.reshape(-1))
-    got = torch.zeros(G, dtype=torch.int64).index_add_(0, peer.reshape(-1), units_XJ.reshape(-1))
+    if max_units is None:
+        max_units = int(units_XJ.max()) if units_XJ.numel() else 0
     out = dict(kind="a2a", step=step_name_of(topology, L, P), fan=topology.U[L] // topology.U[P],
-               max_bytes=int(units_XJ.max()) * int(unit_bytes) if units_XJ.numel() else 0,
-               max_total_bytes=int(torch.maximum(sent, got).max()) * int(unit_bytes))
+               max_bytes=max_units * int(unit_bytes))
+    if totals:
+        sent = torch.zeros(G, dtype=torch.int64).index_add_(0, holder.reshape(-1), units_XJ.reshape(-1))
+        got = torch.zeros(G, dtype=torch.int64).index_add_(0, peer.reshape(-1), units_XJ.reshape(-1))
+        out["max_total_bytes"] = int(torch.maximum(sent, got).max()) * int(unit_bytes)
     if with_levels:
         remote = link >= 0
         units = units_XJ[remote]
@@ -528,13 +533,16 @@ def a2a_collective(topology: Topology, L: int, P: int, units_XJ: torch.Tensor, u
 
 
 def _step_phases(topo: Topology, L: int, P: int, rows: torch.Tensor, pairs: torch.Tensor, row_bytes: int,
-                 weight_bytes: int, ids_bytes: int, counts_bytes: int | None, with_levels: bool) -> dict:
+                 weight_bytes: int, ids_bytes: int, counts_bytes: int | None, with_levels: bool,
+                 totals: bool = True) -> dict:
     """The collectives one step of a route issues, by (stage, phase): the dispatch sends the split
     counts (unless a notify gave them), the ids, then the rows and their gate weights; the combine
     sends the rows back; autograd adds the twins of the three data AlltoAlls."""
+    most = {id(rows): int(rows.max()) if rows.numel() else 0, id(pairs): int(pairs.max()) if pairs.numel() else 0}
+
     def c(units, unit_bytes, stage, phase, what, category):
-        return a2a_collective(topo, L, P, units, unit_bytes, with_levels=with_levels, stage=stage, phase=phase,
-                              what=what, category=category)
+        return a2a_collective(topo, L, P, units, unit_bytes, with_levels=with_levels, totals=totals,
+                              max_units=most.get(id(units)), stage=stage, phase=phase, what=what, category=category)
     dispatch = []
     if counts_bytes is not None:
         dispatch.append(c(torch.ones_like(rows), counts_bytes, "dispatch", "fwd", "counts", "meta"))
@@ -560,7 +568,7 @@ def _in_order(per_step: list[dict]) -> tuple[Collective, ...]:
 
 
 def route_collectives(counts: DispatchCounts, dim: int, dedup: bool, row_bytes: int, weight_bytes: int = 4, *,
-                      notify: bool = False, with_levels: bool = True) -> tuple[Collective, ...]:
+                      notify: bool = False, with_levels: bool = True, totals: bool = True) -> tuple[Collective, ...]:
     """Every collective one layer's HD`dim` (dedup) / H`dim` route issues in one training
     iteration, as `impl.hiermoe.dedup_a2a` issues them: per step of the dispatch the split counts
     (one int64 per peer), the ids (a bitmask of the destination group's slots per row), the rows
@@ -576,14 +584,14 @@ def route_collectives(counts: DispatchCounts, dim: int, dedup: bool, row_bytes: 
             pairs = holder_rows(counts.pairs, L, P)
             per_step.append(_step_phases(topo, L, P, rows, pairs, row_bytes, weight_bytes,
                                          mask_bytes(counts.num_experts, topo.U[L]), None if notify else COUNT_BYTES,
-                                         with_levels))
+                                         with_levels, totals))
         return _in_order(per_step)
 
-    return counts.memo(("route", dim, dedup, row_bytes, weight_bytes, notify, with_levels), build)
+    return counts.memo(("route", dim, dedup, row_bytes, weight_bytes, notify, with_levels, totals), build)
 
 
 def flat_collectives(counts: DispatchCounts, row_bytes: int, weight_bytes: int = 4, *,
-                     with_levels: bool = True) -> tuple[Collective, ...]:
+                     with_levels: bool = True, totals: bool = True) -> tuple[Collective, ...]:
     """Every collective of Megatron-LM's flat AlltoAll (`FlatAlltoAllDispatcher`) in one
     iteration: the [G, E/G] rows-per-expert table (E/G int64 per peer), the rows and one gate
     weight per row; the combine's rows; the backward twins. No ids travel: rows arrive sorted by
@@ -594,9 +602,9 @@ def flat_collectives(counts: DispatchCounts, row_bytes: int, weight_bytes: int =
     def build():
         pairs = holder_rows(counts.pairs, topo.D, 0)
         return _in_order([_step_phases(topo, topo.D, 0, pairs, pairs, row_bytes, weight_bytes, 0, El * COUNT_BYTES,
-                                       with_levels)])
+                                       with_levels, totals)])
 
-    return counts.memo(("flat", row_bytes, weight_bytes, with_levels), build)
+    return counts.memo(("flat", row_bytes, weight_bytes, with_levels, totals), build)
 
 
 def agreement_collective(topology: Topology) -> Collective:
@@ -659,18 +667,43 @@ def _tokens_only(cs: Sequence[Collective]) -> list[Collective]:
     return [c for c in cs if c.stage == "dispatch" and c.phase == "fwd" and c.what == "tokens"] * 4
 
 
+def _padded_time(counts: DispatchCounts, steps, profile: HardwareProfile, row_bytes: int, weight_bytes: int,
+                 ids: bool, counts_bytes: int | None) -> float:
+    """`collectives_time` of a route's collectives with the padded buffer, in closed form: every
+    collective of a step has the step's alpha, beta and fan, and its buffer is fan x the largest
+    split of rows (counts, ids, 4 x rows) or pairs (2 x gate weights); no Collective is built (the
+    planners evaluate it for every d, every layer and step). Equal to the collectives' sum (tested)."""
+    topo = counts.topology
+    total = 0.0
+    for L, P, rows_of in steps:
+        rm, pm = counts.memo(("max", L, P, rows_of), lambda: (int(holder_rows(counts.rows(rows_of), L, P).max()),
+                                                              int(holder_rows(counts.pairs, L, P).max())))
+        model = profile.comm_model("a2a", step_name_of(topo, L, P))
+        fan = topo.U[L] // topo.U[P]
+        mb = mask_bytes(counts.num_experts, topo.U[L]) if ids else 0
+        n = 6 + (1 if ids else 0) + (0 if counts_bytes is None else 1)
+        per_rank = (0 if counts_bytes is None else counts_bytes) + rm * mb + 4 * rm * row_bytes + 2 * pm * weight_bytes
+        total += n * model.alpha_ms + model.beta_ms * fan * per_rank
+    return total
+
+
 def route_time(counts: DispatchCounts, dim: int, dedup: bool, profile: HardwareProfile, row_bytes: int,
-               weight_bytes: int = 4, charge: str = "all", buffer: str = "padded") -> float:
+               weight_bytes: int = 4, charge: str = "all", buffer: str = "padded", notify: bool = False) -> float:
     """Modeled ms of one layer's HD`dim` / H`dim` AlltoAlls in one training iteration (dispatch,
     combine and their backward twins). charge='all': every collective the dispatcher issues with
     every byte it sends (`route_collectives`); charge='tokens': the paper's model, 4 x t_d.
-    buffer: 'padded' (fan x largest split, the paper's reading) or 'total' (`Collective.buffer_bytes`)."""
+    buffer: 'padded' (fan x largest split, the paper's reading) or 'total' (`Collective.buffer_bytes`).
+    notify: the split counts come from one notify (not included), as for the DeepEP-style route."""
     _check_charge(charge)
     _check_buffer(buffer)
     check_profile(profile, counts.topology)
     if charge == "tokens" and buffer == "padded":
         return 4 * paper_time(counts.rows(dedup), dim, profile, row_bytes)
-    cs = route_collectives(counts, dim, dedup, row_bytes, weight_bytes, with_levels=False)
+    if charge == "all" and buffer == "padded":
+        steps = [(L, P, dedup) for L, P in route_steps(counts.topology, dim)]
+        return _padded_time(counts, steps, profile, row_bytes, weight_bytes, True, None if notify else COUNT_BYTES)
+    cs = route_collectives(counts, dim, dedup, row_bytes, weight_bytes, notify=notify, with_levels=False,
+                           totals=buffer == "total")
     return collectives_time(_tokens_only(cs) if charge == "tokens" else cs, profile, buffer)
 
 
@@ -682,7 +715,11 @@ def flat_time(counts: DispatchCounts, profile: HardwareProfile, row_bytes: int, 
     check_profile(profile, counts.topology)
     if charge == "tokens" and buffer == "padded":
         return 4 * paper_time(counts.pairs, 1, profile, row_bytes)
-    cs = flat_collectives(counts, row_bytes, weight_bytes, with_levels=False)
+    if charge == "all" and buffer == "padded":
+        El = counts.num_experts // counts.topology.G
+        return _padded_time(counts, [(counts.topology.D, 0, False)], profile, row_bytes, weight_bytes, False,
+                            El * COUNT_BYTES)
+    cs = flat_collectives(counts, row_bytes, weight_bytes, with_levels=False, totals=buffer == "total")
     return collectives_time(_tokens_only(cs) if charge == "tokens" else cs, profile, buffer)
 
 

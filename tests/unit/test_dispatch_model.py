@@ -6,15 +6,15 @@ of the hierarchical routes stays under 1% of the token bytes at hidden 2048 in b
 import pytest
 import torch
 
-from baselines.deepep import deepep_collectives
+from baselines.deepep import deepep_collectives, deepep_time
 from baselines.tutel_2dh.dispatcher import capacity_of, tutel_2dh_collectives
 from impl.common.comm import SimWorld
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.routing import RoutingResult
 from impl.common.topology import get_topology
 from impl.hiermoe.dedup_a2a import HierarchicalDispatcher
-from impl.hiermoe.dimension import (agreement_collective, choose_from_counts, dispatch_counts, flat_collectives,
-                                    route_collectives, traffic_of)
+from impl.hiermoe.dimension import (agreement_collective, choose_from_counts, collectives_time, dispatch_counts,
+                                    flat_collectives, flat_time, route_collectives, route_time, traffic_of)
 from tests.support.ep_case import EPCase, run_rank
 from tests.support.expert_training import profile_for_topology
 
@@ -58,6 +58,16 @@ def check(topo_name, name, E, K):
                 assert total.by_level(what, category, phase) == traffic_of(model, what, category, phase), \
                     (name, category, phase, what)
     assert total.by_level("bytes", "meta", "fwd") != dict.fromkeys(topo.level_names, 0) or name == "tutel-2dh"
+    # the time functions' closed forms equal the sum over the listed collectives
+    profile = profile_for_topology(topo)
+    listed = collectives_time(model, profile)
+    if name in ("flat", "megatron-flat"):
+        assert flat_time(counts, profile, case.hidden * 8, 8) == pytest.approx(listed)
+    elif name == "deepep":
+        assert deepep_time(counts, profile, case.hidden * 8, 8) == pytest.approx(listed)
+    elif name not in ("tutel-2dh", "hierd"):
+        assert route_time(counts, int(name[-1]), name.startswith("hd"), profile, case.hidden * 8, 8) == \
+            pytest.approx(listed)
 
 
 @pytest.mark.parametrize("name", SMALL)
