@@ -4,9 +4,9 @@
 ours, and for every gap above 10% the ablations (one assumption changed at a time, each a
 recorded run) that show its cause.
 
-    python -m figures.hiermoe_sim --qwen3 Q.csv --deepseek D.csv --node N.csv --table4 K6.csv ... \
-        --ablation A.csv --ablation-persistent P.csv --skew S0.csv S1.csv ... --swap swap.csv \
-        --table2-csv T2.csv --table2-md T2.md --fig9-md F9.md --out-dir results/figures
+    python -m figures.hiermoe_sim --qwen3 Q.csv --deepseek D.csv --node N.csv --table4 T4.csv \
+        --ablation A.csv --skew S.csv --swap swap.csv --table2-csv T2.csv --table2-md T2.md \
+        --fig9-md F9.md --out-dir results/figures
 
 Speedups are computed here, never stored: per iteration, baseline AlltoAll (or end-to-end) time
 over the system's on the same routing, then the median over the measured iterations, with
@@ -46,6 +46,17 @@ FIG11_SYSTEMS = ["Tutel-2DH", "SmartMoE", "HD2-MoE", "HD2-MoE-Smart", "HD-MoE", 
 FIG10_SYSTEMS = ["SmartMoE", "HD2-MoE", "HD2-MoE-Smart", "HD-MoE", "HierMoE", "DeepEP"]
 TOLERANCE = 0.10                      # a paper number further than this from ours gets its causes
 ASSUMPTIONS = ("charge=tokens", "buffer=total")   # ablation options compared with a like baseline
+
+
+def variants_of(frame: pd.DataFrame, path: str, required: tuple[str, ...] = ()) -> dict[str, pd.DataFrame]:
+    """{variant name: its rows} of a sweep run (`--variant` of the sim CLI), in run order."""
+    if "variant" not in frame.columns:
+        raise ValueError(f"{path}: no 'variant' column; is it a sweep run (--variant) of impl.experiments.hiermoe.sim?")
+    names = list(dict.fromkeys(frame["variant"].astype(str)))
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise ValueError(f"{path}: variant {missing[0]!r} missing; it has {', '.join(names)}")
+    return {n: frame[frame["variant"].astype(str) == n].reset_index(drop=True) for n in names}
 
 
 def read_run(path: str) -> pd.DataFrame:
@@ -425,7 +436,7 @@ def cause_text(runs: Runs, model: str, system: str, over: str, paper: float, uni
             for row in (lo, hi):
                 tried.append((f"routing skew {row['skew']:g}", "skew sweep", float(row["median"])))
     if system == "HierMoE" and over in ("HD-MoE", BASE) and metric == "a2a_ms":
-        tried.append(("a persistent skew (skew 1, no drift), HierMoE over HD-MoE", "`ablation-persistent`",
+        tried.append(("a persistent skew (skew 1, no drift), HierMoE over HD-MoE", "`ablation` variant `persistent`",
                       speedup(runs.persistent, "HierMoE", "HD-MoE")["median"]))
     model_says = paper_model_of(uniform[model], system, over) if metric == "a2a_ms" else np.nan
     return verdict(tried, paper, model_says)
@@ -476,7 +487,7 @@ def paper_rows(runs: Runs, t4: pd.DataFrame, uniform: dict) -> pd.DataFrame:
             if r["system"] == "HierMoE":
                 tried.append(("HierMoE = HD-MoE x its swap gain; the gain here", "same run",
                               speedup(frame, "HierMoE", "HD-MoE")["median"]))
-                tried.append(("the swap gain on a persistent skew", "`ablation-persistent`",
+                tried.append(("the swap gain on a persistent skew", "`ablation` variant `persistent`",
                               speedup(runs.persistent, "HierMoE", "HD-MoE")["median"]))
             first = frame.iloc[0]
             topo = str(first["topology"])
@@ -504,7 +515,7 @@ def paper_rows(runs: Runs, t4: pd.DataFrame, uniform: dict) -> pd.DataFrame:
                 else f"HierMoE[{r['ablation']}={r['setting']}]"
             ours = speedup(runs.ablation, system, "HD-MoE")["median"]
             persistent = speedup(runs.persistent, system, "HD-MoE")["median"]
-        cause = verdict([("a persistent skew (skew 1, no drift)", "`ablation-persistent`", persistent)], float(r["value"]))
+        cause = verdict([("a persistent skew (skew 1, no drift)", "`ablation` variant `persistent`", persistent)], float(r["value"]))
         cause = (f"on the fitted routing (skew {runs.fitted_skew:g}) the hot experts are sampling noise that a swap "
                  f"cannot fix for long; {cause}")
         add("Sec. V-E ablation", f"{r['ablation']} = {r['setting']} ({r['bound']}): HierMoE over HD-MoE",
@@ -810,7 +821,7 @@ def _ablation_table(runs: Runs) -> str:
                          else "n/a", "ours (fitted routing)": ours["median"],
                          "p5-p95": f"{fmt(ours['p5'], 3)}-{fmt(ours['p95'], 3)}",
                          "ours (persistent skew)": speedup(runs.persistent, s, "HD-MoE")["median"],
-                         "run": "ablation-gamma" if frame is runs.gamma else "ablation"})
+                         "run (variant of `ablation`)": "gamma" if frame is runs.gamma else "fitted"})
     return _md_table(pd.DataFrame(rows), 3)
 
 
@@ -819,11 +830,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qwen3", required=True)
     parser.add_argument("--deepseek", required=True)
     parser.add_argument("--node", required=True, help="one-node run (Fig. 13 right)")
-    parser.add_argument("--table4", nargs="*", default=[], help="sweep runs of Table IV")
-    parser.add_argument("--ablation", required=True, help="Section V-E ablation run (fitted routing)")
-    parser.add_argument("--ablation-persistent", required=True, help="the same on a persistent skew")
-    parser.add_argument("--ablation-gamma", required=True, help="the gamma sweep (fitted routing)")
-    parser.add_argument("--skew", nargs="+", required=True, help="skew-sweep runs")
+    parser.add_argument("--table4", required=True, help="Table IV run (one variant per column)")
+    parser.add_argument("--ablation", required=True,
+                        help="Section V-E ablation run (variants fitted, persistent, gamma)")
+    parser.add_argument("--skew", required=True, help="skew-sweep run (one variant per skew)")
     parser.add_argument("--swap", required=True, help="swap measurement CSV (impl.experiments.hiermoe.swap_measure)")
     parser.add_argument("--table2-csv", help="Table II run CSV (its cells go into the report)")
     parser.add_argument("--table2-md", help="Table II markdown (linked)")
@@ -832,10 +842,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         q3, ds, node = read_run(args.qwen3), read_run(args.deepseek), read_run(args.node)
-        sweeps = [read_run(p) for p in args.table4]
-        ablation, persistent = read_run(args.ablation), read_run(args.ablation_persistent)
-        gamma = read_run(args.ablation_gamma)
-        skews = [read_run(p) for p in args.skew]
+        sweeps = list(variants_of(read_run(args.table4), args.table4).values())
+        parts = variants_of(read_run(args.ablation), args.ablation, ("fitted", "persistent", "gamma"))
+        ablation, persistent, gamma = parts["fitted"], parts["persistent"], parts["gamma"]
+        skews = list(variants_of(read_run(args.skew), args.skew).values())
         swap = pd.read_csv(args.swap)
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
@@ -852,8 +862,8 @@ def main(argv: list[str] | None = None) -> int:
                               ("fig12", plot_fig12(ablation), args.ablation),
                               ("fig13", plot_fig13({"4 nodes (G = 32, D = 4)": q3, "1 node (G = 8, D = 3)": node}),
                                f"{args.qwen3}, {args.node}"),
-                              ("table4", plot_table4(t4), ", ".join([args.qwen3] + args.table4)),
-                              ("skew", plot_skew(sk, fitted), ", ".join(args.skew))):
+                              ("table4", plot_table4(t4), f"{args.qwen3}, {args.table4}"),
+                              ("skew", plot_skew(sk, fitted), args.skew)):
         style.save(fig, out / f"hiermoe_{name}", source=source)
         plt.close(fig)
     table2 = table2_section(args.table2_csv, args.table2_md)

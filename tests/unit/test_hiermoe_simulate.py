@@ -130,3 +130,22 @@ def test_swap_cost_is_one_pair_point_to_point_and_hidden_under_backward():
     assert (overlap["swap_exposed_ms"] <= overlap["swap_link_ms"]).all()
     assert (overlap["swap_link_ms"] == exposed["swap_link_ms"]).all()
     assert (per_it.loc["HD-MoE"]["swap_link_ms"] == 0).all()
+
+
+def test_variants_run_in_one_process_and_bad_ones_fail_in_one_line(tmp_path, capsys):
+    csv, record = tmp_path / "s.csv", tmp_path / "s.json"
+    argv = ["--set", "model=qwen3-30b-a3b-32l-tiny", "--set", "topology=hiermoe-node", "--set", "profile=hiermoe-node",
+            "--set", "tokens_per_rank=16", "--set", "layers=1", "--set", "iterations=2", "--set", "warmup=0",
+            "--set", "systems=[Megatron-LM,HD2-MoE]", "--no-progress", "--out-csv", str(csv), "--out-record", str(record)]
+    assert simulate.main(["--variant", 'flat={"stream": {"skew": 0.0}}', "--variant", "skewed={stream: {skew: 1.5}}",
+                          *argv]) == 0
+    import pandas as pd
+    frame = pd.read_csv(csv)
+    assert list(dict.fromkeys(frame["variant"])) == ["flat", "skewed"]
+    assert frame.groupby("variant")["skew"].first().to_dict() == {"flat": 0.0, "skewed": 1.5}
+    capsys.readouterr()
+    for variant, message in (("noname", "expected NAME=MAPPING"), ("a=[1, 2]", "must be a mapping"),
+                             ("a={stream: {skw: 1}}", "stream: unknown key 'skw'")):
+        assert simulate.main(["--variant", variant, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

@@ -62,7 +62,8 @@ check_sim_runs()
 
 
 rule hiermoe_sim:
-    """One sim-tier HierMoE run: every listed system on one routing stream."""
+    """One sim-tier HierMoE run: every listed system on one routing stream (once per variant of a
+    sweep run, in one process)."""
     input:
         config=lambda wc: repo_path(SIM_RUNS[wc.run]["config"]),
     output:
@@ -76,6 +77,7 @@ rule hiermoe_sim:
         run="|".join(SIM_RUNS),
     params:
         overrides=lambda wc: as_flags(sim_overrides(wc.run)),
+        variants=lambda wc: sim_variant_flags(wc.run),
     threads: 1
     resources:
         runtime=30,
@@ -83,7 +85,7 @@ rule hiermoe_sim:
     conda:
         "../../environment.yml"
     shell:
-        "python -m impl.experiments.hiermoe.sim --config {input.config} {params.overrides} --no-progress"
+        "python -m impl.experiments.hiermoe.sim --config {input.config} {params.variants} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
 
 

@@ -3,6 +3,13 @@ ablations evaluated on the same routing stream, iteration by iteration, layer by
 
     python -m impl.experiments.hiermoe.sim --config workflows/config/experiments/hiermoe_qwen3.yaml \
         --out-csv results/.../x.csv --out-record results/.../x.json
+    python -m impl.experiments.hiermoe.sim --config workflows/config/experiments/hiermoe_skew.yaml \
+        --variant 'skew-0={"stream": {"skew": 0.0}}' --variant 'skew-1={"stream": {"skew": 1.0}}' ...
+
+`--variant NAME=OVERRIDES` (repeatable) runs the experiment once per variant in one process (a
+sweep: process start-up dominates small runs), the variant's overrides (a YAML / JSON mapping of
+config keys) applied after the config file and before `--set`; the CSV's `variant` column names
+the run each row belongs to.
 
 What is exact and what is modeled:
 * Routing: the model's real gate over a token stream of explicit skew (`stream.skew`,
@@ -64,7 +71,7 @@ from baselines.deepep import deepep_time
 from baselines.smartmoe.planner import smartmoe_placement
 from baselines.tutel_2dh.dispatcher import capacity_of, tutel_2dh_collectives
 from impl.common import cli
-from impl.common.config import ConfigError, checked
+from impl.common.config import ConfigError, build_config, checked
 from impl.common.costmodel import HardwareProfile, load_profile
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.models import ModelConfig, get_model
@@ -490,21 +497,71 @@ def make_sim_record(rz: Resolved, frame: pd.DataFrame) -> dict:
                "note": "times are modeled (alpha-beta profile); volumes exact from routing masks"})
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'NAME={"a": {"b": 1}}' -> (NAME, ['a.b=1']): a named set of overrides (ConfigError if malformed)."""
+    import json
+
+    import yaml
+
+    name, sep, body = text.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"--variant {text!r}: expected NAME=MAPPING, e.g. skew-1='{{\"stream\": {{\"skew\": 1.0}}}}'")
+    try:
+        mapping = yaml.safe_load(body) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--variant {name}: its overrides are not YAML: {e}".splitlines()[0]) from None
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"--variant {name}: its overrides must be a mapping of config keys, got {mapping!r}")
+
+    def flatten(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from flatten(f"{prefix}{key}.", item)
+        else:
+            yield f"{prefix[:-1]}={json.dumps(value)}"
+
+    return name.strip(), list(flatten("", mapping))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("python -m impl.experiments.hiermoe.sim", __doc__, config=SimExperimentConfig,
                         outputs=("csv", "record"), progress=True)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                        help="run once per variant (overrides after the config file, before --set); repeatable")
     args = parser.parse_args(argv)
     try:
-        rz = resolve(cli.load_config(args, SimExperimentConfig))
+        variants = [parse_variant(v) for v in args.variant] or [("", [])]
+        if len({name for name, _ in variants}) != len(variants):
+            raise ConfigError("--variant: a variant name is given twice")
+        resolved = [(name, resolve(build_config(SimExperimentConfig, args.config, overrides + args.overrides)))
+                    for name, overrides in variants]
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
-    frame = run_experiment(rz, progress=False if args.no_progress else None)
-    cli.write_csv_and_record(frame, args.out_csv, make_sim_record(rz, frame), args.out_record)
-    summary = summarize_frame(frame).groupby("system", sort=False)["a2a_ms"].median()
-    base = summary.get("Megatron-LM")
-    for system, ms in summary.items():
-        ratio = f"  speedup over Megatron-LM {base / ms:.2f}x" if base else ""
-        print(f"{system:>24}: AlltoAll {ms:8.2f} ms per layer per iteration (modeled){ratio}")
+    frames, records = [], {}
+    for name, rz in resolved:
+        frame = run_experiment(rz, progress=False if args.no_progress else None)
+        frame.insert(1, "variant", name)
+        frames.append(frame)
+        records[name] = make_sim_record(rz, frame)
+    frame = pd.concat(frames, ignore_index=True)
+    if len(resolved) == 1:
+        record = records[resolved[0][0]]
+    else:                                   # one record of the sweep: every variant's config and metrics
+        first = records[resolved[0][0]]
+        record = make_record(
+            experiment=first["experiment"], system=first["system"], tier="sim", topology=resolved[0][1].topology,
+            model=first["model"], config={name: dataclasses.asdict(rz.config) for name, rz in resolved},
+            metrics={f"{name}/{key}": value for name, rec in records.items() for key, value in rec["metrics"].items()},
+            seed=resolved[0][1].config.seed, trace_id=first.get("trace_id"), extra={"variants": [n for n, _ in resolved]})
+    cli.write_csv_and_record(frame, args.out_csv, record, args.out_record)
+    for name, rz in resolved:
+        part = frame[frame["variant"] == name]
+        summary = summarize_frame(part).groupby("system", sort=False)["a2a_ms"].median()
+        base = summary.get("Megatron-LM")
+        for system, ms in summary.items():
+            ratio = f"  speedup over Megatron-LM {base / ms:.2f}x" if base else ""
+            print(f"{(name + ': ') if name else ''}{system:>24}: AlltoAll {ms:8.2f} ms per layer per iteration "
+                  f"(modeled){ratio}")
     return 0
 
 
