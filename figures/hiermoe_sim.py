@@ -5,7 +5,7 @@ ours, and for every gap above 10% the ablations (one assumption changed at a tim
 recorded run) that show its cause.
 
     python -m figures.hiermoe_sim --qwen3 Q.csv --deepseek D.csv --node N.csv --table4 T4.csv \
-        --ablation A.csv --skew S.csv --swap swap.csv --table2-csv T2.csv --table2-md T2.md \
+        --ablation A.csv --ablation-persistent P.csv --skew S.csv --swap swap.csv --table2-csv T2.csv --table2-md T2.md \
         --fig9-md F9.md --out-dir results/figures
 
 Speedups are computed here, never stored: per iteration, baseline AlltoAll (or end-to-end) time
@@ -436,7 +436,7 @@ def cause_text(runs: Runs, model: str, system: str, over: str, paper: float, uni
             for row in (lo, hi):
                 tried.append((f"routing skew {row['skew']:g}", "skew sweep", float(row["median"])))
     if system == "HierMoE" and over in ("HD-MoE", BASE) and metric == "a2a_ms":
-        tried.append(("a persistent skew (skew 1, no drift), HierMoE over HD-MoE", "`ablation` variant `persistent`",
+        tried.append(("a persistent skew (skew 1, no drift), HierMoE over HD-MoE", "`ablation-persistent`",
                       speedup(runs.persistent, "HierMoE", "HD-MoE")["median"]))
     model_says = paper_model_of(uniform[model], system, over) if metric == "a2a_ms" else np.nan
     return verdict(tried, paper, model_says)
@@ -487,7 +487,7 @@ def paper_rows(runs: Runs, t4: pd.DataFrame, uniform: dict) -> pd.DataFrame:
             if r["system"] == "HierMoE":
                 tried.append(("HierMoE = HD-MoE x its swap gain; the gain here", "same run",
                               speedup(frame, "HierMoE", "HD-MoE")["median"]))
-                tried.append(("the swap gain on a persistent skew", "`ablation` variant `persistent`",
+                tried.append(("the swap gain on a persistent skew", "`ablation-persistent`",
                               speedup(runs.persistent, "HierMoE", "HD-MoE")["median"]))
             first = frame.iloc[0]
             topo = str(first["topology"])
@@ -515,7 +515,7 @@ def paper_rows(runs: Runs, t4: pd.DataFrame, uniform: dict) -> pd.DataFrame:
                 else f"HierMoE[{r['ablation']}={r['setting']}]"
             ours = speedup(runs.ablation, system, "HD-MoE")["median"]
             persistent = speedup(runs.persistent, system, "HD-MoE")["median"]
-        cause = verdict([("a persistent skew (skew 1, no drift)", "`ablation` variant `persistent`", persistent)], float(r["value"]))
+        cause = verdict([("a persistent skew (skew 1, no drift)", "`ablation-persistent`", persistent)], float(r["value"]))
         cause = (f"on the fitted routing (skew {runs.fitted_skew:g}) the hot experts are sampling noise that a swap "
                  f"cannot fix for long; {cause}")
         add("Sec. V-E ablation", f"{r['ablation']} = {r['setting']} ({r['bound']}): HierMoE over HD-MoE",
@@ -831,8 +831,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deepseek", required=True)
     parser.add_argument("--node", required=True, help="one-node run (Fig. 13 right)")
     parser.add_argument("--table4", required=True, help="Table IV run (one variant per column)")
-    parser.add_argument("--ablation", required=True,
-                        help="Section V-E ablation run (variants fitted, persistent, gamma)")
+    parser.add_argument("--ablation", required=True, help="Section V-E ablation run (variants fitted, gamma)")
+    parser.add_argument("--ablation-persistent", required=True, help="the same on a persistent skew (variant persistent)")
     parser.add_argument("--skew", required=True, help="skew-sweep run (one variant per skew)")
     parser.add_argument("--swap", required=True, help="swap measurement CSV (impl.experiments.hiermoe.swap_measure)")
     parser.add_argument("--table2-csv", help="Table II run CSV (its cells go into the report)")
@@ -843,8 +843,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         q3, ds, node = read_run(args.qwen3), read_run(args.deepseek), read_run(args.node)
         sweeps = list(variants_of(read_run(args.table4), args.table4).values())
-        parts = variants_of(read_run(args.ablation), args.ablation, ("fitted", "persistent", "gamma"))
-        ablation, persistent, gamma = parts["fitted"], parts["persistent"], parts["gamma"]
+        parts = variants_of(read_run(args.ablation), args.ablation, ("fitted", "gamma"))
+        ablation, gamma = parts["fitted"], parts["gamma"]
+        persistent = variants_of(read_run(args.ablation_persistent), args.ablation_persistent, ("persistent",))["persistent"]
         skews = list(variants_of(read_run(args.skew), args.skew).values())
         swap = pd.read_csv(args.swap)
     except (OSError, ValueError) as e:

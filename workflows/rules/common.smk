@@ -93,10 +93,10 @@ def sim_variants(run):
 
 def sim_variant_flags(run):
     """--variant NAME=MAPPING flags of a run, shell-quoted (the mapping as JSON)."""
-    return " ".join(
-        f"--variant {shlex.quote(name + '=' + json.dumps(typed(mapping)))}"
-        for name, mapping in (SIM_RUNS[run].get("variants") or {}).items()
-    )
+    flags = []
+    for name, mapping in (SIM_RUNS[run].get("variants") or {}).items():
+        flags += ["--variant", shlex.quote(f"{name}={json.dumps(typed(mapping))}")]
+    return " ".join(flags)
 
 
 def check_sim_runs():

@@ -62,6 +62,7 @@ rule plot_hiermoe_sim:
         node="results/raw/hiermoe_sim/node.csv",
         table4="results/raw/hiermoe_sim/table4.csv",
         ablation="results/raw/hiermoe_sim/ablation.csv",
+        persistent="results/raw/hiermoe_sim/ablation-persistent.csv",
         skew="results/raw/hiermoe_sim/skew.csv",
         swap=rules.hiermoe_swap_measure.output.csv,
         table2_csv=rules.hiermoe_table2.output.csv,
@@ -86,7 +87,7 @@ rule plot_hiermoe_sim:
         "../../environment.yml"
     shell:
         "python -m figures.hiermoe_sim --qwen3 {input.qwen3} --deepseek {input.deepseek} --node {input.node}"
-        " --table4 {input.table4} --ablation {input.ablation}"
+        " --table4 {input.table4} --ablation {input.ablation} --ablation-persistent {input.persistent}"
         " --skew {input.skew} --swap {input.swap} --table2-csv {input.table2_csv} --table2-md {input.table2}"
         " --fig9-md {input.fig9}"
         " --out-dir results/figures > {log} 2>&1"

@@ -44,6 +44,7 @@ rule hiermoe_calibration:
         profile="results/raw/calibration/{topology}-{backend}.yaml",
     log:
         "results/logs/calibration/{topology}-{backend}.log",
+    priority: 10  # both cores while nothing else runs: first
     params:
         extra=config["hiermoe_calibration"]["args"],
     threads: 2
@@ -101,6 +102,7 @@ rule hiermoe_swap_measure:
         "results/logs/hiermoe_swap/measure.log",
     benchmark:
         "results/benchmarks/hiermoe_swap/measure.tsv"
+    priority: 10  # both cores while nothing else runs: right after the calibration
     params:
         overrides=as_flags(overrides_of(config["hiermoe_swap_measure"].get("set", {}))),
         topology=config["hiermoe_calibration"]["topology"],
