@@ -57,29 +57,42 @@ def calibrated_fits(profile_path: str) -> tuple[pd.DataFrame, pd.DataFrame, dict
     return fits, pd.DataFrame(points), profile
 
 
+POOR_FIT_R2 = 0.95   # a fit below this r^2 is drawn dashed and flagged (figure and table)
+
+
 def plot_fig9(paper: pd.DataFrame, fits: pd.DataFrame, points: pd.DataFrame, profile: dict):
+    """Left, log-log: the seven paper lines span three orders of magnitude in time, and the fast
+    intra-node kinds would sit on top of each other near zero on linear axes. Right, linear: our
+    sweep covers one decade."""
     style.set_style()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(style.PAGE_WIDTH, 2.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(style.PAGE_WIDTH, 3.2))
     colors = dict(zip(STEP_ORDER, plt.get_cmap("tab10").colors))
-    sizes = np.linspace(0, 64 * 2**20, 50)
+    sizes = np.logspace(np.log10(64 * 2**10), np.log10(256 * 2**20), 60)
     for row in paper.itertuples():
         left.plot(sizes / 2**20, row.alpha + row.beta * sizes, color=colors[row.step],
                   label=f"{row.step} (r²={row.r2:.4f})")
     left.set(title="paper: 32 x RTX A6000 testbed (fits only)", xlabel="per-rank buffer (MiB)",
-             ylabel="time (ms)")
+             ylabel="time (ms)", xscale="log", yscale="log")
     left.legend(fontsize=6, frameon=False)
+    poor = []
     for fit in fits.itertuples():
         pts = points[points["step"] == fit.step]
         c = colors.get(fit.step, "black")
         right.errorbar(pts["nbytes"] / 2**20, pts["median_ms"],
                        yerr=[pts["median_ms"] - pts["min_ms"], pts["max_ms"] - pts["median_ms"]],
                        fmt="o", ms=3, color=c, capsize=2, lw=0.8)
-        xs = np.linspace(0, pts["nbytes"].max(), 20)
-        right.plot(xs / 2**20, fit.alpha + fit.beta * xs, color=c, label=f"{fit.step} (r²={fit.r2:.3f})")
+        xs = np.linspace(0, pts["nbytes"].max(), 40)
+        bad = fit.r2 < POOR_FIT_R2
+        poor += [fit.step] if bad else []
+        right.plot(xs / 2**20, fit.alpha + fit.beta * xs, color=c, ls="--" if bad else "-",
+                   label=f"{fit.step} (r²={fit.r2:.3f}{', POOR FIT' if bad else ''})")
     prov = profile.get("provenance", {})
     right.set(title=f"ours: {profile.get('topology')} over {prov.get('backend', '?')} on {prov.get('host', '?')} "
-                    "(tier emu)", xlabel="per-rank buffer (MiB)", ylabel="time (ms)")
-    right.legend(fontsize=6, frameon=False)
+                    "(tier emu)", xlabel="per-rank buffer (MiB)", ylabel="time (ms)", ylim=(0, None))
+    right.legend(fontsize=6, frameon=False, loc="lower right")
+    if poor:
+        right.text(0.02, 0.98, f"warning: r² < {POOR_FIT_R2} for {', '.join(poor)}\n(dashed: the line is a poor "
+                   "model of the points)", transform=right.transAxes, fontsize=6, va="top", color="firebrick")
     fig.suptitle("HierMoE Fig. 9: alpha-beta models of AlltoAll (markers: measured median, min-max; "
                  "lines: least-squares fit)", fontsize=8)
     fig.tight_layout()
@@ -105,6 +118,11 @@ def markdown_fig9(paper: pd.DataFrame, header: dict, fits: pd.DataFrame, profile
     for step, o in ours.items():
         if step not in set(paper["step"]):
             lines.append(f"| {step} | n/a | n/a | n/a | {o.alpha:.3g} | {o.beta:.3g} | {o.r2:.4f} |")
+    poor = [f"{step} (r² = {o.r2:.3f})" for step, o in ours.items() if o.r2 < POOR_FIT_R2]
+    if poor:
+        lines += ["", f"**Warning:** our fits of {', '.join(poor)} have r² below {POOR_FIT_R2}: on this machine a "
+                      "straight line is a poor model of those points (a busy or oversubscribed host); treat their "
+                      "alpha and beta as rough."]
     return "\n".join(lines) + "\n"
 
 

@@ -31,10 +31,10 @@ PAPER_SYSTEMS: dict[str, tuple[str, ...]] = {
 }
 SYSTEM_ORDER: tuple[str, ...] = tuple(sorted(systems.style_slots(), key=systems.style_slots().get))
 
-# Seven hatches against ten colours: 7 and 10 are coprime, so walking both lists with a system's
-# style slot gives every system a distinct (colour, hatch) pair, and consecutive slots (one
-# paper's figure) distinct colours and distinct hatches.
-HATCHES: tuple[str, ...] = ("", "//", "\\\\", "xx", "..", "++", "oo")
+# Nine hatches against ten colours: 9 and 10 are coprime, so walking both lists with a system's
+# style slot gives every system a distinct (colour, hatch) pair (slots below 90), and consecutive
+# slots (one paper's figure) distinct colours and distinct hatches.
+HATCHES: tuple[str, ...] = ("", "//", "\\\\", "xx", "..", "++", "oo", "**", "OO")
 _PALETTE = sns.color_palette("colorblind", 10)
 
 

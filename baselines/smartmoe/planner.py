@@ -10,19 +10,20 @@ parameters, gradients and optimizer state (the artifact moves parameters only).
 
 Methods (every rank keeps exactly E/G experts):
 
-* 'greedy-swap' (default) [reconstruction of the move rule: most-loaded expert first onto the
-  least-loaded rank, accepted only if the maximum rank load strictly drops]. A rank has fixed
-  slots, so moving expert e to the least-loaded rank d is realised as swapping e with d's lightest
-  expert f. Experts are tried in descending load (ties: lower id); d is the least-loaded rank
-  (ties: lower rank), f its lightest expert (ties: lower id); the first swap that lowers the
-  maximum rank load is made and the scan restarts; it stops when no expert's swap helps. The
-  maximum drops with every swap, so it terminates. A swap can only help when e sits on the
-  unique most-loaded rank, so ties at the maximum stop it (the strict rule).
-* 'lpt': the artifact's default `Greedy` as the anchors describe it: longest-processing-time bin
-  packing with a cardinality constraint: experts in descending load each go to the least-loaded
-  rank that still has a free slot, ties to the expert's current rank (else the lower rank); the
-  new placement is accepted only if its maximum rank load is strictly lower than the current one.
-  Experts that stay on their rank keep their slot; arriving ones fill the freed slots in id order.
+* 'lpt' (default): SmartMoE's published online planner, the artifact's default `Greedy` as the
+  project's anchors describe it (thu-pacman/SmartMoE-AE, `fmoe/smartmoe/mapping.py`):
+  longest-processing-time bin packing with a cardinality constraint: experts in descending load
+  (ties: lower id) each go to the least-loaded rank that still has a free slot, ties to the
+  expert's current rank (else the lower rank); the new placement is accepted only if its maximum
+  rank load is strictly lower than the current one (hysteresis). Experts that stay on their rank
+  keep their slot; arriving ones fill the freed slots in id order.
+* 'greedy-swap' [our earlier reconstruction, kept as an option]: most-loaded expert first onto
+  the least-loaded rank, realised as a swap with that rank's lightest expert, accepted only if the
+  maximum rank load strictly drops; experts are tried in descending load (ties: lower id), the
+  scan restarts after every swap and stops when no expert's swap helps. A swap can only help when
+  e sits on the unique most-loaded rank, so ties at the maximum stop it: loads
+  [10, 10, 10, 10, 1, 1, 1, 1] on 4 ranks stay [20, 20, 2, 2], which 'lpt' balances to
+  [11, 11, 11, 11].
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from impl.common.registry import register
 
 __all__ = ["SMARTMOE_METHODS", "SmartMoEPlanner", "rank_loads", "smartmoe_placement"]
 
-SMARTMOE_METHODS = ("greedy-swap", "lpt")
+SMARTMOE_METHODS = ("lpt", "greedy-swap")
 
 
 def _loads(load_E: Sequence[int] | torch.Tensor, num_experts: int) -> list[int]:
@@ -114,7 +115,7 @@ def _lpt(load: list, slots: list[int], G: int, El: int) -> list[int]:
 
 
 def smartmoe_placement(load_E: Sequence[int] | torch.Tensor, placement: ExpertPlacement, ep_size: int,
-                       method: str = "greedy-swap") -> ExpertPlacement:
+                       method: str = "lpt") -> ExpertPlacement:
     """The placement SmartMoE plans from global per-expert loads (the same placement when nothing
     lowers the maximum rank load)."""
     if method not in SMARTMOE_METHODS:
@@ -131,11 +132,12 @@ def smartmoe_placement(load_E: Sequence[int] | torch.Tensor, placement: ExpertPl
 @register("placement_planner", "smartmoe")
 class SmartMoEPlanner(PlacementPlanner):
     """Every `every` iterations, re-place experts to balance raw token counts of the last
-    `history` iterations over all ranks ('greedy-swap' or 'lpt', see the module docstring)."""
+    `history` iterations over all ranks ('lpt', SmartMoE's own, or 'greedy-swap', see the module
+    docstring)."""
 
     name = "smartmoe"
 
-    def __init__(self, *, every: int = 1, history: int = 2, method: str = "greedy-swap"):
+    def __init__(self, *, every: int = 1, history: int = 2, method: str = "lpt"):
         super().__init__(every)
         if isinstance(history, bool) or not isinstance(history, int) or history < 1:
             raise ValueError(f"history: {history!r} is not allowed; expected a positive number of iterations")

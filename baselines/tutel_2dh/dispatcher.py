@@ -44,10 +44,19 @@ from impl.common.equal_slice import equal_slice_all_to_all_autograd
 from impl.common.ordering import CapacityPlan, IndexOrder, plan_capacity
 from impl.common.registry import register
 from impl.common.routing import RoutingResult
+from impl.common.topology import Topology
+from impl.hiermoe.dimension import COUNT_BYTES, Collective, a2a_collective
 
-__all__ = ["PaddedDispatchMeta", "CapacityPaddedDispatcher", "Tutel2DHDispatcher", "tutel_capacity"]
+__all__ = ["PaddedDispatchMeta", "CapacityPaddedDispatcher", "Tutel2DHDispatcher", "tutel_capacity", "uses_2dh",
+           "capacity_of", "tutel_2dh_collectives"]
 
 _ORDER = IndexOrder()
+
+
+def uses_2dh(comm: Comm | Topology) -> bool:
+    """2DH needs at least two nodes with at least two GPUs each; otherwise it is a flat AlltoAll."""
+    topo = comm if isinstance(comm, Topology) else comm.topology
+    return topo.D >= 2 and topo.num_nodes > 1 and topo.gpus_per_node > 1
 
 
 def tutel_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -170,3 +179,37 @@ class Tutel2DHDispatcher(CapacityPaddedDispatcher):
             return None, True
         bound = tutel_capacity(num_tokens, self.num_experts, self.top_k, self.capacity_factor)
         return bound, self.capacity_factor < 0
+
+
+def capacity_of(counts_GE: torch.Tensor, num_tokens: int, top_k: int, capacity_factor: float) -> int:
+    """The capacity C every rank agrees on (module docstring), from the [G, E] per-rank expert
+    counts of the routing the dispatcher receives (after the gate's drops)."""
+    largest = int(counts_GE.max()) if counts_GE.numel() else 0
+    if capacity_factor == 0:
+        return largest
+    bound = tutel_capacity(num_tokens, counts_GE.shape[1], top_k, capacity_factor)
+    return min(largest, bound) if capacity_factor < 0 else bound
+
+
+def tutel_2dh_collectives(topology: Topology, num_experts: int, capacity: int, row_bytes: int, *,
+                          with_levels: bool = True) -> tuple[Collective, ...]:
+    """Every collective of `Tutel2DHDispatcher` for one layer in one iteration: the capacity
+    all-reduce (three int64), then per exchange (dispatch, combine, and the backward twin of
+    each) the intra-node AlltoAll of N * E/G * C rows per member and the inter-node AlltoAll of
+    Gn * E/G * C rows per member; one flat AlltoAll of E/G * C rows per peer without 2DH. No
+    metadata crosses the network (gate weights stay home)."""
+    G, El = topology.G, num_experts // topology.G
+    B = El * capacity
+
+    def exchange(stage, phase):
+        kw = dict(with_levels=with_levels, stage=stage, phase=phase, what="tokens", category="tokens")
+        if not uses_2dh(topology):
+            return [a2a_collective(topology, topology.D, 0, torch.full((G, G), B), row_bytes, **kw)]
+        N, Gn = topology.num_nodes, topology.gpus_per_node
+        intra = a2a_collective(topology, topology.D, 1, torch.full((Gn, G), N * B), row_bytes, **kw)
+        inter = a2a_collective(topology, 1, 0, torch.full((G, N), Gn * B), row_bytes, **kw)
+        return [intra, inter]
+
+    agree = Collective("dispatch", "fwd", "agree", "none", "allreduce", "flat", G, 3 * COUNT_BYTES)
+    return (agree, *exchange("dispatch", "fwd"), *exchange("combine", "fwd"), *exchange("combine", "bwd"),
+            *exchange("dispatch", "bwd"))

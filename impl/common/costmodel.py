@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import scipy.stats
 import yaml
 
 from .topology import Topology, TopologyError, get_topology
@@ -83,6 +82,8 @@ def fit_linear(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
         raise ValueError(f"fit_linear: needs at least 2 distinct x values, got {np.unique(x).tolist()}")
     if np.ptp(y) == 0.0:
         return LinearFit(float(y[0]), 0.0, 1.0, int(x.size))
+    import scipy.stats  # here, not at module level: a second of start-up every process would pay
+
     fit = scipy.stats.linregress(x, y)
     return LinearFit(float(fit.intercept), float(fit.slope), float(fit.rvalue) ** 2, int(x.size))
 

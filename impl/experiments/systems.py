@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 # Every module that registers implementations (import for the side effect).
+import baselines.deepep  # noqa: F401
 import baselines.deepspeed_moe.schedule  # noqa: F401
 import baselines.deepspeed_moe.sim  # noqa: F401
 import baselines.fiddler  # noqa: F401
@@ -88,6 +89,11 @@ SYSTEMS: tuple[System, ...] = (
            _hiermoe(route="auto", dedup=True), HierMoEOptions, style=5),
     System("hiermoe", "HierMoE", "ours", "d* dedup AlltoAll plus HierD-ES expert swap",
            _hiermoe(route="auto", dedup=True, planner="hierd-es"), HierMoEOptions, style=6),
+    # beyond the paper: the node-level dedup of DeepSeek-V3 / DeepEP (slot 88: yellow and a hatch
+    # no other HierMoE system has; the greys belong to the paper's reference series)
+    System("hiermoe", "DeepEP", "baseline", "DeepEP-style two-level dedup (node, then forwarding inside the "
+           "node), one notify; beyond the paper", _hiermoe(route="deepep", dedup=True, dim=2), HierMoEOptions,
+           style=88),
     *(System("hiermoe", f"{'HD' if dedup else 'H'}{d}", "variant",
              f"{d}-level hierarchical AlltoAll {'with' if dedup else 'without'} dedup (ablation)",
              _hiermoe(route="fixed", dedup=dedup, dim=d), HierMoEOptions)

@@ -13,12 +13,20 @@ Route of HDd (HierMoE section III-A; per-step mechanics are our explicit reading
 * A copy sent towards a group carries only the expert ids inside that group, so the copies of a
   token partition its experts and every (token, expert) pair is computed exactly once.
 
+What travels with the rows (metadata), per step: the split counts (one int64 per peer; the
+AlltoAll of rows needs them), the ids as a bitmask over the destination unit's slots (ceil(S / 8)
+bytes for a unit of S slots: 4 bytes towards a node of Qwen3's 32 slots, 1 byte towards a GPU of
+4), and the gate weights of the experts in the destination unit only (one per (row, expert) pair,
+in the router's dtype, so the router gradient is exact). At hidden 2048 in bf16 that is well under
+1% of the token bytes (K = 8 int64 ids and K weights on every copy would be 2.3%). Four
+AlltoAlls per step (counts, ids, rows, weights) in the dispatch, one (rows) per step in the
+combine; `impl.hiermoe.dimension.route_collectives` models exactly these.
+
 Combine [reconstruction: the paper does not describe it]: the exact reverse route. Each GPU sums
 the gate-weighted outputs of its local experts per row, and every forwarding rank adds the
-partial sums of the copies it sent, so the combine carries the same deduplicated volume as the
-dispatch. Backward of both is autograd's: the gradient of a replication is a sum and vice versa,
-so the four phases (dispatch, combine and their backward twins) move equal volumes. Gate weights
-travel with the rows (K per row, metadata) so the router gradient is exact.
+partial sums of the copies it sent, so the combine carries the same deduplicated rows as the
+dispatch. Backward of both is autograd's: the gradient of a replication is a sum and vice versa;
+the backward of the dispatch also returns the gate-weight gradients.
 
 Hd (no dedup, for the ablation) is the same route over rows that are (token, expert) pairs from
 the start: one copy per pair at every step. H1 is Megatron's flat AlltoAll.
@@ -34,18 +42,23 @@ from impl.common.registry import register
 from impl.common.dispatcher import DispatchedTokens, ExpertPlacement, TokenDispatcher
 from impl.common.routing import RoutingResult
 
-__all__ = ["HierarchicalDispatcher", "HierDAlltoAllDispatcher", "RouteStep", "HierDispatchMeta", "step_groups"]
+__all__ = ["HierarchicalDispatcher", "HierDAlltoAllDispatcher", "RouteStep", "HierDispatchMeta", "step_groups",
+           "build_route", "pack_bits", "unpack_bits"]
 
 
 @dataclass(frozen=True)
 class RouteStep:
-    """One sub-AlltoAll of the route, as seen from one rank."""
+    """One sub-AlltoAll of the route, as seen from one rank: which held rows go to which member
+    (`send_idx`, member-major), and which held (row, expert) pairs' gate weights go with them."""
 
     group: CommGroup
     rows_before: int                # rows held before the step
     send_idx: torch.Tensor          # those rows -> send buffer (member-major)
     send_splits: tuple[int, ...]
     recv_splits: tuple[int, ...]
+    pair_send_idx: torch.Tensor     # pairs held before the step -> weight send buffer
+    pair_send_splits: tuple[int, ...]
+    pair_recv_splits: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,7 @@ class HierDispatchMeta:
     token_of_row: torch.Tensor | None   # Hd: the token of each initial (token, expert) row; HDd: None
     steps: tuple[RouteStep, ...]
     expand_row: torch.Tensor            # final row of every expert-input row (local-expert-major)
-    expand_k: torch.Tensor              # which of the row's K slots it serves
+    expand_pair: torch.Tensor           # final pair (gate weight) of every expert-input row
     tokens_per_local_expert: tuple[int, ...]
     final_rows: int
 
@@ -76,6 +89,59 @@ def step_groups(comm: Comm, dim: int) -> list[tuple[CommGroup, int, int]]:
     return out
 
 
+_BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask_RB: torch.Tensor) -> torch.Tensor:
+    """bool [R, B] -> uint8 [R, ceil(B / 8)], bit b of row r at byte b // 8, bit b % 8."""
+    R, B = mask_RB.shape
+    nb = -(-B // 8)
+    padded = torch.zeros(R, nb * 8, dtype=torch.uint8)
+    padded[:, :B] = mask_RB
+    return (padded.view(R, nb, 8) * _BIT_VALUES).sum(2, dtype=torch.uint8)
+
+
+def unpack_bits(packed_RN: torch.Tensor, B: int) -> torch.Tensor:
+    """The inverse of `pack_bits`: uint8 [R, ceil(B / 8)] -> bool [R, B]."""
+    bits = packed_RN.unsqueeze(2).bitwise_and(_BIT_VALUES).ne(0)
+    return bits.view(packed_RN.shape[0], packed_RN.shape[1] * 8)[:, :B]
+
+
+def build_route(comm: Comm, steps, num_experts: int, rows: int, row_P: torch.Tensor, slot_P: torch.Tensor,
+                recv_splits_of=None) -> tuple[list[RouteStep], int, torch.Tensor, torch.Tensor]:
+    """Follow the (row, slot) pairs a rank holds through the route's steps: at each step every row
+    goes once to each member whose unit hosts one of its slots, carrying a bitmask of those slots
+    (the ids: one bit per slot of the destination unit) and their gate weights. Exchanges the split
+    counts (`recv_splits_of(step index, group, send splits)`; default one count per peer, by
+    `Comm.exchange_counts`) and the ids; returns (steps, final rows, final row_P, final slot_P),
+    pairs sorted by (row, slot)."""
+    route = []
+    for k, (group, level, first_unit) in enumerate(steps):
+        spu = num_experts // comm.topology.U[level]
+        n = group.size
+        member_P = slot_P // spu - first_unit
+        key_P = member_P * max(rows, 1) + row_P
+        copy_key, pair_copy = torch.unique(key_P, sorted=True, return_inverse=True)   # member-major, rows asc
+        member_C, row_C = copy_key // max(rows, 1), copy_key % max(rows, 1)
+        send_splits = torch.bincount(member_C, minlength=n).tolist()
+        pair_order = torch.argsort(pair_copy * spu + (slot_P - (first_unit + member_P) * spu), stable=True)
+        mask_CB = torch.zeros(copy_key.numel(), spu, dtype=torch.bool)
+        mask_CB[pair_copy, slot_P - (first_unit + member_P) * spu] = True
+        recv_splits = (comm.exchange_counts(send_splits, group) if recv_splits_of is None
+                       else recv_splits_of(k, group, send_splits))
+        got = comm.all_to_all(pack_bits(mask_CB), send_splits, recv_splits, group, category="meta")
+        mask_RB = unpack_bits(got, spu)
+        row_P, bit_P = mask_RB.nonzero(as_tuple=True)                                   # row-major, slots asc
+        per_row = mask_RB.sum(1)
+        bounds = torch.tensor([0] + recv_splits).cumsum(0)
+        pair_recv = [int(per_row[a:b].sum()) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+        route.append(RouteStep(group, rows, row_C, tuple(send_splits), tuple(recv_splits), pair_order,
+                               tuple(torch.bincount(member_P, minlength=n).tolist()), tuple(pair_recv)))
+        rows = int(sum(recv_splits))
+        slot_P = (first_unit + group.index(comm.rank)) * spu + bit_P
+    return route, rows, row_P, slot_P
+
+
 class HierarchicalDispatcher(TokenDispatcher):
     """HD`dim` (dedup=True) or H`dim` (dedup=False) AlltoAll over the comm's topology."""
 
@@ -92,76 +158,53 @@ class HierarchicalDispatcher(TokenDispatcher):
     def name(self) -> str:
         return f"{'HD' if self.dedup else 'H'}{self.dim}"
 
-    def _slots_per_unit(self, level: int) -> int:
-        return self.num_experts // self.comm.topology.U[level]
+    def initial_pairs(self, x_TM: torch.Tensor, routing: RoutingResult, placement: ExpertPlacement):
+        """(rows, token_of_row or None, row_P, slot_P, gate weight_P): a row per token (HDd) or per
+        (token, expert) pair (Hd); pairs sorted by (row, slot)."""
+        map_TS = placement.to_slots(routing.routing_map_TE)
+        probs_TS = placement.to_slots(routing.probs_TE)
+        tok_P, slot_P = map_TS.nonzero(as_tuple=True)                 # token-major, slots ascending
+        w_P = probs_TS[tok_P, slot_P]
+        if self.dedup:
+            return x_TM, None, tok_P, slot_P, w_P
+        return x_TM.index_select(0, tok_P), tok_P, torch.arange(tok_P.numel()), slot_P, w_P
+
+    def recv_splits_of(self, routing_map_TS: torch.Tensor):
+        """Hook for a dispatcher that learns every step's receive splits at once (None: each step
+        exchanges its counts)."""
+        return None
 
     def dispatch_preprocess(self, x_TM: torch.Tensor, routing: RoutingResult,
                             placement: ExpertPlacement | None = None):
         self.check_routing(routing)
         placement = self.placement_or_identity(placement)
-        map_TS = placement.to_slots(routing.routing_map_TE)
-        probs_TS = placement.to_slots(routing.probs_TE)
-        T = map_TS.shape[0]
-        # every rank must ship K ids per row: agree on the largest experts-per-token of any rank
-        local_K = int(map_TS.sum(1).max().item()) if T else 0
-        K = max(1, int(self.comm.all_reduce(torch.tensor([local_K]), "max").item()))
-        # K slot ids per token (-1 = none), and their gate weights (differentiable)
-        order = torch.sort(map_TS.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :K]
-        valid = torch.gather(map_TS, 1, order)
-        ids_RK = torch.where(valid, order, torch.full_like(order, -1))
-        probs_RK = torch.gather(probs_TS, 1, order) * valid
-        token_of_row = None
-        if not self.dedup:  # one row per (token, expert) pair from the start
-            tok, k = valid.nonzero(as_tuple=True)
-            token_of_row = tok
-            ids_RK = torch.full((tok.numel(), K), -1, dtype=torch.long)
-            ids_RK[torch.arange(tok.numel()), k] = order[tok, k]
-            probs_RK = probs_RK[tok]
-        rows = x_TM if token_of_row is None else x_TM.index_select(0, token_of_row)
-
-        steps = []
-        for group, level, first_unit in self._steps:
-            spu = self._slots_per_unit(level)
-            n = group.size
-            member_RK = torch.where(ids_RK >= 0, ids_RK // spu - first_unit, torch.full_like(ids_RK, -1))
-            inside = (member_RK >= 0) & (member_RK < n)
-            need_RN = torch.zeros(ids_RK.shape[0], n + 1, dtype=torch.bool)
-            need_RN.scatter_(1, torch.where(inside, member_RK, torch.full_like(member_RK, n)), True)
-            need_RN = need_RN[:, :n]
-            member_S, row_S = need_RN.t().nonzero(as_tuple=True)   # member-major, rows in order
-            send_splits = need_RN.sum(0).tolist()
-            # each copy keeps only the expert ids inside its destination member's range
-            ids_SK = ids_RK.index_select(0, row_S)
-            keep = member_RK.index_select(0, row_S) == member_S.unsqueeze(1)
-            ids_SK = torch.where(keep, ids_SK, torch.full_like(ids_SK, -1))
-            recv_splits = self.comm.exchange_counts(send_splits, group)
-            ids_RK = self.comm.all_to_all(ids_SK, send_splits, recv_splits, group, category="meta")
-            steps.append(RouteStep(group, need_RN.shape[0], row_S, tuple(send_splits), tuple(recv_splits)))
-
-        # local expansion: one expert-input row per (row, k) whose slot is on this rank
+        rows, token_of_row, row_P, slot_P, w_P = self.initial_pairs(x_TM, routing, placement)
+        steps, final_rows, row_P, slot_P = build_route(
+            self.comm, self._steps, self.num_experts, rows.shape[0], row_P, slot_P,
+            self.recv_splits_of(placement.to_slots(routing.routing_map_TE)))
+        # local expansion: one expert-input row per final pair (all of them are this GPU's slots)
         El = self.num_local_experts
-        local_RK = ids_RK - self.comm.rank * El
-        is_local = (ids_RK >= 0) & (local_RK >= 0) & (local_RK < El)
-        row_P, k_P = is_local.nonzero(as_tuple=True)
-        local_P = local_RK[row_P, k_P]
-        order_P = torch.argsort(local_P * max(ids_RK.shape[0], 1) + row_P, stable=True)
+        local_P = slot_P - self.comm.rank * El
+        order_P = torch.argsort(local_P * max(final_rows, 1) + row_P, stable=True)
         meta = HierDispatchMeta(
-            placement=placement, num_tokens=T, token_of_row=token_of_row, steps=tuple(steps),
-            expand_row=row_P[order_P], expand_k=k_P[order_P],
+            placement=placement, num_tokens=x_TM.shape[0], token_of_row=token_of_row, steps=tuple(steps),
+            expand_row=row_P[order_P], expand_pair=order_P,
             tokens_per_local_expert=tuple(torch.bincount(local_P, minlength=El).tolist()),
-            final_rows=ids_RK.shape[0])
-        return rows, probs_RK, meta
+            final_rows=final_rows)
+        return rows, w_P, meta
 
     def token_dispatch(self, rows, probs, meta: HierDispatchMeta):
+        """Each step moves the rows and, beside them, the gate weights of the experts each copy
+        serves (`probs` holds one weight per held (row, expert) pair)."""
         for st in meta.steps:
             rows = all_to_all_autograd(self.comm, rows.index_select(0, st.send_idx), st.send_splits,
                                        st.recv_splits, st.group)
-            probs = all_to_all_autograd(self.comm, probs.index_select(0, st.send_idx), st.send_splits,
-                                        st.recv_splits, st.group, category="meta")
+            probs = all_to_all_autograd(self.comm, probs.index_select(0, st.pair_send_idx), st.pair_send_splits,
+                                        st.pair_recv_splits, st.group, category="meta")
         return rows, probs
 
     def dispatch_postprocess(self, rows, probs, meta: HierDispatchMeta):
-        return DispatchedTokens(rows.index_select(0, meta.expand_row), probs[meta.expand_row, meta.expand_k],
+        return DispatchedTokens(rows.index_select(0, meta.expand_row), probs.index_select(0, meta.expand_pair),
                                 meta.tokens_per_local_expert)
 
     def combine_preprocess(self, expert_out_RM, meta: HierDispatchMeta):
@@ -224,7 +267,8 @@ class HierDAlltoAllDispatcher(TokenDispatcher):
         self.check_routing(routing)
         placement = self.placement_or_identity(placement)
         v = self.bytes_per_elem or x_TM.element_size()
-        d = choose_dimension(self.comm, routing.routing_map_TE, placement, x_TM.shape[-1], v, self.profile)
+        d = choose_dimension(self.comm, routing.routing_map_TE, placement, x_TM.shape[-1], v, self.profile,
+                             routing.probs_TE.element_size())
         self.last_dim = d
         rows, probs, inner = self.routes[d].dispatch_preprocess(x_TM, routing, placement)
         return rows, probs, AdaptiveDispatchMeta(d, inner)

@@ -73,11 +73,12 @@ from impl.common.dispatcher import ExpertPlacement, check_expert_parallel
 from impl.common.expert_migration import PlacementPlanner
 from impl.common.registry import register
 from impl.common.topology import Topology
-from impl.hiermoe.dimension import RouteCounts, check_profile, choose_from_counts, route_steps, step_name_of
+from impl.hiermoe.dimension import (DispatchCounts, RouteCounts, check_profile, choose_from_counts, counts_from_slots,
+                                    local_counts, route_steps, selected_slots, step_name_of)
 
 __all__ = ["MAX_FNS", "Z_METHODS", "LevelStats", "StackedLevels", "SwapStats", "SwapDecision", "HierDExpertSwap", "apply_max_fn",
            "selected_slots", "level_stats", "z_four_case", "local_swap_stats", "global_swap_stats",
-           "gather_swap_stats", "swap_objective", "decide_swap"]
+           "gather_swap_stats", "swap_stats_from_slots", "swap_objective", "decide_swap", "stats_bytes"]
 
 MAX_FNS = ("max", "smooth", "lse")
 Z_METHODS = ("factored", "four_case")
@@ -117,29 +118,6 @@ def apply_max_fn(x_NU: torch.Tensor, max_fn: str = "smooth", gamma: float = 10.0
 # ==========================================================================================
 # per-level statistics
 # ==========================================================================================
-def selected_slots(routing_map_TE: torch.Tensor, placement: ExpertPlacement | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids_TK, valid_TK): each token's selected *slots*, ascending, padded to the largest number
-    any token selects (top-K routing: exactly K) with the sentinel E / False. Sparse: no [T, E]
-    permutation of the map."""
-    T, E = routing_map_TE.shape
-    t, e = routing_map_TE.nonzero(as_tuple=True)                  # row-major: each token's experts ascending
-    if placement is not None and tuple(placement.slot_of_expert) == tuple(range(E)):
-        placement = None
-    s = e if placement is None else torch.tensor(placement.slot_of_expert, dtype=torch.long)[e]
-    per_token = torch.bincount(t, minlength=T)
-    K = int(per_token.max()) if T else 0
-    if T and t.numel() == T * K:                                  # every token selects K (top-K, no drops)
-        ids_TK = s.view(T, K)
-    else:
-        pos = torch.arange(t.numel()) - (torch.cumsum(per_token, 0) - per_token)[t]
-        ids_TK = torch.full((T, K), E, dtype=torch.long)
-        ids_TK[t, pos] = s
-    if placement is not None or t.numel() != T * K:
-        ids_TK = torch.sort(ids_TK, dim=1).values
-    return ids_TK, ids_TK < E
-
-
 
 @dataclass(frozen=True, eq=False)
 class StackedLevels:
@@ -467,17 +445,24 @@ def z_four_case(map_TS: torch.Tensor, num_groups: int) -> torch.Tensor:
 # ==========================================================================================
 @dataclass(frozen=True, eq=False)
 class SwapStats:
-    """Global statistics of one layer and step: the per-origin dedup counts (d*, z0) and either the
+    """Global statistics of one layer and step: the per-origin dedup counts (d*, z0), the
+    per-origin (token, expert) pair counts (the gate weights of d*'s model), and either the
     four-case tables of every level L = 1..D, stacked (`tables`, the 'factored' method), or the
     full Z [E, E, U[L]] of every level (`z`, the 'four_case' reference)."""
 
     counts: RouteCounts
+    pairs: RouteCounts
     tables: StackedLevels | None = None
     z: tuple[torch.Tensor, ...] = ()
 
     @property
     def topology(self) -> Topology:
         return self.counts.topology
+
+    @property
+    def dispatch_counts(self) -> DispatchCounts:
+        E = self.tables.num_experts if self.tables is not None else self.z[0].shape[0]
+        return DispatchCounts(self.counts, self.pairs, E)
 
     def level(self, L: int):
         """LevelStats (factored) or Z (four_case) of level L."""
@@ -487,8 +472,9 @@ class SwapStats:
 def local_swap_stats(routing_map_TE: torch.Tensor, topology: Topology, placement: ExpertPlacement | None,
                      rank: int, z_method: str = "factored") -> torch.Tensor:
     """One rank's statistics as a flat int64 vector; the element-wise sum over ranks is the
-    global statistics (`SwapStats` via `_unflatten`): the `_raw_tables` of the rank's tokens, or
-    ('four_case') the per-origin dedup route table (this rank's row) and Z of every level."""
+    global statistics (`SwapStats` via `_unflatten`): the rank's row of the per-origin pair
+    counts, then the `_raw_tables` of the rank's tokens, or ('four_case') the per-origin dedup
+    route table (this rank's row) and Z of every level."""
     _check_options("max", 1.0, z_method)
     if routing_map_TE.dim() != 2 or routing_map_TE.dtype != torch.bool:
         raise ValueError(f"routing_map_TE must be a 2-D bool tensor [T, E], got dtype {routing_map_TE.dtype} "
@@ -497,36 +483,68 @@ def local_swap_stats(routing_map_TE: torch.Tensor, topology: Topology, placement
     check_expert_parallel(E, topology.G)
     if placement is not None and placement.num_experts != E:
         raise ValueError(f"placement has {placement.num_experts} experts, routing map {E}")
+    pairs = torch.zeros(topology.G, sum(groups), dtype=torch.int64)
+    pairs[rank] = local_counts(routing_map_TE, topology, placement, dedup=False)
     ids_TK, _ = selected_slots(routing_map_TE, placement)
     flat = _raw_tables(ids_TK, E, groups, rank, topology.G)
     if z_method == "factored":
-        return flat
+        return torch.cat([pairs.view(-1), flat])
     route = _tables_of(flat, E, groups, topology.G)[0]
     map_TS = routing_map_TE if placement is None else placement.to_slots(routing_map_TE).contiguous()
-    return torch.cat([route.reshape(-1)] + [z_four_case(map_TS, u).reshape(-1) for u in groups])
+    return torch.cat([pairs.view(-1), route.reshape(-1)] + [z_four_case(map_TS, u).reshape(-1) for u in groups])
+
+
+def stats_bytes(topology: Topology, num_experts: int) -> int:
+    """Bytes of the vector every rank all-reduces per layer and plan ('factored' statistics): the
+    per-origin pair counts and `_raw_tables` (route, co and the by-level pair table, spares
+    included), int64."""
+    G, D, E1 = topology.G, topology.D, num_experts + 1
+    X = sum(topology.U[1:])
+    X1 = X + D
+    return 8 * (G * X + G * X1 + E1 * X1 + D * E1 * E1 + E1)
 
 
 def _unflatten(flat: torch.Tensor, topology: Topology, E: int, z_method: str) -> SwapStats:
     """The `SwapStats` of a summed `local_swap_stats` vector (consumed: levels accumulate in place)."""
     G, groups = topology.G, topology.U[1:]
+    pairs = RouteCounts.from_table(topology, flat[:G * sum(groups)].view(G, -1), dedup=False)
+    flat = flat[G * sum(groups):]
     if z_method == "four_case":
         sizes = [G * sum(groups)] + [E * E * u for u in groups]
         route, *zs = flat.split(sizes)
-        return SwapStats(RouteCounts.from_table(topology, route.view(G, -1), dedup=True),
+        return SwapStats(RouteCounts.from_table(topology, route.view(G, -1), dedup=True), pairs,
                          z=tuple(z.view(E, E, u) for z, u in zip(zs, groups)))
     route, co, w = _tables_of(flat, E, groups, G)
-    return SwapStats(RouteCounts.from_table(topology, route, dedup=True),
+    return SwapStats(RouteCounts.from_table(topology, route, dedup=True), pairs,
                      StackedLevels.from_tables(route.sum(0), co, w, groups))
 
 
 def global_swap_stats(routing_maps: Sequence[torch.Tensor], topology: Topology, placement: ExpertPlacement | None,
                       z_method: str = "factored") -> SwapStats:
-    """Sim tier: the global statistics from the routing maps of all G ranks (rank order)."""
+    """Sim tier: the global statistics from the routing maps of all G ranks (rank order). The
+    four-case tables are sums over tokens, so all ranks' tokens go through `_raw_tables` at once;
+    the per-origin counts come from `counts_from_slots` (equal to summing `local_swap_stats`)."""
     if len(routing_maps) != topology.G:
         raise ValueError(f"got routing maps of {len(routing_maps)} ranks; topology {topology.name!r} "
                          f"has G = {topology.G}")
-    flat = sum(local_swap_stats(m, topology, placement, r, z_method) for r, m in enumerate(routing_maps))
-    return _unflatten(flat, topology, routing_maps[0].shape[1], z_method)
+    E = routing_maps[0].shape[1]
+    if z_method != "factored":
+        flat = sum(local_swap_stats(m, topology, placement, r, z_method) for r, m in enumerate(routing_maps))
+        return _unflatten(flat, topology, E, z_method)
+    check_expert_parallel(E, topology.G)
+    ids_NK, _ = selected_slots(torch.cat(list(routing_maps)), placement)
+    origin_N = torch.repeat_interleave(torch.arange(topology.G), torch.tensor([m.shape[0] for m in routing_maps]))
+    return swap_stats_from_slots(ids_NK, origin_N, topology, E)
+
+
+def swap_stats_from_slots(ids_NK: torch.Tensor, origin_N: torch.Tensor, topology: Topology, num_experts: int
+                          ) -> SwapStats:
+    """The global statistics from every token's sorted selected slots (`selected_slots`, padded with
+    E) and its origin rank ('factored' tables)."""
+    E, groups = num_experts, topology.U[1:]
+    counts = counts_from_slots(ids_NK, origin_N, topology, E)
+    route, co, w = _tables_of(_raw_tables(ids_NK, E, groups, 0, 1), E, groups, 1)
+    return SwapStats(counts.copies, counts.pairs, StackedLevels.from_tables(route[0], co, w, groups))
 
 
 def gather_swap_stats(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPlacement | None,
@@ -574,7 +592,8 @@ class SwapDecision:
 
 def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareProfile, row_bytes: int, *,
                 max_fn: str = "smooth", gamma: float = 10.0, dim: int | None = None,
-                screen_dtype: torch.dtype = torch.float32, comm: Comm | None = None) -> SwapDecision:
+                screen_dtype: torch.dtype = torch.float32, comm: Comm | None = None,
+                weight_bytes: int = 4) -> SwapDecision:
     """Theorem 1 / Eq. (10) on global statistics: the pair (r, c) minimising Q_d, made only if it
     beats the current placement. Deterministic: every rank decides the same from the same stats.
 
@@ -591,7 +610,7 @@ def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareP
     check_profile(profile, topo)
     E = placement.num_experts
     El = check_expert_parallel(E, topo.G)
-    d = choose_from_counts(stats.counts, profile, row_bytes) if dim is None else dim
+    d = choose_from_counts(stats.dispatch_counts, profile, row_bytes, weight_bytes) if dim is None else dim
     terms = _step_terms(topo, d, profile)
     levels = [L for L, *_ in terms]
 
@@ -657,24 +676,25 @@ class HierDExpertSwap(PlacementPlanner):
     most lowers the modeled HierD-AlltoAll time, from this iteration's routing of all ranks.
 
     profile: hardware profile (or its name) of the topology's shape; hidden, bytes_per_elem: the
-    M and v of a token row; max_fn 'max' | 'smooth' | 'lse', gamma for 'smooth'; dim: None = d*
-    (Eq. (6)) on the current placement, or a fixed route dimension; z_method 'factored' |
-    'four_case' (same result, see the module docstring)."""
+    M and v of a token row; weight_bytes: bytes of a gate weight (the router's dtype, fp32), for
+    d*'s model; max_fn 'max' | 'smooth' | 'lse', gamma for 'smooth'; dim: None = d* (Eq. (6),
+    `impl.hiermoe.dimension`) on the current placement, or a fixed route dimension; z_method
+    'factored' | 'four_case' (same result, see the module docstring)."""
 
     name = "hierd-es"
 
     def __init__(self, profile: HardwareProfile | str, hidden: int, bytes_per_elem: int = 2, *,
                  max_fn: str = "smooth", gamma: float = 10.0, dim: int | None = None, every: int = 1,
-                 z_method: str = "factored", verify_agreement: bool = True):
+                 z_method: str = "factored", verify_agreement: bool = True, weight_bytes: int = 4):
         super().__init__(every)
         _check_options(max_fn, gamma, z_method)
-        for key, value in (("hidden", hidden), ("bytes_per_elem", bytes_per_elem)):
+        for key, value in (("hidden", hidden), ("bytes_per_elem", bytes_per_elem), ("weight_bytes", weight_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}: {value!r} is not allowed; expected a positive integer")
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise ValueError(f"dim: {dim!r} is not allowed; expected None (d*) or a route dimension >= 1")
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
-        self.row_bytes = hidden * bytes_per_elem
+        self.row_bytes, self.weight_bytes = hidden * bytes_per_elem, weight_bytes
         self.max_fn, self.gamma, self.dim, self.z_method = max_fn, float(gamma), dim, z_method
         self.verify_agreement = verify_agreement
         self.last_decision: SwapDecision | None = None
@@ -686,7 +706,7 @@ class HierDExpertSwap(PlacementPlanner):
                              f"allowed: 1..{comm.topology.D}")
         stats = gather_swap_stats(comm, routing_map_TE, placement, self.z_method)
         decision = decide_swap(stats, placement, self.profile, self.row_bytes, max_fn=self.max_fn,
-                               gamma=self.gamma, dim=self.dim, comm=comm)
+                               gamma=self.gamma, dim=self.dim, comm=comm, weight_bytes=self.weight_bytes)
         if self.verify_agreement:
             pair = decision.pair or (-1, -1)
             mine = torch.tensor([pair[0], pair[1], -pair[0], -pair[1]])

@@ -11,9 +11,21 @@ select some) or from the synthetic generator (--synthetic, one step and layer, T
 Volumes are those of one dispatch; the combine and both backward phases mirror them.
 
 Modeled times use a hardware profile (alpha-beta per step, impl.common.costmodel): --profile, or
-by default the shipped profile whose topology has the requested name, else the one shipped profile
-of the same shape. Without one, and for routes whose steps a profile does not model, the time is
-'n/a' (null in JSON) and d* is not chosen; bytes and messages are always exact.
+by default the shipped profile made for the topology's name, else the one shipped profile of the
+same shape, whose constants are another topology's: the output names the profile and the
+topology it was made for. Without one, and for routes whose steps a profile does not model, the
+time is 'n/a' (null in JSON) and d* is not chosen; bytes and messages are always exact.
+
+The time of a route is our model (`impl.hiermoe.dimension.route_time`): one layer's AlltoAlls of
+one training iteration (dispatch, combine, their backward twins), every collective the dispatcher
+issues with every byte it sends, metadata included; d* is its argmin over HD1..HDD. The paper's
+model (Eqs. (1)-(5): one dispatch, token rows only) is printed beside it. `flat` is Megatron-LM's
+AlltoAll dispatcher (its own metadata: a count table and one gate weight per row); H1 is the
+hierarchical dispatcher at d = 1 (same rows, our metadata).
+
+A trace's rank tags are the source ranks; a rank that routed no tokens has no tag, so ranks
+missing from the trace are planned with no tokens (and listed); a rank tag beyond the topology's
+G, or a trace that declares another number of ranks (`source.num_ranks`), is refused.
 """
 from __future__ import annotations
 
@@ -27,10 +39,11 @@ import torch
 from impl.common.costmodel import HardwareProfile, list_profiles, load_profile
 from impl.common.topology import Topology, get_topology
 from impl.common.traces import RoutingTrace, synthetic_trace
-from impl.hiermoe.dimension import (check_profile, modeled_time, route_counts, route_steps, route_volumes,
-                                    select_dimension, step_name_of, variant_name)
+from impl.hiermoe.dimension import (check_profile, dispatch_counts, flat_collectives, flat_time, paper_time,
+                                    route_collectives, route_steps, route_time, route_volumes, select_dimension,
+                                    step_name_of, traffic_of, variant_name)
 
-__all__ = ["DTYPE_BYTES", "default_profile", "plan_layer", "main"]
+__all__ = ["DTYPE_BYTES", "default_profile", "profile_note", "plan_layer", "main"]
 
 PROG = "python -m impl.hiermoe.plan"
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -71,8 +84,9 @@ def _parser() -> argparse.ArgumentParser:
 # planning
 # ==========================================================================================
 def default_profile(topology: Topology) -> HardwareProfile | None:
-    """The shipped profile named by the topology's preset name, else the only shipped profile of
-    the same shape; None if there is none (or several)."""
+    """The shipped profile made for the topology's name, else the only shipped profile of the same
+    shape (its constants are another topology's: `profile_note` says so); None if there is none
+    (or several)."""
     profiles = [load_profile(n) for n in list_profiles()]
     for prof in profiles:
         if prof.topology == topology.name:
@@ -82,29 +96,55 @@ def default_profile(topology: Topology) -> HardwareProfile | None:
     return same[0] if len(same) == 1 else None
 
 
+def profile_note(profile: HardwareProfile | None, topology: Topology) -> str | None:
+    """One line naming the profile in use when it was made for another topology (None otherwise)."""
+    if profile is None or profile.topology == topology.name:
+        return None
+    theirs = profile.get_topology()
+    return (f"profile {profile.name!r} was made for topology {theirs.name!r} ({theirs.describe()}); its constants "
+            f"are used for {topology.name!r} ({topology.describe()}) step by step, by shape; give --profile to "
+            "choose another")
+
+
 def _covers(profile: HardwareProfile | None, topology: Topology, dim: int) -> bool:
     return profile is not None and all(profile.has_comm("a2a", step_name_of(topology, L, P))
                                        for L, P in route_steps(topology, dim))
 
 
+def _levels(cs, topology: Topology) -> dict[str, dict[str, int]]:
+    """Per level: the token bytes and messages of one dispatch, and the metadata bytes of the whole
+    iteration (every phase), from a route's collectives."""
+    tok_b = traffic_of([c for c in cs if c.stage == "dispatch"], "bytes", "tokens", "fwd")
+    tok_m = traffic_of([c for c in cs if c.stage == "dispatch"], "messages", "tokens", "fwd")
+    meta = traffic_of(cs, "bytes", "meta", None)
+    return {n: {"bytes": tok_b[n], "messages": tok_m[n], "meta_bytes": meta[n]} for n in topology.level_names}
+
+
 def plan_layer(routing_maps: list[torch.Tensor], topology: Topology, profile: HardwareProfile | None,
-               row_bytes: int) -> dict[str, Any]:
+               row_bytes: int, weight_bytes: int = 4) -> dict[str, Any]:
     """Every route's volumes and modeled time for one layer's routing (one map per rank)."""
-    variants = []
+    counts = dispatch_counts(routing_maps, topology)
+    covered_flat = _covers(profile, topology, 1)
+    cs = flat_collectives(counts, row_bytes, weight_bytes)
+    variants = [{
+        "variant": "flat", "dim": 1, "dedup": False, "flat": True, "levels": _levels(cs, topology),
+        "collectives": len(cs), "rows_by_level": route_volumes(counts.pairs, 1, row_bytes).rows_by_level,
+        "time_ms": flat_time(counts, profile, row_bytes, weight_bytes) if covered_flat else None,
+        "paper_time_ms": paper_time(counts.pairs, 1, profile, row_bytes) if covered_flat else None, "steps": []}]
     for dedup in (False, True):
-        counts = route_counts(routing_maps, topology, None, dedup)
         for dim in range(1, topology.D + 1):
-            vol = route_volumes(counts, dim, row_bytes)
+            vol = route_volumes(counts.rows(dedup), dim, row_bytes)
+            cs = route_collectives(counts, dim, dedup, row_bytes, weight_bytes)
             covered = _covers(profile, topology, dim)
             steps = [{"step": s.step, "fan": s.fan, "max_rows": s.max_rows, "padded_bytes": s.padded_bytes(row_bytes),
                       "rows": s.rows, "messages": s.messages,
                       "time_ms": profile.comm_time("a2a", s.step, s.padded_bytes(row_bytes)) if covered else None}
                      for s in vol.steps]
             variants.append({
-                "variant": vol.variant, "dim": dim, "dedup": dedup, "flat": dim == 1 and not dedup,
-                "levels": {n: {"rows": vol.rows_by_level[n], "bytes": vol.bytes_by_level[n],
-                               "messages": vol.messages_by_level[n]} for n in topology.level_names},
-                "steps": steps, "time_ms": modeled_time(counts, dim, profile, row_bytes) if covered else None})
+                "variant": vol.variant, "dim": dim, "dedup": dedup, "flat": False, "levels": _levels(cs, topology),
+                "collectives": len(cs), "rows_by_level": vol.rows_by_level, "steps": steps,
+                "time_ms": route_time(counts, dim, dedup, profile, row_bytes, weight_bytes) if covered else None,
+                "paper_time_ms": paper_time(counts.rows(dedup), dim, profile, row_bytes) if covered else None})
     hd_times = {v["dim"]: v["time_ms"] for v in variants if v["dedup"]}
     d_star = select_dimension(hd_times) if None not in hd_times.values() else None
     flat_ms = variants[0]["time_ms"]
@@ -143,9 +183,13 @@ def _resolve(args) -> dict[str, Any]:
             raise PlanError(f"--{given[0]} applies to --synthetic only; a trace fixes its own routing")
         trace = RoutingTrace.load(args.trace)
         ranks = sorted(set(trace.rank_T.tolist()))
-        if ranks and (ranks[-1] >= G or len(ranks) != G):
-            raise PlanError(f"trace {args.trace!r} has source ranks {ranks[0]}..{ranks[-1]} ({len(ranks)} ranks) but "
-                            f"topology {topology.name!r} has G = {G} ranks; pick a topology with {len(ranks)} GPUs")
+        declared = trace.source.get("num_ranks") if isinstance(trace.source, dict) else None
+        if declared is not None and declared != G:
+            raise PlanError(f"trace {args.trace!r} was recorded on {declared} ranks but topology {topology.name!r} "
+                            f"has G = {G} ranks; pick a topology with {declared} GPUs")
+        if ranks and ranks[-1] >= G:
+            raise PlanError(f"trace {args.trace!r} has source rank {ranks[-1]} but topology {topology.name!r} has "
+                            f"G = {G} ranks (0..{G - 1}); pick a topology with at least {ranks[-1] + 1} GPUs")
         if trace.num_experts % G:
             raise PlanError(f"trace {args.trace!r} has E={trace.num_experts} experts, not divisible by "
                             f"G={G} of topology {topology.name!r}")
@@ -160,7 +204,8 @@ def _resolve(args) -> dict[str, Any]:
         if not groups:
             raise PlanError(f"trace {args.trace!r}: no tokens for the selected step(s) and layer(s) together")
         out.update(trace=trace, groups=groups, source={"trace": str(args.trace), "num_experts": trace.num_experts,
-                                                         "top_k": trace.top_k})
+                                                         "top_k": trace.top_k,
+                                                         "ranks_without_tokens": sorted(set(range(G)) - set(ranks))})
         return out
     for name in ("step", "layer"):
         if getattr(args, name):
@@ -201,13 +246,17 @@ def _routing_maps(r: dict[str, Any], step: int, layer: int) -> list[torch.Tensor
 # ==========================================================================================
 def _table(topology: Topology, layer: dict[str, Any]) -> list[str]:
     levels = topology.level_names
-    head = (["variant"] + [f"{n} MB" for n in levels] + [f"{n} msgs" for n in levels] + ["model ms"])
+    head = (["variant"] + [f"{n} MB" for n in levels] + [f"{n} msgs" for n in levels]
+            + ["meta KB", "colls", "model ms", "paper ms"])
+    fmt_ms = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     rows = []
     for v in layer["variants"]:
-        label = v["variant"] + (" (flat)" if v["flat"] else "") + (" (d*)" if v["dedup"] and v["dim"] == layer["d_star"] else "")
+        label = v["variant"] + (" (Megatron)" if v["flat"] else "") + \
+            (" (d*)" if v["dedup"] and v["dim"] == layer["d_star"] else "")
         rows.append([label] + [f"{v['levels'][n]['bytes'] / 1e6:.3f}" for n in levels]
                     + [str(v["levels"][n]["messages"]) for n in levels]
-                    + ["n/a" if v["time_ms"] is None else f"{v['time_ms']:.3f}"])
+                    + [f"{sum(lv['meta_bytes'] for lv in v['levels'].values()) / 1e3:.1f}", str(v["collectives"]),
+                       fmt_ms(v["time_ms"]), fmt_ms(v["paper_time_ms"])])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
@@ -219,21 +268,29 @@ def _human(result: dict[str, Any]) -> str:
     src = result["source"]
     if "trace" in src:
         lines.append(f"routing: trace {src['trace']} (E={src['num_experts']}, K={src['top_k']})")
+        if src["ranks_without_tokens"]:
+            lines.append(f"ranks without tokens in the trace (planned with none): {src['ranks_without_tokens']}")
     else:
         skew = f", skew {src['skew']}" if src["skew"] is not None else ""
         lines.append(f"routing: synthetic {src['synthetic']}{skew}, E={src['num_experts']}, K={src['top_k']}, "
                      f"{src['tokens_per_rank']} tokens per rank, seed {src['seed']}")
-    lines.append(f"row: hidden {result['hidden']} x {result['dtype']} = {result['row_bytes']} bytes; volumes of one "
-                 "dispatch (combine and backward mirror it); MB = 1e6 bytes crossing that level's links")
-    lines.append(f"profile: {result['profile']} (modeled ms, alpha-beta per step)" if result["profile"]
-                 else f"profile: none for topology {topology.name!r}; modeled time n/a (give --profile)")
+    lines.append(f"row: hidden {result['hidden']} x {result['dtype']} = {result['row_bytes']} bytes; MB and msgs: the "
+                 "token rows of one dispatch crossing that level's links (MB = 1e6 bytes); meta KB: the metadata of "
+                 "one iteration (counts, ids, gate weights and their gradients)")
+    if result["profile"]:
+        lines.append(f"profile: {result['profile']} (modeled ms, alpha-beta per step; model ms: one layer's "
+                     "AlltoAlls of one iteration, every collective; paper ms: Eqs. (1)-(5), one dispatch, rows only)")
+        if result["profile_note"]:
+            lines.append(f"note: {result['profile_note']}")
+    else:
+        lines.append(f"profile: none for topology {topology.name!r}; modeled time n/a (give --profile)")
     for layer in result["layers"]:
         lines += ["", f"step {layer['step']}, layer {layer['layer']}: {layer['tokens']} tokens, "
                       f"{layer['routed_pairs']} (token, expert) pairs"]
         lines += _table(topology, layer)
         h = layer["hierd"]
         if h is not None:
-            speed = f", {h['speedup_over_flat']:.2f}x the flat AlltoAll" if h["speedup_over_flat"] else ""
+            speed = f", {h['speedup_over_flat']:.2f}x Megatron's flat AlltoAll" if h["speedup_over_flat"] else ""
             lines.append(f"d* = {layer['d_star']}: HierD-AlltoAll = {h['variant']}, modeled {h['time_ms']:.3f} ms{speed}")
         elif result["profile"]:
             lines.append(f"d* = n/a: profile {result['profile']!r} does not model every step of HD1..HD{topology.D}")
@@ -255,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     for step, layer in r["groups"]:
         planned = plan_layer(_routing_maps(r, step, layer), topology, profile, r["row_bytes"])
         layers.append({"step": step, "layer": layer, **planned})
+    note = profile_note(profile, topology)
+    if note and args.json:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     result = {"topology": topology.to_dict(), "profile": None if profile is None else profile.name,
+              "profile_topology": None if profile is None else profile.topology, "profile_note": note,
               "time_unit": "ms", "hidden": args.hidden, "dtype": args.dtype, "row_bytes": r["row_bytes"],
               "source": r["source"], "layers": layers}
     print(json.dumps(result, indent=2) if args.json else _human(result))

@@ -10,7 +10,8 @@ Not timed: the all-reduce of the tables (its bytes and a modeled estimate are re
 three scalar collectives of the split decision.
 
 Denominators (modeled). The MoE layer: the four HierD-AlltoAll phases at d* (dispatch, combine and
-their backward twins, `impl.hiermoe.dimension` on the testbed profile) plus the expert GEMMs of the
+their backward twins, every collective, `impl.hiermoe.dimension.iteration_times` on the testbed
+profile) plus the expert GEMMs of the
 busiest GPU, forward (3 per expert) and backward (6), from the GEMM model of FSMoE's Testbed A, the
 same A6000 hardware class (the HierMoE profile has no compute model); a lower bound of the layer's
 share of a step. The step: the sim tier's DeepSeek-V3 experiment (`hiermoe_deepseek.yaml`: 6 layers,
@@ -33,7 +34,7 @@ from impl.common.dispatcher import ExpertPlacement
 from impl.common.models import get_model
 from impl.common.topology import get_topology
 from impl.common.traces import synthetic_topk
-from impl.hiermoe.dimension import modeled_times, select_dimension
+from impl.hiermoe.dimension import allreduce_time, iteration_times, select_dimension
 from impl.common.comm import Comm
 from impl.common.config import build_config
 from impl.hiermoe.expert_swap import MAX_FNS, _unflatten, decide_swap, local_swap_stats
@@ -63,22 +64,21 @@ def scale():
     stats = _unflatten(flat_sum.clone(), topo, E, "factored")
     flat = local_swap_stats(maps[0], topo, placement, 0)
     row_bytes = M * BYTES_PER_ELEM
-    times = modeled_times(stats.counts, profile, row_bytes)
+    times = iteration_times(stats.dispatch_counts, profile, row_bytes)      # a layer's four AlltoAll phases
     d = select_dimension(times)
     gemm = load_profile("fsmoe-testbed-a").compute_model("gemm")
     rows_per_expert = sum(m.sum(0) for m in maps).view(topo.G, -1)              # [G, E_local]
     busiest = max(range(topo.G), key=lambda g: int(rows_per_expert[g].sum()))
     gemm_ms = sum(9 * gemm.time_ms(int(rows) * M * H) for rows in rows_per_expert[busiest].tolist())
-    layer_ms = 4 * times[d] + gemm_ms
+    layer_ms = times[d] + gemm_ms
     # the modeled training step of the sim tier's DeepSeek-V3 experiment (same model, topology,
     # profiles): every MoE layer as above plus the dense compute (attention, dense FFN layers, head)
     rz = resolve(build_config(SimExperimentConfig, EXPERIMENT))
     moe_layers = sum(1 for i in range(rz.model.num_layers) if rz.model.is_moe_layer(i))
     step_ms = dense_compute_ms(rz) + moe_layers * layer_ms
     table_bytes = flat.numel() * flat.element_size()
-    # the tables' all-reduce, estimated: a ring all-reduce sends every rank (G - 1) / G of the
-    # vector twice, a flat AlltoAll of the vector once (modeled, not measured)
-    allreduce_ms = 2 * profile.comm_time("a2a", "flat", table_bytes)
+    # the tables' all-reduce, estimated as the sim tier charges it (modeled, not measured)
+    allreduce_ms = allreduce_time(profile, table_bytes)
     info = {"G": topo.G, "E": E, "K": K, "tokens_per_gpu": TOKENS, "hidden": M, "d_star": d,
             "t_dstar_ms": times[d], "expert_gemm_ms": gemm_ms, "modeled_moe_layer_ms": layer_ms,
             "allreduce_bytes": table_bytes, "allreduce_estimated_ms": allreduce_ms,
@@ -99,7 +99,7 @@ def _report(benchmark, scale, what: str):
         benchmark.extra_info.update(median_ms=median_ms, share_of_modeled_layer=share,
                                     share_of_modeled_step=step_share)
         print(f"\n{what}: {median_ms:.2f} ms per layer = {100 * share:.2f}% of the modeled MoE layer "
-              f"({info['modeled_moe_layer_ms']:.1f} ms: 4 x t_d*={info['t_dstar_ms']:.2f} ms at d*={info['d_star']} "
+              f"({info['modeled_moe_layer_ms']:.1f} ms: AlltoAlls {info['t_dstar_ms']:.2f} ms at d*={info['d_star']} "
               f"+ expert GEMMs {info['expert_gemm_ms']:.1f} ms); x {info['moe_layers']} MoE layers = "
               f"{100 * step_share:.2f}% of the modeled step ({info['modeled_step_ms']:.0f} ms)")
 

@@ -59,6 +59,7 @@ def make_experts(case: EPCase, expert_ids: list[int]):
 def make_dispatcher(case: EPCase, comm: Comm):
     if case.dispatcher == "flat":
         return FlatAlltoAllDispatcher(comm, case.num_experts, **case.dispatcher_kwargs)
+    import impl.experiments.systems  # noqa: F401  (registers every dispatcher, also in spawned gloo ranks)
     from impl.common.registry import get
     return get("dispatcher", case.dispatcher)(comm, case.num_experts, **case.dispatcher_kwargs)
 

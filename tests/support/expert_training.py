@@ -57,6 +57,7 @@ def profile_for_topology(topology: Topology) -> HardwareProfile:
 def make_dispatcher(case: TrainCase, comm: Comm):
     """The registered dispatcher; the ones that choose a route by the cost model get the testbed
     constants for this topology's steps."""
+    import impl.experiments.systems  # noqa: F401  (registers every dispatcher, also in spawned gloo ranks)
     factory = get("dispatcher", case.dispatcher)
     if case.dispatcher == "hierd":
         return factory(comm, case.num_experts, profile=profile_for_topology(comm.topology))
@@ -64,6 +65,7 @@ def make_dispatcher(case: TrainCase, comm: Comm):
 
 
 def make_planner(case: TrainCase, comm: Comm):
+    import impl.experiments.systems  # noqa: F401  (registers every planner, also in spawned gloo ranks)
     kwargs = dict(case.planner_kwargs)
     if case.policy == "hierd-es":
         kwargs.setdefault("profile", profile_for_topology(comm.topology))

@@ -10,7 +10,7 @@ from impl.common.dispatcher import ExpertPlacement
 from impl.common.registry import get
 from impl.common.topology import get_topology
 from impl.common.traces import synthetic_topk
-from impl.hiermoe.dimension import choose_from_counts, local_counts, route_counts, route_steps
+from impl.hiermoe.dimension import choose_from_counts, dispatch_counts, local_counts, route_counts, route_steps
 from impl.hiermoe.expert_swap import (MAX_FNS, REL_TOL, HierDExpertSwap, apply_max_fn, decide_swap, global_swap_stats,
                                       _unflatten, level_stats, local_swap_stats, selected_slots, swap_objective,
                                       z_four_case)
@@ -140,7 +140,7 @@ def exhaustive_swap(maps, topo, placement, profile, row_bytes, max_fn, gamma, di
     """Try every pair of experts on different GPUs: recount the global dedup counts of every level
     the route uses after the swap, evaluate Q with the same objective, apply the same tie rule."""
     E, G = placement.num_experts, topo.G
-    d = dim or choose_from_counts(route_counts(maps, topo, placement), profile, row_bytes)
+    d = dim or choose_from_counts(dispatch_counts(maps, topo, placement), profile, row_bytes)
     levels = [L for L, _ in route_steps(topo, d)]
 
     def q_of(pl):
@@ -291,9 +291,13 @@ def test_local_stats_add_up_and_follow_the_placement():
     maps = [routing_map(10, 8, 3, seed=r, drop=0.2) for r in range(topo.G)]
     both = _unflatten(sum(local_swap_stats(m, topo, None, r) for r, m in enumerate(maps)), topo, 8, "factored")
     whole = _unflatten(local_swap_stats(torch.cat(maps), topo, None, 0), topo, 8, "factored")
+    at_once = global_swap_stats(maps, topo, None)             # the sim tier's path: all tokens at once
     for L in range(1, topo.D + 1):                            # the four-case tables are sums over tokens
         for name in ("z0", "x", "solo", "w"):
             assert torch.equal(getattr(both.level(L), name), getattr(whole.level(L), name)), (L, name)
+            assert torch.equal(getattr(both.level(L), name), getattr(at_once.level(L), name)), (L, name)
+        assert torch.equal(both.counts.level(L), at_once.counts.level(L))
+        assert torch.equal(both.pairs.level(L), at_once.pairs.level(L))
     placement = ExpertPlacement((3, 6, 0, 7, 1, 5, 2, 4))
     m = maps[1]
     sparse = local_swap_stats(m, topo, placement, 1)          # slots looked up per selected expert
@@ -339,3 +343,13 @@ def test_registered_and_bad_options_fail_clearly():
     maps = [routing_map(4, 8, 2, seed=r) for r in range(8)]
     with pytest.raises(ValueError, match="pick a profile of the same shape"):
         decide_swap(global_swap_stats(maps, get_topology("2x4"), None), ExpertPlacement.identity(8), profile, 64)
+
+
+def test_stats_bytes_is_the_all_reduced_vector():
+    """What the sim charges for the planner's all-reduce is the vector every rank sends."""
+    from impl.hiermoe.expert_swap import stats_bytes
+    for topo_name, E in (("2x2", 8), ("hiermoe-testbed", 64)):
+        topo = get_topology(topo_name)
+        m = routing_map(6, E, 2, seed=1)
+        flat = local_swap_stats(m, topo, None, 0)
+        assert stats_bytes(topo, E) == flat.numel() * flat.element_size()

@@ -7,13 +7,14 @@ import torch
 from impl.common.comm import SimWorld
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.topology import get_topology
+from baselines.deepep import DeepEPDispatcher
 from impl.hiermoe.dedup_a2a import HierarchicalDispatcher
 from tests.support.ep_case import EPCase, assert_matches_reference, identity_round_trip, reference, run_rank
 from tests.support.hier_route import brute_force_hier_traffic, information_minimum_node_bytes
 
 
 def variants(D):
-    return [f"{p}{d}" for d in range(1, D + 1) for p in ("hd", "h")]
+    return [f"{p}{d}" for d in range(1, D + 1) for p in ("hd", "h")] + ["deepep"]
 
 
 def _perm(E, seed):
@@ -34,7 +35,7 @@ def test_every_variant_equals_dense_reference(topo_name, E, K):
 def test_permuted_placement_equals_reference_at_32_ranks():
     """The logical-to-physical map expert swap changes: experts live in permuted slots."""
     topo = get_topology("hiermoe-testbed")
-    for name in ("hd2", "hd4", "h3"):
+    for name in ("hd2", "hd4", "h3", "deepep"):
         case = EPCase(num_experts=64, top_k=6, tokens_per_rank=5, dispatcher=name, slot_of_expert=_perm(64, 7))
         assert_matches_reference(SimWorld(topo).run(run_rank, case), reference(case, topo.G))
 
@@ -57,6 +58,14 @@ def test_bytes_and_messages_equal_brute_force(topo_name, E, K):
             for phase in ("fwd", "bwd"):
                 assert total.by_level("bytes", "tokens", phase) == {k: 2 * v for k, v in exp_bytes.items()}, name
                 assert total.by_level("messages", "tokens", phase) == {k: 2 * v for k, v in exp_msgs.items()}, name
+    # the DeepEP-style route: node-level dedup, then forwarding inside the node (HD2's rows)
+    case = EPCase(num_experts=E, top_k=K, tokens_per_rank=7, dispatcher="deepep", slot_of_expert=perm)
+    world = SimWorld(topo)
+    results = world.run(run_rank, case)
+    exp_bytes, exp_msgs = brute_force_hier_traffic([r["routing_map"] for r in results], topo, ExpertPlacement(perm),
+                                                   min(2, topo.D), True, case.hidden * 8)
+    assert world.total_traffic().by_level("bytes", "tokens", "fwd") == {k: 2 * v for k, v in exp_bytes.items()}
+    assert world.total_traffic().by_level("messages", "tokens", "fwd") == {k: 2 * v for k, v in exp_msgs.items()}
 
 
 def test_inter_node_bytes_are_the_information_minimum():
@@ -64,7 +73,7 @@ def test_inter_node_bytes_are_the_information_minimum():
     topo = get_topology("hiermoe-testbed")
     case_kw = dict(num_experts=64, top_k=8, tokens_per_rank=16, slot_of_expert=_perm(64, 2))
     ratios = {}
-    for name in ("h1", "hd1", "hd2", "hd3", "hd4"):
+    for name in ("h1", "hd1", "hd2", "hd3", "hd4", "deepep"):
         world = SimWorld(topo)
         results = world.run(run_rank, EPCase(dispatcher=name, **case_kw))
         minimum = information_minimum_node_bytes([r["routing_map"] for r in results], topo,
@@ -72,7 +81,7 @@ def test_inter_node_bytes_are_the_information_minimum():
         dispatch_node_bytes = world.total_traffic().by_level("bytes", "tokens", "fwd")["node"] / 2
         ratios[name] = dispatch_node_bytes / minimum
         assert world.total_traffic().by_level("bytes", "meta", "fwd")["node"] > 0
-    assert ratios["hd2"] == ratios["hd3"] == ratios["hd4"] == 1.0
+    assert ratios["hd2"] == ratios["hd3"] == ratios["hd4"] == ratios["deepep"] == 1.0
     assert ratios["h1"] > ratios["hd1"] > 1.0
 
 
@@ -113,3 +122,30 @@ def test_hierd_auto_dimension_equals_reference_and_agrees_on_all_ranks():
 
     dims = SimWorld(topo).run(chosen)
     assert len(set(dims)) == 1 and dims[0] > 1
+
+
+def _node_limited_rank(comm, max_nodes, nodes_per_token):
+    """Tokens whose experts span `nodes_per_token` nodes of the 2x4 topology (E = 16: 8 per node)."""
+    from impl.common.routing import RoutingResult
+    g = torch.Generator().manual_seed(comm.rank)
+    T, E = 6, 16
+    rmap = torch.zeros(T, E, dtype=torch.bool)
+    for t in range(T):
+        nodes = torch.randperm(2, generator=g)[:nodes_per_token].tolist()
+        for n in nodes:
+            rmap[t, n * 8 + int(torch.randint(8, (1,), generator=g))] = True
+    x = torch.randn(T, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    disp = DeepEPDispatcher(comm, E, max_nodes=max_nodes)
+    tokens, meta = disp.dispatch(x, RoutingResult(rmap, rmap.double() / rmap.sum(1, keepdim=True)))
+    y = disp.combine(tokens.x_RM * tokens.probs_R[:, None], meta)
+    return torch.allclose(y, x)
+
+
+def test_deepep_node_limit():
+    """Node-limited routing passes; a token over the limit is refused on every rank (one line)."""
+    topo = get_topology("2x4")
+    assert all(SimWorld(topo).run(_node_limited_rank, 1, 1))
+    with pytest.raises(Exception, match="a token needs experts on 2 nodes, more than max_nodes=1"):
+        SimWorld(topo).run(_node_limited_rank, 1, 2)
+    with pytest.raises(Exception, match="max_nodes: 0 is not allowed; expected None or an integer >= 1"):
+        SimWorld(topo).run(lambda comm: DeepEPDispatcher(comm, 16, max_nodes=0))

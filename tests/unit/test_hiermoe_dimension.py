@@ -15,8 +15,9 @@ from impl.common.routing import routing_from_topk
 from impl.common.topology import get_topology
 from impl.common.traces import synthetic_topk
 from impl.hiermoe.dedup_a2a import HierarchicalDispatcher
-from impl.hiermoe.dimension import (RouteCounts, choose_dimension, choose_from_counts, local_counts,
-                                    modeled_time, modeled_times, route_counts, route_volumes, select_dimension,
+from impl.hiermoe.dimension import (DispatchCounts, RouteCounts, choose_dimension, choose_from_counts,
+                                    dispatch_counts, iteration_times, local_counts, paper_time, paper_times,
+                                    route_counts, route_time, route_volumes, select_dimension, uniform_counts,
                                     volumes)
 
 TOPOLOGIES = ["2x4", "hier:node=2,socket=2,gpu=2", "hier:a=3,b=2,c=2",
@@ -51,10 +52,12 @@ def loop_counts(routing_map, topo, slot_of_expert, dedup):
     return out
 
 
-def loop_route(maps, topo, slot_of_expert, dim, dedup):
-    """[{(holder, peer): rows}] per step of the route, self-splits included."""
+def loop_route(maps, topo, slot_of_expert, dim, dedup, with_pairs=False):
+    """[{(holder, peer): rows}] per step of the route, self-splits included (and, with_pairs, the
+    (row, expert) pairs whose gate weights travel with those rows)."""
     E = maps[0].shape[1]
     splits = [defaultdict(int) for _ in range(dim)]
+    pairs = [defaultdict(int) for _ in range(dim)]
     for src, m in enumerate(maps):
         for t in range(m.shape[0]):
             slots = {slot_of_expert[e] for e in range(E) if m[t, e]}
@@ -68,14 +71,38 @@ def loop_route(maps, topo, slot_of_expert, dim, dedup):
                         group = topo.group_of("inter", i, h)
                         for child in sorted({s // per for s in carried}):
                             (peer,) = [r for r in group if topo.group_index(r, i) == child]
+                            sub = {s for s in carried if s // per == child}
                             splits[i - 1][(h, peer)] += 1
-                            nxt.append((peer, {s for s in carried if s // per == child}))
+                            pairs[i - 1][(h, peer)] += len(sub)
+                            nxt.append((peer, sub))
                     copies = nxt
                 for h, carried in copies:
                     for gpu in sorted({s // (E // topo.G) for s in carried}):
                         assert gpu in topo.group_of("intra", dim - 1, h)
                         splits[dim - 1][(h, gpu)] += 1
-    return splits
+                        pairs[dim - 1][(h, gpu)] += len({s for s in carried if s // (E // topo.G) == gpu})
+    return (splits, pairs) if with_pairs else splits
+
+
+def loop_full_time(maps, topo, slot_of_expert, dim, dedup, profile, row_bytes, weight_bytes):
+    """Every collective of one iteration, as the dispatcher issues them: per step counts (8 bytes
+    per peer), ids (a bitmask of the destination's slots per row), rows and gate weights in the
+    dispatch, rows in the combine and its backward, rows and weight gradients in the dispatch's."""
+    E = maps[0].shape[1]
+    splits, pairs = loop_route(maps, topo, slot_of_expert, dim, dedup, with_pairs=True)
+    total = 0.0
+    for k in range(dim):
+        if k < dim - 1:
+            name, group, level = f"inter-{k + 1}", topo.group_of("inter", k + 1, 0), k + 1
+        else:
+            name, group, level = ("flat" if dim == 1 else f"intra-{dim - 1}"), topo.group_of("intra", dim - 1, 0), topo.D
+        model, fan = profile.comm_model("a2a", name), len(group)
+        rows = max(splits[k].values(), default=0)
+        weights = max(pairs[k].values(), default=0)
+        ids = math.ceil(E // topo.U[level] / 8)
+        sizes = [8, rows * ids] + [rows * row_bytes] * 4 + [weights * weight_bytes] * 2
+        total += sum(model.alpha_ms + model.beta_ms * fan * n for n in sizes)
+    return total
 
 
 def loop_time(maps, topo, slot_of_expert, dim, dedup, profile, row_bytes):
@@ -137,6 +164,20 @@ def test_counts_equal_loop_count(topo_name, E, K):
         for m in maps[:4]:
             assert local_counts(m, topo, placement, dedup).tolist() == \
                 loop_counts(m, topo, placement.slot_of_expert, dedup)
+
+
+@pytest.mark.parametrize("topo_name,E,K", [("2x4", 16, 3), ("hier:a=3,b=2,c=2", 24, 5), ("hiermoe-testbed", 64, 8)])
+def test_sparse_counts_of_all_ranks_equal_the_per_rank_counts(topo_name, E, K):
+    """`dispatch_counts` (every rank's sorted slot lists at once) equals `route_counts` with and
+    without dedup, with uneven ranks, empty ranks and dropped slots."""
+    topo = get_topology(topo_name)
+    placement = random_placement(E, 8)
+    maps = random_maps(topo, E, K, 9, "zipf", seed=3, drop=0.25)
+    maps = [m[: (r % 3) * 4] for r, m in enumerate(maps)]
+    both = dispatch_counts(maps, topo, placement)
+    for table, dedup in ((both.copies, True), (both.pairs, False)):
+        ref = route_counts(maps, topo, placement, dedup)
+        assert all(torch.equal(a, b) for a, b in zip(table.by_level, ref.by_level)), dedup
 
 
 def test_counts_by_hand():
@@ -215,18 +256,52 @@ def test_choice_equals_brute_force_argmin(topo_name):
         profile = random_profile(topo, rng)
         row_bytes = 2 ** rng.randint(10, 17)
         counts = route_counts(maps, topo, placement)
-        times = modeled_times(counts, profile, row_bytes)
+        times = paper_times(counts, profile, row_bytes)
         ref = {d: loop_time(maps, topo, placement.slot_of_expert, d, True, profile, row_bytes)
                for d in range(1, topo.D + 1)}
         assert times == pytest.approx(ref, rel=1e-12)
-        assert choose_from_counts(counts, profile, row_bytes) == loop_choice(ref)
-        chosen.add(loop_choice(ref))
-        # the no-dedup routes H1..HD under the same model
+        # our model: every collective of the iteration, metadata included; d* is its argmin
+        both = dispatch_counts(maps, topo, placement)
+        full = {d: loop_full_time(maps, topo, placement.slot_of_expert, d, True, profile, row_bytes, 4)
+                for d in range(1, topo.D + 1)}
+        assert iteration_times(both, profile, row_bytes) == pytest.approx(full, rel=1e-12)
+        assert choose_from_counts(both, profile, row_bytes) == loop_choice(full)
+        assert choose_from_counts(both, profile, row_bytes, charge="tokens") == loop_choice(ref)
+        chosen.add(loop_choice(full))
+        # the no-dedup routes H1..HD under both models
         flat = route_counts(maps, topo, placement, dedup=False)
         d = rng.randint(1, topo.D)
-        assert modeled_time(flat, d, profile, row_bytes) == pytest.approx(
+        assert paper_time(flat, d, profile, row_bytes) == pytest.approx(
             loop_time(maps, topo, placement.slot_of_expert, d, False, profile, row_bytes), rel=1e-12)
+        assert route_time(both, d, False, profile, row_bytes) == pytest.approx(
+            loop_full_time(maps, topo, placement.slot_of_expert, d, False, profile, row_bytes, 4), rel=1e-12)
     assert len(chosen) > 1, f"every case chose d={chosen}: the cases do not discriminate"
+
+
+@pytest.mark.parametrize("topo_name,E,K", [("2x4", 16, 4), ("hier:a=3,b=2,c=2", 24, 6), ("hiermoe-testbed", 64, 8)])
+def test_total_buffer_is_the_largest_amount_a_rank_sends_or_receives(topo_name, E, K):
+    """The 'total' reading of a step's buffer (ablation) against the loop route: per step the
+    largest of every rank's sent and received rows (itself included); 'padded' is fan x largest split."""
+    from impl.hiermoe.dimension import route_collectives
+    topo = get_topology(topo_name)
+    placement = random_placement(E, 4)
+    maps = random_maps(topo, E, K, 7, "zipf", seed=6, drop=0.1)
+    both = dispatch_counts(maps, topo, placement)
+    for dedup in (True, False):
+        for d in range(1, topo.D + 1):
+            ref = loop_route(maps, topo, placement.slot_of_expert, d, dedup)
+            tokens = [c for c in route_collectives(both, d, dedup, 10) if c.what == "tokens" and c.stage == "dispatch"
+                      and c.phase == "fwd"]
+            for split, c in zip(ref, tokens):
+                sent, got = defaultdict(int), defaultdict(int)
+                for (a, b), n in split.items():
+                    sent[a] += n
+                    got[b] += n
+                assert c.max_total_bytes == 10 * max(list(sent.values()) + list(got.values()), default=0)
+                assert c.buffer_bytes("padded") == c.fan * 10 * max(split.values(), default=0)
+    assert route_time(both, 1, True, random_profile(topo, random.Random(1)), 10, buffer="total") > 0
+    with pytest.raises(ValueError, match="buffer: 'max' is not allowed; allowed: padded, total"):
+        route_time(both, 1, True, random_profile(topo, random.Random(1)), 10, buffer="max")
 
 
 def test_select_dimension_rule_of_eq6():
@@ -237,16 +312,6 @@ def test_select_dimension_rule_of_eq6():
     assert select_dimension({1: 3.0}) == 1
 
 
-def _expected_counts(topo, E, K, T, dedup):
-    """Counts under uniform routing with every split at its mean (digest section 3.7's setting)."""
-    levels = []
-    for L in range(1, topo.D + 1):
-        g = E // topo.U[L]
-        mean = T * (1 - math.comb(E - g, K) / math.comb(E, K)) if dedup else T * K / topo.U[L]
-        levels.append(torch.full((topo.G, topo.U[L]), round(mean), dtype=torch.int64))
-    return RouteCounts(topo, dedup, tuple(levels))
-
-
 @pytest.mark.parametrize("E,K,M,megatron,hd", [
     (128, 8, 2048, 19.85, [18.32, 13.04, 12.40, 12.90]),    # Qwen3-30B-A3B
     (256, 8, 3584, 34.19, [31.12, 21.88, 20.90, 21.59]),    # DeepSeek-V3, half width
@@ -255,17 +320,20 @@ def test_model_reproduces_testbed_illustration(E, K, M, megatron, hd):
     """Fig. 9 constants, T = 1024 tokens per GPU, bf16: the predicted times of digest section 3.7
     (rounding the mean counts to whole tokens moves them by < 0.1 ms) and d* = 3."""
     topo, profile = get_topology("hiermoe-testbed"), load_profile("hiermoe-testbed")
-    assert modeled_time(_expected_counts(topo, E, K, 1024, False), 1, profile, 2 * M) == pytest.approx(megatron, abs=0.1)
-    counts = _expected_counts(topo, E, K, 1024, True)
-    assert list(modeled_times(counts, profile, 2 * M).values()) == pytest.approx(hd, abs=0.1)
-    assert choose_from_counts(counts, profile, 2 * M) == 3
+    assert paper_time(uniform_counts(topo, E, K, 1024, False), 1, profile, 2 * M) == pytest.approx(megatron, abs=0.1)
+    counts = uniform_counts(topo, E, K, 1024, True)
+    assert list(paper_times(counts, profile, 2 * M).values()) == pytest.approx(hd, abs=0.1)
+    assert select_dimension(paper_times(counts, profile, 2 * M)) == 3
 
 
 def _choose_rank(comm, maps, profile):
     m = maps[comm.rank]
-    alone_GX = torch.zeros(comm.world_size, sum(comm.topology.U[1:]), dtype=torch.int64)
-    alone_GX[comm.rank] = local_counts(m, comm.topology)     # all a rank knows without communicating
-    local_choice = choose_from_counts(RouteCounts.from_table(comm.topology, alone_GX, True), profile, 4096)
+    alone = []
+    for dedup in (True, False):                            # all a rank knows without communicating
+        table_GX = torch.zeros(comm.world_size, sum(comm.topology.U[1:]), dtype=torch.int64)
+        table_GX[comm.rank] = local_counts(m, comm.topology, dedup=dedup)
+        alone.append(RouteCounts.from_table(comm.topology, table_GX, dedup))
+    local_choice = choose_from_counts(DispatchCounts(*alone, m.shape[1]), profile, 4096)
     return choose_dimension(comm, m, None, 2048, 2, profile), local_choice
 
 
@@ -275,7 +343,7 @@ def test_every_rank_agrees_even_when_local_choices_differ():
     heavy = random_maps(topo, E, K, 256, "uniform", seed=1)
     maps = [m if r % 4 == 0 else m[:0] for r, m in enumerate(heavy)]   # 3 of 4 ranks route nothing
     results = SimWorld(topo).run(_choose_rank, maps, profile)
-    global_choice = choose_from_counts(route_counts(maps, topo), profile, 4096)
+    global_choice = choose_from_counts(dispatch_counts(maps, topo), profile, 4096)
     assert {d for d, _ in results} == {global_choice}
     assert len({local for _, local in results}) > 1       # alone, the ranks would disagree
 
@@ -292,7 +360,7 @@ def test_every_rank_agrees_on_gloo():
     heavy = random_maps(topo, 16, 6, 512, "zipf", seed=2)
     maps = [m if r == 2 else m[:2] for r, m in enumerate(heavy)]
     results = launch(_choose_rank, topo.G, args=(maps, profile), topology=topo, timeout_s=60, deadline_s=120)
-    assert {d for d, _ in results} == {choose_from_counts(route_counts(maps, topo), profile, 4096)}
+    assert {d for d, _ in results} == {choose_from_counts(dispatch_counts(maps, topo), profile, 4096)}
     assert len({local for _, local in results}) > 1
 
 
@@ -307,8 +375,10 @@ def test_errors_name_the_values():
     counts = route_counts([torch.zeros(1, 16, dtype=torch.bool)] * 8, topo)
     with pytest.raises(ValueError, match=r"d=3 not available on topology '2x4'; allowed: 1..2"):
         route_volumes(counts, 3, 2)
+    both = dispatch_counts([torch.zeros(1, 16, dtype=torch.bool)] * 8, topo)
     with pytest.raises(ValueError, match="models topology 'hiermoe-testbed'.*not '2x4'"):
-        choose_from_counts(counts, load_profile("hiermoe-testbed"), 2)
-    with pytest.raises(ValueError, match="pass dedup counts"):
-        choose_from_counts(route_counts([torch.zeros(1, 16, dtype=torch.bool)] * 8, topo, dedup=False),
-                           random_profile(topo, random.Random(0)), 2)
+        choose_from_counts(both, load_profile("hiermoe-testbed"), 2)
+    with pytest.raises(ValueError, match="DispatchCounts"):
+        choose_from_counts(counts, random_profile(topo, random.Random(0)), 2)
+    with pytest.raises(ValueError, match="charge: 'bytes' is not allowed; allowed: all, tokens"):
+        choose_from_counts(both, random_profile(topo, random.Random(0)), 2, charge="bytes")

@@ -7,7 +7,7 @@ import torch
 from impl.common.config import ConfigError, build_config
 from impl.common.dispatcher import ExpertPlacement
 from impl.experiments.hiermoe import sim as simulate
-from impl.hiermoe.dimension import modeled_time, route_counts
+from impl.hiermoe.dimension import agreement_bytes, allreduce_time, dispatch_counts, flat_time
 
 SMALL = ["model=qwen3-30b-a3b-32l-tiny", "topology=hiermoe-node", "profile=hiermoe-node", "tokens_per_rank=32",
          "layers=2", "iterations=3", "warmup=1"]
@@ -44,37 +44,48 @@ def test_parse_system_variants():
 
 
 def test_run_times_equal_the_model_and_auto_is_the_best_fixed_dimension():
-    rz = resolved("systems=[Megatron-LM,H2,HD1,HD2,HD3,HD-MoE,HierMoE,Tutel-2DH]")
+    rz = resolved("systems=[Megatron-LM,H2,HD1,HD2,HD3,HD-MoE,HierMoE,Tutel-2DH,DeepEP]")
     frame = simulate.run_experiment(rz, progress=False)
-    assert len(frame) == 3 * 2 * 8
+    assert len(frame) == 3 * 2 * 9
     # Megatron-LM on iteration 0 re-evaluated directly from a fresh stream of the same seed
     stream = simulate.RoutingStream(rz.model, 2, rz.topology.G, 32, rz.config.stream, rz.config.seed)
     maps = stream.per_rank(stream.next_iteration()[0])
-    row_bytes = rz.model.hidden * 2
-    flat = modeled_time(route_counts(maps, rz.topology, None, dedup=False), 1, rz.profile, row_bytes)
-    got = frame[(frame.iteration == 0) & (frame.layer == 0) & (frame.system == "Megatron-LM")]["dispatch_ms"].item()
+    flat = flat_time(dispatch_counts(maps, rz.topology), rz.profile, rz.row_bytes)
+    got = frame[(frame.iteration == 0) & (frame.layer == 0) & (frame.system == "Megatron-LM")]["a2a_ms"].item()
     assert got == pytest.approx(flat)
+    agree = allreduce_time(rz.profile, agreement_bytes(rz.topology))
     for (it, layer), g in frame.groupby(["iteration", "layer"]):
-        ms = dict(zip(g.system, g.dispatch_ms))
-        assert ms["HD-MoE"] == pytest.approx(min(ms["HD2"], ms["HD3"])) or ms["HD-MoE"] == pytest.approx(ms["HD1"])
-        assert ms["HD-MoE"] <= min(ms["HD1"], ms["HD2"], ms["HD3"]) + 1e-9
+        ms = dict(zip(g.system, g.a2a_ms))
+        chosen = ms["HD-MoE"] - agree                    # d*'s routes plus the all-reduce that agrees on it
+        assert chosen == pytest.approx(min(ms["HD2"], ms["HD3"])) or chosen == pytest.approx(ms["HD1"])
+        assert chosen <= min(ms["HD1"], ms["HD2"], ms["HD3"]) + 1e-9
         assert ms["HD2"] <= ms["H2"] + 1e-9              # dedup never sends more
     # iteration 0 is evaluated before any swap: HierMoE equals HD-MoE there
-    first = frame[frame.iteration == 0].set_index(["layer", "system"])["dispatch_ms"]
+    first = frame[frame.iteration == 0].set_index(["layer", "system"])["a2a_ms"]
     for layer in (0, 1):
         assert first[(layer, "HierMoE")] == pytest.approx(first[(layer, "HD-MoE")])
+    assert {"max_split_ratio", "maxvio", "skew"} <= set(frame.columns)
 
 
-def test_tutel_2dh_time_pads_every_expert_slice_to_the_largest_count():
+def test_tutel_2dh_time_pads_every_expert_slice_to_the_capacity():
     rz = resolved()
     E, G = rz.num_experts, rz.topology.G
     maps = [torch.zeros(4, E, dtype=torch.bool) for _ in range(G)]
     maps[0][:3, 5] = True        # the largest (rank, expert) count is 3
     maps[1][0, 7] = True
-    n = E * 3 * 100
-    # level 0 of the topology is the "node" of Tutel's 2D route: intra-level-1, then inter-level-1
-    assert simulate.tutel_2dh_time(maps, rz, ExpertPlacement.identity(E), 100) == pytest.approx(
-        rz.profile.comm_time("a2a", "intra-1", n) + rz.profile.comm_time("a2a", "inter-1", n))
+    counts = dispatch_counts(maps, rz.topology)
+    counts_GE = torch.stack([m.sum(0) for m in maps])
+    n = E * 3 * rz.row_bytes
+    # level 0 of the topology is the "node" of Tutel's 2D route: intra-level-1, then inter-level-1,
+    # four exchanges (dispatch, combine, their backward twins), one capacity all-reduce
+    one = rz.profile.comm_time("a2a", "intra-1", n) + rz.profile.comm_time("a2a", "inter-1", n)
+    dropless = simulate.parse_system("Tutel-2DH[capacity_factor=0]", {})
+    assert simulate.a2a_time(dropless, counts, counts_GE, rz)[0] == pytest.approx(allreduce_time(rz.profile, 24) + 4 * one)
+    fixed = simulate.parse_system("Tutel-2DH", {})                 # Tutel's default capacity factor 1.0
+    C = rz.top_k * int(1.0 * -(-4 // E))
+    n = E * C * rz.row_bytes
+    one = rz.profile.comm_time("a2a", "intra-1", n) + rz.profile.comm_time("a2a", "inter-1", n)
+    assert simulate.a2a_time(fixed, counts, counts_GE, rz)[0] == pytest.approx(allreduce_time(rz.profile, 24) + 4 * one)
 
 
 def test_planners_change_the_placement_they_are_evaluated_on():
@@ -84,6 +95,57 @@ def test_planners_change_the_placement_they_are_evaluated_on():
     for it in range(3):
         for layer, full in enumerate(stream.next_iteration()):
             for st in states:
-                st.update(it, layer, stream.per_rank(full), rz.model.hidden * 2)
+                st.update(it, layer, simulate.LayerRouting(full, rz), 2)
     identity = ExpertPlacement.identity(rz.num_experts)
     assert any(p != identity for st in states for p in st.placements)
+
+
+def test_swap_cost_is_one_pair_point_to_point_and_hidden_under_backward():
+    """A HierD-ES swap moves two experts' weights and optimizer state (14 bytes per parameter)
+    in both directions at once: one message's time, a lone message having its link to itself.
+    'overlap' charges only what exceeds the backward compute; 'exposed' charges it all; the plan is
+    the same; 'shared' gives the move one rank's share of the link."""
+    rz = resolved("systems=[HierMoE,'HierMoE[swap_cost=exposed]','HierMoE[swap_cost=shared]',HD-MoE]",
+                  "stream.skew=1.5", "iterations=3")
+    m = rz.model
+    assert simulate.expert_state_bytes(m) == 3 * m.hidden * m.moe_ffn_hidden * 14
+    old = ExpertPlacement.identity(rz.num_experts)
+    new = old.swap(0, rz.num_experts - 1)                              # GPU 0 <-> GPU 7 (across sockets)
+    one = simulate.p2p_time(rz.profile, rz.topology, 0, 7, simulate.expert_state_bytes(m))
+    model = rz.profile.comm_model("a2a", "inter-1")             # fan 2; 4 GPUs of a socket share the link
+    assert one == pytest.approx(model.alpha_ms + model.beta_ms * simulate.expert_state_bytes(m) * 2 / 4)
+    shared = simulate.p2p_time(rz.profile, rz.topology, 0, 7, simulate.expert_state_bytes(m), shared=True)
+    assert shared == pytest.approx(model.alpha_ms + model.beta_ms * simulate.expert_state_bytes(m) * 2)
+    nvlink = rz.profile.comm_model("a2a", "intra-2")            # the finest level: a pair's own link
+    assert simulate.p2p_time(rz.profile, rz.topology, 0, 1, 100) == pytest.approx(nvlink.alpha_ms + nvlink.beta_ms * 200)
+    assert simulate.migration_time(old, new, rz) == pytest.approx(one)
+    frame = simulate.run_experiment(rz, progress=False)
+    by = {s: g.reset_index(drop=True) for s, g in frame.groupby("system")}
+    assert by["HierMoE"]["a2a_ms"].equals(by["HierMoE[swap_cost=exposed]"]["a2a_ms"])
+    assert by["HierMoE"]["moved_experts"].sum() > 0
+    per_it = simulate.summarize_frame(frame).set_index(["system", "iteration"])
+    exposed = per_it.loc["HierMoE[swap_cost=exposed]"]
+    overlap = per_it.loc["HierMoE"]
+    assert (exposed["swap_exposed_ms"] == exposed["swap_link_ms"]).all()
+    assert (overlap["swap_exposed_ms"] <= overlap["swap_link_ms"]).all()
+    assert (overlap["swap_link_ms"] == exposed["swap_link_ms"]).all()
+    assert (per_it.loc["HD-MoE"]["swap_link_ms"] == 0).all()
+
+
+def test_variants_run_in_one_process_and_bad_ones_fail_in_one_line(tmp_path, capsys):
+    csv, record = tmp_path / "s.csv", tmp_path / "s.json"
+    argv = ["--set", "model=qwen3-30b-a3b-32l-tiny", "--set", "topology=hiermoe-node", "--set", "profile=hiermoe-node",
+            "--set", "tokens_per_rank=16", "--set", "layers=1", "--set", "iterations=2", "--set", "warmup=0",
+            "--set", "systems=[Megatron-LM,HD2-MoE]", "--no-progress", "--out-csv", str(csv), "--out-record", str(record)]
+    assert simulate.main(["--variant", 'flat={"stream": {"skew": 0.0}}', "--variant", "skewed={stream: {skew: 1.5}}",
+                          *argv]) == 0
+    import pandas as pd
+    frame = pd.read_csv(csv)
+    assert list(dict.fromkeys(frame["variant"])) == ["flat", "skewed"]
+    assert frame.groupby("variant")["skew"].first().to_dict() == {"flat": 0.0, "skewed": 1.5}
+    capsys.readouterr()
+    for variant, message in (("noname", "expected NAME=MAPPING"), ("a=[1, 2]", "must be a mapping"),
+                             ("a={stream: {skw: 1}}", "stream: unknown key 'skw'")):
+        assert simulate.main(["--variant", variant, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

@@ -37,6 +37,15 @@ def test_hand_computed_outcomes(method, loads, G, start, expected):
     assert smartmoe_placement(loads, start, G, method).slot_of_expert == expected
 
 
+def test_default_is_smartmoes_lpt_and_balances_ties():
+    """SmartMoE's published planner balances four hot experts on four ranks; the earlier
+    greedy-swap reconstruction (an option now) stops at the tie of two most-loaded ranks."""
+    loads, start = [10, 10, 10, 10, 1, 1, 1, 1], ExpertPlacement.identity(8)
+    assert SmartMoEPlanner().method == "lpt"
+    assert rank_loads(loads, smartmoe_placement(loads, start, 4), 4) == [11, 11, 11, 11]
+    assert rank_loads(loads, smartmoe_placement(loads, start, 4, "greedy-swap"), 4) == [20, 20, 2, 2]
+
+
 @pytest.mark.parametrize("method", SMARTMOE_METHODS)
 @pytest.mark.parametrize("G,El", [(2, 2), (4, 2), (4, 4), (8, 2), (3, 5)])
 def test_invariants_on_random_loads(method, G, El):
@@ -122,7 +131,7 @@ def test_training_with_smartmoe_swaps_is_exact(dispatcher):
 
 def test_registered_and_bad_input_fails_clearly():
     assert get("placement_planner", "smartmoe") is SmartMoEPlanner
-    with pytest.raises(ValueError, match="method: 'optimal' is not allowed; allowed: greedy-swap, lpt"):
+    with pytest.raises(ValueError, match="method: 'optimal' is not allowed; allowed: lpt, greedy-swap"):
         SmartMoEPlanner(method="optimal")
     with pytest.raises(ValueError, match="history"):
         SmartMoEPlanner(history=0)

@@ -105,14 +105,30 @@ def sim_overrides(run):
     return overrides_of(SIM_RUNS[run].get("set", {})) + overrides_of(config["hiermoe_sim"].get("set", {}))
 
 
+def sim_variants(run):
+    """(name, overrides) of every variant of a run (a sweep run in one process), or [] for a plain run."""
+    return [(name, overrides_of(mapping)) for name, mapping in (SIM_RUNS[run].get("variants") or {}).items()]
+
+
+def sim_variant_flags(run):
+    """--variant NAME=MAPPING flags of a run, shell-quoted (the mapping as JSON)."""
+    flags = []
+    for name, mapping in (SIM_RUNS[run].get("variants") or {}).items():
+        flags += ["--variant", shlex.quote(f"{name}={json.dumps(typed(mapping))}")]
+    return " ".join(flags)
+
+
 def check_sim_runs():
-    """Resolve every sim run's config (unknown keys, models, topologies, systems) with the
-    experiment's own checks, so a bad value stops the workflow before any job runs."""
+    """Resolve every sim run's config, each variant's too (unknown keys, models, topologies,
+    systems), with the experiment's own checks, so a bad value stops the workflow before any job
+    runs."""
     from impl.common.config import build_config
     from impl.experiments.hiermoe import sim as simulate
 
     for run in SIM_RUNS:
-        simulate.resolve(build_config(simulate.SimExperimentConfig, repo_path(SIM_RUNS[run]["config"]), sim_overrides(run)))
+        path = repo_path(SIM_RUNS[run]["config"])
+        for _, variant in sim_variants(run) or [("", [])]:
+            simulate.resolve(build_config(simulate.SimExperimentConfig, path, variant + sim_overrides(run)))
 
 
 # ScheInfer ------------------------------------------------------------------------------------

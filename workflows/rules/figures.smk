@@ -50,17 +50,27 @@ rule plot_hiermoe_fig9:
 
 
 rule plot_hiermoe_sim:
-    """HierMoE Figs. 10-13, Table IV, ablations and the paper-vs-ours report."""
+    """HierMoE Figs. 10-13, Table IV, the ablations, the skew figure and the paper-vs-ours report
+    (which also links Table II and Fig. 9, and includes results/figures/emu_validation.md when
+    another rule has written it)."""
     input:
         qwen3="results/raw/hiermoe_sim/qwen3.csv",
         deepseek="results/raw/hiermoe_sim/deepseek.csv",
         node="results/raw/hiermoe_sim/node.csv",
-        table4=[f"results/raw/hiermoe_sim/{run}.csv" for run in SIM_RUNS if run.startswith("table4-")],
-        paper=[paper_csv(n) for n in ("hiermoe_fig10", "hiermoe_fig11", "hiermoe_table4", "hiermoe_ablation")],
+        table4="results/raw/hiermoe_sim/table4.csv",
+        ablation="results/raw/hiermoe_sim/ablation.csv",
+        persistent="results/raw/hiermoe_sim/ablation-persistent.csv",
+        skew="results/raw/hiermoe_sim/skew.csv",
+        swap=rules.hiermoe_swap_measure.output.csv,
+        table2_csv=rules.hiermoe_table2.output.csv,
+        table2=rules.plot_hiermoe_table2.output.md,
+        fig9=rules.plot_hiermoe_fig9.output.md,
+        paper=[paper_csv(n) for n in ("hiermoe_fig9", "hiermoe_fig10", "hiermoe_fig11", "hiermoe_table2",
+                                      "hiermoe_table4", "hiermoe_ablation")],
     output:
         figures=[
             f"results/figures/hiermoe_{name}.{ext}"
-            for name in ("fig10", "fig11", "fig12", "fig13", "table4")
+            for name in ("fig10", "fig11", "fig12", "fig13", "table4", "skew")
             for ext in ("pdf", "png")
         ],
         report="results/figures/hiermoe_report.md",
@@ -72,7 +82,10 @@ rule plot_hiermoe_sim:
         mem_mb=2000,
     shell:
         "python -m figures.hiermoe_sim --qwen3 {input.qwen3} --deepseek {input.deepseek} --node {input.node}"
-        " --table4 {input.table4} --out-dir results/figures > {log} 2>&1"
+        " --table4 {input.table4} --ablation {input.ablation} --ablation-persistent {input.persistent}"
+        " --skew {input.skew} --swap {input.swap} --table2-csv {input.table2_csv} --table2-md {input.table2}"
+        " --fig9-md {input.fig9}"
+        " --out-dir results/figures > {log} 2>&1"
 
 
 rule plot_fsmoe:

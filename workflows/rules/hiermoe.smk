@@ -42,6 +42,7 @@ rule hiermoe_calibration:
         profile="resources/calibration/{topology}-{backend}.yaml",
     log:
         "results/logs/calibration/{topology}-{backend}.log",
+    priority: 10  # both cores while nothing else runs: first
     params:
         extra=config["hiermoe_calibration"]["args"],
     threads: 2
@@ -58,7 +59,8 @@ check_sim_runs()
 
 
 rule hiermoe_sim:
-    """One sim-tier HierMoE run: every listed system on one routing stream."""
+    """One sim-tier HierMoE run: every listed system on one routing stream (once per variant of a
+    sweep run, in one process)."""
     input:
         config=lambda wc: repo_path(SIM_RUNS[wc.run]["config"]),
     output:
@@ -66,14 +68,72 @@ rule hiermoe_sim:
         record="results/raw/hiermoe_sim/{run}.json",
     log:
         "results/logs/hiermoe_sim/{run}.log",
+    benchmark:
+        "results/benchmarks/hiermoe_sim/{run}.tsv"
     wildcard_constraints:
         run="|".join(SIM_RUNS),
     params:
         overrides=lambda wc: as_flags(sim_overrides(wc.run)),
+        variants=lambda wc: sim_variant_flags(wc.run),
     threads: 1
     resources:
         runtime=30,
         mem_mb=4000,
     shell:
-        "python -m impl.experiments.hiermoe.sim --config {input.config} {params.overrides} --no-progress"
+        "python -m impl.experiments.hiermoe.sim --config {input.config} {params.variants} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
+
+
+rule hiermoe_swap_measure:
+    """One expert swap on local gloo ranks (tier emu) beside the sim's model of it (this machine's
+    calibration): what the report says about the swap cost's model."""
+    input:
+        profile=calibration_profile(),
+    output:
+        csv="results/raw/hiermoe_swap/measure.csv",
+        record="results/raw/hiermoe_swap/measure.json",
+    log:
+        "results/logs/hiermoe_swap/measure.log",
+    benchmark:
+        "results/benchmarks/hiermoe_swap/measure.tsv"
+    priority: 10  # both cores while nothing else runs: right after the calibration
+    params:
+        overrides=as_flags(overrides_of(config["hiermoe_swap_measure"].get("set", {}))),
+        topology=config["hiermoe_calibration"]["topology"],
+    threads: 2
+    resources:
+        runtime=15,
+        mem_mb=4000,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m impl.experiments.hiermoe.swap_measure --profile {input.profile} --set topology={params.topology}"
+        " {params.overrides} --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
+
+
+rule hiermoe_scaleout:
+    """Beyond the paper (not in the default target): AlltoAll speedups from 32 to 1,024 GPUs,
+    8 per node, D = 2..4, with the crossover points; `snakemake --cores 2 hiermoe_scaleout`."""
+    input:
+        config=repo_path(config["hiermoe_scaleout"]["config"]),
+    output:
+        csv="results/raw/hiermoe_scaleout/scaleout.csv",
+        record="results/raw/hiermoe_scaleout/scaleout.json",
+        pdf="results/figures/hiermoe_scaleout.pdf",
+        png="results/figures/hiermoe_scaleout.png",
+        md="results/figures/hiermoe_scaleout.md",
+    log:
+        "results/logs/hiermoe_scaleout/scaleout.log",
+    params:
+        overrides=as_flags(overrides_of(config["hiermoe_scaleout"].get("set", {}))),
+    threads: 1
+    resources:
+        runtime=60,
+        mem_mb=8000,
+    conda:
+        "../../environment.yml"
+    shell:
+        "(python -m impl.experiments.hiermoe.scaleout --config {input.config} {params.overrides} --no-progress"
+        " --out-csv {output.csv} --out-record {output.record}"
+        " && python -m figures.hiermoe_scaleout --csv {output.csv} --out results/figures/hiermoe_scaleout"
+        " --out-md {output.md}) > {log} 2>&1"

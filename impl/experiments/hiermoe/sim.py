@@ -1,34 +1,63 @@
 """Sim-tier HierMoE experiments at paper scale: every system of Figs. 10-13, Table IV and the
 ablations evaluated on the same routing stream, iteration by iteration, layer by layer.
 
-    python -m impl.experiments.hiermoe.sim --config workflows/config/experiments/hiermoe_fig11_qwen3.yaml \
+    python -m impl.experiments.hiermoe.sim --config workflows/config/experiments/hiermoe_qwen3.yaml \
         --out-csv results/.../x.csv --out-record results/.../x.json
+    python -m impl.experiments.hiermoe.sim --config workflows/config/experiments/hiermoe_skew.yaml \
+        --variant 'skew-0={"stream": {"skew": 0.0}}' --variant 'skew-1={"stream": {"skew": 1.0}}' ...
+
+`--variant NAME=OVERRIDES` (repeatable) runs the experiment once per variant in one process (a
+sweep: process start-up dominates small runs), the variant's overrides (a YAML / JSON mapping of
+config keys) applied after the config file and before `--set`; the CSV's `variant` column names
+the run each row belongs to.
 
 What is exact and what is modeled:
-* Routing: the model's real gate over a skewed token stream (`impl.experiments.hiermoe.workload`), at the
-  paper's scale (G ranks x 1024 tokens, the paper's E, K, M).
-* Volumes: exact duplicate-free (and raw) counts per rank, step and level from the routing maps
-  under each system's current expert placement (`impl.hiermoe.dimension`), equal to what the
-  real dispatchers send (tested against their traffic counters).
-* Times: MODELED with the alpha-beta hardware profile (HierMoE Fig. 9 constants), as the paper's
-  own Eqs. (1)-(5); an iteration's AlltoAll time is 4 x the dispatch (dispatch and combine carry
-  equal volumes, forward and backward). Swaps and placements are really planned by the systems'
+* Routing: the model's real gate over a token stream of explicit skew (`stream.skew`,
+  `impl.experiments.hiermoe.workload`), at the paper's scale (G ranks x 1024 tokens, the paper's E,
+  K, M). Every (iteration, layer) row records the routing's balance (largest flat split over its
+  mean, MaxVio).
+* Volumes: exact duplicate-free and (token, expert) counts per rank, step and level from the
+  routing maps under each system's current expert placement (`impl.hiermoe.dimension`), equal to
+  what the real dispatchers send, metadata included (tested against their traffic counters).
+* Times: MODELED with the alpha-beta hardware profile (HierMoE Fig. 9 constants). By default
+  (`charge: all`) every collective a system's dispatcher issues is charged with every byte it
+  sends: split counts, expert ids, rows, gate weights, in the dispatch, the combine and their
+  backward twins, plus HierD-AlltoAll's d* all-reduce and Tutel's capacity all-reduce;
+  `charge: tokens` is the paper's Eqs. (1)-(5) (4 x one dispatch, token rows only, one start-up
+  per step), kept for the ablation. Swaps and placements are really planned by the systems'
   planners (HierD-ES, SmartMoE) and change the next iteration's counts.
 * End to end (Fig. 10): AlltoAll plus a compute model with constants BORROWED from FSMoE's
   Testbed A profile (same GPU and CPU class; the HierMoE paper gives none): GEMMs by its GEMM
   alpha-beta, attention by its attention model, expert GEMMs per GPU on the rows its experts
-  receive (the slowest GPU sets the pace), backward = 2 x forward, plus the modeled swap traffic.
-  Not modeled: dense-gradient all-reduce and optimizer step (identical for all systems).
+  receive (the slowest GPU sets the pace), backward = 2 x forward. Not modeled: dense-gradient
+  all-reduce and optimizer step (identical for all systems).
+* Expert moves (HierD-ES one pair per layer and planning iteration, SmartMoE whatever its plan
+  moves): what moves is each moved expert's bf16 weights, fp32 master weights and two fp32 Adam
+  moments (14 bytes per parameter), point to point between its old and new owner over the link
+  of their level (`p2p_time`: a lone message has its link to itself), plus the planner's
+  statistics all-reduce. When: a layer's moves can run once that layer's backward is done, under
+  the backward compute of the layers below it (`swap_cost: overlap`, the default): the iteration
+  is charged only the part of the moves' link time that exceeds the backward compute (a lower
+  bound: moves and AlltoAlls do not share a link in our timeline). Ablations: `exposed` charges
+  the moves in full, after the step; `shared` also gives every move only one rank's share of its
+  link (the AlltoAll fit's rate, the model the paper-less earlier version used). Swaps happen every
+  `every` iterations, so their cost is amortised over the interval (the median iteration of
+  `every` > 1 carries none).
 
 Systems (names as in the paper): Megatron-LM (flat, one copy per (token, expert)), Tutel-2DH
-(intra-node then inter-node AlltoAll over capacity-padded equal slices, dropless capacity),
-SmartMoE (flat + SmartMoE placement), HD2-MoE, HD2-MoE-Smart, HD-MoE (d* per layer and
-iteration), HierMoE (d* + HierD-ES), and Hd / HDd for fixed d. Options in brackets make variants:
-`HierMoE[max_fn=max]`, `HierMoE[gamma=5]`, `HierMoE[every=4]`, `SmartMoE[history=1]`.
+(intra-node then inter-node AlltoAll over capacity-padded equal slices, capacity factor 1.0:
+Tutel's default), SmartMoE (flat + SmartMoE placement), HD2-MoE, HD2-MoE-Smart, HD-MoE (d* per
+layer and iteration), HierMoE (d* + HierD-ES), DeepEP (beyond the paper: DeepEP-style node-level
+dedup, `baselines.deepep`), and Hd / HDd for fixed d. Options in brackets make variants:
+`HierMoE[max_fn=max]`, `HierMoE[every=4]`, `Megatron-LM[charge=tokens]`,
+`Tutel-2DH[capacity_factor=0]`, `HD2-MoE-Smart[method=greedy-swap]`, `DeepEP[overlap=true]`,
+`Megatron-LM[buffer=total]` (the model evaluated at the largest amount a rank sends or receives
+instead of the paper's fan x largest split).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,21 +67,26 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from baselines.deepep import deepep_time
 from baselines.smartmoe.planner import smartmoe_placement
+from baselines.tutel_2dh.dispatcher import capacity_of, tutel_2dh_collectives
 from impl.common import cli
-from impl.common.config import ConfigError, checked
+from impl.common.config import ConfigError, build_config, checked
 from impl.common.costmodel import HardwareProfile, load_profile
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.models import ModelConfig, get_model
 from impl.common.records import make_record
 from impl.common.topology import Topology, get_topology
-from impl.hiermoe.dimension import check_profile, modeled_time, modeled_times, route_counts, select_dimension
-from impl.hiermoe.expert_swap import decide_swap, global_swap_stats
+from impl.hiermoe.dimension import (COUNT_BYTES, DispatchCounts, agreement_bytes, allreduce_time, check_profile,
+                                    collective_time, counts_from_slots, flat_time, iteration_times, route_time,
+                                    select_dimension, selected_slots)
+from impl.hiermoe.expert_swap import decide_swap, stats_bytes, swap_stats_from_slots
 from impl.experiments.hiermoe.spec import SystemSpec
-from impl.experiments.hiermoe.workload import RoutingStream, TokenStreamConfig
+from impl.experiments.hiermoe.workload import RoutingStream, TokenStreamConfig, routing_balance
 from impl.experiments.systems import paper_systems, parse_system_name
 
-__all__ = ["SimExperimentConfig", "parse_system", "run_experiment", "main"]
+__all__ = ["SimExperimentConfig", "parse_system", "run_experiment", "summarize_frame", "main", "a2a_time", "LayerRouting",
+           "expert_state_bytes", "p2p_time", "migration_time", "uniform_paper_model"]
 
 PAPER_SYSTEMS = tuple(s.name for s in paper_systems("hiermoe", roles=("baseline", "ours")))
 
@@ -75,14 +109,21 @@ class SimExperimentConfig:
     top_k: int | None = None
     tokens_per_rank: int = 1024               # micro-batch 1 x sequence 1024
     bytes_per_elem: int = 2                   # bf16 activations
+    weight_bytes: int = 4                     # gate weights (router probabilities) in fp32
     layers: int = 4                           # MoE layers whose routing is simulated
     iterations: int = 8
     warmup: int = 2                           # first iterations left out of the summary
     systems: tuple[str, ...] = PAPER_SYSTEMS
+    # defaults of the systems' options (each system name may override them in brackets)
     max_fn: Literal["max", "smooth", "lse"] = "smooth"
     gamma: float = 10.0
     swap_every: int = 1
     smartmoe_history: int = 2
+    smartmoe_method: Literal["lpt", "greedy-swap"] = "lpt"
+    charge: Literal["all", "tokens"] = "all"
+    buffer: Literal["padded", "total"] = "padded"
+    capacity_factor: float = 1.0
+    swap_cost: Literal["overlap", "exposed", "shared"] = "overlap"
     stream: TokenStreamConfig = field(default_factory=TokenStreamConfig)
     seed: int = 0
 
@@ -97,6 +138,10 @@ class Resolved:
     systems: tuple[SystemSpec, ...]
     num_experts: int
     top_k: int
+
+    @property
+    def row_bytes(self) -> int:
+        return self.model.hidden * self.config.bytes_per_elem
 
 
 def resolve(config: SimExperimentConfig) -> Resolved:
@@ -116,12 +161,17 @@ def resolve(config: SimExperimentConfig) -> Resolved:
                           f"allowed: a positive multiple of {topo.G}")
     if not 1 <= K <= E:
         raise ConfigError(f"top_k: {K} is not allowed with num_experts={E}; allowed: 1..{E}")
-    for key in ("layers", "iterations", "tokens_per_rank", "bytes_per_elem", "swap_every", "smartmoe_history"):
+    for key in ("layers", "iterations", "tokens_per_rank", "bytes_per_elem", "weight_bytes", "swap_every",
+                "smartmoe_history"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key}: {getattr(config, key)} is not allowed; allowed: >= 1")
     if not 0 <= config.warmup < config.iterations:
         raise ConfigError(f"warmup: {config.warmup} is not allowed; allowed: 0..iterations-1 ({config.iterations - 1})")
-    defaults = dict(max_fn=config.max_fn, gamma=config.gamma, every=config.swap_every, history=config.smartmoe_history)
+    if not math.isfinite(config.capacity_factor):
+        raise ConfigError(f"capacity_factor: {config.capacity_factor} is not allowed; allowed: a finite number")
+    defaults = dict(max_fn=config.max_fn, gamma=config.gamma, every=config.swap_every,
+                    history=config.smartmoe_history, method=config.smartmoe_method, charge=config.charge, buffer=config.buffer,
+                    capacity_factor=config.capacity_factor, swap_cost=config.swap_cost)
     systems = tuple(parse_system(s, defaults) for s in config.systems)
     for s in systems:
         if s.route == "fixed" and s.dim > topo.D:
@@ -152,56 +202,114 @@ def _load_profile(name: str, topology: Topology | None) -> HardwareProfile:
 
 
 # ------------------------------------------------------------------------------------------
-# per-system AlltoAll time of one dispatch, and placement updates
+# per-system AlltoAll time of one layer in one iteration
 # ------------------------------------------------------------------------------------------
-def tutel_2dh_time(maps, rz: Resolved, placement: ExpertPlacement, row_bytes: int) -> float:
-    """Tutel-2DH over capacity-padded equal slices: every rank sends E * C rows, C the largest
-    (source rank, expert) count (dropless dynamic capacity), first inside the node, then across
-    nodes; falls back to one flat AlltoAll on one node."""
-    topo = rz.topology
-    counts_GE = torch.stack([m.sum(0) for m in maps])            # rows of each rank per expert
-    n = rz.num_experts * int(counts_GE.max()) * row_bytes
-    if topo.D < 2 or topo.U[1] == 1:
-        return rz.profile.comm_time("a2a", "flat", n)
-    return rz.profile.comm_time("a2a", "intra-1", n) + rz.profile.comm_time("a2a", "inter-1", n)
-
-
-def dispatch_time(spec: SystemSpec, maps, rz: Resolved, placement: ExpertPlacement, row_bytes: int) -> tuple[float, int]:
-    """(ms of one dispatch AlltoAll, route dimension used)."""
+def a2a_time(spec: SystemSpec, counts: DispatchCounts, counts_GS: torch.Tensor | None, rz: Resolved
+             ) -> tuple[float, int]:
+    """(modeled ms of the layer's AlltoAlls in one iteration: dispatch, combine and their backward
+    twins; route dimension used). `counts_GS`: the ranks' (token, expert) counts per slot, [G, E]
+    (Tutel's capacity; None for the other systems)."""
+    rb, wb, prof, buf = rz.row_bytes, rz.config.weight_bytes, rz.profile, spec.buffer
     if spec.route == "tutel-2dh":
-        return tutel_2dh_time(maps, rz, placement, row_bytes), 2
-    counts = route_counts(maps, rz.topology, placement, spec.dedup)
+        C = capacity_of(counts_GS, rz.config.tokens_per_rank, rz.top_k, spec.capacity_factor)
+        cs = tutel_2dh_collectives(rz.topology, rz.num_experts, C, rb, with_levels=False)
+        return sum(collective_time(c, prof, buf) for c in cs if spec.charge == "all" or c.what == "tokens"), 2
+    if spec.route == "deepep":
+        if spec.charge == "tokens":
+            return route_time(counts, min(2, rz.topology.D), True, prof, rb, wb, "tokens", buf), 2
+        return deepep_time(counts, prof, rb, wb, overlap=spec.overlap, buffer=buf), 2
     if spec.route == "flat":
-        return modeled_time(counts, 1, rz.profile, row_bytes), 1
+        return flat_time(counts, prof, rb, wb, spec.charge, buf), 1
     if spec.route == "fixed":
-        return modeled_time(counts, spec.dim, rz.profile, row_bytes), spec.dim
-    times = modeled_times(counts, rz.profile, row_bytes)
+        return route_time(counts, spec.dim, spec.dedup, prof, rb, wb, spec.charge, buf), spec.dim
+    times = iteration_times(counts, prof, rb, wb, spec.charge, buf)
     d = select_dimension(times)
-    return times[d], d
+    agree = allreduce_time(prof, agreement_bytes(rz.topology)) if spec.charge == "all" else 0.0
+    return times[d] + agree, d
 
 
+# ------------------------------------------------------------------------------------------
+# expert moves: what moves, over which link, and what the planners exchange
+# ------------------------------------------------------------------------------------------
 def expert_state_bytes(model: ModelConfig) -> int:
-    """Bytes one expert swap moves per expert, after the optimizer step (gradients are consumed):
-    bf16 weights, fp32 master weights and two fp32 Adam moments, 14 bytes per parameter."""
+    """Bytes one moved expert carries, after the optimizer step (gradients are consumed): bf16
+    weights, fp32 master weights and two fp32 Adam moments, 14 bytes per parameter."""
     gemms = 3 if model.ffn_kind == "swiglu" else 2
     return gemms * model.hidden * model.moe_ffn_hidden * 14
 
 
-def migration_time(old: ExpertPlacement, new: ExpertPlacement, rz: Resolved) -> float:
-    """Modeled ms to move the experts whose owner changed: each over the link between its old and
-    new owner, with the alpha-beta of the AlltoAll step of that link's level. Moves leaving one
-    GPU run one after another, different GPUs' moves concurrently (links are full duplex, so a
-    swap's two directions overlap); no overlap with compute."""
+def p2p_time(profile: HardwareProfile, topology: Topology, src: int, dst: int, nbytes: int, *,
+             shared: bool = False) -> float:
+    """Modeled ms of one point-to-point message src -> dst, from the AlltoAll step whose messages
+    cross exactly that link's level (Inter-(l+1) for level l, the final Intra step for the finest
+    level). That step's beta is per byte of a rank's buffer, of which (fan - 1) / fan crosses the
+    link, while all the ranks behind the link (G / U[l+1] of them: the GPUs of a node for the
+    inter-node link) send at once. A lone message has the link to itself: alpha + beta * n *
+    fan / (fan - 1) / (G / U[l+1]). `shared`: the message gets only one rank's share of the link,
+    as inside the AlltoAll the fit measured (no division; the ablation)."""
+    level = topology.link_level(src, dst)
+    if level is None:
+        return 0.0
+    D, U, G = topology.D, topology.U, topology.G
+    if D == 1:
+        step, fan = "flat", G
+    elif level + 1 < D:
+        step, fan = f"inter-{level + 1}", U[level + 1] // U[level]
+    else:
+        step, fan = f"intra-{D - 1}", U[D] // U[D - 1]
+    sharing = 1 if shared else G // U[level + 1]
+    model = profile.comm_model("a2a", step)
+    return model.alpha_ms + model.beta_ms * nbytes * fan / max(fan - 1, 1) / sharing
+
+
+def migration_time(old: ExpertPlacement, new: ExpertPlacement, rz: Resolved, shared: bool = False) -> float:
+    """Modeled link ms of moving the experts whose owner changed: one message per expert; the moves
+    leaving one GPU one after another, different GPUs' concurrently (full-duplex links, so a swap's
+    two directions overlap); `shared` as in `p2p_time`."""
     topo, El = rz.topology, rz.num_experts // rz.topology.G
     nbytes = expert_state_bytes(rz.model)
     per_sender: dict[int, float] = {}
     for a, b in zip(old.slot_of_expert, new.slot_of_expert):
         src, dst = a // El, b // El
         if src != dst:
-            level = topo.link_level(src, dst)
-            step = f"inter-{level + 1}" if level + 1 < topo.D else f"intra-{topo.D - 1}"
-            per_sender[src] = per_sender.get(src, 0.0) + rz.profile.comm_time("a2a", step if topo.D > 1 else "flat", nbytes)
+            per_sender[src] = per_sender.get(src, 0.0) + p2p_time(rz.profile, topo, src, dst, nbytes, shared=shared)
     return max(per_sender.values(), default=0.0)
+
+
+class LayerRouting:
+    """One layer's routing in one iteration and what every system derives from it, computed once
+    per expert placement (the systems on one placement share it): the sorted slot lists, the
+    per-origin counts, the per-rank slot loads, the expert compute and HierD-ES's statistics."""
+
+    def __init__(self, full_map_TE: torch.Tensor, rz: "Resolved"):
+        self.rz, self.full_map = rz, full_map_TE
+        G = rz.topology.G
+        self.rows_E = full_map_TE.sum(0)
+        self.counts_GE = full_map_TE.view(G, -1, rz.num_experts).sum(1)
+        self.origin_N = torch.arange(G).repeat_interleave(full_map_TE.shape[0] // G)
+        self._slots: dict[ExpertPlacement, torch.Tensor] = {}
+        self._counts: dict[ExpertPlacement, tuple] = {}
+        self._stats: dict = {}
+
+    def slots(self, placement: ExpertPlacement) -> torch.Tensor:
+        if placement not in self._slots:
+            self._slots[placement] = selected_slots(self.full_map, placement)[0]
+        return self._slots[placement]
+
+    def of(self, placement: ExpertPlacement) -> tuple[DispatchCounts, torch.Tensor, float]:
+        """(dispatch counts, per-rank counts per slot [G, E], expert compute ms) under `placement`."""
+        if placement not in self._counts:
+            self._counts[placement] = (
+                counts_from_slots(self.slots(placement), self.origin_N, self.rz.topology, self.rz.num_experts),
+                self.counts_GE[:, list(placement.expert_of_slot)],
+                expert_compute_ms(self.rz, self.rows_E, placement))
+        return self._counts[placement]
+
+    def swap_stats(self, placement: ExpertPlacement):
+        if placement not in self._stats:
+            self._stats[placement] = swap_stats_from_slots(self.slots(placement), self.origin_N, self.rz.topology,
+                                                           self.rz.num_experts)
+        return self._stats[placement]
 
 
 class SystemState:
@@ -212,22 +320,30 @@ class SystemState:
         self.placements = [ExpertPlacement.identity(rz.num_experts) for _ in range(rz.config.layers)]
         self.loads: list[list[torch.Tensor]] = [[] for _ in range(rz.config.layers)]
 
-    def update(self, iteration: int, layer: int, maps, row_bytes: int) -> tuple[float, float]:
-        """Plan after this iteration's dispatch; returns (planning seconds, modeled migration ms)."""
-        spec, old = self.spec, self.placements[layer]
+    def update(self, iteration: int, layer: int, routing: "LayerRouting", dim: int
+               ) -> tuple[float, dict[str, float], float, int]:
+        """Plan after this iteration's dispatch: (planning seconds in this process, modeled link ms of
+        the moves per swap_cost, modeled ms of the planner's all-reduce, experts moved)."""
+        spec, old, rz = self.spec, self.placements[layer], self.rz
         if spec.planner == "none" or (iteration + 1) % spec.every:
-            return 0.0, 0.0
+            return 0.0, {"overlap": 0.0, "exposed": 0.0, "shared": 0.0}, 0.0, 0
         start = time.perf_counter()
         if spec.planner == "smartmoe":
-            self.loads[layer] = (self.loads[layer] + [sum(m.sum(0) for m in maps)])[-spec.history:]
-            new = smartmoe_placement(sum(self.loads[layer]), old, self.rz.topology.G)
+            self.loads[layer] = (self.loads[layer] + [routing.rows_E])[-spec.history:]
+            new = smartmoe_placement(sum(self.loads[layer]), old, rz.topology.G, spec.method)
+            plan_bytes = rz.num_experts * COUNT_BYTES
         else:
-            stats = global_swap_stats(maps, self.rz.topology, old)
-            decision = decide_swap(stats, old, self.rz.profile, row_bytes, max_fn=spec.max_fn, gamma=spec.gamma)
+            stats = routing.swap_stats(old)
+            decision = decide_swap(stats, old, rz.profile, rz.row_bytes, max_fn=spec.max_fn, gamma=spec.gamma,
+                                   dim=dim if spec.route != "flat" else 1, weight_bytes=rz.config.weight_bytes)
             new = old.swap(*decision.pair) if decision.pair else old
+            plan_bytes = stats_bytes(rz.topology, rz.num_experts)
         planning_s = time.perf_counter() - start
         self.placements[layer] = new
-        return planning_s, migration_time(old, new, self.rz)
+        moved = sum(1 for a, b in zip(old.slot_of_expert, new.slot_of_expert) if a != b)
+        lone = migration_time(old, new, rz)
+        links = {"overlap": lone, "exposed": lone, "shared": migration_time(old, new, rz, shared=True)}
+        return planning_s, links, allreduce_time(rz.profile, plan_bytes), moved
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,42 +373,62 @@ def dense_compute_ms(rz: Resolved) -> float:
     return 3 * forward
 
 
-def expert_compute_ms(rz: Resolved, maps, placement: ExpertPlacement) -> float:
-    """Forward + backward of one MoE layer's routed experts on the slowest GPU."""
+def expert_compute_ms(rz: Resolved, rows_E: torch.Tensor, placement: ExpertPlacement) -> float:
+    """Forward + backward of one MoE layer's routed experts on the slowest GPU: per expert with
+    rows, one GEMM of the GEMM model per projection (alpha + beta * rows * M * H)."""
     gemms = 3 if rz.model.ffn_kind == "swiglu" else 2
-    rows_E = sum(m.sum(0) for m in maps)
+    gemm = rz.compute.compute_model("gemm")
     rows_S = rows_E[list(placement.expert_of_slot)].view(rz.topology.G, -1).to(torch.float64)
-    per_gpu = [sum(_gemm(rz, float(r) * rz.model.hidden * rz.model.moe_ffn_hidden) for r in row) for row in rows_S]
-    return 3 * gemms * max(per_gpu)
+    per_gpu = (rows_S > 0).sum(1) * gemm.alpha_ms + rows_S.sum(1) * (rz.model.hidden * rz.model.moe_ffn_hidden
+                                                                      * gemm.beta_ms)
+    return 3 * gemms * float(per_gpu.max())
 
 
 # ------------------------------------------------------------------------------------------
+def _plan_key(spec: SystemSpec) -> SystemSpec:
+    """Specs that plan alike share a state: swap_cost only prices the same moves differently, and
+    SmartMoE plans from raw loads whatever the route and the AlltoAll model (charge, buffer)."""
+    if spec.planner == "smartmoe":
+        return SystemSpec("", "flat", planner="smartmoe", every=spec.every, history=spec.history, method=spec.method)
+    return dataclasses.replace(spec, name="", swap_cost="overlap")
+
+
 def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
     """Tidy rows: one per (iteration, layer, system)."""
     cfg = rz.config
-    row_bytes = rz.model.hidden * cfg.bytes_per_elem
     stream = RoutingStream(rz.model, cfg.layers, rz.topology.G, cfg.tokens_per_rank, cfg.stream, cfg.seed,
                            num_experts=rz.num_experts, top_k=rz.top_k)
-    states = [SystemState(s, rz) for s in rz.systems]
+    # systems that plan alike share one planner state (an option that only changes how their time is
+    # charged afterwards, swap_cost, does not change the plan)
+    shared: dict[SystemSpec, SystemState] = {}
+    for s in rz.systems:
+        shared.setdefault(_plan_key(s), SystemState(s, rz))
     rows = []
     for it in tqdm(range(cfg.iterations), desc=f"{cfg.experiment} iterations", disable=None if progress is None
                    else not progress):
         layer_maps = stream.next_iteration()
         for layer, full_map in enumerate(layer_maps):
-            maps = stream.per_rank(full_map)
-            for st in states:
-                placement = st.placements[layer]
-                ms, d = dispatch_time(st.spec, maps, rz, placement, row_bytes)
-                expert_ms = expert_compute_ms(rz, maps, placement)
-                planning_s, migration_ms = st.update(it, layer, maps, row_bytes)
-                rows.append({"iteration": it, "layer": layer, "system": st.spec.name, "dim": d,
-                             "dispatch_ms": ms, "a2a_ms": 4 * ms, "expert_compute_ms": expert_ms,
-                             "planning_ms": planning_s * 1e3, "migration_ms": migration_ms})
+            routing = LayerRouting(full_map, rz)
+            balance = routing_balance(full_map, rz.topology.G)
+            updates: dict[SystemSpec, tuple] = {}
+            for spec in rz.systems:
+                st = shared[_plan_key(spec)]
+                placement = st.placements[layer] if _plan_key(spec) not in updates else updates[_plan_key(spec)][0]
+                counts, counts_GS, expert_ms = routing.of(placement)
+                ms, d = a2a_time(spec, counts, counts_GS, rz)
+                if _plan_key(spec) not in updates:
+                    updates[_plan_key(spec)] = (placement, st.update(it, layer, routing, d))
+                planning_s, links, plan_comm_ms, moved = updates[_plan_key(spec)][1]
+                rows.append({"iteration": it, "layer": layer, "system": spec.name, "dim": d, "a2a_ms": ms,
+                             "expert_compute_ms": expert_ms, "planning_ms": planning_s * 1e3,
+                             "migration_ms": links[spec.swap_cost], "plan_comm_ms": plan_comm_ms,
+                             "moved_experts": moved, "swap_cost": spec.swap_cost, **balance})
     frame = pd.DataFrame(rows)
     frame.insert(0, "experiment", cfg.experiment)
     for key, value in (("model", rz.model.name), ("topology", rz.topology.name), ("G", rz.topology.G),
                        ("E", rz.num_experts), ("K", rz.top_k), ("M", rz.model.hidden), ("tier", "sim"),
-                       ("profile", rz.profile.name), ("warmup", cfg.warmup)):
+                       ("profile", rz.profile.name), ("warmup", cfg.warmup), ("skew", cfg.stream.skew),
+                       ("capacity_factor", cfg.capacity_factor)):
         frame[key] = value
     frame["dense_compute_ms"] = dense_compute_ms(rz)
     frame["moe_layers_total"] = sum(1 for i in range(rz.model.num_layers) if rz.model.is_moe_layer(i))
@@ -300,16 +436,45 @@ def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
 
 
 def summarize_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per system, over the measured iterations (after warm-up): mean per-layer AlltoAll ms and
-    the modeled end-to-end iteration ms (layers scaled to the model's MoE layer count)."""
+    """Per system and measured iteration (after warm-up): mean per-layer AlltoAll ms and the
+    modeled end-to-end iteration ms (layers scaled to the model's MoE layer count). The moves'
+    link time (planner all-reduce included) is charged beyond the backward compute it hides under
+    ('overlap') or in full ('exposed', 'shared'; module docstring)."""
     measured = frame[frame["iteration"] >= frame["warmup"]]
     per_it = measured.groupby(["system", "iteration"], sort=False).agg(
         a2a_ms=("a2a_ms", "mean"), expert_ms=("expert_compute_ms", "mean"), migration_ms=("migration_ms", "mean"),
-        layers=("layer", "nunique"), dense_ms=("dense_compute_ms", "first"),
-        moe_layers=("moe_layers_total", "first")).reset_index()
+        plan_comm_ms=("plan_comm_ms", "mean"), moved=("moved_experts", "mean"), layers=("layer", "nunique"),
+        dense_ms=("dense_compute_ms", "first"), moe_layers=("moe_layers_total", "first"),
+        swap_cost=("swap_cost", "first")).reset_index()
+    compute = per_it["dense_ms"] + per_it["moe_layers"] * per_it["expert_ms"]
     per_it["e2e_ms_no_migration"] = per_it["dense_ms"] + per_it["moe_layers"] * (per_it["a2a_ms"] + per_it["expert_ms"])
-    per_it["e2e_ms"] = per_it["e2e_ms_no_migration"] + per_it["moe_layers"] * per_it["migration_ms"]
+    per_it["swap_link_ms"] = per_it["moe_layers"] * (per_it["migration_ms"] + per_it["plan_comm_ms"])
+    hidden_under = compute * 2 / 3                                # the backward part of the compute
+    exposed = (per_it["swap_link_ms"] - hidden_under).clip(lower=0)
+    per_it["swap_exposed_ms"] = exposed.where(per_it["swap_cost"] == "overlap", per_it["swap_link_ms"])
+    # (swap_cost 'exposed' and 'shared' charge the link time in full; 'shared' also gives each move
+    # only one rank's share of its link, planned in SystemState.update)
+    per_it["e2e_ms"] = per_it["e2e_ms_no_migration"] + per_it["swap_exposed_ms"]
     return per_it
+
+
+def uniform_paper_model(model: str, topology: str = "hiermoe-testbed", profile: str = "hiermoe-testbed",
+                        tokens_per_rank: int = 1024, bytes_per_elem: int = 2, top_k: int | None = None,
+                        num_experts: int | None = None) -> dict[str, float]:
+    """The paper's own model (Eqs. (1)-(5), its Fig. 9 constants) under idealised uniform routing:
+    every count at its expectation (digest section 3.7), no skew, no sampling noise, token rows
+    only. Speedups of HD2 and of HDd* over the flat AlltoAll, and d*: what the paper's model itself
+    predicts for the paper's setting, a reference for the measured numbers."""
+    from impl.hiermoe.dimension import paper_time, paper_times, uniform_counts
+
+    m, topo = get_model(model), get_topology(topology)
+    prof = _load_profile(profile, topo)
+    E, K, T = num_experts or m.num_experts, top_k or m.top_k, tokens_per_rank
+    row_bytes = m.hidden * bytes_per_elem
+    flat = paper_time(uniform_counts(topo, E, K, T, False), 1, prof, row_bytes)
+    times = paper_times(uniform_counts(topo, E, K, T, True), prof, row_bytes)
+    d = select_dimension(times)
+    return {"HD2": flat / times[2], "HD-MoE": flat / times[d], "d_star": float(d)}
 
 
 def make_sim_record(rz: Resolved, frame: pd.DataFrame) -> dict:
@@ -319,32 +484,84 @@ def make_sim_record(rz: Resolved, frame: pd.DataFrame) -> dict:
         metrics[f"a2a_ms_per_layer/{system}"] = g["a2a_ms"].tolist()
         metrics[f"e2e_ms_modeled/{system}"] = g["e2e_ms"].tolist()
         metrics[f"e2e_ms_modeled_no_migration/{system}"] = g["e2e_ms_no_migration"].tolist()
+    metrics["max_split_ratio"] = frame.groupby(["iteration", "layer"])["max_split_ratio"].first().tolist()
+    metrics["maxvio"] = frame.groupby(["iteration", "layer"])["maxvio"].first().tolist()
     return make_record(
         experiment=rz.config.experiment, system=",".join(s.name for s in rz.systems), tier="sim",
         topology=rz.topology,
         model={"name": rz.model.name, "num_experts": rz.num_experts, "top_k": rz.top_k, "hidden": rz.model.hidden,
                "tokens_per_rank": rz.config.tokens_per_rank, "layers_simulated": rz.config.layers},
         config=rz.config, metrics=metrics, seed=rz.config.seed,
-        trace_id=f"gate:{rz.model.gate_kind}:token-stream:seed={rz.config.seed}",
+        trace_id=f"gate:{rz.model.gate_kind}:token-stream:skew={rz.config.stream.skew}:seed={rz.config.seed}",
         extra={"profile": rz.profile.name, "compute_profile": rz.compute.name,
                "note": "times are modeled (alpha-beta profile); volumes exact from routing masks"})
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'NAME={"a": {"b": 1}}' -> (NAME, ['a.b=1']): a named set of overrides (ConfigError if malformed)."""
+    import json
+
+    import yaml
+
+    name, sep, body = text.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"--variant {text!r}: expected NAME=MAPPING, e.g. skew-1='{{\"stream\": {{\"skew\": 1.0}}}}'")
+    try:
+        mapping = yaml.safe_load(body) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--variant {name}: its overrides are not YAML: {e}".splitlines()[0]) from None
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"--variant {name}: its overrides must be a mapping of config keys, got {mapping!r}")
+
+    def flatten(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from flatten(f"{prefix}{key}.", item)
+        else:
+            yield f"{prefix[:-1]}={json.dumps(value)}"
+
+    return name.strip(), list(flatten("", mapping))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("python -m impl.experiments.hiermoe.sim", __doc__, config=SimExperimentConfig,
                         outputs=("csv", "record"), progress=True)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                        help="run once per variant (overrides after the config file, before --set); repeatable")
     args = parser.parse_args(argv)
     try:
-        rz = resolve(cli.load_config(args, SimExperimentConfig))
+        variants = [parse_variant(v) for v in args.variant] or [("", [])]
+        if len({name for name, _ in variants}) != len(variants):
+            raise ConfigError("--variant: a variant name is given twice")
+        resolved = [(name, resolve(build_config(SimExperimentConfig, args.config, overrides + args.overrides)))
+                    for name, overrides in variants]
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
-    frame = run_experiment(rz, progress=False if args.no_progress else None)
-    cli.write_csv_and_record(frame, args.out_csv, make_sim_record(rz, frame), args.out_record)
-    summary = summarize_frame(frame).groupby("system", sort=False)["a2a_ms"].median()
-    base = summary.get("Megatron-LM")
-    for system, ms in summary.items():
-        ratio = f"  speedup over Megatron-LM {base / ms:.2f}x" if base else ""
-        print(f"{system:>24}: AlltoAll {ms:8.2f} ms per layer per iteration (modeled){ratio}")
+    frames, records = [], {}
+    for name, rz in resolved:
+        frame = run_experiment(rz, progress=False if args.no_progress else None)
+        frame.insert(1, "variant", name)
+        frames.append(frame)
+        records[name] = make_sim_record(rz, frame)
+    frame = pd.concat(frames, ignore_index=True)
+    if len(resolved) == 1:
+        record = records[resolved[0][0]]
+    else:                                   # one record of the sweep: every variant's config and metrics
+        first = records[resolved[0][0]]
+        record = make_record(
+            experiment=first["experiment"], system=first["system"], tier="sim", topology=resolved[0][1].topology,
+            model=first["model"], config={name: dataclasses.asdict(rz.config) for name, rz in resolved},
+            metrics={f"{name}/{key}": value for name, rec in records.items() for key, value in rec["metrics"].items()},
+            seed=resolved[0][1].config.seed, trace_id=first.get("trace_id"), extra={"variants": [n for n, _ in resolved]})
+    cli.write_csv_and_record(frame, args.out_csv, record, args.out_record)
+    for name, rz in resolved:
+        part = frame[frame["variant"] == name]
+        summary = summarize_frame(part).groupby("system", sort=False)["a2a_ms"].median()
+        base = summary.get("Megatron-LM")
+        for system, ms in summary.items():
+            ratio = f"  speedup over Megatron-LM {base / ms:.2f}x" if base else ""
+            print(f"{(name + ': ') if name else ''}{system:>24}: AlltoAll {ms:8.2f} ms per layer per iteration "
+                  f"(modeled){ratio}")
     return 0
 
 
