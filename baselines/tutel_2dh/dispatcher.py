@@ -45,7 +45,7 @@ from impl.common.ordering import CapacityPlan, IndexOrder, plan_capacity
 from impl.common.registry import register
 from impl.common.routing import RoutingResult
 from impl.common.topology import Topology
-from impl.hiermoe.dimension import COUNT_BYTES, Collective, a2a_collective
+from impl.hiermoe.dimension import COUNT_BYTES, Collective, a2a_collective, allreduce_collective
 
 __all__ = ["PaddedDispatchMeta", "CapacityPaddedDispatcher", "Tutel2DHDispatcher", "tutel_capacity", "uses_2dh",
            "capacity_of", "tutel_2dh_collectives"]
@@ -210,6 +210,6 @@ def tutel_2dh_collectives(topology: Topology, num_experts: int, capacity: int, r
         inter = a2a_collective(topology, 1, 0, torch.full((G, N), Gn * B), row_bytes, **kw)
         return [intra, inter]
 
-    agree = Collective("dispatch", "fwd", "agree", "none", "allreduce", "flat", G, 3 * COUNT_BYTES)
+    agree = allreduce_collective(topology, 3, COUNT_BYTES)
     return (agree, *exchange("dispatch", "fwd"), *exchange("combine", "fwd"), *exchange("combine", "bwd"),
             *exchange("dispatch", "bwd"))

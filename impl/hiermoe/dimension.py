@@ -65,11 +65,13 @@ Where the paper is unclear (digest section 3.5) and what we chose:
 """
 from __future__ import annotations
 
+
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from impl.common.comm import Comm
@@ -82,7 +84,7 @@ __all__ = ["RouteCounts", "StepVolume", "RouteVolumes", "DispatchCounts", "Colle
            "selected_slots", "counts_from_slots", "uniform_counts",
            "holder_rows", "route_steps", "step_name_of", "route_volumes", "volumes", "step_maxima", "link_table",
            "mask_bytes", "agreement_bytes", "BUFFERS", "a2a_collective", "route_collectives", "flat_collectives",
-           "agreement_collective", "traffic_of", "allreduce_time", "collective_time", "collectives_time",
+           "agreement_collective", "allreduce_collective", "traffic_of", "allreduce_time", "collective_time", "collectives_time",
            "paper_time", "paper_times", "route_time", "flat_time", "iteration_times", "select_dimension",
            "choose_from_counts", "choose_dimension", "check_profile", "variant_name"]
 
@@ -447,8 +449,8 @@ class Collective:
     stage: the six-stage call that issues it ('dispatch': preprocess + token_dispatch; 'combine');
     phase: 'fwd', or 'bwd' for the autograd twin of a forward AlltoAll; what: 'counts' (split
     sizes), 'ids' (expert ids: bitmasks), 'tokens', 'weights' (gate weights), 'notify' (all split
-    sizes of a route at once) or 'agree' (the d* all-reduce); category: the TrafficCounter
-    category ('tokens', 'meta'; 'none' for all-reduces, which the counters do not see).
+    sizes of a route at once) or 'agree' (an all-reduce that agrees on a choice); category: the
+    TrafficCounter category ('tokens', 'meta').
     max_bytes is the largest split any rank sends to any peer (itself included), the model's
     per-rank buffer is fan * max_bytes (Eqs. (2), (4), (5), 'padded'); max_total_bytes is the
     largest amount any rank sends or receives in it (the 'total' reading of the buffer, for the
@@ -607,9 +609,34 @@ def flat_collectives(counts: DispatchCounts, row_bytes: int, weight_bytes: int =
     return counts.memo(("flat", row_bytes, weight_bytes, with_levels, totals), build)
 
 
+def allreduce_collective(topology: Topology, elements: int, element_bytes: int, *, stage: str = "dispatch",
+                         what: str = "agree") -> Collective:
+    """An all-reduce of `elements` over all ranks, with the bytes and messages per level that the
+    TrafficCounter counts for it (category 'meta'): the reduce-scatter of near-equal chunks, then
+    the all-gather of this rank's chunk, each a message to every other rank that has one."""
+    b, m = _allreduce_levels(topology, int(elements), int(element_bytes))
+    return Collective(stage, "fwd", what, "meta", "allreduce", "flat", topology.G, int(elements) * element_bytes,
+                      dict(b), dict(m))
+
+
+@lru_cache(maxsize=64)
+def _allreduce_levels(topology: Topology, elements: int, element_bytes: int) -> tuple[tuple, tuple]:
+    G = topology.G
+    base, extra = divmod(elements, G)
+    chunk = np.array([base + (1 if i < extra else 0) for i in range(G)])
+    coords = np.array([topology.coords(r) for r in range(G)])                       # [G, D]
+    differs = coords[:, None, :] != coords[None, :, :]                              # [G, G, D]
+    level = np.where(differs.any(-1), differs.argmax(-1), -1)                        # -1: oneself
+    pair_bytes = (chunk[None, :] + chunk[:, None]) * element_bytes
+    pair_msgs = (chunk[None, :] > 0).astype(int) + (chunk[:, None] > 0).astype(int)
+    b = tuple((n, int(pair_bytes[level == i].sum())) for i, n in enumerate(topology.level_names))
+    m = tuple((n, int(pair_msgs[level == i].sum())) for i, n in enumerate(topology.level_names))
+    return b, m
+
+
 def agreement_collective(topology: Topology) -> Collective:
     """HierD-AlltoAll's all-reduce of the count table (d* the same on every rank)."""
-    return Collective("dispatch", "fwd", "agree", "none", "allreduce", "flat", topology.G, agreement_bytes(topology))
+    return allreduce_collective(topology, agreement_bytes(topology) // COUNT_BYTES, COUNT_BYTES)
 
 
 def traffic_of(collectives: Sequence[Collective], what: str = "bytes", category: str = "tokens",
