@@ -35,7 +35,7 @@ from impl.common.models import get_model
 from impl.common.topology import get_topology
 from impl.common.traces import synthetic_topk
 from impl.hiermoe.dimension import allreduce_time, iteration_times, select_dimension
-from impl.common.comm import Comm
+from impl.common.comm import Comm, Handle
 from impl.common.config import build_config
 from impl.hiermoe.expert_swap import MAX_FNS, _unflatten, decide_swap, local_swap_stats
 from impl.experiments.hiermoe.sim import SimExperimentConfig, dense_compute_ms, resolve
@@ -120,8 +120,23 @@ class _RankView(Comm):
     def __init__(self, topology):
         super().__init__(topology, 0)
 
+    def _make_lane(self, name):
+        raise NotImplementedError("the single-rank view has no lanes")
+
     def _all_to_all(self, x, send_splits, recv_splits, group):
         raise NotImplementedError
+
+    def _all_reduce(self, x, op, group):
+        return x.clone()
+
+    def _all_gather_cat(self, x, group):
+        return x.clone()
+
+    def _reduce_scatter(self, x, group):
+        return x[: x.shape[0] // group.size].clone()
+
+    def _start(self, run, kind, x, group, **args):
+        return Handle(run)
 
     def all_reduce(self, x, op="sum", group=None):
         return x.clone()
