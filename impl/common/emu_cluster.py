@@ -103,7 +103,8 @@ class NetworkConfig:
 
 
 def check_network(net: NetworkConfig, where: str = "network") -> None:
-    """Raise ValueError naming the first malformed field (before anything is created)."""
+    """Raise ValueError naming the first malformed field (before anything is created): as
+    `where.field` for configs, or as a flag `where-field` when `where` starts with '--'."""
     checks = [("rate", net.rate, _RATE_RE, "a tc rate such as 200mbit or 1gbit"),
               ("burst", net.burst, _SIZE_RE, "a tc size such as 256kb"),
               ("latency", net.latency, _TIME_RE, "a tc time such as 400ms"),
@@ -112,7 +113,9 @@ def check_network(net: NetworkConfig, where: str = "network") -> None:
         checks.append(("intra_rate", net.intra_rate, _RATE_RE, "a tc rate such as 1gbit, or null"))
     for key, value, pattern, allowed in checks:
         if not isinstance(value, str) or not pattern.match(value):
-            raise ValueError(f"{where}.{key}: {value!r} is not allowed; allowed: {allowed}")
+            name = (where.rstrip("-") + "-" + key.replace("_", "-")).lstrip("-") if where.startswith("--") else \
+                f"{where}.{key}"
+            raise ValueError(f"{'--' if where.startswith('--') else ''}{name}: {value!r} is not allowed; allowed: {allowed}")
 
 
 def rate_bytes_per_s(rate: str) -> float:
