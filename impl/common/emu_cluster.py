@@ -31,7 +31,7 @@ here) unless `intra_rate` shapes that namespace's `lo` (one tbf for all intra-no
 node, both directions together, since on `lo` every packet leaves and enters once). The kernel
 here has no `netem`, so no latency is added: `latency` is tbf's queueing limit, not a delay.
 
-Ranks enter their node's namespace with setns(2) at start-up (what `ip netns exec` does, without
+Ranks enter their node's namespace with setns(2) at start-up (`launcher.join_namespace`: what `ip netns exec` does, without
 its private mount namespace, which nothing here needs); gloo binds to the node's veth
 (GLOO_SOCKET_IFNAME) and the rendezvous is a FileStore on a shared directory, so no store traffic
 crosses the emulated links. Commands (`run -- CMD`) start as `ip netns exec NS env ... CMD` with
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -55,24 +54,23 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
+from .launcher import RankSite, launch, terminate_as_exit
 from .topology import Topology, TopologyError, get_topology
 
-__all__ = ["NetworkConfig", "RankSite", "LoopbackCluster", "EmulatedCluster", "EmuClusterError", "emulated_cluster",
-           "check_network", "unavailable_reason", "join_namespace", "leftover_runs", "cleanup", "status",
-           "terminate_as_exit", "PREFIX", "STATE_DIR", "main"]
+__all__ = ["NetworkConfig", "LoopbackCluster", "EmulatedCluster", "EmuClusterError", "emulated_cluster",
+           "check_network", "rate_bytes_per_s", "unavailable_reason", "leftover_runs", "cleanup", "status", "PREFIX",
+           "STATE_DIR", "main"]
 
 PREFIX = "moeemu"                       # every namespace of every run starts with this
 IF_PREFIX = "moe"                       # interfaces: moe<run>{n,p}<i>, moe<run>br (<= 15 characters)
 STATE_DIR = Path("/run") / PREFIX       # one JSON per live run: owner pid, namespaces
 SUBNET = "10.213.0"                     # node i has SUBNET.<i+1>/24, inside its namespace only
 MAX_NODES = 250
-CLONE_NEWNET = 0x40000000
 _RUN_RE = re.compile(rf"^{PREFIX}-([0-9a-f]{{6}})-(br|n\d+)$")
 _RATE_RE = re.compile(r"^\d+(\.\d+)?(bit|kbit|mbit|gbit|tbit|bps|kbps|mbps|gbps)$")
 _SIZE_RE = re.compile(r"^\d+(\.\d+)?(b|k|kb|m|mb|kbit|mbit)?$")
@@ -125,15 +123,6 @@ def rate_bytes_per_s(rate: str) -> float:
         raise ValueError(f"rate {rate!r} is not allowed; allowed: a tc rate such as 200mbit")
     scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[m[2]]
     return float(m[1]) * scale / (8 if m[3] == "bit" else 1)
-
-
-class RankSite(NamedTuple):
-    """Where one rank runs: its node, the namespace to enter (None: stay) and gloo's interface."""
-
-    node: int
-    netns: str | None
-    ifname: str
-    address: str
 
 
 # ==========================================================================================
@@ -373,24 +362,6 @@ class EmulatedCluster:
 
 
 @contextlib.contextmanager
-def terminate_as_exit() -> Iterator[None]:
-    """Inside the block SIGTERM raises SystemExit(143) in the main thread, so `finally` clauses
-    and context managers (ranks killed, namespaces deleted) run as they do for Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
 def emulated_cluster(topology: Topology, network: NetworkConfig | None = None
                      ) -> Iterator[EmulatedCluster | LoopbackCluster]:
     """The cluster a run's ranks live on: an EmulatedCluster when `network.emulate` and
@@ -410,19 +381,6 @@ def emulated_cluster(topology: Topology, network: NetworkConfig | None = None
         return
     with terminate_as_exit(), EmulatedCluster(topology, network) as cluster:
         yield cluster
-
-
-def join_namespace(netns: str) -> None:
-    """Move the calling process into network namespace `netns` (/run/netns/<netns>), as
-    `ip netns exec` does; call before opening any socket."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into network namespace {netns!r}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 # ==========================================================================================
@@ -458,8 +416,6 @@ def _probe(comm, nbytes: int, repeats: int) -> dict:
 
 
 def _run_probe(topology: Topology, cluster, nbytes: int, repeats: int, timeout_s: float) -> int:
-    from .launcher import launch
-
     results = launch(_probe, topology.G, args=(nbytes, repeats), topology=topology, cluster=cluster,
                      timeout_s=timeout_s, deadline_s=max(120.0, 4 * timeout_s))
     for step in results[0]:

@@ -31,6 +31,7 @@ megatron-core's parallel state via `collective_timeout_s()`) get the same collec
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import os
@@ -42,22 +43,24 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from .comm import DEFAULT_TIMEOUT_S, TorchComm
-from .emu_cluster import RankSite, join_namespace, terminate_as_exit
 from .topology import Topology, get_topology
 
-__all__ = ["launch", "LaunchError", "init_from_env", "rank_environment", "set_collective_timeout",
-           "collective_timeout_s", "diagnose", "RankError", "GRACE_S"]
+__all__ = ["launch", "LaunchError", "RankSite", "LOOPBACK", "init_from_env", "rank_environment",
+           "set_collective_timeout", "collective_timeout_s", "diagnose", "RankError", "join_namespace",
+           "terminate_as_exit", "GRACE_S"]
 
 GRACE_S = 3.0            # after the first failure, how long to wait for the other ranks' news
 TIMEOUT_ENV = "MOE_COLLECTIVE_TIMEOUT_S"
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNET = 0x40000000
 # What gloo / torch.distributed say when a peer is gone or a collective timed out: consequences.
 _COMM_FAILURE = re.compile(r"connection (closed|reset)|broken pipe|timed out|timeout|socket|ECONNRESET|EPIPE|"
                            r"gloo/transport|DistNetworkError|DistBackendError|DistStoreError", re.IGNORECASE)
@@ -65,6 +68,19 @@ _COMM_FAILURE = re.compile(r"connection (closed|reset)|broken pipe|timed out|tim
 
 class LaunchError(RuntimeError):
     """A rank failed, died, got stuck, or the job exceeded its deadline."""
+
+
+class RankSite(NamedTuple):
+    """Where one rank runs: its node, the network namespace to enter (None: stay), gloo's
+    interface and its address (`impl.common.emu_cluster` makes the namespaces)."""
+
+    node: int
+    netns: str | None
+    ifname: str
+    address: str
+
+
+LOOPBACK = RankSite(0, None, "lo", "127.0.0.1")
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,19 @@ def collective_timeout_s(default: float = DEFAULT_TIMEOUT_S) -> float:
 # ==========================================================================================
 # the rank process
 # ==========================================================================================
+def join_namespace(netns: str) -> None:
+    """Move the calling process into network namespace `netns` (/run/netns/<netns>), as
+    `ip netns exec` does; call before opening any socket."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into network namespace {netns!r}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """SIGKILL this process when its parent dies, and lead a process group of its own so the
     parent can end the rank's children with it."""
@@ -145,6 +174,24 @@ def _rank_main(rank: int, world_size: int, store_path: str, topology: Topology, 
 # ==========================================================================================
 # the parent
 # ==========================================================================================
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """Inside the block SIGTERM raises SystemExit(143) in the main thread, so `finally` clauses
+    and context managers (ranks killed, namespaces deleted) run as they do for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _kill_all(procs: list[mp.Process]) -> None:
     """SIGTERM every rank's process group, then SIGKILL whatever is left after 5 s."""
     for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
@@ -228,8 +275,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), kwargs: di
         topology = get_topology(topology)
     if topology.G != world_size:
         raise LaunchError(f"topology {topology.name!r} has G = {topology.G} ranks, but world_size = {world_size}")
-    sites = [cluster.site(r) if cluster is not None else RankSite(0, None, "lo", "127.0.0.1")
-             for r in range(world_size)]
+    sites = [cluster.site(r) if cluster is not None else LOOPBACK for r in range(world_size)]
     ctx = mp.get_context("spawn")
     tmpdir = tempfile.mkdtemp(prefix="moe-launch-")
     results_q: mp.Queue = ctx.Queue()
