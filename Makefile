@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CORES ?= 2
 
-.PHONY: setup run test clean
+.PHONY: setup run test emu clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,11 @@ run: setup
 
 test: $(VENV)/.installed-test
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests
+
+# The emulated-cluster validation (workflows/rules/emu.smk): network namespaces linked at 200 mbit,
+# so it needs root, `ip` and `tc`; about an hour on 2 cores. Not part of `run` or CI.
+emu: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --cores $(CORES) --workflow-profile workflows/profiles/local emu_validation
 
 clean:
 	rm -rf results .snakemake

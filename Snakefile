@@ -20,6 +20,7 @@ include: "workflows/rules/common.smk"
 include: "workflows/rules/hiermoe.smk"
 include: "workflows/rules/scheinfer.smk"
 include: "workflows/rules/figures.smk"
+include: "workflows/rules/emu.smk"
 
 
 rule all:

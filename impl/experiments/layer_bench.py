@@ -110,8 +110,10 @@ class ResolvedBench:
     profile: HardwareProfile | None = None
 
 
-def validate(config: LayerBenchConfig) -> ResolvedBench:
-    """All checks that need no rank; raises ConfigError with a one-line message."""
+def validate(config: LayerBenchConfig, with_profile: bool = True) -> ResolvedBench:
+    """All checks that need no rank; raises ConfigError with a one-line message. `with_profile`
+    False skips loading the hardware profile (a workflow checking runs whose profile a
+    calibration job writes later)."""
     model = checked("model", get_model, config.model)
     topology = checked("topology", get_topology, config.topology)
     if config.world_size is not None and config.world_size != topology.G:
@@ -151,7 +153,9 @@ def validate(config: LayerBenchConfig) -> ResolvedBench:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     profile = None
-    if config.system in PROFILE_SYSTEMS or config.planner in PROFILE_PLANNERS:
+    if not with_profile:
+        pass
+    elif config.system in PROFILE_SYSTEMS or config.planner in PROFILE_PLANNERS:
         profile = checked("profile", load_profile, config.profile or topology.name)
         from impl.hiermoe.dimension import check_profile
 

@@ -1,0 +1,309 @@
+"""Model against measurement on the emulated cluster: every dispatcher of the HierMoE comparison
+runs on an emulated N x G cluster (`impl.common.emu_cluster`, links shaped with tc), its dispatch
+and combine timed apart (`layer_bench` timing=stages), and the cost model predicts both from the
+emulated cluster's own calibrated profile (`impl.common.calibrate --emulate-rate`) and the exact
+routing of the run (synthetic, rebuilt from the config).
+
+    python -m impl.experiments.emu_validation overrides --config workflows/config/experiments/emu_validation.yaml \
+        --topology 2x4 --routing zipf --variant hierd-es --profile cal-2x4.yaml   # the bench's --set flags
+    python -m impl.experiments.emu_validation table --config ... --record r1.json ... \
+        --profile 2x4=cal-2x4.yaml --profile 4x2=cal-4x2.yaml --out-csv emu_validation.csv
+
+What predicts what (`predict`), a thin layer over `impl.hiermoe.dimension`, so a change of the
+model there changes these numbers:
+* flat (Megatron-LM): the H1 route of the no-dedup counts; HD2: the HD2 route of the dedup
+  counts; HD-MoE (`hierd`) and HierMoE (`hierd` + `hierd-es` swaps): the route d* the model
+  picks, on the counts under the placement the run used at each repeat (HierMoE's swaps change
+  it), the median over repeats;
+* Tutel-2DH and DeepSpeed-MoE: the padded equal slices: every rank sends E * C rows (C the
+  largest per-expert count of any rank, their dropless mode), Tutel as an intra-node AlltoAll
+  then an inter-node one of that whole buffer, DeepSpeed as one flat AlltoAll;
+* the combine mirrors the dispatch (same volumes back), so the paper's model predicts it equal;
+  the per-collective model, when `impl.hiermoe.dimension` has it (`route_collectives`), charges
+  each stage the collectives it issues (`MODEL_VERSION` says which one ran).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch
+
+from impl.common import cli
+from impl.common.config import ConfigError, build_config, to_dict
+from impl.common.costmodel import HardwareProfile, load_profile
+from impl.common.dispatcher import ExpertPlacement
+from impl.common.emu_cluster import NetworkConfig
+from impl.common.records import atomic_output, read_records
+from impl.hiermoe import dimension
+from impl.experiments.layer_bench import PROFILE_SYSTEMS, LayerBenchConfig, ResolvedBench, RoutingSource, synthetic_routing_maps, validate
+
+__all__ = ["Variant", "EmuValidationConfig", "load", "bench_config", "bench_overrides", "uses_profile", "predict", "validation_rows",
+           "MODEL_VERSION", "main"]
+
+PER_COLLECTIVE = hasattr(dimension, "route_collectives")
+MODEL_VERSION = ("impl.hiermoe.dimension per-collective model (every collective, metadata included)" if PER_COLLECTIVE
+                 else "impl.hiermoe.dimension paper model (Eqs. 1-5: token rows, one start-up per step)")
+PADDED = {"tutel-2dh": "2dh", "deepspeed-moe": "flat"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compared system: a registered dispatcher and optionally a placement planner."""
+
+    system: str
+    planner: str | None = None
+    label: str = ""
+
+
+def _default_variants() -> dict[str, Variant]:
+    return {"flat": Variant("flat", label="Megatron-LM"), "tutel-2dh": Variant("tutel-2dh", label="Tutel-2DH"),
+            "deepspeed-moe": Variant("deepspeed-moe", label="DeepSpeed-MoE"), "hd2": Variant("hd2", label="HD2-MoE"),
+            "hierd": Variant("hierd", label="HD-MoE"), "hierd-es": Variant("hierd", "hierd-es", label="HierMoE")}
+
+
+@dataclass(frozen=True)
+class CalibrationArgs:
+    """Flags of `python -m impl.common.calibrate` for the emulated cluster's profile."""
+
+    sizes: str = "2M,8M,16M,32M,64M"
+    repeats: int = 3
+    warmup: int = 1
+    iters: int = 1
+
+
+@dataclass(frozen=True)
+class EmuValidationConfig:
+    topologies: tuple[str, ...] = ("2x4", "4x2")
+    network: NetworkConfig = field(default_factory=lambda: NetworkConfig(emulate=True, rate="200mbit",
+                                                                         fallback=False))
+    routings: dict[str, RoutingSource] = field(default_factory=lambda: {
+        "uniform": RoutingSource("synthetic", "uniform"), "zipf": RoutingSource("synthetic", "zipf", 1.0)})
+    variants: dict[str, Variant] = field(default_factory=_default_variants)
+    baseline: str = "flat"                 # variant the ratios divide by
+    bench: dict[str, Any] = field(default_factory=dict)   # LayerBenchConfig keys of every run (the workload)
+    calibration: CalibrationArgs = field(default_factory=CalibrationArgs)
+
+
+_FIXED = ("tier", "topology", "system", "planner", "profile", "routing", "timing", "network")
+
+
+def load(path: str | None, overrides: list[str] = ()) -> EmuValidationConfig:
+    """The config, with every run's bench config resolved (a bad key fails here, one line)."""
+    cfg = build_config(EmuValidationConfig, path, list(overrides))
+    for key in cfg.bench:
+        if key in _FIXED:
+            raise ConfigError(f"bench.{key}: set by the validation matrix, not in bench; allowed: the workload keys")
+    if cfg.baseline not in cfg.variants:
+        raise ConfigError(f"baseline: {cfg.baseline!r} is not a variant; allowed: {', '.join(cfg.variants)}")
+    for topology in cfg.topologies:
+        for routing in cfg.routings:
+            for variant in cfg.variants:
+                validate(bench_config(cfg, topology, routing, variant, profile=None), with_profile=False)
+    return cfg
+
+
+def uses_profile(v: Variant) -> bool:
+    """Whether a variant models its choices with a hardware profile (d*, swaps)."""
+    return v.system in PROFILE_SYSTEMS or v.planner is not None
+
+
+def bench_config(cfg: EmuValidationConfig, topology: str, routing: str, variant: str,
+                 profile: str | None) -> LayerBenchConfig:
+    """The layer bench config of one run: the workload (`bench`) on one cell of the matrix."""
+    v = cfg.variants[variant]
+    data = {**cfg.bench, "tier": "emu", "topology": topology, "system": v.system, "planner": v.planner,
+            "routing": to_dict(cfg.routings[routing]), "timing": "stages", "network": to_dict(cfg.network),
+            "profile": profile if uses_profile(v) else None}
+    return build_config(LayerBenchConfig, None, [], base=data)
+
+
+def bench_overrides(cfg: EmuValidationConfig, topology: str, routing: str, variant: str, profile: str | None) -> list[str]:
+    """`--set key=value` items of one run of the layer bench (values as JSON, which YAML reads)."""
+    built = bench_config(cfg, topology, routing, variant, profile)
+    out = []
+
+    def flat(prefix, value):
+        if isinstance(value, dict):
+            for k, item in value.items():
+                flat(f"{prefix}{k}.", item)
+        else:
+            out.append(f"{prefix[:-1]}={json.dumps(value)}")
+    flat("", to_dict(built))
+    return out
+
+
+# ==========================================================================================
+# prediction
+# ==========================================================================================
+def _padded_capacity(maps: list[torch.Tensor]) -> int:
+    """C of the dropless equal-slice dispatchers: the largest per-expert count of any rank."""
+    return max(int(m.sum(0).max()) for m in maps)
+
+
+def _route_ms(maps, topo, placement, dim: int, dedup: bool, profile: HardwareProfile, row_bytes: int,
+              agree: bool) -> tuple[float, float]:
+    """(dispatch, combine) ms of the HD`dim` / H`dim` route by the model in impl.hiermoe.dimension."""
+    if not PER_COLLECTIVE:
+        t = dimension.modeled_time(dimension.route_counts(maps, topo, placement, dedup), dim, profile, row_bytes)
+        return t, t
+    counts = dimension.dispatch_counts(maps, topo, placement)
+    cs = (dimension.flat_collectives(counts, row_bytes, with_levels=False) if dim == 1 and not dedup else
+          dimension.route_collectives(counts, dim, dedup, row_bytes, with_levels=False))
+    if agree:
+        cs = (dimension.agreement_collective(topo), *cs)
+    stage = lambda s: dimension.collectives_time([c for c in cs if c.stage == s and c.phase == "fwd"], profile)  # noqa: E731
+    return stage("dispatch"), stage("combine")
+
+
+def _chosen_dim(maps, topo, placement, profile, row_bytes) -> int:
+    if not PER_COLLECTIVE:
+        return dimension.choose_from_counts(dimension.route_counts(maps, topo, placement, True), profile, row_bytes)
+    return dimension.choose_from_counts(dimension.dispatch_counts(maps, topo, placement), profile, row_bytes)
+
+
+def _padded_ms(algorithm: str, topo, num_experts: int, capacity: int, profile: HardwareProfile,
+               row_bytes: int) -> float:
+    """One equal-slice exchange of the [E, C] buffer: flat, or Tutel's 2DH (intra-node AlltoAll of
+    the whole buffer, then inter-node AlltoAll of it)."""
+    n = num_experts * capacity * row_bytes
+    if algorithm == "flat" or topo.num_nodes == 1 or topo.gpus_per_node == 1:
+        return profile.comm_time("a2a", "flat", n)
+    return profile.comm_time("a2a", "intra-1", n) + profile.comm_time("a2a", "inter-1", n)
+
+
+def predict(rb: ResolvedBench, profile: HardwareProfile, placements: list[list[int]] | None = None) -> dict[str, Any]:
+    """Predicted dispatch and combine ms of one bench config (synthetic routing), per repeat's
+    placement (median), with the route the model used."""
+    if rb.config.routing.source != "synthetic":
+        raise ValueError("predict needs routing.source=synthetic (the routing must be rebuilt from the config)")
+    dimension.check_profile(profile, rb.topology)
+    maps, topo, E = synthetic_routing_maps(rb), rb.topology, rb.num_experts
+    row_bytes = rb.hidden * torch.empty(0, dtype=getattr(torch, rb.config.dtype)).element_size()
+    system = rb.config.system
+    if system in PADDED:
+        t = _padded_ms(PADDED[system], topo, E, _padded_capacity(maps), profile, row_bytes)
+        return {"dispatch_ms": t, "combine_ms": t, "route": f"padded {PADDED[system]}, C={_padded_capacity(maps)}"}
+    outcomes = []
+    for slots in placements or [list(range(E))]:
+        placement = ExpertPlacement(tuple(slots))
+        if system in ("flat", "megatron-flat"):
+            dim, dedup = 1, False
+        elif system == "hierd":
+            dim, dedup = _chosen_dim(maps, topo, placement, profile, row_bytes), True
+        elif system[:2] == "hd" and system[2:].isdigit():
+            dim, dedup = int(system[2:]), True
+        elif system[:1] == "h" and system[1:].isdigit():
+            dim, dedup = int(system[1:]), False
+        else:
+            raise ValueError(f"no prediction for system {system!r}")
+        outcomes.append((*_route_ms(maps, topo, placement, dim, dedup, profile, row_bytes, system == "hierd"),
+                         dimension.variant_name(dim, dedup)))
+    return {"dispatch_ms": median(o[0] for o in outcomes), "combine_ms": median(o[1] for o in outcomes),
+            "route": "/".join(sorted({o[2] for o in outcomes}))}
+
+
+# ==========================================================================================
+# the table
+# ==========================================================================================
+def _profiles(items: list[str]) -> dict[str, HardwareProfile]:
+    out = {}
+    for item in items:
+        topology, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--profile {item!r}: expected TOPOLOGY=PATH")
+        out[topology] = load_profile(path)
+    return out
+
+
+def _model_commit() -> str:
+    """The last commit that changed the model (impl/hiermoe/dimension.py), or 'unknown'."""
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h %cs", "--", "impl/hiermoe/dimension.py"],
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dict[str, HardwareProfile]) -> list[dict]:
+    """One row per (topology, routing, variant, stage): measured median (p5, p95, n), predicted,
+    error = predicted / measured - 1, the route, and the run's network and host."""
+    by_key = {}
+    for r in records:
+        c = r["config"]
+        variant = next((name for name, v in cfg.variants.items()
+                        if v.system == c["system"] and v.planner == c.get("planner")), None)
+        routing = next((name for name, rs in cfg.routings.items() if to_dict(rs) == c["routing"]), None)
+        if variant is None or routing is None:
+            raise ValueError(f"record of {c['system']} with routing {c['routing']} is not in the validation matrix")
+        by_key[(c["topology"], routing, variant)] = r
+    rows, commit = [], _model_commit()
+    for (topology, routing, variant), r in sorted(by_key.items()):
+        cfg_bench = build_config(LayerBenchConfig, None, [], base=r["config"])
+        rb = validate(cfg_bench)
+        pred = predict(rb, profiles[topology], r["extra"].get("placements"))
+        net = r["extra"].get("network", {})
+        for stage in ("dispatch", "combine"):
+            m = r["metrics"][f"{stage}_ms"]
+            rows.append({"topology": topology, "routing": routing, "variant": variant,
+                         "system": cfg.variants[variant].label or variant, "stage": stage,
+                         "measured_ms": m["median"], "measured_p5_ms": m["p5"], "measured_p95_ms": m["p95"],
+                         "repeats": m["n"], "predicted_ms": pred[f"{stage}_ms"],
+                         "error": pred[f"{stage}_ms"] / m["median"] - 1, "route": pred["route"],
+                         "inter_node_bytes": r["bytes_by_level"].get("node", 0),
+                         "swap_ms": r["metrics"].get("swap_ms", {}).get("median"),
+                         "rate": net.get("rate") if net.get("emulated") else "loopback",
+                         "network": "emulated" if net.get("emulated") else f"fallback: {net.get('fallback_reason')}",
+                         "profile": profiles[topology].name, "model": MODEL_VERSION, "model_commit": commit,
+                         "host": r["env"].get("hostname"), "date": r["timestamp"][:10], "git_sha": r["git"].get("sha"),
+                         "torch": r["env"].get("torch")})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m impl.experiments.emu_validation", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("overrides", help="print the layer bench's --set flags of one run")
+    t = sub.add_parser("table", help="measured vs predicted CSV from the runs' records")
+    for s in (o, t):
+        s.add_argument("--config", required=True, help="EmuValidationConfig YAML")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    o.add_argument("--topology", required=True)
+    o.add_argument("--routing", required=True)
+    o.add_argument("--variant", required=True)
+    o.add_argument("--profile", default=None, help="calibrated profile (hierd / hierd-es)")
+    t.add_argument("--record", nargs="+", required=True, help="layer bench records of the matrix")
+    t.add_argument("--profile", action="append", default=[], metavar="TOPOLOGY=PATH", help="calibrated profiles")
+    t.add_argument("--out-csv", required=True)
+    args = p.parse_args(argv)
+    try:
+        cfg = load(args.config, args.overrides)
+        if args.cmd == "overrides":
+            for key, allowed in (("topology", cfg.topologies), ("routing", cfg.routings), ("variant", cfg.variants)):
+                if getattr(args, key) not in allowed:
+                    raise ConfigError(f"--{key}: {getattr(args, key)!r} is not allowed; allowed: {', '.join(allowed)}")
+            print(" ".join(f"--set {item}" for item in
+                           bench_overrides(cfg, args.topology, args.routing, args.variant, args.profile)))
+            return 0
+        profiles = _profiles(args.profile)
+        records = [rec for path in args.record for rec in read_records(path)]
+    except cli.INPUT_ERRORS as e:
+        return cli.fail(p, e)
+    import pandas as pd
+
+    frame = pd.DataFrame(validation_rows(cfg, records, profiles))
+    with atomic_output(args.out_csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    print(frame[["topology", "routing", "variant", "stage", "measured_ms", "predicted_ms", "error"]].to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
