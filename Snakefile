@@ -21,6 +21,7 @@ include: "workflows/rules/hiermoe.smk"
 include: "workflows/rules/scheinfer.smk"
 include: "workflows/rules/figures.smk"
 include: "workflows/rules/emu.smk"
+include: "workflows/rules/cluster.smk"
 
 
 rule all:

@@ -260,7 +260,10 @@ def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dic
                          "inter_node_bytes": r["bytes_by_level"].get("node", 0),
                          "swap_ms": r["metrics"].get("swap_ms", {}).get("median"),
                          "rate": net.get("rate") if net.get("emulated") else "loopback",
-                         "network": "emulated" if net.get("emulated") else f"fallback: {net.get('fallback_reason')}",
+                         "network": "emulated" if net.get("emulated") else
+                         f"fallback: {net['fallback_reason']}" if net.get("fallback_reason") else "loopback",
+                         "load_1m_before": (net.get("load_avg_before") or [None])[0],
+                         "load_1m_after": (net.get("load_avg_after") or [None])[0],
                          "profile": profiles[topology].name, "model": MODEL_VERSION, "model_commit": commit,
                          "host": r["env"].get("hostname"), "date": r["timestamp"][:10], "git_sha": r["git"].get("sha"),
                          "torch": r["env"].get("torch")})

@@ -29,6 +29,7 @@ from the config (`synthetic_routing_maps`) for a model's prediction.
 """
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -273,10 +274,12 @@ def run(rb: ResolvedBench) -> tuple[list[dict] | None, dict[str, Any]]:
         from impl.common.emu_cluster import emulated_cluster
         from impl.common.launcher import launch
 
+        load_before = os.getloadavg()
         with emulated_cluster(rb.topology, cfg.network) as cluster:
             results = launch(_bench_rank, rb.topology.G, (rb,), topology=rb.topology, timeout_s=cfg.timeout_s,
                              deadline_s=cfg.deadline_s, cluster=cluster)
-            return results, cluster.describe()
+            # other work on the host competes with the ranks: its load goes with the numbers
+            return results, {**cluster.describe(), "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
     import torch.distributed as dist
 
     from impl.common.launcher import init_from_env

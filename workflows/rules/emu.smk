@@ -1,28 +1,6 @@
 # Model against measurement on an emulated cluster (impl.experiments.emu_validation). NOT part of
 # the default target or CI: `make emu` (= snakemake emu_validation) runs it; it needs root, `ip`
 # and `tc`, and keeps both cores busy for about an hour, so every job takes both cores.
-from impl.experiments import emu_validation as emu_val
-
-# Build and check every run's config now (unknown keys, models, systems, network values).
-EMU = emu_val.load(experiment_config("emu_validation"), experiment_overrides("emu_validation"))
-EMU_DIR = "results/raw/emu_validation"
-EMU_RUNS = [(t, r, v) for t in EMU.topologies for r in EMU.routings for v in EMU.variants]
-
-
-def emu_profile(topology):
-    """The emulated cluster's own calibration, from which the model predicts and d* is chosen."""
-    return f"{EMU_DIR}/calibration/{topology}.yaml"
-
-
-def emu_calibration_flags():
-    net, c = EMU.network, EMU.calibration
-    flags = [f"--emulate-rate {net.rate}", f"--emulate-burst {net.burst}", f"--emulate-latency {net.latency}",
-             f"--sizes {c.sizes}", f"--repeats {c.repeats}", f"--warmup {c.warmup}", f"--iters {c.iters}"]
-    if net.intra_rate:
-        flags.append(f"--emulate-intra-rate {net.intra_rate}")
-    return " ".join(flags)
-
-
 rule emu_calibration:
     """Alpha-beta fits of every AlltoAll step of one emulated cluster (Fig. 9's method)."""
     output:
