@@ -178,6 +178,31 @@ def _padded_ms(algorithm: str, topo, num_experts: int, capacity: int, profile: H
     return profile.comm_time("a2a", "intra-1", n) + profile.comm_time("a2a", "inter-1", n)
 
 
+def _busiest_link_ms(maps, topo, placement, dim: int, dedup: bool, profile: HardwareProfile, row_bytes: int) -> float:
+    """A diagnostic beside the model: the same calibration, but the node-crossing step charged by
+    its busiest node link (the most bytes any node sends or receives across nodes) instead of the
+    padded per-rank buffer (fan x largest split). An equal-split AlltoAll with per-rank buffer n
+    puts n x gpus_per_node x (N - 1) / N bytes on each node link, flat or inter-node step alike;
+    the other steps keep the model's charge."""
+    counts = dimension.route_counts(maps, topo, placement, dedup)
+    N, gpn = topo.num_nodes, topo.gpus_per_node
+    total = 0.0
+    for L, P in dimension.route_steps(topo, dim):
+        step = dimension.step_name_of(topo, L, P)
+        rows = dimension.holder_rows(counts, L, P)
+        if P == 0 and N > 1:        # crosses nodes; holders are the origin ranks, node-major
+            dest_node = torch.arange(rows.shape[1]) // (rows.shape[1] // N)
+            src_node = torch.arange(rows.shape[0]) // gpn
+            cross = (src_node.view(-1, 1) != dest_node.view(1, -1)) * rows
+            per_node = torch.stack([torch.zeros(N, dtype=torch.int64).index_add_(0, src_node, cross.sum(1)),
+                                    torch.zeros(N, dtype=torch.int64).index_add_(0, dest_node, cross.sum(0))])
+            n_equal = int(per_node.max()) * row_bytes / (gpn * (N - 1) / N)
+            total += profile.comm_time("a2a", step, n_equal)
+        else:
+            total += profile.comm_time("a2a", step, (topo.U[L] // topo.U[P]) * int(rows.max()) * row_bytes)
+    return total
+
+
 def predict(rb: ResolvedBench, profile: HardwareProfile, placements: list[list[int]] | None = None) -> dict[str, Any]:
     """Predicted dispatch and combine ms of one bench config (synthetic routing), per repeat's
     placement (median), with the route the model used."""
@@ -189,7 +214,8 @@ def predict(rb: ResolvedBench, profile: HardwareProfile, placements: list[list[i
     system = rb.config.system
     if system in PADDED:
         t = _padded_ms(PADDED[system], topo, E, _padded_capacity(maps), profile, row_bytes)
-        return {"dispatch_ms": t, "combine_ms": t, "route": f"padded {PADDED[system]}, C={_padded_capacity(maps)}"}
+        return {"dispatch_ms": t, "combine_ms": t, "route": f"padded {PADDED[system]}, C={_padded_capacity(maps)}",
+                "busiest_link_ms": t}   # equal slices: every link carries the same
     outcomes = []
     for slots in placements or [list(range(E))]:
         placement = ExpertPlacement(tuple(slots))
@@ -204,9 +230,10 @@ def predict(rb: ResolvedBench, profile: HardwareProfile, placements: list[list[i
         else:
             raise ValueError(f"no prediction for system {system!r}")
         outcomes.append((*_route_ms(maps, topo, placement, dim, dedup, profile, row_bytes, system == "hierd"),
-                         dimension.variant_name(dim, dedup)))
+                         dimension.variant_name(dim, dedup),
+                         _busiest_link_ms(maps, topo, placement, dim, dedup, profile, row_bytes)))
     return {"dispatch_ms": median(o[0] for o in outcomes), "combine_ms": median(o[1] for o in outcomes),
-            "route": "/".join(sorted({o[2] for o in outcomes}))}
+            "route": "/".join(sorted({o[2] for o in outcomes})), "busiest_link_ms": median(o[3] for o in outcomes)}
 
 
 # ==========================================================================================
@@ -257,6 +284,8 @@ def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dic
                          "measured_ms": m["median"], "measured_p5_ms": m["p5"], "measured_p95_ms": m["p95"],
                          "repeats": m["n"], "predicted_ms": pred[f"{stage}_ms"],
                          "error": pred[f"{stage}_ms"] / m["median"] - 1, "route": pred["route"],
+                         "busiest_link_ms": pred["busiest_link_ms"],
+                         "busiest_link_error": pred["busiest_link_ms"] / m["median"] - 1,
                          "inter_node_bytes": r["bytes_by_level"].get("node", 0),
                          "swap_ms": r["metrics"].get("swap_ms", {}).get("median"),
                          "rate": net.get("rate") if net.get("emulated") else "loopback",

@@ -182,22 +182,30 @@ def synthetic_routing_maps(rb: ResolvedBench, ranks: range | list[int] | None = 
     return out
 
 
-def _routing_fn(rb: ResolvedBench, rank: int, gate, dtype):
+def _routing_fn(rb: ResolvedBench, rank: int, gate, dtype, device):
     """x -> RoutingResult for this rank: the gate's, or the fixed synthetic routing."""
     if rb.config.routing.source == "gate":
         return gate
     (map_TE,) = synthetic_routing_maps(rb, [rank])
-    ids_TK = map_TE.nonzero()[:, 1].view(map_TE.shape[0], rb.top_k)
-    fixed = routing_from_topk(ids_TK, torch.full(ids_TK.shape, 1.0 / rb.top_k, dtype=dtype), rb.num_experts)
+    ids_TK = map_TE.nonzero()[:, 1].view(map_TE.shape[0], rb.top_k).to(device)
+    fixed = routing_from_topk(ids_TK, torch.full(ids_TK.shape, 1.0 / rb.top_k, dtype=dtype, device=device),
+                              rb.num_experts)
     return lambda x: fixed
+
+
+def _sync(comm: Comm) -> None:
+    """A barrier, after this rank's queued GPU work is done (kernels run asynchronously)."""
+    if comm.device.type == "cuda":
+        torch.cuda.synchronize(comm.device)
+    comm.barrier()
 
 
 def _timed(comm: Comm, fn):
     """(result, ms) of fn() between two barriers: every rank's part of it is done at the end."""
-    comm.barrier()
+    _sync(comm)
     start = time.perf_counter()
     out = fn()
-    comm.barrier()
+    _sync(comm)
     return out, (time.perf_counter() - start) * 1e3
 
 
@@ -222,19 +230,19 @@ def _bench_rank(comm: Comm, rb: ResolvedBench) -> dict:
     """One rank: build gate, dispatcher and local experts; time the layer (see the docstring)."""
     from impl.common.expert_migration import apply_planner
 
-    cfg, dtype = rb.config, DTYPES[rb.config.dtype]
+    cfg, dtype, device = rb.config, DTYPES[rb.config.dtype], comm.device   # cuda under NCCL
     gate_cfg = replace(rb.model.gate_config(), top_k=rb.top_k)
-    gate = init_gate_from_seed(build_gate(gate_cfg, rb.hidden, rb.num_experts), cfg.seed).to(dtype)
+    gate = init_gate_from_seed(build_gate(gate_cfg, rb.hidden, rb.num_experts), cfg.seed).to(device, dtype)
     options = {"profile": rb.profile} if cfg.system in PROFILE_SYSTEMS else {}
     dispatcher = get("dispatcher", cfg.system)(comm, rb.num_experts, **options)
     experts = GroupedExperts(len(dispatcher.local_experts()), rb.hidden, rb.ffn_hidden,
                              kind=rb.model.ffn_kind).to(dtype)
     experts.init_from_seed(dispatcher.local_experts(), cfg.seed)
-    layer = ExpertParallelMoE(gate, experts, dispatcher)
-    route = _routing_fn(rb, comm.rank, gate, dtype)
+    layer = ExpertParallelMoE(gate, experts.to(device), dispatcher)
+    route = _routing_fn(rb, comm.rank, gate, dtype, device)
     planner = _build_planner(rb)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + comm.rank)
-    x = torch.randn(cfg.tokens_per_rank, rb.hidden, generator=g).to(dtype).requires_grad_(cfg.timing == "step")
+    x = torch.randn(cfg.tokens_per_rank, rb.hidden, generator=g).to(device, dtype).requires_grad_(cfg.timing == "step")
     samples: dict[str, list] = {"step_time_ms": []}
     for step in range(cfg.warmup + cfg.repeats):
         measured = step >= cfg.warmup
