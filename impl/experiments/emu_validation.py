@@ -299,6 +299,27 @@ def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dic
     return rows
 
 
+def provenance(records: list[dict], profiles: dict[str, HardwareProfile]) -> list[str]:
+    """Comment lines heading the CSV: where, when and with what the numbers were measured."""
+    envs = {(r["env"]["hostname"], r["env"]["platform"], r["env"]["python"], r["env"]["torch"]) for r in records}
+    shas = sorted({f"{r['git']['sha'][:12]}{' (dirty)' if r['git'].get('dirty') else ''}" for r in records})
+    dates = sorted(r["timestamp"] for r in records)
+    loads = [x for r in records for x in (r["extra"]["network"].get("load_avg_before", [None])[0],
+                                          r["extra"]["network"].get("load_avg_after", [None])[0]) if x is not None]
+    nets = {json.dumps({k: r["extra"]["network"].get(k) for k in ("emulated", "rate", "burst", "latency", "intra_rate",
+                                                                  "fallback_reason")}, sort_keys=True) for r in records}
+    out = ["tier: emu (impl.experiments.layer_bench timing=stages on an emulated cluster, impl.common.emu_cluster)",
+           "command: make emu (snakemake emu_validation; python -m impl.experiments.emu_validation table)",
+           f"measured: {dates[0]} .. {dates[-1]}",
+           *(f"host: {h}; {plat}; python {py}; torch {torch}" for h, plat, py, torch in sorted(envs)),
+           f"git: {', '.join(shas)}", *(f"network: {n}" for n in sorted(nets)),
+           f"host load (1-min average, before/after each run): {min(loads):.1f} .. {max(loads):.1f}" if loads else
+           "host load: not recorded",
+           f"model: {MODEL_VERSION}, last changed {_model_commit()}",
+           *(f"profile {t}: {p.name}, {p.source}" for t, p in sorted(profiles.items()))]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m impl.experiments.emu_validation", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -332,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
 
     frame = pd.DataFrame(validation_rows(cfg, records, profiles))
     with atomic_output(args.out_csv) as tmp:
-        frame.to_csv(tmp, index=False)
+        with open(tmp, "w") as f:
+            f.write("".join(f"# {line}\n" for line in provenance(records, profiles)))
+            frame.to_csv(f, index=False)
     print(frame[["topology", "routing", "variant", "stage", "measured_ms", "predicted_ms", "error"]].to_string(index=False))
     return 0
 

@@ -1,6 +1,6 @@
 """The launcher names the rank that broke a job, not a survivor that saw the broken connection:
 a rank that calls os._exit, one that raises, one stuck before a collective (found when the
-collective timeout passes); SIGTERM to the launching process leaves no rank alive; an emulated
+collective timeout passes); SIGTERM or SIGINT to the launching process leaves no rank alive; an emulated
 two-namespace cluster runs the same collectives and leaves no namespace behind; megatron-core's
 and DeepSpeed's process groups get the launcher's collective timeout."""
 import os
@@ -75,8 +75,9 @@ def _run_namespaces() -> set[str]:
     return {line.split()[0] for line in proc.stdout.splitlines() if line.startswith(emu_cluster.PREFIX)}
 
 
-@pytest.mark.parametrize("network", ["loopback", "emulated"])
-def test_sigterm_to_the_launcher_leaves_nothing(network):
+@pytest.mark.parametrize("network,sig", [("loopback", signal.SIGTERM), ("loopback", signal.SIGINT),
+                                         ("emulated", signal.SIGTERM)], ids=["loopback-term", "loopback-int", "emulated-term"])
+def test_a_signal_to_the_launcher_leaves_nothing(network, sig):
     if network == "emulated" and (reason := emu_cluster.unavailable_reason()):
         pytest.skip(f"no emulated cluster here: {reason}")
     before = _run_namespaces() if network == "emulated" else set()
@@ -88,8 +89,9 @@ def test_sigterm_to_the_launcher_leaves_nothing(network):
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
                  if "resource_tracker" not in " ".join(p.cmdline())]
         assert len(ranks) >= 2
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 128 + signal.SIGTERM
+        proc.send_signal(sig)
+        code = proc.wait(30)
+        assert code == 128 + signal.SIGTERM if sig == signal.SIGTERM else code != 0
     finally:
         if proc.poll() is None:
             proc.kill()
