@@ -24,7 +24,7 @@ def pytest_configure(config):
     from impl.common.topology import get_topology
 
     network = NetworkConfig(emulate=True, rate=rate)
-    check_network(network, where="--emulate")
+    check_network(network)
     plain = launcher.launch
 
     def launch_on_emulated_cluster(fn, world_size, args=(), kwargs=None, *, topology=None, cluster=None, **options):

@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError("--emulate-rate needs --launcher local (the emulated cluster starts the ranks)")
             network = NetworkConfig(emulate=True, rate=args.emulate_rate, burst=args.emulate_burst,
                                     latency=args.emulate_latency, intra_rate=args.emulate_intra_rate)
-            check_network(network, where="--emulate")
+            check_network(network, flag_prefix="emulate-")
         plan = CalibrationPlan.build(args.topology, sizes, args.repeats, args.warmup,
                                      [c.strip() for c in args.collectives.split(",") if c.strip()],
                                      [s.strip() for s in args.steps.split(",") if s.strip()] or None,

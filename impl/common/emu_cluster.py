@@ -49,7 +49,6 @@ import json
 import os
 import re
 import secrets
-import shlex
 import shutil
 import signal
 import subprocess
@@ -100,9 +99,9 @@ class NetworkConfig:
     fallback: bool = True
 
 
-def check_network(net: NetworkConfig, where: str = "network") -> None:
+def check_network(net: NetworkConfig, flag_prefix: str | None = None) -> None:
     """Raise ValueError naming the first malformed field (before anything is created): as
-    `where.field` for configs, or as a flag `where-field` when `where` starts with '--'."""
+    `network.<field>` for configs, or as the flag `--<flag_prefix><field>` of a CLI."""
     checks = [("rate", net.rate, _RATE_RE, "a tc rate such as 200mbit or 1gbit"),
               ("burst", net.burst, _SIZE_RE, "a tc size such as 256kb"),
               ("latency", net.latency, _TIME_RE, "a tc time such as 400ms"),
@@ -111,9 +110,8 @@ def check_network(net: NetworkConfig, where: str = "network") -> None:
         checks.append(("intra_rate", net.intra_rate, _RATE_RE, "a tc rate such as 1gbit, or null"))
     for key, value, pattern, allowed in checks:
         if not isinstance(value, str) or not pattern.match(value):
-            name = (where.rstrip("-") + "-" + key.replace("_", "-")).lstrip("-") if where.startswith("--") else \
-                f"{where}.{key}"
-            raise ValueError(f"{'--' if where.startswith('--') else ''}{name}: {value!r} is not allowed; allowed: {allowed}")
+            name = f"network.{key}" if flag_prefix is None else f"--{flag_prefix}{key.replace('_', '-')}"
+            raise ValueError(f"{name}: {value!r} is not allowed; allowed: {allowed}")
 
 
 def rate_bytes_per_s(rate: str) -> float:
@@ -504,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         topology = get_topology(args.topology)
         network = NetworkConfig(emulate=True, rate=args.rate, burst=args.burst, latency=args.latency,
                                 intra_rate=args.intra_rate)
-        check_network(network, where="--")
+        check_network(network, flag_prefix="")
     except (TopologyError, ValueError) as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2

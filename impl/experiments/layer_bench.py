@@ -42,7 +42,7 @@ from impl.common import cli
 from impl.common.comm import Comm, SimWorld
 from impl.common.config import ConfigError, checked
 from impl.common.costmodel import HardwareProfile, load_profile
-from impl.common.dispatcher import ExpertPlacement, check_expert_parallel
+from impl.common.dispatcher import check_expert_parallel
 from impl.common.emu_cluster import NetworkConfig, check_network
 from impl.common.experts import GroupedExperts
 from impl.common.models import ModelConfig, get_model
