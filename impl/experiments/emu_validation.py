@@ -178,29 +178,35 @@ def _padded_ms(algorithm: str, topo, num_experts: int, capacity: int, profile: H
     return profile.comm_time("a2a", "intra-1", n) + profile.comm_time("a2a", "inter-1", n)
 
 
-def _busiest_link_ms(maps, topo, placement, dim: int, dedup: bool, profile: HardwareProfile, row_bytes: int) -> float:
-    """A diagnostic beside the model: the same calibration, but the node-crossing step charged by
-    its busiest node link (the most bytes any node sends or receives across nodes) instead of the
-    padded per-rank buffer (fan x largest split). An equal-split AlltoAll with per-rank buffer n
-    puts n x gpus_per_node x (N - 1) / N bytes on each node link, flat or inter-node step alike;
-    the other steps keep the model's charge."""
+def _link_load(maps, topo, placement, dim: int, dedup: bool, profile: HardwareProfile, row_bytes: int) -> dict:
+    """A diagnostic beside the model, for the route's node-crossing step: the bytes its busiest
+    node link carries (the most any node sends or receives across nodes, from the exact routing),
+    the bytes the model's padded buffer (fan x largest split) puts on every node link, the total
+    across nodes (what the traffic counters measure), and `busiest_link_ms`: the same calibration
+    with that step charged by its busiest link instead of the padded buffer. An equal-split
+    AlltoAll with per-rank buffer n puts n x gpus_per_node x (N - 1) / N bytes on each node link,
+    flat or inter-node step alike; the other steps keep the model's charge."""
     counts = dimension.route_counts(maps, topo, placement, dedup)
     N, gpn = topo.num_nodes, topo.gpus_per_node
-    total = 0.0
+    out = {"busiest_link_ms": 0.0, "busiest_link_bytes": 0, "padded_link_bytes": 0, "cross_node_bytes": 0}
     for L, P in dimension.route_steps(topo, dim):
         step = dimension.step_name_of(topo, L, P)
         rows = dimension.holder_rows(counts, L, P)
+        padded_n = (topo.U[L] // topo.U[P]) * int(rows.max()) * row_bytes
         if P == 0 and N > 1:        # crosses nodes; holders are the origin ranks, node-major
             dest_node = torch.arange(rows.shape[1]) // (rows.shape[1] // N)
             src_node = torch.arange(rows.shape[0]) // gpn
             cross = (src_node.view(-1, 1) != dest_node.view(1, -1)) * rows
             per_node = torch.stack([torch.zeros(N, dtype=torch.int64).index_add_(0, src_node, cross.sum(1)),
                                     torch.zeros(N, dtype=torch.int64).index_add_(0, dest_node, cross.sum(0))])
-            n_equal = int(per_node.max()) * row_bytes / (gpn * (N - 1) / N)
-            total += profile.comm_time("a2a", step, n_equal)
+            on_link = gpn * (N - 1) / N
+            out["busiest_link_bytes"] = int(per_node.max()) * row_bytes
+            out["padded_link_bytes"] = int(padded_n * on_link)
+            out["cross_node_bytes"] = int(cross.sum()) * row_bytes
+            out["busiest_link_ms"] += profile.comm_time("a2a", step, out["busiest_link_bytes"] / on_link)
         else:
-            total += profile.comm_time("a2a", step, (topo.U[L] // topo.U[P]) * int(rows.max()) * row_bytes)
-    return total
+            out["busiest_link_ms"] += profile.comm_time("a2a", step, padded_n)
+    return out
 
 
 def predict(rb: ResolvedBench, profile: HardwareProfile, placements: list[list[int]] | None = None) -> dict[str, Any]:
@@ -213,9 +219,12 @@ def predict(rb: ResolvedBench, profile: HardwareProfile, placements: list[list[i
     row_bytes = rb.hidden * torch.empty(0, dtype=getattr(torch, rb.config.dtype)).element_size()
     system = rb.config.system
     if system in PADDED:
-        t = _padded_ms(PADDED[system], topo, E, _padded_capacity(maps), profile, row_bytes)
-        return {"dispatch_ms": t, "combine_ms": t, "route": f"padded {PADDED[system]}, C={_padded_capacity(maps)}",
-                "busiest_link_ms": t}   # equal slices: every link carries the same
+        C = _padded_capacity(maps)
+        t = _padded_ms(PADDED[system], topo, E, C, profile, row_bytes)
+        link = int(E * C * row_bytes * topo.gpus_per_node * (topo.num_nodes - 1) / topo.num_nodes)
+        # equal slices, padding included: every node link carries what the model charges
+        return {"dispatch_ms": t, "combine_ms": t, "route": f"padded {PADDED[system]}, C={C}", "busiest_link_ms": t,
+                "busiest_link_bytes": link, "padded_link_bytes": link, "cross_node_bytes": link * topo.num_nodes}
     outcomes = []
     for slots in placements or [list(range(E))]:
         placement = ExpertPlacement(tuple(slots))
@@ -231,9 +240,10 @@ def predict(rb: ResolvedBench, profile: HardwareProfile, placements: list[list[i
             raise ValueError(f"no prediction for system {system!r}")
         outcomes.append((*_route_ms(maps, topo, placement, dim, dedup, profile, row_bytes, system == "hierd"),
                          dimension.variant_name(dim, dedup),
-                         _busiest_link_ms(maps, topo, placement, dim, dedup, profile, row_bytes)))
+                         _link_load(maps, topo, placement, dim, dedup, profile, row_bytes)))
+    loads = {k: median(o[3][k] for o in outcomes) for k in outcomes[0][3]}
     return {"dispatch_ms": median(o[0] for o in outcomes), "combine_ms": median(o[1] for o in outcomes),
-            "route": "/".join(sorted({o[2] for o in outcomes})), "busiest_link_ms": median(o[3] for o in outcomes)}
+            "route": "/".join(sorted({o[2] for o in outcomes})), **loads}
 
 
 # ==========================================================================================
@@ -286,7 +296,9 @@ def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dic
                          "error": pred[f"{stage}_ms"] / m["median"] - 1, "route": pred["route"],
                          "busiest_link_ms": pred["busiest_link_ms"],
                          "busiest_link_error": pred["busiest_link_ms"] / m["median"] - 1,
-                         "inter_node_bytes": r["bytes_by_level"].get("node", 0),
+                         "busiest_link_bytes": pred["busiest_link_bytes"], "padded_link_bytes": pred["padded_link_bytes"],
+                         "cross_node_bytes_modeled": pred["cross_node_bytes"],
+                         "cross_node_bytes_measured": r["bytes_by_level"].get("node", 0) / 2,
                          "swap_ms": r["metrics"].get("swap_ms", {}).get("median"),
                          "rate": net.get("rate") if net.get("emulated") else "loopback",
                          "network": "emulated" if net.get("emulated") else

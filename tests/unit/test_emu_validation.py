@@ -62,10 +62,13 @@ def test_padded_dispatchers_send_E_times_C_rows():
 
 def test_busiest_link_equals_the_model_when_every_split_is_equal():
     rb = _bench("flat")
-    every_expert = [torch.ones(64, 8, dtype=torch.bool)] * 4           # 16 rows from each rank to each GPU
+    every_expert = [torch.ones(64, 8, dtype=torch.bool)] * 4    # 64 tokens x 2 experts from each rank to each GPU
     topo = rb.topology
     model = dimension.modeled_time(dimension.route_counts(every_expert, topo, None, False), 1, PROFILE, 64)
-    assert ev._busiest_link_ms(every_expert, topo, None, 1, False, PROFILE, 64) == pytest.approx(model)
+    load = ev._link_load(every_expert, topo, None, 1, False, PROFILE, 64)
+    assert load["busiest_link_ms"] == pytest.approx(model)
+    assert load["busiest_link_bytes"] == load["padded_link_bytes"] == 2 * 2 * 128 * 64   # 2 ranks x 2 remote GPUs
+    assert load["cross_node_bytes"] == 2 * load["busiest_link_bytes"]
 
 
 def _frame() -> pd.DataFrame:
@@ -77,6 +80,8 @@ def _frame() -> pd.DataFrame:
                              measured_ms=measured, measured_p5_ms=measured * 0.9, measured_p95_ms=measured * 1.1,
                              repeats=3, predicted_ms=predicted, error=predicted / measured - 1, route="H1",
                              busiest_link_ms=measured, busiest_link_error=0.0, rate="200mbit", network="emulated",
+                             busiest_link_bytes=1e8, padded_link_bytes=3e8 if variant == "flat" else 1e8,
+                             cross_node_bytes_modeled=2e8, cross_node_bytes_measured=2e8, load_1m_before=1.0,
                              host="vm", date="2026-12-07", torch="2.13.0", git_sha="abc", profile="p",
                              model=ev.MODEL_VERSION, model_commit="x"))
     return pd.DataFrame(rows)
@@ -88,6 +93,8 @@ def test_report_tables_errors_and_speedups(tmp_path):
     assert "| 2x4 | zipf | Megatron-LM | combine | 1.00 s [900 ms-1.10 s] | 1.10 s | +10% |" in text
     assert "| 2x4 | zipf | HierMoE | 2.50x | 5.50x |" in text
     assert "2 of 4 predictions miss by more than 25%" in text
+    assert "equal the traffic counters' in 4 of 4 rows (all)" in text
+    assert "* 2x4 zipf HierMoE dispatch: measured 400 ms, predicted 200 ms (-50%). Not the link volume" in text
     csv = tmp_path / "v.csv"
     csv.write_text("# tier: emu\n" + _frame().to_csv(index=False))
     assert fig.main(["--csv", str(csv), "--out", str(tmp_path / "f.pdf"), "--out-md", str(tmp_path / "f.md")]) == 0
