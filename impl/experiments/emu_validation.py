@@ -40,7 +40,7 @@ from impl.common.config import ConfigError, build_config, to_dict
 from impl.common.costmodel import HardwareProfile, load_profile
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.emu_cluster import NetworkConfig
-from impl.common.records import atomic_output, read_records
+from impl.common.records import atomic_output, read_records, summarize
 from impl.hiermoe import dimension
 from impl.experiments.layer_bench import PROFILE_SYSTEMS, LayerBenchConfig, ResolvedBench, RoutingSource, synthetic_routing_maps, validate
 
@@ -87,6 +87,7 @@ class EmuValidationConfig:
         "uniform": RoutingSource("synthetic", "uniform"), "zipf": RoutingSource("synthetic", "zipf", 1.0)})
     variants: dict[str, Variant] = field(default_factory=_default_variants)
     baseline: str = "flat"                 # variant the ratios divide by
+    runs: int = 2                          # independent bench processes per cell; their repeats are pooled
     bench: dict[str, Any] = field(default_factory=dict)   # LayerBenchConfig keys of every run (the workload)
     calibration: CalibrationArgs = field(default_factory=CalibrationArgs)
 
@@ -100,6 +101,8 @@ def load(path: str | None, overrides: list[str] = ()) -> EmuValidationConfig:
     for key in cfg.bench:
         if key in _FIXED:
             raise ConfigError(f"bench.{key}: set by the validation matrix, not in bench; allowed: the workload keys")
+    if cfg.runs < 1:
+        raise ConfigError(f"runs: {cfg.runs} is not allowed; allowed: >= 1")
     if cfg.baseline not in cfg.variants:
         raise ConfigError(f"baseline: {cfg.baseline!r} is not a variant; allowed: {', '.join(cfg.variants)}")
     for topology in cfg.topologies:
@@ -242,6 +245,8 @@ def predict(rb: ResolvedBench, profile: HardwareProfile, placements: list[list[i
                          dimension.variant_name(dim, dedup),
                          _link_load(maps, topo, placement, dim, dedup, profile, row_bytes)))
     loads = {k: median(o[3][k] for o in outcomes) for k in outcomes[0][3]}
+    # the traffic counters add up every repeat: their mean per step is the mean over placements
+    loads["cross_node_bytes"] = sum(o[3]["cross_node_bytes"] for o in outcomes) / len(outcomes)
     return {"dispatch_ms": median(o[0] for o in outcomes), "combine_ms": median(o[1] for o in outcomes),
             "route": "/".join(sorted({o[2] for o in outcomes})), **loads}
 
@@ -272,7 +277,7 @@ def _model_commit() -> str:
 def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dict[str, HardwareProfile]) -> list[dict]:
     """One row per (topology, routing, variant, stage): measured median (p5, p95, n), predicted,
     error = predicted / measured - 1, the route, and the run's network and host."""
-    by_key = {}
+    by_key: dict[tuple, list[dict]] = {}
     for r in records:
         c = r["config"]
         variant = next((name for name, v in cfg.variants.items()
@@ -280,34 +285,41 @@ def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dic
         routing = next((name for name, rs in cfg.routings.items() if to_dict(rs) == c["routing"]), None)
         if variant is None or routing is None:
             raise ValueError(f"record of {c['system']} with routing {c['routing']} is not in the validation matrix")
-        by_key[(c["topology"], routing, variant)] = r
+        by_key.setdefault((c["topology"], routing, variant), []).append(r)
     rows, commit = [], _model_commit()
-    for (topology, routing, variant), r in sorted(by_key.items()):
-        cfg_bench = build_config(LayerBenchConfig, None, [], base=r["config"])
-        rb = validate(cfg_bench)
-        pred = predict(rb, profiles[topology], r["extra"].get("placements"))
-        net = r["extra"].get("network", {})
+    for (topology, routing, variant), runs in sorted(by_key.items()):
+        if len({json.dumps(r["config"], sort_keys=True) for r in runs}) != 1:
+            raise ValueError(f"the runs of {topology} / {routing} / {variant} have different configs")
+        r = runs[0]
+        rb = validate(build_config(LayerBenchConfig, None, [], base=r["config"]))
+        pred = predict(rb, profiles[topology], [p for run in runs for p in run["extra"].get("placements", [])] or None)
+        pooled = {k: summarize(v for run in runs for v in run["metrics"][k]["values"])
+                  for k in r["metrics"] if all(k in run["metrics"] for run in runs)}
+        nets = [run["extra"].get("network", {}) for run in runs]
+        net = nets[0]
+        loads = [x for n in nets for x in (n.get("load_avg_before") or [None])[:1] + (n.get("load_avg_after") or [None])[:1]
+                 if x is not None]
         for stage in ("dispatch", "combine"):
-            m = r["metrics"][f"{stage}_ms"]
+            m = pooled[f"{stage}_ms"]
             rows.append({"topology": topology, "routing": routing, "variant": variant,
                          "system": cfg.variants[variant].label or variant, "stage": stage,
                          "measured_ms": m["median"], "measured_p5_ms": m["p5"], "measured_p95_ms": m["p95"],
-                         "repeats": m["n"], "predicted_ms": pred[f"{stage}_ms"],
+                         "repeats": m["n"], "runs": len(runs), "predicted_ms": pred[f"{stage}_ms"],
                          "error": pred[f"{stage}_ms"] / m["median"] - 1, "route": pred["route"],
                          "busiest_link_ms": pred["busiest_link_ms"],
                          "busiest_link_error": pred["busiest_link_ms"] / m["median"] - 1,
                          "busiest_link_bytes": pred["busiest_link_bytes"], "padded_link_bytes": pred["padded_link_bytes"],
                          "cross_node_bytes_modeled": pred["cross_node_bytes"],
-                         "cross_node_bytes_measured": r["bytes_by_level"].get("node", 0) / 2,
-                         "swap_ms": r["metrics"].get("swap_ms", {}).get("median"),
+                         "cross_node_bytes_measured": median(run["bytes_by_level"].get("node", 0) / 2 for run in runs),
+                         "swap_ms": pooled.get("swap_ms", {}).get("median"),
                          "rate": net.get("rate") if net.get("emulated") else "loopback",
                          "network": "emulated" if net.get("emulated") else
                          f"fallback: {net['fallback_reason']}" if net.get("fallback_reason") else "loopback",
-                         "load_1m_before": (net.get("load_avg_before") or [None])[0],
-                         "load_1m_after": (net.get("load_avg_after") or [None])[0],
+                         "load_1m_min": min(loads, default=None), "load_1m_max": max(loads, default=None),
                          "profile": profiles[topology].name, "model": MODEL_VERSION, "model_commit": commit,
-                         "host": r["env"].get("hostname"), "date": r["timestamp"][:10], "git_sha": r["git"].get("sha"),
-                         "torch": r["env"].get("torch")})
+                         "host": r["env"].get("hostname"), "date": max(run["timestamp"] for run in runs)[:10],
+                         "git_sha": ",".join(sorted({run["git"].get("sha", "")[:12] for run in runs})),
+                         "torch": r["env"].get("torch"), "cpus": r["env"].get("cpu_count")})
     return rows
 
 

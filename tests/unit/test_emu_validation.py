@@ -81,7 +81,8 @@ def _frame() -> pd.DataFrame:
                              repeats=3, predicted_ms=predicted, error=predicted / measured - 1, route="H1",
                              busiest_link_ms=measured, busiest_link_error=0.0, rate="200mbit", network="emulated",
                              busiest_link_bytes=1e8, padded_link_bytes=3e8 if variant == "flat" else 1e8,
-                             cross_node_bytes_modeled=2e8, cross_node_bytes_measured=2e8, load_1m_before=1.0,
+                             cross_node_bytes_modeled=2e8, cross_node_bytes_measured=2e8, load_1m_min=1.0,
+                             load_1m_max=2.0, runs=2, cpus=2,
                              host="vm", date="2026-12-07", torch="2.13.0", git_sha="abc", profile="p",
                              model=ev.MODEL_VERSION, model_commit="x"))
     return pd.DataFrame(rows)

@@ -146,7 +146,7 @@ def scheinfer_prompt_ids():
 # Build and check every run's config now (unknown keys, models, systems, network values).
 EMU = emu_val.load(experiment_config("emu_validation"), experiment_overrides("emu_validation"))
 EMU_DIR = "results/raw/emu_validation"
-EMU_RUNS = [(t, r, v) for t in EMU.topologies for r in EMU.routings for v in EMU.variants]
+EMU_RUNS = [(t, r, v, i) for t in EMU.topologies for r in EMU.routings for v in EMU.variants for i in range(EMU.runs)]
 
 
 def emu_profile(topology):

@@ -23,16 +23,18 @@ rule emu_calibration:
 
 
 rule emu_layer_bench:
-    """One variant's dispatch and combine, timed apart, on one emulated cluster and routing."""
+    """One variant's dispatch and combine, timed apart, on one emulated cluster and routing (one of
+    `runs` independent processes whose repeats the table pools)."""
     input:
         profile=lambda wc: emu_profile(wc.topology) if emu_val.uses_profile(EMU.variants[wc.variant]) else [],
     output:
-        record=f"{EMU_DIR}/{{topology}}/{{routing}}/{{variant}}.json",
+        record=f"{EMU_DIR}/{{topology}}/{{routing}}/{{variant}}/run{{run}}.json",
     log:
-        f"results/logs/emu_validation/{{topology}}/{{routing}}/{{variant}}.log",
+        f"results/logs/emu_validation/{{topology}}/{{routing}}/{{variant}}/run{{run}}.log",
     wildcard_constraints:
         routing="|".join(EMU.routings),
         variant="|".join(EMU.variants),
+        run=r"\d+",
     params:
         overrides=lambda wc, input: as_flags(emu_val.bench_overrides(EMU, wc.topology, wc.routing, wc.variant,
                                                                     input.profile or None)),
@@ -49,7 +51,7 @@ rule emu_layer_bench:
 rule emu_validation_table:
     """Measured vs predicted dispatch and combine of every run, with the model's error."""
     input:
-        records=[f"{EMU_DIR}/{t}/{r}/{v}.json" for t, r, v in EMU_RUNS],
+        records=[f"{EMU_DIR}/{t}/{r}/{v}/run{i}.json" for t, r, v, i in EMU_RUNS],
         profiles=[emu_profile(t) for t in EMU.topologies],
         config=experiment_config("emu_validation"),
     output:
