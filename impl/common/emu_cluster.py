@@ -292,6 +292,23 @@ class EmulatedCluster:
                         + ("(tc tbf)" if net.intra_rate else "(unshaped)"),
                 "namespaces": [self.bridge_ns, *self.node_ns]}
 
+    def link_counters(self) -> dict[str, int]:
+        """tc's counters summed over every shaped link (both ends of every node's veth, and `lo`
+        where shaped): bytes and packets sent, packets dropped (queue over `latency`: TCP then
+        retransmits) and overlimits (packets held back by the bucket)."""
+        links = [(ns, self.ifname(i)) for i, ns in enumerate(self.node_ns)]
+        links += [(self.bridge_ns, f"{IF_PREFIX}{self.run}p{i}") for i in range(len(self.node_ns))]
+        if self.network.intra_rate:
+            links += [(ns, "lo") for ns in self.node_ns]
+        total = {"bytes": 0, "packets": 0, "drops": 0, "overlimits": 0}
+        for ns, dev in links:
+            proc = subprocess.run(["tc", "-n", ns, "-s", "-j", "qdisc", "show", "dev", dev], capture_output=True, text=True)
+            for qdisc in (json.loads(proc.stdout or "[]") if proc.returncode == 0 else []):
+                if qdisc.get("kind") == "tbf":
+                    for key in total:
+                        total[key] += int(qdisc.get(key, 0))
+        return total
+
     # ---- lifecycle -------------------------------------------------------------------------
     def up(self) -> "EmulatedCluster":
         stale = leftover_runs()

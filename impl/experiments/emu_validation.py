@@ -87,7 +87,7 @@ class EmuValidationConfig:
         "uniform": RoutingSource("synthetic", "uniform"), "zipf": RoutingSource("synthetic", "zipf", 1.0)})
     variants: dict[str, Variant] = field(default_factory=_default_variants)
     baseline: str = "flat"                 # variant the ratios divide by
-    runs: int = 2                          # independent bench processes per cell; their repeats are pooled
+    runs: int = 3                          # independent bench processes per cell; their repeats are pooled
     bench: dict[str, Any] = field(default_factory=dict)   # LayerBenchConfig keys of every run (the workload)
     calibration: CalibrationArgs = field(default_factory=CalibrationArgs)
 
@@ -196,6 +196,7 @@ def _link_load(maps, topo, placement, dim: int, dedup: bool, profile: HardwarePr
         step = dimension.step_name_of(topo, L, P)
         rows = dimension.holder_rows(counts, L, P)
         padded_n = (topo.U[L] // topo.U[P]) * int(rows.max()) * row_bytes
+        out[f"model_{step}_ms"] = profile.comm_time("a2a", step, padded_n)   # the paper model's share of the step
         if P == 0 and N > 1:        # crosses nodes; holders are the origin ranks, node-major
             dest_node = torch.arange(rows.shape[1]) // (rows.shape[1] // N)
             src_node = torch.arange(rows.shape[0]) // gpn
@@ -224,10 +225,14 @@ def predict(rb: ResolvedBench, profile: HardwareProfile, placements: list[list[i
     if system in PADDED:
         C = _padded_capacity(maps)
         t = _padded_ms(PADDED[system], topo, E, C, profile, row_bytes)
+        n = E * C * row_bytes
+        steps = (("flat",) if PADDED[system] == "flat" or topo.num_nodes == 1 or topo.gpus_per_node == 1
+                 else ("intra-1", "inter-1"))
         link = int(E * C * row_bytes * topo.gpus_per_node * (topo.num_nodes - 1) / topo.num_nodes)
         # equal slices, padding included: every node link carries what the model charges
         return {"dispatch_ms": t, "combine_ms": t, "route": f"padded {PADDED[system]}, C={C}", "busiest_link_ms": t,
-                "busiest_link_bytes": link, "padded_link_bytes": link, "cross_node_bytes": link * topo.num_nodes}
+                "busiest_link_bytes": link, "padded_link_bytes": link, "cross_node_bytes": link * topo.num_nodes,
+                **{f"model_{step}_ms": profile.comm_time("a2a", step, n) for step in steps}}
     outcomes = []
     for slots in placements or [list(range(E))]:
         placement = ExpertPlacement(tuple(slots))
@@ -244,7 +249,8 @@ def predict(rb: ResolvedBench, profile: HardwareProfile, placements: list[list[i
         outcomes.append((*_route_ms(maps, topo, placement, dim, dedup, profile, row_bytes, system == "hierd"),
                          dimension.variant_name(dim, dedup),
                          _link_load(maps, topo, placement, dim, dedup, profile, row_bytes)))
-    loads = {k: median(o[3][k] for o in outcomes) for k in outcomes[0][3]}
+    keys = {k for o in outcomes for k in o[3]}            # model_<step>_ms: the steps of the routes taken
+    loads = {k: median(o[3].get(k, 0.0) for o in outcomes) for k in keys}
     # the traffic counters add up every repeat: their mean per step is the mean over placements
     loads["cross_node_bytes"] = sum(o[3]["cross_node_bytes"] for o in outcomes) / len(outcomes)
     return {"dispatch_ms": median(o[0] for o in outcomes), "combine_ms": median(o[1] for o in outcomes),
@@ -293,8 +299,9 @@ def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dic
         r = runs[0]
         rb = validate(build_config(LayerBenchConfig, None, [], base=r["config"]))
         pred = predict(rb, profiles[topology], [p for run in runs for p in run["extra"].get("placements", [])] or None)
-        pooled = {k: summarize(v for run in runs for v in run["metrics"][k]["values"])
-                  for k in r["metrics"] if all(k in run["metrics"] for run in runs)}
+        # per-step times exist in the runs that measured them: pool each quantity over those
+        pooled = {k: summarize(v for run in runs if k in run["metrics"] for v in run["metrics"][k]["values"])
+                  for k in {k for run in runs for k in run["metrics"]}}
         nets = [run["extra"].get("network", {}) for run in runs]
         net = nets[0]
         loads = [x for n in nets for x in (n.get("load_avg_before") or [None])[:1] + (n.get("load_avg_after") or [None])[:1]
@@ -312,6 +319,8 @@ def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dic
                          "cross_node_bytes_modeled": pred["cross_node_bytes"],
                          "cross_node_bytes_measured": median(run["bytes_by_level"].get("node", 0) / 2 for run in runs),
                          "swap_ms": pooled.get("swap_ms", {}).get("median"),
+                         "model_steps_ms": _steps(pred, "model_"),
+                         "measured_steps_ms": _steps({k: v["median"] for k, v in pooled.items()}, f"{stage}_"),
                          "rate": net.get("rate") if net.get("emulated") else "loopback",
                          "network": "emulated" if net.get("emulated") else
                          f"fallback: {net['fallback_reason']}" if net.get("fallback_reason") else "loopback",
@@ -321,6 +330,13 @@ def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dic
                          "git_sha": ",".join(sorted({run["git"].get("sha", "")[:12] for run in runs})),
                          "torch": r["env"].get("torch"), "cpus": r["env"].get("cpu_count")})
     return rows
+
+
+def _steps(values: dict, prefix: str) -> str:
+    """'inter-1=1830;intra-1=460': the per-step times under `prefix` (empty when none)."""
+    steps = {k[len(prefix):-3]: v for k, v in values.items() if k.startswith(prefix) and k.endswith("_ms")
+             and k[len(prefix):-3] in ("flat",) + tuple(f"{kind}-{i}" for kind in ("inter", "intra") for i in range(1, 9))}
+    return ";".join(f"{step}={v:.0f}" for step, v in sorted(steps.items()))
 
 
 def provenance(records: list[dict], profiles: dict[str, HardwareProfile]) -> list[str]:

@@ -209,15 +209,45 @@ def _timed(comm: Comm, fn):
     return out, (time.perf_counter() - start) * 1e3
 
 
-def _stage_pass(comm: Comm, layer: ExpertParallelMoE, x, routing: RoutingResult) -> dict[str, float]:
-    """One forward with a barrier after dispatch, experts and combine: each part timed alone."""
+class _StepClock:
+    """Wall time this rank spends in the AlltoAlls of each communication step ('flat',
+    'inter-1', 'intra-1', ...: every AlltoAll of the step's group, its metadata ones included),
+    read and reset around each timed stage: which step of a route the time went to."""
+
+    def __init__(self, comm: Comm):
+        self.ms: dict[str, float] = {}
+        plain = comm._all_to_all
+
+        def timed(x, send_splits, recv_splits, group):
+            start = time.perf_counter()
+            try:
+                return plain(x, send_splits, recv_splits, group)
+            finally:
+                self.ms[group.name] = self.ms.get(group.name, 0.0) + (time.perf_counter() - start) * 1e3
+
+        comm._all_to_all = timed
+
+    def take(self) -> dict[str, float]:
+        out, self.ms = self.ms, {}
+        return out
+
+
+def _stage_pass(comm: Comm, layer: ExpertParallelMoE, x, routing: RoutingResult, clock: _StepClock) -> dict:
+    """One forward with a barrier after dispatch, experts and combine: each part timed alone,
+    and the time each part spent in each step's AlltoAlls."""
     d = layer.dispatcher
     with torch.no_grad():
+        clock.take()
         (tokens, meta), dispatch_ms = _timed(comm, lambda: d.dispatch(x, routing, layer.placement))
+        dispatch_steps = clock.take()
         out_RM, expert_ms = _timed(comm, lambda: layer.experts(tokens.x_RM, list(tokens.tokens_per_local_expert))
                                    * tokens.probs_R.unsqueeze(-1).to(x.dtype))
+        clock.take()
         _, combine_ms = _timed(comm, lambda: d.combine(out_RM, meta))
-    return {"dispatch_ms": dispatch_ms, "expert_ms": expert_ms, "combine_ms": combine_ms}
+        combine_steps = clock.take()
+    return {"dispatch_ms": dispatch_ms, "expert_ms": expert_ms, "combine_ms": combine_ms,
+            **{f"dispatch_{step}_ms": v for step, v in dispatch_steps.items()},
+            **{f"combine_{step}_ms": v for step, v in combine_steps.items()}}
 
 
 def _build_planner(rb: ResolvedBench):
@@ -241,6 +271,7 @@ def _bench_rank(comm: Comm, rb: ResolvedBench) -> dict:
     layer = ExpertParallelMoE(gate, experts.to(device), dispatcher)
     route = _routing_fn(rb, comm.rank, gate, dtype, device)
     planner = _build_planner(rb)
+    clock = _StepClock(comm) if cfg.timing == "stages" else None
     g = torch.Generator().manual_seed(cfg.seed * 7919 + comm.rank)
     x = torch.randn(cfg.tokens_per_rank, rb.hidden, generator=g).to(device, dtype).requires_grad_(cfg.timing == "step")
     samples: dict[str, list] = {"step_time_ms": []}
@@ -251,8 +282,8 @@ def _bench_rank(comm: Comm, rb: ResolvedBench) -> dict:
         placement = layer.placement
         routing = route(x)
         if cfg.timing == "stages":
-            parts = _stage_pass(comm, layer, x, routing)
-            step_ms = sum(parts.values())
+            parts = _stage_pass(comm, layer, x, routing, clock)
+            step_ms = sum(parts[k] for k in STAGES)
         else:
             def fwd_bwd():
                 out = layer(x, routing)
@@ -264,8 +295,7 @@ def _bench_rank(comm: Comm, rb: ResolvedBench) -> dict:
             parts["moved_experts"] = len(migration.moved_experts)
         if measured:
             samples["step_time_ms"].append(step_ms)
-            for key, value in parts.items():
-                samples.setdefault(key, []).append(value)
+            samples.setdefault("parts", []).append(parts)    # keys may change per repeat (d*)
             samples.setdefault("placement", []).append(list(placement.slot_of_expert))
             if hasattr(dispatcher, "last_dim"):
                 samples.setdefault("dim", []).append(dispatcher.last_dim)
@@ -286,8 +316,12 @@ def run(rb: ResolvedBench) -> tuple[list[dict] | None, dict[str, Any]]:
         with emulated_cluster(rb.topology, cfg.network) as cluster:
             results = launch(_bench_rank, rb.topology.G, (rb,), topology=rb.topology, timeout_s=cfg.timeout_s,
                              deadline_s=cfg.deadline_s, cluster=cluster)
-            # other work on the host competes with the ranks: its load goes with the numbers
-            return results, {**cluster.describe(), "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
+            # other work on the host competes with the ranks: its load goes with the numbers; and
+            # what the shaped links did (drops make TCP retransmit) where the network is emulated
+            where = {**cluster.describe(), "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
+            if cluster.emulated:
+                where["tc_counters"] = cluster.link_counters()
+            return results, where
     import torch.distributed as dist
 
     from impl.common.launcher import init_from_env
@@ -315,8 +349,11 @@ def make_bench_record(rb: ResolvedBench, per_rank: list[dict], network: dict | N
     step (forward tokens; metadata, backward and migration bytes under extra)."""
     cfg, repeats = rb.config, rb.config.repeats
     first = per_rank[0]["samples"]
-    timed = [k for k in first if k.endswith("_ms")]
-    metrics = {k: [max(r["samples"][k][i] for r in per_rank) for i in range(repeats)] for k in timed}
+    timed = ["step_time_ms"] + sorted({k for r in per_rank for parts in r["samples"]["parts"] for k in parts
+                                       if k.endswith("_ms")}, key=lambda k: (k not in STAGES, k))
+    metrics = {k: [max((r["samples"]["step_time_ms"][i] if k == "step_time_ms" else
+                        r["samples"]["parts"][i].get(k, 0.0)) for r in per_rank) for i in range(repeats)]
+               for k in timed}
     per_step = lambda d: {k: v / repeats for k, v in d.items()}  # noqa: E731
     routing = cfg.routing
     trace = (f"gate:{rb.model.gate_config().kind}:random-inputs:seed={cfg.seed}" if routing.source == "gate" else
@@ -330,8 +367,8 @@ def make_bench_record(rb: ResolvedBench, per_rank: list[dict], network: dict | N
              "network": network or {}}
     if "dim" in first:
         extra["dims"] = first["dim"]
-    if "moved_experts" in first:
-        extra["moved_experts"] = first["moved_experts"]
+    if "moved_experts" in first["parts"][0]:
+        extra["moved_experts"] = [parts["moved_experts"] for parts in first["parts"]]
     if rb.profile is not None:
         extra["profile"] = {"name": rb.profile.name, "source": rb.profile.source}
     return make_record(

@@ -103,7 +103,7 @@ def test_slurm_dry_run_lists_cluster_and_emu_jobs_with_their_resources(fakes, tm
     assert "launch_cluster.sh --srun 'srun' --gpus-per-node 8 -- -m impl.experiments.layer_bench" in out
     (scheinfer,) = _jobs(out, "cluster_scheinfer_bench")
     assert "gres=gpu:1" in scheinfer and "tasks_per_gpu=0" in scheinfer
-    assert len(_jobs(out, "emu_layer_bench")) == 48 and len(_jobs(out, "emu_calibration")) == 2   # 2 runs per cell
+    assert len(_jobs(out, "emu_layer_bench")) == 72 and len(_jobs(out, "emu_calibration")) == 2   # 3 runs per cell
     assert not record.exists()                    # a dry run submits nothing
 
 
