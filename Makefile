@@ -3,6 +3,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CORES ?= 2
+# The PyTorch installed first, before anything that depends on it. `torch==2.13.0` from the
+# default package index: on this project's development machines that index serves the CPU build;
+# on a common Linux machine PyPI serves the CUDA build (several GB). For the CPU build anywhere:
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup run test emu clean
 setup: $(VENV)/.installed
@@ -10,8 +16,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first: the CPU wheel pinned here, so nothing pulls a CUDA build
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, so no later dependency picks another build (see TORCH above)
+	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
@@ -33,4 +39,4 @@ emu: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --cores $(CORES) --workflow-profile workflows/profiles/local emu_validation
 
 clean:
-	rm -rf results .snakemake
+	rm -rf results resources .snakemake

@@ -19,6 +19,7 @@ configfile: workflow.source_path("workflows/config/config.yaml")
 include: "workflows/rules/common.smk"
 include: "workflows/rules/hiermoe.smk"
 include: "workflows/rules/scheinfer.smk"
+include: "workflows/rules/fsmoe.smk"
 include: "workflows/rules/figures.smk"
 include: "workflows/rules/emu.smk"
 include: "workflows/rules/cluster.smk"
@@ -31,6 +32,7 @@ rule all:
         rules.plot_hiermoe_fig9.output,
         rules.plot_hiermoe_sim.output,
         rules.plot_scheinfer_sim.output,
+        rules.plot_fsmoe.output,
 
 
 onerror:

@@ -3,7 +3,7 @@
 calibration of the current machine (`python -m impl.common.calibrate`): measured medians with
 min-max bars and the least-squares lines, with r^2. Also a markdown table of both fits.
 
-    python -m figures.hiermoe_fig9 --profile results/raw/calibration/2x2-gloo.yaml \
+    python -m figures.hiermoe_fig9 --profile resources/calibration/2x2-gloo.yaml \
         --out results/figures/hiermoe_fig9 --out-md results/figures/hiermoe_fig9.md
 
 The two panels are different hardware: they are not expected to agree, only to be linear.

@@ -6,9 +6,10 @@ and model, (c) a three-lane timeline of one layer per policy from MEASURED engin
     python -m figures.scheinfer_sim --sim SIM.csv --timeline scheinfer.json fiddler.json layers.json \
         [--timeline-log generate.log ...] --out-dir results/figures
 
-Speedups are computed here from the sim CSV (impl.scheinfer.simulate): tok/s of ScheInfer over
-the baseline's on the same (hardware, model, phase). Timeline JSONs are `python -m impl.scheinfer
-generate --timeline` outputs; their logs say which device ran the GPU lanes.
+Speedups are computed here from the sim CSV (impl.experiments.scheinfer.sim): tok/s of ScheInfer
+over the baseline's on the same (hardware, model, phase). Timeline JSONs are
+`python -m impl.experiments.scheinfer generate --timeline` outputs; their logs say which device
+ran the GPU lanes.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def read_sim(path: str) -> pd.DataFrame:
     frame = pd.read_csv(path)
     for col in ("hardware", "model", "system", "phase", "tokens_per_s", "cc_frac", "cg_frac", "gg_frac"):
         if col not in frame.columns:
-            raise ValueError(f"{path}: missing column {col!r}; is it an impl.scheinfer.simulate CSV?")
+            raise ValueError(f"{path}: missing column {col!r}; is it an impl.experiments.scheinfer.sim CSV?")
     return frame
 
 
@@ -255,7 +256,7 @@ def report(frame: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m figures.scheinfer_sim", description=__doc__.split("\n")[0])
-    ap.add_argument("--sim", required=True, help="impl.scheinfer.simulate CSV")
+    ap.add_argument("--sim", required=True, help="impl.experiments.scheinfer.sim CSV")
     ap.add_argument("--timeline", nargs="+", required=True, help="generate --timeline JSONs named <policy>.json")
     ap.add_argument("--timeline-log", nargs="*", default=[], help="the generate runs' stdout (device line)")
     ap.add_argument("--timeline-model", default="small generated", help="what the timeline model is, for the caption")

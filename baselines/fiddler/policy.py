@@ -1,4 +1,5 @@
-"""Fiddler's CPU-GPU orchestration as a `impl.scheinfer.engine.Policy` (scheinfer.md 8.1).
+"""Fiddler's CPU-GPU orchestration as a `impl.scheinfer.policy.Policy` (scheinfer.md 8.1), registered
+as the engine policy 'fiddler'.
 
 What is Fiddler's (read from src/fiddler/mixtral.py at 227715b, re-expressed, no code copied):
 * whole experts are resident on the GPU in decreasing popularity until the memory is used
@@ -21,9 +22,10 @@ from __future__ import annotations
 
 from typing import Hashable, Mapping, Sequence
 
+from impl.common.registry import register
 from impl.scheinfer.assign import ExpertLoad
-from impl.scheinfer.engine import Policy
 from impl.scheinfer.partition import CostModel, Split, lane_times, resident_rows
+from impl.scheinfer.policy import POLICY_KIND, Policy, needs_cost
 
 __all__ = ["FiddlerPolicy", "FIDDLER_CONSTANTS"]
 
@@ -66,3 +68,9 @@ class FiddlerPolicy(Policy):
                 r = ld.width - ld.gg
                 out.append(Split(r, 0, ld.gg))
         return out
+
+
+@register(POLICY_KIND, "fiddler")
+def _fiddler(*, cost: CostModel | None, hidden: int, num_layers: int, dtype_bytes: int, tile: int = 64,
+             **options) -> FiddlerPolicy:
+    return FiddlerPolicy(needs_cost("fiddler", cost), hidden, dtype_bytes, **options)

@@ -3,7 +3,7 @@
 Why: ScheInfer's headline numbers are speed-ups over llama.cpp (scheinfer.md 8.2), and a speed-up
 only counts if both engines compute the same model. This module runs the real llama.cpp on a GGUF
 file and returns (a) float32 logits for every position and greedy continuations, to compare with
-`impl.scheinfer.model.Decoder` token by token, and (b) prefill and decode speed measured the way
+`impl.scheinfer.decoder.Decoder` token by token, and (b) prefill and decode speed measured the way
 llama.cpp users report them (prompt tokens/s, generated tokens/s), with the settings recorded.
 
 Inputs are token ids, never text, so the comparison does not depend on any tokenizer.

@@ -45,9 +45,17 @@ from .records import collect_env, git_info
 from .topology import Topology, TopologyError, get_topology
 
 __all__ = ["CalibrationPlan", "parse_size", "parse_sizes", "step_group_size", "message_nbytes", "calibrate",
-           "measure_collectives", "measure_gemm", "aggregate_repeats", "build_profile", "main", "COLLECTIVES"]
+           "measure_collectives", "measure_gemm", "aggregate_repeats", "build_profile", "main", "COLLECTIVES",
+           "R2_THRESHOLD", "PRESETS", "fit_warning", "poor_fits"]
 
-COLLECTIVES = ("a2a", "allgather", "allreduce")
+COLLECTIVES = ("a2a", "allgather", "reducescatter", "allreduce")
+# A fit below this r^2 is flagged in the profile (the model's note) and on screen: a linear model
+# that explains little of the measured times should not silently drive a planner.
+R2_THRESHOLD = 0.95
+# FSMoE's profiling protocol (digest §2.3): 2^18 .. 24 * 2^18 float32 elements per collective, a
+# GEMM of 512 .. 6,144 tokens with M = H = 1,024, five runs per point.
+PRESETS = {"fsmoe": {"sizes": ["1M:24M:1M"], "collectives": "a2a,allgather,reducescatter,allreduce",
+                     "gemm_tokens": "512:6144:512", "gemm_dim": 1024, "repeats": 5}}
 FLOAT32_BYTES = 4
 _SIZE_RE = re.compile(r"^(\d+)([KMG]?)$", re.IGNORECASE)
 _SIZE_FACTORS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -102,12 +110,12 @@ def step_group_size(topology: Topology, step: str) -> int:
 
 def message_nbytes(collective: str, requested: int, group_size: int) -> tuple[int, int]:
     """(float32 elements of this rank's input tensor, bytes in the nccl-tests convention) for a
-    requested size: whole elements per peer for AlltoAll and AllGather, at least one."""
+    requested size: whole elements per peer for AlltoAll, AllGather and ReduceScatter, at least one."""
     if collective == "allreduce":
         elements = max(1, requested // FLOAT32_BYTES)
         return elements, elements * FLOAT32_BYTES
     per_peer = max(1, requested // (FLOAT32_BYTES * group_size))
-    if collective == "a2a":
+    if collective in ("a2a", "reducescatter"):      # the per-rank input buffer
         return per_peer * group_size, per_peer * group_size * FLOAT32_BYTES
     if collective == "allgather":
         return per_peer, per_peer * group_size * FLOAT32_BYTES
@@ -189,7 +197,9 @@ def _collective_call(comm, collective: str, group, elements: int, device):
         splits = [elements // group.size] * group.size
         return lambda: comm.all_to_all(x, splits, splits, group)
     if collective == "allgather":
-        return lambda: comm.all_gather(x, group)
+        return lambda: comm.all_gather_cat(x, group)
+    if collective == "reducescatter":
+        return lambda: comm.reduce_scatter(x, group)
     return lambda: comm.all_reduce(x, "sum", group)
 
 
@@ -286,12 +296,14 @@ def build_profile(name: str, plan: CalibrationPlan, comm_results: dict[str, Any]
         collective, step = key.split("/")
         agg = aggregate_repeats(series["times_ms"])
         fit = fit_linear(series["nbytes"], agg["median_ms"])
-        comm_models[(collective, step)] = LinearModel.from_fit(fit)
+        comm_models[(collective, step)] = LinearModel.from_fit(fit, note=fit_warning(key, fit.r2) or "")
         measurements[key] = {"nbytes": list(series["nbytes"]), **agg}
     compute = {}
     if gemm is not None:
         fit = fit_linear(gemm["work"], gemm["median_ms"])
-        compute["gemm"] = LinearModel.from_fit(fit, work_unit="mac", note=gemm_note)
+        warning = fit_warning("gemm", fit.r2)
+        compute["gemm"] = LinearModel.from_fit(fit, work_unit="mac",
+                                               note=f"{warning} | {gemm_note}" if warning else gemm_note)
         measurements["gemm"] = {"work": list(gemm["work"]), "median_ms": list(gemm["median_ms"])}
     notes = [f"Measured on this machine by impl.common.calibrate: per point the median over {plan.repeats} "
              f"repeats (each the mean of {plan.iters} calls) of the slowest rank's time; sizes per rank in the nccl-tests convention (AlltoAll send buffer, AllGather "
@@ -304,6 +316,20 @@ def build_profile(name: str, plan: CalibrationPlan, comm_results: dict[str, Any]
                            notes="\n".join(textwrap.fill(n, width=100) for n in notes), comm=comm_models, compute=compute,
                            provenance={k: v for k, v in provenance.items() if k != "source"},
                            measurements=measurements)
+
+
+def fit_warning(key: str, r2: float) -> str | None:
+    """The flag a poor fit carries (None for a fit at or above `R2_THRESHOLD`)."""
+    if r2 >= R2_THRESHOLD:
+        return None
+    return (f"POOR FIT: {key} r^2 = {r2:.4g} < {R2_THRESHOLD} (times barely follow a line in the size; "
+            "repeat with more --repeats / --iters or larger sizes before trusting predictions)")
+
+
+def poor_fits(profile: HardwareProfile) -> list[str]:
+    """Every flagged model of a profile, one line each."""
+    models = [m for m in profile.comm.values()] + list(profile.compute.values())
+    return [m.note.split(" | ")[0] for m in models if m.note.startswith("POOR FIT")]
 
 
 def _provenance(backend: str, world_size: int, command: str) -> dict[str, Any]:
@@ -348,6 +374,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m impl.common.calibrate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", required=True, help="topology preset or NxG (e.g. 1x4, 2x2); G ranks are used")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a paper's profiling protocol (fsmoe: 2^18..24*2^18 floats per collective, every "
+                        "collective, GEMM 512..6144 tokens at M = H = 1024, 5 repeats); explicit flags override it")
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),
                    help="torch.distributed backend (nccl only with --launcher env)")
     p.add_argument("--launcher", default="local", choices=("local", "env"),
@@ -386,7 +415,13 @@ def _with_flag(flag: str, parse, value):
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        for key, value in PRESETS[args.preset].items():
+            if f"--{key.replace('_', '-')}" not in given:
+                setattr(args, key, value)
     try:
         if not args.out.endswith((".yaml", ".yml")):
             raise ValueError(f"--out {args.out!r}: must end in .yaml or .yml")
@@ -443,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             gemm_note, provenance)
     path = save_profile(profile, args.out)
     print("\n".join(profile_summary(profile)))
+    for line in poor_fits(profile):
+        print(f"calibrate: warning: {line}", file=sys.stderr)
     print(f"wrote {path}")
     return 0
 

@@ -199,13 +199,20 @@ class Comm(ABC):
     def world(self) -> CommGroup:
         return self.group("intra", 0)
 
+    def _own(self, group: CommGroup | None) -> CommGroup:
+        """This comm's group for the same step: a group taken from another lane of this rank
+        names the same ranks but another process group, which must not be used from here."""
+        if group is None:
+            return self.world
+        return self._groups.get((group.kind, group.level), group)
+
     # ---- collectives ---------------------------------------------------------------------
     def all_to_all(self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
                    group: CommGroup | None = None, *, category: str = "tokens", phase: str = "fwd") -> torch.Tensor:
         """Uneven all-to-all over `group` along dim 0: `send_splits[j]` rows go to the j-th
         member of the group, `recv_splits[j]` rows arrive from it. Not differentiable: use
         `all_to_all_autograd` inside models."""
-        group = group or self.world
+        group = self._own(group)
         send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
         self._check_splits(x, send_splits, recv_splits, group)
         self._count_all_to_all(x, send_splits, group, category, phase)
@@ -226,7 +233,7 @@ class Comm(ABC):
     def exchange_counts(self, counts: Sequence[int], group: CommGroup | None = None, *, phase: str = "fwd") -> list[int]:
         """Each rank tells each member how many rows it will send: an all-to-all of one int per peer.
         Counted as metadata."""
-        group = group or self.world
+        group = self._own(group)
         t = torch.tensor([int(c) for c in counts], dtype=torch.int64, device=self.device)
         out = self.all_to_all(t, [1] * group.size, [1] * group.size, group, category="meta", phase=phase)
         return [int(v) for v in out.tolist()]
@@ -234,7 +241,7 @@ class Comm(ABC):
     def all_to_all_async(self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
                          group: CommGroup | None = None, *, category: str = "tokens", phase: str = "fwd") -> Handle:
         """`all_to_all` started now, finished by `handle.wait()`."""
-        group = group or self.world
+        group = self._own(group)
         send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
         self._check_splits(x, send_splits, recv_splits, group)
         self._count_all_to_all(x, send_splits, group, category, phase)
@@ -249,7 +256,7 @@ class Comm(ABC):
 
     def all_gather_cat_async(self, x: torch.Tensor, group: CommGroup | None = None, *, category: str = "tokens",
                              phase: str = "fwd") -> Handle:
-        group = group or self.world
+        group = self._own(group)
         x = x.contiguous()
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
         for peer in group.ranks:
@@ -264,7 +271,7 @@ class Comm(ABC):
 
     def reduce_scatter_async(self, x: torch.Tensor, group: CommGroup | None = None, *, category: str = "tokens",
                              phase: str = "fwd") -> Handle:
-        group = group or self.world
+        group = self._own(group)
         if x.dim() == 0 or x.shape[0] % group.size:
             raise CommError(f"rank {self.rank}: reduce_scatter needs rows divisible by the group size "
                             f"{group.size}; got shape {tuple(x.shape)}")
@@ -283,7 +290,7 @@ class Comm(ABC):
     def all_reduce_async(self, x: torch.Tensor, op: str = "sum", group: CommGroup | None = None, *,
                          category: str = "meta", phase: str = "fwd") -> Handle:
         self._check_op(op)
-        group = group or self.world
+        group = self._own(group)
         x = x.detach()
         flat = max(x.numel(), 1)
         chunks = _chunk_rows(x.numel(), group.size)
@@ -297,7 +304,7 @@ class Comm(ABC):
     def all_gather(self, x: torch.Tensor, group: CommGroup | None = None, *, category: str = "meta",
                    phase: str = "fwd") -> list[torch.Tensor]:
         """Every member's `x` (same shape on all ranks), as a list in group order."""
-        group = group or self.world
+        group = self._own(group)
         one_row = x.detach().reshape((1,) + tuple(x.shape)).contiguous()
         row_bytes = x.numel() * x.element_size()
         for peer in group.ranks:
@@ -523,7 +530,7 @@ class TorchComm(Comm):
 
     def barrier(self, group=None):
         self._entered()
-        group = group or self.world
+        group = self._own(group)
         self._dist.barrier(group=group.handle)
 
 
@@ -700,4 +707,4 @@ class SimComm(Comm):
         return self._exchange(self.world, obj)
 
     def barrier(self, group=None):
-        self._exchange(group or self.world, None)
+        self._exchange(self._own(group), None)

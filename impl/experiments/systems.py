@@ -21,16 +21,22 @@ from typing import Any, Callable, Literal
 import yaml
 
 # Every module that registers implementations (import for the side effect).
+import baselines.deepspeed_moe.schedule  # noqa: F401
 import baselines.deepspeed_moe.sim  # noqa: F401
 import baselines.fiddler  # noqa: F401
+import baselines.llamacpp  # noqa: F401
 import baselines.megatron  # noqa: F401  (lazy: megatron itself loads when its factory is called)
+import baselines.pipemoe.plans  # noqa: F401
 import baselines.smartmoe.planner  # noqa: F401
 import baselines.tutel_2dh.dispatcher  # noqa: F401
 import impl.common.dispatcher  # noqa: F401
 import impl.common.routing  # noqa: F401
+import impl.fsmoe.planner  # noqa: F401
 import impl.hiermoe.dedup_a2a  # noqa: F401
 import impl.hiermoe.expert_swap  # noqa: F401
 from impl.common.config import ConfigError, from_dict
+from impl.common.registry import get
+from impl.fsmoe.planner import TRAINING_PLAN
 from impl.experiments.hiermoe.spec import HierMoEOptions, SystemSpec
 
 __all__ = ["PAPERS", "System", "SYSTEMS", "get_system", "paper_systems", "parse_system_name", "style_slots"]
@@ -61,6 +67,11 @@ def _scheinfer(policy: str) -> Callable[[], str]:
     return lambda: policy
 
 
+def _plan(name: str) -> Callable[[], Callable]:
+    """An FSMoE-paper system: its planner (blocks -> SystemPlan), registered as a training plan."""
+    return lambda: get(TRAINING_PLAN, name)
+
+
 SYSTEMS: tuple[System, ...] = (
     # HierMoE (training, AlltoAll): the paper's Figs. 10-13 systems, baselines first
     System("hiermoe", "Megatron-LM", "baseline", "Megatron-LM's flat AlltoAll, one copy per (token, expert)",
@@ -81,6 +92,21 @@ SYSTEMS: tuple[System, ...] = (
              f"{d}-level hierarchical AlltoAll {'with' if dedup else 'without'} dedup (ablation)",
              _hiermoe(route="fixed", dedup=dedup, dim=d), HierMoEOptions)
       for dedup in (True, False) for d in range(1, 9)),
+    # FSMoE (training, co-scheduled pipelines): the plans of Figs. 6-8 and Table 5, baselines first
+    System("fsmoe", "DS-MoE", "baseline", "DeepSpeed-MoE's sequential schedule, r = 1", _plan("ds-moe"), style=7),
+    System("fsmoe", "Tutel", "baseline", "Tutel with PipeMoE's degree, one communication lane", _plan("tutel"),
+           style=8),
+    System("fsmoe", "Tutel-Improved", "baseline", "Tutel plus gradients overlapped with non-MoE work",
+           _plan("tutel-improved"), style=9),
+    System("fsmoe", "PipeMoE+Lina", "baseline", "PipeMoE with Lina's fixed 30 MB gradient chunks",
+           _plan("pipemoe-lina"), style=10),
+    System("fsmoe", "FSMoE-No-IIO", "variant", "FSMoE on one shared communication lane", _plan("fsmoe-no-iio"),
+           style=11),
+    System("fsmoe", "FSMoE", "ours", "three co-scheduled lanes, per-pass degrees, partitioned gradients",
+           _plan("fsmoe"), style=12),
+    System("fsmoe", "FSMoE-r1", "variant", "FSMoE with r forced to 1", _plan("fsmoe-r1")),
+    System("fsmoe", "Tutel-A2A-only", "variant", "Tutel with the ESP collectives on the compute lane",
+           _plan("tutel-a2a-only")),
     # ScheInfer (inference on one moderate GPU): baselines first; slots after FSMoE's six
     System("scheinfer", "llama.cpp", "baseline", "llama.cpp's layer offload (-ngl)", _scheinfer("layers"), style=13),
     System("scheinfer", "Fiddler", "baseline", "Fiddler's expert-granular CPU/GPU policy", _scheinfer("fiddler"),

@@ -1,7 +1,8 @@
 """Micro-benchmarks that fit the engine's cost model on this machine (scheinfer.md 9.1 item 4).
 
 * CPU lane: FFN slices of several widths at several row counts n, timed as the engine runs them
-  (`model.ffn`); per n a least-squares line t = alpha + s_per_mac(n) * MACs (fit_linear, r^2 kept).
+  (`fast_decode.fast_ffn`); per n a least-squares line t = alpha + s_per_mac(n) * MACs
+  (fit_linear, r^2 kept).
 * Memory bandwidth: a large tensor copy (reported, explains the GEMV regime).
 * GPU lane and host->device copies: with CUDA, the same FFN slices on the GPU and pinned H2D
   copies of several sizes. Without CUDA the GPU lanes are emulated on CPU tensors (engine.py), so
@@ -21,7 +22,8 @@ import torch
 
 from impl.common.costmodel import LinearFit, fit_linear
 
-from .model import ExpertWeights, ffn
+from .fast_decode import fast_ffn
+from .layers import ExpertWeights
 from .partition import CostModel, PerRowLinear
 
 __all__ = ["Calibration", "calibrate"]
@@ -66,7 +68,7 @@ def _fit_ffn(device, dtype, hidden, widths, rows, reps, sync, name, fits) -> Per
     for n in rows:
         x = torch.randn(n, hidden, generator=g).to(device=device, dtype=dtype)
         macs = [3.0 * n * hidden * f for f in widths]
-        ts = [_median_time(lambda f=f: ffn(w.slice(0, f), x), reps, sync) for f in widths]
+        ts = [_median_time(lambda f=f: fast_ffn(w.slice(0, f), x), reps, sync) for f in widths]
         fit = fit_linear(macs, ts)
         fits[f"{name}_n{n}"] = fit
         per_mac.append(max(fit.beta, 1e-18))

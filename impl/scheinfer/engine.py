@@ -1,29 +1,31 @@
 """ScheInfer's three-lane executor: every FFN / expert runs as CC, CG and GG slices on a CPU lane,
 a host->device copy lane and a GPU compute lane at the same time (scheinfer.md 2.3-2.4).
 
-* `HybridEngine.run_layer(layer, items)` executes one layer's active FFNs under a `Policy`:
-  the CPU lane computes every CC slice (torch's intra-op pool, `threads` threads); the copy lane
-  copies every CG slice into one of two staging buffers (double buffering: the copy of FFN j+1
-  overlaps the GPU compute of FFN j); the GPU lane computes every GG slice (resident copies) and
-  then each CG slice once its copy has landed, and gives the buffer back. Outputs are summed in the
-  fixed order CC + CG + GG, so results never depend on timing.
+* `HybridEngine.run_layer(layer, items)` executes one layer's active FFNs under a `Policy`
+  (policy.py; baselines register theirs): the CPU lane computes every CC slice (torch's intra-op
+  pool, `threads` threads); the copy lane copies every CG slice into one of the staging buffers
+  (double buffering: the copy of FFN j+1 overlaps the GPU compute of FFN j); the GPU lane
+  computes every GG slice (resident copies) and then each CG slice once its copy has landed, and
+  gives the buffer back. Outputs are summed in the fixed order CC + CG + GG, so results never
+  depend on timing. Concurrency is a property of the policy: Fiddler and llama.cpp run their
+  parts one after another, in the caller's thread.
 * With CUDA: the GPU lane issues on a compute stream, the copy lane on a copy stream from pinned
   host memory (non_blocking), with CUDA events between them; a lane synchronises its own stream
   before it stamps an end time. Without CUDA both GPU lanes run on CPU tensors (a real memcpy
   into the staging buffers and a real compute on it), so every code path runs and is tested on
   CPU; the timeline is then one of emulated lanes sharing the CPU.
+* Failures: an error on any lane (a CUDA out-of-memory, say) cancels the layer's other lanes,
+  which stop at their next band or wait, and is raised once, in the caller of `run_layer`. Every
+  wait between lanes wakes on cancellation and staging buffers are lent per layer, so no lane
+  waits forever for a partner that stopped and a failed layer leaves no buffer behind. Lane
+  threads are daemons and `close()` waits a bounded time, so neither it nor interpreter exit can
+  hang on a lane.
 * Every band records a `LaneEvent` (lane, layer, FFN, phase, start/end, rows, tokens): the
   timeline of diagram (a) in scheinfer.md 2.5.
-* `HybridDecoder` is `model.Decoder` with the engine underneath: non-FFN weights on the engine's
+* `HybridDecoder` is `decoder.Decoder` with the engine underneath: non-FFN weights on the engine's
   device, FFN / expert weights in (pinned) host memory with `down` stored as [F, M] rows so every
-  slice is one contiguous block, a layer's routed experts handed to the engine together (the base
-  decoder calls them one by one), and the phase (prefill / decode) known per forward call.
-* Policies: 'scheinfer' (partition.py + assign.py), 'fiddler' (baselines/fiddler/policy.py),
-  'layers' (llama.cpp's layer offload), 'fixed' (given CC/CG/GG fractions: ablations and tests).
-  Concurrency is a property of the policy: Fiddler and llama.cpp run their parts one after another.
-
-GPU memory (`gpu_mem_bytes`) counts FFN / expert weights and staging buffers only; attention,
-embeddings, norms, routers and the KV cache are assumed resident besides it [R, digest 1.2].
+  slice is one contiguous block, a layer's routed experts handed to the engine together, and the
+  phase (prefill / decode) known per forward call.
 """
 from __future__ import annotations
 
@@ -31,9 +33,8 @@ import queue
 import sys
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import dataclass
 
 import torch
@@ -41,16 +42,18 @@ import torch.nn.functional as F
 
 from impl.common.config import ConfigError
 
-from .assign import ASSIGN_MODES, ExpertLoad, assign_layer
-from .model import Decoder, ExpertWeights, MoEWeights, expert_weight_names, ffn, route
-from .partition import GG_MODES, CostModel, Split, resident_rows
+from .assign import ExpertLoad
+from .decoder import Decoder, FFNItem
+from .fast_decode import fast_ffn
+from .layers import ExpertWeights
+from .policy import FFNKey, Placement, Policy, ffn_widths, place
 
-__all__ = ["POLICIES", "LaneEvent", "Policy", "ScheInferPolicy", "FixedPolicy", "LayersPolicy", "make_policy",
-           "HybridEngine", "HybridDecoder", "ffn_widths"]
+__all__ = ["LANES", "LaneEvent", "LaneCancelled", "HybridEngine", "HybridDecoder"]
 
-POLICIES = ("scheinfer", "fiddler", "layers", "fixed")
-LANE_SWITCH_INTERVAL_S = 1e-4     # GIL switch interval while an engine is open (see __init__)
-Key = tuple[int, Hashable]          # (layer, expert id | 'dense' | 'shared')
+LANES = ("cpu", "h2d", "gpu")
+LANE_SWITCH_INTERVAL_S = 1e-4     # GIL switch interval while an engine is open (see _short_switch_interval)
+LANE_STOP_TIMEOUT_S = 30.0        # how long a failed layer, or close(), waits for lanes to stop
+Slot = tuple[torch.Tensor, torch.Tensor, torch.Tensor]       # staging gate, up, down^T rows [cg_max, M]
 
 
 @dataclass(frozen=True)
@@ -66,142 +69,91 @@ class LaneEvent:
     tokens: int
 
 
-def ffn_widths(cfg) -> dict[Key, int]:
-    """Every FFN of a DecoderConfig: (layer, expert) -> intermediate width F."""
-    out: dict[Key, int] = {}
-    for i in range(cfg.num_layers):
-        if cfg.is_moe_layer(i):
-            out.update({(i, e): cfg.moe_ffn_hidden for e in range(cfg.num_experts)})
-            if cfg.shared_expert_ffn_hidden:
-                out[(i, "shared")] = cfg.shared_expert_ffn_hidden
-        else:
-            out[(i, "dense")] = cfg.ffn_hidden
-    return out
+class LaneCancelled(Exception):
+    """A lane stopped because another lane of its layer failed (or the engine was closed)."""
 
 
-# ----------------------------------------------------------------------------------- policies
+# ----------------------------------------------------------------------------------- lanes
 
-class Policy(ABC):
-    """Where each FFN's rows live (resident GG rows, fixed at load) and how a layer's active FFNs
-    are split at run time."""
+class _LaneThread:
+    """One lane's worker thread, running the jobs submitted to it in order. A daemon thread: a
+    lane stuck in foreign code never blocks interpreter exit."""
 
-    name: str = "?"
-    concurrent: bool = True
-    staging_buffers: int = 2         # host->device staging buffers the policy needs for CG
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=f"scheinfer-{name}", daemon=True)
+        self._thread.start()
 
-    @abstractmethod
-    def resident(self, ffns: dict[Key, int], hidden: int, dtype_bytes: int, budget_bytes: int) -> dict[Key, int]:
-        """GG rows per FFN (a suffix of F) within budget_bytes."""
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, future = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:    # handed to the caller through the future
+                    future.set_exception(e)
 
-    @abstractmethod
-    def plan(self, layer: int, loads: Sequence[ExpertLoad], phase: str, layer_tokens: int,
-             cg_max: int | None) -> list[Split]:
-        """A Split per active FFN (loads carry token counts and resident rows)."""
+    def submit(self, fn: Callable) -> Future:
+        future: Future = Future()
+        self._jobs.put((fn, future))
+        return future
 
+    def stop(self) -> None:
+        self._jobs.put(None)
 
-class ScheInferPolicy(Policy):
-    """partition.py's static GG + per (phase, expert) CC/CG optimiser, with assign.py's modes."""
-
-    name = "scheinfer"
-
-    def __init__(self, cost: CostModel, hidden: int, dtype_bytes: int, tile: int = 64, assign: str = "split",
-                 gg_mode: str = "uniform", popularity: dict | None = None, exhaustive: bool = False):
-        if assign not in ASSIGN_MODES:
-            raise ConfigError(f"assign={assign!r} is not allowed; expected one of {', '.join(ASSIGN_MODES)}")
-        if gg_mode not in GG_MODES:
-            raise ConfigError(f"gg_mode={gg_mode!r} is not allowed; expected one of {', '.join(GG_MODES)}")
-        if tile < 1:
-            raise ConfigError(f"tile={tile!r} is not allowed; expected an integer >= 1")
-        self.cost, self.hidden, self.dtype_bytes, self.tile = cost, hidden, dtype_bytes, tile
-        self.assign, self.gg_mode, self.popularity, self.exhaustive = assign, gg_mode, popularity, exhaustive
-
-    def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
-        return resident_rows(ffns, hidden, dtype_bytes, budget_bytes, self.tile, self.gg_mode, self.popularity)
-
-    def plan(self, layer, loads, phase, layer_tokens, cg_max):
-        return assign_layer(self.cost, loads, self.hidden, self.tile, self.dtype_bytes, self.assign, cg_max,
-                            exhaustive=self.exhaustive)
+    def join(self, timeout: float) -> bool:
+        """True when the thread has ended within `timeout` seconds."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
-class FixedPolicy(Policy):
-    """Given CC / CG / GG fractions of every FFN (rounded to rows, the GG rows resident whatever
-    the budget): forced partitions for exactness tests and ablations."""
+class _LayerRun:
+    """The coordination of one layer's concurrent lanes: the staging slots lent to it, the CG
+    copies the copy lane hands to the GPU lane, and the first error. Every wait also ends when a
+    lane fails, so no lane waits forever for a partner that has stopped."""
 
-    name = "fixed"
+    def __init__(self, slots: Sequence[Slot]):
+        self._cond = threading.Condition()
+        self._free = list(slots)
+        self._landed: dict[int, Slot] = {}
+        self.error: BaseException | None = None
 
-    def __init__(self, cc: float, cg: float, gg: float, concurrent: bool = True):
-        if min(cc, cg, gg) < 0 or abs(cc + cg + gg - 1) > 1e-9:
-            raise ConfigError(f"fixed fractions (cc, cg, gg)={(cc, cg, gg)!r}; expected numbers >= 0 summing to 1")
-        self.frac, self.concurrent = (cc, cg, gg), concurrent
+    def fail(self, error: BaseException) -> None:
+        """Record the first error and wake every waiting lane."""
+        with self._cond:
+            if self.error is None:
+                self.error = error
+            self._cond.notify_all()
 
-    def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
-        return {k: round(self.frac[2] * w) for k, w in ffns.items()}
+    def check(self) -> None:
+        if self.error is not None:
+            raise LaneCancelled(f"cancelled: another lane failed with {type(self.error).__name__}")
 
-    def plan(self, layer, loads, phase, layer_tokens, cg_max):
-        out = []
-        for ld in loads:
-            cc = min(round(self.frac[0] * ld.width), ld.width - ld.gg)
-            out.append(Split(cc, ld.width - ld.gg - cc, ld.gg))
-        return out
+    def _wait_for(self, ready: Callable[[], bool]) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.error is not None or ready())
+        self.check()
 
+    def take_free_slot(self) -> Slot:
+        self._wait_for(lambda: bool(self._free))
+        with self._cond:
+            return self._free.pop()
 
-class LayersPolicy(Policy):
-    """llama.cpp's `-ngl N` (scheinfer.md 8.2): the FFNs of N whole layers resident, N the most
-    that fit; the last N layers by default (llama.cpp's i_gpu_start = n_layer - N), `order='first'`
-    for the first N. A CPU-resident layer is computed on the CPU when the layer's batch has fewer
-    than `min_batch` tokens, else its weights are copied and computed on the GPU (ggml's CUDA
-    offload rule, min_batch_size = 32). Parts run one after another (no overlap)."""
+    def land(self, j: int, slot: Slot) -> None:
+        with self._cond:
+            self._landed[j] = slot
+            self._cond.notify_all()
 
-    name = "layers"
-    concurrent = False
-    staging_buffers = 1
+    def take_landed(self, j: int) -> Slot:
+        self._wait_for(lambda: j in self._landed)
+        with self._cond:
+            return self._landed.pop(j)
 
-    def __init__(self, num_layers: int, order: str = "last", min_batch: int = 32):
-        if order not in ("last", "first"):
-            raise ConfigError(f"layers order={order!r} is not allowed; expected 'last' or 'first'")
-        self.num_layers, self.order, self.min_batch = num_layers, order, min_batch
-        self.gpu_layers: set[int] = set()
+    def give_back(self, slot: Slot) -> None:
+        with self._cond:
+            self._free.append(slot)
+            self._cond.notify_all()
 
-    def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
-        per_layer = {i: 0 for i in range(self.num_layers)}
-        for (i, _), w in ffns.items():
-            per_layer[i] += w * 3 * hidden * dtype_bytes
-        seq = range(self.num_layers - 1, -1, -1) if self.order == "last" else range(self.num_layers)
-        left = budget_bytes
-        for i in seq:
-            if per_layer[i] > left:
-                break
-            self.gpu_layers.add(i)
-            left -= per_layer[i]
-        return {k: (w if k[0] in self.gpu_layers else 0) for k, w in ffns.items()}
-
-    def plan(self, layer, loads, phase, layer_tokens, cg_max):
-        out = []
-        for ld in loads:
-            r = ld.width - ld.gg
-            to_gpu = layer_tokens >= self.min_batch and (cg_max is None or r <= cg_max)
-            out.append(Split(0, r, ld.gg) if to_gpu else Split(r, 0, ld.gg))
-        return out
-
-
-def make_policy(name: str, *, cost: CostModel | None, hidden: int, num_layers: int, dtype_bytes: int,
-                tile: int = 64, **options) -> Policy:
-    """A policy by name; `options` go to its constructor (module doc)."""
-    if name not in POLICIES:
-        raise ConfigError(f"policy={name!r} is not allowed; expected one of {', '.join(POLICIES)}")
-    if name in ("scheinfer", "fiddler") and cost is None:
-        raise ConfigError(f"policy={name!r} needs a cost model (calibrate.py)")
-    if name == "scheinfer":
-        return ScheInferPolicy(cost, hidden, dtype_bytes, tile, **options)
-    if name == "fiddler":
-        from baselines.fiddler.policy import FiddlerPolicy
-        return FiddlerPolicy(cost, hidden, dtype_bytes, **options)
-    if name == "layers":
-        return LayersPolicy(num_layers, **options)
-    return FixedPolicy(**options)
-
-
-# ----------------------------------------------------------------------------------- engine
 
 _switch = {"open": 0, "saved": None}
 _switch_lock = threading.Lock()
@@ -227,14 +179,16 @@ def _start_lane_thread(threads: int) -> None:
     F.linear(x, x)
 
 
-def _contiguous_rows(w: ExpertWeights, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _contiguous_rows(w: ExpertWeights, a: int, b: int) -> Slot:
     """gate, up, down^T rows [a, b) (each [b-a, M]; contiguous when down is stored as [F, M])."""
     return w.gate_FM[a:b], w.up_FM[a:b], w.down_MF[:, a:b].t()
 
 
+# ----------------------------------------------------------------------------------- engine
+
 class HybridEngine:
-    """Three lanes (module doc). `expert_fn` plugs into `model.Decoder` directly; `HybridDecoder`
-    hands whole layers to `run_layer`."""
+    """Three lanes (module doc). `expert_fn` plugs into `decoder.Decoder` directly; `HybridDecoder`
+    hands whole layers to `run_layer`. Use as a context manager, or call `close()`."""
 
     def __init__(self, policy: Policy, hidden: int, dtype: torch.dtype = torch.float32,
                  gpu_mem_bytes: int = 0, device: str | torch.device | None = None, threads: int | None = None,
@@ -254,63 +208,66 @@ class HybridEngine:
         self.phase = "prefill"
         self.events: list[LaneEvent] = []
         self._lock = threading.Lock()
-        self._gg: dict[Key, int] = {}
-        self._resident: dict[Key, ExpertWeights] = {}
-        self._widths: dict[Key, int] | None = None
-        self.cg_max: int | None = 0
-        self._slots: queue.Queue | None = None
-        self._pools = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"scheinfer-{lane}")
-                       for lane in ("cpu", "h2d", "gpu")}
+        self.placement: Placement | None = None
+        self._gg: dict[FFNKey, int] = {}
+        self._resident: dict[FFNKey, ExpertWeights] = {}
+        self._widths: dict[FFNKey, int] | None = None
+        self.cg_max: int = 0
+        self._staging: list[Slot] = []
+        self._active_run: _LayerRun | None = None
+        self._stuck_lanes: list[str] = []
+        self._lanes = {lane: _LaneThread(lane) for lane in LANES}
         _short_switch_interval(+1)
         self._open = True
+        self._close_lock = threading.Lock()
         # Start every lane's thread now, with one small product: a thread's first torch call pays
         # one-off set-up (milliseconds) that would otherwise land in the first layer's timeline.
         # torch's thread count is per thread (OpenMP), so each lane is given this thread's: left at
         # its default, every lane would run multi-threaded kernels on all cores at once.
         self.threads = torch.get_num_threads()
-        for f in [pool.submit(_start_lane_thread, self.threads) for pool in self._pools.values()]:
+        for f in [lane.submit(lambda: _start_lane_thread(self.threads)) for lane in self._lanes.values()]:
             f.result()
         if self.cuda:
             self._compute_stream = torch.cuda.Stream(self.device)
             self._copy_stream = torch.cuda.Stream(self.device)
 
+    def __enter__(self) -> "HybridEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -------------------------------------------------------------- placement
 
-    def place(self, widths: dict[Key, int]) -> dict[Key, int]:
-        """Size staging buffers and resident rows for these FFNs (once, before running)."""
-        row_bytes = 3 * self.hidden * self.dtype_bytes
-        max_w = max(widths.values())
-        staging = self.policy.staging_buffers * max_w * row_bytes
-        budget = self.gpu_mem_bytes
-        if budget >= staging:              # CG possible: staging buffers come first
-            budget -= staging
-            self.cg_max = max_w
-            self._slots = queue.Queue()
-            for _ in range(self.policy.staging_buffers):
-                self._slots.put(tuple(torch.empty(max_w, self.hidden, dtype=self.dtype, device=self.device)
-                                      for _ in range(3)))
-        else:
-            self.cg_max = 0
+    def place(self, widths: dict[FFNKey, int]) -> dict[FFNKey, int]:
+        """Size staging buffers and resident rows for these FFNs (once, before running):
+        `policy.place` under the engine's budget, then the staging buffers allocated."""
+        self.placement = place(self.policy, widths, self.hidden, self.dtype_bytes, self.gpu_mem_bytes)
+        self.cg_max = self.placement.cg_max
+        self._staging = [tuple(torch.empty(self.cg_max, self.hidden, dtype=self.dtype, device=self.device)
+                               for _ in range(3)) for _ in range(self.placement.staging_buffers)]
         self._widths = dict(widths)
-        self._gg = self.policy.resident(self._widths, self.hidden, self.dtype_bytes, budget)
+        self._gg = dict(self.placement.gg)
         return dict(self._gg)
 
     @property
     def resident_bytes(self) -> int:
         return sum(self._gg.values()) * 3 * self.hidden * self.dtype_bytes
 
-    def _resident_slice(self, key: Key, w: ExpertWeights) -> ExpertWeights:
+    def resident_slice(self, key: FFNKey, w: ExpertWeights) -> ExpertWeights:
+        """The GPU copy of FFN key's resident (GG) rows, made on first use."""
         r = self._resident.get(key)
         if r is None:
             width, g = w.ffn_hidden, self._gg.get(key, 0)
-            gate, up, down_FM = (t.to(self.device, copy=True).contiguous() for t in _contiguous_rows(w, width - g, width))
+            rows = _contiguous_rows(w, width - g, width)
+            gate, up, down_FM = (t.to(self.device, copy=True).contiguous() for t in rows)
             r = self._resident[key] = ExpertWeights(gate, up, down_FM.t())
         return r
 
     # -------------------------------------------------------------- running
 
     def expert_fn(self, layer: int, expert, w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
-        """`model.ExpertFn`: one FFN through the lanes (placement is made on first use)."""
+        """`decoder.ExpertFn`: one FFN through the lanes (placement is made on first use)."""
         return self.run_layer(layer, [(expert, w, x_TM)], x_TM.shape[0])[0]
 
     def _stamp(self, lane, band, key, start, rows, tokens):
@@ -318,9 +275,14 @@ class HybridEngine:
             self.events.append(LaneEvent(lane, band, key[0], key[1], self.phase, start, time.perf_counter(),
                                          rows, tokens))
 
-    def run_layer(self, layer: int, items: Sequence[tuple[Hashable, ExpertWeights, torch.Tensor]],
-                  layer_tokens: int) -> list[torch.Tensor]:
-        """Outputs y_TM of the FFNs items = [(expert, weights, x_TM)] of one layer."""
+    def run_layer(self, layer: int, items: Sequence[FFNItem], layer_tokens: int) -> list[torch.Tensor]:
+        """Outputs y_TM of the FFNs items = [(expert, weights, x_TM)] of one layer. A lane's error
+        is raised here, once, after the other lanes have stopped."""
+        if not self._open:
+            raise RuntimeError("HybridEngine is closed; create a new engine to run more layers")
+        if self._stuck_lanes:
+            raise RuntimeError(f"HybridEngine lanes {self._stuck_lanes} did not stop after an earlier error; "
+                               "create a new engine")
         if self._widths is None:
             self.place({(layer, e): w.ffn_hidden for e, w, _ in items})
         for e, w, _ in items:
@@ -330,7 +292,7 @@ class HybridEngine:
         loads = [ExpertLoad((layer, e), x.shape[0], w.ffn_hidden, self._gg.get((layer, e), 0)) for e, w, x in items]
         splits = self.policy.plan(layer, loads, self.phase, layer_tokens, self.cg_max)
         for ld, s in zip(loads, splits):
-            if s.width != ld.width or s.gg != ld.gg or (s.cg and self.cg_max is not None and s.cg > self.cg_max):
+            if s.width != ld.width or s.gg != ld.gg or s.cg > self.cg_max:
                 raise RuntimeError(f"policy {self.policy.name!r} planned {s} for {ld}; expected width "
                                    f"{ld.width}, gg {ld.gg}, cg <= {self.cg_max}")
         work = [((layer, e), w, x, s) for (e, w, x), s in zip(items, splits)]
@@ -356,12 +318,11 @@ class HybridEngine:
     def _cpu_band(self, key, w, x_host, s) -> torch.Tensor:
         t0 = time.perf_counter()
         self._hook("cpu", "cc")
-        y = ffn(w.slice(0, s.cc), x_host)
+        y = fast_ffn(w.slice(0, s.cc), x_host)
         self._stamp("cpu", "cc", key, t0, s.cc, x_host.shape[0])
         return y
 
-    def _copy_band(self, key, w, s):
-        slot = self._slots.get()
+    def _copy_band(self, key, w, s, slot: Slot) -> Slot:
         t0 = time.perf_counter()
         self._hook("h2d", "cg")
         src = _contiguous_rows(w, s.cc, s.cc + s.cg)
@@ -381,15 +342,15 @@ class HybridEngine:
         self._hook("gpu", band)
         if self.cuda:
             with torch.cuda.stream(self._compute_stream):
-                y = ffn(w_dev, x_dev)
+                y = fast_ffn(w_dev, x_dev)
             self._compute_stream.synchronize()
             y.record_stream(self._main_stream)      # freed later on the caller's stream
         else:
-            y = ffn(w_dev, x_dev)
+            y = fast_ffn(w_dev, x_dev)
         self._stamp("gpu", band, key, t0, rows, x_dev.shape[0])
         return y
 
-    def _staged(self, slot, rows) -> ExpertWeights:
+    def _staged(self, slot: Slot, rows: int) -> ExpertWeights:
         gate, up, down_FM = slot
         return ExpertWeights(gate[:rows], up[:rows], down_FM[:rows].t())
 
@@ -401,74 +362,108 @@ class HybridEngine:
 
     def _run_concurrent(self, work):
         parts: list[dict[str, torch.Tensor]] = [{} for _ in work]
-        copies: list[Future | None] = [Future() if s.cg else None for _, _, _, s in work]
+        run = _LayerRun(self._staging)
 
         def cpu_lane():
             for j, (key, w, x, s) in enumerate(work):
                 if s.cc:
+                    run.check()
                     parts[j]["cc"] = self._cpu_band(key, w, self._to_host(x), s)
 
         def copy_lane():
             for j, (key, w, x, s) in enumerate(work):
                 if s.cg:
-                    try:
-                        copies[j].set_result(self._copy_band(key, w, s))
-                    except BaseException as e:     # the GPU lane must not wait forever
-                        for f in copies[j:]:
-                            if f is not None and not f.done():
-                                f.set_exception(e)
-                        raise
+                    run.land(j, self._copy_band(key, w, s, run.take_free_slot()))
 
         def gpu_lane():
             for j, (key, w, x, s) in enumerate(work):
                 if s.gg:
-                    parts[j]["gg"] = self._gpu_band("gg", key, self._resident_slice(key, w), x, s.gg)
+                    run.check()
+                    parts[j]["gg"] = self._gpu_band("gg", key, self.resident_slice(key, w), x, s.gg)
             for j, (key, w, x, s) in enumerate(work):
                 if s.cg:
-                    slot = copies[j].result()
-                    try:
-                        parts[j]["cg"] = self._gpu_band("cg", key, self._staged(slot, s.cg), x, s.cg)
-                    finally:
-                        self._slots.put(slot)
+                    slot = run.take_landed(j)
+                    parts[j]["cg"] = self._gpu_band("cg", key, self._staged(slot, s.cg), x, s.cg)
+                    run.give_back(slot)
 
-        futs = [self._pools["gpu"].submit(gpu_lane), self._pools["h2d"].submit(copy_lane),
-                self._pools["cpu"].submit(cpu_lane)]
-        for f in futs:
+        def guarded(body):
+            def lane():
+                try:
+                    body()
+                except LaneCancelled:
+                    raise
+                except BaseException as e:
+                    run.fail(e)
+                    raise
+            return lane
+
+        self._active_run = run
+        try:
+            futures = [self._lanes[name].submit(guarded(body))
+                       for name, body in (("gpu", gpu_lane), ("h2d", copy_lane), ("cpu", cpu_lane))]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException as e:       # the caller interrupted (KeyboardInterrupt, say)
+                run.fail(e)
+                raise
+            finally:
+                if run.error is not None:
+                    self._await_stop(futures)
+        finally:
+            self._active_run = None
+        if run.error is not None:
+            raise run.error
+        for f in futures:
             f.result()
         for p in parts:
             if "cc" in p:
                 p["cc"] = self._to_dev(p["cc"])
         return parts
 
+    def _await_stop(self, futures: Sequence[Future]) -> None:
+        """Wait for cancelled lanes to stop, at most LANE_STOP_TIMEOUT_S; a lane still running
+        after that (blocked in foreign code) makes the engine refuse further layers, since it may
+        still write to a staging buffer."""
+        _, pending = wait(futures, timeout=LANE_STOP_TIMEOUT_S)
+        lanes = dict(zip(futures, ("gpu", "h2d", "cpu")))
+        self._stuck_lanes = sorted(lanes[f] for f in pending)
+
     def _run_serial(self, work):
         """GPU parts first, then CPU parts, one at a time (Fiddler's and llama.cpp's order)."""
         parts: list[dict[str, torch.Tensor]] = [{} for _ in work]
         for j, (key, w, x, s) in enumerate(work):
             if s.gg:
-                parts[j]["gg"] = self._gpu_band("gg", key, self._resident_slice(key, w), x, s.gg)
+                parts[j]["gg"] = self._gpu_band("gg", key, self.resident_slice(key, w), x, s.gg)
             if s.cg:
-                slot = self._copy_band(key, w, s)
-                try:
-                    parts[j]["cg"] = self._gpu_band("cg", key, self._staged(slot, s.cg), x, s.cg)
-                finally:
-                    self._slots.put(slot)
+                slot = self._copy_band(key, w, s, self._staging[0])
+                parts[j]["cg"] = self._gpu_band("cg", key, self._staged(slot, s.cg), x, s.cg)
         for j, (key, w, x, s) in enumerate(work):
             if s.cc:
                 parts[j]["cc"] = self._to_dev(self._cpu_band(key, w, self._to_host(x), s))
         return parts
 
-    def close(self):
-        for p in self._pools.values():
-            p.shutdown(wait=True)
-        if self._open:
+    def close(self, timeout: float = LANE_STOP_TIMEOUT_S) -> None:
+        """Stop the lanes: a layer running in another thread is cancelled, and each lane thread is
+        waited for at most `timeout` seconds in all. Idempotent."""
+        with self._close_lock:
+            if not self._open:
+                return
             self._open = False
-            _short_switch_interval(-1)
+        run = self._active_run
+        if run is not None:
+            run.fail(LaneCancelled("the engine was closed while a layer was running"))
+        for lane in self._lanes.values():
+            lane.stop()
+        deadline = time.monotonic() + timeout
+        for lane in self._lanes.values():
+            lane.join(max(0.0, deadline - time.monotonic()))
+        _short_switch_interval(-1)
 
 
 # ----------------------------------------------------------------------------------- decoder
 
 class HybridDecoder(Decoder):
-    """`model.Decoder` running its FFNs through a `HybridEngine` (module doc). `on_forward(S)` is
+    """`decoder.Decoder` running its FFNs through a `HybridEngine` (module doc). `on_forward(S)` is
     called after every forward call with its number of new positions (progress displays)."""
 
     def __init__(self, source, engine: HybridEngine, *, on_forward: Callable[[int], None] | None = None,
@@ -476,8 +471,7 @@ class HybridDecoder(Decoder):
         self.engine = engine
         self._pin = engine.cuda if pin_memory is None else pin_memory
         self.on_forward = on_forward
-        super().__init__(source, dtype=engine.dtype, device=engine.device, cache_weights=True,
-                         expert_fn=engine.expert_fn)
+        super().__init__(source, dtype=engine.dtype, device=engine.device, cache_weights=True)
         if self.config.hidden != engine.hidden:
             raise ConfigError(f"engine hidden={engine.hidden} but the model's hidden={self.config.hidden}")
         engine.place(ffn_widths(self.config))
@@ -486,37 +480,18 @@ class HybridDecoder(Decoder):
             ffns = {"dense": lw.dense} if lw.dense is not None else {
                 **dict(enumerate(lw.moe.experts)), **({"shared": lw.moe.shared} if lw.moe.shared else {})}
             for e, w in ffns.items():
-                engine._resident_slice((i, e), w)
+                engine.resident_slice((i, e), w)
 
     def _expert(self, prefix: str) -> ExpertWeights:
         # FFN weights stay in host memory (pinned with CUDA); down kept as [F, M] rows.
-        names = expert_weight_names(prefix)
-        host = lambda n: self.source.load(n).to(dtype=self.dtype, copy=True)  # noqa: E731
-        gate, up = host(names["gate"]), host(names["up"])
-        down_FM = host(names["down"]).t().contiguous()
+        host = lambda part: self.source.load(f"{prefix}.{part}.weight").to(dtype=self.dtype, copy=True)  # noqa: E731
+        gate, up, down_FM = host("gate"), host("up"), host("down").t().contiguous()
         if self._pin:
             gate, up, down_FM = gate.pin_memory(), up.pin_memory(), down_FM.pin_memory()
         return ExpertWeights(gate, up, down_FM.t())
 
-    def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
-        ids_TK, weights_TK = route(self.config, F.linear(x_TM, w.router_EM))
-        if self.route_observer is not None:
-            self.route_observer(i, ids_TK, weights_TK)
-        experts = ids_TK.unique().tolist()
-        sel = [(ids_TK == e).nonzero(as_tuple=True) for e in experts]
-        items = [(e, w.experts[e], x_TM[tok_T]) for e, (tok_T, _) in zip(experts, sel)]
-        if w.shared is not None:
-            items.append(("shared", w.shared, x_TM))
-        ys = self.engine.run_layer(i, items, x_TM.shape[0])
-        y_TM = torch.zeros_like(x_TM)
-        for (tok_T, slot_T), y_e in zip(sel, ys):
-            y_TM.index_add_(0, tok_T, y_e * weights_TK[tok_T, slot_T, None].to(y_e.dtype))
-        if w.shared is not None:
-            s_TM = ys[-1]
-            if w.shared_gate_1M is not None:
-                s_TM = torch.sigmoid(F.linear(x_TM, w.shared_gate_1M)) * s_TM
-            y_TM = y_TM + s_TM
-        return y_TM
+    def run_ffns(self, i: int, items: Sequence[FFNItem], layer_tokens: int) -> list[torch.Tensor]:
+        return self.engine.run_layer(i, items, layer_tokens)
 
     @torch.no_grad()
     def forward(self, tokens_BS, cache, valid_BS=None, last_only=False):

@@ -29,7 +29,7 @@ import torch
 
 from impl.common.config import ConfigError
 
-from .model import DecoderConfig, weight_shapes
+from .config import DecoderConfig, weight_shapes
 from .weights import (RandomWeights, WeightFormatError, WeightSource, gguf_arch, gguf_metadata,
                       gguf_tensor_ref, hf_config_dict, hf_tensor_name, permute_for_interleaved_rope)
 

@@ -1,9 +1,9 @@
-"""Weights for `model.Decoder`: GGUF files, HF safetensors checkpoints, and lazily generated random
-weights at real shapes.
+"""Weights for the decoders (decoder.py, fast_decode.py): GGUF files, HF safetensors checkpoints,
+and lazily generated random weights at real shapes.
 
 Why: ScheInfer is compared with llama.cpp on GGUF files and with HF-based engines (Fiddler) on
 safetensors checkpoints; both formats must give the very same model. Every source maps its tensors
-to the canonical names of `model.weight_shapes` and hands them out one at a time (`load`), in
+to the canonical names of `config.weight_shapes` and hands them out one at a time (`load`), in
 their stored dtype, so a caller decides what to keep in memory.
 
 Sources
@@ -36,11 +36,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .model import DecoderConfig, LongRope, weight_shapes
+from .config import DecoderConfig, LongRope, weight_shapes
 
 __all__ = [
     "WeightFormatError", "WeightSource", "DictWeights", "RandomWeights", "GGUFWeights",
-    "SafetensorsWeights", "load_weights", "load_decoder", "materialize", "GGUF_ARCHS", "GGUF_TYPES",
+    "SafetensorsWeights", "load_weights", "materialize", "GGUF_ARCHS", "GGUF_TYPES",
     "HF_ARCHITECTURES", "gguf_arch", "gguf_tensor_ref", "gguf_metadata", "hf_tensor_name",
     "hf_config_dict", "config_from_hf", "permute_for_interleaved_rope", "unpermute_from_interleaved_rope",
 ]
@@ -56,7 +56,7 @@ TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat
 # =========================================================================== sources
 
 class WeightSource(ABC):
-    """Canonical-name access to one model's weights (see model.weight_shapes)."""
+    """Canonical-name access to one model's weights (see config.weight_shapes)."""
 
     config: DecoderConfig
 
@@ -565,8 +565,3 @@ def load_weights(path: str | Path) -> WeightSource:
     raise WeightFormatError(f"{path}: not a weights path; allowed: a .gguf file, or an HF checkpoint "
                             "directory with config.json and *.safetensors")
 
-
-def load_decoder(path: str | Path, **decoder_kwargs):
-    """`model.Decoder` over load_weights(path); keyword arguments go to Decoder."""
-    from .model import Decoder
-    return Decoder(load_weights(path), **decoder_kwargs)

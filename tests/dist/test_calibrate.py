@@ -126,10 +126,11 @@ def test_cli_on_two_gloo_ranks_writes_fitted_profile(tmp_path):
 
 @pytest.mark.dist
 def test_calibrate_api_two_nodes_all_collectives():
-    plan = CalibrationPlan.build("2x1", [4096, 8192, 12288], 2, 1, ["a2a", "allgather", "allreduce"], progress=False)
+    plan = CalibrationPlan.build("2x1", [4096, 8192, 12288], 2, 1, ["a2a", "allgather", "reducescatter", "allreduce"],
+                                 progress=False)
     series, where = calibrate(plan)
     assert where["emulated"] is False
-    assert sorted(series) == ["a2a/flat", "allgather/flat", "allreduce/flat"]
+    assert sorted(series) == ["a2a/flat", "allgather/flat", "allreduce/flat", "reducescatter/flat"]
     for key, s in series.items():
         assert s["nbytes"] == [4096, 8192, 12288]
         assert len(s["times_ms"]) == 2  # ranks

@@ -38,6 +38,7 @@ def test_runs_in_sim_tier_and_writes_record(tmp_path):
     assert record["metrics"]["step_time_ms"]["n"] == 2
 
 
+@pytest.mark.slow
 def test_exit_code_from_a_real_process():
     proc = subprocess.run([sys.executable, "-m", "impl.experiments.layer_bench", "--set", "top_k=0"],
                           capture_output=True, text=True, timeout=120)

@@ -12,7 +12,7 @@ from tests.support.ep_case import EPCase, identity_round_trip, assert_matches_re
 
 
 @pytest.mark.parametrize("topo_name,E,K", [("1x1", 4, 2), ("1x2", 4, 2), ("2x2", 8, 2), ("2x4", 16, 4),
-                                           ("hier:node=2,socket=2,gpu=2", 16, 3), ("hiermoe-testbed", 64, 8)])
+                                           ("hier:node=2,socket=2,gpu=2", 16, 3), pytest.param("hiermoe-testbed", 64, 8, marks=pytest.mark.slow)])
 def test_flat_matches_dense_reference(topo_name, E, K):
     topo = get_topology(topo_name)
     case = EPCase(num_experts=E, top_k=K, tokens_per_rank=10 if topo.G < 32 else 6)

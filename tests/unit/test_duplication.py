@@ -112,6 +112,7 @@ def test_measured_rate_converges_to_closed_form():
             assert measured == pytest.approx(expected_duplication_rate(64, k, r), abs=0.01), (k, r)
 
 
+@pytest.mark.slow
 def test_table2_at_paper_scale_within_two_points_of_the_paper():
     config = table2.Table2Config(tokens_per_sample=8192, repeats=2)
     frame = table2.measure(config, progress=False)

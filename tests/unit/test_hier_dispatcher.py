@@ -21,7 +21,7 @@ def _perm(E, seed):
 
 
 @pytest.mark.parametrize("topo_name,E,K", [
-    ("2x2", 8, 3), ("hier:node=2,socket=2,gpu=2", 16, 4), ("hiermoe-testbed", 64, 8)])
+    ("2x2", 8, 3), ("hier:node=2,socket=2,gpu=2", 16, 4), pytest.param("hiermoe-testbed", 64, 8, marks=pytest.mark.slow)])
 def test_every_variant_equals_dense_reference(topo_name, E, K):
     topo = get_topology(topo_name)
     for name in variants(topo.D):
@@ -30,6 +30,7 @@ def test_every_variant_equals_dense_reference(topo_name, E, K):
         assert_matches_reference(results, reference(case, topo.G))
 
 
+@pytest.mark.slow
 def test_permuted_placement_equals_reference_at_32_ranks():
     """The logical-to-physical map expert swap changes: experts live in permuted slots."""
     topo = get_topology("hiermoe-testbed")
@@ -39,7 +40,7 @@ def test_permuted_placement_equals_reference_at_32_ranks():
 
 
 @pytest.mark.parametrize("topo_name,E,K", [("2x4", 16, 4), ("hier:node=2,socket=2,gpu=2", 16, 3),
-                                           ("hiermoe-testbed", 64, 8)])
+                                           pytest.param("hiermoe-testbed", 64, 8, marks=pytest.mark.slow)])
 def test_bytes_and_messages_equal_brute_force(topo_name, E, K):
     topo = get_topology(topo_name)
     perm = _perm(E, 1)

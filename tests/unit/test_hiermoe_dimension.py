@@ -19,7 +19,8 @@ from impl.hiermoe.dimension import (RouteCounts, choose_dimension, choose_from_c
                                     modeled_time, modeled_times, route_counts, route_volumes, select_dimension,
                                     volumes)
 
-TOPOLOGIES = ["2x4", "hier:node=2,socket=2,gpu=2", "hier:a=3,b=2,c=2", "hiermoe-testbed"]
+TOPOLOGIES = ["2x4", "hier:node=2,socket=2,gpu=2", "hier:a=3,b=2,c=2",
+              pytest.param("hiermoe-testbed", marks=pytest.mark.slow)]
 
 
 # ---- slow references: follow every copy with Python loops -------------------------------------
@@ -127,7 +128,7 @@ def random_placement(E, seed):
 
 # ---- counts ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("topo_name,E,K", [("2x4", 16, 3), ("hier:a=3,b=2,c=2", 24, 5), ("hiermoe-testbed", 64, 8)])
+@pytest.mark.parametrize("topo_name,E,K", [("2x4", 16, 3), ("hier:a=3,b=2,c=2", 24, 5), pytest.param("hiermoe-testbed", 64, 8, marks=pytest.mark.slow)])
 def test_counts_equal_loop_count(topo_name, E, K):
     topo = get_topology(topo_name)
     placement = random_placement(E, 5)
@@ -151,7 +152,7 @@ def test_counts_by_hand():
 
 # ---- volumes against the loop reference and the real dispatcher -------------------------------
 
-@pytest.mark.parametrize("topo_name,E,K", [("2x4", 16, 4), ("hier:a=3,b=2,c=2", 24, 6), ("hiermoe-testbed", 64, 8)])
+@pytest.mark.parametrize("topo_name,E,K", [("2x4", 16, 4), ("hier:a=3,b=2,c=2", 24, 6), pytest.param("hiermoe-testbed", 64, 8, marks=pytest.mark.slow)])
 def test_volumes_equal_loop_route(topo_name, E, K):
     topo = get_topology(topo_name)
     placement = random_placement(E, 11)
@@ -174,7 +175,7 @@ def _dispatch_rank(comm, ids_by_rank, E, placement, dim, dedup):
     return routing.routing_map_TE
 
 
-@pytest.mark.parametrize("topo_name,E,K", [("2x4", 16, 4), ("hier:a=3,b=2,c=2", 24, 4), ("hiermoe-testbed", 64, 8)])
+@pytest.mark.parametrize("topo_name,E,K", [("2x4", 16, 4), ("hier:a=3,b=2,c=2", 24, 4), pytest.param("hiermoe-testbed", 64, 8, marks=pytest.mark.slow)])
 def test_volumes_equal_dispatcher_traffic(topo_name, E, K):
     """Forward 'tokens' rows, bytes and messages per level of the real HDd / Hd dispatch."""
     topo = get_topology(topo_name)

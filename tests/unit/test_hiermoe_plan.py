@@ -134,6 +134,7 @@ def test_trace_errors(capsys, tmp_path):
     assert "E=12 experts, not divisible by G=8" in run_error(capsys, "--topology", "2x4", "--trace", str(path))
 
 
+@pytest.mark.slow
 def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "impl.hiermoe.plan", "--topology", "2x2", "--synthetic", "uniform",
                            "--num-experts", "8", "--top-k", "2", "--tokens-per-rank", "4", "--json"],

@@ -1,15 +1,15 @@
-"""`python -m impl.scheinfer`: generation output, byte-level prompts, one-line errors (exit 2)."""
+"""`python -m impl.experiments.scheinfer`: generation output, byte-level prompts, one-line errors (exit 2)."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-from impl.scheinfer.__main__ import byte_tokenize, main
+from impl.experiments.scheinfer.__main__ import byte_tokenize, main
+from impl.scheinfer.decoder import Decoder
 from impl.scheinfer.generate_models import generate
 from impl.scheinfer.partition import REFERENCE_COST
 from impl.scheinfer.weights import GGUFWeights
-from impl.scheinfer.model import Decoder
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,9 @@ def test_usage_errors_exit_2(capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_module_entry_point(files):
-    r = subprocess.run([sys.executable, "-m", "impl.scheinfer", "generate", "--model", str(files["llama"]),
+    r = subprocess.run([sys.executable, "-m", "impl.experiments.scheinfer", "generate", "--model", str(files["llama"]),
                         "--tokens", "1 2 3", "--n-predict", "2", "--cost", str(files["cost"]), "--no-progress"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

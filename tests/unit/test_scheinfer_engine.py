@@ -1,5 +1,6 @@
 """ScheInfer three-lane engine: exact outputs under every partition and policy, real lane overlap,
-determinism under injected delays, placement within the GPU budget, calibration."""
+determinism under injected delays, placement within the GPU budget, a failing lane surfacing in
+the caller without hanging, calibration."""
 import random
 import threading
 import time
@@ -7,12 +8,14 @@ import time
 import pytest
 import torch
 
+import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
+from baselines.llamacpp.policy import LayersPolicy
 from impl.common.config import ConfigError
-from impl.scheinfer.engine import (FixedPolicy, HybridDecoder, HybridEngine, LayersPolicy, ffn_widths,
-                                   make_policy)
+from impl.scheinfer.decoder import Decoder
+from impl.scheinfer.engine import HybridDecoder, HybridEngine
 from impl.scheinfer.generate_models import generate
-from impl.scheinfer.model import Decoder
 from impl.scheinfer.partition import REFERENCE_COST
+from impl.scheinfer.policy import FixedPolicy, ffn_widths, make_policy
 from impl.scheinfer.weights import GGUFWeights
 
 KINDS = ("llama", "mixtral")
@@ -170,10 +173,11 @@ def test_budget_below_staging_disables_cg(models):
 
 
 def test_bad_options():
-    with pytest.raises(ConfigError, match="policy"):
+    with pytest.raises(ConfigError, match=r"policy='magic' is not allowed; expected one of fiddler, fixed, layers"):
         make_policy("magic", cost=REFERENCE_COST, hidden=8, num_layers=1, dtype_bytes=4)
-    with pytest.raises(ConfigError, match="cost model"):
-        make_policy("scheinfer", cost=None, hidden=8, num_layers=1, dtype_bytes=4)
+    for name in ("scheinfer", "fiddler"):
+        with pytest.raises(ConfigError, match=f"policy='{name}' needs a cost model"):
+            make_policy(name, cost=None, hidden=8, num_layers=1, dtype_bytes=4)
     with pytest.raises(ConfigError, match="fixed fractions"):
         FixedPolicy(0.5, 0.6, 0)
     with pytest.raises(ConfigError, match="gpu_mem_bytes"):
@@ -219,3 +223,113 @@ def test_switch_interval_short_while_any_engine_is_open_and_restored_after():
     finally:
         b.close()
     assert sys.getswitchinterval() == before
+
+
+# ------------------------------------------------------------------------- a failing lane
+
+class InjectedFault(RuntimeError):
+    """Stands for a lane's real failure, e.g. CUDA running out of memory."""
+
+
+def _generate_in_thread(engine, src, prompt, timeout=60):
+    """Generate and close in a thread joined with a timeout: a hang fails the test instead of
+    blocking it. Returns (outcome, thread)."""
+    outcome = {}
+
+    def body():
+        try:
+            outcome["out"] = HybridDecoder(src, engine).generate([prompt], N_NEW, return_logits=True)
+        except BaseException as e:
+            outcome["error"] = e
+        finally:
+            engine.close()
+            outcome["closed"] = True
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(timeout)
+    return outcome, t
+
+
+# (lane, band) that fails first, in the first prefill layer. Prefill routes the 10 prompt tokens
+# to more experts than there are staging buffers, so the copy lane waits for a buffer the GPU lane
+# would give back, and the GPU lane waits for copies: a failure of either must free the other.
+FAULTS = [("cpu", "cc"), ("h2d", "cg"), ("gpu", "gg"), ("gpu", "cg")]
+
+
+@pytest.mark.parametrize("lane,band", FAULTS, ids=[f"{l}-{b}" for l, b in FAULTS])
+def test_failing_lane_surfaces_once_in_the_caller_and_engine_closes(models, monkeypatch, lane, band):
+    src, _ = models["mixtral"]
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: uncaught.append(args))
+    failures = []
+
+    def hook(l, b):
+        if (l, b) == (lane, band) and not failures:
+            failures.append(InjectedFault(f"injected on the {l} lane ({b})"))
+            raise failures[0]
+    engine = HybridEngine(FixedPolicy(0.3, 0.3, 0.4), src.config.hidden, gpu_mem_bytes=BIG, lane_hook=hook)
+    outcome, t = _generate_in_thread(engine, src, PROMPT)
+    assert not t.is_alive(), "generation or close() hung after a lane failed"
+    assert outcome["closed"] and outcome["error"] is failures[0]      # the lane's own error, once
+    assert not uncaught                                                  # nothing left to a lane thread
+    assert not any(lane._thread.is_alive() for lane in engine._lanes.values())
+
+
+@pytest.mark.parametrize("lane,band", [("gpu", "gg"), ("h2d", "cg")])
+def test_engine_runs_on_after_a_failed_layer(models, lane, band):
+    """A failed layer gives its staging buffers back: the same engine then generates the
+    reference's tokens (with leaked buffers the copy lane would wait forever)."""
+    src, ref = models["mixtral"]
+    armed = [True]
+
+    def hook(l, b):
+        if armed[0] and (l, b) == (lane, band):
+            armed[0] = False
+            raise InjectedFault("once")
+    engine = HybridEngine(FixedPolicy(0.3, 0.3, 0.4), src.config.hidden, gpu_mem_bytes=BIG, lane_hook=hook)
+    dec = HybridDecoder(src, engine)
+    with pytest.raises(InjectedFault):
+        dec.generate([PROMPT], N_NEW)
+    outcome, t = _generate_in_thread(engine, src, PROMPT)
+    assert not t.is_alive()
+    _assert_same(outcome["out"], ref)
+
+
+def test_close_is_idempotent_and_cancels_a_running_layer(models):
+    """close() from another thread while a lane waits: the caller gets a LaneCancelled error
+    promptly, and further calls fail with one clear line."""
+    from impl.scheinfer.engine import LaneCancelled
+    src, _ = models["mixtral"]
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(l, b):
+        if (l, b) == ("gpu", "gg") and not entered.is_set():
+            entered.set()
+            release.wait(30)                   # the GPU lane is busy; the copy lane fills the buffers
+    engine = HybridEngine(FixedPolicy(0.3, 0.3, 0.4), src.config.hidden, gpu_mem_bytes=BIG, lane_hook=hook)
+    dec = HybridDecoder(src, engine)
+    outcome = {}
+
+    def body():
+        try:
+            dec.generate([PROMPT], N_NEW)
+        except BaseException as e:
+            outcome["error"] = e
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    assert entered.wait(30)
+    run = engine._active_run
+    closer = threading.Thread(target=engine.close, daemon=True)
+    closer.start()
+    deadline = time.monotonic() + 30
+    while run.error is None and time.monotonic() < deadline:    # close() has cancelled the layer
+        time.sleep(0.01)
+    release.set()
+    closer.join(30)
+    t.join(30)
+    assert not closer.is_alive() and not t.is_alive()
+    assert isinstance(outcome["error"], LaneCancelled)
+    engine.close()                                   # idempotent
+    with pytest.raises(RuntimeError, match="HybridEngine is closed"):
+        engine.run_layer(0, [], 0)

@@ -1,4 +1,5 @@
-"""The reference decoder: slicing algebra, routing, KV cache, batching, sampling, hooks, configs."""
+"""The decoders: the reference decoder (slicing algebra, routing, KV cache, batching, sampling, hooks,
+configs) and the fast decode path, equal to it on every architecture."""
 import math
 
 import pytest
@@ -6,10 +7,13 @@ import torch
 
 from impl.common.config import ConfigError
 from impl.common.models import get_model
+from impl.scheinfer.config import DecoderConfig, LongRope, weight_shapes
+from impl.scheinfer.decoder import Decoder
+from impl.scheinfer.fast_decode import FastDecoder, paired_ffn, split_linear
 from impl.scheinfer.generate_models import KINDS, tiny_config
-from impl.scheinfer.model import (Decoder, DecoderConfig, ExpertWeights, LongRope, SamplingConfig, _pair_ffn, ffn,
-                                  route, sample_next, weight_shapes)
-from impl.scheinfer.weights import RandomWeights
+from impl.scheinfer.layers import ExpertWeights, ffn, route
+from impl.scheinfer.sampling import SamplingConfig, sample_next
+from impl.scheinfer.weights import DictWeights, RandomWeights, materialize
 
 ALL_KINDS = list(KINDS)
 
@@ -17,6 +21,18 @@ ALL_KINDS = list(KINDS)
 @pytest.fixture(scope="module")
 def decoders():
     return {k: Decoder(RandomWeights(tiny_config(k), seed=11, dtype=torch.float32)) for k in ALL_KINDS}
+
+
+@pytest.fixture(scope="module")
+def fast_decoders(decoders):
+    return {k: FastDecoder(d.source) for k, d in decoders.items()}
+
+
+def assert_same_generation(got, want, atol=2e-5):
+    """The fast path's contract: the same tokens, logits within rounding."""
+    assert got.tokens == want.tokens
+    for g, w in zip(got.step_logits, want.step_logits):
+        torch.testing.assert_close(g, w, rtol=0, atol=atol)
 
 
 # ------------------------------------------------------------------------- FFN slicing
@@ -42,9 +58,8 @@ def test_ffn_is_exact_sum_of_intermediate_slices(dtype, tol):
 @pytest.mark.parametrize("layout", ["rows", "transposed", "narrow"])
 @pytest.mark.parametrize("tokens", [1, 5, 40])
 def test_split_linear_equals_f_linear(threads, layout, tokens):
-    """model._linear's core-split paths (blocks of output rows, blocks of the reduction) and its
+    """split_linear's core-split paths (blocks of output rows, blocks of the reduction) and its
     fallback equal F.linear, with bias and leading batch dims."""
-    from impl.scheinfer.model import _linear
     g = torch.Generator().manual_seed(tokens)
     N, K = (512, 384) if layout != "narrow" else (6, 8)
     w_NK = torch.randn(N, K, generator=g, dtype=torch.float64)
@@ -56,7 +71,7 @@ def test_split_linear_equals_f_linear(threads, layout, tokens):
     torch.set_num_threads(threads)
     try:
         for bias in (None, b):
-            got = _linear(x, w_NK, bias)
+            got = split_linear(x, w_NK, bias)
             assert got.shape == (2, tokens, N)
             torch.testing.assert_close(got, torch.nn.functional.linear(x, w_NK, bias), rtol=1e-12, atol=1e-12)
     finally:
@@ -111,11 +126,43 @@ def test_softmax_topk_normalised_and_not():
     torch.testing.assert_close(w[0], p[:2])
 
 
+def test_router_orders_ties_as_llamacpp_lowest_expert_first():
+    """Equal probabilities are taken in ascending expert order (llama.cpp's stable descending
+    argsort), at the top-k boundary too; torch.topk would pick others."""
+    mix = DecoderConfig(arch="mixtral", vocab_size=8, hidden=4, num_layers=1, num_heads=1, num_kv_heads=1,
+                        head_dim=4, ffn_hidden=0, num_experts=4, top_k=2, moe_ffn_hidden=4)
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0],       # a tie for the second place
+                           [0.0, 0.0, 0.0, 0.0],       # all equal
+                           [0.0, 5.0, 5.0, 9.0],       # a tie inside the top-k, behind the leader
+                           [1.0, 2.0, 2.0, 0.0]])
+    ids, w = route(mix, logits)
+    assert ids.tolist() == [[0, 1], [0, 1], [3, 1], [1, 2]]
+    torch.testing.assert_close(w[1], torch.tensor([0.5, 0.5]))
+    assert route(mix, logits.flip(-1))[0].tolist() == [[3, 0], [0, 1], [0, 1], [1, 2]]
+    phi = tiny_config("phimoe")                        # SparseMixer: equal maxima, lowest id first
+    ids, _ = route(phi, torch.zeros(1, phi.num_experts))
+    assert ids.tolist() == [[0, 1]]
+
+
+def test_decoders_route_a_tie_alike():
+    """A router of zeros makes every expert tie for every token: both decoders pick experts 0
+    and 1 (the prefill's several tokens and each decoded token alike)."""
+    cfg = tiny_config("mixtral")
+    tensors = materialize(RandomWeights(cfg, seed=4, dtype=torch.float32)).tensors
+    tensors.update({n: torch.zeros_like(t) for n, t in tensors.items() if n.endswith("moe.router.weight")})
+    src = DictWeights(cfg, tensors)
+    for cls in (Decoder, FastDecoder):
+        seen = []
+        cls(src, route_observer=lambda l, ids, w: seen.append(ids)).generate([[1, 17, 300, 42]], 3)
+        assert seen and all((ids == torch.tensor([0, 1])).all() for ids in seen), cls.__name__
+
+
 # ------------------------------------------------------------------------- KV cache, batching
 
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_incremental_decode_equals_full_forward(decoders, kind):
-    dec = decoders[kind]
+def test_incremental_decode_equals_full_forward(decoders, fast_decoders, kind, fast):
+    dec = (fast_decoders if fast else decoders)[kind]
     toks = [1, 17, 300, 42, 8, 255, 77, 3, 90, 400]
     full = dec.logits(toks)
     cache = dec.new_cache(1, len(toks))
@@ -125,59 +172,67 @@ def test_incremental_decode_equals_full_forward(decoders, kind):
     torch.testing.assert_close(torch.cat(steps), full, rtol=0, atol=2e-5)
 
 
-def test_paired_experts_equal_each_expert_alone(decoders):
+# ------------------------------------------------------------------------- the fast decode path
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_fast_decoder_equals_reference(decoders, fast_decoders, kind):
+    """Eager fast path against the reference: one prompt, a left-padded batch, an unpadded batch;
+    at one thread (paired experts) and at four (core-split products), routing observed alike."""
+    ref, fast = decoders[kind], fast_decoders[kind]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            for prompts in ([[1, 17, 300, 42]], [[1, 5, 9], [2, 300, 22, 41, 7]], [[1, 5, 9, 4], [2, 300, 22, 41]]):
+                assert_same_generation(fast.generate(prompts, 6, return_logits=True),
+                                       ref.generate(prompts, 6, return_logits=True))
+    finally:
+        torch.set_num_threads(before)
+    seen = {"ref": [], "fast": []}
+    for name, cls in (("ref", Decoder), ("fast", FastDecoder)):
+        cls(ref.source, route_observer=lambda l, ids, w, name=name: seen[name].append((l, ids, w))).generate(
+            [[1, 17, 300, 42]], 4)
+    assert len(seen["ref"]) == len(seen["fast"]) == (4 * ref.config.num_layers if ref.config.is_moe else 0)
+    for (la, ia, wa), (lb, ib, wb) in zip(seen["ref"], seen["fast"]):
+        assert la == lb and torch.equal(ia, ib)
+        torch.testing.assert_close(wa, wb, rtol=0, atol=1e-6)
+
+
+def test_paired_experts_equal_each_expert_alone(fast_decoders):
     """Any two experts of a stacked layer as one batched product give each expert's own `ffn`."""
-    moe = decoders["mixtral"].layer_weights(0).moe
-    x = torch.randn(1, moe.stacked[0].shape[2], generator=torch.Generator().manual_seed(3))
+    moe = fast_decoders["mixtral"].layer_weights(0).moe
+    x = torch.randn(1, moe.gate_up_E2FM.shape[2], generator=torch.Generator().manual_seed(3))
     E = len(moe.experts)
     for a, b in ((0, 1), (0, E - 1), (2, 5)):
-        for y, e in zip(_pair_ffn(moe.stacked, a, b, x), (a, b)):
+        for y, e in zip(paired_ffn(moe, a, b, x), (a, b)):
             torch.testing.assert_close(y, ffn(moe.experts[e], x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_one_token_path_is_the_same_with_pairs_and_without(decoders, kind):
-    """Decode with the paired one-token path (<= 2 torch threads) and with one split product per
-    expert (more threads): the same tokens, logits within rounding."""
-    dec, before = decoders[kind], torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, 4):
-            torch.set_num_threads(threads)
-            outs.append(dec.generate([[1, 17, 300, 42]], 6, return_logits=True))
-    finally:
-        torch.set_num_threads(before)
-    assert outs[0].tokens == outs[1].tokens
-    torch.testing.assert_close(outs[0].step_logits[0], outs[1].step_logits[0], rtol=0, atol=2e-5)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_compiled_decode_equals_eager(decoders, kind):
-    """compile_decode=True (the compiled attention block and one-token MoE region): the same
-    tokens, logits within rounding, routing observed alike, for one prompt and an unpadded batch
-    (whose decode steps use only the compiled attention block)."""
-    eager = decoders[kind]
+def test_compiled_decode_equals_reference(decoders, kind):
+    """compile_decode=True (the compiled one-token layer region, and the compiled attention block
+    for an unpadded batch): the same tokens as the reference decoder, logits within rounding,
+    routing observed alike."""
+    ref = decoders[kind]
     seen = []
-    compiled = Decoder(eager.source, compile_decode=True, route_observer=lambda l, ids, w: seen.append(ids))
+    compiled = FastDecoder(ref.source, compile_decode=True, route_observer=lambda l, ids, w: seen.append(ids))
     for prompts in ([[1, 17, 300, 42]], [[1, 5, 9, 4], [2, 300, 22, 41]]):
-        want = eager.generate(prompts, 6, return_logits=True)
-        got = compiled.generate(prompts, 6, return_logits=True)
-        assert got.tokens == want.tokens
-        for g, w in zip(got.step_logits, want.step_logits):
-            torch.testing.assert_close(g, w, rtol=0, atol=2e-5)
-    if eager.config.is_moe:
-        assert seen and all(ids.shape[-1] == eager.config.top_k for ids in seen)
+        assert_same_generation(compiled.generate(prompts, 6, return_logits=True),
+                               ref.generate(prompts, 6, return_logits=True))
+    if ref.config.is_moe:
+        assert seen and all(ids.shape[-1] == ref.config.top_k for ids in seen)
 
 
 def test_compiled_decode_rejects_expert_fn_other_devices_and_no_compiler(monkeypatch):
     src = RandomWeights(tiny_config("mixtral"), seed=11, dtype=torch.float32)
     with pytest.raises(ValueError, match="compile_decode=True needs device 'cpu' and no expert_fn"):
-        Decoder(src, compile_decode=True, expert_fn=lambda layer, e, w, x: ffn(w, x))
+        FastDecoder(src, compile_decode=True, expert_fn=lambda layer, e, w, x: ffn(w, x))
     with pytest.raises(ValueError, match="got device 'meta'"):
-        Decoder(src, compile_decode=True, device="meta")
+        FastDecoder(src, compile_decode=True, device="meta")
     monkeypatch.setenv("PATH", "")
     with pytest.raises(ValueError, match=r"needs a C\+\+ compiler"):
-        Decoder(src, compile_decode=True)
+        FastDecoder(src, compile_decode=True)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2_moe", "phimoe"])
@@ -296,6 +351,9 @@ def test_longrope_unit_factors_equal_plain_rope():
     dec_s = Decoder(src_s)
     assert torch.equal(dec_s.logits([1, 2, 3, 4]), plain)
     assert not torch.allclose(dec_s.logits([1, 2, 3, 4, 5])[:4], plain)
+    fast_s = FastDecoder(src_s)                       # its cached tables switch alike
+    for toks in ([1, 2, 3, 4], [1, 2, 3, 4, 5], [1, 2, 3]):
+        torch.testing.assert_close(fast_s.logits(toks), dec_s.logits(toks), rtol=0, atol=2e-5)
 
 
 # ------------------------------------------------------------------------- configs

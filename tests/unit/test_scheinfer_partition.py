@@ -54,7 +54,8 @@ def test_tile_candidates():
 
 # ------------------------------------------------------------------------- optimiser = grid search
 
-@pytest.mark.parametrize("cost", COSTS, ids=range(len(COSTS)))
+@pytest.mark.parametrize("cost", [COSTS[0]] + [pytest.param(c, marks=pytest.mark.slow) for c in COSTS[1:]],
+                         ids=range(len(COSTS)))
 def test_optimal_split_equals_brute_force(cost):
     for n, (width, gg), tile, hidden, cg_max in itertools.product(
             (0, 1, 3, 17, 64, 300, 2048), ((37, 0), (128, 0), (172, 44), (1024, 256), (4096, 0)),

@@ -1,17 +1,19 @@
 """ScheInfer's sim tier: config errors before work, the sim's times equal the cost model evaluated
 by hand, placement equals the engine's, and ScheInfer never loses to its own CC+GG / CG+GG
 extremes."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from impl.common.config import ConfigError, build_config
-from impl.scheinfer import simulate
+from impl.experiments.scheinfer import sim
+from impl.experiments.scheinfer.sim import SimConfig, resolve
 from impl.scheinfer.engine import HybridEngine
 from impl.scheinfer.generate_models import tiny_config
 from impl.scheinfer.partition import Split, lane_times, optimal_split
-from impl.scheinfer.simulate import SimConfig, resolve
+from impl.scheinfer.policy import place
 
 HW = "rtx4090-pcie4-16core"
 
@@ -36,7 +38,7 @@ def test_bad_config_is_one_line_error(override, message):
 
 
 def test_cli_fails_before_work_with_exit_2(tmp_path, capsys):
-    rc = simulate.main(["--set", "decode_tokens=-1", "--out-csv", str(tmp_path / "a.csv"),
+    rc = sim.main(["--set", "decode_tokens=-1", "--out-csv", str(tmp_path / "a.csv"),
                         "--out-record", str(tmp_path / "a.json")])
     assert rc == 2 and "decode_tokens: -1 is not allowed" in capsys.readouterr().err
     assert not (tmp_path / "a.csv").exists()
@@ -50,24 +52,24 @@ def test_bad_hardware_value(tmp_path):
         _resolve(f"hardware_file={bad}", "hardware=[x]")
 
 
-def test_placement_equals_the_engine(tmp_path):
+def test_placement_equals_the_engine():
+    """The sim's placement of every policy (at a GPU budget for half the FFN weights) is the
+    engine's, buffers and resident rows alike."""
     cfg = tiny_config("mixtral")
     sc = SimConfig(models=("mixtral-8x7b-tiny",), hardware=(HW,), prompt_tokens=4, decode_tokens=1, tile=16,
                    dtype_bytes=4)
-    rz = resolve(sc)
-    routing = simulate.make_routing(cfg, 4, 1, "uniform", 0)
-    widths = simulate.ffn_widths(cfg)
-    budget = sum(widths.values()) * 3 * cfg.hidden * 4 // 2
+    hw = resolve(sc).hardware[HW]
+    routing = sim.make_routing(cfg, 4, 1, "uniform", 0)
+    half = sum(sim.ffn_widths(cfg).values()) * 3 * cfg.hidden * 4 // 2
     for p in ("scheinfer", "fiddler", "layers"):
-        policy = simulate.make_sim_policy(p, cfg, simulate.cost_model(rz.hardware[HW], 4), sc, routing.popularity())
-        ours = simulate.place(policy, widths, cfg.hidden, 4, budget)
-        engine = HybridEngine(simulate.make_sim_policy(p, cfg, simulate.cost_model(rz.hardware[HW], 4), sc,
-                                                       routing.popularity()), cfg.hidden, torch.float32, budget,
-                              device="cpu")
-        try:
-            assert ours == (engine.place(widths), engine.cg_max), p
-        finally:
-            engine.close()
+        overhead = hw.gpu_mem_bytes - sim.setup_case(cfg, hw, p, sc, routing).budget_bytes
+        st = sim.setup_case(cfg, dataclasses.replace(hw, gpu_mem_bytes=overhead + half), p, sc, routing)
+        assert st.budget_bytes == half
+        policy = sim.make_sim_policy(p, cfg, st.cost, sc, routing.popularity())
+        with HybridEngine(policy, cfg.hidden, torch.float32, st.budget_bytes, device="cpu") as engine:
+            assert engine.place(st.widths) == st.gg and engine.cg_max == st.cg_max > 0, p
+            assert 0 < engine.placement.resident_bytes + engine.placement.staging_bytes <= half
+            assert engine.placement == place(policy, st.widths, cfg.hidden, 4, half)
 
 
 def _case(policy, model="mixtral-8x7b", **kw):
@@ -75,9 +77,9 @@ def _case(policy, model="mixtral-8x7b", **kw):
                    routing="uniform", **kw)
     rz = resolve(sc)
     cfg = rz.models[model]
-    routing = simulate.make_routing(cfg, sc.prompt_tokens, sc.decode_tokens, sc.routing, sc.seed)
-    st = simulate.setup_case(cfg, rz.hardware[HW], policy, sc, routing, model)
-    return sc, cfg, st, {r["phase"]: r for r in simulate.simulate_case(st, sc)}
+    routing = sim.make_routing(cfg, sc.prompt_tokens, sc.decode_tokens, sc.routing, sc.seed)
+    st = sim.setup_case(cfg, rz.hardware[HW], policy, sc, routing, model)
+    return sc, cfg, st, {r["phase"]: r for r in sim.simulate_case(st, sc)}
 
 
 @pytest.mark.parametrize("policy", ["scheinfer", "layers", "fiddler"])
@@ -115,7 +117,7 @@ def test_sim_time_equals_cost_model_by_hand(policy):
 
 @pytest.mark.parametrize("routing", ["uniform", "gate"])
 def test_scheinfer_never_slower_than_its_extremes(routing):
-    frame = simulate.run(_resolve(f"routing={routing}", "prompt_tokens=48", "decode_tokens=2",
+    frame = sim.run(_resolve(f"routing={routing}", "prompt_tokens=48", "decode_tokens=2",
                                   "policies=[scheinfer, cc-only, cg-only]",
                                   "hardware=[rtx4090-pcie4-16core, rtx3090-pcie3-8core]"))
     wide = frame.pivot_table(index=["hardware", "model", "phase"], columns="policy", values="time_s")
@@ -129,11 +131,11 @@ def test_makespan_assignment_is_never_slower_per_layer():
     _, _, st, _ = _case("scheinfer", "qwen1.5-moe-a2.7b", assign="makespan")
     for phase, n in (("prefill", 64), ("decode", 1)):
         for i in range(st.cfg.num_layers):
-            loads = simulate._loads(st, i, phase, n, 0)
-            ours = simulate.ffn_time(st.policy, st.cost, loads, st.policy.plan(i, loads, phase, n, st.cg_max),
+            loads = sim._loads(st, i, phase, n, 0)
+            ours = sim.ffn_time(st.policy, st.cost, loads, st.policy.plan(i, loads, phase, n, st.cg_max),
                                      st.cfg.hidden, 2)
             for band in ("cc", "cg"):
-                other = simulate._BandOnlyPolicy(band, st.cost, st.cfg.hidden, 2, 128)
-                t = simulate.ffn_time(other, st.cost, loads, other.plan(i, loads, phase, n, st.cg_max),
+                other = sim._BandOnlyPolicy(band, st.cost, st.cfg.hidden, 2, 128)
+                t = sim.ffn_time(other, st.cost, loads, other.plan(i, loads, phase, n, st.cg_max),
                                       st.cfg.hidden, 2)
                 assert ours <= t * (1 + 1e-12)

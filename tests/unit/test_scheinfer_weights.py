@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from impl.scheinfer.config import DecoderConfig
+from impl.scheinfer.decoder import Decoder, load_decoder
 from impl.scheinfer.generate_models import KINDS, generate, main, random_source, tiny_config, write_gguf
-from impl.scheinfer.model import Decoder, DecoderConfig
 from impl.scheinfer.weights import (GGUFWeights, SafetensorsWeights, WeightFormatError, config_from_hf,
-                                    gguf_metadata, hf_config_dict, load_decoder, load_weights, materialize,
+                                    gguf_metadata, hf_config_dict, load_weights, materialize,
                                     permute_for_interleaved_rope, unpermute_from_interleaved_rope)
 
 PROMPT = [1, 5, 300, 42, 7, 99, 511, 3, 64, 128]

@@ -99,3 +99,32 @@ def test_plot_cli_rejects_bad_input(tmp_path, capsys):
     code = fig_t2.main(["--csv", str(csv), "--out-pdf", str(tmp_path / "a.pdf"), "--out-png", str(tmp_path / "b.png"),
                         "--out-md", str(tmp_path / "a.md")])
     assert code == 2 and "must be X.pdf and X.png with the same X" in capsys.readouterr().err
+
+
+def _texts(fig) -> str:
+    parts = [t.get_text() for t in fig.texts]
+    for ax in fig.axes:
+        parts += [t.get_text() for t in ax.texts] + [ax.get_title()]
+        legend = ax.get_legend()
+        if legend is not None:
+            parts += [t.get_text() for t in legend.get_texts()]
+    for legend in fig.legends:
+        parts += [t.get_text() for t in legend.get_texts()]
+    return " ".join(parts)
+
+
+@pytest.mark.slow
+def test_fsmoe_figures_draw_the_paper_beside_ours_and_say_modeled():
+    from figures import fsmoe as fig_fs
+    from impl.experiments.fsmoe.results import ResultsConfig, run_grid, run_models, run_table2
+
+    cfg = ResultsConfig(grid_sample=4, fig6=(("A", "mixtral-7b"), ("B", "mixtral-7b")), fig7_seq=(512, 1024),
+                        fig7_profiles={16: "fsmoe-testbed-a-16", 48: "fsmoe-testbed-a"}, gates=("gshard", "xmoe"))
+    grid, models, t2 = run_grid(cfg, progress=False), run_models(cfg, progress=False), run_table2(cfg)
+    figures = {"table5": fig_fs.plot_table5(fig_fs.table5(grid)), "fig6": fig_fs.plot_fig6(models),
+               "fig7": fig_fs.plot_fig7(models), "table2": fig_fs.plot_table2(t2)}
+    for name, fig in figures.items():
+        text = _texts(fig)
+        assert "MODELED" in text or "modeled" in text, name
+        assert "paper" in text, name
+        plt.close(fig)

@@ -42,8 +42,6 @@ rule cluster_layer_bench:
         tasks_per_gpu=0,
         runtime=lambda wc: CLUSTER_BENCH[wc.paper].get("runtime", 60),
         mem_mb=lambda wc: CLUSTER_BENCH[wc.paper].get("mem_mb", 200000),
-    conda:
-        "../../environment.yml"
     shell:
         "bash {params.launch} --srun '{resources.mpi}' --gpus-per-node {params.gpus_per_node}"
         " -- -m impl.experiments.layer_bench {params.overrides} --out-record {output.record} > {log} 2>&1"
@@ -66,10 +64,8 @@ rule cluster_scheinfer_bench:
         tasks_per_gpu=0,
         runtime=CLUSTER["scheinfer"].get("runtime", 60),
         mem_mb=CLUSTER["scheinfer"].get("mem_mb", 64000),
-    conda:
-        "../../environment.yml"
     shell:
-        "python -m impl.scheinfer bench --model {input.model} {params.args} --threads {threads} --no-progress"
+        "python -m impl.experiments.scheinfer bench --model {input.model} {params.args} --threads {threads} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
 
 

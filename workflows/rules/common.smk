@@ -12,6 +12,24 @@ from impl.common.topology import get_topology
 from impl.experiments import emu_validation as emu_val
 from impl.experiments.layer_bench import LayerBenchConfig, validate as validate_bench
 
+
+def _numbers_typed(value):
+    """`--config` delivers nested values as strings ('4', not 4): strings that read as a number
+    or a boolean become one before the schema checks the config; other strings stay strings."""
+    if isinstance(value, dict):
+        return {key: _numbers_typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_numbers_typed(item) for item in value]
+    if isinstance(value, str):
+        try:
+            read = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return read if isinstance(read, (bool, int, float)) else value
+    return value
+
+
+config.update(_numbers_typed(dict(config)))
 validate(config, schema="../schemas/config.schema.yaml")
 
 # The repository: where the shipped inputs (experiment configs, papers' numbers) live.
@@ -80,7 +98,7 @@ def paper_csv(name):
 def calibration_profile():
     """The profile our calibration rule writes for the configured topology and backend."""
     entry = config["hiermoe_calibration"]
-    return f"results/raw/calibration/{entry['topology']}-{entry['backend']}.yaml"
+    return f"resources/calibration/{entry['topology']}-{entry['backend']}.yaml"
 
 
 SIM_RUNS = config["hiermoe_sim"]["runs"]
@@ -110,10 +128,10 @@ def scheinfer_sim_config():
     """The ScheInfer sim config, resolved now (unknown keys, models, hardware, policies fail here
     with the experiment's own one-line message, before any job)."""
     from impl.common.config import build_config
-    from impl.scheinfer import simulate
+    from impl.experiments.scheinfer import sim
 
-    return simulate.resolve(
-        build_config(simulate.SimConfig, experiment_config("scheinfer_sim"), experiment_overrides("scheinfer_sim"))
+    return sim.resolve(
+        build_config(sim.SimConfig, experiment_config("scheinfer_sim"), experiment_overrides("scheinfer_sim"))
     ).config
 
 
@@ -211,3 +229,14 @@ def scheinfer_cluster_model():
     """The GGUF of the ScheInfer cluster bench: the configured one, or the generated model."""
     model = CLUSTER["scheinfer"].get("model")
     return repo_path(model) if model else rules.scheinfer_tiny_model.output.gguf
+
+
+# FSMoE ----------------------------------------------------------------------------------------
+
+FSMOE = config["fsmoe"]
+FSMOE_TESTBEDS = ["A", "B"]
+
+
+def fsmoe_flags(*extra):
+    """--set flags of impl.experiments.fsmoe.results: the config's overrides, then `extra`."""
+    return as_flags(experiment_overrides("fsmoe") + list(extra))

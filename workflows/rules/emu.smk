@@ -14,8 +14,6 @@ rule emu_calibration:
     resources:
         runtime=30,
         mem_mb=8000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.common.calibrate --topology {wildcards.topology} {params.flags} --gemm-tokens ''"
         " --timeout 600 --deadline 3600 --name emu-{wildcards.topology}-{params.rate} --quiet"
@@ -42,8 +40,6 @@ rule emu_layer_bench:
     resources:
         runtime=60,
         mem_mb=12000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.experiments.layer_bench {params.overrides} --out-record {output.record} > {log} 2>&1"
 
@@ -65,8 +61,6 @@ rule emu_validation_table:
     resources:
         runtime=10,
         mem_mb=4000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.experiments.emu_validation table --config {input.config} {params.overrides}"
         " --record {input.records} {params.profiles} --out-csv {output.csv} > {log} 2>&1"
@@ -88,8 +82,6 @@ rule plot_emu_validation:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m figures.emu_validation --csv {input.csv} --baseline {params.baseline}"
         " --out {output.pdf} --out-md {output.md} > {log} 2>&1"

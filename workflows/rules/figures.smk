@@ -3,6 +3,7 @@
 
 
 localrules:
+    plot_fsmoe,
     plot_hiermoe_table2,
     plot_hiermoe_fig9,
     plot_hiermoe_sim,
@@ -23,8 +24,6 @@ rule plot_hiermoe_table2:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m figures.hiermoe_table2 --csv {input.csv}"
         " --out-pdf {output.pdf} --out-png {output.png} --out-md {output.md} > {log} 2>&1"
@@ -45,8 +44,6 @@ rule plot_hiermoe_fig9:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m figures.hiermoe_fig9 --profile {input.profile}"
         " --out {output.pdf} --out-md {output.md} > {log} 2>&1"
@@ -73,8 +70,39 @@ rule plot_hiermoe_sim:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m figures.hiermoe_sim --qwen3 {input.qwen3} --deepseek {input.deepseek} --node {input.node}"
         " --table4 {input.table4} --out-dir results/figures > {log} 2>&1"
+
+
+rule plot_fsmoe:
+    """FSMoE Fig. 5, Table 2, Table 5, Figs. 6-8, Table 6 and the paper-vs-ours report."""
+    input:
+        grid=expand("results/raw/fsmoe/grid-{testbed}.csv", testbed=FSMOE_TESTBEDS),
+        statistic="results/raw/fsmoe/statistic.csv",
+        table2="results/raw/fsmoe/table2.csv",
+        models="results/raw/fsmoe/models.csv",
+        ablation_grids=expand("results/raw/fsmoe/ablation-{r}-grid.csv", r=FSMOE["ablation_readings"]),
+        ablation_models=expand("results/raw/fsmoe/ablation-{r}-models.csv", r=FSMOE["ablation_readings"]),
+        degrees=repo_path("figures/reference/fsmoe_degree_methods.csv"),
+        emu="results/raw/fsmoe/emu.csv",
+        profile="resources/calibration/fsmoe-2x2-gloo.yaml",
+        paper=[paper_csv(n) for n in ("fsmoe_table2", "fsmoe_table5", "fsmoe_statistic", "fsmoe_fig5", "fsmoe_fig6",
+                                      "fsmoe_fig7", "fsmoe_fig8", "fsmoe_table6")],
+    output:
+        figures=[
+            f"results/figures/fsmoe_{name}.{ext}"
+            for name in ("fig5", "table2", "table5", "grid_speedups", "fig6", "fig7", "fig8", "table6")
+            for ext in ("pdf", "png")
+        ],
+        report="results/figures/fsmoe_report.md",
+    log:
+        "results/logs/figures/fsmoe.log",
+    threads: 1
+    resources:
+        runtime=5,
+        mem_mb=2000,
+    shell:
+        "python -m figures.fsmoe --grid {input.grid} --statistic {input.statistic} --table2 {input.table2}"
+        " --models {input.models} --ablation-grids {input.ablation_grids} --ablation-models {input.ablation_models}"
+        " --degrees {input.degrees} --emu {input.emu} --profile {input.profile} --out-dir results/figures > {log} 2>&1"

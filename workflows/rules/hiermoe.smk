@@ -31,8 +31,6 @@ rule hiermoe_table2:
     resources:
         runtime=15,
         mem_mb=4000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.experiments.hiermoe.table2 --config {input.config} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
@@ -41,7 +39,7 @@ rule hiermoe_table2:
 rule hiermoe_calibration:
     """Our alpha-beta fits of the AlltoAll kinds on this machine (Fig. 9, right panel)."""
     output:
-        profile="results/raw/calibration/{topology}-{backend}.yaml",
+        profile="resources/calibration/{topology}-{backend}.yaml",
     log:
         "results/logs/calibration/{topology}-{backend}.log",
     params:
@@ -50,8 +48,6 @@ rule hiermoe_calibration:
     resources:
         runtime=20,
         mem_mb=4000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.common.calibrate --topology {wildcards.topology} --backend {wildcards.backend}"
         " {params.extra} --quiet --out {output.profile} > {log} 2>&1"
@@ -78,8 +74,6 @@ rule hiermoe_sim:
     resources:
         runtime=30,
         mem_mb=4000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.experiments.hiermoe.sim --config {input.config} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"

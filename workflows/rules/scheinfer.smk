@@ -25,17 +25,15 @@ rule scheinfer_sim:
     resources:
         runtime=10,
         mem_mb=4000,
-    conda:
-        "../../environment.yml"
     shell:
-        "python -m impl.scheinfer.simulate --config {input.config} {params.overrides} --no-progress"
+        "python -m impl.experiments.scheinfer.sim --config {input.config} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
 
 
 rule scheinfer_tiny_model:
     """A small GGUF with the structure of a real model (impl.scheinfer.generate_models)."""
     output:
-        gguf="results/raw/scheinfer_timeline/model.gguf",
+        gguf="resources/scheinfer/model.gguf",
     log:
         "results/logs/scheinfer_timeline/model.log",
     params:
@@ -45,8 +43,6 @@ rule scheinfer_tiny_model:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.scheinfer.generate_models --kind {params.kind} {params.overrides} --out {output.gguf} > {log} 2>&1"
 
@@ -54,7 +50,7 @@ rule scheinfer_tiny_model:
 rule scheinfer_cost:
     """The engine's cost model fitted on this machine (GPU lanes emulated without CUDA)."""
     output:
-        cost="results/raw/scheinfer_timeline/cost.json",
+        cost="resources/scheinfer/cost.json",
     log:
         "results/logs/scheinfer_timeline/cost.log",
     params:
@@ -63,10 +59,8 @@ rule scheinfer_cost:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
-        "python -m impl.scheinfer calibrate --quick --hidden {params.hidden} --out {output.cost} > {log} 2>&1"
+        "python -m impl.experiments.scheinfer calibrate --quick --hidden {params.hidden} --out {output.cost} > {log} 2>&1"
 
 
 rule scheinfer_timeline:
@@ -90,10 +84,8 @@ rule scheinfer_timeline:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
-        "python -m impl.scheinfer generate --model {input.model} --tokens {params.tokens}"
+        "python -m impl.experiments.scheinfer generate --model {input.model} --tokens {params.tokens}"
         " --n-predict {params.n_predict} --policy {wildcards.policy} --cost {input.cost} --tile {params.tile}"
         " --gpu-mem {params.gpu_mem} --threads 1 --ignore-eos --no-progress --timeline {output.events}"
         " > {output.stdout} 2> {log}"
@@ -122,8 +114,6 @@ rule plot_scheinfer_sim:
     resources:
         runtime=5,
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m figures.scheinfer_sim --sim {input.sim} --timeline {input.events}"
         " --timeline-log {input.stdout} --timeline-model '{params.model}' --out-dir results/figures > {log} 2>&1"

@@ -1,15 +1,17 @@
 """Sim tier of ScheInfer: prefill / decode / overall tokens per second of ScheInfer, llama.cpp's
 layer offload ('layers') and Fiddler for real model shapes on named moderate-GPU hardware classes.
 
-    python -m impl.scheinfer.simulate --config workflows/config/experiments/scheinfer_sim.yaml \
+    python -m impl.experiments.scheinfer.sim --config workflows/config/experiments/scheinfer_sim.yaml \
         [--set key=value ...] --out-csv OUT.csv --out-record OUT.json
 
-One code path with the engine (engine.py): residency comes from each policy's `resident` under
-the engine's own budget arithmetic (`place`, which mirrors `HybridEngine.place`), every layer's
-CC / CG / GG splits from the policy's `plan` (partition.optimal_split / assign.assign_layer for
-ScheInfer, baselines/fiddler/policy.py for Fiddler, engine.LayersPolicy for llama.cpp), and the
-FFN time of a layer from partition.lane_times: `assign.layer_makespan` for concurrent policies,
-the sum of every band's lane time for serial ones (the engine's `_run_serial` order). What is
+One code path with the engine (impl/scheinfer/engine.py): the policies are built by name through
+the registry, residency comes from the engine's own placement (`impl.scheinfer.policy.place`:
+staging buffers, then each policy's `resident`), every layer's CC / CG / GG splits from the
+policy's `plan` (partition.optimal_split / assign.assign_layer for ScheInfer,
+baselines/fiddler/policy.py for Fiddler, baselines/llamacpp/policy.py for llama.cpp's layer
+offload), and the FFN time of a layer from partition.lane_times: `assign.layer_makespan` for
+concurrent policies, the sum of every band's lane time for serial ones (the engine's
+`_run_serial` order). What is
 added around the FFNs, the same for every policy [R]: attention, router and LM head on the GPU
 (roofline: weights read once, flops at the GPU's rate, KV cache read), and the activation round
 trip (D2H input + H2D partial output) of a layer whose CPU lane has work (scheinfer.md 3.2).
@@ -19,7 +21,7 @@ What is assumption, not paper:
   peaks times assumed efficiencies; the paper's three machines are not public. A class becomes a
   `CostModel` by the roofline of scheinfer.md 3.2: per MAC, max(2 / flops, bytes_per_param /
   (n * bytes_per_s)) at a geometric grid of token counts n (linear in between, as `PerRowLinear`).
-* Routing: 'gate' runs the model's real routing function (`model.route`: softmax top-k or
+* Routing: 'gate' runs the model's real routing function (`layers.route`: softmax top-k or
   Phi's SparseMixer) with seeded random router weights on seeded random hidden states (no
   checkpoint is read; one set of hidden states per step, shared by the layers); 'uniform' gives
   every expert n * k / E tokens in prefill and rotates k experts per decode step.
@@ -44,19 +46,21 @@ import pandas as pd
 import torch
 import yaml
 
+import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
+import baselines.llamacpp  # noqa: F401  (registers the engine policy 'layers')
 from impl.common.config import ConfigError, build_config
 from impl.common.records import atomic_output, make_record, write_record
+from impl.scheinfer.assign import ExpertLoad, layer_makespan
+from impl.scheinfer.config import DecoderConfig, weight_shapes
+from impl.scheinfer.layers import route
+from impl.scheinfer.partition import CostModel, PerRowLinear, Split, lane_times
+from impl.scheinfer.policy import Policy, ScheInferPolicy, ffn_widths, make_policy, place
 
-from .assign import ExpertLoad, layer_makespan
-from .engine import Policy, ScheInferPolicy, ffn_widths, make_policy
-from .model import DecoderConfig, route, weight_shapes
-from .partition import CostModel, PerRowLinear, Split, lane_times
-
-__all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "place", "make_sim_policy",
+__all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "make_sim_policy",
            "Routing", "make_routing", "ffn_time", "CaseSetup", "setup_case", "simulate_case", "run", "resolve",
            "main"]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 HARDWARE_FILE = "workflows/config/experiments/scheinfer_hardware.yaml"
 # policy -> system name in figures (figures/style.py); cc-only / cg-only are ScheInfer's ablations
 SYSTEMS = {"layers": "llama.cpp", "fiddler": "Fiddler", "scheinfer": "ScheInfer",
@@ -177,18 +181,6 @@ def make_sim_policy(name: str, cfg: DecoderConfig, cost: CostModel, sc: SimConfi
     raise ConfigError(f"policies: {name!r} is not allowed; allowed: {', '.join(SYSTEMS)}")
 
 
-def place(policy: Policy, widths: dict, hidden: int, dtype_bytes: int, budget_bytes: int) -> tuple[dict, int]:
-    """(GG rows per FFN, cg_max): `HybridEngine.place`'s arithmetic without allocating buffers."""
-    row_bytes = 3 * hidden * dtype_bytes
-    max_w = max(widths.values())
-    staging = policy.staging_buffers * max_w * row_bytes
-    cg_max = 0
-    if budget_bytes >= staging:
-        budget_bytes -= staging
-        cg_max = max_w
-    return policy.resident(dict(widths), hidden, dtype_bytes, int(budget_bytes)), cg_max
-
-
 def ffn_time(policy: Policy, cost: CostModel, loads, splits, hidden: int, dtype_bytes: int) -> float:
     """Predicted FFN time of one layer: lanes overlapped (concurrent policy) or one after another."""
     if not loads:
@@ -282,8 +274,9 @@ def setup_case(cfg: DecoderConfig, hw: HardwareClass, policy_name: str, sc: SimC
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * b * (sc.prompt_tokens + sc.decode_tokens)
     budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes - nonffn * b - kv))
     widths = ffn_widths(cfg)
-    gg, cg_max = place(policy, widths, cfg.hidden, b, budget)
-    return CaseSetup(cfg, hw, cost, policy, widths, gg, cg_max, budget, nonffn * b, routing, model_name, policy_name, b, attn)
+    placement = place(policy, widths, cfg.hidden, b, budget)
+    return CaseSetup(cfg, hw, cost, policy, widths, dict(placement.gg), placement.cg_max, budget, nonffn * b, routing,
+                     model_name, policy_name, b, attn)
 
 
 def _loads(st: CaseSetup, layer: int, phase: str, n: int, step: int) -> list[ExpertLoad]:
@@ -438,7 +431,7 @@ def make_sim_record(rz: Resolved, frame: pd.DataFrame) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.scheinfer.simulate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m impl.experiments.scheinfer.sim", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="experiment YAML (SimConfig keys)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out-csv", required=True)

@@ -1,12 +1,12 @@
 """ScheInfer command line.
 
-    python -m impl.scheinfer generate --model FILE (--prompt TEXT | --tokens IDS) --n-predict N
+    python -m impl.experiments.scheinfer generate --model FILE (--prompt TEXT | --tokens IDS) --n-predict N
         [--gpu-mem BYTES] [--policy scheinfer|fiddler|layers] [--threads N] [--tile ROWS]
         [--assign split|threshold|makespan] [--cost COST.json] [--timeline OUT.json]
-    python -m impl.scheinfer bench --model FILE.gguf --prompt-tokens 16,64 --n-predict N
+    python -m impl.experiments.scheinfer bench --model FILE.gguf --prompt-tokens 16,64 --n-predict N
         [--policies scheinfer,fiddler,layers] [--gpu-mem BYTES] [--llamacpp] [--repeats R]
         --out-csv OUT.csv --out-record OUT.json
-    python -m impl.scheinfer calibrate [--out COST.json] [--quick]
+    python -m impl.experiments.scheinfer calibrate [--out COST.json] [--quick]
 
 `bench` measures every (policy, prompt length) on one model (and the real llama.cpp on the same
 GGUF with --llamacpp, CPU build: n_gpu_layers only with a CUDA build), in alternating rounds so
@@ -26,7 +26,11 @@ import json
 import sys
 from pathlib import Path
 
+import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
+import baselines.llamacpp  # noqa: F401  (registers the engine policy 'layers')
+
 USAGE_EXIT = 2
+CLI_POLICIES = ("scheinfer", "fiddler", "layers")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +72,7 @@ def byte_tokenize(model: Path, text: str) -> list[int]:
 
 def _validate_engine_options(args) -> str | None:
     """The engine options generate and bench share (--assign, --gpu-mem, --threads, --tile, --cost)."""
-    from .assign import ASSIGN_MODES
+    from impl.scheinfer.assign import ASSIGN_MODES
     if args.assign not in ASSIGN_MODES:
         return f"--assign={args.assign!r} is not allowed; expected one of {', '.join(ASSIGN_MODES)}"
     if args.gpu_mem is not None and args.gpu_mem < 0:
@@ -83,14 +87,13 @@ def _validate_engine_options(args) -> str | None:
 
 
 def _validate_generate(args) -> str | None:
-    from .engine import POLICIES
     model = Path(args.model)
     if not model.exists():
         return f"--model {model}: no such file or directory"
     if not (model.suffix == ".gguf" and model.is_file()) and not (model / "config.json").is_file():
         return f"--model {model}: expected a .gguf file or an HF checkpoint directory with config.json"
-    if args.policy not in POLICIES or args.policy == "fixed":
-        return f"--policy={args.policy!r} is not allowed; expected one of scheinfer, fiddler, layers"
+    if args.policy not in CLI_POLICIES:
+        return f"--policy={args.policy!r} is not allowed; expected one of {', '.join(CLI_POLICIES)}"
     if args.n_predict < 1:
         return f"--n-predict={args.n_predict} is not allowed; expected an integer >= 1"
     return _validate_engine_options(args)
@@ -98,8 +101,8 @@ def _validate_generate(args) -> str | None:
 
 def _cost_model(path: str | None, hidden: int):
     """The engine's cost model: a `calibrate --out` JSON, else a quick calibration now."""
-    from .calibrate import calibrate
-    from .partition import CostModel
+    from impl.scheinfer.calibrate import calibrate
+    from impl.scheinfer.partition import CostModel
     if path:
         d = json.loads(Path(path).read_text())
         return CostModel.from_dict(d.get("cost", d))
@@ -108,13 +111,14 @@ def _cost_model(path: str | None, hidden: int):
 
 
 def _gpu_mem(gpu_mem: int | None, cfg) -> int:
-    from .engine import ffn_widths
+    from impl.scheinfer.policy import ffn_widths
     return gpu_mem if gpu_mem is not None else sum(ffn_widths(cfg).values()) * 3 * cfg.hidden * 4 // 2
 
 
 def _engine(policy_name: str, cost, cfg, gpu_mem: int, tile: int, assign: str, threads: int | None):
     import torch
-    from .engine import HybridEngine, make_policy
+    from impl.scheinfer.engine import HybridEngine
+    from impl.scheinfer.policy import make_policy
     opts = {"assign": assign} if policy_name == "scheinfer" else {}
     policy = make_policy(policy_name, cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
                          tile=tile, **opts)
@@ -126,7 +130,7 @@ def cmd_generate(args) -> int:
     if err:
         return _fail(err)
     from impl.common.config import ConfigError
-    from .weights import WeightFormatError, load_weights
+    from impl.scheinfer.weights import WeightFormatError, load_weights
     model = Path(args.model)
     try:
         prompt = _parse_tokens(args.tokens) if args.tokens is not None else byte_tokenize(model, args.prompt)
@@ -149,7 +153,7 @@ def cmd_generate(args) -> int:
     policy, engine = _engine(args.policy, cost, cfg, gpu_mem, args.tile, args.assign, args.threads)
     bar = tqdm(total=len(prompt) + args.n_predict - 1, desc="tokens", unit="tok", file=sys.stderr,
                disable=args.no_progress)
-    from .engine import HybridDecoder
+    from impl.scheinfer.engine import HybridDecoder
     try:
         dec = HybridDecoder(source, engine, on_forward=bar.update)
         out = dec.generate([prompt], args.n_predict, eos_token_id=None if args.ignore_eos else cfg.eos_token_id)
@@ -179,7 +183,6 @@ def _split_list(text: str, name: str, kind=str) -> list:
 
 
 def _validate_bench(args) -> str | None:
-    from .engine import POLICIES
     model = Path(args.model)
     if model.suffix != ".gguf" or not model.is_file():
         return f"--model {model}: expected an existing .gguf file"
@@ -189,8 +192,8 @@ def _validate_bench(args) -> str | None:
     except ValueError as e:
         return str(e)
     for p in args.policies:
-        if p not in POLICIES or p == "fixed":
-            return f"--policies: {p!r} is not allowed; expected scheinfer, fiddler, layers"
+        if p not in CLI_POLICIES:
+            return f"--policies: {p!r} is not allowed; expected {', '.join(CLI_POLICIES)}"
     if min(args.prompt_tokens) < 1:
         return f"--prompt-tokens: {min(args.prompt_tokens)} is not allowed; expected integers >= 1"
     for name in ("n_predict", "repeats"):
@@ -212,7 +215,7 @@ def cmd_bench(args) -> int:
     if err:
         return _fail(err)
     from impl.common.config import ConfigError
-    from .weights import WeightFormatError, load_weights
+    from impl.scheinfer.weights import WeightFormatError, load_weights
     try:
         source = load_weights(Path(args.model))
     except (WeightFormatError, ConfigError) as e:
@@ -227,7 +230,7 @@ def cmd_bench(args) -> int:
     import torch
     from tqdm import tqdm
     from impl.common.records import atomic_output, make_record, write_record
-    from .engine import HybridDecoder
+    from impl.scheinfer.engine import HybridDecoder
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -287,7 +290,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate
+    from impl.scheinfer.calibrate import calibrate
     kw = dict(widths=(64, 128, 256), rows=(1, 8, 32), reps=3) if args.quick else {}
     c = calibrate(hidden=args.hidden, **kw)
     text = json.dumps(c.as_dict(), indent=2, default=str)
@@ -298,7 +301,7 @@ def cmd_calibrate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog="python -m impl.scheinfer", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="python -m impl.experiments.scheinfer", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate tokens with the hybrid engine")
     g.add_argument("--model", required=True, help=".gguf file or HF checkpoint directory")

@@ -1,0 +1,299 @@
+"""Every sim-tier result of the FSMoE paper from the FSMoE system and its baselines' plans, on the
+shipped Testbed A and B profiles (times MODELED from their alpha-beta models):
+
+* `grid`: Table 4's 1,458 configured layers per testbed, each a stack of `grid_blocks` identical
+  blocks (the released optimiser's default stack of 2; the paper's "one block with its gradient
+  aggregation" leaves no later block to hide a gradient in); every plan's degrees and makespan;
+  Table 5 is the mean of the per-layer speedups over Tutel;
+* `statistic`: how many configured layers have different best forward and backward degrees
+  (paper: 912 of 1,458 on Testbed B), under each reading the paper leaves open: r in 1..8 or
+  {1, 2, 4, 8}; backward with its layer's gradient (t_gar) or without; with the released
+  solver's rules (one un-pipelined AlltoAll under 1 ms -> r = 1; r_fwd = 1 -> r_bwd = 1) or not;
+* `table2`: per-operation times of one GPT2-XL-MoE and one Mixtral-7B block (B = 4, L = 1024);
+* `models`: Fig. 6 (GPT2-XL-MoE and Mixtral-7B on A and B, Mixtral-22B on A), Fig. 7 (L and P
+  sweeps on A), Fig. 8 (GPipe, PP = 2, on A), Table 6 (the gates on B): iteration times of every
+  plan; speedups are computed when figures aggregate.
+
+    python -m impl.experiments.fsmoe.results --config workflows/config/experiments/fsmoe.yaml \\
+        --part grid --out-csv grid.csv --out-record grid.json
+
+Model shapes the paper leaves unstated (digest §6.3, ours): GPT2-XL M 1600, 25 heads, H = 4M,
+48 layers (GPT2-XL's depth); Mixtral-8x7B M 4096, H 14336, 32 heads, 8 KV heads, 7 layers (the
+paper's count); Mixtral-8x22B M 6144, H 16384, 48 heads, 8 KV heads, 33 layers (the paper's). For
+Fig. 8, each of the two pipeline stages is half the nodes with half the layers, 4 micro-batches.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import pandas as pd
+from tqdm import tqdm
+
+from impl.common import cli
+from impl.common.config import ConfigError
+from impl.common.costmodel import HardwareProfile, load_profile
+from impl.common.records import make_record
+from impl.common.timeline import simulate
+from impl.experiments.fsmoe.degrees import grid_shapes
+from impl.experiments.systems import get_system, paper_systems
+from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs
+from impl.fsmoe.degree import DOMAINS, integer_optimum
+from impl.fsmoe.schedules import fsmoe_pass, gpipe_iteration
+
+__all__ = ["ResultsConfig", "MODELS", "READINGS", "DS_MOE_MP_ALLREDUCE", "read_profile", "run_grid", "run_statistic", "run_table2", "run_models", "main"]
+
+PROG = "python -m impl.experiments.fsmoe.results"
+PARTS = ("grid", "statistic", "table2", "models")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden: int
+    ffn_hidden: int
+    heads: int
+    layers: int
+    kv_heads: int | None = None
+    ffn: Literal["gpt", "mixtral"] = "gpt"
+
+
+MODELS = {"gpt2-xl": ModelSpec(1600, 6400, 25, 48),
+          "mixtral-7b": ModelSpec(4096, 14336, 32, 7, 8, "mixtral"),
+          "mixtral-22b": ModelSpec(6144, 16384, 48, 33, 8, "mixtral")}
+
+
+READINGS = ("published", "gemm-per-byte", "comm-per-byte")
+
+
+def read_profile(profile: HardwareProfile, reading: str) -> HardwareProfile:
+    """The profile under one reading of the paper's units (digest §8.5), for ablations:
+    'published' (ours: betas per float element, GEMM beta per 1/4 multiply-accumulate, as the
+    profiles load), 'gemm-per-byte' (the GEMM beta per multiply-accumulate: experts and dense
+    GEMMs 4x faster), 'comm-per-byte' (every communication beta per byte: 4x slower links)."""
+    if reading == "published":
+        return profile
+    if reading == "gemm-per-byte":
+        compute = {k: replace(m, beta_ms=m.beta_ms / 4) if k == "gemm" else m for k, m in profile.compute.items()}
+        return replace(profile, name=f"{profile.name}[{reading}]", compute=compute)
+    comm = {k: replace(m, beta_ms=m.beta_ms * 4) for k, m in profile.comm.items()}
+    return replace(profile, name=f"{profile.name}[{reading}]", comm=comm)
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    testbeds: dict[str, str] = field(default_factory=lambda: {"A": "fsmoe-testbed-a", "B": "fsmoe-testbed-b"})
+    reading: Literal["published", "gemm-per-byte", "comm-per-byte"] = "published"
+    grid_blocks: int = 2
+    grid_sample: int | None = None           # a random sample of n configured layers per testbed (None: all 1,458)
+    seq: dict[str, int] = field(default_factory=lambda: {"A": 1024, "B": 256})
+    fig6: tuple[tuple[str, str], ...] = (("A", "gpt2-xl"), ("A", "mixtral-7b"), ("A", "mixtral-22b"),
+                                         ("B", "gpt2-xl"), ("B", "mixtral-7b"))
+    fig7_seq: tuple[int, ...] = (512, 1024, 2048)
+    fig7_profiles: dict[int, str] = field(default_factory=lambda: {16: "fsmoe-testbed-a-16", 32: "fsmoe-testbed-a-32",
+                                                                     48: "fsmoe-testbed-a"})
+    pp_micro_batches: int = 4
+    gates: tuple[str, ...] = ("gshard", "xmoe", "sigmoid", "expert_choice")
+    table2_batch: int = 4
+    table2_seq: int = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.grid_blocks < 1:
+            raise ConfigError(f"grid_blocks: {self.grid_blocks} is not allowed; allowed: >= 1")
+        if self.grid_sample is not None and self.grid_sample < 1:
+            raise ConfigError(f"grid_sample: {self.grid_sample} is not allowed; allowed: >= 1 or null")
+        if self.pp_micro_batches < 1:
+            raise ConfigError(f"pp_micro_batches: {self.pp_micro_batches} is not allowed; allowed: >= 1")
+        for testbed, model in self.fig6:
+            if model not in MODELS:
+                raise ConfigError(f"fig6: model {model!r} is not allowed; allowed: {', '.join(MODELS)}")
+
+    def check_models(self) -> None:
+        """The real-model runs need Testbed A and B and every Fig. 6 testbed among `testbeds`."""
+        for testbed in {t for t, _ in self.fig6} | {"A", "B"}:
+            if testbed not in self.testbeds:
+                raise ConfigError(f"testbeds: {testbed!r} is missing; the real-model runs use "
+                                  f"{', '.join(sorted({t for t, _ in self.fig6} | {'A', 'B'}))}")
+
+
+def _systems():
+    return [s for s in paper_systems("fsmoe")]
+
+
+def _profiles(cfg: ResultsConfig) -> dict[str, HardwareProfile]:
+    return {k: read_profile(load_profile(v), cfg.reading) for k, v in cfg.testbeds.items()}
+
+
+def _model_shape(spec: ModelSpec, profile: HardwareProfile, seq: int, gate: str = "gshard",
+                 batch: int = 1) -> BlockShape:
+    return BlockShape(batch, seq, spec.hidden, spec.ffn_hidden, spec.heads, profile.get_topology().num_nodes, 2, 1.2,
+                      spec.ffn, spec.kv_heads, gate=gate)
+
+
+DS_MOE_MP_ALLREDUCE = "DS-MoE (MP AllReduce)"
+
+
+def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
+    """Every FSMoE-paper plan on `blocks`, plus the ablation `DS_MOE_MP_ALLREDUCE`: DeepSpeed-MoE's
+    sequential plan with tensor-parallel attention synchronised by AllReduce (as the released
+    harness emulates DeepSpeed-MoE) instead of sequence parallelism's AllGather / ReduceScatter:
+    each of the two collectives of a pass becomes an AllReduce (a ReduceScatter and an AllGather)."""
+    rows = []
+    for system in _systems():
+        plan = system.factory()(blocks)
+        schedule = plan.schedule(blocks)
+        timeline = simulate(schedule)
+        rows.append({**labels, "system": system.name, "iteration_ms": timeline.makespan,
+                     "over_lower_bound": timeline.makespan / max(timeline.busy().values()),
+                     "moe_fwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "fwd"),
+                     "moe_bwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "bwd"),
+                     "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
+    allreduce_mp = [replace(bc, mp_comm_ms=2 * bc.mp_comm_ms) for bc in blocks]
+    plan = get_system("fsmoe", "DS-MoE").factory()(allreduce_mp)
+    rows.append({**labels, "system": DS_MOE_MP_ALLREDUCE, "iteration_ms": simulate(plan.schedule(allreduce_mp)).makespan,
+                 "r_fwd": 1, "r_bwd": 1, "plan_note": "ablation: MP attention synchronised by AllReduce"})
+    return rows
+
+
+def _pass_over_lower_bound(bc: BlockCosts, plan, phase: str) -> float:
+    """One MoE pass of the plan's first block on its lanes: simulated makespan over the busiest
+    lane's work (no schedule on those lanes can beat that bound)."""
+    r = plan.degrees[0][0 if phase == "fwd" else 1]
+    model = bc.fwd if phase == "fwd" else bc.bwd
+    timeline = simulate(fsmoe_pass(r, lanes=plan.lanes).with_durations(lambda t: model.duration(t.kind, r)))
+    return timeline.makespan / max(timeline.busy().values())
+
+
+def run_grid(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
+    rows = []
+    for testbed, profile in _profiles(cfg).items():
+        shapes = grid_shapes(cfg.testbeds[testbed], profile.get_topology().num_nodes)
+        if cfg.grid_sample is not None:
+            shapes = random.Random(cfg.seed).sample(shapes, min(cfg.grid_sample, len(shapes)))
+        for i, shape in enumerate(tqdm(shapes, desc=f"configured layers, testbed {testbed}",
+                                       disable=None if progress is None else not progress)):
+            bc = block_costs(shape, profile)
+            rows += _iteration_rows([bc] * cfg.grid_blocks, testbed=testbed, layer=i, B=shape.batch, L=shape.seq,
+                                    M=shape.hidden, H=shape.ffn_hidden, heads=shape.heads,
+                                    f=shape.capacity_factor or "*", ffn=shape.ffn)
+    return pd.DataFrame(rows)
+
+
+def _released_rules(model_fwd, model_bwd, domain) -> tuple[int, int]:
+    r_fwd = 1 if model_fwd.a2a.at(1) < 1.0 else integer_optimum(model_fwd, domain).r
+    r_bwd = 1 if r_fwd == 1 else integer_optimum(model_bwd, domain).r
+    return r_fwd, r_bwd
+
+
+def run_statistic(cfg: ResultsConfig) -> pd.DataFrame:
+    rows = []
+    for testbed, profile in _profiles(cfg).items():
+        shapes = grid_shapes(cfg.testbeds[testbed], profile.get_topology().num_nodes)
+        for domain in DOMAINS:
+            for with_gar in (False, True):
+                for rules in (False, True):
+                    differ = 0
+                    for shape in shapes:
+                        bc = block_costs(shape, profile)
+                        bwd = bc.bwd.with_gar(bc.t_ar(bc.grad_bytes) if with_gar else 0.0)
+                        if rules:
+                            r_fwd, r_bwd = _released_rules(bc.fwd, bwd, DOMAINS[domain])
+                        else:
+                            r_fwd, r_bwd = integer_optimum(bc.fwd, DOMAINS[domain]).r, integer_optimum(bwd, DOMAINS[domain]).r
+                        differ += r_fwd != r_bwd
+                    rows.append({"testbed": testbed, "domain": domain, "backward_t_gar": "layer gradient" if with_gar
+                                 else "0", "released_rules": rules, "differ": differ, "total": len(shapes)})
+    return pd.DataFrame(rows)
+
+
+def run_table2(cfg: ResultsConfig) -> pd.DataFrame:
+    rows = []
+    for testbed, profile in _profiles(cfg).items():
+        for model in ("gpt2-xl", "mixtral-7b"):
+            spec = MODELS[model]
+            bc = block_costs(_model_shape(spec, profile, cfg.table2_seq, batch=cfg.table2_batch), profile)
+            for phase, m in (("fwd", bc.fwd), ("bwd", bc.bwd)):
+                ops = {"AlltoAll": 2 * m.a2a.at(1), "AllGather": m.ag.at(1), "ReduceScatter": m.rs.at(1),
+                       "Experts": m.exp.at(1), "AllReduce": bc.t_ar(bc.grad_bytes) if phase == "bwd" else 0.0,
+                       "Attention": bc.dense_fwd_ms if phase == "fwd" else bc.dense_bwd_ms,
+                       "MP AllGather+ReduceScatter": 2 * bc.mp_comm_ms}
+                total = sum(ops.values())
+                rows += [{"testbed": testbed, "model": model, "phase": phase, "op": op, "ms": ms,
+                          "share_pct": 100 * ms / total, "tier": "sim"} for op, ms in ops.items()]
+    return pd.DataFrame(rows)
+
+
+def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, micro_batches: int,
+                **labels) -> list[dict]:
+    """Two pipeline stages, each half the nodes and half the layers."""
+    topo = testbed_profile.get_topology()
+    half = topo.num_nodes // 2
+    stage_profile = replace(testbed_profile, name=f"{testbed_profile.name}@pp2", topology=f"{half}x{topo.gpus_per_node}")
+    bc = block_costs(_model_shape(spec, stage_profile, seq), stage_profile)
+    per_stage = [[bc] * (spec.layers // 2), [bc] * (spec.layers - spec.layers // 2)]
+    rows = []
+    for system in _systems():
+        plans = [system.factory()(blocks) for blocks in per_stage]
+        schedule = gpipe_iteration([(blocks, list(p.degrees), list(p.grads)) for blocks, p in zip(per_stage, plans)],
+                                   micro_batches, plans[0].lanes)
+        rows.append({**labels, "system": system.name, "iteration_ms": simulate(schedule).makespan,
+                     "r_fwd": plans[0].degrees[0][0], "r_bwd": plans[0].degrees[0][1]})
+    return rows
+
+
+def run_models(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
+    profiles = _profiles(cfg)
+    jobs = [("fig6", testbed, model, cfg.seq[testbed], cfg.testbeds[testbed], "gshard") for testbed, model in cfg.fig6]
+    a_models = sorted({m for t, m in cfg.fig6 if t == "A"})
+    jobs += [("fig7-L", "A", m, L, cfg.testbeds["A"], "gshard") for m in a_models for L in cfg.fig7_seq]
+    jobs += [("fig7-P", "A", m, cfg.seq["A"], name, "gshard") for m in a_models for name in cfg.fig7_profiles.values()]
+    jobs += [("table6", "B", "gpt2-xl", cfg.seq["B"], cfg.testbeds["B"], g) for g in cfg.gates]
+    rows = []
+    for figure, testbed, model, seq, profile_name, gate in tqdm(jobs, desc="models", disable=None if progress is None
+                                                               else not progress):
+        profile = read_profile(load_profile(profile_name), cfg.reading)
+        spec = MODELS[model]
+        bc = block_costs(_model_shape(spec, profile, seq, gate), profile)
+        rows += _iteration_rows([bc] * spec.layers, figure=figure, testbed=testbed, model=model, L=seq, gate=gate,
+                                profile=profile.name, P=profile.get_topology().G, layers=spec.layers)
+    for model in a_models:
+        spec = MODELS[model]
+        rows += _gpipe_rows(profiles["A"], spec, cfg.seq["A"], cfg.pp_micro_batches, figure="fig8", testbed="A",
+                            model=model, L=cfg.seq["A"], gate="gshard", profile=profiles["A"].name,
+                            P=profiles["A"].get_topology().G, layers=spec.layers)
+    return pd.DataFrame(rows)
+
+
+RUNNERS = {"grid": run_grid, "statistic": run_statistic, "table2": run_table2, "models": run_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.parser(PROG, __doc__, config=ResultsConfig, outputs=("csv", "record"), progress=True)
+    parser.add_argument("--part", required=True, choices=PARTS, help="which result to compute")
+    args = parser.parse_args(argv)
+    try:
+        cfg = cli.load_config(args, ResultsConfig)
+        if args.part in ("models", "table2"):
+            cfg.check_models()
+        _profiles(cfg)
+        for name in cfg.fig7_profiles.values():
+            load_profile(name)
+    except cli.INPUT_ERRORS as e:
+        return cli.fail(parser, e)
+    runner = RUNNERS[args.part]
+    frame = runner(cfg, progress=False if args.no_progress else None) if args.part in ("grid", "models") else runner(cfg)
+    frame["tier"] = "sim"
+    frame["reading"] = cfg.reading
+    record = make_record(experiment=f"fsmoe_{args.part}", system=",".join(s.name for s in _systems()), tier="sim",
+                         topology={"name": ",".join(cfg.testbeds.values())}, model={"part": args.part},
+                         config=cfg, metrics={"rows": [float(len(frame))]}, seed=cfg.seed,
+                         extra={"profiles": dict(cfg.testbeds), "note": "times MODELED from the profiles' alpha-beta models"})
+    cli.write_csv_and_record(frame, args.out_csv, record, args.out_record)
+    print(f"{args.part}: {len(frame)} rows -> {args.out_csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""The decoder with the paths that exist for speed on the CPU: `FastDecoder` is `decoder.Decoder`
+(same model, same router) with products that use every core, fewer and larger products, and,
+opt-in, each decoded token's layer as one torch.compile'd region. It is tested equal to the
+reference decoder (tokens equal, logits within rounding) on every architecture.
+
+Why: decoding one token is memory bound, and at small widths bound by per-operation overhead;
+the reference decoder's one-BLAS-call-per-matrix code streams each weight on one core and pays
+Python and dispatch costs per operation. What this module changes, all the same math in another
+summation order:
+* `split_linear`: few-token products run as one batched call over one weight block per core.
+* Joined weights: q, k, v as one [(H + 2G) * D, M] array and each FFN's gate and up as one
+  [2F, M] array, so each is one product; a layer's experts stacked as gate/up [E, 2F, M] and down
+  [E, M, F].
+* `paired_ffn`: a decoded token's routed experts two at a time, one batched product each (at most
+  two cores: one block per core, half the calls of one split product per expert).
+* RMSNorm as torch's fused kernel, RoPE from a cached table with the rotation's sign folded into
+  sin, no attention mask for a single unpadded new token, inference mode while generating.
+* `compile_decode=True`: a decoded token's whole layer (attention block, norm, routing, routed
+  experts or dense FFN) is one compiled region (`_token_layer`) whose products are
+  multiply-reduces that Inductor fuses into loops streaming each weight once; for a batch without
+  padding the attention block is the compiled region. The first decode steps of each new weight
+  shape compile (seconds); prefill and padded batches stay eager. CPU only, plain expert function.
+Measured speeds are in tests/bench/test_bench_scheinfer_cpu.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import DecoderConfig
+from .decoder import Decoder, ExpertFn
+from .layers import (AttentionWeights, ExpertWeights, KVCache, LayerWeights, MoEWeights, Norm, append_to_cache,
+                     gate_shared, rope_cos_sin, route)
+
+__all__ = ["split_linear", "fast_ffn", "paired_ffn", "JoinedExpertWeights", "JoinedAttentionWeights",
+           "StackedMoEWeights", "FusedRMSNorm", "FastDecoder"]
+
+# Few-token products x_TK @ w_NK^T are memory bound, and one BLAS call streams the weight on one
+# core. So the weight is cut into one block per core and one batched call runs the blocks on all
+# cores: along the output dimension N when w is stored row-major ([N, K] rows, the natural
+# layout), else along the reduction dimension K when w^T is ([K, N] rows: the engine's down
+# slices, see `engine.HybridDecoder._expert`), the partial products then summed. Row blocks are
+# multiplied as x @ w^T (a row vector times the transposed block), the kernel that streams a
+# block fastest. Small weights (cache-resident, a few microseconds of work) are not split: the
+# extra calls cost more than they save.
+_SPLIT_MAX_TOKENS = 32
+_SPLIT_MIN_WIDTH = 256
+_SPLIT_MIN_BYTES = 1 << 20
+
+
+def split_linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w_NK, b_N) for x of shape [..., K], split across cores for few tokens; for one
+    token under torch.compile a multiply-reduce, which Inductor fuses into one streaming loop."""
+    K = x.shape[-1]
+    T = x.numel() // K if K else 0
+    if torch.compiler.is_compiling():
+        if T != 1:
+            return F.linear(x, w_NK, b_N)
+        y = (x.unsqueeze(-2) * w_NK).sum(-1)
+        return y if b_N is None else y + b_N
+    n = torch.get_num_threads()
+    if (n == 1 or not 0 < T <= _SPLIT_MAX_TOKENS or w_NK.numel() * w_NK.element_size() < _SPLIT_MIN_BYTES
+            or x.device.type != "cpu" or x.dtype != w_NK.dtype):
+        return F.linear(x, w_NK, b_N)
+    x_TK, N = x.reshape(T, K), w_NK.shape[0]
+    if N >= _SPLIT_MIN_WIDTH and N % n == 0 and w_NK.stride(1) == 1:       # blocks of output rows
+        wt_nKX = w_NK.as_strided((n, K, N // n), (N // n * w_NK.stride(0), 1, w_NK.stride(0)))
+        y_nTX = torch.bmm(x_TK.unsqueeze(0).expand(n, T, K), wt_nKX)
+        y_TN = y_nTX.view(T, N) if T == 1 else y_nTX.transpose(0, 1).reshape(T, N)
+    elif K >= _SPLIT_MIN_WIDTH and K % n == 0 and w_NK.stride(0) == 1:     # blocks of the reduction
+        wt_KN = w_NK.t()
+        wt_nXN = wt_KN.as_strided((n, K // n, N), (K // n * wt_KN.stride(0), wt_KN.stride(0), 1))
+        y_TN = torch.bmm(x_TK.view(T, n, K // n).transpose(0, 1), wt_nXN).sum(0)
+    else:
+        return F.linear(x, w_NK, b_N)
+    if b_N is not None:
+        y_TN = y_TN + b_N
+    return y_TN.reshape(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------------- weights
+
+@dataclass(frozen=True)
+class JoinedExpertWeights(ExpertWeights):
+    """An FFN whose gate and up are the two halves of gate_up_2FM (one product for both)."""
+
+    gate_up_2FM: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class JoinedAttentionWeights(AttentionWeights):
+    """Attention whose q, k, v (and biases) are consecutive rows of qkv_w (qkv_b): one product."""
+
+    qkv_w: torch.Tensor | None = None
+    qkv_b: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StackedMoEWeights(MoEWeights):
+    """MoE weights whose experts are views of gate/up [E, 2F, M] and down [E, M, F]."""
+
+    gate_up_E2FM: torch.Tensor | None = None
+    down_EMF: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FusedRMSNorm(Norm):
+    """`Norm` with float32 RMSNorm as torch's one fused kernel."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != "rmsnorm" or x.dtype != torch.float32:
+            return super().__call__(x)
+        y = torch.rms_norm(x, (x.shape[-1],), self.weight_M, self.eps)
+        return y if self.bias_M is None else y + self.bias_M
+
+
+def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
+    """`layers.ffn` with `split_linear` products, gate and up in one when they are joined."""
+    if isinstance(w, JoinedExpertWeights):
+        gu_T2F = split_linear(x_TM, w.gate_up_2FM)
+        h_TF = F.silu(gu_T2F[:, :w.ffn_hidden]) * gu_T2F[:, w.ffn_hidden:]
+    else:
+        h_TF = F.silu(split_linear(x_TM, w.gate_FM)) * split_linear(x_TM, w.up_FM)
+    return split_linear(h_TF, w.down_MF)
+
+
+def _fast_expert_fn(layer: int, expert: int | str, w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
+    return fast_ffn(w, x_TM)
+
+
+def paired_ffn(w: StackedMoEWeights, a: int, b: int, x_1M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ffn` of experts a < b of one stacked layer for one token, as two batched products: any two
+    experts of an [E, ...] array are one strided [2, ...] view (batch stride b - a experts)."""
+    gu_E2FM, down_EMF = w.gate_up_E2FM, w.down_EMF
+    _, F2, M = gu_E2FM.shape
+    width = F2 // 2
+    gu_2M2F = gu_E2FM.as_strided((2, M, F2), ((b - a) * F2 * M, 1, M), gu_E2FM.storage_offset() + a * F2 * M)
+    down_2FM = down_EMF.as_strided((2, width, M), ((b - a) * width * M, 1, width),
+                                   down_EMF.storage_offset() + a * width * M)
+    g_21F2 = torch.bmm(x_1M.view(1, 1, M).expand(2, 1, M), gu_2M2F)
+    h_21F = F.silu(g_21F2[..., :width]) * g_21F2[..., width:]
+    y_2M = torch.bmm(h_21F, down_2FM).view(2, M)
+    return y_2M[0:1], y_2M[1:2]
+
+
+# ----------------------------------------------------------------------------------- attention
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`layers.apply_rope` with rotate_half(x) = (-x2, x1) = (x2, x1) * (-1, 1): the halves
+    swapped in one flip, the sign folded into sin (exact, the same values)."""
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin
+
+
+def _attention(cfg: DecoderConfig, w: JoinedAttentionWeights, h_BSM: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, cos_BSD: torch.Tensor, signed_sin_BSD: torch.Tensor,
+               allowed_BSL: torch.Tensor | None, L1: int) -> torch.Tensor:
+    """`layers.attention` with one q/k/v product and one RoPE; allowed_BSL None: every one of the
+    L1 cached slots is visible to every query."""
+    B, S, _ = h_BSM.shape
+    H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv_BNSD = split_linear(h_BSM, w.qkv_w, w.qkv_b).view(B, S, H + 2 * G, D).transpose(1, 2)
+    qk_BNSD = _rotate(qkv_BNSD[:, :H + G], cos_BSD[:, None], signed_sin_BSD[:, None])
+    q_BHSD, k_BGSD, v_BGSD = qk_BNSD[:, :H], qk_BNSD[:, H:], qkv_BNSD[:, H + G:]
+    k_BGLD, v_BGLD = append_to_cache(k_cache, v_cache, k_BGSD, v_BGSD, L1)
+    if torch.compiler.is_compiling() and S == 1 and allowed_BSL is None:
+        # one query per sequence: scores and weighted sum as multiply-reduces that Inductor
+        # fuses with the softmax (the extern SDPA kernel costs more than the work here)
+        q_BGRD = q_BHSD.reshape(B, G, H // G, D)
+        scores_BGRL = (q_BGRD.unsqueeze(3) * k_BGLD.unsqueeze(2)).sum(-1) * D ** -0.5
+        p_BGRL = torch.softmax(scores_BGRL, dim=-1)
+        o_BSX = (p_BGRL.unsqueeze(-1) * v_BGLD.unsqueeze(2)).sum(3).reshape(B, S, H * D)
+    else:
+        mask = None if allowed_BSL is None else allowed_BSL[:, None]
+        o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, enable_gqa=G != H)
+        o_BSX = o_BHSD.transpose(1, 2).reshape(B, S, H * D)
+    return split_linear(o_BSX, w.o_w, w.o_b)
+
+
+# ----------------------------------------------------------------------------------- compiled regions
+
+def _attention_block(cfg: DecoderConfig, norm: Norm, w: JoinedAttentionWeights, x_BSM: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor,
+                     allowed_BSL: torch.Tensor | None, L1: int) -> torch.Tensor:
+    """x + attention(norm(x)): the pre-norm attention half of a layer, one region for
+    torch.compile (with the cache length L1 dynamic, one graph serves every decode step)."""
+    return x_BSM + _attention(cfg, w, norm(x_BSM), k_cache, v_cache, cos_BSD, sin_BSD, allowed_BSL, L1)
+
+
+def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y_1M, ids_1K, weights_1K): the routing and the routed experts of one token, the experts as
+    gathered multiply-reduce products. Written for torch.compile (inside `_token_layer`): Inductor
+    fuses the gather into one reduction loop, so each chosen expert's weights stream once; a
+    BLAS GEMV per expert does not reach the memory bandwidth on every CPU. Run eagerly it would
+    copy the chosen experts' weights first."""
+    ids_1K, weights_1K = route(cfg, F.linear(h_1M, w.router_EM))
+    ids_K, width = ids_1K[0], w.down_EMF.shape[-1]
+    gu_K2F = (w.gate_up_E2FM[ids_K] * h_1M).sum(-1)
+    h_KF = F.silu(gu_K2F[:, :width]) * gu_K2F[:, width:]
+    y_KM = (w.down_EMF[ids_K] * h_KF[:, None, :]).sum(-1)
+    y_1M = (weights_1K[0, :, None].to(y_KM.dtype) * y_KM).sum(0, keepdim=True)
+    return y_1M, ids_1K, weights_1K
+
+
+def _token_layer(cfg: DecoderConfig, w: LayerWeights, x_11M: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, cos_11D: torch.Tensor, sin_11D: torch.Tensor, L1: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(x + FFN(norm(x)), norm(x), ids_1K, weights_1K) of a whole layer of one decoded token, the
+    attention block first, without a MoE layer's shared expert (the caller adds it): one region
+    for torch.compile, so one call per layer. Dense layers: `fast_ffn`, whose products are
+    multiply-reduces under compile (`split_linear`)."""
+    x_11M = _attention_block(cfg, w.attn_norm, w.attn, x_11M, k_cache, v_cache, cos_11D, sin_11D, None, L1)
+    h_1M = w.ffn_norm(x_11M).view(1, -1)
+    if w.moe is None:
+        return x_11M + fast_ffn(w.dense, h_1M).view(x_11M.shape), h_1M, None, None
+    y_1M, ids_1K, weights_1K = _routed_experts(cfg, w.moe, h_1M)
+    return x_11M + y_1M.view(x_11M.shape), h_1M, ids_1K, weights_1K
+
+
+# Inductor's C++ wrapper calls a region's kernels without Python in between (less fixed cost per
+# region call than its Python wrapper).
+_COMPILE_OPTIONS = {"cpp_wrapper": True}
+
+
+def _inductor_compilers() -> tuple[str, ...]:
+    """The C++ compilers Inductor's CPU backend will try (its `cpp.cxx` setting: $CXX or g++)."""
+    from torch._inductor import config
+    cxx = config.cpp.cxx
+    return tuple(c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c)
+
+
+# ----------------------------------------------------------------------------------- decoder
+
+class FastDecoder(Decoder):
+    """`Decoder` with the speed paths of the module doc; `compile_decode=True` adds the compiled
+    decode regions (CPU only, without an expert_fn)."""
+
+    default_expert_fn: ExpertFn = staticmethod(_fast_expert_fn)
+
+    def __init__(self, source, *, compile_decode: bool = False, **decoder_kwargs):
+        device, expert_fn = torch.device(decoder_kwargs.get("device", "cpu")), decoder_kwargs.get("expert_fn")
+        if compile_decode and (device.type != "cpu" or expert_fn is not None):
+            raise ValueError(f"compile_decode=True needs device 'cpu' and no expert_fn; got device "
+                             f"{str(device)!r}, expert_fn {'given' if expert_fn else 'None'}")
+        if compile_decode and not any(map(shutil.which, _inductor_compilers())):
+            raise ValueError(f"compile_decode=True needs a C++ compiler for Inductor "
+                             f"({' or '.join(_inductor_compilers())} on PATH, or set CXX); none was found")
+        self._compiled_token_layer = self._compiled_attention_block = None
+        if compile_decode:   # each architecture / shape is its own graph of the two regions; a
+            # process with several models (the tests, a sweep) needs more than Dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            compiled = lambda fn: torch.compile(fn, fullgraph=True, options=_COMPILE_OPTIONS)  # noqa: E731
+            self._compiled_token_layer = compiled(_token_layer)
+            self._compiled_attention_block = compiled(_attention_block)
+        self._rope_tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}   # long RoPE -> (cos, signed sin)
+        super().__init__(source, **decoder_kwargs)
+
+    # -------------------------------------------------------------- weights
+
+    def _norm(self, prefix: str) -> Norm:
+        n = super()._norm(prefix)
+        return FusedRMSNorm(n.weight_M, n.bias_M, n.kind, n.eps)
+
+    def _joined_rows(self, names: list[str]) -> torch.Tensor:
+        """The tensors `names` as consecutive rows of one array, in the compute dtype / device."""
+        return torch.cat([self._w(n) for n in names])
+
+    def _expert(self, prefix: str) -> JoinedExpertWeights:
+        gate_up_2FM = self._joined_rows([f"{prefix}.gate.weight", f"{prefix}.up.weight"])
+        width = gate_up_2FM.shape[0] // 2
+        return JoinedExpertWeights(gate_up_2FM[:width], gate_up_2FM[width:], self._w(f"{prefix}.down.weight"),
+                                   gate_up_2FM=gate_up_2FM)
+
+    def _attention_weights(self, i: int) -> JoinedAttentionWeights:
+        cfg, p = self.config, f"layers.{i}.attn"
+        qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        qkv_w = self._joined_rows([f"{p}.{n}.weight" for n in "qkv"])
+        qkv_b = self._joined_rows([f"{p}.{n}.bias" for n in "qkv"]) if cfg.qkv_bias else None
+        split = lambda t: (None,) * 3 if t is None else (t[:qd], t[qd:qd + kvd], t[qd + kvd:])  # noqa: E731
+        (q_w, k_w, v_w), (q_b, k_b, v_b) = split(qkv_w), split(qkv_b)
+        return JoinedAttentionWeights(
+            q_w=q_w, k_w=k_w, v_w=v_w, o_w=self._w(f"{p}.o.weight"), q_b=q_b, k_b=k_b, v_b=v_b,
+            o_b=self._w(f"{p}.o.bias") if cfg.out_proj_bias else None, qkv_w=qkv_w, qkv_b=qkv_b)
+
+    def _moe_weights(self, i: int) -> StackedMoEWeights:
+        """Experts as views of gate/up [E, 2F, M] (gate rows, then up rows, per expert) and down
+        [E, M, F]; slices along F stay views."""
+        cfg, p = self.config, f"layers.{i}.moe"
+        E, width, M = cfg.num_experts, cfg.moe_ffn_hidden, cfg.hidden
+        gu_E2FM = torch.empty(E, 2 * width, M, dtype=self.dtype, device=self.device)
+        down_EMF = torch.empty(E, M, width, dtype=self.dtype, device=self.device)
+        for e in range(E):
+            gu_E2FM[e, :width] = self._w(f"{p}.experts.{e}.gate.weight")
+            gu_E2FM[e, width:] = self._w(f"{p}.experts.{e}.up.weight")
+            down_EMF[e] = self._w(f"{p}.experts.{e}.down.weight")
+        experts = tuple(JoinedExpertWeights(gu[:width], gu[width:], dn, gate_up_2FM=gu)
+                        for gu, dn in zip(gu_E2FM, down_EMF))
+        return StackedMoEWeights(
+            router_EM=self._w(f"{p}.router.weight"), experts=experts,
+            shared=self._expert(f"{p}.shared") if cfg.shared_expert_ffn_hidden else None,
+            shared_gate_1M=self._w(f"{p}.shared_gate.weight") if cfg.shared_expert_gate else None,
+            gate_up_E2FM=gu_E2FM, down_EMF=down_EMF)
+
+    # -------------------------------------------------------------- pieces
+
+    def rope(self, pos_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin [B, S, D] (the first half of sin negated, see `_rotate`),
+        looked up in a table that grows on demand."""
+        cfg = self.config
+        end = int(pos_BS.max()) + 1
+        long = cfg.rope_scaling is not None and end > cfg.rope_scaling.original_max_position_embeddings
+        table = self._rope_tables.get(long)
+        if table is None or len(table[0]) < end:           # grow by doubling, at least 256 positions
+            length = max(end, 256, 0 if table is None else 2 * len(table[0]))
+            cos, sin = rope_cos_sin(cfg, torch.arange(length), long=long)
+            sin[:, :cfg.head_dim // 2].neg_()
+            table = self._rope_tables[long] = (cos.to(self.device, self.dtype), sin.to(self.device, self.dtype))
+        return table[0][pos_BS], table[1][pos_BS]
+
+    def attention_mask(self, cache: KVCache, L0: int, L1: int, padded: bool) -> torch.Tensor | None:
+        """None (no mask) when the one new token of each sequence sees every slot."""
+        if L1 - L0 == 1 and not padded and cache.unpadded:
+            return None
+        return super().attention_mask(cache, L0, L1, padded)
+
+    def attention_block(self, i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, L1):
+        block = self._compiled_attention_block if self._compiled_attention_block is not None \
+            and allowed_BSL is None else _attention_block
+        return block(self.config, w.attn_norm, w.attn, x_BSM, cache.k[i], cache.v[i], cos_BSD, sin_BSD,
+                     allowed_BSL, L1)
+
+    def layer(self, i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, valid_BS, L1):
+        if self._compiled_token_layer is None or x_BSM.shape[0] * x_BSM.shape[1] != 1 or allowed_BSL is not None:
+            return super().layer(i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, valid_BS, L1)
+        # the compiled region, plus what stays outside it: the route observer and a shared expert
+        x_11M, h_1M, ids_1K, weights_1K = self._compiled_token_layer(self.config, w, x_BSM, cache.k[i], cache.v[i],
+                                                                     cos_BSD, sin_BSD, L1)
+        if w.moe is not None:
+            if self.route_observer is not None:
+                self.route_observer(i, ids_1K, weights_1K)
+            if w.moe.shared is not None:
+                shared_1M = self.expert_fn(i, "shared", w.moe.shared, h_1M)
+                x_11M = x_11M + gate_shared(w.moe, h_1M, shared_1M).view(x_11M.shape)
+        return x_11M
+
+    def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
+        """One token: its routed experts added in ascending expert order, in pairs (`paired_ffn`)
+        with the plain expert function, stacked experts and at most two cores; else each expert
+        through `expert_fn`. More tokens: the reference path."""
+        if x_TM.shape[0] != 1:
+            return super().moe(i, w, x_TM)
+        ids_1K, weights_1K = self.route(i, w, x_TM)
+        order = sorted((e, k) for k, e in enumerate(ids_1K[0].tolist()))
+        paired = (isinstance(w, StackedMoEWeights) and self.expert_fn is _fast_expert_fn
+                  and torch.get_num_threads() <= 2)
+        groups = [order[j:j + 2] for j in range(0, len(order), 2)] if paired else [[ek] for ek in order]
+        gate_K = None               # Python numbers of the gate weights: scalar products, same values
+        y_1M = None
+        for group in groups:
+            if len(group) == 2:
+                ys = paired_ffn(w, group[0][0], group[1][0], x_TM)
+            else:
+                ys = (self.expert_fn(i, group[0][0], w.experts[group[0][0]], x_TM),)
+            for y_e, (_, k) in zip(ys, group):
+                if gate_K is None:
+                    gate_K = weights_1K[0].to(y_e.dtype).tolist()
+                y_e = y_e * gate_K[k]
+                y_1M = y_e if y_1M is None else y_1M + y_e
+        if w.shared is None:
+            return y_1M
+        return y_1M + gate_shared(w, x_TM, self.expert_fn(i, "shared", w.shared, x_TM))
+
+    def lm_head(self, x_BSM: torch.Tensor) -> torch.Tensor:
+        return split_linear(x_BSM, self.lm_head_VM, self.lm_head_b)
+
+    def generation_mode(self) -> contextlib.AbstractContextManager:
+        """Inference mode (less per-operation overhead) with the plain expert function; it is
+        thread-local, and a plugged-in expert_fn may update tensors in place on its own threads,
+        which inference tensors forbid there."""
+        return torch.inference_mode() if self.expert_fn is _fast_expert_fn else torch.no_grad()

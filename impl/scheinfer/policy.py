@@ -1,0 +1,179 @@
+"""Placement and execution policies of the three-lane engine, and the one GPU-budget placement.
+
+A `Policy` says which rows of each FFN / expert stay resident on the GPU (GG, fixed at load) and
+how a layer's active FFNs are split into CC / CG / GG bands at run time. Policies are selected by
+name through the registry (kind "inference_policy"): ScheInfer's own ('scheinfer', 'fixed') are
+registered here; baselines register theirs in their own packages ('fiddler' in
+baselines.fiddler, llama.cpp's 'layers' in baselines.llamacpp), which a caller imports to make
+those names available. The engine and the sim tier both place weights with `place`, so a
+prediction and a measurement of one policy use the very same placement.
+
+GPU memory counts FFN / expert weights and staging buffers only; attention, embeddings, norms,
+routers and the KV cache are assumed resident besides it [R, digest 1.2].
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+from impl.common.config import ConfigError
+from impl.common.registry import get, names, register
+
+from .assign import ASSIGN_MODES, ExpertLoad, assign_layer
+from .config import DecoderConfig
+from .partition import GG_MODES, CostModel, Split, resident_rows
+
+__all__ = ["POLICY_KIND", "FFNKey", "Policy", "ScheInferPolicy", "FixedPolicy", "needs_cost", "make_policy",
+           "ffn_widths", "Placement", "place"]
+
+POLICY_KIND = "inference_policy"
+FFNKey = tuple[int, Hashable]          # (layer, expert id | 'dense' | 'shared')
+
+
+def ffn_widths(cfg: DecoderConfig) -> dict[FFNKey, int]:
+    """Every FFN of a DecoderConfig: (layer, expert) -> intermediate width F."""
+    out: dict[FFNKey, int] = {}
+    for i in range(cfg.num_layers):
+        if cfg.is_moe_layer(i):
+            out.update({(i, e): cfg.moe_ffn_hidden for e in range(cfg.num_experts)})
+            if cfg.shared_expert_ffn_hidden:
+                out[(i, "shared")] = cfg.shared_expert_ffn_hidden
+        else:
+            out[(i, "dense")] = cfg.ffn_hidden
+    return out
+
+
+class Policy(ABC):
+    """Where each FFN's rows live (resident GG rows, fixed at load) and how a layer's active FFNs
+    are split at run time. `concurrent`: the three lanes overlap (else parts run one after
+    another); `staging_buffers`: host->device buffers the policy needs for CG."""
+
+    name: str = "?"
+    concurrent: bool = True
+    staging_buffers: int = 2
+
+    @abstractmethod
+    def resident(self, ffns: dict[FFNKey, int], hidden: int, dtype_bytes: int, budget_bytes: int) -> dict[FFNKey, int]:
+        """GG rows per FFN (a suffix of F) within budget_bytes."""
+
+    @abstractmethod
+    def plan(self, layer: int, loads: Sequence[ExpertLoad], phase: str, layer_tokens: int,
+             cg_max: int | None) -> list[Split]:
+        """A Split per active FFN (loads carry token counts and resident rows)."""
+
+
+class ScheInferPolicy(Policy):
+    """partition.py's static GG + per (phase, expert) CC/CG optimiser, with assign.py's modes."""
+
+    name = "scheinfer"
+
+    def __init__(self, cost: CostModel, hidden: int, dtype_bytes: int, tile: int = 64, assign: str = "split",
+                 gg_mode: str = "uniform", popularity: dict | None = None, exhaustive: bool = False):
+        if assign not in ASSIGN_MODES:
+            raise ConfigError(f"assign={assign!r} is not allowed; expected one of {', '.join(ASSIGN_MODES)}")
+        if gg_mode not in GG_MODES:
+            raise ConfigError(f"gg_mode={gg_mode!r} is not allowed; expected one of {', '.join(GG_MODES)}")
+        if tile < 1:
+            raise ConfigError(f"tile={tile!r} is not allowed; expected an integer >= 1")
+        self.cost, self.hidden, self.dtype_bytes, self.tile = cost, hidden, dtype_bytes, tile
+        self.assign, self.gg_mode, self.popularity, self.exhaustive = assign, gg_mode, popularity, exhaustive
+
+    def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
+        return resident_rows(ffns, hidden, dtype_bytes, budget_bytes, self.tile, self.gg_mode, self.popularity)
+
+    def plan(self, layer, loads, phase, layer_tokens, cg_max):
+        return assign_layer(self.cost, loads, self.hidden, self.tile, self.dtype_bytes, self.assign, cg_max,
+                            exhaustive=self.exhaustive)
+
+
+class FixedPolicy(Policy):
+    """Given CC / CG / GG fractions of every FFN (rounded to rows, the GG rows resident whatever
+    the budget): forced partitions for exactness tests and ablations."""
+
+    name = "fixed"
+
+    def __init__(self, cc: float, cg: float, gg: float, concurrent: bool = True):
+        if min(cc, cg, gg) < 0 or abs(cc + cg + gg - 1) > 1e-9:
+            raise ConfigError(f"fixed fractions (cc, cg, gg)={(cc, cg, gg)!r}; expected numbers >= 0 summing to 1")
+        self.frac, self.concurrent = (cc, cg, gg), concurrent
+
+    def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
+        return {k: round(self.frac[2] * w) for k, w in ffns.items()}
+
+    def plan(self, layer, loads, phase, layer_tokens, cg_max):
+        out = []
+        for ld in loads:
+            cc = min(round(self.frac[0] * ld.width), ld.width - ld.gg)
+            out.append(Split(cc, ld.width - ld.gg - cc, ld.gg))
+        return out
+
+
+def needs_cost(name: str, cost: CostModel | None) -> CostModel:
+    """`cost`, or the one-line error of a policy built without the cost model it needs."""
+    if cost is None:
+        raise ConfigError(f"policy={name!r} needs a cost model (calibrate.py)")
+    return cost
+
+
+@register(POLICY_KIND, "scheinfer")
+def _scheinfer(*, cost: CostModel | None, hidden: int, num_layers: int, dtype_bytes: int, tile: int = 64,
+               **options) -> ScheInferPolicy:
+    return ScheInferPolicy(needs_cost("scheinfer", cost), hidden, dtype_bytes, tile, **options)
+
+
+@register(POLICY_KIND, "fixed")
+def _fixed(*, cost: CostModel | None, hidden: int, num_layers: int, dtype_bytes: int, tile: int = 64,
+           **options) -> FixedPolicy:
+    return FixedPolicy(**options)
+
+
+def make_policy(name: str, *, cost: CostModel | None, hidden: int, num_layers: int, dtype_bytes: int,
+                tile: int = 64, **options) -> Policy:
+    """The policy registered under `name` (module doc); `options` go to its constructor."""
+    registered = names(POLICY_KIND)
+    if name not in registered:
+        raise ConfigError(f"policy={name!r} is not allowed; expected one of {', '.join(registered)} (a baseline's "
+                          "policy is registered when its package is imported: baselines.fiddler, baselines.llamacpp)")
+    return get(POLICY_KIND, name)(cost=cost, hidden=hidden, num_layers=num_layers, dtype_bytes=dtype_bytes,
+                                  tile=tile, **options)
+
+
+# ----------------------------------------------------------------------------------- placement
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a policy puts the FFN weights under a GPU budget: resident GG rows per FFN, and the
+    staging buffers for CG (`staging_buffers` of `cg_max` rows each; cg_max 0: no CG at all)."""
+
+    gg: Mapping[FFNKey, int]
+    cg_max: int
+    staging_buffers: int
+    row_bytes: int
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_buffers * self.cg_max * self.row_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.gg.values()) * self.row_bytes
+
+
+def place(policy: Policy, widths: Mapping[FFNKey, int], hidden: int, dtype_bytes: int,
+          budget_bytes: int) -> Placement:
+    """Staging buffers first, sized for the widest FFN, when the budget holds them (else no CG);
+    the rest of the budget to the policy's resident rows."""
+    if budget_bytes < 0:
+        raise ConfigError(f"GPU budget={budget_bytes!r} bytes is not allowed; expected >= 0")
+    if not widths:
+        raise ConfigError("place: no FFNs to place; expected at least one (layer, expert) -> width")
+    row_bytes = 3 * hidden * dtype_bytes
+    max_w = max(widths.values())
+    staging = policy.staging_buffers * max_w * row_bytes
+    cg_max = 0
+    if budget_bytes >= staging:
+        budget_bytes -= staging
+        cg_max = max_w
+    gg = policy.resident(dict(widths), hidden, dtype_bytes, int(budget_bytes))
+    return Placement(gg, cg_max, policy.staging_buffers if cg_max else 0, row_bytes)
