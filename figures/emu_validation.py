@@ -167,9 +167,28 @@ def _cause(r) -> str:
                 f"{mb(r.cross_node_bytes_measured)} across nodes, traffic counters); gloo sends the uneven splits as "
                 f"they are and the time follows the busiest link: charged by it, the same calibration predicts "
                 f"{_ms(r.busiest_link_ms)} ({r.busiest_link_error:+.0%}).")
-    return (f"Not the link volume: the busiest-link estimate is {_ms(r.busiest_link_ms)} ({r.busiest_link_error:+.0%}), "
-            f"the node links carried what the model charges ({mb(r.busiest_link_bytes)} on the busiest); the rest of "
-            f"the stage is local work and steps on the shared CPUs (host load {r.load_1m_min:.1f}-{r.load_1m_max:.1f}).")
+    text = (f"Not the link volume: the busiest-link estimate is {_ms(r.busiest_link_ms)} ({r.busiest_link_error:+.0%}) "
+            f"and the node links carried what the model charges ({mb(r.busiest_link_bytes)} on the busiest).")
+    measured, model = _parse_steps(getattr(r, "measured_steps_ms", "")), _parse_steps(getattr(r, "model_steps_ms", ""))
+    if measured and model:
+        outside = r.measured_ms - sum(measured.values())
+        parts = ", ".join(f"{step} {_ms(measured[step])} (model {_ms(model.get(step, 0.0))})" for step in sorted(measured))
+        worst = max(measured, key=lambda step: measured[step] - model.get(step, 0.0))
+        excess = measured[worst] - model.get(worst, 0.0)
+        text += (f" Measured per step (median time in the step's AlltoAlls, metadata included): {parts}; outside "
+                 f"the AlltoAlls {_ms(outside)}. The largest excess over the model is {worst} (+{_ms(excess)})")
+        text += (", the step among the ranks of a node (over `lo`, on the CPUs shared by all ranks and other work: "
+                 f"host load {r.load_1m_min:.1f}-{r.load_1m_max:.1f})." if worst.startswith("intra") else ".")
+    else:
+        text += f" No per-step times in these runs (host load {r.load_1m_min:.1f}-{r.load_1m_max:.1f})."
+    return text
+
+
+def _parse_steps(text) -> dict[str, float]:
+    """'inter-1=1830;intra-1=460' -> {'inter-1': 1830.0, 'intra-1': 460.0}."""
+    if not isinstance(text, str) or not text:
+        return {}
+    return {k: float(v) for k, v in (item.split("=") for item in text.split(";"))}
 
 
 def main(argv: list[str] | None = None) -> int:
