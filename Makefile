@@ -10,7 +10,7 @@ CORES ?= 2
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup run test clean
+.PHONY: setup run test emu clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,11 @@ run: setup
 
 test: $(VENV)/.installed-test
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests
+
+# The emulated-cluster validation (workflows/rules/emu.smk): network namespaces linked at 200 mbit,
+# so it needs root, `ip` and `tc`; about an hour on 2 cores. Not part of `run` or CI.
+emu: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --cores $(CORES) --workflow-profile workflows/profiles/local emu_validation
 
 clean:
 	rm -rf results resources .snakemake

@@ -21,6 +21,8 @@ include: "workflows/rules/hiermoe.smk"
 include: "workflows/rules/scheinfer.smk"
 include: "workflows/rules/fsmoe.smk"
 include: "workflows/rules/figures.smk"
+include: "workflows/rules/emu.smk"
+include: "workflows/rules/cluster.smk"
 
 
 rule all:

@@ -74,8 +74,16 @@ def init_deepspeed_comm() -> None:
     if not dist.is_initialized():
         raise RuntimeError("init_deepspeed_comm needs torch.distributed initialised first "
                            "(impl.common.launcher.launch or init_from_env)")
+    from datetime import timedelta
+
     import deepspeed
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+
+    from impl.common.launcher import collective_timeout_s
+
+    # the groups DeepSpeed makes later (expert / data parallel) call new_group without a timeout:
+    # they get the launcher's (impl.common.launcher.set_collective_timeout), as does this one
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False,
+                               timeout=timedelta(seconds=collective_timeout_s()))
 
 
 def local_expert_ids(spec: DeepSpeedLayerSpec, rank: int) -> list[int]:

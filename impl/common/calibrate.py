@@ -5,8 +5,11 @@ alpha-beta models by least squares, write a HardwareProfile YAML with provenance
         --out results/profiles/local-1x4.yaml
 
 `--launcher local` (default) spawns the topology's G ranks on this machine with the project's
-launcher (gloo, CPU tensors). `--launcher env` joins a job started by torchrun / srun (one CLI
-process per rank; nccl with CUDA tensors, or gloo); rank 0 writes the profile.
+launcher (gloo, CPU tensors); with `--emulate-rate RATE` they run on an emulated cluster
+(`impl.common.emu_cluster`: one network namespace per node, each node's link shaped to RATE both
+ways), and the profile's provenance records the network. `--launcher env` joins a job started by
+torchrun / srun (one CLI process per rank; nccl with CUDA tensors, or gloo); rank 0 writes the
+profile.
 
 Method, per collective and step (flat, inter-1, intra-1, ...; see impl.common.costmodel):
 * every rank takes part in its own group of the step, so all groups of a step run at once, as
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from statistics import median
 from typing import Any, Sequence
 
+from .emu_cluster import NetworkConfig, check_network, emulated_cluster
 from .costmodel import (HardwareProfile, LinearModel, fit_linear, parse_step, profile_summary, save_profile,
                         step_name, topology_steps)
 from .records import collect_env, git_info
@@ -342,15 +346,17 @@ def _provenance(backend: str, world_size: int, command: str) -> dict[str, Any]:
 # entry points
 # ==========================================================================================
 def calibrate(plan: CalibrationPlan, *, launcher: str = "local", backend: str = "gloo", timeout_s: float = 120.0,
-              deadline_s: float = 600.0) -> dict[str, Any] | None:
-    """Run the collective sweep; returns rank 0's series (None on the other ranks under `env`)."""
+              deadline_s: float = 600.0, network: NetworkConfig | None = None) -> tuple[dict[str, Any] | None, dict]:
+    """Run the collective sweep; returns (rank 0's series (None on the other ranks under `env`),
+    where the ranks ran: the emulated network's description under `local`)."""
     topo = get_topology(plan.topology)
     if launcher == "local":
         from .launcher import launch
 
-        results = launch(measure_collectives, topo.G, args=(plan,), topology=topo, timeout_s=timeout_s,
-                         deadline_s=deadline_s)
-        return results[0]
+        with emulated_cluster(topo, network) as cluster:
+            results = launch(measure_collectives, topo.G, args=(plan,), topology=topo, timeout_s=timeout_s,
+                             deadline_s=deadline_s, cluster=cluster)
+            return results[0], cluster.describe()
     from .launcher import init_from_env
 
     import torch.distributed as dist
@@ -359,7 +365,7 @@ def calibrate(plan: CalibrationPlan, *, launcher: str = "local", backend: str = 
     try:
         if comm.backend != backend:
             raise ValueError(f"--backend {backend} requested, but the job initialised {comm.backend!r}")
-        return measure_collectives(comm, plan)
+        return measure_collectives(comm, plan), {"launcher": "env", "backend": comm.backend}
     finally:
         dist.destroy_process_group()
 
@@ -389,6 +395,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="", help="profile name (default calibrated-<topology>-<backend>)")
     p.add_argument("--out", required=True, help="output profile YAML")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per collective before failing")
+    p.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole sweep (local launcher)")
+    p.add_argument("--emulate-rate", default=None,
+                   help="run the local ranks on an emulated cluster, each node's link shaped to this tc rate "
+                        "(e.g. 200mbit; see impl.common.emu_cluster); loopback when omitted")
+    p.add_argument("--emulate-burst", default=NetworkConfig.burst, help="tbf bucket of the emulated links")
+    p.add_argument("--emulate-latency", default=NetworkConfig.latency, help="tbf queueing limit of the emulated links")
+    p.add_argument("--emulate-intra-rate", default=None, help="also shape each emulated node's intra-node path")
     p.add_argument("--quiet", action="store_true", help="no per-point progress lines")
     return p
 
@@ -428,6 +441,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--gemm-tokens: needs >= 2 distinct token counts, got {gemm_tokens}")
         if args.gemm_dim < 1:
             raise ValueError(f"--gemm-dim must be >= 1, got {args.gemm_dim}")
+        network = None
+        if args.emulate_rate is not None:
+            if args.launcher != "local":
+                raise ValueError("--emulate-rate needs --launcher local (the emulated cluster starts the ranks)")
+            network = NetworkConfig(emulate=True, rate=args.emulate_rate, burst=args.emulate_burst,
+                                    latency=args.emulate_latency, intra_rate=args.emulate_intra_rate)
+            check_network(network, flag_prefix="emulate-")
         plan = CalibrationPlan.build(args.topology, sizes, args.repeats, args.warmup,
                                      [c.strip() for c in args.collectives.split(",") if c.strip()],
                                      [s.strip() for s in args.steps.split(",") if s.strip()] or None,
@@ -436,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"calibrate: error: {e}", file=sys.stderr)
         return 2
     command = shlex.join(["python", "-m", "impl.common.calibrate", *argv])
-    series = calibrate(plan, launcher=args.launcher, backend=args.backend, timeout_s=args.timeout)
+    series, where = calibrate(plan, launcher=args.launcher, backend=args.backend, timeout_s=args.timeout,
+                              deadline_s=args.deadline, network=network)
     if series is None:  # not rank 0 of an env job
         return 0
     import torch
@@ -452,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{device}, {torch.get_num_threads()} threads; work = tokens*M*H")
     world = get_topology(plan.topology).G
     provenance = {**_provenance(args.backend, world, command), "repeats": plan.repeats, "warmup": plan.warmup,
-                  "iters": plan.iters}
+                  "iters": plan.iters, "network": where}
     profile = build_profile(args.name or f"calibrated-{plan.topology}-{args.backend}", plan, series, gemm,
                             gemm_note, provenance)
     path = save_profile(profile, args.out)

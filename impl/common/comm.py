@@ -422,9 +422,11 @@ def reduce_scatter_autograd(comm: Comm, x: torch.Tensor, group: CommGroup | None
 class TorchComm(Comm):
     """torch.distributed backend. Call after `init_process_group`; creates every step group of
     the topology (all ranks, same order), so any dispatcher can use any step, and the step groups
-    of every lane in `lanes`."""
+    of every lane in `lanes`. `on_collective` is called as each collective starts (the launcher
+    counts them to name a rank that lags)."""
 
-    def __init__(self, topology: Topology, timeout_s: float = DEFAULT_TIMEOUT_S, lanes: Sequence[str] = ()):
+    def __init__(self, topology: Topology, timeout_s: float = DEFAULT_TIMEOUT_S, lanes: Sequence[str] = (),
+                 on_collective: Callable[[], None] | None = None):
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -434,6 +436,7 @@ class TorchComm(Comm):
                             f"(G = {topology.G}); pick a topology with {dist.get_world_size()} GPUs")
         super().__init__(topology, dist.get_rank())
         self._dist = dist
+        self._entered = on_collective or (lambda: None)
         self.backend = dist.get_backend()
         self.timeout_s = timeout_s
         if self.backend == "nccl":
@@ -468,6 +471,7 @@ class TorchComm(Comm):
 
     def _launch(self, kind, x, group, send_splits=None, recv_splits=None, op="sum"):
         """Issue one collective with async_op=True: (work, result tensor or list)."""
+        self._entered()
         d = self._dist
         if kind == "a2a":
             out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
@@ -519,11 +523,13 @@ class TorchComm(Comm):
         return out
 
     def all_gather_object(self, obj):
+        self._entered()
         outs = [None] * self.world_size
         self._dist.all_gather_object(outs, obj, group=self.world.handle)
         return outs
 
     def barrier(self, group=None):
+        self._entered()
         group = self._own(group)
         self._dist.barrier(group=group.handle)
 

@@ -184,7 +184,8 @@ def chunk_transpose_index(counts_AB: torch.Tensor) -> torch.Tensor:
     starts = torch.cumsum(flat, 0) - flat
     order = torch.arange(A * B).reshape(A, B).t().reshape(-1)
     pieces = [torch.arange(int(starts[i]), int(starts[i] + flat[i])) for i in order.tolist()]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    return index.to(counts_AB.device)   # beside the rows it gathers (CUDA under NCCL)
 
 
 @register("dispatcher", "flat")

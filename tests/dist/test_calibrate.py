@@ -128,7 +128,8 @@ def test_cli_on_two_gloo_ranks_writes_fitted_profile(tmp_path):
 def test_calibrate_api_two_nodes_all_collectives():
     plan = CalibrationPlan.build("2x1", [4096, 8192, 12288], 2, 1, ["a2a", "allgather", "reducescatter", "allreduce"],
                                  progress=False)
-    series = calibrate(plan)
+    series, where = calibrate(plan)
+    assert where["emulated"] is False
     assert sorted(series) == ["a2a/flat", "allgather/flat", "allreduce/flat", "reducescatter/flat"]
     for key, s in series.items():
         assert s["nbytes"] == [4096, 8192, 12288]

@@ -49,6 +49,8 @@ def test_dry_run_plans_the_default_target(tmp_path):
     out = proc.stdout + proc.stderr
     for rule in ("hiermoe_table2", "plot_hiermoe_table2", "all"):
         assert rule in out
+    for rule in ("emu_layer_bench", "emu_calibration", "cluster_layer_bench", "cluster_scheinfer_bench"):
+        assert rule not in out        # `make emu` and the cluster target only
 
 
 @pytest.mark.parametrize("profile", ["local", "slurm"])

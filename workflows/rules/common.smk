@@ -7,6 +7,10 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
+from impl.common.config import build_config
+from impl.common.topology import get_topology
+from impl.experiments import emu_validation as emu_val
+from impl.experiments.layer_bench import LayerBenchConfig, validate as validate_bench
 
 
 def _numbers_typed(value):
@@ -169,6 +173,78 @@ def scheinfer_model_flags():
 def scheinfer_prompt_ids():
     """Token ids 1..prompt_tokens: the timeline's prompt (ids only matter for timing)."""
     return ",".join(str(i) for i in range(1, SCHEINFER_TIMELINE["prompt_tokens"] + 1))
+
+
+# Emulated cluster (workflows/rules/emu.smk) ----------------------------------------------------
+
+# Build and check every run's config now (unknown keys, models, systems, network values).
+EMU = emu_val.load(experiment_config("emu_validation"), experiment_overrides("emu_validation"))
+EMU_DIR = "results/raw/emu_validation"
+EMU_RUNS = [(t, r, v, i) for t in EMU.topologies for r in EMU.routings for v in EMU.variants for i in range(EMU.runs)]
+
+
+def emu_profile(topology):
+    """The emulated cluster's own calibration, from which the model predicts and d* is chosen."""
+    return f"{EMU_DIR}/calibration/{topology}.yaml"
+
+
+def emu_calibration_flags():
+    net, c = EMU.network, EMU.calibration
+    flags = [f"--emulate-rate {net.rate}", f"--emulate-burst {net.burst}", f"--emulate-latency {net.latency}",
+             f"--sizes {c.sizes}", f"--repeats {c.repeats}", f"--warmup {c.warmup}", f"--iters {c.iters}"]
+    if net.intra_rate:
+        flags.append(f"--emulate-intra-rate {net.intra_rate}")
+    return " ".join(flags)
+
+
+# Cluster tier (workflows/rules/cluster.smk) -----------------------------------------------------
+
+CLUSTER = config["cluster"]
+CLUSTER_BENCH = CLUSTER["layer_bench"]
+LAUNCH = repo_path("workflows/scripts/launch_cluster.sh")
+
+
+def cluster_bench_settings(paper, variant):
+    """The layer bench keys of one cluster run: the paper's workload, the tier and the variant."""
+    entry = CLUSTER_BENCH[paper]
+    return {**typed(entry.get("set", {})), "tier": "cluster", "topology": entry["topology"],
+            **typed(entry["variants"][variant])}
+
+
+def cluster_bench_config(paper, variant):
+    """The layer bench config of one cluster run, checked now (bad keys fail before any job)."""
+    return build_config(LayerBenchConfig, None, [], base=cluster_bench_settings(paper, variant))
+
+
+def check_cluster_runs():
+    """Resolve every cluster run's layer bench config now, so a bad key or value stops the
+    workflow before any job is submitted."""
+    for paper, entry in CLUSTER_BENCH.items():
+        for variant in entry["variants"]:
+            validate_bench(cluster_bench_config(paper, variant))
+
+
+def cluster_topology(wc):
+    return get_topology(CLUSTER_BENCH[wc.paper]["topology"])
+
+
+def slurm_placeholders():
+    """Profile values still set to the shipped placeholders (REPLACE_WITH_...)."""
+    found = []
+    settings = workflow.resource_settings
+    for where, resources in [("default-resources", settings.default_resources or {})] + [
+            (f"set-resources {rule}", res) for rule, res in (settings.overwrite_resources or {}).items()]:
+        for name in resources:
+            raw = getattr(resources[name], "raw", resources[name])
+            if "REPLACE_WITH" in str(raw):
+                found.append(f"{where}: {name} = {raw}")
+    return found
+
+
+def scheinfer_cluster_model():
+    """The GGUF of the ScheInfer cluster bench: the configured one, or the generated model."""
+    model = CLUSTER["scheinfer"].get("model")
+    return repo_path(model) if model else rules.scheinfer_tiny_model.output.gguf
 
 
 # FSMoE ----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 initialises it, for the megatron baseline and for HierMoE's dispatcher inside megatron alike."""
 from __future__ import annotations
 
+from ..launcher import collective_timeout_s
 from .cpu_patches import apply_cpu_patches
 
 __all__ = ["init_parallel", "ep_group_ranks"]
@@ -10,7 +11,7 @@ __all__ = ["init_parallel", "ep_group_ranks"]
 def init_parallel(expert_parallel_size: int, *, seed: int = 0) -> None:
     """Megatron's parallel state (TP = PP = CP = 1, EP as given, DP = world) on the existing
     torch.distributed world; every rank must call it. Re-initialises when called again with
-    another EP size. `seed` feeds megatron's model-parallel RNG tracker (attention dropout,
+    another EP size. Its groups get the launcher's collective timeout. `seed` feeds megatron's model-parallel RNG tracker (attention dropout,
     expert init on GPU)."""
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
@@ -27,7 +28,9 @@ def init_parallel(expert_parallel_size: int, *, seed: int = 0) -> None:
         if parallel_state.get_expert_model_parallel_world_size() == expert_parallel_size:
             return
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=expert_parallel_size)
+    # megatron passes its own timeout to every group it makes: ours (impl.common.launcher)
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=expert_parallel_size,
+                                             distributed_timeout_minutes=collective_timeout_s() / 60)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
