@@ -25,19 +25,27 @@ Measured speeds are in tests/bench/test_bench_scheinfer_cpu.py.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import shutil
-from dataclasses import dataclass
+import statistics
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from impl.common.config import ConfigError
+
+from . import cpu_kernels
 from .config import DecoderConfig
 from .decoder import Decoder, ExpertFn
 from .layers import (AttentionWeights, ExpertWeights, KVCache, LayerWeights, MoEWeights, Norm, append_to_cache,
                      gate_shared, rope_cos_sin, route)
 
-__all__ = ["split_linear", "fast_ffn", "paired_ffn", "JoinedExpertWeights", "JoinedAttentionWeights",
-           "StackedMoEWeights", "FusedRMSNorm", "FastDecoder"]
+__all__ = ["KERNELS", "KERNEL_ENV", "KernelChoice", "choose_kernel", "split_linear", "product", "fast_ffn",
+           "paired_ffn", "JoinedExpertWeights", "JoinedAttentionWeights", "StackedMoEWeights", "FusedRMSNorm",
+           "FastDecoder"]
 
 # Few-token products x_TK @ w_NK^T are memory bound, and one BLAS call streams the weight on one
 # core. So the weight is cut into one block per core and one batched call runs the blocks on all
@@ -82,6 +90,90 @@ def split_linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None =
     return y_TN.reshape(*x.shape[:-1], N)
 
 
+# ----------------------------------------------------------------------------------- kernel choice
+
+# Which kernel computes the few-token float32 products on the CPU: 'torch' (`split_linear` and
+# `paired_ffn` over torch's BLAS; Inductor's loops inside compiled regions) or a native kernel
+# (cpu_kernels.py) for an instruction set. 'auto' measures each candidate this host runs, once per
+# process and thread count, and takes the fastest: which one wins depends on the host (its vector
+# width, its BLAS), so the choice is measured rather than assumed, and recorded with every run.
+KERNELS = ("auto", "torch", *cpu_kernels.ISAS)
+KERNEL_ENV = "SCHEINFER_CPU_KERNEL"
+NATIVE_MAX_TOKENS = 8         # more tokens per product: torch's GEMM (compute bound, BLAS is better there)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernel of the few-token products, how it was chosen ('option', 'env', 'measured', or
+    'only' when torch's is the one candidate) and the one-token product speeds measured (GB/s)."""
+
+    name: str
+    how: str
+    rates_gb_s: dict = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def isa(self) -> int | None:
+        """The native ops' `isa` number (None: torch's kernels)."""
+        return cpu_kernels.ISAS.get(self.name)
+
+    def as_dict(self) -> dict:
+        return {"kernel": self.name, "how": self.how, "rates_gb_s": dict(self.rates_gb_s), "note": self.note}
+
+
+def choose_kernel(requested: str | None = None) -> KernelChoice:
+    """The kernel for this process's CPU products: `requested` (an option), else $SCHEINFER_CPU_KERNEL,
+    else 'auto'. A named native kernel this host cannot run is a one-line error."""
+    how = "option" if requested else "env" if os.environ.get(KERNEL_ENV) else "measured"
+    name = requested or os.environ.get(KERNEL_ENV) or "auto"
+    if name not in KERNELS:
+        raise ConfigError(f"cpu kernel={name!r} is not allowed; expected one of {', '.join(KERNELS)} "
+                          f"(option `kernel` or ${KERNEL_ENV})")
+    if name == "torch":
+        return KernelChoice("torch", how)
+    native = cpu_kernels.supported_isas()
+    if name != "auto":
+        if name not in native:
+            why = cpu_kernels.load_error() or f"this CPU runs {', '.join(native) or 'none of them'}"
+            raise ConfigError(f"cpu kernel={name!r} is not available on this host ({why}); expected one of "
+                              f"auto, torch{''.join(', ' + n for n in native)}")
+        return KernelChoice(name, how)
+    if not native:
+        return KernelChoice("torch", "only", note=cpu_kernels.load_error() or "")
+    rates = _product_rates(("torch", *native), torch.get_num_threads())
+    return KernelChoice(max(rates, key=rates.get), "measured", rates)
+
+
+@functools.cache
+def _product_rates(candidates: tuple[str, ...], threads: int, rounds: int = 3) -> dict[str, float]:
+    """GB/s of one-token products x @ w^T streaming cold weights (3x the last-level cache, at
+    least 96 MiB, in [2048, 1024] blocks), each candidate in alternating rounds, median per
+    candidate: about 0.1 s."""
+    N, K = 2048, 1024
+    count = max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // (N * K * 4)
+    ws = [torch.ones(N, K) for _ in range(count)]
+    x = torch.ones(1, K)
+    runs = {name: (lambda w, isa=cpu_kernels.ISAS.get(name): product(x, w, None, isa)) for name in candidates}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds + 1):                                   # the first round warms up
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            for w in ws:
+                run(w)
+            times[name].append(time.perf_counter() - t0)
+    return {name: round(count * N * K * 4 / statistics.median(ts[1:]) / 1e9, 2) for name, ts in times.items()}
+
+
+def product(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None, isa: int | None = None
+            ) -> torch.Tensor:
+    """F.linear(x, w_NK, b_N): the native kernel `isa` for a few float32 tokens on the CPU (w with
+    rows or columns contiguous), else `split_linear`."""
+    if (isa is not None and x.numel() <= NATIVE_MAX_TOKENS * x.shape[-1] and x.dtype == w_NK.dtype == torch.float32
+            and x.device.type == "cpu" and (w_NK.stride(1) == 1 or w_NK.stride(0) == 1)):
+        return torch.ops.scheinfer.linear(x, w_NK, b_N, isa)
+    return split_linear(x, w_NK, b_N)
+
+
 # ----------------------------------------------------------------------------------- weights
 
 @dataclass(frozen=True)
@@ -118,8 +210,13 @@ class FusedRMSNorm(Norm):
         return y if self.bias_M is None else y + self.bias_M
 
 
-def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
-    """`layers.ffn` with `split_linear` products, gate and up in one when they are joined."""
+def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor, isa: int | None = None) -> torch.Tensor:
+    """`layers.ffn`: the native FFN kernel `isa` for a few float32 tokens on the CPU (`product`'s
+    conditions), else `split_linear` products, gate and up in one when they are joined."""
+    if (isa is not None and x_TM.shape[0] <= NATIVE_MAX_TOKENS and x_TM.dtype == w.gate_FM.dtype == torch.float32
+            and x_TM.device.type == "cpu" and w.gate_FM.stride(1) == 1 and w.up_FM.stride(1) == 1
+            and (w.down_MF.stride(1) == 1 or w.down_MF.stride(0) == 1)):
+        return torch.ops.scheinfer.ffn(x_TM, w.gate_FM, w.up_FM, w.down_MF, isa)
     if isinstance(w, JoinedExpertWeights):
         gu_T2F = split_linear(x_TM, w.gate_up_2FM)
         h_TF = F.silu(gu_T2F[:, :w.ffn_hidden]) * gu_T2F[:, w.ffn_hidden:]
@@ -129,6 +226,8 @@ def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
 
 
 def _fast_expert_fn(layer: int, expert: int | str, w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
+    """The default expert function's marker: `FastDecoder.run_ffns` calls `fast_ffn` with the
+    decoder's kernel in its place."""
     return fast_ffn(w, x_TM)
 
 
@@ -158,12 +257,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 def _attention(cfg: DecoderConfig, w: JoinedAttentionWeights, h_BSM: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, cos_BSD: torch.Tensor, signed_sin_BSD: torch.Tensor,
-               allowed_BSL: torch.Tensor | None, L1: int) -> torch.Tensor:
+               allowed_BSL: torch.Tensor | None, L1: int, isa: int | None = None) -> torch.Tensor:
     """`layers.attention` with one q/k/v product and one RoPE; allowed_BSL None: every one of the
     L1 cached slots is visible to every query."""
     B, S, _ = h_BSM.shape
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv_BNSD = split_linear(h_BSM, w.qkv_w, w.qkv_b).view(B, S, H + 2 * G, D).transpose(1, 2)
+    qkv_BNSD = product(h_BSM, w.qkv_w, w.qkv_b, isa).view(B, S, H + 2 * G, D).transpose(1, 2)
     qk_BNSD = _rotate(qkv_BNSD[:, :H + G], cos_BSD[:, None], signed_sin_BSD[:, None])
     q_BHSD, k_BGSD, v_BGSD = qk_BNSD[:, :H], qk_BNSD[:, H:], qkv_BNSD[:, H + G:]
     k_BGLD, v_BGLD = append_to_cache(k_cache, v_cache, k_BGSD, v_BGSD, L1)
@@ -178,27 +277,31 @@ def _attention(cfg: DecoderConfig, w: JoinedAttentionWeights, h_BSM: torch.Tenso
         mask = None if allowed_BSL is None else allowed_BSL[:, None]
         o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, enable_gqa=G != H)
         o_BSX = o_BHSD.transpose(1, 2).reshape(B, S, H * D)
-    return split_linear(o_BSX, w.o_w, w.o_b)
+    return product(o_BSX, w.o_w, w.o_b, isa)
 
 
 # ----------------------------------------------------------------------------------- compiled regions
 
 def _attention_block(cfg: DecoderConfig, norm: Norm, w: JoinedAttentionWeights, x_BSM: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor,
-                     allowed_BSL: torch.Tensor | None, L1: int) -> torch.Tensor:
+                     allowed_BSL: torch.Tensor | None, L1: int, isa: int | None = None) -> torch.Tensor:
     """x + attention(norm(x)): the pre-norm attention half of a layer, one region for
     torch.compile (with the cache length L1 dynamic, one graph serves every decode step)."""
-    return x_BSM + _attention(cfg, w, norm(x_BSM), k_cache, v_cache, cos_BSD, sin_BSD, allowed_BSL, L1)
+    return x_BSM + _attention(cfg, w, norm(x_BSM), k_cache, v_cache, cos_BSD, sin_BSD, allowed_BSL, L1, isa)
 
 
-def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor
+def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor, isa: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y_1M, ids_1K, weights_1K): the routing and the routed experts of one token, the experts as
-    gathered multiply-reduce products. Written for torch.compile (inside `_token_layer`): Inductor
-    fuses the gather into one reduction loop, so each chosen expert's weights stream once; a
-    BLAS GEMV per expert does not reach the memory bandwidth on every CPU. Run eagerly it would
-    copy the chosen experts' weights first."""
+    the native kernel `isa` (one op), else as gathered multiply-reduce products. Written for
+    torch.compile (inside `_token_layer`): Inductor fuses the gather into one reduction loop, so
+    each chosen expert's weights stream once (at one row per loop and one accumulator: slower than
+    the native kernel, tests/bench/test_bench_scheinfer_cpu.py). Run eagerly it would copy the
+    chosen experts' weights first."""
     ids_1K, weights_1K = route(cfg, F.linear(h_1M, w.router_EM))
+    if isa is not None and h_1M.dtype == torch.float32:
+        y_1M = torch.ops.scheinfer.moe_token(h_1M, w.gate_up_E2FM, w.down_EMF, ids_1K[0], weights_1K[0], isa)
+        return y_1M, ids_1K, weights_1K
     ids_K, width = ids_1K[0], w.down_EMF.shape[-1]
     gu_K2F = (w.gate_up_E2FM[ids_K] * h_1M).sum(-1)
     h_KF = F.silu(gu_K2F[:, :width]) * gu_K2F[:, width:]
@@ -208,17 +311,17 @@ def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor
 
 
 def _token_layer(cfg: DecoderConfig, w: LayerWeights, x_11M: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, cos_11D: torch.Tensor, sin_11D: torch.Tensor, L1: int
+                 v_cache: torch.Tensor, cos_11D: torch.Tensor, sin_11D: torch.Tensor, L1: int, isa: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(x + FFN(norm(x)), norm(x), ids_1K, weights_1K) of a whole layer of one decoded token, the
     attention block first, without a MoE layer's shared expert (the caller adds it): one region
     for torch.compile, so one call per layer. Dense layers: `fast_ffn`, whose products are
-    multiply-reduces under compile (`split_linear`)."""
-    x_11M = _attention_block(cfg, w.attn_norm, w.attn, x_11M, k_cache, v_cache, cos_11D, sin_11D, None, L1)
+    multiply-reduces under compile (`split_linear`), or the native kernel `isa`."""
+    x_11M = _attention_block(cfg, w.attn_norm, w.attn, x_11M, k_cache, v_cache, cos_11D, sin_11D, None, L1, isa)
     h_1M = w.ffn_norm(x_11M).view(1, -1)
     if w.moe is None:
-        return x_11M + fast_ffn(w.dense, h_1M).view(x_11M.shape), h_1M, None, None
-    y_1M, ids_1K, weights_1K = _routed_experts(cfg, w.moe, h_1M)
+        return x_11M + fast_ffn(w.dense, h_1M, isa).view(x_11M.shape), h_1M, None, None
+    y_1M, ids_1K, weights_1K = _routed_experts(cfg, w.moe, h_1M, isa)
     return x_11M + y_1M.view(x_11M.shape), h_1M, ids_1K, weights_1K
 
 
@@ -238,12 +341,17 @@ def _inductor_compilers() -> tuple[str, ...]:
 
 class FastDecoder(Decoder):
     """`Decoder` with the speed paths of the module doc; `compile_decode=True` adds the compiled
-    decode regions (CPU only, without an expert_fn)."""
+    decode regions (CPU only, without an expert_fn). `kernel`: the few-token products' kernel
+    (`KERNELS`; None: $SCHEINFER_CPU_KERNEL, else 'auto'), used for float32 on the CPU and recorded
+    as `self.kernel`."""
 
     default_expert_fn: ExpertFn = staticmethod(_fast_expert_fn)
 
-    def __init__(self, source, *, compile_decode: bool = False, **decoder_kwargs):
+    def __init__(self, source, *, compile_decode: bool = False, kernel: str | None = None, **decoder_kwargs):
         device, expert_fn = torch.device(decoder_kwargs.get("device", "cpu")), decoder_kwargs.get("expert_fn")
+        native_dtype = decoder_kwargs.get("dtype", torch.float32) == torch.float32 and device.type == "cpu"
+        self.kernel = choose_kernel(kernel) if native_dtype else KernelChoice("torch", "only", note="not float32 on CPU")
+        self._isa = self.kernel.isa
         if compile_decode and (device.type != "cpu" or expert_fn is not None):
             raise ValueError(f"compile_decode=True needs device 'cpu' and no expert_fn; got device "
                              f"{str(device)!r}, expert_fn {'given' if expert_fn else 'None'}")
@@ -332,51 +440,59 @@ class FastDecoder(Decoder):
         block = self._compiled_attention_block if self._compiled_attention_block is not None \
             and allowed_BSL is None else _attention_block
         return block(self.config, w.attn_norm, w.attn, x_BSM, cache.k[i], cache.v[i], cos_BSD, sin_BSD,
-                     allowed_BSL, L1)
+                     allowed_BSL, L1, self._isa)
 
     def layer(self, i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, valid_BS, L1):
         if self._compiled_token_layer is None or x_BSM.shape[0] * x_BSM.shape[1] != 1 or allowed_BSL is not None:
             return super().layer(i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, valid_BS, L1)
         # the compiled region, plus what stays outside it: the route observer and a shared expert
         x_11M, h_1M, ids_1K, weights_1K = self._compiled_token_layer(self.config, w, x_BSM, cache.k[i], cache.v[i],
-                                                                     cos_BSD, sin_BSD, L1)
+                                                                     cos_BSD, sin_BSD, L1, self._isa)
         if w.moe is not None:
             if self.route_observer is not None:
                 self.route_observer(i, ids_1K, weights_1K)
             if w.moe.shared is not None:
-                shared_1M = self.expert_fn(i, "shared", w.moe.shared, h_1M)
+                shared_1M = self.run_ffns(i, [("shared", w.moe.shared, h_1M)], 1)[0]
                 x_11M = x_11M + gate_shared(w.moe, h_1M, shared_1M).view(x_11M.shape)
         return x_11M
 
+    def run_ffns(self, i, items, layer_tokens):
+        if self.expert_fn is _fast_expert_fn:
+            return [fast_ffn(w, x_TM, self._isa) for _, w, x_TM in items]
+        return super().run_ffns(i, items, layer_tokens)
+
     def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
-        """One token: its routed experts added in ascending expert order, in pairs (`paired_ffn`)
-        with the plain expert function, stacked experts and at most two cores; else each expert
-        through `expert_fn`. More tokens: the reference path."""
+        """One token: its routed experts added in ascending expert order. With the plain expert
+        function and stacked experts: one native op (`moe_token`), or with torch's kernels on at
+        most two cores pairs of experts (`paired_ffn`); else the layer's routed experts and its
+        shared one in one `run_ffns` call (the engine's `run_layer`). More tokens: the reference
+        path."""
         if x_TM.shape[0] != 1:
             return super().moe(i, w, x_TM)
         ids_1K, weights_1K = self.route(i, w, x_TM)
+        stacked = isinstance(w, StackedMoEWeights) and self.expert_fn is _fast_expert_fn
+        shared = [("shared", w.shared, x_TM)] if w.shared is not None else []
+        if stacked and self._isa is not None:
+            y_1M = torch.ops.scheinfer.moe_token(x_TM, w.gate_up_E2FM, w.down_EMF, ids_1K[0], weights_1K[0],
+                                                 self._isa)
+            return y_1M + gate_shared(w, x_TM, self.run_ffns(i, shared, 1)[0]) if shared else y_1M
         order = sorted((e, k) for k, e in enumerate(ids_1K[0].tolist()))
-        paired = (isinstance(w, StackedMoEWeights) and self.expert_fn is _fast_expert_fn
-                  and torch.get_num_threads() <= 2)
-        groups = [order[j:j + 2] for j in range(0, len(order), 2)] if paired else [[ek] for ek in order]
-        gate_K = None               # Python numbers of the gate weights: scalar products, same values
+        if stacked and torch.get_num_threads() <= 2:
+            ys = []
+            for a, b in zip(order[::2], order[1::2]):
+                ys.extend(paired_ffn(w, a[0], b[0], x_TM))
+            ys += self.run_ffns(i, [(e, w.experts[e], x_TM) for e, _ in order[len(ys):]] + shared, 1)
+        else:
+            ys = self.run_ffns(i, [(e, w.experts[e], x_TM) for e, _ in order] + shared, 1)
+        gate_K = weights_1K[0].to(x_TM.dtype).tolist()   # Python numbers: scalar products, same values
         y_1M = None
-        for group in groups:
-            if len(group) == 2:
-                ys = paired_ffn(w, group[0][0], group[1][0], x_TM)
-            else:
-                ys = (self.expert_fn(i, group[0][0], w.experts[group[0][0]], x_TM),)
-            for y_e, (_, k) in zip(ys, group):
-                if gate_K is None:
-                    gate_K = weights_1K[0].to(y_e.dtype).tolist()
-                y_e = y_e * gate_K[k]
-                y_1M = y_e if y_1M is None else y_1M + y_e
-        if w.shared is None:
-            return y_1M
-        return y_1M + gate_shared(w, x_TM, self.expert_fn(i, "shared", w.shared, x_TM))
+        for (_, k), y_e in zip(order, ys):
+            y_e = y_e * gate_K[k]
+            y_1M = y_e if y_1M is None else y_1M + y_e
+        return y_1M + gate_shared(w, x_TM, ys[-1]) if shared else y_1M
 
     def lm_head(self, x_BSM: torch.Tensor) -> torch.Tensor:
-        return split_linear(x_BSM, self.lm_head_VM, self.lm_head_b)
+        return product(x_BSM, self.lm_head_VM, self.lm_head_b, self._isa)
 
     def generation_mode(self) -> contextlib.AbstractContextManager:
         """Inference mode (less per-operation overhead) with the plain expert function; it is

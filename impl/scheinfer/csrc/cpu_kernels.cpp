@@ -1,0 +1,240 @@
+// Few-token float32 products for ScheInfer's CPU side (impl/scheinfer/cpu_kernels.py): a linear
+// layer, a whole SwiGLU FFN and a decoded token's routed experts, each streaming every weight
+// once at the memory bandwidth, split across torch's intra-op threads (at::parallel_for, so a
+// lane thread's own thread count applies). One build serves every x86 host: the kernels exist
+// for AVX-512, AVX2 + FMA and plain SSE (any CPU), and the caller picks one by number (`isa`).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace {
+
+namespace generic {
+#define VBYTES 16
+#include "kernels_isa.h"
+#undef VBYTES
+}  // namespace generic
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define VBYTES 32
+#include "kernels_isa.h"
+#undef VBYTES
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx2,fma")
+namespace avx512 {
+#define VBYTES 64
+#include "kernels_isa.h"
+#undef VBYTES
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+enum Isa : int64_t { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
+
+struct Kernels {
+  void (*dot_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+  void (*axpy_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+  void (*swiglu)(const float*, const float*, float*, int64_t);
+  double (*read_sum)(const float*, int64_t);
+};
+
+bool cpu_supports(int64_t isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (isa == AVX512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  if (isa == AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return isa == GENERIC;
+}
+
+const Kernels& kernels(int64_t isa) {
+  static const Kernels table[] = {
+      {generic::dot_rows, generic::axpy_rows, generic::swiglu, generic::read_sum},
+#if defined(__x86_64__)
+      {avx2::dot_rows, avx2::axpy_rows, avx2::swiglu, avx2::read_sum},
+      {avx512::dot_rows, avx512::axpy_rows, avx512::swiglu, avx512::read_sum},
+#endif
+  };
+  TORCH_CHECK(cpu_supports(isa), "scheinfer kernels: isa=", isa, " is not supported by this CPU");
+  return table[isa];
+}
+
+constexpr int64_t ROWS = 4;              // rows per dot-product block (kernels_isa.h dot_rows)
+constexpr int64_t COLS = 16;             // columns per transposed-weight block (one cache line)
+constexpr int64_t MIN_THREAD_BYTES = 64 << 10;   // less weight per thread than this runs inline
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// fn(u0, u1) over units [0, n) on torch's intra-op threads, each thread at least
+// MIN_THREAD_BYTES of weight (unit_bytes per unit), so small products stay on the caller's thread
+template <class Fn>
+void parallel_units(int64_t n, int64_t unit_bytes, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, cdiv(MIN_THREAD_BYTES, std::max<int64_t>(unit_bytes, 1)));
+  at::parallel_for(0, n, grain, fn);
+}
+
+void check_float_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "scheinfer kernels: ", name,
+              " must be a float32 CPU tensor; got ", t.scalar_type(), " on ", t.device());
+}
+
+// y[t, :] = w x[t, :] over rows of w (w[n, :] contiguous) or, w stored transposed (w[:, n]
+// contiguous), over its rows of the reduction dimension: x [T, K] contiguous, y [T, N]
+void product(const Kernels& k, const float* x, int64_t T, const at::Tensor& w, float* y) {
+  const int64_t N = w.size(0), K = w.size(1);
+  const float* wp = w.data_ptr<float>();
+  if (w.stride(1) == 1) {
+    parallel_units(cdiv(N, ROWS), ROWS * K * 4, [&](int64_t u0, int64_t u1) {
+      k.dot_rows(x, T, K, wp, w.stride(0), K, y, N, u0 * ROWS, std::min(N, u1 * ROWS));
+    });
+  } else {
+    TORCH_CHECK(w.stride(0) == 1, "scheinfer kernels: a weight needs rows or columns contiguous; got strides ",
+                w.strides());
+    parallel_units(cdiv(N, COLS), COLS * K * 4, [&](int64_t u0, int64_t u1) {
+      k.axpy_rows(x, T, K, wp, w.stride(1), K, y, N, u0 * COLS, std::min(N, u1 * COLS));
+    });
+  }
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t isa) {
+  const Kernels& k = kernels(isa);
+  check_float_cpu(x, "x");
+  check_float_cpu(w, "w");
+  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "scheinfer linear: x ", x.sizes(),
+              " and w ", w.sizes(), " do not match");
+  const at::Tensor xc = x.contiguous();
+  const int64_t K = w.size(1), T = K ? xc.numel() / K : 0;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = w.size(0);
+  at::Tensor y = at::empty(sizes, x.options());
+  if (T) product(k, xc.data_ptr<float>(), T, w, y.data_ptr<float>());
+  if (b.has_value()) y.add_(*b);
+  return y;
+}
+
+// SwiGLU FFN down (silu(gate x) * up x) of T tokens x [T, M]: gate / up [F, M] with contiguous
+// rows, down [M, F] either way. Two parallel regions: gate / up rows (and the SwiGLU of each
+// thread's own rows), then down.
+at::Tensor ffn(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down,
+               int64_t isa) {
+  const Kernels& k = kernels(isa);
+  for (auto& [t, name] : {std::pair{&x, "x"}, {&gate, "gate"}, {&up, "up"}, {&down, "down"}}) check_float_cpu(*t, name);
+  TORCH_CHECK(x.dim() == 2 && gate.dim() == 2 && gate.sizes() == up.sizes() && down.dim() == 2 &&
+                  gate.size(1) == x.size(1) && down.size(0) == x.size(1) && down.size(1) == gate.size(0) &&
+                  gate.stride(1) == 1 && up.stride(1) == 1,
+              "scheinfer ffn: x ", x.sizes(), ", gate ", gate.sizes(), ", up ", up.sizes(), ", down ", down.sizes(),
+              "; expected [T, M], [F, M], [F, M] (rows contiguous), [M, F]");
+  const at::Tensor xc = x.contiguous();
+  const int64_t T = x.size(0), M = x.size(1), F = gate.size(0);
+  at::Tensor gu = at::empty({2, T, F}, x.options()), h = at::empty({T, F}, x.options());
+  float *g = gu.data_ptr<float>(), *u = g + T * F, *hp = h.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  parallel_units(cdiv(F, ROWS), 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
+    const int64_t f0 = u0 * ROWS, f1 = std::min(F, u1 * ROWS);
+    k.dot_rows(xp, T, M, gate.data_ptr<float>(), gate.stride(0), M, g, F, f0, f1);
+    k.dot_rows(xp, T, M, up.data_ptr<float>(), up.stride(0), M, u, F, f0, f1);
+    for (int64_t t = 0; t < T; ++t) k.swiglu(g + t * F + f0, u + t * F + f0, hp + t * F + f0, f1 - f0);
+  });
+  at::Tensor y = at::empty({T, M}, x.options());
+  if (T) product(k, hp, T, down, y.data_ptr<float>());
+  return y;
+}
+
+// The routed experts of one decoded token x [1, M]: y = sum_k weights[k] ffn_{ids[k]}(x), the
+// terms added in ascending expert order, over a layer's stacked experts gate_up [E, 2F, M] (each
+// expert's gate rows, then its up rows) and down [E, M, F]. Each thread streams one contiguous
+// block of every chosen expert's gate, up and down rows.
+at::Tensor moe_token(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& ids,
+                     const at::Tensor& weights, int64_t isa) {
+  const Kernels& k = kernels(isa);
+  for (auto& [t, name] : {std::pair{&x, "x"}, {&gate_up, "gate_up"}, {&down, "down"}}) check_float_cpu(*t, name);
+  const int64_t E = gate_up.size(0), F = gate_up.size(1) / 2, M = gate_up.size(2), K = ids.numel();
+  TORCH_CHECK(x.numel() == M && gate_up.dim() == 3 && down.dim() == 3 && down.size(0) == E && down.size(1) == M &&
+                  down.size(2) == F && gate_up.stride(2) == 1 && gate_up.stride(1) == M && down.stride(2) == 1 &&
+                  weights.numel() == K,
+              "scheinfer moe_token: x ", x.sizes(), ", gate_up ", gate_up.sizes(), ", down ", down.sizes(), ", ids ",
+              ids.sizes(), ", weights ", weights.sizes(), "; expected [1, M], [E, 2F, M] and [E, M, F] with ",
+              "contiguous rows, K ids and K weights");
+  const at::Tensor ids_c = ids.to(at::kLong).contiguous().cpu(), w_c = weights.to(at::kFloat).contiguous().cpu();
+  std::vector<std::pair<int64_t, float>> chosen(K);
+  for (int64_t j = 0; j < K; ++j) {
+    chosen[j] = {ids_c.data_ptr<int64_t>()[j], w_c.data_ptr<float>()[j]};
+    TORCH_CHECK(0 <= chosen[j].first && chosen[j].first < E, "scheinfer moe_token: expert id ", chosen[j].first,
+                " outside 0..", E - 1);
+  }
+  std::sort(chosen.begin(), chosen.end(), [](auto& a, auto& b) { return a.first < b.first; });
+  const at::Tensor xc = x.contiguous();
+  const float* xp = xc.data_ptr<float>();
+  at::Tensor gu = at::empty({K, 2, F}, x.options()), h = at::empty({K, F}, x.options()),
+             parts = at::empty({K, M}, x.options()), y = at::zeros({1, M}, x.options());
+  float *g = gu.data_ptr<float>(), *hp = h.data_ptr<float>(), *pp = parts.data_ptr<float>(), *yp = y.data_ptr<float>();
+  const float* gup = gate_up.data_ptr<float>();
+  const float* dp = down.data_ptr<float>();
+  const int64_t units = cdiv(F, ROWS);      // per expert
+  parallel_units(K * units, 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
+    for (int64_t j = u0 / units; j < K && j * units < u1; ++j) {
+      const int64_t f0 = std::max(u0 - j * units, int64_t(0)) * ROWS, f1 = std::min(F, (u1 - j * units) * ROWS);
+      const float* w = gup + chosen[j].first * gate_up.stride(0);
+      float *gj = g + j * 2 * F, *uj = gj + F;
+      k.dot_rows(xp, 1, M, w, M, M, gj, F, f0, f1);
+      k.dot_rows(xp, 1, M, w + F * M, M, M, uj, F, f0, f1);
+      k.swiglu(gj + f0, uj + f0, hp + j * F + f0, f1 - f0);
+    }
+  });
+  parallel_units(cdiv(M, ROWS), K * ROWS * F * 4, [&](int64_t u0, int64_t u1) {
+    const int64_t m0 = u0 * ROWS, m1 = std::min(M, u1 * ROWS);
+    for (int64_t j = 0; j < K; ++j)
+      k.dot_rows(hp + j * F, 1, F, dp + chosen[j].first * down.stride(0), down.stride(1), F, pp + j * M, M, m0, m1);
+    for (int64_t j = 0; j < K; ++j)
+      for (int64_t m = m0; m < m1; ++m) yp[m] += chosen[j].second * pp[j * M + m];
+  });
+  return y;
+}
+
+// The sum of a float32 buffer read once by every thread's share (the read bandwidth probe)
+double read_sum(const at::Tensor& buf, int64_t isa) {
+  const Kernels& k = kernels(isa);
+  check_float_cpu(buf, "buf");
+  TORCH_CHECK(buf.is_contiguous(), "scheinfer read_sum: the buffer must be contiguous");
+  const float* p = buf.data_ptr<float>();
+  const int64_t n = buf.numel(), chunk = 1 << 14;
+  std::vector<double> parts(cdiv(n, chunk), 0.0);
+  at::parallel_for(0, cdiv(n, chunk), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) parts[c] = k.read_sum(p + c * chunk, std::min(chunk, n - c * chunk));
+  });
+  double s = 0.0;
+  for (double v : parts) s += v;
+  return s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(scheinfer, m) {
+  m.def("linear(Tensor x, Tensor w, Tensor? b, int isa) -> Tensor");
+  m.def("ffn(Tensor x, Tensor gate, Tensor up, Tensor down, int isa) -> Tensor");
+  m.def("moe_token(Tensor x, Tensor gate_up, Tensor down, Tensor ids, Tensor weights, int isa) -> Tensor");
+  m.def("read_sum(Tensor buf, int isa) -> float");
+  m.def("cpu_supports(int isa) -> bool", &cpu_supports);
+}
+
+TORCH_LIBRARY_IMPL(scheinfer, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("ffn", &ffn);
+  m.impl("moe_token", &moe_token);
+  m.impl("read_sum", &read_sum);
+}
