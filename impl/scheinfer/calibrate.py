@@ -60,7 +60,7 @@ def _median_time(fn, reps: int, sync=None) -> float:
     return statistics.median(ts)
 
 
-def _fit_ffn(device, dtype, hidden, widths, rows, reps, sync, name, fits, isa=None) -> PerRowLinear:
+def _fit_ffn(device, dtype, hidden, widths, rows, reps, sync, name, fits, kernel=None) -> PerRowLinear:
     g = torch.Generator().manual_seed(0)
     wmax = max(widths)
     gate, up, down_FM = (torch.randn(s, generator=g).to(device=device, dtype=dtype)
@@ -70,7 +70,7 @@ def _fit_ffn(device, dtype, hidden, widths, rows, reps, sync, name, fits, isa=No
     for n in rows:
         x = torch.randn(n, hidden, generator=g).to(device=device, dtype=dtype)
         macs = [3.0 * n * hidden * f for f in widths]
-        ts = [_median_time(lambda f=f: fast_ffn(w.slice(0, f), x, isa), reps, sync) for f in widths]
+        ts = [_median_time(lambda f=f: fast_ffn(w.slice(0, f), x, kernel), reps, sync) for f in widths]
         fit = fit_linear(macs, ts)
         fits[f"{name}_n{n}"] = fit
         per_mac.append(max(fit.beta, 1e-18))
@@ -87,9 +87,8 @@ def calibrate(hidden: int = 256, widths=(128, 256, 512, 1024), rows=(1, 4, 16, 6
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else None
     fits: dict[str, LinearFit] = {}
-    choice = choose_kernel(kernel)
-    isa = choice.isa if dtype == torch.float32 else None
-    cpu = _fit_ffn("cpu", dtype, hidden, widths, rows, reps, None, "cpu", fits, isa)
+    choice = choose_kernel(kernel) if dtype == torch.float32 else KernelChoice("torch", "only", note="not float32")
+    cpu = _fit_ffn("cpu", dtype, hidden, widths, rows, reps, None, "cpu", fits, choice)
     gpu = _fit_ffn(dev, dtype, hidden, widths, rows, reps, sync, "gpu", fits) if cuda else cpu
     if not cuda:
         fits.update({k.replace("cpu", "gpu", 1): v for k, v in list(fits.items()) if k.startswith("cpu")})
@@ -111,4 +110,4 @@ def calibrate(hidden: int = 256, widths=(128, 256, 512, 1024), rows=(1, 4, 16, 6
     return Calibration(cost, fits, mem, str(dev), not cuda,
                        {"hidden": hidden, "widths": list(widths), "rows": list(rows), "reps": reps,
                         "dtype": str(dtype), "threads": torch.get_num_threads(),
-                        "cpu_kernel": choice.as_dict() if isa is not None else KernelChoice("torch", "only").as_dict()})
+                        "cpu_kernel": choice.as_dict()})

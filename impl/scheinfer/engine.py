@@ -203,7 +203,7 @@ class HybridEngine:
 
     def __init__(self, policy: Policy, hidden: int, dtype: torch.dtype = torch.float32,
                  gpu_mem_bytes: int = 0, device: str | torch.device | None = None, threads: int | None = None,
-                 lane_hook: Callable[[str, str], None] | None = None, kernel: str | None = None):
+                 lane_hook: Callable[[str, str], None] | None = None, kernel: str | KernelChoice | None = None):
         if gpu_mem_bytes < 0:
             raise ConfigError(f"gpu_mem_bytes={gpu_mem_bytes!r} is not allowed; expected an integer >= 0")
         if threads is not None:
@@ -246,6 +246,9 @@ class HybridEngine:
         for f in [lane.submit(lambda n=self.lane_threads[name]: _start_lane_thread(n))
                   for name, lane in self._lanes.items()]:
             f.result()
+        # each thread's OpenMP count stays its own, but torch.get_num_threads() and MKL's count are
+        # process-wide and now hold whichever lane set them last: the caller's count again
+        torch.set_num_threads(self.threads)
         if self.cuda:
             self._compute_stream = torch.cuda.Stream(self.device)
             self._copy_stream = torch.cuda.Stream(self.device)
@@ -338,7 +341,7 @@ class HybridEngine:
     def _cpu_band(self, key, w, x_host, s) -> torch.Tensor:
         t0 = time.perf_counter()
         self._hook("cpu", "cc")
-        y = fast_ffn(w.slice(0, s.cc), x_host, self.kernel.isa)
+        y = fast_ffn(w.slice(0, s.cc), x_host, self.kernel)
         self._stamp("cpu", "cc", key, t0, s.cc, x_host.shape[0])
         return y
 
@@ -366,7 +369,7 @@ class HybridEngine:
             _wait_blocking(self._compute_stream)
             y.record_stream(self._main_stream)      # freed later on the caller's stream
         else:
-            y = fast_ffn(w_dev, x_dev, self.kernel.isa)
+            y = fast_ffn(w_dev, x_dev, self.kernel)
         self._stamp("gpu", band, key, t0, rows, x_dev.shape[0])
         return y
 
@@ -494,8 +497,7 @@ class HybridDecoder(FastDecoder):
         self.engine = engine
         self._pin = engine.cuda if pin_memory is None else pin_memory
         self.on_forward = on_forward
-        super().__init__(source, dtype=engine.dtype, device=engine.device, cache_weights=True,
-                         kernel=engine.kernel.name if engine.kernel.isa is not None else "torch")
+        super().__init__(source, dtype=engine.dtype, device=engine.device, cache_weights=True, kernel=engine.kernel)
         if self.config.hidden != engine.hidden:
             raise ConfigError(f"engine hidden={engine.hidden} but the model's hidden={self.config.hidden}")
         engine.place(ffn_widths(self.config))

@@ -92,24 +92,30 @@ def split_linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None =
 
 # ----------------------------------------------------------------------------------- kernel choice
 
-# Which kernel computes the few-token float32 products on the CPU: 'torch' (`split_linear` and
-# `paired_ffn` over torch's BLAS; Inductor's loops inside compiled regions) or a native kernel
+# Which kernel computes the float32 products of a few tokens on the CPU: 'torch' (`split_linear`
+# and `paired_ffn` over torch's BLAS; Inductor's loops inside compiled regions) or a native kernel
 # (cpu_kernels.py) for an instruction set. 'auto' measures each candidate this host runs, once per
 # process and thread count, and takes the fastest: which one wins depends on the host (its vector
 # width, its BLAS), so the choice is measured rather than assumed, and recorded with every run.
 KERNELS = ("auto", "torch", *cpu_kernels.ISAS)
 KERNEL_ENV = "SCHEINFER_CPU_KERNEL"
-NATIVE_MAX_TOKENS = 8         # more tokens per product: torch's GEMM (compute bound, BLAS is better there)
+NAMED_MAX_TOKENS = 16         # a named native kernel's products of up to this many tokens (unmeasured)
+_PREFILL_TOKENS = (16, 64)    # product sizes at which 'auto' compares native and BLAS for batched products
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """The kernel of the few-token products, how it was chosen ('option', 'env', 'measured', or
-    'only' when torch's is the one candidate) and the one-token product speeds measured (GB/s)."""
+    """The CPU products' kernel and how it was chosen ('option', 'env', 'measured', or 'only' when
+    torch's is the one candidate). A native kernel runs products of up to `max_tokens` tokens,
+    torch's BLAS larger ones; 'auto' measures one-token products (`rates_gb_s`, GB/s streaming
+    cold weights) to pick the kernel, then batched ones (`batched_gflop_s`, per kernel@tokens) to
+    set `max_tokens`."""
 
     name: str
     how: str
+    max_tokens: int = 0
     rates_gb_s: dict = field(default_factory=dict)
+    batched_gflop_s: dict = field(default_factory=dict)
     note: str = ""
 
     @property
@@ -117,13 +123,21 @@ class KernelChoice:
         """The native ops' `isa` number (None: torch's kernels)."""
         return cpu_kernels.ISAS.get(self.name)
 
+    def native(self, tokens: int) -> int | None:
+        """The native ops' `isa` for a product of `tokens` tokens, None for torch's."""
+        return cpu_kernels.ISAS.get(self.name) if tokens <= self.max_tokens else None
+
     def as_dict(self) -> dict:
-        return {"kernel": self.name, "how": self.how, "rates_gb_s": dict(self.rates_gb_s), "note": self.note}
+        return {"kernel": self.name, "how": self.how, "max_tokens": self.max_tokens, "rates_gb_s": dict(self.rates_gb_s),
+                "batched_gflop_s": dict(self.batched_gflop_s), "note": self.note}
 
 
-def choose_kernel(requested: str | None = None) -> KernelChoice:
-    """The kernel for this process's CPU products: `requested` (an option), else $SCHEINFER_CPU_KERNEL,
-    else 'auto'. A named native kernel this host cannot run is a one-line error."""
+def choose_kernel(requested: "str | KernelChoice | None" = None) -> KernelChoice:
+    """The kernel for this process's CPU products: `requested` (an option; a KernelChoice is taken
+    as made), else $SCHEINFER_CPU_KERNEL, else 'auto'. A named native kernel this host cannot run
+    is a one-line error."""
+    if isinstance(requested, KernelChoice):
+        return requested
     how = "option" if requested else "env" if os.environ.get(KERNEL_ENV) else "measured"
     name = requested or os.environ.get(KERNEL_ENV) or "auto"
     if name not in KERNELS:
@@ -137,39 +151,56 @@ def choose_kernel(requested: str | None = None) -> KernelChoice:
             why = cpu_kernels.load_error() or f"this CPU runs {', '.join(native) or 'none of them'}"
             raise ConfigError(f"cpu kernel={name!r} is not available on this host ({why}); expected one of "
                               f"auto, torch{''.join(', ' + n for n in native)}")
-        return KernelChoice(name, how)
+        return KernelChoice(name, how, NAMED_MAX_TOKENS)
     if not native:
         return KernelChoice("torch", "only", note=cpu_kernels.load_error() or "")
-    rates = _product_rates(("torch", *native), torch.get_num_threads())
-    return KernelChoice(max(rates, key=rates.get), "measured", rates)
+    return _measured_choice(native, torch.get_num_threads())
 
 
 @functools.cache
-def _product_rates(candidates: tuple[str, ...], threads: int, rounds: int = 3) -> dict[str, float]:
-    """GB/s of one-token products x @ w^T streaming cold weights (3x the last-level cache, at
-    least 96 MiB, in [2048, 1024] blocks), each candidate in alternating rounds, median per
-    candidate: about 0.1 s."""
+def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 3) -> KernelChoice:
+    """'auto' (KernelChoice): GB/s of one-token products x @ w^T streaming cold weights (3x the
+    last-level cache, at least 96 MiB, in [2048, 1024] blocks) with torch's kernels and each
+    native one; then GFLOP/s of the winner and torch's at _PREFILL_TOKENS tokens on an
+    LLC-sized share of the blocks: the native kernel keeps the products up to the largest of
+    those sizes where it is faster (at least 8 tokens). Candidates alternate in each round, the
+    medians of `rounds` (after a warm-up) count: well under a second in all."""
     N, K = 2048, 1024
     count = max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // (N * K * 4)
     ws = [torch.ones(N, K) for _ in range(count)]
-    x = torch.ones(1, K)
-    runs = {name: (lambda w, isa=cpu_kernels.ISAS.get(name): product(x, w, None, isa)) for name in candidates}
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds + 1):                                   # the first round warms up
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            for w in ws:
-                run(w)
-            times[name].append(time.perf_counter() - t0)
-    return {name: round(count * N * K * 4 / statistics.median(ts[1:]) / 1e9, 2) for name, ts in times.items()}
+
+    def median_times(xs: dict[str, torch.Tensor], weights) -> dict[str, float]:
+        runs = {key: lambda x=x, isa=cpu_kernels.ISAS.get(key.split("@")[0]): [
+            torch.ops.scheinfer.linear(x, w, None, isa) if isa is not None else split_linear(x, w) for w in weights]
+            for key, x in xs.items()}
+        times: dict[str, list[float]] = {key: [] for key in runs}
+        for _ in range(rounds + 1):                            # the first round warms up
+            for key, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - t0)
+        return {key: statistics.median(ts[1:]) for key, ts in times.items()}
+
+    one = median_times({name: torch.ones(1, K) for name in ("torch", *native)}, ws)
+    rates = {name: round(count * N * K * 4 / t / 1e9, 2) for name, t in one.items()}
+    best = max(rates, key=rates.get)
+    if best == "torch":
+        return KernelChoice("torch", "measured", 0, rates)
+    share = ws[:max(1, cpu_kernels.last_level_cache_bytes() // (N * K * 4))]
+    batched = median_times({f"{name}@{T}": torch.ones(T, K) for T in _PREFILL_TOKENS for name in ("torch", best)},
+                           share)
+    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(share) * N * K / t / 1e9, 1) for key, t in batched.items()}
+    wins = [T for T in _PREFILL_TOKENS if gflop_s[f"{best}@{T}"] > gflop_s[f"torch@{T}"]]
+    return KernelChoice(best, "measured", max(wins, default=8), rates, gflop_s)
 
 
-def product(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None, isa: int | None = None
-            ) -> torch.Tensor:
-    """F.linear(x, w_NK, b_N): the native kernel `isa` for a few float32 tokens on the CPU (w with
-    rows or columns contiguous), else `split_linear`."""
-    if (isa is not None and x.numel() <= NATIVE_MAX_TOKENS * x.shape[-1] and x.dtype == w_NK.dtype == torch.float32
-            and x.device.type == "cpu" and (w_NK.stride(1) == 1 or w_NK.stride(0) == 1)):
+def product(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None,
+            kernel: KernelChoice | None = None) -> torch.Tensor:
+    """F.linear(x, w_NK, b_N): the native kernel of `kernel` for float32 on the CPU, up to its
+    max_tokens (w with rows or columns contiguous), else `split_linear`."""
+    isa = kernel.native(x.numel() // max(x.shape[-1], 1)) if kernel is not None else None
+    if (isa is not None and x.dtype == w_NK.dtype == torch.float32 and x.device.type == "cpu"
+            and (w_NK.stride(1) == 1 or w_NK.stride(0) == 1)):
         return torch.ops.scheinfer.linear(x, w_NK, b_N, isa)
     return split_linear(x, w_NK, b_N)
 
@@ -210,11 +241,12 @@ class FusedRMSNorm(Norm):
         return y if self.bias_M is None else y + self.bias_M
 
 
-def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor, isa: int | None = None) -> torch.Tensor:
-    """`layers.ffn`: the native FFN kernel `isa` for a few float32 tokens on the CPU (`product`'s
-    conditions), else `split_linear` products, gate and up in one when they are joined."""
-    if (isa is not None and x_TM.shape[0] <= NATIVE_MAX_TOKENS and x_TM.dtype == w.gate_FM.dtype == torch.float32
-            and x_TM.device.type == "cpu" and w.gate_FM.stride(1) == 1 and w.up_FM.stride(1) == 1
+def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor, kernel: KernelChoice | None = None) -> torch.Tensor:
+    """`layers.ffn`: the native FFN kernel of `kernel` (`product`'s conditions; gate and up with
+    contiguous rows), else `split_linear` products, gate and up in one when they are joined."""
+    isa = kernel.native(x_TM.shape[0]) if kernel is not None else None
+    if (isa is not None and x_TM.dtype == w.gate_FM.dtype == torch.float32 and x_TM.device.type == "cpu"
+            and w.gate_FM.stride(1) == 1 and w.up_FM.stride(1) == 1
             and (w.down_MF.stride(1) == 1 or w.down_MF.stride(0) == 1)):
         return torch.ops.scheinfer.ffn(x_TM, w.gate_FM, w.up_FM, w.down_MF, isa)
     if isinstance(w, JoinedExpertWeights):
@@ -257,12 +289,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 def _attention(cfg: DecoderConfig, w: JoinedAttentionWeights, h_BSM: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, cos_BSD: torch.Tensor, signed_sin_BSD: torch.Tensor,
-               allowed_BSL: torch.Tensor | None, L1: int, isa: int | None = None) -> torch.Tensor:
+               allowed_BSL: torch.Tensor | None, L1: int, kernel: KernelChoice | None = None) -> torch.Tensor:
     """`layers.attention` with one q/k/v product and one RoPE; allowed_BSL None: every one of the
     L1 cached slots is visible to every query."""
     B, S, _ = h_BSM.shape
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv_BNSD = product(h_BSM, w.qkv_w, w.qkv_b, isa).view(B, S, H + 2 * G, D).transpose(1, 2)
+    qkv_BNSD = product(h_BSM, w.qkv_w, w.qkv_b, kernel).view(B, S, H + 2 * G, D).transpose(1, 2)
     qk_BNSD = _rotate(qkv_BNSD[:, :H + G], cos_BSD[:, None], signed_sin_BSD[:, None])
     q_BHSD, k_BGSD, v_BGSD = qk_BNSD[:, :H], qk_BNSD[:, H:], qkv_BNSD[:, H + G:]
     k_BGLD, v_BGLD = append_to_cache(k_cache, v_cache, k_BGSD, v_BGSD, L1)
@@ -277,28 +309,30 @@ def _attention(cfg: DecoderConfig, w: JoinedAttentionWeights, h_BSM: torch.Tenso
         mask = None if allowed_BSL is None else allowed_BSL[:, None]
         o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, enable_gqa=G != H)
         o_BSX = o_BHSD.transpose(1, 2).reshape(B, S, H * D)
-    return product(o_BSX, w.o_w, w.o_b, isa)
+    return product(o_BSX, w.o_w, w.o_b, kernel)
 
 
 # ----------------------------------------------------------------------------------- compiled regions
 
 def _attention_block(cfg: DecoderConfig, norm: Norm, w: JoinedAttentionWeights, x_BSM: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor,
-                     allowed_BSL: torch.Tensor | None, L1: int, isa: int | None = None) -> torch.Tensor:
+                     allowed_BSL: torch.Tensor | None, L1: int, kernel: KernelChoice | None = None
+                     ) -> torch.Tensor:
     """x + attention(norm(x)): the pre-norm attention half of a layer, one region for
     torch.compile (with the cache length L1 dynamic, one graph serves every decode step)."""
-    return x_BSM + _attention(cfg, w, norm(x_BSM), k_cache, v_cache, cos_BSD, sin_BSD, allowed_BSL, L1, isa)
+    return x_BSM + _attention(cfg, w, norm(x_BSM), k_cache, v_cache, cos_BSD, sin_BSD, allowed_BSL, L1, kernel)
 
 
-def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor, isa: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor,
+                    kernel: KernelChoice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y_1M, ids_1K, weights_1K): the routing and the routed experts of one token, the experts as
-    the native kernel `isa` (one op), else as gathered multiply-reduce products. Written for
+    the native kernel of `kernel` (one op), else as gathered multiply-reduce products. Written for
     torch.compile (inside `_token_layer`): Inductor fuses the gather into one reduction loop, so
     each chosen expert's weights stream once (at one row per loop and one accumulator: slower than
     the native kernel, tests/bench/test_bench_scheinfer_cpu.py). Run eagerly it would copy the
     chosen experts' weights first."""
     ids_1K, weights_1K = route(cfg, F.linear(h_1M, w.router_EM))
+    isa = kernel.native(1) if kernel is not None else None
     if isa is not None and h_1M.dtype == torch.float32:
         y_1M = torch.ops.scheinfer.moe_token(h_1M, w.gate_up_E2FM, w.down_EMF, ids_1K[0], weights_1K[0], isa)
         return y_1M, ids_1K, weights_1K
@@ -311,17 +345,18 @@ def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor
 
 
 def _token_layer(cfg: DecoderConfig, w: LayerWeights, x_11M: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, cos_11D: torch.Tensor, sin_11D: torch.Tensor, L1: int, isa: int | None = None
+                 v_cache: torch.Tensor, cos_11D: torch.Tensor, sin_11D: torch.Tensor, L1: int,
+                 kernel: KernelChoice | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(x + FFN(norm(x)), norm(x), ids_1K, weights_1K) of a whole layer of one decoded token, the
     attention block first, without a MoE layer's shared expert (the caller adds it): one region
     for torch.compile, so one call per layer. Dense layers: `fast_ffn`, whose products are
-    multiply-reduces under compile (`split_linear`), or the native kernel `isa`."""
-    x_11M = _attention_block(cfg, w.attn_norm, w.attn, x_11M, k_cache, v_cache, cos_11D, sin_11D, None, L1, isa)
+    multiply-reduces under compile (`split_linear`), or the native kernel of `kernel`."""
+    x_11M = _attention_block(cfg, w.attn_norm, w.attn, x_11M, k_cache, v_cache, cos_11D, sin_11D, None, L1, kernel)
     h_1M = w.ffn_norm(x_11M).view(1, -1)
     if w.moe is None:
-        return x_11M + fast_ffn(w.dense, h_1M, isa).view(x_11M.shape), h_1M, None, None
-    y_1M, ids_1K, weights_1K = _routed_experts(cfg, w.moe, h_1M, isa)
+        return x_11M + fast_ffn(w.dense, h_1M, kernel).view(x_11M.shape), h_1M, None, None
+    y_1M, ids_1K, weights_1K = _routed_experts(cfg, w.moe, h_1M, kernel)
     return x_11M + y_1M.view(x_11M.shape), h_1M, ids_1K, weights_1K
 
 
@@ -347,11 +382,12 @@ class FastDecoder(Decoder):
 
     default_expert_fn: ExpertFn = staticmethod(_fast_expert_fn)
 
-    def __init__(self, source, *, compile_decode: bool = False, kernel: str | None = None, **decoder_kwargs):
+    def __init__(self, source, *, compile_decode: bool = False, kernel: "str | KernelChoice | None" = None,
+                 **decoder_kwargs):
         device, expert_fn = torch.device(decoder_kwargs.get("device", "cpu")), decoder_kwargs.get("expert_fn")
-        native_dtype = decoder_kwargs.get("dtype", torch.float32) == torch.float32 and device.type == "cpu"
-        self.kernel = choose_kernel(kernel) if native_dtype else KernelChoice("torch", "only", note="not float32 on CPU")
-        self._isa = self.kernel.isa
+        self._native_dtype = decoder_kwargs.get("dtype", torch.float32) == torch.float32 and device.type == "cpu"
+        self.kernel = choose_kernel(kernel) if self._native_dtype else \
+            KernelChoice("torch", "only", note="not float32 on the CPU")
         if compile_decode and (device.type != "cpu" or expert_fn is not None):
             raise ValueError(f"compile_decode=True needs device 'cpu' and no expert_fn; got device "
                              f"{str(device)!r}, expert_fn {'given' if expert_fn else 'None'}")
@@ -367,6 +403,13 @@ class FastDecoder(Decoder):
             self._compiled_attention_block = compiled(_attention_block)
         self._rope_tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}   # long RoPE -> (cos, signed sin)
         super().__init__(source, **decoder_kwargs)
+
+    def use_kernel(self, kernel: "str | KernelChoice | None") -> KernelChoice:
+        """Switch the products' kernel (`choose_kernel`), e.g. to compare kernels on one set of
+        weights; compiled regions compile once more for a new kernel."""
+        if self._native_dtype:
+            self.kernel = choose_kernel(kernel)
+        return self.kernel
 
     # -------------------------------------------------------------- weights
 
@@ -440,14 +483,14 @@ class FastDecoder(Decoder):
         block = self._compiled_attention_block if self._compiled_attention_block is not None \
             and allowed_BSL is None else _attention_block
         return block(self.config, w.attn_norm, w.attn, x_BSM, cache.k[i], cache.v[i], cos_BSD, sin_BSD,
-                     allowed_BSL, L1, self._isa)
+                     allowed_BSL, L1, self.kernel)
 
     def layer(self, i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, valid_BS, L1):
         if self._compiled_token_layer is None or x_BSM.shape[0] * x_BSM.shape[1] != 1 or allowed_BSL is not None:
             return super().layer(i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, valid_BS, L1)
         # the compiled region, plus what stays outside it: the route observer and a shared expert
         x_11M, h_1M, ids_1K, weights_1K = self._compiled_token_layer(self.config, w, x_BSM, cache.k[i], cache.v[i],
-                                                                     cos_BSD, sin_BSD, L1, self._isa)
+                                                                     cos_BSD, sin_BSD, L1, self.kernel)
         if w.moe is not None:
             if self.route_observer is not None:
                 self.route_observer(i, ids_1K, weights_1K)
@@ -458,7 +501,7 @@ class FastDecoder(Decoder):
 
     def run_ffns(self, i, items, layer_tokens):
         if self.expert_fn is _fast_expert_fn:
-            return [fast_ffn(w, x_TM, self._isa) for _, w, x_TM in items]
+            return [fast_ffn(w, x_TM, self.kernel) for _, w, x_TM in items]
         return super().run_ffns(i, items, layer_tokens)
 
     def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
@@ -472,9 +515,9 @@ class FastDecoder(Decoder):
         ids_1K, weights_1K = self.route(i, w, x_TM)
         stacked = isinstance(w, StackedMoEWeights) and self.expert_fn is _fast_expert_fn
         shared = [("shared", w.shared, x_TM)] if w.shared is not None else []
-        if stacked and self._isa is not None:
+        if stacked and self.kernel.native(1) is not None:
             y_1M = torch.ops.scheinfer.moe_token(x_TM, w.gate_up_E2FM, w.down_EMF, ids_1K[0], weights_1K[0],
-                                                 self._isa)
+                                                 self.kernel.native(1))
             return y_1M + gate_shared(w, x_TM, self.run_ffns(i, shared, 1)[0]) if shared else y_1M
         order = sorted((e, k) for k, e in enumerate(ids_1K[0].tolist()))
         if stacked and torch.get_num_threads() <= 2:
@@ -492,7 +535,7 @@ class FastDecoder(Decoder):
         return y_1M + gate_shared(w, x_TM, ys[-1]) if shared else y_1M
 
     def lm_head(self, x_BSM: torch.Tensor) -> torch.Tensor:
-        return product(x_BSM, self.lm_head_VM, self.lm_head_b, self._isa)
+        return product(x_BSM, self.lm_head_VM, self.lm_head_b, self.kernel)
 
     def generation_mode(self) -> contextlib.AbstractContextManager:
         """Inference mode (less per-operation overhead) with the plain expert function; it is

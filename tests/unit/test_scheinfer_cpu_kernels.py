@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from impl.common.config import ConfigError
 from impl.scheinfer import cpu_kernels
-from impl.scheinfer.fast_decode import KERNEL_ENV, KERNELS, KernelChoice, choose_kernel, fast_ffn, product
+from impl.scheinfer.fast_decode import (KERNEL_ENV, KERNELS, NAMED_MAX_TOKENS, KernelChoice, _measured_choice,
+                                        choose_kernel, fast_ffn, product)
 from impl.scheinfer.layers import ExpertWeights, ffn
 
 ISAS = [name for name in cpu_kernels.ISAS if name in cpu_kernels.supported_isas()]
@@ -101,9 +102,10 @@ def test_ops_reject_bad_inputs_and_unsupported_isas():
 
 @pytest.mark.parametrize("kernel", ["torch", *ISAS])
 def test_product_and_fast_ffn_equal_torch_for_every_kernel(kernel):
-    """The dispatching functions the decoders call: native for a few float32 tokens, torch's
-    products beyond NATIVE_MAX_TOKENS and for other dtypes."""
-    isa = cpu_kernels.ISAS.get(kernel)
+    """The dispatching functions the decoders call: native for float32 up to the choice's
+    max_tokens, torch's products beyond and for other dtypes."""
+    isa = choose_kernel(kernel)
+    assert isa.max_tokens == (0 if kernel == "torch" else NAMED_MAX_TOKENS) < 20
     w = ExpertWeights(_randn(48, 32, seed=1), _randn(48, 32, seed=2), _randn(48, 32, seed=3).t())
     for T in (1, 4, 20):
         x = _randn(T, 32, seed=T)
@@ -125,7 +127,8 @@ def test_choose_kernel_option_env_and_errors(monkeypatch):
         choose_kernel()
     monkeypatch.delenv(KERNEL_ENV)
     for name in ISAS:
-        assert choose_kernel(name) == KernelChoice(name, "option")
+        assert choose_kernel(name) == KernelChoice(name, "option", NAMED_MAX_TOKENS)
+    assert choose_kernel(choose_kernel("torch")) == KernelChoice("torch", "option")
     for name in set(cpu_kernels.ISAS) - set(ISAS):
         with pytest.raises(ConfigError, match=f"cpu kernel='{name}' is not available on this host"):
             choose_kernel(name)
@@ -135,9 +138,16 @@ def test_choose_kernel_option_env_and_errors(monkeypatch):
 def test_auto_measures_every_candidate_and_takes_the_fastest(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     monkeypatch.setattr(cpu_kernels, "last_level_cache_bytes", lambda: 1 << 20)   # a small, quick probe
-    choice = choose_kernel()
+    _measured_choice.cache_clear()
+    try:
+        choice = choose_kernel()
+    finally:
+        _measured_choice.cache_clear()
     assert choice.how == "measured" and set(choice.rates_gb_s) == {"torch", *ISAS}
     assert choice.name == max(choice.rates_gb_s, key=choice.rates_gb_s.get)
+    if choice.name != "torch":       # batched products: the winner against torch's at 16 and 64 tokens
+        assert set(choice.batched_gflop_s) == {f"{k}@{T}" for k in ("torch", choice.name) for T in (16, 64)}
+        assert choice.max_tokens in (8, 16, 64)
     assert choice.as_dict()["kernel"] == choice.name and choice.isa == cpu_kernels.ISAS.get(choice.name)
     assert KERNELS == ("auto", "torch", *cpu_kernels.ISAS)
 

@@ -7,7 +7,7 @@ import torch
 
 from impl.common.config import ConfigError
 from impl.common.models import get_model
-from impl.scheinfer.config import DecoderConfig, LongRope, weight_shapes
+from impl.scheinfer.config import DecoderConfig, LongRope, decode_weight_bytes, weight_shapes
 from impl.scheinfer.decoder import Decoder
 from impl.scheinfer import cpu_kernels
 from impl.scheinfer.fast_decode import FastDecoder, paired_ffn, split_linear
@@ -372,6 +372,20 @@ def test_real_shapes_match_published_parameter_counts(name, uncounted):
     cfg = DecoderConfig.from_model_config(name)
     total = sum(math.prod(s) for s in weight_shapes(cfg).values())
     assert total - uncounted == get_model(name).param_counts()[0]   # phi: lm_head bias not counted there
+
+
+def test_decode_weight_bytes_counts_the_chosen_experts_and_one_embedding_row():
+    """Mixtral-8x7B: 46.7 B parameters, 12.9 B active per token (the published count, with the
+    32000 x 4096 embedding table, of which one row is read); F32: 4 bytes each."""
+    cfg = DecoderConfig.from_model_config("mixtral-8x7b")
+    M, V, L, Fw = cfg.hidden, cfg.vocab_size, cfg.num_layers, cfg.moe_ffn_hidden
+    attention = L * (2 * M * M + 2 * M * 1024 + 2 * M)             # q, o; k, v (8 KV heads of 128); norms
+    experts = L * (cfg.top_k * 3 * M * Fw + cfg.num_experts * M)   # two experts, the router
+    assert decode_weight_bytes(cfg, 4) == 4 * (attention + experts + M + V * M + M)   # final norm, lm_head, a row
+    assert 12.8e9 < decode_weight_bytes(cfg, 1) + (V - 1) * M < 13.0e9
+    dense = tiny_config("llama")
+    assert decode_weight_bytes(dense, 2) == 2 * (sum(math.prod(s) for s in weight_shapes(dense).values())
+                                                 - (dense.vocab_size - 1) * dense.hidden)
 
 
 def test_random_weights_at_real_shape_are_lazy_and_deterministic():

@@ -78,13 +78,20 @@ static inline void dot_block(const float* x, int64_t ldx, const float* w, int64_
     }
 }
 
-// y[t, n] = x[t, :] . w[n, :] for rows n in [n0, n1), every token t < T (row-major weight rows)
+// Tokens per dot-product block: 4 rows x TOKENS accumulators fill the vector registers (32 with
+// AVX-512, 16 below it) with room for the rows' and the tokens' loads.
+constexpr int TOKENS = VBYTES == 64 ? 4 : 2;
+
+// y[t, n] = x[t, :] . w[n, :] for rows n in [n0, n1), every token t < T (row-major weight rows):
+// 4 rows at a time, the tokens TOKENS at a time, so a row block is read from memory once and
+// from L1 / L2 once per token block.
 static void dot_rows(const float* x, int64_t T, int64_t ldx, const float* w, int64_t ldw, int64_t K,
                      float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float* wn = w + n * ldw;
     int64_t t = 0;
+    for (; t + TOKENS <= T; t += TOKENS) dot_block<4, TOKENS>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy);
     for (; t + 2 <= T; t += 2) dot_block<4, 2>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy);
     if (t < T) dot_block<4, 1>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy);
   }
