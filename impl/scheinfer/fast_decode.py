@@ -1,25 +1,29 @@
 """The decoder with the paths that exist for speed on the CPU: `FastDecoder` is `decoder.Decoder`
-(same model, same router) with products that use every core, fewer and larger products, and,
-opt-in, each decoded token's layer as one torch.compile'd region. It is tested equal to the
-reference decoder (tokens equal, logits within rounding) on every architecture.
+(same model, same router) with products that stream the weights at the memory bandwidth, fewer
+and larger products, and, opt-in, each decoded token as one torch.compile'd region. It is tested
+equal to the reference decoder (tokens equal, logits within rounding) on every architecture and
+with every CPU kernel.
 
 Why: decoding one token is memory bound, and at small widths bound by per-operation overhead;
 the reference decoder's one-BLAS-call-per-matrix code streams each weight on one core and pays
 Python and dispatch costs per operation. What this module changes, all the same math in another
 summation order:
-* `split_linear`: few-token products run as one batched call over one weight block per core.
+* The CPU kernel (`choose_kernel`, recorded as `FastDecoder.kernel`): float32 products of a few
+  tokens run as the native kernels of cpu_kernels.py (a product, a whole FFN, a decoded token's
+  routed experts in one op), or as torch's: `split_linear` (one batched call over one weight
+  block per core) and `paired_ffn` (a decoded token's routed experts two at a time). Which is
+  faster depends on the host (vector width, BLAS): 'auto' measures it at start-up.
 * Joined weights: q, k, v as one [(H + 2G) * D, M] array and each FFN's gate and up as one
   [2F, M] array, so each is one product; a layer's experts stacked as gate/up [E, 2F, M] and down
   [E, M, F].
-* `paired_ffn`: a decoded token's routed experts two at a time, one batched product each (at most
-  two cores: one block per core, half the calls of one split product per expert).
 * RMSNorm as torch's fused kernel, RoPE from a cached table with the rotation's sign folded into
   sin, no attention mask for a single unpadded new token, inference mode while generating.
-* `compile_decode=True`: a decoded token's whole layer (attention block, norm, routing, routed
-  experts or dense FFN) is one compiled region (`_token_layer`) whose products are
-  multiply-reduces that Inductor fuses into loops streaming each weight once; for a batch without
-  padding the attention block is the compiled region. The first decode steps of each new weight
-  shape compile (seconds); prefill and padded batches stay eager. CPU only, plain expert function.
+* `compile_decode=True`: a decoded token of a single sequence is one compiled region through
+  every layer and the LM head (`_token_step`): Inductor fuses the small operations and calls the
+  native kernels (or, with torch's kernel, generates multiply-reduce loops that stream each weight
+  once); for a batch without padding the attention block is the compiled region. The first
+  decode steps of each new weight shape compile (seconds); prefill and padded batches stay
+  eager. CPU only, plain expert function.
 Measured speeds are in tests/bench/test_bench_scheinfer_cpu.py.
 """
 from __future__ import annotations
@@ -327,7 +331,7 @@ def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor
                     kernel: KernelChoice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y_1M, ids_1K, weights_1K): the routing and the routed experts of one token, the experts as
     the native kernel of `kernel` (one op), else as gathered multiply-reduce products. Written for
-    torch.compile (inside `_token_layer`): Inductor fuses the gather into one reduction loop, so
+    torch.compile (inside `_token_step`): Inductor fuses the gather into one reduction loop, so
     each chosen expert's weights stream once (at one row per loop and one accumulator: slower than
     the native kernel, tests/bench/test_bench_scheinfer_cpu.py). Run eagerly it would copy the
     chosen experts' weights first."""
@@ -344,20 +348,28 @@ def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor
     return y_1M, ids_1K, weights_1K
 
 
-def _token_layer(cfg: DecoderConfig, w: LayerWeights, x_11M: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, cos_11D: torch.Tensor, sin_11D: torch.Tensor, L1: int,
-                 kernel: KernelChoice | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(x + FFN(norm(x)), norm(x), ids_1K, weights_1K) of a whole layer of one decoded token, the
-    attention block first, without a MoE layer's shared expert (the caller adds it): one region
-    for torch.compile, so one call per layer. Dense layers: `fast_ffn`, whose products are
-    multiply-reduces under compile (`split_linear`), or the native kernel of `kernel`."""
-    x_11M = _attention_block(cfg, w.attn_norm, w.attn, x_11M, k_cache, v_cache, cos_11D, sin_11D, None, L1, kernel)
-    h_1M = w.ffn_norm(x_11M).view(1, -1)
-    if w.moe is None:
-        return x_11M + fast_ffn(w.dense, h_1M, kernel).view(x_11M.shape), h_1M, None, None
-    y_1M, ids_1K, weights_1K = _routed_experts(cfg, w.moe, h_1M, kernel)
-    return x_11M + y_1M.view(x_11M.shape), h_1M, ids_1K, weights_1K
+def _token_step(cfg: DecoderConfig, layers: tuple[LayerWeights, ...], final_norm: Norm, lm_head_VM: torch.Tensor,
+                lm_head_b: torch.Tensor | None, x_11M: torch.Tensor, k_caches: tuple[torch.Tensor, ...],
+                v_caches: tuple[torch.Tensor, ...], cos_11D: torch.Tensor, sin_11D: torch.Tensor, L1: int,
+                kernel: KernelChoice | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(float32 logits [1, 1, V], [(ids_1K, weights_1K) of each MoE layer]) of one decoded token
+    through every layer, the final norm and the LM head: one region for torch.compile, so one
+    call per token (each region call costs tens of microseconds of Python and guards). Products
+    are the native kernel of `kernel`, or multiply-reduces (`split_linear`, `_routed_experts`)."""
+    routes = []
+    for i, w in enumerate(layers):
+        x_11M = _attention_block(cfg, w.attn_norm, w.attn, x_11M, k_caches[i], v_caches[i], cos_11D, sin_11D, None,
+                                 L1, kernel)
+        h_1M = w.ffn_norm(x_11M).view(1, -1)
+        if w.moe is None:
+            y_1M = fast_ffn(w.dense, h_1M, kernel)
+        else:
+            y_1M, ids_1K, weights_1K = _routed_experts(cfg, w.moe, h_1M, kernel)
+            routes.append((ids_1K, weights_1K))
+            if w.moe.shared is not None:
+                y_1M = y_1M + gate_shared(w.moe, h_1M, fast_ffn(w.moe.shared, h_1M, kernel))
+        x_11M = x_11M + y_1M.view(x_11M.shape)
+    return product(final_norm(x_11M), lm_head_VM, lm_head_b, kernel).float(), routes
 
 
 # Inductor's C++ wrapper calls a region's kernels without Python in between (less fixed cost per
@@ -394,15 +406,16 @@ class FastDecoder(Decoder):
         if compile_decode and not any(map(shutil.which, _inductor_compilers())):
             raise ValueError(f"compile_decode=True needs a C++ compiler for Inductor "
                              f"({' or '.join(_inductor_compilers())} on PATH, or set CXX); none was found")
-        self._compiled_token_layer = self._compiled_attention_block = None
+        self._compiled_token_step = self._compiled_attention_block = None
         if compile_decode:   # each architecture / shape is its own graph of the two regions; a
             # process with several models (the tests, a sweep) needs more than Dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             compiled = lambda fn: torch.compile(fn, fullgraph=True, options=_COMPILE_OPTIONS)  # noqa: E731
-            self._compiled_token_layer = compiled(_token_layer)
+            self._compiled_token_step = compiled(_token_step)
             self._compiled_attention_block = compiled(_attention_block)
         self._rope_tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}   # long RoPE -> (cos, signed sin)
         super().__init__(source, **decoder_kwargs)
+        self._moe_layers = [i for i in range(self.config.num_layers) if self.config.is_moe_layer(i)]
 
     def use_kernel(self, kernel: "str | KernelChoice | None") -> KernelChoice:
         """Switch the products' kernel (`choose_kernel`), e.g. to compare kernels on one set of
@@ -485,19 +498,28 @@ class FastDecoder(Decoder):
         return block(self.config, w.attn_norm, w.attn, x_BSM, cache.k[i], cache.v[i], cos_BSD, sin_BSD,
                      allowed_BSL, L1, self.kernel)
 
-    def layer(self, i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, valid_BS, L1):
-        if self._compiled_token_layer is None or x_BSM.shape[0] * x_BSM.shape[1] != 1 or allowed_BSL is not None:
-            return super().layer(i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, valid_BS, L1)
-        # the compiled region, plus what stays outside it: the route observer and a shared expert
-        x_11M, h_1M, ids_1K, weights_1K = self._compiled_token_layer(self.config, w, x_BSM, cache.k[i], cache.v[i],
-                                                                     cos_BSD, sin_BSD, L1, self.kernel)
-        if w.moe is not None:
-            if self.route_observer is not None:
+    @torch.no_grad()
+    def forward(self, tokens_BS, cache, valid_BS=None, last_only=False):
+        """`Decoder.forward`; with compile_decode, one new token of one unpadded sequence (every
+        decode step of a single prompt) runs as the compiled `_token_step`, with the same cache
+        bookkeeping and the route observer called after it."""
+        tokens_BS = torch.as_tensor(tokens_BS, dtype=torch.long, device=self.device)
+        if (self._compiled_token_step is None or self._layers is None or tokens_BS.shape != (1, 1)
+                or valid_BS is not None or cache.batch != 1 or not cache.unpadded or cache.length >= cache.max_len
+                or not 0 <= int(tokens_BS) < self.config.vocab_size):
+            return super().forward(tokens_BS, cache, valid_BS, last_only)   # (which also raises on bad input)
+        L1 = cache.length + 1
+        cache.valid_BL[:, L1 - 1] = True
+        cos_11D, sin_11D = self.rope(cache.next_pos_B[:, None])
+        logits_11V, routes = self._compiled_token_step(
+            self.config, tuple(self._layers), self.final_norm, self.lm_head_VM, self.lm_head_b, self.embed_VM[tokens_BS],
+            tuple(cache.k), tuple(cache.v), cos_11D, sin_11D, L1, self.kernel)
+        cache.length = L1
+        cache.next_pos_B += 1
+        if self.route_observer is not None:
+            for i, (ids_1K, weights_1K) in zip(self._moe_layers, routes):
                 self.route_observer(i, ids_1K, weights_1K)
-            if w.moe.shared is not None:
-                shared_1M = self.run_ffns(i, [("shared", w.moe.shared, h_1M)], 1)[0]
-                x_11M = x_11M + gate_shared(w.moe, h_1M, shared_1M).view(x_11M.shape)
-        return x_11M
+        return logits_11V
 
     def run_ffns(self, i, items, layer_tokens):
         if self.expert_fn is _fast_expert_fn:
