@@ -167,7 +167,7 @@ def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 3) -> 
     last-level cache, at least 96 MiB, in [2048, 1024] blocks) with torch's kernels and each
     native one; then GFLOP/s of the winner and torch's at _PREFILL_TOKENS tokens on an
     LLC-sized share of the blocks: the native kernel keeps the products up to the largest of
-    those sizes where it is faster (at least 8 tokens). Candidates alternate in each round, the
+    those sizes up to which it is faster at each (at least 8 tokens). Candidates alternate in each round, the
     medians of `rounds` (after a warm-up) count: well under a second in all."""
     N, K = 2048, 1024
     count = max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // (N * K * 4)
@@ -194,17 +194,24 @@ def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 3) -> 
     batched = median_times({f"{name}@{T}": torch.ones(T, K) for T in _PREFILL_TOKENS for name in ("torch", best)},
                            share)
     gflop_s = {key: round(2 * int(key.split("@")[1]) * len(share) * N * K / t / 1e9, 1) for key, t in batched.items()}
-    wins = [T for T in _PREFILL_TOKENS if gflop_s[f"{best}@{T}"] > gflop_s[f"torch@{T}"]]
-    return KernelChoice(best, "measured", max(wins, default=8), rates, gflop_s)
+    max_tokens = 8
+    for T in _PREFILL_TOKENS:
+        if gflop_s[f"{best}@{T}"] <= gflop_s[f"torch@{T}"]:
+            break
+        max_tokens = T
+    return KernelChoice(best, "measured", max_tokens, rates, gflop_s)
 
 
 def product(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None,
             kernel: KernelChoice | None = None) -> torch.Tensor:
     """F.linear(x, w_NK, b_N): the native kernel of `kernel` for float32 on the CPU, up to its
-    max_tokens (w with rows or columns contiguous), else `split_linear`."""
+    max_tokens (w with rows or columns contiguous), else `split_linear`. Inside a compiled region
+    a small weight (cache-resident, microseconds of work) is left to Inductor, which fuses its
+    loop with the operations around it; an extern call would cost more."""
     isa = kernel.native(x.numel() // max(x.shape[-1], 1)) if kernel is not None else None
     if (isa is not None and x.dtype == w_NK.dtype == torch.float32 and x.device.type == "cpu"
-            and (w_NK.stride(1) == 1 or w_NK.stride(0) == 1)):
+            and (w_NK.stride(1) == 1 or w_NK.stride(0) == 1)
+            and not (torch.compiler.is_compiling() and w_NK.numel() * w_NK.element_size() < _SPLIT_MIN_BYTES)):
         return torch.ops.scheinfer.linear(x, w_NK, b_N, isa)
     return split_linear(x, w_NK, b_N)
 

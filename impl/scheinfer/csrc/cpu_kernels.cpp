@@ -1,15 +1,17 @@
 // Few-token float32 products for ScheInfer's CPU side (impl/scheinfer/cpu_kernels.py): a linear
 // layer, a whole SwiGLU FFN and a decoded token's routed experts, each streaming every weight
-// once at the memory bandwidth, split across torch's intra-op threads (at::parallel_for, so a
-// lane thread's own thread count applies). One build serves every x86 host: the kernels exist
-// for AVX-512, AVX2 + FMA and plain SSE (any CPU), and the caller picks one by number (`isa`).
+// once at the memory bandwidth on torch's intra-op threads (at::parallel_for, so a lane thread's
+// own thread count applies): row-major weights in chunks the threads claim one after another,
+// transposed ones ([K, N] rows) split into one column range per thread. One build serves every
+// x86 host: the kernels exist for AVX-512, AVX2 + FMA and plain SSE (any CPU), and the caller
+// picks one by number (`isa`).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -77,15 +79,34 @@ const Kernels& kernels(int64_t isa) {
 constexpr int64_t ROWS = 4;              // rows per dot-product block (kernels_isa.h dot_rows)
 constexpr int64_t COLS = 16;             // columns per transposed-weight block (one cache line)
 constexpr int64_t MIN_THREAD_BYTES = 64 << 10;   // less weight per thread than this runs inline
+constexpr int64_t CHUNK_BYTES = 64 << 10;        // weight per claimed chunk (parallel_chunks)
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// fn(u0, u1) over units [0, n) on torch's intra-op threads, each thread at least
-// MIN_THREAD_BYTES of weight (unit_bytes per unit), so small products stay on the caller's thread
+// fn(u0, u1) over units [0, n) on torch's intra-op threads, each thread one contiguous range of
+// at least MIN_THREAD_BYTES of weight (unit_bytes per unit), so small products stay on the
+// caller's thread
 template <class Fn>
 void parallel_units(int64_t n, int64_t unit_bytes, const Fn& fn) {
   const int64_t grain = std::max<int64_t>(1, cdiv(MIN_THREAD_BYTES, std::max<int64_t>(unit_bytes, 1)));
   at::parallel_for(0, n, grain, fn);
+}
+
+// fn(u0, u1) over units [0, n) in chunks of about CHUNK_BYTES of weight that torch's intra-op
+// threads claim one after another: a thread that the OS holds back (a shared host) leaves its
+// chunks to the others instead of keeping them all waiting at the end, as a static split would.
+// Each unit is done by one call, so results do not depend on which thread took it.
+template <class Fn>
+void parallel_chunks(int64_t n, int64_t unit_bytes, const Fn& fn) {
+  unit_bytes = std::max<int64_t>(unit_bytes, 1);
+  const int64_t per_chunk = std::max<int64_t>(1, CHUNK_BYTES / unit_bytes), chunks = cdiv(n, per_chunk);
+  const int64_t workers = std::min(chunks, std::max<int64_t>(1, n * unit_bytes / MIN_THREAD_BYTES));
+  if (workers == 1) return fn(0, n);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+      fn(c * per_chunk, std::min(n, (c + 1) * per_chunk));
+  });
 }
 
 void check_float_cpu(const at::Tensor& t, const char* name) {
@@ -99,7 +120,7 @@ void product(const Kernels& k, const float* x, int64_t T, const at::Tensor& w, f
   const int64_t N = w.size(0), K = w.size(1);
   const float* wp = w.data_ptr<float>();
   if (w.stride(1) == 1) {
-    parallel_units(cdiv(N, ROWS), ROWS * K * 4, [&](int64_t u0, int64_t u1) {
+    parallel_chunks(cdiv(N, ROWS), ROWS * K * 4, [&](int64_t u0, int64_t u1) {
       k.dot_rows(x, T, K, wp, w.stride(0), K, y, N, u0 * ROWS, std::min(N, u1 * ROWS));
     });
   } else {
@@ -144,7 +165,7 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up
   at::Tensor gu = at::empty({2, T, F}, x.options()), h = at::empty({T, F}, x.options());
   float *g = gu.data_ptr<float>(), *u = g + T * F, *hp = h.data_ptr<float>();
   const float* xp = xc.data_ptr<float>();
-  parallel_units(cdiv(F, ROWS), 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
+  parallel_chunks(cdiv(F, ROWS), 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
     const int64_t f0 = u0 * ROWS, f1 = std::min(F, u1 * ROWS);
     k.dot_rows(xp, T, M, gate.data_ptr<float>(), gate.stride(0), M, g, F, f0, f1);
     k.dot_rows(xp, T, M, up.data_ptr<float>(), up.stride(0), M, u, F, f0, f1);
@@ -170,7 +191,10 @@ at::Tensor moe_token(const at::Tensor& x, const at::Tensor& gate_up, const at::T
               "scheinfer moe_token: x ", x.sizes(), ", gate_up ", gate_up.sizes(), ", down ", down.sizes(), ", ids ",
               ids.sizes(), ", weights ", weights.sizes(), "; expected [1, M], [E, 2F, M] and [E, M, F] with ",
               "contiguous rows, K ids and K weights");
-  const at::Tensor ids_c = ids.to(at::kLong).contiguous().cpu(), w_c = weights.to(at::kFloat).contiguous().cpu();
+  TORCH_CHECK(ids.device().is_cpu() && weights.device().is_cpu(), "scheinfer moe_token: ids and weights must be on the CPU");
+  const at::Tensor ids_c = ids.scalar_type() == at::kLong && ids.is_contiguous() ? ids : ids.to(at::kLong).contiguous();
+  const at::Tensor w_c = weights.scalar_type() == at::kFloat && weights.is_contiguous() ? weights
+                                                                                          : weights.to(at::kFloat).contiguous();
   std::vector<std::pair<int64_t, float>> chosen(K);
   for (int64_t j = 0; j < K; ++j) {
     chosen[j] = {ids_c.data_ptr<int64_t>()[j], w_c.data_ptr<float>()[j]};
@@ -181,12 +205,12 @@ at::Tensor moe_token(const at::Tensor& x, const at::Tensor& gate_up, const at::T
   const at::Tensor xc = x.contiguous();
   const float* xp = xc.data_ptr<float>();
   at::Tensor gu = at::empty({K, 2, F}, x.options()), h = at::empty({K, F}, x.options()),
-             parts = at::empty({K, M}, x.options()), y = at::zeros({1, M}, x.options());
+             parts = at::empty({K, M}, x.options()), y = at::empty({1, M}, x.options());
   float *g = gu.data_ptr<float>(), *hp = h.data_ptr<float>(), *pp = parts.data_ptr<float>(), *yp = y.data_ptr<float>();
   const float* gup = gate_up.data_ptr<float>();
   const float* dp = down.data_ptr<float>();
   const int64_t units = cdiv(F, ROWS);      // per expert
-  parallel_units(K * units, 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
+  parallel_chunks(K * units, 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
     for (int64_t j = u0 / units; j < K && j * units < u1; ++j) {
       const int64_t f0 = std::max(u0 - j * units, int64_t(0)) * ROWS, f1 = std::min(F, (u1 - j * units) * ROWS);
       const float* w = gup + chosen[j].first * gate_up.stride(0);
@@ -196,12 +220,15 @@ at::Tensor moe_token(const at::Tensor& x, const at::Tensor& gate_up, const at::T
       k.swiglu(gj + f0, uj + f0, hp + j * F + f0, f1 - f0);
     }
   });
-  parallel_units(cdiv(M, ROWS), K * ROWS * F * 4, [&](int64_t u0, int64_t u1) {
+  parallel_chunks(cdiv(M, ROWS), K * ROWS * F * 4, [&](int64_t u0, int64_t u1) {
     const int64_t m0 = u0 * ROWS, m1 = std::min(M, u1 * ROWS);
     for (int64_t j = 0; j < K; ++j)
       k.dot_rows(hp + j * F, 1, F, dp + chosen[j].first * down.stride(0), down.stride(1), F, pp + j * M, M, m0, m1);
-    for (int64_t j = 0; j < K; ++j)
-      for (int64_t m = m0; m < m1; ++m) yp[m] += chosen[j].second * pp[j * M + m];
+    for (int64_t m = m0; m < m1; ++m) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < K; ++j) acc += chosen[j].second * pp[j * M + m];
+      yp[m] = acc;
+    }
   });
   return y;
 }
@@ -214,7 +241,7 @@ double read_sum(const at::Tensor& buf, int64_t isa) {
   const float* p = buf.data_ptr<float>();
   const int64_t n = buf.numel(), chunk = 1 << 14;
   std::vector<double> parts(cdiv(n, chunk), 0.0);
-  at::parallel_for(0, cdiv(n, chunk), 1, [&](int64_t c0, int64_t c1) {
+  parallel_chunks(cdiv(n, chunk), chunk * 4, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) parts[c] = k.read_sum(p + c * chunk, std::min(chunk, n - c * chunk));
   });
   double s = 0.0;
