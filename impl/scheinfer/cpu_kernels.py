@@ -9,7 +9,9 @@ float32 on the CPU, `isa` one of `ISAS`' numbers:
 
 * `torch.ops.scheinfer.linear(x [..., K], w [N, K], b?, isa)`: x @ w^T, w with contiguous rows
   or stored transposed (the engine's down slices);
-* `torch.ops.scheinfer.ffn(x [T, M], gate [F, M], up [F, M], down [M, F], isa)`: a SwiGLU FFN;
+* `torch.ops.scheinfer.ffn(x [T, M], gate [F, M], up [F, M], down [M, F], isa)`: a SwiGLU FFN
+  (down with rows contiguous, or stored [F, M] as the engine keeps it), and `ffn_many(xs, gates,
+  ups, downs, isa)`: several, each on its own tokens, in the same two parallel regions;
 * `torch.ops.scheinfer.moe_token(x [1, M], gate_up [E, 2F, M], down [E, M, F], ids [K], weights [K],
   isa)`: a decoded token's routed experts, weighted and summed in ascending expert order;
 * `torch.ops.scheinfer.read_sum(buf, isa)`: one read of a buffer (the DRAM bandwidth probe).
@@ -67,6 +69,8 @@ def _register_fakes() -> None:
     lib = "scheinfer::"
     torch.library.register_fake(lib + "linear")(lambda x, w, b, isa: x.new_empty(*x.shape[:-1], w.shape[0]))
     torch.library.register_fake(lib + "ffn")(lambda x, gate, up, down, isa: x.new_empty(x.shape[0], down.shape[0]))
+    torch.library.register_fake(lib + "ffn_many")(
+        lambda xs, gates, ups, downs, isa: [x.new_empty(x.shape[0], d.shape[0]) for x, d in zip(xs, downs)])
     torch.library.register_fake(lib + "moe_token")(
         lambda x, gate_up, down, ids, weights, isa: x.new_empty(1, gate_up.shape[2]))
 

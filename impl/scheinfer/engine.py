@@ -46,7 +46,7 @@ from impl.common.config import ConfigError
 
 from .assign import ExpertLoad
 from .decoder import Decoder, FFNItem
-from .fast_decode import FastDecoder, KernelChoice, choose_kernel, fast_ffn
+from .fast_decode import FastDecoder, KernelChoice, choose_kernel, fast_ffn, fast_ffns
 from .layers import ExpertWeights
 from .policy import FFNKey, Placement, Policy, ffn_widths, place
 
@@ -78,8 +78,10 @@ class LaneCancelled(Exception):
 # ----------------------------------------------------------------------------------- lanes
 
 class _LaneThread:
-    """One lane's worker thread, running the jobs submitted to it in order. A daemon thread: a
-    lane stuck in foreign code never blocks interpreter exit."""
+    """One lane's worker thread, running the jobs submitted to it in order, in inference mode
+    (thread-local: the caller's does not reach it; the lanes only read weights and activations
+    and write their own buffers). A daemon thread: a lane stuck in foreign code never blocks
+    interpreter exit."""
 
     def __init__(self, name: str):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -91,7 +93,9 @@ class _LaneThread:
             fn, future = job
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(fn())
+                    with torch.inference_mode():
+                        result = fn()
+                    future.set_result(result)
                 except BaseException as e:    # handed to the caller through the future
                     future.set_exception(e)
 
@@ -177,7 +181,6 @@ def _short_switch_interval(delta: int) -> None:
 
 def _start_lane_thread(threads: int) -> None:
     torch.set_num_threads(threads)
-    torch.set_grad_enabled(False)
     x = torch.ones(4, 64)
     F.linear(x, x)
 
@@ -292,10 +295,10 @@ class HybridEngine:
         """`decoder.ExpertFn`: one FFN through the lanes (placement is made on first use)."""
         return self.run_layer(layer, [(expert, w, x_TM)], x_TM.shape[0])[0]
 
-    def _stamp(self, lane, band, key, start, rows, tokens):
+    def _stamp(self, lane, band, key, start, rows, tokens, end: float | None = None):
+        end = time.perf_counter() if end is None else end
         with self._lock:
-            self.events.append(LaneEvent(lane, band, key[0], key[1], self.phase, start, time.perf_counter(),
-                                         rows, tokens))
+            self.events.append(LaneEvent(lane, band, key[0], key[1], self.phase, start, end, rows, tokens))
 
     def run_layer(self, layer: int, items: Sequence[FFNItem], layer_tokens: int) -> list[torch.Tensor]:
         """Outputs y_TM of the FFNs items = [(expert, weights, x_TM)] of one layer. A lane's error
@@ -338,12 +341,24 @@ class HybridEngine:
         if self.lane_hook is not None:
             self.lane_hook(lane, band)
 
-    def _cpu_band(self, key, w, x_host, s) -> torch.Tensor:
+    def _cpu_bands(self, work, run: _LayerRun | None = None) -> dict[int, torch.Tensor]:
+        """The CC slices of a layer's FFNs (work item j -> y) as one call (`fast_ffns`: one native
+        op for all of them, whose events therefore share start and end)."""
+        jobs = [(j, key, w, x, s) for j, (key, w, x, s) in enumerate(work) if s.cc]
+        if not jobs:
+            return {}
+        if run is not None:
+            run.check()
         t0 = time.perf_counter()
-        self._hook("cpu", "cc")
-        y = fast_ffn(w.slice(0, s.cc), x_host, self.kernel)
-        self._stamp("cpu", "cc", key, t0, s.cc, x_host.shape[0])
-        return y
+        for _ in jobs:
+            self._hook("cpu", "cc")
+        xs = [self._to_host(x) for _, _, _, x, _ in jobs]
+        ys = fast_ffns([(w if s.cc == w.ffn_hidden else w.slice(0, s.cc), x)
+                        for (_, _, w, _, s), x in zip(jobs, xs)], self.kernel)
+        t1 = time.perf_counter()
+        for (_, key, _, _, s), x in zip(jobs, xs):
+            self._stamp("cpu", "cc", key, t0, s.cc, x.shape[0], t1)
+        return {j: y for (j, *_), y in zip(jobs, ys)}
 
     def _copy_band(self, key, w, s, slot: Slot) -> Slot:
         t0 = time.perf_counter()
@@ -388,10 +403,8 @@ class HybridEngine:
         run = _LayerRun(self._staging)
 
         def cpu_lane():
-            for j, (key, w, x, s) in enumerate(work):
-                if s.cc:
-                    run.check()
-                    parts[j]["cc"] = self._cpu_band(key, w, self._to_host(x), s)
+            for j, y in self._cpu_bands(work, run).items():
+                parts[j]["cc"] = y
 
         def copy_lane():
             for j, (key, w, x, s) in enumerate(work):
@@ -461,9 +474,8 @@ class HybridEngine:
             if s.cg:
                 slot = self._copy_band(key, w, s, self._staging[0])
                 parts[j]["cg"] = self._gpu_band("cg", key, self._staged(slot, s.cg), x, s.cg)
-        for j, (key, w, x, s) in enumerate(work):
-            if s.cc:
-                parts[j]["cc"] = self._to_dev(self._cpu_band(key, w, self._to_host(x), s))
+        for j, y in self._cpu_bands(work).items():
+            parts[j]["cc"] = self._to_dev(y)
         return parts
 
     def close(self, timeout: float = LANE_STOP_TIMEOUT_S) -> None:
@@ -521,11 +533,6 @@ class HybridDecoder(FastDecoder):
 
     def run_ffns(self, i: int, items: Sequence[FFNItem], layer_tokens: int) -> list[torch.Tensor]:
         return self.engine.run_layer(i, items, layer_tokens)
-
-    def generation_mode(self):
-        """No-grad mode: the lanes are other threads, which inference mode (thread-local) does not
-        reach."""
-        return torch.no_grad()
 
     @torch.no_grad()
     def forward(self, tokens_BS, cache, valid_BS=None, last_only=False):

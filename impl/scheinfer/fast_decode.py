@@ -47,7 +47,7 @@ from .decoder import Decoder, ExpertFn
 from .layers import (AttentionWeights, ExpertWeights, KVCache, LayerWeights, MoEWeights, Norm, append_to_cache,
                      gate_shared, rope_cos_sin, route)
 
-__all__ = ["KERNELS", "KERNEL_ENV", "KernelChoice", "choose_kernel", "split_linear", "product", "fast_ffn",
+__all__ = ["KERNELS", "KERNEL_ENV", "KernelChoice", "choose_kernel", "split_linear", "product", "fast_ffn", "fast_ffns",
            "paired_ffn", "JoinedExpertWeights", "JoinedAttentionWeights", "StackedMoEWeights", "FusedRMSNorm",
            "FastDecoder"]
 
@@ -266,6 +266,19 @@ def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor, kernel: KernelChoice | None =
     else:
         h_TF = F.silu(split_linear(x_TM, w.gate_FM)) * split_linear(x_TM, w.up_FM)
     return split_linear(h_TF, w.down_MF)
+
+
+def fast_ffns(items: list[tuple[ExpertWeights, torch.Tensor]], kernel: KernelChoice | None = None
+              ) -> list[torch.Tensor]:
+    """[`fast_ffn`(w, x_TM) for (w, x_TM) in items]: with a native kernel, all of them in one op
+    (`ffn_many`: two parallel regions in all, not two per FFN) when each qualifies."""
+    isa = kernel.native(max((x.shape[0] for _, x in items), default=0)) if kernel is not None else None
+    if isa is not None and len(items) > 1 and all(
+            x.dtype == w.gate_FM.dtype == torch.float32 and x.device.type == "cpu" and w.gate_FM.stride(1) == 1
+            and w.up_FM.stride(1) == 1 and (w.down_MF.stride(1) == 1 or w.down_MF.stride(0) == 1) for w, x in items):
+        return torch.ops.scheinfer.ffn_many([x for _, x in items], [w.gate_FM for w, _ in items],
+                                            [w.up_FM for w, _ in items], [w.down_MF for w, _ in items], isa)
+    return [fast_ffn(w, x, kernel) for w, x in items]
 
 
 def _fast_expert_fn(layer: int, expert: int | str, w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
@@ -530,7 +543,7 @@ class FastDecoder(Decoder):
 
     def run_ffns(self, i, items, layer_tokens):
         if self.expert_fn is _fast_expert_fn:
-            return [fast_ffn(w, x_TM, self.kernel) for _, w, x_TM in items]
+            return fast_ffns([(w, x_TM) for _, w, x_TM in items], self.kernel)
         return super().run_ffns(i, items, layer_tokens)
 
     def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:

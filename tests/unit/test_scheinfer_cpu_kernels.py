@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from impl.common.config import ConfigError
 from impl.scheinfer import cpu_kernels
 from impl.scheinfer.fast_decode import (KERNEL_ENV, KERNELS, NAMED_MAX_TOKENS, KernelChoice, _measured_choice,
-                                        choose_kernel, fast_ffn, product)
+                                        choose_kernel, fast_ffn, fast_ffns, product)
 from impl.scheinfer.layers import ExpertWeights, ffn
 
 ISAS = [name for name in cpu_kernels.ISAS if name in cpu_kernels.supported_isas()]
@@ -71,6 +71,29 @@ def test_ffn_and_slices_equal_reference(isa, down, threads):
 
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layouts", ["rows", "transposed", "mixed"])
+def test_ffn_many_equals_each_ffn(isa, layouts, threads):
+    """Several FFNs of different widths, each on its own tokens (none, too), in one op: each
+    output equals `layers.ffn`; row-major downs, stored-transposed ones, or both in one call."""
+    M = 36
+    ws, xs = [], []
+    for i, (Fw, T) in enumerate([(45, 1), (8, 3), (130, 0), (17, 2)]):
+        transposed = layouts == "transposed" or (layouts == "mixed" and i % 2)
+        down = _randn(Fw, M, seed=10 + i).t() if transposed else _randn(M, Fw, seed=10 + i)
+        ws.append(ExpertWeights(_randn(Fw, M, seed=i), _randn(Fw, M, seed=20 + i), down))
+        xs.append(_randn(T, M, seed=30 + i))
+    ys = torch.ops.scheinfer.ffn_many(xs, [w.gate_FM for w in ws], [w.up_FM for w in ws], [w.down_MF for w in ws],
+                                      cpu_kernels.ISAS[isa])
+    assert [tuple(y.shape) for y in ys] == [(x.shape[0], M) for x in xs]
+    for y, w, x in zip(ys, ws, xs):
+        if x.shape[0]:
+            _close(y, ffn(w, x))
+    with pytest.raises(RuntimeError, match="expected as many of each"):
+        torch.ops.scheinfer.ffn_many(xs, [w.gate_FM for w in ws], [], [], cpu_kernels.ISAS[isa])
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
 def test_moe_token_equals_weighted_experts(isa, threads):
     """A decoded token's routed experts over stacked weights: the weighted sum of each expert's
     `ffn`, whatever the order of the ids."""
@@ -111,6 +134,9 @@ def test_product_and_fast_ffn_equal_torch_for_every_kernel(kernel):
         x = _randn(T, 32, seed=T)
         _close(product(x, w.gate_FM, None, isa), F.linear(x, w.gate_FM))
         _close(fast_ffn(w, x, isa), ffn(w, x))
+        for got in fast_ffns([(w, x), (w.slice(5, 30), x[:1])], isa):
+            assert got.shape[1] == 32
+        _close(fast_ffns([(w, x), (w.slice(5, 30), x[:1])], isa)[1], ffn(w.slice(5, 30), x[:1]))
         wd = ExpertWeights(*(t.double() for t in (w.gate_FM, w.up_FM, w.down_MF)))
         torch.testing.assert_close(fast_ffn(wd, x.double(), isa), ffn(wd, x.double()))
 

@@ -148,32 +148,89 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   return y;
 }
 
-// SwiGLU FFN down (silu(gate x) * up x) of T tokens x [T, M]: gate / up [F, M] with contiguous
-// rows, down [M, F] either way. Two parallel regions: gate / up rows (and the SwiGLU of each
-// thread's own rows), then down.
+// SwiGLU FFNs down (silu(gate x) * up x), each of its own T_i tokens x_i [T_i, M]: gate_i / up_i
+// [F_i, M] with contiguous rows, down_i [M, F_i] either way (rows contiguous, or stored [F_i, M]
+// as the engine keeps it). Two parallel regions for all of them: the gate / up rows of every FFN
+// (in chunks, the SwiGLU of each chunk's own rows with it), then down: in chunks of output rows
+// when every down has contiguous rows, else one column range of every FFN per thread.
+std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& gates,
+                                 const std::vector<at::Tensor>& ups, const std::vector<at::Tensor>& downs,
+                                 int64_t isa) {
+  const Kernels& k = kernels(isa);
+  const size_t n = xs.size();
+  TORCH_CHECK(gates.size() == n && ups.size() == n && downs.size() == n, "scheinfer ffn: ", n, " x, ",
+              gates.size(), " gate, ", ups.size(), " up and ", downs.size(), " down tensors; expected as many of each");
+  std::vector<at::Tensor> out(n);
+  if (n == 0) return out;
+  const int64_t M = xs[0].size(-1);
+  struct Item { const float *x, *gate, *up, *down; int64_t T, F, ldg, ldu, ldd; bool rows; float *g, *u, *h, *y; };
+  std::vector<Item> items(n);
+  std::vector<at::Tensor> keep;                          // contiguous inputs and buffers, alive to the end
+  std::vector<int64_t> first_unit(n + 1, 0);             // gate / up row blocks of item i: [first_unit[i], first_unit[i + 1])
+  bool all_rows = true;
+  int64_t max_F = 0, sum_F = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor &x = xs[i], &gate = gates[i], &up = ups[i], &down = downs[i];
+    for (auto& [t, name] : {std::pair{&x, "x"}, {&gate, "gate"}, {&up, "up"}, {&down, "down"}}) check_float_cpu(*t, name);
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == M && gate.dim() == 2 && gate.sizes() == up.sizes() && down.dim() == 2 &&
+                    gate.size(1) == M && down.size(0) == M && down.size(1) == gate.size(0) && gate.stride(1) == 1 &&
+                    up.stride(1) == 1 && (down.stride(1) == 1 || down.stride(0) == 1),
+                "scheinfer ffn: x ", x.sizes(), ", gate ", gate.sizes(), ", up ", up.sizes(), ", down ", down.sizes(),
+                " (strides ", down.strides(), "); expected [T, M], [F, M], [F, M] (rows contiguous), [M, F] with rows",
+                " or columns contiguous");
+    const int64_t T = x.size(0), F = gate.size(0);
+    const bool rows = down.stride(1) == 1;
+    keep.push_back(x.contiguous());
+    at::Tensor buf = at::empty({3, T, F}, x.options());
+    keep.push_back(buf);
+    out[i] = at::empty({T, M}, x.options());
+    float* g = buf.data_ptr<float>();
+    items[i] = {keep[2 * i].data_ptr<float>(), gate.data_ptr<float>(), up.data_ptr<float>(), down.data_ptr<float>(),
+                T, F, gate.stride(0), up.stride(0), rows ? down.stride(0) : down.stride(1), rows, g, g + T * F,
+                g + 2 * T * F, out[i].data_ptr<float>()};
+    first_unit[i + 1] = first_unit[i] + (T ? cdiv(F, ROWS) : 0);
+    all_rows = all_rows && rows;
+    max_F = std::max(max_F, F);
+    sum_F += F;
+  }
+  parallel_chunks(first_unit[n], 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
+    for (size_t i = std::upper_bound(first_unit.begin(), first_unit.end(), u0) - first_unit.begin() - 1;
+         i < n && first_unit[i] < u1; ++i) {
+      const Item& it = items[i];
+      const int64_t f0 = std::max(u0 - first_unit[i], int64_t(0)) * ROWS, f1 = std::min(it.F, (u1 - first_unit[i]) * ROWS);
+      if (f0 >= f1) continue;
+      k.dot_rows(it.x, it.T, M, it.gate, it.ldg, M, it.g, it.F, f0, f1);
+      k.dot_rows(it.x, it.T, M, it.up, it.ldu, M, it.u, it.F, f0, f1);
+      for (int64_t t = 0; t < it.T; ++t) k.swiglu(it.g + t * it.F + f0, it.u + t * it.F + f0, it.h + t * it.F + f0, f1 - f0);
+    }
+  });
+  const int64_t blocks = cdiv(M, ROWS);                 // output row blocks per item (all_rows)
+  auto down_part = [&](const Item& it, int64_t m0, int64_t m1) {
+    if (it.rows)
+      k.dot_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, m0, m1);
+    else
+      k.axpy_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, m0, m1);
+  };
+  if (all_rows) {
+    parallel_chunks(static_cast<int64_t>(n) * blocks, ROWS * max_F * 4, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1;) {                    // runs of one item's blocks
+        const int64_t i = u / blocks, end = std::min(u1, (i + 1) * blocks);
+        if (items[i].T) down_part(items[i], (u - i * blocks) * ROWS, std::min(M, (end - i * blocks) * ROWS));
+        u = end;
+      }
+    });
+  } else {
+    parallel_units(cdiv(M, COLS), COLS * sum_F * 4, [&](int64_t u0, int64_t u1) {
+      for (const Item& it : items)
+        if (it.T) down_part(it, u0 * COLS, std::min(M, u1 * COLS));
+    });
+  }
+  return out;
+}
+
 at::Tensor ffn(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down,
                int64_t isa) {
-  const Kernels& k = kernels(isa);
-  for (auto& [t, name] : {std::pair{&x, "x"}, {&gate, "gate"}, {&up, "up"}, {&down, "down"}}) check_float_cpu(*t, name);
-  TORCH_CHECK(x.dim() == 2 && gate.dim() == 2 && gate.sizes() == up.sizes() && down.dim() == 2 &&
-                  gate.size(1) == x.size(1) && down.size(0) == x.size(1) && down.size(1) == gate.size(0) &&
-                  gate.stride(1) == 1 && up.stride(1) == 1,
-              "scheinfer ffn: x ", x.sizes(), ", gate ", gate.sizes(), ", up ", up.sizes(), ", down ", down.sizes(),
-              "; expected [T, M], [F, M], [F, M] (rows contiguous), [M, F]");
-  const at::Tensor xc = x.contiguous();
-  const int64_t T = x.size(0), M = x.size(1), F = gate.size(0);
-  at::Tensor gu = at::empty({2, T, F}, x.options()), h = at::empty({T, F}, x.options());
-  float *g = gu.data_ptr<float>(), *u = g + T * F, *hp = h.data_ptr<float>();
-  const float* xp = xc.data_ptr<float>();
-  parallel_chunks(cdiv(F, ROWS), 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
-    const int64_t f0 = u0 * ROWS, f1 = std::min(F, u1 * ROWS);
-    k.dot_rows(xp, T, M, gate.data_ptr<float>(), gate.stride(0), M, g, F, f0, f1);
-    k.dot_rows(xp, T, M, up.data_ptr<float>(), up.stride(0), M, u, F, f0, f1);
-    for (int64_t t = 0; t < T; ++t) k.swiglu(g + t * F + f0, u + t * F + f0, hp + t * F + f0, f1 - f0);
-  });
-  at::Tensor y = at::empty({T, M}, x.options());
-  if (T) product(k, hp, T, down, y.data_ptr<float>());
-  return y;
+  return ffn_many({x}, {gate}, {up}, {down}, isa)[0];
 }
 
 // The routed experts of one decoded token x [1, M]: y = sum_k weights[k] ffn_{ids[k]}(x), the
@@ -254,6 +311,7 @@ double read_sum(const at::Tensor& buf, int64_t isa) {
 TORCH_LIBRARY(scheinfer, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? b, int isa) -> Tensor");
   m.def("ffn(Tensor x, Tensor gate, Tensor up, Tensor down, int isa) -> Tensor");
+  m.def("ffn_many(Tensor[] x, Tensor[] gate, Tensor[] up, Tensor[] down, int isa) -> Tensor[]");
   m.def("moe_token(Tensor x, Tensor gate_up, Tensor down, Tensor ids, Tensor weights, int isa) -> Tensor");
   m.def("read_sum(Tensor buf, int isa) -> float");
   m.def("cpu_supports(int isa) -> bool", &cpu_supports);
@@ -262,6 +320,7 @@ TORCH_LIBRARY(scheinfer, m) {
 TORCH_LIBRARY_IMPL(scheinfer, CPU, m) {
   m.impl("linear", &linear);
   m.impl("ffn", &ffn);
+  m.impl("ffn_many", &ffn_many);
   m.impl("moe_token", &moe_token);
   m.impl("read_sum", &read_sum);
 }
