@@ -14,10 +14,12 @@ static inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); ret
 static inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 static inline vf vsplat(float a) { return vf{} + a; }
 
-static inline float hsum(vf v) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < L; ++i) s += v[i];
-  return s;
+static inline float hsum(vf v) {             // pairwise: log2(L) dependent adds
+  float a[L];
+  std::memcpy(a, &v, sizeof v);
+  for (int64_t w = L / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) a[i] += a[i + w];
+  return a[0];
 }
 
 // exp(x) to about 2 ulp: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes
@@ -78,15 +80,51 @@ static inline void dot_block(const float* x, int64_t ldx, const float* w, int64_
     }
 }
 
+// y[t * ldy] = x[t, :] . w[:] for one row w and T (1 or 2) tokens: U independent accumulators per
+// token so the FMA latency is hidden, the row read once, front to back
+template <int T>
+static inline void dot_row(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
+  constexpr int U = 4;
+  vf acc[T][U];
+  for (int t = 0; t < T; ++t)
+    for (int u = 0; u < U; ++u) acc[t][u] = vf{};
+  int64_t k = 0;
+  for (; k + U * L <= K; k += U * L)
+    for (int u = 0; u < U; ++u) {
+      const vf wv = vload(w + k + u * L);
+      for (int t = 0; t < T; ++t) acc[t][u] += wv * vload(x + t * ldx + k + u * L);
+    }
+  for (; k + L <= K; k += L) {
+    const vf wv = vload(w + k);
+    for (int t = 0; t < T; ++t) acc[t][0] += wv * vload(x + t * ldx + k);
+  }
+  for (int t = 0; t < T; ++t) {
+    float s = hsum((acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3]));
+    for (int64_t kk = k; kk < K; ++kk) s += x[t * ldx + kk] * w[kk];
+    y[t * ldy] = s;
+  }
+}
+
 // Tokens per dot-product block: 4 rows x TOKENS accumulators fill the vector registers (32 with
 // AVX-512, 16 below it) with room for the rows' and the tokens' loads.
 constexpr int TOKENS = VBYTES == 64 ? 4 : 2;
 
-// y[t, n] = x[t, :] . w[n, :] for rows n in [n0, n1), every token t < T (row-major weight rows):
-// 4 rows at a time, the tokens TOKENS at a time, so a row block is read from memory once and
-// from L1 / L2 once per token block.
+// y[t, n] = x[t, :] . w[n, :] for rows n in [n0, n1), every token t < T (row-major weight rows).
+// One or two tokens (decoding, memory bound): row after row, so consecutive rows are one
+// sequential stream through memory, which the hardware prefetchers follow best. More tokens
+// (compute bound): 4 rows at a time, the tokens TOKENS at a time, so a row block is read from
+// memory once and from L1 / L2 once per token block, each weight load serving several tokens.
 static void dot_rows(const float* x, int64_t T, int64_t ldx, const float* w, int64_t ldw, int64_t K,
                      float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  if (T <= 2) {
+    for (int64_t n = n0; n < n1; ++n) {
+      if (T == 2)
+        dot_row<2>(x, ldx, w + n * ldw, K, y + n, ldy);
+      else
+        dot_row<1>(x, ldx, w + n * ldw, K, y + n, ldy);
+    }
+    return;
+  }
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float* wn = w + n * ldw;
