@@ -198,7 +198,7 @@ std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::v
          i < n && first_unit[i] < u1; ++i) {
       const Item& it = items[i];
       const int64_t f0 = std::max(u0 - first_unit[i], int64_t(0)) * ROWS, f1 = std::min(it.F, (u1 - first_unit[i]) * ROWS);
-      if (f0 >= f1) continue;
+      if (it.T == 0 || f0 >= f1) continue;
       k.dot_rows(it.x, it.T, M, it.gate, it.ldg, M, it.g, it.F, f0, f1);
       k.dot_rows(it.x, it.T, M, it.up, it.ldu, M, it.u, it.F, f0, f1);
       for (int64_t t = 0; t < it.T; ++t) k.swiglu(it.g + t * it.F + f0, it.u + t * it.F + f0, it.h + t * it.F + f0, f1 - f0);

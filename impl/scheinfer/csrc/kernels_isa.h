@@ -116,6 +116,7 @@ constexpr int TOKENS = VBYTES == 64 ? 4 : 2;
 // memory once and from L1 / L2 once per token block, each weight load serving several tokens.
 static void dot_rows(const float* x, int64_t T, int64_t ldx, const float* w, int64_t ldw, int64_t K,
                      float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  if (T <= 0) return;
   if (T <= 2) {
     for (int64_t n = n0; n < n1; ++n) {
       if (T == 2)
