@@ -103,37 +103,42 @@ def split_linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None =
 # width, its BLAS), so the choice is measured rather than assumed, and recorded with every run.
 KERNELS = ("auto", "torch", *cpu_kernels.ISAS)
 KERNEL_ENV = "SCHEINFER_CPU_KERNEL"
-NAMED_MAX_TOKENS = 16         # a named native kernel's products of up to this many tokens (unmeasured)
-_PREFILL_TOKENS = (16, 64)    # product sizes at which 'auto' compares native and BLAS for batched products
+NAMED_MAX_TOKENS = 16         # a named native kernel's batched products of up to this many tokens (unmeasured)
+_BATCHED_TOKENS = (16, 64)    # product sizes at which 'auto' compares the kernels for batched products
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """The CPU products' kernel and how it was chosen ('option', 'env', 'measured', or 'only' when
-    torch's is the one candidate). A native kernel runs products of up to `max_tokens` tokens,
-    torch's BLAS larger ones; 'auto' measures one-token products (`rates_gb_s`, GB/s streaming
-    cold weights) to pick the kernel, then batched ones (`batched_gflop_s`, per kernel@tokens) to
-    set `max_tokens`."""
+    """The CPU products' kernels and how they were chosen ('option', 'env', 'measured', or 'only'
+    when torch's is the one candidate). Products of one or two tokens (decoding: memory bound) use
+    `name`; of 3..max_tokens tokens (prefill: compute bound) `batched` (default: `name`); larger
+    ones torch's BLAS. 'auto' measures one-token products (`rates_gb_s`: GB/s streaming cold
+    weights) for `name`, and batched ones (`batched_gflop_s`, per kernel@tokens) for `batched`
+    and `max_tokens`: the two can differ, since one-token products run at the memory bandwidth
+    with any vector width while batched ones gain from the widest."""
 
     name: str
     how: str
     max_tokens: int = 0
+    batched: str = ""
     rates_gb_s: dict = field(default_factory=dict)
     batched_gflop_s: dict = field(default_factory=dict)
     note: str = ""
 
     @property
     def isa(self) -> int | None:
-        """The native ops' `isa` number (None: torch's kernels)."""
+        """The native ops' `isa` number for one-token products (None: torch's kernels)."""
         return cpu_kernels.ISAS.get(self.name)
 
     def native(self, tokens: int) -> int | None:
         """The native ops' `isa` for a product of `tokens` tokens, None for torch's."""
-        return cpu_kernels.ISAS.get(self.name) if tokens <= self.max_tokens else None
+        if tokens <= 2:
+            return cpu_kernels.ISAS.get(self.name)
+        return cpu_kernels.ISAS.get(self.batched or self.name) if tokens <= self.max_tokens else None
 
     def as_dict(self) -> dict:
-        return {"kernel": self.name, "how": self.how, "max_tokens": self.max_tokens, "rates_gb_s": dict(self.rates_gb_s),
-                "batched_gflop_s": dict(self.batched_gflop_s), "note": self.note}
+        return {"kernel": self.name, "how": self.how, "batched": self.batched or self.name, "max_tokens": self.max_tokens,
+                "rates_gb_s": dict(self.rates_gb_s), "batched_gflop_s": dict(self.batched_gflop_s), "note": self.note}
 
 
 def choose_kernel(requested: "str | KernelChoice | None" = None) -> KernelChoice:
@@ -163,12 +168,12 @@ def choose_kernel(requested: "str | KernelChoice | None" = None) -> KernelChoice
 
 @functools.cache
 def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 3) -> KernelChoice:
-    """'auto' (KernelChoice): GB/s of one-token products x @ w^T streaming cold weights (3x the
-    last-level cache, at least 96 MiB, in [2048, 1024] blocks) with torch's kernels and each
-    native one; then GFLOP/s of the winner and torch's at _PREFILL_TOKENS tokens on an
-    LLC-sized share of the blocks: the native kernel keeps the products up to the largest of
-    those sizes up to which it is faster at each (at least 8 tokens). Candidates alternate in each round, the
-    medians of `rounds` (after a warm-up) count: well under a second in all."""
+    """'auto' (KernelChoice), from products x @ w^T in [2048, 1024] blocks: GB/s of one-token
+    products streaming cold weights (3x the last-level cache, at least 96 MiB) with torch's
+    kernels and each native one picks `name`; GFLOP/s of each at _BATCHED_TOKENS tokens on 16 MiB
+    of the blocks picks `batched` (the best at the smallest size) and `max_tokens` (the largest
+    size up to which it beats torch's BLAS at each, at least 8). Candidates alternate in each
+    round, the medians of `rounds` (after a warm-up) count: about a second in all."""
     N, K = 2048, 1024
     count = max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // (N * K * 4)
     ws = [torch.ones(N, K) for _ in range(count)]
@@ -185,21 +190,19 @@ def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 3) -> 
                 times[key].append(time.perf_counter() - t0)
         return {key: statistics.median(ts[1:]) for key, ts in times.items()}
 
-    one = median_times({name: torch.ones(1, K) for name in ("torch", *native)}, ws)
+    candidates = ("torch", *native)
+    one = median_times({name: torch.ones(1, K) for name in candidates}, ws)
     rates = {name: round(count * N * K * 4 / t / 1e9, 2) for name, t in one.items()}
-    best = max(rates, key=rates.get)
-    if best == "torch":
-        return KernelChoice("torch", "measured", 0, rates)
-    share = ws[:max(1, cpu_kernels.last_level_cache_bytes() // (N * K * 4))]
-    batched = median_times({f"{name}@{T}": torch.ones(T, K) for T in _PREFILL_TOKENS for name in ("torch", best)},
-                           share)
+    share = ws[:max(1, (16 << 20) // (N * K * 4))]
+    batched = median_times({f"{name}@{T}": torch.ones(T, K) for T in _BATCHED_TOKENS for name in candidates}, share)
     gflop_s = {key: round(2 * int(key.split("@")[1]) * len(share) * N * K / t / 1e9, 1) for key, t in batched.items()}
+    best = max(native, key=lambda name: gflop_s[f"{name}@{_BATCHED_TOKENS[0]}"])
     max_tokens = 8
-    for T in _PREFILL_TOKENS:
+    for T in _BATCHED_TOKENS:
         if gflop_s[f"{best}@{T}"] <= gflop_s[f"torch@{T}"]:
             break
         max_tokens = T
-    return KernelChoice(best, "measured", max_tokens, rates, gflop_s)
+    return KernelChoice(max(rates, key=rates.get), "measured", max_tokens, best, rates, gflop_s)
 
 
 def product(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None,

@@ -148,7 +148,10 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
           f"{dram_gb_s * 1e9 / token_bytes:.1f} tok/s")
     print(f"  cpu kernel: {kernel.name} ({kernel.how}"
           + (": " + ", ".join(f"{k} {v:.1f}" for k, v in kernel.rates_gb_s.items()) + " GB/s one-token products"
-             if kernel.rates_gb_s else "") + ")")
+             if kernel.rates_gb_s else "") + f"); batched products of 3..{kernel.max_tokens} tokens: "
+          f"{kernel.batched or kernel.name}"
+          + (" (" + ", ".join(f"{k} {v:.0f}" for k, v in kernel.batched_gflop_s.items()) + " GFLOP/s)"
+             if kernel.batched_gflop_s else ""))
     print(f"  {'':32s} {'decode tok/s':>12s} {'GB/s':>6s} {'of DRAM':>7s} {'x llama':>7s} | "
           f"{'prefill tok/s':>13s} {'GFLOP/s':>7s} {'x llama':>7s}")
     for name, s in results.items():

@@ -143,6 +143,13 @@ def test_product_and_fast_ffn_equal_torch_for_every_kernel(kernel):
 
 # ------------------------------------------------------------------------- the choice
 
+def test_kernel_choice_splits_decode_and_batched_products():
+    choice = KernelChoice("sse", "option", max_tokens=16, batched="avx512")
+    assert [choice.native(t) for t in (1, 2, 3, 16, 17)] == [0, 0, 2, 2, None]
+    assert KernelChoice("torch", "measured", 64, "avx2").native(1) is None
+    assert KernelChoice("avx2", "option", 16).native(16) == 1 and KernelChoice("avx2", "option", 16).as_dict()["batched"] == "avx2"
+
+
 def test_choose_kernel_option_env_and_errors(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     assert choose_kernel("torch") == KernelChoice("torch", "option")
@@ -171,9 +178,10 @@ def test_auto_measures_every_candidate_and_takes_the_fastest(monkeypatch):
         _measured_choice.cache_clear()
     assert choice.how == "measured" and set(choice.rates_gb_s) == {"torch", *ISAS}
     assert choice.name == max(choice.rates_gb_s, key=choice.rates_gb_s.get)
-    if choice.name != "torch":       # batched products: the winner against torch's at 16 and 64 tokens
-        assert set(choice.batched_gflop_s) == {f"{k}@{T}" for k in ("torch", choice.name) for T in (16, 64)}
-        assert choice.max_tokens in (8, 16, 64)
+    assert set(choice.batched_gflop_s) == {f"{k}@{T}" for k in ("torch", *ISAS) for T in (16, 64)}
+    assert choice.batched in ISAS and choice.max_tokens in (8, 16, 64)
+    assert choice.native(1) == cpu_kernels.ISAS.get(choice.name)
+    assert choice.native(3) == cpu_kernels.ISAS[choice.batched] and choice.native(choice.max_tokens + 1) is None
     assert choice.as_dict()["kernel"] == choice.name and choice.isa == cpu_kernels.ISAS.get(choice.name)
     assert KERNELS == ("auto", "torch", *cpu_kernels.ISAS)
 
