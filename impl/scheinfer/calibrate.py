@@ -1,7 +1,8 @@
 """Micro-benchmarks that fit the engine's cost model on this machine (scheinfer.md 9.1 item 4).
 
 * CPU lane: FFN slices of several widths at several row counts n, timed as the engine runs them
-  (`fast_decode.fast_ffn`); per n a least-squares line t = alpha + s_per_mac(n) * MACs
+  (`fast_decode.fast_ffn` with the engine's kernel, down stored as [F, M] rows); per n a
+  least-squares line t = alpha + s_per_mac(n) * MACs
   (fit_linear, r^2 kept).
 * Memory bandwidth: a large tensor copy (reported, explains the GEMV regime).
 * GPU lane and host->device copies: with CUDA, the same FFN slices on the GPU and pinned H2D
@@ -22,7 +23,7 @@ import torch
 
 from impl.common.costmodel import LinearFit, fit_linear
 
-from .fast_decode import fast_ffn
+from .fast_decode import KernelChoice, choose_kernel, fast_ffn
 from .layers import ExpertWeights
 from .partition import CostModel, PerRowLinear
 
@@ -59,16 +60,17 @@ def _median_time(fn, reps: int, sync=None) -> float:
     return statistics.median(ts)
 
 
-def _fit_ffn(device, dtype, hidden, widths, rows, reps, sync, name, fits) -> PerRowLinear:
+def _fit_ffn(device, dtype, hidden, widths, rows, reps, sync, name, fits, kernel=None) -> PerRowLinear:
     g = torch.Generator().manual_seed(0)
     wmax = max(widths)
-    w = ExpertWeights(*(torch.randn(s, generator=g).to(device=device, dtype=dtype)
-                        for s in ((wmax, hidden), (wmax, hidden), (hidden, wmax))))
+    gate, up, down_FM = (torch.randn(s, generator=g).to(device=device, dtype=dtype)
+                         for s in ((wmax, hidden), (wmax, hidden), (wmax, hidden)))
+    w = ExpertWeights(gate, up, down_FM.t())
     per_mac, alphas = [], []
     for n in rows:
         x = torch.randn(n, hidden, generator=g).to(device=device, dtype=dtype)
         macs = [3.0 * n * hidden * f for f in widths]
-        ts = [_median_time(lambda f=f: fast_ffn(w.slice(0, f), x), reps, sync) for f in widths]
+        ts = [_median_time(lambda f=f: fast_ffn(w.slice(0, f), x, kernel), reps, sync) for f in widths]
         fit = fit_linear(macs, ts)
         fits[f"{name}_n{n}"] = fit
         per_mac.append(max(fit.beta, 1e-18))
@@ -78,13 +80,15 @@ def _fit_ffn(device, dtype, hidden, widths, rows, reps, sync, name, fits) -> Per
 
 def calibrate(hidden: int = 256, widths=(128, 256, 512, 1024), rows=(1, 4, 16, 64), reps: int = 5,
               dtype: torch.dtype = torch.float32, copy_sizes=(1 << 16, 1 << 18, 1 << 20, 1 << 22),
-              device: str | None = None) -> Calibration:
-    """Fit a CostModel for the engine's lanes on this machine (module doc)."""
+              device: str | None = None, kernel: str | None = None) -> Calibration:
+    """Fit a CostModel for the engine's lanes on this machine (module doc); `kernel`: the CPU
+    lane's (`fast_decode.choose_kernel`)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else None
     fits: dict[str, LinearFit] = {}
-    cpu = _fit_ffn("cpu", dtype, hidden, widths, rows, reps, None, "cpu", fits)
+    choice = choose_kernel(kernel) if dtype == torch.float32 else KernelChoice("torch", "only", note="not float32")
+    cpu = _fit_ffn("cpu", dtype, hidden, widths, rows, reps, None, "cpu", fits, choice)
     gpu = _fit_ffn(dev, dtype, hidden, widths, rows, reps, sync, "gpu", fits) if cuda else cpu
     if not cuda:
         fits.update({k.replace("cpu", "gpu", 1): v for k, v in list(fits.items()) if k.startswith("cpu")})
@@ -105,4 +109,5 @@ def calibrate(hidden: int = 256, widths=(128, 256, 512, 1024), rows=(1, 4, 16, 6
                      source=f"calibrated:{dev.type}{'(emulated gpu)' if not cuda else ''}")
     return Calibration(cost, fits, mem, str(dev), not cuda,
                        {"hidden": hidden, "widths": list(widths), "rows": list(rows), "reps": reps,
-                        "dtype": str(dtype), "threads": torch.get_num_threads()})
+                        "dtype": str(dtype), "threads": torch.get_num_threads(),
+                        "cpu_kernel": choice.as_dict()})

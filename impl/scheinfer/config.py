@@ -7,6 +7,7 @@ all need the config and the canonical weight names, and none of them needs the o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from impl.common.models import ModelConfig
 
 __all__ = ["ARCHS", "ROUTERS", "NORMS", "EXPERT_PARTS", "LongRope", "DecoderConfig", "weight_shapes",
-           "expert_weight_names", "config_error"]
+           "decode_weight_bytes", "expert_weight_names", "config_error"]
 
 ARCHS = ("llama", "mixtral", "qwen2_moe", "phimoe")
 ROUTERS = ("softmax_topk", "sparsemixer")
@@ -253,3 +254,16 @@ def weight_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
         out["lm_head.bias"] = (V,)
     return out
 
+
+def decode_weight_bytes(cfg: DecoderConfig, dtype_bytes: int = 4) -> int:
+    """Bytes of weights one decoded token reads: every weight once, except that a MoE layer reads
+    top_k of its num_experts routed experts and the embedding table one row. A decode step's
+    memory roofline is this over the DRAM bandwidth (the KV cache, a few kB here, aside)."""
+    dense = routed = 0
+    for name, shape in weight_shapes(cfg).items():
+        n = cfg.hidden if name == "embed.weight" else math.prod(shape)
+        if ".moe.experts." in name:
+            routed += n
+        else:
+            dense += n
+    return (dense + (routed * cfg.top_k // cfg.num_experts if routed else 0)) * dtype_bytes

@@ -3,12 +3,14 @@ a host->device copy lane and a GPU compute lane at the same time (scheinfer.md 2
 
 * `HybridEngine.run_layer(layer, items)` executes one layer's active FFNs under a `Policy`
   (policy.py; baselines register theirs): the CPU lane computes every CC slice (torch's intra-op
-  pool, `threads` threads); the copy lane copies every CG slice into one of the staging buffers
-  (double buffering: the copy of FFN j+1 overlaps the GPU compute of FFN j); the GPU lane
-  computes every GG slice (resident copies) and then each CG slice once its copy has landed, and
-  gives the buffer back. Outputs are summed in the fixed order CC + CG + GG, so results never
-  depend on timing. Concurrency is a property of the policy: Fiddler and llama.cpp run their
-  parts one after another, in the caller's thread.
+  pool, `threads` threads, the fast decoder's kernels: `fast_decode.fast_ffn` with the engine's
+  `kernel`); the copy lane copies every CG slice into one of the staging buffers (double
+  buffering: the copy of FFN j+1 overlaps the GPU compute of FFN j); the GPU lane computes every
+  GG slice (resident copies) and then each CG slice once its copy has landed, and gives the
+  buffer back. Outputs are summed in the fixed order CC + CG + GG, so results never depend on
+  timing. Concurrency is a property of the policy: Fiddler and llama.cpp run their parts one
+  after another, in the caller's thread, as does any layer whose parts are all CC (nothing to
+  overlap, so no hand-off to a lane thread).
 * With CUDA: the GPU lane issues on a compute stream, the copy lane on a copy stream from pinned
   host memory (non_blocking), with CUDA events between them; a lane synchronises its own stream
   before it stamps an end time. Without CUDA both GPU lanes run on CPU tensors (a real memcpy
@@ -22,8 +24,8 @@ a host->device copy lane and a GPU compute lane at the same time (scheinfer.md 2
   hang on a lane.
 * Every band records a `LaneEvent` (lane, layer, FFN, phase, start/end, rows, tokens): the
   timeline of diagram (a) in scheinfer.md 2.5.
-* `HybridDecoder` is `decoder.Decoder` with the engine underneath: non-FFN weights on the engine's
-  device, FFN / expert weights in (pinned) host memory with `down` stored as [F, M] rows so every
+* `HybridDecoder` is the eager `fast_decode.FastDecoder` with the engine underneath: non-FFN
+  weights on the engine's device, FFN / expert weights in (pinned) host memory with `down` stored as [F, M] rows so every
   slice is one contiguous block, a layer's routed experts handed to the engine together, and the
   phase (prefill / decode) known per forward call.
 """
@@ -44,7 +46,7 @@ from impl.common.config import ConfigError
 
 from .assign import ExpertLoad
 from .decoder import Decoder, FFNItem
-from .fast_decode import fast_ffn
+from .fast_decode import FastDecoder, KernelChoice, choose_kernel, fast_ffn, fast_ffns
 from .layers import ExpertWeights
 from .policy import FFNKey, Placement, Policy, ffn_widths, place
 
@@ -76,8 +78,10 @@ class LaneCancelled(Exception):
 # ----------------------------------------------------------------------------------- lanes
 
 class _LaneThread:
-    """One lane's worker thread, running the jobs submitted to it in order. A daemon thread: a
-    lane stuck in foreign code never blocks interpreter exit."""
+    """One lane's worker thread, running the jobs submitted to it in order, in inference mode
+    (thread-local: the caller's does not reach it; the lanes only read weights and activations
+    and write their own buffers). A daemon thread: a lane stuck in foreign code never blocks
+    interpreter exit."""
 
     def __init__(self, name: str):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -89,7 +93,9 @@ class _LaneThread:
             fn, future = job
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(fn())
+                    with torch.inference_mode():
+                        result = fn()
+                    future.set_result(result)
                 except BaseException as e:    # handed to the caller through the future
                     future.set_exception(e)
 
@@ -179,6 +185,14 @@ def _start_lane_thread(threads: int) -> None:
     F.linear(x, x)
 
 
+def _wait_blocking(stream) -> None:
+    """Wait for a CUDA stream's work so far on a blocking-sync event: the thread sleeps rather than
+    spinning (stream.synchronize() spins, taking a core from the CPU lane)."""
+    event = torch.cuda.Event(blocking=True)
+    event.record(stream)
+    event.synchronize()
+
+
 def _contiguous_rows(w: ExpertWeights, a: int, b: int) -> Slot:
     """gate, up, down^T rows [a, b) (each [b-a, M]; contiguous when down is stored as [F, M])."""
     return w.gate_FM[a:b], w.up_FM[a:b], w.down_MF[:, a:b].t()
@@ -192,7 +206,7 @@ class HybridEngine:
 
     def __init__(self, policy: Policy, hidden: int, dtype: torch.dtype = torch.float32,
                  gpu_mem_bytes: int = 0, device: str | torch.device | None = None, threads: int | None = None,
-                 lane_hook: Callable[[str, str], None] | None = None):
+                 lane_hook: Callable[[str, str], None] | None = None, kernel: str | KernelChoice | None = None):
         if gpu_mem_bytes < 0:
             raise ConfigError(f"gpu_mem_bytes={gpu_mem_bytes!r} is not allowed; expected an integer >= 0")
         if threads is not None:
@@ -220,13 +234,24 @@ class HybridEngine:
         _short_switch_interval(+1)
         self._open = True
         self._close_lock = threading.Lock()
+        # The CPU bands' kernel (fast_decode.choose_kernel: the decoder's choice, measured or named).
+        self.kernel: KernelChoice = choose_kernel(kernel) if dtype == torch.float32 else \
+            KernelChoice("torch", "only", note="not float32")
         # Start every lane's thread now, with one small product: a thread's first torch call pays
         # one-off set-up (milliseconds) that would otherwise land in the first layer's timeline.
-        # torch's thread count is per thread (OpenMP), so each lane is given this thread's: left at
-        # its default, every lane would run multi-threaded kernels on all cores at once.
+        # torch's thread count is per thread (OpenMP): the CPU lane gets this thread's (all the
+        # cores the caller gave torch); the copy lane one thread, so a host-side copy never runs
+        # multi-threaded beside the CPU lane's products; the GPU lane one thread when it only issues
+        # CUDA work, else (emulated on the CPU) the CPU lane's count. With CUDA both GPU lanes wait
+        # on blocking events (they sleep instead of spinning on a core the CPU lane needs).
         self.threads = torch.get_num_threads()
-        for f in [lane.submit(lambda: _start_lane_thread(self.threads)) for lane in self._lanes.values()]:
+        self.lane_threads = {"cpu": self.threads, "h2d": 1, "gpu": 1 if self.cuda else self.threads}
+        for f in [lane.submit(lambda n=self.lane_threads[name]: _start_lane_thread(n))
+                  for name, lane in self._lanes.items()]:
             f.result()
+        # each thread's OpenMP count stays its own, but torch.get_num_threads() and MKL's count are
+        # process-wide and now hold whichever lane set them last: the caller's count again
+        torch.set_num_threads(self.threads)
         if self.cuda:
             self._compute_stream = torch.cuda.Stream(self.device)
             self._copy_stream = torch.cuda.Stream(self.device)
@@ -270,10 +295,10 @@ class HybridEngine:
         """`decoder.ExpertFn`: one FFN through the lanes (placement is made on first use)."""
         return self.run_layer(layer, [(expert, w, x_TM)], x_TM.shape[0])[0]
 
-    def _stamp(self, lane, band, key, start, rows, tokens):
+    def _stamp(self, lane, band, key, start, rows, tokens, end: float | None = None):
+        end = time.perf_counter() if end is None else end
         with self._lock:
-            self.events.append(LaneEvent(lane, band, key[0], key[1], self.phase, start, time.perf_counter(),
-                                         rows, tokens))
+            self.events.append(LaneEvent(lane, band, key[0], key[1], self.phase, start, end, rows, tokens))
 
     def run_layer(self, layer: int, items: Sequence[FFNItem], layer_tokens: int) -> list[torch.Tensor]:
         """Outputs y_TM of the FFNs items = [(expert, weights, x_TM)] of one layer. A lane's error
@@ -299,7 +324,8 @@ class HybridEngine:
         if self.cuda:       # GPU lanes start after the caller's stream has produced x
             self._main_stream = torch.cuda.current_stream(self.device)
             self._compute_stream.wait_stream(self._main_stream)
-        parts = self._run_concurrent(work) if self.policy.concurrent else self._run_serial(work)
+        cpu_only = all(not s.cg and not s.gg for *_, s in work)
+        parts = self._run_concurrent(work) if self.policy.concurrent and not cpu_only else self._run_serial(work)
         out = []
         for (key, w, x, s), p in zip(work, parts):
             ys = [p[b] for b in ("cc", "cg", "gg") if b in p]
@@ -315,12 +341,24 @@ class HybridEngine:
         if self.lane_hook is not None:
             self.lane_hook(lane, band)
 
-    def _cpu_band(self, key, w, x_host, s) -> torch.Tensor:
+    def _cpu_bands(self, work, run: _LayerRun | None = None) -> dict[int, torch.Tensor]:
+        """The CC slices of a layer's FFNs (work item j -> y) as one call (`fast_ffns`: one native
+        op for all of them, whose events therefore share start and end)."""
+        jobs = [(j, key, w, x, s) for j, (key, w, x, s) in enumerate(work) if s.cc]
+        if not jobs:
+            return {}
+        if run is not None:
+            run.check()
         t0 = time.perf_counter()
-        self._hook("cpu", "cc")
-        y = fast_ffn(w.slice(0, s.cc), x_host)
-        self._stamp("cpu", "cc", key, t0, s.cc, x_host.shape[0])
-        return y
+        for _ in jobs:
+            self._hook("cpu", "cc")
+        xs = [self._to_host(x) for _, _, _, x, _ in jobs]
+        ys = fast_ffns([(w if s.cc == w.ffn_hidden else w.slice(0, s.cc), x)
+                        for (_, _, w, _, s), x in zip(jobs, xs)], self.kernel)
+        t1 = time.perf_counter()
+        for (_, key, _, _, s), x in zip(jobs, xs):
+            self._stamp("cpu", "cc", key, t0, s.cc, x.shape[0], t1)
+        return {j: y for (j, *_), y in zip(jobs, ys)}
 
     def _copy_band(self, key, w, s, slot: Slot) -> Slot:
         t0 = time.perf_counter()
@@ -330,7 +368,7 @@ class HybridEngine:
             with torch.cuda.stream(self._copy_stream):
                 for dst, t in zip(slot, src):
                     dst[:s.cg].copy_(t, non_blocking=True)
-            self._copy_stream.synchronize()
+            _wait_blocking(self._copy_stream)
         else:
             for dst, t in zip(slot, src):
                 dst[:s.cg].copy_(t)
@@ -343,10 +381,10 @@ class HybridEngine:
         if self.cuda:
             with torch.cuda.stream(self._compute_stream):
                 y = fast_ffn(w_dev, x_dev)
-            self._compute_stream.synchronize()
+            _wait_blocking(self._compute_stream)
             y.record_stream(self._main_stream)      # freed later on the caller's stream
         else:
-            y = fast_ffn(w_dev, x_dev)
+            y = fast_ffn(w_dev, x_dev, self.kernel)
         self._stamp("gpu", band, key, t0, rows, x_dev.shape[0])
         return y
 
@@ -365,10 +403,8 @@ class HybridEngine:
         run = _LayerRun(self._staging)
 
         def cpu_lane():
-            for j, (key, w, x, s) in enumerate(work):
-                if s.cc:
-                    run.check()
-                    parts[j]["cc"] = self._cpu_band(key, w, self._to_host(x), s)
+            for j, y in self._cpu_bands(work, run).items():
+                parts[j]["cc"] = y
 
         def copy_lane():
             for j, (key, w, x, s) in enumerate(work):
@@ -429,7 +465,8 @@ class HybridEngine:
         self._stuck_lanes = sorted(lanes[f] for f in pending)
 
     def _run_serial(self, work):
-        """GPU parts first, then CPU parts, one at a time (Fiddler's and llama.cpp's order)."""
+        """GPU parts first, then CPU parts, one at a time in the caller's thread (Fiddler's and
+        llama.cpp's order; any policy's layer with CPU parts only, which has nothing to overlap)."""
         parts: list[dict[str, torch.Tensor]] = [{} for _ in work]
         for j, (key, w, x, s) in enumerate(work):
             if s.gg:
@@ -437,9 +474,8 @@ class HybridEngine:
             if s.cg:
                 slot = self._copy_band(key, w, s, self._staging[0])
                 parts[j]["cg"] = self._gpu_band("cg", key, self._staged(slot, s.cg), x, s.cg)
-        for j, (key, w, x, s) in enumerate(work):
-            if s.cc:
-                parts[j]["cc"] = self._to_dev(self._cpu_band(key, w, self._to_host(x), s))
+        for j, y in self._cpu_bands(work).items():
+            parts[j]["cc"] = self._to_dev(y)
         return parts
 
     def close(self, timeout: float = LANE_STOP_TIMEOUT_S) -> None:
@@ -462,16 +498,18 @@ class HybridEngine:
 
 # ----------------------------------------------------------------------------------- decoder
 
-class HybridDecoder(Decoder):
-    """`decoder.Decoder` running its FFNs through a `HybridEngine` (module doc). `on_forward(S)` is
-    called after every forward call with its number of new positions (progress displays)."""
+class HybridDecoder(FastDecoder):
+    """The eager `fast_decode.FastDecoder` (its kernel the engine's) running its FFNs through a
+    `HybridEngine` (module doc): a layer's routed experts and shared expert go to the engine in
+    one `run_layer` call. `on_forward(S)` is called after every forward call with its number of
+    new positions (progress displays)."""
 
     def __init__(self, source, engine: HybridEngine, *, on_forward: Callable[[int], None] | None = None,
                  pin_memory: bool | None = None):
         self.engine = engine
         self._pin = engine.cuda if pin_memory is None else pin_memory
         self.on_forward = on_forward
-        super().__init__(source, dtype=engine.dtype, device=engine.device, cache_weights=True)
+        super().__init__(source, dtype=engine.dtype, device=engine.device, cache_weights=True, kernel=engine.kernel)
         if self.config.hidden != engine.hidden:
             raise ConfigError(f"engine hidden={engine.hidden} but the model's hidden={self.config.hidden}")
         engine.place(ffn_widths(self.config))
@@ -489,6 +527,9 @@ class HybridDecoder(Decoder):
         if self._pin:
             gate, up, down_FM = gate.pin_memory(), up.pin_memory(), down_FM.pin_memory()
         return ExpertWeights(gate, up, down_FM.t())
+
+    def _moe_weights(self, i: int):
+        return Decoder._moe_weights(self, i)           # each expert in host memory, not stacked
 
     def run_ffns(self, i: int, items: Sequence[FFNItem], layer_tokens: int) -> list[torch.Tensor]:
         return self.engine.run_layer(i, items, layer_tokens)

@@ -1,43 +1,55 @@
 """The decoder with the paths that exist for speed on the CPU: `FastDecoder` is `decoder.Decoder`
-(same model, same router) with products that use every core, fewer and larger products, and,
-opt-in, each decoded token's layer as one torch.compile'd region. It is tested equal to the
-reference decoder (tokens equal, logits within rounding) on every architecture.
+(same model, same router) with products that stream the weights at the memory bandwidth, fewer
+and larger products, and, opt-in, each decoded token as one torch.compile'd region. It is tested
+equal to the reference decoder (tokens equal, logits within rounding) on every architecture and
+with every CPU kernel.
 
 Why: decoding one token is memory bound, and at small widths bound by per-operation overhead;
 the reference decoder's one-BLAS-call-per-matrix code streams each weight on one core and pays
 Python and dispatch costs per operation. What this module changes, all the same math in another
 summation order:
-* `split_linear`: few-token products run as one batched call over one weight block per core.
+* The CPU kernel (`choose_kernel`, recorded as `FastDecoder.kernel`): float32 products of a few
+  tokens run as the native kernels of cpu_kernels.py (a product, a whole FFN, a decoded token's
+  routed experts in one op), or as torch's: `split_linear` (one batched call over one weight
+  block per core) and `paired_ffn` (a decoded token's routed experts two at a time). Which is
+  faster depends on the host (vector width, BLAS): 'auto' measures it at start-up.
 * Joined weights: q, k, v as one [(H + 2G) * D, M] array and each FFN's gate and up as one
   [2F, M] array, so each is one product; a layer's experts stacked as gate/up [E, 2F, M] and down
   [E, M, F].
-* `paired_ffn`: a decoded token's routed experts two at a time, one batched product each (at most
-  two cores: one block per core, half the calls of one split product per expert).
 * RMSNorm as torch's fused kernel, RoPE from a cached table with the rotation's sign folded into
   sin, no attention mask for a single unpadded new token, inference mode while generating.
-* `compile_decode=True`: a decoded token's whole layer (attention block, norm, routing, routed
-  experts or dense FFN) is one compiled region (`_token_layer`) whose products are
-  multiply-reduces that Inductor fuses into loops streaming each weight once; for a batch without
-  padding the attention block is the compiled region. The first decode steps of each new weight
-  shape compile (seconds); prefill and padded batches stay eager. CPU only, plain expert function.
+* `compile_decode=True`: a decoded token of a single sequence is one compiled region through
+  every layer and the LM head (`_token_step`): Inductor fuses the small operations and calls the
+  native kernels (or, with torch's kernel, generates multiply-reduce loops that stream each weight
+  once); for a batch without padding the attention block is the compiled region. The first
+  decode steps of each new weight shape compile (seconds); prefill and padded batches stay
+  eager. CPU only, plain expert function.
 Measured speeds are in tests/bench/test_bench_scheinfer_cpu.py.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import shutil
-from dataclasses import dataclass
+import statistics
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from impl.common.config import ConfigError
+
+from . import cpu_kernels
 from .config import DecoderConfig
 from .decoder import Decoder, ExpertFn
 from .layers import (AttentionWeights, ExpertWeights, KVCache, LayerWeights, MoEWeights, Norm, append_to_cache,
                      gate_shared, rope_cos_sin, route)
 
-__all__ = ["split_linear", "fast_ffn", "paired_ffn", "JoinedExpertWeights", "JoinedAttentionWeights",
-           "StackedMoEWeights", "FusedRMSNorm", "FastDecoder"]
+__all__ = ["KERNELS", "KERNEL_ENV", "KernelChoice", "choose_kernel", "split_linear", "product", "fast_ffn", "fast_ffns",
+           "paired_ffn", "JoinedExpertWeights", "JoinedAttentionWeights", "StackedMoEWeights", "FusedRMSNorm",
+           "FastDecoder"]
 
 # Few-token products x_TK @ w_NK^T are memory bound, and one BLAS call streams the weight on one
 # core. So the weight is cut into one block per core and one batched call runs the blocks on all
@@ -82,6 +94,131 @@ def split_linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None =
     return y_TN.reshape(*x.shape[:-1], N)
 
 
+# ----------------------------------------------------------------------------------- kernel choice
+
+# Which kernel computes the float32 products of a few tokens on the CPU: 'torch' (`split_linear`
+# and `paired_ffn` over torch's BLAS; Inductor's loops inside compiled regions) or a native kernel
+# (cpu_kernels.py) for an instruction set. 'auto' measures each candidate this host runs, once per
+# process and thread count, and takes the fastest: which one wins depends on the host (its vector
+# width, its BLAS), so the choice is measured rather than assumed, and recorded with every run.
+KERNELS = ("auto", "torch", *cpu_kernels.ISAS)
+KERNEL_ENV = "SCHEINFER_CPU_KERNEL"
+NAMED_MAX_TOKENS = 16         # a named native kernel's batched products of up to this many tokens (unmeasured)
+_BATCHED_TOKENS = (16, 64)    # product sizes at which 'auto' compares the kernels for batched products
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The CPU products' kernels and how they were chosen ('option', 'env', 'measured', or 'only'
+    when torch's is the one candidate). Products of one or two tokens (decoding: memory bound) use
+    `name`; of 3..max_tokens tokens (prefill: compute bound) `batched` (default: `name`); larger
+    ones torch's BLAS. 'auto' measures one-token products (`rates_gb_s`: GB/s streaming cold
+    weights) for `name`, and batched ones (`batched_gflop_s`, per kernel@tokens) for `batched`
+    and `max_tokens`: the two can differ, since one-token products run at the memory bandwidth
+    with any vector width while batched ones gain from the widest."""
+
+    name: str
+    how: str
+    max_tokens: int = 0
+    batched: str = ""
+    rates_gb_s: dict = field(default_factory=dict)
+    batched_gflop_s: dict = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def isa(self) -> int | None:
+        """The native ops' `isa` number for one-token products (None: torch's kernels)."""
+        return cpu_kernels.ISAS.get(self.name)
+
+    def native(self, tokens: int) -> int | None:
+        """The native ops' `isa` for a product of `tokens` tokens, None for torch's."""
+        if tokens <= 2:
+            return cpu_kernels.ISAS.get(self.name)
+        return cpu_kernels.ISAS.get(self.batched or self.name) if tokens <= self.max_tokens else None
+
+    def as_dict(self) -> dict:
+        return {"kernel": self.name, "how": self.how, "batched": self.batched or self.name, "max_tokens": self.max_tokens,
+                "rates_gb_s": dict(self.rates_gb_s), "batched_gflop_s": dict(self.batched_gflop_s), "note": self.note}
+
+
+def choose_kernel(requested: "str | KernelChoice | None" = None) -> KernelChoice:
+    """The kernel for this process's CPU products: `requested` (an option; a KernelChoice is taken
+    as made), else $SCHEINFER_CPU_KERNEL, else 'auto'. A named native kernel this host cannot run
+    is a one-line error."""
+    if isinstance(requested, KernelChoice):
+        return requested
+    how = "option" if requested else "env" if os.environ.get(KERNEL_ENV) else "measured"
+    name = requested or os.environ.get(KERNEL_ENV) or "auto"
+    if name not in KERNELS:
+        raise ConfigError(f"cpu kernel={name!r} is not allowed; expected one of {', '.join(KERNELS)} "
+                          f"(option `kernel` or ${KERNEL_ENV})")
+    if name == "torch":
+        return KernelChoice("torch", how)
+    native = cpu_kernels.supported_isas()
+    if name != "auto":
+        if name not in native:
+            why = cpu_kernels.load_error() or f"this CPU runs {', '.join(native) or 'none of them'}"
+            raise ConfigError(f"cpu kernel={name!r} is not available on this host ({why}); expected one of "
+                              f"auto, torch{''.join(', ' + n for n in native)}")
+        return KernelChoice(name, how, NAMED_MAX_TOKENS)
+    if not native:
+        return KernelChoice("torch", "only", note=cpu_kernels.load_error() or "")
+    return _measured_choice(native, torch.get_num_threads())
+
+
+@functools.cache
+def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 3) -> KernelChoice:
+    """'auto' (KernelChoice), from products x @ w^T in [2048, 1024] blocks: GB/s of one-token
+    products streaming cold weights (3x the last-level cache, at least 96 MiB) with torch's
+    kernels and each native one picks `name`; GFLOP/s of each at _BATCHED_TOKENS tokens on 16 MiB
+    of the blocks picks `batched` (the best at the smallest size) and `max_tokens` (the largest
+    size up to which it beats torch's BLAS at each, at least 8). Candidates alternate in each
+    round, the medians of `rounds` (after a warm-up) count: about a second in all."""
+    N, K = 2048, 1024
+    count = max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // (N * K * 4)
+    ws = [torch.ones(N, K) for _ in range(count)]
+
+    def median_times(xs: dict[str, torch.Tensor], weights) -> dict[str, float]:
+        runs = {key: lambda x=x, isa=cpu_kernels.ISAS.get(key.split("@")[0]): [
+            torch.ops.scheinfer.linear(x, w, None, isa) if isa is not None else split_linear(x, w) for w in weights]
+            for key, x in xs.items()}
+        times: dict[str, list[float]] = {key: [] for key in runs}
+        for _ in range(rounds + 1):                            # the first round warms up
+            for key, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - t0)
+        return {key: statistics.median(ts[1:]) for key, ts in times.items()}
+
+    candidates = ("torch", *native)
+    one = median_times({name: torch.ones(1, K) for name in candidates}, ws)
+    rates = {name: round(count * N * K * 4 / t / 1e9, 2) for name, t in one.items()}
+    share = ws[:max(1, (16 << 20) // (N * K * 4))]
+    batched = median_times({f"{name}@{T}": torch.ones(T, K) for T in _BATCHED_TOKENS for name in candidates}, share)
+    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(share) * N * K / t / 1e9, 1) for key, t in batched.items()}
+    best = max(native, key=lambda name: gflop_s[f"{name}@{_BATCHED_TOKENS[0]}"])
+    max_tokens = 8
+    for T in _BATCHED_TOKENS:
+        if gflop_s[f"{best}@{T}"] <= gflop_s[f"torch@{T}"]:
+            break
+        max_tokens = T
+    return KernelChoice(max(rates, key=rates.get), "measured", max_tokens, best, rates, gflop_s)
+
+
+def product(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None,
+            kernel: KernelChoice | None = None) -> torch.Tensor:
+    """F.linear(x, w_NK, b_N): the native kernel of `kernel` for float32 on the CPU, up to its
+    max_tokens (w with rows or columns contiguous), else `split_linear`. Inside a compiled region
+    a small weight (cache-resident, microseconds of work) is left to Inductor, which fuses its
+    loop with the operations around it; an extern call would cost more."""
+    isa = kernel.native(x.numel() // max(x.shape[-1], 1)) if kernel is not None else None
+    if (isa is not None and x.dtype == w_NK.dtype == torch.float32 and x.device.type == "cpu"
+            and (w_NK.stride(1) == 1 or w_NK.stride(0) == 1)
+            and not (torch.compiler.is_compiling() and w_NK.numel() * w_NK.element_size() < _SPLIT_MIN_BYTES)):
+        return torch.ops.scheinfer.linear(x, w_NK, b_N, isa)
+    return split_linear(x, w_NK, b_N)
+
+
 # ----------------------------------------------------------------------------------- weights
 
 @dataclass(frozen=True)
@@ -118,8 +255,14 @@ class FusedRMSNorm(Norm):
         return y if self.bias_M is None else y + self.bias_M
 
 
-def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
-    """`layers.ffn` with `split_linear` products, gate and up in one when they are joined."""
+def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor, kernel: KernelChoice | None = None) -> torch.Tensor:
+    """`layers.ffn`: the native FFN kernel of `kernel` (`product`'s conditions; gate and up with
+    contiguous rows), else `split_linear` products, gate and up in one when they are joined."""
+    isa = kernel.native(x_TM.shape[0]) if kernel is not None else None
+    if (isa is not None and x_TM.dtype == w.gate_FM.dtype == torch.float32 and x_TM.device.type == "cpu"
+            and w.gate_FM.stride(1) == 1 and w.up_FM.stride(1) == 1
+            and (w.down_MF.stride(1) == 1 or w.down_MF.stride(0) == 1)):
+        return torch.ops.scheinfer.ffn(x_TM, w.gate_FM, w.up_FM, w.down_MF, isa)
     if isinstance(w, JoinedExpertWeights):
         gu_T2F = split_linear(x_TM, w.gate_up_2FM)
         h_TF = F.silu(gu_T2F[:, :w.ffn_hidden]) * gu_T2F[:, w.ffn_hidden:]
@@ -128,7 +271,22 @@ def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
     return split_linear(h_TF, w.down_MF)
 
 
+def fast_ffns(items: list[tuple[ExpertWeights, torch.Tensor]], kernel: KernelChoice | None = None
+              ) -> list[torch.Tensor]:
+    """[`fast_ffn`(w, x_TM) for (w, x_TM) in items]: with a native kernel, all of them in one op
+    (`ffn_many`: two parallel regions in all, not two per FFN) when each qualifies."""
+    isa = kernel.native(max((x.shape[0] for _, x in items), default=0)) if kernel is not None else None
+    if isa is not None and len(items) > 1 and all(
+            x.dtype == w.gate_FM.dtype == torch.float32 and x.device.type == "cpu" and w.gate_FM.stride(1) == 1
+            and w.up_FM.stride(1) == 1 and (w.down_MF.stride(1) == 1 or w.down_MF.stride(0) == 1) for w, x in items):
+        return torch.ops.scheinfer.ffn_many([x for _, x in items], [w.gate_FM for w, _ in items],
+                                            [w.up_FM for w, _ in items], [w.down_MF for w, _ in items], isa)
+    return [fast_ffn(w, x, kernel) for w, x in items]
+
+
 def _fast_expert_fn(layer: int, expert: int | str, w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
+    """The default expert function's marker: `FastDecoder.run_ffns` calls `fast_ffn` with the
+    decoder's kernel in its place."""
     return fast_ffn(w, x_TM)
 
 
@@ -158,12 +316,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 def _attention(cfg: DecoderConfig, w: JoinedAttentionWeights, h_BSM: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, cos_BSD: torch.Tensor, signed_sin_BSD: torch.Tensor,
-               allowed_BSL: torch.Tensor | None, L1: int) -> torch.Tensor:
+               allowed_BSL: torch.Tensor | None, L1: int, kernel: KernelChoice | None = None) -> torch.Tensor:
     """`layers.attention` with one q/k/v product and one RoPE; allowed_BSL None: every one of the
     L1 cached slots is visible to every query."""
     B, S, _ = h_BSM.shape
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv_BNSD = split_linear(h_BSM, w.qkv_w, w.qkv_b).view(B, S, H + 2 * G, D).transpose(1, 2)
+    qkv_BNSD = product(h_BSM, w.qkv_w, w.qkv_b, kernel).view(B, S, H + 2 * G, D).transpose(1, 2)
     qk_BNSD = _rotate(qkv_BNSD[:, :H + G], cos_BSD[:, None], signed_sin_BSD[:, None])
     q_BHSD, k_BGSD, v_BGSD = qk_BNSD[:, :H], qk_BNSD[:, H:], qkv_BNSD[:, H + G:]
     k_BGLD, v_BGLD = append_to_cache(k_cache, v_cache, k_BGSD, v_BGSD, L1)
@@ -178,27 +336,33 @@ def _attention(cfg: DecoderConfig, w: JoinedAttentionWeights, h_BSM: torch.Tenso
         mask = None if allowed_BSL is None else allowed_BSL[:, None]
         o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, enable_gqa=G != H)
         o_BSX = o_BHSD.transpose(1, 2).reshape(B, S, H * D)
-    return split_linear(o_BSX, w.o_w, w.o_b)
+    return product(o_BSX, w.o_w, w.o_b, kernel)
 
 
 # ----------------------------------------------------------------------------------- compiled regions
 
 def _attention_block(cfg: DecoderConfig, norm: Norm, w: JoinedAttentionWeights, x_BSM: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor,
-                     allowed_BSL: torch.Tensor | None, L1: int) -> torch.Tensor:
+                     allowed_BSL: torch.Tensor | None, L1: int, kernel: KernelChoice | None = None
+                     ) -> torch.Tensor:
     """x + attention(norm(x)): the pre-norm attention half of a layer, one region for
     torch.compile (with the cache length L1 dynamic, one graph serves every decode step)."""
-    return x_BSM + _attention(cfg, w, norm(x_BSM), k_cache, v_cache, cos_BSD, sin_BSD, allowed_BSL, L1)
+    return x_BSM + _attention(cfg, w, norm(x_BSM), k_cache, v_cache, cos_BSD, sin_BSD, allowed_BSL, L1, kernel)
 
 
-def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor,
+                    kernel: KernelChoice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y_1M, ids_1K, weights_1K): the routing and the routed experts of one token, the experts as
-    gathered multiply-reduce products. Written for torch.compile (inside `_token_layer`): Inductor
-    fuses the gather into one reduction loop, so each chosen expert's weights stream once; a
-    BLAS GEMV per expert does not reach the memory bandwidth on every CPU. Run eagerly it would
-    copy the chosen experts' weights first."""
+    the native kernel of `kernel` (one op), else as gathered multiply-reduce products. Written for
+    torch.compile (inside `_token_step`): Inductor fuses the gather into one reduction loop, so
+    each chosen expert's weights stream once (at one row per loop and one accumulator: slower than
+    the native kernel, tests/bench/test_bench_scheinfer_cpu.py). Run eagerly it would copy the
+    chosen experts' weights first."""
     ids_1K, weights_1K = route(cfg, F.linear(h_1M, w.router_EM))
+    isa = kernel.native(1) if kernel is not None else None
+    if isa is not None and h_1M.dtype == torch.float32:
+        y_1M = torch.ops.scheinfer.moe_token(h_1M, w.gate_up_E2FM, w.down_EMF, ids_1K[0], weights_1K[0], isa)
+        return y_1M, ids_1K, weights_1K
     ids_K, width = ids_1K[0], w.down_EMF.shape[-1]
     gu_K2F = (w.gate_up_E2FM[ids_K] * h_1M).sum(-1)
     h_KF = F.silu(gu_K2F[:, :width]) * gu_K2F[:, width:]
@@ -207,19 +371,28 @@ def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor
     return y_1M, ids_1K, weights_1K
 
 
-def _token_layer(cfg: DecoderConfig, w: LayerWeights, x_11M: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, cos_11D: torch.Tensor, sin_11D: torch.Tensor, L1: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(x + FFN(norm(x)), norm(x), ids_1K, weights_1K) of a whole layer of one decoded token, the
-    attention block first, without a MoE layer's shared expert (the caller adds it): one region
-    for torch.compile, so one call per layer. Dense layers: `fast_ffn`, whose products are
-    multiply-reduces under compile (`split_linear`)."""
-    x_11M = _attention_block(cfg, w.attn_norm, w.attn, x_11M, k_cache, v_cache, cos_11D, sin_11D, None, L1)
-    h_1M = w.ffn_norm(x_11M).view(1, -1)
-    if w.moe is None:
-        return x_11M + fast_ffn(w.dense, h_1M).view(x_11M.shape), h_1M, None, None
-    y_1M, ids_1K, weights_1K = _routed_experts(cfg, w.moe, h_1M)
-    return x_11M + y_1M.view(x_11M.shape), h_1M, ids_1K, weights_1K
+def _token_step(cfg: DecoderConfig, layers: tuple[LayerWeights, ...], final_norm: Norm, lm_head_VM: torch.Tensor,
+                lm_head_b: torch.Tensor | None, x_11M: torch.Tensor, k_caches: tuple[torch.Tensor, ...],
+                v_caches: tuple[torch.Tensor, ...], cos_11D: torch.Tensor, sin_11D: torch.Tensor, L1: int,
+                kernel: KernelChoice | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(float32 logits [1, 1, V], [(ids_1K, weights_1K) of each MoE layer]) of one decoded token
+    through every layer, the final norm and the LM head: one region for torch.compile, so one
+    call per token (each region call costs tens of microseconds of Python and guards). Products
+    are the native kernel of `kernel`, or multiply-reduces (`split_linear`, `_routed_experts`)."""
+    routes = []
+    for i, w in enumerate(layers):
+        x_11M = _attention_block(cfg, w.attn_norm, w.attn, x_11M, k_caches[i], v_caches[i], cos_11D, sin_11D, None,
+                                 L1, kernel)
+        h_1M = w.ffn_norm(x_11M).view(1, -1)
+        if w.moe is None:
+            y_1M = fast_ffn(w.dense, h_1M, kernel)
+        else:
+            y_1M, ids_1K, weights_1K = _routed_experts(cfg, w.moe, h_1M, kernel)
+            routes.append((ids_1K, weights_1K))
+            if w.moe.shared is not None:
+                y_1M = y_1M + gate_shared(w.moe, h_1M, fast_ffn(w.moe.shared, h_1M, kernel))
+        x_11M = x_11M + y_1M.view(x_11M.shape)
+    return product(final_norm(x_11M), lm_head_VM, lm_head_b, kernel).float(), routes
 
 
 # Inductor's C++ wrapper calls a region's kernels without Python in between (less fixed cost per
@@ -238,27 +411,41 @@ def _inductor_compilers() -> tuple[str, ...]:
 
 class FastDecoder(Decoder):
     """`Decoder` with the speed paths of the module doc; `compile_decode=True` adds the compiled
-    decode regions (CPU only, without an expert_fn)."""
+    decode regions (CPU only, without an expert_fn). `kernel`: the few-token products' kernel
+    (`KERNELS`; None: $SCHEINFER_CPU_KERNEL, else 'auto'), used for float32 on the CPU and recorded
+    as `self.kernel`."""
 
     default_expert_fn: ExpertFn = staticmethod(_fast_expert_fn)
 
-    def __init__(self, source, *, compile_decode: bool = False, **decoder_kwargs):
+    def __init__(self, source, *, compile_decode: bool = False, kernel: "str | KernelChoice | None" = None,
+                 **decoder_kwargs):
         device, expert_fn = torch.device(decoder_kwargs.get("device", "cpu")), decoder_kwargs.get("expert_fn")
+        self._native_dtype = decoder_kwargs.get("dtype", torch.float32) == torch.float32 and device.type == "cpu"
+        self.kernel = choose_kernel(kernel) if self._native_dtype else \
+            KernelChoice("torch", "only", note="not float32 on the CPU")
         if compile_decode and (device.type != "cpu" or expert_fn is not None):
             raise ValueError(f"compile_decode=True needs device 'cpu' and no expert_fn; got device "
                              f"{str(device)!r}, expert_fn {'given' if expert_fn else 'None'}")
         if compile_decode and not any(map(shutil.which, _inductor_compilers())):
             raise ValueError(f"compile_decode=True needs a C++ compiler for Inductor "
                              f"({' or '.join(_inductor_compilers())} on PATH, or set CXX); none was found")
-        self._compiled_token_layer = self._compiled_attention_block = None
+        self._compiled_token_step = self._compiled_attention_block = None
         if compile_decode:   # each architecture / shape is its own graph of the two regions; a
             # process with several models (the tests, a sweep) needs more than Dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             compiled = lambda fn: torch.compile(fn, fullgraph=True, options=_COMPILE_OPTIONS)  # noqa: E731
-            self._compiled_token_layer = compiled(_token_layer)
+            self._compiled_token_step = compiled(_token_step)
             self._compiled_attention_block = compiled(_attention_block)
         self._rope_tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}   # long RoPE -> (cos, signed sin)
         super().__init__(source, **decoder_kwargs)
+        self._moe_layers = [i for i in range(self.config.num_layers) if self.config.is_moe_layer(i)]
+
+    def use_kernel(self, kernel: "str | KernelChoice | None") -> KernelChoice:
+        """Switch the products' kernel (`choose_kernel`), e.g. to compare kernels on one set of
+        weights; compiled regions compile once more for a new kernel."""
+        if self._native_dtype:
+            self.kernel = choose_kernel(kernel)
+        return self.kernel
 
     # -------------------------------------------------------------- weights
 
@@ -332,51 +519,68 @@ class FastDecoder(Decoder):
         block = self._compiled_attention_block if self._compiled_attention_block is not None \
             and allowed_BSL is None else _attention_block
         return block(self.config, w.attn_norm, w.attn, x_BSM, cache.k[i], cache.v[i], cos_BSD, sin_BSD,
-                     allowed_BSL, L1)
+                     allowed_BSL, L1, self.kernel)
 
-    def layer(self, i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, valid_BS, L1):
-        if self._compiled_token_layer is None or x_BSM.shape[0] * x_BSM.shape[1] != 1 or allowed_BSL is not None:
-            return super().layer(i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, valid_BS, L1)
-        # the compiled region, plus what stays outside it: the route observer and a shared expert
-        x_11M, h_1M, ids_1K, weights_1K = self._compiled_token_layer(self.config, w, x_BSM, cache.k[i], cache.v[i],
-                                                                     cos_BSD, sin_BSD, L1)
-        if w.moe is not None:
-            if self.route_observer is not None:
+    @torch.no_grad()
+    def forward(self, tokens_BS, cache, valid_BS=None, last_only=False):
+        """`Decoder.forward`; with compile_decode, one new token of one unpadded sequence (every
+        decode step of a single prompt) runs as the compiled `_token_step`, with the same cache
+        bookkeeping and the route observer called after it."""
+        tokens_BS = torch.as_tensor(tokens_BS, dtype=torch.long, device=self.device)
+        if (self._compiled_token_step is None or self._layers is None or tokens_BS.shape != (1, 1)
+                or valid_BS is not None or cache.batch != 1 or not cache.unpadded or cache.length >= cache.max_len
+                or not 0 <= int(tokens_BS) < self.config.vocab_size):
+            return super().forward(tokens_BS, cache, valid_BS, last_only)   # (which also raises on bad input)
+        L1 = cache.length + 1
+        cache.valid_BL[:, L1 - 1] = True
+        cos_11D, sin_11D = self.rope(cache.next_pos_B[:, None])
+        logits_11V, routes = self._compiled_token_step(
+            self.config, tuple(self._layers), self.final_norm, self.lm_head_VM, self.lm_head_b, self.embed_VM[tokens_BS],
+            tuple(cache.k), tuple(cache.v), cos_11D, sin_11D, L1, self.kernel)
+        cache.length = L1
+        cache.next_pos_B += 1
+        if self.route_observer is not None:
+            for i, (ids_1K, weights_1K) in zip(self._moe_layers, routes):
                 self.route_observer(i, ids_1K, weights_1K)
-            if w.moe.shared is not None:
-                shared_1M = self.expert_fn(i, "shared", w.moe.shared, h_1M)
-                x_11M = x_11M + gate_shared(w.moe, h_1M, shared_1M).view(x_11M.shape)
-        return x_11M
+        return logits_11V
+
+    def run_ffns(self, i, items, layer_tokens):
+        if self.expert_fn is _fast_expert_fn:
+            return fast_ffns([(w, x_TM) for _, w, x_TM in items], self.kernel)
+        return super().run_ffns(i, items, layer_tokens)
 
     def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
-        """One token: its routed experts added in ascending expert order, in pairs (`paired_ffn`)
-        with the plain expert function, stacked experts and at most two cores; else each expert
-        through `expert_fn`. More tokens: the reference path."""
+        """One token: its routed experts added in ascending expert order. With the plain expert
+        function and stacked experts: one native op (`moe_token`), or with torch's kernels on at
+        most two cores pairs of experts (`paired_ffn`); else the layer's routed experts and its
+        shared one in one `run_ffns` call (the engine's `run_layer`). More tokens: the reference
+        path."""
         if x_TM.shape[0] != 1:
             return super().moe(i, w, x_TM)
         ids_1K, weights_1K = self.route(i, w, x_TM)
+        stacked = isinstance(w, StackedMoEWeights) and self.expert_fn is _fast_expert_fn
+        shared = [("shared", w.shared, x_TM)] if w.shared is not None else []
+        if stacked and self.kernel.native(1) is not None:
+            y_1M = torch.ops.scheinfer.moe_token(x_TM, w.gate_up_E2FM, w.down_EMF, ids_1K[0], weights_1K[0],
+                                                 self.kernel.native(1))
+            return y_1M + gate_shared(w, x_TM, self.run_ffns(i, shared, 1)[0]) if shared else y_1M
         order = sorted((e, k) for k, e in enumerate(ids_1K[0].tolist()))
-        paired = (isinstance(w, StackedMoEWeights) and self.expert_fn is _fast_expert_fn
-                  and torch.get_num_threads() <= 2)
-        groups = [order[j:j + 2] for j in range(0, len(order), 2)] if paired else [[ek] for ek in order]
-        gate_K = None               # Python numbers of the gate weights: scalar products, same values
+        if stacked and torch.get_num_threads() <= 2:
+            ys = []
+            for a, b in zip(order[::2], order[1::2]):
+                ys.extend(paired_ffn(w, a[0], b[0], x_TM))
+            ys += self.run_ffns(i, [(e, w.experts[e], x_TM) for e, _ in order[len(ys):]] + shared, 1)
+        else:
+            ys = self.run_ffns(i, [(e, w.experts[e], x_TM) for e, _ in order] + shared, 1)
+        gate_K = weights_1K[0].to(x_TM.dtype).tolist()   # Python numbers: scalar products, same values
         y_1M = None
-        for group in groups:
-            if len(group) == 2:
-                ys = paired_ffn(w, group[0][0], group[1][0], x_TM)
-            else:
-                ys = (self.expert_fn(i, group[0][0], w.experts[group[0][0]], x_TM),)
-            for y_e, (_, k) in zip(ys, group):
-                if gate_K is None:
-                    gate_K = weights_1K[0].to(y_e.dtype).tolist()
-                y_e = y_e * gate_K[k]
-                y_1M = y_e if y_1M is None else y_1M + y_e
-        if w.shared is None:
-            return y_1M
-        return y_1M + gate_shared(w, x_TM, self.expert_fn(i, "shared", w.shared, x_TM))
+        for (_, k), y_e in zip(order, ys):
+            y_e = y_e * gate_K[k]
+            y_1M = y_e if y_1M is None else y_1M + y_e
+        return y_1M + gate_shared(w, x_TM, ys[-1]) if shared else y_1M
 
     def lm_head(self, x_BSM: torch.Tensor) -> torch.Tensor:
-        return split_linear(x_BSM, self.lm_head_VM, self.lm_head_b)
+        return product(x_BSM, self.lm_head_VM, self.lm_head_b, self.kernel)
 
     def generation_mode(self) -> contextlib.AbstractContextManager:
         """Inference mode (less per-operation overhead) with the plain expert function; it is

@@ -14,7 +14,9 @@ import torch
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from baselines.llamacpp.runner import LlamaCppRunner, LlamaCppSettings, measure_speed  # noqa: E402
+from impl.scheinfer import cpu_kernels  # noqa: E402
 from impl.scheinfer.decoder import Decoder  # noqa: E402
+from impl.scheinfer.fast_decode import FastDecoder  # noqa: E402
 from impl.scheinfer.generate_models import generate, random_source, tiny_config, write_gguf  # noqa: E402
 from impl.scheinfer.weights import DictWeights, load_weights, materialize  # noqa: E402
 
@@ -69,6 +71,23 @@ def test_logits_and_greedy_tokens_match_llamacpp(gguf_dir, kind, dtype):
     ours = dec.logits(PROMPT).numpy()
     assert ours.shape == ref.shape == (len(PROMPT), dec.config.vocab_size)
     assert np.abs(ours - ref).max() <= tol
+    out = dec.generate([PROMPT], N_NEW, return_logits=True)
+    assert_step_logits_close(out.tokens[0], out.step_logits[0], ref_greedy.tokens, ref_greedy.step_logits, tol)
+    assert_greedy_match(out.tokens[0], out.step_logits[0], ref_greedy.tokens, tol)
+
+
+@pytest.mark.parametrize("kernel", ["torch", *cpu_kernels.supported_isas()])
+@pytest.mark.parametrize("kind", ["llama", "mixtral", "qwen2_moe"])
+def test_fast_decoder_matches_llamacpp_with_every_kernel(gguf_dir, kind, kernel):
+    """The fast decoder, eager, with each CPU kernel: prompt logits and greedy steps as the
+    reference decoder's against llama.cpp (F32)."""
+    path = _model(gguf_dir, kind, "f32")
+    dec = FastDecoder(load_weights(path), kernel=kernel)
+    with LlamaCppRunner(path, SETTINGS) as runner:
+        ref = runner.logits(PROMPT)
+        ref_greedy = runner.greedy(PROMPT, N_NEW)
+    tol = REL_TOL["f32"] * float(np.abs(ref).max())
+    assert np.abs(dec.logits(PROMPT).numpy() - ref).max() <= tol
     out = dec.generate([PROMPT], N_NEW, return_logits=True)
     assert_step_logits_close(out.tokens[0], out.step_logits[0], ref_greedy.tokens, ref_greedy.step_logits, tol)
     assert_greedy_match(out.tokens[0], out.step_logits[0], ref_greedy.tokens, tol)

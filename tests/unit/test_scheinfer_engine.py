@@ -11,6 +11,7 @@ import torch
 import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
 from baselines.llamacpp.policy import LayersPolicy
 from impl.common.config import ConfigError
+from impl.scheinfer import cpu_kernels
 from impl.scheinfer.decoder import Decoder
 from impl.scheinfer.engine import HybridDecoder, HybridEngine
 from impl.scheinfer.generate_models import generate
@@ -22,6 +23,7 @@ KINDS = ("llama", "mixtral")
 PROMPT = [1, 5, 9, 33, 100, 7, 8, 200, 17, 3]
 N_NEW = 5
 BIG = 1 << 30                       # a budget that holds everything
+CPU_KERNELS = ["torch", *cpu_kernels.supported_isas()]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,40 @@ def test_policies_match_reference(models, kind, policy, opts):
     assert 0 < eng.resident_bytes and eng.resident_bytes + staging <= budget
 
 
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("frac", ["cc_only", "mixed"])
+def test_every_cpu_kernel_matches_reference(models, kernel, frac):
+    """The CPU lane (and the emulated GPU lane) with each CPU kernel; the decoder around the
+    engine uses the engine's kernel."""
+    src, ref = models["mixtral"]
+    eng = HybridEngine(FixedPolicy(*FRACTIONS[frac]), src.config.hidden, gpu_mem_bytes=BIG, kernel=kernel)
+    try:
+        dec = HybridDecoder(src, eng)
+        _assert_same(dec.generate([PROMPT], N_NEW, return_logits=True), ref)
+    finally:
+        eng.close()
+    assert eng.kernel.name == kernel and dec.kernel is eng.kernel
+
+
+def test_lane_threads_and_cpu_only_layers_in_the_callers_thread(models):
+    """Threads per lane (OpenMP's count is per thread): the CPU lane all of the engine's, the copy
+    lane one, the emulated GPU lane the CPU lane's. A layer with CC parts only runs in the
+    caller's thread (nothing to overlap); a mixed one on the lane threads."""
+    src, _ = models["mixtral"]
+    seen = {}
+
+    def hook(lane, band):
+        seen.setdefault((lane, band), set()).add(threading.current_thread().name)
+    for frac in ("cc_only", "mixed"):
+        _, eng = _run(src, FixedPolicy(*FRACTIONS[frac]), lane_hook=hook, threads=2)
+        assert eng.lane_threads == {"cpu": 2, "h2d": 1, "gpu": 2}
+        assert torch.get_num_threads() == 2          # the process-wide count is the caller's again
+        if frac == "cc_only":
+            assert seen.pop(("cpu", "cc")) == {threading.current_thread().name}
+    assert seen == {("cpu", "cc"): {"scheinfer-cpu"}, ("h2d", "cg"): {"scheinfer-h2d"},
+                    ("gpu", "cg"): {"scheinfer-gpu"}, ("gpu", "gg"): {"scheinfer-gpu"}}
+
+
 def test_scheinfer_split_differs_by_phase(models):
     """Compute-bound CPU, a copy as fast as one token's CPU work: decode (n = 1) splits the
     off-GPU rows about evenly, prefill (n = 10) streams most of them."""
@@ -121,11 +157,14 @@ def test_lanes_overlap(models):
 
 
 def test_serial_policies_do_not_overlap(models):
+    """One band at a time; a layer's CC slices are one call (their events share one interval)."""
     src, ref = models["mixtral"]
     out, eng = _run(src, FixedPolicy(0.25, 0.25, 0.5, concurrent=False))
     _assert_same(out, ref)
-    ev = sorted(eng.events, key=lambda e: e.start)
-    assert all(a.end <= b.start for a, b in zip(ev, ev[1:]))
+    spans = sorted({(e.start, e.end, e.lane) for e in eng.events})
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    cc = [e for e in eng.events if e.band == "cc"]
+    assert len(cc) > len({(e.start, e.end) for e in cc})          # several FFNs' CC slices per call
 
 
 def test_deterministic_under_injected_delays(models):

@@ -7,8 +7,9 @@ import torch
 
 from impl.common.config import ConfigError
 from impl.common.models import get_model
-from impl.scheinfer.config import DecoderConfig, LongRope, weight_shapes
+from impl.scheinfer.config import DecoderConfig, LongRope, decode_weight_bytes, weight_shapes
 from impl.scheinfer.decoder import Decoder
+from impl.scheinfer import cpu_kernels
 from impl.scheinfer.fast_decode import FastDecoder, paired_ffn, split_linear
 from impl.scheinfer.generate_models import KINDS, tiny_config
 from impl.scheinfer.layers import ExpertWeights, ffn, route
@@ -16,6 +17,8 @@ from impl.scheinfer.sampling import SamplingConfig, sample_next
 from impl.scheinfer.weights import DictWeights, RandomWeights, materialize
 
 ALL_KINDS = list(KINDS)
+# every kernel this host offers the fast decoder: torch's and each native instruction set
+CPU_KERNELS = ["torch", *cpu_kernels.supported_isas()]
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +177,14 @@ def test_incremental_decode_equals_full_forward(decoders, fast_decoders, kind, f
 
 # ------------------------------------------------------------------------- the fast decode path
 
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_fast_decoder_equals_reference(decoders, fast_decoders, kind):
-    """Eager fast path against the reference: one prompt, a left-padded batch, an unpadded batch;
-    at one thread (paired experts) and at four (core-split products), routing observed alike."""
-    ref, fast = decoders[kind], fast_decoders[kind]
+def test_fast_decoder_equals_reference(decoders, kind, kernel):
+    """Eager fast path against the reference, with every kernel: one prompt, a left-padded batch,
+    an unpadded batch; at one thread (paired experts with torch's kernel) and at four (core-split
+    products), routing observed alike."""
+    ref, fast = decoders[kind], FastDecoder(decoders[kind].source, kernel=kernel)
+    assert fast.kernel.name == kernel
     before = torch.get_num_threads()
     try:
         for threads in (1, 4):
@@ -189,8 +195,8 @@ def test_fast_decoder_equals_reference(decoders, fast_decoders, kind):
     finally:
         torch.set_num_threads(before)
     seen = {"ref": [], "fast": []}
-    for name, cls in (("ref", Decoder), ("fast", FastDecoder)):
-        cls(ref.source, route_observer=lambda l, ids, w, name=name: seen[name].append((l, ids, w))).generate(
+    for name, make in (("ref", Decoder), ("fast", lambda src, **kw: FastDecoder(src, kernel=kernel, **kw))):
+        make(ref.source, route_observer=lambda l, ids, w, name=name: seen[name].append((l, ids, w))).generate(
             [[1, 17, 300, 42]], 4)
     assert len(seen["ref"]) == len(seen["fast"]) == (4 * ref.config.num_layers if ref.config.is_moe else 0)
     for (la, ia, wa), (lb, ib, wb) in zip(seen["ref"], seen["fast"]):
@@ -209,14 +215,17 @@ def test_paired_experts_equal_each_expert_alone(fast_decoders):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ALL_KINDS)
-def test_compiled_decode_equals_reference(decoders, kind):
+@pytest.mark.parametrize("kind,kernel", [(kind, None) for kind in ALL_KINDS]
+                         + [("mixtral", kernel) for kernel in CPU_KERNELS])
+def test_compiled_decode_equals_reference(decoders, kind, kernel):
     """compile_decode=True (the compiled one-token layer region, and the compiled attention block
     for an unpadded batch): the same tokens as the reference decoder, logits within rounding,
-    routing observed alike."""
+    routing observed alike; every architecture with the chosen kernel, and every kernel (native
+    ops inside the region, or Inductor's loops with torch's) on one."""
     ref = decoders[kind]
     seen = []
-    compiled = FastDecoder(ref.source, compile_decode=True, route_observer=lambda l, ids, w: seen.append(ids))
+    compiled = FastDecoder(ref.source, compile_decode=True, kernel=kernel,
+                           route_observer=lambda l, ids, w: seen.append(ids))
     for prompts in ([[1, 17, 300, 42]], [[1, 5, 9, 4], [2, 300, 22, 41]]):
         assert_same_generation(compiled.generate(prompts, 6, return_logits=True),
                                ref.generate(prompts, 6, return_logits=True))
@@ -364,6 +373,20 @@ def test_real_shapes_match_published_parameter_counts(name, uncounted):
     cfg = DecoderConfig.from_model_config(name)
     total = sum(math.prod(s) for s in weight_shapes(cfg).values())
     assert total - uncounted == get_model(name).param_counts()[0]   # phi: lm_head bias not counted there
+
+
+def test_decode_weight_bytes_counts_the_chosen_experts_and_one_embedding_row():
+    """Mixtral-8x7B: 46.7 B parameters, 12.9 B active per token (the published count, with the
+    32000 x 4096 embedding table, of which one row is read); F32: 4 bytes each."""
+    cfg = DecoderConfig.from_model_config("mixtral-8x7b")
+    M, V, L, Fw = cfg.hidden, cfg.vocab_size, cfg.num_layers, cfg.moe_ffn_hidden
+    attention = L * (2 * M * M + 2 * M * 1024 + 2 * M)             # q, o; k, v (8 KV heads of 128); norms
+    experts = L * (cfg.top_k * 3 * M * Fw + cfg.num_experts * M)   # two experts, the router
+    assert decode_weight_bytes(cfg, 4) == 4 * (attention + experts + M + V * M + M)   # final norm, lm_head, a row
+    assert 12.8e9 < decode_weight_bytes(cfg, 1) + (V - 1) * M < 13.0e9
+    dense = tiny_config("llama")
+    assert decode_weight_bytes(dense, 2) == 2 * (sum(math.prod(s) for s in weight_shapes(dense).values())
+                                                 - (dense.vocab_size - 1) * dense.hidden)
 
 
 def test_random_weights_at_real_shape_are_lazy_and_deterministic():

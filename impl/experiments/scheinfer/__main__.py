@@ -2,7 +2,8 @@
 
     python -m impl.experiments.scheinfer generate --model FILE (--prompt TEXT | --tokens IDS) --n-predict N
         [--gpu-mem BYTES] [--policy scheinfer|fiddler|layers] [--threads N] [--tile ROWS]
-        [--assign split|threshold|makespan] [--cost COST.json] [--timeline OUT.json]
+        [--assign split|threshold|makespan] [--cost COST.json] [--cpu-kernel auto|torch|avx512|avx2|sse]
+        [--timeline OUT.json]
     python -m impl.experiments.scheinfer bench --model FILE.gguf --prompt-tokens 16,64 --n-predict N
         [--policies scheinfer,fiddler,layers] [--gpu-mem BYTES] [--llamacpp] [--repeats R]
         --out-csv OUT.csv --out-record OUT.json
@@ -71,8 +72,12 @@ def byte_tokenize(model: Path, text: str) -> list[int]:
 
 
 def _validate_engine_options(args) -> str | None:
-    """The engine options generate and bench share (--assign, --gpu-mem, --threads, --tile, --cost)."""
+    """The engine options generate and bench share (--assign, --gpu-mem, --threads, --tile, --cost,
+    --cpu-kernel)."""
     from impl.scheinfer.assign import ASSIGN_MODES
+    from impl.scheinfer.fast_decode import KERNELS
+    if args.cpu_kernel is not None and args.cpu_kernel not in KERNELS:
+        return f"--cpu-kernel={args.cpu_kernel!r} is not allowed; expected one of {', '.join(KERNELS)}"
     if args.assign not in ASSIGN_MODES:
         return f"--assign={args.assign!r} is not allowed; expected one of {', '.join(ASSIGN_MODES)}"
     if args.gpu_mem is not None and args.gpu_mem < 0:
@@ -99,7 +104,7 @@ def _validate_generate(args) -> str | None:
     return _validate_engine_options(args)
 
 
-def _cost_model(path: str | None, hidden: int):
+def _cost_model(path: str | None, hidden: int, kernel: str | None = None):
     """The engine's cost model: a `calibrate --out` JSON, else a quick calibration now."""
     from impl.scheinfer.calibrate import calibrate
     from impl.scheinfer.partition import CostModel
@@ -107,7 +112,7 @@ def _cost_model(path: str | None, hidden: int):
         d = json.loads(Path(path).read_text())
         return CostModel.from_dict(d.get("cost", d))
     return calibrate(hidden=hidden, widths=(64, 128, 256), rows=(1, 8, 32), reps=3,
-                     copy_sizes=(1 << 14, 1 << 16, 1 << 18)).cost
+                     copy_sizes=(1 << 14, 1 << 16, 1 << 18), kernel=kernel).cost
 
 
 def _gpu_mem(gpu_mem: int | None, cfg) -> int:
@@ -115,14 +120,15 @@ def _gpu_mem(gpu_mem: int | None, cfg) -> int:
     return gpu_mem if gpu_mem is not None else sum(ffn_widths(cfg).values()) * 3 * cfg.hidden * 4 // 2
 
 
-def _engine(policy_name: str, cost, cfg, gpu_mem: int, tile: int, assign: str, threads: int | None):
+def _engine(policy_name: str, cost, cfg, gpu_mem: int, tile: int, assign: str, threads: int | None,
+            kernel: str | None = None):
     import torch
     from impl.scheinfer.engine import HybridEngine
     from impl.scheinfer.policy import make_policy
     opts = {"assign": assign} if policy_name == "scheinfer" else {}
     policy = make_policy(policy_name, cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
                          tile=tile, **opts)
-    return policy, HybridEngine(policy, cfg.hidden, torch.float32, gpu_mem, threads=threads)
+    return policy, HybridEngine(policy, cfg.hidden, torch.float32, gpu_mem, threads=threads, kernel=kernel)
 
 
 def cmd_generate(args) -> int:
@@ -148,9 +154,9 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
     if args.threads:
         torch.set_num_threads(args.threads)
-    cost = _cost_model(args.cost, cfg.hidden)
+    cost = _cost_model(args.cost, cfg.hidden, args.cpu_kernel)
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
-    policy, engine = _engine(args.policy, cost, cfg, gpu_mem, args.tile, args.assign, args.threads)
+    policy, engine = _engine(args.policy, cost, cfg, gpu_mem, args.tile, args.assign, args.threads, args.cpu_kernel)
     bar = tqdm(total=len(prompt) + args.n_predict - 1, desc="tokens", unit="tok", file=sys.stderr,
                disable=args.no_progress)
     from impl.scheinfer.engine import HybridDecoder
@@ -166,7 +172,7 @@ def cmd_generate(args) -> int:
     print(f"prefill: {out.prompt_tokens} tokens, {prefill:.2f} tok/s")
     print(f"decode: {out.decode_steps} tokens, {decode:.2f} tok/s")
     print(f"policy: {policy.name}, gpu-mem {gpu_mem} B, resident FFN {engine.resident_bytes} B, "
-          f"device {engine.device}, cost {cost.source}")
+          f"device {engine.device}, cost {cost.source}, cpu kernel {engine.kernel.name} ({engine.kernel.how})")
     if args.timeline:
         Path(args.timeline).write_text(json.dumps([dataclasses.asdict(e) for e in engine.events], default=str))
     return 0
@@ -230,17 +236,18 @@ def cmd_bench(args) -> int:
     import torch
     from tqdm import tqdm
     from impl.common.records import atomic_output, make_record, write_record
+    from impl.scheinfer.cpu_kernels import host_info
     from impl.scheinfer.engine import HybridDecoder
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    cost = _cost_model(args.cost, cfg.hidden)
+    cost = _cost_model(args.cost, cfg.hidden, args.cpu_kernel)
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
     prompts = {n: [1 + (i % (cfg.vocab_size - 1)) for i in range(n)] for n in args.prompt_tokens}
     decoders, engines = {}, []
     try:
         for name in args.policies:          # weights loaded once per policy, outside the timings
-            policy, engine = _engine(name, cost, cfg, gpu_mem, args.tile, args.assign, args.threads)
+            policy, engine = _engine(name, cost, cfg, gpu_mem, args.tile, args.assign, args.threads, args.cpu_kernel)
             engines.append(engine)
             decoders[name] = HybridDecoder(source, engine)
         device = str(engines[0].device)
@@ -279,12 +286,14 @@ def cmd_bench(args) -> int:
                "experts": cfg.num_experts, "dtype": "float32"},
         config={k: v for k, v in vars(args).items() if k not in ("cmd",)}, metrics=metrics, seed=0,
         extra={"cost_model": cost.source, "note": "MEASURED on this host; without CUDA the engine's GPU and PCIe "
-                                                  "lanes run on the CPU (emulated)"})
+                                                  "lanes run on the CPU (emulated)",
+               "cpu_kernel": engines[0].kernel.as_dict(), "host": host_info()})
     with atomic_output(args.out_csv) as tmp:
         frame.to_csv(tmp, index=False)
     write_record(args.out_record, record)
     med = frame.groupby(["prompt_tokens", "system"], sort=False)[["prefill_tok_s", "decode_tok_s"]].median()
-    print(f"device {device}, {threads} threads, {args.repeats} rounds (medians, tok/s):")
+    print(f"device {device}, {threads} threads, cpu kernel {engines[0].kernel.name} ({engines[0].kernel.how}), "
+          f"{args.repeats} rounds (medians, tok/s):")
     print(med.to_string(float_format=lambda v: f"{v:.1f}"))
     return 0
 
@@ -315,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--tile", type=int, default=64)
     g.add_argument("--cost", default=None, help="a JSON written by 'calibrate --out'")
+    g.add_argument("--cpu-kernel", default=None,
+                   help="CPU products' kernel (default: $SCHEINFER_CPU_KERNEL, else auto: measured at start-up)")
     g.add_argument("--timeline", default=None, help="write lane events as JSON")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--no-progress", action="store_true")
@@ -329,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--tile", type=int, default=64)
     b.add_argument("--cost", default=None)
+    b.add_argument("--cpu-kernel", default=None, help="as for generate")
     b.add_argument("--repeats", type=int, default=3, help="alternating rounds")
     b.add_argument("--out-csv", required=True)
     b.add_argument("--out-record", required=True)

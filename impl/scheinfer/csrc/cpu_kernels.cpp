@@ -1,0 +1,326 @@
+// Few-token float32 products for ScheInfer's CPU side (impl/scheinfer/cpu_kernels.py): a linear
+// layer, a whole SwiGLU FFN and a decoded token's routed experts, each streaming every weight
+// once at the memory bandwidth on torch's intra-op threads (at::parallel_for, so a lane thread's
+// own thread count applies): row-major weights in chunks the threads claim one after another,
+// transposed ones ([K, N] rows) split into one column range per thread. One build serves every
+// x86 host: the kernels exist for AVX-512, AVX2 + FMA and plain SSE (any CPU), and the caller
+// picks one by number (`isa`).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace {
+
+namespace generic {
+#define VBYTES 16
+#include "kernels_isa.h"
+#undef VBYTES
+}  // namespace generic
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define VBYTES 32
+#include "kernels_isa.h"
+#undef VBYTES
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx2,fma")
+namespace avx512 {
+#define VBYTES 64
+#include "kernels_isa.h"
+#undef VBYTES
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+enum Isa : int64_t { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
+
+struct Kernels {
+  void (*dot_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+  void (*axpy_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+  void (*swiglu)(const float*, const float*, float*, int64_t);
+  double (*read_sum)(const float*, int64_t);
+};
+
+bool cpu_supports(int64_t isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (isa == AVX512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  if (isa == AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return isa == GENERIC;
+}
+
+const Kernels& kernels(int64_t isa) {
+  static const Kernels table[] = {
+      {generic::dot_rows, generic::axpy_rows, generic::swiglu, generic::read_sum},
+#if defined(__x86_64__)
+      {avx2::dot_rows, avx2::axpy_rows, avx2::swiglu, avx2::read_sum},
+      {avx512::dot_rows, avx512::axpy_rows, avx512::swiglu, avx512::read_sum},
+#endif
+  };
+  TORCH_CHECK(cpu_supports(isa), "scheinfer kernels: isa=", isa, " is not supported by this CPU");
+  return table[isa];
+}
+
+constexpr int64_t ROWS = 4;              // rows per dot-product block (kernels_isa.h dot_rows)
+constexpr int64_t COLS = 16;             // columns per transposed-weight block (one cache line)
+constexpr int64_t MIN_THREAD_BYTES = 64 << 10;   // less weight per thread than this runs inline
+constexpr int64_t CHUNK_BYTES = 64 << 10;        // weight per claimed chunk (parallel_chunks)
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// fn(u0, u1) over units [0, n) on torch's intra-op threads, each thread one contiguous range of
+// at least MIN_THREAD_BYTES of weight (unit_bytes per unit), so small products stay on the
+// caller's thread
+template <class Fn>
+void parallel_units(int64_t n, int64_t unit_bytes, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, cdiv(MIN_THREAD_BYTES, std::max<int64_t>(unit_bytes, 1)));
+  at::parallel_for(0, n, grain, fn);
+}
+
+// fn(u0, u1) over units [0, n) in chunks of about CHUNK_BYTES of weight that torch's intra-op
+// threads claim one after another: a thread that the OS holds back (a shared host) leaves its
+// chunks to the others instead of keeping them all waiting at the end, as a static split would.
+// Each unit is done by one call, so results do not depend on which thread took it.
+template <class Fn>
+void parallel_chunks(int64_t n, int64_t unit_bytes, const Fn& fn) {
+  unit_bytes = std::max<int64_t>(unit_bytes, 1);
+  const int64_t per_chunk = std::max<int64_t>(1, CHUNK_BYTES / unit_bytes), chunks = cdiv(n, per_chunk);
+  const int64_t workers = std::min(chunks, std::max<int64_t>(1, n * unit_bytes / MIN_THREAD_BYTES));
+  if (workers == 1) return fn(0, n);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+      fn(c * per_chunk, std::min(n, (c + 1) * per_chunk));
+  });
+}
+
+void check_float_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "scheinfer kernels: ", name,
+              " must be a float32 CPU tensor; got ", t.scalar_type(), " on ", t.device());
+}
+
+// y[t, :] = w x[t, :] over rows of w (w[n, :] contiguous) or, w stored transposed (w[:, n]
+// contiguous), over its rows of the reduction dimension: x [T, K] contiguous, y [T, N]
+void product(const Kernels& k, const float* x, int64_t T, const at::Tensor& w, float* y) {
+  const int64_t N = w.size(0), K = w.size(1);
+  const float* wp = w.data_ptr<float>();
+  if (w.stride(1) == 1) {
+    parallel_chunks(cdiv(N, ROWS), ROWS * K * 4, [&](int64_t u0, int64_t u1) {
+      k.dot_rows(x, T, K, wp, w.stride(0), K, y, N, u0 * ROWS, std::min(N, u1 * ROWS));
+    });
+  } else {
+    TORCH_CHECK(w.stride(0) == 1, "scheinfer kernels: a weight needs rows or columns contiguous; got strides ",
+                w.strides());
+    parallel_units(cdiv(N, COLS), COLS * K * 4, [&](int64_t u0, int64_t u1) {
+      k.axpy_rows(x, T, K, wp, w.stride(1), K, y, N, u0 * COLS, std::min(N, u1 * COLS));
+    });
+  }
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t isa) {
+  const Kernels& k = kernels(isa);
+  check_float_cpu(x, "x");
+  check_float_cpu(w, "w");
+  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "scheinfer linear: x ", x.sizes(),
+              " and w ", w.sizes(), " do not match");
+  const at::Tensor xc = x.contiguous();
+  const int64_t K = w.size(1), T = K ? xc.numel() / K : 0;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = w.size(0);
+  at::Tensor y = at::empty(sizes, x.options());
+  if (T) product(k, xc.data_ptr<float>(), T, w, y.data_ptr<float>());
+  if (b.has_value()) y.add_(*b);
+  return y;
+}
+
+// SwiGLU FFNs down (silu(gate x) * up x), each of its own T_i tokens x_i [T_i, M]: gate_i / up_i
+// [F_i, M] with contiguous rows, down_i [M, F_i] either way (rows contiguous, or stored [F_i, M]
+// as the engine keeps it). Two parallel regions for all of them: the gate / up rows of every FFN
+// (in chunks, the SwiGLU of each chunk's own rows with it), then down: in chunks of output rows
+// when every down has contiguous rows, else one column range of every FFN per thread.
+std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& gates,
+                                 const std::vector<at::Tensor>& ups, const std::vector<at::Tensor>& downs,
+                                 int64_t isa) {
+  const Kernels& k = kernels(isa);
+  const size_t n = xs.size();
+  TORCH_CHECK(gates.size() == n && ups.size() == n && downs.size() == n, "scheinfer ffn: ", n, " x, ",
+              gates.size(), " gate, ", ups.size(), " up and ", downs.size(), " down tensors; expected as many of each");
+  std::vector<at::Tensor> out(n);
+  if (n == 0) return out;
+  const int64_t M = xs[0].size(-1);
+  struct Item { const float *x, *gate, *up, *down; int64_t T, F, ldg, ldu, ldd; bool rows; float *g, *u, *h, *y; };
+  std::vector<Item> items(n);
+  std::vector<at::Tensor> keep;                          // contiguous inputs and buffers, alive to the end
+  std::vector<int64_t> first_unit(n + 1, 0);             // gate / up row blocks of item i: [first_unit[i], first_unit[i + 1])
+  bool all_rows = true;
+  int64_t max_F = 0, sum_F = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor &x = xs[i], &gate = gates[i], &up = ups[i], &down = downs[i];
+    for (auto& [t, name] : {std::pair{&x, "x"}, {&gate, "gate"}, {&up, "up"}, {&down, "down"}}) check_float_cpu(*t, name);
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == M && gate.dim() == 2 && gate.sizes() == up.sizes() && down.dim() == 2 &&
+                    gate.size(1) == M && down.size(0) == M && down.size(1) == gate.size(0) && gate.stride(1) == 1 &&
+                    up.stride(1) == 1 && (down.stride(1) == 1 || down.stride(0) == 1),
+                "scheinfer ffn: x ", x.sizes(), ", gate ", gate.sizes(), ", up ", up.sizes(), ", down ", down.sizes(),
+                " (strides ", down.strides(), "); expected [T, M], [F, M], [F, M] (rows contiguous), [M, F] with rows",
+                " or columns contiguous");
+    const int64_t T = x.size(0), F = gate.size(0);
+    const bool rows = down.stride(1) == 1;
+    keep.push_back(x.contiguous());
+    at::Tensor buf = at::empty({3, T, F}, x.options());
+    keep.push_back(buf);
+    out[i] = at::empty({T, M}, x.options());
+    float* g = buf.data_ptr<float>();
+    items[i] = {keep[2 * i].data_ptr<float>(), gate.data_ptr<float>(), up.data_ptr<float>(), down.data_ptr<float>(),
+                T, F, gate.stride(0), up.stride(0), rows ? down.stride(0) : down.stride(1), rows, g, g + T * F,
+                g + 2 * T * F, out[i].data_ptr<float>()};
+    first_unit[i + 1] = first_unit[i] + (T ? cdiv(F, ROWS) : 0);
+    all_rows = all_rows && rows;
+    max_F = std::max(max_F, F);
+    sum_F += F;
+  }
+  parallel_chunks(first_unit[n], 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
+    for (size_t i = std::upper_bound(first_unit.begin(), first_unit.end(), u0) - first_unit.begin() - 1;
+         i < n && first_unit[i] < u1; ++i) {
+      const Item& it = items[i];
+      const int64_t f0 = std::max(u0 - first_unit[i], int64_t(0)) * ROWS, f1 = std::min(it.F, (u1 - first_unit[i]) * ROWS);
+      if (it.T == 0 || f0 >= f1) continue;
+      k.dot_rows(it.x, it.T, M, it.gate, it.ldg, M, it.g, it.F, f0, f1);
+      k.dot_rows(it.x, it.T, M, it.up, it.ldu, M, it.u, it.F, f0, f1);
+      for (int64_t t = 0; t < it.T; ++t) k.swiglu(it.g + t * it.F + f0, it.u + t * it.F + f0, it.h + t * it.F + f0, f1 - f0);
+    }
+  });
+  const int64_t blocks = cdiv(M, ROWS);                 // output row blocks per item (all_rows)
+  auto down_part = [&](const Item& it, int64_t m0, int64_t m1) {
+    if (it.rows)
+      k.dot_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, m0, m1);
+    else
+      k.axpy_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, m0, m1);
+  };
+  if (all_rows) {
+    parallel_chunks(static_cast<int64_t>(n) * blocks, ROWS * max_F * 4, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1;) {                    // runs of one item's blocks
+        const int64_t i = u / blocks, end = std::min(u1, (i + 1) * blocks);
+        if (items[i].T) down_part(items[i], (u - i * blocks) * ROWS, std::min(M, (end - i * blocks) * ROWS));
+        u = end;
+      }
+    });
+  } else {
+    parallel_units(cdiv(M, COLS), COLS * sum_F * 4, [&](int64_t u0, int64_t u1) {
+      for (const Item& it : items)
+        if (it.T) down_part(it, u0 * COLS, std::min(M, u1 * COLS));
+    });
+  }
+  return out;
+}
+
+at::Tensor ffn(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down,
+               int64_t isa) {
+  return ffn_many({x}, {gate}, {up}, {down}, isa)[0];
+}
+
+// The routed experts of one decoded token x [1, M]: y = sum_k weights[k] ffn_{ids[k]}(x), the
+// terms added in ascending expert order, over a layer's stacked experts gate_up [E, 2F, M] (each
+// expert's gate rows, then its up rows) and down [E, M, F]. Each thread streams one contiguous
+// block of every chosen expert's gate, up and down rows.
+at::Tensor moe_token(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& ids,
+                     const at::Tensor& weights, int64_t isa) {
+  const Kernels& k = kernels(isa);
+  for (auto& [t, name] : {std::pair{&x, "x"}, {&gate_up, "gate_up"}, {&down, "down"}}) check_float_cpu(*t, name);
+  const int64_t E = gate_up.size(0), F = gate_up.size(1) / 2, M = gate_up.size(2), K = ids.numel();
+  TORCH_CHECK(x.numel() == M && gate_up.dim() == 3 && down.dim() == 3 && down.size(0) == E && down.size(1) == M &&
+                  down.size(2) == F && gate_up.stride(2) == 1 && gate_up.stride(1) == M && down.stride(2) == 1 &&
+                  weights.numel() == K,
+              "scheinfer moe_token: x ", x.sizes(), ", gate_up ", gate_up.sizes(), ", down ", down.sizes(), ", ids ",
+              ids.sizes(), ", weights ", weights.sizes(), "; expected [1, M], [E, 2F, M] and [E, M, F] with ",
+              "contiguous rows, K ids and K weights");
+  TORCH_CHECK(ids.device().is_cpu() && weights.device().is_cpu(), "scheinfer moe_token: ids and weights must be on the CPU");
+  const at::Tensor ids_c = ids.scalar_type() == at::kLong && ids.is_contiguous() ? ids : ids.to(at::kLong).contiguous();
+  const at::Tensor w_c = weights.scalar_type() == at::kFloat && weights.is_contiguous() ? weights
+                                                                                          : weights.to(at::kFloat).contiguous();
+  std::vector<std::pair<int64_t, float>> chosen(K);
+  for (int64_t j = 0; j < K; ++j) {
+    chosen[j] = {ids_c.data_ptr<int64_t>()[j], w_c.data_ptr<float>()[j]};
+    TORCH_CHECK(0 <= chosen[j].first && chosen[j].first < E, "scheinfer moe_token: expert id ", chosen[j].first,
+                " outside 0..", E - 1);
+  }
+  std::sort(chosen.begin(), chosen.end(), [](auto& a, auto& b) { return a.first < b.first; });
+  const at::Tensor xc = x.contiguous();
+  const float* xp = xc.data_ptr<float>();
+  at::Tensor gu = at::empty({K, 2, F}, x.options()), h = at::empty({K, F}, x.options()),
+             parts = at::empty({K, M}, x.options()), y = at::empty({1, M}, x.options());
+  float *g = gu.data_ptr<float>(), *hp = h.data_ptr<float>(), *pp = parts.data_ptr<float>(), *yp = y.data_ptr<float>();
+  const float* gup = gate_up.data_ptr<float>();
+  const float* dp = down.data_ptr<float>();
+  const int64_t units = cdiv(F, ROWS);      // per expert
+  parallel_chunks(K * units, 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
+    for (int64_t j = u0 / units; j < K && j * units < u1; ++j) {
+      const int64_t f0 = std::max(u0 - j * units, int64_t(0)) * ROWS, f1 = std::min(F, (u1 - j * units) * ROWS);
+      const float* w = gup + chosen[j].first * gate_up.stride(0);
+      float *gj = g + j * 2 * F, *uj = gj + F;
+      k.dot_rows(xp, 1, M, w, M, M, gj, F, f0, f1);
+      k.dot_rows(xp, 1, M, w + F * M, M, M, uj, F, f0, f1);
+      k.swiglu(gj + f0, uj + f0, hp + j * F + f0, f1 - f0);
+    }
+  });
+  parallel_chunks(cdiv(M, ROWS), K * ROWS * F * 4, [&](int64_t u0, int64_t u1) {
+    const int64_t m0 = u0 * ROWS, m1 = std::min(M, u1 * ROWS);
+    for (int64_t j = 0; j < K; ++j)
+      k.dot_rows(hp + j * F, 1, F, dp + chosen[j].first * down.stride(0), down.stride(1), F, pp + j * M, M, m0, m1);
+    for (int64_t m = m0; m < m1; ++m) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < K; ++j) acc += chosen[j].second * pp[j * M + m];
+      yp[m] = acc;
+    }
+  });
+  return y;
+}
+
+// The sum of a float32 buffer read once by every thread's share (the read bandwidth probe)
+double read_sum(const at::Tensor& buf, int64_t isa) {
+  const Kernels& k = kernels(isa);
+  check_float_cpu(buf, "buf");
+  TORCH_CHECK(buf.is_contiguous(), "scheinfer read_sum: the buffer must be contiguous");
+  const float* p = buf.data_ptr<float>();
+  const int64_t n = buf.numel(), chunk = 1 << 14;
+  std::vector<double> parts(cdiv(n, chunk), 0.0);
+  parallel_chunks(cdiv(n, chunk), chunk * 4, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) parts[c] = k.read_sum(p + c * chunk, std::min(chunk, n - c * chunk));
+  });
+  double s = 0.0;
+  for (double v : parts) s += v;
+  return s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(scheinfer, m) {
+  m.def("linear(Tensor x, Tensor w, Tensor? b, int isa) -> Tensor");
+  m.def("ffn(Tensor x, Tensor gate, Tensor up, Tensor down, int isa) -> Tensor");
+  m.def("ffn_many(Tensor[] x, Tensor[] gate, Tensor[] up, Tensor[] down, int isa) -> Tensor[]");
+  m.def("moe_token(Tensor x, Tensor gate_up, Tensor down, Tensor ids, Tensor weights, int isa) -> Tensor");
+  m.def("read_sum(Tensor buf, int isa) -> float");
+  m.def("cpu_supports(int isa) -> bool", &cpu_supports);
+}
+
+TORCH_LIBRARY_IMPL(scheinfer, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("ffn", &ffn);
+  m.impl("ffn_many", &ffn_many);
+  m.impl("moe_token", &moe_token);
+  m.impl("read_sum", &read_sum);
+}

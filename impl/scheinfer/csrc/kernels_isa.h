@@ -1,0 +1,170 @@
+// The few-token float32 kernels of cpu_kernels.cpp for one vector width. Included once per
+// instruction set, inside `namespace KERNEL_NS` under a `#pragma GCC target`, with VBYTES the
+// vector width in bytes (GCC vector extensions: the same code becomes SSE, AVX2 or AVX-512).
+//
+// Every kernel reads each weight element once, in long contiguous runs, and keeps the
+// activations (a few tokens) in registers or L1: a one-token product is memory bound, so what
+// matters is streaming the weights at the DRAM bandwidth, not the arithmetic.
+
+typedef float vf __attribute__((vector_size(VBYTES)));
+typedef int32_t vi __attribute__((vector_size(VBYTES)));
+constexpr int64_t L = VBYTES / 4;    // floats per vector
+
+static inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+static inline vf vsplat(float a) { return vf{} + a; }
+
+static inline float hsum(vf v) {             // pairwise: log2(L) dependent adds
+  float a[L];
+  std::memcpy(a, &v, sizeof v);
+  for (int64_t w = L / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) a[i] += a[i + w];
+  return a[0];
+}
+
+// exp(x) to about 2 ulp: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes
+// expf's coefficients), 2^n through the exponent bits; capped at exp(88), 0 below -87.3.
+static inline vf vexp(vf x) {
+  x = x < vsplat(88.0f) ? x : vsplat(88.0f);
+  const vi tiny = x < vsplat(-87.3365447505531f);
+  vf fx = x * vsplat(1.44269504088896341f);
+  vi n = __builtin_convertvector(fx + (fx < vsplat(0.0f) ? vsplat(-0.5f) : vsplat(0.5f)), vi);  // round
+  const vf nf = __builtin_convertvector(n, vf);
+  vf r = x - nf * vsplat(0.693359375f);
+  r = r - nf * vsplat(-2.12194440e-4f);
+  vf p = vsplat(1.9875691500E-4f);
+  p = p * r + vsplat(1.3981999507E-3f);
+  p = p * r + vsplat(8.3334519073E-3f);
+  p = p * r + vsplat(4.1665795894E-2f);
+  p = p * r + vsplat(1.6666665459E-1f);
+  p = p * r + vsplat(5.0000001201E-1f);
+  p = p * r * r + r + vsplat(1.0f);
+  vi bits = (n + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const vf y = p * scale;
+  return tiny ? vsplat(0.0f) : y;
+}
+
+// h[f] = silu(g[f]) * u[f] = g / (1 + exp(-g)) * u for f < n
+static void swiglu(const float* g, const float* u, float* h, int64_t n) {
+  int64_t f = 0;
+  for (; f + L <= n; f += L) {
+    const vf gv = vload(g + f);
+    vstore(h + f, gv / (vsplat(1.0f) + vexp(-gv)) * vload(u + f));
+  }
+  for (; f < n; ++f) h[f] = g[f] / (1.0f + std::exp(-g[f])) * u[f];
+}
+
+// y[t * ldy + r] = sum_k x[t * ldx + k] w[r * ldw + k] for R rows and T tokens
+template <int R, int T>
+static inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+                             float* y, int64_t ldy) {
+  vf acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = vf{};
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    vf xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = vload(x + t * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      const vf wv = vload(w + r * ldw + k);
+      for (int t = 0; t < T; ++t) acc[t][r] += wv * xv[t];
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[t][r]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[t * ldx + kk] * w[r * ldw + kk];
+      y[t * ldy + r] = s;
+    }
+}
+
+// y[t * ldy] = x[t, :] . w[:] for one row w and T (1 or 2) tokens: U independent accumulators per
+// token so the FMA latency is hidden, the row read once, front to back
+template <int T>
+static inline void dot_row(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
+  constexpr int U = 4;
+  vf acc[T][U];
+  for (int t = 0; t < T; ++t)
+    for (int u = 0; u < U; ++u) acc[t][u] = vf{};
+  int64_t k = 0;
+  for (; k + U * L <= K; k += U * L)
+    for (int u = 0; u < U; ++u) {
+      const vf wv = vload(w + k + u * L);
+      for (int t = 0; t < T; ++t) acc[t][u] += wv * vload(x + t * ldx + k + u * L);
+    }
+  for (; k + L <= K; k += L) {
+    const vf wv = vload(w + k);
+    for (int t = 0; t < T; ++t) acc[t][0] += wv * vload(x + t * ldx + k);
+  }
+  for (int t = 0; t < T; ++t) {
+    float s = hsum((acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3]));
+    for (int64_t kk = k; kk < K; ++kk) s += x[t * ldx + kk] * w[kk];
+    y[t * ldy] = s;
+  }
+}
+
+// Tokens per dot-product block: 4 rows x TOKENS accumulators fill the vector registers (32 with
+// AVX-512, 16 below it) with room for the rows' and the tokens' loads.
+constexpr int TOKENS = VBYTES == 64 ? 4 : 2;
+
+// y[t, n] = x[t, :] . w[n, :] for rows n in [n0, n1), every token t < T (row-major weight rows).
+// One or two tokens (decoding, memory bound): row after row, so consecutive rows are one
+// sequential stream through memory, which the hardware prefetchers follow best. More tokens
+// (compute bound): 4 rows at a time, the tokens TOKENS at a time, so a row block is read from
+// memory once and from L1 / L2 once per token block, each weight load serving several tokens.
+static void dot_rows(const float* x, int64_t T, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+                     float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  if (T <= 0) return;
+  if (T <= 2) {
+    for (int64_t n = n0; n < n1; ++n) {
+      if (T == 2)
+        dot_row<2>(x, ldx, w + n * ldw, K, y + n, ldy);
+      else
+        dot_row<1>(x, ldx, w + n * ldw, K, y + n, ldy);
+    }
+    return;
+  }
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const float* wn = w + n * ldw;
+    int64_t t = 0;
+    for (; t + TOKENS <= T; t += TOKENS) dot_block<4, TOKENS>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy);
+    for (; t + 2 <= T; t += 2) dot_block<4, 2>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy);
+    if (t < T) dot_block<4, 1>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy);
+  }
+  for (; n < n1; ++n)
+    for (int64_t t = 0; t < T; ++t) dot_block<1, 1>(x + t * ldx, ldx, w + n * ldw, ldw, K, y + t * ldy + n, ldy);
+}
+
+// y[t, m] = sum_f h[t, f] wt[f, m] for columns m in [m0, m1), every token t < T: the weight stored
+// transposed ([F, M] rows), read row by row over the column range, y accumulated in place.
+static void axpy_rows(const float* h, int64_t T, int64_t ldh, const float* wt, int64_t ldw, int64_t F,
+                      float* y, int64_t ldy, int64_t m0, int64_t m1) {
+  for (int64_t t = 0; t < T; ++t) std::memset(y + t * ldy + m0, 0, (m1 - m0) * sizeof(float));
+  for (int64_t f = 0; f < F; ++f) {
+    const float* wf = wt + f * ldw;
+    for (int64_t t = 0; t < T; ++t) {
+      const float a = h[t * ldh + f];
+      const vf av = vsplat(a);
+      float* yt = y + t * ldy;
+      int64_t m = m0;
+      for (; m + L <= m1; m += L) vstore(yt + m, vload(yt + m) + av * vload(wf + m));
+      for (; m < m1; ++m) yt[m] += a * wf[m];
+    }
+  }
+}
+
+// sum of p[0 .. n): a read-only stream (eight independent accumulators), the DRAM read
+// bandwidth probe
+static double read_sum(const float* p, int64_t n) {
+  vf acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 * L <= n; i += 8 * L)
+    for (int j = 0; j < 8; ++j) acc[j] += vload(p + i + j * L);
+  double s = 0.0;
+  for (int j = 0; j < 8; ++j) s += hsum(acc[j]);
+  for (; i < n; ++i) s += p[i];
+  return s;
+}

@@ -1,0 +1,226 @@
+"""ScheInfer's native CPU kernels (every instruction set this host runs) against torch, the
+kernel choice (option, environment, measurement, errors), the fallback without a compiler, and
+the host / bandwidth facts the CPU bench records."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from impl.common.config import ConfigError
+from impl.scheinfer import cpu_kernels
+from impl.scheinfer.fast_decode import (KERNEL_ENV, KERNELS, NAMED_MAX_TOKENS, KernelChoice, _measured_choice,
+                                        choose_kernel, fast_ffn, fast_ffns, product)
+from impl.scheinfer.layers import ExpertWeights, ffn
+
+ISAS = [name for name in cpu_kernels.ISAS if name in cpu_kernels.supported_isas()]
+needs_native = pytest.mark.skipif(not ISAS, reason=f"native kernels unavailable: {cpu_kernels.load_error()}")
+
+
+@pytest.fixture(params=[1, 2, 3])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["rows", "transposed", "row-slice", "column-slice"])
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 37), (64, 1024), (1030, 515)])
+def test_linear_equals_f_linear(isa, layout, N, K, threads):
+    """x @ w^T for 1..9 tokens, both weight layouts and views with a row stride, ragged sizes (no
+    multiple of the vector width or of the row block), with and without bias."""
+    w = {"rows": _randn(N, K), "transposed": _randn(K, N).t(), "row-slice": _randn(N, K + 5)[:, 2:K + 2],
+         "column-slice": _randn(K + 3, N)[1:K + 1].t()}[layout]
+    b = _randn(N, seed=1)
+    for T in (1, 2, 3, 9):
+        x = _randn(T, K, seed=T)
+        for bias in (None, b):
+            _close(torch.ops.scheinfer.linear(x, w, bias, cpu_kernels.ISAS[isa]), F.linear(x, w, bias))
+    x3 = _randn(2, 1, K, seed=5)                               # leading batch dims
+    assert torch.ops.scheinfer.linear(x3, w, None, cpu_kernels.ISAS[isa]).shape == (2, 1, N)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("down", ["rows", "transposed"])
+def test_ffn_and_slices_equal_reference(isa, down, threads):
+    """A SwiGLU FFN (down as [M, F] rows or stored [F, M], the engine's layout) and slices of it
+    along F, for a few tokens, equal `layers.ffn`; large |gate| values exercise the exp's range."""
+    M, Fw = 70, 45
+    gate, up = _randn(Fw, M, seed=1) * 3, _randn(Fw, M, seed=2)
+    down_MF = _randn(M, Fw, seed=3) if down == "rows" else _randn(Fw, M, seed=3).t()
+    w = ExpertWeights(gate, up, down_MF)
+    for T in (1, 2, 5):
+        x = _randn(T, M, seed=T) * 4
+        for a, b in ((0, Fw), (0, 17), (17, Fw), (3, 4)):
+            _close(torch.ops.scheinfer.ffn(x, *(t for t in (w.slice(a, b).gate_FM, w.slice(a, b).up_FM,
+                                                               w.slice(a, b).down_MF)), cpu_kernels.ISAS[isa]),
+                   ffn(w.slice(a, b), x))
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layouts", ["rows", "transposed", "mixed"])
+def test_ffn_many_equals_each_ffn(isa, layouts, threads):
+    """Several FFNs of different widths, each on its own tokens (none, too), in one op: each
+    output equals `layers.ffn`; row-major downs, stored-transposed ones, or both in one call."""
+    M = 36
+    ws, xs = [], []
+    for i, (Fw, T) in enumerate([(45, 1), (8, 3), (130, 0), (17, 2)]):
+        transposed = layouts == "transposed" or (layouts == "mixed" and i % 2)
+        down = _randn(Fw, M, seed=10 + i).t() if transposed else _randn(M, Fw, seed=10 + i)
+        ws.append(ExpertWeights(_randn(Fw, M, seed=i), _randn(Fw, M, seed=20 + i), down))
+        xs.append(_randn(T, M, seed=30 + i))
+    ys = torch.ops.scheinfer.ffn_many(xs, [w.gate_FM for w in ws], [w.up_FM for w in ws], [w.down_MF for w in ws],
+                                      cpu_kernels.ISAS[isa])
+    assert [tuple(y.shape) for y in ys] == [(x.shape[0], M) for x in xs]
+    for y, w, x in zip(ys, ws, xs):
+        if x.shape[0]:
+            _close(y, ffn(w, x))
+    with pytest.raises(RuntimeError, match="expected as many of each"):
+        torch.ops.scheinfer.ffn_many(xs, [w.gate_FM for w in ws], [], [], cpu_kernels.ISAS[isa])
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_moe_token_equals_weighted_experts(isa, threads):
+    """A decoded token's routed experts over stacked weights: the weighted sum of each expert's
+    `ffn`, whatever the order of the ids."""
+    E, M, Fw = 6, 40, 33
+    gu, down = _randn(E, 2 * Fw, M, seed=1), _randn(E, M, Fw, seed=2)
+    x = _randn(1, M, seed=3)
+    for ids in ([4, 1], [0, 5, 2], [3]):
+        wts = torch.rand(len(ids), generator=torch.Generator().manual_seed(len(ids)))
+        want = sum(wt * ffn(ExpertWeights(gu[e, :Fw], gu[e, Fw:], down[e]), x) for e, wt in zip(ids, wts))
+        _close(torch.ops.scheinfer.moe_token(x, gu, down, torch.tensor(ids), wts, cpu_kernels.ISAS[isa]), want)
+    with pytest.raises(RuntimeError, match="expert id 6 outside 0..5"):
+        torch.ops.scheinfer.moe_token(x, gu, down, torch.tensor([6]), torch.ones(1), cpu_kernels.ISAS[isa])
+
+
+@needs_native
+def test_ops_reject_bad_inputs_and_unsupported_isas():
+    w = _randn(8, 4)
+    with pytest.raises(RuntimeError, match="float32 CPU tensor"):
+        torch.ops.scheinfer.linear(_randn(1, 4).double(), w.double(), None, cpu_kernels.ISAS[ISAS[-1]])
+    with pytest.raises(RuntimeError, match="do not match"):
+        torch.ops.scheinfer.linear(_randn(1, 5), w, None, cpu_kernels.ISAS[ISAS[-1]])
+    with pytest.raises(RuntimeError, match="rows or columns contiguous"):
+        torch.ops.scheinfer.linear(_randn(1, 4), _randn(16, 8)[::2, ::2], None, cpu_kernels.ISAS[ISAS[-1]])
+    missing = [n for n in cpu_kernels.ISAS if n not in ISAS]
+    for name in missing:
+        with pytest.raises(RuntimeError, match="not supported by this CPU"):
+            torch.ops.scheinfer.linear(_randn(1, 4), w, None, cpu_kernels.ISAS[name])
+
+
+@pytest.mark.parametrize("kernel", ["torch", *ISAS])
+def test_product_and_fast_ffn_equal_torch_for_every_kernel(kernel):
+    """The dispatching functions the decoders call: native for float32 up to the choice's
+    max_tokens, torch's products beyond and for other dtypes."""
+    isa = choose_kernel(kernel)
+    assert isa.max_tokens == (0 if kernel == "torch" else NAMED_MAX_TOKENS) < 20
+    w = ExpertWeights(_randn(48, 32, seed=1), _randn(48, 32, seed=2), _randn(48, 32, seed=3).t())
+    for T in (1, 4, 20):
+        x = _randn(T, 32, seed=T)
+        _close(product(x, w.gate_FM, None, isa), F.linear(x, w.gate_FM))
+        _close(fast_ffn(w, x, isa), ffn(w, x))
+        for got in fast_ffns([(w, x), (w.slice(5, 30), x[:1])], isa):
+            assert got.shape[1] == 32
+        _close(fast_ffns([(w, x), (w.slice(5, 30), x[:1])], isa)[1], ffn(w.slice(5, 30), x[:1]))
+        wd = ExpertWeights(*(t.double() for t in (w.gate_FM, w.up_FM, w.down_MF)))
+        torch.testing.assert_close(fast_ffn(wd, x.double(), isa), ffn(wd, x.double()))
+
+
+# ------------------------------------------------------------------------- the choice
+
+def test_kernel_choice_splits_decode_and_batched_products():
+    choice = KernelChoice("sse", "option", max_tokens=16, batched="avx512")
+    assert [choice.native(t) for t in (1, 2, 3, 16, 17)] == [0, 0, 2, 2, None]
+    assert KernelChoice("torch", "measured", 64, "avx2").native(1) is None
+    assert KernelChoice("avx2", "option", 16).native(16) == 1 and KernelChoice("avx2", "option", 16).as_dict()["batched"] == "avx2"
+
+
+def test_choose_kernel_option_env_and_errors(monkeypatch):
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    assert choose_kernel("torch") == KernelChoice("torch", "option")
+    monkeypatch.setenv(KERNEL_ENV, "torch")
+    assert choose_kernel() == KernelChoice("torch", "env")
+    monkeypatch.setenv(KERNEL_ENV, "avx3")
+    with pytest.raises(ConfigError, match=r"cpu kernel='avx3' is not allowed; expected one of auto, torch"):
+        choose_kernel()
+    monkeypatch.delenv(KERNEL_ENV)
+    for name in ISAS:
+        assert choose_kernel(name) == KernelChoice(name, "option", NAMED_MAX_TOKENS)
+    assert choose_kernel(choose_kernel("torch")) == KernelChoice("torch", "option")
+    for name in set(cpu_kernels.ISAS) - set(ISAS):
+        with pytest.raises(ConfigError, match=f"cpu kernel='{name}' is not available on this host"):
+            choose_kernel(name)
+
+
+@needs_native
+def test_auto_measures_every_candidate_and_takes_the_fastest(monkeypatch):
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setattr(cpu_kernels, "last_level_cache_bytes", lambda: 1 << 20)   # a small, quick probe
+    _measured_choice.cache_clear()
+    try:
+        choice = choose_kernel()
+    finally:
+        _measured_choice.cache_clear()
+    assert choice.how == "measured" and set(choice.rates_gb_s) == {"torch", *ISAS}
+    assert choice.name == max(choice.rates_gb_s, key=choice.rates_gb_s.get)
+    assert set(choice.batched_gflop_s) == {f"{k}@{T}" for k in ("torch", *ISAS) for T in (16, 64)}
+    assert choice.batched in ISAS and choice.max_tokens in (8, 16, 64)
+    assert choice.native(1) == cpu_kernels.ISAS.get(choice.name)
+    assert choice.native(3) == cpu_kernels.ISAS[choice.batched] and choice.native(choice.max_tokens + 1) is None
+    assert choice.as_dict()["kernel"] == choice.name and choice.isa == cpu_kernels.ISAS.get(choice.name)
+    assert KERNELS == ("auto", "torch", *cpu_kernels.ISAS)
+
+
+def test_no_compiler_falls_back_to_torch_with_one_clear_warning(monkeypatch):
+    """Where the extension cannot be built, `available()` is False with one warning naming what is
+    needed, the native kernels are not offered, and 'auto' is torch's kernel."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'scheinfer_cpu_kernels'\nc++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    for fn in (cpu_kernels.available, cpu_kernels.supported_isas):
+        fn.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"native CPU kernels are unavailable .*c\+\+: command not found.*"
+                                                r"need a C\+\+ compiler"):
+            assert not cpu_kernels.available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cpu_kernels.supported_isas() == ()
+            assert choose_kernel() == KernelChoice("torch", "only", note=cpu_kernels.load_error())
+        with pytest.raises(ConfigError, match="not available on this host .*command not found"):
+            choose_kernel("avx2")
+    finally:
+        monkeypatch.undo()
+        for fn in (cpu_kernels.available, cpu_kernels.supported_isas):
+            fn.cache_clear()
+        cpu_kernels._error = None
+        cpu_kernels.available()
+
+
+# ------------------------------------------------------------------------- the host
+
+def test_host_info_and_read_bandwidth():
+    info = cpu_kernels.host_info()
+    assert info["cores"] >= 1 and info["llc_bytes"] > 0 and isinstance(info["vector_extensions"], list)
+    bw = cpu_kernels.read_bandwidth(threads=1, nbytes=8 << 20, repeats=2)
+    assert bw["threads"] == 1 and bw["buffer_bytes"] == 8 << 20 and bw["gb_s"] > 0
+    assert ("native_read_gb_s" in bw) == bool(ISAS)
