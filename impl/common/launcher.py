@@ -4,7 +4,8 @@
 torch.distributed through a FileStore in a private temporary directory (no port races), builds a
 `TorchComm` and calls `fn(comm, *args)`. The parent watches the ranks: when one raises or dies,
 every other rank is killed at once and `LaunchError` names the failing rank and its error; an
-overall deadline does the same for a hang. No process outlives `launch`.
+overall deadline does the same for a hang. No process outlives `launch`. `backend='nccl'` gives
+rank r the GPU r mod the GPU count (NCCL wants one GPU per rank; gloo ranks may share one).
 
 `init_from_env(topology)` is the cluster path: under torchrun (RANK / WORLD_SIZE /
 MASTER_ADDR set) it initialises nccl (GPU) or gloo (CPU) and returns the TorchComm.
@@ -34,14 +35,16 @@ class LaunchError(RuntimeError):
 
 
 def _rank_main(rank: int, world_size: int, store_path: str, topology: Topology, fn, args, kwargs,
-               timeout_s: float, threads: int, results: mp.Queue):
+               timeout_s: float, threads: int, results: mp.Queue, backend: str = "gloo"):
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
         comm = TorchComm(topology, timeout_s=timeout_s)
         value = fn(comm, *args, **kwargs)
@@ -71,14 +74,17 @@ def _kill_all(procs: list[mp.Process]):
 
 def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), kwargs: dict | None = None, *,
            topology: Topology | str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-           deadline_s: float = 600.0, threads_per_rank: int = 1) -> list[Any]:
-    """Run `fn(comm, *args, **kwargs)` on `world_size` local gloo ranks; return the per-rank
-    results (must be picklable). `fn` must be importable (a module-level function).
+           deadline_s: float = 600.0, threads_per_rank: int = 1, backend: str = "gloo") -> list[Any]:
+    """Run `fn(comm, *args, **kwargs)` on `world_size` local ranks of `backend` ('gloo' or
+    'nccl'); return the per-rank results (must be picklable). `fn` must be importable (a
+    module-level function).
 
     `timeout_s` bounds every collective; `deadline_s` the whole job. The default topology is
     one node of `world_size` GPUs."""
     if world_size < 1:
         raise LaunchError(f"world_size must be >= 1, got {world_size}")
+    if backend not in ("gloo", "nccl"):
+        raise LaunchError(f"backend={backend!r} is not allowed; expected 'gloo' or 'nccl'")
     if topology is None:
         topology = get_topology(f"1x{world_size}")
     elif isinstance(topology, str):
@@ -90,7 +96,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), kwargs: di
     results_q: mp.Queue = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, name=f"rank-{r}", daemon=True,
                          args=(r, world_size, os.path.join(tmpdir, "store"), topology, fn, args, kwargs or {},
-                               timeout_s, threads_per_rank, results_q))
+                               timeout_s, threads_per_rank, results_q, backend))
              for r in range(world_size)]
     results: dict[int, Any] = {}
     try:
