@@ -111,6 +111,8 @@ def test_bench_writes_rounds_and_a_valid_record(files, capsys, tmp_path):
     (["--prompt-tokens", "a"], "--prompt-tokens='a': expected a comma-separated list"),
     (["--repeats", "0"], "--repeats=0 is not allowed"),
     (["--assign", "greedy"], "--assign='greedy' is not allowed"),
+    (["--llamacpp-offload", "auto"], "--llamacpp-offload needs --llamacpp"),
+    (["--deadline-s", "0"], "--deadline-s=0.0 is not allowed"),
 ])
 def test_bench_bad_arguments_fail_before_work(files, capsys, tmp_path, args, message):
     rc = main(["bench", "--model", str(files["mixtral"]), "--out-csv", str(tmp_path / "b.csv"),
@@ -118,17 +120,6 @@ def test_bench_bad_arguments_fail_before_work(files, capsys, tmp_path, args, mes
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b.csv").exists()
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--llamacpp-offload", "auto"], "--llamacpp-offload needs --llamacpp"),
-    (["--deadline-s", "0"], "--deadline-s=0.0 is not allowed"),
-])
-def test_bench_offload_and_deadline_errors(files, capsys, tmp_path, args, message):
-    rc = main(["bench", "--model", str(files["mixtral"]), "--out-csv", str(tmp_path / "b.csv"),
-               "--out-record", str(tmp_path / "b.json"), *args])
-    err = capsys.readouterr().err
-    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_offload_specs_and_ratios():
