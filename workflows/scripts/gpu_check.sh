@@ -54,7 +54,7 @@ else                          # 4.2 GB of F32 weights (6 layers x 8 experts x 3 
   : "${BUDGET:=2147483648}" "${MODEL_SET:=hidden=2048,moe_ffn_hidden=3584,ffn_hidden=3584,num_layers=6,num_heads=16,num_kv_heads=4,head_dim=128}"
   : "${PROMPTS:=32,128}" "${NPRED:=16}" "${REPEATS:=3}"
   CAL="--widths 512,1024,2048,3584 --rows 1,4,16,64,128"
-  L_SETUP=20 L_A=25 L_B=70 L_C1=55 L_C2=25 L_C3=130 L_D=25 L_E=10 DEADLINE=60
+  L_SETUP=20 L_A=20 L_B=70 L_C1=75 L_C2=25 L_C3=120 L_D=20 L_E=10 DEADLINE=50
 fi
 case "$BUDGET" in (*[!0-9]*|'') echo "error: --budget=$BUDGET is not allowed; expected bytes (an integer)" >&2; exit 2;; esac
 mkdir -p "$DEST" || exit 2
@@ -97,8 +97,8 @@ print(':'.join(sorted({d for p in sys.path for d in glob.glob(os.path.join(p, 'n
   LLAMA=0
   if llama_ok; then LLAMA=1
   elif [ "$DRY" = 0 ] && ls "$ROOT"/.gpu/llama-cpp-src-*.tar.xz >/dev/null 2>&1; then
-    echo "[setup] the carried llama.cpp does not offload here; building it (sm_90, $(nproc) jobs, at most 300 s)"
-    timeout 300 bash "$ROOT/workflows/scripts/build_llamacpp_cuda.sh" --jobs "$(nproc)" --out "$WORK/llama-cuda" \
+    echo "[setup] the carried llama.cpp does not offload here; building it (sm_90, $(nproc) jobs, at most 240 s)"
+    timeout 240 bash "$ROOT/workflows/scripts/build_llamacpp_cuda.sh" --jobs "$(nproc)" --out "$WORK/llama-cuda" \
       && export LLAMA_CPP_LIB_PATH="$WORK/llama-cuda" && llama_ok && LLAMA=1
   elif [ "$DRY" = 1 ] && [ -n "${LLAMA_CPP_LIB_PATH:-}" ]; then
     unset LLAMA_CPP_LIB_PATH                # the package's own build, if it has one
@@ -117,10 +117,17 @@ print(':'.join(sorted({d for p in sys.path for d in glob.glob(os.path.join(p, 'n
 # llama.cpp loads (and, outside a dry run, can offload to the GPU)
 llama_ok() {
   "$PY" -c "
+import ctypes, os
 from baselines.llamacpp.runner import llama_cpp_info
 info = llama_cpp_info()
 print('[setup] llama.cpp:', info)
-raise SystemExit(0 if $DRY or info['gpu_offload'] == 'True' else 3)" 2>&1 | tail -3
+cuda_lib = os.path.join(os.environ.get('LLAMA_CPP_LIB_PATH', ''), 'libggml-cuda.so')
+if info['gpu_offload'] != 'True' and os.path.isfile(cuda_lib):
+    try:                    # ggml skips a backend that fails to load silently: say why
+        ctypes.CDLL(cuda_lib)
+    except OSError as e:
+        print('[setup] libggml-cuda.so does not load:', e)
+raise SystemExit(0 if $DRY or info['gpu_offload'] == 'True' else 3)" 2>&1 | tail -4
   return "${PIPESTATUS[0]}"
 }
 

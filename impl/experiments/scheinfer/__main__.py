@@ -296,10 +296,8 @@ def cmd_bench(args) -> int:
         return _fail(f"--prompt-tokens {max(args.prompt_tokens)} + --n-predict {args.n_predict} exceed the "
                      f"model's {cfg.max_position_embeddings} positions")
 
-    import pandas as pd
     import torch
     from tqdm import tqdm
-    from impl.common.records import atomic_output, make_record, write_record
     from impl.scheinfer.engine import HybridDecoder
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -349,13 +347,27 @@ def cmd_bench(args) -> int:
                                  "prefill_tok_s": pre, "decode_tok_s": dec, "device": device,
                                  "threads": threads, "gpu_mem_bytes": gpu_mem})
                     bar.update()
+            # after every round, so that a run stopped from outside keeps the rounds it finished
+            frame = _write_bench(args, cfg, rows, systems, device, threads, cost, gpu_mem, placement, llama,
+                                 llama_used)
         bar.close()
     finally:
         for e in engines:
             e.close()
+    med = frame.groupby(["prompt_tokens", "system"], sort=False)[["prefill_tok_s", "decode_tok_s"]].median()
+    print(f"device {device}, {threads} threads, {frame['round'].nunique()} rounds (medians, tok/s):")
+    print(med.to_string(float_format=lambda v: f"{v:.1f}"))
+    return 0
+
+
+def _write_bench(args, cfg, rows, systems, device, threads, cost, gpu_mem, placement, llama, llama_used):
+    """The bench's CSV (one row per round, system and prompt length) and run record, atomically."""
+    import pandas as pd
+    from impl.common.records import atomic_output, make_record, write_record
     frame = pd.DataFrame(rows)
     extra = {"cost_model": cost.source, "weights_file_type": _gguf_file_type(Path(args.model)),
              "note": "MEASURED on this host; without CUDA the engine's GPU and PCIe lanes run on the CPU (emulated)",
+             "rounds_done": int(frame["round"].nunique()),
              "ratios": {"definition": "scheinfer median tok/s / other system's median tok/s, this run",
                         **_ratios(frame)},
              "budget": _budget_record(gpu_mem, placement, llama, llama_used, args.model)}
@@ -375,10 +387,7 @@ def cmd_bench(args) -> int:
     with atomic_output(args.out_csv) as tmp:
         frame.to_csv(tmp, index=False)
     write_record(args.out_record, record)
-    med = frame.groupby(["prompt_tokens", "system"], sort=False)[["prefill_tok_s", "decode_tok_s"]].median()
-    print(f"device {device}, {threads} threads, {args.repeats} rounds (medians, tok/s):")
-    print(med.to_string(float_format=lambda v: f"{v:.1f}"))
-    return 0
+    return frame
 
 
 def _budget_record(gpu_mem: int, placement: dict, llama: dict, llama_used: dict, model: str) -> dict:
