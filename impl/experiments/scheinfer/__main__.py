@@ -403,7 +403,9 @@ def _budget_record(gpu_mem: int, placement: dict, llama: dict, llama_used: dict,
             "enforcement": "the offload setting is chosen (or checked) so that the FFN / expert weights it puts "
                            "on the GPU, counted from the GGUF's tensor sizes by llama.cpp's placement rules, are "
                            "<= gpu_mem_bytes; the other weights of the offloaded layers, the KV cache and compute "
-                           "buffers come besides (device_bytes_used, measured, includes them)",
+                           "buffers come besides (device_bytes_used, measured, includes them; for batches of 32 "
+                           "tokens or more llama.cpp copies CPU-resident weights into its compute buffers to "
+                           "multiply on the GPU, so those buffers can be large)",
             **{name: {"command_line": s.command_line(model), "gpu_weight_bytes": gpu_weight_bytes(model, s),
                       "within_budget": gpu_weight_bytes(model, s)["ffn"] <= gpu_mem,
                       "device_bytes_used": llama_used[name] or None}
