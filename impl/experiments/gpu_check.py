@@ -95,6 +95,15 @@ def _nvidia_smi() -> dict[str, str]:
     return dict(zip(fields.split(","), (v.strip() for v in out.split(","))))
 
 
+def _nccl_version() -> str | None:
+    import torch
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception:                            # noqa: BLE001 - no NCCL in this build
+        return None
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def _llamacpp() -> dict[str, Any]:
     try:
         from baselines.llamacpp.runner import llama_cpp_info
@@ -119,7 +128,7 @@ def device_report(sizes_mib: int = 256, reps: int = 5) -> dict[str, Any]:
         report["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count,
                          "total_memory_bytes": total, "free_memory_bytes": free,
                          "cudnn": torch.backends.cudnn.version(),
-                         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None,
+                         "nccl": _nccl_version(),
                          "nvidia_smi": _nvidia_smi()}
     nbytes = sizes_mib * MiB
     bw = {}
