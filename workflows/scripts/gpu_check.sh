@@ -48,7 +48,8 @@ if [ "$DRY" = 1 ]; then       # a small model and budget: seconds on 2 CPU cores
   : "${BUDGET:=5000000}" "${MODEL_SET:=hidden=128,moe_ffn_hidden=256,ffn_hidden=256,num_layers=4,num_heads=4,num_kv_heads=2,head_dim=32}"
   : "${PROMPTS:=8,16}" "${NPRED:=4}" "${REPEATS:=1}"
   CAL="--widths 64,128,256 --rows 1,8,32"
-  # stage limits (s): setup, a, b, c-model, c-cost, c-bench, d, e
+  # stage limits (s): setup (recorded; its one long part, a llama.cpp rebuild, has its own), a, b,
+  # c-model, c-cost, c-bench, d, e; DEADLINE: the bench starts no new round after it
   L_SETUP=60 L_A=60 L_B=120 L_C1=60 L_C2=60 L_C3=180 L_D=60 L_E=30 DEADLINE=60
 else                          # 4.2 GB of F32 weights (6 layers x 8 experts x 3 x 2048 x 3584) under 2 GiB
   : "${BUDGET:=2147483648}" "${MODEL_SET:=hidden=2048,moe_ffn_hidden=3584,ffn_hidden=3584,num_layers=6,num_heads=16,num_kv_heads=4,head_dim=128}"
