@@ -10,7 +10,7 @@ CORES ?= 2
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup run test emu clean
+.PHONY: setup run test emu clean llamacpp-cuda gpu-wheels gpu-rehearsal
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -40,3 +40,36 @@ emu: setup
 
 clean:
 	rm -rf results resources .snakemake
+
+# ---- GPU evidence: workflows/scripts/GPU_RUN.md. Not part of `make test` or CI. --------------
+# llama.cpp with CUDA for one GPU architecture (sm_90: H100 / H200), from the pinned
+# llama-cpp-python's sources, into .gpu/llama-cuda (needs nvcc; about 200 compile steps, long on
+# 2 cores, so niced).
+CUDA_ARCH ?= 90
+PIP ?= python3 -m pip
+LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+llamacpp-cuda:
+	nice -n 19 bash workflows/scripts/build_llamacpp_cuda.sh --arch $(CUDA_ARCH) --jobs $(CORES)
+
+# What the GPU machine's Python 3.12 lacks, as wheels in .whl/ (versions of this project's
+# environment; pure Python except rpds-py), and llama-cpp-python's Python part alone (its
+# libraries come from LLAMA_CPP_LIB_PATH).
+GPU_WHEELS := gguf==0.19.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
+	rpds-py==2026.9.1 diskcache==5.6.3 pytest-timeout==2.4.0
+WHEEL_TARGET := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PIP) download -q --no-deps --only-binary=:all: $(WHEEL_TARGET) -d .whl $(GPU_WHEELS)
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) wheel -q --no-deps --no-cache-dir \
+		--no-binary llama-cpp-python -w .whl llama-cpp-python==$(LLAMA_CPP_PYTHON)
+
+# The dry run under Python 3.12 with the GPU machine's packages only (torch 2.11 from PyPI: with
+# no GPU here it runs on the CPU) plus the carried wheels, as the GPU machine will run it.
+PY312 ?= $(HOME)/.pyenv/versions/3.12.1/bin/python
+GPU_MACHINE_PACKAGES := torch==2.11.0 numpy scipy pandas seaborn matplotlib pytest pytest-benchmark \
+	safetensors pyyaml tqdm psutil jinja2 typing-extensions requests attrs
+gpu-rehearsal: gpu-wheels
+	test -x .gpu/py312/bin/python || $(PY312) -m venv .gpu/py312
+	.gpu/py312/bin/python -m pip install -q $(GPU_MACHINE_PACKAGES)
+	PYTHON=$(abspath .gpu/py312/bin/python) bash workflows/scripts/gpu_check.sh --dry-run --out .gpu/rehearsal

@@ -13,24 +13,44 @@ Settings that matter for exactness (`LlamaCppSettings`):
   key and value; F32 keeps it comparable with an F32 reference. Benchmarks of the paper's
   setting keep llama.cpp's default (f32_kv_cache=False) and say so in their records.
 * flash_attn off; n_batch/n_ubatch as given (llama.cpp processes a prompt in ubatch chunks).
-* n_gpu_layers: the last N layers on the GPU (-ngl); needs a CUDA build of llama-cpp-python
-  (CMAKE_ARGS="-DGGML_CUDA=on"). The CPU build ignores it.
+* n_gpu_layers: the last N layers on the GPU (-ngl); needs a CUDA build of llama.cpp (a CUDA
+  build of llama-cpp-python, or the libraries of `make llamacpp-cuda` named by LLAMA_CPP_LIB_PATH).
+  The CPU build ignores it.
+* n_cpu_moe: the expert tensors of the first K layers kept in CPU memory (llama.cpp's
+  `--n-cpu-moe K`, how users fit a MoE model into a small GPU with `-ngl` set to all layers).
+  llama.cpp's command line implements it as tensor buffer-type overrides (common/arg.cpp), which
+  llama-cpp-python's `Llama` does not expose; `open_llama` passes the same overrides (same regular
+  expressions, CPU buffer type) through `llama_model_params.tensor_buft_overrides`.
+
+`gpu_weight_bytes` says which weights of a GGUF file a setting puts on the GPU (llama.cpp's
+rules: the last N layers, the output layer when N exceeds the layer count, never the token
+embeddings; overridden expert tensors on the CPU), so a benchmark can hold llama.cpp to the same
+GPU budget as the other systems and say so.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 __all__ = ["LlamaCppSettings", "LlamaCppRunner", "GreedyResult", "SpeedResult", "measure_speed",
-           "llama_cpp_info"]
+           "llama_cpp_info", "open_llama", "cpu_moe_patterns", "gpu_weight_bytes", "load_backends",
+           "settings_within_budget"]
 
 GGML_TYPE_F32 = 0
+# llama.cpp common/common.h LLM_FFN_EXPS_REGEX and llm_ffn_block_regex: what --n-cpu-moe keeps on the CPU
+FFN_EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+# FFN and expert weights (what the engine's GPU budget counts): dense, routed and shared experts
+_FFN_WEIGHT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)(_exps|_chexps|_shexp)?\.weight$")
+_LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -44,13 +64,15 @@ class LlamaCppSettings:
     f32_kv_cache: bool = True
     flash_attn: bool = False
     use_mmap: bool = True
+    n_cpu_moe: int = 0                    # expert tensors of the first K layers on the CPU (--n-cpu-moe)
 
     def __post_init__(self):
         for f in ("n_ctx", "n_batch", "n_ubatch"):
             if getattr(self, f) < 1:
                 raise ValueError(f"LlamaCppSettings: {f}={getattr(self, f)!r} is not allowed; expected an integer >= 1")
-        if self.n_gpu_layers < 0:
-            raise ValueError(f"LlamaCppSettings: n_gpu_layers={self.n_gpu_layers} is not allowed; expected >= 0")
+        for f in ("n_gpu_layers", "n_cpu_moe"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"LlamaCppSettings: {f}={getattr(self, f)} is not allowed; expected >= 0")
 
     @property
     def threads(self) -> int:
@@ -71,16 +93,138 @@ class LlamaCppSettings:
                f"-b {self.n_batch} -ub {self.n_ubatch} -fa {'on' if self.flash_attn else 'off'}")
         if self.f32_kv_cache:
             cmd += " -ctk f32 -ctv f32"
+        if self.n_cpu_moe:
+            cmd += f" --n-cpu-moe {self.n_cpu_moe}"
         return cmd
 
 
-def llama_cpp_info() -> dict[str, str]:
-    """llama-cpp-python version and llama.cpp's system info line (CPU features, backends)."""
+def cpu_moe_patterns(n_cpu_moe: int) -> list[str]:
+    """The tensor-name patterns `--n-cpu-moe K` keeps in CPU memory (llama.cpp common.h)."""
+    return [rf"blk\.{i}{FFN_EXPS_REGEX}" for i in range(n_cpu_moe)]
+
+
+def gpu_weight_bytes(model_path: str | Path, settings: LlamaCppSettings) -> dict[str, Any]:
+    """Bytes of the GGUF's weights that `settings` place on the GPU: 'ffn' (FFN and expert
+    matrices, what the engine's GPU budget counts) and 'other' (attention, norms, routers, output),
+    by llama.cpp's rules (module doc). Assumes a GPU backend is present; the KV cache and compute
+    buffers come on top."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(model_path), "r")
+    arch = reader.get_field("general.architecture").contents()
+    n_layer = int(reader.get_field(f"{arch}.block_count").contents())
+    first_gpu = max(n_layer - settings.n_gpu_layers, 0)
+    cpu_moe = [re.compile(p) for p in cpu_moe_patterns(settings.n_cpu_moe)]
+    out = {"ffn": 0, "other": 0, "n_layer": n_layer, "gpu_layers": list(range(first_gpu, n_layer)),
+           "cpu_moe_layers": list(range(min(settings.n_cpu_moe, n_layer)))}
+    for t in reader.tensors:
+        m = _LAYER.match(t.name)
+        if m:
+            on_gpu = int(m[1]) >= first_gpu and not any(p.search(t.name) for p in cpu_moe)
+        else:           # output layer only when every repeating layer is offloaded; never token_embd
+            on_gpu = settings.n_gpu_layers > n_layer and t.name.startswith("output")
+        if on_gpu:
+            out["ffn" if _FFN_WEIGHT.match(t.name) else "other"] += int(t.n_bytes)
+    return out
+
+
+def settings_within_budget(model_path: str | Path, budget_bytes: int, base: LlamaCppSettings) -> list[LlamaCppSettings]:
+    """How users fit a MoE model into a GPU whose FFN / expert budget is `budget_bytes`, each
+    within it: `-ngl N` with N the most whole layers that fit (the classic way; the attention of
+    the other layers stays on the CPU too), and `-ngl all --n-cpu-moe K` (every non-expert weight
+    on the GPU) for the smallest K that fits, K + 1, and all layers (`--cpu-moe`)."""
+    from dataclasses import replace
+
+    n_layer = gpu_weight_bytes(model_path, base)["n_layer"]
+    fits = lambda s: gpu_weight_bytes(model_path, s)["ffn"] <= budget_bytes      # noqa: E731
+    ngl = next(n for n in range(n_layer, -1, -1) if fits(replace(base, n_gpu_layers=n, n_cpu_moe=0)))
+    every = n_layer + 1                                   # the output layer too, as -ngl 99 does
+    k_min = next(k for k in range(n_layer + 1) if fits(replace(base, n_gpu_layers=every, n_cpu_moe=k)))
+    out = [replace(base, n_gpu_layers=ngl, n_cpu_moe=0)]
+    for k in dict.fromkeys((k_min, min(k_min + 1, n_layer), n_layer)):
+        out.append(replace(base, n_gpu_layers=every, n_cpu_moe=k))
+    return out
+
+
+_backends_loaded = False
+
+
+def load_backends() -> str | None:
+    """With a llama.cpp built as run-time loaded backends (GGML_BACKEND_DL, as `make llamacpp-cuda`
+    builds it) and named by LLAMA_CPP_LIB_PATH, load its backends (CUDA, the best CPU variant)
+    from that folder before the first model: ggml would otherwise search only the Python
+    executable's folder and the working directory. Returns the folder, or None when there is
+    nothing to load (a build with its backends linked in). Idempotent."""
+    global _backends_loaded
+    path = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if _backends_loaded or not path or not list(Path(path).glob("libggml-cpu*.so")):
+        return None
     import llama_cpp
 
+    lib = llama_cpp.llama_cpp._lib              # its dependencies (libggml) resolve through it
+    lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if lib.ggml_backend_reg_count() == 0:
+        lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        lib.ggml_backend_load_all_from_path(os.fsencode(path))
+    _backends_loaded = True
+    return path
+
+
+class _BuftOverride(ctypes.Structure):
+    """llama.h `struct llama_model_tensor_buft_override` (not defined by llama-cpp-python)."""
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+@contextlib.contextmanager
+def _tensor_overrides(patterns: Sequence[str]) -> Iterator[None]:
+    """While a `Llama` is built, give its model parameters these CPU buffer-type overrides (a
+    subclass of llama-cpp-python's internal model wrapper sets the field it leaves empty)."""
+    if not patterns:
+        yield
+        return
+    import llama_cpp
+    import llama_cpp._internals as internals
+
+    lib = llama_cpp.llama_cpp._lib
+    lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+    lib.ggml_backend_cpu_buffer_type.argtypes = []
+    cpu = lib.ggml_backend_cpu_buffer_type()
+    encoded = [p.encode() for p in patterns]             # kept alive until the model is loaded
+    table = (_BuftOverride * (len(encoded) + 1))(*[_BuftOverride(p, cpu) for p in encoded])
+    original = internals.LlamaModel
+
+    class _WithOverrides(original):
+        def __init__(self, *args, params, **kwargs):
+            params.tensor_buft_overrides = ctypes.cast(table, ctypes.c_void_p).value
+            super().__init__(*args, params=params, **kwargs)
+
+    internals.LlamaModel = _WithOverrides
+    try:
+        yield
+    finally:
+        internals.LlamaModel = original
+
+
+def open_llama(model_path: str | Path, settings: LlamaCppSettings, logits_all: bool, verbose: bool = False):
+    """A `llama_cpp.Llama` on `model_path` with every setting applied (--n-cpu-moe included)."""
+    import llama_cpp
+
+    load_backends()
+    with _tensor_overrides(cpu_moe_patterns(settings.n_cpu_moe)):
+        return llama_cpp.Llama(str(model_path), **{**settings.llama_kwargs(logits_all), "verbose": verbose})
+
+
+def llama_cpp_info() -> dict[str, str]:
+    """llama-cpp-python version, llama.cpp's system info line (CPU features, backends), whether
+    it can offload to a GPU, and which libraries it loaded."""
+    import llama_cpp
+
+    load_backends()
     info = llama_cpp.llama_print_system_info()
     return {"llama_cpp_python": llama_cpp.__version__,
-            "system_info": info.decode() if isinstance(info, bytes) else str(info)}
+            "system_info": info.decode() if isinstance(info, bytes) else str(info),
+            "gpu_offload": str(bool(llama_cpp.llama_supports_gpu_offload())),
+            "lib_path": os.environ.get("LLAMA_CPP_LIB_PATH", "(the package's own)")}
 
 
 @dataclass
@@ -93,13 +237,11 @@ class LlamaCppRunner:
     """One llama.cpp context over a GGUF file, keeping logits of every evaluated position."""
 
     def __init__(self, model_path: str | Path, settings: LlamaCppSettings | None = None):
-        import llama_cpp
-
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"GGUF file {self.model_path} does not exist")
         self.settings = settings or LlamaCppSettings()
-        self.llm = llama_cpp.Llama(str(self.model_path), **self.settings.llama_kwargs(logits_all=True))
+        self.llm = open_llama(self.model_path, self.settings, logits_all=True)
         self.n_vocab = self.llm.n_vocab()
 
     def _check(self, tokens: Sequence[int], extra: int = 0) -> list[int]:
@@ -157,6 +299,7 @@ class SpeedResult:
     settings: dict[str, Any] = field(default_factory=dict)
     command_line: str = ""
     info: dict[str, str] = field(default_factory=dict)
+    device_bytes_used: int | None = None   # device memory the loaded model and context took (device_free)
 
     @property
     def prefill_median(self) -> float:
@@ -173,11 +316,14 @@ class SpeedResult:
 
 
 def measure_speed(model_path: str | Path, prompt: Sequence[int], n_decode: int,
-                  settings: LlamaCppSettings | None = None, repeats: int = 3, warmup: int = 1) -> SpeedResult:
+                  settings: LlamaCppSettings | None = None, repeats: int = 3, warmup: int = 1,
+                  device_free: Callable[[], int] | None = None) -> SpeedResult:
     """Prefill speed = len(prompt) / time to evaluate the prompt; decode speed = n_decode / time of
     n_decode single-token steps after it (each feeding the arg-max of the last logits), as
     llama-bench's pp / tg. Uses a context that keeps only the last position's logits, as serving
-    does. Returns every repeat; warm-up repeats are discarded."""
+    does. Returns every repeat; warm-up repeats are discarded. `device_free()` (free device bytes,
+    e.g. from torch.cuda.mem_get_info) read before loading and after the first evaluation gives
+    `device_bytes_used`."""
     import llama_cpp
 
     settings = settings or LlamaCppSettings()
@@ -186,7 +332,8 @@ def measure_speed(model_path: str | Path, prompt: Sequence[int], n_decode: int,
         raise ValueError(f"n_decode={n_decode}, repeats={repeats}, warmup={warmup}: expected >= 1, >= 1, >= 0")
     if len(prompt) + n_decode > settings.n_ctx:
         raise ValueError(f"{len(prompt)} prompt + {n_decode} decode tokens exceed n_ctx={settings.n_ctx}")
-    llm = llama_cpp.Llama(str(model_path), **settings.llama_kwargs(logits_all=False))
+    free_before = device_free() if device_free is not None else None
+    llm = open_llama(model_path, settings, logits_all=False)
     n_vocab = llm.n_vocab()
     result = SpeedResult(len(prompt), n_decode, settings=asdict(settings),
                          command_line=settings.command_line(model_path), info=llama_cpp_info())
@@ -203,6 +350,8 @@ def measure_speed(model_path: str | Path, prompt: Sequence[int], n_decode: int,
             if r >= warmup:
                 result.prefill_tok_s.append(len(prompt) / (t1 - t0))
                 result.decode_tok_s.append(n_decode / (t2 - t1))
+            if r == 0 and free_before is not None:
+                result.device_bytes_used = free_before - device_free()
     finally:
         llm.close()
     return result

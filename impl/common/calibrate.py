@@ -260,16 +260,18 @@ def aggregate_repeats(times_ms_rank_size_repeat: Sequence[Sequence[Sequence[floa
 
 
 def measure_gemm(tokens: Sequence[int], dim: int, repeats: int, warmup: int, iters: int = 1,
-                 device: str = "cpu") -> dict[str, list]:
-    """Median over repeats (each the mean of `iters` calls) of a float32 [t, dim] @ [dim, dim]
-    matmul per token count t; work = t * dim * dim multiply-accumulates."""
+                 device: str = "cpu", dtype=None) -> dict[str, list]:
+    """Median over repeats (each the mean of `iters` calls) of a [t, dim] @ [dim, dim] matmul
+    (float32 unless `dtype` names another torch dtype) per token count t; work = t * dim * dim
+    multiply-accumulates."""
     import torch
 
     dev = torch.device(device)
-    weight = torch.randn(dim, dim, dtype=torch.float32, device=dev)
+    dtype = dtype or torch.float32
+    weight = torch.randn(dim, dim, dtype=torch.float32, device=dev).to(dtype)
     work, med = [], []
     for t in tokens:
-        x = torch.randn(t, dim, dtype=torch.float32, device=dev)
+        x = torch.randn(t, dim, dtype=torch.float32, device=dev).to(dtype)
         for _ in range(warmup):
             torch.matmul(x, weight)
         _sync(dev)

@@ -5,7 +5,8 @@ job, with collective timeouts, and name the rank that broke a job.
 torch.distributed through a FileStore in a private temporary directory (no port races; shared by
 every namespace of an emulated cluster), builds a `TorchComm` and calls `fn(comm, *args)`. Each
 rank runs where `cluster.site(rank)` says (`impl.common.emu_cluster`: its node's network
-namespace, gloo bound to that node's interface; loopback by default).
+namespace, gloo bound to that node's interface; loopback by default). `backend='nccl'` gives
+rank r the GPU r mod the GPU count (NCCL wants one GPU per rank; gloo ranks may share one).
 
 The parent watches the ranks and, when the job breaks, names the rank that broke it, not a
 survivor that merely saw the broken connection:
@@ -139,7 +140,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _rank_main(rank: int, world_size: int, store_path: str, topology: Topology, fn, args, kwargs,
-               timeout_s: float, threads: int, site: RankSite, parent_pid: int, progress, results: mp.Queue):
+               timeout_s: float, threads: int, site: RankSite, parent_pid: int, progress, results: mp.Queue,
+               backend: str = "gloo"):
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides; it stops every rank on Ctrl-C
     if site.netns:
@@ -155,7 +157,9 @@ def _rank_main(rank: int, world_size: int, store_path: str, topology: Topology, 
         progress[rank] += 1
 
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
         comm = TorchComm(topology, timeout_s=timeout_s, on_collective=count)
         value = fn(comm, *args, **kwargs)
@@ -260,15 +264,18 @@ def diagnose(errors: Mapping[int, RankError], died: Mapping[int, int | None], si
 
 def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), kwargs: dict | None = None, *,
            topology: Topology | str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-           deadline_s: float = 600.0, threads_per_rank: int = 1, cluster=None) -> list[Any]:
-    """Run `fn(comm, *args, **kwargs)` on `world_size` local gloo ranks; return the per-rank
-    results (must be picklable). `fn` must be importable (a module-level function).
+           deadline_s: float = 600.0, threads_per_rank: int = 1, cluster=None, backend: str = "gloo") -> list[Any]:
+    """Run `fn(comm, *args, **kwargs)` on `world_size` local ranks of `backend` ('gloo' or
+    'nccl'); return the per-rank results (must be picklable). `fn` must be importable (a
+    module-level function).
 
     `timeout_s` bounds every collective; `deadline_s` the whole job. The default topology is
     one node of `world_size` GPUs. `cluster` (`impl.common.emu_cluster.emulated_cluster`) says
     where each rank runs; loopback when None."""
     if world_size < 1:
         raise LaunchError(f"world_size must be >= 1, got {world_size}")
+    if backend not in ("gloo", "nccl"):
+        raise LaunchError(f"backend={backend!r} is not allowed; expected 'gloo' or 'nccl'")
     if topology is None:
         topology = get_topology(f"1x{world_size}")
     elif isinstance(topology, str):
@@ -282,7 +289,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), kwargs: di
     progress = ctx.RawArray("q", world_size)
     procs = [ctx.Process(target=_rank_main, name=f"rank-{r}", daemon=True,
                          args=(r, world_size, os.path.join(tmpdir, "store"), topology, fn, args, kwargs or {},
-                               timeout_s, threads_per_rank, sites[r], os.getpid(), progress, results_q))
+                               timeout_s, threads_per_rank, sites[r], os.getpid(), progress, results_q, backend))
              for r in range(world_size)]
     results: dict[int, Any] = {}
     errors: dict[int, RankError] = {}

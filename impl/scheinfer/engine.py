@@ -23,7 +23,10 @@ a host->device copy lane and a GPU compute lane at the same time (scheinfer.md 2
   threads are daemons and `close()` waits a bounded time, so neither it nor interpreter exit can
   hang on a lane.
 * Every band records a `LaneEvent` (lane, layer, FFN, phase, start/end, rows, tokens): the
-  timeline of diagram (a) in scheinfer.md 2.5.
+  timeline of diagram (a) in scheinfer.md 2.5, in host time. With CUDA and
+  `device_events=True` the copy and GPU bands also record CUDA events on their streams, so
+  `device_timeline()` gives when the device itself ran each copy and each product (host stamps
+  include the issue and the wait, not only the device work).
 * `HybridDecoder` is the eager `fast_decode.FastDecoder` with the engine underneath: non-FFN
   weights on the engine's device, FFN / expert weights in (pinned) host memory with `down` stored as [F, M] rows so every
   slice is one contiguous block, a layer's routed experts handed to the engine together, and the
@@ -31,6 +34,7 @@ a host->device copy lane and a GPU compute lane at the same time (scheinfer.md 2
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import sys
 import threading
@@ -206,7 +210,8 @@ class HybridEngine:
 
     def __init__(self, policy: Policy, hidden: int, dtype: torch.dtype = torch.float32,
                  gpu_mem_bytes: int = 0, device: str | torch.device | None = None, threads: int | None = None,
-                 lane_hook: Callable[[str, str], None] | None = None, kernel: str | KernelChoice | None = None):
+                 lane_hook: Callable[[str, str], None] | None = None, kernel: str | KernelChoice | None = None,
+                 device_events: bool = False):
         if gpu_mem_bytes < 0:
             raise ConfigError(f"gpu_mem_bytes={gpu_mem_bytes!r} is not allowed; expected an integer >= 0")
         if threads is not None:
@@ -255,6 +260,8 @@ class HybridEngine:
         if self.cuda:
             self._compute_stream = torch.cuda.Stream(self.device)
             self._copy_stream = torch.cuda.Stream(self.device)
+        self.device_events = device_events and self.cuda
+        self._device_marks: list[tuple[LaneEvent, torch.cuda.Event, torch.cuda.Event]] = []
 
     def __enter__(self) -> "HybridEngine":
         return self
@@ -295,10 +302,32 @@ class HybridEngine:
         """`decoder.ExpertFn`: one FFN through the lanes (placement is made on first use)."""
         return self.run_layer(layer, [(expert, w, x_TM)], x_TM.shape[0])[0]
 
-    def _stamp(self, lane, band, key, start, rows, tokens, end: float | None = None):
+    def _stamp(self, lane, band, key, start, rows, tokens, end: float | None = None, marks=None):
         end = time.perf_counter() if end is None else end
+        event = LaneEvent(lane, band, key[0], key[1], self.phase, start, end, rows, tokens)
         with self._lock:
-            self.events.append(LaneEvent(lane, band, key[0], key[1], self.phase, start, end, rows, tokens))
+            self.events.append(event)
+            if marks is not None:
+                self._device_marks.append((event, *marks))
+
+    def _marks(self, stream):
+        """A (begin, end) pair of timing events, begin recorded on `stream` now (device_events)."""
+        if not self.device_events:
+            return None
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record(stream)
+        return begin, end
+
+    def device_timeline(self) -> list[dict]:
+        """The copy and GPU bands as the device ran them (device_events=True): each LaneEvent's
+        fields with start_ms / end_ms read from its CUDA events, relative to the earliest."""
+        if not self._device_marks:
+            return []
+        torch.cuda.synchronize(self.device)
+        ref = self._device_marks[0][1]
+        spans = [(ev, ref.elapsed_time(b), ref.elapsed_time(e)) for ev, b, e in self._device_marks]
+        t0 = min(start for _, start, _ in spans)
+        return [{**dataclasses.asdict(ev), "start_ms": start - t0, "end_ms": end - t0} for ev, start, end in spans]
 
     def run_layer(self, layer: int, items: Sequence[FFNItem], layer_tokens: int) -> list[torch.Tensor]:
         """Outputs y_TM of the FFNs items = [(expert, weights, x_TM)] of one layer. A lane's error
@@ -364,28 +393,36 @@ class HybridEngine:
         t0 = time.perf_counter()
         self._hook("h2d", "cg")
         src = _contiguous_rows(w, s.cc, s.cc + s.cg)
+        marks = None
         if self.cuda:
+            marks = self._marks(self._copy_stream)
             with torch.cuda.stream(self._copy_stream):
                 for dst, t in zip(slot, src):
                     dst[:s.cg].copy_(t, non_blocking=True)
+            if marks:
+                marks[1].record(self._copy_stream)
             _wait_blocking(self._copy_stream)
         else:
             for dst, t in zip(slot, src):
                 dst[:s.cg].copy_(t)
-        self._stamp("h2d", "cg", key, t0, s.cg, 0)
+        self._stamp("h2d", "cg", key, t0, s.cg, 0, marks=marks)
         return slot
 
     def _gpu_band(self, band, key, w_dev: ExpertWeights, x_dev, rows) -> torch.Tensor:
         t0 = time.perf_counter()
         self._hook("gpu", band)
+        marks = None
         if self.cuda:
+            marks = self._marks(self._compute_stream)
             with torch.cuda.stream(self._compute_stream):
                 y = fast_ffn(w_dev, x_dev)
+            if marks:
+                marks[1].record(self._compute_stream)
             _wait_blocking(self._compute_stream)
             y.record_stream(self._main_stream)      # freed later on the caller's stream
         else:
             y = fast_ffn(w_dev, x_dev, self.kernel)
-        self._stamp("gpu", band, key, t0, rows, x_dev.shape[0])
+        self._stamp("gpu", band, key, t0, rows, x_dev.shape[0], marks=marks)
         return y
 
     def _staged(self, slot: Slot, rows: int) -> ExpertWeights:

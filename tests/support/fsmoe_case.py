@@ -29,9 +29,13 @@ class FSMoECase:
     tokens_per_rank: int = 8
     seed: int = 0
     gradient_slice: int = 0          # > 0: all-reduce a slice of this many elements in the backward
+    device: str = "cpu"              # where the layer and its tokens live ('cuda': the executor's CUDA streams)
 
     def with_config(self, **kw) -> "FSMoECase":
         return replace(self, cfg=replace(self.cfg, **kw))
+
+    def on(self, device: str) -> "FSMoECase":
+        return replace(self, device=device)
 
 
 def inputs(case: FSMoECase, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,22 +49,24 @@ def run_rank(comm: Comm, case: FSMoECase) -> dict:
     x_all, w_all = inputs(case, comm.world_size)
     T = case.tokens_per_rank
     mine = slice(comm.rank * T, (comm.rank + 1) * T)
-    x = x_all[mine].clone().requires_grad_(True)
-    layer = FSMoELayer(comm, case.cfg, seed=case.seed, dtype=DTYPE)
+    x = x_all[mine].clone().to(case.device).requires_grad_(True)
+    layer = FSMoELayer(comm, case.cfg, seed=case.seed, dtype=DTYPE).to(case.device)
     if case.gradient_slice:
-        layer.gradient_slice = torch.full((case.gradient_slice,), float(comm.rank + 1), dtype=DTYPE)
+        layer.gradient_slice = torch.full((case.gradient_slice,), float(comm.rank + 1), dtype=DTYPE, device=case.device)
     comm.traffic.reset()
     y = layer(x)
-    (y * w_all[mine]).sum().backward()
-    return {"y": y.detach(), "x_grad": x.grad, "capacity": layer.last_capacity, "dropped": layer.last_dropped,
-            "gate_grads": {n: p.grad.detach().clone() for n, p in layer.gate.named_parameters() if p.grad is not None},
-            "expert_grads": {n: p.grad.detach().clone() for n, p in layer.experts.named_parameters()},
+    (y * w_all[mine].to(case.device)).sum().backward()
+    return {"y": y.detach().cpu(), "x_grad": x.grad.cpu(), "capacity": layer.last_capacity, "dropped": layer.last_dropped,
+            "gate_grads": {n: p.grad.detach().clone().cpu() for n, p in layer.gate.named_parameters() if p.grad is not None},
+            "expert_grads": {n: p.grad.detach().clone().cpu() for n, p in layer.experts.named_parameters()},
             "experts": layer.experts.global_ids, "shard": layer.layout.esp_index(comm.rank),
-            "n_esp": layer.layout.n_esp, "slice": None if layer.gradient_slice is None else layer.gradient_slice,
+            "n_esp": layer.layout.n_esp,
+            "slice": None if layer.gradient_slice is None else layer.gradient_slice.detach().cpu(),
             "traffic": comm.traffic.to_dict(kind=None),
             "traffic_by_kind": {k: comm.traffic.by_level("bytes", "tokens", "fwd", kind=k) for k in ("a2a", "ag", "rs")},
             "events": {phase: [(t["task"], t["start_ms"], t["end_ms"]) for t in tl.rows()]
-                       for phase, tl in layer.last_timelines.items()}}
+                       for phase, tl in layer.last_timelines.items()},
+            "timeline_sources": {phase: tl.source for phase, tl in layer.last_timelines.items()}}
 
 
 def run_cases(comm: Comm, cases: list[FSMoECase]) -> list[dict]:

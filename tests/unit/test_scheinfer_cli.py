@@ -111,6 +111,8 @@ def test_bench_writes_rounds_and_a_valid_record(files, capsys, tmp_path):
     (["--prompt-tokens", "a"], "--prompt-tokens='a': expected a comma-separated list"),
     (["--repeats", "0"], "--repeats=0 is not allowed"),
     (["--assign", "greedy"], "--assign='greedy' is not allowed"),
+    (["--llamacpp-offload", "auto"], "--llamacpp-offload needs --llamacpp"),
+    (["--deadline-s", "0"], "--deadline-s=0.0 is not allowed"),
 ])
 def test_bench_bad_arguments_fail_before_work(files, capsys, tmp_path, args, message):
     rc = main(["bench", "--model", str(files["mixtral"]), "--out-csv", str(tmp_path / "b.csv"),
@@ -118,3 +120,16 @@ def test_bench_bad_arguments_fail_before_work(files, capsys, tmp_path, args, mes
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b.csv").exists()
+
+
+def test_offload_specs_and_ratios():
+    import pandas as pd
+    from impl.experiments.scheinfer.__main__ import _parse_offload, _ratios
+    assert _parse_offload("auto") == "auto"
+    assert _parse_offload("ngl=all,ncmoe=2; ngl=3") == [("all", 2), (3, 0)]
+    for bad in ("ngl=x", "ncmoe=2", "ngl=2,foo=1", ";"):
+        with pytest.raises(ValueError, match="--llamacpp-offload"):
+            _parse_offload(bad)
+    frame = pd.DataFrame([{"system": s, "prompt_tokens": 8, "prefill_tok_s": p, "decode_tok_s": d}
+                          for s, p, d in (("scheinfer", 30.0, 6.0), ("fiddler", 10.0, 4.0), ("scheinfer", 50.0, 6.0))])
+    assert _ratios(frame) == {"prefill": {"prompt=8": {"fiddler": 4.0}}, "decode": {"prompt=8": {"fiddler": 1.5}}}

@@ -5,14 +5,20 @@
         [--assign split|threshold|makespan] [--cost COST.json] [--cpu-kernel auto|torch|avx512|avx2|sse]
         [--timeline OUT.json]
     python -m impl.experiments.scheinfer bench --model FILE.gguf --prompt-tokens 16,64 --n-predict N
-        [--policies scheinfer,fiddler,layers] [--gpu-mem BYTES] [--llamacpp] [--repeats R]
-        --out-csv OUT.csv --out-record OUT.json
-    python -m impl.experiments.scheinfer calibrate [--out COST.json] [--quick]
+        [--policies scheinfer,fiddler,layers] [--gpu-mem BYTES] [--llamacpp [--llamacpp-offload auto|SPECS]]
+        [--repeats R] --out-csv OUT.csv --out-record OUT.json
+    python -m impl.experiments.scheinfer calibrate [--out COST.json] [--quick] [--hidden M] [--widths F,..] [--rows N,..]
 
 `bench` measures every (policy, prompt length) on one model (and the real llama.cpp on the same
-GGUF with --llamacpp, CPU build: n_gpu_layers only with a CUDA build), in alternating rounds so
-that machine noise hits every system alike, and writes the per-round tok/s as a CSV and one run
-record (medians, p5/p95). Tier 'emu' when the GPU lanes run on the CPU, 'cluster' on a CUDA device.
+GGUF with --llamacpp), in alternating rounds so that machine noise hits every system alike, and
+writes the per-round tok/s as a CSV and one run record (medians, p5/p95, and ScheInfer's speed over
+each other system's, medians of this run). Tier 'emu' when the GPU lanes run on the CPU, 'cluster'
+on a CUDA device. --llamacpp-offload runs llama.cpp partially offloaded, one system per setting:
+'auto' derives the settings that hold its FFN / expert weights on the GPU within --gpu-mem (the
+engine's budget; `baselines.llamacpp.runner.settings_within_budget`), or give them as
+'ngl=N[,ncmoe=K];...' (N an integer or 'all'; K = --n-cpu-moe). llama.cpp offloads only with a
+CUDA build (LLAMA_CPP_LIB_PATH, `make llamacpp-cuda`); how the budget binds each system, and the
+device memory each took, are in the record.
 `generate` prints the new token ids, then prefill and decode speed (tokens/s); a progress bar goes
 to stderr. The cost model comes from --cost (a `calibrate` output) or a quick calibration at start.
 Bad arguments give one line on stderr and exit status 2, before any weights are read.
@@ -25,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
@@ -205,6 +212,8 @@ def _validate_bench(args) -> str | None:
     for name in ("n_predict", "repeats"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; expected an integer >= 1"
+    if args.deadline_s is not None and args.deadline_s <= 0:
+        return f"--deadline-s={args.deadline_s} is not allowed; expected seconds > 0"
     err = _validate_engine_options(args)
     if err:
         return err
@@ -213,7 +222,68 @@ def _validate_bench(args) -> str | None:
             import llama_cpp  # noqa: F401
         except ImportError:
             return "--llamacpp needs llama-cpp-python (pip install -e '.[llamacpp]')"
+    if args.llamacpp_offload is not None:
+        if not args.llamacpp:
+            return "--llamacpp-offload needs --llamacpp"
+        try:
+            args.llamacpp_offload = _parse_offload(args.llamacpp_offload)
+        except ValueError as e:
+            return str(e)
     return None
+
+
+def _parse_offload(text: str) -> str | list[tuple[int | str, int]]:
+    """'auto', or 'ngl=N[,ncmoe=K];...' as [(N or 'all', K)] (module doc)."""
+    if text.strip() == "auto":
+        return "auto"
+    out = []
+    for spec in filter(None, (t.strip() for t in text.split(";"))):
+        kv = dict(item.partition("=")[::2] for item in spec.split(","))
+        ngl, ncmoe = kv.pop("ngl", None), kv.pop("ncmoe", "0")
+        if kv or ngl is None or not (ngl == "all" or ngl.isdigit()) or not ncmoe.isdigit():
+            raise ValueError(f"--llamacpp-offload: {spec!r} is not allowed; expected 'auto' or "
+                             "'ngl=N[,ncmoe=K]' items separated by ';' (N an integer >= 0 or 'all', K >= 0)")
+        out.append((ngl if ngl == "all" else int(ngl), int(ncmoe)))
+    if not out:
+        raise ValueError(f"--llamacpp-offload={text!r}: expected 'auto' or at least one 'ngl=N[,ncmoe=K]'")
+    return out
+
+
+def _llamacpp_systems(args, n_ctx: int, threads: int, gpu_mem: int) -> dict:
+    """llama.cpp system name -> its settings (one per --llamacpp-offload setting)."""
+    from dataclasses import replace
+    from baselines.llamacpp.runner import LlamaCppSettings, gpu_weight_bytes, settings_within_budget
+    base = LlamaCppSettings(n_ctx=n_ctx, n_threads=threads)
+    if args.llamacpp_offload is None:
+        return {"llama.cpp": base}
+    if args.llamacpp_offload == "auto":
+        chosen = settings_within_budget(args.model, gpu_mem, base)
+    else:
+        n_layer = gpu_weight_bytes(args.model, base)["n_layer"]
+        chosen = [replace(base, n_gpu_layers=n_layer + 1 if n == "all" else n, n_cpu_moe=k)
+                  for n, k in args.llamacpp_offload]
+    return {f"llama.cpp(ngl={s.n_gpu_layers},ncmoe={s.n_cpu_moe})": s for s in chosen}
+
+
+def _ratios(frame, system: str = "scheinfer") -> dict:
+    """`system`'s median tok/s over each other system's, per phase and prompt length (this run)."""
+    med = frame.groupby(["system", "prompt_tokens"])[["prefill_tok_s", "decode_tok_s"]].median()
+    out: dict = {}
+    if system not in med.index.get_level_values(0):
+        return out
+    for (other, n), row in med.iterrows():
+        if other == system:
+            continue
+        for ph in ("prefill", "decode"):
+            out.setdefault(ph, {}).setdefault(f"prompt={n}", {})[other] = float(
+                med.loc[(system, n), f"{ph}_tok_s"] / row[f"{ph}_tok_s"])
+    return out
+
+
+def _gguf_file_type(path: Path) -> str:
+    from gguf import GGUFReader, LlamaFileType
+    f = GGUFReader(path, "r").get_field("general.file_type")
+    return LlamaFileType(int(f.contents())).name if f is not None else "unknown"
 
 
 def cmd_bench(args) -> int:
@@ -232,11 +302,8 @@ def cmd_bench(args) -> int:
         return _fail(f"--prompt-tokens {max(args.prompt_tokens)} + --n-predict {args.n_predict} exceed the "
                      f"model's {cfg.max_position_embeddings} positions")
 
-    import pandas as pd
     import torch
     from tqdm import tqdm
-    from impl.common.records import atomic_output, make_record, write_record
-    from impl.scheinfer.cpu_kernels import host_info
     from impl.scheinfer.engine import HybridDecoder
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,25 +311,39 @@ def cmd_bench(args) -> int:
     cost = _cost_model(args.cost, cfg.hidden, args.cpu_kernel)
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
     prompts = {n: [1 + (i % (cfg.vocab_size - 1)) for i in range(n)] for n in args.prompt_tokens}
-    decoders, engines = {}, []
+    cuda = torch.cuda.is_available()
+    device_free = (lambda: torch.cuda.mem_get_info()[0]) if cuda else None
+    llama = _llamacpp_systems(args, n_ctx, threads, gpu_mem) if args.llamacpp else {}
+    decoders, engines, placement = {}, [], {}
     try:
         for name in args.policies:          # weights loaded once per policy, outside the timings
             policy, engine = _engine(name, cost, cfg, gpu_mem, args.tile, args.assign, args.threads, args.cpu_kernel)
             engines.append(engine)
+            before = torch.cuda.memory_allocated() if cuda else 0
             decoders[name] = HybridDecoder(source, engine)
+            placement[name] = {"resident_ffn_bytes": engine.placement.resident_bytes,
+                               "staging_bytes": engine.placement.staging_bytes,
+                               "device_bytes_loaded": torch.cuda.memory_allocated() - before if cuda else None}
         device = str(engines[0].device)
-        systems = [*args.policies, *(["llama.cpp"] if args.llamacpp else [])]
+        systems = [*args.policies, *llama]
+        llama_used: dict[str, list[int]] = {name: [] for name in llama}
         rows = []
         bar = tqdm(total=args.repeats * len(prompts) * len(systems), desc="runs", file=sys.stderr,
                    disable=args.no_progress)
+        started = time.monotonic()
         for r in range(args.repeats):
+            if r and args.deadline_s is not None and time.monotonic() - started > args.deadline_s:
+                print(f"--deadline-s {args.deadline_s:g} passed: {r} of {args.repeats} rounds done", file=sys.stderr)
+                break
             for n, prompt in prompts.items():
                 for system in systems:
-                    if system == "llama.cpp":
-                        from baselines.llamacpp.runner import LlamaCppSettings, measure_speed
-                        res = measure_speed(args.model, prompt, args.n_predict,
-                                            LlamaCppSettings(n_ctx=n_ctx, n_threads=threads), repeats=1)
+                    if system in llama:
+                        from baselines.llamacpp.runner import measure_speed
+                        res = measure_speed(args.model, prompt, args.n_predict, llama[system], repeats=1,
+                                            device_free=device_free)
                         pre, dec = res.prefill_median, res.decode_median
+                        if res.device_bytes_used is not None:
+                            llama_used[system].append(res.device_bytes_used)
                     else:
                         d = decoders[system]
                         for _ in range(2):  # the first generation warms caches and thread pools up
@@ -270,13 +351,39 @@ def cmd_bench(args) -> int:
                         pre, dec = out.prompt_tokens / out.prefill_s, out.decode_steps / out.decode_s
                     rows.append({"round": r, "system": system, "prompt_tokens": n, "n_predict": args.n_predict,
                                  "prefill_tok_s": pre, "decode_tok_s": dec, "device": device,
-                                 "threads": threads, "gpu_mem_bytes": gpu_mem if system != "llama.cpp" else None})
+                                 "threads": threads, "gpu_mem_bytes": gpu_mem})
                     bar.update()
+            # after every round, so that a run stopped from outside keeps the rounds it finished
+            frame = _write_bench(args, cfg, rows, systems, device, threads, cost, engines[0].kernel, gpu_mem,
+                                 placement, llama, llama_used)
         bar.close()
     finally:
         for e in engines:
             e.close()
+    med = frame.groupby(["prompt_tokens", "system"], sort=False)[["prefill_tok_s", "decode_tok_s"]].median()
+    print(f"device {device}, {threads} threads, cpu kernel {engines[0].kernel.name} ({engines[0].kernel.how}), "
+          f"{frame['round'].nunique()} rounds (medians, tok/s):")
+    print(med.to_string(float_format=lambda v: f"{v:.1f}"))
+    return 0
+
+
+def _write_bench(args, cfg, rows, systems, device, threads, cost, kernel, gpu_mem, placement, llama, llama_used):
+    """The bench's CSV (one row per round, system and prompt length) and run record, atomically."""
+    import pandas as pd
+    from impl.common.records import atomic_output, make_record, write_record
+    from impl.scheinfer.cpu_kernels import host_info
     frame = pd.DataFrame(rows)
+    extra = {"cost_model": cost.source, "cpu_kernel": kernel.as_dict(), "host": host_info(), "weights_file_type": _gguf_file_type(Path(args.model)),
+             "note": "MEASURED on this host; without CUDA the engine's GPU and PCIe lanes run on the CPU (emulated)",
+             "rounds_done": int(frame["round"].nunique()),
+             "ratios": {"definition": "scheinfer median tok/s / other system's median tok/s, this run",
+                        **_ratios(frame)},
+             "budget": _budget_record(gpu_mem, placement, llama, llama_used, args.model)}
+    if args.cost:
+        extra["cost_file"] = json.loads(Path(args.cost).read_text())
+    if llama:
+        from baselines.llamacpp.runner import llama_cpp_info
+        extra["llamacpp_info"] = llama_cpp_info()
     metrics = {f"{ph}_tok_s/{g.system.iloc[0]}/prompt={g.prompt_tokens.iloc[0]}": g[f"{ph}_tok_s"].tolist()
                for _, g in frame.groupby(["system", "prompt_tokens"], sort=False) for ph in ("prefill", "decode")}
     record = make_record(
@@ -284,23 +391,48 @@ def cmd_bench(args) -> int:
         topology={"name": "single-host", "device": device, "threads": threads},
         model={"path": str(args.model), "arch": cfg.arch, "hidden": cfg.hidden, "layers": cfg.num_layers,
                "experts": cfg.num_experts, "dtype": "float32"},
-        config={k: v for k, v in vars(args).items() if k not in ("cmd",)}, metrics=metrics, seed=0,
-        extra={"cost_model": cost.source, "note": "MEASURED on this host; without CUDA the engine's GPU and PCIe "
-                                                  "lanes run on the CPU (emulated)",
-               "cpu_kernel": engines[0].kernel.as_dict(), "host": host_info()})
+        config={k: v for k, v in vars(args).items() if k not in ("cmd",)}, metrics=metrics, seed=0, extra=extra)
     with atomic_output(args.out_csv) as tmp:
         frame.to_csv(tmp, index=False)
     write_record(args.out_record, record)
-    med = frame.groupby(["prompt_tokens", "system"], sort=False)[["prefill_tok_s", "decode_tok_s"]].median()
-    print(f"device {device}, {threads} threads, cpu kernel {engines[0].kernel.name} ({engines[0].kernel.how}), "
-          f"{args.repeats} rounds (medians, tok/s):")
-    print(med.to_string(float_format=lambda v: f"{v:.1f}"))
-    return 0
+    return frame
+
+
+def _budget_record(gpu_mem: int, placement: dict, llama: dict, llama_used: dict, model: str) -> dict:
+    """How the GPU budget binds each system, with what each put on (or took of) the device."""
+    from baselines.llamacpp.runner import gpu_weight_bytes
+    out = {"gpu_mem_bytes": gpu_mem, "engine_policies": {
+        "enforcement": "the engine's placement (impl.scheinfer.policy.place): resident FFN / expert rows plus "
+                       "the staging buffers <= gpu_mem_bytes; attention, embeddings, norms, routers, lm_head "
+                       "and the KV cache live on the device besides (device_bytes_loaded includes them)",
+        **placement}}
+    if llama:
+        out["llama.cpp"] = {
+            "enforcement": "the offload setting is chosen (or checked) so that the FFN / expert weights it puts "
+                           "on the GPU, counted from the GGUF's tensor sizes by llama.cpp's placement rules, are "
+                           "<= gpu_mem_bytes; the other weights of the offloaded layers, the KV cache and compute "
+                           "buffers come besides (device_bytes_used, measured, includes them; for batches of 32 "
+                           "tokens or more llama.cpp copies CPU-resident weights into its compute buffers to "
+                           "multiply on the GPU, so those buffers can be large)",
+            **{name: {"command_line": s.command_line(model), "gpu_weight_bytes": gpu_weight_bytes(model, s),
+                      "within_budget": gpu_weight_bytes(model, s)["ffn"] <= gpu_mem,
+                      "device_bytes_used": llama_used[name] or None}
+               for name, s in llama.items()}}
+    return out
 
 
 def cmd_calibrate(args) -> int:
     from impl.scheinfer.calibrate import calibrate
     kw = dict(widths=(64, 128, 256), rows=(1, 8, 32), reps=3) if args.quick else {}
+    try:
+        for name in ("widths", "rows"):
+            if getattr(args, name):
+                values = _split_list(getattr(args, name), f"--{name}", int)
+                if min(values) < 1:
+                    raise ValueError(f"--{name}: {min(values)} is not allowed; expected integers >= 1")
+                kw[name] = tuple(values)
+    except ValueError as e:
+        return _fail(str(e))
     c = calibrate(hidden=args.hidden, **kw)
     text = json.dumps(c.as_dict(), indent=2, default=str)
     if args.out:
@@ -335,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--n-predict", type=int, default=16)
     b.add_argument("--policies", default="scheinfer,fiddler,layers")
     b.add_argument("--llamacpp", action="store_true", help="also the real llama.cpp on the same file")
+    b.add_argument("--llamacpp-offload", default=None,
+                   help="'auto' (settings within --gpu-mem) or 'ngl=N[,ncmoe=K];...' (module doc)")
     b.add_argument("--gpu-mem", type=int, default=None, help="as for generate")
     b.add_argument("--assign", default="split")
     b.add_argument("--threads", type=int, default=None)
@@ -342,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cost", default=None)
     b.add_argument("--cpu-kernel", default=None, help="as for generate")
     b.add_argument("--repeats", type=int, default=3, help="alternating rounds")
+    b.add_argument("--deadline-s", type=float, default=None,
+                   help="start no new round after this many seconds of measuring (the rounds done are written)")
     b.add_argument("--out-csv", required=True)
     b.add_argument("--out-record", required=True)
     b.add_argument("--no-progress", action="store_true")
@@ -349,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default=None)
     c.add_argument("--hidden", type=int, default=256)
     c.add_argument("--quick", action="store_true")
+    c.add_argument("--widths", default=None, help="FFN widths of the CPU / GPU fits, e.g. 256,1024,4096")
+    c.add_argument("--rows", default=None, help="token counts of the fits, e.g. 1,16,64,256")
     args = ap.parse_args(argv)
     return {"generate": cmd_generate, "bench": cmd_bench, "calibrate": cmd_calibrate}[args.cmd](args)
 

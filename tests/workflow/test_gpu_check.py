@@ -1,0 +1,60 @@
+"""The GPU evidence script's rehearsal: `workflows/scripts/gpu_check.sh --dry-run` runs every stage
+without a GPU (the engine's device lanes emulated on the CPU) and writes the same result files the
+GPU run writes, each readable by what consumes it, so the script cannot rot between GPU runs."""
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from impl.common.costmodel import load_profile
+from impl.common.records import validate_record
+from impl.experiments.scheinfer.sim import load_hardware
+
+REPO = Path(__file__).resolve().parents[2]
+FILES = ["a_device.json", "b_pytest.xml", "c_bench.csv", "c_bench.json", "d_profile.yaml",
+         "d_scheinfer_hardware.yaml", "e_record.json", "gpu_check.log"]
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_result_file(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "LLAMA_CPP_LIB_PATH")}
+    r = subprocess.run(["bash", "workflows/scripts/gpu_check.sh", "--dry-run", "--out", str(tmp_path)], cwd=REPO,
+                       env={**env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)      # at most 8 files come back
+
+    assert json.loads((tmp_path / "a_device.json").read_text())["emulated"] is True
+    suite = ET.parse(tmp_path / "b_pytest.xml").getroot()
+    assert int((suite.find("testsuite") if suite.tag != "testsuite" else suite).get("tests")) > 0
+    bench = pd.read_csv(tmp_path / "c_bench.csv")
+    assert {"scheinfer", "fiddler"} <= set(bench["system"])
+    assert (bench[["prefill_tok_s", "decode_tok_s"]] > 0).all().all()
+    bench_record = json.loads((tmp_path / "c_bench.json").read_text())
+    validate_record(bench_record)
+    assert bench_record["extra"]["budget"]["gpu_mem_bytes"] == 5000000
+    assert bench_record["extra"]["weights_file_type"] == "ALL_F32"
+    assert "fiddler" in bench_record["extra"]["ratios"]["decode"]["prompt=8"]
+    assert load_profile(tmp_path / "d_profile.yaml").compute["gemm"].work_unit == "mac"
+    assert len(load_hardware(tmp_path / "d_scheinfer_hardware.yaml")) == 1
+
+    record = json.loads((tmp_path / "e_record.json").read_text())
+    validate_record(record)
+    assert record["tier"] == "emu" and record["extra"]["dry_run"] is True
+    stages = {s["stage"]: s["exit_status"] for s in record["extra"]["stages"]}
+    assert set(stages) == {"setup", "a-device", "b-pytest", "c-model", "c-cost", "c-bench", "d-profile"}
+    assert set(stages.values()) == {0}
+    assert record["extra"]["tok_s_medians"] and record["extra"]["gpu_tests"]["failures"] == 0
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    for args, msg in ((["--budget", "2GB", "--out", str(tmp_path)], "--budget=2GB"), (["--frobnicate"], "unknown"),
+                      ([], "no result folder")):
+        env = {k: v for k, v in os.environ.items() if k != "OUT"}
+        r = subprocess.run(["bash", "workflows/scripts/gpu_check.sh", *args], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
