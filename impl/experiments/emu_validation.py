@@ -19,7 +19,7 @@ model there changes these numbers:
   largest per-expert count of any rank, their dropless mode), Tutel as an intra-node AlltoAll
   then an inter-node one of that whole buffer, DeepSpeed as one flat AlltoAll;
 * the combine mirrors the dispatch (same volumes back), so the paper's model predicts it equal;
-  the per-collective model, when `impl.hiermoe.dimension` has it (`route_collectives`), charges
+  the per-collective model (`impl.hiermoe.dimension.route_collectives`) charges
   each stage the collectives it issues (`MODEL_VERSION` says which one ran).
 """
 from __future__ import annotations
@@ -47,9 +47,7 @@ from impl.experiments.layer_bench import PROFILE_SYSTEMS, LayerBenchConfig, Reso
 __all__ = ["Variant", "EmuValidationConfig", "load", "bench_config", "bench_overrides", "uses_profile", "predict", "validation_rows",
            "MODEL_VERSION", "main"]
 
-PER_COLLECTIVE = hasattr(dimension, "route_collectives")
-MODEL_VERSION = ("impl.hiermoe.dimension per-collective model (every collective, metadata included)" if PER_COLLECTIVE
-                 else "impl.hiermoe.dimension paper model (Eqs. 1-5: token rows, one start-up per step)")
+MODEL_VERSION = "impl.hiermoe.dimension per-collective model (every collective, metadata included)"
 PADDED = {"tutel-2dh": "2dh", "deepspeed-moe": "flat"}
 
 
@@ -153,9 +151,6 @@ def _padded_capacity(maps: list[torch.Tensor]) -> int:
 def _route_ms(maps, topo, placement, dim: int, dedup: bool, profile: HardwareProfile, row_bytes: int,
               agree: bool) -> tuple[float, float]:
     """(dispatch, combine) ms of the HD`dim` / H`dim` route by the model in impl.hiermoe.dimension."""
-    if not PER_COLLECTIVE:
-        t = dimension.modeled_time(dimension.route_counts(maps, topo, placement, dedup), dim, profile, row_bytes)
-        return t, t
     counts = dimension.dispatch_counts(maps, topo, placement)
     cs = (dimension.flat_collectives(counts, row_bytes, with_levels=False) if dim == 1 and not dedup else
           dimension.route_collectives(counts, dim, dedup, row_bytes, with_levels=False))
@@ -166,8 +161,6 @@ def _route_ms(maps, topo, placement, dim: int, dedup: bool, profile: HardwarePro
 
 
 def _chosen_dim(maps, topo, placement, profile, row_bytes) -> int:
-    if not PER_COLLECTIVE:
-        return dimension.choose_from_counts(dimension.route_counts(maps, topo, placement, True), profile, row_bytes)
     return dimension.choose_from_counts(dimension.dispatch_counts(maps, topo, placement), profile, row_bytes)
 
 

@@ -39,14 +39,20 @@ def _bench(system: str, distribution: str = "zipf") -> object:
 
 
 def test_flat_and_hd2_are_the_dimension_model_on_the_runs_routing():
+    """Dispatch and combine are the route's forward collectives by the per-collective model: the
+    dispatch carries the split counts, ids and gate weights besides the rows, the combine rows only."""
     rb = _bench("flat")
     maps = ev.synthetic_routing_maps(rb)
     assert len(maps) == 4 and all(int(m.sum(1).max()) == 2 for m in maps)
+    counts = dimension.dispatch_counts(maps, rb.topology, None)
     for system, dim, dedup in (("flat", 1, False), ("hd2", 2, True)):
         got = ev.predict(_bench(system), PROFILE)
-        want = dimension.modeled_time(dimension.route_counts(maps, rb.topology, None, dedup), dim, PROFILE, 16 * 4) \
-            if not ev.PER_COLLECTIVE else got["dispatch_ms"]
-        assert got["dispatch_ms"] == pytest.approx(want) and got["combine_ms"] == pytest.approx(want)
+        cs = (dimension.flat_collectives(counts, 16 * 4, with_levels=False) if system == "flat"
+              else dimension.route_collectives(counts, dim, dedup, 16 * 4, with_levels=False))
+        for stage in ("dispatch", "combine"):
+            want = sum(dimension.collective_time(c, PROFILE) for c in cs if c.stage == stage and c.phase == "fwd")
+            assert got[f"{stage}_ms"] == pytest.approx(want)
+        assert got["combine_ms"] < got["dispatch_ms"]
         assert got["route"] == dimension.variant_name(dim, dedup)
 
 
@@ -64,7 +70,7 @@ def test_busiest_link_equals_the_model_when_every_split_is_equal():
     rb = _bench("flat")
     every_expert = [torch.ones(64, 8, dtype=torch.bool)] * 4    # 64 tokens x 2 experts from each rank to each GPU
     topo = rb.topology
-    model = dimension.modeled_time(dimension.route_counts(every_expert, topo, None, False), 1, PROFILE, 64)
+    model = dimension.paper_time(dimension.route_counts(every_expert, topo, None, False), 1, PROFILE, 64)
     load = ev._link_load(every_expert, topo, None, 1, False, PROFILE, 64)
     assert load["busiest_link_ms"] == pytest.approx(model)
     assert load["busiest_link_bytes"] == load["padded_link_bytes"] == 2 * 2 * 128 * 64   # 2 ranks x 2 remote GPUs
