@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ConfigError, from_dict, load_yaml
-from .routing import GATES, GateConfig
+from .routing.config import GATE_KINDS, GateConfig
 
 __all__ = ["ModelConfig", "MODELS_DIR", "get_model", "list_models", "load_model_file", "FFN_KINDS"]
 
@@ -153,8 +153,8 @@ class ModelConfig:
             fail("moe_ffn_hidden", self.moe_ffn_hidden, "an integer >= 1 for an MoE model")
         if self.shared_expert_gate and not self.num_shared_experts:
             fail("shared_expert_gate", True, "False without shared experts")
-        if self.gate_kind not in GATES:
-            fail("gate_kind", self.gate_kind, "one of " + ", ".join(repr(k) for k in sorted(GATES)))
+        if self.gate_kind not in GATE_KINDS:
+            fail("gate_kind", self.gate_kind, "one of " + ", ".join(repr(k) for k in sorted(GATE_KINDS)))
         if self.gate_kind == "deepseek_v3":
             if self.num_experts % self.n_group:
                 fail("n_group", self.n_group, f"a divisor of num_experts={self.num_experts}")

@@ -8,7 +8,7 @@ all need the config and the canonical weight names, and none of them needs the o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields as dataclass_fields, replace
 from typing import TYPE_CHECKING, Literal
 
 from impl.common.config import ConfigError
@@ -16,7 +16,7 @@ from impl.common.config import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from impl.common.models import ModelConfig
 
-__all__ = ["ARCHS", "ROUTERS", "NORMS", "EXPERT_PARTS", "LongRope", "DecoderConfig", "weight_shapes",
+__all__ = ["KINDS", "tiny_config", "ARCHS", "ROUTERS", "NORMS", "EXPERT_PARTS", "LongRope", "DecoderConfig", "weight_shapes",
            "decode_weight_bytes", "expert_weight_names", "config_error"]
 
 ARCHS = ("llama", "mixtral", "qwen2_moe", "phimoe")
@@ -267,3 +267,26 @@ def decode_weight_bytes(cfg: DecoderConfig, dtype_bytes: int = 4) -> int:
         else:
             dense += n
     return (dense + (routed * cfg.top_k // cfg.num_experts if routed else 0)) * dtype_bytes
+
+
+# kind -> the model whose tiny variant it is (workflows/config/models)
+KINDS = {
+    "llama": "llama2-7b-tiny",
+    "mixtral": "mixtral-8x7b-tiny",
+    "qwen2_moe": "qwen1.5-moe-a2.7b-tiny",
+    "phimoe": "phi-3.5-moe-tiny",
+}
+
+
+def tiny_config(kind: str, **overrides) -> DecoderConfig:
+    """DecoderConfig of a test model: `kind` is a key of KINDS or any model name of get_model."""
+    fields = {f.name for f in dataclass_fields(DecoderConfig)}
+    for key in overrides:
+        if key not in fields:
+            raise ConfigError(f"model field {key!r} is not allowed; allowed: {', '.join(sorted(fields))}")
+    try:
+        return DecoderConfig.from_model_config(KINDS.get(kind, kind), **overrides)
+    except ConfigError as e:
+        if kind in KINDS or not str(e).startswith("unknown model"):
+            raise
+        raise ConfigError(f"unknown kind {kind!r}; allowed: {', '.join(KINDS)}, or a model name ({e})") from None

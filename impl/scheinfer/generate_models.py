@@ -19,7 +19,6 @@ the vocabulary size (ids are what matters; tests run on token ids).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -29,20 +28,13 @@ import torch
 
 from impl.common.config import ConfigError
 
-from .config import DecoderConfig, weight_shapes
+from .config import KINDS, DecoderConfig, tiny_config, weight_shapes
 from .weights import (RandomWeights, WeightFormatError, WeightSource, gguf_arch, gguf_metadata,
                       gguf_tensor_ref, hf_config_dict, hf_tensor_name, permute_for_interleaved_rope)
 
 __all__ = ["KINDS", "DTYPES", "tiny_config", "random_source", "write_gguf", "write_safetensors",
            "generate", "main"]
 
-# kind -> the model whose tiny variant it is (workflows/config/models)
-KINDS = {
-    "llama": "llama2-7b-tiny",
-    "mixtral": "mixtral-8x7b-tiny",
-    "qwen2_moe": "qwen1.5-moe-a2.7b-tiny",
-    "phimoe": "phi-3.5-moe-tiny",
-}
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 _GGUF_FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32}     # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_BF16
 _HF_DTYPE_NAME = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
@@ -52,20 +44,6 @@ def _check_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise WeightFormatError(f"dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def tiny_config(kind: str, **overrides) -> DecoderConfig:
-    """DecoderConfig of a test model: `kind` is a key of KINDS or any model name of get_model."""
-    fields = {f.name for f in dataclasses.fields(DecoderConfig)}
-    for key in overrides:
-        if key not in fields:
-            raise ConfigError(f"model field {key!r} is not allowed; allowed: {', '.join(sorted(fields))}")
-    try:
-        return DecoderConfig.from_model_config(KINDS.get(kind, kind), **overrides)
-    except ConfigError as e:
-        if kind in KINDS or not str(e).startswith("unknown model"):
-            raise
-        raise ConfigError(f"unknown kind {kind!r}; allowed: {', '.join(KINDS)}, or a model name ({e})") from None
 
 
 def random_source(kind: str | DecoderConfig, seed: int = 0, dtype: str = "f32") -> RandomWeights:

@@ -153,7 +153,7 @@ def scheinfer_sim_config():
 
 def scheinfer_tiny_hidden():
     """Hidden size of the small generated model the timeline runs (the calibration's width)."""
-    from impl.scheinfer.generate_models import tiny_config
+    from impl.scheinfer.config import tiny_config
 
     return tiny_config(SCHEINFER_TIMELINE["kind"], **SCHEINFER_TIMELINE["model_set"]).hidden
 

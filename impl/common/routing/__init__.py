@@ -34,18 +34,33 @@ Modules (each imports only those above it):
 | `gates`     | the seven gate kinds, `build_gate`, `init_gate_from_seed`                |
 | `softmoe`   | `SoftMoERouter`, `SoftMoEWeights`                                        |
 """
-from .capacity import apply_capacity, expert_capacity, expert_choice_capacity
-from .config import DropPolicy, GateConfig, GateKind
-from .gate_base import GATES, Gate, GateSelection
-from .gates import (DeepSeekV3Gate, ExpertChoiceGate, GShardNoisyTopKGate, SigmoidGate, SoftmaxTopKGate,
-                    SwitchGate, XMoEGate, build_gate, init_gate_from_seed)
-from .losses import load_balancing_loss, router_z_loss
-from .result import RoutingResult
-from .softmoe import SoftMoERouter, SoftMoEWeights
-from .topk import routing_from_topk, topk_ids_from_routing
+import importlib
 
-__all__ = ["RoutingResult", "GateKind", "DropPolicy", "GateConfig", "Gate", "GateSelection", "GATES",
-           "build_gate", "init_gate_from_seed", "SoftmaxTopKGate", "GShardNoisyTopKGate", "SwitchGate", "DeepSeekV3Gate",
-           "SigmoidGate", "XMoEGate", "ExpertChoiceGate", "SoftMoERouter", "SoftMoEWeights",
-           "expert_capacity", "expert_choice_capacity", "apply_capacity", "load_balancing_loss",
-           "router_z_loss", "topk_ids_from_routing", "routing_from_topk"]
+# Names resolve on first use (PEP 562), so `GateConfig` and the other configs import without
+# torch: the workflow reads model and gate configs while it parses, before any job runs.
+_HOME = {
+    "apply_capacity": "capacity", "expert_capacity": "capacity", "expert_choice_capacity": "capacity",
+    "DropPolicy": "config", "GateConfig": "config", "GateKind": "config", "GATE_KINDS": "config",
+    "GATES": "gates", "Gate": "gate_base", "GateSelection": "gate_base",
+    "DeepSeekV3Gate": "gates", "ExpertChoiceGate": "gates", "GShardNoisyTopKGate": "gates", "SigmoidGate": "gates",
+    "SoftmaxTopKGate": "gates", "SwitchGate": "gates", "XMoEGate": "gates", "build_gate": "gates",
+    "init_gate_from_seed": "gates",
+    "load_balancing_loss": "losses", "router_z_loss": "losses",
+    "RoutingResult": "result",
+    "SoftMoERouter": "softmoe", "SoftMoEWeights": "softmoe",
+    "routing_from_topk": "topk", "topk_ids_from_routing": "topk",
+}
+
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

@@ -14,8 +14,8 @@ from ..config import ConfigError
 GateKind = Literal["softmax_topk", "gshard", "switch", "deepseek_v3", "sigmoid", "xmoe", "expert_choice"]
 DropPolicy = Literal["probs", "position"]
 
-_ALL_KINDS: tuple[str, ...] = get_args(GateKind)
-_TOKEN_CHOICE_KINDS = tuple(k for k in _ALL_KINDS if k != "expert_choice")
+GATE_KINDS: tuple[str, ...] = get_args(GateKind)
+_TOKEN_CHOICE_KINDS = tuple(k for k in GATE_KINDS if k != "expert_choice")
 
 # Fields that only some kinds read. Setting one away from its default for another kind is an
 # error, so a misplaced key in a config fails loudly instead of being ignored.
@@ -77,9 +77,9 @@ class GateConfig:
     init_temperature: float = 0.07
 
     def __post_init__(self):
-        if self.kind not in _ALL_KINDS:
+        if self.kind not in GATE_KINDS:
             raise ConfigError(f"GateConfig.kind: {self.kind!r} is not allowed; allowed: "
-                              + ", ".join(repr(k) for k in _ALL_KINDS))
+                              + ", ".join(repr(k) for k in GATE_KINDS))
         if self.drop_policy not in get_args(DropPolicy):
             raise ConfigError(f"GateConfig.drop_policy: {self.drop_policy!r} is not allowed; allowed: "
                               + ", ".join(repr(p) for p in get_args(DropPolicy)))
