@@ -2,7 +2,8 @@
 
 Every task the papers model is linear with an intercept, t(n) = alpha + beta * n: alpha is the
 start-up cost, beta the cost per byte (communication) or per work unit (computation). Fitted by
-ordinary least squares from micro-benchmarks (`fit_linear`), the goodness of fit reported as r^2.
+least squares from micro-benchmarks with the intercept kept >= 0 (`fit_linear`), the goodness of
+fit reported as r^2.
 
 Units, everywhere in memory: **times in milliseconds, sizes in bytes**. A communication model's
 `nbytes` follows nccl-tests: the per-rank send buffer for AlltoAll and ReduceScatter (all
@@ -70,8 +71,12 @@ class LinearFit:
 
 
 def fit_linear(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
-    """Ordinary least squares with intercept (scipy's linregress). r^2 = 1 - SS_res / SS_tot; when
-    every y is equal (SS_tot = 0) the fit is exact and r^2 = 1."""
+    """Least squares with a non-negative intercept: ordinary least squares (scipy's linregress),
+    and, when its intercept comes out below zero, the best line through the origin instead. A
+    start-up time cannot be negative; a negative intercept is what noise or a super-linear curve
+    gives when every size lies far above the start-up, and it would price small messages (split
+    counts, ids) at less than nothing. r^2 = 1 - SS_res / SS_tot of the line returned; when every
+    y is equal (SS_tot = 0) the fit is exact and r^2 = 1."""
     x = np.asarray(xs, dtype=np.float64).ravel()
     y = np.asarray(ys, dtype=np.float64).ravel()
     if x.size != y.size:
@@ -85,7 +90,11 @@ def fit_linear(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
     import scipy.stats  # here, not at module level: a second of start-up every process would pay
 
     fit = scipy.stats.linregress(x, y)
-    return LinearFit(float(fit.intercept), float(fit.slope), float(fit.rvalue) ** 2, int(x.size))
+    if fit.intercept >= 0.0:
+        return LinearFit(float(fit.intercept), float(fit.slope), float(fit.rvalue) ** 2, int(x.size))
+    beta = float(np.dot(x, y) / np.dot(x, x))
+    ss_res, ss_tot = float(np.sum((y - beta * x) ** 2)), float(np.sum((y - y.mean()) ** 2))
+    return LinearFit(0.0, beta, 1.0 - ss_res / ss_tot, int(x.size))
 
 
 # ==========================================================================================

@@ -58,6 +58,20 @@ def test_fit_noisy_matches_lstsq_and_recovers_truth():
     assert fit.n == 100
 
 
+def test_fit_keeps_the_start_up_non_negative():
+    """A super-linear curve (contention at large sizes) gives OLS a negative intercept; the fit is
+    then the least-squares line through the origin, checked against a brute-force search."""
+    xs = np.array([2.0, 8.0, 16.0, 32.0, 64.0])
+    ys = np.array([0.2, 0.9, 1.6, 3.5, 8.2])
+    assert np.polyfit(xs, ys, 1)[1] < 0
+    fit = fit_linear(xs, ys)
+    grid = np.linspace(0.05, 0.2, 150001)
+    best = grid[np.argmin([np.sum((ys - b * xs) ** 2) for b in grid])]
+    assert fit.alpha == 0.0 and fit.beta == pytest.approx(best, abs=2e-6)
+    assert fit.r2 == pytest.approx(1 - np.sum((ys - fit.beta * xs) ** 2) / np.sum((ys - ys.mean()) ** 2), rel=1e-12)
+    assert all(fit.predict(x) >= 0 for x in (0.0, 1.0))
+
+
 def test_fit_constant_ys_is_exact():
     fit = fit_linear([1, 2, 3], [4.0, 4.0, 4.0])
     assert fit == LinearFit(4.0, 0.0, 1.0, 3)
