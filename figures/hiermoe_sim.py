@@ -765,9 +765,23 @@ def markdown_report(runs: Runs, t4: pd.DataFrame, fig9_md: str | None, table2: s
            "<!-- emu_validation: results/figures/emu_validation.md is included here when it exists -->"]
     if emu.exists():
         out += ["", emu.read_text()]
+    elif EMU_REFERENCE.exists():
+        out += ["", f"No `make emu` run in this results folder; the committed reference "
+                    f"(`figures/reference/{EMU_REFERENCE.name}`, provenance in its header and in "
+                    "`figures/reference/README.md`) follows, demoted one heading level.", "",
+                _demoted(EMU_REFERENCE.read_text())]
     else:
-        out += ["", f"(`{emu.name}` was not there when this report was generated; rerun the plot rule after its rule.)"]
+        out += ["", f"(`{emu.name}` was not there when this report was generated; run `make emu`, then the plot rule.)"]
     return "\n".join(out) + "\n"
+
+
+# The emulated-cluster validation measured by `make emu` (about an hour, needs root): shown when
+# a results folder has no run of its own.
+EMU_REFERENCE = Path(__file__).resolve().parent / "reference" / "emu_validation.md"
+
+
+def _demoted(markdown: str) -> str:
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.splitlines())
 
 
 def _skew_table(sk: pd.DataFrame) -> str:
