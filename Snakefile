@@ -17,6 +17,7 @@ configfile: workflow.source_path("workflows/config/config.yaml")
 
 
 include: "workflows/rules/common.smk"
+include: "workflows/rules/checks.smk"
 include: "workflows/rules/hiermoe.smk"
 include: "workflows/rules/scheinfer.smk"
 include: "workflows/rules/fsmoe.smk"

@@ -105,14 +105,49 @@ def test_default_target_on_reduced_config(tmp_path):
     ("hiermoe_table2={set: {group_counts: [3]}}", "group_counts: R=3 does not divide num_experts=256"),
     ("hiermoe_table2={sett: {repeats: 2}}", "Additional properties are not allowed ('sett' was unexpected)"),
     ("hiermoe_table2={set: {repeats: 0}}", "repeats: 0 is not allowed; allowed: >= 1"),
-    ("hiermoe_sim={set: {top_k: 999}}", "top_k: 999 is not allowed with num_experts=128; allowed: 1..128"),
-    ("hiermoe_sim={set: {systems: [Megatron-LM, HD5]}}", "HD5 needs d=5 but topology 'hiermoe-testbed' has D = 4"),
     ("hiermoe_calibration={backend: mpi}", "'mpi' is not one of ['gloo']"),
-    ("scheinfer_sim={set: {policies: [layers, vllm]}}", "policies: 'vllm' is not allowed; allowed: layers, fiddler"),
-    ("scheinfer_sim={set: {hardware: [a100]}}", "hardware: 'a100' is not allowed; allowed: rtx4090-pcie4-16core"),
+    ("scheinfer_sim={set: {routing: random}}", "routing"),
 ])
-def test_bad_config_fails_before_any_job_with_a_clear_message(tmp_path, override, message):
+def test_bad_config_fails_while_parsing_with_a_clear_message(tmp_path, override, message):
+    """What the workflow needs to plan (schema, the configs that name outputs) fails the parse."""
     proc = snakemake(tmp_path, "-n", "--config", override)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hiermoe_sim={set: {top_k: 999}}", "top_k: 999 is not allowed with num_experts=128; allowed: 1..128"),
+    ("hiermoe_sim={set: {systems: [Megatron-LM, HD5]}}", "HD5 needs d=5 but topology 'hiermoe-testbed' has D = 4"),
+    ("hiermoe_sim={set: {systems: ['HierMoE[gamma=abc]']}}", "gamma: expected a number, got 'abc'"),
+    ("scheinfer_sim={set: {policies: [layers, vllm]}}", "policies: 'vllm' is not allowed; allowed: layers, fiddler"),
+    ("scheinfer_sim={set: {hardware: [a100]}}", "hardware: 'a100' is not allowed; allowed: rtx4090-pcie4-16core"),
+])
+def test_bad_config_fails_in_the_first_job_with_a_clear_message(tmp_path, override, message):
+    """The deep checks (models, topologies, systems) run in `check_configs`, which every
+    experiment job waits for: the run stops there, naming the config, before any experiment."""
+    proc = snakemake(tmp_path, "--cores", "1", "--config", override)
+    assert proc.returncode != 0
+    line = next(line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("check_configs: error:"))
+    assert message in line
+    assert not (tmp_path / "results" / "raw").exists()
+
+
+def test_parsing_the_workflow_imports_no_torch(tmp_path):
+    """A dry run of every target with torch made unimportable: the workflow plans without it."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch imported while the workflow parses')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")])))
+    for target in ("all", "emu_validation", "cluster"):
+        proc = subprocess.run([str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory",
+                               str(tmp_path / "run"), "-n", target], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]

@@ -122,17 +122,11 @@ def sim_variant_flags(run):
     return " ".join(flags)
 
 
-def check_sim_runs():
-    """Resolve every sim run's config, each variant's too (unknown keys, models, topologies,
-    systems), with the experiment's own checks, so a bad value stops the workflow before any job
-    runs."""
-    from impl.common.config import build_config
-    from impl.experiments.hiermoe import sim as simulate
-
-    for run in SIM_RUNS:
-        path = repo_path(SIM_RUNS[run]["config"])
-        for _, variant in sim_variants(run) or [("", [])]:
-            simulate.resolve(build_config(simulate.SimExperimentConfig, path, variant + sim_overrides(run)))
+def sim_run_checks():
+    """The deep checks of every sim run, each variant's too (`check_configs` job)."""
+    return [{"name": f"hiermoe_sim.runs.{run}" + (f".variants.{name}" if name else ""), "kind": "hiermoe_sim",
+             "config": repo_path(SIM_RUNS[run]["config"]), "set": variant + sim_overrides(run)}
+            for run in SIM_RUNS for name, variant in sim_variants(run) or [("", [])]]
 
 
 # ScheInfer ------------------------------------------------------------------------------------
@@ -141,14 +135,11 @@ SCHEINFER_TIMELINE = config["scheinfer_timeline"]
 
 
 def scheinfer_sim_config():
-    """The ScheInfer sim config, resolved now (unknown keys, models, hardware, policies fail here
-    with the experiment's own one-line message, before any job)."""
-    from impl.common.config import build_config
-    from impl.experiments.scheinfer import sim
+    """The ScheInfer sim config (keys and types; its models, hardware and policies are resolved
+    by the `check_configs` job)."""
+    from impl.experiments.scheinfer.sim_config import SimConfig
 
-    return sim.resolve(
-        build_config(sim.SimConfig, experiment_config("scheinfer_sim"), experiment_overrides("scheinfer_sim"))
-    ).config
+    return build_config(SimConfig, experiment_config("scheinfer_sim"), experiment_overrides("scheinfer_sim"))
 
 
 def scheinfer_tiny_hidden():
@@ -256,3 +247,15 @@ FSMOE_TESTBEDS = ["A", "B"]
 def fsmoe_flags(*extra):
     """--set flags of impl.experiments.fsmoe.results: the config's overrides, then `extra`."""
     return as_flags(experiment_overrides("fsmoe") + list(extra))
+
+
+# The deep config checks (`check_configs` in checks.smk) --------------------------------------------
+
+CHECKED = "results/checks/configs.json"
+
+
+def config_checks():
+    """Every experiment config the deep checks resolve, as the check script takes them."""
+    return sim_run_checks() + [{"name": "scheinfer_sim", "kind": "scheinfer_sim",
+                                "config": experiment_config("scheinfer_sim"),
+                                "set": experiment_overrides("scheinfer_sim")}]

@@ -1,7 +1,7 @@
 # HierMoE experiments (tier 'sim' here: measured on routing masks in one process).
 from impl.common.config import config_hash
 from impl.common.records import record_path
-from impl.experiments.hiermoe import table2
+from impl.experiments.hiermoe import table2_config as table2
 
 # Build and check the Table II config now, so a bad key or value stops the workflow before any
 # job runs, with the experiment's own error message.
@@ -54,15 +54,12 @@ rule hiermoe_calibration:
         " {params.extra} --quiet --out {output.profile} > {log} 2>&1"
 
 
-# Check every sim run's config now (unknown keys, models, topologies, systems), before any job.
-check_sim_runs()
-
-
 rule hiermoe_sim:
     """One sim-tier HierMoE run: every listed system on one routing stream (once per variant of a
     sweep run, in one process)."""
     input:
         config=lambda wc: repo_path(SIM_RUNS[wc.run]["config"]),
+        checked=ancient(CHECKED),
     output:
         csv="results/raw/hiermoe_sim/{run}.csv",
         record="results/raw/hiermoe_sim/{run}.json",

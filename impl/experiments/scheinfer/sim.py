@@ -40,7 +40,6 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 import torch
@@ -50,6 +49,7 @@ import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
 import baselines.llamacpp  # noqa: F401  (registers the engine policy 'layers')
 from impl.common.config import ConfigError, build_config
 from impl.common.records import atomic_output, make_record, write_record
+from impl.experiments.scheinfer.sim_config import HARDWARE_FILE, MODELS, SimConfig  # noqa: F401  (part of this module's API)
 from impl.scheinfer.assign import ExpertLoad, layer_makespan
 from impl.scheinfer.config import DecoderConfig, weight_shapes
 from impl.scheinfer.layers import route
@@ -61,29 +61,10 @@ __all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS
            "main"]
 
 REPO = Path(__file__).resolve().parents[3]
-HARDWARE_FILE = "workflows/config/experiments/scheinfer_hardware.yaml"
 # policy -> system name in figures (figures/style.py); cc-only / cg-only are ScheInfer's ablations
 SYSTEMS = {"layers": "llama.cpp", "fiddler": "Fiddler", "scheinfer": "ScheInfer",
            "cc-only": "ScheInfer[CC+GG]", "cg-only": "ScheInfer[CG+GG]"}
-MODELS = ("mixtral-8x7b", "llama2-7b", "llama2-13b", "qwen1.5-moe-a2.7b", "phi-3.5-moe")
 ROWS_GRID = tuple(2 ** i for i in range(15))          # 1 .. 16384 tokens
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    experiment: str = "scheinfer_sim"
-    models: tuple[str, ...] = MODELS
-    hardware: tuple[str, ...] = ("rtx4090-pcie4-16core", "rtx3090-pcie3-8core")
-    hardware_file: str = HARDWARE_FILE            # relative to the repository unless absolute
-    policies: tuple[str, ...] = ("layers", "fiddler", "scheinfer", "cc-only", "cg-only")
-    prompt_tokens: int = 128
-    decode_tokens: int = 32
-    routing: Literal["gate", "uniform"] = "gate"
-    assign: Literal["split", "threshold", "makespan"] = "split"
-    gg_mode: Literal["uniform", "popularity"] = "uniform"
-    tile: int = 128
-    dtype_bytes: int = 2
-    seed: int = 0
 
 
 # ----------------------------------------------------------------------------------- hardware
