@@ -275,7 +275,7 @@ def gguf_metadata(cfg: DecoderConfig) -> dict[str, Any]:
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
 GGUF_MAX_DIMS = 4                 # ggml tensors have at most 4 dimensions
-GGUF_MAX_ARRAY = 1 << 22          # entries of one metadata array: 15x the largest tokenizer vocabulary in use
+GGUF_MAX_ARRAY = 1 << 22          # entries of one metadata array: 16x the largest tokenizer vocabularies (256k)
 
 
 class _GGUFScan:
@@ -333,8 +333,16 @@ class _GGUFScan:
             self.skip(count * struct.calcsize(_GGUF_SCALARS[itype]), f"{what} ({count} values)")
         return None
 
+    def unique_string(self, seen: set, what: str, kind: str) -> str:
+        """A string that repeats none in `seen` (metadata keys, tensor names); added to it."""
+        name = self.string(what)
+        if name in seen:
+            raise self.fail(f"{kind} {name!r} is given twice")
+        seen.add(name)
+        return name
+
     def run(self) -> None:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        """The whole check: header, metadata, tensor table, tensor data within the file."""
         from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 
         if self.size == 0:
@@ -350,24 +358,34 @@ class _GGUFScan:
             raise self.fail(f"GGUF version {version} is not supported; allowed: "
                             + ", ".join(map(str, READER_SUPPORTED_VERSIONS)))
         n_tensors, n_kv = self.scalar("Q", "the tensor count"), self.scalar("Q", "the key/value count")
+        alignment = self.metadata(n_kv)
+        tensors = self.tensor_table(n_tensors, alignment)
+        data_start = -(-self.pos // alignment) * alignment
+        for name, offset, nbytes in tensors:
+            if data_start + offset + nbytes > self.size:
+                raise self.fail(f"truncated: tensor {name!r} needs bytes {data_start + offset}..{data_start + offset + nbytes} "
+                                f"(its offset and size); the file has {self.size}")
+
+    def metadata(self, n_kv: int) -> int:
+        """Walk the key/value section; the data alignment it sets (general.alignment, default 32)."""
         keys, alignment = set(), 32
         for i in range(n_kv):
-            key = self.string(f"metadata key {i} of {n_kv}")
-            if key in keys:
-                raise self.fail(f"metadata key {key!r} is given twice")
-            keys.add(key)
+            key = self.unique_string(keys, f"metadata key {i} of {n_kv}", "metadata key")
             vtype = self.scalar("I", f"metadata key {key!r} (type)")
             value = self.value(vtype, f"metadata key {key!r}")
             if key == "general.alignment":
                 if vtype != _GGUF_UINT32 or value == 0 or value & (value - 1):
                     raise self.fail(f"general.alignment={value!r} is not allowed; expected a power of two (uint32)")
                 alignment = value
+        return alignment
+
+    def tensor_table(self, n_tensors: int, alignment: int) -> list[tuple[str, int, int]]:
+        """Walk the tensor infos: (name, data offset, bytes) of each."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
         tensors, names = [], set()
         for i in range(n_tensors):
-            name = self.string(f"tensor info {i} of {n_tensors} (name)")
-            if name in names:
-                raise self.fail(f"tensor {name!r} is given twice")
-            names.add(name)
+            name = self.unique_string(names, f"tensor info {i} of {n_tensors} (name)", "tensor")
             n_dims = self.scalar("I", f"tensor {name!r} (dimension count)")
             if not 1 <= n_dims <= GGUF_MAX_DIMS:
                 raise self.fail(f"tensor {name!r} has {n_dims} dimensions; allowed: 1..{GGUF_MAX_DIMS}")
@@ -385,11 +403,7 @@ class _GGUFScan:
                 raise self.fail(f"tensor {name!r} of type {ttype.name} has {dims[0]} columns; "
                                 f"expected a multiple of its block size {block}")
             tensors.append((name, offset, math.prod(dims) // block * type_size))
-        data_start = -(-self.pos // alignment) * alignment
-        for name, offset, nbytes in tensors:
-            if data_start + offset + nbytes > self.size:
-                raise self.fail(f"truncated: tensor {name!r} needs bytes {data_start + offset}..{data_start + offset + nbytes} "
-                                f"(its offset and size); the file has {self.size}")
+        return tensors
 
 
 def open_gguf(path: str | Path):
