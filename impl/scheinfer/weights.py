@@ -20,6 +20,12 @@ Sources
   tensor costs its generation time on every load; callers that reuse tensors keep them.
 * `DictWeights(config, tensors)`: tensors already in memory (`materialize(source)` builds one).
 
+Files are checked when opened, before any weight is read: a GGUF's header is walked with every
+read bounds-checked (`open_gguf`: magic, version, metadata, tensor table, tensor data within the
+file), a safetensors header by the safetensors library, config.json values by type, and the
+layer and expert counts against the tensors present. A damaged, truncated or foreign file raises
+WeightFormatError, one line naming the file and what is wrong.
+
 Semantics kept per format: a GGUF 'phimoe' file is read with Phi-3.5-MoE's own (HF) semantics,
 LayerNorm and SparseMixer routing. llama.cpp runs such a file with RMSNorm-plus-bias and softmax
 top-2 routing instead (src/models/phi3.cpp), so llama.cpp and this decoder differ on it by design.
@@ -47,8 +53,9 @@ from .config import DecoderConfig, LongRope, expert_weight_names, weight_shapes
 __all__ = [
     "WeightFormatError", "WeightSource", "DictWeights", "RandomWeights", "GGUFWeights",
     "SafetensorsWeights", "load_weights", "materialize", "GGUF_ARCHS", "GGUF_TYPES",
-    "HF_ARCHITECTURES", "gguf_arch", "gguf_tensor_ref", "gguf_metadata", "open_gguf", "gguf_field", "hf_tensor_name",
-    "hf_config_dict", "config_from_hf", "permute_for_interleaved_rope", "unpermute_from_interleaved_rope",
+    "HF_ARCHITECTURES", "gguf_arch", "gguf_tensor_ref", "gguf_metadata", "open_gguf", "gguf_field",
+    "GGUF_MAX_ARRAY", "hf_tensor_name", "hf_config_dict", "config_from_hf", "permute_for_interleaved_rope",
+    "unpermute_from_interleaved_rope",
 ]
 
 
@@ -363,7 +370,8 @@ class _GGUFScan:
         data_start = -(-self.pos // alignment) * alignment
         for name, offset, nbytes in tensors:
             if data_start + offset + nbytes > self.size:
-                raise self.fail(f"truncated: tensor {name!r} needs bytes {data_start + offset}..{data_start + offset + nbytes} "
+                start = data_start + offset
+                raise self.fail(f"truncated: tensor {name!r} needs bytes {start}..{start + nbytes} "
                                 f"(its offset and size); the file has {self.size}")
 
     def metadata(self, n_kv: int) -> int:
@@ -398,7 +406,8 @@ class _GGUFScan:
                 raise self.fail(f"tensor {name!r} has type {raw_type}, which is not a ggml type") from None
             offset = self.scalar("Q", f"tensor {name!r} (offset)")
             if offset % alignment:
-                raise self.fail(f"tensor {name!r} has offset {offset}; expected a multiple of the alignment {alignment}")
+                raise self.fail(f"tensor {name!r} has offset {offset}; "
+                                f"expected a multiple of the alignment {alignment}")
             if dims[0] % block:
                 raise self.fail(f"tensor {name!r} of type {ttype.name} has {dims[0]} columns; "
                                 f"expected a multiple of its block size {block}")
@@ -807,7 +816,8 @@ class SafetensorsWeights(WeightSource):
             self._handles.append(h)
             for key, dtype in dtypes.items():
                 if dtype not in TORCH_DTYPES:
-                    raise WeightFormatError(f"{f}: tensor {key!r} has dtype {dtype}; allowed: {', '.join(TORCH_DTYPES)}")
+                    raise WeightFormatError(f"{f}: tensor {key!r} has dtype {dtype}; "
+                                            f"allowed: {', '.join(TORCH_DTYPES)}")
                 self._where[key] = h
         _check_extent(self.config, lambda n: hf_tensor_name(self.config, n) in self._where,
                       lambda n: hf_tensor_name(self.config, n), len(self._where), self.path)

@@ -169,7 +169,8 @@ def test_fault_in_a_serial_policy_surfaces_in_the_caller(src, uncaught, policy, 
         if l == lane:
             raise fault
     cfg = src.config
-    serial = make_policy(policy, cost=REFERENCE_COST, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4, tile=16)
+    serial = make_policy(policy, cost=REFERENCE_COST, hidden=cfg.hidden, num_layers=cfg.num_layers,
+                         dtype_bytes=4, tile=16)
     assert not serial.concurrent
     ffn_bytes = sum(ffn_widths(cfg).values()) * 3 * cfg.hidden * 4
     engine = _engine(serial, src, hook, gpu_mem_bytes=ffn_bytes * 3 // 4)    # some FFNs / layers on the GPU lane

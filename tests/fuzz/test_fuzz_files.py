@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from gguf import GGUFReader
 from hypothesis import HealthCheck, given, settings
@@ -175,7 +174,8 @@ GGUF_CASES = {
     "tensor-count-0": lambda m: put(m.raw, 8, "<Q", 0),
     "value-type-99": lambda m: put(m.raw, m.type_at("general.name"), "<I", 99),
     "array-length-2^40": lambda m: put(m.raw, m.value_at("tokenizer.ggml.tokens") + 4, "<Q", 2**40),
-    "array-length-over-cap": lambda m: put(m.raw, m.value_at("tokenizer.ggml.token_type") + 4, "<Q", GGUF_MAX_ARRAY + 1),
+    "array-length-over-cap": lambda m: put(m.raw, m.value_at("tokenizer.ggml.token_type") + 4, "<Q",
+                                           GGUF_MAX_ARRAY + 1),
     "array-length-past-end": lambda m: put(m.raw, m.value_at("tokenizer.ggml.token_type") + 4, "<Q", 2**20),
     "nested-array": lambda m: put(m.raw, m.value_at("tokenizer.ggml.tokens"), "<I", 9),
     "key-not-utf8": lambda m: put(m.raw, m.key_at["general.name"] + 8, "B", 0xFF),
@@ -500,7 +500,8 @@ def test_generated_safetensors_headers_are_refused(checkpoint, tmp_path, header,
 def _trace_arrays(T: int = 6, K: int = 2, E: int = 4) -> dict:
     header = {"format": "moe-routing-trace", "version": 1, "num_experts": E, "top_k": K, "source": {}}
     ids = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], 1).astype(np.int32)
-    return {"step_T": np.zeros(T, np.int32), "layer_T": np.zeros(T, np.int32), "rank_T": np.arange(T, dtype=np.int32) % 2,
+    return {"step_T": np.zeros(T, np.int32), "layer_T": np.zeros(T, np.int32),
+            "rank_T": np.arange(T, dtype=np.int32) % 2,
             "topk_ids_TK": ids, "topk_weights_TK": np.full((T, K), 0.5, np.float32),
             "header": np.array(json.dumps(header))}
 
@@ -538,10 +539,17 @@ def _corrupt_member() -> bytes:
     return bytes(raw)
 
 
+def _zip_of_text() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a.txt", "hello")
+    return buf.getvalue()
+
+
 NPZ_CASES = {
     "empty": lambda: b"",
     "not-a-zip": lambda: b"PK but not really a zip file",
-    "zip-of-text": lambda: (lambda b: (zipfile.ZipFile(b, "w").writestr("a.txt", "hello"), b.getvalue())[1])(io.BytesIO()),
+    "zip-of-text": lambda: _zip_of_text(),
     "cut-in-half": lambda: (lambda raw: raw[:len(raw) // 2])(_npz(_trace_arrays())),
     "corrupt-member": _corrupt_member,
     "missing-array": lambda: _with(rank_T=_DROP),
