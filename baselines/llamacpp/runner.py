@@ -108,11 +108,11 @@ def gpu_weight_bytes(model_path: str | Path, settings: LlamaCppSettings) -> dict
     matrices, what the engine's GPU budget counts) and 'other' (attention, norms, routers, output),
     by llama.cpp's rules (module doc). Assumes a GPU backend is present; the KV cache and compute
     buffers come on top."""
-    from gguf import GGUFReader
+    from impl.scheinfer.weights import gguf_field, open_gguf
 
-    reader = GGUFReader(str(model_path), "r")
-    arch = reader.get_field("general.architecture").contents()
-    n_layer = int(reader.get_field(f"{arch}.block_count").contents())
+    reader = open_gguf(model_path)
+    arch = gguf_field(reader, "general.architecture", str, where=model_path)
+    n_layer = gguf_field(reader, f"{arch}.block_count", int, where=model_path)
     first_gpu = max(n_layer - settings.n_gpu_layers, 0)
     cpu_moe = [re.compile(p) for p in cpu_moe_patterns(settings.n_cpu_moe)]
     out = {"ffn": 0, "other": 0, "n_layer": n_layer, "gpu_layers": list(range(first_gpu, n_layer)),

@@ -7,6 +7,7 @@ message naming the key and what is allowed, before any expensive work starts.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -107,7 +108,7 @@ def from_dict(cls, data: dict | None, where: str = ""):
         raise ConfigError(f"{label}: expected a mapping, got {data!r}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise ConfigError(f"{label}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
     kwargs = {}
@@ -142,6 +143,8 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot be read: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
@@ -158,8 +161,9 @@ def parse_set(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `--set a.b=v` overrides to a plain mapping (deep-copied)."""
-    out = json.loads(json.dumps(data))
+    """Apply `--set a.b=v` overrides to a plain mapping (deep-copied; values of any YAML type,
+    dates say, are kept for the type checks to name)."""
+    out = copy.deepcopy(data)
     for item in overrides:
         path, value = parse_set(item)
         node = out

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import yaml
 
+from .config import load_yaml
 from .topology import Topology, TopologyError, get_topology
 
 __all__ = ["LinearFit", "LinearModel", "HardwareProfile", "fit_linear", "load_profile", "save_profile",
@@ -155,7 +156,7 @@ class LinearModel:
         Communication models are per byte; compute models must name their work_unit."""
         if not isinstance(data, Mapping):
             raise ValueError(f"{where}: expected a mapping with alpha and beta, got {data!r}")
-        unknown = sorted(set(data) - set(cls._KEYS))
+        unknown = sorted(set(data) - set(cls._KEYS), key=str)
         if unknown:
             raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(cls._KEYS)}")
         for key in ("alpha", "beta"):
@@ -171,6 +172,8 @@ class LinearModel:
         else:
             work_unit = str(data["work_unit"])
         beta = _number(data["beta"], f"{where}.beta")
+        if not isinstance(data.get("published") or {}, Mapping):
+            raise ValueError(f"{where}.published: expected a mapping, got {data['published']!r}")
         published = dict(data["published"]) if data.get("published") is not None else None
         if "beta_unit_size" in data or "beta_unit" in data:
             if published is not None:
@@ -186,9 +189,9 @@ class LinearModel:
             beta = beta / size
         r2 = _number(data["r2"], f"{where}.r2") if data.get("r2") is not None else None
         n = int(_number(data["n"], f"{where}.n")) if data.get("n") is not None else None
+        alpha = _number(data["alpha"], f"{where}.alpha")
         try:
-            return cls(_number(data["alpha"], f"{where}.alpha"), beta, r2, n, work_unit, published,
-                       str(data.get("note", "")))
+            return cls(alpha, beta, r2, n, work_unit, published, str(data.get("note", "")))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 
@@ -340,12 +343,17 @@ class HardwareProfile:
     def from_dict(cls, data: Mapping[str, Any], where: str = "profile") -> "HardwareProfile":
         if not isinstance(data, Mapping):
             raise ValueError(f"{where}: top level must be a mapping")
-        unknown = sorted(set(data) - set(cls._KEYS))
+        unknown = sorted(set(data) - set(cls._KEYS), key=str)
         if unknown:
             raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(cls._KEYS)}")
         for key in ("name", "topology", "source"):
             if not data.get(key):
                 raise ValueError(f"{where}: missing {key!r}")
+            if not isinstance(data[key], str):
+                raise ValueError(f"{where}.{key}: expected a string, got {data[key]!r}")
+        for key in ("comm", "compute", "provenance", "measurements"):
+            if not isinstance(data.get(key) or {}, Mapping):
+                raise ValueError(f"{where}.{key}: expected a mapping, got {data[key]!r}")
         units = data.get("units", {"time": TIME_UNIT, "size": SIZE_UNIT})
         if units != {"time": TIME_UNIT, "size": SIZE_UNIT}:
             raise ValueError(f"{where}.units must be {{time: {TIME_UNIT}, size: {SIZE_UNIT}}} (convert "
@@ -396,9 +404,7 @@ def load_profile(name_or_path: str | Path, directory: str | Path = PROFILES_DIR)
                              f"{', '.join(list_profiles(directory)) or 'none'} (or a path to a .yaml file)")
     elif not path.is_file():
         raise ValueError(f"hardware profile file {str(path)!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    return HardwareProfile.from_dict(data, where=str(path))
+    return HardwareProfile.from_dict(load_yaml(path), where=str(path))
 
 
 class _ProfileDumper(yaml.SafeDumper):

@@ -304,10 +304,12 @@ def read_records(pattern: str | Path, validate: bool = True) -> list[dict]:
     """All records matching a glob (`**` recurses), in path order, each validated."""
     records = []
     for name in sorted(globlib.glob(str(pattern), recursive=True)):
-        with open(name) as f:
+        if Path(name).is_dir():
+            raise ValueError(f"{name}: a directory; expected a run record (a JSON file)")
+        with open(name, "rb") as f:
             try:
                 record = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{name}: not valid JSON ({e})") from None
         if validate:
             try:

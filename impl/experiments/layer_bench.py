@@ -41,7 +41,7 @@ import torch
 from impl.common import cli
 from impl.common.comm import Comm, SimWorld
 from impl.common.config import ConfigError, checked
-from impl.common.costmodel import HardwareProfile, load_profile
+from impl.common.costmodel import HardwareProfile, load_profile, topology_steps
 from impl.common.dispatcher import check_expert_parallel
 from impl.common.emu_cluster import NetworkConfig, check_network
 from impl.common.experts import GroupedExperts
@@ -164,6 +164,10 @@ def validate(config: LayerBenchConfig, with_profile: bool = True) -> ResolvedBen
             check_profile(profile, topology)
         except ValueError as e:
             raise ConfigError(f"profile: {e}") from None
+        missing = [step for step in topology_steps(topology) if not profile.has_comm("a2a", step)]
+        if missing:             # d* is chosen over every route, so every step's AlltoAll is modelled
+            raise ConfigError(f"profile: {profile.name!r} has no a2a model for step {', '.join(missing)} of "
+                              f"topology {topology.name!r}; HierMoE's d* choice needs every step's")
     elif config.profile is not None:
         raise ConfigError(f"profile: only {', '.join(PROFILE_SYSTEMS + PROFILE_PLANNERS)} use a hardware profile; "
                           f"system {config.system!r} without a planner does not")

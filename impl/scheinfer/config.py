@@ -150,7 +150,13 @@ class DecoderConfig:
 
     @property
     def num_dense_layers(self) -> int:
-        return sum(not self.is_moe_layer(i) for i in range(self.num_layers))
+        """Layers that are not MoE, counted without a loop over the layers (a config read from a
+        damaged header may claim a billion of them; the reader then refuses it by name)."""
+        if not self.is_moe:
+            return self.num_layers
+        freq = self.moe_layer_freq
+        moe = self.num_layers // freq - sum((i + 1) % freq == 0 for i in set(self.mlp_only_layers))
+        return self.num_layers - moe
 
     @classmethod
     def from_model_config(cls, mc: "ModelConfig | str", **overrides) -> "DecoderConfig":

@@ -23,6 +23,7 @@ import bisect
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Mapping
 
 from impl.common.config import ConfigError
@@ -100,6 +101,26 @@ class CostModel:
         except (KeyError, TypeError) as e:
             raise ConfigError(f"CostModel: bad cost description ({e!r}); expected keys cpu{{rows,s_per_mac,alpha_s}}, "
                               "gpu{rows,s_per_mac,alpha_s}, h2d_bytes_per_s[, h2d_alpha_s]") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostModel":
+        """The cost model of a JSON file: a `calibrate --out` output (the model under 'cost') or a
+        bare cost description; ConfigError naming the file and what is wrong otherwise."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_bytes())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(d, dict) and isinstance(d.get("cost"), dict):
+            d = d["cost"]
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object (a 'calibrate --out' file), got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 # The digest's example hardware [D] (scheinfer.md 3.4): CPU 1 TFLOP/s compute / 100 GB/s DRAM in

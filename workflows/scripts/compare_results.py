@@ -19,8 +19,20 @@ import pandas as pd
 MEASURED = ("planning_ms", "enum_ms_per_config", "slsqp_ms_per_config", "measured_ms", "wall_ms")
 
 
+def _read_csv(path: Path) -> pd.DataFrame:
+    """The CSV at `path`; ValueError naming the file when it is not readable as one."""
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable CSV ({reason})") from None
+
+
 def compare(old: Path, new: Path, ignore: tuple[str, ...], rtol: float) -> list[str]:
-    a, b = pd.read_csv(old), pd.read_csv(new)
+    try:
+        a, b = _read_csv(old), _read_csv(new)
+    except ValueError as e:
+        return [str(e)]
     problems = []
     if list(a.columns) != list(b.columns):
         problems.append(f"columns differ: {sorted(set(a.columns) ^ set(b.columns))}")

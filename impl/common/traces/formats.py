@@ -7,6 +7,8 @@ save and load itself here without an import cycle. The layouts are described in 
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +89,7 @@ def _read_npz(path: Path) -> dict:
             raise TraceError(f"{path}: missing array {missing[0]!r}; a trace needs "
                              + ", ".join(n for n in _NPZ_ARRAYS if n != "topk_weights_TK"))
         try:
-            header = json.loads(str(archive["header"]))
+            header = json.loads(str(_member(archive, "header", path)))
         except json.JSONDecodeError as e:
             raise TraceError(f"{path}: header is not valid JSON ({e})") from None
         if not isinstance(header, dict):
@@ -102,7 +104,7 @@ def _read_npz(path: Path) -> dict:
         for key in ("num_experts", "top_k"):
             if key not in header:
                 raise TraceError(f"{path}: header lacks {key!r}")
-        arrays = {n: archive[n] for n in names if n != "header"}
+        arrays = {n: _member(archive, n, path) for n in names if n != "header"}
     for name, arr in arrays.items():
         if name == "topk_weights_TK":
             if arr.dtype != np.float32:
@@ -118,24 +120,36 @@ def _read_npz(path: Path) -> dict:
                 num_experts=header["num_experts"], source=header.get("source", {}))
 
 
+def _member(archive, name: str, path: Path) -> np.ndarray:
+    """One array of an open npz archive; a damaged member (bad CRC, truncated, an object array)
+    raises TraceError naming the file and the array."""
+    try:
+        return archive[name]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise TraceError(f"{path}: array {name!r} cannot be read ({e})") from None
+
+
 def _read_jsonl(path: Path, num_experts: int | None, block: str) -> dict:
     """The RoutingTrace fields of the `block` records in a Megatron router-trace file, after
     checking each record."""
     steps, layers, ranks, ids, weights = [], [], [], [], []
     record_E, mtp_heads, any_weights, all_weights = set(), set(), False, True
-    with open(path) as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise TraceError(f"{where}: not valid JSON ({e})") from None
             if not isinstance(rec, dict):
                 raise TraceError(f"{where}: a record must be a JSON object")
             if rec.get("block", "decoder") != block:
                 continue
+            for key in ("mtp_idx", "num_tokens", "topk", "num_experts"):
+                if key in rec and (isinstance(rec[key], bool) or not isinstance(rec[key], int)):
+                    raise TraceError(f"{where}: {key}={rec[key]!r} is not allowed; expected an integer")
             if "mtp_idx" in rec:
                 mtp_heads.add(rec["mtp_idx"])
             for key in ("step", "layer", "rank", "top_indices"):

@@ -65,17 +65,18 @@ def byte_tokenize(model: Path, text: str) -> list[int]:
     """BOS + one byte token per UTF-8 byte, if the GGUF vocabulary has all 256 byte tokens."""
     if model.suffix != ".gguf":
         raise ValueError(f"{model}: no tokenizer in this format; pass --tokens IDS")
-    from gguf import GGUFReader
-    reader = GGUFReader(model, "r")
+    from impl.scheinfer.weights import gguf_field, open_gguf
+    reader = open_gguf(model)
     f = reader.get_field("tokenizer.ggml.tokens")
     tokens = f.contents() if f is not None else []
+    tokens = tokens if isinstance(tokens, list) else []
     index = {t: i for i, t in enumerate(tokens)}
     byte_ids = [index.get(f"<0x{b:02X}>") for b in range(256)]
     if not tokens or None in byte_ids:
         raise ValueError(f"{model}: its vocabulary has no byte tokens, so --prompt cannot be tokenized here; "
                          "pass --tokens IDS")
-    bos = reader.get_field("tokenizer.ggml.bos_token_id")
-    return ([int(bos.contents())] if bos is not None else []) + [byte_ids[b] for b in text.encode("utf-8")]
+    bos = gguf_field(reader, "tokenizer.ggml.bos_token_id", int, None, model)
+    return ([bos] if bos is not None else []) + [byte_ids[b] for b in text.encode("utf-8")]
 
 
 def _validate_engine_options(args) -> str | None:
@@ -93,8 +94,15 @@ def _validate_engine_options(args) -> str | None:
         return f"--threads={args.threads} is not allowed; expected an integer >= 1"
     if args.tile < 1:
         return f"--tile={args.tile} is not allowed; expected an integer >= 1"
-    if args.cost is not None and not Path(args.cost).is_file():
-        return f"--cost {args.cost}: no such file"
+    if args.cost is not None:
+        from impl.common.config import ConfigError
+        from impl.scheinfer.partition import CostModel
+        if not Path(args.cost).is_file():
+            return f"--cost {args.cost}: no such file"
+        try:
+            CostModel.load(args.cost)
+        except ConfigError as e:
+            return f"--cost {e}"
     return None
 
 
@@ -116,8 +124,7 @@ def _cost_model(path: str | None, hidden: int, kernel: str | None = None):
     from impl.scheinfer.calibrate import calibrate
     from impl.scheinfer.partition import CostModel
     if path:
-        d = json.loads(Path(path).read_text())
-        return CostModel.from_dict(d.get("cost", d))
+        return CostModel.load(path)
     return calibrate(hidden=hidden, widths=(64, 128, 256), rows=(1, 8, 32), reps=3,
                      copy_sizes=(1 << 14, 1 << 16, 1 << 18), kernel=kernel).cost
 
@@ -147,11 +154,11 @@ def cmd_generate(args) -> int:
     model = Path(args.model)
     try:
         prompt = _parse_tokens(args.tokens) if args.tokens is not None else byte_tokenize(model, args.prompt)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         return _fail(str(e))
     try:
         source = load_weights(model)          # reads the header / config only
-    except (WeightFormatError, ConfigError, FileNotFoundError) as e:
+    except (WeightFormatError, ConfigError, OSError) as e:
         return _fail(str(e))
     cfg = source.config
     if max(prompt) >= cfg.vocab_size:
@@ -281,9 +288,12 @@ def _ratios(frame, system: str = "scheinfer") -> dict:
 
 
 def _gguf_file_type(path: Path) -> str:
-    from gguf import GGUFReader, LlamaFileType
-    f = GGUFReader(path, "r").get_field("general.file_type")
-    return LlamaFileType(int(f.contents())).name if f is not None else "unknown"
+    from gguf import LlamaFileType
+    from impl.scheinfer.weights import gguf_field, open_gguf
+    code = gguf_field(open_gguf(path), "general.file_type", int, None, path)
+    if code is None:
+        return "unknown"
+    return LlamaFileType(code).name if code in LlamaFileType._value2member_map_ else f"unknown ({code})"
 
 
 def cmd_bench(args) -> int:
@@ -294,7 +304,7 @@ def cmd_bench(args) -> int:
     from impl.scheinfer.weights import WeightFormatError, load_weights
     try:
         source = load_weights(Path(args.model))
-    except (WeightFormatError, ConfigError) as e:
+    except (WeightFormatError, ConfigError, OSError) as e:
         return _fail(str(e))
     cfg = source.config
     n_ctx = max(args.prompt_tokens) + args.n_predict + 1

@@ -43,11 +43,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 
 import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
 import baselines.llamacpp  # noqa: F401  (registers the engine policy 'layers')
-from impl.common.config import ConfigError, build_config
+from impl.common.config import ConfigError, build_config, load_yaml
 from impl.common.records import atomic_output, make_record, write_record
 from impl.experiments.scheinfer.sim_config import HARDWARE_FILE, MODELS, SimConfig  # noqa: F401  (part of this module's API)
 from impl.scheinfer.assign import ExpertLoad, layer_makespan
@@ -95,14 +94,14 @@ def load_hardware(path: str | Path) -> dict[str, HardwareClass]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"hardware_file: {str(path)!r} is not a file")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path)
     out = {}
     for name, d in data.items():
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: hardware {name!r} must be a mapping")
         unknown = set(d) - set(_HW_NUMBERS) - {"description", "source"}
         if unknown:
-            raise ConfigError(f"{path}: hardware {name!r}: key {sorted(unknown)[0]!r} is not allowed; "
+            raise ConfigError(f"{path}: hardware {name!r}: key {sorted(unknown, key=str)[0]!r} is not allowed; "
                               f"allowed: {', '.join(_HW_NUMBERS)}, description, source")
         for k in _HW_NUMBERS[:7]:
             if k not in d:
