@@ -13,7 +13,6 @@ ran the GPU lanes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
+from impl.common import cli  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 
@@ -255,12 +255,12 @@ def report(frame: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m figures.scheinfer_sim", description=__doc__.split("\n")[0])
-    ap.add_argument("--sim", required=True, help="impl.experiments.scheinfer.sim CSV")
-    ap.add_argument("--timeline", nargs="+", required=True, help="generate --timeline JSONs named <policy>.json")
-    ap.add_argument("--timeline-log", nargs="*", default=[], help="the generate runs' stdout (device line)")
+    ap = cli.ArgumentParser(prog="python -m figures.scheinfer_sim", description=__doc__.split("\n")[0])
+    ap.add_argument("--sim", required=True, type=cli.input_file, help="impl.experiments.scheinfer.sim CSV")
+    ap.add_argument("--timeline", nargs="+", required=True, type=cli.input_file, help="generate --timeline JSONs named <policy>.json")
+    ap.add_argument("--timeline-log", nargs="*", default=[], type=cli.input_file, help="the generate runs' stdout (device line)")
     ap.add_argument("--timeline-model", default="small generated", help="what the timeline model is, for the caption")
-    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--out-dir", required=True, type=cli.output_dir)
     args = ap.parse_args(argv)
     try:
         frame = read_sim(args.sim)

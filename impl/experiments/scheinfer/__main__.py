@@ -30,25 +30,46 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
 import baselines.llamacpp  # noqa: F401  (registers the engine policy 'layers')
+from impl.common import cli
+from impl.common.config import MAX_REPEATS, MAX_SECONDS, host_memory_bytes
 
-USAGE_EXIT = 2
+USAGE_EXIT = cli.USAGE_EXIT
 CLI_POLICIES = ("scheinfer", "fiddler", "layers")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(USAGE_EXIT, f"{self.prog}: error: {message}\n")
+MAX_THREADS = 4096
+MAX_TILE = 1 << 20
+MAX_TOKENS = 1 << 20         # --n-predict; the model's positions bound prompt + generation anyway
 
 
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return USAGE_EXIT
+
+
+def _check_int(args, name: str, low: int, high: int | None = None, unit: str = "an integer") -> str | None:
+    """The one-line error of an integer flag outside low..high (None: within)."""
+    value = getattr(args, name)
+    if value is None or (value >= low and (high is None or value <= high)):
+        return None
+    allowed = f"{unit} >= {low}" if high is None else f"{unit} in {low}..{high}"
+    return f"--{name.replace('_', '-')}={value} is not allowed; expected {allowed}"
+
+
+def _check_output(flag: str, path: str | None) -> str | None:
+    """The one-line error of an output path that cannot be written (None: it can)."""
+    if path is None:
+        return None
+    try:
+        cli.output_path(path)
+    except argparse.ArgumentTypeError as e:
+        return f"{flag}: {e}"
+    return None
 
 
 def _parse_tokens(text: str) -> list[int]:
@@ -78,6 +99,15 @@ def byte_tokenize(model: Path, text: str) -> list[int]:
     return ([int(bos.contents())] if bos is not None else []) + [byte_ids[b] for b in text.encode("utf-8")]
 
 
+def _device_bytes() -> int:
+    """The memory a GPU budget must fit in: the GPU's, or this host's where the GPU lanes are
+    emulated on the CPU."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return host_memory_bytes()
+
+
 def _validate_engine_options(args) -> str | None:
     """The engine options generate and bench share (--assign, --gpu-mem, --threads, --tile, --cost,
     --cpu-kernel)."""
@@ -87,14 +117,17 @@ def _validate_engine_options(args) -> str | None:
         return f"--cpu-kernel={args.cpu_kernel!r} is not allowed; expected one of {', '.join(KERNELS)}"
     if args.assign not in ASSIGN_MODES:
         return f"--assign={args.assign!r} is not allowed; expected one of {', '.join(ASSIGN_MODES)}"
-    if args.gpu_mem is not None and args.gpu_mem < 0:
-        return f"--gpu-mem={args.gpu_mem} is not allowed; expected bytes >= 0"
-    if args.threads is not None and args.threads < 1:
-        return f"--threads={args.threads} is not allowed; expected an integer >= 1"
-    if args.tile < 1:
-        return f"--tile={args.tile} is not allowed; expected an integer >= 1"
-    if args.cost is not None and not Path(args.cost).is_file():
-        return f"--cost {args.cost}: no such file"
+    for err in (_check_int(args, "gpu_mem", 0, _device_bytes(), unit="bytes"),
+                _check_int(args, "threads", 1, MAX_THREADS), _check_int(args, "tile", 1, MAX_TILE)):
+        if err:
+            return err
+    if args.cost is not None:
+        if not Path(args.cost).is_file():
+            return f"--cost {args.cost}: no such file"
+        try:
+            _cost_model(args.cost, hidden=0)
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+            return f"--cost {args.cost}: not a cost model written by 'calibrate --out': {type(e).__name__}: {e}"
     return None
 
 
@@ -106,9 +139,8 @@ def _validate_generate(args) -> str | None:
         return f"--model {model}: expected a .gguf file or an HF checkpoint directory with config.json"
     if args.policy not in CLI_POLICIES:
         return f"--policy={args.policy!r} is not allowed; expected one of {', '.join(CLI_POLICIES)}"
-    if args.n_predict < 1:
-        return f"--n-predict={args.n_predict} is not allowed; expected an integer >= 1"
-    return _validate_engine_options(args)
+    return (_check_int(args, "n_predict", 1, MAX_TOKENS) or _check_output("--timeline", args.timeline)
+            or _validate_engine_options(args))
 
 
 def _cost_model(path: str | None, hidden: int, kernel: str | None = None):
@@ -156,6 +188,9 @@ def cmd_generate(args) -> int:
     cfg = source.config
     if max(prompt) >= cfg.vocab_size:
         return _fail(f"--tokens: id {max(prompt)} is outside the vocabulary 0..{cfg.vocab_size - 1}")
+    if len(prompt) + args.n_predict > cfg.max_position_embeddings:
+        return _fail(f"--n-predict {args.n_predict} after a prompt of {len(prompt)} tokens exceeds the model's "
+                     f"{cfg.max_position_embeddings} positions")
 
     import torch
     from tqdm import tqdm
@@ -209,11 +244,14 @@ def _validate_bench(args) -> str | None:
             return f"--policies: {p!r} is not allowed; expected {', '.join(CLI_POLICIES)}"
     if min(args.prompt_tokens) < 1:
         return f"--prompt-tokens: {min(args.prompt_tokens)} is not allowed; expected integers >= 1"
-    for name in ("n_predict", "repeats"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; expected an integer >= 1"
-    if args.deadline_s is not None and args.deadline_s <= 0:
-        return f"--deadline-s={args.deadline_s} is not allowed; expected seconds > 0"
+    for name, high in (("n_predict", MAX_TOKENS), ("repeats", MAX_REPEATS)):
+        if err := _check_int(args, name, 1, high):
+            return err
+    if args.deadline_s is not None and not (math.isfinite(args.deadline_s) and 0 < args.deadline_s <= MAX_SECONDS):
+        return f"--deadline-s={args.deadline_s} is not allowed; expected seconds > 0 (at most {MAX_SECONDS:g})"
+    err = _check_output("--out-csv", args.out_csv) or _check_output("--out-record", args.out_record)
+    if err:
+        return err
     err = _validate_engine_options(args)
     if err:
         return err
@@ -424,12 +462,15 @@ def _budget_record(gpu_mem: int, placement: dict, llama: dict, llama_used: dict,
 def cmd_calibrate(args) -> int:
     from impl.scheinfer.calibrate import calibrate
     kw = dict(widths=(64, 128, 256), rows=(1, 8, 32), reps=3) if args.quick else {}
+    if err := _check_int(args, "hidden", 1, 1 << 16) or _check_output("--out", args.out):
+        return _fail(err)
     try:
         for name in ("widths", "rows"):
-            if getattr(args, name):
+            if getattr(args, name) is not None:
                 values = _split_list(getattr(args, name), f"--{name}", int)
-                if min(values) < 1:
-                    raise ValueError(f"--{name}: {min(values)} is not allowed; expected integers >= 1")
+                if min(values) < 1 or max(values) > 1 << 16:
+                    bad = min(values) if min(values) < 1 else max(values)
+                    raise ValueError(f"--{name}: {bad} is not allowed; expected integers in 1..{1 << 16}")
                 kw[name] = tuple(values)
     except ValueError as e:
         return _fail(str(e))
@@ -442,8 +483,8 @@ def cmd_calibrate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog="python -m impl.experiments.scheinfer", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    ap = cli.ArgumentParser(prog="python -m impl.experiments.scheinfer", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate tokens with the hybrid engine")
     g.add_argument("--model", required=True, help=".gguf file or HF checkpoint directory")
     src = g.add_mutually_exclusive_group(required=True)
