@@ -291,7 +291,7 @@ CLIS: list[Cli] = [
         {"--model": IN + ["{garbage}"], "--tokens": ["x", "", "-1", "1,,x", "99999999"],
          "--n-predict": ints(1, 1 << 20), "--gpu-mem": ints(0), "--policy": NAME, "--assign": NAME,
          "--threads": ints(1, 4096), "--tile": ints(1, 1 << 20), "--cost": IN + ["{garbage}"],
-         "--cpu-kernel": NAME, "--timeline": OUT},
+         "--cpu-kernel": NAME, "--timeline": OUT, "--out-record": ["{tmp}/g.record.json", "{dir}", ""]},
         id="scheinfer generate", unchecked={"--prompt": "any text (exclusive with --tokens, which the base uses)"}),
     Cli("impl.experiments.scheinfer.__main__",
         ("bench", "--model", "{gguf}", "--prompt-tokens", "2", "--n-predict", "1", "--policies", "scheinfer",

@@ -3,7 +3,7 @@
     python -m impl.experiments.scheinfer generate --model FILE (--prompt TEXT | --tokens IDS) --n-predict N
         [--gpu-mem BYTES] [--policy scheinfer|fiddler|layers] [--threads N] [--tile ROWS]
         [--assign split|threshold|makespan] [--cost COST.json] [--cpu-kernel auto|torch|avx512|avx2|sse]
-        [--timeline OUT.json]
+        [--timeline OUT.json [--out-record RECORD.json]]
     python -m impl.experiments.scheinfer bench --model FILE.gguf --prompt-tokens 16,64 --n-predict N
         [--policies scheinfer,fiddler,layers] [--gpu-mem BYTES] [--llamacpp [--llamacpp-offload auto|SPECS]]
         [--repeats R] --out-csv OUT.csv --out-record OUT.json
@@ -20,7 +20,10 @@ engine's budget; `baselines.llamacpp.runner.settings_within_budget`), or give th
 CUDA build (LLAMA_CPP_LIB_PATH, `make llamacpp-cuda`); how the budget binds each system, and the
 device memory each took, are in the record.
 `generate` prints the new token ids, then prefill and decode speed (tokens/s); a progress bar goes
-to stderr. The cost model comes from --cost (a `calibrate` output) or a quick calibration at start.
+to stderr; --timeline writes the engine's lane events and --out-record their run record.
+Where the GPU lanes ran is said everywhere: without CUDA the engine's GPU and PCIe lanes are
+emulated on the CPU (`gpu_lanes` 'emulated on CPU' in the bench CSV, the record and the printed
+lines; 'cuda' on a GPU). The cost model comes from --cost (a `calibrate` output) or a quick calibration at start.
 Bad arguments give one line on stderr and exit status 2, before any weights are read.
 --prompt: GGUF files whose vocabulary holds the 256 byte tokens <0x00>..<0xFF> are tokenized byte
 by byte (SentencePiece byte fallback, BOS first); other files need --tokens.
@@ -45,6 +48,11 @@ CLI_POLICIES = ("scheinfer", "fiddler", "layers")
 MAX_THREADS = 4096
 MAX_TILE = 1 << 20
 MAX_TOKENS = 1 << 20         # --n-predict; the model's positions bound prompt + generation anyway
+
+
+def gpu_lanes(device) -> str:
+    """Where the engine's GPU and PCIe lanes ran: 'cuda', or 'emulated on CPU' without CUDA."""
+    return "cuda" if str(device).startswith("cuda") else "emulated on CPU"
 
 
 def _fail(msg: str) -> int:
@@ -139,8 +147,10 @@ def _validate_generate(args) -> str | None:
         return f"--model {model}: expected a .gguf file or an HF checkpoint directory with config.json"
     if args.policy not in CLI_POLICIES:
         return f"--policy={args.policy!r} is not allowed; expected one of {', '.join(CLI_POLICIES)}"
+    if args.out_record is not None and args.timeline is None:
+        return "--out-record needs --timeline (the record is the timeline's)"
     return (_check_int(args, "n_predict", 1, MAX_TOKENS) or _check_output("--timeline", args.timeline)
-            or _validate_engine_options(args))
+            or _check_output("--out-record", args.out_record) or _validate_engine_options(args))
 
 
 def _cost_model(path: str | None, hidden: int, kernel: str | None = None):
@@ -214,10 +224,40 @@ def cmd_generate(args) -> int:
     print(f"prefill: {out.prompt_tokens} tokens, {prefill:.2f} tok/s")
     print(f"decode: {out.decode_steps} tokens, {decode:.2f} tok/s")
     print(f"policy: {policy.name}, gpu-mem {gpu_mem} B, resident FFN {engine.resident_bytes} B, "
-          f"device {engine.device}, cost {cost.source}, cpu kernel {engine.kernel.name} ({engine.kernel.how})")
+          f"device {engine.device}, GPU and PCIe lanes {gpu_lanes(engine.device)}, cost {cost.source}, "
+          f"cpu kernel {engine.kernel.name} ({engine.kernel.how})")
     if args.timeline:
-        Path(args.timeline).write_text(json.dumps([dataclasses.asdict(e) for e in engine.events], default=str))
+        from impl.common.records import atomic_write_text, write_record
+        atomic_write_text(args.timeline, json.dumps([dataclasses.asdict(e) for e in engine.events], default=str))
+        if args.out_record:
+            write_record(args.out_record, _timeline_record(args, cfg, policy, engine, cost, gpu_mem, prompt, out,
+                                                           prefill, decode))
     return 0
+
+
+def _timeline_record(args, cfg, policy, engine, cost, gpu_mem: int, prompt: list[int], out, prefill: float,
+                     decode: float) -> dict:
+    """The run record of one generation whose lane events went to --timeline: what ran where
+    (device, GPU lanes emulated or not, policy, budget, cost model), the speeds measured and the
+    events' file."""
+    from impl.common.records import make_record
+    lanes = {}
+    for e in engine.events:
+        lanes.setdefault(e.lane, []).append(e.end - e.start)
+    return make_record(
+        experiment="scheinfer_timeline", system=policy.name, tier="cluster" if engine.cuda else "emu",
+        topology={"name": "single-host", "device": str(engine.device), "threads": args.threads},
+        model={"path": str(args.model), "arch": cfg.arch, "hidden": cfg.hidden, "layers": cfg.num_layers,
+               "experts": cfg.num_experts, "dtype": "float32"},
+        config={k: v for k, v in vars(args).items() if k != "cmd"},
+        metrics={"prefill_tok_s": [prefill], "decode_tok_s": [decode]}, seed=0,
+        trace_id=f"tokens:{','.join(map(str, prompt))}",
+        extra={"gpu_lanes": gpu_lanes(engine.device), "events_file": str(args.timeline), "events": len(engine.events),
+               "lane_busy_s": {lane: sum(d) for lane, d in lanes.items()}, "gpu_mem_bytes": gpu_mem,
+               "resident_ffn_bytes": engine.resident_bytes, "cost_model": cost.source,
+               "cpu_kernel": engine.kernel.as_dict(), "new_tokens": out.decode_steps + 1,
+               "note": "MEASURED lane events of the HybridEngine on this host"
+                       + ("" if engine.cuda else "; its GPU and PCIe lanes are emulated on the CPU")})
 
 
 def _split_list(text: str, name: str, kind=str) -> list:
@@ -389,6 +429,8 @@ def cmd_bench(args) -> int:
                         pre, dec = out.prompt_tokens / out.prefill_s, out.decode_steps / out.decode_s
                     rows.append({"round": r, "system": system, "prompt_tokens": n, "n_predict": args.n_predict,
                                  "prefill_tok_s": pre, "decode_tok_s": dec, "device": device,
+                                 "gpu_lanes": gpu_lanes(device) if system not in llama else
+                                 ("cuda" if cuda else "CPU only (the real llama.cpp, nothing emulated)"),
                                  "threads": threads, "gpu_mem_bytes": gpu_mem})
                     bar.update()
             # after every round, so that a run stopped from outside keeps the rounds it finished
@@ -399,8 +441,8 @@ def cmd_bench(args) -> int:
         for e in engines:
             e.close()
     med = frame.groupby(["prompt_tokens", "system"], sort=False)[["prefill_tok_s", "decode_tok_s"]].median()
-    print(f"device {device}, {threads} threads, cpu kernel {engines[0].kernel.name} ({engines[0].kernel.how}), "
-          f"{frame['round'].nunique()} rounds (medians, tok/s):")
+    print(f"device {device}, GPU and PCIe lanes {gpu_lanes(device)}, {threads} threads, cpu kernel "
+          f"{engines[0].kernel.name} ({engines[0].kernel.how}), {frame['round'].nunique()} rounds (medians, tok/s):")
     print(med.to_string(float_format=lambda v: f"{v:.1f}"))
     return 0
 
@@ -413,6 +455,7 @@ def _write_bench(args, cfg, rows, systems, device, threads, cost, kernel, gpu_me
     frame = pd.DataFrame(rows)
     extra = {"cost_model": cost.source, "cpu_kernel": kernel.as_dict(), "host": host_info(), "weights_file_type": _gguf_file_type(Path(args.model)),
              "note": "MEASURED on this host; without CUDA the engine's GPU and PCIe lanes run on the CPU (emulated)",
+             "gpu_lanes": gpu_lanes(device),
              "rounds_done": int(frame["round"].nunique()),
              "ratios": {"definition": "scheinfer median tok/s / other system's median tok/s, this run",
                         **_ratios(frame)},
@@ -500,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--cpu-kernel", default=None,
                    help="CPU products' kernel (default: $SCHEINFER_CPU_KERNEL, else auto: measured at start-up)")
     g.add_argument("--timeline", default=None, help="write lane events as JSON")
+    g.add_argument("--out-record", default=None, help="the timeline's run record (JSON; needs --timeline)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--no-progress", action="store_true")
     b = sub.add_parser("bench", help="measure tok/s of every policy (and llama.cpp) on one model")
