@@ -25,6 +25,7 @@ import io
 import json
 import re
 import signal
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -210,6 +211,11 @@ def _ev_config() -> str:
     return str(ROOT / "workflows/config/experiments/emu_validation.yaml")
 
 
+# the emulated-cluster validation's workload, small (its table's record is made with it)
+EV_BENCH = ("--set", "bench.tokens_per_rank=16", "--set", "bench.hidden=16", "--set", "bench.ffn_hidden=8",
+            "--set", "bench.repeats=1", "--set", "bench.warmup=0")
+
+
 CLIS: list[Cli] = [
     Cli("impl.common.calibrate",
         ("--topology", "1x2", "--out", "{tmp}/cal.yaml", "--sizes", "4K,8K", "--repeats", "1", "--warmup", "0",
@@ -238,7 +244,8 @@ CLIS: list[Cli] = [
         {"--topology": NAME, "--routing": NAME, "--variant": NAME, "--config": IN, "--profile": IN},
         config="emu_validation", id="emu_validation overrides"),
     Cli("impl.experiments.emu_validation",
-        ("table", "--config", _ev_config(), "--record", "{ev_record}", "--out-csv", "{tmp}/ev.csv"),
+        ("table", "--config", _ev_config(), *EV_BENCH, "--record", "{ev_record}", "--profile", "2x4={profile_2x4}",
+         "--out-csv", "{tmp}/ev.csv"),
         {"--record": IN + ["{garbage}"], "--profile": ["x", "2x4", "2x4={missing}", "2x4={garbage}", "=x"],
          "--out-csv": OUT, "--config": IN}, config="emu_validation", id="emu_validation table"),
     Cli("impl.experiments.gpu_check", ("device", "--out", "{tmp}/a.json", "--dry-run", "--mib", "1"),
@@ -404,16 +411,33 @@ def files(tmp_path_factory) -> dict[str, str]:
     models = {(kind, step): LinearModel(0.05, 1e-6) for kind in ("a2a", "allgather", "reducescatter", "allreduce")
               for step in ("flat", "inter-1", "intra-1")}
     profiles = {}
-    for topo in ("2x2", "1x2"):
-        comm = {k: m for k, m in models.items() if topo == "2x2" or k[1] == "flat"}
+    for topo in ("2x2", "2x4", "1x2"):
+        comm = {k: m for k, m in models.items() if topo != "1x2" or k[1] == "flat"}
         profiles[topo] = save_profile(HardwareProfile(f"fuzz-{topo}", topo, "test constants", comm=comm,
                                                       compute={"gemm": LinearModel(0.01, 1e-9, work_unit="mac")}),
                                       d / f"profile-{topo}.yaml")
-    record = d / "ev-record.json"
-    record.write_text(json.dumps([]))
     return {"tmp": str(d), "dir": str(d / "dir"), "missing": str(d / "missing" / "nothing.yaml"),
             "garbage": str(garbage), "cost": str(cost), "gguf": str(generate("mixtral", d / "m.gguf", seed=2)),
-            "profile_2x2": str(profiles["2x2"]), "profile_1x2": str(profiles["1x2"]), "ev_record": str(record)}
+            "profile_2x2": str(profiles["2x2"]), "profile_2x4": str(profiles["2x4"]),
+            "profile_1x2": str(profiles["1x2"]), "ev_record": str(_emu_validation_record(d / "ev-record.json"))}
+
+
+def _emu_validation_record(path: Path) -> Path:
+    """A layer bench record of one cell of the emulated-cluster validation (flat on 2x4, zipf),
+    measured on SimComm ranks for speed and labelled as the matrix's emu run, so that the table's
+    command line is valid."""
+    from impl.common.config import to_dict
+    from impl.common.emu_cluster import NetworkConfig
+    from impl.common.records import write_record
+    from impl.experiments import emu_validation as ev
+    from impl.experiments import layer_bench as lb
+
+    cfg = ev.load(_ev_config(), [item for item in EV_BENCH if item != "--set"])
+    cell = ev.bench_config(cfg, "2x4", "zipf", "flat", None)
+    rb = lb.validate(dataclasses.replace(cell, tier="sim", network=NetworkConfig()), with_profile=False)
+    per_rank, where = lb.run(rb)
+    record = lb.make_bench_record(rb, per_rank, where)
+    return write_record(path, {**record, "tier": "emu", "config": to_dict(cell)})
 
 
 def fill(items, files: dict[str, str]) -> list[str]:
@@ -621,6 +645,62 @@ def test_bad_set_value(c, key, files):
     check_cases(c.module, [(fill(c.base, files) + ["--set", f"{key}={v}"], names) for v in values])
 
 
+def _outside_strategy(tp, b):
+    """Hypothesis: numbers of annotation `tp` outside range `b`, and non-finite floats."""
+    kind = _base_type(tp)
+    parts = []
+    low = b.ge if b.ge is not None else b.gt
+    high = b.le if b.le is not None else b.lt
+    if kind is int:
+        if low is not None:
+            parts.append(st.integers(max_value=int(low) - 1 if b.ge is not None else int(low)))
+        if high is not None:
+            parts.append(st.integers(min_value=int(high) + 1 if b.le is not None else int(high)))
+        return st.one_of(parts).map(str)
+    if low is not None:
+        parts.append(st.floats(max_value=low, exclude_max=b.ge is not None, allow_nan=False, allow_infinity=False))
+    if high is not None:
+        parts.append(st.floats(min_value=high, exclude_min=b.le is not None, allow_nan=False, allow_infinity=False))
+    return st.one_of(parts).map(repr).map(lambda r: {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}.get(r, r))
+
+
+@pytest.mark.parametrize("c", [c for c in CLIS if c.config], ids=lambda c: c.name)
+def test_random_out_of_range_set_values(c, files):
+    """Random numbers outside each numeric field's declared range (one field per example)."""
+    cases = [(key, _outside_strategy(tp, bounds_of(f))) for key, tp, f in _fields(config_of(c))
+             if _base_type(tp) in (int, float) and bounds_of(f) is not None]
+    base = fill(c.base, files)
+
+    @FUZZ
+    @given(st.sampled_from(cases).flatmap(lambda kv: st.tuples(st.just(kv[0]), kv[1])))
+    def bad_value(item):
+        key, value = item
+        check_cases(c.module, [(base + ["--set", f"{key}={value}"], [key, key.rsplit(".", 1)[-1]])])
+
+    bad_value()
+
+
+def _system_option_cases() -> list[tuple[str, list[str]]]:
+    """`NAME[key=value]` system options: every option of the HierMoE systems with bad values of
+    its type and range, unknown options and malformed names (and what the error must name)."""
+    from impl.experiments.hiermoe.spec import HierMoEOptions
+
+    cases = []
+    for key, tp, f in _fields(HierMoEOptions):
+        for value in set_values(tp, f, is_name=True):
+            if not any(ch in value for ch in ",[]{}"):        # the NAME[...] syntax cannot hold these
+                cases.append((f"HierMoE[{key}={value}]", [key]))
+    cases += [("HierMoE[gamma]", ["gamma"]), ("HierMoE[=1]", ["HierMoE"]), ("HierMoE[", ["HierMoE"]),
+              ("HierMoE[nope=1]", ["nope"]), ("Megatron-LM[gamma=abc]", ["gamma"])]
+    return cases
+
+
+@pytest.mark.parametrize("system,names", _system_option_cases(), ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_system_option_value(system, names, files):
+    c = next(c for c in CLIS if c.module == "impl.experiments.hiermoe.sim")
+    check_cases(c.module, [(fill(c.base, files) + ["--set", f"systems=[{json.dumps(system)}]"], names)])
+
+
 @pytest.mark.parametrize("c", [c for c in CLIS if c.config], ids=lambda c: c.name)
 def test_unknown_and_malformed_set_items(c, files):
     cls = config_of(c)
@@ -663,6 +743,40 @@ def test_unknown_and_malformed_set_items(c, files):
                                       "--out-record", "x.json"], ["NoSuchSystem"]),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else x)
 def test_known_bad_cases(module, argv, names, monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "SLURM_PROCID"):
+    for var in JOB_VARIABLES:
         monkeypatch.delenv(var, raising=False)
     check_cases(module, [(argv, names)])
+
+
+JOB_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "SLURM_PROCID")
+
+
+@pytest.mark.parametrize("env,names", [
+    ({"RANK": "0"}, ["WORLD_SIZE"]),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["MASTER_ADDR"]),
+    ({"RANK": "0", "WORLD_SIZE": "x", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, ["WORLD_SIZE"]),
+    ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, ["WORLD_SIZE", "G = 2"]),
+], ids=lambda x: ",".join(x) if isinstance(x, dict) else "")
+@pytest.mark.parametrize("module,argv", [
+    ("impl.common.calibrate", ["--topology", "1x2", "--launcher", "env", "--out", "p.yaml"]),
+    ("impl.experiments.layer_bench", ["--set", "tier=cluster", "--set", "topology=1x2"]),
+], ids=["calibrate", "layer_bench"])
+def test_job_environment_is_checked_before_joining(module, argv, env, names, monkeypatch):
+    """A job environment that is incomplete or does not match the topology: one line naming the
+    variable, before anything tries to rendezvous (which would wait for ranks that never come)."""
+    for var in JOB_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    check_cases(module, [(argv, names)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", [c for c in CLIS if not c.module.startswith("figures.")], ids=lambda c: c.name)
+def test_every_base_command_line_is_valid(c, files, monkeypatch):
+    """What the cases spoil is a command line that works: a case fails for its own bad value, not
+    for another (the figure scripts' bases read placeholder files and are left out)."""
+    monkeypatch.setattr(sys.modules[__name__], "CASE_LIMIT_S", 300)
+    o = run_main(c.module, fill(c.base, files))
+    assert o.code == 0 and not o.raised, (o.raised, o.err[-800:])

@@ -84,7 +84,8 @@ def run(cfg: DegreeStudyConfig, progress: bool | None = None) -> pd.DataFrame:
             chosen["timeline"] = min(times, key=lambda r: (times[r], r))
             row = {"profile": name, "phase": phase, "B": shape.batch, "L": shape.seq, "M": shape.hidden,
                    "H": shape.ffn_hidden, "heads": shape.heads, "f": shape.capacity_factor or "*", "ffn": shape.ffn,
-                   "enum_ms_per_config": enum_s * 1e3, "slsqp_ms_per_config": None if slsqp_s is None else slsqp_s * 1e3}
+                   "enum_ms_per_config": enum_s * 1e3, "slsqp_ms_per_config": None if slsqp_s is None else slsqp_s * 1e3,
+                   "r_slsqp": None, "t_slsqp": None}      # set below where SLSQP ran (slsqp_samples)
             for method, r in chosen.items():
                 row[f"r_{method}"] = r
                 row[f"t_{method}"] = times[r]
@@ -101,11 +102,15 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     for phase, g in list(frame.groupby("phase")) + [("both", frame)]:
         for method in METHODS[:-1]:
             sub = g.dropna(subset=[f"r_{method}"])
+            if sub.empty:            # SLSQP ran on none (slsqp_samples=0)
+                continue
             loss = (sub[f"t_{method}"] / sub["t_timeline"] - 1) * 100
             out.append({"phase": phase, "method": method, "configs": len(sub),
                         "differs_from_timeline_pct": 100 * float((sub[f"r_{method}"] != sub["r_timeline"]).mean()),
                         "mean_loss_pct": float(loss.mean()), "max_loss_pct": float(loss.max())})
         both = g.dropna(subset=["r_slsqp"])
+        if both.empty:
+            continue
         out.append({"phase": phase, "method": "enum vs slsqp", "configs": len(both),
                     "differs_from_timeline_pct": 100 * float((both["r_enum"] != both["r_slsqp"]).mean()),
                     "mean_loss_pct": float(((both["t_slsqp"] / both["t_enum"]) - 1).mean() * 100),
