@@ -777,6 +777,12 @@ def test_job_environment_is_checked_before_joining(module, argv, env, names, mon
 def test_every_base_command_line_is_valid(c, files, monkeypatch):
     """What the cases spoil is a command line that works: a case fails for its own bad value, not
     for another (the figure scripts' bases read placeholder files and are left out)."""
+    import torch
+
     monkeypatch.setattr(sys.modules[__name__], "CASE_LIMIT_S", 300)
-    o = run_main(c.module, fill(c.base, files))
+    threads = torch.get_num_threads()            # --threads 1 of a base sets it for the process
+    try:
+        o = run_main(c.module, fill(c.base, files))
+    finally:
+        torch.set_num_threads(threads)
     assert o.code == 0 and not o.raised, (o.raised, o.err[-800:])
