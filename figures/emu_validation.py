@@ -12,7 +12,6 @@ carries its provenance (tier emu, network, host, date, versions, the model's ver
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import matplotlib
@@ -23,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
+from impl.common import cli  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 
 __all__ = ["TOLERANCE", "load", "ratios", "plot", "markdown", "main"]
@@ -192,12 +192,12 @@ def _parse_steps(text) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m figures.emu_validation", description=__doc__.split("\n\n")[0])
-    p.add_argument("--csv", required=True, help="impl.experiments.emu_validation table output")
+    p = cli.ArgumentParser(prog="python -m figures.emu_validation", description=__doc__.split("\n\n")[0])
+    p.add_argument("--csv", required=True, type=cli.input_file, help="impl.experiments.emu_validation table output")
     p.add_argument("--baseline", default="flat", help="variant the speedups divide by")
-    p.add_argument("--out", required=True, help="figure path (PDF and PNG are written beside each other)")
-    p.add_argument("--out-md", required=True, help="markdown table")
-    p.add_argument("--notes", default=None, help="markdown appended to the table (the analysis of the misses)")
+    p.add_argument("--out", required=True, type=cli.output_path, help="figure path (PDF and PNG are written beside each other)")
+    p.add_argument("--out-md", required=True, type=cli.output_path, help="markdown table")
+    p.add_argument("--notes", default=None, type=cli.input_file, help="markdown appended to the table (the analysis of the misses)")
     args = p.parse_args(argv)
     try:
         frame = load(args.csv)

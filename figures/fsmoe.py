@@ -14,7 +14,6 @@ says emu (measured on this machine).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
+from impl.common import cli  # noqa: E402
 from impl.common.costmodel import load_profile  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
@@ -402,17 +402,19 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m figures.fsmoe", description=__doc__.split("\n")[0])
-    p.add_argument("--grid", nargs="+", required=True, help="results --part grid CSVs (one per testbed)")
-    p.add_argument("--statistic", required=True)
-    p.add_argument("--table2", required=True)
-    p.add_argument("--models", required=True)
-    p.add_argument("--ablation-grids", nargs="*", default=[], help="grid CSVs of other readings (column 'reading')")
-    p.add_argument("--ablation-models", nargs="*", default=[], help="models CSVs of the same readings")
-    p.add_argument("--degrees", help="the degree study CSV")
-    p.add_argument("--emu", help="the emu-tier CSV")
-    p.add_argument("--profile", help="our calibration of this machine (Fig. 5's bottom row)")
-    p.add_argument("--out-dir", required=True)
+    p = cli.ArgumentParser(prog="python -m figures.fsmoe", description=__doc__.split("\n")[0])
+    p.add_argument("--grid", nargs="+", required=True, type=cli.input_file, help="results --part grid CSVs (one per testbed)")
+    p.add_argument("--statistic", required=True, type=cli.input_file)
+    p.add_argument("--table2", required=True, type=cli.input_file)
+    p.add_argument("--models", required=True, type=cli.input_file)
+    p.add_argument("--ablation-grids", nargs="*", default=[], type=cli.input_file,
+                   help="grid CSVs of other readings (column 'reading')")
+    p.add_argument("--ablation-models", nargs="*", default=[], type=cli.input_file,
+                   help="models CSVs of the same readings")
+    p.add_argument("--degrees", type=cli.input_file, help="the degree study CSV")
+    p.add_argument("--emu", type=cli.input_file, help="the emu-tier CSV")
+    p.add_argument("--profile", type=cli.input_file, help="our calibration of this machine (Fig. 5's bottom row)")
+    p.add_argument("--out-dir", required=True, type=cli.output_dir)
     args = p.parse_args(argv)
     try:
         grid = pd.concat([pd.read_csv(g) for g in args.grid])

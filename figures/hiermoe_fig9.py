@@ -10,7 +10,6 @@ The two panels are different hardware: they are not expected to agree, only to b
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import matplotlib
@@ -22,6 +21,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from figures import style  # noqa: E402
+from impl.common import cli  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 
@@ -127,10 +127,10 @@ def markdown_fig9(paper: pd.DataFrame, header: dict, fits: pd.DataFrame, profile
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m figures.hiermoe_fig9", description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", required=True, help="calibrated profile YAML (impl.common.calibrate)")
-    parser.add_argument("--out", required=True, help="figure path without suffix (PDF and PNG are written)")
-    parser.add_argument("--out-md", required=True)
+    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_fig9", description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", required=True, type=cli.input_file, help="calibrated profile YAML (impl.common.calibrate)")
+    parser.add_argument("--out", required=True, type=cli.output_path, help="figure path without suffix (PDF and PNG are written)")
+    parser.add_argument("--out-md", required=True, type=cli.output_path)
     args = parser.parse_args(argv)
     try:
         paper, header = paper_fits()

@@ -7,7 +7,6 @@ crossovers (where one system overtakes another).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import matplotlib
@@ -18,6 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
+from impl.common import cli  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 from impl.experiments.hiermoe.scaleout import crossovers  # noqa: E402
 
@@ -80,10 +80,10 @@ def markdown_scaleout(frame: pd.DataFrame, source: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m figures.hiermoe_scaleout", description=__doc__.split("\n")[0])
-    parser.add_argument("--csv", required=True)
-    parser.add_argument("--out", required=True, help="figure path without suffix (PDF and PNG)")
-    parser.add_argument("--out-md", required=True)
+    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_scaleout", description=__doc__.split("\n")[0])
+    parser.add_argument("--csv", required=True, type=cli.input_file)
+    parser.add_argument("--out", required=True, type=cli.output_path, help="figure path without suffix (PDF and PNG)")
+    parser.add_argument("--out-md", required=True, type=cli.output_path)
     args = parser.parse_args(argv)
     try:
         frame = pd.read_csv(args.csv)

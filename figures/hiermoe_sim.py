@@ -17,7 +17,6 @@ evaluated here (`impl.experiments.hiermoe.sim.uniform_paper_model`).
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
+from impl.common import cli  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 from impl.experiments.hiermoe.sim import summarize_frame, uniform_paper_model  # noqa: E402
@@ -840,19 +840,22 @@ def _ablation_table(runs: Runs) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m figures.hiermoe_sim", description=__doc__.split("\n")[0])
-    parser.add_argument("--qwen3", required=True)
-    parser.add_argument("--deepseek", required=True)
-    parser.add_argument("--node", required=True, help="one-node run (Fig. 13 right)")
-    parser.add_argument("--table4", required=True, help="Table IV run (one variant per column)")
-    parser.add_argument("--ablation", required=True, help="Section V-E ablation run (variants fitted, gamma)")
-    parser.add_argument("--ablation-persistent", required=True, help="the same on a persistent skew (variant persistent)")
-    parser.add_argument("--skew", required=True, help="skew-sweep run (one variant per skew)")
-    parser.add_argument("--swap", required=True, help="swap measurement CSV (impl.experiments.hiermoe.swap_measure)")
-    parser.add_argument("--table2-csv", help="Table II run CSV (its cells go into the report)")
-    parser.add_argument("--table2-md", help="Table II markdown (linked)")
-    parser.add_argument("--fig9-md", help="Fig. 9 markdown (linked and included)")
-    parser.add_argument("--out-dir", required=True)
+    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_sim", description=__doc__.split("\n")[0])
+    parser.add_argument("--qwen3", type=cli.input_file, required=True)
+    parser.add_argument("--deepseek", type=cli.input_file, required=True)
+    parser.add_argument("--node", type=cli.input_file, required=True, help="one-node run (Fig. 13 right)")
+    parser.add_argument("--table4", type=cli.input_file, required=True, help="Table IV run (one variant per column)")
+    parser.add_argument("--ablation", type=cli.input_file, required=True,
+                        help="Section V-E ablation run (variants fitted, gamma)")
+    parser.add_argument("--ablation-persistent", type=cli.input_file, required=True,
+                        help="the same on a persistent skew (variant persistent)")
+    parser.add_argument("--skew", type=cli.input_file, required=True, help="skew-sweep run (one variant per skew)")
+    parser.add_argument("--swap", type=cli.input_file, required=True,
+                        help="swap measurement CSV (impl.experiments.hiermoe.swap_measure)")
+    parser.add_argument("--table2-csv", type=cli.input_file, help="Table II run CSV (its cells go into the report)")
+    parser.add_argument("--table2-md", type=cli.input_file, help="Table II markdown (linked)")
+    parser.add_argument("--fig9-md", type=cli.input_file, help="Fig. 9 markdown (linked and included)")
+    parser.add_argument("--out-dir", required=True, type=cli.output_dir)
     args = parser.parse_args(argv)
     try:
         q3, ds, node = read_run(args.qwen3), read_run(args.deepseek), read_run(args.node)

@@ -11,7 +11,6 @@ beyond the median and percentiles of the repeats.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pandas as pd
 import seaborn as sns
 
 from figures import style
+from impl.common import cli
 from impl.common.paper import read_paper_csv
 from impl.common.records import atomic_write_text, summarize
 
@@ -130,11 +130,11 @@ def markdown_table2(frame: pd.DataFrame, source: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m figures.hiermoe_table2", description=__doc__.split("\n")[0])
-    parser.add_argument("--csv", required=True, help="tidy CSV written by impl.experiments.hiermoe.table2")
-    parser.add_argument("--out-pdf", required=True)
-    parser.add_argument("--out-png", required=True)
-    parser.add_argument("--out-md", required=True, help="markdown table, paper vs ours")
+    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_table2", description=__doc__.split("\n")[0])
+    parser.add_argument("--csv", required=True, type=cli.input_file, help="tidy CSV written by impl.experiments.hiermoe.table2")
+    parser.add_argument("--out-pdf", required=True, type=cli.output_path)
+    parser.add_argument("--out-png", required=True, type=cli.output_path)
+    parser.add_argument("--out-md", required=True, type=cli.output_path, help="markdown table, paper vs ours")
     args = parser.parse_args(argv)
     pdf, png = Path(args.out_pdf), Path(args.out_png)
     if pdf.suffix != ".pdf" or png.suffix != ".png" or pdf.with_suffix("") != png.with_suffix(""):

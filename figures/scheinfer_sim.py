@@ -1,7 +1,9 @@
 """ScheInfer figures: (a) speedup of ScheInfer over llama.cpp and over Fiddler per phase and model
 (sim tier, MODELED) with the paper's stated ranges beside ours, (b) CC / CG / GG fractions by phase
-and model, (c) a three-lane timeline of one layer per policy from MEASURED engine events, and
-(d) a markdown report paper vs ours with the reasons for the gaps.
+and model (MODELED), (c) a three-lane timeline of one layer per policy from MEASURED events of our
+HybridEngine (its 'layers' and 'fiddler' policies are llama.cpp's and Fiddler's placements run by
+our engine, not those programs), and (d) a markdown report paper vs ours with the reasons for the
+gaps.
 
     python -m figures.scheinfer_sim --sim SIM.csv --timeline scheinfer.json fiddler.json layers.json \
         [--timeline-log generate.log ...] --out-dir results/figures
@@ -13,7 +15,6 @@ ran the GPU lanes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -27,6 +28,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
+from impl.common import cli  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 
@@ -38,9 +40,17 @@ MODEL_LABEL = {"mixtral-8x7b": "Mixtral-8x7B", "llama2-7b": "LLaMA-2-7B", "llama
                "qwen1.5-moe-a2.7b": "Qwen1.5-MoE", "phi-3.5-moe": "Phi-3.5-MoE"}
 BAND_COLORS = {"cc": "#4c72b0", "cg": "#dd8452", "gg": "#55a868"}
 LANES = (("cpu", "CPU"), ("h2d", "PCIe (H2D)"), ("gpu", "GPU"))
-POLICY_SYSTEM = {"layers": "llama.cpp", "fiddler": "Fiddler", "scheinfer": "ScheInfer"}
-NOTE = ("tier sim: tok/s MODELED with the engine's cost model on ASSUMED hardware classes "
-        "(spec sheets x assumed efficiencies); the paper's machines are unknown")
+# the timeline's rows are our engine under each policy: the baselines' placements, not the baselines
+POLICY_LABEL = {"layers": "engine policy 'layers' (llama.cpp-style offload)",
+                "fiddler": "engine policy 'fiddler' (Fiddler-style)", "scheinfer": "engine policy 'scheinfer'"}
+
+
+def _modeled(what: str) -> str:
+    return (f"tier sim: {what} MODELED with the engine's cost model on ASSUMED hardware classes "
+            "(spec sheets x assumed efficiencies); the paper's machines are unknown")
+
+
+NOTE = _modeled("tok/s")
 
 
 def read_sim(path: str) -> pd.DataFrame:
@@ -136,8 +146,8 @@ def plot_partition(frame: pd.DataFrame):
     np.atleast_1d(axes)[0].set_ylabel("fraction of active FFN rows", fontsize=7)
     handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=3, frameon=False, fontsize=6, bbox_to_anchor=(0.5, 1.06))
-    fig.suptitle("ScheInfer CC / CG / GG fractions, prefill (P) vs decode (D; hatched) "
-                 f"({NOTE})", fontsize=6, y=-0.02)
+    fig.suptitle("ScheInfer CC / CG / GG fractions (the partition its policy plans), prefill (P) vs decode "
+                 f"(D; hatched)\n{_modeled('fractions')}", fontsize=6, y=-0.02)
     fig.tight_layout()
     return fig
 
@@ -178,16 +188,17 @@ def plot_timeline(timelines: dict[str, pd.DataFrame], device: str, layer: int = 
             ax.invert_yaxis()
             ax.tick_params(axis="x", labelsize=6)
             span = float(ev["t1"].max()) if len(ev) else 0.0
-            ax.set_title(f"{POLICY_SYSTEM.get(policy, policy)}: {phase}, layer {layer} ({span:.0f} us)", fontsize=7)
+            ax.set_title(f"{POLICY_LABEL.get(policy, policy)}: {phase}, layer {layer} ({span:.0f} us)", fontsize=7)
             if r == len(timelines) - 1:
                 ax.set_xlabel("time since the layer's first band (us, measured)", fontsize=6)
     handles = [plt.Rectangle((0, 0), 1, 1, fc=BAND_COLORS[b], ec="black", lw=0.3) for b in BAND_COLORS]
     fig.legend(handles, [b.upper() for b in BAND_COLORS], loc="upper center", ncol=3, frameon=False, fontsize=6,
                bbox_to_anchor=(0.5, 1.03))
     emulated = device != "cuda"
-    fig.suptitle(f"MEASURED HybridEngine lane events on a {model} GGUF; "
+    fig.suptitle(f"MEASURED lane events of our HybridEngine on a {model} GGUF, one run per engine policy "
+                 "('layers' and 'fiddler' place weights as llama.cpp and Fiddler do; they are not those programs); "
                  + ("GPU and PCIe lanes EMULATED on CPU (no CUDA device): all lanes share this CPU"
-                    if emulated else f"device {device}"), fontsize=6, y=-0.01)
+                    if emulated else f"device {device}"), fontsize=6, y=-0.01, wrap=True)
     fig.tight_layout()
     return fig
 
@@ -248,19 +259,22 @@ def report(frame: pd.DataFrame) -> str:
               "not trained routers on real prompts: real routing is more skewed, which helps popularity-based "
               "residency (Fiddler).",
               "",
-              "Timeline figure: measured lane events of the real HybridEngine on a small generated model; "
-              "without a CUDA device its GPU and PCIe lanes are emulated on the CPU, so it shows the schedule "
-              "(which band runs where, overlap or not), not GPU speed."]
+              "Timeline figure: measured lane events of our HybridEngine on a small generated model, one run "
+              "per engine policy: 'layers' and 'fiddler' are llama.cpp's layer offload and Fiddler's expert "
+              "placement run by our engine (not llama.cpp or Fiddler themselves); each run has a run record "
+              "(results/raw/scheinfer_timeline/<policy>.record.json). Without a CUDA device the GPU and PCIe "
+              "lanes are emulated on the CPU, so it shows the schedule (which band runs where, overlap or "
+              "not), not GPU speed."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m figures.scheinfer_sim", description=__doc__.split("\n")[0])
-    ap.add_argument("--sim", required=True, help="impl.experiments.scheinfer.sim CSV")
-    ap.add_argument("--timeline", nargs="+", required=True, help="generate --timeline JSONs named <policy>.json")
-    ap.add_argument("--timeline-log", nargs="*", default=[], help="the generate runs' stdout (device line)")
+    ap = cli.ArgumentParser(prog="python -m figures.scheinfer_sim", description=__doc__.split("\n")[0])
+    ap.add_argument("--sim", required=True, type=cli.input_file, help="impl.experiments.scheinfer.sim CSV")
+    ap.add_argument("--timeline", nargs="+", required=True, type=cli.input_file, help="generate --timeline JSONs named <policy>.json")
+    ap.add_argument("--timeline-log", nargs="*", default=[], type=cli.input_file, help="the generate runs' stdout (device line)")
     ap.add_argument("--timeline-model", default="small generated", help="what the timeline model is, for the caption")
-    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--out-dir", required=True, type=cli.output_dir)
     args = ap.parse_args(argv)
     try:
         frame = read_sim(args.sim)

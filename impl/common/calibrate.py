@@ -38,9 +38,12 @@ from dataclasses import dataclass
 from statistics import median
 from typing import Any, Sequence
 
+from . import cli
+from .config import MAX_REPEATS, MAX_SECONDS, MAX_WIDTH, check_host_memory
 from .emu_cluster import NetworkConfig, check_network, emulated_cluster
 from .costmodel import (HardwareProfile, LinearModel, fit_linear, parse_step, profile_summary, save_profile,
                         step_name, topology_steps)
+from .launcher import require_job
 from .records import collect_env, git_info
 from .topology import Topology, TopologyError, get_topology
 
@@ -57,6 +60,7 @@ R2_THRESHOLD = 0.95
 PRESETS = {"fsmoe": {"sizes": ["1M:24M:1M"], "collectives": "a2a,allgather,reducescatter,allreduce",
                      "gemm_tokens": "512:6144:512", "gemm_dim": 1024, "repeats": 5}}
 FLOAT32_BYTES = 4
+MAX_POINTS = 10_000          # sizes of one sweep
 _SIZE_RE = re.compile(r"^(\d+)([KMG]?)$", re.IGNORECASE)
 _SIZE_FACTORS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
@@ -73,7 +77,8 @@ def parse_size(text: str) -> int:
 
 
 def parse_sizes(items: Sequence[str]) -> list[int]:
-    """Comma- or space-separated sizes and ranges START:STOP:STEP (inclusive), sorted, unique."""
+    """Comma- or space-separated sizes and ranges START:STOP:STEP (inclusive), sorted, unique
+    (at most MAX_POINTS of them)."""
     out: set[int] = set()
     for item in items:
         for part in filter(None, (p.strip() for p in item.split(","))):
@@ -84,6 +89,9 @@ def parse_sizes(items: Sequence[str]) -> list[int]:
                 start, stop, step = (parse_size(p) for p in pieces)
                 if step <= 0 or stop < start:
                     raise ValueError(f"size range {part!r}: needs STEP > 0 and STOP >= START")
+                if (stop - start) // step + 1 > MAX_POINTS:
+                    raise ValueError(f"size range {part!r} has {(stop - start) // step + 1} points; allowed: "
+                                     f"<= {MAX_POINTS}")
                 out.update(range(start, stop + 1, step))
             else:
                 out.add(parse_size(part))
@@ -154,7 +162,10 @@ class CalibrationPlan:
             if c not in COLLECTIVES:
                 raise ValueError(f"--collectives: {c!r} is not allowed; allowed: {', '.join(COLLECTIVES)}")
         all_steps = topology_steps(topo)
-        chosen = list(all_steps) if not steps else [_canonical(s, topo) for s in steps]
+        try:
+            chosen = list(all_steps) if not steps else [_canonical(s, topo) for s in steps]
+        except ValueError as e:
+            raise ValueError(f"--steps: {e}") from None
         tasks, skipped = [], []
         for step in chosen:
             size = step_group_size(topo, step)
@@ -373,8 +384,8 @@ def calibrate(plan: CalibrationPlan, *, launcher: str = "local", backend: str = 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m impl.common.calibrate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m impl.common.calibrate", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", required=True, help="topology preset or NxG (e.g. 1x4, 2x2); G ranks are used")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a paper's profiling protocol (fsmoe: 2^18..24*2^18 floats per collective, every "
@@ -385,19 +396,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="local: spawn G ranks here; env: join a torchrun / srun job")
     p.add_argument("--sizes", nargs="+", default=["1M:8M:1M"],
                    help="per-rank message sizes in bytes: list (64K,256K) or range START:STOP:STEP")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per size (median taken)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per size")
-    p.add_argument("--iters", type=int, default=5, help="back-to-back calls per timed repeat (their mean is recorded)")
+    p.add_argument("--repeats", type=cli.number(int, ge=1, le=MAX_REPEATS), default=5,
+                   help="timed calls per size (median taken)")
+    p.add_argument("--warmup", type=cli.number(int, ge=0, le=MAX_REPEATS), default=2, help="untimed calls per size")
+    p.add_argument("--iters", type=cli.number(int, ge=1, le=MAX_REPEATS), default=5,
+                   help="back-to-back calls per timed repeat (their mean is recorded)")
     p.add_argument("--collectives", default="a2a", help=f"comma-separated, from: {', '.join(COLLECTIVES)}")
     p.add_argument("--steps", default="", help="comma-separated steps (default: all of the topology)")
     p.add_argument("--gemm-tokens", default="256:2048:256",
                    help="token counts of the GEMM sweep (list or range); empty to skip the GEMM")
-    p.add_argument("--gemm-dim", type=int, default=512, help="M = H of the [tokens, M] @ [M, H] GEMM")
-    p.add_argument("--gemm-threads", type=int, default=0, help="torch threads for the GEMM (0: torch's default)")
+    p.add_argument("--gemm-dim", type=cli.number(int, ge=1, le=MAX_WIDTH), default=512,
+                   help="M = H of the [tokens, M] @ [M, H] GEMM")
+    p.add_argument("--gemm-threads", type=cli.number(int, ge=0, le=4096), default=0,
+                   help="torch threads for the GEMM (0: torch's default)")
     p.add_argument("--name", default="", help="profile name (default calibrated-<topology>-<backend>)")
-    p.add_argument("--out", required=True, help="output profile YAML")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per collective before failing")
-    p.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole sweep (local launcher)")
+    p.add_argument("--out", required=True, type=cli.output_path, help="output profile YAML")
+    p.add_argument("--timeout", type=cli.number(float, gt=0, le=MAX_SECONDS), default=120.0,
+                   help="seconds per collective before failing")
+    p.add_argument("--deadline", type=cli.number(float, gt=0, le=MAX_SECONDS), default=600.0,
+                   help="seconds for the whole sweep (local launcher)")
     p.add_argument("--emulate-rate", default=None,
                    help="run the local ranks on an emulated cluster, each node's link shaped to this tc rate "
                         "(e.g. 200mbit; see impl.common.emu_cluster); loopback when omitted")
@@ -441,22 +458,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         gemm_tokens = _with_flag("--gemm-tokens", parse_sizes, [args.gemm_tokens]) if args.gemm_tokens.strip() else []
         if gemm_tokens and len(gemm_tokens) < 2:
             raise ValueError(f"--gemm-tokens: needs >= 2 distinct token counts, got {gemm_tokens}")
-        if args.gemm_dim < 1:
-            raise ValueError(f"--gemm-dim must be >= 1, got {args.gemm_dim}")
-        network = None
-        if args.emulate_rate is not None:
-            if args.launcher != "local":
-                raise ValueError("--emulate-rate needs --launcher local (the emulated cluster starts the ranks)")
-            network = NetworkConfig(emulate=True, rate=args.emulate_rate, burst=args.emulate_burst,
-                                    latency=args.emulate_latency, intra_rate=args.emulate_intra_rate)
-            check_network(network, flag_prefix="emulate-")
-        plan = CalibrationPlan.build(args.topology, sizes, args.repeats, args.warmup,
-                                     [c.strip() for c in args.collectives.split(",") if c.strip()],
+        # every flag is checked, also those a run without --emulate-rate ignores
+        emulate = args.emulate_rate is not None
+        network = NetworkConfig(emulate=emulate, rate=args.emulate_rate if emulate else NetworkConfig.rate,
+                                burst=args.emulate_burst, latency=args.emulate_latency,
+                                intra_rate=args.emulate_intra_rate)
+        check_network(network, flag_prefix="emulate-")
+        if network.emulate and args.launcher != "local":
+            raise ValueError("--emulate-rate needs --launcher local (the emulated cluster starts the ranks)")
+        collectives = [c.strip() for c in args.collectives.split(",") if c.strip()]
+        if not collectives:
+            raise ValueError(f"--collectives: {args.collectives!r} names none; allowed: {', '.join(COLLECTIVES)}")
+        plan = CalibrationPlan.build(args.topology, sizes, args.repeats, args.warmup, collectives,
                                      [s.strip() for s in args.steps.split(",") if s.strip()] or None,
                                      iters=args.iters, progress=not args.quiet)
+        topo = get_topology(plan.topology)
+        if args.launcher == "env":
+            require_job(topo, "--launcher env")
+        # every rank's send and receive buffers, and the GEMM's operands (all on this host under local)
+        check_host_memory(3 * max(sizes) * (topo.G if args.launcher == "local" else 1), "--sizes")
+        if gemm_tokens:
+            check_host_memory(FLOAT32_BYTES * args.gemm_dim * (2 * max(gemm_tokens) + args.gemm_dim),
+                              "--gemm-tokens, --gemm-dim")
     except ValueError as e:
-        print(f"calibrate: error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(parser, e)
     command = shlex.join(["python", "-m", "impl.common.calibrate", *argv])
     series, where = calibrate(plan, launcher=args.launcher, backend=args.backend, timeout_s=args.timeout,
                               deadline_s=args.deadline, network=network)

@@ -58,6 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from . import cli
+from .config import MAX_REPEATS, MAX_SECONDS, check_host_memory, checked
 from .launcher import RankSite, launch, terminate_as_exit
 from .topology import Topology, TopologyError, get_topology
 
@@ -483,7 +485,7 @@ def _run_command(topology: Topology, cluster, command: Sequence[str], timeout_s:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m impl.common.emu_cluster", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m impl.common.emu_cluster", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="bring up an emulated cluster, run a probe or a command per rank, tear down")
     run.add_argument("--topology", required=True, help="NxG (nodes x GPUs per node) or any topology name")
@@ -491,9 +493,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--burst", default="256kb", help="tbf bucket (tc size)")
     run.add_argument("--latency", default="400ms", help="tbf queueing limit (tc time; no delay is added)")
     run.add_argument("--intra-rate", default=None, help="shape each node's lo (intra-node path) too")
-    run.add_argument("--probe-bytes", default=16 * 2**20, type=int, help="probe AlltoAll size per rank")
-    run.add_argument("--repeats", default=3, type=int, help="probe repeats (median)")
-    run.add_argument("--timeout", default=120.0, type=float, help="collective timeout in seconds")
+    run.add_argument("--probe-bytes", default=16 * 2**20, type=cli.number(int, ge=1, le=1 << 34),
+                     help="probe AlltoAll size per rank")
+    run.add_argument("--repeats", default=3, type=cli.number(int, ge=1, le=MAX_REPEATS), help="probe repeats (median)")
+    run.add_argument("--timeout", default=120.0, type=cli.number(float, gt=0, le=MAX_SECONDS),
+                     help="collective timeout in seconds")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS: run once per rank instead of the probe")
     sub.add_parser("status", help="list emulated-cluster runs on this machine")
     clean = sub.add_parser("cleanup", help="remove the namespaces of runs whose owner process is gone")
@@ -516,13 +520,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:
-        topology = get_topology(args.topology)
+        topology = checked("--topology", get_topology, args.topology)
         network = NetworkConfig(emulate=True, rate=args.rate, burst=args.burst, latency=args.latency,
                                 intra_rate=args.intra_rate)
         check_network(network, flag_prefix="")
+        if not command:     # the probe's send and receive buffers on every rank
+            check_host_memory(2 * args.probe_bytes * topology.G, "--probe-bytes")
     except (TopologyError, ValueError) as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(p, e)
     with emulated_cluster(topology, network) as cluster:
         print(f"[emu_cluster] {json.dumps(cluster.describe())}", file=sys.stderr)
         if command:

@@ -55,7 +55,7 @@ from .comm import DEFAULT_TIMEOUT_S, TorchComm
 from .topology import Topology, get_topology
 
 __all__ = ["launch", "LaunchError", "RankSite", "LOOPBACK", "init_from_env", "rank_environment",
-           "set_collective_timeout", "collective_timeout_s", "diagnose", "RankError", "join_namespace",
+           "set_collective_timeout", "collective_timeout_s", "diagnose", "RankError", "join_namespace", "require_job",
            "terminate_as_exit", "GRACE_S"]
 
 GRACE_S = 3.0            # after the first failure, how long to wait for the other ranks' news
@@ -405,6 +405,15 @@ def rank_environment(topology: Topology, env: Mapping[str, str] | None = None) -
         raise LaunchError("MASTER_ADDR is not set and no first host could be read from SLURM_JOB_NODELIST")
     out["master_addr"], out["master_port"] = addr, int(env.get("MASTER_PORT", 29500))
     return out
+
+
+def require_job(topology: Topology, what: str) -> None:
+    """One ValueError line, before anything starts, unless this process is a rank of a torchrun /
+    srun job placed as `topology` says (`what`: the option that asked for a job)."""
+    try:
+        rank_environment(topology)
+    except LaunchError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def init_from_env(topology: Topology | str, timeout_s: float | None = None) -> TorchComm:

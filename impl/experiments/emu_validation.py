@@ -24,7 +24,6 @@ model there changes these numbers:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -36,7 +35,8 @@ from typing import Any
 import torch
 
 from impl.common import cli
-from impl.common.config import ConfigError, build_config, to_dict
+from impl.common.calibrate import parse_sizes
+from impl.common.config import MAX_REPEATS, ConfigError, bounded, build_config, to_dict
 from impl.common.costmodel import HardwareProfile, load_profile
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.emu_cluster import NetworkConfig
@@ -71,9 +71,9 @@ class CalibrationArgs:
     """Flags of `python -m impl.common.calibrate` for the emulated cluster's profile."""
 
     sizes: str = "2M,8M,16M,32M,64M"
-    repeats: int = 3
-    warmup: int = 1
-    iters: int = 1
+    repeats: int = bounded(3, ge=1, le=MAX_REPEATS)
+    warmup: int = bounded(1, ge=0, le=MAX_REPEATS)
+    iters: int = bounded(1, ge=1, le=MAX_REPEATS)
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class EmuValidationConfig:
         "uniform": RoutingSource("synthetic", "uniform"), "zipf": RoutingSource("synthetic", "zipf", 1.0)})
     variants: dict[str, Variant] = field(default_factory=_default_variants)
     baseline: str = "flat"                 # variant the ratios divide by
-    runs: int = 3                          # independent bench processes per cell; their repeats are pooled
+    runs: int = bounded(3, ge=1, le=1000)  # independent bench processes per cell; their repeats are pooled
     bench: dict[str, Any] = field(default_factory=dict)   # LayerBenchConfig keys of every run (the workload)
     calibration: CalibrationArgs = field(default_factory=CalibrationArgs)
 
@@ -99,14 +99,20 @@ def load(path: str | None, overrides: list[str] = ()) -> EmuValidationConfig:
     for key in cfg.bench:
         if key in _FIXED:
             raise ConfigError(f"bench.{key}: set by the validation matrix, not in bench; allowed: the workload keys")
-    if cfg.runs < 1:
-        raise ConfigError(f"runs: {cfg.runs} is not allowed; allowed: >= 1")
+    try:
+        parse_sizes([cfg.calibration.sizes])
+    except ValueError as e:
+        raise ConfigError(f"calibration.sizes: {e}") from None
     if cfg.baseline not in cfg.variants:
         raise ConfigError(f"baseline: {cfg.baseline!r} is not a variant; allowed: {', '.join(cfg.variants)}")
     for topology in cfg.topologies:
         for routing in cfg.routings:
             for variant in cfg.variants:
-                validate(bench_config(cfg, topology, routing, variant, profile=None), with_profile=False)
+                try:
+                    validate(bench_config(cfg, topology, routing, variant, profile=None), with_profile=False)
+                except ConfigError as e:
+                    raise ConfigError(f"run (topologies: {topology}, routings: {routing}, variants: {variant}): "
+                                      f"{e}") from None
     return cfg
 
 
@@ -257,9 +263,12 @@ def _profiles(items: list[str]) -> dict[str, HardwareProfile]:
     out = {}
     for item in items:
         topology, sep, path = item.partition("=")
-        if not sep:
+        if not sep or not topology or not path:
             raise ValueError(f"--profile {item!r}: expected TOPOLOGY=PATH")
-        out[topology] = load_profile(path)
+        try:
+            out[topology] = load_profile(path)
+        except ValueError as e:
+            raise ValueError(f"--profile {item!r}: {e}") from None
     return out
 
 
@@ -273,22 +282,36 @@ def _model_commit() -> str:
         return "unknown"
 
 
-def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dict[str, HardwareProfile]) -> list[dict]:
-    """One row per (topology, routing, variant, stage): measured median (p5, p95, n), predicted,
-    error = predicted / measured - 1, the route, and the run's network and host."""
+def group_runs(cfg: EmuValidationConfig, records: list[dict], profiles: dict[str, HardwareProfile]
+               ) -> dict[tuple[str, str, str], list[dict]]:
+    """The records by (topology, routing, variant) of the matrix, checked before any prediction:
+    at least one, each a cell of the matrix, one config per cell, a profile for each topology."""
+    if not records:
+        raise ValueError("--record: no records given (or none matches the patterns)")
     by_key: dict[tuple, list[dict]] = {}
     for r in records:
         c = r["config"]
         variant = next((name for name, v in cfg.variants.items()
-                        if v.system == c["system"] and v.planner == c.get("planner")), None)
-        routing = next((name for name, rs in cfg.routings.items() if to_dict(rs) == c["routing"]), None)
-        if variant is None or routing is None:
-            raise ValueError(f"record of {c['system']} with routing {c['routing']} is not in the validation matrix")
+                        if v.system == c.get("system") and v.planner == c.get("planner")), None)
+        routing = next((name for name, rs in cfg.routings.items() if to_dict(rs) == c.get("routing")), None)
+        if variant is None or routing is None or c.get("topology") not in cfg.topologies:
+            raise ValueError(f"--record: the record of {c.get('system')!r} on {c.get('topology')!r} with routing "
+                             f"{c.get('routing')} is not in the validation matrix")
         by_key.setdefault((c["topology"], routing, variant), []).append(r)
-    rows, commit = [], _model_commit()
-    for (topology, routing, variant), runs in sorted(by_key.items()):
+    for (topology, routing, variant), runs in by_key.items():
         if len({json.dumps(r["config"], sort_keys=True) for r in runs}) != 1:
-            raise ValueError(f"the runs of {topology} / {routing} / {variant} have different configs")
+            raise ValueError(f"--record: the runs of {topology} / {routing} / {variant} have different configs")
+        if topology not in profiles:
+            raise ValueError(f"--profile: none given for topology {topology!r} (TOPOLOGY=PATH)")
+        validate(build_config(LayerBenchConfig, None, [], base=runs[0]["config"]), with_profile=False)
+    return by_key
+
+
+def validation_rows(cfg: EmuValidationConfig, records: list[dict], profiles: dict[str, HardwareProfile]) -> list[dict]:
+    """One row per (topology, routing, variant, stage): measured median (p5, p95, n), predicted,
+    error = predicted / measured - 1, the route, and the run's network and host."""
+    rows, commit = [], _model_commit()
+    for (topology, routing, variant), runs in sorted(group_runs(cfg, records, profiles).items()):
         r = runs[0]
         rb = validate(build_config(LayerBenchConfig, None, [], base=r["config"]))
         pred = predict(rb, profiles[topology], [p for run in runs for p in run["extra"].get("placements", [])] or None)
@@ -354,20 +377,20 @@ def provenance(records: list[dict], profiles: dict[str, HardwareProfile]) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m impl.experiments.emu_validation", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m impl.experiments.emu_validation", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("overrides", help="print the layer bench's --set flags of one run")
     t = sub.add_parser("table", help="measured vs predicted CSV from the runs' records")
     for s in (o, t):
-        s.add_argument("--config", required=True, help="EmuValidationConfig YAML")
+        s.add_argument("--config", required=True, type=cli.input_file, help="EmuValidationConfig YAML")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     o.add_argument("--topology", required=True)
     o.add_argument("--routing", required=True)
     o.add_argument("--variant", required=True)
-    o.add_argument("--profile", default=None, help="calibrated profile (hierd / hierd-es)")
+    o.add_argument("--profile", default=None, type=cli.input_file, help="calibrated profile (hierd / hierd-es)")
     t.add_argument("--record", nargs="+", required=True, help="layer bench records of the matrix")
     t.add_argument("--profile", action="append", default=[], metavar="TOPOLOGY=PATH", help="calibrated profiles")
-    t.add_argument("--out-csv", required=True)
+    t.add_argument("--out-csv", required=True, type=cli.output_path)
     args = p.parse_args(argv)
     try:
         cfg = load(args.config, args.overrides)
@@ -379,7 +402,13 @@ def main(argv: list[str] | None = None) -> int:
                            bench_overrides(cfg, args.topology, args.routing, args.variant, args.profile)))
             return 0
         profiles = _profiles(args.profile)
-        records = [rec for path in args.record for rec in read_records(path)]
+        records = []
+        for path in args.record:
+            try:
+                records += read_records(path)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"--record: {e}") from None
+        group_runs(cfg, records, profiles)
     except cli.INPUT_ERRORS as e:
         return cli.fail(p, e)
     import pandas as pd

@@ -36,6 +36,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable
 
+from impl.common import cli
+
 __all__ = ["COPY_KINDS", "copy_seconds", "device_report", "build_profile", "hardware_class", "run_record", "main"]
 
 MiB = 1 << 20
@@ -267,12 +269,22 @@ def _junit(path: Path) -> dict[str, Any] | None:
 
 
 def _stages(path: Path | None) -> list[dict[str, Any]]:
+    """The stage table gpu_check.sh writes: name, exit status, seconds, limit per line (TSV);
+    ValueError naming --stages and the line that is not one."""
     out = []
     if path is not None and path.is_file():
-        for line in path.read_text().splitlines():
-            name, rc, seconds, limit = line.split("\t")[:4]
-            out.append({"stage": name, "exit_status": int(rc), "seconds": int(seconds), "limit_s": int(limit),
-                        "timed_out": int(rc) in (124, 137)})
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--stages {path}: cannot be read: {e}") from None
+        for i, line in enumerate(text.splitlines(), 1):
+            try:
+                name, rc, seconds, limit = line.split("\t")[:4]
+                out.append({"stage": name, "exit_status": int(rc), "seconds": int(seconds), "limit_s": int(limit),
+                            "timed_out": int(rc) in (124, 137)})
+            except ValueError:
+                raise ValueError(f"--stages {path}: line {i} is not NAME<TAB>EXIT<TAB>SECONDS<TAB>LIMIT: "
+                                 f"{line[:60]!r}") from None
     return out
 
 
@@ -283,7 +295,7 @@ def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
         return {"error": f"{path.name}: {type(e).__name__}: {e}"}
 
 
-def run_record(out_dir: Path, stages: Path | None, dry_run: bool, command: list[str]) -> dict:
+def run_record(out_dir: Path, stages: list[dict[str, Any]], dry_run: bool, command: list[str]) -> dict:
     """Stage e (module doc)."""
     import yaml
     from impl.common.records import make_record
@@ -312,7 +324,7 @@ def run_record(out_dir: Path, stages: Path | None, dry_run: bool, command: list[
         "gpu_tests": tests,
         "profile": {"name": profile.get("name"), "compute": profile.get("compute")} if profile else None,
         "scheinfer_hardware_class": hw or None,
-        "stages": _stages(stages),
+        "stages": stages,
         "files": sorted(p.name for p in out_dir.iterdir() if p.is_file()),
     }
     return make_record(experiment="gpu_check", system=bench.get("system", "none"),
@@ -347,29 +359,33 @@ def _table(record: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------------- CLI
 
+def _directory(text: str) -> str:
+    if not text.strip() or not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing directory")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m impl.experiments.gpu_check", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="python -m impl.experiments.gpu_check", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("device", help="stage a: device, versions, bandwidth")
-    d.add_argument("--out", required=True)
+    d.add_argument("--out", required=True, type=cli.output_path)
     d.add_argument("--dry-run", action="store_true")
-    d.add_argument("--mib", type=int, default=256, help="MiB per timed copy")
+    d.add_argument("--mib", type=cli.number(int, ge=1, le=1 << 16), default=256, help="MiB per timed copy")
     p = sub.add_parser("profile", help="stage d: hardware profile for the sim tiers")
-    p.add_argument("--out", required=True, help="HardwareProfile YAML")
-    p.add_argument("--hardware-out", required=True, help="ScheInfer sim hardware class YAML")
+    p.add_argument("--out", required=True, type=cli.output_path, help="HardwareProfile YAML")
+    p.add_argument("--hardware-out", required=True, type=cli.output_path, help="ScheInfer sim hardware class YAML")
     p.add_argument("--dry-run", action="store_true")
     r = sub.add_parser("record", help="stage e: the run record of the whole run")
-    r.add_argument("--dir", required=True, help="the folder the stages wrote")
-    r.add_argument("--stages", default=None, help="stage statuses: name, exit status, seconds, limit (TSV)")
-    r.add_argument("--out", required=True)
+    r.add_argument("--dir", required=True, type=_directory, help="the folder the stages wrote")
+    r.add_argument("--stages", default=None, type=cli.input_file,
+                   help="stage statuses: name, exit status, seconds, limit (TSV)")
+    r.add_argument("--out", required=True, type=cli.output_path)
     r.add_argument("--dry-run", action="store_true")
     r.add_argument("--command", default=None, help="the command line of the whole run, for the record")
     args = ap.parse_args(argv)
     command = shlex.join([sys.executable, "-m", "impl.experiments.gpu_check", *(argv or sys.argv[1:])])
     if args.cmd == "device":
-        if args.mib < 1:
-            print(f"error: --mib={args.mib} is not allowed; expected an integer >= 1", file=sys.stderr)
-            return USAGE_EXIT
         if not args.dry_run and not _cuda():
             print("error: no CUDA device; run with --dry-run to emulate", file=sys.stderr)
             return USAGE_EXIT
@@ -397,8 +413,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(_profile_lines(profile, hw)))
         return 0
     from impl.common.records import write_record
-    cmd = shlex.split(args.command) if args.command else shlex.split(command)
-    record = run_record(Path(args.dir), Path(args.stages) if args.stages else None, args.dry_run, cmd)
+    try:
+        cmd = shlex.split(args.command) if args.command is not None else shlex.split(command)
+        if not cmd:
+            raise ValueError("names no command")
+    except ValueError as e:
+        return cli.fail(ap.prog + " record", f"--command {args.command!r}: {e}")
+    try:
+        stages = _stages(Path(args.stages) if args.stages else None)
+    except ValueError as e:
+        return cli.fail(ap.prog + " record", e)
+    record = run_record(Path(args.dir), stages, args.dry_run, cmd)
     write_record(args.out, record)
     print("\n".join(_table(record)))
     return 0

@@ -40,10 +40,12 @@ import torch
 
 from impl.common import cli
 from impl.common.comm import Comm, SimWorld
-from impl.common.config import ConfigError, checked
+from impl.common.config import (MAX_EXPERTS, MAX_RANKS, MAX_REPEATS, MAX_SECONDS, MAX_TOKENS, MAX_WIDTH, SEED_MAX,
+                                 ConfigError, bounded, check_bounds, check_host_memory, checked)
 from impl.common.costmodel import HardwareProfile, load_profile, topology_steps
 from impl.common.dispatcher import check_expert_parallel
 from impl.common.emu_cluster import NetworkConfig, check_network
+from impl.common.launcher import require_job
 from impl.common.experts import GroupedExperts
 from impl.common.models import ModelConfig, get_model
 from impl.common.moe_layer import ExpertParallelMoE
@@ -70,31 +72,31 @@ class RoutingSource:
 
     source: Literal["gate", "synthetic"] = "gate"
     distribution: Literal["uniform", "zipf", "correlated"] = "uniform"
-    skew: float = 1.0
+    skew: float = bounded(1.0, ge=0, le=100)
 
 
 @dataclass(frozen=True)
 class LayerBenchConfig:
     model: str = "deepseek-v3-tiny"        # impl.common.models name; E, K, widths and gate from it
     topology: str = "2x2"                  # impl.common.topology name
-    world_size: int | None = None          # G; when given it must equal the topology's G
+    world_size: int | None = bounded(None, ge=1, le=MAX_RANKS)   # G; when given it must equal the topology's G
     tier: Literal["sim", "emu", "cluster"] = "sim"
     system: str = "flat"                   # registered dispatcher name
     planner: str | None = None             # registered placement planner run after every step (hierd-es)
     profile: str | None = None             # hardware profile (name or YAML path) for hierd / hierd-es
-    num_experts: int | None = None         # override the model's E
-    top_k: int | None = None               # override the model's K
-    hidden: int | None = None              # override the model's hidden size M
-    ffn_hidden: int | None = None          # override the model's expert FFN size
-    tokens_per_rank: int = 128
+    num_experts: int | None = bounded(None, ge=1, le=MAX_EXPERTS)   # override the model's E
+    top_k: int | None = bounded(None, ge=1, le=MAX_EXPERTS)         # override the model's K
+    hidden: int | None = bounded(None, ge=1, le=MAX_WIDTH)          # override the model's hidden size M
+    ffn_hidden: int | None = bounded(None, ge=1, le=MAX_WIDTH)      # override the model's expert FFN size
+    tokens_per_rank: int = bounded(128, ge=1, le=MAX_TOKENS)
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     routing: RoutingSource = field(default_factory=RoutingSource)
     timing: Literal["step", "stages"] = "step"
-    repeats: int = 3
-    warmup: int = 1
-    seed: int = 0
-    timeout_s: float = 120.0               # per collective
-    deadline_s: float = 3600.0             # whole emu-tier job
+    repeats: int = bounded(3, ge=1, le=MAX_REPEATS)
+    warmup: int = bounded(1, ge=0, le=MAX_REPEATS)
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
+    timeout_s: float = bounded(120.0, gt=0, le=MAX_SECONDS)     # per collective
+    deadline_s: float = bounded(3600.0, gt=0, le=MAX_SECONDS)   # whole emu-tier job
     network: NetworkConfig = field(default_factory=NetworkConfig)   # emu tier: loopback or emulated cluster
 
 
@@ -115,6 +117,7 @@ def validate(config: LayerBenchConfig, with_profile: bool = True) -> ResolvedBen
     """All checks that need no rank; raises ConfigError with a one-line message. `with_profile`
     False skips loading the hardware profile (a workflow checking runs whose profile a
     calibration job writes later)."""
+    check_bounds(config)       # the ranges the fields declare (a config built in code skips from_dict)
     model = checked("model", get_model, config.model)
     topology = checked("topology", get_topology, config.topology)
     if config.world_size is not None and config.world_size != topology.G:
@@ -135,15 +138,12 @@ def validate(config: LayerBenchConfig, with_profile: bool = True) -> ResolvedBen
         raise ConfigError(f"num_experts: {e}") from None
     if not 1 <= K <= E:
         raise ConfigError(f"top_k: {K} is not allowed with num_experts={E}; allowed: 1..{E}")
-    for key in ("tokens_per_rank", "repeats"):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{key}: {getattr(config, key)} is not allowed; allowed: >= 1")
-    if config.warmup < 0:
-        raise ConfigError(f"warmup: {config.warmup} is not allowed; allowed: >= 0")
-    if config.routing.skew < 0:
-        raise ConfigError(f"routing.skew: {config.routing.skew} is not allowed; allowed: >= 0")
-    hidden = config.hidden or model.hidden
-    ffn_hidden = config.ffn_hidden or model.moe_ffn_hidden
+    hidden = model.hidden if config.hidden is None else config.hidden
+    ffn_hidden = model.moe_ffn_hidden if config.ffn_hidden is None else config.ffn_hidden
+    if config.tier != "cluster":           # every rank on this host
+        check_host_memory(_bench_bytes(topology.G, E // topology.G, K, hidden, ffn_hidden, config.tokens_per_rank,
+                                       DTYPES[config.dtype].itemsize),
+                          "num_experts, hidden, ffn_hidden, tokens_per_rank", f"the {topology.G} ranks")
     if config.tier == "emu" and topology.G > 64:
         raise ConfigError(f"topology: {topology.name!r} has G = {topology.G} ranks; the emu tier runs "
                           "one local process per rank, allowed: G <= 64")
@@ -172,6 +172,16 @@ def validate(config: LayerBenchConfig, with_profile: bool = True) -> ResolvedBen
         raise ConfigError(f"profile: only {', '.join(PROFILE_SYSTEMS + PROFILE_PLANNERS)} use a hardware profile; "
                           f"system {config.system!r} without a planner does not")
     return ResolvedBench(config, model, topology, E, K, hidden, ffn_hidden, profile)
+
+
+def _bench_bytes(ranks: int, local_experts: int, top_k: int, hidden: int, ffn_hidden: int, tokens: int,
+                 itemsize: int) -> int:
+    """About the bytes `ranks` ranks hold: expert weights with their gradients (three [M, F]
+    matrices per expert at most), and per token the input, K routed copies and their FFN
+    activations, twice over for the backward."""
+    weights = 2 * local_experts * 3 * hidden * ffn_hidden
+    activations = 2 * tokens * (hidden + top_k * (2 * hidden + 3 * ffn_hidden))
+    return ranks * itemsize * (weights + activations)
 
 
 def synthetic_routing_maps(rb: ResolvedBench, ranks: range | list[int] | None = None) -> list[torch.Tensor]:
@@ -388,10 +398,12 @@ def make_bench_record(rb: ResolvedBench, per_rank: list[dict], network: dict | N
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("python -m impl.experiments.layer_bench", __doc__, config=LayerBenchConfig)
-    parser.add_argument("--out-record", help="write the JSON run record here")
+    parser.add_argument("--out-record", type=cli.output_path, help="write the JSON run record here")
     args = parser.parse_args(argv)
     try:
         rb = validate(cli.load_config(args, LayerBenchConfig))
+        if rb.config.tier == "cluster":
+            require_job(rb.topology, "tier: cluster")
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
     per_rank, network = run(rb)

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from impl.common import cli
+from impl.common.config import MAX_EXPERTS, MAX_TOKENS, MAX_WIDTH, SEED_MAX, check_host_memory, checked
 from impl.common.costmodel import HardwareProfile, list_profiles, load_profile
 from impl.common.topology import Topology, get_topology
 from impl.common.traces import RoutingTrace, synthetic_trace
@@ -66,14 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", help="RoutingTrace file (.npz / .jsonl) or directory of router_trace_rank*.jsonl")
     src.add_argument("--synthetic", choices=("uniform", "zipf", "correlated"), help="synthetic routing")
-    p.add_argument("--num-experts", type=int, help=f"E (synthetic; default {DEFAULTS['num_experts']})")
-    p.add_argument("--top-k", type=int, help=f"K (synthetic; default {DEFAULTS['top_k']})")
-    p.add_argument("--tokens-per-rank", type=int, help=f"T (synthetic; default {DEFAULTS['tokens_per_rank']})")
-    p.add_argument("--seed", type=int, help="synthetic seed (default 0)")
-    p.add_argument("--skew", type=float, help="zipf exponent (synthetic zipf only; default 1.0)")
-    p.add_argument("--step", type=int, action="append", help="trace step to plan (repeatable; default all)")
-    p.add_argument("--layer", type=int, action="append", help="trace layer to plan (repeatable; default all)")
-    p.add_argument("--hidden", type=int, default=2048, help="M, hidden size of a token (default 2048)")
+    p.add_argument("--num-experts", type=cli.number(int, ge=1, le=MAX_EXPERTS),
+                   help=f"E (synthetic; default {DEFAULTS['num_experts']})")
+    p.add_argument("--top-k", type=cli.number(int, ge=1, le=MAX_EXPERTS), help=f"K (synthetic; default {DEFAULTS['top_k']})")
+    p.add_argument("--tokens-per-rank", type=cli.number(int, ge=1, le=MAX_TOKENS),
+                   help=f"T (synthetic; default {DEFAULTS['tokens_per_rank']})")
+    p.add_argument("--seed", type=cli.number(int, ge=0, le=SEED_MAX), help="synthetic seed (default 0)")
+    p.add_argument("--skew", type=cli.number(float, ge=0, le=100), help="zipf exponent (synthetic zipf only; default 1.0)")
+    p.add_argument("--step", type=cli.number(int, ge=0), action="append",
+                   help="trace step to plan (repeatable; default all)")
+    p.add_argument("--layer", type=cli.number(int, ge=0), action="append",
+                   help="trace layer to plan (repeatable; default all)")
+    p.add_argument("--hidden", type=cli.number(int, ge=1, le=MAX_WIDTH), default=2048,
+                   help="M, hidden size of a token (default 2048)")
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16", help="element type on the wire")
     p.add_argument("--profile", help="hardware profile name or YAML path (default: the topology's own)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -159,18 +166,12 @@ def plan_layer(routing_maps: list[torch.Tensor], topology: Topology, profile: Ha
 # ==========================================================================================
 # input
 # ==========================================================================================
-def _positive(name: str, value: int | None, low: int = 1):
-    if value is not None and value < low:
-        raise PlanError(f"--{name}={value} is not allowed; allowed: an integer >= {low}")
-
-
 def _resolve(args) -> dict[str, Any]:
     """Every check, before any work: topology, profile, sizes, trace / synthetic parameters."""
-    topology = get_topology(args.topology)
-    _positive("hidden", args.hidden)
+    topology = checked("--topology", get_topology, args.topology)
     if args.profile is not None:
-        profile = load_profile(args.profile)
-        check_profile(profile, topology)
+        profile = checked("--profile", load_profile, args.profile)
+        checked("--profile", lambda p: check_profile(p, topology), profile)
     else:
         profile = default_profile(topology)
     G = topology.G
@@ -213,17 +214,15 @@ def _resolve(args) -> dict[str, Any]:
     if args.skew is not None and args.synthetic != "zipf":
         raise PlanError(f"--skew applies to --synthetic zipf only, not {args.synthetic!r}")
     p = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in DEFAULTS.items()}
-    _positive("num-experts", p["num_experts"])
-    _positive("tokens-per-rank", p["tokens_per_rank"], 0)
-    _positive("seed", p["seed"], 0)
-    if p["skew"] < 0:
-        raise PlanError(f"--skew={p['skew']} is not allowed; allowed: a number >= 0")
     E, K = p["num_experts"], p["top_k"]
     if not 1 <= K <= E:
         raise PlanError(f"--top-k={K} is not allowed with --num-experts={E}; allowed: 1..{E}")
     if E % G:
         raise PlanError(f"--num-experts={E} is not divisible by G={G} of topology {topology.name!r}; "
                         f"allowed: a multiple of {G}")
+    # every rank's [T, E] routing map and top-k ids
+    check_host_memory(G * p["tokens_per_rank"] * (2 * E + 16 * K), "--tokens-per-rank, --num-experts",
+                      f"the routing of {G} ranks")
     out.update(synthetic=p, groups=[(0, 0)],
                source={"synthetic": args.synthetic, **p, **({} if args.synthetic == "zipf" else {"skew": None})})
     return out

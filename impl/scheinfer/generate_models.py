@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from impl.common.config import ConfigError
+from impl.common import cli
+from impl.common.config import MAX_LAYERS, MAX_TOKENS, SEED_MAX, ConfigError, check_host_memory, checked
 
 from .config import KINDS, DecoderConfig, tiny_config, weight_shapes
 from .weights import (RandomWeights, WeightFormatError, WeightSource, gguf_arch, gguf_metadata,
@@ -142,20 +144,34 @@ def write_safetensors(source: WeightSource, out_dir: str | Path, dtype: str = "f
 def generate(kind: str, out: str | Path, dtype: str = "f32", seed: int = 0, **overrides) -> Path:
     """A test model of `kind` at `out`: GGUF when out ends in .gguf, else a safetensors directory.
     `overrides` replace DecoderConfig fields (hidden=256, num_layers=4, ...)."""
-    source = random_source(tiny_config(kind, **overrides), seed)
+    cfg = tiny_config(kind, **overrides)
+    # the weights in float32, and one converted copy while writing
+    check_host_memory(8 * sum(math.prod(shape) for shape in weight_shapes(cfg).values()),
+                      ", ".join(overrides) or "kind", f"the weights of {kind!r}")
+    source = random_source(cfg, seed)
     out = Path(out)
     if out.suffix == ".gguf":
         return write_gguf(source, out, dtype, name=f"tiny-{kind}-seed{seed}")
     return write_safetensors(source, out, dtype)
 
 
+def _out_path(text: str) -> str:
+    """An argparse `type`: a .gguf file to write, or a directory (existing or not) for safetensors."""
+    path = Path(text)
+    if path.suffix == ".gguf":
+        return cli.output_path(text)
+    if not text.strip() or (path.exists() and not path.is_dir()):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a .gguf file nor a directory for safetensors")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m impl.scheinfer.generate_models", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="python -m impl.scheinfer.generate_models", description=__doc__.split("\n\n")[0])
     ap.add_argument("--kind", required=True,
                     help=f"one of {', '.join(KINDS)} or a model name from workflows/config/models")
-    ap.add_argument("--out", required=True, help="X.gguf for GGUF, otherwise a directory for safetensors")
+    ap.add_argument("--out", required=True, type=_out_path, help="X.gguf for GGUF, otherwise a directory for safetensors")
     ap.add_argument("--dtype", default="f32", choices=list(DTYPES))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=cli.number(int, ge=0, le=SEED_MAX), default=0)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=INT",
                     help="replace an integer field of the model config, e.g. --set hidden=256")
     args = ap.parse_args(argv)
@@ -168,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--set {item!r}: expected FIELD=INTEGER")
         if not sep:
             ap.error(f"--set {item!r}: expected FIELD=INTEGER")
+        high = MAX_LAYERS if key.strip() == "num_layers" else MAX_TOKENS
+        if abs(overrides[key.strip()]) > high:
+            ap.error(f"--set {item!r}: {key.strip()} is not allowed beyond {high}")
     try:
+        checked("--kind", tiny_config, args.kind)
+        checked("--set", lambda o: tiny_config(args.kind, **o), overrides)
         path = generate(args.kind, args.out, args.dtype, args.seed, **overrides)
     except (ConfigError, WeightFormatError) as e:
         ap.error(str(e))

@@ -66,7 +66,7 @@ def test_plan_validation():
         (("3y3", [8, 16], 1, 0, ["a2a"]), "unknown topology '3y3'"),
         (("1x2", [8, 16], 0, 0, ["a2a"]), "--repeats must be >= 1"),
         (("1x2", [8, 16], 1, -1, ["a2a"]), "--warmup must be >= 0"),
-        (("1x2", [8, 16], 1, 0, ["bcast"]), "'bcast' is not allowed; allowed: a2a, allgather, allreduce"),
+        (("1x2", [8, 16], 1, 0, ["bcast"]), "'bcast' is not allowed; allowed: a2a, allgather, reducescatter, allreduce"),
         (("1x2", [8, 12], 1, 0, ["a2a"]), ">= 2 distinct sizes after rounding"),
         (("2x1", [8, 16], 1, 0, ["a2a"], ["inter-1"]), "does not exist in topology '2x1'"),
         (("1x2", [8, 16], 1, 0, ["a2a"], ["inter-1"]), "nothing to measure"),
@@ -81,15 +81,22 @@ def test_plan_validation():
     (["--topology", "1x2", "--sizes", "1X", "--out", "p.yaml"], "--sizes: size '1X' is not allowed"),
     (["--topology", "1x2", "--gemm-tokens", "64", "--out", "p.yaml"], "--gemm-tokens: needs >= 2"),
     (["--topology", "1x2", "--gemm-tokens", "64,x", "--out", "p.yaml"], "--gemm-tokens: size 'x' is not allowed"),
-    (["--topology", "1x2", "--iters", "0", "--out", "p.yaml"], "--iters must be >= 1"),
+    (["--topology", "1x2", "--iters", "0", "--out", "p.yaml"], "argument --iters: 0 is not allowed; allowed: 1..100000"),
+    (["--topology", "1x2", "--timeout", "nan", "--out", "p.yaml"], "argument --timeout: 'nan' is not allowed"),
+    (["--topology", "1x2", "--launcher", "env", "--out", "p.yaml"], "--launcher env: neither torchrun's RANK"),
     (["--topology", "1x2", "--steps", "inter-3", "--out", "p.yaml"], "does not exist in topology '1x2'"),
 ])
-def test_cli_rejects_bad_arguments_before_launching(argv, message, capsys, tmp_path):
+def test_cli_rejects_bad_arguments_before_launching(argv, message, capsys, tmp_path, monkeypatch):
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
     argv = [a if a not in ("p.json", "p.yaml") else str(tmp_path / a) for a in argv]
-    assert main(argv) == 2
+    try:
+        rc = main(argv)
+    except SystemExit as e:             # argparse's own checks (flag types)
+        rc = e.code
     err = capsys.readouterr().err
-    assert err.startswith("calibrate: error:") and message in err
-    assert not list(tmp_path.iterdir())
+    assert rc == 2 and err.startswith("python -m impl.common.calibrate: error:") and message in err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
 
 
 # ---- real runs on gloo ----------------------------------------------------------------------
@@ -148,11 +155,11 @@ def test_cli_rejects_nccl_without_cuda(capsys, tmp_path):
 def test_cli_joins_a_torchrun_job(tmp_path):
     out = tmp_path / "env.yaml"
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "impl.common.calibrate", "--topology", "2x1",
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "impl.common.calibrate", "--topology", "1x2",
            "--launcher", "env", "--sizes", "8K,16K,24K", "--repeats", "2", "--gemm-tokens", "", "--out", str(out),
            "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     prof = load_profile(out)
-    assert list(prof.comm) == [("a2a", "flat")] and prof.comm_model("a2a", "flat").r2 is not None
+    assert list(prof.comm) == [("a2a", "flat"), ("a2a", "intra-1")] and prof.comm_model("a2a", "flat").r2 is not None
     assert prof.compute == {} and prof.provenance["world_size"] == 2

@@ -121,7 +121,7 @@ def test_human_table_marks_d_star(capsys):
     (["--topology", "2x4", "--synthetic", "uniform", "--num-experts", "16", "--top-k", "17"],
      "--top-k=17 is not allowed with --num-experts=16; allowed: 1..16"),
     (["--topology", "2x4", "--synthetic", "uniform", "--dtype", "int8"], "invalid choice: 'int8'"),
-    (["--topology", "2x4", "--synthetic", "uniform", "--hidden", "0"], "--hidden=0 is not allowed"),
+    (["--topology", "2x4", "--synthetic", "uniform", "--hidden", "0"], "argument --hidden: 0 is not allowed"),
     (["--topology", "2x4", "--synthetic", "uniform", "--skew", "2"], "--skew applies to --synthetic zipf only"),
     (["--topology", "2x4", "--synthetic", "uniform", "--step", "1"], "--step applies to --trace only"),
     (["--topology", "2x4"], "one of the arguments --trace --synthetic is required"),

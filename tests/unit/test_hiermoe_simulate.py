@@ -22,7 +22,7 @@ def resolved(*extra):
     ("systems=[HD4]", "HD4 needs d=4 but topology 'hiermoe-node' has D = 3"),
     ("systems=['HierMoE[colour=red]']", "unknown key 'colour'"),
     ("systems=['HierMoE[gamma=abc]']", "systems: HierMoE[gamma=abc].gamma: expected a number, got 'abc'"),
-    ("systems=['HierMoE[every=0]']", "every: 0 is not allowed; allowed: >= 1"),
+    ("systems=['HierMoE[every=0]']", "every: 0 is not allowed; allowed: 1..100000"),
     ("systems=['HierMoE[max_fn=mean]']", "'mean' is not allowed; allowed: 'max', 'smooth', 'lse'"),
     ("num_experts=12", "E=12 is not divisible by the expert-parallel size 8"),
     ("top_k=99", "top_k: 99 is not allowed"),

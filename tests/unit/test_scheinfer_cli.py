@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from impl.experiments.scheinfer.__main__ import byte_tokenize, main
 from impl.scheinfer.decoder import Decoder
@@ -40,13 +41,23 @@ def test_generate_tokens_match_reference(files, capsys, policy):
 
 
 def test_prompt_is_byte_tokenized_and_timeline_written(files, capsys):
+    from impl.common.records import validate_record
     assert byte_tokenize(files["llama"], "hi") == [1, 3 + ord("h"), 3 + ord("i")]
-    tl = files["dir"] / "timeline.json"
+    tl, rec = files["dir"] / "timeline.json", files["dir"] / "timeline.record.json"
     out = _ok(capsys, ["generate", "--model", str(files["llama"]), "--prompt", "hi", "--n-predict", "2",
-                       "--cost", str(files["cost"]), "--gpu-mem", "0", "--timeline", str(tl), "--no-progress"])
+                       "--cost", str(files["cost"]), "--gpu-mem", "0", "--timeline", str(tl), "--out-record", str(rec),
+                       "--no-progress"])
     assert "prefill: 3 tokens" in out.out
     events = json.loads(tl.read_text())
     assert events and {e["lane"] for e in events} == {"cpu"}       # no GPU memory: CPU only
+    record = json.loads(rec.read_text())
+    validate_record(record)
+    lanes = "cuda" if torch.cuda.is_available() else "emulated on CPU"
+    assert f"GPU and PCIe lanes {lanes}" in out.out.splitlines()[-1]
+    assert (record["experiment"], record["system"], record["extra"]["gpu_lanes"]) == ("scheinfer_timeline", "scheinfer",
+                                                                                      lanes)
+    assert record["extra"]["events"] == len(events) and record["extra"]["events_file"] == str(tl)
+    assert record["metrics"]["decode_tok_s"]["n"] == 1
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -97,10 +108,13 @@ def test_bench_writes_rounds_and_a_valid_record(files, capsys, tmp_path):
     import pandas as pd
     frame = pd.read_csv(csv)
     assert len(frame) == 2 * 2 * 2 and set(frame["system"]) == {"scheinfer", "layers"}
+    lanes = "cuda" if torch.cuda.is_available() else "emulated on CPU"
+    assert set(frame["gpu_lanes"]) == {lanes} and f"GPU and PCIe lanes {lanes}" in out.out
     assert (frame["prefill_tok_s"] > 0).all() and (frame["decode_tok_s"] > 0).all()
     record = json.loads(rec.read_text())
     validate_record(record)
     assert record["tier"] == "emu" and record["experiment"] == "scheinfer_bench"
+    assert record["extra"]["gpu_lanes"] == lanes
     assert record["metrics"]["decode_tok_s/layers/prompt=9"]["n"] == 2
     assert "device cpu" in out.out
 

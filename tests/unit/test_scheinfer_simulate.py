@@ -25,7 +25,7 @@ def _resolve(*overrides):
 @pytest.mark.parametrize("override, message", [
     ("policies=[layers, vllm]", "policies: 'vllm' is not allowed; allowed: layers, fiddler, scheinfer"),
     ("hardware=[a100]", "hardware: 'a100' is not allowed; allowed: rtx4090-pcie4-16core"),
-    ("prompt_tokens=0", "prompt_tokens: 0 is not allowed; allowed: >= 1"),
+    ("prompt_tokens=0", "prompt_tokens: 0 is not allowed; allowed: 1..1048576"),
     ("routing=zipf", "routing: 'zipf' is not allowed; allowed: 'gate', 'uniform'"),
     ("promt_tokens=5", "promt_tokens"),
     ("models=[gpt5]", "models: 'gpt5'"),

@@ -65,12 +65,14 @@ rule scheinfer_cost:
 
 
 rule scheinfer_timeline:
-    """One generation with the real HybridEngine under one policy; its lane events as JSON."""
+    """One generation with the real HybridEngine under one policy ('layers' is our engine's
+    llama.cpp-style layer offload, not llama.cpp); its lane events as JSON, with their run record."""
     input:
         model=rules.scheinfer_tiny_model.output.gguf,
         cost=rules.scheinfer_cost.output.cost,
     output:
         events="results/raw/scheinfer_timeline/{policy}.json",
+        record="results/raw/scheinfer_timeline/{policy}.record.json",
         stdout="results/raw/scheinfer_timeline/{policy}.txt",
     log:
         "results/logs/scheinfer_timeline/{policy}.log",
@@ -89,7 +91,7 @@ rule scheinfer_timeline:
         "python -m impl.experiments.scheinfer generate --model {input.model} --tokens {params.tokens}"
         " --n-predict {params.n_predict} --policy {wildcards.policy} --cost {input.cost} --tile {params.tile}"
         " --gpu-mem {params.gpu_mem} --threads 1 --ignore-eos --no-progress --timeline {output.events}"
-        " > {output.stdout} 2> {log}"
+        " --out-record {output.record} > {output.stdout} 2> {log}"
 
 
 rule plot_scheinfer_sim:

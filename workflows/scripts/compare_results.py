@@ -53,12 +53,28 @@ def compare(old: Path, new: Path, ignore: tuple[str, ...], rtol: float) -> list[
     return problems
 
 
+def _tree(text: str) -> Path:
+    if not text.strip() or not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing directory")
+    return Path(text)
+
+
+def _rtol(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a finite number >= 0")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("old", type=Path)
-    p.add_argument("new", type=Path)
+    p.add_argument("old", type=_tree, help="result tree before")
+    p.add_argument("new", type=_tree, help="result tree after")
     p.add_argument("--ignore", nargs="*", default=list(MEASURED), help="columns not compared")
-    p.add_argument("--rtol", type=float, default=1e-9)
+    p.add_argument("--rtol", type=_rtol, default=1e-9, help="relative tolerance of numbers")
     args = p.parse_args(argv)
     old = {f.relative_to(args.old) for f in args.old.rglob("*.csv")}
     new = {f.relative_to(args.new) for f in args.new.rglob("*.csv")}

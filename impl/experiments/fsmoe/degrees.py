@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from impl.common import cli
-from impl.common.config import ConfigError
+from impl.common.config import MAX_REPEATS, SEED_MAX, ConfigError, bounded, checked
 from impl.common.costmodel import load_profile
 from impl.common.records import make_record
 from impl.fsmoe.costs import BlockShape, block_costs
@@ -45,9 +45,9 @@ GRID = {"batch": (1, 2, 4), "heads": (8, 16, 32), "hidden": (1024, 2048, 4096), 
 @dataclass(frozen=True)
 class DegreeStudyConfig:
     profiles: tuple[str, ...] = ("fsmoe-testbed-a", "fsmoe-testbed-b")
-    samples: int = 1000
-    slsqp_samples: int | None = None      # run SLSQP on the first n samples only (None: all)
-    seed: int = 0
+    samples: int = bounded(1000, ge=1, le=MAX_REPEATS)
+    slsqp_samples: int | None = bounded(None, ge=0, le=MAX_REPEATS)   # run SLSQP on the first n samples only (None: all)
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
 
 
 def grid_shapes(profile: str, num_experts: int) -> list[BlockShape]:
@@ -64,8 +64,6 @@ def sample_shapes(cfg: DegreeStudyConfig) -> list[tuple[str, BlockShape]]:
 
 
 def run(cfg: DegreeStudyConfig, progress: bool | None = None) -> pd.DataFrame:
-    if cfg.samples < 1:
-        raise ConfigError(f"samples: {cfg.samples} is not allowed; allowed: >= 1")
     profiles = {p: load_profile(p) for p in cfg.profiles}
     rows = []
     for i, (name, shape) in enumerate(tqdm(sample_shapes(cfg), desc="degree study", disable=None if progress is None
@@ -86,7 +84,8 @@ def run(cfg: DegreeStudyConfig, progress: bool | None = None) -> pd.DataFrame:
             chosen["timeline"] = min(times, key=lambda r: (times[r], r))
             row = {"profile": name, "phase": phase, "B": shape.batch, "L": shape.seq, "M": shape.hidden,
                    "H": shape.ffn_hidden, "heads": shape.heads, "f": shape.capacity_factor or "*", "ffn": shape.ffn,
-                   "enum_ms_per_config": enum_s * 1e3, "slsqp_ms_per_config": None if slsqp_s is None else slsqp_s * 1e3}
+                   "enum_ms_per_config": enum_s * 1e3, "slsqp_ms_per_config": None if slsqp_s is None else slsqp_s * 1e3,
+                   "r_slsqp": None, "t_slsqp": None}      # set below where SLSQP ran (slsqp_samples)
             for method, r in chosen.items():
                 row[f"r_{method}"] = r
                 row[f"t_{method}"] = times[r]
@@ -103,11 +102,15 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     for phase, g in list(frame.groupby("phase")) + [("both", frame)]:
         for method in METHODS[:-1]:
             sub = g.dropna(subset=[f"r_{method}"])
+            if sub.empty:            # SLSQP ran on none (slsqp_samples=0)
+                continue
             loss = (sub[f"t_{method}"] / sub["t_timeline"] - 1) * 100
             out.append({"phase": phase, "method": method, "configs": len(sub),
                         "differs_from_timeline_pct": 100 * float((sub[f"r_{method}"] != sub["r_timeline"]).mean()),
                         "mean_loss_pct": float(loss.mean()), "max_loss_pct": float(loss.max())})
         both = g.dropna(subset=["r_slsqp"])
+        if both.empty:
+            continue
         out.append({"phase": phase, "method": "enum vs slsqp", "configs": len(both),
                     "differs_from_timeline_pct": 100 * float((both["r_enum"] != both["r_slsqp"]).mean()),
                     "mean_loss_pct": float(((both["t_slsqp"] / both["t_enum"]) - 1).mean() * 100),
@@ -120,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = cli.load_config(args, DegreeStudyConfig)
+        if not cfg.profiles:
+            raise ConfigError("profiles: an empty list is not allowed; allowed: " + ", ".join(GRID["seq"]))
         for p in cfg.profiles:
-            load_profile(p)
-        if cfg.samples < 1:
-            raise ConfigError(f"samples: {cfg.samples} is not allowed; allowed: >= 1")
+            if p not in GRID["seq"]:
+                raise ConfigError(f"profiles: {p!r} is not allowed; allowed: {', '.join(GRID['seq'])} "
+                                  "(Table 4's sequence lengths are per testbed)")
+            checked("profiles", load_profile, p)
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
     frame = run(cfg, progress=False if args.no_progress else None)

@@ -19,19 +19,21 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 import torch
 
 from impl.common import cli
 from impl.common.comm import Comm
-from impl.common.config import ConfigError, checked
+from impl.common.config import (MAX_EXPERTS, MAX_REPEATS, MAX_SECONDS, MAX_TOKENS, MAX_WIDTH, SEED_MAX, ConfigError,
+                                 bounded, check_host_memory, checked)
 from impl.common.costmodel import HardwareProfile, load_profile
 from impl.common.launcher import launch
 from impl.common.records import make_record
 from impl.common.timeline import simulate
 from impl.common.topology import get_topology
-from impl.fsmoe.config import MoELayerConfig
+from impl.fsmoe.config import MAX_DEGREE, MoELayerConfig
 from impl.fsmoe.costs import ChunkModel, PassModel
 from impl.fsmoe.layer import FSMoELayer
 from impl.fsmoe.layout import HybridLayout
@@ -52,20 +54,20 @@ def _schedules(name: str):
 @dataclass(frozen=True)
 class EmuConfig:
     topology: str = "2x2"
-    hidden: int = 256
-    ffn_hidden: int = 1024
-    num_experts: int = 2
-    top_k: int = 2
-    capacity_factor: float = 1.2
-    expert: str = "gpt"
-    tokens_per_rank: int = 512
-    r_fwd: int = 4
-    r_bwd: int = 2
-    gradient_elements: int = 262144          # the dense gradient slice all-reduced in the backward
-    repeats: int = 5
-    warmup: int = 2
-    seed: int = 0
-    timeout_s: float = 120.0
+    hidden: int = bounded(256, ge=1, le=MAX_WIDTH)
+    ffn_hidden: int = bounded(1024, ge=1, le=MAX_WIDTH)
+    num_experts: int = bounded(2, ge=1, le=MAX_EXPERTS)
+    top_k: int = bounded(2, ge=1, le=MAX_EXPERTS)
+    capacity_factor: float = bounded(1.2, gt=0, le=1000)
+    expert: Literal["gpt", "mixtral"] = "gpt"
+    tokens_per_rank: int = bounded(512, ge=1, le=MAX_TOKENS)
+    r_fwd: int = bounded(4, ge=1, le=MAX_DEGREE)
+    r_bwd: int = bounded(2, ge=1, le=MAX_DEGREE)
+    gradient_elements: int = bounded(262144, ge=1, le=1 << 32)   # the dense gradient slice all-reduced in the backward
+    repeats: int = bounded(5, ge=1, le=MAX_REPEATS)
+    warmup: int = bounded(2, ge=0, le=MAX_REPEATS)
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
+    timeout_s: float = bounded(120.0, gt=0, le=MAX_SECONDS)
 
 
 def pass_model(profile: HardwareProfile, layout: HybridLayout, cfg: MoELayerConfig, capacity: int,
@@ -118,9 +120,12 @@ def validate(cfg: EmuConfig, profile_path: str) -> tuple[HardwareProfile, Hybrid
     if profile.topology != topo.name:
         raise ConfigError(f"profile: {profile.name!r} is of topology {profile.topology!r}; allowed: a calibration of "
                           f"{topo.name!r}")
-    for key in ("repeats", "tokens_per_rank", "gradient_elements"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key}: {getattr(cfg, key)} is not allowed; allowed: >= 1")
+    # every rank on this host: at most every expert's weights, the routed tokens' activations
+    # (forward and backward), the gradient slice
+    routed = cfg.tokens_per_rank * cfg.top_k * max(1.0, cfg.capacity_factor)
+    check_host_memory(4 * topo.G * (3 * cfg.num_experts * cfg.hidden * cfg.ffn_hidden
+                                    + 8 * routed * (cfg.hidden + cfg.ffn_hidden) + 2 * cfg.gradient_elements),
+                      "num_experts, hidden, ffn_hidden, tokens_per_rank, gradient_elements", f"the {topo.G} ranks")
     for kind, step in (("a2a", "inter-1"), ("allgather", "intra-1"), ("reducescatter", "intra-1"),
                        ("allreduce", "inter-1")):
         profile.comm_model(kind, step)
@@ -160,7 +165,8 @@ def run(cfg: EmuConfig, profile: HardwareProfile, layout: HybridLayout) -> pd.Da
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser(PROG, __doc__, config=EmuConfig, outputs=("csv", "record"))
-    parser.add_argument("--profile", required=True, help="calibrated profile YAML of this machine and topology")
+    parser.add_argument("--profile", required=True, type=cli.input_file,
+                        help="calibrated profile YAML of this machine and topology")
     args = parser.parse_args(argv)
     try:
         cfg = cli.load_config(args, EmuConfig)

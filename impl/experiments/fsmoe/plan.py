@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from impl.common import cli
-from impl.common.config import ConfigError, checked
+from impl.common.config import MAX_EXPERTS, MAX_LAYERS, MAX_TOKENS, MAX_WIDTH, ConfigError, bounded, checked
 from impl.common.costmodel import load_profile
 from impl.common.timeline import Schedule, simulate
 from impl.experiments.systems import paper_systems
@@ -30,24 +30,22 @@ PROG = "python -m impl.experiments.fsmoe.plan"
 @dataclass(frozen=True)
 class PlanConfig:
     profile: str = "fsmoe-testbed-a"
-    batch: int = 4
-    seq: int = 1024
-    hidden: int = 1600
-    ffn_hidden: int = 6400
-    heads: int = 25
-    kv_heads: int | None = None
-    num_experts: int | None = None            # default: one expert per node
-    top_k: int = 2
-    capacity_factor: float | None = 1.2       # null: no drop
+    batch: int = bounded(4, ge=1, le=MAX_TOKENS)
+    seq: int = bounded(1024, ge=1, le=MAX_TOKENS)
+    hidden: int = bounded(1600, ge=1, le=MAX_WIDTH)
+    ffn_hidden: int = bounded(6400, ge=1, le=MAX_WIDTH)
+    heads: int = bounded(25, ge=1, le=MAX_WIDTH)
+    kv_heads: int | None = bounded(None, ge=1, le=MAX_WIDTH)
+    num_experts: int | None = bounded(None, ge=1, le=MAX_EXPERTS)   # default: one expert per node
+    top_k: int = bounded(2, ge=1, le=MAX_EXPERTS)
+    capacity_factor: float | None = bounded(1.2, gt=0, le=1000)      # null: no drop
     ffn: Literal["gpt", "mixtral"] = "gpt"
-    layers: int = 2
+    layers: int = bounded(2, ge=1, le=MAX_LAYERS)
     systems: tuple[str, ...] = ()             # paper names; default: every FSMoE-paper system
 
 
 def resolve(cfg: PlanConfig):
     profile = checked("profile", load_profile, cfg.profile)
-    if cfg.layers < 1:
-        raise ConfigError(f"layers: {cfg.layers} is not allowed; allowed: >= 1")
     shape = BlockShape(cfg.batch, cfg.seq, cfg.hidden, cfg.ffn_hidden, cfg.heads,
                        cfg.num_experts or profile.get_topology().num_nodes, cfg.top_k, cfg.capacity_factor, cfg.ffn,
                        cfg.kv_heads)

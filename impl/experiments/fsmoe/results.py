@@ -33,11 +33,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from impl.common import cli
-from impl.common.config import ConfigError
+from impl.common.config import MAX_LAYERS, MAX_REPEATS, MAX_TOKENS, SEED_MAX, ConfigError, bounded, checked
 from impl.common.costmodel import HardwareProfile, load_profile
 from impl.common.records import make_record
 from impl.common.timeline import simulate
-from impl.experiments.fsmoe.degrees import grid_shapes
+from impl.experiments.fsmoe.degrees import GRID, grid_shapes
 from impl.experiments.systems import get_system, paper_systems
 from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs
 from impl.fsmoe.degree import DOMAINS, integer_optimum
@@ -85,37 +85,42 @@ def read_profile(profile: HardwareProfile, reading: str) -> HardwareProfile:
 class ResultsConfig:
     testbeds: dict[str, str] = field(default_factory=lambda: {"A": "fsmoe-testbed-a", "B": "fsmoe-testbed-b"})
     reading: Literal["published", "gemm-per-byte", "comm-per-byte"] = "published"
-    grid_blocks: int = 2
-    grid_sample: int | None = None           # a random sample of n configured layers per testbed (None: all 1,458)
-    seq: dict[str, int] = field(default_factory=lambda: {"A": 1024, "B": 256})
+    grid_blocks: int = bounded(2, ge=1, le=MAX_LAYERS)
+    grid_sample: int | None = bounded(None, ge=1, le=MAX_REPEATS)   # a random sample of n configured layers per testbed (None: all 1,458)
+    seq: dict[str, int] = bounded(ge=1, le=MAX_TOKENS, default_factory=lambda: {"A": 1024, "B": 256})
     fig6: tuple[tuple[str, str], ...] = (("A", "gpt2-xl"), ("A", "mixtral-7b"), ("A", "mixtral-22b"),
                                          ("B", "gpt2-xl"), ("B", "mixtral-7b"))
-    fig7_seq: tuple[int, ...] = (512, 1024, 2048)
+    fig7_seq: tuple[int, ...] = bounded((512, 1024, 2048), ge=1, le=MAX_TOKENS)
     fig7_profiles: dict[int, str] = field(default_factory=lambda: {16: "fsmoe-testbed-a-16", 32: "fsmoe-testbed-a-32",
                                                                      48: "fsmoe-testbed-a"})
-    pp_micro_batches: int = 4
-    gates: tuple[str, ...] = ("gshard", "xmoe", "sigmoid", "expert_choice")
-    table2_batch: int = 4
-    table2_seq: int = 1024
-    seed: int = 0
+    pp_micro_batches: int = bounded(4, ge=1, le=MAX_REPEATS)
+    gates: tuple[Literal["gshard", "xmoe", "sigmoid", "expert_choice"], ...] = ("gshard", "xmoe", "sigmoid",
+                                                                                 "expert_choice")
+    table2_batch: int = bounded(4, ge=1, le=MAX_TOKENS)
+    table2_seq: int = bounded(1024, ge=1, le=MAX_TOKENS)
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
 
     def __post_init__(self):
-        if self.grid_blocks < 1:
-            raise ConfigError(f"grid_blocks: {self.grid_blocks} is not allowed; allowed: >= 1")
-        if self.grid_sample is not None and self.grid_sample < 1:
-            raise ConfigError(f"grid_sample: {self.grid_sample} is not allowed; allowed: >= 1 or null")
-        if self.pp_micro_batches < 1:
-            raise ConfigError(f"pp_micro_batches: {self.pp_micro_batches} is not allowed; allowed: >= 1")
         for testbed, model in self.fig6:
             if model not in MODELS:
                 raise ConfigError(f"fig6: model {model!r} is not allowed; allowed: {', '.join(MODELS)}")
 
-    def check_models(self) -> None:
-        """The real-model runs need Testbed A and B and every Fig. 6 testbed among `testbeds`."""
-        for testbed in {t for t, _ in self.fig6} | {"A", "B"}:
+    def check_part(self, part: str) -> None:
+        """What a part needs of the config: Table 4's grid (grid, statistic) exists for the
+        testbeds' profiles only; the real-model runs (models, table2) need Testbed A and B, every
+        Fig. 6 testbed among `testbeds` and its sequence length in `seq`."""
+        if part in ("grid", "statistic"):
+            for testbed, profile in self.testbeds.items():
+                if profile not in GRID["seq"]:
+                    raise ConfigError(f"testbeds.{testbed}: {profile!r} is not allowed for --part {part}; allowed: "
+                                      f"{', '.join(GRID['seq'])} (Table 4's grid is per testbed)")
+            return
+        needed = {t for t, _ in self.fig6} | {"A", "B"}
+        for testbed in sorted(needed):
             if testbed not in self.testbeds:
-                raise ConfigError(f"testbeds: {testbed!r} is missing; the real-model runs use "
-                                  f"{', '.join(sorted({t for t, _ in self.fig6} | {'A', 'B'}))}")
+                raise ConfigError(f"testbeds: {testbed!r} is missing; the real-model runs use {', '.join(sorted(needed))}")
+            if testbed not in self.seq:
+                raise ConfigError(f"seq: {testbed!r} is missing; the real-model runs use {', '.join(sorted(needed))}")
 
 
 def _systems():
@@ -275,11 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = cli.load_config(args, ResultsConfig)
-        if args.part in ("models", "table2"):
-            cfg.check_models()
-        _profiles(cfg)
-        for name in cfg.fig7_profiles.values():
-            load_profile(name)
+        cfg.check_part(args.part)
+        for testbed, name in cfg.testbeds.items():
+            checked(f"testbeds.{testbed}", load_profile, name)
+        for n, name in cfg.fig7_profiles.items():
+            checked(f"fig7_profiles.{n}", load_profile, name)
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
     runner = RUNNERS[args.part]

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from baselines.deepep import deepep_time
 from baselines.tutel_2dh.dispatcher import tutel_2dh_collectives, tutel_capacity
 from impl.common import cli
-from impl.common.config import ConfigError, checked
+from impl.common.config import MAX_RANKS, MAX_REPEATS, MAX_TOKENS, ConfigError, bounded, check_host_memory, checked
 from impl.common.costmodel import HardwareProfile, LinearModel, load_profile, topology_steps
 from impl.common.models import get_model
 from impl.common.records import make_record
@@ -53,13 +53,13 @@ INSIDE = {2: (("gpu", 8),), 3: (("socket", 2), ("gpu", 4)), 4: (("socket", 2), (
 @dataclass(frozen=True)
 class ScaleoutConfig:
     model: str = "qwen3-30b-a3b-32l"
-    gpus: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
-    depths: tuple[int, ...] = (2, 3, 4)
-    experts_per_gpu: int = 4
-    tokens_per_rank: int = 1024
-    bytes_per_elem: int = 2
-    weight_bytes: int = 4
-    seeds: int = 3
+    gpus: tuple[int, ...] = bounded((32, 64, 128, 256, 512, 1024), ge=2 * GPUS_PER_NODE, le=MAX_RANKS)
+    depths: tuple[int, ...] = bounded((2, 3, 4), ge=min(INSIDE), le=max(INSIDE))
+    experts_per_gpu: int = bounded(4, ge=1, le=1024)
+    tokens_per_rank: int = bounded(1024, ge=1, le=MAX_TOKENS)
+    bytes_per_elem: int = bounded(2, ge=1, le=16)
+    weight_bytes: int = bounded(4, ge=1, le=16)
+    seeds: int = bounded(3, ge=1, le=MAX_REPEATS)
     base_profile: str = "hiermoe-testbed"
 
 
@@ -172,14 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = cli.load_config(args, ScaleoutConfig)
-        for key in ("experts_per_gpu", "tokens_per_rank", "bytes_per_elem", "weight_bytes", "seeds"):
-            if getattr(cfg, key) < 1:
-                raise ConfigError(f"{key}: {getattr(cfg, key)} is not allowed; allowed: >= 1")
+        for key in ("gpus", "depths"):
+            if not getattr(cfg, key):
+                raise ConfigError(f"{key}: an empty list is not allowed")
         for g in cfg.gpus:
             for d in cfg.depths:
                 scaleout_topology(g, d)
-        checked("model", get_model, cfg.model)
-        load_profile(cfg.base_profile)
+        model = checked("model", get_model, cfg.model)
+        # the largest point's token slots and counts (int64)
+        check_host_memory(32 * max(cfg.gpus) * cfg.tokens_per_rank * max(1, model.top_k), "gpus, tokens_per_rank")
+        checked("base_profile", load_profile, cfg.base_profile)
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
     frame = run(cfg, progress=False if args.no_progress else None)

@@ -57,7 +57,6 @@ instead of the paper's fan x largest split).
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -71,7 +70,8 @@ from baselines.deepep import deepep_time
 from baselines.smartmoe.planner import smartmoe_placement
 from baselines.tutel_2dh.dispatcher import capacity_of, tutel_2dh_collectives
 from impl.common import cli
-from impl.common.config import ConfigError, build_config, checked
+from impl.common.config import (MAX_EXPERTS, MAX_LAYERS, MAX_REPEATS, MAX_TOKENS, SEED_MAX, ConfigError, bounded,
+                                 build_config, check_host_memory, checked)
 from impl.common.costmodel import HardwareProfile, load_profile
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.models import ModelConfig, get_model
@@ -81,7 +81,7 @@ from impl.hiermoe.dimension import (COUNT_BYTES, DispatchCounts, agreement_bytes
                                     collective_time, counts_from_slots, flat_time, iteration_times, route_time,
                                     select_dimension, selected_slots)
 from impl.hiermoe.expert_swap import decide_swap, stats_bytes, swap_stats_from_slots
-from impl.experiments.hiermoe.spec import SystemSpec
+from impl.experiments.hiermoe.spec import SystemSpec, option_default
 from impl.experiments.hiermoe.workload import RoutingStream, TokenStreamConfig, routing_balance
 from impl.experiments.systems import paper_systems, parse_system_name
 
@@ -105,27 +105,27 @@ class SimExperimentConfig:
     topology: str = "hiermoe-testbed"
     profile: str = "hiermoe-testbed"          # alpha-beta of the AlltoAll steps (HierMoE Fig. 9)
     compute_profile: str = "fsmoe-testbed-a"  # GEMM model for the end-to-end step (borrowed)
-    num_experts: int | None = None            # sweep overrides (Table IV); None = the model's
-    top_k: int | None = None
-    tokens_per_rank: int = 1024               # micro-batch 1 x sequence 1024
-    bytes_per_elem: int = 2                   # bf16 activations
-    weight_bytes: int = 4                     # gate weights (router probabilities) in fp32
-    layers: int = 4                           # MoE layers whose routing is simulated
-    iterations: int = 8
-    warmup: int = 2                           # first iterations left out of the summary
+    num_experts: int | None = bounded(None, ge=1, le=MAX_EXPERTS)   # sweep overrides (Table IV); None = the model's
+    top_k: int | None = bounded(None, ge=1, le=MAX_EXPERTS)
+    tokens_per_rank: int = bounded(1024, ge=1, le=MAX_TOKENS)      # micro-batch 1 x sequence 1024
+    bytes_per_elem: int = bounded(2, ge=1, le=16)                  # bf16 activations
+    weight_bytes: int = bounded(4, ge=1, le=16)                    # gate weights (router probabilities) in fp32
+    layers: int = bounded(4, ge=1, le=MAX_LAYERS)                  # MoE layers whose routing is simulated
+    iterations: int = bounded(8, ge=1, le=MAX_REPEATS)
+    warmup: int = bounded(2, ge=0, le=MAX_REPEATS)                 # first iterations left out of the summary
     systems: tuple[str, ...] = PAPER_SYSTEMS
     # defaults of the systems' options (each system name may override them in brackets)
     max_fn: Literal["max", "smooth", "lse"] = "smooth"
-    gamma: float = 10.0
-    swap_every: int = 1
-    smartmoe_history: int = 2
+    gamma: float = option_default("gamma")
+    swap_every: int = option_default("every")
+    smartmoe_history: int = option_default("history")
     smartmoe_method: Literal["lpt", "greedy-swap"] = "lpt"
     charge: Literal["all", "tokens"] = "all"
     buffer: Literal["padded", "total"] = "padded"
-    capacity_factor: float = 1.0
+    capacity_factor: float = option_default("capacity_factor")
     swap_cost: Literal["overlap", "exposed", "shared"] = "overlap"
     stream: TokenStreamConfig = field(default_factory=TokenStreamConfig)
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
 
 
 @dataclass(frozen=True)
@@ -154,21 +154,18 @@ def resolve(config: SimExperimentConfig) -> Resolved:
             profiles.append(_load_profile(getattr(config, key), topo if key == "profile" else None))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from None
-    E = config.num_experts or model.num_experts
-    K = config.top_k or model.top_k
+    E = model.num_experts if config.num_experts is None else config.num_experts
+    K = model.top_k if config.top_k is None else config.top_k
     if E < 1 or E % topo.G:
         raise ConfigError(f"num_experts: E={E} is not divisible by the expert-parallel size {topo.G}; "
                           f"allowed: a positive multiple of {topo.G}")
     if not 1 <= K <= E:
         raise ConfigError(f"top_k: {K} is not allowed with num_experts={E}; allowed: 1..{E}")
-    for key in ("layers", "iterations", "tokens_per_rank", "bytes_per_elem", "weight_bytes", "swap_every",
-                "smartmoe_history"):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{key}: {getattr(config, key)} is not allowed; allowed: >= 1")
-    if not 0 <= config.warmup < config.iterations:
+    if config.warmup >= config.iterations:
         raise ConfigError(f"warmup: {config.warmup} is not allowed; allowed: 0..iterations-1 ({config.iterations - 1})")
-    if not math.isfinite(config.capacity_factor):
-        raise ConfigError(f"capacity_factor: {config.capacity_factor} is not allowed; allowed: a finite number")
+    # one iteration's routing of every layer: [G * T, E] maps and the tokens' gate inputs
+    check_host_memory(4 * config.layers * topo.G * config.tokens_per_rank * (E + config.stream.subspace_dim),
+                      "tokens_per_rank, layers, num_experts", f"the routing of {topo.G} ranks")
     defaults = dict(max_fn=config.max_fn, gamma=config.gamma, every=config.swap_every,
                     history=config.smartmoe_history, method=config.smartmoe_method, charge=config.charge, buffer=config.buffer,
                     capacity_factor=config.capacity_factor, swap_cost=config.swap_cost)

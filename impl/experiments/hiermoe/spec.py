@@ -2,12 +2,13 @@
 the options a system name takes (`HierMoE[gamma=5,every=2]`, `Tutel-2DH[capacity_factor=0]`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from impl.common.config import ConfigError
+from impl.common.config import MAX_REPEATS, bounded
 
-__all__ = ["HierMoEOptions", "SystemSpec"]
+__all__ = ["HierMoEOptions", "SystemSpec", "option_default"]
 
 
 @dataclass(frozen=True)
@@ -16,21 +17,23 @@ class HierMoEOptions:
     A system ignores the options that do not concern it."""
 
     max_fn: Literal["max", "smooth", "lse"] = "smooth"   # HierD-ES's max function
-    gamma: float = 10.0                                  # its smooth-max sharpness
-    every: int = 1                                       # plan every n iterations
-    history: int = 2                                     # SmartMoE's load window (iterations)
+    gamma: float = bounded(10.0, gt=0, le=1e4)           # its smooth-max sharpness
+    every: int = bounded(1, ge=1, le=MAX_REPEATS)        # plan every n iterations
+    history: int = bounded(2, ge=1, le=MAX_REPEATS)      # SmartMoE's load window (iterations)
     method: Literal["lpt", "greedy-swap"] = "lpt"        # SmartMoE's planner
     charge: Literal["all", "tokens"] = "all"             # what the model charges (impl.hiermoe.dimension)
     buffer: Literal["padded", "total"] = "padded"        # the AlltoAll buffer the model is evaluated at
-    capacity_factor: float = 1.0                         # Tutel-2DH's capacity factor (Tutel's default)
+    capacity_factor: float = bounded(1.0, ge=0, le=1e3)  # Tutel-2DH's capacity factor (Tutel's default; 0: dropless)
     swap_cost: Literal["overlap", "exposed", "shared"] = "overlap"   # expert moves: hidden under backward,
     #                                               not hidden, or not hidden and at a rank's share of the link
     overlap: bool = False                                # DeepEP: node step and forwarding pipelined
 
-    def __post_init__(self):
-        for key in ("every", "history"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: {getattr(self, key)} is not allowed; allowed: >= 1")
+
+def option_default(name: str) -> Any:
+    """A field of an experiment's config that gives the default of option `name`: the same
+    default and declared range as `HierMoEOptions.<name>`."""
+    f = next(f for f in dataclasses.fields(HierMoEOptions) if f.name == name)
+    return dataclasses.field(default=f.default, metadata=f.metadata)
 
 
 @dataclass(frozen=True)

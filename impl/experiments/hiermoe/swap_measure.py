@@ -26,7 +26,8 @@ import pandas as pd
 import torch
 
 from impl.common import cli
-from impl.common.config import ConfigError, checked
+from impl.common.config import (MAX_RANKS, MAX_REPEATS, SEED_MAX, ConfigError, bounded, check_host_memory,
+                                 checked)
 from impl.common.costmodel import load_profile
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.experts import GroupedExperts
@@ -46,9 +47,9 @@ class SwapMeasureConfig:
     model: str = "qwen3-30b-a3b-32l"    # expert shape (hidden, moe_ffn_hidden, ffn kind)
     topology: str = "2x2"               # local gloo ranks; the profile must be calibrated for it
     profile: str = ""                   # calibrated profile YAML of this machine (required)
-    repeats: int = 5
-    warmup: int = 1
-    seed: int = 0
+    repeats: int = bounded(5, ge=1, le=MAX_REPEATS)
+    warmup: int = bounded(1, ge=0, le=MAX_REPEATS)
+    seed: int = bounded(0, ge=0, le=SEED_MAX - MAX_RANKS)
 
 
 def _pairs(G: int) -> list[tuple[str, int, int]]:
@@ -109,7 +110,8 @@ def measure_rank(comm, cfg: SwapMeasureConfig, hidden: int, ffn_hidden: int, kin
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("python -m impl.experiments.hiermoe.swap_measure", __doc__, config=SwapMeasureConfig,
                         outputs=("csv", "record"))
-    parser.add_argument("--profile", dest="profile_path", help="calibrated profile YAML (overrides profile=)")
+    parser.add_argument("--profile", dest="profile_path", type=cli.input_file,
+                        help="calibrated profile YAML (overrides profile=)")
     args = parser.parse_args(argv)
     try:
         cfg = cli.load_config(args, SwapMeasureConfig)
@@ -118,17 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.profile:
             raise ConfigError("profile: a calibrated profile YAML of this machine is required "
                               "(python -m impl.common.calibrate)")
-        for key in ("repeats",):
-            if getattr(cfg, key) < 1:
-                raise ConfigError(f"{key}: {getattr(cfg, key)} is not allowed; allowed: >= 1")
-        if cfg.warmup < 0:
-            raise ConfigError(f"warmup: {cfg.warmup} is not allowed; allowed: >= 0")
         model = checked("model", get_model, cfg.model)
         topo = checked("topology", get_topology, cfg.topology)
         if topo.G < 2:
             raise ConfigError(f"topology: {topo.name!r} has one rank; a swap needs at least 2")
-        profile = load_profile(cfg.profile)
-        check_profile(profile, topo)
+        profile = checked("profile", load_profile, cfg.profile)
+        try:
+            check_profile(profile, topo)
+        except ValueError as e:
+            raise ConfigError(f"profile: {e}") from None
+        # every rank: one expert in bf16, its fp32 master weights and Adam's two moments
+        check_host_memory(topo.G * 18 * 3 * model.hidden * model.moe_ffn_hidden, "model", f"the {topo.G} ranks")
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
     kind = "swiglu" if model.ffn_kind == "swiglu" else "gpt"

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from impl.common.config import ConfigError, build_config
+from impl.common.config import (MAX_EXPERTS, MAX_REPEATS, MAX_TOKENS, SEED_MAX, ConfigError, bounded, build_config,
+                                 check_host_memory)
 
 __all__ = ["EXPERIMENT", "SYSTEM", "TIER", "TOPOLOGY", "Table2Config", "load_config"]
 
@@ -18,19 +19,17 @@ TOPOLOGY = "expert-groups"  # no network here: R equal groups of contiguous expe
 
 @dataclass(frozen=True)
 class Table2Config:
-    num_experts: int = 256                       # E
-    top_ks: tuple[int, ...] = (2, 4, 6, 8)        # K values (columns of Table II)
-    group_counts: tuple[int, ...] = (32, 16, 8, 4)  # R values (rows of Table II)
-    tokens_per_sample: int = 16384               # tokens in one routing mask
-    repeats: int = 5                             # masks per K, seeds seed .. seed + repeats - 1
-    seed: int = 0
+    num_experts: int = bounded(256, ge=1, le=MAX_EXPERTS)                     # E
+    top_ks: tuple[int, ...] = bounded((2, 4, 6, 8), ge=1, le=MAX_EXPERTS)      # K values (columns of Table II)
+    group_counts: tuple[int, ...] = bounded((32, 16, 8, 4), ge=1, le=MAX_EXPERTS)  # R values (rows of Table II)
+    tokens_per_sample: int = bounded(16384, ge=1, le=MAX_TOKENS)               # tokens in one routing mask
+    repeats: int = bounded(5, ge=1, le=MAX_REPEATS)        # masks per K, seeds seed .. seed + repeats - 1
+    seed: int = bounded(0, ge=0, le=SEED_MAX - MAX_REPEATS)
     distribution: Literal["uniform", "zipf", "correlated"] = "uniform"
-    skew: float = 1.0                            # strength of the non-uniform distributions
-    paper: str = "hiermoe_table2"                # name of the paper CSV in figures/paper
+    skew: float = bounded(1.0, ge=0, le=100)               # strength of the non-uniform distributions
+    paper: str = "hiermoe_table2"                          # name of the paper CSV in figures/paper
 
     def __post_init__(self):
-        if self.num_experts < 1:
-            raise ConfigError(f"num_experts: {self.num_experts} is not allowed; allowed: a positive integer")
         for key, values in (("top_ks", self.top_ks), ("group_counts", self.group_counts)):
             if not values:
                 raise ConfigError(f"{key}: empty; allowed: a non-empty list of positive integers")
@@ -45,12 +44,9 @@ class Table2Config:
                 divisors = [d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0]
                 raise ConfigError(f"group_counts: R={r} does not divide num_experts={self.num_experts}; "
                                   f"allowed: {', '.join(map(str, divisors))}")
-        if self.tokens_per_sample < 1:
-            raise ConfigError(f"tokens_per_sample: {self.tokens_per_sample} is not allowed; allowed: >= 1")
-        if self.repeats < 1:
-            raise ConfigError(f"repeats: {self.repeats} is not allowed; allowed: >= 1")
-        if self.skew < 0:
-            raise ConfigError(f"skew: {self.skew} is not allowed; allowed: >= 0")
+        # one mask and its top-k ids at a time
+        check_host_memory(self.tokens_per_sample * (2 * self.num_experts + 16 * max(self.top_ks)),
+                          "tokens_per_sample, num_experts", "one routing mask")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.paper):
             raise ConfigError(f"paper: {self.paper!r} is not allowed; allowed: the name of a CSV in "
                               "figures/paper, without directory or suffix (e.g. 'hiermoe_table2')")

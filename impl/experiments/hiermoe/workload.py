@@ -36,7 +36,7 @@ from typing import Iterator
 
 import torch
 
-from impl.common.config import ConfigError
+from impl.common.config import bounded, check_bounds
 from impl.common.models import ModelConfig
 from impl.common.routing import build_gate, init_gate_from_seed
 
@@ -45,21 +45,14 @@ __all__ = ["TokenStreamConfig", "RoutingStream", "routing_balance"]
 
 @dataclass(frozen=True)
 class TokenStreamConfig:
-    skew: float = 0.0             # topic-centre scale over the unit token noise (0 = isotropic tokens)
-    num_topics: int = 64          # topic clusters per layer
-    topic_skew: float = 1.0       # Zipf exponent of topic popularity (0 = uniform topics)
-    drift: float = 0.15           # std of the per-iteration random walk of log topic popularity
-    subspace_dim: int = 64        # dimension of the token subspace (exact gate evaluation)
+    skew: float = bounded(0.0, ge=0, le=1e3)        # topic-centre scale over the unit token noise (0 = isotropic tokens)
+    num_topics: int = bounded(64, ge=1, le=1 << 16)   # topic clusters per layer
+    topic_skew: float = bounded(1.0, ge=0, le=100)    # Zipf exponent of topic popularity (0 = uniform topics)
+    drift: float = bounded(0.15, ge=0, le=100)        # std of the per-iteration random walk of log topic popularity
+    subspace_dim: int = bounded(64, ge=1, le=4096)    # dimension of the token subspace (exact gate evaluation)
 
     def __post_init__(self):
-        checks = (("skew", self.skew >= 0, "a number >= 0"),
-                  ("num_topics", self.num_topics >= 1, "an integer >= 1"),
-                  ("topic_skew", self.topic_skew >= 0, "a number >= 0"),
-                  ("drift", self.drift >= 0, "a number >= 0"),
-                  ("subspace_dim", self.subspace_dim >= 1, "an integer >= 1"))
-        for key, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(f"{key}: {getattr(self, key)!r} is not allowed; allowed: {allowed}")
+        check_bounds(self)
 
 
 def routing_balance(routing_map_TE: torch.Tensor, world_size: int) -> dict[str, float]:

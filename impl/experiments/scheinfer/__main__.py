@@ -3,7 +3,7 @@
     python -m impl.experiments.scheinfer generate --model FILE (--prompt TEXT | --tokens IDS) --n-predict N
         [--gpu-mem BYTES] [--policy scheinfer|fiddler|layers] [--threads N] [--tile ROWS]
         [--assign split|threshold|makespan] [--cost COST.json] [--cpu-kernel auto|torch|avx512|avx2|sse]
-        [--timeline OUT.json]
+        [--timeline OUT.json [--out-record RECORD.json]]
     python -m impl.experiments.scheinfer bench --model FILE.gguf --prompt-tokens 16,64 --n-predict N
         [--policies scheinfer,fiddler,layers] [--gpu-mem BYTES] [--llamacpp [--llamacpp-offload auto|SPECS]]
         [--repeats R] --out-csv OUT.csv --out-record OUT.json
@@ -20,7 +20,10 @@ engine's budget; `baselines.llamacpp.runner.settings_within_budget`), or give th
 CUDA build (LLAMA_CPP_LIB_PATH, `make llamacpp-cuda`); how the budget binds each system, and the
 device memory each took, are in the record.
 `generate` prints the new token ids, then prefill and decode speed (tokens/s); a progress bar goes
-to stderr. The cost model comes from --cost (a `calibrate` output) or a quick calibration at start.
+to stderr; --timeline writes the engine's lane events and --out-record their run record.
+Where the GPU lanes ran is said everywhere: without CUDA the engine's GPU and PCIe lanes are
+emulated on the CPU (`gpu_lanes` 'emulated on CPU' in the bench CSV, the record and the printed
+lines; 'cuda' on a GPU). The cost model comes from --cost (a `calibrate` output) or a quick calibration at start.
 Bad arguments give one line on stderr and exit status 2, before any weights are read.
 --prompt: GGUF files whose vocabulary holds the 256 byte tokens <0x00>..<0xFF> are tokenized byte
 by byte (SentencePiece byte fallback, BOS first); other files need --tokens.
@@ -30,25 +33,51 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
 import baselines.llamacpp  # noqa: F401  (registers the engine policy 'layers')
+from impl.common import cli
+from impl.common.config import MAX_REPEATS, MAX_SECONDS, host_memory_bytes
 
-USAGE_EXIT = 2
+USAGE_EXIT = cli.USAGE_EXIT
 CLI_POLICIES = ("scheinfer", "fiddler", "layers")
+MAX_THREADS = 4096
+MAX_TILE = 1 << 20
+MAX_TOKENS = 1 << 20         # --n-predict; the model's positions bound prompt + generation anyway
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(USAGE_EXIT, f"{self.prog}: error: {message}\n")
+def gpu_lanes(device) -> str:
+    """Where the engine's GPU and PCIe lanes ran: 'cuda', or 'emulated on CPU' without CUDA."""
+    return "cuda" if str(device).startswith("cuda") else "emulated on CPU"
 
 
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return USAGE_EXIT
+
+
+def _check_int(args, name: str, low: int, high: int | None = None, unit: str = "an integer") -> str | None:
+    """The one-line error of an integer flag outside low..high (None: within)."""
+    value = getattr(args, name)
+    if value is None or (value >= low and (high is None or value <= high)):
+        return None
+    allowed = f"{unit} >= {low}" if high is None else f"{unit} in {low}..{high}"
+    return f"--{name.replace('_', '-')}={value} is not allowed; expected {allowed}"
+
+
+def _check_output(flag: str, path: str | None) -> str | None:
+    """The one-line error of an output path that cannot be written (None: it can)."""
+    if path is None:
+        return None
+    try:
+        cli.output_path(path)
+    except argparse.ArgumentTypeError as e:
+        return f"{flag}: {e}"
+    return None
 
 
 def _parse_tokens(text: str) -> list[int]:
@@ -79,6 +108,15 @@ def byte_tokenize(model: Path, text: str) -> list[int]:
     return ([bos] if bos is not None else []) + [byte_ids[b] for b in text.encode("utf-8")]
 
 
+def _device_bytes() -> int:
+    """The memory a GPU budget must fit in: the GPU's, or this host's where the GPU lanes are
+    emulated on the CPU."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return host_memory_bytes()
+
+
 def _validate_engine_options(args) -> str | None:
     """The engine options generate and bench share (--assign, --gpu-mem, --threads, --tile, --cost,
     --cpu-kernel)."""
@@ -88,12 +126,10 @@ def _validate_engine_options(args) -> str | None:
         return f"--cpu-kernel={args.cpu_kernel!r} is not allowed; expected one of {', '.join(KERNELS)}"
     if args.assign not in ASSIGN_MODES:
         return f"--assign={args.assign!r} is not allowed; expected one of {', '.join(ASSIGN_MODES)}"
-    if args.gpu_mem is not None and args.gpu_mem < 0:
-        return f"--gpu-mem={args.gpu_mem} is not allowed; expected bytes >= 0"
-    if args.threads is not None and args.threads < 1:
-        return f"--threads={args.threads} is not allowed; expected an integer >= 1"
-    if args.tile < 1:
-        return f"--tile={args.tile} is not allowed; expected an integer >= 1"
+    for err in (_check_int(args, "gpu_mem", 0, _device_bytes(), unit="bytes"),
+                _check_int(args, "threads", 1, MAX_THREADS), _check_int(args, "tile", 1, MAX_TILE)):
+        if err:
+            return err
     if args.cost is not None:
         from impl.common.config import ConfigError
         from impl.scheinfer.partition import CostModel
@@ -114,9 +150,10 @@ def _validate_generate(args) -> str | None:
         return f"--model {model}: expected a .gguf file or an HF checkpoint directory with config.json"
     if args.policy not in CLI_POLICIES:
         return f"--policy={args.policy!r} is not allowed; expected one of {', '.join(CLI_POLICIES)}"
-    if args.n_predict < 1:
-        return f"--n-predict={args.n_predict} is not allowed; expected an integer >= 1"
-    return _validate_engine_options(args)
+    if args.out_record is not None and args.timeline is None:
+        return "--out-record needs --timeline (the record is the timeline's)"
+    return (_check_int(args, "n_predict", 1, MAX_TOKENS) or _check_output("--timeline", args.timeline)
+            or _check_output("--out-record", args.out_record) or _validate_engine_options(args))
 
 
 def _cost_model(path: str | None, hidden: int, kernel: str | None = None):
@@ -163,6 +200,9 @@ def cmd_generate(args) -> int:
     cfg = source.config
     if max(prompt) >= cfg.vocab_size:
         return _fail(f"--tokens: id {max(prompt)} is outside the vocabulary 0..{cfg.vocab_size - 1}")
+    if len(prompt) + args.n_predict > cfg.max_position_embeddings:
+        return _fail(f"--n-predict {args.n_predict} after a prompt of {len(prompt)} tokens exceeds the model's "
+                     f"{cfg.max_position_embeddings} positions")
 
     import torch
     from tqdm import tqdm
@@ -186,10 +226,40 @@ def cmd_generate(args) -> int:
     print(f"prefill: {out.prompt_tokens} tokens, {prefill:.2f} tok/s")
     print(f"decode: {out.decode_steps} tokens, {decode:.2f} tok/s")
     print(f"policy: {policy.name}, gpu-mem {gpu_mem} B, resident FFN {engine.resident_bytes} B, "
-          f"device {engine.device}, cost {cost.source}, cpu kernel {engine.kernel.name} ({engine.kernel.how})")
+          f"device {engine.device}, GPU and PCIe lanes {gpu_lanes(engine.device)}, cost {cost.source}, "
+          f"cpu kernel {engine.kernel.name} ({engine.kernel.how})")
     if args.timeline:
-        Path(args.timeline).write_text(json.dumps([dataclasses.asdict(e) for e in engine.events], default=str))
+        from impl.common.records import atomic_write_text, write_record
+        atomic_write_text(args.timeline, json.dumps([dataclasses.asdict(e) for e in engine.events], default=str))
+        if args.out_record:
+            write_record(args.out_record, _timeline_record(args, cfg, policy, engine, cost, gpu_mem, prompt, out,
+                                                           prefill, decode))
     return 0
+
+
+def _timeline_record(args, cfg, policy, engine, cost, gpu_mem: int, prompt: list[int], out, prefill: float,
+                     decode: float) -> dict:
+    """The run record of one generation whose lane events went to --timeline: what ran where
+    (device, GPU lanes emulated or not, policy, budget, cost model), the speeds measured and the
+    events' file."""
+    from impl.common.records import make_record
+    lanes = {}
+    for e in engine.events:
+        lanes.setdefault(e.lane, []).append(e.end - e.start)
+    return make_record(
+        experiment="scheinfer_timeline", system=policy.name, tier="cluster" if engine.cuda else "emu",
+        topology={"name": "single-host", "device": str(engine.device), "threads": args.threads},
+        model={"path": str(args.model), "arch": cfg.arch, "hidden": cfg.hidden, "layers": cfg.num_layers,
+               "experts": cfg.num_experts, "dtype": "float32"},
+        config={k: v for k, v in vars(args).items() if k != "cmd"},
+        metrics={"prefill_tok_s": [prefill], "decode_tok_s": [decode]}, seed=0,
+        trace_id=f"tokens:{','.join(map(str, prompt))}",
+        extra={"gpu_lanes": gpu_lanes(engine.device), "events_file": str(args.timeline), "events": len(engine.events),
+               "lane_busy_s": {lane: sum(d) for lane, d in lanes.items()}, "gpu_mem_bytes": gpu_mem,
+               "resident_ffn_bytes": engine.resident_bytes, "cost_model": cost.source,
+               "cpu_kernel": engine.kernel.as_dict(), "new_tokens": out.decode_steps + 1,
+               "note": "MEASURED lane events of the HybridEngine on this host"
+                       + ("" if engine.cuda else "; its GPU and PCIe lanes are emulated on the CPU")})
 
 
 def _split_list(text: str, name: str, kind=str) -> list:
@@ -216,11 +286,14 @@ def _validate_bench(args) -> str | None:
             return f"--policies: {p!r} is not allowed; expected {', '.join(CLI_POLICIES)}"
     if min(args.prompt_tokens) < 1:
         return f"--prompt-tokens: {min(args.prompt_tokens)} is not allowed; expected integers >= 1"
-    for name in ("n_predict", "repeats"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; expected an integer >= 1"
-    if args.deadline_s is not None and args.deadline_s <= 0:
-        return f"--deadline-s={args.deadline_s} is not allowed; expected seconds > 0"
+    for name, high in (("n_predict", MAX_TOKENS), ("repeats", MAX_REPEATS)):
+        if err := _check_int(args, name, 1, high):
+            return err
+    if args.deadline_s is not None and not (math.isfinite(args.deadline_s) and 0 < args.deadline_s <= MAX_SECONDS):
+        return f"--deadline-s={args.deadline_s} is not allowed; expected seconds > 0 (at most {MAX_SECONDS:g})"
+    err = _check_output("--out-csv", args.out_csv) or _check_output("--out-record", args.out_record)
+    if err:
+        return err
     err = _validate_engine_options(args)
     if err:
         return err
@@ -361,6 +434,8 @@ def cmd_bench(args) -> int:
                         pre, dec = out.prompt_tokens / out.prefill_s, out.decode_steps / out.decode_s
                     rows.append({"round": r, "system": system, "prompt_tokens": n, "n_predict": args.n_predict,
                                  "prefill_tok_s": pre, "decode_tok_s": dec, "device": device,
+                                 "gpu_lanes": gpu_lanes(device) if system not in llama else
+                                 ("cuda" if cuda else "CPU only (the real llama.cpp, nothing emulated)"),
                                  "threads": threads, "gpu_mem_bytes": gpu_mem})
                     bar.update()
             # after every round, so that a run stopped from outside keeps the rounds it finished
@@ -371,8 +446,8 @@ def cmd_bench(args) -> int:
         for e in engines:
             e.close()
     med = frame.groupby(["prompt_tokens", "system"], sort=False)[["prefill_tok_s", "decode_tok_s"]].median()
-    print(f"device {device}, {threads} threads, cpu kernel {engines[0].kernel.name} ({engines[0].kernel.how}), "
-          f"{frame['round'].nunique()} rounds (medians, tok/s):")
+    print(f"device {device}, GPU and PCIe lanes {gpu_lanes(device)}, {threads} threads, cpu kernel "
+          f"{engines[0].kernel.name} ({engines[0].kernel.how}), {frame['round'].nunique()} rounds (medians, tok/s):")
     print(med.to_string(float_format=lambda v: f"{v:.1f}"))
     return 0
 
@@ -385,6 +460,7 @@ def _write_bench(args, cfg, rows, systems, device, threads, cost, kernel, gpu_me
     frame = pd.DataFrame(rows)
     extra = {"cost_model": cost.source, "cpu_kernel": kernel.as_dict(), "host": host_info(), "weights_file_type": _gguf_file_type(Path(args.model)),
              "note": "MEASURED on this host; without CUDA the engine's GPU and PCIe lanes run on the CPU (emulated)",
+             "gpu_lanes": gpu_lanes(device),
              "rounds_done": int(frame["round"].nunique()),
              "ratios": {"definition": "scheinfer median tok/s / other system's median tok/s, this run",
                         **_ratios(frame)},
@@ -434,12 +510,15 @@ def _budget_record(gpu_mem: int, placement: dict, llama: dict, llama_used: dict,
 def cmd_calibrate(args) -> int:
     from impl.scheinfer.calibrate import calibrate
     kw = dict(widths=(64, 128, 256), rows=(1, 8, 32), reps=3) if args.quick else {}
+    if err := _check_int(args, "hidden", 1, 1 << 16) or _check_output("--out", args.out):
+        return _fail(err)
     try:
         for name in ("widths", "rows"):
-            if getattr(args, name):
+            if getattr(args, name) is not None:
                 values = _split_list(getattr(args, name), f"--{name}", int)
-                if min(values) < 1:
-                    raise ValueError(f"--{name}: {min(values)} is not allowed; expected integers >= 1")
+                if min(values) < 1 or max(values) > 1 << 16:
+                    bad = min(values) if min(values) < 1 else max(values)
+                    raise ValueError(f"--{name}: {bad} is not allowed; expected integers in 1..{1 << 16}")
                 kw[name] = tuple(values)
     except ValueError as e:
         return _fail(str(e))
@@ -452,8 +531,8 @@ def cmd_calibrate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog="python -m impl.experiments.scheinfer", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    ap = cli.ArgumentParser(prog="python -m impl.experiments.scheinfer", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate tokens with the hybrid engine")
     g.add_argument("--model", required=True, help=".gguf file or HF checkpoint directory")
     src = g.add_mutually_exclusive_group(required=True)
@@ -469,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--cpu-kernel", default=None,
                    help="CPU products' kernel (default: $SCHEINFER_CPU_KERNEL, else auto: measured at start-up)")
     g.add_argument("--timeline", default=None, help="write lane events as JSON")
+    g.add_argument("--out-record", default=None, help="the timeline's run record (JSON; needs --timeline)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--no-progress", action="store_true")
     b = sub.add_parser("bench", help="measure tok/s of every policy (and llama.cpp) on one model")

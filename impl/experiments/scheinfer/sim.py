@@ -35,7 +35,6 @@ time; overall = (prompt tokens + decode steps) / (prefill + decode time). Batch 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass, field
@@ -46,7 +45,8 @@ import torch
 
 import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
 import baselines.llamacpp  # noqa: F401  (registers the engine policy 'layers')
-from impl.common.config import ConfigError, build_config, load_yaml
+from impl.common import cli
+from impl.common.config import ConfigError, check_host_memory, load_yaml
 from impl.common.records import atomic_output, make_record, write_record
 from impl.experiments.scheinfer.sim_config import HARDWARE_FILE, MODELS, SimConfig  # noqa: F401  (part of this module's API)
 from impl.scheinfer.assign import ExpertLoad, layer_makespan
@@ -358,9 +358,6 @@ class Resolved:
 
 def resolve(sc: SimConfig) -> Resolved:
     """Check every value against what exists (models, hardware, policies), before any work."""
-    for key in ("prompt_tokens", "decode_tokens", "tile"):
-        if getattr(sc, key) < 1:
-            raise ConfigError(f"{key}: {getattr(sc, key)!r} is not allowed; allowed: >= 1")
     if sc.dtype_bytes not in (2, 4):
         raise ConfigError(f"dtype_bytes: {sc.dtype_bytes!r} is not allowed; allowed: 2, 4")
     for key in ("models", "hardware", "policies"):
@@ -380,6 +377,9 @@ def resolve(sc: SimConfig) -> Resolved:
             models[m] = DecoderConfig.from_model_config(m)
         except (ConfigError, KeyError, ValueError) as e:
             raise ConfigError(f"models: {m!r}: {e}") from None
+    # the seeded hidden states and one layer's router logits (module doc: routing 'gate')
+    check_host_memory(8 * (sc.prompt_tokens + sc.decode_tokens) * max(c.hidden + c.num_experts for c in models.values()),
+                      "prompt_tokens, decode_tokens", "the routing's hidden states")
     return Resolved(sc, {h: hw[h] for h in sc.hardware}, models)
 
 
@@ -411,18 +411,13 @@ def make_sim_record(rz: Resolved, frame: pd.DataFrame) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m impl.experiments.scheinfer.sim", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="experiment YAML (SimConfig keys)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out-csv", required=True)
-    parser.add_argument("--out-record", required=True)
-    parser.add_argument("--no-progress", action="store_true", help="accepted for symmetry; nothing to show")
+    parser = cli.parser("python -m impl.experiments.scheinfer.sim", __doc__, config=SimConfig,
+                        outputs=("csv", "record"), progress=True)     # nothing shows progress; accepted alike
     args = parser.parse_args(argv)
     try:
-        rz = resolve(build_config(SimConfig, args.config, args.overrides))
-    except (ConfigError, OSError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+        rz = resolve(cli.load_config(args, SimConfig))
+    except cli.INPUT_ERRORS as e:
+        return cli.fail(parser, e)
     frame = run(rz)
     with atomic_output(args.out_csv) as tmp:
         frame.to_csv(tmp, index=False)

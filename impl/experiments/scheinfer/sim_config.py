@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from impl.common.config import SEED_MAX, bounded
+
 __all__ = ["HARDWARE_FILE", "MODELS", "SimConfig"]
 
 HARDWARE_FILE = "workflows/config/experiments/scheinfer_hardware.yaml"
@@ -18,11 +20,11 @@ class SimConfig:
     hardware: tuple[str, ...] = ("rtx4090-pcie4-16core", "rtx3090-pcie3-8core")
     hardware_file: str = HARDWARE_FILE            # relative to the repository unless absolute
     policies: tuple[str, ...] = ("layers", "fiddler", "scheinfer", "cc-only", "cg-only")
-    prompt_tokens: int = 128
-    decode_tokens: int = 32
+    prompt_tokens: int = bounded(128, ge=1, le=1 << 20)
+    decode_tokens: int = bounded(32, ge=1, le=1 << 16)
     routing: Literal["gate", "uniform"] = "gate"
     assign: Literal["split", "threshold", "makespan"] = "split"
     gg_mode: Literal["uniform", "popularity"] = "uniform"
-    tile: int = 128
-    dtype_bytes: int = 2
-    seed: int = 0
+    tile: int = bounded(128, ge=1, le=1 << 20)
+    dtype_bytes: int = bounded(2, ge=2, le=4)      # 2 or 4
+    seed: int = bounded(0, ge=0, le=SEED_MAX)
