@@ -33,18 +33,17 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from impl.common import cli
 from impl.common.comm import Comm, SimWorld
-from impl.common.config import (MAX_EXPERTS, MAX_RANKS, MAX_REPEATS, MAX_SECONDS, MAX_TOKENS, MAX_WIDTH, SEED_MAX,
-                                 ConfigError, bounded, check_bounds, check_host_memory, checked)
+from impl.common.config import ConfigError, check_bounds, check_host_memory, checked
 from impl.common.costmodel import HardwareProfile, load_profile, topology_steps
 from impl.common.dispatcher import check_expert_parallel
-from impl.common.emu_cluster import NetworkConfig, check_network
+from impl.common.emu_cluster import check_network
 from impl.common.launcher import require_job
 from impl.common.experts import GroupedExperts
 from impl.common.models import ModelConfig, get_model
@@ -55,49 +54,13 @@ from impl.common.routing import RoutingResult, build_gate, init_gate_from_seed, 
 from impl.common.topology import Topology, get_topology
 from impl.common.traces import synthetic_topk
 from impl.experiments import systems  # noqa: F401  (registers every dispatcher)
+from impl.experiments.layer_bench_config import PROFILE_PLANNERS, PROFILE_SYSTEMS, LayerBenchConfig, RoutingSource
 
 __all__ = ["LayerBenchConfig", "RoutingSource", "ResolvedBench", "validate", "run", "main",
            "synthetic_routing_maps", "make_bench_record", "PROFILE_SYSTEMS", "STAGES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-PROFILE_SYSTEMS = ("hierd",)                 # dispatchers that choose d* from a hardware profile
-PROFILE_PLANNERS = ("hierd-es",)             # planners that model swaps with a hardware profile
 STAGES = ("dispatch_ms", "expert_ms", "combine_ms")
-
-
-@dataclass(frozen=True)
-class RoutingSource:
-    """Where each step's routing comes from: the model's gate, or synthetic top-k ids
-    (`impl.common.traces.synthetic_topk`: distribution uniform | zipf | correlated, Zipf `skew`)."""
-
-    source: Literal["gate", "synthetic"] = "gate"
-    distribution: Literal["uniform", "zipf", "correlated"] = "uniform"
-    skew: float = bounded(1.0, ge=0, le=100)
-
-
-@dataclass(frozen=True)
-class LayerBenchConfig:
-    model: str = "deepseek-v3-tiny"        # impl.common.models name; E, K, widths and gate from it
-    topology: str = "2x2"                  # impl.common.topology name
-    world_size: int | None = bounded(None, ge=1, le=MAX_RANKS)   # G; when given it must equal the topology's G
-    tier: Literal["sim", "emu", "cluster"] = "sim"
-    system: str = "flat"                   # registered dispatcher name
-    planner: str | None = None             # registered placement planner run after every step (hierd-es)
-    profile: str | None = None             # hardware profile (name or YAML path) for hierd / hierd-es
-    num_experts: int | None = bounded(None, ge=1, le=MAX_EXPERTS)   # override the model's E
-    top_k: int | None = bounded(None, ge=1, le=MAX_EXPERTS)         # override the model's K
-    hidden: int | None = bounded(None, ge=1, le=MAX_WIDTH)          # override the model's hidden size M
-    ffn_hidden: int | None = bounded(None, ge=1, le=MAX_WIDTH)      # override the model's expert FFN size
-    tokens_per_rank: int = bounded(128, ge=1, le=MAX_TOKENS)
-    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
-    routing: RoutingSource = field(default_factory=RoutingSource)
-    timing: Literal["step", "stages"] = "step"
-    repeats: int = bounded(3, ge=1, le=MAX_REPEATS)
-    warmup: int = bounded(1, ge=0, le=MAX_REPEATS)
-    seed: int = bounded(0, ge=0, le=SEED_MAX)
-    timeout_s: float = bounded(120.0, gt=0, le=MAX_SECONDS)     # per collective
-    deadline_s: float = bounded(3600.0, gt=0, le=MAX_SECONDS)   # whole emu-tier job
-    network: NetworkConfig = field(default_factory=NetworkConfig)   # emu tier: loopback or emulated cluster
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@
 # tasks_per_gpu=0 (no --ntasks-per-gpu), runtime, mem_mb. Partition and account live in the
 # profile only.
 
-# Check every cluster run's config now (unknown keys, models, systems), before any job.
-check_cluster_runs()
+# Every cluster run's config is resolved by check_configs (checks.smk) before any run.
 
 onstart:
     # A real run with the Slurm executor and the profile's placeholders would submit jobs to a
@@ -23,6 +22,8 @@ onstart:
 
 rule cluster_layer_bench:
     """One variant's MoE layer at paper scale on the paper's testbed (tier cluster, NCCL)."""
+    input:
+        checked=ancient(CHECKED),
     output:
         record="results/raw/cluster/layer_bench/{paper}/{variant}.json",
     log:

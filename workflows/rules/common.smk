@@ -9,8 +9,8 @@ from snakemake.utils import validate
 
 from impl.common.config import build_config
 from impl.common.topology import get_topology
-from impl.experiments import emu_validation as emu_val
-from impl.experiments.layer_bench import LayerBenchConfig, validate as validate_bench
+from impl.experiments import emu_validation_config as emu_val
+from impl.experiments.layer_bench_config import LayerBenchConfig
 
 
 def _numbers_typed(value):
@@ -168,8 +168,8 @@ def scheinfer_prompt_ids():
 
 # Emulated cluster (workflows/rules/emu.smk) ----------------------------------------------------
 
-# Build and check every run's config now (unknown keys, models, systems, network values).
-EMU = emu_val.load(experiment_config("emu_validation"), experiment_overrides("emu_validation"))
+# The matrix's config now (its keys and types); every run's bench config in check_configs.
+EMU = emu_val.load_config(experiment_config("emu_validation"), experiment_overrides("emu_validation"))
 EMU_DIR = "results/raw/emu_validation"
 EMU_RUNS = [(t, r, v, i) for t in EMU.topologies for r in EMU.routings for v in EMU.variants for i in range(EMU.runs)]
 
@@ -203,16 +203,15 @@ def cluster_bench_settings(paper, variant):
 
 
 def cluster_bench_config(paper, variant):
-    """The layer bench config of one cluster run, checked now (bad keys fail before any job)."""
+    """The layer bench config of one cluster run (keys and types; resolved in check_configs)."""
     return build_config(LayerBenchConfig, None, [], base=cluster_bench_settings(paper, variant))
 
 
-def check_cluster_runs():
-    """Resolve every cluster run's layer bench config now, so a bad key or value stops the
-    workflow before any job is submitted."""
-    for paper, entry in CLUSTER_BENCH.items():
-        for variant in entry["variants"]:
-            validate_bench(cluster_bench_config(paper, variant))
+def cluster_run_checks():
+    """The deep checks of every cluster run's layer bench config (`check_configs` job)."""
+    return [{"name": f"cluster.layer_bench.{paper}.variants.{variant}", "kind": "layer_bench", "config": None,
+             "set": overrides_of(cluster_bench_settings(paper, variant))}
+            for paper, entry in CLUSTER_BENCH.items() for variant in entry["variants"]]
 
 
 def cluster_topology(wc):
@@ -255,7 +254,11 @@ CHECKED = "results/checks/configs.json"
 
 
 def config_checks():
-    """Every experiment config the deep checks resolve, as the check script takes them."""
-    return sim_run_checks() + [{"name": "scheinfer_sim", "kind": "scheinfer_sim",
-                                "config": experiment_config("scheinfer_sim"),
-                                "set": experiment_overrides("scheinfer_sim")}]
+    """Every experiment config the deep checks resolve (those of `make emu` and the cluster
+    target too, as before they were moved out of the parse), as the check script takes them."""
+    return sim_run_checks() + [
+        {"name": "scheinfer_sim", "kind": "scheinfer_sim", "config": experiment_config("scheinfer_sim"),
+         "set": experiment_overrides("scheinfer_sim")},
+        {"name": "emu_validation", "kind": "emu_validation", "config": experiment_config("emu_validation"),
+         "set": experiment_overrides("emu_validation")},
+    ] + cluster_run_checks()

@@ -3,6 +3,8 @@
 # and `tc`, and keeps both cores busy for about an hour, so every job takes both cores.
 rule emu_calibration:
     """Alpha-beta fits of every AlltoAll step of one emulated cluster (Fig. 9's method)."""
+    input:
+        checked=ancient(CHECKED),
     output:
         profile=f"{EMU_DIR}/calibration/{{topology}}.yaml",
     log:
@@ -25,6 +27,7 @@ rule emu_layer_bench:
     `runs` independent processes whose repeats the table pools)."""
     input:
         profile=lambda wc: emu_profile(wc.topology) if emu_val.uses_profile(EMU.variants[wc.variant]) else [],
+        checked=ancient(CHECKED),
     output:
         record=f"{EMU_DIR}/{{topology}}/{{routing}}/{{variant}}/run{{run}}.json",
     log:

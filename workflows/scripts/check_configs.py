@@ -30,7 +30,19 @@ def _scheinfer_sim(path, overrides):
     sim.resolve(build_config(sim.SimConfig, path, overrides))
 
 
-KINDS = {"hiermoe_sim": _hiermoe_sim, "scheinfer_sim": _scheinfer_sim}
+def _emu_validation(path, overrides):
+    from impl.experiments import emu_validation
+    emu_validation.load(path, overrides)
+
+
+def _layer_bench(path, overrides):
+    from impl.common.config import build_config
+    from impl.experiments import layer_bench
+    layer_bench.validate(build_config(layer_bench.LayerBenchConfig, path, overrides), with_profile=False)
+
+
+KINDS = {"hiermoe_sim": _hiermoe_sim, "scheinfer_sim": _scheinfer_sim, "emu_validation": _emu_validation,
+         "layer_bench": _layer_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
