@@ -337,10 +337,11 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
     if "over_lower_bound" in grid.columns:
         bound = grid.groupby(["testbed", "system"])[["moe_fwd_over_lower_bound", "moe_bwd_over_lower_bound",
                                                      "over_lower_bound"]].mean()
-        lines += ["", "## Makespan over the overlap lower bound (the busiest lane's work)", "",
-                  "Mean over the configured layers; 1.00 would be perfect overlap. FSMoE spreads the work over three "
-                  "lanes, so its bound is the lowest and the ratio the largest: pipeline fill and drain and each "
-                  "chunk's start-up costs stay exposed.", "",
+        lines += ["", "## Makespan over the overlap lower bound", "",
+                  "Mean over the configured layers of each plan's simulated makespan over a bound no order of its "
+                  "tasks on its lanes can beat (`impl.common.timeline.lower_bound`: the longest dependency chain, "
+                  "and per lane its work plus the shortest chains before its first and after its last task); 1.00 "
+                  "is a plan at its bound. Each plan is bounded at its own degrees.", "",
                   "| testbed | system | MoE forward pass | MoE backward pass | whole iteration |", "|---|---|---|---|---|"]
         for (testbed, system), r in bound.dropna().iterrows():
             lines.append(f"| {testbed} | {system} | {r.moe_fwd_over_lower_bound:.2f} | {r.moe_bwd_over_lower_bound:.2f} | "

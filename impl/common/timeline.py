@@ -21,7 +21,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 
-__all__ = ["Task", "Schedule", "Timeline", "ScheduleError", "simulate", "compare"]
+__all__ = ["Task", "Schedule", "Timeline", "ScheduleError", "simulate", "lower_bound", "compare"]
 
 
 class ScheduleError(ValueError):
@@ -138,6 +138,51 @@ def simulate(schedule: Schedule) -> Timeline:
             raise ScheduleError("deadlock: every lane's next task waits for a task queued behind another: "
                                 + "; ".join(heads))
     return Timeline(schedule, start, end)
+
+
+def lower_bound(schedule: Schedule) -> float:
+    """A bound no order of the tasks on their lanes can beat: the longest dependency chain, and per
+    lane its busy time plus the least time that must pass before any of its tasks can start (the
+    shortest of their longest dependency chains, `head`) and after any of them ends (`tail`).
+    A lane's first task starts no earlier than the smallest head, and something still runs for at
+    least the smallest tail after its last one; the bare busiest lane misses both."""
+    by_name = {t.name: t for t in schedule.tasks}
+    users: dict[str, list[str]] = defaultdict(list)
+    for t in schedule.tasks:
+        for d in t.deps:
+            users[d].append(t.name)
+    order = _dependency_order(schedule, users)
+    head = {}
+    for n in order:
+        head[n] = max((head[d] + by_name[d].duration for d in by_name[n].deps), default=0.0)
+    tail = {}
+    for n in reversed(order):
+        tail[n] = max((by_name[u].duration + tail[u] for u in users[n]), default=0.0)
+    bound = max((head[n] + by_name[n].duration + tail[n] for n in order), default=0.0)
+    lanes: dict[str, list[Task]] = defaultdict(list)
+    for t in schedule.tasks:
+        lanes[t.lane].append(t)
+    for tasks in lanes.values():
+        bound = max(bound, min(head[t.name] for t in tasks) + sum(t.duration for t in tasks)
+                    + min(tail[t.name] for t in tasks))
+    return bound
+
+
+def _dependency_order(schedule: Schedule, users: Mapping[str, list[str]]) -> list[str]:
+    """Task names with every dependency before its users (Kahn); a cycle is a ScheduleError."""
+    waiting = {t.name: len(set(t.deps)) for t in schedule.tasks}
+    ready = deque(n for n, k in waiting.items() if k == 0)
+    order = []
+    while ready:
+        n = ready.popleft()
+        order.append(n)
+        for u in dict.fromkeys(users[n]):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                ready.append(u)
+    if len(order) != len(waiting):
+        raise ScheduleError("the dependencies form a cycle: " + ", ".join(n for n, k in waiting.items() if k > 0))
+    return order
 
 
 @dataclass(frozen=True)

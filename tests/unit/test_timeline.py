@@ -1,9 +1,12 @@
 """The sim tier's clock: hand-computed makespans, deadlocks found, and published pipeline-bubble
 closed forms reproduced (1F1B / GPipe: (PP-1)(F+B); DualPipe: (PP/2-1)(F&B+B-3W))."""
+import itertools
+import random
+
 import pytest
 
 from impl.common.pipeline import dualpipe, gpipe, one_f_one_b
-from impl.common.timeline import Schedule, ScheduleError, Task, compare, simulate
+from impl.common.timeline import Schedule, ScheduleError, Task, compare, lower_bound, simulate
 
 
 def test_fifo_lanes_and_dependencies_by_hand():
@@ -80,3 +83,47 @@ def test_compare_task_by_task():
     assert errors == {"A": pytest.approx(1.0), "B": pytest.approx(-0.2)}
     merged = s.on_lanes({"x": "comm"})
     assert merged.lanes == ("comm",)
+
+
+def _best_over_every_order(schedule: Schedule) -> float:
+    """The shortest makespan over every issue order of each lane's tasks (brute force)."""
+    lanes = {}
+    for t in schedule.tasks:
+        lanes.setdefault(t.lane, []).append(t)
+    best = float("inf")
+    for orders in itertools.product(*(itertools.permutations(ts) for ts in lanes.values())):
+        try:
+            best = min(best, simulate(Schedule(tuple(t for order in orders for t in order))).makespan)
+        except ScheduleError:        # an order whose lane heads wait on each other
+            continue
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_lower_bound_is_never_above_the_best_order(seed):
+    """On random small DAGs over 2-3 lanes: the bound lies between the busiest lane / longest chain
+    and the best makespan any order of the tasks on their lanes reaches."""
+    rng = random.Random(seed)
+    n, lanes = rng.randint(2, 7), ["a", "b", "c"][:rng.randint(2, 3)]
+    tasks = []
+    for i in range(n):
+        deps = tuple(f"t{j}" for j in range(i) if rng.random() < 0.35)
+        tasks.append(Task(f"t{i}", rng.choice(lanes), float(rng.randint(0, 9)), deps))
+    s = Schedule(tuple(tasks))
+    bound = lower_bound(s)
+    busiest = max(sum(t.duration for t in s.tasks if t.lane == lane) for lane in s.lanes)
+    assert busiest <= bound <= _best_over_every_order(s) + 1e-9
+
+
+def test_lower_bound_counts_what_must_run_before_and_after_a_lane():
+    """One chunk through dispatch -> expert -> combine: nothing overlaps, and the bound (the
+    expert lane's work plus the dispatch before it and the combine after it) is the makespan; the
+    busiest lane alone says 4."""
+    s = Schedule((Task("D", "comm", 2), Task("E", "gpu", 4, ("D",)), Task("C", "comm", 3, ("E",))))
+    assert lower_bound(s) == simulate(s).makespan == 9
+
+
+def test_lower_bound_rejects_a_dependency_cycle():
+    s = Schedule((Task("A", "x", 1, ("B",)), Task("B", "y", 1, ("A",))))
+    with pytest.raises(ScheduleError, match="cycle"):
+        lower_bound(s)

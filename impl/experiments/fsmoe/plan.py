@@ -5,7 +5,8 @@ chosen degrees, predicted time per phase, the iteration's makespan and its overl
         --set ffn_hidden=6400 --set heads=25 --set batch=4 --set seq=1024 --set layers=2 [--json]
 
 Times are MODELED (tier sim) from the hardware profile's alpha-beta models. The overlap lower
-bound of a schedule is its busiest lane's total work: no schedule on those lanes can be shorter.
+bound of a schedule is `impl.common.timeline.lower_bound`: no order of its tasks on those lanes
+can be shorter.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Literal
 from impl.common import cli
 from impl.common.config import MAX_EXPERTS, MAX_LAYERS, MAX_TOKENS, MAX_WIDTH, ConfigError, bounded, checked
 from impl.common.costmodel import load_profile
-from impl.common.timeline import Schedule, simulate
+from impl.common.timeline import lower_bound, simulate
 from impl.experiments.systems import paper_systems
 from impl.fsmoe.costs import BlockShape, block_costs
 from impl.fsmoe.schedules import fsmoe_pass
@@ -57,13 +58,6 @@ def resolve(cfg: PlanConfig):
     return profile, block_costs(shape, profile), [known[n] for n in systems]
 
 
-def _lower_bound(schedule: Schedule) -> float:
-    busy: dict[str, float] = {}
-    for t in schedule.tasks:
-        busy[t.lane] = busy.get(t.lane, 0.0) + t.duration
-    return max(busy.values())
-
-
 def plan_rows(cfg: PlanConfig) -> list[dict]:
     profile, bc, systems = resolve(cfg)
     blocks = [bc] * cfg.layers
@@ -76,8 +70,8 @@ def plan_rows(cfg: PlanConfig) -> list[dict]:
         fwd_pass = fsmoe_pass(r_fwd, lanes=plan.lanes).with_durations(lambda t: bc.fwd.duration(t.kind, r_fwd))
         rows.append({"system": system.name, "plan": plan.system, "r_fwd": r_fwd, "r_bwd": r_bwd,
                      "degrees": [list(d) for d in plan.degrees], "moe_fwd_ms": simulate(fwd_pass).makespan,
-                     "iteration_ms": makespan, "lower_bound_ms": _lower_bound(schedule),
-                     "over_lower_bound": makespan / _lower_bound(schedule), "gradient_tasks": len(plan.grads),
+                     "iteration_ms": makespan, "lower_bound_ms": lower_bound(schedule),
+                     "over_lower_bound": makespan / lower_bound(schedule), "gradient_tasks": len(plan.grads),
                      "note": plan.note, "tier": "sim", "profile": profile.name})
     base = next((r["iteration_ms"] for r in rows if r["system"] == "DS-MoE"), None)
     for r in rows:
