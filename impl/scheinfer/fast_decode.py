@@ -112,7 +112,7 @@ class KernelChoice:
     """The CPU products' kernels and how they were chosen ('option', 'env', 'measured', or 'only'
     when torch's is the one candidate). Products of one or two tokens (decoding: memory bound) use
     `name`; of 3..max_tokens tokens (prefill: compute bound) `batched` (default: `name`); larger
-    ones torch's BLAS. 'auto' measures one-token products (`rates_gb_s`: GB/s streaming cold
+    ones torch's BLAS. 'auto' measures one decoded token's FFN (`rates_gb_s`: GB/s streaming cold
     weights) for `name`, and batched ones (`batched_gflop_s`, per kernel@tokens) for `batched`
     and `max_tokens`: the two can differ, since one-token products run at the memory bandwidth
     with any vector width while batched ones gain from the widest."""
@@ -168,20 +168,29 @@ def choose_kernel(requested: "str | KernelChoice | None" = None) -> KernelChoice
 
 @functools.cache
 def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 3) -> KernelChoice:
-    """'auto' (KernelChoice), from products x @ w^T in [2048, 1024] blocks: GB/s of one-token
-    products streaming cold weights (3x the last-level cache, at least 96 MiB) with torch's
-    kernels and each native one picks `name`; GFLOP/s of each at _BATCHED_TOKENS tokens on 16 MiB
-    of the blocks picks `batched` (the best at the smallest size) and `max_tokens` (the largest
-    size up to which it beats torch's BLAS at each, at least 8). Candidates alternate in each
-    round, the medians of `rounds` (after a warm-up) count: about a second in all."""
+    """'auto' (KernelChoice). `name`: GB/s of a decoded token's routed experts (two SwiGLU
+    experts of a stacked [E, 2F, M] / [E, M, F] layer, M = 1024, F = 3584: Mixtral's shape ratio)
+    streaming cold weights (3x the last-level cache, at least 96 MiB): torch's products, expert by
+    expert, against each native `moe_token` op, which is what a decode step runs (a bare [N, K]
+    product, or one FFN, can rank the kernels otherwise). `batched`: GFLOP/s of products x @ w^T
+    in [2048, 1024] blocks at _BATCHED_TOKENS tokens on 16 MiB picks the best at the smallest
+    size, and `max_tokens` (the largest size up to which it beats torch's BLAS at each, at least
+    8). Candidates alternate in each round, the medians of `rounds` (after a warm-up) count:
+    about a second in all."""
     N, K = 2048, 1024
-    count = max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // (N * K * 4)
-    ws = [torch.ones(N, K) for _ in range(count)]
+    M, F_ = 1024, 3584
+    layer_bytes = 2 * 3 * M * F_ * 4
+    layers = [(torch.ones(2, 2 * F_, M), torch.ones(2, M, F_))
+              for _ in range(max(1, max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // layer_bytes))]
+    ids, gate_weights = torch.tensor([0, 1]), torch.tensor([0.5, 0.5])
+    ws = [torch.ones(N, K) for _ in range(max(1, (16 << 20) // (N * K * 4)))]
 
-    def median_times(xs: dict[str, torch.Tensor], weights) -> dict[str, float]:
-        runs = {key: lambda x=x, isa=cpu_kernels.ISAS.get(key.split("@")[0]): [
-            torch.ops.scheinfer.linear(x, w, None, isa) if isa is not None else split_linear(x, w) for w in weights]
-            for key, x in xs.items()}
+    def torch_experts(x, gate_up, down):
+        for e in range(2):
+            gu = split_linear(x, gate_up[e])
+            split_linear(F.silu(gu[:, :F_]) * gu[:, F_:], down[e])
+
+    def median_times(runs: dict) -> dict[str, float]:
         times: dict[str, list[float]] = {key: [] for key in runs}
         for _ in range(rounds + 1):                            # the first round warms up
             for key, run in runs.items():
@@ -191,11 +200,15 @@ def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 3) -> 
         return {key: statistics.median(ts[1:]) for key, ts in times.items()}
 
     candidates = ("torch", *native)
-    one = median_times({name: torch.ones(1, K) for name in candidates}, ws)
-    rates = {name: round(count * N * K * 4 / t / 1e9, 2) for name, t in one.items()}
-    share = ws[:max(1, (16 << 20) // (N * K * 4))]
-    batched = median_times({f"{name}@{T}": torch.ones(T, K) for T in _BATCHED_TOKENS for name in candidates}, share)
-    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(share) * N * K / t / 1e9, 1) for key, t in batched.items()}
+    x1 = torch.ones(1, M)
+    one = median_times({name: lambda isa=cpu_kernels.ISAS.get(name): [
+        torch.ops.scheinfer.moe_token(x1, gu, d, ids, gate_weights, isa) if isa is not None else
+        torch_experts(x1, gu, d) for gu, d in layers] for name in candidates})
+    rates = {name: round(len(layers) * layer_bytes / t / 1e9, 2) for name, t in one.items()}
+    batched = median_times({f"{name}@{T}": lambda x=torch.ones(T, K), isa=cpu_kernels.ISAS.get(name): [
+        torch.ops.scheinfer.linear(x, w, None, isa) if isa is not None else split_linear(x, w) for w in ws]
+        for T in _BATCHED_TOKENS for name in candidates})
+    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(ws) * N * K / t / 1e9, 1) for key, t in batched.items()}
     best = max(native, key=lambda name: gflop_s[f"{name}@{_BATCHED_TOKENS[0]}"])
     max_tokens = 8
     for T in _BATCHED_TOKENS:

@@ -147,7 +147,7 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
           f"decoded token: {token_bytes / 1e6:.1f} MB, so the decode roofline is "
           f"{dram_gb_s * 1e9 / token_bytes:.1f} tok/s")
     print(f"  cpu kernel: {kernel.name} ({kernel.how}"
-          + (": " + ", ".join(f"{k} {v:.1f}" for k, v in kernel.rates_gb_s.items()) + " GB/s one-token products"
+          + (": " + ", ".join(f"{k} {v:.1f}" for k, v in kernel.rates_gb_s.items()) + " GB/s one-token FFNs"
              if kernel.rates_gb_s else "") + f"); batched products of 3..{kernel.max_tokens} tokens: "
           f"{kernel.batched or kernel.name}"
           + (" (" + ", ".join(f"{k} {v:.0f}" for k, v in kernel.batched_gflop_s.items()) + " GFLOP/s)"
