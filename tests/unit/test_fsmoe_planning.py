@@ -10,7 +10,7 @@ import pytest
 
 from impl.common.costmodel import LinearModel, load_profile
 from impl.common.registry import get, names
-from impl.common.timeline import simulate
+from impl.common.timeline import lower_bound, simulate
 from impl.fsmoe.costs import BlockShape, ChunkModel, PassModel, block_costs
 from impl.fsmoe.degree import (DOMAINS, case_of, case_time, case_times, integer_optimum, predicates, slsqp_degree,
                                timeline_optimum, timeline_time)
@@ -150,6 +150,7 @@ def test_every_training_plan_is_a_valid_schedule(name):
         plan = get(TRAINING_PLAN, name)(blocks)
         tl = simulate(plan.schedule(blocks))
         assert tl.makespan >= max(tl.busy().values()) - 1e-9
+        assert tl.makespan >= lower_bound(plan.schedule(blocks)) - 1e-9
         assert sum(t.size for t in plan.schedule(blocks).tasks if t.kind == "gar") == pytest.approx(
             sum(bc.grad_bytes for bc in blocks))
         if name == "ds-moe":       # one lane: the makespan is the sum of every task

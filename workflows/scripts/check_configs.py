@@ -65,8 +65,10 @@ def check(checks_json: str, out: str, log: str | None = None) -> int:
 
     try:
         checks = json.loads(checks_json)
-        if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get("kind") in KINDS for c in checks):
-            raise ValueError(f"expected a list of {{name, kind, config, set}} with kind in {', '.join(KINDS)}")
+        if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get("kind") in KINDS
+                                                    and isinstance(c.get("set", []), list) for c in checks):
+            raise ValueError(f"expected a list of {{name, kind, config, set}} with kind in {', '.join(KINDS)} "
+                             "and set a list of key=value")
     except ValueError as e:
         say(f"check_configs: error: --checks: {e}")
         return 2
