@@ -48,7 +48,7 @@ import baselines.llamacpp  # noqa: F401  (registers the engine policy 'layers')
 from impl.common import cli
 from impl.common.config import ConfigError, check_host_memory, load_yaml
 from impl.common.records import atomic_output, make_record, write_record
-from impl.experiments.scheinfer.sim_config import HARDWARE_FILE, MODELS, SimConfig  # noqa: F401  (part of this module's API)
+from impl.experiments.scheinfer.sim_config import SimConfig
 from impl.scheinfer.assign import ExpertLoad, layer_makespan
 from impl.scheinfer.config import DecoderConfig, weight_shapes
 from impl.scheinfer.layers import route
