@@ -107,6 +107,7 @@ def test_default_target_on_reduced_config(tmp_path):
     ("hiermoe_table2={set: {repeats: 0}}", "repeats: 0 is not allowed; allowed: 1..100000"),
     ("hiermoe_calibration={backend: mpi}", "'mpi' is not one of ['gloo']"),
     ("scheinfer_sim={set: {routing: random}}", "routing"),
+    ("fsmoe={ablation_readings: [per-flop]}", "'per-flop' is not one of ['gemm-per-byte', 'comm-per-byte']"),
 ])
 def test_bad_config_fails_while_parsing_with_a_clear_message(tmp_path, override, message):
     """What the workflow needs to plan (schema, the configs that name outputs) fails the parse."""
@@ -122,6 +123,8 @@ def test_bad_config_fails_while_parsing_with_a_clear_message(tmp_path, override,
     ("hiermoe_sim={set: {systems: ['HierMoE[gamma=abc]']}}", "gamma: expected a number, got 'abc'"),
     ("scheinfer_sim={set: {policies: [layers, vllm]}}", "policies: 'vllm' is not allowed; allowed: layers, fiddler"),
     ("scheinfer_sim={set: {hardware: [a100]}}", "hardware: 'a100' is not allowed; allowed: rtx4090-pcie4-16core"),
+    ("fsmoe={set: {fig6: [[A, gpt5]]}}", "fsmoe: fig6: model 'gpt5' is not allowed; allowed: gpt2-xl"),
+    ("fsmoe={emu: {num_experts: 3}}", "fsmoe.emu: num_experts: 3 is not divisible by the expert-parallel size 2"),
 ])
 def test_bad_config_fails_in_the_first_job_with_a_clear_message(tmp_path, override, message):
     """The deep checks (models, topologies, systems) run in `check_configs`, which every

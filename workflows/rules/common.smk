@@ -243,9 +243,25 @@ FSMOE = config["fsmoe"]
 FSMOE_TESTBEDS = ["A", "B"]
 
 
+def fsmoe_overrides(*extra):
+    """Overrides of impl.experiments.fsmoe.results: the config's, then `extra`."""
+    return experiment_overrides("fsmoe") + list(extra)
+
+
 def fsmoe_flags(*extra):
     """--set flags of impl.experiments.fsmoe.results: the config's overrides, then `extra`."""
-    return as_flags(experiment_overrides("fsmoe") + list(extra))
+    return as_flags(fsmoe_overrides(*extra))
+
+
+def fsmoe_checks():
+    """The deep checks of the FSMoE results (every part, every ablation reading) and of its emu run."""
+    results = [{"name": "fsmoe", "kind": "fsmoe_results", "config": experiment_config("fsmoe"),
+                "set": fsmoe_overrides()}]
+    results += [{"name": f"fsmoe.ablation_readings.{reading}", "kind": "fsmoe_results",
+                 "config": experiment_config("fsmoe"),
+                 "set": fsmoe_overrides(f"reading={reading}", f"grid_sample={FSMOE['ablation_sample']}")}
+                for reading in FSMOE["ablation_readings"]]
+    return results + [{"name": "fsmoe.emu", "kind": "fsmoe_emu", "config": None, "set": overrides_of(FSMOE["emu"])}]
 
 
 # The deep config checks (`check_configs` in checks.smk) --------------------------------------------
@@ -261,4 +277,4 @@ def config_checks():
          "set": experiment_overrides("scheinfer_sim")},
         {"name": "emu_validation", "kind": "emu_validation", "config": experiment_config("emu_validation"),
          "set": experiment_overrides("emu_validation")},
-    ] + cluster_run_checks()
+    ] + fsmoe_checks() + cluster_run_checks()

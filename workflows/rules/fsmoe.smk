@@ -5,6 +5,7 @@ rule fsmoe_grid:
     """Table 4's configured layers on one testbed: every plan's degrees and iteration time."""
     input:
         config=experiment_config("fsmoe"),
+        checked=ancient(CHECKED),
     output:
         csv="results/raw/fsmoe/grid-{testbed}.csv",
         record="results/raw/fsmoe/grid-{testbed}.json",
@@ -27,6 +28,7 @@ rule fsmoe_part:
     """The forward/backward degree statistic, Table 2's breakdown, or the real models (Figs. 6-8, Table 6)."""
     input:
         config=experiment_config("fsmoe"),
+        checked=ancient(CHECKED),
     output:
         csv="results/raw/fsmoe/{part}.csv",
         record="results/raw/fsmoe/{part}.json",
@@ -49,6 +51,7 @@ rule fsmoe_ablation:
     """One assumption changed (a unit reading): a sample of the grid and the real models."""
     input:
         config=experiment_config("fsmoe"),
+        checked=ancient(CHECKED),
     output:
         grid="results/raw/fsmoe/ablation-{reading}-grid.csv",
         grid_record="results/raw/fsmoe/ablation-{reading}-grid.json",
@@ -93,6 +96,7 @@ rule fsmoe_emu:
     """The real FSMoE layer on 4 local gloo ranks, FSMoE's schedule against the sequential one."""
     input:
         profile=rules.fsmoe_calibration.output.profile,
+        checked=ancient(CHECKED),
     output:
         csv="results/raw/fsmoe/emu.csv",
         record="results/raw/fsmoe/emu.json",

@@ -41,8 +41,22 @@ def _layer_bench(path, overrides):
     layer_bench.validate(build_config(layer_bench.LayerBenchConfig, path, overrides), with_profile=False)
 
 
+def _fsmoe_results(path, overrides):
+    from impl.common.config import build_config
+    from impl.experiments.fsmoe import results
+    cfg = build_config(results.ResultsConfig, path, overrides)
+    for part in results.PARTS:
+        results.validate(cfg, part)
+
+
+def _fsmoe_emu(path, overrides):
+    from impl.common.config import build_config
+    from impl.experiments.fsmoe import emu
+    emu.check(build_config(emu.EmuConfig, path, overrides))
+
+
 KINDS = {"hiermoe_sim": _hiermoe_sim, "scheinfer_sim": _scheinfer_sim, "emu_validation": _emu_validation,
-         "layer_bench": _layer_bench}
+         "layer_bench": _layer_bench, "fsmoe_results": _fsmoe_results, "fsmoe_emu": _fsmoe_emu}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ from impl.fsmoe.layer import FSMoELayer
 from impl.fsmoe.layout import HybridLayout
 from impl.fsmoe.schedules import LANES_3, LANES_SEQUENTIAL, fsmoe_pass
 
-__all__ = ["EmuConfig", "SCHEDULES", "pass_model", "run", "main"]
+__all__ = ["EmuConfig", "SCHEDULES", "check", "validate", "pass_model", "run", "main"]
 
 PROG = "python -m impl.experiments.fsmoe.emu"
 # schedule name -> (lanes, whether the degrees are forced to 1)
@@ -114,23 +114,31 @@ def _layer_config(cfg: EmuConfig, schedule: str = "fsmoe") -> MoELayerConfig:
                           gate_options={"noise_seed": cfg.seed})
 
 
-def validate(cfg: EmuConfig, profile_path: str) -> tuple[HardwareProfile, HybridLayout]:
+def check(cfg: EmuConfig) -> HybridLayout:
+    """What the config alone decides (topology, this host's memory, the layer's layout), before
+    the calibration it is run with exists."""
     topo = checked("topology", get_topology, cfg.topology)
-    profile = checked("profile", load_profile, profile_path)
-    if profile.topology != topo.name:
-        raise ConfigError(f"profile: {profile.name!r} is of topology {profile.topology!r}; allowed: a calibration of "
-                          f"{topo.name!r}")
     # every rank on this host: at most every expert's weights, the routed tokens' activations
     # (forward and backward), the gradient slice
     routed = cfg.tokens_per_rank * cfg.top_k * max(1.0, cfg.capacity_factor)
     check_host_memory(4 * topo.G * (3 * cfg.num_experts * cfg.hidden * cfg.ffn_hidden
                                     + 8 * routed * (cfg.hidden + cfg.ffn_hidden) + 2 * cfg.gradient_elements),
                       "num_experts, hidden, ffn_hidden, tokens_per_rank, gradient_elements", f"the {topo.G} ranks")
+    return HybridLayout.of(topo, _layer_config(cfg))
+
+
+def validate(cfg: EmuConfig, profile_path: str) -> tuple[HardwareProfile, HybridLayout]:
+    """`check`, and the profile: a calibration of the same topology with every model the prediction uses."""
+    layout = check(cfg)
+    profile = checked("profile", load_profile, profile_path)
+    if profile.topology != layout.topology.name:
+        raise ConfigError(f"profile: {profile.name!r} is of topology {profile.topology!r}; allowed: a calibration of "
+                          f"{layout.topology.name!r}")
     for kind, step in (("a2a", "inter-1"), ("allgather", "intra-1"), ("reducescatter", "intra-1"),
                        ("allreduce", "inter-1")):
         profile.comm_model(kind, step)
     profile.compute_model("gemm")
-    return profile, HybridLayout.of(topo, _layer_config(cfg))
+    return profile, layout
 
 
 def run(cfg: EmuConfig, profile: HardwareProfile, layout: HybridLayout) -> pd.DataFrame:

@@ -43,7 +43,7 @@ from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs
 from impl.fsmoe.degree import DOMAINS, integer_optimum
 from impl.fsmoe.schedules import fsmoe_pass, gpipe_iteration
 
-__all__ = ["ResultsConfig", "MODELS", "READINGS", "DS_MOE_MP_ALLREDUCE", "read_profile", "run_grid", "run_statistic", "run_table2", "run_models", "main"]
+__all__ = ["ResultsConfig", "MODELS", "PARTS", "READINGS", "DS_MOE_MP_ALLREDUCE", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "main"]
 
 PROG = "python -m impl.experiments.fsmoe.results"
 PARTS = ("grid", "statistic", "table2", "models")
@@ -121,6 +121,17 @@ class ResultsConfig:
                 raise ConfigError(f"testbeds: {testbed!r} is missing; the real-model runs use {', '.join(sorted(needed))}")
             if testbed not in self.seq:
                 raise ConfigError(f"seq: {testbed!r} is missing; the real-model runs use {', '.join(sorted(needed))}")
+
+
+def validate(cfg: ResultsConfig, part: str) -> None:
+    """Everything one part needs before it runs: the part's config checks and every profile it loads."""
+    if part not in PARTS:
+        raise ConfigError(f"part: {part!r} is not allowed; allowed: {', '.join(PARTS)}")
+    cfg.check_part(part)
+    for testbed, name in cfg.testbeds.items():
+        checked(f"testbeds.{testbed}", load_profile, name)
+    for n, name in cfg.fig7_profiles.items():
+        checked(f"fig7_profiles.{n}", load_profile, name)
 
 
 def _systems():
@@ -280,11 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = cli.load_config(args, ResultsConfig)
-        cfg.check_part(args.part)
-        for testbed, name in cfg.testbeds.items():
-            checked(f"testbeds.{testbed}", load_profile, name)
-        for n, name in cfg.fig7_profiles.items():
-            checked(f"fig7_profiles.{n}", load_profile, name)
+        validate(cfg, args.part)
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
     runner = RUNNERS[args.part]
