@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
+from figures.inputs import read_results  # noqa: E402
 from impl.common import cli  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 
@@ -32,13 +33,9 @@ STAGES = ("dispatch", "combine")
 
 
 def load(path: str) -> pd.DataFrame:
-    frame = pd.read_csv(path, comment="#")
-    missing = {"topology", "routing", "variant", "system", "stage", "measured_ms", "predicted_ms", "error",
-               "busiest_link_ms", "busiest_link_error"} - set(frame)
-    if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}; write it with "
-                         "`python -m impl.experiments.emu_validation table`")
-    return frame
+    return read_results(path, ("topology", "routing", "variant", "system", "stage", "measured_ms", "predicted_ms",
+                               "error", "busiest_link_ms", "busiest_link_error"),
+                        "`python -m impl.experiments.emu_validation table`", comment="#")
 
 
 def ratios(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
+from figures.inputs import read_results  # noqa: E402
 from impl.common import cli  # noqa: E402
 from impl.common.costmodel import load_profile  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
@@ -36,6 +37,16 @@ MODELED = "MODELED (tier sim, shipped Testbed A/B profiles)"
 TABLE5_SYSTEMS = ("Tutel-Improved", "FSMoE-No-IIO", "FSMoE")
 PAPER_SYSTEMS = ("DS-MoE", "Tutel", "Tutel-Improved", "PipeMoE+Lina", "FSMoE-No-IIO", "FSMoE")
 TOLERANCE = 0.10            # a paper number reproduces when ours is within 10%
+
+# the columns each input CSV must have for the figures and the report
+RESULTS = "python -m impl.experiments.fsmoe.results"
+GRID_COLUMNS = ("testbed", "layer", "system", "iteration_ms")
+STATISTIC_COLUMNS = ("testbed", "domain", "backward_t_gar", "released_rules", "differ", "total")
+TABLE2_COLUMNS = ("testbed", "model", "phase", "op", "ms", "share_pct")
+MODELS_COLUMNS = ("figure", "testbed", "model", "L", "gate", "P", "system", "iteration_ms")
+DEGREES_COLUMNS = ("phase", "r_enum", "t_enum", "r_slsqp", "t_slsqp", "r_timeline", "t_timeline", "enum_ms_per_config",
+                   "slsqp_ms_per_config")
+EMU_COLUMNS = ("task", "schedule", "kind", "measured_ms", "predicted_ms", "error_pct", "host_cores")
 
 
 def _wide(frame: pd.DataFrame, index: list[str]) -> pd.DataFrame:
@@ -418,15 +429,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True, type=cli.output_dir)
     args = p.parse_args(argv)
     try:
-        grid = pd.concat([pd.read_csv(g) for g in args.grid])
-        stat, t2, models = (pd.read_csv(x) for x in (args.statistic, args.table2, args.models))
+        if len(args.ablation_grids) != len(args.ablation_models):
+            raise ValueError(f"--ablation-grids ({len(args.ablation_grids)} files) and --ablation-models "
+                             f"({len(args.ablation_models)}) must pair up, one of each per reading")
+        grid = pd.concat([read_results(g, GRID_COLUMNS, f"{RESULTS} --part grid") for g in args.grid])
+        stat = read_results(args.statistic, STATISTIC_COLUMNS, f"{RESULTS} --part statistic")
+        t2 = read_results(args.table2, TABLE2_COLUMNS, f"{RESULTS} --part table2")
+        models = read_results(args.models, MODELS_COLUMNS, f"{RESULTS} --part models")
         ablations = {}
         for g_path, m_path in zip(args.ablation_grids, args.ablation_models):
-            g_frame, m_frame = pd.read_csv(g_path), pd.read_csv(m_path)
+            g_frame = read_results(g_path, GRID_COLUMNS + ("reading",), f"{RESULTS} --part grid")
+            m_frame = read_results(m_path, MODELS_COLUMNS + ("reading",), f"{RESULTS} --part models")
             ablations[str(g_frame["reading"].iloc[0])] = (g_frame, m_frame)
-        degrees = pd.read_csv(args.degrees) if args.degrees else None
-        emu = pd.read_csv(args.emu) if args.emu else None
-    except (OSError, ValueError, KeyError) as e:
+        degrees = read_results(args.degrees, DEGREES_COLUMNS, "impl.experiments.fsmoe.degrees") if args.degrees else None
+        emu = read_results(args.emu, EMU_COLUMNS, "impl.experiments.fsmoe.emu") if args.emu else None
+    except (OSError, ValueError) as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out_dir)

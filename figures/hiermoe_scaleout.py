@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
+from figures.inputs import read_results  # noqa: E402
 from impl.common import cli  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 from impl.experiments.hiermoe.scaleout import crossovers  # noqa: E402
@@ -86,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-md", required=True, type=cli.output_path)
     args = parser.parse_args(argv)
     try:
-        frame = pd.read_csv(args.csv)
-        if not {"G", "D", "system", "speedup", "a2a_ms"} <= set(frame.columns):
-            raise ValueError(f"{args.csv}: not a scale-out CSV (impl.experiments.hiermoe.scaleout)")
+        frame = read_results(args.csv, ("G", "D", "system", "speedup", "a2a_ms"), "impl.experiments.hiermoe.scaleout")
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2

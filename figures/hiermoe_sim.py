@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
+from figures.inputs import read_results  # noqa: E402
 from impl.common import cli  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
@@ -60,11 +61,7 @@ def variants_of(frame: pd.DataFrame, path: str, required: tuple[str, ...] = ()) 
 
 
 def read_run(path: str) -> pd.DataFrame:
-    frame = pd.read_csv(path)
-    for col in ("system", "iteration", "a2a_ms", "model", "warmup"):
-        if col not in frame.columns:
-            raise ValueError(f"{path}: missing column {col!r}; is it a impl.experiments.hiermoe.sim CSV?")
-    return frame
+    return read_results(path, ("system", "iteration", "a2a_ms", "model", "warmup"), "impl.experiments.hiermoe.sim")
 
 
 # ==========================================================================================
@@ -864,7 +861,9 @@ def main(argv: list[str] | None = None) -> int:
         ablation, gamma = parts["fitted"], parts["gamma"]
         persistent = variants_of(read_run(args.ablation_persistent), args.ablation_persistent, ("persistent",))["persistent"]
         skews = list(variants_of(read_run(args.skew), args.skew).values())
-        swap = pd.read_csv(args.swap)
+        swap = read_results(args.swap, ("pair", "measured_ms", "transport_ms", "modeled_ms", "bytes_per_expert",
+                                        "bytes_per_expert_model", "topology", "model", "profile_path"),
+                            "impl.experiments.hiermoe.swap_measure")
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2

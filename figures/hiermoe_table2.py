@@ -20,6 +20,7 @@ import pandas as pd
 import seaborn as sns
 
 from figures import style
+from figures.inputs import read_results
 from impl.common import cli
 from impl.common.paper import read_paper_csv
 from impl.common.records import atomic_write_text, summarize
@@ -35,13 +36,7 @@ SERIES = (OURS, MODEL, PAPER)
 
 
 def read_table2_csv(path: str | Path) -> pd.DataFrame:
-    frame = pd.read_csv(path)
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column {missing[0]!r}; required: {', '.join(REQUIRED_COLUMNS)}")
-    if frame.empty:
-        raise ValueError(f"{path}: no rows")
-    return frame
+    return read_results(path, REQUIRED_COLUMNS, "impl.experiments.hiermoe.table2")
 
 
 def _setting(frame: pd.DataFrame) -> str:

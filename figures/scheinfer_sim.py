@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
+from figures.inputs import read_results  # noqa: E402
 from impl.common import cli  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
@@ -54,11 +55,8 @@ NOTE = _modeled("tok/s")
 
 
 def read_sim(path: str) -> pd.DataFrame:
-    frame = pd.read_csv(path)
-    for col in ("hardware", "model", "system", "phase", "tokens_per_s", "cc_frac", "cg_frac", "gg_frac"):
-        if col not in frame.columns:
-            raise ValueError(f"{path}: missing column {col!r}; is it an impl.experiments.scheinfer.sim CSV?")
-    return frame
+    return read_results(path, ("hardware", "model", "system", "phase", "tokens_per_s", "cc_frac", "cg_frac", "gg_frac"),
+                        "impl.experiments.scheinfer.sim")
 
 
 def speedups(frame: pd.DataFrame, system: str = "ScheInfer") -> pd.DataFrame:

@@ -151,3 +151,42 @@ def test_scheinfer_figures_say_what_was_run():
     caption = " ".join(t.get_text() for t in timeline.texts)
     assert "EMULATED on CPU" in caption and "not those programs" in caption
     plt.close(timeline)
+
+
+WRONG_CSV = "a,b\n1,2\n"
+# every figure CLI that reads results CSVs, with each CSV argument given the wrong file
+FIGURE_CLIS = {
+    "hiermoe_table2": lambda csv, out: ["--csv", csv, "--out-pdf", f"{out}/t.pdf", "--out-png", f"{out}/t.png",
+                                        "--out-md", f"{out}/t.md"],
+    "hiermoe_scaleout": lambda csv, out: ["--csv", csv, "--out", f"{out}/s", "--out-md", f"{out}/s.md"],
+    "hiermoe_sim": lambda csv, out: [a for flag in ("--qwen3", "--deepseek", "--node", "--table4", "--ablation",
+                                                    "--ablation-persistent", "--skew", "--swap") for a in (flag, csv)]
+                                    + ["--out-dir", out],
+    "scheinfer_sim": lambda csv, out: ["--sim", csv, "--timeline", csv, "--out-dir", out],
+    "emu_validation": lambda csv, out: ["--csv", csv, "--out", f"{out}/e", "--out-md", f"{out}/e.md"],
+    "fsmoe": lambda csv, out: ["--grid", csv, "--statistic", csv, "--table2", csv, "--models", csv, "--out-dir", out],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIGURE_CLIS))
+def test_every_figure_names_the_missing_columns_of_a_wrong_csv(tmp_path, capsys, name):
+    """A CSV from another experiment (or an older run) stops the figure with one line naming the
+    file and its missing columns, before anything is drawn or written."""
+    import importlib
+    csv = tmp_path / "wrong.csv"
+    csv.write_text(WRONG_CSV)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = importlib.import_module(f"figures.{name}").main(FIGURE_CLIS[name](str(csv), str(out)))
+    err = capsys.readouterr().err
+    assert code == 2 and f"{csv}: missing column" in err, err
+    assert list(out.iterdir()) == []
+
+
+def test_every_figure_cli_reading_csvs_is_in_the_bad_input_test():
+    import pkgutil
+    from pathlib import Path
+    import figures
+    readers = {m.name for m in pkgutil.iter_modules(figures.__path__)
+               if "read_results(" in (Path(figures.__path__[0]) / f"{m.name}.py").read_text() and m.name != "inputs"}
+    assert readers == set(FIGURE_CLIS)

@@ -1,0 +1,25 @@
+"""The results a figure reads, checked before any plotting: a CSV that lacks a column the figure
+uses (an older run, the wrong file, another experiment's output) stops the figure with one line
+naming the file, the missing columns and what writes the right one, instead of a KeyError
+somewhere inside a plot."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pandas as pd
+
+__all__ = ["read_results"]
+
+
+def read_results(path: str, columns: Iterable[str], writer: str, *, comment: str | None = None,
+                 allow_empty: bool = False) -> pd.DataFrame:
+    """The CSV at `path` with at least `columns`; ValueError otherwise. `writer`: the command
+    (or module) that writes such a CSV, named in the message."""
+    frame = pd.read_csv(path, comment=comment)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+                         f"is it a CSV of {writer}?")
+    if frame.empty and not allow_empty:
+        raise ValueError(f"{path}: no rows; expected the results of {writer}")
+    return frame
