@@ -55,7 +55,7 @@ llamacpp-cuda:
 # environment; pure Python except rpds-py), and llama-cpp-python's Python part alone (its
 # libraries come from LLAMA_CPP_LIB_PATH).
 GPU_WHEELS := gguf==0.19.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
-	rpds-py==2026.9.1 diskcache==5.6.3 pytest-timeout==2.4.0
+	rpds-py==2026.9.1 diskcache==5.6.3 pytest-timeout==2.4.0 hypothesis==6.170.27 sortedcontainers==2.4.0
 WHEEL_TARGET := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 gpu-wheels:

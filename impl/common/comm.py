@@ -40,14 +40,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .config import DEFAULT_TIMEOUT_S
 from .topology import Topology
 
 __all__ = ["Comm", "CommGroup", "TrafficCounter", "TorchComm", "SimComm", "SimWorld", "CommError", "Handle",
            "COLLECTIVE_KINDS", "all_to_all_autograd", "all_gather_autograd", "reduce_scatter_autograd"]
 
 COLLECTIVE_KINDS = ("a2a", "ag", "rs", "ar")
-
-DEFAULT_TIMEOUT_S = 120.0
 
 
 class CommError(RuntimeError):

@@ -56,14 +56,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from . import cli
 from .config import MAX_REPEATS, MAX_SECONDS, check_host_memory, checked
+from .launcher import RankSite, launch, terminate_as_exit
 from .topology import Topology, TopologyError, get_topology
-
-if TYPE_CHECKING:       # the launcher imports torch: where ranks start, not when a config is read
-    from .launcher import RankSite
 
 __all__ = ["NetworkConfig", "LoopbackCluster", "EmulatedCluster", "EmuClusterError", "emulated_cluster",
            "check_network", "rate_bytes_per_s", "unavailable_reason", "leftover_runs", "cleanup", "status", "PREFIX",
@@ -247,7 +245,6 @@ class LoopbackCluster:
         self.emulated = False
 
     def site(self, rank: int) -> RankSite:
-        from .launcher import RankSite
         return RankSite(rank // self.topology.gpus_per_node, None, "lo", "127.0.0.1")
 
     def describe(self) -> dict:
@@ -285,7 +282,6 @@ class EmulatedCluster:
         return f"{SUBNET}.{node + 1}"
 
     def site(self, rank: int) -> RankSite:
-        from .launcher import RankSite
         node = rank // self.topology.gpus_per_node
         return RankSite(node, self.node_ns[node], self.ifname(node), self.address(node))
 
@@ -400,7 +396,6 @@ def emulated_cluster(topology: Topology, network: NetworkConfig | None = None
         print(f"[emu_cluster] falling back to loopback ranks: {reason}", file=sys.stderr)
         yield LoopbackCluster(topology, network, reason)
         return
-    from .launcher import terminate_as_exit
     with terminate_as_exit(), EmulatedCluster(topology, network) as cluster:
         yield cluster
 
@@ -438,7 +433,6 @@ def _probe(comm, nbytes: int, repeats: int) -> dict:
 
 
 def _run_probe(topology: Topology, cluster, nbytes: int, repeats: int, timeout_s: float) -> int:
-    from .launcher import launch
     results = launch(_probe, topology.G, args=(nbytes, repeats), topology=topology, cluster=cluster,
                      timeout_s=timeout_s, deadline_s=max(120.0, 4 * timeout_s))
     for step in results[0]:

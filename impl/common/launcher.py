@@ -49,10 +49,13 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple
 
-from .comm import DEFAULT_TIMEOUT_S, TorchComm
+from .config import DEFAULT_TIMEOUT_S
 from .topology import Topology, get_topology
+
+if TYPE_CHECKING:       # torch loads where ranks start, so a config check can import this module without it
+    from .comm import TorchComm
 
 __all__ = ["launch", "LaunchError", "RankSite", "LOOPBACK", "init_from_env", "rank_environment",
            "set_collective_timeout", "collective_timeout_s", "diagnose", "RankError", "join_namespace", "require_job",
@@ -149,6 +152,8 @@ def _rank_main(rank: int, world_size: int, store_path: str, topology: Topology, 
     os.environ["GLOO_SOCKET_IFNAME"] = site.ifname
     import torch
     import torch.distributed as dist
+
+    from .comm import TorchComm
 
     torch.set_num_threads(threads)
     set_collective_timeout(timeout_s)
@@ -422,6 +427,8 @@ def init_from_env(topology: Topology | str, timeout_s: float | None = None) -> T
     ranks of one topology node must share a host)."""
     import torch
     import torch.distributed as dist
+
+    from .comm import TorchComm
 
     topo = get_topology(topology) if isinstance(topology, str) else topology
     timeout_s = collective_timeout_s() if timeout_s is None else timeout_s

@@ -34,7 +34,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from impl.common.comm import DEFAULT_TIMEOUT_S, Comm, TorchComm
+from impl.common.comm import Comm, TorchComm
+from impl.common.config import DEFAULT_TIMEOUT_S
 from impl.common.megatron import ep_group_ranks
 from impl.common.dispatcher import TokenDispatcher
 from impl.common.routing import RoutingResult

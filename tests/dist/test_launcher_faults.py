@@ -66,7 +66,8 @@ _SIGTERM_SCRIPT = textwrap.dedent("""
 
 
 def _sleep_forever(comm):
-    print(f"rank {comm.rank} ready", flush=True)
+    sys.stdout.write(f"rank {comm.rank} ready\n")      # one write: print's text and end may interleave across ranks
+    sys.stdout.flush()
     time.sleep(600)
 
 

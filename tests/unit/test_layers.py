@@ -126,3 +126,25 @@ def test_the_checker_sees_string_and_relative_imports(tmp_path):
     assert referenced_modules("impl.common.a", src, known) == {"baselines.b", "impl.common.c"}
     src.write_text('"""Only the docstring names baselines.b."""\n')
     assert referenced_modules("impl.common.a", src, known) == set()
+
+
+# Modules that import without torch: what the workflow needs while it parses (a Slurm login node's
+# Snakemake need not have torch) and what starts ranks before they load it.
+TORCH_FREE = ("impl.common.config", "impl.common.topology", "impl.common.launcher", "impl.common.emu_cluster",
+              "impl.common.routing", "impl.experiments.hiermoe.table2_config", "impl.experiments.scheinfer.sim_config",
+              "impl.experiments.layer_bench_config", "impl.experiments.emu_validation_config", "impl.scheinfer.config")
+
+
+def test_torch_free_modules_import_without_torch():
+    import subprocess
+    import sys
+    code = ("import importlib, sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ImportError(f'torch imported by {sys._getframe(1).f_globals.get(\"__name__\")}')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            f"for m in {TORCH_FREE!r}:\n"
+            "    importlib.import_module(m)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -82,7 +82,7 @@ stage() {
 # setup: carried wheels, the CUDA libraries' folders, the llama.cpp build (rebuilt only if needed)
 setup() {
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-  missing=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in ('gguf', 'jsonschema', 'llama_cpp', 'pytest_timeout') if u.find_spec(m) is None))")
+  missing=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in ('gguf', 'jsonschema', 'llama_cpp', 'pytest_timeout', 'hypothesis') if u.find_spec(m) is None))")
   if [ -n "$missing" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
     echo "[setup] missing here: $missing; installing the carried wheels (.whl) into a private folder"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$ROOT"/.whl/*.whl \
