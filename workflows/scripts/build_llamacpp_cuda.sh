@@ -121,10 +121,23 @@ for l in cublas cublasLt; do
   [ -n "$so" ] || { echo "error: lib$l.so.* not found in $CUBLAS_LIB" >&2; exit 1; }
   ln -sf "$so" "$DEPS/lib/lib$l.so"
 done
-CUDA_DRIVER=$(ls "$CUDA_HOME"/lib64/stubs/libcuda.so /usr/lib/x86_64-linux-gnu/libcuda.so.1 2>/dev/null | head -1 || true)
-if [ -z "$CUDA_DRIVER" ]; then
-  echo 'void ggml_llamacpp_cuda_link_stub(void) {}' > "$DEPS/cuda_stub.c"
+# A stub libcuda.so.1 exporting the given driver API functions (none at first): the linker records
+# libcuda.so.1 as needed only when the stub defines what the library calls (linking is --as-needed),
+# and without that entry the driver's symbols (ggml's VMM pool: cuMemCreate, ...) stay unresolved
+# when ggml opens the CUDA backend on the GPU machine.
+driver_stub() {
+  { echo '/* link-time stand-in for the CUDA driver; the real libcuda.so.1 is loaded at run time */'
+    for sym in "$@"; do echo "int $sym(void) { return 0; }"; done
+    echo 'void ggml_llamacpp_cuda_link_stub(void) {}'; } > "$DEPS/cuda_stub.c.new"
+  cmp -s "$DEPS/cuda_stub.c.new" "$DEPS/cuda_stub.c" && [ -f "$DEPS/lib/libcuda.so" ] && { rm -f "$DEPS/cuda_stub.c.new"; return; }
+  mv "$DEPS/cuda_stub.c.new" "$DEPS/cuda_stub.c"
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$DEPS/lib/libcuda.so" "$DEPS/cuda_stub.c"
+}
+CUDA_DRIVER=$(ls "$CUDA_HOME"/lib64/stubs/libcuda.so /usr/lib/x86_64-linux-gnu/libcuda.so.1 2>/dev/null | head -1 || true)
+STUB=0
+if [ -z "$CUDA_DRIVER" ]; then
+  STUB=1
+  [ -f "$DEPS/lib/libcuda.so" ] || driver_stub
   CUDA_DRIVER="$DEPS/lib/libcuda.so"
 fi
 echo "[llamacpp-cuda] nvcc $CUDA_HOME, cuBLAS $CUBLAS_LIB, libcuda $CUDA_DRIVER, sm_$ARCH, $JOBS jobs"
@@ -142,6 +155,16 @@ cmake -S "$SRC" -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=
   -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
   -DLLAMA_OPENSSL=OFF -DCMAKE_INSTALL_RPATH='$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON > "$WORK/configure.log"
 cmake --build "$B" -j "$JOBS" > "$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; exit 1; }
+driver_calls() { nm -D --undefined-only "$B/bin/libggml-cuda.so" | awk '{print $2}' | grep '^cu[A-Z]' | sort -u; }
+if [ "$STUB" = 1 ]; then           # the stub now defines what the backend calls; relink against it
+  driver_stub $(driver_calls)
+  cmake --build "$B" -j "$JOBS" >> "$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; exit 1; }
+fi
+if [ -n "$(driver_calls)" ] && ! readelf -d "$B/bin/libggml-cuda.so" | grep -q 'NEEDED.*\[libcuda\.so\.1\]'; then
+  echo "error: libggml-cuda.so calls the CUDA driver ($(driver_calls | head -3 | tr '\n' ' ')...) but does not" \
+       "name libcuda.so.1 as needed: it would not load on a GPU machine" >&2
+  exit 1
+fi
 t1=$(date +%s)
 
 # ---- 4. the libraries the binding loads, stripped, with what they are
@@ -157,11 +180,12 @@ cp "$OUT.part"/libllama.so.* "$OUT.part/libllama.so"
 find "$OUT.part" -type f -name "*.so*" -exec strip --strip-unneeded {} +
 {
   echo "llama-cpp-python $VERSION (vendor/llama.cpp $(cat "$SRC/UPSTREAM_COMMIT"))"
-  echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $JOBS jobs, $((t1 - t0)) s"
+  echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $JOBS jobs, $((t1 - t0)) s (this run; steps an earlier run built are reused)"
   echo "nvcc: $("$NVCC" --version | tail -2 | head -1)"
   echo "cuBLAS headers: $CUBLAS_INC"
   echo "flags: CUDA sm_$ARCH, GGML_BACKEND_DL, CPU variants $CPU_VARIANTS, GGML_CUDA_FA=OFF, GGML_CUDA_NCCL=OFF"
   echo "runtime needs: libcudart.so.13, libcublas.so.13, libcublasLt.so.13 (LD_LIBRARY_PATH), libcuda.so.1 (driver)"
+  echo "needed by libggml-cuda.so: $(readelf -d "$OUT.part/libggml-cuda.so" | sed -n 's/.*NEEDED.*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
 } > "$OUT.part/BUILD_INFO.txt"
 rm -rf "$OUT" && mv "$OUT.part" "$OUT"
 du -sh "$OUT"
