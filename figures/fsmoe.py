@@ -351,8 +351,10 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
         lines += ["", "## Makespan over the overlap lower bound", "",
                   "Mean over the configured layers of each plan's simulated makespan over a bound no order of its "
                   "tasks on its lanes can beat (`impl.common.timeline.lower_bound`: the longest dependency chain, "
-                  "and per lane its work plus the shortest chains before its first and after its last task); 1.00 "
-                  "is a plan at its bound. Each plan is bounded at its own degrees.", "",
+                  "and per lane the best schedule of its tasks alone, each released after its longest chain of "
+                  "dependencies and followed by its longest chain of users, even allowed to interrupt a task); "
+                  "1.00 is a plan at its bound. Each plan is bounded at its own degrees. The bound takes every "
+                  "other lane as free, so a lane that waits on a busy one shows as a gap above it.", "",
                   "| testbed | system | MoE forward pass | MoE backward pass | whole iteration |", "|---|---|---|---|---|"]
         for (testbed, system), r in bound.dropna().iterrows():
             lines.append(f"| {testbed} | {system} | {r.moe_fwd_over_lower_bound:.2f} | {r.moe_bwd_over_lower_bound:.2f} | "

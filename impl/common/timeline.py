@@ -16,6 +16,7 @@ experts. A schedule whose lane heads wait on each other forever is rejected, nam
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass, replace
@@ -141,11 +142,14 @@ def simulate(schedule: Schedule) -> Timeline:
 
 
 def lower_bound(schedule: Schedule) -> float:
-    """A bound no order of the tasks on their lanes can beat: the longest dependency chain, and per
-    lane its busy time plus the least time that must pass before any of its tasks can start (the
-    shortest of their longest dependency chains, `head`) and after any of them ends (`tail`).
-    A lane's first task starts no earlier than the smallest head, and something still runs for at
-    least the smallest tail after its last one; the bare busiest lane misses both."""
+    """A bound no order of the tasks on their lanes can beat. Every task needs its longest
+    dependency chain before it (`head`: it cannot start earlier) and after it (`tail`: something
+    still runs that long after it ends), so the longest chain through any task is a bound; and per
+    lane, its tasks with those heads and tails on one machine that may even interrupt a task
+    (Jackson's rule: the released task with the longest tail runs; optimal for that relaxation),
+    whose latest completion plus tail is a bound too. That lane bound is at least the lane's work
+    plus its smallest head and smallest tail, and also sees a lane that must sit idle between tasks
+    released far apart (a forward pass's second block waits for the first one's attention)."""
     by_name = {t.name: t for t in schedule.tasks}
     users: dict[str, list[str]] = defaultdict(list)
     for t in schedule.tasks:
@@ -163,8 +167,30 @@ def lower_bound(schedule: Schedule) -> float:
     for t in schedule.tasks:
         lanes[t.lane].append(t)
     for tasks in lanes.values():
-        bound = max(bound, min(head[t.name] for t in tasks) + sum(t.duration for t in tasks)
-                    + min(tail[t.name] for t in tasks))
+        bound = max(bound, _preemptive_lane_bound([(head[t.name], t.duration, tail[t.name]) for t in tasks]))
+    return bound
+
+
+def _preemptive_lane_bound(jobs: list[tuple[float, float, float]]) -> float:
+    """max(completion + tail) of (head, duration, tail) jobs on one machine under Jackson's
+    preemptive rule: the optimum of the preemptive relaxation, so a bound for any order."""
+    jobs = sorted(jobs)
+    left = [d for _, d, _ in jobs]
+    ready: list[tuple[float, int]] = []           # (-tail, job)
+    now, i, bound = 0.0, 0, 0.0
+    while i < len(jobs) or ready:
+        if not ready:
+            now = max(now, jobs[i][0])
+        while i < len(jobs) and jobs[i][0] <= now:
+            heapq.heappush(ready, (-jobs[i][2], i))
+            i += 1
+        neg_tail, j = ready[0]
+        run = min(left[j], (jobs[i][0] if i < len(jobs) else math.inf) - now)
+        now += run
+        left[j] -= run
+        if left[j] <= 0.0:
+            heapq.heappop(ready)
+            bound = max(bound, now - neg_tail)
     return bound
 
 

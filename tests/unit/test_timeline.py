@@ -123,6 +123,14 @@ def test_lower_bound_counts_what_must_run_before_and_after_a_lane():
     assert lower_bound(s) == simulate(s).makespan == 9
 
 
+def test_lower_bound_sees_a_lane_idle_between_tasks_released_apart():
+    """Lane x has one task free at once and two that wait for a 10 ms task elsewhere: x must idle
+    from 2 to 10, then run both (14). The longest chain says 12, x's work plus its smallest head
+    and tail 6; the preemptive lane bound gives the makespan."""
+    s = Schedule((Task("A1", "x", 2), Task("Y", "y", 10), Task("A2", "x", 2, ("Y",)), Task("A3", "x", 2, ("Y",))))
+    assert lower_bound(s) == simulate(s).makespan == 14
+
+
 def test_lower_bound_rejects_a_dependency_cycle():
     s = Schedule((Task("A", "x", 1, ("B",)), Task("B", "y", 1, ("A",))))
     with pytest.raises(ScheduleError, match="cycle"):
