@@ -41,13 +41,14 @@ _DEPENDS_ON = {"ag": "dispatch", "expert": "ag", "rs": "expert", "combine": "rs"
 
 def pass_tasks(r: int, lanes: dict[str, str] = LANES_3, *, prefix: str = "", gradient_slice: bool = False,
                gar_name: str = "gar", first_deps: tuple[str, ...] = ()) -> list[Task]:
-    """One pass of degree r in FSMoE's launch order (zero durations); `first_deps` gate the
-    first dispatch."""
+    """One pass of degree r in FSMoE's launch order (zero durations); `first_deps` gate every
+    chunk's dispatch (each needs the pass's input, whatever lane order issues them: the bound and
+    any reordering see the same data dependencies as the FIFO lanes)."""
     def name(kind, c):
         return f"{prefix}{kind}{c}"
 
     def task(kind, c):
-        deps = (name(_DEPENDS_ON[kind], c),) if kind in _DEPENDS_ON else (first_deps if c == 0 else ())
+        deps = (name(_DEPENDS_ON[kind], c),) if kind in _DEPENDS_ON else first_deps
         return Task(name(kind, c), lanes[kind], 0.0, deps, kind, c)
 
     issued = [task(kind, c) for c in range(r) for kind in ("dispatch", "ag")]
