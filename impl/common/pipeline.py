@@ -141,7 +141,8 @@ def dualpipe(stages: int, micro_batches: int, f: float, b: float, w: float, fb: 
             elif op[0] == "W":
                 if not weights:
                     raise ScheduleError(f"dualpipe: rank {rank} has no deferred weight gradient to run")
-                tasks.append(Task(f"W:{weights.popleft()}", lane, w, (), "W"))
+                deferred = weights.popleft()      # a weight gradient needs its backward's input gradient
+                tasks.append(Task(f"W:{deferred}", lane, w, (deferred,), "W"))
             else:
                 fn, fdeps = forward(op[1])
                 bn, bdeps = backward(op[2])
