@@ -46,6 +46,7 @@ TABLE2_COLUMNS = ("testbed", "model", "phase", "op", "ms", "share_pct")
 MODELS_COLUMNS = ("figure", "testbed", "model", "L", "gate", "P", "system", "iteration_ms")
 DEGREES_COLUMNS = ("phase", "r_enum", "t_enum", "r_slsqp", "t_slsqp", "r_timeline", "t_timeline", "enum_ms_per_config",
                    "slsqp_ms_per_config")
+ORDER_COLUMNS = ("testbed", "layer", "system", "iteration_ms", "searched_order_ms", "lower_bound_ms", "tries")
 EMU_COLUMNS = ("task", "schedule", "kind", "measured_ms", "predicted_ms", "error_pct", "host_cores")
 
 
@@ -295,6 +296,28 @@ def checks(grid: pd.DataFrame, models: pd.DataFrame) -> list[tuple[str, float, f
     return out
 
 
+def order_section(order: pd.DataFrame) -> list[str]:
+    """A plan's iteration over its bound, split at the best lane order a search found for its tasks:
+    what the plan's issue order leaves, and (at most) what the bound cannot see."""
+    o = order.assign(total=order.iteration_ms / order.lower_bound_ms,
+                     order_gap=order.iteration_ms / order.searched_order_ms,
+                     bound_gap=order.searched_order_ms / order.lower_bound_ms)
+    per = o.groupby(["testbed", "system"], sort=False).agg(
+        layers=("layer", "nunique"), total=("total", "mean"), order_gap=("order_gap", "mean"),
+        order_max=("order_gap", "max"), bound_gap=("bound_gap", "mean"))
+    lines = ["", "### Where the iteration's gap over its bound lies", "",
+             f"On {int(per.layers.max())} sampled configured layers per testbed, the same tasks in the best lane orders "
+             f"a local search found ({int(o.tries.iloc[0])} moves per plan and layer, `impl.common.timeline."
+             "search_order`): plan over searched is what the plan's issue order leaves; searched over bound is at "
+             "most what the bound misses (it takes every other lane as free).", "",
+             "| testbed | system | iteration over bound | plan order over searched (mean / worst) | searched over bound |",
+             "|---|---|---|---|---|"]
+    for (testbed, system), r in per.iterrows():
+        lines.append(f"| {testbed} | {system} | {r.total:.3f} | {r.order_gap:.3f} / {r.order_max:.3f} | "
+                     f"{r.bound_gap:.3f} |")
+    return lines
+
+
 def _ds_moe_ablation(models: pd.DataFrame) -> pd.DataFrame:
     """The models' runs with DS-MoE replaced by its MP-AllReduce ablation (see results.py)."""
     from impl.experiments.fsmoe.results import DS_MOE_MP_ALLREDUCE
@@ -310,8 +333,9 @@ def _ds_moe_ablation(models: pd.DataFrame) -> pd.DataFrame:
 
 def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.DataFrame,
            ablations: dict[str, tuple[pd.DataFrame, pd.DataFrame]], degrees: pd.DataFrame | None,
-           emu: pd.DataFrame | None) -> str:
-    """`ablations`: name -> (grid, models) of a run with one assumption changed."""
+           emu: pd.DataFrame | None, order: pd.DataFrame | None = None) -> str:
+    """`ablations`: name -> (grid, models) of a run with one assumption changed; `order`: the
+    lane-order study (results --part order)."""
     lines = ["# FSMoE: paper vs ours", "",
              f"Every number below is computed from the runs this report was built from. Ours are {MODELED} "
              "unless marked emu (measured on this machine). A paper number reproduces when ours is within "
@@ -359,6 +383,8 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
         for (testbed, system), r in bound.dropna().iterrows():
             lines.append(f"| {testbed} | {system} | {r.moe_fwd_over_lower_bound:.2f} | {r.moe_bwd_over_lower_bound:.2f} | "
                          f"{r.over_lower_bound:.2f} |")
+    if order is not None and len(order):
+        lines += order_section(order)
 
     paper_s, _ = read_paper_csv("fsmoe_statistic")
     st = stat[stat.testbed == "B"]
@@ -425,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="grid CSVs of other readings (column 'reading')")
     p.add_argument("--ablation-models", nargs="*", default=[], type=cli.input_file,
                    help="models CSVs of the same readings")
+    p.add_argument("--order", type=cli.input_file, help="results --part order CSV (the lane-order study)")
     p.add_argument("--degrees", type=cli.input_file, help="the degree study CSV")
     p.add_argument("--emu", type=cli.input_file, help="the emu-tier CSV")
     p.add_argument("--profile", type=cli.input_file, help="our calibration of this machine (Fig. 5's bottom row)")
@@ -443,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             g_frame = read_results(g_path, GRID_COLUMNS + ("reading",), f"{RESULTS} --part grid")
             m_frame = read_results(m_path, MODELS_COLUMNS + ("reading",), f"{RESULTS} --part models")
             ablations[str(g_frame["reading"].iloc[0])] = (g_frame, m_frame)
+        order = read_results(args.order, ORDER_COLUMNS, f"{RESULTS} --part order") if args.order else None
         degrees = read_results(args.degrees, DEGREES_COLUMNS, "impl.experiments.fsmoe.degrees") if args.degrees else None
         emu = read_results(args.emu, EMU_COLUMNS, "impl.experiments.fsmoe.emu") if args.emu else None
     except (OSError, ValueError) as e:
@@ -465,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fig in figures.items():
         style.save(fig, out / name, source=",".join(args.grid))
         plt.close(fig)
-    atomic_write_text(out / "fsmoe_report.md", report(grid, stat, t2, models, ablations, degrees, emu))
+    atomic_write_text(out / "fsmoe_report.md", report(grid, stat, t2, models, ablations, degrees, emu,
+                                                                   order))
     print(f"fsmoe figures and report -> {out}")
     return 0
 

@@ -65,3 +65,17 @@ def test_sequential_iteration_equals_the_closed_form(testbed):
     # every plan at least as fast as the sequential one on the same layer
     wide = grid.pivot_table(index="layer", columns="system", values="iteration_ms")
     assert (wide.min(axis=1) <= wide["DS-MoE"] + 1e-9).all()
+
+
+def test_order_study_splits_each_plans_gap_at_a_searched_order():
+    """Per sampled layer and plan: bound <= searched order <= the plan's own issue order, the
+    one-lane plan (DS-MoE) left out; the same config gives the same rows."""
+    from impl.experiments.fsmoe.results import run_order
+
+    cfg = ResultsConfig(order_sample=2, order_tries=60)
+    frame = run_order(cfg, progress=False)
+    assert set(frame.testbed) == {"A", "B"} and set(frame.layer) == {0, 1}
+    assert "DS-MoE" not in set(frame.system) and "FSMoE" in set(frame.system)
+    assert (frame.lower_bound_ms <= frame.searched_order_ms * (1 + 1e-9)).all()
+    assert (frame.searched_order_ms <= frame.iteration_ms).all()
+    pd.testing.assert_frame_equal(frame, run_order(cfg, progress=False))

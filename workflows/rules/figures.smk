@@ -95,6 +95,7 @@ rule plot_fsmoe:
         statistic="results/raw/fsmoe/statistic.csv",
         table2="results/raw/fsmoe/table2.csv",
         models="results/raw/fsmoe/models.csv",
+        order="results/raw/fsmoe/order.csv",
         ablation_grids=expand("results/raw/fsmoe/ablation-{r}-grid.csv", r=FSMOE["ablation_readings"]),
         ablation_models=expand("results/raw/fsmoe/ablation-{r}-models.csv", r=FSMOE["ablation_readings"]),
         degrees=repo_path("figures/reference/fsmoe_degree_methods.csv"),
@@ -117,5 +118,5 @@ rule plot_fsmoe:
         mem_mb=2000,
     shell:
         "python -m figures.fsmoe --grid {input.grid} --statistic {input.statistic} --table2 {input.table2}"
-        " --models {input.models} --ablation-grids {input.ablation_grids} --ablation-models {input.ablation_models}"
+        " --models {input.models} --order {input.order} --ablation-grids {input.ablation_grids} --ablation-models {input.ablation_models}"
         " --degrees {input.degrees} --emu {input.emu} --profile {input.profile} --out-dir results/figures > {log} 2>&1"

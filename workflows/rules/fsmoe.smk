@@ -25,7 +25,8 @@ rule fsmoe_grid:
 
 
 rule fsmoe_part:
-    """The forward/backward degree statistic, Table 2's breakdown, or the real models (Figs. 6-8, Table 6)."""
+    """The forward/backward degree statistic, Table 2's breakdown, the real models (Figs. 6-8, Table 6),
+    or the lane-order study of the plans' gaps over their lower bounds."""
     input:
         config=experiment_config("fsmoe"),
         checked=ancient(CHECKED),
@@ -35,7 +36,7 @@ rule fsmoe_part:
     log:
         "results/logs/fsmoe/{part}.log",
     wildcard_constraints:
-        part="statistic|table2|models",
+        part="statistic|table2|models|order",
     params:
         flags=fsmoe_flags(),
     threads: 1

@@ -12,7 +12,10 @@ shipped Testbed A and B profiles (times MODELED from their alpha-beta models):
 * `table2`: per-operation times of one GPT2-XL-MoE and one Mixtral-7B block (B = 4, L = 1024);
 * `models`: Fig. 6 (GPT2-XL-MoE and Mixtral-7B on A and B, Mixtral-22B on A), Fig. 7 (L and P
   sweeps on A), Fig. 8 (GPipe, PP = 2, on A), Table 6 (the gates on B): iteration times of every
-  plan; speedups are computed when figures aggregate.
+  plan; speedups are computed when figures aggregate;
+* `order`: what a plan's gap over its lower bound is made of, on `order_sample` configured
+  layers per testbed: every plan's iteration, the same tasks in the lane orders a local search
+  finds (`timeline.search_order`, `order_tries` moves), and the bound.
 
     python -m impl.experiments.fsmoe.results --config workflows/config/experiments/fsmoe.yaml \\
         --part grid --out-csv grid.csv --out-record grid.json
@@ -36,17 +39,17 @@ from impl.common import cli
 from impl.common.config import MAX_LAYERS, MAX_REPEATS, MAX_TOKENS, SEED_MAX, ConfigError, bounded, checked
 from impl.common.costmodel import HardwareProfile, load_profile
 from impl.common.records import make_record
-from impl.common.timeline import lower_bound, simulate
+from impl.common.timeline import lower_bound, search_order, simulate
 from impl.experiments.fsmoe.degrees import GRID, grid_shapes
 from impl.experiments.systems import get_system, paper_systems
 from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs
 from impl.fsmoe.degree import DOMAINS, integer_optimum
 from impl.fsmoe.schedules import fsmoe_pass, gpipe_iteration
 
-__all__ = ["ResultsConfig", "MODELS", "PARTS", "READINGS", "DS_MOE_MP_ALLREDUCE", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "main"]
+__all__ = ["ResultsConfig", "MODELS", "PARTS", "READINGS", "DS_MOE_MP_ALLREDUCE", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "main"]
 
 PROG = "python -m impl.experiments.fsmoe.results"
-PARTS = ("grid", "statistic", "table2", "models")
+PARTS = ("grid", "statistic", "table2", "models", "order")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class ResultsConfig:
     pp_micro_batches: int = bounded(4, ge=1, le=MAX_REPEATS)
     gates: tuple[Literal["gshard", "xmoe", "sigmoid", "expert_choice"], ...] = ("gshard", "xmoe", "sigmoid",
                                                                                  "expert_choice")
+    order_sample: int = bounded(8, ge=1, le=MAX_REPEATS)      # configured layers per testbed in `order`
+    order_tries: int = bounded(3000, ge=0, le=10**7)          # local-search moves per plan and layer
     table2_batch: int = bounded(4, ge=1, le=MAX_TOKENS)
     table2_seq: int = bounded(1024, ge=1, le=MAX_TOKENS)
     seed: int = bounded(0, ge=0, le=SEED_MAX)
@@ -109,7 +114,7 @@ class ResultsConfig:
         """What a part needs of the config: Table 4's grid (grid, statistic) exists for the
         testbeds' profiles only; the real-model runs (models, table2) need Testbed A and B, every
         Fig. 6 testbed among `testbeds` and its sequence length in `seq`."""
-        if part in ("grid", "statistic"):
+        if part in ("grid", "statistic", "order"):
             for testbed, profile in self.testbeds.items():
                 if profile not in GRID["seq"]:
                     raise ConfigError(f"testbeds.{testbed}: {profile!r} is not allowed for --part {part}; allowed: "
@@ -194,6 +199,29 @@ def run_grid(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
             rows += _iteration_rows([bc] * cfg.grid_blocks, testbed=testbed, layer=i, B=shape.batch, L=shape.seq,
                                     M=shape.hidden, H=shape.ffn_hidden, heads=shape.heads,
                                     f=shape.capacity_factor or "*", ffn=shape.ffn)
+    return pd.DataFrame(rows)
+
+
+def run_order(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
+    """Per sampled configured layer and plan: its iteration, the best lane order found for the same
+    tasks, and the lower bound (ms). Plans on one lane (DS-MoE) have no order to search."""
+    rows = []
+    for testbed, profile in _profiles(cfg).items():
+        shapes = grid_shapes(cfg.testbeds[testbed], profile.get_topology().num_nodes)
+        shapes = random.Random(cfg.seed).sample(shapes, min(cfg.order_sample, len(shapes)))
+        for i, shape in enumerate(tqdm(shapes, desc=f"lane orders, testbed {testbed}",
+                                       disable=None if progress is None else not progress)):
+            blocks = [block_costs(shape, profile)] * cfg.grid_blocks
+            for system in _systems():
+                schedule = system.factory()(blocks).schedule(blocks)
+                if len(schedule.lanes) < 2:
+                    continue
+                searched = search_order(schedule, cfg.order_tries, seed=cfg.seed + i)
+                rows.append({"testbed": testbed, "layer": i, "system": system.name,
+                             "iteration_ms": simulate(schedule).makespan,
+                             "searched_order_ms": simulate(searched).makespan,
+                             "lower_bound_ms": lower_bound(schedule), "tasks": len(schedule.tasks),
+                             "tries": cfg.order_tries})
     return pd.DataFrame(rows)
 
 
@@ -282,7 +310,7 @@ def run_models(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-RUNNERS = {"grid": run_grid, "statistic": run_statistic, "table2": run_table2, "models": run_models}
+RUNNERS = {"grid": run_grid, "statistic": run_statistic, "table2": run_table2, "models": run_models, "order": run_order}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
     runner = RUNNERS[args.part]
-    frame = runner(cfg, progress=False if args.no_progress else None) if args.part in ("grid", "models") else runner(cfg)
+    frame = runner(cfg, progress=False if args.no_progress else None) if args.part in ("grid", "models", "order") else runner(cfg)
     frame["tier"] = "sim"
     frame["reading"] = cfg.reading
     record = make_record(experiment=f"fsmoe_{args.part}", system=",".join(s.name for s in _systems()), tier="sim",
