@@ -73,12 +73,14 @@ class ShardedExperts(nn.Module):
         """The parameters, in the order `grads_of` returns their gradients."""
         return tuple(getattr(self, n) for n in self.names)
 
-    def new_cache(self, rows_shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def new_cache(self, rows_shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Forward caches for a pass whose gathered input is `rows_shape` ([..., E_l, C, M]:
-        capacity on the second-last axis)."""
-        cache = {"x": torch.empty(rows_shape, dtype=dtype)}
+        capacity on the second-last axis), on `device` (the rows'): the backward multiplies them
+        with the output gradient, which lives there."""
+        cache = {"x": torch.empty(rows_shape, dtype=dtype, device=device)}
         for key in (("g", "u") if self.kind == "mixtral" else ("h",)):
-            cache[key] = torch.empty(rows_shape[:-1] + (self.shard_width,), dtype=dtype)
+            cache[key] = torch.empty(rows_shape[:-1] + (self.shard_width,), dtype=dtype, device=device)
         return cache
 
     @torch.no_grad()

@@ -77,12 +77,16 @@ class PipelineCore:
         result = torch.empty_like(source)
         rows = {}
         if phase == "fwd":
-            self.cache = self.experts.new_cache((self.n_esp,) + shape, source.dtype)
+            self.cache = self.experts.new_cache((self.n_esp,) + shape, source.dtype, source.device)
         hooks = self.hooks
 
         def action(task: Task) -> None:
             k = task.chunk
             cap = slice(k * c, (k + 1) * c) if k is not None else None
+            if k in rows and rows[k].is_cuda:
+                # made on another lane's stream: its memory must not be reused there before this
+                # lane's work on it has run (the host drops the reference as soon as it is issued)
+                rows[k].record_stream(torch.cuda.current_stream(rows[k].device))
             if task.kind == "dispatch":
                 send = hooks.before_dispatch(source[:, :, cap].contiguous().view(-1, shape[-1]), k, phase)
                 rows[k] = hooks.after_dispatch(self._a2a(task, send, phase), k, phase)
