@@ -20,6 +20,8 @@ They are built on first use with torch.utils.cpp_extension (the system C++ compi
 about 20-40 s once, cached under ~/.cache/torch_extensions), one build for every x86 host: each
 instruction set's kernels are compiled in and picked at run time. Without a compiler the build
 fails with one clear warning and `available()` is False; callers then use torch's kernels.
+$SCHEINFER_NATIVE_KERNELS=off skips the build (a run that must not spend its time compiling, or
+whose earlier build was cut off).
 Fake (meta) implementations let the ops sit inside torch.compile'd regions.
 """
 from __future__ import annotations
@@ -34,18 +36,22 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ISAS", "available", "supported_isas", "load_error", "host_info", "read_bandwidth"]
+__all__ = ["ISAS", "NATIVE_ENV", "available", "supported_isas", "load_error", "host_info", "read_bandwidth"]
 
 ISAS = {"avx512": 2, "avx2": 1, "sse": 0}      # instruction set -> the ops' `isa` number
 _CSRC = Path(__file__).with_name("csrc")
 _EXTENSION = "scheinfer_cpu_kernels"
 _error: str | None = None
+NATIVE_ENV = "SCHEINFER_NATIVE_KERNELS"     # 'off': never build; anything else (default): build on first use
 
 
 @functools.cache
 def available() -> bool:
     """True when the extension is built and loaded (building it now if needed)."""
     global _error
+    if os.environ.get(NATIVE_ENV, "").lower() == "off":
+        _error = f"not built (${NATIVE_ENV}=off)"
+        return False
     try:
         from torch.utils import cpp_extension
         cpp_extension.load(name=_EXTENSION, sources=[str(_CSRC / "cpu_kernels.cpp")],

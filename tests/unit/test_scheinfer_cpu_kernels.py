@@ -224,3 +224,21 @@ def test_host_info_and_read_bandwidth():
     bw = cpu_kernels.read_bandwidth(threads=1, nbytes=8 << 20, repeats=2)
     assert bw["threads"] == 1 and bw["buffer_bytes"] == 8 << 20 and bw["gb_s"] > 0
     assert ("native_read_gb_s" in bw) == bool(ISAS)
+
+
+def test_native_kernels_off_builds_nothing_and_decodes_with_torch():
+    """$SCHEINFER_NATIVE_KERNELS=off: no build is tried, the reason is reported, `auto` is torch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("from impl.scheinfer import cpu_kernels as k\n"
+            "from impl.scheinfer.fast_decode import choose_kernel\n"
+            "assert not k.available() and k.supported_isas() == (), k.load_error()\n"
+            "choice = choose_kernel('auto')\n"
+            "print(k.load_error(), '|', choice.name, choice.how)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "SCHEINFER_NATIVE_KERNELS": "off",
+                                                      "TORCH_EXTENSIONS_DIR": "/nonexistent/never-built"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "not built ($SCHEINFER_NATIVE_KERNELS=off) | torch only"

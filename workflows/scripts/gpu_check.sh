@@ -88,6 +88,14 @@ setup() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$ROOT"/.whl/*.whl \
       && export PYTHONPATH="$ROOT:$WORK/site${PYTHONPATH#"$ROOT"}"
   fi
+  # ScheInfer's native CPU kernels (a 20-40 s compile where a compiler and ninja exist) are built
+  # here under a limit: a build cut off inside a stage would leave its lock for the next stage to
+  # wait on forever; if it does not finish, the run uses torch's kernels and builds nothing more
+  if timeout -k 5 60 "$PY" -c "from impl.scheinfer import cpu_kernels as k; print('[setup] native CPU kernels:', k.available() and k.supported_isas() or k.load_error())"; then :
+  else
+    export SCHEINFER_NATIVE_KERNELS=off
+    echo "[setup] native CPU kernels not built within 60 s: torch's kernels (SCHEINFER_NATIVE_KERNELS=off)"
+  fi
   nv=$("$PY" -c "
 import glob, os, sys
 print(':'.join(sorted({d for p in sys.path for d in glob.glob(os.path.join(p, 'nvidia', '*', 'lib'))
@@ -143,7 +151,7 @@ main() {
 
   stage a-device "$L_A" "$PY" -m impl.experiments.gpu_check device "${dry[@]}" --out "$DEST/a_device.json"
   stage b-pytest "$L_B" "$PY" -m pytest -m gpu tests -q -rA -p no:cacheprovider --continue-on-collection-errors \
-    --timeout=60 --junitxml "$DEST/b_pytest.xml"
+    --timeout=60 --session-timeout=$((L_B - 15)) --junitxml "$DEST/b_pytest.xml"   # ends between tests, XML kept
   local sets=()
   IFS=, read -ra kv <<< "$MODEL_SET"
   for x in "${kv[@]}"; do sets+=(--set "$x"); done
