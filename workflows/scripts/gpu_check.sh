@@ -163,6 +163,7 @@ main() {
   stage c-cost "$L_C2" "$PY" -m impl.experiments.scheinfer calibrate --hidden "$hidden" $CAL --out "$WORK/cost.json"
   stage c-bench "$L_C3" "$PY" -m impl.experiments.scheinfer bench --model "$model" --prompt-tokens "$PROMPTS" \
     --n-predict "$NPRED" --policies scheinfer,fiddler --gpu-mem "$BUDGET" --cost "$WORK/cost.json" "${llama[@]}" \
+    --gpu-matmul tf32 \
     --repeats "$REPEATS" --deadline-s "$DEADLINE" --no-progress --out-csv "$DEST/c_bench.csv" --out-record "$DEST/c_bench.json"
   rm -f "$model"
   stage d-profile "$L_D" "$PY" -m impl.experiments.gpu_check profile "${dry[@]}" --out "$DEST/d_profile.yaml" \

@@ -46,6 +46,7 @@ from impl.common.config import MAX_REPEATS, MAX_SECONDS, host_memory_bytes
 USAGE_EXIT = cli.USAGE_EXIT
 CLI_POLICIES = ("scheinfer", "fiddler", "layers")
 MAX_THREADS = 4096
+GPU_MATMUL = ("ieee", "tf32")
 MAX_TILE = 1 << 20
 MAX_TOKENS = 1 << 20         # --n-predict; the model's positions bound prompt + generation anyway
 
@@ -395,6 +396,7 @@ def cmd_bench(args) -> int:
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
     prompts = {n: [1 + (i % (cfg.vocab_size - 1)) for i in range(n)] for n in args.prompt_tokens}
     cuda = torch.cuda.is_available()
+    torch.backends.cuda.matmul.allow_tf32 = args.gpu_matmul == "tf32"
     device_free = (lambda: torch.cuda.mem_get_info()[0]) if cuda else None
     llama = _llamacpp_systems(args, n_ctx, threads, gpu_mem) if args.llamacpp else {}
     decoders, engines, placement = {}, [], {}
@@ -461,6 +463,9 @@ def _write_bench(args, cfg, rows, systems, device, threads, cost, kernel, gpu_me
     extra = {"cost_model": cost.source, "cpu_kernel": kernel.as_dict(), "host": host_info(), "weights_file_type": _gguf_file_type(Path(args.model)),
              "note": "MEASURED on this host; without CUDA the engine's GPU and PCIe lanes run on the CPU (emulated)",
              "gpu_lanes": gpu_lanes(device),
+             "gpu_fp32_matmul": {"ours": args.gpu_matmul if device.startswith("cuda") else "no GPU",
+                                 "llama.cpp": None if not llama else "tf32 (its CUDA backend, for F32 weights)"
+                                 if device.startswith("cuda") else "no GPU"},
              "rounds_done": int(frame["round"].nunique()),
              "ratios": {"definition": "scheinfer median tok/s / other system's median tok/s, this run",
                         **_ratios(frame)},
@@ -565,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--tile", type=int, default=64)
     b.add_argument("--cost", default=None)
     b.add_argument("--cpu-kernel", default=None, help="as for generate")
+    b.add_argument("--gpu-matmul", choices=GPU_MATMUL, default="ieee",
+                   help="float32 products on a CUDA GPU: 'ieee' (torch's default) or 'tf32' (tensor cores, "
+                        "the precision llama.cpp's CUDA backend always uses for F32 weights)")
     b.add_argument("--repeats", type=int, default=3, help="alternating rounds")
     b.add_argument("--deadline-s", type=float, default=None,
                    help="start no new round after this many seconds of measuring (the rounds done are written)")
