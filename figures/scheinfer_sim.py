@@ -6,7 +6,13 @@ our engine, not those programs), and (d) a markdown report paper vs ours with th
 gaps.
 
     python -m figures.scheinfer_sim --sim SIM.csv --timeline scheinfer.json fiddler.json layers.json \
-        [--timeline-log generate.log ...] --out-dir results/figures
+        [--timeline-log generate.log ...] [--gpu-bench B.csv --gpu-bench-record B.json \
+        --gpu-hardware H.yaml] --out-dir results/figures
+
+With a bench measured on a GPU (workflows/scripts/gpu_check.sh: its CSV and run record, and the
+hardware class it measured there), the report gains a section with the measured tok/s and
+ratios beside the paper's ranges and the sim tier's prediction for the same model, budget and
+hardware (`impl.experiments.scheinfer.sim.predict_bench`).
 
 Speedups are computed here from the sim CSV (impl.experiments.scheinfer.sim): tok/s of ScheInfer
 over the baseline's on the same (hardware, model, phase). Timeline JSONs are
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,8 +40,9 @@ from impl.common import cli  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 
-__all__ = ["speedups", "plot_speedup", "plot_partition", "plot_timeline", "report", "main"]
+__all__ = ["speedups", "plot_speedup", "plot_partition", "plot_timeline", "report", "gpu_section", "main"]
 
+REPO = Path(__file__).resolve().parents[1]
 PHASES = ("prefill", "decode", "overall")
 BASELINES = ("llama.cpp", "Fiddler")
 MODEL_LABEL = {"mixtral-8x7b": "Mixtral-8x7B", "llama2-7b": "LLaMA-2-7B", "llama2-13b": "LLaMA-2-13B",
@@ -266,17 +274,94 @@ def report(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _command(command) -> str:
+    """A record's command line as one would type it (python -m for a module's __main__)."""
+    if isinstance(command, str):
+        return command
+    args = [Path(command[0]).name, *command[1:]] if command else []
+    if len(args) > 1 and args[1].endswith("__main__.py"):
+        module = Path(args[1]).parent.relative_to(REPO) if Path(args[1]).is_absolute() else Path(args[1]).parent
+        args[1:2] = ["-m", ".".join(module.parts)]
+    return shlex.join(args)
+
+
+BENCH_COLUMNS = ("round", "system", "prompt_tokens", "n_predict", "prefill_tok_s", "decode_tok_s", "device")
+
+
+def gpu_section(bench_csv: str, bench_record: str, hardware_yaml: str) -> str:
+    """The measured bench beside the paper's ranges and the sim tier's prediction of it: per prompt
+    length and phase, ScheInfer over Fiddler and over llama.cpp (each offload setting measured;
+    the fastest one is what a user would run), measured medians over the bench's rounds."""
+    from impl.experiments.scheinfer.sim import load_hardware, predict_bench
+    from impl.scheinfer.config import DecoderConfig
+
+    bench = read_results(bench_csv, BENCH_COLUMNS, "python -m impl.experiments.scheinfer bench")
+    record = json.loads(Path(bench_record).read_text())
+    try:
+        cfg = DecoderConfig.from_dict(record["model"]["decoder_config"])
+        budget = int(record["extra"]["budget"]["gpu_mem_bytes"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{bench_record}: not a bench run record with the model's decoder_config and budget ({e})")
+    classes = load_hardware(hardware_yaml)
+    if len(classes) != 1:
+        raise ValueError(f"{hardware_yaml}: expected the one hardware class gpu_check measured, found {len(classes)}")
+    [hw] = classes.values()
+    prompts = sorted(int(n) for n in bench["prompt_tokens"].unique())
+    n_predict = int(bench["n_predict"].iloc[0])
+    pred = predict_bench(cfg, hw, budget, prompts, n_predict, policies=("scheinfer", "fiddler", "layers"))
+    med = bench.groupby(["system", "prompt_tokens"])[["prefill_tok_s", "decode_tok_s"]].median()
+    llama = sorted(s for s in bench["system"].unique() if s.startswith("llama.cpp"))
+    paper, _ = _paper_ranges()
+    matmul = record["extra"].get("gpu_fp32_matmul", {})
+    lines = ["", f"## Measured on {record['topology'].get('device', '?')} (tier {record['tier']})", "",
+             f"`{_command(record['command'])}` at {(record['git'].get('sha') or '?')[:12]}"
+             f"{' (uncommitted changes)' if record['git'].get('dirty') else ''}, {record['timestamp'][:19]}: a generated "
+             f"{cfg.arch} model ({cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, hidden {cfg.hidden}, "
+             f"expert width {cfg.moe_ffn_hidden}, F32 weights) under a {budget / 2**20:.0f} MiB budget for FFN rows and "
+             f"staging, {int(bench['round'].nunique())} rounds (medians). GPU float32 products: ours "
+             f"{matmul.get('ours', '?')}, llama.cpp {matmul.get('llama.cpp', '?')}. Predicted: the sim tier on the "
+             f"hardware class measured in the same run ({hw.name}), same model, budget and lengths (MODELED; its "
+             "llama.cpp is whole-layer offload).", "",
+             "| prompt | phase | ScheInfer tok/s | over Fiddler: measured / predicted | over llama.cpp (best setting): "
+             "measured / predicted | paper range |", "|---|---|---|---|---|---|"]
+    for n in prompts:
+        p = pred[pred["prompt_tokens"] == n].set_index(["policy", "phase"])["tokens_per_s"]
+        for phase in ("prefill", "decode"):
+            col = f"{phase}_tok_s"
+            ours = med[col].get(("scheinfer", n))
+            fid = med[col].get(("fiddler", n))
+            best = max((med[col].get((s, n)) for s in llama if (s, n) in med.index), default=None)
+            ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "n/a"  # noqa: E731
+            lo, hi = paper[phase]
+            lines.append(f"| {n} | {phase} | {ours:.1f} | {ratio(ours, fid)} / {ratio(p[('scheinfer', phase)], p[('fiddler', phase)])} | "
+                         f"{ratio(ours, best)} / {ratio(p[('scheinfer', phase)], p[('layers', phase)])} | "
+                         f"{lo:.2f}x-{hi:.2f}x |" if ours is not None else f"| {n} | {phase} | n/a | | | |")
+    if llama:
+        lines += ["", "llama.cpp per offload setting (measured tok/s, prefill / decode, per prompt length): "
+                  + "; ".join(f"{s}: " + ", ".join(f"{n}: {med['prefill_tok_s'].get((s, n), float('nan')):.1f} / "
+                                                  f"{med['decode_tok_s'].get((s, n), float('nan')):.1f}" for n in prompts)
+                              for s in llama) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = cli.ArgumentParser(prog="python -m figures.scheinfer_sim", description=__doc__.split("\n")[0])
     ap.add_argument("--sim", required=True, type=cli.input_file, help="impl.experiments.scheinfer.sim CSV")
     ap.add_argument("--timeline", nargs="+", required=True, type=cli.input_file, help="generate --timeline JSONs named <policy>.json")
     ap.add_argument("--timeline-log", nargs="*", default=[], type=cli.input_file, help="the generate runs' stdout (device line)")
     ap.add_argument("--timeline-model", default="small generated", help="what the timeline model is, for the caption")
+    ap.add_argument("--gpu-bench", type=cli.input_file, help="a bench CSV measured on a GPU (gpu_check.sh stage c)")
+    ap.add_argument("--gpu-bench-record", type=cli.input_file, help="its run record")
+    ap.add_argument("--gpu-hardware", type=cli.input_file, help="the hardware class measured in the same run (stage d)")
     ap.add_argument("--out-dir", required=True, type=cli.output_dir)
     args = ap.parse_args(argv)
+    gpu = (args.gpu_bench, args.gpu_bench_record, args.gpu_hardware)
     try:
+        if any(gpu) and not all(gpu):
+            raise ValueError("--gpu-bench, --gpu-bench-record and --gpu-hardware go together (one measured run)")
         frame = read_sim(args.sim)
         timelines = {Path(p).stem: read_timeline(p) for p in args.timeline}
+        measured = gpu_section(*gpu) if all(gpu) else ""
     except (OSError, ValueError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
@@ -286,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("scheinfer_timeline", plot_timeline(timelines, _device_of(args.timeline_log), model=args.timeline_model))):
         style.save(fig, out / name, source=args.sim if name != "scheinfer_timeline" else ",".join(args.timeline))
         plt.close(fig)
-    atomic_write_text(out / "scheinfer_report.md", report(frame))
+    atomic_write_text(out / "scheinfer_report.md", report(frame) + measured)
     return 0
 
 

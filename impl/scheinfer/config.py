@@ -8,7 +8,7 @@ all need the config and the canonical weight names, and none of them needs the o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields as dataclass_fields, replace
+from dataclasses import asdict, dataclass, fields as dataclass_fields, replace
 from typing import TYPE_CHECKING, Literal
 
 from impl.common.config import ConfigError
@@ -157,6 +157,28 @@ class DecoderConfig:
         freq = self.moe_layer_freq
         moe = self.num_layers // freq - sum((i + 1) % freq == 0 for i in set(self.mlp_only_layers))
         return self.num_layers - moe
+
+    def as_dict(self) -> dict:
+        """Every field as JSON values (a run record's model); `from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        """The config `as_dict` wrote (lists back to tuples); an unknown or missing key is a ConfigError."""
+        names = {f.name for f in dataclass_fields(cls)}
+        if not isinstance(d, dict) or set(d) - names:
+            raise ConfigError(f"decoder config: keys {sorted(set(d) - names) if isinstance(d, dict) else d!r} "
+                              f"are not allowed; allowed: {', '.join(sorted(names))}")
+        d = dict(d)
+        d["mlp_only_layers"] = tuple(d.get("mlp_only_layers", ()))
+        if d.get("rope_scaling") is not None:
+            rs = dict(d["rope_scaling"])
+            d["rope_scaling"] = LongRope(**{**rs, "short_factor": tuple(rs["short_factor"]),
+                                            "long_factor": tuple(rs["long_factor"])})
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"decoder config: {e}") from None
 
     @classmethod
     def from_model_config(cls, mc: "ModelConfig | str", **overrides) -> "DecoderConfig":

@@ -423,3 +423,13 @@ def test_bad_tokens_and_cache_overflow(decoders):
     cache = dec.new_cache(1, 2)
     with pytest.raises(ValueError, match="exceeds"):
         dec.forward(torch.tensor([[1, 2, 3]]), cache)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "phimoe", "qwen2_moe", "llama"])
+def test_decoder_config_round_trips_through_a_record(kind):
+    """A bench record's model (`as_dict`, JSON) reads back as the same config; a stray key is refused."""
+    import json
+    cfg = tiny_config(kind)
+    assert DecoderConfig.from_dict(json.loads(json.dumps(cfg.as_dict()))) == cfg
+    with pytest.raises(ConfigError, match="'hiden'"):
+        DecoderConfig.from_dict({**cfg.as_dict(), "hiden": 4})

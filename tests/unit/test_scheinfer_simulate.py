@@ -72,6 +72,23 @@ def test_placement_equals_the_engine():
             assert engine.placement == place(policy, st.widths, cfg.hidden, 4, half)
 
 
+def test_predicting_a_bench_places_within_its_budget_and_runs_each_prompt():
+    """`predict_bench`: the bench's FFN budget (not the card's) bounds the resident rows, as in the
+    engine; every policy, prompt length and phase has a row; no budget leaves nothing resident."""
+    cfg = tiny_config("mixtral")
+    hw = resolve(SimConfig(hardware=(HW,), models=("mixtral-8x7b-tiny",))).hardware[HW]
+    half = sum(sim.ffn_widths(cfg).values()) * 3 * cfg.hidden * 4 // 2
+    frame = sim.predict_bench(cfg, hw, half, [4, 8], 2)
+    assert len(frame) == 2 * 2 * 3 and set(frame.policy) == {"scheinfer", "fiddler"}
+    assert (frame.tokens_per_s > 0).all() and (frame[frame.policy == "fiddler"].gg_frac > 0).all()
+    routing = sim.make_routing(cfg, 4, 2, "gate", 0)
+    sc = SimConfig(prompt_tokens=4, decode_tokens=2, dtype_bytes=4)
+    st = sim.setup_case(cfg, hw, "scheinfer", sc, routing, ffn_budget_bytes=half)
+    assert st.budget_bytes == half
+    none = sim.predict_bench(cfg, hw, 0, [4], 2)
+    assert (none.gg_frac == 0).all()
+
+
 def _case(policy, model="mixtral-8x7b", **kw):
     sc = SimConfig(models=(model,), hardware=(HW,), policies=(policy,), prompt_tokens=64, decode_tokens=3,
                    routing="uniform", **kw)

@@ -50,6 +50,15 @@ def test_dry_run_writes_every_result_file(tmp_path):
     assert set(stages.values()) == {0}
     assert record["extra"]["tok_s_medians"] and record["extra"]["gpu_tests"]["failures"] == 0
 
+    # what the ScheInfer report makes of the three files once committed (figures/reference/)
+    from figures.scheinfer_sim import gpu_section
+    section = gpu_section(str(tmp_path / "c_bench.csv"), str(tmp_path / "c_bench.json"),
+                          str(tmp_path / "d_scheinfer_hardware.yaml"))
+    assert section.startswith("\n## Measured on cpu (tier emu)")
+    rows = [line for line in section.splitlines() if line.startswith("| 8 |") or line.startswith("| 16 |")]
+    assert len(rows) == 4 and all("1.69x-6.33x" in r or "1.11x-1.80x" in r for r in rows)
+    assert "predicted" in section and "python -m impl.experiments.scheinfer bench" in section
+
 
 def test_bad_arguments_exit_2(tmp_path):
     for args, msg in ((["--budget", "2GB", "--out", str(tmp_path)], "--budget=2GB"), (["--frobnicate"], "unknown"),

@@ -134,6 +134,18 @@ def sim_run_checks():
 SCHEINFER_TIMELINE = config["scheinfer_timeline"]
 
 
+# A ScheInfer bench measured on a GPU (workflows/scripts/GPU_RUN.md), once committed: the report
+# shows it beside the paper and the sim tier's prediction.
+SCHEINFER_GPU_EVIDENCE = ("figures/reference/scheinfer_gpu_bench.csv", "figures/reference/scheinfer_gpu_bench.json",
+                          "figures/reference/scheinfer_gpu_hardware.yaml")
+
+
+def scheinfer_gpu_evidence():
+    """The committed GPU bench's three files, or none while any is missing."""
+    paths = [repo_path(p) for p in SCHEINFER_GPU_EVIDENCE]
+    return paths if all(Path(p).is_file() for p in paths) else []
+
+
 def scheinfer_sim_config():
     """The ScheInfer sim config (keys and types; its models, hardware and policies are resolved
     by the `check_configs` job)."""

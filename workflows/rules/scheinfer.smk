@@ -102,6 +102,7 @@ rule plot_scheinfer_sim:
         events=expand("results/raw/scheinfer_timeline/{policy}.json", policy=SCHEINFER_TIMELINE["policies"]),
         stdout=expand("results/raw/scheinfer_timeline/{policy}.txt", policy=SCHEINFER_TIMELINE["policies"]),
         paper=paper_csv("scheinfer_speedup"),
+        gpu=scheinfer_gpu_evidence(),
     output:
         figures=[
             f"results/figures/scheinfer_{name}.{ext}"
@@ -113,10 +114,13 @@ rule plot_scheinfer_sim:
         "results/logs/figures/scheinfer_sim.log",
     params:
         model=scheinfer_timeline_model(),
+        gpu=lambda wc, input: (" --gpu-bench {} --gpu-bench-record {} --gpu-hardware {}".format(*input.gpu)
+                               if input.gpu else ""),
     threads: 1
     resources:
         runtime=5,
         mem_mb=2000,
     shell:
         "python -m figures.scheinfer_sim --sim {input.sim} --timeline {input.events}"
-        " --timeline-log {input.stdout} --timeline-model '{params.model}' --out-dir results/figures > {log} 2>&1"
+        " --timeline-log {input.stdout} --timeline-model '{params.model}'{params.gpu} --out-dir results/figures"
+        " > {log} 2>&1"

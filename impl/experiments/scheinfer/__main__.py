@@ -481,7 +481,7 @@ def _write_bench(args, cfg, rows, systems, device, threads, cost, kernel, gpu_me
         experiment="scheinfer_bench", system=",".join(systems), tier="cluster" if device.startswith("cuda") else "emu",
         topology={"name": "single-host", "device": device, "threads": threads},
         model={"path": str(args.model), "arch": cfg.arch, "hidden": cfg.hidden, "layers": cfg.num_layers,
-               "experts": cfg.num_experts, "dtype": "float32"},
+               "experts": cfg.num_experts, "dtype": "float32", "decoder_config": cfg.as_dict()},
         config={k: v for k, v in vars(args).items() if k not in ("cmd",)}, metrics=metrics, seed=0, extra=extra)
     with atomic_output(args.out_csv) as tmp:
         frame.to_csv(tmp, index=False)

@@ -55,7 +55,7 @@ from impl.scheinfer.layers import route
 from impl.scheinfer.partition import CostModel, PerRowLinear, Split, lane_times
 from impl.scheinfer.policy import Policy, ScheInferPolicy, ffn_widths, make_policy, place
 
-__all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "make_sim_policy",
+__all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "make_sim_policy", "predict_bench",
            "Routing", "make_routing", "ffn_time", "CaseSetup", "setup_case", "simulate_case", "run", "resolve",
            "main"]
 
@@ -245,14 +245,17 @@ def _nonffn_params(cfg: DecoderConfig) -> tuple[int, int]:
 
 
 def setup_case(cfg: DecoderConfig, hw: HardwareClass, policy_name: str, sc: SimConfig,
-               routing: Routing, model_name: str = "") -> CaseSetup:
-    """Cost model, policy and placement of one (model, hardware, policy)."""
+               routing: Routing, model_name: str = "", ffn_budget_bytes: int | None = None) -> CaseSetup:
+    """Cost model, policy and placement of one (model, hardware, policy). The FFN budget is what
+    the card holds beside the other weights and the KV cache, or `ffn_budget_bytes` (a bench's
+    `--gpu-mem`: FFN rows plus staging, the rest on the device besides)."""
     b = sc.dtype_bytes
     cost = cost_model(hw, b)
     policy = make_sim_policy(policy_name, cfg, cost, sc, routing.popularity())
     attn, nonffn = _nonffn_params(cfg)
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * b * (sc.prompt_tokens + sc.decode_tokens)
-    budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes - nonffn * b - kv))
+    budget = (max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes - nonffn * b - kv)) if ffn_budget_bytes is None
+              else int(ffn_budget_bytes))
     widths = ffn_widths(cfg)
     placement = place(policy, widths, cfg.hidden, b, budget)
     return CaseSetup(cfg, hw, cost, policy, widths, dict(placement.gg), placement.cg_max, budget, nonffn * b, routing,
@@ -392,6 +395,26 @@ def run(rz: Resolved) -> pd.DataFrame:
                 if p == "fiddler" and not cfg.is_moe:
                     continue                    # Fiddler supports MoE models only
                 rows.extend(simulate_case(setup_case(cfg, hw, p, sc, routing, mname), sc))
+    return pd.DataFrame(rows)
+
+
+def predict_bench(cfg: DecoderConfig, hw: HardwareClass, ffn_budget_bytes: int, prompt_tokens: list[int],
+                  decode_tokens: int, policies: tuple[str, ...] = ("scheinfer", "fiddler"), dtype_bytes: int = 4,
+                  seed: int = 0) -> pd.DataFrame:
+    """The sim tier's prediction of a measured bench (`python -m impl.experiments.scheinfer bench`):
+    the same model shape, FFN budget, prompt lengths and decode steps on the hardware class measured
+    where the bench ran (`impl.experiments.gpu_check profile --hardware-out`). Rows: policy,
+    prompt_tokens, phase, tokens_per_s (modeled; the routing is the module's seeded 'gate')."""
+    rows = []
+    for n in prompt_tokens:
+        sc = SimConfig(prompt_tokens=n, decode_tokens=decode_tokens, dtype_bytes=dtype_bytes, seed=seed,
+                       policies=tuple(policies))
+        routing = make_routing(cfg, n, decode_tokens, sc.routing, seed)
+        for p in policies:
+            for row in simulate_case(setup_case(cfg, hw, p, sc, routing, ffn_budget_bytes=ffn_budget_bytes), sc):
+                rows.append({"policy": p, "prompt_tokens": n, "phase": row["phase"],
+                             "tokens_per_s": row["tokens_per_s"], "cc_frac": row["cc_frac"],
+                             "cg_frac": row["cg_frac"], "gg_frac": row["gg_frac"]})
     return pd.DataFrame(rows)
 
 
