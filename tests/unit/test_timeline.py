@@ -99,17 +99,22 @@ def _best_over_every_order(schedule: Schedule) -> float:
     return best
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_lower_bound_is_never_above_the_best_order(seed):
-    """On random small DAGs over 2-3 lanes: the bound lies between the busiest lane / longest chain
-    and the best makespan any order of the tasks on their lanes reaches."""
+def _random_schedule(seed: int) -> Schedule:
+    """A small random DAG of 2-7 tasks over 2-3 lanes, integer durations 0-9."""
     rng = random.Random(seed)
     n, lanes = rng.randint(2, 7), ["a", "b", "c"][:rng.randint(2, 3)]
     tasks = []
     for i in range(n):
         deps = tuple(f"t{j}" for j in range(i) if rng.random() < 0.35)
         tasks.append(Task(f"t{i}", rng.choice(lanes), float(rng.randint(0, 9)), deps))
-    s = Schedule(tuple(tasks))
+    return Schedule(tuple(tasks))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_lower_bound_is_never_above_the_best_order(seed):
+    """On random small DAGs over 2-3 lanes: the bound lies between the busiest lane / longest chain
+    and the best makespan any order of the tasks on their lanes reaches."""
+    s = _random_schedule(seed)
     bound = lower_bound(s)
     busiest = max(sum(t.duration for t in s.tasks if t.lane == lane) for lane in s.lanes)
     assert busiest <= bound <= _best_over_every_order(s) + 1e-9
@@ -139,13 +144,7 @@ def test_lower_bound_rejects_a_dependency_cycle():
 
 @pytest.mark.parametrize("seed", range(40))
 def test_searched_order_keeps_the_tasks_and_lies_between_the_best_order_and_the_given_one(seed):
-    rng = random.Random(seed)
-    n, lanes = rng.randint(2, 7), ["a", "b", "c"][:rng.randint(2, 3)]
-    tasks = []
-    for i in range(n):
-        deps = tuple(f"t{j}" for j in range(i) if rng.random() < 0.35)
-        tasks.append(Task(f"t{i}", rng.choice(lanes), float(rng.randint(0, 9)), deps))
-    s = Schedule(tuple(tasks))
+    s = _random_schedule(seed)
     found = search_order(s, tries=200, seed=seed)
     assert sorted(found.tasks, key=lambda t: t.name) == sorted(s.tasks, key=lambda t: t.name)
     assert _best_over_every_order(s) - 1e-9 <= simulate(found).makespan <= simulate(s).makespan
