@@ -50,10 +50,20 @@ def test_dry_run_writes_every_result_file(tmp_path):
     assert set(stages.values()) == {0}
     assert record["extra"]["tok_s_medians"] and record["extra"]["gpu_tests"]["failures"] == 0
 
-    # what the ScheInfer report makes of the three files once committed (figures/reference/)
+    # committed into a reference folder (README rows from the records; a dry run only when allowed),
+    # then what the ScheInfer report makes of the files there
+    sys.path.insert(0, str(REPO / "workflows" / "scripts"))
+    from commit_gpu_evidence import commit
+    ref = tmp_path / "reference"
+    with pytest.raises(ValueError, match="tier 'emu', not 'cluster'"):
+        commit(tmp_path, "h100", ref)
+    assert commit(tmp_path, "h100", ref, allow_dry_run=True) == 0
+    assert commit(tmp_path, "h100", ref, allow_dry_run=True) == 0          # again: rows replaced, not added
+    readme = (ref / "README.md").read_text()
+    assert readme.count("| `scheinfer_gpu_bench.csv` |") == 1 and "gpu_profile_h100.yaml" in readme
     from figures.scheinfer_sim import gpu_section
-    section = gpu_section(str(tmp_path / "c_bench.csv"), str(tmp_path / "c_bench.json"),
-                          str(tmp_path / "d_scheinfer_hardware.yaml"))
+    section = gpu_section(str(ref / "scheinfer_gpu_bench.csv"), str(ref / "scheinfer_gpu_bench.json"),
+                          str(ref / "scheinfer_gpu_hardware.yaml"))
     assert section.startswith("\n## Measured on cpu (tier emu)")
     rows = [line for line in section.splitlines() if line.startswith("| 8 |") or line.startswith("| 16 |")]
     assert len(rows) == 4 and all("1.69x-6.33x" in r or "1.11x-1.80x" in r for r in rows)
@@ -67,3 +77,18 @@ def test_bad_arguments_exit_2(tmp_path):
         r = subprocess.run(["bash", "workflows/scripts/gpu_check.sh", *args], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_committing_evidence_refuses_bad_arguments_naming_them(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "workflows" / "scripts"))
+    from commit_gpu_evidence import main
+    (tmp_path / "run").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for argv, named in ((["--from", str(tmp_path / "run"), "--card", "H100!"], "--card='H100!'"),
+                        (["--from", str(tmp_path / "nope"), "--card", "h100"], "--from"),
+                        (["--from", str(tmp_path / "run"), "--card", "h100"], "missing c_bench.csv"),
+                        (["--from", str(tmp_path / "run"), "--card", "h100", "--to", str(tmp_path / "afile")], "--to")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "reference").exists()

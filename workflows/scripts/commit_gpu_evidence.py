@@ -1,0 +1,97 @@
+"""Put what one `gpu_check.sh` run brought back into figures/reference/ under the names the suite
+reads (the ScheInfer report picks up the bench, its record and the measured hardware class), and
+write the reference README's rows for them from the run's own records (device, date, commit,
+command), so that nothing about the run is typed by hand.
+
+    python workflows/scripts/commit_gpu_evidence.py --from FILES_AT --card h100 [--to figures/reference]
+
+then review and commit figures/reference/. A dry run's files (no GPU: tier 'emu') are refused
+unless --allow-dry-run (for rehearsals into a scratch --to folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+# what the run writes -> (the name it is committed under, what it is); {card} filled in
+FILES = {
+    "c_bench.csv": ("scheinfer_gpu_bench.csv", "ScheInfer and Fiddler (our engine) against llama.cpp at each offload "
+                    "setting, prefill and decode tok/s per round, on a generated Mixtral-style F32 model under one "
+                    "GPU budget; read by the ScheInfer report"),
+    "c_bench.json": ("scheinfer_gpu_bench.json", "the bench's run record (budget enforcement per system, ratios, "
+                     "offload command lines, versions)"),
+    "d_scheinfer_hardware.yaml": ("scheinfer_gpu_hardware.yaml", "the GPU machine as a ScheInfer sim hardware class "
+                                  "(measured GEMM, memory and PCIe rates); the report's prediction runs on it"),
+    "d_profile.yaml": ("gpu_profile_{card}.yaml", "the GPU machine's compute and host-device copy models as a "
+                       "training-sim hardware profile (--profile)"),
+    "e_record.json": ("gpu_check_record.json", "the whole run's record: stages and their exit statuses, GPU tests, "
+                      "versions, medians and ratios"),
+    "b_pytest.xml": ("gpu_check_pytest.xml", "`pytest -m gpu` on the GPU machine (JUnit XML)"),
+    "a_device.json": ("gpu_check_device.json", "device, driver, torch and CUDA versions, pinned and pageable "
+                      "host-to-device bandwidth"),
+}
+ROW = re.compile(r"^\| `([^`]+)` \|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="commit_gpu_evidence", description=__doc__.split("\n")[0])
+    p.add_argument("--from", dest="src", required=True, help="the folder the run's files came back to")
+    p.add_argument("--card", required=True, help="a short name of the GPU, e.g. h100 (lower case, digits, -)")
+    p.add_argument("--to", default=str(REPO / "figures" / "reference"), help="the reference folder")
+    p.add_argument("--allow-dry-run", action="store_true", help="accept a rehearsal's files (tier emu)")
+    args = p.parse_args(argv)
+    try:
+        return commit(Path(args.src), args.card, Path(args.to), args.allow_dry_run)
+    except (OSError, ValueError) as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def commit(src: Path, card: str, dest: Path, allow_dry_run: bool = False) -> int:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", card):
+        raise ValueError(f"--card={card!r} is not allowed; expected lower-case letters, digits and '-', e.g. h100")
+    if not src.is_dir():
+        raise ValueError(f"--from {src}: not a folder; expected the one the run's files came back to")
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"--to {dest}: not a folder")
+    missing = [name for name in FILES if not (src / name).is_file()]
+    if missing:
+        raise ValueError(f"--from {src}: missing {', '.join(missing)}; expected every file gpu_check.sh writes")
+    try:
+        record = json.loads((src / "e_record.json").read_text())
+        bench = json.loads((src / "c_bench.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--from {src}: a record is not JSON ({e})") from None
+    for name, r in (("e_record.json", record), ("c_bench.json", bench)):
+        if r.get("tier") != "cluster" and not allow_dry_run:
+            raise ValueError(f"--from {src / name}: tier {r.get('tier')!r}, not 'cluster': a run without a GPU "
+                             "(--allow-dry-run to accept it)")
+    dest.mkdir(parents=True, exist_ok=True)
+    device = bench.get("topology", {}).get("device") or record.get("topology", {}).get("device", "?")
+    sha = (record.get("git", {}).get("sha") or "?")[:12]
+    command = record.get("command")
+    command = shlex.join(command) if isinstance(command, list) else str(command)
+    rows = {}
+    for name, (target, what) in FILES.items():
+        target = target.format(card=card)
+        shutil.copyfile(src / name, dest / target)
+        rows[target] = (f"| `{target}` | {what} | {record.get('tier')} ({device}; {record.get('timestamp', '?')[:10]}, "
+                        f"commit {sha}) | `{command}`, then `python workflows/scripts/commit_gpu_evidence.py "
+                        f"--card {card}` |")
+    readme = dest / "README.md"
+    lines = readme.read_text().splitlines() if readme.is_file() else [
+        "# Committed reference results", "", "| file | what | tier | produced by |", "| --- | --- | --- | --- |"]
+    kept = [line for line in lines if not ((m := ROW.match(line)) and m.group(1) in rows)]
+    readme.write_text("\n".join(kept + list(rows.values())) + "\n")
+    print(f"{len(rows)} files from {src} ({device}) -> {dest}; README rows written; review and commit them")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
