@@ -99,7 +99,8 @@ class CapacityPaddedDispatcher(TokenDispatcher):
         all ranks computed the same fixed bound (equal slices need the same C everywhere)."""
         bound, dynamic = self.capacity_rule(num_tokens)
         b = -1 if bound is None else bound
-        stats = self.comm.all_reduce(torch.tensor([local_max, b, -b], dtype=torch.int64), "max").tolist()
+        stats = torch.tensor([local_max, b, -b], dtype=torch.int64, device=self.comm.device)
+        stats = self.comm.all_reduce(stats, "max").tolist()
         global_max, b_max, b_min = stats[0], stats[1], -stats[2]
         if b_max != b_min:
             raise ValueError(f"{self.name}: capacity differs across ranks ({b_min}..{b_max}) because their "
@@ -134,7 +135,7 @@ class CapacityPaddedDispatcher(TokenDispatcher):
         G, El, C = self.comm.world_size, self.num_local_experts, meta.capacity
         rest = tuple(rows.shape[1:])
         x_RM = rows.reshape(G, El, C, *rest).transpose(0, 1).reshape(G * El * C, *rest)
-        return DispatchedTokens(x_RM, torch.ones(x_RM.shape[0], dtype=x_RM.dtype), (G * C,) * El)
+        return DispatchedTokens(x_RM, x_RM.new_ones(x_RM.shape[0]), (G * C,) * El)
 
     def combine_preprocess(self, expert_out_RM, meta: PaddedDispatchMeta):
         G, El, C = self.comm.world_size, self.num_local_experts, meta.capacity

@@ -548,7 +548,8 @@ class SimWorld:
 
     Collectives meet at per-(lane, group) barriers with a timeout, so a rank that raises or calls
     collectives in a different order stops the whole run with a CommError naming the rank
-    instead of hanging."""
+    instead of hanging. Tensors stay on their device (ranks may share one GPU); metadata the
+    collectives build is on `comm.device`, the CPU."""
 
     def __init__(self, topology: Topology, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.topology = topology
@@ -574,7 +575,10 @@ class SimWorld:
 
         def body(rank: int):
             try:
-                results[rank] = fn(self.comms[rank], *args, **kwargs)
+                # backward on this thread: autograd otherwise runs CUDA nodes on one shared device
+                # thread, where the first rank's collective would wait forever for the others
+                with torch.autograd.set_multithreading_enabled(False):
+                    results[rank] = fn(self.comms[rank], *args, **kwargs)
             except threading.BrokenBarrierError as e:
                 errors.setdefault(rank, e)
                 self.abort()

@@ -180,7 +180,7 @@ def chunk_transpose_index(counts_AB: torch.Tensor) -> torch.Tensor:
     """Rows laid out as chunks in (a, b) order with sizes counts_AB[a, b]; return the gather
     index that lays them out in (b, a) order (Megatron's sort_chunks_by_idxs)."""
     A, B = counts_AB.shape
-    flat = counts_AB.reshape(-1)
+    flat = counts_AB.reshape(-1).cpu()                  # read on the host: one copy, not one per chunk
     starts = torch.cumsum(flat, 0) - flat
     order = torch.arange(A * B).reshape(A, B).t().reshape(-1)
     pieces = [torch.arange(int(starts[i]), int(starts[i] + flat[i])) for i in order.tolist()]

@@ -96,14 +96,14 @@ def pack_bits(mask_RB: torch.Tensor) -> torch.Tensor:
     """bool [R, B] -> uint8 [R, ceil(B / 8)], bit b of row r at byte b // 8, bit b % 8."""
     R, B = mask_RB.shape
     nb = -(-B // 8)
-    padded = torch.zeros(R, nb * 8, dtype=torch.uint8)
+    padded = torch.zeros(R, nb * 8, dtype=torch.uint8, device=mask_RB.device)
     padded[:, :B] = mask_RB
-    return (padded.view(R, nb, 8) * _BIT_VALUES).sum(2, dtype=torch.uint8)
+    return (padded.view(R, nb, 8) * _BIT_VALUES.to(mask_RB.device)).sum(2, dtype=torch.uint8)
 
 
 def unpack_bits(packed_RN: torch.Tensor, B: int) -> torch.Tensor:
     """The inverse of `pack_bits`: uint8 [R, ceil(B / 8)] -> bool [R, B]."""
-    bits = packed_RN.unsqueeze(2).bitwise_and(_BIT_VALUES).ne(0)
+    bits = packed_RN.unsqueeze(2).bitwise_and(_BIT_VALUES.to(packed_RN.device)).ne(0)
     return bits.view(packed_RN.shape[0], packed_RN.shape[1] * 8)[:, :B]
 
 
@@ -125,14 +125,14 @@ def build_route(comm: Comm, steps, num_experts: int, rows: int, row_P: torch.Ten
         member_C, row_C = copy_key // max(rows, 1), copy_key % max(rows, 1)
         send_splits = torch.bincount(member_C, minlength=n).tolist()
         pair_order = torch.argsort(pair_copy * spu + (slot_P - (first_unit + member_P) * spu), stable=True)
-        mask_CB = torch.zeros(copy_key.numel(), spu, dtype=torch.bool)
+        mask_CB = torch.zeros(copy_key.numel(), spu, dtype=torch.bool, device=slot_P.device)
         mask_CB[pair_copy, slot_P - (first_unit + member_P) * spu] = True
         recv_splits = (comm.exchange_counts(send_splits, group) if recv_splits_of is None
                        else recv_splits_of(k, group, send_splits))
         got = comm.all_to_all(pack_bits(mask_CB), send_splits, recv_splits, group, category="meta")
         mask_RB = unpack_bits(got, spu)
         row_P, bit_P = mask_RB.nonzero(as_tuple=True)                                   # row-major, slots asc
-        per_row = mask_RB.sum(1)
+        per_row = mask_RB.sum(1).cpu()                                                 # summed per member on the host
         bounds = torch.tensor([0] + recv_splits).cumsum(0)
         pair_recv = [int(per_row[a:b].sum()) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
         route.append(RouteStep(group, rows, row_C, tuple(send_splits), tuple(recv_splits), pair_order,
@@ -167,7 +167,7 @@ class HierarchicalDispatcher(TokenDispatcher):
         w_P = probs_TS[tok_P, slot_P]
         if self.dedup:
             return x_TM, None, tok_P, slot_P, w_P
-        return x_TM.index_select(0, tok_P), tok_P, torch.arange(tok_P.numel()), slot_P, w_P
+        return x_TM.index_select(0, tok_P), tok_P, torch.arange(tok_P.numel(), device=tok_P.device), slot_P, w_P
 
     def recv_splits_of(self, routing_map_TS: torch.Tensor):
         """Hook for a dispatcher that learns every step's receive splits at once (None: each step

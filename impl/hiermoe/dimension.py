@@ -147,6 +147,8 @@ def local_counts(routing_map_TE: torch.Tensor, topology: Topology, placement: Ex
     tokens (dedup) or (token, expert) pairs (no dedup) of this rank that need group j (Eq. (7))."""
     E = _check_map(routing_map_TE, topology)
     order_S = _slot_order(placement, E)
+    if order_S is not None:
+        order_S = order_S.to(routing_map_TE.device)
     T, G, U = routing_map_TE.shape[0], topology.G, topology.U
     if not dedup:
         pairs_S = routing_map_TE.sum(0)
@@ -171,14 +173,14 @@ def selected_slots(routing_map_TE: torch.Tensor, placement: ExpertPlacement | No
     t, e = routing_map_TE.nonzero(as_tuple=True)                  # row-major: each token's experts ascending
     if placement is not None and tuple(placement.slot_of_expert) == tuple(range(E)):
         placement = None
-    s = e if placement is None else torch.tensor(placement.slot_of_expert, dtype=torch.long)[e]
+    s = e if placement is None else torch.tensor(placement.slot_of_expert, dtype=torch.long, device=e.device)[e]
     per_token = torch.bincount(t, minlength=T)
     K = int(per_token.max()) if T else 0
     if T and t.numel() == T * K:                                  # every token selects K (top-K, no drops)
         ids_TK = s.view(T, K)
     else:
-        pos = torch.arange(t.numel()) - (torch.cumsum(per_token, 0) - per_token)[t]
-        ids_TK = torch.full((T, K), E, dtype=torch.long)
+        pos = torch.arange(t.numel(), device=t.device) - (torch.cumsum(per_token, 0) - per_token)[t]
+        ids_TK = torch.full((T, K), E, dtype=torch.long, device=t.device)
         ids_TK[t, pos] = s
     if placement is not None or t.numel() != T * K:
         ids_TK = torch.sort(ids_TK, dim=1).values
@@ -238,9 +240,9 @@ def gather_counts(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPla
     """Global counts on every rank: one all-reduce (sum) of a table holding each rank's row."""
     topo = comm.topology
     mine = local_counts(routing_map_TE, topo, placement, dedup)
-    table = torch.zeros(topo.G, mine.numel(), dtype=torch.int64)
+    table = torch.zeros(topo.G, mine.numel(), dtype=torch.int64, device=comm.device)
     table[comm.rank] = mine
-    return RouteCounts.from_table(topo, comm.all_reduce(table, "sum"), dedup)
+    return RouteCounts.from_table(topo, comm.all_reduce(table, "sum").cpu(), dedup)
 
 
 # ==========================================================================================
@@ -423,9 +425,9 @@ def gather_dispatch_counts(comm: Comm, routing_map_TE: torch.Tensor, placement: 
     topo = comm.topology
     mine = torch.cat([local_counts(routing_map_TE, topo, placement, True),
                       local_counts(routing_map_TE, topo, placement, False)])
-    table = torch.zeros(topo.G, mine.numel(), dtype=torch.int64)
+    table = torch.zeros(topo.G, mine.numel(), dtype=torch.int64, device=comm.device)   # the backend's device
     table[comm.rank] = mine
-    copies, pairs = comm.all_reduce(table, "sum").split(mine.numel() // 2, dim=1)
+    copies, pairs = comm.all_reduce(table, "sum").cpu().split(mine.numel() // 2, dim=1)   # counts feed a host model
     return DispatchCounts(RouteCounts.from_table(topo, copies, True), RouteCounts.from_table(topo, pairs, False),
                           routing_map_TE.shape[1])
 

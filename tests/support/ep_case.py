@@ -7,7 +7,7 @@ experts (same weights: experts are initialised per global id) and all G*T tokens
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,6 +33,10 @@ class EPCase:
     dispatcher: str = "flat"
     dispatcher_kwargs: dict = field(default_factory=dict)
     gate_kwargs: dict = field(default_factory=dict)   # extra GateConfig fields, e.g. capacity_factor
+    device: str = "cpu"                               # where the layer and tokens live (results come back on the CPU)
+
+    def on(self, device: str) -> "EPCase":
+        return replace(self, device=device)
 
 
 def global_inputs(case: EPCase, world_size: int):
@@ -72,22 +76,23 @@ def run_rank(comm: Comm, case: EPCase) -> dict:
     """Forward + backward of one rank; returns everything the reference comparison needs."""
     x_all, w_all = global_inputs(case, comm.world_size)
     T = case.tokens_per_rank
-    x = x_all[comm.rank * T:(comm.rank + 1) * T].clone().requires_grad_(True)
-    gate = make_gate(case)
+    x = x_all[comm.rank * T:(comm.rank + 1) * T].clone().to(case.device).requires_grad_(True)
+    gate = make_gate(case).to(case.device)
     dispatcher = make_dispatcher(case, comm)
     placement = case_placement(case)
     local = placement.local_experts(comm.rank, comm.world_size)
-    experts = make_experts(case, local)
+    experts = make_experts(case, local).to(case.device)
     layer = ExpertParallelMoE(gate, experts, dispatcher, placement)
     out = layer(x)
-    loss = (out.y_TM * w_all[comm.rank * T:(comm.rank + 1) * T]).sum()
+    loss = (out.y_TM * w_all[comm.rank * T:(comm.rank + 1) * T].to(case.device)).sum()
     loss.backward()
     return {
-        "y": out.y_TM.detach(), "x_grad": x.grad.detach(),
-        "gate_grads": {n: p.grad.detach().clone() for n, p in gate.named_parameters()},
-        "expert_grads": {e: {n: p.grad[i].detach().clone() for n, p in experts.named_parameters()}
+        "y": out.y_TM.detach().cpu(), "x_grad": x.grad.detach().cpu(),
+        "devices": {"y": out.y_TM.device.type, "x_grad": x.grad.device.type},
+        "gate_grads": {n: p.grad.detach().clone().cpu() for n, p in gate.named_parameters()},
+        "expert_grads": {e: {n: p.grad[i].detach().clone().cpu() for n, p in experts.named_parameters()}
                          for i, e in enumerate(local)},
-        "routing_map": out.routing.routing_map_TE.detach(),
+        "routing_map": out.routing.routing_map_TE.detach().cpu(),
         "traffic": comm.traffic.to_dict(),
     }
 
