@@ -92,3 +92,14 @@ def test_committing_evidence_refuses_bad_arguments_naming_them(tmp_path, capsys)
         err = capsys.readouterr().err
         assert named in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "reference").exists()
+
+
+def test_the_gpu_stage_runs_every_gpu_test_file_its_priority_ones_first():
+    """The files stage b names first exist, and with the rest (found by their gpu mark) they are
+    every file that has GPU tests."""
+    import re
+    script = (REPO / "workflows/scripts/gpu_check.sh").read_text()
+    first = re.search(r"local first=\(([^)]*)\)", script).group(1).split()
+    assert first and all((REPO / f).is_file() for f in first), first
+    marked = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py") if "mark.gpu" in p.read_text()}
+    assert set(first) <= marked and len(marked) >= len(first)

@@ -150,7 +150,15 @@ main() {
   [ "$(cat "$WORK/llama")" = 1 ] && llama=(--llamacpp --llamacpp-offload auto)
 
   stage a-device "$L_A" "$PY" -m impl.experiments.gpu_check device "${dry[@]}" --out "$DEST/a_device.json"
-  stage b-pytest "$L_B" "$PY" -m pytest -m gpu tests -q -rA -p no:cacheprovider --continue-on-collection-errors \
+  # the GPU tests, what this run is for first (ScheInfer's CUDA lanes, llama.cpp with CUDA, the
+  # dispatchers), then every other file with GPU tests (the launches of NCCL and gloo ranks are
+  # the slowest), so that a stage cut short by its limit has run the ones that matter most
+  local first=(tests/gpu/test_scheinfer_cuda.py tests/unit/test_scheinfer_engine.py tests/gpu/test_llamacpp_cuda.py
+               tests/gpu/test_dispatchers_cuda.py) rest=()
+  mapfile -t first < <(for f in "${first[@]}"; do [ -f "$f" ] && echo "$f"; done)
+  mapfile -t rest < <(grep -rl --include='test_*.py' 'mark.gpu' "$ROOT/tests" | sed "s|^$ROOT/||" | sort \
+                      | grep -v -F -x -f <(printf '%s\n' "${first[@]}"))
+  stage b-pytest "$L_B" "$PY" -m pytest -m gpu "${first[@]}" "${rest[@]}" -q -rA -p no:cacheprovider --continue-on-collection-errors \
     --timeout=60 --session-timeout=$((L_B - 15)) --junitxml "$DEST/b_pytest.xml"   # ends between tests, XML kept
   local sets=()
   IFS=, read -ra kv <<< "$MODEL_SET"
