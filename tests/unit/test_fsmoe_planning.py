@@ -157,6 +157,25 @@ def test_every_training_plan_is_a_valid_schedule(name):
             assert tl.makespan == pytest.approx(sum(t.duration for t in plan.schedule(blocks).tasks))
 
 
+@pytest.mark.parametrize("name", names(TRAINING_PLAN))
+def test_every_chunk_waits_for_its_pass_input_not_for_its_lane(name):
+    """The data dependencies alone order each pass: every chunk's dispatch depends on what its
+    pass consumes (the block's sequence-parallel ReduceScatter forward, the previous block's
+    backward or the forward's end), so no reordering of a lane (and no bound) can run a chunk
+    before its input exists."""
+    blocks = _blocks(2, 0)
+    plan = get(TRAINING_PLAN, name)(blocks)
+    tasks = plan.schedule(blocks).tasks
+    for t in tasks:
+        if t.kind == "dispatch":
+            block, phase = t.name.split(".")[:2]
+            assert t.deps, t.name
+            if phase == "f":
+                assert t.deps == (f"{block}.f.mprs",), t.name
+            first = next(u for u in tasks if u.kind == "dispatch" and u.name.startswith(f"{block}.{phase}."))
+            assert t.deps == first.deps, t.name
+
+
 def test_fsmoe_is_never_slower_than_without_partitioning():
     fsmoe = get(TRAINING_PLAN, "fsmoe")
     for seed in range(8):
