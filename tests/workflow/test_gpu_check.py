@@ -101,5 +101,6 @@ def test_the_gpu_stage_runs_every_gpu_test_file_its_priority_ones_first():
     script = (REPO / "workflows/scripts/gpu_check.sh").read_text()
     first = re.search(r"local first=\(([^)]*)\)", script).group(1).split()
     assert first and all((REPO / f).is_file() for f in first), first
-    marked = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py") if "mark.gpu" in p.read_text()}
+    marked = {str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")
+              if re.search(r"pytest\.mark\.gpu\b", p.read_text())}
     assert set(first) <= marked and len(marked) >= len(first)

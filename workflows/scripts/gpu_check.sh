@@ -156,7 +156,7 @@ main() {
   local first=(tests/gpu/test_scheinfer_cuda.py tests/unit/test_scheinfer_engine.py tests/gpu/test_llamacpp_cuda.py
                tests/gpu/test_dispatchers_cuda.py) rest=()
   mapfile -t first < <(for f in "${first[@]}"; do [ -f "$f" ] && echo "$f"; done)
-  mapfile -t rest < <(grep -rl --include='test_*.py' 'mark.gpu' "$ROOT/tests" | sed "s|^$ROOT/||" | sort \
+  mapfile -t rest < <(grep -rl --include='test_*.py' 'pytest\.mark\.gpu\b' "$ROOT/tests" | sed "s|^$ROOT/||" | sort \
                       | grep -v -F -x -f <(printf '%s\n' "${first[@]}"))
   stage b-pytest "$L_B" "$PY" -m pytest -m gpu "${first[@]}" "${rest[@]}" -q -rA -p no:cacheprovider --continue-on-collection-errors \
     --timeout=60 --session-timeout=$((L_B - 15)) --junitxml "$DEST/b_pytest.xml"   # ends between tests, XML kept
