@@ -493,8 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fig in figures.items():
         style.save(fig, out / name, source=",".join(args.grid))
         plt.close(fig)
-    atomic_write_text(out / "fsmoe_report.md", report(grid, stat, t2, models, ablations, degrees, emu,
-                                                                   order))
+    atomic_write_text(out / "fsmoe_report.md", report(grid, stat, t2, models, ablations, degrees, emu, order))
     print(f"fsmoe figures and report -> {out}")
     return 0
 
