@@ -152,12 +152,18 @@ def _row_bytes(stacked: list[_Stacked]) -> list[int]:
     return [math.prod(s.tensor.shape[1:]) * s.tensor.element_size() for s in stacked]
 
 
+def _device_of(stacked: list[_Stacked]) -> torch.device:
+    """Where an expert's tensors live: the migration's index and byte buffers are made there, so
+    CUDA experts move through the backend without a copy to the host (NCCL takes CUDA tensors only)."""
+    return stacked[0].tensor.device if stacked else torch.device("cpu")
+
+
 def _pack(stacked: list[_Stacked], local_idx: torch.Tensor) -> torch.Tensor:
     """uint8 [n, row_bytes]: the rows `local_idx` of every stacked tensor, byte for byte."""
     n = local_idx.numel()
     parts = [s.tensor.detach().index_select(0, local_idx).reshape(n, math.prod(s.tensor.shape[1:]))
              .contiguous().view(torch.uint8) for s in stacked]
-    return torch.cat(parts, dim=1) if parts else torch.zeros(n, 0, dtype=torch.uint8)
+    return torch.cat(parts, dim=1) if parts else torch.zeros(n, 0, dtype=torch.uint8, device=local_idx.device)
 
 
 def _unpack_rows(stacked: list[_Stacked], buf: torch.Tensor):
@@ -211,8 +217,9 @@ def migrate_experts(comm: Comm, experts: nn.Module, old: ExpertPlacement, new: E
     recvs = sorted((owner(old, e), e) for e in moved if owner(new, e) == me)
     send_splits = [sum(1 for dst, _ in sends if dst == g) for g in range(G)]
     recv_splits = [sum(1 for src, _ in recvs if src == g) for g in range(G)]
-    send_idx = torch.tensor([old.slot_of_expert[e] % El for _, e in sends], dtype=torch.long)
-    recv_idx = torch.tensor([new.slot_of_expert[e] % El for _, e in recvs], dtype=torch.long)
+    device = _device_of(stacked)
+    send_idx = torch.tensor([old.slot_of_expert[e] % El for _, e in sends], dtype=torch.long, device=device)
+    recv_idx = torch.tensor([new.slot_of_expert[e] % El for _, e in recvs], dtype=torch.long, device=device)
     buf = comm.all_to_all(_pack(stacked, send_idx), send_splits, recv_splits, category=MIGRATION_CATEGORY)
     for s, rows in _unpack_rows(stacked, buf):
         s.tensor.index_copy_(0, recv_idx, rows)
@@ -247,7 +254,7 @@ def gather_logical_expert_state(comm: Comm, experts: nn.Module, placement: Exper
     stacked, shared = expert_tensors(experts, El, optimizer=optimizer, extra_tensors=extra_tensors,
                                      include_grads=False)
     _check_agreement(comm, stacked, shared, "gather_logical_expert_state")
-    rows = torch.cat(comm.all_gather(_pack(stacked, torch.arange(El))))      # [E, row_bytes], slot order
+    rows = torch.cat(comm.all_gather(_pack(stacked, torch.arange(El, device=_device_of(stacked)))))  # [E, row_bytes]
     per_expert: dict[int, dict[str, torch.Tensor]] = {e: {} for e in range(E)}
     expert_of_slot = placement.expert_of_slot
     for s, values in _unpack_rows(stacked, rows):
@@ -302,6 +309,6 @@ def _create_missing_optimizer_state(experts: nn.Module, El: int, state: Mapping,
         entries = optimizer.state[t]
         for key, value in keys.items():
             if key not in entries:
-                entries[key] = torch.zeros((El,) + tuple(value.shape), dtype=value.dtype)
+                entries[key] = torch.zeros((El,) + tuple(value.shape), dtype=value.dtype, device=t.device)
         for key, value in shared.items():
             entries[key] = value.clone() if torch.is_tensor(value) else value

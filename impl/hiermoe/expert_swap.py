@@ -348,21 +348,22 @@ def _raw_tables(ids_TK: torch.Tensor, num_experts: int, num_groups: Sequence[int
     at every level and its own row, so nothing is masked; the spares are dropped after the sum."""
     E, D = num_experts, len(num_groups)
     T, K = ids_TK.shape
-    U = torch.tensor(list(num_groups), dtype=torch.int64)
-    E1, X1 = E + 1, int(U.sum()) + D
+    dev = ids_TK.device
+    U = torch.tensor(list(num_groups), dtype=torch.int64, device=dev)
+    E1, X1 = E + 1, sum(num_groups) + D
     off_co, off_w = num_ranks * X1, num_ranks * X1 + E1 * X1
     total = off_w + D * E1 * E1 + E1
     index = torch.int32 if total < 2 ** 31 else torch.int64
     ids = ids_TK.to(index)
     grp_DTK = ids.unsqueeze(0) // (E // U).to(index).view(D, 1, 1)     # sentinel E -> group U[L]
     same_TK = (grp_DTK[:, :, 1:] == grp_DTK[:, :, :-1]).sum(0, dtype=torch.int32)   # levels shared with slot k-1
-    zero = torch.zeros(T, min(K, 1), dtype=torch.int32)
+    zero = torch.zeros(T, min(K, 1), dtype=torch.int32, device=dev)
     prev_TK = torch.cat([zero, same_TK], dim=1)
     shared_TK = torch.maximum(prev_TK, torch.cat([same_TK, zero], dim=1)).to(index)
-    level = torch.arange(1, D + 1, dtype=torch.int32).view(D, 1, 1)
+    level = torch.arange(1, D + 1, dtype=torch.int32, device=dev).view(D, 1, 1)
     col_off = (torch.cumsum(U + 1, 0) - (U + 1)).to(index).view(D, 1, 1)
     n_z, n_co = D * T * K, D * T * K * K
-    buf = torch.empty(n_z + n_co + T * K * K, dtype=index)
+    buf = torch.empty(n_z + n_co + T * K * K, dtype=index, device=dev)
     col_DTK = buf[:n_z].view(D, T, K)               # each slot's column if it starts its group's run, else spare
     torch.where(prev_TK.unsqueeze(0) < level, grp_DTK, U.to(index).view(D, 1, 1), out=col_DTK).add_(col_off)
     torch.add((ids * X1 + off_co).view(1, T, K, 1), col_DTK.view(D, T, 1, K),
@@ -396,7 +397,7 @@ def _tables_of(flat: torch.Tensor, num_experts: int, num_groups: Sequence[int], 
     E, D, X = num_experts, len(num_groups), sum(num_groups)
     E1, X1 = E + 1, X + D
     off_co, off_w = num_ranks * X1, num_ranks * X1 + E1 * X1
-    keep = _real_columns(tuple(num_groups))
+    keep = _real_columns(tuple(num_groups)).to(flat.device)
     route = flat[:off_co].view(num_ranks, X1).index_select(1, keep)
     co = flat[off_co:off_w].view(E1, X1)[:E].index_select(1, keep)
     w = flat[off_w:off_w + D * E1 * E1].view(D, E1, E1)
@@ -423,11 +424,11 @@ def z_four_case(map_TS: torch.Tensor, num_groups: int) -> torch.Tensor:
     T, E = map_TS.shape
     U = num_groups
     g = E // U
-    grp_E = torch.arange(E) // g
+    grp_E = torch.arange(E, device=map_TS.device) // g
     cnt_TU = map_TS.view(T, U, g).sum(2)
     Z = cnt_TU.gt(0).sum(0).unsqueeze(0).repeat(E * E, 1).view(-1)          # flat [E * E * U]
     t_P, A_P = map_TS.nonzero(as_tuple=True)
-    B = torch.arange(E).unsqueeze(0)                                          # [1, E]
+    B = torch.arange(E, device=map_TS.device).unsqueeze(0)                    # [1, E]
     gA, gB = grp_E[A_P].unsqueeze(1), grp_E[B]                                # [P, 1], [1, E]
     other = (gA != gB) & ~map_TS[t_P]                                         # B unselected, other group
     dB = other & (cnt_TU[t_P][:, grp_E] == 0)                                 # cases 1/2: +1 to grp(B)
@@ -435,8 +436,8 @@ def z_four_case(map_TS: torch.Tensor, num_groups: int) -> torch.Tensor:
     A = A_P.unsqueeze(1)
     for r, c in ((A, B), (B, A)):                                             # Z is symmetric in (r, c)
         base = (r * E + c) * U
-        Z.index_add_(0, (base + gB).expand_as(dB)[dB], torch.ones(int(dB.sum()), dtype=Z.dtype))
-        Z.index_add_(0, (base + gA).expand_as(dA)[dA], -torch.ones(int(dA.sum()), dtype=Z.dtype))
+        Z.index_add_(0, (base + gB).expand_as(dB)[dB], torch.ones(int(dB.sum()), dtype=Z.dtype, device=Z.device))
+        Z.index_add_(0, (base + gA).expand_as(dA)[dA], -torch.ones(int(dA.sum()), dtype=Z.dtype, device=Z.device))
     return Z.view(E, E, U)
 
 
@@ -483,7 +484,7 @@ def local_swap_stats(routing_map_TE: torch.Tensor, topology: Topology, placement
     check_expert_parallel(E, topology.G)
     if placement is not None and placement.num_experts != E:
         raise ValueError(f"placement has {placement.num_experts} experts, routing map {E}")
-    pairs = torch.zeros(topology.G, sum(groups), dtype=torch.int64)
+    pairs = torch.zeros(topology.G, sum(groups), dtype=torch.int64, device=routing_map_TE.device)
     pairs[rank] = local_counts(routing_map_TE, topology, placement, dedup=False)
     ids_TK, _ = selected_slots(routing_map_TE, placement)
     flat = _raw_tables(ids_TK, E, groups, rank, topology.G)
@@ -549,9 +550,14 @@ def swap_stats_from_slots(ids_NK: torch.Tensor, origin_N: torch.Tensor, topology
 
 def gather_swap_stats(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPlacement | None,
                       z_method: str = "factored") -> SwapStats:
-    """The global statistics on every rank: one all-reduce (sum). A collective."""
+    """The global statistics on every rank: one all-reduce (sum). A collective.
+
+    Devices: the rank's statistics are counted where the routing map lives, summed on
+    `comm.device` (the rank's GPU under NCCL, the CPU for SimComm and gloo) and brought to the
+    CPU once, where `decide_swap` works on them (small tables; the same bits as a CPU run)."""
     flat = local_swap_stats(routing_map_TE, comm.topology, placement, comm.rank, z_method)
-    return _unflatten(comm.all_reduce(flat, "sum"), comm.topology, routing_map_TE.shape[1], z_method)
+    total = comm.all_reduce(flat.to(comm.device), "sum").cpu()
+    return _unflatten(total, comm.topology, routing_map_TE.shape[1], z_method)
 
 
 # ==========================================================================================
@@ -604,7 +610,8 @@ def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareP
     With `comm` (a collective) the pairs are split across the ranks: each screens the rows of its
     own GPU's slots (E / G x E pairs) and evaluates the candidates (r < c) of its rows; three small
     collectives (the screened minimum, the exact minimum, each rank's tie-break key) combine them.
-    Without, one process takes all rows; both give the same decision."""
+    Without, one process takes all rows; both give the same decision. `stats` are CPU tables
+    (`gather_swap_stats`); the scalars the collectives carry are made on `comm.device`."""
     _check_options(max_fn, gamma)
     topo = stats.topology
     check_profile(profile, topo)
@@ -628,7 +635,9 @@ def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareP
     first, end = (0, E) if comm is None else (comm.rank * El, (comm.rank + 1) * El)
 
     def reduce_min(value: float) -> float:
-        return value if comm is None else float(comm.all_reduce(torch.tensor([value], dtype=torch.float64), "min"))
+        if comm is None:
+            return value
+        return float(comm.all_reduce(torch.tensor([value], dtype=torch.float64, device=comm.device), "min"))
 
     n = end - first
     coef = [beta * fan * row_bytes for _, _, fan, _, beta in terms]
@@ -659,7 +668,7 @@ def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareP
     if q_C.numel():
         best = int(torch.argmin(key_C))
         mine[0], mine[1] = float(key_C[best]), float(q_C[best])
-    every = torch.stack([mine] if comm is None else comm.all_gather(mine))     # [ranks, (key, q, ties)]
+    every = torch.stack([mine] if comm is None else comm.all_gather(mine.to(comm.device))).cpu()  # [ranks, (key, q, ties)]
     key, q_pair = (float(v) for v in every[int(torch.argmin(every[:, 0]))][:2])
     ties = int(every[:, 2].sum())
     if q_best < q_now - REL_TOL * max(1.0, abs(q_now)):
@@ -709,8 +718,8 @@ class HierDExpertSwap(PlacementPlanner):
                                gamma=self.gamma, dim=self.dim, comm=comm, weight_bytes=self.weight_bytes)
         if self.verify_agreement:
             pair = decision.pair or (-1, -1)
-            mine = torch.tensor([pair[0], pair[1], -pair[0], -pair[1]])
-            top = comm.all_reduce(mine, "max")
+            mine = torch.tensor([pair[0], pair[1], -pair[0], -pair[1]], device=comm.device)
+            top = comm.all_reduce(mine, "max").cpu()
             if not (int(top[0]) == -int(top[2]) == pair[0] and int(top[1]) == -int(top[3]) == pair[1]):
                 raise RuntimeError(f"HierD-ES: ranks chose different swaps (rank {comm.rank}: {decision.pair})")
         self.last_decision = decision

@@ -10,7 +10,7 @@ a pure function of the case.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,6 +43,11 @@ class TrainCase:
     policy: str = "none"               # 'none', 'random' (a fresh random permutation every step) or a planner name
     planner_kwargs: tuple = ()         # (key, value) pairs for the planner
     resume_steps: int = 0              # > 0: checkpoint after `steps`, then train on and compare with a resumed run
+    device: str = "cpu"                # where the layer, optimizer state and tokens live (results come back on the CPU)
+    dtype: torch.dtype = DTYPE
+
+    def on(self, device: str) -> "TrainCase":
+        return replace(self, device=device)
 
 
 def profile_for_topology(topology: Topology) -> HardwareProfile:
@@ -76,10 +81,10 @@ def make_planner(case: TrainCase, comm: Comm):
 def batch(case: TrainCase, comm: Comm, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(case.seed * 7919 + step)
     n = comm.world_size * case.tokens_per_rank
-    x = torch.randn(n, case.hidden, generator=g, dtype=torch.float64).to(DTYPE)
-    target = torch.randn(n, case.hidden, generator=g, dtype=torch.float64).to(DTYPE)
+    x = torch.randn(n, case.hidden, generator=g, dtype=torch.float64).to(case.dtype)
+    target = torch.randn(n, case.hidden, generator=g, dtype=torch.float64).to(case.dtype)
     sl = slice(comm.rank * case.tokens_per_rank, (comm.rank + 1) * case.tokens_per_rank)
-    return x[sl], target[sl]
+    return x[sl].to(case.device), target[sl].to(case.device)
 
 
 def random_placement(case: TrainCase, step: int) -> ExpertPlacement:
@@ -93,12 +98,14 @@ class Trainer:
     def __init__(self, comm: Comm, case: TrainCase, with_policy: bool = True):
         self.comm, self.case = comm, case
         gate_cfg = GateConfig(kind="softmax_topk", top_k=case.top_k)
-        self.gate = build_gate(gate_cfg, case.hidden, case.num_experts).to(DTYPE)
+        self.gate = build_gate(gate_cfg, case.hidden, case.num_experts).to(case.dtype)
         init_gate_from_seed(self.gate, case.seed + 1)
+        self.gate.to(case.device)
         self.dispatcher = make_dispatcher(case, comm)
         self.experts = GroupedExperts(self.dispatcher.num_local_experts, case.hidden, case.ffn_hidden,
-                                      kind=case.ffn_kind).to(DTYPE)
+                                      kind=case.ffn_kind).to(case.dtype)
         self.experts.init_from_seed(self.dispatcher.local_experts(), case.seed + 2)
+        self.experts.to(case.device)
         self.layer = ExpertParallelMoE(self.gate, self.experts, self.dispatcher)
         self.opt_gate = torch.optim.Adam(self.gate.parameters(), lr=case.lr)
         self.opt_experts = torch.optim.Adam(self.experts.parameters(), lr=case.lr)
@@ -138,10 +145,12 @@ def train_rank(comm: Comm, case: TrainCase) -> dict:
     and train a fresh identity-placement run resumed from the checkpoint."""
     t = Trainer(comm, case)
     losses = [t.train_step(s) for s in range(case.steps)]
+    logical = t.logical_state()
     out = {"losses": losses, "placement": t.layer.placement.slot_of_expert, "moves": t.moves,
-           "experts": t.logical_state(), "gate": {k: v.clone() for k, v in t.gate.state_dict().items()}}
+           "experts": _on_cpu(logical), "gate": {k: v.cpu().clone() for k, v in t.gate.state_dict().items()},
+           "devices": _devices(t)}
     if case.resume_steps:
-        ckpt = out["experts"]
+        ckpt = logical
         gate_state, gate_opt = copy.deepcopy(t.gate.state_dict()), copy.deepcopy(t.opt_gate.state_dict())
         more = range(case.steps, case.steps + case.resume_steps)
         out["continued"] = [t.train_step(s, move=False) for s in more]
@@ -150,9 +159,24 @@ def train_rank(comm: Comm, case: TrainCase) -> dict:
         fresh.opt_gate.load_state_dict(gate_opt)
         load_logical_expert_state(fresh.experts, fresh.layer.placement, comm.rank, comm.world_size, ckpt,
                                   optimizer=fresh.opt_experts)
-        out["reloaded"] = fresh.logical_state()
+        out["reloaded"] = _on_cpu(fresh.logical_state())
         out["resumed"] = [fresh.train_step(s, move=False) for s in more]
     return out
+
+
+def _on_cpu(state: dict) -> dict:
+    """A logical-order expert state with its tensors on the CPU (runs on any device compare there)."""
+    cpu = lambda v: v.cpu() if torch.is_tensor(v) else v  # noqa: E731
+    return {**state, "experts": {e: {k: cpu(v) for k, v in entries.items()} for e, entries in state["experts"].items()},
+            "shared": {k: cpu(v) for k, v in state["shared"].items()}}
+
+
+def _devices(t: Trainer) -> set[str]:
+    """Device types of the experts' parameters, gradients and per-expert optimizer state."""
+    tensors = [p for p in t.experts.parameters()] + [p.grad for p in t.experts.parameters() if p.grad is not None]
+    tensors += [v for p in t.experts.parameters() for v in t.opt_experts.state.get(p, {}).values()
+                if torch.is_tensor(v) and v.dim() >= 1]
+    return {x.device.type for x in tensors}
 
 
 def train_cases(comm: Comm, cases: list[TrainCase]) -> list[dict]:

@@ -198,6 +198,29 @@ def test_checkpoint_in_logical_order_loads_into_any_placement():
         load_logical_expert_state(ex, ExpertPlacement.identity(4), 0, 4, ckpt)
 
 
+def _meta_rank(comm):
+    """Experts, gradients and Adam state on 'meta' (no data, but devices are checked): a migration
+    index or optimizer buffer made on the CPU fails here, as it would with CUDA experts."""
+    ex = GroupedExperts(El, 4, 3, kind="gpt", bias=True).to("meta")
+    opt = torch.optim.Adam(ex.parameters(), lr=0.1)
+    for p in ex.parameters():
+        p.grad = torch.zeros_like(p)
+        opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    migrate_experts(comm, ex, ExpertPlacement.identity(E), NEW, optimizer=opt)
+    ckpt = gather_logical_expert_state(comm, ex, NEW, optimizer=opt)
+    fresh = GroupedExperts(El, 4, 3, kind="gpt", bias=True).to("meta")
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    load_logical_expert_state(fresh, NEW, comm.rank, comm.world_size, ckpt, optimizer=fresh_opt)
+    return {label: value.device.type for label, value in ckpt["experts"][0].items()}, \
+        {key: v.device.type for p in fresh.parameters() for key, v in fresh_opt.state[p].items() if v.dim()}
+
+
+def test_migration_and_checkpoint_buffers_live_on_the_experts_device():
+    for ckpt_devices, state_devices in SimWorld(TOPO).run(_meta_rank):
+        assert set(ckpt_devices.values()) == {"meta"} and len(ckpt_devices) == 4 * 3
+        assert state_devices == {"exp_avg": "meta", "exp_avg_sq": "meta"}
+
+
 # ------------------------------------------------------------------------------------------
 # acceptance: training with a placement change after every step
 # ------------------------------------------------------------------------------------------
