@@ -15,7 +15,10 @@ def read_results(path: str, columns: Iterable[str], writer: str, *, comment: str
                  allow_empty: bool = False) -> pd.DataFrame:
     """The CSV at `path` with at least `columns`; ValueError otherwise. `writer`: the command
     (or module) that writes such a CSV, named in the message."""
-    frame = pd.read_csv(path, comment=comment)
+    try:
+        frame = pd.read_csv(path, comment=comment)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a CSV of {writer} ({str(e).strip().splitlines()[0]})") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "

@@ -42,7 +42,6 @@ from impl.common.records import atomic_write_text  # noqa: E402
 
 __all__ = ["speedups", "plot_speedup", "plot_partition", "plot_timeline", "report", "gpu_section", "main"]
 
-REPO = Path(__file__).resolve().parents[1]
 PHASES = ("prefill", "decode", "overall")
 BASELINES = ("llama.cpp", "Fiddler")
 MODEL_LABEL = {"mixtral-8x7b": "Mixtral-8x7B", "llama2-7b": "LLaMA-2-7B", "llama2-13b": "LLaMA-2-13B",
@@ -279,9 +278,9 @@ def _command(command) -> str:
     if isinstance(command, str):
         return command
     args = [Path(command[0]).name, *command[1:]] if command else []
-    if len(args) > 1 and args[1].endswith("__main__.py"):
-        module = Path(args[1]).parent.relative_to(REPO) if Path(args[1]).is_absolute() else Path(args[1]).parent
-        args[1:2] = ["-m", ".".join(module.parts)]
+    parts = Path(args[1]).parent.parts if len(args) > 1 and args[1].endswith("__main__.py") else ()
+    if "impl" in parts:                  # recorded in another checkout: the module path from its package
+        args[1:2] = ["-m", ".".join(parts[len(parts) - parts[::-1].index("impl") - 1:])]
     return shlex.join(args)
 
 
@@ -296,12 +295,15 @@ def gpu_section(bench_csv: str, bench_record: str, hardware_yaml: str) -> str:
     from impl.scheinfer.config import DecoderConfig
 
     bench = read_results(bench_csv, BENCH_COLUMNS, "python -m impl.experiments.scheinfer bench")
-    record = json.loads(Path(bench_record).read_text())
     try:
+        record = json.loads(Path(bench_record).read_text())
         cfg = DecoderConfig.from_dict(record["model"]["decoder_config"])
         budget = int(record["extra"]["budget"]["gpu_mem_bytes"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{bench_record}: not a bench run record with the model's decoder_config and budget ({e})")
+        device, tier, git, when = record["topology"]["device"], record["tier"], record["git"], record["timestamp"]
+        command, matmul = _command(record["command"]), record["extra"].get("gpu_fp32_matmul", {})
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{bench_record}: not a bench run record (python -m impl.experiments.scheinfer bench "
+                         f"--out-record) with the model's decoder_config, budget and provenance ({e!r})") from None
     classes = load_hardware(hardware_yaml)
     if len(classes) != 1:
         raise ValueError(f"{hardware_yaml}: expected the one hardware class gpu_check measured, found {len(classes)}")
@@ -312,10 +314,9 @@ def gpu_section(bench_csv: str, bench_record: str, hardware_yaml: str) -> str:
     med = bench.groupby(["system", "prompt_tokens"])[["prefill_tok_s", "decode_tok_s"]].median()
     llama = sorted(s for s in bench["system"].unique() if s.startswith("llama.cpp"))
     paper, _ = _paper_ranges()
-    matmul = record["extra"].get("gpu_fp32_matmul", {})
-    lines = ["", f"## Measured on {record['topology'].get('device', '?')} (tier {record['tier']})", "",
-             f"`{_command(record['command'])}` at {(record['git'].get('sha') or '?')[:12]}"
-             f"{' (uncommitted changes)' if record['git'].get('dirty') else ''}, {record['timestamp'][:19]}: a generated "
+    lines = ["", f"## Measured on {device} (tier {tier})", "",
+             f"`{command}` at {(git.get('sha') or '?')[:12]}"
+             f"{' (uncommitted changes)' if git.get('dirty') else ''}, {when[:19]}: a generated "
              f"{cfg.arch} model ({cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, hidden {cfg.hidden}, "
              f"expert width {cfg.moe_ffn_hidden}, F32 weights) under a {budget / 2**20:.0f} MiB budget for FFN rows and "
              f"staging, {int(bench['round'].nunique())} rounds (medians). GPU float32 products: ours "

@@ -158,9 +158,9 @@ class SmartMoEPlanner(PlacementPlanner):
         self._window.append(self._local_counts(routing_map_TE))
 
     def _plan_from(self, comm: Comm, placement: ExpertPlacement, local_E: torch.Tensor) -> ExpertPlacement:
-        """Counts are made where the routing map lives and summed on `comm.device` (the rank's GPU
-        under NCCL, the CPU for SimComm and gloo); the placement is chosen on the host."""
-        load_E = comm.all_reduce(local_E.to(comm.device), "sum").cpu()
+        """Counts are made where the routing map lives and summed on the host (`Comm.reduce_on_host`);
+        the placement is chosen there."""
+        load_E = comm.reduce_on_host(local_E, "sum")
         self.last_loads = load_E.tolist()
         return smartmoe_placement(load_E, placement, comm.world_size, self.method)
 

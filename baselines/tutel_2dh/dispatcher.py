@@ -99,8 +99,7 @@ class CapacityPaddedDispatcher(TokenDispatcher):
         all ranks computed the same fixed bound (equal slices need the same C everywhere)."""
         bound, dynamic = self.capacity_rule(num_tokens)
         b = -1 if bound is None else bound
-        stats = torch.tensor([local_max, b, -b], dtype=torch.int64, device=self.comm.device)
-        stats = self.comm.all_reduce(stats, "max").tolist()
+        stats = self.comm.reduce_on_host(torch.tensor([local_max, b, -b], dtype=torch.int64), "max").tolist()
         global_max, b_max, b_min = stats[0], stats[1], -stats[2]
         if b_max != b_min:
             raise ValueError(f"{self.name}: capacity differs across ranks ({b_min}..{b_max}) because their "

@@ -286,6 +286,13 @@ class Comm(ABC):
         """The reduction ('sum', 'max' or 'min') of `x` over `group`, as a new tensor."""
         return self.all_reduce_async(x, op, group, category=category, phase=phase).wait()
 
+    def reduce_on_host(self, x: torch.Tensor, op: str = "sum", group: CommGroup | None = None, *,
+                       category: str = "meta", phase: str = "fwd") -> torch.Tensor:
+        """`all_reduce` of a small table the host reads (counts, statistics, a decision's scalars),
+        wherever `x` lives: sent from `self.device` (the backend's: NCCL takes CUDA tensors only)
+        and returned on the CPU."""
+        return self.all_reduce(x.to(self.device), op, group, category=category, phase=phase).cpu()
+
     def all_reduce_async(self, x: torch.Tensor, op: str = "sum", group: CommGroup | None = None, *,
                          category: str = "meta", phase: str = "fwd") -> Handle:
         self._check_op(op)

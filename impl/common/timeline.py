@@ -203,9 +203,7 @@ def search_order(schedule: Schedule, tries: int, seed: int = 0) -> Schedule:
     leaves (schedule over searched) and what the bound cannot see (searched over bound)."""
     rng = random.Random(seed)
     tasks = list(schedule.tasks)
-    positions: dict[str, list[int]] = defaultdict(list)
-    for i, t in enumerate(tasks):
-        positions[t.lane].append(i)
+    positions = _lane_positions(tasks)
     movable = [lane for lane, where in positions.items() if len(where) > 1]
     best = simulate(schedule).makespan
     for _ in range(tries if movable else 0):
@@ -219,10 +217,16 @@ def search_order(schedule: Schedule, tries: int, seed: int = 0) -> Schedule:
             continue
         if makespan <= best:
             best, tasks = makespan, candidate
-            positions = defaultdict(list)
-            for i, t in enumerate(tasks):
-                positions[t.lane].append(i)
+            positions = _lane_positions(tasks)
     return Schedule(tuple(tasks))
+
+
+def _lane_positions(tasks: list[Task]) -> dict[str, list[int]]:
+    """Per lane, the indices of its tasks in `tasks` (its issue order)."""
+    positions: dict[str, list[int]] = defaultdict(list)
+    for i, t in enumerate(tasks):
+        positions[t.lane].append(i)
+    return positions
 
 
 def _dependency_order(schedule: Schedule, users: Mapping[str, list[str]]) -> list[str]:

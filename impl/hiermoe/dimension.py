@@ -240,9 +240,9 @@ def gather_counts(comm: Comm, routing_map_TE: torch.Tensor, placement: ExpertPla
     """Global counts on every rank: one all-reduce (sum) of a table holding each rank's row."""
     topo = comm.topology
     mine = local_counts(routing_map_TE, topo, placement, dedup)
-    table = torch.zeros(topo.G, mine.numel(), dtype=torch.int64, device=comm.device)
+    table = torch.zeros(topo.G, mine.numel(), dtype=torch.int64, device=mine.device)
     table[comm.rank] = mine
-    return RouteCounts.from_table(topo, comm.all_reduce(table, "sum").cpu(), dedup)
+    return RouteCounts.from_table(topo, comm.reduce_on_host(table, "sum"), dedup)
 
 
 # ==========================================================================================
@@ -425,9 +425,9 @@ def gather_dispatch_counts(comm: Comm, routing_map_TE: torch.Tensor, placement: 
     topo = comm.topology
     mine = torch.cat([local_counts(routing_map_TE, topo, placement, True),
                       local_counts(routing_map_TE, topo, placement, False)])
-    table = torch.zeros(topo.G, mine.numel(), dtype=torch.int64, device=comm.device)   # the backend's device
+    table = torch.zeros(topo.G, mine.numel(), dtype=torch.int64, device=mine.device)
     table[comm.rank] = mine
-    copies, pairs = comm.all_reduce(table, "sum").cpu().split(mine.numel() // 2, dim=1)   # counts feed a host model
+    copies, pairs = comm.reduce_on_host(table, "sum").split(mine.numel() // 2, dim=1)   # counts feed a host model
     return DispatchCounts(RouteCounts.from_table(topo, copies, True), RouteCounts.from_table(topo, pairs, False),
                           routing_map_TE.shape[1])
 

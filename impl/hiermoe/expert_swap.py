@@ -552,12 +552,11 @@ def gather_swap_stats(comm: Comm, routing_map_TE: torch.Tensor, placement: Exper
                       z_method: str = "factored") -> SwapStats:
     """The global statistics on every rank: one all-reduce (sum). A collective.
 
-    Devices: the rank's statistics are counted where the routing map lives, summed on
-    `comm.device` (the rank's GPU under NCCL, the CPU for SimComm and gloo) and brought to the
-    CPU once, where `decide_swap` works on them (small tables; the same bits as a CPU run)."""
+    Devices: the rank's statistics are counted where the routing map lives and summed with
+    `Comm.reduce_on_host`, which leaves them on the CPU, where `decide_swap` works on them (small
+    tables; the same bits as a CPU run)."""
     flat = local_swap_stats(routing_map_TE, comm.topology, placement, comm.rank, z_method)
-    total = comm.all_reduce(flat.to(comm.device), "sum").cpu()
-    return _unflatten(total, comm.topology, routing_map_TE.shape[1], z_method)
+    return _unflatten(comm.reduce_on_host(flat, "sum"), comm.topology, routing_map_TE.shape[1], z_method)
 
 
 # ==========================================================================================
@@ -611,7 +610,8 @@ def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareP
     own GPU's slots (E / G x E pairs) and evaluates the candidates (r < c) of its rows; three small
     collectives (the screened minimum, the exact minimum, each rank's tie-break key) combine them.
     Without, one process takes all rows; both give the same decision. `stats` are CPU tables
-    (`gather_swap_stats`); the scalars the collectives carry are made on `comm.device`."""
+    (`gather_swap_stats`); the scalars the collectives carry travel on the backend's device
+    (`Comm.reduce_on_host`)."""
     _check_options(max_fn, gamma)
     topo = stats.topology
     check_profile(profile, topo)
@@ -635,9 +635,7 @@ def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareP
     first, end = (0, E) if comm is None else (comm.rank * El, (comm.rank + 1) * El)
 
     def reduce_min(value: float) -> float:
-        if comm is None:
-            return value
-        return float(comm.all_reduce(torch.tensor([value], dtype=torch.float64, device=comm.device), "min"))
+        return value if comm is None else float(comm.reduce_on_host(torch.tensor([value], dtype=torch.float64), "min"))
 
     n = end - first
     coef = [beta * fan * row_bytes for _, _, fan, _, beta in terms]
@@ -718,8 +716,7 @@ class HierDExpertSwap(PlacementPlanner):
                                gamma=self.gamma, dim=self.dim, comm=comm, weight_bytes=self.weight_bytes)
         if self.verify_agreement:
             pair = decision.pair or (-1, -1)
-            mine = torch.tensor([pair[0], pair[1], -pair[0], -pair[1]], device=comm.device)
-            top = comm.all_reduce(mine, "max").cpu()
+            top = comm.reduce_on_host(torch.tensor([pair[0], pair[1], -pair[0], -pair[1]]), "max")
             if not (int(top[0]) == -int(top[2]) == pair[0] and int(top[1]) == -int(top[3]) == pair[1]):
                 raise RuntimeError(f"HierD-ES: ranks chose different swaps (rank {comm.rank}: {decision.pair})")
         self.last_decision = decision

@@ -123,6 +123,17 @@ def test_all_gather_reduce_scatter_all_reduce_and_async_on_sim_ranks():
         assert t["a2a"] == {"node": 2 * 24, "gpu": 24}
 
 
+def test_reduce_on_host_is_all_reduce_returned_on_the_cpu():
+    """The small tables the host reads: the same reduction as `all_reduce`, on the CPU."""
+    def job(comm):
+        x = torch.tensor([comm.rank, 1, -comm.rank], dtype=torch.int64)
+        host = comm.reduce_on_host(x, "max")
+        return host, comm.all_reduce(x, "max")
+
+    for host, plain in SimWorld(get_topology("1x2")).run(job):
+        assert host.device.type == "cpu" and torch.equal(host, plain) and host.tolist() == [1, 1, 0]
+
+
 def test_gather_and_scatter_autograd_twins():
     def body(comm):
         x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(comm.rank),

@@ -190,3 +190,26 @@ def test_every_figure_cli_reading_csvs_is_in_the_bad_input_test():
     readers = {m.name for m in pkgutil.iter_modules(figures.__path__)
                if "read_results(" in (Path(figures.__path__[0]) / f"{m.name}.py").read_text() and m.name != "inputs"}
     assert readers == set(FIGURE_CLIS)
+
+
+@pytest.mark.parametrize("content", ["", "a,b\n", "\x00\x01 not\n\"a,b\n"], ids=["empty", "header-only", "garbage"])
+def test_a_results_reader_names_the_file_of_an_empty_or_broken_csv(tmp_path, content):
+    from figures.inputs import read_results
+    path = tmp_path / "r.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"^{path}: "):
+        read_results(str(path), ("a",), "the writer")
+
+
+@pytest.mark.parametrize("record", ["", '{"tier": "cluster", "model": {', '{"model": {}}', "[]"],
+                         ids=["empty", "truncated", "no-config", "not-an-object"])
+def test_the_gpu_section_names_a_broken_bench_record(tmp_path, record):
+    """Before anything is predicted or written: one ValueError naming the record file."""
+    from figures.scheinfer_sim import gpu_section
+    bench = tmp_path / "b.csv"
+    bench.write_text("round,system,prompt_tokens,n_predict,prefill_tok_s,decode_tok_s,device\n"
+                     "0,scheinfer,8,4,10.0,5.0,cuda:0\n")
+    rec = tmp_path / "b.json"
+    rec.write_text(record)
+    with pytest.raises(ValueError, match=f"^{rec}: not a bench run record"):
+        gpu_section(str(bench), str(rec), str(tmp_path / "unused.yaml"))

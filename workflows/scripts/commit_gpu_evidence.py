@@ -68,6 +68,8 @@ def commit(src: Path, card: str, dest: Path, allow_dry_run: bool = False) -> int
         bench = json.loads((src / "c_bench.json").read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"--from {src}: a record is not JSON ({e})") from None
+    if not (isinstance(record, dict) and isinstance(bench, dict)):
+        raise ValueError(f"--from {src}: e_record.json and c_bench.json must be run records (JSON objects)")
     for name, r in (("e_record.json", record), ("c_bench.json", bench)):
         if r.get("tier") != "cluster" and not allow_dry_run:
             raise ValueError(f"--from {src / name}: tier {r.get('tier')!r}, not 'cluster': a run without a GPU "
