@@ -138,10 +138,10 @@ class _RankView(Comm):
     def _start(self, run, kind, x, group, **args):
         return Handle(run)
 
-    def all_reduce(self, x, op="sum", group=None):
+    def all_reduce(self, x, op="sum", group=None, **counting):     # answered locally: no group to resolve
         return x.clone()
 
-    def all_gather(self, x, group=None):
+    def all_gather(self, x, group=None, **counting):
         return [x.clone()]
 
     def all_gather_object(self, obj):
