@@ -23,7 +23,6 @@ published totals; `ModelConfig.gate_config()` the `routing.GateConfig` of the mo
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path

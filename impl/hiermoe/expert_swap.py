@@ -165,7 +165,7 @@ class StackedLevels:
     def swapped_counts(self, s1: torch.Tensor, s2: torch.Tensor, levels: Sequence[int] | None = None) -> torch.Tensor:
         """int64 [levels, C, width]: the group counts after swapping slots s1[i] and s2[i] (Z[s1, s2, :])."""
         sel, U, grp_LE = self._index(levels)
-        nL, C = sel.numel(), s1.numel()
+        C = s1.numel()
         z0 = self.z0.index_select(0, sel)
         x = self.x.index_select(0, sel)
         a, b = grp_LE[:, s1], grp_LE[:, s2]                                             # [nL, C]

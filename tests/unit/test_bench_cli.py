@@ -1,6 +1,5 @@
 """The layer bench CLI: bad input fails before any rank starts, with one line and exit code 2;
 a good config runs on SimComm and writes a valid record whose bytes equal the ranks' counters."""
-import json
 import subprocess
 import sys
 

@@ -10,7 +10,7 @@ from impl.common.dispatcher import ExpertPlacement
 from impl.common.registry import get
 from impl.common.topology import get_topology
 from impl.common.traces import synthetic_topk
-from impl.hiermoe.dimension import choose_from_counts, dispatch_counts, local_counts, route_counts, route_steps
+from impl.hiermoe.dimension import choose_from_counts, dispatch_counts, local_counts, route_steps
 from impl.hiermoe.expert_swap import (MAX_FNS, REL_TOL, HierDExpertSwap, apply_max_fn, decide_swap, global_swap_stats,
                                       _unflatten, level_stats, local_swap_stats, selected_slots, swap_objective,
                                       z_four_case)

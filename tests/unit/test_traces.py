@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from impl.common.routing import GateConfig, RoutingResult, build_gate, routing_from_topk
+from impl.common.routing import GateConfig, build_gate, routing_from_topk
 from impl.common.traces import (FORMAT_VERSION, RoutingTrace, TraceError, TraceRecorder,
                                 synthetic_topk, synthetic_trace)
 
