@@ -39,7 +39,7 @@ from statistics import median
 from typing import Any, Sequence
 
 from . import cli
-from .config import MAX_REPEATS, MAX_SECONDS, MAX_WIDTH, check_host_memory
+from .config import MAX_LOCAL_RANKS, MAX_REPEATS, MAX_SECONDS, MAX_WIDTH, check_host_memory
 from .emu_cluster import NetworkConfig, check_network, emulated_cluster
 from .costmodel import (HardwareProfile, LinearModel, fit_linear, parse_step, profile_summary, save_profile,
                         step_name, topology_steps)
@@ -460,6 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--gemm-tokens: needs >= 2 distinct token counts, got {gemm_tokens}")
         # every flag is checked, also those a run without --emulate-rate ignores
         emulate = args.emulate_rate is not None
+        shaping = [f for f in ("--emulate-burst", "--emulate-latency", "--emulate-intra-rate")
+                   if any(a == f or a.startswith(f + "=") for a in argv)]
+        if shaping and not emulate:
+            raise ValueError(f"{shaping[0]} needs --emulate-rate (links are shaped only on an emulated cluster)")
         network = NetworkConfig(emulate=emulate, rate=args.emulate_rate if emulate else NetworkConfig.rate,
                                 burst=args.emulate_burst, latency=args.emulate_latency,
                                 intra_rate=args.emulate_intra_rate)
@@ -475,6 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         topo = get_topology(plan.topology)
         if args.launcher == "env":
             require_job(topo, "--launcher env")
+        elif topo.G > MAX_LOCAL_RANKS:
+            raise ValueError(f"--topology {args.topology}: G = {topo.G} ranks; --launcher local runs one process "
+                             f"per rank on this machine, allowed: G <= {MAX_LOCAL_RANKS}")
         # every rank's send and receive buffers, and the GEMM's operands (all on this host under local)
         check_host_memory(3 * max(sizes) * (topo.G if args.launcher == "local" else 1), "--sizes")
         if gemm_tokens:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -65,12 +66,35 @@ def number(kind: type = int, *, ge: float | None = None, gt: float | None = None
     return parse
 
 
+def _check_can_create(text: str, what: str) -> None:
+    """The nearest existing folder above `text` is a writable folder, so the run's outputs (written
+    last, their missing folders made) can be created: checked before any work starts."""
+    above = Path(text).absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(above)!r} is a file, not a folder; allowed: {what}")
+    _check_writable(above, f"{text!r}: folder {str(above)!r}", what)
+
+
+def _check_writable(folder: Path, named: str, what: str) -> None:
+    """A file can be made in `folder` (tried: permission bits do not tell for root or /proc)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{named} is not writable ({e.strerror}); allowed: {what} "
+                                         "in a writable folder") from None
+
+
 def output_path(text: str) -> str:
-    """An argparse `type` for a file to write: a non-empty path that is not a directory."""
+    """An argparse `type` for a file to write: a non-empty path that is not a directory, in a
+    folder that is (or can be made) writable."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path is not allowed; allowed: a file path")
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; allowed: a file path")
+    _check_can_create(text, "a file path")
     return text
 
 
@@ -80,6 +104,10 @@ def output_dir(text: str) -> str:
         raise argparse.ArgumentTypeError("an empty path is not allowed; allowed: a folder path")
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file; allowed: a folder path")
+    if not Path(text).exists():
+        _check_can_create(text, "a folder path")
+    else:
+        _check_writable(Path(text), f"folder {text!r}", "a folder path")
     return text
 
 
@@ -95,7 +123,7 @@ def parser(prog: str, doc: str | None, *, config: type | None = None, outputs: t
            progress: bool = False) -> ArgumentParser:
     """An ArgumentParser with the shared flags: `--config`/`--set` for a config dataclass,
     `--out-csv` / `--out-record` (required) for the outputs named, `--no-progress`."""
-    p = ArgumentParser(prog=prog, description=(doc or "").strip().split("\n")[0])
+    p = ArgumentParser(prog=prog, description=" ".join((doc or "").strip().split("\n\n")[0].split()))
     if config is not None:
         p.add_argument("--config", type=input_file,
                        help=f"YAML file with {config.__name__} keys; defaults apply without it")

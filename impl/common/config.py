@@ -31,7 +31,7 @@ import yaml
 __all__ = ["ConfigError", "Bounds", "bounded", "bounds_of", "check_bounds", "from_dict", "to_dict", "load_yaml",
            "apply_overrides", "parse_set", "config_hash", "build_config", "checked", "INT64_MAX", "SEED_MAX",
            "MAX_RANKS", "MAX_EXPERTS", "MAX_WIDTH", "MAX_TOKENS", "MAX_LAYERS", "MAX_REPEATS", "MAX_SECONDS",
-           "DEFAULT_TIMEOUT_S",
+           "DEFAULT_TIMEOUT_S", "MAX_LOCAL_RANKS",
            "host_memory_bytes", "check_host_memory"]
 
 INT64_MAX = 2**63 - 1       # what torch, numpy and C code take as an integer
@@ -46,6 +46,8 @@ MAX_LAYERS = 1 << 12
 MAX_REPEATS = 100_000       # repeats, warm-up steps, iterations, samples
 MAX_SECONDS = 30 * 86400.0  # timeouts and deadlines
 DEFAULT_TIMEOUT_S = 120.0   # a collective that takes longer than this is a failure (a dead or stuck rank)
+# the most ranks one host runs as local processes (emu tier, calibration): one process each
+MAX_LOCAL_RANKS = 64
 
 
 class ConfigError(ValueError):

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -41,6 +39,7 @@ import numpy as np
 import yaml
 
 from .config import load_yaml
+from .records import atomic_write_text
 from .topology import Topology, TopologyError, get_topology
 
 __all__ = ["LinearFit", "LinearModel", "HardwareProfile", "fit_linear", "load_profile", "save_profile",
@@ -429,19 +428,9 @@ _ProfileDumper.add_representer(list, _list_presenter)
 
 def save_profile(profile: HardwareProfile, path: str | Path) -> Path:
     """Write `profile` as YAML, atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.dump(profile.to_dict(), Dumper=_ProfileDumper, sort_keys=False, default_flow_style=False,
                      allow_unicode=True, width=100)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def sub_topology_profile(profile: HardwareProfile, name: str, topology: str, source: str | None = None,

@@ -40,7 +40,7 @@ import torch
 
 from impl.common import cli
 from impl.common.comm import Comm, SimWorld
-from impl.common.config import ConfigError, check_bounds, check_host_memory, checked
+from impl.common.config import MAX_LOCAL_RANKS, ConfigError, check_bounds, check_host_memory, checked
 from impl.common.costmodel import HardwareProfile, load_profile, topology_steps
 from impl.common.dispatcher import check_expert_parallel
 from impl.common.emu_cluster import check_network
@@ -107,9 +107,9 @@ def validate(config: LayerBenchConfig, with_profile: bool = True) -> ResolvedBen
         check_host_memory(_bench_bytes(topology.G, E // topology.G, K, hidden, ffn_hidden, config.tokens_per_rank,
                                        DTYPES[config.dtype].itemsize),
                           "num_experts, hidden, ffn_hidden, tokens_per_rank", f"the {topology.G} ranks")
-    if config.tier == "emu" and topology.G > 64:
+    if config.tier == "emu" and topology.G > MAX_LOCAL_RANKS:
         raise ConfigError(f"topology: {topology.name!r} has G = {topology.G} ranks; the emu tier runs "
-                          "one local process per rank, allowed: G <= 64")
+                          f"one local process per rank, allowed: G <= {MAX_LOCAL_RANKS}")
     if config.network.emulate and config.tier != "emu":
         raise ConfigError(f"network.emulate: true needs tier emu (tier is {config.tier!r})")
     try:

@@ -1,6 +1,7 @@
-"""Plan one MoE layer's dispatch AlltoAll on a topology: for every route (H1 = Megatron's flat
-AlltoAll, H2..HD without dedup, HD1..HDD with dedup) the exact rows, bytes and messages per
-topology level and the modeled time, and the dimension d* HierMoE would choose.
+"""Plan one MoE layer's dispatch AlltoAll on a topology: for every route (Megatron's flat AlltoAll;
+H1..HD, HierMoE's hierarchical route without dedup, where H1 moves the flat route's rows with its
+own metadata; HD1..HDD with dedup) the exact rows, bytes and messages per topology level and the
+modeled time, and the dimension d* HierMoE would choose.
 
     python -m impl.hiermoe.plan --topology hiermoe-testbed --synthetic zipf --skew 1.2
     python -m impl.hiermoe.plan --topology hiermoe-testbed --trace run.npz --layer 0 --json

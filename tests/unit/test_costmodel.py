@@ -191,6 +191,9 @@ def test_shipped_profile_round_trip(tmp_path, name):
     again = load_profile(path)
     assert again == prof
     assert save_profile(again, tmp_path / "second.yaml").read_text() == path.read_text()
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert path.stat().st_mode == plain.stat().st_mode   # readable like any file the user writes (not 0600)
 
 
 def _synthetic_profile() -> HardwareProfile:

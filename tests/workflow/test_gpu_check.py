@@ -72,11 +72,18 @@ def test_dry_run_writes_every_result_file(tmp_path):
 
 def test_bad_arguments_exit_2(tmp_path):
     for args, msg in ((["--budget", "2GB", "--out", str(tmp_path)], "--budget=2GB"), (["--frobnicate"], "unknown"),
-                      ([], "no result folder")):
+                      ([], "no result folder"), (["--out"], "--out needs a value"),
+                      (["--out", "--dry-run"], "--out needs a value"),
+                      (["--repeats", "abc", "--out", str(tmp_path)], "--repeats=abc"),
+                      (["--n-predict", "0", "--out", str(tmp_path)], "--n-predict=0"),
+                      (["--prompt-tokens", "3,,4", "--out", str(tmp_path)], "--prompt-tokens=3,,4")):
         env = {k: v for k, v in os.environ.items() if k != "OUT"}
         r = subprocess.run(["bash", "workflows/scripts/gpu_check.sh", *args], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run(["bash", "workflows/scripts/gpu_check.sh", "--dry-run", "--out", str(tmp_path / "run")], cwd=REPO,
+                       env={**os.environ, "PYTHON": "/bin/false"}, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "cannot import torch" in r.stderr and not (tmp_path / "run").exists()
 
 
 def test_committing_evidence_refuses_bad_arguments_naming_them(tmp_path, capsys):

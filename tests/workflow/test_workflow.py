@@ -65,6 +65,14 @@ def test_dry_run_with_each_profile(tmp_path, profile):
 ALLOWED_LINT = "Specify a conda environment or container for each rule."
 
 
+def test_no_rule_declares_its_own_environment():
+    """`--sdm conda` would otherwise build a second copy of the one environment for such rules."""
+    declaring = [f"{path.name}:{n}" for path in sorted((REPO / "workflows/rules").glob("*.smk"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if line.strip() in ("conda:", "container:")]
+    assert not declaring, declaring
+
+
 def test_lint_is_clean(tmp_path):
     proc = snakemake(tmp_path, "--lint")
     out = proc.stdout + proc.stderr

@@ -15,8 +15,9 @@ onstart:
     if plugin is not None and plugin.name == "slurm" and (found := slurm_placeholders()):
         raise SystemExit(
             "The Slurm profile still has placeholders (" + "; ".join(found) + "). Edit slurm_partition and "
-            "slurm_account in workflows/profiles/slurm/config.yaml (or a copy of it for your site), or pass "
-            "--default-resources slurm_partition=... slurm_account=... (--slurm-no-account to skip the account)."
+            "slurm_account in workflows/profiles/slurm/config.yaml (or a copy of it for your site; "
+            "--slurm-no-account to skip the account). Passing --default-resources on the command line "
+            "replaces the profile's whole default-resources (runtime and mem_mb too)."
         )
 
 

@@ -101,8 +101,6 @@ rule hiermoe_swap_measure:
     resources:
         runtime=15,
         mem_mb=4000,
-    conda:
-        "../../environment.yml"
     shell:
         "python -m impl.experiments.hiermoe.swap_measure --profile {input.profile} --set topology={params.topology}"
         " {params.overrides} --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
@@ -127,8 +125,6 @@ rule hiermoe_scaleout:
     resources:
         runtime=60,
         mem_mb=8000,
-    conda:
-        "../../environment.yml"
     shell:
         "(python -m impl.experiments.hiermoe.scaleout --config {input.config} {params.overrides} --no-progress"
         " --out-csv {output.csv} --out-record {output.record}"

@@ -3,7 +3,7 @@ reads (the ScheInfer report picks up the bench, its record and the measured hard
 write the reference README's rows for them from the run's own records (device, date, commit,
 command), so that nothing about the run is typed by hand.
 
-    python workflows/scripts/commit_gpu_evidence.py --from FILES_AT --card h100 [--to figures/reference]
+    python workflows/scripts/commit_gpu_evidence.py --from RESULT_DIR --card h100 [--to figures/reference]
 
 then review and commit figures/reference/. A dry run's files (no GPU: tier 'emu') are refused
 unless --allow-dry-run (for rehearsals into a scratch --to folder).

@@ -30,7 +30,12 @@ MODEL_SET=""
 PROMPTS=""
 NPRED=""
 REPEATS=""
+# an option's value: present, and not the next option
+value() { [ $# -ge 2 ] && [ "${2#--}" = "$2" ] || { echo "error: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
+  case "$1" in
+    --out|--budget|--model-set|--prompt-tokens|--n-predict|--repeats) value "$@";;
+  esac
   case "$1" in
     --out) DEST=$2; shift 2;;
     --dry-run) DRY=1; shift;;
@@ -58,9 +63,14 @@ else                          # 4.2 GB of F32 weights (6 layers x 8 experts x 3 
   L_SETUP=20 L_A=20 L_B=70 L_C1=75 L_C2=25 L_C3=120 L_D=20 L_E=10 DEADLINE=50
 fi
 case "$BUDGET" in (*[!0-9]*|'') echo "error: --budget=$BUDGET is not allowed; expected bytes (an integer)" >&2; exit 2;; esac
+for opt in "--n-predict=$NPRED" "--repeats=$REPEATS"; do
+  case "${opt#*=}" in (*[!0-9]*|''|0) echo "error: $opt is not allowed; expected a positive integer" >&2; exit 2;; esac
+done
+case "$PROMPTS" in (*[!0-9,]*|''|,*|*,|*,,*) echo "error: --prompt-tokens=$PROMPTS is not allowed; expected comma-separated token counts, e.g. 32,128" >&2; exit 2;; esac
+PY=${PYTHON:-python3}
+"$PY" -c "import torch" 2>/dev/null || { echo "error: $PY cannot import torch; set PYTHON to the interpreter of the project's environment (e.g. PYTHON=.venv/bin/python)" >&2; exit 2; }
 mkdir -p "$DEST" || exit 2
 DEST=$(cd "$DEST" && pwd)
-PY=${PYTHON:-python3}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 STAGES="$WORK/stages.tsv"
