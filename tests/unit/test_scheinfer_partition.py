@@ -1,5 +1,7 @@
 """ScheInfer partition optimiser and token assignment: equal to exhaustive search on small cases."""
 import itertools
+import math
+from fractions import Fraction
 
 import pytest
 
@@ -80,15 +82,43 @@ def test_split_is_phase_dependent_on_reference_hardware():
 
 # ------------------------------------------------------------------------- GG sizing
 
-def test_resident_rows_uniform_is_largest_fitting_tile_count():
+def _snapped(w, f, tile):
+    return w if f >= 1 else math.floor(f * w / tile) * tile
+
+
+def test_resident_rows_uniform_is_a_tile_snapped_fraction_then_tile_fill():
+    """The largest fraction f whose tile-snapped rows fit (found here by scanning a fine grid of
+    fractions), every FFN at least at f, and the leftover smaller than the next tile of every FFN
+    not wholly resident."""
     ffns = {(0, "dense"): 100, (1, 0): 64, (1, 1): 64, (2, "shared"): 30}
     row_bytes = 3 * 8 * 2
-    for budget in (0, 1000, 5000, 9000, 20000, 10 ** 6):
+    grid = [Fraction(j, 960) for j in range(961)]           # every step k * 16 / w of these widths
+    for budget in range(0, sum(ffns.values()) * row_bytes + 2 * row_bytes, 37 * row_bytes // 4):
         got = resident_rows(ffns, 8, 2, budget, tile=16)
-        used = sum(got.values()) * row_bytes
-        assert used <= budget
-        fits = [k for k in range(8) if sum(min(k * 16, w) for w in ffns.values()) * row_bytes <= budget]
-        assert got == {key: min(max(fits) * 16, w) for key, w in ffns.items()}
+        left = budget - sum(got.values()) * row_bytes
+        assert left >= 0
+        f = max(f for f in grid if sum(_snapped(w, f, 16) for w in ffns.values()) * row_bytes <= budget)
+        assert all(got[k] >= _snapped(w, f, 16) for k, w in ffns.items()), budget
+        assert all(got[k] == w or got[k] % 16 == 0 for k, w in ffns.items())
+        assert all(left < min(16, w - got[k]) * row_bytes for k, w in ffns.items() if got[k] < w), budget
+
+
+def test_resident_rows_uniform_mixed_widths_by_hand():
+    """Qwen-like: a routed expert of 1408 rows and a shared one of 5632 (tile 128), budget for half
+    of the rows (3520): f = 1/2 gives 640 + 2816 = 3456 rows (45 % and 50 %, not the same row
+    count); the 64 rows left are less than a tile. Then the tile fill: smallest fraction first."""
+    ffns = {(0, 0): 1408, (0, "shared"): 5632}
+    row_bytes = 3 * 2048 * 2
+    assert resident_rows(ffns, 2048, 2, 3520 * row_bytes, tile=128) == {(0, 0): 640, (0, "shared"): 2816}
+    # 64 rows more: f = 23/44, the shared expert's next step (640 + 2944 rows)
+    assert resident_rows(ffns, 2048, 2, 3584 * row_bytes, tile=128) == {(0, 0): 640, (0, "shared"): 2944}
+    # 128 rows more still: the next step, 6/11, needs 768 + 3072; the fill gives the tile to the
+    # routed expert, whose fraction is the smaller (640/1408 < 2944/5632)
+    assert resident_rows(ffns, 2048, 2, 3712 * row_bytes, tile=128) == {(0, 0): 768, (0, "shared"): 2944}
+    assert resident_rows(ffns, 2048, 2, 10 ** 12, tile=128) == ffns
+    assert resident_rows(ffns, 2048, 2, 0, tile=128) == {(0, 0): 0, (0, "shared"): 0}
+    with pytest.raises(ConfigError, match="tile"):
+        resident_rows(ffns, 2048, 2, 0, tile=0)
 
 
 def test_resident_rows_popularity_takes_whole_ffns_in_order():
