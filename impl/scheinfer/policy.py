@@ -14,8 +14,10 @@ routers and the KV cache are assumed resident besides it [R, digest 1.2].
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from impl.common.config import ConfigError
 from impl.common.registry import get, names, register
@@ -25,7 +27,7 @@ from .config import DecoderConfig
 from .partition import GG_MODES, CostModel, Split, resident_rows
 
 __all__ = ["POLICY_KIND", "FFNKey", "Policy", "ScheInferPolicy", "FixedPolicy", "needs_cost", "make_policy",
-           "ffn_widths", "Placement", "place"]
+           "ffn_widths", "PopularityCounter", "Placement", "place"]
 
 POLICY_KIND = "inference_policy"
 FFNKey = tuple[int, Hashable]          # (layer, expert id | 'dense' | 'shared')
@@ -42,6 +44,35 @@ def ffn_widths(cfg: DecoderConfig) -> dict[FFNKey, int]:
         else:
             out[(i, "dense")] = cfg.ffn_hidden
     return out
+
+
+class PopularityCounter:
+    """Popularity of every FFN: the tokens it processed, counted from routing decisions. A routed
+    expert (layer, e) counts the tokens routed to it; a layer's shared expert (layer, 'shared')
+    counts every token of the layer, since every token uses it. What Fiddler's residency and
+    ScheInfer's gg_mode='popularity' rank FFNs by (`counts`). Use it as a
+    `Decoder.route_observer`, or feed per-expert token counts to `add`."""
+
+    def __init__(self, shared_expert: bool):
+        self.shared_expert = shared_expert
+        self.counts: dict[FFNKey, float] = {}
+
+    @classmethod
+    def for_config(cls, cfg: DecoderConfig) -> "PopularityCounter":
+        return cls(bool(cfg.shared_expert_ffn_hidden))
+
+    def add(self, layer: int, expert_tokens: Iterable[tuple[int, int]], tokens: int) -> None:
+        """`tokens` tokens of MoE layer `layer`, routed as (expert, token count) pairs."""
+        for e, c in expert_tokens:
+            self.counts[(layer, e)] = self.counts.get((layer, e), 0.0) + c
+        if self.shared_expert:
+            self.counts[(layer, "shared")] = self.counts.get((layer, "shared"), 0.0) + tokens
+
+    def __call__(self, layer: int, ids_TK, weights_TK=None) -> None:
+        ids = torch.as_tensor(ids_TK)
+        tokens = ids.shape[0] if ids.dim() else 0
+        experts, counts = torch.unique(ids.flatten(), return_counts=True)
+        self.add(layer, zip(experts.tolist(), counts.tolist()), tokens)
 
 
 class Policy(ABC):

@@ -12,7 +12,7 @@ from impl.experiments.scheinfer import sim
 from impl.experiments.scheinfer.sim import SimConfig, resolve
 from impl.scheinfer.engine import HybridEngine
 from impl.scheinfer.generate_models import tiny_config
-from impl.scheinfer.partition import Split, lane_times, optimal_split
+from impl.scheinfer.partition import REFERENCE_COST, Split, lane_times, optimal_split
 from impl.scheinfer.policy import place
 
 HW = "rtx4090-pcie4-16core"
@@ -156,3 +156,32 @@ def test_makespan_assignment_is_never_slower_per_layer():
                 t = sim.ffn_time(other, st.cost, loads, other.plan(i, loads, phase, n, st.cg_max),
                                       st.cfg.hidden, 2)
                 assert ours <= t * (1 + 1e-12)
+
+
+def test_popularity_counts_the_shared_expert_with_every_token():
+    """A shared expert processes every token of its layer: its popularity is the layer's token
+    count (prefill + decode), in the sim's routing and as a Decoder's route observer; Fiddler's
+    residency (by popularity) then keeps it on the GPU first."""
+    from impl.scheinfer.decoder import Decoder
+    from impl.scheinfer.generate_models import random_source
+    from impl.scheinfer.policy import PopularityCounter, make_policy
+    cfg = tiny_config("qwen2_moe")
+    assert cfg.shared_expert_ffn_hidden
+    routing = sim.make_routing(cfg, 6, 3, "gate", 0)
+    pop = routing.popularity()
+    moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    for i in moe_layers:
+        assert pop[(i, "shared")] == 6 + 3
+        assert sum(v for (j, e), v in pop.items() if j == i and e != "shared") == (6 + 3) * cfg.top_k
+    counter = PopularityCounter.for_config(cfg)
+    Decoder(random_source(cfg, seed=1), route_observer=counter).generate([[1, 5, 9, 33]], 3)
+    for i in moe_layers:                      # 4 prompt tokens + 2 decode steps (the 3rd token needs none)
+        assert counter.counts[(i, "shared")] == 6
+        assert sum(v for (j, e), v in counter.counts.items() if j == i and e != "shared") == 6 * cfg.top_k
+    assert not any(e == "shared" for _, e in PopularityCounter.for_config(tiny_config("mixtral")).counts)
+    widths = sim.ffn_widths(cfg)
+    row_bytes = 3 * cfg.hidden * 2
+    fiddler = make_policy("fiddler", cost=REFERENCE_COST, hidden=cfg.hidden, num_layers=cfg.num_layers,
+                          dtype_bytes=2, popularity=pop)
+    gg = fiddler.resident(widths, cfg.hidden, 2, cfg.shared_expert_ffn_hidden * row_bytes * len(moe_layers))
+    assert {k for k, v in gg.items() if v} == {(i, "shared") for i in moe_layers}

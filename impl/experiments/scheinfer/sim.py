@@ -26,7 +26,9 @@ What is assumption, not paper:
   checkpoint is read; one set of hidden states per step, shared by the layers); 'uniform' gives
   every expert n * k / E tokens in prefill and rotates k experts per decode step.
 * Fiddler's popularity (which experts are resident) is counted on the same routing it then
-  runs (an oracle: favourable to Fiddler). Fiddler is run on MoE models only, as in the paper.
+  runs (an oracle: favourable to Fiddler), a shared expert with every token of its layer
+  (`policy.PopularityCounter`). Fiddler is run on MoE models only; the real Fiddler supports
+  Mixtral only, so on the other MoE models it is our port of its policy.
 * llama.cpp keeps the attention of its CPU layers on the CPU; here attention is on the GPU for
   every policy (favourable to llama.cpp in decode), so only the FFN placement differs.
 * No cross-layer prefetch of CG weights (the engine has none).
@@ -53,7 +55,7 @@ from impl.scheinfer.assign import ExpertLoad, layer_makespan
 from impl.scheinfer.config import DecoderConfig, weight_shapes
 from impl.scheinfer.layers import route
 from impl.scheinfer.partition import CostModel, PerRowLinear, Split, lane_times
-from impl.scheinfer.policy import Policy, ScheInferPolicy, ffn_widths, make_policy, place
+from impl.scheinfer.policy import Policy, PopularityCounter, ScheInferPolicy, ffn_widths, make_policy, place
 
 __all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "make_sim_policy", "predict_bench",
            "Routing", "make_routing", "ffn_time", "CaseSetup", "setup_case", "simulate_case", "run", "resolve",
@@ -179,17 +181,17 @@ class Routing:
 
     prefill_counts: dict[int, list[int]]
     decode_ids: dict[int, list[list[int]]]
+    prompt_tokens: int = 0
+    shared_expert: bool = False        # MoE layers have a shared expert (every token uses it)
 
-    def popularity(self) -> dict[tuple[int, int], float]:
-        pop: dict[tuple[int, int], float] = {}
+    def popularity(self) -> dict[tuple[int, int | str], float]:
+        """Tokens per FFN over prefill and decode (`policy.PopularityCounter`: shared experts too)."""
+        counter = PopularityCounter(self.shared_expert)
         for i, counts in self.prefill_counts.items():
-            for e, c in enumerate(counts):
-                pop[(i, e)] = pop.get((i, e), 0.0) + c
+            counter.add(i, enumerate(counts), self.prompt_tokens)
         for i, steps in self.decode_ids.items():
-            for ids in steps:
-                for e in ids:
-                    pop[(i, e)] = pop.get((i, e), 0.0) + 1
-        return pop
+            counter(i, torch.as_tensor(steps, dtype=torch.long).reshape(len(steps), -1))
+        return counter.counts
 
 
 def make_routing(cfg: DecoderConfig, prompt_tokens: int, decode_tokens: int, kind: str, seed: int) -> Routing:
@@ -212,7 +214,7 @@ def make_routing(cfg: DecoderConfig, prompt_tokens: int, decode_tokens: int, kin
         pre[i] = torch.bincount(ids_TK.flatten(), minlength=E).tolist()
         ids_SK, _ = route(cfg, x_decode @ router_EM.t())
         dec[i] = ids_SK.tolist()
-    return Routing(pre, dec)
+    return Routing(pre, dec, prompt_tokens, bool(cfg.shared_expert_ffn_hidden))
 
 
 # ----------------------------------------------------------------------------------- one case
