@@ -119,8 +119,9 @@ class ScheInferPolicy(Policy):
 
 
 class FixedPolicy(Policy):
-    """Given CC / CG / GG fractions of every FFN (rounded to rows, the GG rows resident whatever
-    the budget): forced partitions for exactness tests and ablations."""
+    """Given CC / CG / GG fractions of every FFN (rounded to rows): forced partitions for exactness
+    tests and ablations. FFNs take their GG rows in key order, each if the budget still holds
+    them (with a budget that holds them all, every FFN has its fractions)."""
 
     name = "fixed"
 
@@ -130,13 +131,21 @@ class FixedPolicy(Policy):
         self.frac, self.concurrent = (cc, cg, gg), concurrent
 
     def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
-        return {k: round(self.frac[2] * w) for k, w in ffns.items()}
+        out, left = {}, budget_bytes
+        for k in sorted(ffns, key=str):
+            need = round(self.frac[2] * ffns[k]) * 3 * hidden * dtype_bytes
+            out[k] = round(self.frac[2] * ffns[k]) if need <= left else 0
+            left -= need if need <= left else 0
+        return out
 
     def plan(self, layer, loads, phase, layer_tokens, cg_max):
         out = []
         for ld in loads:
-            cc = min(round(self.frac[0] * ld.width), ld.width - ld.gg)
-            out.append(Split(cc, ld.width - ld.gg - cc, ld.gg))
+            r = ld.width - ld.gg
+            cc = min(round(self.frac[0] * ld.width), r)
+            if cg_max is not None:             # what the staging buffers cannot hold goes to CC
+                cc = max(cc, r - cg_max)
+            out.append(Split(cc, r - cc, ld.gg))
         return out
 
 
