@@ -26,13 +26,29 @@ COSTS = [REFERENCE_COST, _cost(h2d=5e9), _cost(cpu_scale=0.1), _cost(gpu_scale=5
 
 def test_lane_times_by_hand():
     cost = CostModel(PerRowLinear((1, 3), (2.0, 1.0), 10.0), PerRowLinear((1,), (0.5,), 1.0), 4.0, 2.0)
-    assert cost.cpu.per_mac(2) == 1.5 and cost.cpu.per_mac(9) == 1.0 and cost.cpu.per_mac(1) == 2.0
+    # n * per_mac linear in n between the grid points: 1 * 2.0 at n = 1, 3 * 1.0 at n = 3 -> 2.5 / 2 at n = 2
+    assert cost.cpu.per_mac(2) == 1.25 and cost.cpu.per_mac(9) == 1.0 and cost.cpu.per_mac(1) == 2.0
     t = lane_times(cost, n=2, hidden=1, split=Split(1, 2, 3), dtype_bytes=2)
-    assert t.cpu == 10 + 1.5 * 6            # macs = 3 * n * hidden * rows
+    assert t.cpu == 10 + 1.25 * 6           # macs = 3 * n * hidden * rows
     assert t.h2d == 2 + 3 * 1 * 2 * 2 / 4.0
     gg, cgc = 1 + 0.5 * 18, 1 + 0.5 * 12
     assert t.gpu == gg + cgc and t.offload == max(gg, t.h2d) + cgc and t.makespan == max(t.cpu, t.offload)
     assert lane_times(cost, 2, 1, Split(0, 0, 0), 2).makespan == 0      # empty bands cost nothing
+
+
+def test_per_mac_is_exact_for_pure_memory_and_compute_bound_terms():
+    """Between grid points (powers of two) a pure 1/n term (weights read once per call) and a pure
+    constant (compute bound) are reproduced exactly, and so is their roofline max when its knee
+    is a grid point."""
+    rows = tuple(2 ** i for i in range(8))
+    memory = PerRowLinear(rows, tuple(3.0 / n for n in rows))
+    compute = PerRowLinear(rows, (0.5,) * len(rows))
+    roof = PerRowLinear(rows, tuple(max(0.25, 2.0 / n) for n in rows))
+    for n in range(1, 129):
+        assert memory.per_mac(n) == pytest.approx(3.0 / n, rel=1e-12)
+        assert compute.per_mac(n) == pytest.approx(0.5, rel=1e-12)
+        assert roof.per_mac(n) == pytest.approx(max(0.25, 2.0 / n), rel=1e-12)   # knee n = 8 on the grid
+    assert memory.per_mac(3) == pytest.approx(1.0)     # per_mac linear in n would give 1.125 (12.5 % over)
 
 
 def test_cost_model_rejects_bad_values_and_round_trips():

@@ -20,7 +20,7 @@ What is assumption, not paper:
 * Hardware: the classes in workflows/config/experiments/scheinfer_hardware.yaml are spec-sheet
   peaks times assumed efficiencies; the paper's three machines are not public. A class becomes a
   `CostModel` by the roofline of scheinfer.md 3.2: per MAC, max(2 / flops, bytes_per_param /
-  (n * bytes_per_s)) at a geometric grid of token counts n (linear in between, as `PerRowLinear`).
+  (n * bytes_per_s)) at a geometric grid of token counts n (`PerRowLinear` in between).
 * Routing: 'gate' runs the model's real routing function (`layers.route`: softmax top-k or
   Phi's SparseMixer) with seeded random router weights on seeded random hidden states (no
   checkpoint is read; one set of hidden states per step, shared by the layers); 'uniform' gives
