@@ -20,7 +20,7 @@ from impl.scheinfer.partition import REFERENCE_COST
 from impl.scheinfer.policy import POLICY_KIND, FixedPolicy, ffn_widths, make_policy
 from impl.scheinfer.weights import GGUFWeights
 
-KINDS = ("llama", "mixtral")
+KINDS = ("llama", "mixtral", "qwen2_moe", "phimoe")
 PROMPT = [1, 5, 9, 33, 100, 7, 8, 200, 17, 3]
 N_NEW = 5
 BIG = 1 << 30                       # a budget that holds everything
