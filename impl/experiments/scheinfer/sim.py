@@ -423,7 +423,8 @@ def _row(st: CaseSetup, sc: SimConfig, phase: str, tokens: int, acc: dict, bands
             "phase": phase, "tokens": tokens, "time_s": t, "tokens_per_s": tokens / t if t > 0 else math.inf,
             **acc, "cc_frac": bands["cc"] / width, "cg_frac": bands["cg"] / width, "gg_frac": bands["gg"] / width,
             "resident_frac": sum(st.gg.values()) / ffn_rows, "gpu_ffn_budget_bytes": st.budget_bytes,
-            "cg_max": st.cg_max, "routing": sc.routing, "assign": sc.assign,
+            "cg_max": st.cg_max, "gpu_layers": len(st.gpu_layers), "num_layers": st.cfg.num_layers,
+            "head_on_gpu": st.head_on_gpu, "routing": sc.routing, "assign": sc.assign, "gg_mode": sc.gg_mode,
             "prompt_tokens": sc.prompt_tokens, "decode_tokens": sc.decode_tokens}
 
 
