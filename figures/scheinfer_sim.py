@@ -118,7 +118,7 @@ def plot_speedup(frame: pd.DataFrame):
     handles.append(plt.Rectangle((0, 0), 1, 1, fc=ref.color, alpha=0.25, lw=0))
     labels.append("paper: stated range (all models, 3 unknown machines)")
     fig.legend(handles, labels, loc="upper center", ncol=2, frameon=False, fontsize=6, bbox_to_anchor=(0.5, 1.04))
-    fig.suptitle(f"ScheInfer speedups ({NOTE}; n/a: Fiddler runs MoE models only; Fiddler on models other than "
+    fig.suptitle(f"ScheInfer speedups ({NOTE};\nn/a: Fiddler runs MoE models only; Fiddler on models other than "
                  f"{', '.join(_label(m) for m in FIDDLER_MODELS)}: our port of its policy)", fontsize=6, y=-0.01)
     fig.tight_layout()
     return fig
