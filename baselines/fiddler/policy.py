@@ -15,8 +15,10 @@ What differs, and why:
   constants are available as `FIDDLER_CONSTANTS` via `constants=` for the as-published setting.
 * Fiddler enumerates 2^E assignments minimising a *sum*, which equals each expert choosing its
   cheaper side independently; that is what `plan` does.
-* Popularity: counts from a routing trace (e.g. `Decoder.route_observer`) or, without one, key
-  order; Fiddler's list is for Mixtral-8x7B only.
+* Popularity: tokens per FFN from a routing trace (`impl.scheinfer.policy.PopularityCounter`, e.g.
+  as a `Decoder.route_observer`; a shared expert counts every token of its layer) or, without
+  one, key order. Fiddler itself supports Mixtral only (its list is for Mixtral-8x7B); on other
+  models (shared experts, Phi's SparseMixer routing) this is our port of its policy.
 """
 from __future__ import annotations
 

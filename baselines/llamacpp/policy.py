@@ -2,16 +2,19 @@
 policy 'layers' (scheinfer.md 8.2), so the engine and the sim tier can run llama.cpp's placement
 on the same model as ScheInfer's.
 
-What is llama.cpp's: the FFNs of N whole layers resident on the GPU, N the most that fit, the last
-N layers (llama.cpp's i_gpu_start = n_layer - N); a CPU-resident layer is computed on the CPU when
-the layer's batch has fewer than `min_batch` tokens, else its weights are copied to the GPU and
-computed there (ggml's CUDA offload rule, min_batch_size = 32); parts run one after another.
-What differs: `order='first'` (the first N layers) exists for ablations; attention is not placed
-here (the engine keeps it on its device for every policy).
+What is llama.cpp's: N whole layers resident on the GPU, N the most that fit, the last N layers
+(llama.cpp's i_gpu_start = n_layer - N; the same rule as `runner.gpu_weight_bytes`); a
+CPU-resident layer is computed on the CPU when the layer's batch has fewer than `min_batch`
+tokens, else its weights are copied to the GPU and computed there (ggml's CUDA offload rule,
+min_batch_size = 32); parts run one after another. A layer's GPU bytes are its FFN rows plus
+`layer_bytes[i]`: what else -ngl puts on the GPU with the layer (attention, norms, router, its KV
+cache), given by the caller that accounts for it (the sim tier; the engine's budget counts FFN
+rows only and keeps attention on its device for every policy).
+What differs: `order='first'` (the first N layers) exists for ablations.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from impl.common.config import ConfigError
 from impl.common.registry import register
@@ -29,24 +32,32 @@ class LayersPolicy(Policy):
     concurrent = False
     staging_buffers = 1
 
-    def __init__(self, num_layers: int, order: str = "last", min_batch: int = 32):
+    def __init__(self, num_layers: int, order: str = "last", min_batch: int = 32,
+                 layer_bytes: Mapping[int, int] | None = None):
         if order not in ("last", "first"):
             raise ConfigError(f"layers order={order!r} is not allowed; expected 'last' or 'first'")
         self.num_layers, self.order, self.min_batch = num_layers, order, min_batch
-        self.gpu_layers: set[int] = set()
+        self.layer_bytes = dict(layer_bytes or {})
+
+    def gpu_layers(self, ffns, hidden, dtype_bytes, budget_bytes) -> list[int]:
+        """The layers of `ffns` that go on the GPU within budget_bytes, in placement order. Computed
+        per call (no state): a layer with no FFN bytes in `ffns` is neither counted nor placed, so
+        FFNs met one at a time (the engine's expert_fn path) are placed within the budget given."""
+        per_layer: dict[int, int] = {}
+        for (i, _), w in ffns.items():
+            per_layer[i] = per_layer.get(i, 0) + w * 3 * hidden * dtype_bytes
+        left, out = budget_bytes, []
+        for i in sorted((i for i, b in per_layer.items() if b > 0), reverse=self.order == "last"):
+            need = per_layer[i] + self.layer_bytes.get(i, 0)
+            if need > left:
+                break
+            out.append(i)
+            left -= need
+        return out
 
     def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
-        per_layer = {i: 0 for i in range(self.num_layers)}
-        for (i, _), w in ffns.items():
-            per_layer[i] += w * 3 * hidden * dtype_bytes
-        seq = range(self.num_layers - 1, -1, -1) if self.order == "last" else range(self.num_layers)
-        left = budget_bytes
-        for i in seq:
-            if per_layer[i] > left:
-                break
-            self.gpu_layers.add(i)
-            left -= per_layer[i]
-        return {k: (w if k[0] in self.gpu_layers else 0) for k, w in ffns.items()}
+        on_gpu = set(self.gpu_layers(ffns, hidden, dtype_bytes, budget_bytes))
+        return {k: (w if k[0] in on_gpu else 0) for k, w in ffns.items()}
 
     def plan(self, layer: int, loads: Sequence[ExpertLoad], phase: str, layer_tokens: int,
              cg_max: int | None) -> list[Split]:

@@ -10,8 +10,10 @@ Inputs are token ids, never text, so the comparison does not depend on any token
 
 Settings that matter for exactness (`LlamaCppSettings`):
 * f32_kv_cache (default True): llama.cpp stores K/V in F16 by default, which rounds every cached
-  key and value; F32 keeps it comparable with an F32 reference. Benchmarks of the paper's
-  setting keep llama.cpp's default (f32_kv_cache=False) and say so in their records.
+  key and value; F32 keeps it comparable with an F32 reference. The benchmarks
+  (`python -m impl.experiments.scheinfer bench`) use this default too: an F32 KV cache, as the
+  F32 engine they are compared with has; their records carry it in `command_line`
+  ("-ctk f32 -ctv f32"). f32_kv_cache=False is llama.cpp's own default (F16 K/V).
 * flash_attn off; n_batch/n_ubatch as given (llama.cpp processes a prompt in ubatch chunks).
 * n_gpu_layers: the last N layers on the GPU (-ngl); needs a CUDA build of llama.cpp (a CUDA
   build of llama-cpp-python, or the libraries of `make llamacpp-cuda` named by LLAMA_CPP_LIB_PATH).

@@ -20,9 +20,11 @@ computed there, GG = rows [F-gg, F) resident on the GPU. What is the paper's and
 from __future__ import annotations
 
 import bisect
+import heapq
 import json
 import math
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Mapping
 
@@ -38,8 +40,12 @@ GG_MODES = ("uniform", "popularity")
 class PerRowLinear:
     """t(n, macs) = alpha_s + s_per_mac(n) * macs for one call on n rows (tokens).
 
-    s_per_mac is measured at a few row counts (`rows`) and interpolated linearly in n (clamped at
-    the ends): GEMV-like calls (few rows) are memory bound, so their time per MAC is higher."""
+    s_per_mac is measured at a few row counts (`rows`), clamped at the ends: GEMV-like calls (few
+    rows) are memory bound, so their time per MAC is higher. In between, the time per MAC and
+    per weight row, n * s_per_mac(n), is interpolated linearly in n: then both pure regimes are
+    exact, a memory-bound term (s_per_mac ~ 1/n: the weights are read once per call) and a
+    compute-bound one (s_per_mac constant); interpolating s_per_mac itself would overstate the
+    memory-bound time between grid points (by 12.5 % at n = 3 between 2 and 4)."""
 
     rows: tuple[int, ...]
     s_per_mac: tuple[float, ...]
@@ -63,7 +69,8 @@ class PerRowLinear:
             return v[-1]
         j = bisect.bisect_right(r, n)
         a, b = r[j - 1], r[j]
-        return v[j - 1] + (v[j] - v[j - 1]) * (n - a) / (b - a)
+        ga, gb = a * v[j - 1], b * v[j]
+        return (ga + (gb - ga) * (n - a) / (b - a)) / n
 
     def time(self, n: int, macs: float) -> float:
         return 0.0 if macs <= 0 else self.alpha_s + self.per_mac(n) * macs
@@ -240,31 +247,56 @@ def resident_rows(ffns: Mapping[tuple[int, int | str], int], hidden: int, dtype_
                   tile: int, mode: str = "uniform", popularity: Mapping[tuple[int, int | str], float] | None = None,
                   ) -> dict[tuple[int, int | str], int]:
     """GG rows per FFN key (layer, expert) -> width, for a GPU budget in bytes (already net of
-    non-FFN weights, KV cache and staging buffers).
+    non-FFN weights, KV cache and staging buffers). Rows are always a suffix of F (module doc).
 
-    'uniform' [R, digest 3.3 step 1]: the same tile-snapped fraction of every FFN, the largest that
-    fits. 'popularity' [Fiddler]: whole FFNs in decreasing popularity (ties: key order) while they
-    fit. Rows are always a suffix of F (module doc)."""
+    'uniform' [R, digest 3.3 step 1]: the same tile-snapped FRACTION f of every FFN,
+    rows(w, f) = w if f >= 1 else floor(f * w / tile) * tile, with f the largest that fits
+    (bisection over the fractions where some rows(w, f) steps); then what is left of the budget
+    is filled one tile at a time (min(tile, w - rows) rows), always to the FFN with the smallest
+    resident fraction rows / w that still takes its next tile (ties: key order). Guarantee: either
+    every FFN is wholly resident, or the unused budget is smaller than the next tile of every FFN
+    not wholly resident (so smaller than tile rows); no FFN's fraction falls below f.
+    'popularity' [Fiddler]: whole FFNs in decreasing popularity (ties: key order) while they fit."""
     if mode not in GG_MODES:
         raise ConfigError(f"gg mode={mode!r} is not allowed; expected one of {', '.join(GG_MODES)}")
     if budget_bytes < 0:
         raise ConfigError(f"GPU budget={budget_bytes!r} bytes is not allowed; expected >= 0")
+    if tile < 1:
+        raise ConfigError(f"tile={tile!r} is not allowed; expected an integer >= 1")
     row_bytes = 3 * hidden * dtype_bytes
     keys = sorted(ffns, key=str)
-    out = {k: 0 for k in keys}
     if mode == "popularity":
         pop = popularity or {}
+        out = {k: 0 for k in keys}
         left = budget_bytes
         for k in sorted(keys, key=lambda k: -pop.get(k, 0.0)):
             if ffns[k] * row_bytes <= left:
                 out[k], left = ffns[k], left - ffns[k] * row_bytes
         return out
 
-    def used(k_tiles: int) -> int:
-        return sum(min(k_tiles * tile, ffns[k]) for k in keys) * row_bytes
-    max_tiles = max((-(-w // tile) for w in ffns.values()), default=0)
-    lo, hi = 0, max_tiles                      # largest k with used(k) <= budget
+    def rows(f: Fraction) -> dict:
+        return {k: ffns[k] if f >= 1 else math.floor(f * ffns[k] / tile) * tile for k in keys}
+
+    def used(r: Mapping) -> int:
+        return sum(r.values()) * row_bytes
+    steps = sorted({Fraction(j * tile, w) for w in set(ffns.values()) if w > 0
+                    for j in range(1, -(-w // tile)) if j * tile < w} | {Fraction(0), Fraction(1)})
+    lo, hi = 0, len(steps) - 1                   # largest step f with used(rows(f)) <= budget
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if used(mid) <= budget_bytes else (lo, mid - 1)
-    return {k: min(lo * tile, ffns[k]) for k in keys}
+        lo, hi = (mid, hi) if used(rows(steps[mid])) <= budget_bytes else (lo, mid - 1)
+    out = rows(steps[lo])
+    left = budget_bytes - used(out)
+    order = {k: j for j, k in enumerate(keys)}
+    heap = [(Fraction(out[k], ffns[k]), order[k], k) for k in keys if out[k] < ffns[k]]
+    heapq.heapify(heap)
+    while heap:
+        _, j, k = heapq.heappop(heap)
+        more = min(tile, ffns[k] - out[k])
+        if more * row_bytes > left:             # never fits later either: the budget only shrinks
+            continue
+        out[k] += more
+        left -= more * row_bytes
+        if out[k] < ffns[k]:
+            heapq.heappush(heap, (Fraction(out[k], ffns[k]), j, k))
+    return out

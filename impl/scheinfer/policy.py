@@ -14,8 +14,10 @@ routers and the KV cache are assumed resident besides it [R, digest 1.2].
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from impl.common.config import ConfigError
 from impl.common.registry import get, names, register
@@ -25,7 +27,7 @@ from .config import DecoderConfig
 from .partition import GG_MODES, CostModel, Split, resident_rows
 
 __all__ = ["POLICY_KIND", "FFNKey", "Policy", "ScheInferPolicy", "FixedPolicy", "needs_cost", "make_policy",
-           "ffn_widths", "Placement", "place"]
+           "ffn_widths", "PopularityCounter", "Placement", "place"]
 
 POLICY_KIND = "inference_policy"
 FFNKey = tuple[int, Hashable]          # (layer, expert id | 'dense' | 'shared')
@@ -42,6 +44,35 @@ def ffn_widths(cfg: DecoderConfig) -> dict[FFNKey, int]:
         else:
             out[(i, "dense")] = cfg.ffn_hidden
     return out
+
+
+class PopularityCounter:
+    """Popularity of every FFN: the tokens it processed, counted from routing decisions. A routed
+    expert (layer, e) counts the tokens routed to it; a layer's shared expert (layer, 'shared')
+    counts every token of the layer, since every token uses it. What Fiddler's residency and
+    ScheInfer's gg_mode='popularity' rank FFNs by (`counts`). Use it as a
+    `Decoder.route_observer`, or feed per-expert token counts to `add`."""
+
+    def __init__(self, shared_expert: bool):
+        self.shared_expert = shared_expert
+        self.counts: dict[FFNKey, float] = {}
+
+    @classmethod
+    def for_config(cls, cfg: DecoderConfig) -> "PopularityCounter":
+        return cls(bool(cfg.shared_expert_ffn_hidden))
+
+    def add(self, layer: int, expert_tokens: Iterable[tuple[int, int]], tokens: int) -> None:
+        """`tokens` tokens of MoE layer `layer`, routed as (expert, token count) pairs."""
+        for e, c in expert_tokens:
+            self.counts[(layer, e)] = self.counts.get((layer, e), 0.0) + c
+        if self.shared_expert:
+            self.counts[(layer, "shared")] = self.counts.get((layer, "shared"), 0.0) + tokens
+
+    def __call__(self, layer: int, ids_TK, weights_TK=None) -> None:
+        ids = torch.as_tensor(ids_TK)
+        tokens = ids.shape[0] if ids.dim() else 0
+        experts, counts = torch.unique(ids.flatten(), return_counts=True)
+        self.add(layer, zip(experts.tolist(), counts.tolist()), tokens)
 
 
 class Policy(ABC):
@@ -88,8 +119,9 @@ class ScheInferPolicy(Policy):
 
 
 class FixedPolicy(Policy):
-    """Given CC / CG / GG fractions of every FFN (rounded to rows, the GG rows resident whatever
-    the budget): forced partitions for exactness tests and ablations."""
+    """Given CC / CG / GG fractions of every FFN (rounded to rows): forced partitions for exactness
+    tests and ablations. FFNs take their GG rows in key order, each if the budget still holds
+    them (with a budget that holds them all, every FFN has its fractions)."""
 
     name = "fixed"
 
@@ -99,13 +131,21 @@ class FixedPolicy(Policy):
         self.frac, self.concurrent = (cc, cg, gg), concurrent
 
     def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
-        return {k: round(self.frac[2] * w) for k, w in ffns.items()}
+        out, left = {}, budget_bytes
+        for k in sorted(ffns, key=str):
+            need = round(self.frac[2] * ffns[k]) * 3 * hidden * dtype_bytes
+            out[k] = round(self.frac[2] * ffns[k]) if need <= left else 0
+            left -= need if need <= left else 0
+        return out
 
     def plan(self, layer, loads, phase, layer_tokens, cg_max):
         out = []
         for ld in loads:
-            cc = min(round(self.frac[0] * ld.width), ld.width - ld.gg)
-            out.append(Split(cc, ld.width - ld.gg - cc, ld.gg))
+            r = ld.width - ld.gg
+            cc = min(round(self.frac[0] * ld.width), r)
+            if cg_max is not None:             # what the staging buffers cannot hold goes to CC
+                cc = max(cc, r - cg_max)
+            out.append(Split(cc, r - cc, ld.gg))
         return out
 
 

@@ -11,15 +11,16 @@ import torch
 import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
 from baselines.llamacpp.policy import LayersPolicy
 from impl.common.config import ConfigError
+from impl.common.registry import names
 from impl.scheinfer import cpu_kernels
 from impl.scheinfer.decoder import Decoder
 from impl.scheinfer.engine import HybridDecoder, HybridEngine
 from impl.scheinfer.generate_models import generate
 from impl.scheinfer.partition import REFERENCE_COST
-from impl.scheinfer.policy import FixedPolicy, ffn_widths, make_policy
+from impl.scheinfer.policy import POLICY_KIND, FixedPolicy, ffn_widths, make_policy
 from impl.scheinfer.weights import GGUFWeights
 
-KINDS = ("llama", "mixtral")
+KINDS = ("llama", "mixtral", "qwen2_moe", "phimoe")
 PROMPT = [1, 5, 9, 33, 100, 7, 8, 200, 17, 3]
 N_NEW = 5
 BIG = 1 << 30                       # a budget that holds everything
@@ -199,8 +200,39 @@ def test_fiddler_and_layers_placement(models):
     lp = LayersPolicy(2)
     eng = HybridEngine(lp, cfg.hidden, gpu_mem_bytes=e_bytes * (1 + 8))
     gg = eng.place(ffn_widths(cfg))
-    assert lp.gpu_layers == {1} and all(v == (cfg.moe_ffn_hidden if k[0] == 1 else 0) for k, v in gg.items())
+    assert lp.gpu_layers(ffn_widths(cfg), cfg.hidden, 4, e_bytes * 8) == [1]
+    assert all(v == (cfg.moe_ffn_hidden if k[0] == 1 else 0) for k, v in gg.items())
     eng.close()
+    # with 2 experts' bytes besides each layer's FFNs (layer_bytes: its attention, say) layer 1 no longer fits
+    assert LayersPolicy(2, layer_bytes={1: 2 * e_bytes}).gpu_layers(ffn_widths(cfg), cfg.hidden, 4, e_bytes * 8) == []
+
+
+# every registered policy, with the options it needs
+POLICY_OPTIONS = {"fixed": {"cc": 0.3, "cg": 0.3, "gg": 0.4}}
+
+
+@pytest.mark.parametrize("name", names(POLICY_KIND))
+@pytest.mark.parametrize("path", ["whole_model", "expert_fn"])
+def test_every_policy_stays_within_the_budget(models, name, path):
+    """Resident rows plus staging never exceed the engine's budget, whether the placement is made
+    for the whole model up front (HybridDecoder) or FFN by FFN as a plain Decoder meets them
+    (expert_fn: the first layer's FFNs placed on first use, the others at run time)."""
+    for kind in KINDS:
+        src, ref = models[kind]
+        cfg = src.config
+        row_bytes = 3 * cfg.hidden * 4
+        widths = ffn_widths(cfg)
+        layer0 = sum(w for (i, _), w in widths.items() if i == 0) * row_bytes
+        for budget in (2 * max(widths.values()) * row_bytes + layer0, sum(widths.values()) * row_bytes // 2):
+            p = make_policy(name, cost=REFERENCE_COST, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
+                            tile=16, **POLICY_OPTIONS.get(name, {}))
+            with HybridEngine(p, cfg.hidden, gpu_mem_bytes=budget) as eng:
+                if path == "whole_model":
+                    out = HybridDecoder(src, eng).generate([PROMPT], N_NEW, return_logits=True)
+                else:
+                    out = Decoder(src, expert_fn=eng.expert_fn).generate([PROMPT], N_NEW, return_logits=True)
+            _assert_same(out, ref)
+            assert eng.resident_bytes + eng.placement.staging_bytes <= budget, (kind, budget)
 
 
 def test_budget_below_staging_disables_cg(models):

@@ -1,5 +1,7 @@
 """ScheInfer partition optimiser and token assignment: equal to exhaustive search on small cases."""
 import itertools
+import math
+from fractions import Fraction
 
 import pytest
 
@@ -24,13 +26,29 @@ COSTS = [REFERENCE_COST, _cost(h2d=5e9), _cost(cpu_scale=0.1), _cost(gpu_scale=5
 
 def test_lane_times_by_hand():
     cost = CostModel(PerRowLinear((1, 3), (2.0, 1.0), 10.0), PerRowLinear((1,), (0.5,), 1.0), 4.0, 2.0)
-    assert cost.cpu.per_mac(2) == 1.5 and cost.cpu.per_mac(9) == 1.0 and cost.cpu.per_mac(1) == 2.0
+    # n * per_mac linear in n between the grid points: 1 * 2.0 at n = 1, 3 * 1.0 at n = 3 -> 2.5 / 2 at n = 2
+    assert cost.cpu.per_mac(2) == 1.25 and cost.cpu.per_mac(9) == 1.0 and cost.cpu.per_mac(1) == 2.0
     t = lane_times(cost, n=2, hidden=1, split=Split(1, 2, 3), dtype_bytes=2)
-    assert t.cpu == 10 + 1.5 * 6            # macs = 3 * n * hidden * rows
+    assert t.cpu == 10 + 1.25 * 6           # macs = 3 * n * hidden * rows
     assert t.h2d == 2 + 3 * 1 * 2 * 2 / 4.0
     gg, cgc = 1 + 0.5 * 18, 1 + 0.5 * 12
     assert t.gpu == gg + cgc and t.offload == max(gg, t.h2d) + cgc and t.makespan == max(t.cpu, t.offload)
     assert lane_times(cost, 2, 1, Split(0, 0, 0), 2).makespan == 0      # empty bands cost nothing
+
+
+def test_per_mac_is_exact_for_pure_memory_and_compute_bound_terms():
+    """Between grid points (powers of two) a pure 1/n term (weights read once per call) and a pure
+    constant (compute bound) are reproduced exactly, and so is their roofline max when its knee
+    is a grid point."""
+    rows = tuple(2 ** i for i in range(8))
+    memory = PerRowLinear(rows, tuple(3.0 / n for n in rows))
+    compute = PerRowLinear(rows, (0.5,) * len(rows))
+    roof = PerRowLinear(rows, tuple(max(0.25, 2.0 / n) for n in rows))
+    for n in range(1, 129):
+        assert memory.per_mac(n) == pytest.approx(3.0 / n, rel=1e-12)
+        assert compute.per_mac(n) == pytest.approx(0.5, rel=1e-12)
+        assert roof.per_mac(n) == pytest.approx(max(0.25, 2.0 / n), rel=1e-12)   # knee n = 8 on the grid
+    assert memory.per_mac(3) == pytest.approx(1.0)     # per_mac linear in n would give 1.125 (12.5 % over)
 
 
 def test_cost_model_rejects_bad_values_and_round_trips():
@@ -80,15 +98,43 @@ def test_split_is_phase_dependent_on_reference_hardware():
 
 # ------------------------------------------------------------------------- GG sizing
 
-def test_resident_rows_uniform_is_largest_fitting_tile_count():
+def _snapped(w, f, tile):
+    return w if f >= 1 else math.floor(f * w / tile) * tile
+
+
+def test_resident_rows_uniform_is_a_tile_snapped_fraction_then_tile_fill():
+    """The largest fraction f whose tile-snapped rows fit (found here by scanning a fine grid of
+    fractions), every FFN at least at f, and the leftover smaller than the next tile of every FFN
+    not wholly resident."""
     ffns = {(0, "dense"): 100, (1, 0): 64, (1, 1): 64, (2, "shared"): 30}
     row_bytes = 3 * 8 * 2
-    for budget in (0, 1000, 5000, 9000, 20000, 10 ** 6):
+    grid = [Fraction(j, 960) for j in range(961)]           # every step k * 16 / w of these widths
+    for budget in range(0, sum(ffns.values()) * row_bytes + 2 * row_bytes, 37 * row_bytes // 4):
         got = resident_rows(ffns, 8, 2, budget, tile=16)
-        used = sum(got.values()) * row_bytes
-        assert used <= budget
-        fits = [k for k in range(8) if sum(min(k * 16, w) for w in ffns.values()) * row_bytes <= budget]
-        assert got == {key: min(max(fits) * 16, w) for key, w in ffns.items()}
+        left = budget - sum(got.values()) * row_bytes
+        assert left >= 0
+        f = max(f for f in grid if sum(_snapped(w, f, 16) for w in ffns.values()) * row_bytes <= budget)
+        assert all(got[k] >= _snapped(w, f, 16) for k, w in ffns.items()), budget
+        assert all(got[k] == w or got[k] % 16 == 0 for k, w in ffns.items())
+        assert all(left < min(16, w - got[k]) * row_bytes for k, w in ffns.items() if got[k] < w), budget
+
+
+def test_resident_rows_uniform_mixed_widths_by_hand():
+    """Qwen-like: a routed expert of 1408 rows and a shared one of 5632 (tile 128), budget for half
+    of the rows (3520): f = 1/2 gives 640 + 2816 = 3456 rows (45 % and 50 %, not the same row
+    count); the 64 rows left are less than a tile. Then the tile fill: smallest fraction first."""
+    ffns = {(0, 0): 1408, (0, "shared"): 5632}
+    row_bytes = 3 * 2048 * 2
+    assert resident_rows(ffns, 2048, 2, 3520 * row_bytes, tile=128) == {(0, 0): 640, (0, "shared"): 2816}
+    # 64 rows more: f = 23/44, the shared expert's next step (640 + 2944 rows)
+    assert resident_rows(ffns, 2048, 2, 3584 * row_bytes, tile=128) == {(0, 0): 640, (0, "shared"): 2944}
+    # 128 rows more still: the next step, 6/11, needs 768 + 3072; the fill gives the tile to the
+    # routed expert, whose fraction is the smaller (640/1408 < 2944/5632)
+    assert resident_rows(ffns, 2048, 2, 3712 * row_bytes, tile=128) == {(0, 0): 768, (0, "shared"): 2944}
+    assert resident_rows(ffns, 2048, 2, 10 ** 12, tile=128) == ffns
+    assert resident_rows(ffns, 2048, 2, 0, tile=128) == {(0, 0): 0, (0, "shared"): 0}
+    with pytest.raises(ConfigError, match="tile"):
+        resident_rows(ffns, 2048, 2, 0, tile=0)
 
 
 def test_resident_rows_popularity_takes_whole_ffns_in_order():

@@ -12,7 +12,7 @@ from impl.experiments.scheinfer import sim
 from impl.experiments.scheinfer.sim import SimConfig, resolve
 from impl.scheinfer.engine import HybridEngine
 from impl.scheinfer.generate_models import tiny_config
-from impl.scheinfer.partition import Split, lane_times, optimal_split
+from impl.scheinfer.partition import REFERENCE_COST, Split, lane_times, optimal_split
 from impl.scheinfer.policy import place
 
 HW = "rtx4090-pcie4-16core"
@@ -65,7 +65,7 @@ def test_placement_equals_the_engine():
         overhead = hw.gpu_mem_bytes - sim.setup_case(cfg, hw, p, sc, routing).budget_bytes
         st = sim.setup_case(cfg, dataclasses.replace(hw, gpu_mem_bytes=overhead + half), p, sc, routing)
         assert st.budget_bytes == half
-        policy = sim.make_sim_policy(p, cfg, st.cost, sc, routing.popularity())
+        policy = st.policy
         with HybridEngine(policy, cfg.hidden, torch.float32, st.budget_bytes, device="cpu") as engine:
             assert engine.place(st.widths) == st.gg and engine.cg_max == st.cg_max > 0, p
             assert 0 < engine.placement.resident_bytes + engine.placement.staging_bytes <= half
@@ -156,3 +156,87 @@ def test_makespan_assignment_is_never_slower_per_layer():
                 t = sim.ffn_time(other, st.cost, loads, other.plan(i, loads, phase, n, st.cg_max),
                                       st.cfg.hidden, 2)
                 assert ours <= t * (1 + 1e-12)
+
+
+def test_popularity_counts_the_shared_expert_with_every_token():
+    """A shared expert processes every token of its layer: its popularity is the layer's token
+    count (prefill + decode), in the sim's routing and as a Decoder's route observer; Fiddler's
+    residency (by popularity) then keeps it on the GPU first."""
+    from impl.scheinfer.decoder import Decoder
+    from impl.scheinfer.generate_models import random_source
+    from impl.scheinfer.policy import PopularityCounter, make_policy
+    cfg = tiny_config("qwen2_moe")
+    assert cfg.shared_expert_ffn_hidden
+    routing = sim.make_routing(cfg, 6, 3, "gate", 0)
+    pop = routing.popularity()
+    moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    for i in moe_layers:
+        assert pop[(i, "shared")] == 6 + 3
+        assert sum(v for (j, e), v in pop.items() if j == i and e != "shared") == (6 + 3) * cfg.top_k
+    counter = PopularityCounter.for_config(cfg)
+    Decoder(random_source(cfg, seed=1), route_observer=counter).generate([[1, 5, 9, 33]], 3)
+    for i in moe_layers:                      # 4 prompt tokens + 2 decode steps (the 3rd token needs none)
+        assert counter.counts[(i, "shared")] == 6
+        assert sum(v for (j, e), v in counter.counts.items() if j == i and e != "shared") == 6 * cfg.top_k
+    assert not any(e == "shared" for _, e in PopularityCounter.for_config(tiny_config("mixtral")).counts)
+    widths = sim.ffn_widths(cfg)
+    row_bytes = 3 * cfg.hidden * 2
+    fiddler = make_policy("fiddler", cost=REFERENCE_COST, hidden=cfg.hidden, num_layers=cfg.num_layers,
+                          dtype_bytes=2, popularity=pop)
+    gg = fiddler.resident(widths, cfg.hidden, 2, cfg.shared_expert_ffn_hidden * row_bytes * len(moe_layers))
+    assert {k for k, v in gg.items() if v} == {(i, "shared") for i in moe_layers}
+
+
+def test_layers_placement_is_llamacpp_ngl_rule(tmp_path):
+    """llama.cpp in the card's memory: -ngl N with N the most whole layers that fit, as
+    `runner.gpu_weight_bytes` counts them in a GGUF of the same shape (FFN and other weights of the
+    last N layers, the output head only when N > n_layer, never the token embeddings), plus
+    their KV cache and the staging buffer; one byte less and one layer (or the head) drops."""
+    from baselines.llamacpp.runner import LlamaCppSettings, gpu_weight_bytes
+    from impl.scheinfer.generate_models import generate
+    cfg = tiny_config("mixtral")
+    path = generate("mixtral", tmp_path / "m.gguf", dtype="f32", seed=0)
+    sc = SimConfig(prompt_tokens=4, decode_tokens=2, dtype_bytes=4, tile=16, policies=("layers",))
+    routing = sim.make_routing(cfg, 4, 2, "uniform", 0)
+    hw0 = resolve(SimConfig(hardware=(HW,), models=("mixtral-8x7b-tiny",))).hardware[HW]
+    L = cfg.num_layers
+    kv = 2 * cfg.num_kv_heads * cfg.head_dim * 4 * (4 + 2)
+    staging = max(sim.ffn_widths(cfg).values()) * 3 * cfg.hidden * 4
+
+    def need(N):
+        g = gpu_weight_bytes(path, LlamaCppSettings(n_gpu_layers=N))
+        return g["ffn"] + g["other"] + min(N, L) * kv + staging
+    for N in range(L + 2):
+        for less in (0, 1):
+            hw = dataclasses.replace(hw0, gpu_mem_bytes=hw0.gpu_reserve_bytes + need(N) - less)
+            st = sim.setup_case(cfg, hw, "layers", sc, routing)
+            placed = min(N, L) + (N > L) - (less if N else 0)        # layers + head
+            layers = min(placed, L)
+            assert sorted(st.gpu_layers) == gpu_weight_bytes(path, LlamaCppSettings(n_gpu_layers=layers))["gpu_layers"]
+            assert st.head_on_gpu == (placed > L) and not st.embed_on_gpu, (N, less)
+
+
+def test_layers_cpu_layers_run_attention_and_head_on_the_cpu():
+    """No GPU memory for llama.cpp: in decode every layer's attention and the LM head run on the
+    CPU (its roofline), and the hidden state never crosses PCIe; the other policies keep
+    attention on the GPU."""
+    sc = SimConfig(models=("llama2-7b",), hardware=(HW,), policies=("layers",), prompt_tokens=8, decode_tokens=2)
+    rz = resolve(sc)
+    cfg, hw0 = rz.models["llama2-7b"], rz.hardware[HW]
+    hw = dataclasses.replace(hw0, gpu_mem_bytes=hw0.gpu_reserve_bytes)
+    routing = sim.make_routing(cfg, 8, 2, "gate", 0)
+    st = sim.setup_case(cfg, hw, "layers", sc, routing)
+    assert not st.gpu_layers and not st.head_on_gpu
+    rows = {r["phase"]: r for r in sim.simulate_case(st, sc)}
+    b, p = 2, st.attn_params
+    expected = 0.0
+    for ctx in (9, 10):
+        kv = 2 * cfg.num_kv_heads * cfg.head_dim * b * ctx
+        sdpa = 4 * ctx * cfg.num_heads * cfg.head_dim
+        layer = hw.cpu_alpha_s + max(2 * p / hw.cpu_flops, b * p / hw.cpu_bytes_per_s) + kv / hw.cpu_bytes_per_s \
+            + sdpa / hw.cpu_flops
+        expected += cfg.num_layers * layer + hw.cpu_alpha_s + b * cfg.vocab_size * cfg.hidden / hw.cpu_bytes_per_s
+    assert math.isclose(rows["decode"]["nonffn_s"], expected, rel_tol=1e-12)
+    assert rows["decode"]["act_s"] == 0
+    other = sim.setup_case(cfg, hw, "scheinfer", sc, routing)
+    assert other.gpu_layers == frozenset(range(cfg.num_layers)) and other.head_on_gpu

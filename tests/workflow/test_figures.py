@@ -153,6 +153,37 @@ def test_scheinfer_figures_say_what_was_run():
     plt.close(timeline)
 
 
+def _scheinfer_rows(model, resident, tps, times, bands=(0.2, 0.3, 0.5)):
+    """Sim CSV rows of one (hardware, model): tps and times (ffn_s, nonffn_s, act_s) per system."""
+    return [{"hardware": "hw", "model": model, "system": sys_, "phase": ph, "tokens_per_s": tps[sys_],
+             "time_s": sum(times[sys_]), **dict(zip(("ffn_s", "nonffn_s", "act_s"), times[sys_])),
+             **dict(zip(("cc_frac", "cg_frac", "gg_frac"), bands)), "resident_frac": resident, "gpu_layers": 2,
+             "num_layers": 4, "head_on_gpu": False, "prompt_tokens": 16, "decode_tokens": 4, "routing": "gate",
+             "gg_mode": "uniform"}
+            for sys_ in tps for ph in ("prefill", "decode", "overall")]
+
+
+def test_scheinfer_report_bullets_follow_the_csv():
+    """'All FFN rows resident' only where resident_frac == 1; a loss names the time part where
+    ScheInfer loses most; Fiddler on a model other than Mixtral is our port of its policy; no
+    typed-in claims about other models or about which way an assumption leans."""
+    from figures import scheinfer_sim as fig_si
+    fits = _scheinfer_rows("llama2-7b", 1.0, {"ScheInfer": 10.0, "llama.cpp": 10.0},
+                           {"ScheInfer": (1, 1, 0), "llama.cpp": (1, 1, 0)})
+    loses = _scheinfer_rows("qwen1.5-moe-a2.7b", 0.5, {"ScheInfer": 8.0, "llama.cpp": 4.0, "Fiddler": 10.0},
+                            {"ScheInfer": (3, 1, 1), "llama.cpp": (5, 2, 0), "Fiddler": (1, 1, 0.5)})
+    text = fig_si.report(pd.DataFrame(fits + loses))
+    assert "**All FFN rows resident.** LLaMA-2-7B on hw" in text and "Qwen1.5-MoE on hw" not in text
+    assert "Qwen1.5-MoE decode: ScheInfer 0.80x of our port of Fiddler's policy" in text
+    assert "Most of the gap is FFN time" in text and "ScheInfer's is 3.00x of the baseline's" in text
+    assert "| hw | qwen1.5-moe-a2.7b | decode | 2.00x | 0.80x (port) |" in text
+    for claim in ("favourable", "more skewed", "launch overheads", "fits every assumed card"):
+        assert claim not in text
+    text = fig_si.report(pd.DataFrame(_scheinfer_rows("llama2-7b", 0.9, {"ScheInfer": 10.0, "llama.cpp": 10.0},
+                                                      {"ScheInfer": (1, 1, 0), "llama.cpp": (1, 1, 0)})))
+    assert "All FFN rows resident" not in text and "**Fiddler.**" not in text
+
+
 WRONG_CSV = "a,b\n1,2\n"
 # every figure CLI that reads results CSVs, with each CSV argument given the wrong file
 FIGURE_CLIS = {

@@ -12,23 +12,32 @@ baselines/fiddler/policy.py for Fiddler, baselines/llamacpp/policy.py for llama.
 offload), and the FFN time of a layer from partition.lane_times: `assign.layer_makespan` for
 concurrent policies, the sum of every band's lane time for serial ones (the engine's
 `_run_serial` order). What is
-added around the FFNs, the same for every policy [R]: attention, router and LM head on the GPU
-(roofline: weights read once, flops at the GPU's rate, KV cache read), and the activation round
-trip (D2H input + H2D partial output) of a layer whose CPU lane has work (scheinfer.md 3.2).
+added around the FFNs [R]: attention, router and LM head on the GPU (roofline: weights read
+once, flops at the GPU's rate, KV cache read; llama.cpp's CPU layers and head on the CPU, below),
+and the activation round trip (D2H input + H2D partial output) of a layer whose CPU lane has
+work (scheinfer.md 3.2).
 
 What is assumption, not paper:
 * Hardware: the classes in workflows/config/experiments/scheinfer_hardware.yaml are spec-sheet
   peaks times assumed efficiencies; the paper's three machines are not public. A class becomes a
   `CostModel` by the roofline of scheinfer.md 3.2: per MAC, max(2 / flops, bytes_per_param /
-  (n * bytes_per_s)) at a geometric grid of token counts n (linear in between, as `PerRowLinear`).
+  (n * bytes_per_s)) at a geometric grid of token counts n (`PerRowLinear` in between).
 * Routing: 'gate' runs the model's real routing function (`layers.route`: softmax top-k or
   Phi's SparseMixer) with seeded random router weights on seeded random hidden states (no
   checkpoint is read; one set of hidden states per step, shared by the layers); 'uniform' gives
   every expert n * k / E tokens in prefill and rotates k experts per decode step.
 * Fiddler's popularity (which experts are resident) is counted on the same routing it then
-  runs (an oracle: favourable to Fiddler). Fiddler is run on MoE models only, as in the paper.
-* llama.cpp keeps the attention of its CPU layers on the CPU; here attention is on the GPU for
-  every policy (favourable to llama.cpp in decode), so only the FFN placement differs.
+  runs (an oracle: favourable to Fiddler), a shared expert with every token of its layer
+  (`policy.PopularityCounter`). Fiddler is run on MoE models only; the real Fiddler supports
+  Mixtral only, so on the other MoE models it is our port of its policy.
+* llama.cpp ('layers') is held to its own accounting, the rule of `-ngl N` that
+  `baselines.llamacpp.runner.gpu_weight_bytes` reads from a GGUF: the last N whole layers on
+  the GPU (FFNs, attention, norms, router and their KV cache), N the most that fit in the card
+  besides the staging buffer; token embeddings on the CPU; the output head on the GPU only when
+  every layer is there (-ngl > n_layer) and it fits besides. A CPU layer runs its attention on
+  the CPU (decode), or, at >= 32 tokens (ggml's offload rule), copies its attention weights to
+  the GPU and computes there, with no KV copy charged. The other policies keep every non-FFN
+  weight and the whole KV cache on the GPU, their FFN rows in what is left.
 * No cross-layer prefetch of CG weights (the engine has none).
 Metrics: prefill tok/s = prompt tokens / prefill time; decode tok/s = decode steps / decode
 time; overall = (prompt tokens + decode steps) / (prefill + decode time). Batch 1.
@@ -53,7 +62,7 @@ from impl.scheinfer.assign import ExpertLoad, layer_makespan
 from impl.scheinfer.config import DecoderConfig, weight_shapes
 from impl.scheinfer.layers import route
 from impl.scheinfer.partition import CostModel, PerRowLinear, Split, lane_times
-from impl.scheinfer.policy import Policy, ScheInferPolicy, ffn_widths, make_policy, place
+from impl.scheinfer.policy import Policy, PopularityCounter, ScheInferPolicy, ffn_widths, make_policy, place
 
 __all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "make_sim_policy", "predict_bench",
            "Routing", "make_routing", "ffn_time", "CaseSetup", "setup_case", "simulate_case", "run", "resolve",
@@ -147,14 +156,16 @@ class _BandOnlyPolicy(ScheInferPolicy):
 
 
 def make_sim_policy(name: str, cfg: DecoderConfig, cost: CostModel, sc: SimConfig,
-                    popularity: dict | None = None) -> Policy:
+                    popularity: dict | None = None, layer_bytes: dict[int, int] | None = None) -> Policy:
+    """The sim's policy `name`; `layer_bytes` (llama.cpp's 'layers' only): GPU bytes of each layer
+    besides its FFNs (module doc)."""
     common = dict(cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=sc.dtype_bytes, tile=sc.tile)
     if name == "scheinfer":
         return make_policy("scheinfer", **common, assign=sc.assign, gg_mode=sc.gg_mode, popularity=popularity)
     if name == "fiddler":
         return make_policy("fiddler", **common, popularity=popularity)
     if name == "layers":
-        return make_policy("layers", **common)
+        return make_policy("layers", **common, layer_bytes=layer_bytes)
     if name in ("cc-only", "cg-only"):
         return _BandOnlyPolicy(name[:2], cost, cfg.hidden, sc.dtype_bytes, sc.tile, gg_mode=sc.gg_mode,
                                popularity=popularity)
@@ -179,17 +190,17 @@ class Routing:
 
     prefill_counts: dict[int, list[int]]
     decode_ids: dict[int, list[list[int]]]
+    prompt_tokens: int = 0
+    shared_expert: bool = False        # MoE layers have a shared expert (every token uses it)
 
-    def popularity(self) -> dict[tuple[int, int], float]:
-        pop: dict[tuple[int, int], float] = {}
+    def popularity(self) -> dict[tuple[int, int | str], float]:
+        """Tokens per FFN over prefill and decode (`policy.PopularityCounter`: shared experts too)."""
+        counter = PopularityCounter(self.shared_expert)
         for i, counts in self.prefill_counts.items():
-            for e, c in enumerate(counts):
-                pop[(i, e)] = pop.get((i, e), 0.0) + c
+            counter.add(i, enumerate(counts), self.prompt_tokens)
         for i, steps in self.decode_ids.items():
-            for ids in steps:
-                for e in ids:
-                    pop[(i, e)] = pop.get((i, e), 0.0) + 1
-        return pop
+            counter(i, torch.as_tensor(steps, dtype=torch.long).reshape(len(steps), -1))
+        return counter.counts
 
 
 def make_routing(cfg: DecoderConfig, prompt_tokens: int, decode_tokens: int, kind: str, seed: int) -> Routing:
@@ -212,7 +223,7 @@ def make_routing(cfg: DecoderConfig, prompt_tokens: int, decode_tokens: int, kin
         pre[i] = torch.bincount(ids_TK.flatten(), minlength=E).tolist()
         ids_SK, _ = route(cfg, x_decode @ router_EM.t())
         dec[i] = ids_SK.tolist()
-    return Routing(pre, dec)
+    return Routing(pre, dec, prompt_tokens, bool(cfg.shared_expert_ffn_hidden))
 
 
 # ----------------------------------------------------------------------------------- one case
@@ -233,6 +244,9 @@ class CaseSetup:
     policy_key: str
     dtype_bytes: int
     attn_params: int          # per layer: attention projections + router
+    gpu_layers: frozenset = frozenset()     # layers whose attention (non-FFN weights) is on the GPU
+    embed_on_gpu: bool = True
+    head_on_gpu: bool = True
 
 
 def _nonffn_params(cfg: DecoderConfig) -> tuple[int, int]:
@@ -244,22 +258,55 @@ def _nonffn_params(cfg: DecoderConfig) -> tuple[int, int]:
     return 2 * qd * M + 2 * kvd * M + cfg.num_experts * M, total - ffn
 
 
+def _layer_nonffn_params(cfg: DecoderConfig) -> tuple[dict[int, int], int]:
+    """(per layer: every parameter of the layer but its FFNs (attention, norms, router, shared-
+    expert gate), the output head: final norm and LM head, the embedding table when tied)."""
+    shapes = weight_shapes(cfg)
+    ffn: dict[int, int] = {}
+    for (i, _), w in ffn_widths(cfg).items():
+        ffn[i] = ffn.get(i, 0) + 3 * w * cfg.hidden
+    layer = {i: sum(math.prod(s) for name, s in shapes.items() if name.startswith(f"layers.{i}.")) - ffn[i]
+             for i in range(cfg.num_layers)}
+    head = sum(math.prod(s) for name, s in shapes.items() if name.split(".")[0] in ("norm", "lm_head"))
+    return layer, head + (cfg.vocab_size * cfg.hidden if cfg.tie_word_embeddings else 0)
+
+
 def setup_case(cfg: DecoderConfig, hw: HardwareClass, policy_name: str, sc: SimConfig,
                routing: Routing, model_name: str = "", ffn_budget_bytes: int | None = None) -> CaseSetup:
     """Cost model, policy and placement of one (model, hardware, policy). The FFN budget is what
     the card holds beside the other weights and the KV cache, or `ffn_budget_bytes` (a bench's
-    `--gpu-mem`: FFN rows plus staging, the rest on the device besides)."""
+    `--gpu-mem`: FFN rows plus staging, the rest on the device besides). llama.cpp's 'layers' is
+    held to its own accounting (module doc): whole layers (FFNs, attention, norms, router, KV
+    cache) in the card's memory, token embeddings on the CPU, the output head on the GPU only when
+    every layer is there and it fits besides; under `ffn_budget_bytes` its FFN rows alone count
+    (as `baselines.llamacpp.runner.settings_within_budget` picks -ngl for a bench)."""
     b = sc.dtype_bytes
     cost = cost_model(hw, b)
-    policy = make_sim_policy(policy_name, cfg, cost, sc, routing.popularity())
     attn, nonffn = _nonffn_params(cfg)
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * b * (sc.prompt_tokens + sc.decode_tokens)
-    budget = (max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes - nonffn * b - kv)) if ffn_budget_bytes is None
-              else int(ffn_budget_bytes))
+    kv_layer = 2 * cfg.num_kv_heads * cfg.head_dim * b * (sc.prompt_tokens + sc.decode_tokens)
+    layer_params, head_params = _layer_nonffn_params(cfg)
+    whole_layers = policy_name == "layers"
+    layer_bytes = ({i: p * b + kv_layer for i, p in layer_params.items()}
+                   if whole_layers and ffn_budget_bytes is None else None)
+    policy = make_sim_policy(policy_name, cfg, cost, sc, routing.popularity(), layer_bytes)
+    if ffn_budget_bytes is not None:
+        budget = int(ffn_budget_bytes)
+    elif whole_layers:
+        budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes))
+    else:
+        budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes - nonffn * b - kv_layer * cfg.num_layers))
     widths = ffn_widths(cfg)
     placement = place(policy, widths, cfg.hidden, b, budget)
+    gpu_layers, embed_on_gpu, head_on_gpu = frozenset(range(cfg.num_layers)), True, True
+    if whole_layers:
+        gpu_layers = frozenset(i for i in range(cfg.num_layers)
+                               if all(placement.gg[k] == w for k, w in widths.items() if k[0] == i))
+        left = (budget - placement.staging_bytes - placement.resident_bytes
+                - sum((layer_bytes or {}).get(i, 0) for i in gpu_layers))
+        embed_on_gpu = False
+        head_on_gpu = len(gpu_layers) == cfg.num_layers and (layer_bytes is None or left >= head_params * b)
     return CaseSetup(cfg, hw, cost, policy, widths, dict(placement.gg), placement.cg_max, budget, nonffn * b, routing,
-                     model_name, policy_name, b, attn)
+                     model_name, policy_name, b, attn, gpu_layers, embed_on_gpu, head_on_gpu)
 
 
 def _loads(st: CaseSetup, layer: int, phase: str, n: int, step: int) -> list[ExpertLoad]:
@@ -279,14 +326,17 @@ def _loads(st: CaseSetup, layer: int, phase: str, n: int, step: int) -> list[Exp
     return [ExpertLoad(k, c, st.widths[k], st.gg.get(k, 0)) for k, c in keys]
 
 
-def _nonffn_time(st: CaseSetup, n: int, ctx: int) -> float:
-    """GPU time of one layer's attention + router on n new tokens over ctx cached positions [R]."""
+def _nonffn_time(st: CaseSetup, n: int, ctx: int, lane: str = "gpu") -> float:
+    """Time of one layer's attention + router on n new tokens over ctx cached positions [R], on
+    the GPU or (a llama.cpp CPU layer) on the CPU: weights read once, flops at the lane's rate,
+    KV cache read."""
     cfg, hw, b = st.cfg, st.hw, st.dtype_bytes
     p_attn = st.attn_params
+    flops, bw, alpha = ((hw.gpu_flops, hw.gpu_bytes_per_s, hw.gpu_alpha_s) if lane == "gpu" else
+                        (hw.cpu_flops, hw.cpu_bytes_per_s, hw.cpu_alpha_s))
     kv_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * b * ctx
     sdpa_flops = 4 * n * (ctx - n / 2 if n > 1 else ctx) * cfg.num_heads * cfg.head_dim
-    return (hw.gpu_alpha_s + max(2 * n * p_attn / hw.gpu_flops, b * p_attn / hw.gpu_bytes_per_s)
-            + kv_bytes / hw.gpu_bytes_per_s + sdpa_flops / hw.gpu_flops)
+    return alpha + max(2 * n * p_attn / flops, b * p_attn / bw) + kv_bytes / bw + sdpa_flops / flops
 
 
 def _act_time(st: CaseSetup, cpu_tokens: int, dtype_bytes: int) -> float:
@@ -296,9 +346,22 @@ def _act_time(st: CaseSetup, cpu_tokens: int, dtype_bytes: int) -> float:
     return 2 * st.cost.h2d_time(dtype_bytes * cpu_tokens * st.cfg.hidden)
 
 
+def _offloads(st: CaseSetup, n: int) -> bool:
+    """A llama.cpp CPU layer's products run on the GPU, weights copied (ggml's rule, n >= min_batch;
+    as for its FFNs in `LayersPolicy.plan`, only with a staging buffer to copy into)."""
+    return n >= getattr(st.policy, "min_batch", math.inf) and st.cg_max > 0
+
+
 def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_bytes: int, bands: dict) -> dict:
-    """One forward step (all layers + LM head): ffn / nonffn / act seconds; adds rows to `bands`."""
+    """One forward step (all layers + LM head): ffn / nonffn / act seconds; adds rows to `bands`.
+    A layer whose attention is on the GPU pays the activation round trip of its CPU lane's rows;
+    a llama.cpp CPU layer runs its attention on the CPU, or, when its products are offloaded
+    (`_offloads`), copies its attention weights to the GPU and its activations there and back.
+    Where consecutive stages (embedding, layers, head) sit on different sides the hidden state
+    crosses PCIe once (the head reads the last position only)."""
     out = {"ffn_s": 0.0, "nonffn_s": 0.0, "act_s": 0.0}
+    b, M = dtype_bytes, st.cfg.hidden
+    side = "gpu" if st.embed_on_gpu else "cpu"
     for i in range(st.cfg.num_layers):
         loads = _loads(st, i, phase, n, step)
         splits = st.policy.plan(i, loads, phase, n, st.cg_max)
@@ -307,11 +370,25 @@ def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_byte
                 raise RuntimeError(f"policy {st.policy.name!r} planned {s} for {ld} (cg_max {st.cg_max})")
             for k in ("cc", "cg", "gg"):
                 bands[k] += getattr(s, k)
-        out["ffn_s"] += ffn_time(st.policy, st.cost, loads, splits, st.cfg.hidden, dtype_bytes)
-        out["act_s"] += _act_time(st, sum(ld.n for ld, s in zip(loads, splits) if s.cc), dtype_bytes)
-        out["nonffn_s"] += _nonffn_time(st, n, ctx)
-    lm = st.cfg.vocab_size * st.cfg.hidden            # last position only (prefill and decode)
-    out["nonffn_s"] += st.hw.gpu_alpha_s + dtype_bytes * lm / st.hw.gpu_bytes_per_s
+        out["ffn_s"] += ffn_time(st.policy, st.cost, loads, splits, M, b)
+        here = "gpu" if i in st.gpu_layers else "cpu"
+        if here != side:
+            out["act_s"] += st.cost.h2d_time(b * n * M)
+        side = here
+        if here == "gpu":
+            out["act_s"] += _act_time(st, sum(ld.n for ld, s in zip(loads, splits) if s.cc), b)
+            out["nonffn_s"] += _nonffn_time(st, n, ctx)
+        elif _offloads(st, n):
+            out["act_s"] += _act_time(st, n, b)
+            out["nonffn_s"] += st.cost.h2d_time(b * st.attn_params) + _nonffn_time(st, n, ctx)
+        else:
+            out["nonffn_s"] += _nonffn_time(st, n, ctx, "cpu")
+    head = "gpu" if st.head_on_gpu else "cpu"
+    if head != side:
+        out["act_s"] += st.cost.h2d_time(b * M)
+    lm = st.cfg.vocab_size * M                         # last position only (prefill and decode)
+    out["nonffn_s"] += (st.hw.gpu_alpha_s + b * lm / st.hw.gpu_bytes_per_s if head == "gpu" else
+                        st.hw.cpu_alpha_s + b * lm / st.hw.cpu_bytes_per_s)
     return out
 
 
@@ -346,7 +423,8 @@ def _row(st: CaseSetup, sc: SimConfig, phase: str, tokens: int, acc: dict, bands
             "phase": phase, "tokens": tokens, "time_s": t, "tokens_per_s": tokens / t if t > 0 else math.inf,
             **acc, "cc_frac": bands["cc"] / width, "cg_frac": bands["cg"] / width, "gg_frac": bands["gg"] / width,
             "resident_frac": sum(st.gg.values()) / ffn_rows, "gpu_ffn_budget_bytes": st.budget_bytes,
-            "cg_max": st.cg_max, "routing": sc.routing, "assign": sc.assign,
+            "cg_max": st.cg_max, "gpu_layers": len(st.gpu_layers), "num_layers": st.cfg.num_layers,
+            "head_on_gpu": st.head_on_gpu, "routing": sc.routing, "assign": sc.assign, "gg_mode": sc.gg_mode,
             "prompt_tokens": sc.prompt_tokens, "decode_tokens": sc.decode_tokens}
 
 
