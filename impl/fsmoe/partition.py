@@ -181,16 +181,19 @@ def partition(blocks: list[BlockCosts], *, grid: int = 16, seed: int = 0, model_
 def _plan(blocks, s1: _Step1, pushed: np.ndarray, value: float, model_of, domain) -> GradientPlan:
     n = len(blocks)
     queue = [[a, p] for a, p in s1.leftover]
+    # Pushes are carried out in backward order: block b may take gradients of blocks p > b only,
+    # so the later-processed blocks (fewer eligible producers) take theirs first; any eligible
+    # producer then serves, and the causal constraint of Step 2 is exactly what makes every x_b fit.
+    extra: list[list[tuple[float, int]]] = [[] for _ in range(n)]
+    for b in reversed(range(n)):
+        if pushed[b] > 0:
+            extra[b] = _fill([q for q in queue if q[1] > b], float(pushed[b]))
+            queue = [q for q in queue if q[0] > 1e-9]
     tasks: list[GradTask] = []
     r_bwd = []
     for b in range(n):
         bc = blocks[b]
-        extra = []
-        if pushed[b] > 0:
-            eligible = [q for q in queue if q[1] > b]
-            extra = _fill(eligible, float(pushed[b]))
-            queue = [q for q in queue if q[0] > 1e-9]
-        moe = s1.moe[b] + extra
+        moe = s1.moe[b] + extra[b]
         nbytes = sum(a for a, _ in moe)
         r_bwd.append(int(moe_times(model_of(bc), np.array(bc.t_ar(nbytes)), domain)[1]))
         if nbytes > 0:

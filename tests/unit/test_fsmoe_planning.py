@@ -107,7 +107,41 @@ def _synthetic_blocks(n, seed):
     return out
 
 
-@pytest.mark.parametrize("n,seed", [(1, 0), (2, 1), (2, 2), (3, 3), (3, 4), (3, 5), (3, 6), (2, 7)])
+def _moe_bytes(plan, n) -> np.ndarray:
+    return np.array([sum(t.nbytes for t in plan.tasks if t.where == ("moe", b)) for b in range(n)])
+
+
+def _realised_objective(blocks, plan) -> float:
+    """Step 2's objective recomputed from the emitted tasks: each block's MoE backward with the
+    bytes placed in it, plus the exposed tail."""
+    total = 0.0
+    for b, nbytes in enumerate(_moe_bytes(plan, len(blocks))):
+        total += float(moe_times(blocks[b].bwd, np.array(blocks[b].t_ar(nbytes)))[0])
+    return total + blocks[0].t_ar(sum(t.nbytes for t in plan.tasks if t.where == ("tail",)))
+
+
+@pytest.mark.parametrize("maker,n", [("synthetic", 2), ("synthetic", 3), ("synthetic", 4), ("synthetic", 5),
+                                     ("profiles", 4), ("profiles", 6)])
+def test_partitioner_carries_out_the_pushes_it_optimised(maker, n):
+    """The tasks realise Step 2's x_b exactly (each block's MoE slice = its Step-1 window + x_b)
+    and the objective recomputed from the tasks is the one the plan reports."""
+    make = _synthetic_blocks if maker == "synthetic" else _blocks
+    for seed in range(10):
+        blocks = make(n, seed)
+        plan = partition(blocks)
+        s1 = step1(blocks)
+        window = np.array([sum(a for a, _ in s1.moe[b]) for b in range(n)])
+        assert _moe_bytes(plan, n) - window == pytest.approx(np.array(plan.pushed), abs=1.0)
+        assert _realised_objective(blocks, plan) == pytest.approx(plan.objective_ms, rel=1e-9)
+
+
+def test_the_random_cases_exercise_pushes_that_compete_for_one_producer():
+    """Among the cases above, some push into two or more blocks (the realisation order matters)."""
+    assert sum(np.count_nonzero(partition(_synthetic_blocks(n, seed)).pushed) >= 2
+               for n in (3, 4, 5) for seed in range(10)) >= 3
+
+
+@pytest.mark.parametrize("n,seed", [(1, 0), (2, 1), (2, 2), (3, 3), (3, 4), (3, 5), (3, 6), (2, 7), (3, 21), (4, 6)])
 def test_partitioner_equals_exhaustive_search_on_small_instances(n, seed):
     blocks = _synthetic_blocks(n, seed)
     grid = 6
@@ -123,6 +157,7 @@ def test_partitioner_equals_exhaustive_search_on_small_instances(n, seed):
                for u in itertools.product(*(range(k + 1) for k in units))
                if all(sum(u[b2] for b2 in range(b, n)) <= units[b] for b in range(n)))
     assert plan.objective_ms == pytest.approx(float(best), rel=1e-9)
+    assert _realised_objective(blocks, plan) == pytest.approx(float(best), rel=1e-9)     # the tasks too
     assert plan.objective_ms <= float(objective(blocks, s1, np.zeros(n))) + 1e-9
 
 
