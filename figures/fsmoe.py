@@ -4,8 +4,8 @@ a calibration of this machine, each with the paper's numbers beside ours, and th
 tier, the gap and its cause backed by an ablation run.
 
     python -m figures.fsmoe --grid grid-A.csv grid-B.csv --statistic stat.csv --table2 t2.csv --models models.csv \\
-        --ablation-grids g1.csv g2.csv --ablation-models m1.csv m2.csv --degrees degrees.csv --emu emu.csv \\
-        --profile ours.yaml --out-dir results/figures
+        --ablation-grids g1.csv g2.csv --ablation-models m1.csv m2.csv --ablation-table2 t1.csv t2.csv \\
+        --links links.csv --degrees degrees.csv --emu emu.csv --profile ours.yaml --out-dir results/figures
 
 Speedups are computed here, never stored: Table 5 is the mean over configured layers of Tutel's
 iteration time over the system's; Figs. 6-8 are the baseline's iteration over the system's,
@@ -47,6 +47,9 @@ MODELS_COLUMNS = ("figure", "testbed", "model", "L", "gate", "P", "system", "ite
 DEGREES_COLUMNS = ("phase", "r_enum", "t_enum", "r_slsqp", "t_slsqp", "r_timeline", "t_timeline", "enum_ms_per_config",
                    "slsqp_ms_per_config")
 ORDER_COLUMNS = ("testbed", "layer", "system", "iteration_ms", "searched_order_ms", "lower_bound_ms", "tries")
+LINKS_COLUMNS = ("testbed", "profile", "reading", "unit", "kind", "step", "per_gpu_gbps", "sharing", "link", "load_gbps",
+                 "line_gbps", "load_over_line")
+COMM_OPS = ("AlltoAll", "AllGather", "ReduceScatter", "AllReduce")
 EMU_COLUMNS = ("task", "schedule", "kind", "measured_ms", "predicted_ms", "error_pct", "host_cores")
 
 
@@ -255,7 +258,7 @@ def plot_fig5(profile_path: str | None):
     axes[0, 0].set_ylabel("ms (model)", fontsize=7)
     axes[1, 0].set_ylabel("ms (measured)", fontsize=7)
     fig.text(0.5, -0.02, "top: the paper's fitted alpha-beta models (Fig. 5; Testbed A's betas as the released harness "
-             "has them); bottom: our calibration of this machine (gloo), points are medians", ha="center", fontsize=6)
+             "has them, per float element; Testbed B's communication betas per byte, see the report); bottom: our calibration of this machine (gloo), points are medians", ha="center", fontsize=6)
     fig.tight_layout()
     return fig
 
@@ -318,6 +321,65 @@ def order_section(order: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _table2_vs_paper(t2: pd.DataFrame) -> pd.DataFrame:
+    """Our Table 2 communication entries beside the paper's (entries the paper prints as 0 left out)."""
+    paper, _ = read_paper_csv("fsmoe_table2")
+    merged = t2[t2.op.isin(COMM_OPS)].merge(paper.rename(columns={"value": "paper_ms"}),
+                                            on=["testbed", "model", "phase", "op"])
+    return merged[merged.paper_ms > 0]
+
+
+def units_section(links: pd.DataFrame, t2: pd.DataFrame, t2_other: pd.DataFrame | None) -> list[str]:
+    """Which unit each testbed's communication betas are read in, and the evidence for it under
+    both units: the link rates they imply against Table 3's line rates (results --part links) and
+    Table 2's communication times against the paper's (the default run, and the
+    `comm-other-unit` ablation's Table 2)."""
+    lines = ["", "## Units of the communication betas (digest §8.5)", "",
+             "The paper prints its betas in ms per float element, but read so Testbed B's would beat its line rates. "
+             "Each testbed's profile names the unit it reads them in; the evidence for each unit, computed from the "
+             "profiles and the runs:", ""]
+    ours = {"published": _table2_vs_paper(t2)}
+    if t2_other is not None:
+        ours["comm-other-unit"] = _table2_vs_paper(t2_other)
+    for testbed, g in links.groupby("testbed", sort=True):
+        parts = []
+        for reading in ("published", "comm-other-unit"):
+            r = g[g.reading == reading]
+            if not len(r):
+                continue
+            worst = r.loc[r.load_over_line.idxmax()]
+            text = (f"per {r.unit.iloc[0]}: the busiest link carries {worst.load_over_line:.0%} of its line rate "
+                    f"({worst.kind} over the {worst.link})")
+            if reading in ours:
+                t = ours[reading][ours[reading].testbed == testbed]
+                ratio = float(np.exp(np.log(t.ms / t.paper_ms).mean()))
+                text += (f", and Table 2's {len(t)} communication times come out at {ratio:.2f}x the paper's "
+                         f"(geometric mean; {(t.ms / t.paper_ms).min():.2f}x to {(t.ms / t.paper_ms).max():.2f}x)")
+            parts.append(("read " if reading == "published" else "the other unit, ") + text)
+        lines.append(f"* Testbed {testbed} (profile `{g.profile.iloc[0]}`): "
+                     + "; ".join(parts) + ".")
+    lines += ["", "Per collective: the per-GPU bus rate a beta implies (nccl-tests' busbw), the load on the link it "
+              "crosses (a node's NIC carries one inter-node collective per GPU of the node, all at once in the "
+              "paper's layout) and that link's line rate (Table 3; PCIe x16 at its generation's data rate).", "",
+              "| testbed | reading | unit | collective | per-GPU Gb/s | GPUs on the link | link | load Gb/s | line Gb/s | "
+              "load / line |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in links.sort_values(["testbed", "reading"], ascending=[True, False]).iterrows():
+        lines.append(f"| {r.testbed} | {r.reading} | {r.unit} | {r.kind} | {r.per_gpu_gbps:.1f} | {r.sharing} | {r.link} | "
+                     f"{r.load_gbps:.1f} | {r.line_gbps:.1f} | {r.load_over_line:.2f} |")
+    if "comm-other-unit" in ours:
+        both = ours["published"].merge(ours["comm-other-unit"][["testbed", "model", "phase", "op", "ms"]],
+                                       on=["testbed", "model", "phase", "op"], suffixes=("", "_other"))
+        units = links[links.reading == "published"].groupby("testbed").unit.first()
+        other = links[links.reading == "comm-other-unit"].groupby("testbed").unit.first()
+        lines += ["", "Table 2's communication times under each unit (ms):", "",
+                  "| testbed | model | phase | op | paper | ours, the profile's unit | ours, the other unit |",
+                  "|---|---|---|---|---|---|---|"]
+        for _, r in both.iterrows():
+            lines.append(f"| {r.testbed} | {r.model} | {r.phase} | {r.op} | {r.paper_ms:g} | "
+                         f"{r.ms:.2f} (per {units.get(r.testbed, '?')}) | {r.ms_other:.2f} (per {other.get(r.testbed, '?')}) |")
+    return lines
+
+
 def _ds_moe_ablation(models: pd.DataFrame) -> pd.DataFrame:
     """The models' runs with DS-MoE replaced by its MP-AllReduce ablation (see results.py)."""
     from impl.experiments.fsmoe.results import DS_MOE_MP_ALLREDUCE
@@ -333,9 +395,11 @@ def _ds_moe_ablation(models: pd.DataFrame) -> pd.DataFrame:
 
 def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.DataFrame,
            ablations: dict[str, tuple[pd.DataFrame, pd.DataFrame]], degrees: pd.DataFrame | None,
-           emu: pd.DataFrame | None, order: pd.DataFrame | None = None) -> str:
+           emu: pd.DataFrame | None, order: pd.DataFrame | None = None, links: pd.DataFrame | None = None,
+           ablation_table2: dict[str, pd.DataFrame] | None = None) -> str:
     """`ablations`: name -> (grid, models) of a run with one assumption changed; `order`: the
-    lane-order study (results --part order)."""
+    lane-order study (results --part order); `links`: results --part links; `ablation_table2`:
+    reading -> Table 2 under that reading."""
     lines = ["# FSMoE: paper vs ours", "",
              f"Every number below is computed from the runs this report was built from. Ours are {MODELED} "
              "unless marked emu (measured on this machine). A paper number reproduces when ours is within "
@@ -345,7 +409,8 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
              "`fsmoe_fig7`, `fsmoe_fig8`, `fsmoe_table6` (PNG and PDF).", "", "Ablations:"]
     descriptions = {
         "gemm-per-byte": "the GEMM beta read per multiply-accumulate instead of per 1/4 (experts and dense GEMMs 4x faster)",
-        "comm-per-byte": "every communication beta read per byte instead of per float element (links 4x slower)",
+        "comm-other-unit": "every communication beta read in the other unit than its profile's: Testbed A's per byte "
+                           "(links 4x slower), Testbed B's per float element (links 4x faster)",
         "ds-moe-mp-allreduce": "DS-MoE with tensor-parallel attention synchronised by AllReduce, as the released "
                                "harness emulates DeepSpeed-MoE (ours: sequence-parallel AllGather / ReduceScatter)"}
     runs = dict(ablations)
@@ -385,6 +450,9 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
                          f"{r.over_lower_bound:.2f} |")
     if order is not None and len(order):
         lines += order_section(order)
+
+    if links is not None and len(links):
+        lines += units_section(links, t2, (ablation_table2 or {}).get("comm-other-unit"))
 
     paper_s, _ = read_paper_csv("fsmoe_statistic")
     st = stat[stat.testbed == "B"]
@@ -451,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="grid CSVs of other readings (column 'reading')")
     p.add_argument("--ablation-models", nargs="*", default=[], type=cli.input_file,
                    help="models CSVs of the same readings")
+    p.add_argument("--ablation-table2", nargs="*", default=[], type=cli.input_file,
+                   help="Table 2 CSVs of other readings (column 'reading')")
+    p.add_argument("--links", type=cli.input_file, help="results --part links CSV (the units' implied link rates)")
     p.add_argument("--order", type=cli.input_file, help="results --part order CSV (the lane-order study)")
     p.add_argument("--degrees", type=cli.input_file, help="the degree study CSV")
     p.add_argument("--emu", type=cli.input_file, help="the emu-tier CSV")
@@ -470,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
             g_frame = read_results(g_path, GRID_COLUMNS + ("reading",), f"{RESULTS} --part grid")
             m_frame = read_results(m_path, MODELS_COLUMNS + ("reading",), f"{RESULTS} --part models")
             ablations[str(g_frame["reading"].iloc[0])] = (g_frame, m_frame)
+        ablation_table2 = {}
+        for path in args.ablation_table2:
+            frame = read_results(path, TABLE2_COLUMNS + ("reading",), f"{RESULTS} --part table2")
+            ablation_table2[str(frame["reading"].iloc[0])] = frame
+        links = read_results(args.links, LINKS_COLUMNS, f"{RESULTS} --part links") if args.links else None
         order = read_results(args.order, ORDER_COLUMNS, f"{RESULTS} --part order") if args.order else None
         degrees = read_results(args.degrees, DEGREES_COLUMNS, "impl.experiments.fsmoe.degrees") if args.degrees else None
         emu = read_results(args.emu, EMU_COLUMNS, "impl.experiments.fsmoe.emu") if args.emu else None
@@ -493,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fig in figures.items():
         style.save(fig, out / name, source=",".join(args.grid))
         plt.close(fig)
-    atomic_write_text(out / "fsmoe_report.md", report(grid, stat, t2, models, ablations, degrees, emu, order))
+    atomic_write_text(out / "fsmoe_report.md", report(grid, stat, t2, models, ablations, degrees, emu, order, links,
+                                                             ablation_table2))
     print(f"fsmoe figures and report -> {out}")
     return 0
 

@@ -23,7 +23,7 @@ def _published(testbed: str) -> dict:
 
 def _comm_ms(prof: dict, kind: str, step: str, elements: float) -> float:
     m = prof["comm"][kind][step]
-    return m["alpha"] + m["beta"] * elements          # published beta: ms per float element
+    return m["alpha"] + m["beta"] / m["beta_unit_size"] * 4 * elements   # published beta per its unit, fp32
 
 
 def _sequential_iteration_ms(testbed: str, row: pd.Series, blocks: int) -> float:
@@ -79,3 +79,28 @@ def test_order_study_splits_each_plans_gap_at_a_searched_order():
     assert (frame.lower_bound_ms <= frame.searched_order_ms * (1 + 1e-9)).all()
     assert (frame.searched_order_ms <= frame.iteration_ms).all()
     pd.testing.assert_frame_equal(frame, run_order(cfg, progress=False))
+
+
+def test_the_testbeds_read_their_communication_betas_in_the_unit_their_links_allow():
+    """Testbed A per float element, B per byte (the profiles' units); the 'comm-other-unit'
+    reading flips each (A's links 4x slower, B's 4x faster). Read per byte, every B link stays
+    under its line rate; per element its NICs would carry more than 3x theirs."""
+    from impl.common.costmodel import load_profile
+    from impl.experiments.fsmoe.results import comm_unit, read_profile, run_links
+
+    for testbed, unit, factor in (("a", "float32 element", 4.0), ("b", "byte", 0.25)):
+        prof = load_profile(f"fsmoe-testbed-{testbed}")
+        other = read_profile(prof, "comm-other-unit")
+        for key, m in prof.comm.items():
+            assert comm_unit(m) == unit
+            assert other.comm[key].beta_ms == pytest.approx(m.beta_ms * factor)
+            assert comm_unit(other.comm[key]) != unit
+            assert read_profile(other, "comm-other-unit").comm[key].beta_ms == pytest.approx(m.beta_ms)
+    links = run_links(ResultsConfig()).set_index(["testbed", "reading", "kind"]).sort_index()
+    # B's AlltoAll per byte, recomputed: 8 nodes, busbw factor 7/8, 4 GPUs of a node on one 100 Gb/s NIC
+    per_gpu = 7 / 8 / 3.06e-7 * 1e3 * 8 / 1e9
+    assert links.loc[("B", "published", "a2a"), "load_gbps"] == pytest.approx(4 * per_gpu)
+    assert links.loc[("B", "published", "a2a"), "load_over_line"] == pytest.approx(4 * per_gpu / 100)
+    assert (links.loc[("B", "published"), "load_over_line"] <= 1).all()
+    assert (links.loc[("B", "comm-other-unit"), "load_over_line"].loc[["a2a", "allreduce"]] > 3).all()
+    assert (links.loc[("A", "published"), "load_over_line"] <= 1).all()
