@@ -218,15 +218,16 @@ def dense_windows(blocks: list[BlockCosts]) -> tuple[GradTask, ...]:
     return tuple(out + [GradTask(float(blocks[0].grad_bytes), ("tail",), (0,))])
 
 
-def fixed_chunks(blocks: list[BlockCosts], chunk_bytes: float = 30e6, model_of=lambda bc: bc.bwd) -> tuple[GradTask, ...]:
+def fixed_chunks(blocks: list[BlockCosts], r_bwd: list[int], chunk_bytes: float = 30e6,
+                 model_of=lambda bc: bc.bwd) -> tuple[GradTask, ...]:
     """PipeMoE+Lina: gradients cut into fixed chunks, each issued into the next window that has
-    room left (a chunk may overrun it: Lina does not resize chunks or re-plan the degree)."""
+    room left (a chunk may overrun it: Lina does not resize chunks or re-plan the degree). Block
+    b's MoE window is its backward's idle link time at the degree it runs, `r_bwd[b]`."""
     tasks = []
     pending: list[tuple[float, int]] = []
     for b in reversed(range(len(blocks))):
         bc = blocks[b]
-        r = integer_optimum(model_of(bc).with_gar(0.0)).r
-        for where, window in ((("moe", b), olp_moe(model_of(bc), r)), (("dense", b), bc.t_olp_dense)):
+        for where, window in ((("moe", b), olp_moe(model_of(bc), r_bwd[b])), (("dense", b), bc.t_olp_dense)):
             used = 0.0
             while pending and used < window - 1e-9:
                 nbytes, producer = pending.pop(0)

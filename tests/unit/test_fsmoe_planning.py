@@ -219,3 +219,30 @@ def test_fsmoe_is_never_slower_than_without_partitioning():
         plain = type(plan)("plain", plan.lanes, tuple((r, integer_optimum(bc.bwd).r) for (r, _), bc in
                                                       zip(plan.degrees, blocks)), whole_after(blocks))
         assert plan.makespan(blocks) <= plain.makespan(blocks) + 1e-9
+
+
+def test_lina_chunks_fill_the_windows_of_the_degree_the_plan_runs():
+    """PipeMoE+Lina issues 30 MB chunks into block b's MoE backward until its idle link time at
+    the degree the plan executes (PipeMoE's, both passes) is used up: every chunk but the last
+    starts inside that window, and the window is full whenever chunks are left over for later."""
+    from baselines.pipemoe.plans import LINA_CHUNK_BYTES
+    from impl.fsmoe.degree import olp_moe
+
+    lina = get(TRAINING_PLAN, "pipemoe-lina")
+    differs = 0
+    for seed in range(12):
+        blocks = _blocks(3, seed)
+        plan = lina(blocks)
+        for b, bc in enumerate(blocks):
+            r = plan.degrees[b][1]
+            model = bc.bwd.single_lane()
+            differs += r != integer_optimum(model.with_gar(0.0)).r
+            window = olp_moe(model, r)
+            times = [bc.t_ar(t.nbytes) for t in plan.grads if t.where == ("moe", b)]
+            assert sum(times[:-1]) < window + 1e-9
+            later = [t for t in plan.grads if t.where[0] == "tail" or (t.where[0] in ("moe", "dense") and t.where[1] < b)
+                     or t.where == ("dense", b)]
+            if any(p > b for t in later for p in t.producers):
+                assert sum(times) >= window - 1e-9
+            assert all(t.nbytes <= LINA_CHUNK_BYTES + 1e-6 for t in plan.grads)
+    assert differs > 0          # the executed degree is not the backward optimum in some blocks
