@@ -101,7 +101,7 @@ def _synthetic_blocks(n, seed):
     for _ in range(n):
         m = PassModel(ChunkModel(0.2, rng.uniform(2, 6)), ChunkModel(0.1, rng.uniform(1, 3)),
                       ChunkModel(0.1, rng.uniform(1, 3)), ChunkModel(0.1, rng.uniform(10, 40)))
-        out.append(replace(base, fwd=m, bwd=m, dense_bwd_ms=rng.uniform(0.1, 1.0), mp_comm_ms=0.05,
+        out.append(replace(base, fwd=m, bwd=m, dense_bwd_ms=rng.uniform(0.1, 1.0), mp_ag_ms=0.05, mp_rs_ms=0.05,
                            grad_bytes=int(rng.uniform(2e7, 8e7)),
                            allreduce=LinearModel(0.3, rng.uniform(2e-7, 6e-7))))
     return out

@@ -47,10 +47,10 @@ def _sequential_iteration_ms(testbed: str, row: pd.Series, blocks: int) -> float
     core = 2 * B * L * L * d * heads / n_esp
     router = B * L / n_esp * 2 * M * E                # GShard: gate and noise projections
     dense_fwd = mac(proj / 2) * 2 + mac(core / 2) * 2 + mac(router)
-    mp = _comm_ms(prof, "allgather", "intra-1", B * L * M)
+    mp = _comm_ms(prof, "allgather", "intra-1", B * L * M) + _comm_ms(prof, "reducescatter", "intra-1", B * L * M)
     grad = 3 * M * M / n_esp + 3 * M / n_esp + M * M / n_esp + M if row.ffn == "gpt" else 2 * M * M / n_esp + M * M / n_esp
     ar = _comm_ms(prof, "allreduce", "inter-1", grad)
-    per_block = (2 * mp + dense_fwd + 2 * a2a + ag + exp_fwd + rs) + (2 * mp + 2 * dense_fwd + 2 * a2a + ag + 2 * exp_fwd + rs) + ar
+    per_block = (mp + dense_fwd + 2 * a2a + ag + exp_fwd + rs) + (mp + 2 * dense_fwd + 2 * a2a + ag + 2 * exp_fwd + rs) + ar
     return blocks * per_block
 
 
