@@ -16,13 +16,15 @@ inside its MoE backward (t_olp,moe, from Algorithm 1 with t_gar = 0) and during 
    is sum_b f_moe^b(t_ar(window_b + x_b)) + t_ar(leftover - sum_b x_b) (the exposed tail), under
    the causal constraint that a block can take only gradients produced before it (prefix sums).
    Solved by scipy's differential evolution over a grid of `grid` steps per block (integrality;
-   a population of 15 per dimension up to 6 blocks, fewer for deeper stacks, at most 100
-   generations), kept only if it beats pushing nothing.
+   a population of 15 per variable, at most `maxiter` = 100 generations; the variables are the
+   `max_push_blocks` = 8 last-processed blocks with leftover available), kept only if it beats
+   pushing nothing. The pushes are then carried out in backward order, which realises every x_b
+   the constraint admits.
 
-`partition` returns the resulting `GradTask`s and per-block r_bwd; `final_check` (the caller's)
-compares the simulated iteration with the plan against the no-partitioning placement (every
-block's gradient all-reduced whole as soon as it exists) and keeps the faster, so the plan is never
-slower than not partitioning. The baselines' placements are `whole_after` (Tutel, DeepSpeed-MoE),
+`partition` returns the resulting `GradTask`s and per-block r_bwd; the planner
+(`planner.best_of`) compares the simulated iteration with the plan against the no-partitioning
+placement (every block's gradient all-reduced whole as soon as it exists) and keeps the faster, so
+the plan is never slower than not partitioning. The baselines' placements are `whole_after` (Tutel, DeepSpeed-MoE),
 `dense_windows` (Tutel-Improved: only non-MoE windows) and `fixed_chunks` (Lina's 30 MB chunks into
 whichever window is next, no re-optimisation of r).
 """
