@@ -57,8 +57,8 @@ MODELS_COLUMNS = ("figure", "testbed", "model", "L", "gate", "P", "system", "ite
 DEGREES_COLUMNS = ("phase", "r_enum", "t_enum", "r_slsqp", "t_slsqp", "r_timeline", "t_timeline", "enum_ms_per_config",
                    "slsqp_ms_per_config")
 ORDER_COLUMNS = ("testbed", "layer", "system", "iteration_ms", "searched_order_ms", "lower_bound_ms", "tries")
-LINKS_COLUMNS = ("testbed", "profile", "reading", "unit", "kind", "step", "per_gpu_gbps", "sharing", "link", "load_gbps",
-                 "line_gbps", "load_over_line")
+LINKS_COLUMNS = ("testbed", "profile", "reading", "unit", "kind", "step", "per_gpu_gbps", "sharing", "link",
+                 "load_gbps", "line_gbps", "load_over_line")
 COMM_OPS = ("AlltoAll", "AllGather", "ReduceScatter", "AllReduce")
 EMU_COLUMNS = ("task", "schedule", "kind", "measured_ms", "predicted_ms", "error_pct", "host_cores")
 
@@ -270,7 +270,8 @@ def plot_fig5(profile_path: str | None):
     axes[0, 0].set_ylabel("ms (model)", fontsize=7)
     axes[1, 0].set_ylabel("ms (measured)", fontsize=7)
     fig.text(0.5, -0.02, "top: the paper's fitted alpha-beta models (Fig. 5; Testbed A's betas as the released harness "
-             "has them, per float element; Testbed B's communication betas per byte, see the report); bottom: our calibration of this machine (gloo), points are medians", ha="center", fontsize=6)
+             "has them, per float element; Testbed B's communication betas per byte, see the report); bottom: our "
+             "calibration of this machine (gloo), points are medians", ha="center", fontsize=6)
     fig.tight_layout()
     return fig
 
@@ -411,11 +412,11 @@ def units_section(links: pd.DataFrame, t2: pd.DataFrame, t2_other: pd.DataFrame 
     lines += ["", "Per collective: the per-GPU bus rate a beta implies (nccl-tests' busbw), the load on the link it "
               "crosses (a node's NIC carries one inter-node collective per GPU of the node, all at once in the "
               "paper's layout) and that link's line rate (Table 3; PCIe x16 at its generation's data rate).", "",
-              "| testbed | reading | unit | collective | per-GPU Gb/s | GPUs on the link | link | load Gb/s | line Gb/s | "
-              "load / line |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| testbed | reading | unit | collective | per-GPU Gb/s | GPUs on the link | link | load Gb/s | "
+              "line Gb/s | load / line |", "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in links.sort_values(["testbed", "reading"], ascending=[True, False]).iterrows():
-        lines.append(f"| {r.testbed} | {r.reading} | {r.unit} | {r.kind} | {r.per_gpu_gbps:.1f} | {r.sharing} | {r.link} | "
-                     f"{r.load_gbps:.1f} | {r.line_gbps:.1f} | {r.load_over_line:.2f} |")
+        lines.append(f"| {r.testbed} | {r.reading} | {r.unit} | {r.kind} | {r.per_gpu_gbps:.1f} | {r.sharing} | "
+                     f"{r.link} | {r.load_gbps:.1f} | {r.line_gbps:.1f} | {r.load_over_line:.2f} |")
     if "comm-other-unit" in ours:
         both = ours["published"].merge(ours["comm-other-unit"][["testbed", "model", "phase", "op", "ms"]],
                                        on=["testbed", "model", "phase", "op"], suffixes=("", "_other"))
@@ -426,7 +427,8 @@ def units_section(links: pd.DataFrame, t2: pd.DataFrame, t2_other: pd.DataFrame 
                   "|---|---|---|---|---|---|---|"]
         for _, r in both.iterrows():
             lines.append(f"| {r.testbed} | {r.model} | {r.phase} | {r.op} | {r.paper_ms:g} | "
-                         f"{r.ms:.2f} (per {units.get(r.testbed, '?')}) | {r.ms_other:.2f} (per {other.get(r.testbed, '?')}) |")
+                         f"{r.ms:.2f} (per {units.get(r.testbed, '?')}) | "
+                         f"{r.ms_other:.2f} (per {other.get(r.testbed, '?')}) |")
     return lines
 
 
@@ -498,7 +500,8 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
                  + " and are not counted as reproducing or not." if not gates_judged else
                  "The gates are differentiated, and Table 6 is judged like every other number.")]
     lines += ["", "## Every number", "",
-              "| result | paper | ours | gap | gain paper / ours | verdict | tier | the same number under each ablation |",
+              "| result | paper | ours | gap | gain paper / ours | verdict | tier "
+              "| the same number under each ablation |",
               "|---|---|---|---|---|---|---|---|"]
     for what, paper, ours in base:
         gap, v = _gap(paper, ours), verdict(what, paper, ours)

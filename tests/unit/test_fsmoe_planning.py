@@ -240,8 +240,8 @@ def test_lina_chunks_fill_the_windows_of_the_degree_the_plan_runs():
             window = olp_moe(model, r)
             times = [bc.t_ar(t.nbytes) for t in plan.grads if t.where == ("moe", b)]
             assert sum(times[:-1]) < window + 1e-9
-            later = [t for t in plan.grads if t.where[0] == "tail" or (t.where[0] in ("moe", "dense") and t.where[1] < b)
-                     or t.where == ("dense", b)]
+            later = [t for t in plan.grads if t.where[0] == "tail" or t.where == ("dense", b)
+                     or (t.where[0] in ("moe", "dense") and t.where[1] < b)]
             if any(p > b for t in later for p in t.producers):
                 assert sum(times) >= window - 1e-9
             assert all(t.nbytes <= LINA_CHUNK_BYTES + 1e-6 for t in plan.grads)
