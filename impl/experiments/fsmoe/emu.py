@@ -167,8 +167,8 @@ def run(cfg: EmuConfig, profile: HardwareProfile, layout: HybridLayout) -> pd.Da
         slowest = {key: statistics.median(max(rank[key][i] for rank in per_rank) for i in range(cfg.repeats))
                    for key in ("spans", "walls")}
         rows.append({"schedule": name, "phase": "fwd+bwd", "task": "layer", "kind": "layer",
-                     "measured_ms": slowest["spans"], "predicted_ms": predicted["fwd"].makespan + predicted["bwd"].makespan,
-                     "wall_ms": slowest["walls"]})
+                     "measured_ms": slowest["spans"], "wall_ms": slowest["walls"],
+                     "predicted_ms": predicted["fwd"].makespan + predicted["bwd"].makespan})
     frame = pd.DataFrame(rows)
     frame["error_pct"] = 100 * (frame["predicted_ms"] / frame["measured_ms"] - 1)
     frame["tier"] = "emu"

@@ -206,7 +206,8 @@ def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
                      "moe_fwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "fwd"),
                      "moe_bwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "bwd"),
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
-    allreduce_mp = [replace(bc, mp_ag_ms=bc.mp_ag_ms + bc.mp_rs_ms, mp_rs_ms=bc.mp_ag_ms + bc.mp_rs_ms) for bc in blocks]
+    allreduce_mp = [replace(bc, mp_ag_ms=bc.mp_ag_ms + bc.mp_rs_ms, mp_rs_ms=bc.mp_ag_ms + bc.mp_rs_ms)
+                    for bc in blocks]
     plan = get_system("fsmoe", "DS-MoE").factory()(allreduce_mp)
     rows.append({**labels, "system": DS_MOE_MP_ALLREDUCE, "iteration_ms": simulate(plan.schedule(allreduce_mp)).makespan,
                  "r_fwd": 1, "r_bwd": 1, "plan_note": "ablation: MP attention synchronised by AllReduce"})
