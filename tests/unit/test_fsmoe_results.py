@@ -104,3 +104,14 @@ def test_the_testbeds_read_their_communication_betas_in_the_unit_their_links_all
     assert (links.loc[("B", "published"), "load_over_line"] <= 1).all()
     assert (links.loc[("B", "comm-other-unit"), "load_over_line"].loc[["a2a", "allreduce"]] > 3).all()
     assert (links.loc[("A", "published"), "load_over_line"] <= 1).all()
+
+
+def test_the_links_part_keeps_both_readings_in_its_csv(tmp_path):
+    from impl.experiments.fsmoe.results import main
+
+    out = tmp_path / "links.csv"
+    assert main(["--part", "links", "--out-csv", str(out), "--out-record", str(tmp_path / "links.json")]) == 0
+    frame = pd.read_csv(out, comment="#")
+    assert set(frame.reading) == {"published", "comm-other-unit"}
+    assert set(frame[frame.testbed == "B"].groupby("reading").unit.first().items()) == {
+        ("published", "byte"), ("comm-other-unit", "float32 element")}

@@ -403,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = RUNNERS[args.part]
     frame = runner(cfg, progress=False if args.no_progress else None) if args.part in ("grid", "models", "order") else runner(cfg)
     frame["tier"] = "sim"
-    frame["reading"] = cfg.reading
+    if "reading" not in frame:              # `links` compares the readings itself
+        frame["reading"] = cfg.reading
     record = make_record(experiment=f"fsmoe_{args.part}", system=",".join(s.name for s in _systems()), tier="sim",
                          topology={"name": ",".join(cfg.testbeds.values())}, model={"part": args.part},
                          config=cfg, metrics={"rows": [float(len(frame))]}, seed=cfg.seed,
