@@ -61,6 +61,7 @@ def tutel_improved(blocks: list[BlockCosts]) -> SystemPlan:
 
 @register(TRAINING_PLAN, "pipemoe-lina")
 def pipemoe_lina(blocks: list[BlockCosts]) -> SystemPlan:
-    return SystemPlan("pipemoe-lina", LANES_SHARED, _same_degree(blocks),
-                      fixed_chunks(blocks, LINA_CHUNK_BYTES, model_of=lambda bc: bc.bwd.single_lane()),
-                      f"{LINA_CHUNK_BYTES / 1e6:.0f} MB gradient chunks")
+    degrees = _same_degree(blocks)
+    grads = fixed_chunks(blocks, [r_bwd for _, r_bwd in degrees], LINA_CHUNK_BYTES,
+                         model_of=lambda bc: bc.bwd.single_lane())
+    return SystemPlan("pipemoe-lina", LANES_SHARED, degrees, grads, f"{LINA_CHUNK_BYTES / 1e6:.0f} MB gradient chunks")

@@ -19,7 +19,8 @@ What is ours where the paper is silent (each a documented choice, not a publishe
   projection columns are split over the N_MP = N_ESP GPUs of a node; its backward is 2x; the
   router's GEMMs depend on the gate (`ROUTER_MACS`), its top-k and the ordering are not charged;
 * sequence parallelism moves B L M elements per AllGather / ReduceScatter on the intra-node link,
-  one of each per pass (AllGather before attention, ReduceScatter after);
+  one of each per pass (AllGather before attention, ReduceScatter after), each priced with its
+  own model;
 * the dense gradient volume per GPU is the released optimiser's: GPT 3M^2/N_MP + 3M/N_MP + M^2/N_MP
   + M, Mixtral (1 + 2 n_kv / n_heads) M^2 / N_MP + M^2 / N_MP (digest §4.1).
 """
@@ -131,7 +132,8 @@ class BlockCosts:
     bwd: PassModel
     dense_fwd_ms: float            # attention + projections + router, compute lane
     dense_bwd_ms: float
-    mp_comm_ms: float              # one sequence-parallel AllGather or ReduceScatter, intra lane
+    mp_ag_ms: float                # the sequence-parallel AllGather, intra lane
+    mp_rs_ms: float                # the sequence-parallel ReduceScatter, intra lane
     grad_bytes: int                # dense parameters' gradient per GPU
     allreduce: LinearModel         # over the data-parallel (inter-node) group
 
@@ -146,7 +148,7 @@ class BlockCosts:
     @property
     def t_olp_dense(self) -> float:
         """The dense backward's window in which the inter-node link idles (digest §4.2)."""
-        return self.dense_bwd_ms + 2 * self.mp_comm_ms
+        return self.dense_bwd_ms + self.mp_ag_ms + self.mp_rs_ms
 
 
 def _per_gpu_capacity(shape: BlockShape, n_esp: int) -> int:
@@ -187,10 +189,11 @@ def block_costs(shape: BlockShape, profile: HardwareProfile, *, ep_step: str = "
     core_macs = 2 * B * L * L * d * heads / n_esp                            # Q K^T and A V
     router_macs = tokens / n_esp * ROUTER_MACS[shape.gate](M, E)
     dense_fwd = sum(gemm.time_ms(w) for w in (proj_macs / 2, proj_macs / 2, core_macs / 2, core_macs / 2, router_macs))
-    mp = profile.comm_model("allgather", esp_step).time_ms(tokens * M * v)
+    mp_ag = profile.comm_model("allgather", esp_step).time_ms(tokens * M * v)
+    mp_rs = profile.comm_model("reducescatter", esp_step).time_ms(tokens * M * v)
     if shape.ffn == "mixtral":
         grad_elems = (1 + 2 * kv / heads) * M * M / n_esp + M * M / n_esp
     else:
         grad_elems = 3 * M * M / n_esp + 3 * M / n_esp + M * M / n_esp + M
-    return BlockCosts(shape, n_esp, n_ep, C, fwd, bwd, dense_fwd, 2 * dense_fwd, mp, int(grad_elems * v),
+    return BlockCosts(shape, n_esp, n_ep, C, fwd, bwd, dense_fwd, 2 * dense_fwd, mp_ag, mp_rs, int(grad_elems * v),
                       profile.comm_model("allreduce", ep_step))

@@ -16,13 +16,15 @@ inside its MoE backward (t_olp,moe, from Algorithm 1 with t_gar = 0) and during 
    is sum_b f_moe^b(t_ar(window_b + x_b)) + t_ar(leftover - sum_b x_b) (the exposed tail), under
    the causal constraint that a block can take only gradients produced before it (prefix sums).
    Solved by scipy's differential evolution over a grid of `grid` steps per block (integrality;
-   a population of 15 per dimension up to 6 blocks, fewer for deeper stacks, at most 100
-   generations), kept only if it beats pushing nothing.
+   a population of 15 per variable, at most `maxiter` = 100 generations; the variables are the
+   `max_push_blocks` = 8 last-processed blocks with leftover available), kept only if it beats
+   pushing nothing. The pushes are then carried out in backward order, which realises every x_b
+   the constraint admits.
 
-`partition` returns the resulting `GradTask`s and per-block r_bwd; `final_check` (the caller's)
-compares the simulated iteration with the plan against the no-partitioning placement (every
-block's gradient all-reduced whole as soon as it exists) and keeps the faster, so the plan is never
-slower than not partitioning. The baselines' placements are `whole_after` (Tutel, DeepSpeed-MoE),
+`partition` returns the resulting `GradTask`s and per-block r_bwd; the planner
+(`planner.best_of`) compares the simulated iteration with the plan against the no-partitioning
+placement (every block's gradient all-reduced whole as soon as it exists) and keeps the faster, so
+the plan is never slower than not partitioning. The baselines' placements are `whole_after` (Tutel, DeepSpeed-MoE),
 `dense_windows` (Tutel-Improved: only non-MoE windows) and `fixed_chunks` (Lina's 30 MB chunks into
 whichever window is next, no re-optimisation of r).
 """
@@ -181,16 +183,19 @@ def partition(blocks: list[BlockCosts], *, grid: int = 16, seed: int = 0, model_
 def _plan(blocks, s1: _Step1, pushed: np.ndarray, value: float, model_of, domain) -> GradientPlan:
     n = len(blocks)
     queue = [[a, p] for a, p in s1.leftover]
+    # Pushes are carried out in backward order: block b may take gradients of blocks p > b only,
+    # so the later-processed blocks (fewer eligible producers) take theirs first; any eligible
+    # producer then serves, and the causal constraint of Step 2 is exactly what makes every x_b fit.
+    extra: list[list[tuple[float, int]]] = [[] for _ in range(n)]
+    for b in reversed(range(n)):
+        if pushed[b] > 0:
+            extra[b] = _fill([q for q in queue if q[1] > b], float(pushed[b]))
+            queue = [q for q in queue if q[0] > 1e-9]
     tasks: list[GradTask] = []
     r_bwd = []
     for b in range(n):
         bc = blocks[b]
-        extra = []
-        if pushed[b] > 0:
-            eligible = [q for q in queue if q[1] > b]
-            extra = _fill(eligible, float(pushed[b]))
-            queue = [q for q in queue if q[0] > 1e-9]
-        moe = s1.moe[b] + extra
+        moe = s1.moe[b] + extra[b]
         nbytes = sum(a for a, _ in moe)
         r_bwd.append(int(moe_times(model_of(bc), np.array(bc.t_ar(nbytes)), domain)[1]))
         if nbytes > 0:
@@ -215,15 +220,16 @@ def dense_windows(blocks: list[BlockCosts]) -> tuple[GradTask, ...]:
     return tuple(out + [GradTask(float(blocks[0].grad_bytes), ("tail",), (0,))])
 
 
-def fixed_chunks(blocks: list[BlockCosts], chunk_bytes: float = 30e6, model_of=lambda bc: bc.bwd) -> tuple[GradTask, ...]:
+def fixed_chunks(blocks: list[BlockCosts], r_bwd: list[int], chunk_bytes: float = 30e6,
+                 model_of=lambda bc: bc.bwd) -> tuple[GradTask, ...]:
     """PipeMoE+Lina: gradients cut into fixed chunks, each issued into the next window that has
-    room left (a chunk may overrun it: Lina does not resize chunks or re-plan the degree)."""
+    room left (a chunk may overrun it: Lina does not resize chunks or re-plan the degree). Block
+    b's MoE window is its backward's idle link time at the degree it runs, `r_bwd[b]`."""
     tasks = []
     pending: list[tuple[float, int]] = []
     for b in reversed(range(len(blocks))):
         bc = blocks[b]
-        r = integer_optimum(model_of(bc).with_gar(0.0)).r
-        for where, window in ((("moe", b), olp_moe(model_of(bc), r)), (("dense", b), bc.t_olp_dense)):
+        for where, window in ((("moe", b), olp_moe(model_of(bc), r_bwd[b])), (("dense", b), bc.t_olp_dense)):
             used = 0.0
             while pending and used < window - 1e-9:
                 nbytes, producer = pending.pop(0)

@@ -97,9 +97,9 @@ def forward_tasks(blocks: list, degrees: list[tuple[int, int]], lanes: dict[str,
     tasks, prev = [], first_deps
     for b, (bc, (r_fwd, _)) in enumerate(zip(blocks, degrees)):
         p = f"{prefix}b{b}.f."
-        tasks += [Task(p + "mpag", lanes["mp"], bc.mp_comm_ms, prev, "mp"),
+        tasks += [Task(p + "mpag", lanes["mp"], bc.mp_ag_ms, prev, "mp"),
                   Task(p + "dense", lanes["dense"], bc.dense_fwd_ms, (p + "mpag",), "dense"),
-                  Task(p + "mprs", lanes["mp"], bc.mp_comm_ms, (p + "dense",), "mp")]
+                  Task(p + "mprs", lanes["mp"], bc.mp_rs_ms, (p + "dense",), "mp")]
         tasks += [_filled(t, bc.fwd, r_fwd) for t in pass_tasks(r_fwd, lanes, prefix=p, first_deps=(p + "mprs",))]
         prev = tuple(f"{p}combine{c}" for c in range(r_fwd))
     return tasks, prev
@@ -119,11 +119,13 @@ def backward_tasks(blocks: list, degrees: list[tuple[int, int]], grads: list[Gra
         tasks += moe
         combines = tuple(f"{p}combine{c}" for c in range(r_bwd))
         # a dense-window gradient is issued after the sequence-parallel collective that starts the
-        # dense backward, so on a shared lane it runs while the dense part computes
-        tasks.append(Task(p + "mprs", lanes["mp"], bc.mp_comm_ms, combines, "mp"))
+        # dense backward, so on a shared lane it runs while the dense part computes; the backward
+        # tasks are named after the forward collective they differentiate: the ReduceScatter's
+        # backward is an AllGather, the AllGather's a ReduceScatter
+        tasks.append(Task(p + "mprs", lanes["mp"], bc.mp_ag_ms, combines, "mp"))
         tasks += _grad_tasks(grads, ("dense", b), bc, lanes, prefix)
         tasks += [Task(p + "dense", lanes["dense"], bc.dense_bwd_ms, (p + "mprs",), "dense"),
-                  Task(p + "mpag", lanes["mp"], bc.mp_comm_ms, (p + "dense",), "mp")]
+                  Task(p + "mpag", lanes["mp"], bc.mp_rs_ms, (p + "dense",), "mp")]
         tasks += _grad_tasks(grads, ("after", b), bc, lanes, prefix)
         prev = (p + "mpag",)
     tasks += _grad_tasks(grads, ("tail",), blocks[0], lanes, prefix)

@@ -50,3 +50,27 @@ def test_fsmoe_layer_on_gloo_equals_reference_and_sim(topo_name):
                 for kinds in (("dispatch", "gar", "combine"), ("ag", "rs"), ("expert",)):
                     lane = [n for n, _, _ in events if n.rstrip("0123456789") in kinds]
                     assert all(ends[a] <= starts[b] for a, b in zip(lane, lane[1:])), (phase, lane)
+
+
+def test_emu_compares_the_pipelines_measured_with_their_prediction(tmp_path):
+    """The emu run's layer row measures the span its prediction covers (the two pipelines), inside
+    the whole layer's wall time, which is recorded beside it."""
+    import yaml
+
+    from impl.common.costmodel import LinearModel
+    from impl.experiments.fsmoe.emu import EmuConfig, run, validate
+
+    model = LinearModel(0.1, 1e-6).to_dict(is_comm=True)
+    profile = {"name": "t", "topology": "2x2", "source": "test", "units": {"time": "ms", "size": "byte"},
+               "comm": {k: {s: model} for k, s in (("a2a", "inter-1"), ("allgather", "intra-1"),
+                                                    ("reducescatter", "intra-1"), ("allreduce", "inter-1"))},
+               "compute": {"gemm": {"alpha": 0.01, "beta": 1e-7, "work_unit": "mac"}}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    cfg = EmuConfig(hidden=16, ffn_hidden=32, tokens_per_rank=32, repeats=2, warmup=0, gradient_elements=64)
+    frame = run(cfg, *validate(cfg, str(path)))
+    layer = frame[frame.task == "layer"].set_index("schedule")
+    assert set(layer.index) == {"fsmoe", "sequential"}
+    assert (layer.measured_ms > 0).all() and (layer.measured_ms < layer.wall_ms).all()
+    tasks = frame[frame.task != "layer"]
+    assert tasks.wall_ms.isna().all()

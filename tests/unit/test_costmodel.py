@@ -118,7 +118,7 @@ HIERMOE_FIG9 = {  # step: (alpha ms, beta ms/byte, r2), HierMoE Fig. 9
     "intra-2": (1.14e-1, 2.63e-8, 0.999051), "inter-3": (1.49e-1, 2.06e-8, 0.999031),
     "intra-3": (2.04e-1, 1.64e-8, 0.997245),
 }
-FSMOE = {  # (alpha ms, beta ms per float element, r2) per testbed, FSMoE Fig. 5 with corrected A betas
+FSMOE = {  # (alpha ms, beta as printed, r2) per testbed, FSMoE Fig. 5 with corrected A betas
     "fsmoe-testbed-a": {("a2a", "inter-1"): (2.87e-1, 2.32e-6, 0.9999), ("allgather", "intra-1"): (3.37e-1, 2.35e-7, 0.9999653),
                         ("reducescatter", "intra-1"): (3.95e-1, 2.22e-7, 0.9999599),
                         ("allreduce", "inter-1"): (5.11e-1, 4.95e-6, 0.9999896)},
@@ -127,6 +127,9 @@ FSMOE = {  # (alpha ms, beta ms per float element, r2) per testbed, FSMoE Fig. 5
                         ("allreduce", "inter-1"): (8.37e-2, 5.99e-7, None)},
 }
 FSMOE_GEMM = {"fsmoe-testbed-a": (4.26e-2, 2.29e-11, 0.9987), "fsmoe-testbed-b": (9.24e-2, 4.42e-11, None)}
+# the unit each testbed's communication betas are read in (B per byte: per element its links would
+# beat their line rates; see the profile's notes): (name, bytes per unit)
+FSMOE_COMM_UNIT = {"fsmoe-testbed-a": ("float32 element", 4.0), "fsmoe-testbed-b": ("byte", 1.0)}
 
 
 def test_shipped_profiles_are_listed_and_load():
@@ -158,16 +161,18 @@ def test_hiermoe_node_is_the_testbed_subtree():
 
 
 @pytest.mark.parametrize("name", sorted(FSMOE))
-def test_fsmoe_profiles_reproduce_per_element_constants(name):
+def test_fsmoe_profiles_reproduce_the_published_constants_in_their_unit(name):
     prof = load_profile(name)
     assert prof.topology == name
     n_elements = 24 * 2**18  # the largest point of the paper's sweep
-    for (kind, step), (alpha, beta_per_element, r2) in FSMOE[name].items():
+    unit, size = FSMOE_COMM_UNIT[name]
+    for (kind, step), (alpha, beta, r2) in FSMOE[name].items():
         model = prof.comm_model(kind, step)
-        assert model.beta_ms == pytest.approx(beta_per_element / 4, rel=1e-15)  # float32: 4 bytes
-        assert model.published == {"beta": beta_per_element, "beta_unit": "float32 element", "beta_unit_size": 4.0}
+        assert model.beta_ms == pytest.approx(beta / size, rel=1e-15)  # per byte
+        assert model.published == {"beta": beta, "beta_unit": unit, "beta_unit_size": size}
         assert model.r2 == r2
-        assert prof.comm_time(kind, step, 4 * n_elements) == pytest.approx(alpha + beta_per_element * n_elements, rel=1e-12)
+        assert prof.comm_time(kind, step, 4 * n_elements) == pytest.approx(alpha + beta * 4 / size * n_elements,
+                                                                           rel=1e-12)
     alpha, beta_per_4mnk, r2 = FSMOE_GEMM[name]
     gemm = prof.compute_model("gemm")
     assert gemm.work_unit == "mac" and gemm.r2 == r2

@@ -101,13 +101,47 @@ def _synthetic_blocks(n, seed):
     for _ in range(n):
         m = PassModel(ChunkModel(0.2, rng.uniform(2, 6)), ChunkModel(0.1, rng.uniform(1, 3)),
                       ChunkModel(0.1, rng.uniform(1, 3)), ChunkModel(0.1, rng.uniform(10, 40)))
-        out.append(replace(base, fwd=m, bwd=m, dense_bwd_ms=rng.uniform(0.1, 1.0), mp_comm_ms=0.05,
+        out.append(replace(base, fwd=m, bwd=m, dense_bwd_ms=rng.uniform(0.1, 1.0), mp_ag_ms=0.05, mp_rs_ms=0.05,
                            grad_bytes=int(rng.uniform(2e7, 8e7)),
                            allreduce=LinearModel(0.3, rng.uniform(2e-7, 6e-7))))
     return out
 
 
-@pytest.mark.parametrize("n,seed", [(1, 0), (2, 1), (2, 2), (3, 3), (3, 4), (3, 5), (3, 6), (2, 7)])
+def _moe_bytes(plan, n) -> np.ndarray:
+    return np.array([sum(t.nbytes for t in plan.tasks if t.where == ("moe", b)) for b in range(n)])
+
+
+def _realised_objective(blocks, plan) -> float:
+    """Step 2's objective recomputed from the emitted tasks: each block's MoE backward with the
+    bytes placed in it, plus the exposed tail."""
+    total = 0.0
+    for b, nbytes in enumerate(_moe_bytes(plan, len(blocks))):
+        total += float(moe_times(blocks[b].bwd, np.array(blocks[b].t_ar(nbytes)))[0])
+    return total + blocks[0].t_ar(sum(t.nbytes for t in plan.tasks if t.where == ("tail",)))
+
+
+@pytest.mark.parametrize("maker,n", [("synthetic", 2), ("synthetic", 3), ("synthetic", 4), ("synthetic", 5),
+                                     ("profiles", 4), ("profiles", 6)])
+def test_partitioner_carries_out_the_pushes_it_optimised(maker, n):
+    """The tasks realise Step 2's x_b exactly (each block's MoE slice = its Step-1 window + x_b)
+    and the objective recomputed from the tasks is the one the plan reports."""
+    make = _synthetic_blocks if maker == "synthetic" else _blocks
+    for seed in range(10):
+        blocks = make(n, seed)
+        plan = partition(blocks)
+        s1 = step1(blocks)
+        window = np.array([sum(a for a, _ in s1.moe[b]) for b in range(n)])
+        assert _moe_bytes(plan, n) - window == pytest.approx(np.array(plan.pushed), abs=1.0)
+        assert _realised_objective(blocks, plan) == pytest.approx(plan.objective_ms, rel=1e-9)
+
+
+def test_the_random_cases_exercise_pushes_that_compete_for_one_producer():
+    """Among the cases above, some push into two or more blocks (the realisation order matters)."""
+    assert sum(np.count_nonzero(partition(_synthetic_blocks(n, seed)).pushed) >= 2
+               for n in (3, 4, 5) for seed in range(10)) >= 3
+
+
+@pytest.mark.parametrize("n,seed", [(1, 0), (2, 1), (2, 2), (3, 3), (3, 4), (3, 5), (3, 6), (2, 7), (3, 21), (4, 6)])
 def test_partitioner_equals_exhaustive_search_on_small_instances(n, seed):
     blocks = _synthetic_blocks(n, seed)
     grid = 6
@@ -123,6 +157,7 @@ def test_partitioner_equals_exhaustive_search_on_small_instances(n, seed):
                for u in itertools.product(*(range(k + 1) for k in units))
                if all(sum(u[b2] for b2 in range(b, n)) <= units[b] for b in range(n)))
     assert plan.objective_ms == pytest.approx(float(best), rel=1e-9)
+    assert _realised_objective(blocks, plan) == pytest.approx(float(best), rel=1e-9)     # the tasks too
     assert plan.objective_ms <= float(objective(blocks, s1, np.zeros(n))) + 1e-9
 
 
@@ -184,3 +219,30 @@ def test_fsmoe_is_never_slower_than_without_partitioning():
         plain = type(plan)("plain", plan.lanes, tuple((r, integer_optimum(bc.bwd).r) for (r, _), bc in
                                                       zip(plan.degrees, blocks)), whole_after(blocks))
         assert plan.makespan(blocks) <= plain.makespan(blocks) + 1e-9
+
+
+def test_lina_chunks_fill_the_windows_of_the_degree_the_plan_runs():
+    """PipeMoE+Lina issues 30 MB chunks into block b's MoE backward until its idle link time at
+    the degree the plan executes (PipeMoE's, both passes) is used up: every chunk but the last
+    starts inside that window, and the window is full whenever chunks are left over for later."""
+    from baselines.pipemoe.plans import LINA_CHUNK_BYTES
+    from impl.fsmoe.degree import olp_moe
+
+    lina = get(TRAINING_PLAN, "pipemoe-lina")
+    differs = 0
+    for seed in range(12):
+        blocks = _blocks(3, seed)
+        plan = lina(blocks)
+        for b, bc in enumerate(blocks):
+            r = plan.degrees[b][1]
+            model = bc.bwd.single_lane()
+            differs += r != integer_optimum(model.with_gar(0.0)).r
+            window = olp_moe(model, r)
+            times = [bc.t_ar(t.nbytes) for t in plan.grads if t.where == ("moe", b)]
+            assert sum(times[:-1]) < window + 1e-9
+            later = [t for t in plan.grads if t.where[0] == "tail" or t.where == ("dense", b)
+                     or (t.where[0] in ("moe", "dense") and t.where[1] < b)]
+            if any(p > b for t in later for p in t.producers):
+                assert sum(times) >= window - 1e-9
+            assert all(t.nbytes <= LINA_CHUNK_BYTES + 1e-6 for t in plan.grads)
+    assert differs > 0          # the executed degree is not the backward optimum in some blocks

@@ -23,7 +23,7 @@ def _published(testbed: str) -> dict:
 
 def _comm_ms(prof: dict, kind: str, step: str, elements: float) -> float:
     m = prof["comm"][kind][step]
-    return m["alpha"] + m["beta"] * elements          # published beta: ms per float element
+    return m["alpha"] + m["beta"] / m["beta_unit_size"] * 4 * elements   # published beta per its unit, fp32
 
 
 def _sequential_iteration_ms(testbed: str, row: pd.Series, blocks: int) -> float:
@@ -47,10 +47,10 @@ def _sequential_iteration_ms(testbed: str, row: pd.Series, blocks: int) -> float
     core = 2 * B * L * L * d * heads / n_esp
     router = B * L / n_esp * 2 * M * E                # GShard: gate and noise projections
     dense_fwd = mac(proj / 2) * 2 + mac(core / 2) * 2 + mac(router)
-    mp = _comm_ms(prof, "allgather", "intra-1", B * L * M)
+    mp = _comm_ms(prof, "allgather", "intra-1", B * L * M) + _comm_ms(prof, "reducescatter", "intra-1", B * L * M)
     grad = 3 * M * M / n_esp + 3 * M / n_esp + M * M / n_esp + M if row.ffn == "gpt" else 2 * M * M / n_esp + M * M / n_esp
     ar = _comm_ms(prof, "allreduce", "inter-1", grad)
-    per_block = (2 * mp + dense_fwd + 2 * a2a + ag + exp_fwd + rs) + (2 * mp + 2 * dense_fwd + 2 * a2a + ag + 2 * exp_fwd + rs) + ar
+    per_block = (mp + dense_fwd + 2 * a2a + ag + exp_fwd + rs) + (mp + 2 * dense_fwd + 2 * a2a + ag + 2 * exp_fwd + rs) + ar
     return blocks * per_block
 
 
@@ -79,3 +79,39 @@ def test_order_study_splits_each_plans_gap_at_a_searched_order():
     assert (frame.lower_bound_ms <= frame.searched_order_ms * (1 + 1e-9)).all()
     assert (frame.searched_order_ms <= frame.iteration_ms).all()
     pd.testing.assert_frame_equal(frame, run_order(cfg, progress=False))
+
+
+def test_the_testbeds_read_their_communication_betas_in_the_unit_their_links_allow():
+    """Testbed A per float element, B per byte (the profiles' units); the 'comm-other-unit'
+    reading flips each (A's links 4x slower, B's 4x faster). Read per byte, every B link stays
+    under its line rate; per element its NICs would carry more than 3x theirs."""
+    from impl.common.costmodel import load_profile
+    from impl.experiments.fsmoe.results import comm_unit, read_profile, run_links
+
+    for testbed, unit, factor in (("a", "float32 element", 4.0), ("b", "byte", 0.25)):
+        prof = load_profile(f"fsmoe-testbed-{testbed}")
+        other = read_profile(prof, "comm-other-unit")
+        for key, m in prof.comm.items():
+            assert comm_unit(m) == unit
+            assert other.comm[key].beta_ms == pytest.approx(m.beta_ms * factor)
+            assert comm_unit(other.comm[key]) != unit
+            assert read_profile(other, "comm-other-unit").comm[key].beta_ms == pytest.approx(m.beta_ms)
+    links = run_links(ResultsConfig()).set_index(["testbed", "reading", "kind"]).sort_index()
+    # B's AlltoAll per byte, recomputed: 8 nodes, busbw factor 7/8, 4 GPUs of a node on one 100 Gb/s NIC
+    per_gpu = 7 / 8 / 3.06e-7 * 1e3 * 8 / 1e9
+    assert links.loc[("B", "published", "a2a"), "load_gbps"] == pytest.approx(4 * per_gpu)
+    assert links.loc[("B", "published", "a2a"), "load_over_line"] == pytest.approx(4 * per_gpu / 100)
+    assert (links.loc[("B", "published"), "load_over_line"] <= 1).all()
+    assert (links.loc[("B", "comm-other-unit"), "load_over_line"].loc[["a2a", "allreduce"]] > 3).all()
+    assert (links.loc[("A", "published"), "load_over_line"] <= 1).all()
+
+
+def test_the_links_part_keeps_both_readings_in_its_csv(tmp_path):
+    from impl.experiments.fsmoe.results import main
+
+    out = tmp_path / "links.csv"
+    assert main(["--part", "links", "--out-csv", str(out), "--out-record", str(tmp_path / "links.json")]) == 0
+    frame = pd.read_csv(out, comment="#")
+    assert set(frame.reading) == {"published", "comm-other-unit"}
+    assert set(frame[frame.testbed == "B"].groupby("reading").unit.first().items()) == {
+        ("published", "byte"), ("comm-other-unit", "float32 element")}

@@ -130,6 +130,36 @@ def test_fsmoe_figures_draw_the_paper_beside_ours_and_say_modeled():
         plt.close(fig)
 
 
+@pytest.mark.parametrize("paper, ours, expected", [
+    (1.12, 1.01, False),     # within 10% as ratios, but a 1% gain for a 12% one
+    (1.09, 1.02, False),
+    (1.16, 0.98, False),     # the sign of the gain differs
+    (1.18, 1.23, True),
+    (1.08, 1.06, True),
+    (2.72, 2.60, True),      # large speedups: the ratio's 10% binds
+    (2.72, 1.42, False),
+    (1.03, 1.045, True),     # small paper gains: within 2 points
+])
+def test_a_fsmoe_speedup_reproduces_when_ratio_and_gain_agree(paper, ours, expected):
+    from figures.fsmoe import reproduces
+    assert reproduces(paper, ours) is expected
+
+
+def test_fsmoe_table6_is_not_judged_when_the_runs_do_not_tell_the_gates_apart():
+    from figures.fsmoe import UNDIFFERENTIATED, check_verdict, gates_differentiated
+
+    def models(times):
+        return pd.DataFrame([{"figure": "table6", "system": "DS-MoE", "gate": g, "iteration_ms": t}
+                             for g, t in zip(("gshard", "xmoe", "sigmoid", "expert_choice"), times)])
+
+    flat, spread = models([380.08, 380.08, 380.06, 380.06]), models([968.1, 1064.0, 986.6, 909.9])
+    assert not gates_differentiated(flat) and gates_differentiated(spread)
+    what = "Table 6, gshard: FSMoE over DS-MoE"
+    assert check_verdict(what, 1.37, 1.37, gates_judged=False) == UNDIFFERENTIATED
+    assert check_verdict(what, 1.37, 1.37, gates_judged=True) == "reproduces"
+    assert check_verdict("Table 5, Testbed A, FSMoE over Tutel", 1.18, 1.23, gates_judged=False) == "reproduces"
+
+
 def test_scheinfer_figures_say_what_was_run():
     """The partition plot is labelled as modeled fractions (not tok/s); the timeline's rows are
     named as our engine's policies, not as llama.cpp or Fiddler, and say where the GPU lanes ran."""

@@ -98,6 +98,8 @@ rule plot_fsmoe:
         order="results/raw/fsmoe/order.csv",
         ablation_grids=expand("results/raw/fsmoe/ablation-{r}-grid.csv", r=FSMOE["ablation_readings"]),
         ablation_models=expand("results/raw/fsmoe/ablation-{r}-models.csv", r=FSMOE["ablation_readings"]),
+        ablation_table2=expand("results/raw/fsmoe/ablation-{r}-table2.csv", r=FSMOE["ablation_readings"]),
+        links="results/raw/fsmoe/links.csv",
         degrees=repo_path("figures/reference/fsmoe_degree_methods.csv"),
         emu="results/raw/fsmoe/emu.csv",
         profile="resources/calibration/fsmoe-2x2-gloo.yaml",
@@ -118,5 +120,6 @@ rule plot_fsmoe:
         mem_mb=2000,
     shell:
         "python -m figures.fsmoe --grid {input.grid} --statistic {input.statistic} --table2 {input.table2}"
-        " --models {input.models} --order {input.order} --ablation-grids {input.ablation_grids} --ablation-models {input.ablation_models}"
+        " --models {input.models} --order {input.order} --links {input.links} --ablation-grids {input.ablation_grids}"
+        " --ablation-models {input.ablation_models} --ablation-table2 {input.ablation_table2}"
         " --degrees {input.degrees} --emu {input.emu} --profile {input.profile} --out-dir results/figures > {log} 2>&1"

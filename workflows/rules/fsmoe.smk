@@ -26,7 +26,8 @@ rule fsmoe_grid:
 
 rule fsmoe_part:
     """The forward/backward degree statistic, Table 2's breakdown, the real models (Figs. 6-8, Table 6),
-    or the lane-order study of the plans' gaps over their lower bounds."""
+    the lane-order study of the plans' gaps over their lower bounds, or the link rates each unit
+    reading of the communication betas implies."""
     input:
         config=experiment_config("fsmoe"),
         checked=ancient(CHECKED),
@@ -36,7 +37,7 @@ rule fsmoe_part:
     log:
         "results/logs/fsmoe/{part}.log",
     wildcard_constraints:
-        part="statistic|table2|models|order",
+        part="statistic|table2|models|order|links",
     params:
         flags=fsmoe_flags(),
     threads: 1
@@ -49,7 +50,7 @@ rule fsmoe_part:
 
 
 rule fsmoe_ablation:
-    """One assumption changed (a unit reading): a sample of the grid and the real models."""
+    """One assumption changed (a unit reading): a sample of the grid, the real models and Table 2."""
     input:
         config=experiment_config("fsmoe"),
         checked=ancient(CHECKED),
@@ -58,6 +59,8 @@ rule fsmoe_ablation:
         grid_record="results/raw/fsmoe/ablation-{reading}-grid.json",
         models="results/raw/fsmoe/ablation-{reading}-models.csv",
         models_record="results/raw/fsmoe/ablation-{reading}-models.json",
+        table2="results/raw/fsmoe/ablation-{reading}-table2.csv",
+        table2_record="results/raw/fsmoe/ablation-{reading}-table2.json",
     log:
         "results/logs/fsmoe/ablation-{reading}.log",
     wildcard_constraints:
@@ -73,7 +76,9 @@ rule fsmoe_ablation:
         "(python -m impl.experiments.fsmoe.results --part grid --config {input.config} {params.grid} --no-progress"
         " --out-csv {output.grid} --out-record {output.grid_record}"
         " && python -m impl.experiments.fsmoe.results --part models --config {input.config} {params.models}"
-        " --no-progress --out-csv {output.models} --out-record {output.models_record}) > {log} 2>&1"
+        " --no-progress --out-csv {output.models} --out-record {output.models_record}"
+        " && python -m impl.experiments.fsmoe.results --part table2 --config {input.config} {params.models}"
+        " --out-csv {output.table2} --out-record {output.table2_record}) > {log} 2>&1"
 
 
 rule fsmoe_calibration:

@@ -7,9 +7,12 @@ topology), task by task.
     python -m impl.experiments.fsmoe.emu --profile resources/calibration/fsmoe-2x2-gloo.yaml \\
         --out-csv emu.csv --out-record emu.json
 
-Per schedule it records the median over repeats of the slowest rank's forward + backward wall
-time, and per task the median measured duration (the executor's own timeline) beside the
-profile's prediction. On a machine with fewer cores than ranks x lanes the lanes contend for the
+Per schedule it records the span the prediction covers, measured: the forward and backward
+pipelines (dispatch .. combine, with the gradient slice) from the executor's own timelines, summed,
+the slowest rank's, median over repeats, beside the simulated makespans of the same two schedules;
+the whole layer's wall time (gate, Order / I-Order, the capacity all-reduce, autograd and the
+barriers included, none of them predicted) beside it as `wall_ms`; and per task the median measured
+duration beside the profile's prediction. On a machine with fewer cores than ranks x lanes the lanes contend for the
 CPU, which the model (one device per lane) does not see; the record states the host's cores.
 """
 from __future__ import annotations
@@ -93,7 +96,7 @@ def _rank(comm: Comm, cfg: EmuConfig, schedule: str) -> dict:
     layer.gradient_slice = torch.zeros(cfg.gradient_elements)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + comm.rank)
     x = torch.randn(cfg.tokens_per_rank, cfg.hidden, generator=g).requires_grad_(True)
-    walls, tasks = [], {}
+    walls, spans, tasks = [], [], {}
     for step in range(cfg.warmup + cfg.repeats):
         comm.barrier()
         t0 = time.perf_counter()
@@ -101,10 +104,11 @@ def _rank(comm: Comm, cfg: EmuConfig, schedule: str) -> dict:
         comm.barrier()
         if step >= cfg.warmup:
             walls.append((time.perf_counter() - t0) * 1e3)
+            spans.append(sum(tl.makespan for tl in layer.last_timelines.values()))
             for phase, tl in layer.last_timelines.items():
                 for row in tl.rows():
                     tasks.setdefault((phase, row["task"]), []).append(row["duration_ms"])
-    return {"walls": walls, "tasks": tasks, "capacity": layer.last_capacity}
+    return {"walls": walls, "spans": spans, "tasks": tasks, "capacity": layer.last_capacity}
 
 
 def _layer_config(cfg: EmuConfig, schedule: str = "fsmoe") -> MoELayerConfig:
@@ -160,8 +164,10 @@ def run(cfg: EmuConfig, profile: HardwareProfile, layout: HybridLayout) -> pd.Da
                 measured = statistics.median(x for rank in per_rank for x in rank["tasks"][(phase, t.name)])
                 rows.append({"schedule": name, "phase": phase, "task": t.name, "kind": t.kind,
                              "measured_ms": measured, "predicted_ms": t.duration})
-        wall = statistics.median(max(rank["walls"][i] for rank in per_rank) for i in range(cfg.repeats))
-        rows.append({"schedule": name, "phase": "fwd+bwd", "task": "layer", "kind": "layer", "measured_ms": wall,
+        slowest = {key: statistics.median(max(rank[key][i] for rank in per_rank) for i in range(cfg.repeats))
+                   for key in ("spans", "walls")}
+        rows.append({"schedule": name, "phase": "fwd+bwd", "task": "layer", "kind": "layer",
+                     "measured_ms": slowest["spans"], "wall_ms": slowest["walls"],
                      "predicted_ms": predicted["fwd"].makespan + predicted["bwd"].makespan})
     frame = pd.DataFrame(rows)
     frame["error_pct"] = 100 * (frame["predicted_ms"] / frame["measured_ms"] - 1)

@@ -15,7 +15,10 @@ shipped Testbed A and B profiles (times MODELED from their alpha-beta models):
   plan; speedups are computed when figures aggregate;
 * `order`: what a plan's gap over its lower bound is made of, on `order_sample` configured
   layers per testbed: every plan's iteration, the same tasks in the lane orders a local search
-  finds (`timeline.search_order`, `order_tries` moves), and the bound.
+  finds (`timeline.search_order`, `order_tries` moves), and the bound;
+* `links`: each testbed's communication betas under the profile's unit and the other one (per
+  float element / per byte, digest §8.5): the per-GPU bus rate each implies and the load on the
+  link it crosses against Table 3's line rate.
 
     python -m impl.experiments.fsmoe.results --config workflows/config/experiments/fsmoe.yaml \\
         --part grid --out-csv grid.csv --out-record grid.json
@@ -37,7 +40,8 @@ from tqdm import tqdm
 
 from impl.common import cli
 from impl.common.config import MAX_LAYERS, MAX_REPEATS, MAX_TOKENS, SEED_MAX, ConfigError, bounded, checked
-from impl.common.costmodel import HardwareProfile, load_profile
+from impl.common.costmodel import HardwareProfile, LinearModel, load_profile
+from impl.common.paper import read_paper_csv
 from impl.common.records import make_record
 from impl.common.timeline import lower_bound, search_order, simulate
 from impl.experiments.fsmoe.degrees import GRID, grid_shapes
@@ -46,10 +50,10 @@ from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs
 from impl.fsmoe.degree import DOMAINS, integer_optimum
 from impl.fsmoe.schedules import fsmoe_pass, gpipe_iteration
 
-__all__ = ["ResultsConfig", "MODELS", "PARTS", "READINGS", "DS_MOE_MP_ALLREDUCE", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "main"]
+__all__ = ["ResultsConfig", "MODELS", "PARTS", "READINGS", "DS_MOE_MP_ALLREDUCE", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
 
 PROG = "python -m impl.experiments.fsmoe.results"
-PARTS = ("grid", "statistic", "table2", "models", "order")
+PARTS = ("grid", "statistic", "table2", "models", "order", "links")
 
 
 @dataclass(frozen=True)
@@ -67,27 +71,51 @@ MODELS = {"gpt2-xl": ModelSpec(1600, 6400, 25, 48),
           "mixtral-22b": ModelSpec(6144, 16384, 48, 33, 8, "mixtral")}
 
 
-READINGS = ("published", "gemm-per-byte", "comm-per-byte")
+READINGS = ("published", "gemm-per-byte", "comm-other-unit")
+ELEMENT_BYTES = 4                       # the paper's runs are fp32
+
+
+def comm_unit(model: LinearModel) -> str:
+    """The unit a communication beta is read in: 'float32 element' or 'byte' (the profile's
+    beta_unit_size; a beta without one, e.g. a calibration's, is per byte)."""
+    size = (model.published or {}).get("beta_unit_size", 1)
+    if size not in (1, ELEMENT_BYTES):
+        raise ConfigError(f"beta_unit_size: {size!r} is not allowed for a communication beta; allowed: 1 (byte), "
+                          f"{ELEMENT_BYTES} (float32 element)")
+    return "float32 element" if size == ELEMENT_BYTES else "byte"
+
+
+def _other_unit(model: LinearModel) -> LinearModel:
+    """The same published beta read in the other unit (per float element <-> per byte)."""
+    size = ELEMENT_BYTES if comm_unit(model) == "float32 element" else 1
+    other = 1 if size == ELEMENT_BYTES else ELEMENT_BYTES
+    published = {**(model.published or {"beta": model.beta_ms}), "beta_unit_size": other,
+                 "beta_unit": "byte" if other == 1 else "float32 element"}
+    return replace(model, beta_ms=model.beta_ms * size / other, published=published)
 
 
 def read_profile(profile: HardwareProfile, reading: str) -> HardwareProfile:
     """The profile under one reading of the paper's units (digest §8.5), for ablations:
-    'published' (ours: betas per float element, GEMM beta per 1/4 multiply-accumulate, as the
-    profiles load), 'gemm-per-byte' (the GEMM beta per multiply-accumulate: experts and dense
-    GEMMs 4x faster), 'comm-per-byte' (every communication beta per byte: 4x slower links)."""
+    'published' (as the profiles load: Testbed A's communication betas per float element, B's per
+    byte, see their notes; GEMM beta per 1/4 multiply-accumulate), 'gemm-per-byte' (the GEMM beta
+    per multiply-accumulate: experts and dense GEMMs 4x faster), 'comm-other-unit' (every
+    communication beta in the other unit: A's per byte, 4x slower links; B's per float element,
+    4x faster)."""
     if reading == "published":
         return profile
     if reading == "gemm-per-byte":
         compute = {k: replace(m, beta_ms=m.beta_ms / 4) if k == "gemm" else m for k, m in profile.compute.items()}
         return replace(profile, name=f"{profile.name}[{reading}]", compute=compute)
-    comm = {k: replace(m, beta_ms=m.beta_ms * 4) for k, m in profile.comm.items()}
-    return replace(profile, name=f"{profile.name}[{reading}]", comm=comm)
+    if reading == "comm-other-unit":
+        comm = {k: _other_unit(m) for k, m in profile.comm.items()}
+        return replace(profile, name=f"{profile.name}[{reading}]", comm=comm)
+    raise ConfigError(f"reading: {reading!r} is not allowed; allowed: {', '.join(READINGS)}")
 
 
 @dataclass(frozen=True)
 class ResultsConfig:
     testbeds: dict[str, str] = field(default_factory=lambda: {"A": "fsmoe-testbed-a", "B": "fsmoe-testbed-b"})
-    reading: Literal["published", "gemm-per-byte", "comm-per-byte"] = "published"
+    reading: Literal["published", "gemm-per-byte", "comm-other-unit"] = "published"
     grid_blocks: int = bounded(2, ge=1, le=MAX_LAYERS)
     grid_sample: int | None = bounded(None, ge=1, le=MAX_REPEATS)   # a random sample of n configured layers per testbed (None: all 1,458)
     seq: dict[str, int] = bounded(ge=1, le=MAX_TOKENS, default_factory=lambda: {"A": 1024, "B": 256})
@@ -114,6 +142,13 @@ class ResultsConfig:
         """What a part needs of the config: Table 4's grid (grid, statistic) exists for the
         testbeds' profiles only; the real-model runs (models, table2) need Testbed A and B, every
         Fig. 6 testbed among `testbeds` and its sequence length in `seq`."""
+        if part == "links":
+            paper = set(read_paper_csv("fsmoe_table3")[0]["testbed"])
+            for testbed in self.testbeds:
+                if testbed not in paper:
+                    raise ConfigError(f"testbeds: {testbed!r} is not allowed for --part links; allowed: "
+                                      f"{', '.join(sorted(paper))} (Table 3's line rates)")
+            return
         if part in ("grid", "statistic", "order"):
             for testbed, profile in self.testbeds.items():
                 if profile not in GRID["seq"]:
@@ -171,7 +206,8 @@ def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
                      "moe_fwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "fwd"),
                      "moe_bwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "bwd"),
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
-    allreduce_mp = [replace(bc, mp_comm_ms=2 * bc.mp_comm_ms) for bc in blocks]
+    allreduce_mp = [replace(bc, mp_ag_ms=bc.mp_ag_ms + bc.mp_rs_ms, mp_rs_ms=bc.mp_ag_ms + bc.mp_rs_ms)
+                    for bc in blocks]
     plan = get_system("fsmoe", "DS-MoE").factory()(allreduce_mp)
     rows.append({**labels, "system": DS_MOE_MP_ALLREDUCE, "iteration_ms": simulate(plan.schedule(allreduce_mp)).makespan,
                  "r_fwd": 1, "r_bwd": 1, "plan_note": "ablation: MP attention synchronised by AllReduce"})
@@ -262,7 +298,7 @@ def run_table2(cfg: ResultsConfig) -> pd.DataFrame:
                 ops = {"AlltoAll": 2 * m.a2a.at(1), "AllGather": m.ag.at(1), "ReduceScatter": m.rs.at(1),
                        "Experts": m.exp.at(1), "AllReduce": bc.t_ar(bc.grad_bytes) if phase == "bwd" else 0.0,
                        "Attention": bc.dense_fwd_ms if phase == "fwd" else bc.dense_bwd_ms,
-                       "MP AllGather+ReduceScatter": 2 * bc.mp_comm_ms}
+                       "MP AllGather+ReduceScatter": bc.mp_ag_ms + bc.mp_rs_ms}
                 total = sum(ops.values())
                 rows += [{"testbed": testbed, "model": model, "phase": phase, "op": op, "ms": ms,
                           "share_pct": 100 * ms / total, "tier": "sim"} for op, ms in ops.items()]
@@ -310,7 +346,49 @@ def run_models(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-RUNNERS = {"grid": run_grid, "statistic": run_statistic, "table2": run_table2, "models": run_models, "order": run_order}
+# nccl-tests' bus bandwidth: what one rank moves over its link per byte of the collective's size
+BUS_FACTOR = {"a2a": lambda n: (n - 1) / n, "allgather": lambda n: (n - 1) / n,
+              "reducescatter": lambda n: (n - 1) / n, "allreduce": lambda n: 2 * (n - 1) / n}
+PCIE_GTS = {"3.0": 8.0, "4.0": 16.0}            # GT/s per lane; 128b/130b encoding from 3.0 on
+
+
+def _pcie_gbps(link: str) -> float:
+    """Data rate of a 'PCIe <gen> x<lanes>' link in Gb/s (one direction)."""
+    _, gen, lanes = link.split()
+    return PCIE_GTS[gen] * int(lanes.lstrip("x")) * 128 / 130
+
+
+def run_links(cfg: ResultsConfig) -> pd.DataFrame:
+    """Per testbed, reading ('published' and 'comm-other-unit') and collective: the per-GPU bus
+    rate its beta implies (nccl-tests' busbw, Gb/s) and the load on the link it crosses against
+    that link's line rate (Table 3). The inter-node collectives run in the inter-1 groups, one GPU
+    per node, and every GPU of a node runs its own at once (the paper's layout), so a node's NIC
+    carries gpus_per_node of them; an intra-node collective crosses each GPU's PCIe x16 link."""
+    paper = read_paper_csv("fsmoe_table3")[0].set_index("testbed")
+    rows = []
+    for testbed, name in cfg.testbeds.items():
+        for reading in ("published", "comm-other-unit"):
+            profile = read_profile(load_profile(name), reading)
+            topo = profile.get_topology()
+            for (kind, step), model in profile.comm.items():
+                side, level = step.split("-")
+                groups = topo.inter_groups(int(level)) if side == "inter" else topo.intra_groups(int(level))
+                per_gpu = BUS_FACTOR[kind](len(groups[0])) * 8e-6 / model.beta_ms      # bytes/ms -> Gb/s
+                if side == "inter":
+                    sharing, link, line = topo.gpus_per_node, "node NIC", float(paper.loc[testbed, "value"])
+                else:
+                    link = str(paper.loc[testbed, "intra_node"])
+                    sharing, line = 1, _pcie_gbps(link)
+                rows.append({"testbed": testbed, "profile": name, "reading": reading, "unit": comm_unit(model),
+                             "kind": kind, "step": step, "group": len(groups[0]), "beta_ms_per_byte": model.beta_ms,
+                             "per_gpu_gbps": per_gpu, "sharing": sharing, "link": link,
+                             "load_gbps": per_gpu * sharing, "line_gbps": line,
+                             "load_over_line": per_gpu * sharing / line})
+    return pd.DataFrame(rows)
+
+
+RUNNERS = {"grid": run_grid, "statistic": run_statistic, "table2": run_table2, "models": run_models, "order": run_order,
+           "links": run_links}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = RUNNERS[args.part]
     frame = runner(cfg, progress=False if args.no_progress else None) if args.part in ("grid", "models", "order") else runner(cfg)
     frame["tier"] = "sim"
-    frame["reading"] = cfg.reading
+    if "reading" not in frame:              # `links` compares the readings itself
+        frame["reading"] = cfg.reading
     record = make_record(experiment=f"fsmoe_{args.part}", system=",".join(s.name for s in _systems()), tier="sim",
                          topology={"name": ",".join(cfg.testbeds.values())}, model={"part": args.part},
                          config=cfg, metrics={"rows": [float(len(frame))]}, seed=cfg.seed,
