@@ -277,7 +277,7 @@ CLIS: list[Cli] = [
         {"--out-csv": OUT, "--out-record": OUT, "--config": IN}, config="hiermoe_scaleout"),
     Cli("impl.experiments.hiermoe.sim",
         ("--set", "model=deepseek-v3-tiny", "--set", "topology=2x2", "--set", "profile={profile_2x2}",
-         "--set", "tokens_per_rank=8", "--set", "layers=1", "--set", "iterations=1", "--set", "warmup=0",
+         "--set", "tokens_per_rank=256", "--set", "layers=1", "--set", "iterations=1", "--set", "warmup=0",
          "--set", "systems=[Megatron-LM]", "--out-csv", "{tmp}/h.csv", "--out-record", "{tmp}/h.json",
          "--no-progress"),
         {"--out-csv": OUT, "--out-record": OUT, "--config": IN,
