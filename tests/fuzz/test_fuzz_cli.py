@@ -277,7 +277,7 @@ CLIS: list[Cli] = [
         {"--out-csv": OUT, "--out-record": OUT, "--config": IN}, config="hiermoe_scaleout"),
     Cli("impl.experiments.hiermoe.sim",
         ("--set", "model=deepseek-v3-tiny", "--set", "topology=2x2", "--set", "profile={profile_2x2}",
-         "--set", "tokens_per_rank=8", "--set", "layers=1", "--set", "iterations=1", "--set", "warmup=0",
+         "--set", "tokens_per_rank=256", "--set", "layers=1", "--set", "iterations=1", "--set", "warmup=0",
          "--set", "systems=[Megatron-LM]", "--out-csv", "{tmp}/h.csv", "--out-record", "{tmp}/h.json",
          "--no-progress"),
         {"--out-csv": OUT, "--out-record": OUT, "--config": IN,
@@ -345,10 +345,10 @@ CLIS: list[Cli] = [
         {"--profile": IN, "--out": OUT, "--out-md": OUT}),
     Cli("figures.hiermoe_scaleout", ("--csv", "{garbage}", "--out", "{tmp}/fs", "--out-md", "{tmp}/fs.md"),
         {"--csv": IN, "--out": OUT, "--out-md": OUT}),
-    Cli("figures.hiermoe_sim", tuple(x for k in ("--qwen3", "--deepseek", "--node", "--table4", "--ablation",
+    Cli("figures.hiermoe_sim", tuple(x for k in ("--qwen3", "--deepseek", "--deepseek-ablation", "--node", "--table4", "--ablation",
                                                  "--ablation-persistent", "--skew", "--swap")
                                      for x in (k, "{garbage}")) + ("--out-dir", "{tmp}/hs"),
-        {k: IN for k in ("--qwen3", "--deepseek", "--node", "--table4", "--ablation", "--ablation-persistent",
+        {k: IN for k in ("--qwen3", "--deepseek", "--deepseek-ablation", "--node", "--table4", "--ablation", "--ablation-persistent",
                          "--skew", "--swap", "--table2-csv", "--table2-md", "--fig9-md")}
         | {"--out-dir": ["{garbage}", ""]}),
     Cli("figures.hiermoe_table2", ("--csv", "{garbage}", "--out-pdf", "{tmp}/t.pdf", "--out-png", "{tmp}/t.png",

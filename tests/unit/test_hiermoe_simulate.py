@@ -9,7 +9,7 @@ from impl.common.dispatcher import ExpertPlacement
 from impl.experiments.hiermoe import sim as simulate
 from impl.hiermoe.dimension import agreement_bytes, allreduce_time, dispatch_counts, flat_time
 
-SMALL = ["model=qwen3-30b-a3b-32l-tiny", "topology=hiermoe-node", "profile=hiermoe-node", "tokens_per_rank=32",
+SMALL = ["model=qwen3-30b-a3b-32l-tiny", "topology=hiermoe-node", "profile=hiermoe-node", "tokens_per_rank=256",
          "layers=2", "iterations=3", "warmup=1"]
 
 
@@ -48,7 +48,8 @@ def test_run_times_equal_the_model_and_auto_is_the_best_fixed_dimension():
     frame = simulate.run_experiment(rz, progress=False)
     assert len(frame) == 3 * 2 * 9
     # Megatron-LM on iteration 0 re-evaluated directly from a fresh stream of the same seed
-    stream = simulate.RoutingStream(rz.model, 2, rz.topology.G, 32, rz.config.stream, rz.config.seed)
+    stream = simulate.RoutingStream(rz.model, 2, rz.topology.G, rz.config.tokens_per_rank, rz.config.stream,
+                                    rz.config.seed)
     maps = stream.per_rank(stream.next_iteration()[0])
     flat = flat_time(dispatch_counts(maps, rz.topology), rz.profile, rz.row_bytes)
     got = frame[(frame.iteration == 0) & (frame.layer == 0) & (frame.system == "Megatron-LM")]["a2a_ms"].item()
@@ -82,7 +83,7 @@ def test_tutel_2dh_time_pads_every_expert_slice_to_the_capacity():
     dropless = simulate.parse_system("Tutel-2DH[capacity_factor=0]", {})
     assert simulate.a2a_time(dropless, counts, counts_GE, rz)[0] == pytest.approx(allreduce_time(rz.profile, 24) + 4 * one)
     fixed = simulate.parse_system("Tutel-2DH", {})                 # Tutel's default capacity factor 1.0
-    C = rz.top_k * int(1.0 * -(-4 // E))
+    C = rz.top_k * int(1.0 * -(-rz.config.tokens_per_rank // E))   # K x the even share of the run's tokens
     n = E * C * rz.row_bytes
     one = rz.profile.comm_time("a2a", "intra-1", n) + rz.profile.comm_time("a2a", "inter-1", n)
     assert simulate.a2a_time(fixed, counts, counts_GE, rz)[0] == pytest.approx(allreduce_time(rz.profile, 24) + 4 * one)
@@ -91,7 +92,8 @@ def test_tutel_2dh_time_pads_every_expert_slice_to_the_capacity():
 def test_planners_change_the_placement_they_are_evaluated_on():
     rz = resolved("systems=[HierMoE,SmartMoE]", "iterations=3")
     states = [simulate.SystemState(s, rz) for s in rz.systems]
-    stream = simulate.RoutingStream(rz.model, 2, rz.topology.G, 32, rz.config.stream, rz.config.seed)
+    stream = simulate.RoutingStream(rz.model, 2, rz.topology.G, rz.config.tokens_per_rank, rz.config.stream,
+                                    rz.config.seed)
     for it in range(3):
         for layer, full in enumerate(stream.next_iteration()):
             for st in states:
@@ -135,7 +137,7 @@ def test_swap_cost_is_one_pair_point_to_point_and_hidden_under_backward():
 def test_variants_run_in_one_process_and_bad_ones_fail_in_one_line(tmp_path, capsys):
     csv, record = tmp_path / "s.csv", tmp_path / "s.json"
     argv = ["--set", "model=qwen3-30b-a3b-32l-tiny", "--set", "topology=hiermoe-node", "--set", "profile=hiermoe-node",
-            "--set", "tokens_per_rank=16", "--set", "layers=1", "--set", "iterations=2", "--set", "warmup=0",
+            "--set", "tokens_per_rank=256", "--set", "layers=1", "--set", "iterations=2", "--set", "warmup=0",
             "--set", "systems=[Megatron-LM,HD2-MoE]", "--no-progress", "--out-csv", str(csv), "--out-record", str(record)]
     assert simulate.main(["--variant", 'flat={"stream": {"skew": 0.0}}', "--variant", "skewed={stream: {skew: 1.5}}",
                           *argv]) == 0
@@ -149,3 +151,28 @@ def test_variants_run_in_one_process_and_bad_ones_fail_in_one_line(tmp_path, cap
         assert simulate.main(["--variant", variant, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_attention_is_the_compute_profiles_entry_at_the_sequence_length_and_others_are_refused():
+    import dataclasses
+    rz = resolved()
+    entry = rz.compute.compute["attention_L256"]
+    bumped = dataclasses.replace(rz, compute=dataclasses.replace(
+        rz.compute, compute={**rz.compute.compute, "attention_L256": dataclasses.replace(entry, alpha_ms=entry.alpha_ms + 1)}))
+    # one forward core per layer, forward + backward = 3 x forward (ATTENTION_READING)
+    assert simulate.dense_compute_ms(bumped) - simulate.dense_compute_ms(rz) == pytest.approx(3 * rz.model.num_layers)
+    with pytest.raises(ConfigError, match=r"tokens_per_rank: 64 .*no compute entry 'attention_L64'; allowed: 256, 512, 1024"):
+        resolved("tokens_per_rank=64")
+
+
+def test_model_overrides_change_the_routing_groups_and_the_dense_layers():
+    base = ["model=deepseek-v3-tiny", "systems=[Megatron-LM]"]
+    assert resolved(*base).model.n_group == 8
+    ungrouped = resolved(*base, "n_group=1", "topk_group=1")
+    assert (ungrouped.model.n_group, ungrouped.model.topk_group) == (1, 1)
+    all_moe = resolved(*base, "first_k_dense_layers=0")
+    assert all_moe.model.num_moe_layers == all_moe.model.num_layers > resolved(*base).model.num_moe_layers
+    frame = simulate.run_experiment(all_moe, progress=False)
+    assert (frame["moe_layers_total"] == frame["num_layers"]).all() and (frame["n_group"] == 8).all()
+    with pytest.raises(ConfigError, match="n_group=3 is not allowed"):
+        resolved(*base, "n_group=3")

@@ -220,7 +220,7 @@ FIGURE_CLIS = {
     "hiermoe_table2": lambda csv, out: ["--csv", csv, "--out-pdf", f"{out}/t.pdf", "--out-png", f"{out}/t.png",
                                         "--out-md", f"{out}/t.md"],
     "hiermoe_scaleout": lambda csv, out: ["--csv", csv, "--out", f"{out}/s", "--out-md", f"{out}/s.md"],
-    "hiermoe_sim": lambda csv, out: [a for flag in ("--qwen3", "--deepseek", "--node", "--table4", "--ablation",
+    "hiermoe_sim": lambda csv, out: [a for flag in ("--qwen3", "--deepseek", "--deepseek-ablation", "--node", "--table4", "--ablation",
                                                     "--ablation-persistent", "--skew", "--swap") for a in (flag, csv)]
                                     + ["--out-dir", out],
     "scheinfer_sim": lambda csv, out: ["--sim", csv, "--timeline", csv, "--out-dir", out],

@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent
 SNAKEMAKE = BIN / "snakemake"
 REDUCED = ["hiermoe_table2={set: {tokens_per_sample: 512, repeats: 2, top_ks: [2, 8], group_counts: [8, 4]}}",
            "hiermoe_calibration={topology: 1x2, args: '--sizes 64K,128K,256K --repeats 2 --warmup 1 --iters 1'}",
-           "hiermoe_sim={set: {iterations: 3, warmup: 1, layers: 1, tokens_per_rank: 64}}",
+           "hiermoe_sim={set: {iterations: 3, warmup: 1, layers: 1, tokens_per_rank: 256}}",
            "hiermoe_swap_measure={set: {repeats: 1, warmup: 0, model: qwen3-30b-a3b-32l-tiny}}",
            "scheinfer_sim={set: {decode_tokens: 4, hardware: [rtx4090-pcie4-16core, rtx3090-pcie3-8core]}}",
            "fsmoe={set: {grid_sample: 6, order_sample: 2, order_tries: 50}, ablation_sample: 4, emu: {hidden: 32, ffn_hidden: 64, tokens_per_rank: 64, "

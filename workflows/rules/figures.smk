@@ -56,6 +56,7 @@ rule plot_hiermoe_sim:
     input:
         qwen3="results/raw/hiermoe_sim/qwen3.csv",
         deepseek="results/raw/hiermoe_sim/deepseek.csv",
+        deepseek_ablation="results/raw/hiermoe_sim/deepseek-ablation.csv",
         node="results/raw/hiermoe_sim/node.csv",
         table4="results/raw/hiermoe_sim/table4.csv",
         ablation="results/raw/hiermoe_sim/ablation.csv",
@@ -81,7 +82,8 @@ rule plot_hiermoe_sim:
         runtime=5,
         mem_mb=2000,
     shell:
-        "python -m figures.hiermoe_sim --qwen3 {input.qwen3} --deepseek {input.deepseek} --node {input.node}"
+        "python -m figures.hiermoe_sim --qwen3 {input.qwen3} --deepseek {input.deepseek}"
+        " --deepseek-ablation {input.deepseek_ablation} --node {input.node}"
         " --table4 {input.table4} --ablation {input.ablation} --ablation-persistent {input.persistent}"
         " --skew {input.skew} --swap {input.swap} --table2-csv {input.table2_csv} --table2-md {input.table2}"
         " --fig9-md {input.fig9}"

@@ -28,9 +28,10 @@ What is exact and what is modeled:
   planners (HierD-ES, SmartMoE) and change the next iteration's counts.
 * End to end (Fig. 10): AlltoAll plus a compute model with constants BORROWED from FSMoE's
   Testbed A profile (same GPU and CPU class; the HierMoE paper gives none): GEMMs by its GEMM
-  alpha-beta, attention by its attention model, expert GEMMs per GPU on the rows its experts
-  receive (the slowest GPU sets the pace), backward = 2 x forward. Not modeled: dense-gradient
-  all-reduce and optimizer step (identical for all systems).
+  alpha-beta, attention by its attention model at the run's sequence length (`ATTENTION_READING`),
+  expert GEMMs per GPU on the rows its experts receive (the slowest GPU sets the pace), backward =
+  2 x forward. Not modeled: dense-gradient all-reduce and optimizer step (identical for all
+  systems).
 * Expert moves (HierD-ES one pair per layer and planning iteration, SmartMoE whatever its plan
   moves): what moves is each moved expert's bf16 weights, fp32 master weights and two fp32 Adam
   moments (14 bytes per parameter), point to point between its old and new owner over the link
@@ -57,6 +58,7 @@ instead of the paper's fan x largest split).
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -72,7 +74,7 @@ from baselines.tutel_2dh.dispatcher import capacity_of, tutel_2dh_collectives
 from impl.common import cli
 from impl.common.config import (MAX_EXPERTS, MAX_LAYERS, MAX_REPEATS, MAX_TOKENS, SEED_MAX, ConfigError, bounded,
                                  build_config, check_host_memory, checked)
-from impl.common.costmodel import HardwareProfile, load_profile
+from impl.common.costmodel import HardwareProfile, LinearModel, load_profile
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.models import ModelConfig, get_model
 from impl.common.records import make_record
@@ -86,7 +88,8 @@ from impl.experiments.hiermoe.workload import RoutingStream, TokenStreamConfig, 
 from impl.experiments.systems import paper_systems, parse_system_name
 
 __all__ = ["SimExperimentConfig", "parse_system", "run_experiment", "summarize_frame", "main", "a2a_time", "LayerRouting",
-           "expert_state_bytes", "p2p_time", "migration_time", "uniform_paper_model"]
+           "expert_state_bytes", "p2p_time", "migration_time", "uniform_paper_model", "attention_model",
+           "ATTENTION_READING", "MODEL_OVERRIDES", "run_profile", "REKEYED"]
 
 PAPER_SYSTEMS = tuple(s.name for s in paper_systems("hiermoe", roles=("baseline", "ours")))
 
@@ -126,6 +129,24 @@ class SimExperimentConfig:
     swap_cost: Literal["overlap", "exposed", "shared"] = "overlap"
     stream: TokenStreamConfig = field(default_factory=TokenStreamConfig)
     seed: int = bounded(0, ge=0, le=SEED_MAX)
+    # the model's own settings, changed for an ablation (None = the model's): DeepSeek-V3's
+    # node-limited routing (expert groups, groups a token may use) and its leading dense layers
+    n_group: int | None = bounded(None, ge=1, le=MAX_EXPERTS)
+    topk_group: int | None = bounded(None, ge=1, le=MAX_EXPERTS)
+    first_k_dense_layers: int | None = bounded(None, ge=0, le=MAX_LAYERS)
+
+
+MODEL_OVERRIDES = ("n_group", "topk_group", "first_k_dense_layers")
+# the last line of a re-keyed profile's notes (run_profile)
+REKEYED = ("Re-keyed to {topology}: the same per-step constants with fewer nodes (an approximation: the paper "
+           "gives constants for its 32-GPU testbed only).")
+
+# How the end-to-end model reads FSMoE's attention entry (`attention_L<L>` of the compute profile;
+# the FSMoE digest: "applied to an attention FLOP count, doubled for backward").
+ATTENTION_READING = ("the compute profile's `attention_L<L>` entry at the run's sequence length L (micro-batch 1: "
+                     "L = tokens per rank), work 4 L^2 x heads x head_dim, read as one layer's FORWARD attention "
+                     "core; its backward is counted as 2 x forward like every other compute term (forward + "
+                     "backward = 3 x the entry)")
 
 
 @dataclass(frozen=True)
@@ -147,11 +168,14 @@ class Resolved:
 def resolve(config: SimExperimentConfig) -> Resolved:
     """Every check before any work; ConfigError (one line) on bad input."""
     model = checked("model", get_model, config.model)
+    overrides = {k: getattr(config, k) for k in MODEL_OVERRIDES if getattr(config, k) is not None}
+    if overrides:
+        model = dataclasses.replace(model, **overrides)     # ModelConfig checks them (ConfigError)
     topo = checked("topology", get_topology, config.topology)
     profiles = []
     for key in ("profile", "compute_profile"):
         try:
-            profiles.append(_load_profile(getattr(config, key), topo if key == "profile" else None))
+            profiles.append(run_profile(getattr(config, key), topo if key == "profile" else None))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from None
     E = model.num_experts if config.num_experts is None else config.num_experts
@@ -161,6 +185,7 @@ def resolve(config: SimExperimentConfig) -> Resolved:
                           f"allowed: a positive multiple of {topo.G}")
     if not 1 <= K <= E:
         raise ConfigError(f"top_k: {K} is not allowed with num_experts={E}; allowed: 1..{E}")
+    attention_model(profiles[1], config.tokens_per_rank)
     if config.warmup >= config.iterations:
         raise ConfigError(f"warmup: {config.warmup} is not allowed; allowed: 0..iterations-1 ({config.iterations - 1})")
     # one iteration's routing of every layer: [G * T, E] maps and the tokens' gate inputs
@@ -179,9 +204,10 @@ def resolve(config: SimExperimentConfig) -> Resolved:
     return Resolved(config, model, topo, profiles[0], profiles[1], systems, E, K)
 
 
-def _load_profile(name: str, topology: Topology | None) -> HardwareProfile:
+def run_profile(name: str, topology: Topology | None) -> HardwareProfile:
     """A named profile; for a topology that is a whole-node prefix of the profile's one (fewer
-    nodes of the same testbed, Table IV's G sweep) the same constants re-keyed to it."""
+    nodes of the same testbed, Table IV's G sweep) the same constants re-keyed to it (named
+    `<profile>@<topology>`, its notes ending in a REKEYED line)."""
     profile = load_profile(name)
     if topology is None:
         return profile
@@ -193,8 +219,7 @@ def _load_profile(name: str, topology: Topology | None) -> HardwareProfile:
         same_below = [(lv.name, lv.fanout) for lv in full.levels[1:]] == [(lv.name, lv.fanout) for lv in topology.levels[1:]]
         if topology.D == full.D and same_below and topology.levels[0].fanout <= full.levels[0].fanout:
             return dataclasses.replace(profile, name=f"{profile.name}@{topology.name}", topology=topology.name,
-                                       notes=f"{profile.notes}\nRe-keyed to {topology.name}: the same per-step "
-                                             "constants with fewer nodes (an approximation).")
+                                       notes=f"{profile.notes}\n{REKEYED.format(topology=topology.name)}")
         raise
 
 
@@ -350,14 +375,27 @@ def _gemm(rz: Resolved, macs: float) -> float:
     return rz.compute.compute_time("gemm", macs) if macs > 0 else 0.0
 
 
+def attention_model(compute: HardwareProfile, sequence: int) -> LinearModel:
+    """The compute profile's attention model at this sequence length (`attention_L<L>`, one entry
+    per measured length; ATTENTION_READING); ConfigError naming the lengths it has otherwise."""
+    key = f"attention_L{sequence}"
+    if key not in compute.compute:
+        have = sorted((k for k in compute.compute if re.fullmatch(r"attention_L\d+", k)), key=lambda k: int(k[11:]))
+        raise ConfigError(f"tokens_per_rank: {sequence} (the sequence length, micro-batch 1) has no attention model "
+                          f"in compute_profile {compute.name!r}: no compute entry {key!r}; allowed: "
+                          + (", ".join(k[11:] for k in have) + f" (entries {', '.join(have)})" if have else
+                             "none (the profile has no attention_L<L> entry)"))
+    return compute.compute[key]
+
+
 def dense_compute_ms(rz: Resolved) -> float:
     """Forward + backward of everything but the routed experts, one GPU, whole model: attention
-    (projections by the GEMM model, the core by FSMoE's attention model), gate, shared experts,
-    dense FFN layers, LM head."""
+    (projections by the GEMM model, the core by FSMoE's attention model, ATTENTION_READING), gate,
+    shared experts, dense FFN layers, LM head."""
     m, L = rz.model, rz.config.tokens_per_rank
     heads, kv, hd = m.num_heads, m.num_kv_heads or m.num_heads, m.head_dim or m.hidden // m.num_heads
     proj = _gemm(rz, L * m.hidden * heads * hd) * 2 + _gemm(rz, L * m.hidden * kv * hd) * 2
-    core = 0.6463 + 2.588e-10 * 4 * L * L * heads * hd
+    core = attention_model(rz.compute, L).time_ms(4 * L * L * heads * hd)
     gemms = 3 if m.ffn_kind == "swiglu" else 2
     moe_layers = sum(1 for i in range(m.num_layers) if m.is_moe_layer(i))
     per_moe = _gemm(rz, L * m.hidden * rz.num_experts)
@@ -425,10 +463,12 @@ def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
     for key, value in (("model", rz.model.name), ("topology", rz.topology.name), ("G", rz.topology.G),
                        ("E", rz.num_experts), ("K", rz.top_k), ("M", rz.model.hidden), ("tier", "sim"),
                        ("profile", rz.profile.name), ("warmup", cfg.warmup), ("skew", cfg.stream.skew),
-                       ("capacity_factor", cfg.capacity_factor)):
+                       ("capacity_factor", cfg.capacity_factor), ("compute_profile", rz.compute.name),
+                       ("num_layers", rz.model.num_layers), ("n_group", rz.model.n_group),
+                       ("topk_group", rz.model.topk_group)):
         frame[key] = value
     frame["dense_compute_ms"] = dense_compute_ms(rz)
-    frame["moe_layers_total"] = sum(1 for i in range(rz.model.num_layers) if rz.model.is_moe_layer(i))
+    frame["moe_layers_total"] = rz.model.num_moe_layers
     return frame
 
 
@@ -465,7 +505,7 @@ def uniform_paper_model(model: str, topology: str = "hiermoe-testbed", profile: 
     from impl.hiermoe.dimension import paper_time, paper_times, uniform_counts
 
     m, topo = get_model(model), get_topology(topology)
-    prof = _load_profile(profile, topo)
+    prof = run_profile(profile, topo)
     E, K, T = num_experts or m.num_experts, top_k or m.top_k, tokens_per_rank
     row_bytes = m.hidden * bytes_per_elem
     flat = paper_time(uniform_counts(topo, E, K, T, False), 1, prof, row_bytes)
