@@ -37,6 +37,7 @@ test: $(VENV)/.installed-test
 # so it needs root, `ip` and `tc`; about an hour on 2 cores. Not part of `run` or CI.
 emu: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --cores $(CORES) --workflow-profile workflows/profiles/local emu_validation
+	PATH=$(abspath $(VENV))/bin:$$PATH snakemake --cores $(CORES) --workflow-profile workflows/profiles/local --forcerun plot_hiermoe_sim results/figures/hiermoe_report.md
 
 clean:
 	rm -rf results resources .snakemake

@@ -1012,7 +1012,7 @@ def table2_section(table2_csv: str | None, table2_md: str | None) -> str:
     return f"[Table II figure and table]({Path(table2_md).name if table2_md else 'hiermoe_table2.md'})\n{body}{cause}"
 
 
-def markdown_report(runs: Runs, t4: pd.DataFrame, fig9_md: str | None, table2: str, emu: Path) -> str:
+def markdown_report(runs: Runs, t4: pd.DataFrame, fig9_md: str | None, table2: str, emu: Path | None) -> str:
     rows = paper_rows(runs, t4)
     first = runs.qwen3.groupby(["iteration", "layer"]).first()
     target = fit_target(runs.qwen3)
@@ -1064,22 +1064,22 @@ def markdown_report(runs: Runs, t4: pd.DataFrame, fig9_md: str | None, table2: s
            "## Table II and Fig. 9", "", table2, "",
            f"[Fig. 9: alpha-beta fits, paper vs this machine]({Path(fig9_md).name if fig9_md else 'hiermoe_fig9.md'})"
            + (f"\n\n{Path(fig9_md).read_text().split(chr(10), 2)[2]}" if fig9_md and Path(fig9_md).exists() else ""),
-           "", "## Emulated-cluster validation", "",
-           "<!-- emu_validation: results/figures/emu_validation.md is included here when it exists -->"]
-    if emu.exists():
-        out += ["", emu.read_text()]
-    elif EMU_REFERENCE.exists():
-        out += ["", f"No `make emu` run in this results folder; the committed reference "
-                    f"(`figures/reference/{EMU_REFERENCE.name}`, provenance in its header and in "
-                    "`figures/reference/README.md`) follows, demoted one heading level.", "",
+           "", "## Emulated-cluster validation", ""]
+    if emu is None:
+        out += ["(No emulated-cluster table was given: `--emu-md`, a `make emu` run's "
+                "`emu_validation.md` or the committed reference.)"]
+    elif emu.resolve() == EMU_REFERENCE:
+        out += [f"No `make emu` run in this results folder; the committed reference "
+                f"(`figures/reference/{EMU_REFERENCE.name}`, provenance in its header and in "
+                "`figures/reference/README.md`) follows, demoted one heading level.", "",
                 _demoted(EMU_REFERENCE.read_text())]
     else:
-        out += ["", f"(`{emu.name}` was not there when this report was generated; run `make emu`, then the plot rule.)"]
+        out += [f"From `{emu}` (a `make emu` run), demoted one heading level.", "", _demoted(emu.read_text())]
     return "\n".join(out) + "\n"
 
 
-# The emulated-cluster validation measured by `make emu` (about an hour, needs root): shown when
-# a results folder has no run of its own.
+# The emulated-cluster validation measured by `make emu` (about an hour, needs root): what the
+# workflow includes when a results folder has no run of its own.
 EMU_REFERENCE = Path(__file__).resolve().parent / "reference" / "emu_validation.md"
 
 
@@ -1187,6 +1187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table2-csv", type=cli.input_file, help="Table II run CSV (its cells go into the report)")
     parser.add_argument("--table2-md", type=cli.input_file, help="Table II markdown (linked)")
     parser.add_argument("--fig9-md", type=cli.input_file, help="Fig. 9 markdown (linked and included)")
+    parser.add_argument("--emu-md", type=cli.input_file,
+                        help="emulated-cluster table to include (a `make emu` run's emu_validation.md, or "
+                             "figures/reference/emu_validation.md)")
     parser.add_argument("--out-dir", required=True, type=cli.output_dir)
     args = parser.parse_args(argv)
     try:
@@ -1223,7 +1226,7 @@ def main(argv: list[str] | None = None) -> int:
         plt.close(fig)
     table2 = table2_section(args.table2_csv, args.table2_md)
     atomic_write_text(out / "hiermoe_report.md", markdown_report(runs, t4, args.fig9_md, table2,
-                                                                 out / "emu_validation.md"))
+                                                                 Path(args.emu_md) if args.emu_md else None))
     return 0
 
 

@@ -22,7 +22,8 @@ def read_results(path: str, columns: Iterable[str], writer: str, *, comment: str
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
-                         f"is it a CSV of {writer}?")
+                         f"is it a CSV of {writer}, or one an older version of it wrote (delete it, and "
+                         "the workflow makes it again)?")
     if frame.empty and not allow_empty:
         raise ValueError(f"{path}: no rows; expected the results of {writer}")
     return frame

@@ -349,7 +349,7 @@ CLIS: list[Cli] = [
                                                  "--ablation-persistent", "--skew", "--swap")
                                      for x in (k, "{garbage}")) + ("--out-dir", "{tmp}/hs"),
         {k: IN for k in ("--qwen3", "--deepseek", "--deepseek-ablation", "--node", "--table4", "--ablation", "--ablation-persistent",
-                         "--skew", "--swap", "--table2-csv", "--table2-md", "--fig9-md")}
+                         "--skew", "--swap", "--table2-csv", "--table2-md", "--fig9-md", "--emu-md")}
         | {"--out-dir": ["{garbage}", ""]}),
     Cli("figures.hiermoe_table2", ("--csv", "{garbage}", "--out-pdf", "{tmp}/t.pdf", "--out-png", "{tmp}/t.png",
                                    "--out-md", "{tmp}/t.md"),

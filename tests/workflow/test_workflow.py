@@ -65,6 +65,24 @@ def test_dry_run_with_each_profile(tmp_path, profile):
 ALLOWED_LINT = "Specify a conda environment or container for each rule."
 
 
+def test_hiermoe_report_includes_the_folders_own_emu_table_else_the_reference(tmp_path):
+    """`make emu` writes results/figures/emu_validation.md; the report then takes it (a parameter,
+    so the report is rebuilt) without planning the emu jobs again, and the committed reference
+    without it."""
+    def emu_flag():
+        proc = snakemake(tmp_path, "-n", "-p", "results/figures/hiermoe_report.md")
+        assert proc.returncode == 0, proc.stderr
+        [line] = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "python -m figures.hiermoe_sim" in ln]
+        return line.split("--emu-md ")[1].split()[0]
+
+    assert emu_flag() == str(REPO / "figures/reference/emu_validation.md")
+    (tmp_path / "results/figures").mkdir(parents=True)
+    (tmp_path / "results/figures/emu_validation.md").write_text("# measured\n")
+    assert emu_flag() == "results/figures/emu_validation.md"
+    proc = snakemake(tmp_path, "-n", "results/figures/hiermoe_report.md", "--quiet", "rules")
+    assert proc.returncode == 0 and "emu_layer_bench" not in proc.stdout + proc.stderr
+
+
 def test_no_rule_declares_its_own_environment():
     """`--sdm conda` would otherwise build a second copy of the one environment for such rules."""
     declaring = [f"{path.name}:{n}" for path in sorted((REPO / "workflows/rules").glob("*.smk"))

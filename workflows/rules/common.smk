@@ -146,6 +146,17 @@ def scheinfer_gpu_evidence():
     return paths if all(Path(p).is_file() for p in paths) else []
 
 
+# The emulated-cluster table the HierMoE report includes: this results folder's own (`make emu`)
+# when it has one, else the committed reference run. A parameter of the report's rule, so the
+# choice changing rebuilds the report (and `make emu` rebuilds it at once).
+EMU_TABLE = "results/figures/emu_validation.md"
+EMU_REFERENCE_TABLE = "figures/reference/emu_validation.md"
+
+
+def emu_table():
+    return EMU_TABLE if Path(EMU_TABLE).is_file() else repo_path(EMU_REFERENCE_TABLE)
+
+
 def scheinfer_sim_config():
     """The ScheInfer sim config (keys and types; its models, hardware and policies are resolved
     by the `check_configs` job)."""
