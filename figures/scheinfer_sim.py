@@ -366,6 +366,18 @@ def _command(command) -> str:
 BENCH_COLUMNS = ("round", "system", "prompt_tokens", "n_predict", "prefill_tok_s", "decode_tok_s", "device")
 
 
+def _fiddler_profile(popularity: dict) -> str:
+    """What Fiddler's resident experts were chosen by in a measured bench (its record's `popularity`)."""
+    if popularity.get("used_by") == []:
+        return ""
+    if not popularity.get("tokens"):
+        why = "--popularity-tokens 0" if "tokens" in popularity else "no popularity profile in this record"
+        return f"Fiddler's resident experts: key order ({why})."
+    return (f"Fiddler's resident experts: the most popular on a calibration prompt of {popularity['tokens']} "
+            f"tokens, none of the measured ones (profiled in {popularity.get('seconds', float('nan')):.1f} s outside "
+            "the timings).")
+
+
 def gpu_section(bench_csv: str, bench_record: str, hardware_yaml: str) -> str:
     """The measured bench beside the paper's ranges and the sim tier's prediction of it: per prompt
     length and phase, ScheInfer over Fiddler and over llama.cpp (each offload setting measured;
@@ -380,6 +392,7 @@ def gpu_section(bench_csv: str, bench_record: str, hardware_yaml: str) -> str:
         budget = int(record["extra"]["budget"]["gpu_mem_bytes"])
         device, tier, git, when = record["topology"]["device"], record["tier"], record["git"], record["timestamp"]
         command, matmul = _command(record["command"]), record["extra"].get("gpu_fp32_matmul", {})
+        popularity = record["extra"].get("popularity") or {}
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise ValueError(f"{bench_record}: not a bench run record (python -m impl.experiments.scheinfer bench "
                          f"--out-record) with the model's decoder_config, budget and provenance ({e!r})") from None
@@ -401,7 +414,7 @@ def gpu_section(bench_csv: str, bench_record: str, hardware_yaml: str) -> str:
              f"staging, {int(bench['round'].nunique())} rounds (medians). GPU float32 products: ours "
              f"{matmul.get('ours', '?')}, llama.cpp {matmul.get('llama.cpp', '?')}. Predicted: the sim tier on the "
              f"hardware class measured in the same run ({hw.name}), same model, budget and lengths (MODELED; its "
-             "llama.cpp is whole-layer offload).", "",
+             f"llama.cpp is whole-layer offload). {_fiddler_profile(popularity)}", "",
              "| prompt | phase | ScheInfer tok/s | over Fiddler: measured / predicted | over llama.cpp (best setting): "
              "measured / predicted | paper range |", "|---|---|---|---|---|---|"]
     for n in prompts:

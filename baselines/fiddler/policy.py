@@ -17,7 +17,9 @@ What differs, and why:
   cheaper side independently; that is what `plan` does.
 * Popularity: tokens per FFN from a routing trace (`impl.scheinfer.policy.PopularityCounter`, e.g.
   as a `Decoder.route_observer`; a shared expert counts every token of its layer) or, without
-  one, key order. Fiddler itself supports Mixtral only (its list is for Mixtral-8x7B); on other
+  one, key order. Fiddler ships an offline profile; the ScheInfer CLI makes one per run on a
+  calibration prompt (`impl.scheinfer.policy.profile_popularity`), the sim tier counts the routing
+  it simulates. Fiddler itself supports Mixtral only (its list is for Mixtral-8x7B); on other
   models (shared experts, Phi's SparseMixer routing) this is our port of its policy.
 """
 from __future__ import annotations

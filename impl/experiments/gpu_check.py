@@ -320,6 +320,7 @@ def run_record(out_dir: Path, stages: list[dict[str, Any]], dry_run: bool, comma
         "ratios": bench_extra.get("ratios"),
         "budget": bench_extra.get("budget"),
         "weights_file_type": bench_extra.get("weights_file_type"),
+        "popularity": {k: v for k, v in (bench_extra.get("popularity") or {}).items() if k != "counts"} or None,
         "bench_config": bench.get("config"),
         "gpu_tests": tests,
         "profile": {"name": profile.get("name"), "compute": profile.get("compute")} if profile else None,

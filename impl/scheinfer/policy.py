@@ -27,7 +27,7 @@ from .config import DecoderConfig
 from .partition import GG_MODES, CostModel, Split, resident_rows
 
 __all__ = ["POLICY_KIND", "FFNKey", "Policy", "ScheInferPolicy", "FixedPolicy", "needs_cost", "make_policy",
-           "ffn_widths", "PopularityCounter", "Placement", "place"]
+           "ffn_widths", "PopularityCounter", "profile_popularity", "Placement", "place"]
 
 POLICY_KIND = "inference_policy"
 FFNKey = tuple[int, Hashable]          # (layer, expert id | 'dense' | 'shared')
@@ -73,6 +73,20 @@ class PopularityCounter:
         tokens = ids.shape[0] if ids.dim() else 0
         experts, counts = torch.unique(ids.flatten(), return_counts=True)
         self.add(layer, zip(experts.tolist(), counts.tolist()), tokens)
+
+
+def profile_popularity(decoder, tokens: Sequence[int]) -> dict[FFNKey, float]:
+    """Tokens per FFN (`PopularityCounter`) routed on one prefill of `tokens` through `decoder`
+    (a `decoder.Decoder`; its own route observer is put back afterwards): an offline profile, as
+    Fiddler's, for a policy that ranks FFNs by popularity."""
+    counter = PopularityCounter.for_config(decoder.config)
+    own = decoder.route_observer
+    decoder.route_observer = counter
+    try:
+        decoder.forward(torch.tensor([list(tokens)]), decoder.new_cache(1, len(tokens)), last_only=True)
+    finally:
+        decoder.route_observer = own
+    return counter.counts
 
 
 class Policy(ABC):

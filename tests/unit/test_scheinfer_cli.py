@@ -19,7 +19,8 @@ def files(tmp_path_factory):
     cost = d / "cost.json"
     cost.write_text(json.dumps({"cost": json.loads(REFERENCE_COST.to_json())}))
     return {"mixtral": generate("mixtral", d / "mixtral.gguf", seed=2), "llama": generate("llama", d / "llama.gguf"),
-            "st": generate("llama", d / "llama_st"), "cost": cost, "dir": d}
+            "st": generate("llama", d / "llama_st"), "qwen": generate("qwen2_moe", d / "qwen.gguf", seed=3),
+            "cost": cost, "dir": d}
 
 
 def _ok(capsys, argv):
@@ -69,6 +70,10 @@ def test_prompt_is_byte_tokenized_and_timeline_written(files, capsys):
     (["--model", "{st}", "--prompt", "hi", "--n-predict", "2"], "pass --tokens"),
     (["--model", "{gpt2}", "--tokens", "1", "--n-predict", "2"], "not supported"),
     (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--gpu-mem", "-5"], "--gpu-mem"),
+    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--popularity-tokens", "-1"],
+     "--popularity-tokens=-1"),
+    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--popularity-tokens", "100000"],
+     "the model's positions"),
 ])
 def test_bad_input_is_one_line_exit_2(files, capsys, argv, msg):
     import gguf
@@ -127,6 +132,8 @@ def test_bench_writes_rounds_and_a_valid_record(files, capsys, tmp_path):
     (["--assign", "greedy"], "--assign='greedy' is not allowed"),
     (["--llamacpp-offload", "auto"], "--llamacpp-offload needs --llamacpp"),
     (["--deadline-s", "0"], "--deadline-s=0.0 is not allowed"),
+    (["--popularity-tokens", "-3"], "--popularity-tokens=-3 is not allowed"),
+    (["--popularity-tokens", "100000"], "--popularity-tokens=100000 is not allowed"),
 ])
 def test_bench_bad_arguments_fail_before_work(files, capsys, tmp_path, args, message):
     rc = main(["bench", "--model", str(files["mixtral"]), "--out-csv", str(tmp_path / "b.csv"),
@@ -147,3 +154,77 @@ def test_offload_specs_and_ratios():
     frame = pd.DataFrame([{"system": s, "prompt_tokens": 8, "prefill_tok_s": p, "decode_tok_s": d}
                           for s, p, d in (("scheinfer", 30.0, 6.0), ("fiddler", 10.0, 4.0), ("scheinfer", 50.0, 6.0))])
     assert _ratios(frame) == {"prefill": {"prompt=8": {"fiddler": 4.0}}, "decode": {"prompt=8": {"fiddler": 1.5}}}
+
+
+@pytest.fixture
+def placements(monkeypatch):
+    """policy name -> the placement of the engine the CLI built for it."""
+    from impl.scheinfer import engine
+    made = {}
+
+    class Recording(engine.HybridDecoder):
+        def __init__(self, source, eng, **kw):
+            super().__init__(source, eng, **kw)
+            made[eng.policy.name] = eng.placement
+    monkeypatch.setattr(engine, "HybridDecoder", Recording)
+    return made
+
+
+def _calibration_counts(model, n: int) -> dict:
+    """Tokens per FFN on the CLI's calibration prompt, counted on the reference decoder."""
+    from impl.experiments.scheinfer.__main__ import calibration_prompt
+    from impl.scheinfer.policy import PopularityCounter
+    src = GGUFWeights(model)
+    counter = PopularityCounter.for_config(src.config)
+    Decoder(src, route_observer=counter).logits(calibration_prompt(src.config.vocab_size, n))
+    return counter.counts
+
+
+def test_bench_gives_fiddler_the_calibration_profile(files, capsys, tmp_path, placements):
+    """Fiddler's resident experts are the most popular on the calibration prompt (profiled on the
+    decoder loaded for scheinfer), the shared experts first; the record and CSV say so."""
+    import pandas as pd
+    from impl.scheinfer.policy import ffn_widths
+    model, n, row = files["qwen"], 16, 3 * 64 * 4                 # tiny qwen2_moe: hidden 64, float32
+    budget = 64 * row + 2 * 64 * row + 10 * 16 * row               # staging, both shared experts, 10 routed
+    csv, rec = tmp_path / "b.csv", tmp_path / "b.json"
+    _ok(capsys, ["bench", "--model", str(model), "--prompt-tokens", "3", "--n-predict", "1", "--policies",
+                 "fiddler,scheinfer", "--repeats", "1", "--cost", str(files["cost"]), "--tile", "16", "--threads", "1",
+                 "--gpu-mem", str(budget), "--popularity-tokens", str(n), "--out-csv", str(csv),
+                 "--out-record", str(rec), "--no-progress"])
+    counts = _calibration_counts(model, n)
+    popularity = json.loads(rec.read_text())["extra"]["popularity"]
+    assert popularity["counts"] == {f"{layer}.{e}": c for (layer, e), c in counts.items()}
+    assert popularity["used_by"] == ["fiddler"] and popularity["tokens"] == n
+    assert "'scheinfer'" in popularity["profiled_with"] and "seed" in popularity["calibration_prompt"]
+    assert popularity["ffns_counted"] == len(counts) and popularity["ffns"] == 2 * 61
+    frame = pd.read_csv(csv)
+    assert frame.set_index("system")["popularity_tokens"].fillna(-1).to_dict() == {"fiddler": n, "scheinfer": -1}
+
+    gg, widths = placements["fiddler"].gg, ffn_widths(GGUFWeights(model).config)
+    resident = {k for k, g in gg.items() if g}
+    assert all(gg[k] == widths[k] for k in resident)               # whole experts only
+    assert {(0, "shared"), (1, "shared")} <= resident and len(resident) == 12
+    routed = [k for k in widths if k[1] != "shared"]
+    assert min(counts.get(k, 0) for k in routed if k in resident) >= max(counts.get(k, 0) for k in routed
+                                                                         if k not in resident)
+
+
+@pytest.mark.parametrize("n", [0, 24])
+def test_generate_places_fiddler_by_profile_or_key_order(files, capsys, placements, n):
+    """--popularity-tokens 0: Fiddler's residents in key order, as without a profile; else the
+    profile of n calibration tokens on the reference decoder."""
+    from baselines.fiddler.policy import FiddlerPolicy
+    from impl.scheinfer.partition import REFERENCE_COST
+    from impl.scheinfer.policy import ffn_widths, place
+    model, budget = files["qwen"], 200_000
+    out = _ok(capsys, ["generate", "--model", str(model), "--tokens", "1,5,9", "--n-predict", "2", "--policy", "fiddler",
+                       "--cost", str(files["cost"]), "--gpu-mem", str(budget), "--popularity-tokens", str(n),
+                       "--threads", "1", "--no-progress"])
+    popularity = _calibration_counts(model, n) if n else None
+    assert ("popularity: key order" if n == 0 else f"popularity from {n} calibration tokens") in out.out
+    cfg = GGUFWeights(model).config
+    expected = place(FiddlerPolicy(REFERENCE_COST, cfg.hidden, 4, popularity), ffn_widths(cfg), cfg.hidden, 4, budget)
+    assert placements["fiddler"].gg == expected.gg
+    keyed = place(FiddlerPolicy(REFERENCE_COST, cfg.hidden, 4), ffn_widths(cfg), cfg.hidden, 4, budget)
+    assert (placements["fiddler"].gg == keyed.gg) == (n == 0)

@@ -164,7 +164,7 @@ def test_popularity_counts_the_shared_expert_with_every_token():
     residency (by popularity) then keeps it on the GPU first."""
     from impl.scheinfer.decoder import Decoder
     from impl.scheinfer.generate_models import random_source
-    from impl.scheinfer.policy import PopularityCounter, make_policy
+    from impl.scheinfer.policy import PopularityCounter, make_policy, profile_popularity
     cfg = tiny_config("qwen2_moe")
     assert cfg.shared_expert_ffn_hidden
     routing = sim.make_routing(cfg, 6, 3, "gate", 0)
@@ -179,6 +179,12 @@ def test_popularity_counts_the_shared_expert_with_every_token():
         assert counter.counts[(i, "shared")] == 6
         assert sum(v for (j, e), v in counter.counts.items() if j == i and e != "shared") == 6 * cfg.top_k
     assert not any(e == "shared" for _, e in PopularityCounter.for_config(tiny_config("mixtral")).counts)
+    own = PopularityCounter.for_config(cfg)          # an offline profile: one prefill, the observer kept
+    dec = Decoder(random_source(cfg, seed=1), route_observer=own)
+    profiled = profile_popularity(dec, [1, 5, 9, 33])
+    assert dec.route_observer is own and not own.counts
+    assert all(profiled[(i, "shared")] == 4 for i in moe_layers)
+    assert sum(profiled.values()) == len(moe_layers) * 4 * (cfg.top_k + 1)
     widths = sim.ffn_widths(cfg)
     row_bytes = 3 * cfg.hidden * 2
     fiddler = make_policy("fiddler", cost=REFERENCE_COST, hidden=cfg.hidden, num_layers=cfg.num_layers,

@@ -39,6 +39,7 @@ def test_dry_run_writes_every_result_file(tmp_path):
     assert bench_record["extra"]["budget"]["gpu_mem_bytes"] == 5000000
     assert bench_record["extra"]["weights_file_type"] == "ALL_F32"
     assert "fiddler" in bench_record["extra"]["ratios"]["decode"]["prompt=8"]
+    assert bench_record["extra"]["popularity"]["used_by"] == ["fiddler"]      # Fiddler got its profile
     assert load_profile(tmp_path / "d_profile.yaml").compute["gemm"].work_unit == "mac"
     assert len(load_hardware(tmp_path / "d_scheinfer_hardware.yaml")) == 1
 
@@ -68,6 +69,7 @@ def test_dry_run_writes_every_result_file(tmp_path):
     rows = [line for line in section.splitlines() if line.startswith("| 8 |") or line.startswith("| 16 |")]
     assert len(rows) == 4 and all("1.69x-6.33x" in r or "1.11x-1.80x" in r for r in rows)
     assert "predicted" in section and "python -m impl.experiments.scheinfer bench" in section
+    assert "Fiddler's resident experts: the most popular on a calibration prompt of 64 tokens" in section
 
 
 def test_bad_arguments_exit_2(tmp_path):

@@ -3,10 +3,10 @@
     python -m impl.experiments.scheinfer generate --model FILE (--prompt TEXT | --tokens IDS) --n-predict N
         [--gpu-mem BYTES] [--policy scheinfer|fiddler|layers] [--threads N] [--tile ROWS]
         [--assign split|threshold|makespan] [--cost COST.json] [--cpu-kernel auto|torch|avx512|avx2|sse]
-        [--timeline OUT.json [--out-record RECORD.json]]
+        [--popularity-tokens N] [--timeline OUT.json [--out-record RECORD.json]]
     python -m impl.experiments.scheinfer bench --model FILE.gguf --prompt-tokens 16,64 --n-predict N
         [--policies scheinfer,fiddler,layers] [--gpu-mem BYTES] [--llamacpp [--llamacpp-offload auto|SPECS]]
-        [--repeats R] --out-csv OUT.csv --out-record OUT.json
+        [--popularity-tokens N] [--repeats R] --out-csv OUT.csv --out-record OUT.json
     python -m impl.experiments.scheinfer calibrate [--out COST.json] [--quick] [--hidden M] [--widths F,..] [--rows N,..]
 
 `bench` measures every (policy, prompt length) on one model (and the real llama.cpp on the same
@@ -19,6 +19,16 @@ engine's budget; `baselines.llamacpp.runner.settings_within_budget`), or give th
 'ngl=N[,ncmoe=K];...' (N an integer or 'all'; K = --n-cpu-moe). llama.cpp offloads only with a
 CUDA build (LLAMA_CPP_LIB_PATH, `make llamacpp-cuda`); how the budget binds each system, and the
 device memory each took, are in the record.
+Popularity: a policy that ranks FFNs by popularity (Fiddler, whose resident experts are the most
+popular ones) gets a profile made before its weights are placed, outside the timings, as Fiddler
+profiles offline: the tokens each FFN is routed on one prefill of a calibration prompt of
+--popularity-tokens ids (default 64) drawn uniformly from 1..vocab-1 by a torch.Generator seeded
+POPULARITY_SEED, which is none of the measured prompts (bench's are the ramp 1, 2, 3, ...), counted by
+`impl.scheinfer.policy.PopularityCounter` (a shared expert counts every token). The prefill runs on
+a decoder the bench has already loaded for a policy that needs no profile, else on the reference
+decoder on the CPU, layer by layer. --popularity-tokens 0: no profile, FFNs in key order. How the
+profile was made, its counts and its time are in the bench record (`popularity`) and CSV
+(`popularity_tokens`), and in generate's last line and timeline record.
 `generate` prints the new token ids, then prefill and decode speed (tokens/s); a progress bar goes
 to stderr; --timeline writes the engine's lane events and --out-record their run record.
 Where the GPU lanes ran is said everywhere: without CUDA the engine's GPU and PCIe lanes are
@@ -49,6 +59,8 @@ MAX_THREADS = 4096
 GPU_MATMUL = ("ieee", "tf32")
 MAX_TILE = 1 << 20
 MAX_TOKENS = 1 << 20         # --n-predict; the model's positions bound prompt + generation anyway
+DEFAULT_POPULARITY_TOKENS = 64
+POPULARITY_SEED = 1729       # the calibration prompt's generator (module doc)
 
 
 def gpu_lanes(device) -> str:
@@ -153,7 +165,8 @@ def _validate_generate(args) -> str | None:
         return f"--policy={args.policy!r} is not allowed; expected one of {', '.join(CLI_POLICIES)}"
     if args.out_record is not None and args.timeline is None:
         return "--out-record needs --timeline (the record is the timeline's)"
-    return (_check_int(args, "n_predict", 1, MAX_TOKENS) or _check_output("--timeline", args.timeline)
+    return (_check_int(args, "n_predict", 1, MAX_TOKENS) or _check_int(args, "popularity_tokens", 0, MAX_TOKENS)
+            or _check_output("--timeline", args.timeline)
             or _check_output("--out-record", args.out_record) or _validate_engine_options(args))
 
 
@@ -172,12 +185,68 @@ def _gpu_mem(gpu_mem: int | None, cfg) -> int:
     return gpu_mem if gpu_mem is not None else sum(ffn_widths(cfg).values()) * 3 * cfg.hidden * 4 // 2
 
 
+def _policy_options(policy_name: str, assign: str) -> dict:
+    """The options the CLI builds a policy with (besides a popularity profile)."""
+    return {"assign": assign} if policy_name == "scheinfer" else {}
+
+
+def ranks_by_popularity(policy_name: str, options: dict) -> bool:
+    """Whether the policy places FFNs by popularity, so that it needs a profile: Fiddler always,
+    ScheInfer with gg_mode='popularity'."""
+    return policy_name == "fiddler" or options.get("gg_mode") == "popularity"
+
+
+def calibration_prompt(vocab_size: int, n: int) -> list[int]:
+    """The prompt popularity is profiled on (module doc): n ids uniform in 1..vocab_size-1."""
+    import torch
+    return torch.randint(1, max(vocab_size, 2), (n,), generator=torch.Generator().manual_seed(POPULARITY_SEED)).tolist()
+
+
+def profile(source, n: int, loaded: tuple[str, object] | None = None) -> tuple[dict | None, dict]:
+    """A popularity profile on the calibration prompt of n tokens (module doc) and its record:
+    with `loaded` = (policy, its decoder) that decoder's prefill, else the reference decoder's on
+    the CPU, layer by layer. n = 0: no profile (None; placement in key order)."""
+    from impl.scheinfer.policy import ffn_widths, profile_popularity
+    cfg = source.config
+    if n == 0:
+        return None, {"tokens": 0, "ranking": "key order (--popularity-tokens 0: no profile)"}
+    t0 = time.perf_counter()
+    if loaded is None:
+        from impl.scheinfer.decoder import Decoder
+        decoder, how = Decoder(source, cache_weights=False), "the reference decoder on the CPU, layer by layer"
+    else:
+        decoder, how = loaded[1], f"the engine decoder already loaded for policy {loaded[0]!r} ({loaded[1].device})"
+    counts = profile_popularity(decoder, calibration_prompt(cfg.vocab_size, n))
+    seconds = time.perf_counter() - t0
+    widths = ffn_widths(cfg)
+    return counts, {
+        "tokens": n, "ranking": "popularity: tokens routed to each FFN on one prefill of the calibration prompt",
+        "calibration_prompt": f"{n} token ids drawn uniformly from 1..{max(cfg.vocab_size, 2) - 1} by torch.Generator "
+                              f"seed {POPULARITY_SEED} (none of the measured prompts)",
+        "counter": "impl.scheinfer.policy.PopularityCounter (a shared expert counts every token of its layer)",
+        "profiled_with": how, "seconds": seconds, "ffns": len(widths),
+        "ffns_counted": sum(1 for k in widths if counts.get(k, 0) > 0),
+        "counts": {f"{layer}.{e}": c for (layer, e), c in sorted(counts.items(), key=str)}}
+
+
+def resident_summary(placement, cfg, popularity: dict | None) -> dict:
+    """Whole FFNs a placement made resident, and the share of the profile's routed tokens they take."""
+    from impl.scheinfer.policy import ffn_widths
+    widths = ffn_widths(cfg)
+    whole = [k for k, g in placement.gg.items() if g and g == widths[k]]
+    total = sum((popularity or {}).values())
+    return {"resident_ffns": len(whole), "resident_share_of_profile":
+            sum(popularity.get(k, 0.0) for k in whole) / total if total else None}
+
+
 def _engine(policy_name: str, cost, cfg, gpu_mem: int, tile: int, assign: str, threads: int | None,
-            kernel: str | None = None):
+            kernel: str | None = None, popularity: dict | None = None):
     import torch
     from impl.scheinfer.engine import HybridEngine
     from impl.scheinfer.policy import make_policy
-    opts = {"assign": assign} if policy_name == "scheinfer" else {}
+    opts = _policy_options(policy_name, assign)
+    if popularity is not None:
+        opts["popularity"] = popularity
     policy = make_policy(policy_name, cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
                          tile=tile, **opts)
     return policy, HybridEngine(policy, cfg.hidden, torch.float32, gpu_mem, threads=threads, kernel=kernel)
@@ -204,6 +273,8 @@ def cmd_generate(args) -> int:
     if len(prompt) + args.n_predict > cfg.max_position_embeddings:
         return _fail(f"--n-predict {args.n_predict} after a prompt of {len(prompt)} tokens exceeds the model's "
                      f"{cfg.max_position_embeddings} positions")
+    if err := _check_positions(args.popularity_tokens, cfg):
+        return _fail(err)
 
     import torch
     from tqdm import tqdm
@@ -211,7 +282,10 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     cost = _cost_model(args.cost, cfg.hidden, args.cpu_kernel)
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
-    policy, engine = _engine(args.policy, cost, cfg, gpu_mem, args.tile, args.assign, args.threads, args.cpu_kernel)
+    popularity, made = profile(source, args.popularity_tokens) \
+        if ranks_by_popularity(args.policy, _policy_options(args.policy, args.assign)) else (None, None)
+    policy, engine = _engine(args.policy, cost, cfg, gpu_mem, args.tile, args.assign, args.threads, args.cpu_kernel,
+                             popularity)
     bar = tqdm(total=len(prompt) + args.n_predict - 1, desc="tokens", unit="tok", file=sys.stderr,
                disable=args.no_progress)
     from impl.scheinfer.engine import HybridDecoder
@@ -226,23 +300,27 @@ def cmd_generate(args) -> int:
     decode = out.decode_steps / out.decode_s if out.decode_s > 0 else float("nan")
     print(f"prefill: {out.prompt_tokens} tokens, {prefill:.2f} tok/s")
     print(f"decode: {out.decode_steps} tokens, {decode:.2f} tok/s")
+    ranked = "" if made is None else ", popularity: key order" if popularity is None else \
+        f", popularity from {made['tokens']} calibration tokens ({made['seconds']:.2f} s)"
     print(f"policy: {policy.name}, gpu-mem {gpu_mem} B, resident FFN {engine.resident_bytes} B, "
           f"device {engine.device}, GPU and PCIe lanes {gpu_lanes(engine.device)}, cost {cost.source}, "
-          f"cpu kernel {engine.kernel.name} ({engine.kernel.how})")
+          f"cpu kernel {engine.kernel.name} ({engine.kernel.how}){ranked}")
     if args.timeline:
         from impl.common.records import atomic_write_text, write_record
         atomic_write_text(args.timeline, json.dumps([dataclasses.asdict(e) for e in engine.events], default=str))
         if args.out_record:
+            popularity_record = None if made is None else \
+                {**made, **resident_summary(engine.placement, cfg, popularity)}
             write_record(args.out_record, _timeline_record(args, cfg, policy, engine, cost, gpu_mem, prompt, out,
-                                                           prefill, decode))
+                                                           prefill, decode, popularity_record))
     return 0
 
 
 def _timeline_record(args, cfg, policy, engine, cost, gpu_mem: int, prompt: list[int], out, prefill: float,
-                     decode: float) -> dict:
+                     decode: float, popularity: dict | None) -> dict:
     """The run record of one generation whose lane events went to --timeline: what ran where
-    (device, GPU lanes emulated or not, policy, budget, cost model), the speeds measured and the
-    events' file."""
+    (device, GPU lanes emulated or not, policy, budget, cost model, popularity profile), the
+    speeds measured and the events' file."""
     from impl.common.records import make_record
     lanes = {}
     for e in engine.events:
@@ -258,9 +336,17 @@ def _timeline_record(args, cfg, policy, engine, cost, gpu_mem: int, prompt: list
         extra={"gpu_lanes": gpu_lanes(engine.device), "events_file": str(args.timeline), "events": len(engine.events),
                "lane_busy_s": {lane: sum(d) for lane, d in lanes.items()}, "gpu_mem_bytes": gpu_mem,
                "resident_ffn_bytes": engine.resident_bytes, "cost_model": cost.source,
-               "cpu_kernel": engine.kernel.as_dict(), "new_tokens": out.decode_steps + 1,
+               "cpu_kernel": engine.kernel.as_dict(), "new_tokens": out.decode_steps + 1, "popularity": popularity,
                "note": "MEASURED lane events of the HybridEngine on this host"
                        + ("" if engine.cuda else "; its GPU and PCIe lanes are emulated on the CPU")})
+
+
+def _check_positions(n: int, cfg) -> str | None:
+    """The one-line error of a calibration prompt longer than the model's positions."""
+    if n > cfg.max_position_embeddings:
+        return (f"--popularity-tokens={n} is not allowed; expected 0..{cfg.max_position_embeddings} "
+                "(the model's positions)")
+    return None
 
 
 def _split_list(text: str, name: str, kind=str) -> list:
@@ -287,8 +373,9 @@ def _validate_bench(args) -> str | None:
             return f"--policies: {p!r} is not allowed; expected {', '.join(CLI_POLICIES)}"
     if min(args.prompt_tokens) < 1:
         return f"--prompt-tokens: {min(args.prompt_tokens)} is not allowed; expected integers >= 1"
-    for name, high in (("n_predict", MAX_TOKENS), ("repeats", MAX_REPEATS)):
-        if err := _check_int(args, name, 1, high):
+    for name, low, high in (("n_predict", 1, MAX_TOKENS), ("repeats", 1, MAX_REPEATS),
+                            ("popularity_tokens", 0, MAX_TOKENS)):
+        if err := _check_int(args, name, low, high):
             return err
     if args.deadline_s is not None and not (math.isfinite(args.deadline_s) and 0 < args.deadline_s <= MAX_SECONDS):
         return f"--deadline-s={args.deadline_s} is not allowed; expected seconds > 0 (at most {MAX_SECONDS:g})"
@@ -385,6 +472,8 @@ def cmd_bench(args) -> int:
     if n_ctx > cfg.max_position_embeddings:
         return _fail(f"--prompt-tokens {max(args.prompt_tokens)} + --n-predict {args.n_predict} exceed the "
                      f"model's {cfg.max_position_embeddings} positions")
+    if err := _check_positions(args.popularity_tokens, cfg):
+        return _fail(err)
 
     import torch
     from tqdm import tqdm
@@ -399,16 +488,26 @@ def cmd_bench(args) -> int:
     torch.backends.cuda.matmul.allow_tf32 = args.gpu_matmul == "tf32"
     device_free = (lambda: torch.cuda.mem_get_info()[0]) if cuda else None
     llama = _llamacpp_systems(args, n_ctx, threads, gpu_mem) if args.llamacpp else {}
-    decoders, engines, placement = {}, [], {}
+    ranked = [p for p in args.policies if ranks_by_popularity(p, _policy_options(p, args.assign))]
+    popularity, made = None, None
+    decoders, engine_of, placement = {}, {}, {}
     try:
-        for name in args.policies:          # weights loaded once per policy, outside the timings
-            policy, engine = _engine(name, cost, cfg, gpu_mem, args.tile, args.assign, args.threads, args.cpu_kernel)
-            engines.append(engine)
+        # weights loaded once per policy, outside the timings; the policies that need a popularity
+        # profile last, so that it is made on a decoder already loaded (module doc)
+        for name in sorted(args.policies, key=ranked.__contains__):
+            if name in ranked and made is None:
+                popularity, made = profile(source, args.popularity_tokens, next(iter(decoders.items()), None))
+            policy, engine = _engine(name, cost, cfg, gpu_mem, args.tile, args.assign, args.threads, args.cpu_kernel,
+                                     popularity if name in ranked else None)
+            engine_of[name] = engine
             before = torch.cuda.memory_allocated() if cuda else 0
             decoders[name] = HybridDecoder(source, engine)
             placement[name] = {"resident_ffn_bytes": engine.placement.resident_bytes,
                                "staging_bytes": engine.placement.staging_bytes,
                                "device_bytes_loaded": torch.cuda.memory_allocated() - before if cuda else None}
+            if name in ranked:
+                placement[name].update(resident_summary(engine.placement, cfg, popularity))
+        engines = [engine_of[name] for name in args.policies]
         device = str(engines[0].device)
         systems = [*args.policies, *llama]
         llama_used: dict[str, list[int]] = {name: [] for name in llama}
@@ -438,14 +537,15 @@ def cmd_bench(args) -> int:
                                  "prefill_tok_s": pre, "decode_tok_s": dec, "device": device,
                                  "gpu_lanes": gpu_lanes(device) if system not in llama else
                                  ("cuda" if cuda else "CPU only (the real llama.cpp, nothing emulated)"),
-                                 "threads": threads, "gpu_mem_bytes": gpu_mem})
+                                 "threads": threads, "gpu_mem_bytes": gpu_mem,
+                                 "popularity_tokens": args.popularity_tokens if system in ranked else None})
                     bar.update()
             # after every round, so that a run stopped from outside keeps the rounds it finished
             frame = _write_bench(args, cfg, rows, systems, device, threads, cost, engines[0].kernel, gpu_mem,
-                                 placement, llama, llama_used)
+                                 placement, llama, llama_used, {"used_by": ranked, **(made or {})})
         bar.close()
     finally:
-        for e in engines:
+        for e in engine_of.values():
             e.close()
     med = frame.groupby(["prompt_tokens", "system"], sort=False)[["prefill_tok_s", "decode_tok_s"]].median()
     print(f"device {device}, GPU and PCIe lanes {gpu_lanes(device)}, {threads} threads, cpu kernel "
@@ -454,12 +554,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _write_bench(args, cfg, rows, systems, device, threads, cost, kernel, gpu_mem, placement, llama, llama_used):
-    """The bench's CSV (one row per round, system and prompt length) and run record, atomically."""
+def _write_bench(args, cfg, rows, systems, device, threads, cost, kernel, gpu_mem, placement, llama, llama_used,
+                 popularity: dict):
+    """The bench's CSV (one row per round, system and prompt length) and run record, atomically;
+    `popularity`: the profile given to the policies that rank FFNs by popularity."""
     import pandas as pd
     from impl.common.records import atomic_output, make_record, write_record
     from impl.scheinfer.cpu_kernels import host_info
     frame = pd.DataFrame(rows)
+    frame["popularity_tokens"] = frame["popularity_tokens"].astype("Int64")    # empty: no profile used
     extra = {"cost_model": cost.source, "cpu_kernel": kernel.as_dict(), "host": host_info(), "weights_file_type": _gguf_file_type(Path(args.model)),
              "note": "MEASURED on this host; without CUDA the engine's GPU and PCIe lanes run on the CPU (emulated)",
              "gpu_lanes": gpu_lanes(device),
@@ -469,7 +572,8 @@ def _write_bench(args, cfg, rows, systems, device, threads, cost, kernel, gpu_me
              "rounds_done": int(frame["round"].nunique()),
              "ratios": {"definition": "scheinfer median tok/s / other system's median tok/s, this run",
                         **_ratios(frame)},
-             "budget": _budget_record(gpu_mem, placement, llama, llama_used, args.model)}
+             "budget": _budget_record(gpu_mem, placement, llama, llama_used, args.model),
+             "popularity": popularity}
     if args.cost:
         extra["cost_file"] = json.loads(Path(args.cost).read_text())
     if llama:
@@ -552,6 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--cost", default=None, help="a JSON written by 'calibrate --out'")
     g.add_argument("--cpu-kernel", default=None,
                    help="CPU products' kernel (default: $SCHEINFER_CPU_KERNEL, else auto: measured at start-up)")
+    g.add_argument("--popularity-tokens", type=int, default=DEFAULT_POPULARITY_TOKENS,
+                   help="calibration tokens of the popularity profile of a policy that ranks FFNs by popularity "
+                        "(fiddler); 0: key order (module doc)")
     g.add_argument("--timeline", default=None, help="write lane events as JSON")
     g.add_argument("--out-record", default=None, help="the timeline's run record (JSON; needs --timeline)")
     g.add_argument("--ignore-eos", action="store_true")
@@ -573,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--gpu-matmul", choices=GPU_MATMUL, default="ieee",
                    help="float32 products on a CUDA GPU: 'ieee' (torch's default) or 'tf32' (tensor cores, "
                         "the precision llama.cpp's CUDA backend always uses for F32 weights)")
+    b.add_argument("--popularity-tokens", type=int, default=DEFAULT_POPULARITY_TOKENS, help="as for generate")
     b.add_argument("--repeats", type=int, default=3, help="alternating rounds")
     b.add_argument("--deadline-s", type=float, default=None,
                    help="start no new round after this many seconds of measuring (the rounds done are written)")
