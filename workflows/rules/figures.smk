@@ -71,7 +71,7 @@ rule plot_hiermoe_sim:
                                       "hiermoe_table4", "hiermoe_ablation")],
     params:
         # not an input: that would tie `make run` to the hour-long emu jobs that made the table
-        emu=emu_table(),
+        emu=lambda wildcards: emu_table(),
     output:
         figures=[
             f"results/figures/hiermoe_{name}.{ext}"
