@@ -930,7 +930,8 @@ def swap_section(runs: Runs) -> str:
         "between its owners, a lone message having its link to itself; when: after the layer's backward, under the "
         "backward compute of the layers below (`swap_cost: overlap`, the default), every `every` iterations. "
         "Ablations: `exposed` charges the link time in full, `shared` also gives each move only one rank's share "
-        "of its link (as inside an AlltoAll). Modeled, Qwen3 run (the paper reports about 1% of the step for a swap):",
+        "of its link (as inside an AlltoAll). Modeled, Qwen3 run (the paper reports about "
+        f"{paper_value('hiermoe_swap', metric='swap_share_of_step'):g}% of the step for a swap):",
         "", table, "",
         "Swaps made in the swap-interval ablation (measured iterations, first layer): "
         + ", ".join(f"{s} {n}" for s, n in plans.items()) + ".", "",

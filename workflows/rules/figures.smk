@@ -68,7 +68,7 @@ rule plot_hiermoe_sim:
         fig9=rules.plot_hiermoe_fig9.output.md,
         emu_reference=repo_path(EMU_REFERENCE_TABLE),
         paper=[paper_csv(n) for n in ("hiermoe_fig9", "hiermoe_fig10", "hiermoe_fig11", "hiermoe_table2",
-                                      "hiermoe_table4", "hiermoe_ablation")],
+                                      "hiermoe_table4", "hiermoe_ablation", "hiermoe_swap")],
     params:
         # not an input: that would tie `make run` to the hour-long emu jobs that made the table
         emu=lambda wildcards: emu_table(),
