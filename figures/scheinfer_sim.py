@@ -3,7 +3,8 @@
 and model (MODELED), (c) a three-lane timeline of one layer per policy from MEASURED events of our
 HybridEngine (its 'layers' and 'fiddler' policies are llama.cpp's and Fiddler's placements run by
 our engine, not those programs), and (d) a markdown report paper vs ours with the reasons for the
-gaps.
+gaps, and, where the sim ran it, ScheInfer under the other reading of its GG placement beside the
+headline's (`gg_section`).
 
     python -m figures.scheinfer_sim --sim SIM.csv --timeline scheinfer.json fiddler.json layers.json \
         [--timeline-log generate.log ...] [--gpu-bench B.csv --gpu-bench-record B.json \
@@ -40,8 +41,8 @@ from impl.common import cli  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 
-__all__ = ["speedups", "gg_variants", "plot_speedup", "plot_partition", "plot_timeline", "report", "gpu_section",
-           "main"]
+__all__ = ["speedups", "gg_variants", "gg_section", "plot_speedup", "plot_partition", "plot_timeline", "report",
+           "gpu_section", "main"]
 
 PHASES = ("prefill", "decode", "overall")
 BASELINES = ("llama.cpp", "Fiddler")
@@ -381,19 +382,20 @@ def gg_section(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
                 f"ScheInfer with that placement and the same CC / CG scheduling; run on "
                 f"{', '.join(_label(m) for m in models)}; min-max over the hardware classes "
                 f"({', '.join(dict.fromkeys(alt['hardware']))}). {NOTE}.", "",
-                f"| model | phase | over llama.cpp: headline / GG {mode} | over Fiddler: headline / GG {mode} "
-                f"| GG {mode} over headline (tok/s) |", "|---|---|---|---|---|"]
-        for model in [*models, None]:
+                "FFN work on resident rows: the share of the active FFN rows times their tokens that GG computes.",
+                "", f"| model | phase | over llama.cpp: headline / GG {mode} | over Fiddler: headline / GG {mode} "
+                f"| GG {mode} over headline (tok/s) | FFN work on resident rows: headline / GG {mode} / Fiddler |",
+                "|---|---|---|---|---|---|"]
+        for label, which in [*((_label(m), [m]) for m in models), ("all of these", models)]:
             for phase in PHASES:
-                def cell(frame_, base):
-                    g = frame_[(frame_["phase"] == phase) & (frame_["baseline"] == base)
-                               & (frame_["model"].isin(models) if model is None else frame_["model"] == model)]
-                    return _span(g["speedup"]) if len(g) else "n/a"
-                g = gain[(gain["phase"] == phase) & (gain["model"].isin(models) if model is None else gain["model"] == model)]
-                port = " (port)" if model is not None and model not in FIDDLER_MODELS else ""
-                out.append(f"| {'all of these' if model is None else _label(model)} | {phase} | "
-                           f"{cell(sp, 'llama.cpp')} / {cell(alt, 'llama.cpp')} | "
-                           f"{cell(sp, 'Fiddler')} / {cell(alt, 'Fiddler')}{port} | {_span(g['gain'])} |")
+                def of(rows: pd.DataFrame, column: str) -> pd.Series:
+                    return rows[(rows["phase"] == phase) & rows["model"].isin(which)][column]
+                speed = [of(g[g["baseline"] == base], "speedup") for base in BASELINES for g in (sp, alt)]
+                work = [of(frame[frame["system"] == s_], "gg_work_frac") for s_ in ("ScheInfer", system, "Fiddler")]
+                port = " (port)" if which is not models and which[0] not in FIDDLER_MODELS else ""
+                cells = [_span(v) if len(v) else "n/a" for v in speed]
+                out.append(f"| {label} | {phase} | {cells[0]} / {cells[1]} | {cells[2]} / {cells[3]}{port} | "
+                           f"{_span(of(gain, 'gain'))} | " + " / ".join(_pct(w) if len(w) else "n/a" for w in work) + " |")
     return out
 
 

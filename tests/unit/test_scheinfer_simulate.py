@@ -273,6 +273,6 @@ def test_gg_readings_run_beside_the_headline(tmp_path):
                    "cpu_flops: 1.0e+12, cpu_bytes_per_s: 6.0e+10, h2d_bytes_per_s: 2.5e+10}\n")
     fits = sim.run(_resolve("models=[qwen1.5-moe-a2.7b]", "prompt_tokens=40", "decode_tokens=3", f"hardware_file={big}",
                             "hardware=[big]", "policies=[scheinfer, gg-popularity]")).set_index(["phase", "policy"])
-    assert (fits["resident_frac"] == 1).all() and (fits["gg_frac"] == 1).all()
+    assert (fits["resident_frac"] == 1).all() and (fits["gg_frac"] == 1).all() and (fits["gg_work_frac"] == 1).all()
     for col in ("time_s", "ffn_s", "nonffn_s", "act_s"):
         assert (fits.xs("scheinfer", level="policy")[col] == fits.xs("gg-popularity", level="policy")[col]).all()

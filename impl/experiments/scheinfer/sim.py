@@ -367,7 +367,8 @@ def _offloads(st: CaseSetup, n: int) -> bool:
 
 
 def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_bytes: int, bands: dict) -> dict:
-    """One forward step (all layers + LM head): ffn / nonffn / act seconds; adds rows to `bands`.
+    """One forward step (all layers + LM head): ffn / nonffn / act seconds; adds rows to `bands`
+    (cc / cg / gg rows, and 'work' / 'gg_work': rows times tokens, all and on resident rows).
     A layer whose attention is on the GPU pays the activation round trip of its CPU lane's rows;
     a llama.cpp CPU layer runs its attention on the CPU, or, when its products are offloaded
     (`_offloads`), copies its attention weights to the GPU and its activations there and back.
@@ -384,6 +385,8 @@ def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_byte
                 raise RuntimeError(f"policy {st.policy.name!r} planned {s} for {ld} (cg_max {st.cg_max})")
             for k in ("cc", "cg", "gg"):
                 bands[k] += getattr(s, k)
+            bands["work"] += ld.n * ld.width
+            bands["gg_work"] += ld.n * s.gg
         out["ffn_s"] += ffn_time(st.policy, st.cost, loads, splits, M, b)
         here = "gpu" if i in st.gpu_layers else "cpu"
         if here != side:
@@ -406,13 +409,16 @@ def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_byte
     return out
 
 
+BANDS = ("cc", "cg", "gg", "work", "gg_work")       # what `step_time` counts
+
+
 def simulate_case(st: CaseSetup, sc: SimConfig) -> list[dict]:
     """Rows (prefill, decode, overall) of one (model, hardware, policy)."""
     b = sc.dtype_bytes
     rows, totals = [], {"ffn_s": 0.0, "nonffn_s": 0.0, "act_s": 0.0}
-    all_bands = {"cc": 0, "cg": 0, "gg": 0}
+    all_bands = dict.fromkeys(BANDS, 0)
     for phase in ("prefill", "decode"):
-        bands = {"cc": 0, "cg": 0, "gg": 0}
+        bands = dict.fromkeys(BANDS, 0)
         acc = {"ffn_s": 0.0, "nonffn_s": 0.0, "act_s": 0.0}
         steps = [(sc.prompt_tokens, sc.prompt_tokens, 0)] if phase == "prefill" else [
             (1, sc.prompt_tokens + t + 1, t) for t in range(sc.decode_tokens)]
@@ -431,11 +437,12 @@ def simulate_case(st: CaseSetup, sc: SimConfig) -> list[dict]:
 
 def _row(st: CaseSetup, sc: SimConfig, phase: str, tokens: int, acc: dict, bands: dict) -> dict:
     t = acc["ffn_s"] + acc["nonffn_s"] + acc["act_s"]
-    width = max(1, sum(bands.values()))
+    width = max(1, bands["cc"] + bands["cg"] + bands["gg"])
     ffn_rows = sum(st.widths.values())
     return {"hardware": st.hw.name, "model": st.model_name, "system": SYSTEMS[st.policy_key], "policy": st.policy_key,
             "phase": phase, "tokens": tokens, "time_s": t, "tokens_per_s": tokens / t if t > 0 else math.inf,
             **acc, "cc_frac": bands["cc"] / width, "cg_frac": bands["cg"] / width, "gg_frac": bands["gg"] / width,
+            "gg_work_frac": bands["gg_work"] / max(1, bands["work"]),
             "resident_frac": sum(st.gg.values()) / ffn_rows, "gpu_ffn_budget_bytes": st.budget_bytes,
             "cg_max": st.cg_max, "gpu_layers": len(st.gpu_layers), "num_layers": st.cfg.num_layers,
             "head_on_gpu": st.head_on_gpu, "routing": sc.routing, "assign": sc.assign,
