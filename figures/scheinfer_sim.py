@@ -3,7 +3,8 @@
 and model (MODELED), (c) a three-lane timeline of one layer per policy from MEASURED events of our
 HybridEngine (its 'layers' and 'fiddler' policies are llama.cpp's and Fiddler's placements run by
 our engine, not those programs), and (d) a markdown report paper vs ours with the reasons for the
-gaps.
+gaps, and, where the sim ran it, ScheInfer under the other reading of its GG placement beside the
+headline's (`gg_section`).
 
     python -m figures.scheinfer_sim --sim SIM.csv --timeline scheinfer.json fiddler.json layers.json \
         [--timeline-log generate.log ...] [--gpu-bench B.csv --gpu-bench-record B.json \
@@ -40,7 +41,8 @@ from impl.common import cli  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text  # noqa: E402
 
-__all__ = ["speedups", "plot_speedup", "plot_partition", "plot_timeline", "report", "gpu_section", "main"]
+__all__ = ["speedups", "gg_variants", "gg_section", "plot_speedup", "plot_partition", "plot_timeline", "report",
+           "gpu_section", "main"]
 
 PHASES = ("prefill", "decode", "overall")
 BASELINES = ("llama.cpp", "Fiddler")
@@ -240,6 +242,39 @@ def _fiddler_name(model: str) -> str:
     return "Fiddler" if model in FIDDLER_MODELS else "our port of Fiddler's policy"
 
 
+# scheinfer.md 3.3 step 1 reads both ways; the sim runs the headline by its gg_mode and may run the
+# other reading beside it (impl.experiments.scheinfer.sim.GG_VARIANTS)
+GG_READING = {
+    "uniform": "the same tile-snapped fraction of every FFN resident (\"spread evenly over layers\")",
+    "popularity": "whole FFNs resident in decreasing popularity (\"by expert popularity for MoE as Fiddler "
+                  "does\"), the popularity counted (impl.scheinfer.policy.PopularityCounter) on the same routing "
+                  "it then runs: an oracle, like Fiddler's here"}
+
+
+def _headline_gg(frame: pd.DataFrame) -> str:
+    return str(frame[frame["system"] == "ScheInfer"]["gg_mode"].iloc[0])
+
+
+def gg_variants(frame: pd.DataFrame) -> dict[str, str]:
+    """System -> gg_mode of ScheInfer's GG ablations ('ScheInfer[GG <mode>]') whose reading is not
+    the headline's."""
+    if "gg_mode" not in frame.columns:
+        return {}
+    rows = frame[frame["system"].str.startswith("ScheInfer[GG ")]
+    head = _headline_gg(frame)
+    return {s: m for s, m in rows.groupby("system", sort=False)["gg_mode"].first().items() if m != head}
+
+
+def _verdict(speedup: pd.Series, hardware: pd.Series) -> str:
+    """Whether a set of speedups (one per hardware class) is a win, a loss or both."""
+    won = speedup >= 1
+    if won.all():
+        return "a win"
+    if not won.any():
+        return "still a loss"
+    return f"a win on {', '.join(hardware[won])}, a loss on {', '.join(hardware[~won])}"
+
+
 def _why(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
     """The 'why ours differ' bullets, each computed from the sim CSV (or stating what was run)."""
     paper, _ = _paper_ranges()
@@ -263,6 +298,8 @@ def _why(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
             out.append(f"* **All FFN rows resident.** {_label(model)} on {', '.join(hws)}: every system keeps all FFN "
                        f"rows on the GPU (resident_frac = 1), so ScheInfer over llama.cpp is {_span(s)} there.")
     keys = ["hardware", "model", "phase"]
+    variants = gg_variants(frame)
+    other = {system: speedups(frame, system) for system in variants}
     losses = sp[(sp["speedup"] < 1) & sp["phase"].isin(["prefill", "decode"])]     # overall: their sum
     for (model, base, phase), g in losses.groupby(["model", "baseline", "phase"], sort=False):
         hws = list(g["hardware"])
@@ -280,7 +317,26 @@ def _why(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
         if base == "Fiddler":
             text += (" Fiddler ranks whole experts by a popularity counted on the same routing it then runs (an "
                      f"oracle); ScheInfer's resident rows are gg_mode '{ours['gg_mode'].iloc[0]}'.")
+        for system, mode in variants.items():
+            alt = pick(system)
+            v = other[system]
+            v = v[(v["model"] == model) & (v["baseline"] == base) & (v["phase"] == phase)
+                  & v["hardware"].isin(hws)].reset_index(drop=True)
+            if len(alt) and len(v):
+                text += (f" Under the other reading of step 1, GG by {mode} ({system}), ScheInfer is {_span(v['speedup'])} "
+                         f"of the baseline here: {_verdict(v['speedup'], v['hardware'])}"
+                         f"{', so this conclusion turns on the reading' if (v['speedup'] >= 1).any() else ''}; its "
+                         f"{TIME_PARTS[worst]} is {_span(alt[worst] / theirs[worst])} of the baseline's and it holds "
+                         f"{_pct(alt['gg_frac'])} of the active FFN rows resident.")
         out.append(text)
+    for system, mode in variants.items():
+        v = other[system].merge(sp, on=["hardware", "model", "phase", "baseline"], suffixes=("", "_headline"))
+        v = v[(v["speedup"] < 1) & (v["speedup_headline"] >= 1) & v["phase"].isin(["prefill", "decode"])]
+        for (model, base, phase), g in v.groupby(["model", "baseline", "phase"], sort=False):
+            name = _fiddler_name(model) if base == "Fiddler" else base
+            out.append(f"* **{_label(model)} {phase}, GG by {mode}: ScheInfer {_span(g['speedup'])} of {name}** "
+                       f"({', '.join(g['hardware'])}), where the headline (gg_mode '{_headline_gg(frame)}') is "
+                       f"{_span(g['speedup_headline'])}.")
     lay = frame[(frame["system"] == "llama.cpp") & (frame["phase"] == "decode")]
     sch = frame[(frame["system"] == "ScheInfer") & (frame["phase"] == "decode")]
     if len(lay):
@@ -311,13 +367,47 @@ def _why(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
     return out
 
 
+def gg_section(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
+    """Per model and phase, ScheInfer under the other reading of GG (each of `gg_variants`) over
+    llama.cpp and over Fiddler beside the headline's, min-max over the hardware classes."""
+    head, out = _headline_gg(frame), []
+    for system, mode in gg_variants(frame).items():
+        alt = speedups(frame, system)
+        tps = frame.pivot_table(index=["hardware", "model", "phase"], columns="system", values="tokens_per_s")
+        gain = (tps[system] / tps["ScheInfer"]).dropna().rename("gain").reset_index()
+        models = list(dict.fromkeys(alt["model"]))
+        out += ["", f"## ScheInfer with GG by {mode} (ablation: the other reading)", "",
+                f"The headline ('ScheInfer' everywhere else in this report) keeps its GG rows by gg_mode '{head}': "
+                f"{GG_READING[head]}. scheinfer.md 3.3 step 1 also reads '{mode}': {GG_READING[mode]}. {system} is "
+                f"ScheInfer with that placement and the same CC / CG scheduling; run on "
+                f"{', '.join(_label(m) for m in models)}; min-max over the hardware classes "
+                f"({', '.join(dict.fromkeys(alt['hardware']))}). {NOTE}.", "",
+                "FFN work on resident rows: the share of the active FFN rows times their tokens that GG computes.",
+                "", f"| model | phase | over llama.cpp: headline / GG {mode} | over Fiddler: headline / GG {mode} "
+                f"| GG {mode} over headline (tok/s) | FFN work on resident rows: headline / GG {mode} / Fiddler |",
+                "|---|---|---|---|---|---|"]
+        for label, which in [*((_label(m), [m]) for m in models), ("all of these", models)]:
+            for phase in PHASES:
+                def of(rows: pd.DataFrame, column: str) -> pd.Series:
+                    return rows[(rows["phase"] == phase) & rows["model"].isin(which)][column]
+                speed = [of(g[g["baseline"] == base], "speedup") for base in BASELINES for g in (sp, alt)]
+                work = [of(frame[frame["system"] == s_], "gg_work_frac") for s_ in ("ScheInfer", system, "Fiddler")]
+                port = " (port)" if which is not models and which[0] not in FIDDLER_MODELS else ""
+                cells = [_span(v) if len(v) else "n/a" for v in speed]
+                out.append(f"| {label} | {phase} | {cells[0]} / {cells[1]} | {cells[2]} / {cells[3]}{port} | "
+                           f"{_span(of(gain, 'gain'))} | " + " / ".join(_pct(w) if len(w) else "n/a" for w in work) + " |")
+    return out
+
+
 def report(frame: pd.DataFrame) -> str:
     sp = speedups(frame)
     paper, header = _paper_ranges()
     lines = ["# ScheInfer: paper vs ours", "",
              f"Ours: {NOTE}. Prompt {int(frame['prompt_tokens'].iloc[0])} tokens, "
              f"{int(frame['decode_tokens'].iloc[0])} decode steps, batch 1, routing "
-             f"'{frame['routing'].iloc[0]}', 16-bit weights.",
+             f"'{frame['routing'].iloc[0]}', 16-bit weights. ScheInfer's GG rows (scheinfer.md 3.3 step 1): gg_mode "
+             f"'{_headline_gg(frame)}', {GG_READING[_headline_gg(frame)]}"
+             + (f"; the other reading beside it below ({', '.join(gg_variants(frame))})." if gg_variants(frame) else "."),
              f"Paper: {header['citation']}; {header['location']}. The paper states only these ranges "
              "(over its models, both baselines and three machines); no per-model number is public.", "",
              "| phase | paper (stated range) | ours vs llama.cpp (min-max) | ours vs Fiddler (min-max) |",
@@ -342,6 +432,7 @@ def report(frame: pd.DataFrame) -> str:
         cell = lambda b: f"{row[b]:.2f}x" if b in row and pd.notna(row[b]) else "n/a"  # noqa: E731
         fid = cell("Fiddler") + (" (port)" if cell("Fiddler") != "n/a" and m not in FIDDLER_MODELS else "")
         lines.append(f"| {h} | {m} | {p} | {cell('llama.cpp')} | {fid} | {tps[(h, m, p)]:.1f} |")
+    lines += gg_section(frame, sp)
     lines += ["", "## Why ours differ from the paper", "", *_why(frame, sp), "",
               "Timeline figure: measured lane events of our HybridEngine on a small generated model, one run "
               "per engine policy: 'layers' and 'fiddler' are llama.cpp's layer offload and Fiddler's expert "

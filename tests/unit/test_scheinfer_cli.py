@@ -74,6 +74,8 @@ def test_prompt_is_byte_tokenized_and_timeline_written(files, capsys):
      "--popularity-tokens=-1"),
     (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--popularity-tokens", "100000"],
      "the model's positions"),
+    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--gg-mode", "even"],
+     "--gg-mode='even' is not allowed; expected one of uniform, popularity"),
 ])
 def test_bad_input_is_one_line_exit_2(files, capsys, argv, msg):
     import gguf
@@ -134,6 +136,7 @@ def test_bench_writes_rounds_and_a_valid_record(files, capsys, tmp_path):
     (["--deadline-s", "0"], "--deadline-s=0.0 is not allowed"),
     (["--popularity-tokens", "-3"], "--popularity-tokens=-3 is not allowed"),
     (["--popularity-tokens", "100000"], "--popularity-tokens=100000 is not allowed"),
+    (["--gg-mode", "Popularity"], "--gg-mode='Popularity' is not allowed"),
 ])
 def test_bench_bad_arguments_fail_before_work(files, capsys, tmp_path, args, message):
     rc = main(["bench", "--model", str(files["mixtral"]), "--out-csv", str(tmp_path / "b.csv"),
@@ -228,3 +231,51 @@ def test_generate_places_fiddler_by_profile_or_key_order(files, capsys, placemen
     assert placements["fiddler"].gg == expected.gg
     keyed = place(FiddlerPolicy(REFERENCE_COST, cfg.hidden, 4), ffn_widths(cfg), cfg.hidden, 4, budget)
     assert (placements["fiddler"].gg == keyed.gg) == (n == 0)
+
+
+def _most_popular_first(gg: dict, widths: dict, counts: dict) -> set:
+    """The FFNs a placement holds, checked to be whole and the most popular (by `counts`) of the
+    routed experts; returns them."""
+    resident = {k for k, g in gg.items() if g}
+    assert all(gg[k] == widths[k] for k in resident)               # whole FFNs only
+    routed = [k for k in widths if k[1] != "shared"]
+    assert min(counts.get(k, 0) for k in routed if k in resident) >= max(counts.get(k, 0) for k in routed
+                                                                         if k not in resident)
+    return resident
+
+
+def test_gg_mode_popularity_places_the_most_popular_experts_first(files, capsys, placements, tmp_path):
+    """--gg-mode popularity: scheinfer's resident rows are whole FFNs in decreasing popularity on
+    the calibration profile (the shared experts, which see every token, first), as generate says;
+    the default 'uniform' places by its own rule (resident_rows). bench records the
+    mode (CSV column and record) and gives the profile to scheinfer."""
+    import pandas as pd
+    from impl.scheinfer.partition import REFERENCE_COST
+    from impl.scheinfer.policy import ScheInferPolicy, ffn_widths, place
+    model, n, row = files["qwen"], 24, 3 * 64 * 4                 # tiny qwen2_moe: hidden 64, float32
+    budget = 2 * 64 * row + 2 * 64 * row + 10 * 16 * row           # two staging buffers, both shared experts, 10 routed
+    cfg = GGUFWeights(model).config
+    widths, counts = ffn_widths(cfg), _calibration_counts(model, n)
+    common = ["--model", str(model), "--cost", str(files["cost"]), "--gpu-mem", str(budget), "--tile", "16",
+              "--threads", "1", "--popularity-tokens", str(n), "--no-progress"]
+    out = _ok(capsys, ["generate", "--tokens", "1,5,9", "--n-predict", "2", "--gg-mode", "popularity", *common])
+    assert "policy: scheinfer, gg-mode popularity," in out.out and f"popularity from {n} calibration tokens" in out.out
+    gg = placements["scheinfer"].gg
+    expected = place(ScheInferPolicy(REFERENCE_COST, cfg.hidden, 4, tile=16, gg_mode="popularity", popularity=counts),
+                     widths, cfg.hidden, 4, budget)
+    assert gg == expected.gg
+    assert _most_popular_first(gg, widths, counts) >= {(0, "shared"), (1, "shared")} and sum(map(bool, gg.values())) == 12
+    out = _ok(capsys, ["generate", "--tokens", "1,5,9", "--n-predict", "2", *common])
+    assert "policy: scheinfer, gg-mode uniform," in out.out and "popularity from" not in out.out
+    uniform = place(ScheInferPolicy(REFERENCE_COST, cfg.hidden, 4, tile=16), widths, cfg.hidden, 4, budget)
+    assert placements["scheinfer"].gg == uniform.gg != expected.gg
+
+    csv, rec = tmp_path / "b.csv", tmp_path / "b.json"
+    _ok(capsys, ["bench", "--prompt-tokens", "3", "--n-predict", "1", "--policies", "scheinfer,layers", "--repeats", "1",
+                 "--gg-mode", "popularity", "--out-csv", str(csv), "--out-record", str(rec), *common])
+    frame = pd.read_csv(csv).set_index("system")
+    assert frame["gg_mode"].fillna("").to_dict() == {"scheinfer": "popularity", "layers": ""}
+    assert frame["popularity_tokens"].fillna(-1).to_dict() == {"scheinfer": n, "layers": -1}
+    record = json.loads(rec.read_text())
+    assert record["config"]["gg_mode"] == "popularity" and record["extra"]["popularity"]["used_by"] == ["scheinfer"]
+    assert placements["scheinfer"].gg == expected.gg

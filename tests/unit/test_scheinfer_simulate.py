@@ -246,3 +246,33 @@ def test_layers_cpu_layers_run_attention_and_head_on_the_cpu():
     assert rows["decode"]["act_s"] == 0
     other = sim.setup_case(cfg, hw, "scheinfer", sc, routing)
     assert other.gpu_layers == frozenset(range(cfg.num_layers)) and other.head_on_gpu
+
+
+def test_gg_readings_run_beside_the_headline(tmp_path):
+    """'gg-popularity' / 'gg-uniform' are ScheInfer with its GG rows by that reading whatever the
+    config's gg_mode (the headline 'scheinfer' follows gg_mode): each equals the headline run
+    under its own gg_mode exactly, 'gg-popularity' runs on MoE models only, and where every FFN
+    fits on the card both readings give the same rows and times."""
+    keys = ["hardware", "model", "phase"]
+    both = "policies=[scheinfer, gg-uniform, gg-popularity]"
+    over = ["models=[qwen1.5-moe-a2.7b, llama2-7b]", "prompt_tokens=40", "decode_tokens=3", f"hardware=[{HW}]"]
+    frames = {mode: sim.run(_resolve(*over, both, f"gg_mode={mode}")).set_index(keys) for mode in ("uniform", "popularity")}
+    for mode, frame in frames.items():
+        assert set(frame["policy"]) == {"scheinfer", "gg-uniform", "gg-popularity"}
+        assert set(frame[frame["policy"] == "gg-popularity"].index.get_level_values("model")) == {"qwen1.5-moe-a2.7b"}
+        assert (frame[frame["policy"] == "gg-popularity"]["system"] == "ScheInfer[GG popularity]").all()
+        head = frame[frame["policy"] == "scheinfer"]
+        same = frame[frame["policy"] == f"gg-{mode}"]
+        assert (head["gg_mode"] == mode).all() and (same["gg_mode"] == mode).all()
+        assert (same["time_s"] == head.loc[same.index, "time_s"]).all()
+    qwen = frames["uniform"].xs("qwen1.5-moe-a2.7b", level="model").set_index("policy", append=True)["time_s"]
+    assert (qwen.xs("gg-popularity", level="policy") != qwen.xs("scheinfer", level="policy")).any()
+
+    big = tmp_path / "hw.yaml"                       # a card that holds every FFN of the model
+    big.write_text("big: {gpu_mem_bytes: 1.0e+12, gpu_reserve_bytes: 0, gpu_flops: 1.0e+14, gpu_bytes_per_s: 1.0e+12, "
+                   "cpu_flops: 1.0e+12, cpu_bytes_per_s: 6.0e+10, h2d_bytes_per_s: 2.5e+10}\n")
+    fits = sim.run(_resolve("models=[qwen1.5-moe-a2.7b]", "prompt_tokens=40", "decode_tokens=3", f"hardware_file={big}",
+                            "hardware=[big]", "policies=[scheinfer, gg-popularity]")).set_index(["phase", "policy"])
+    assert (fits["resident_frac"] == 1).all() and (fits["gg_frac"] == 1).all() and (fits["gg_work_frac"] == 1).all()
+    for col in ("time_s", "ffn_s", "nonffn_s", "act_s"):
+        assert (fits.xs("scheinfer", level="policy")[col] == fits.xs("gg-popularity", level="policy")[col]).all()

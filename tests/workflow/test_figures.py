@@ -187,7 +187,8 @@ def _scheinfer_rows(model, resident, tps, times, bands=(0.2, 0.3, 0.5)):
     """Sim CSV rows of one (hardware, model): tps and times (ffn_s, nonffn_s, act_s) per system."""
     return [{"hardware": "hw", "model": model, "system": sys_, "phase": ph, "tokens_per_s": tps[sys_],
              "time_s": sum(times[sys_]), **dict(zip(("ffn_s", "nonffn_s", "act_s"), times[sys_])),
-             **dict(zip(("cc_frac", "cg_frac", "gg_frac"), bands)), "resident_frac": resident, "gpu_layers": 2,
+             **dict(zip(("cc_frac", "cg_frac", "gg_frac"), bands)), "gg_work_frac": bands[2], "resident_frac": resident,
+             "gpu_layers": 2,
              "num_layers": 4, "head_on_gpu": False, "prompt_tokens": 16, "decode_tokens": 4, "routing": "gate",
              "gg_mode": "uniform"}
             for sys_ in tps for ph in ("prefill", "decode", "overall")]
@@ -213,6 +214,38 @@ def test_scheinfer_report_bullets_follow_the_csv():
                                                       {"ScheInfer": (1, 1, 0), "llama.cpp": (1, 1, 0)})))
     assert "All FFN rows resident" not in text and "**Fiddler.**" not in text
 
+
+
+def test_scheinfer_report_shows_the_other_gg_reading():
+    """The report says which reading of GG the headline runs; ScheInfer under the other one
+    (ScheInfer[GG popularity], gg_mode 'popularity' in its rows) gets a table per model and phase
+    beside the headline, and a loss bullet says where that reading turns the conclusion; a loss
+    of the other reading alone gets its own bullet; all computed from the rows."""
+    from figures import scheinfer_sim as fig_si
+
+    def rows(alt_tps):
+        out = _scheinfer_rows("qwen1.5-moe-a2.7b", 0.5, {"ScheInfer": 8.0, "llama.cpp": 4.0, "Fiddler": 10.0,
+                                                         "ScheInfer[GG popularity]": alt_tps},
+                              {"ScheInfer": (3, 1, 1), "llama.cpp": (5, 2, 0), "Fiddler": (1, 1, 0.5),
+                               "ScheInfer[GG popularity]": (0.5, 1, 0)})
+        return pd.DataFrame([{**r, "gg_mode": "popularity", "gg_work_frac": 0.9} if "[GG" in r["system"] else r
+                             for r in out])
+
+    text = fig_si.report(rows(12.0))
+    assert "gg_mode 'uniform', the same tile-snapped fraction of every FFN resident" in text
+    assert "## ScheInfer with GG by popularity (ablation: the other reading)" in text
+    assert "on the same routing it then runs: an oracle, like Fiddler's here" in text
+    assert "| Qwen1.5-MoE | decode | 2.00x / 3.00x | 0.80x / 1.20x (port) | 1.50x | 50 % / 90 % / 50 % |" in text
+    assert "| all of these | overall | 2.00x / 3.00x | 0.80x / 1.20x | 1.50x | 50 % / 90 % / 50 % |" in text
+    assert ("GG by popularity (ScheInfer[GG popularity]), ScheInfer is 1.20x of the baseline here: a win, so this "
+            "conclusion turns on the reading; its FFN time (CPU, PCIe and GPU lanes) is 0.50x of the baseline's") in text
+    text = fig_si.report(rows(3.0))
+    assert "ScheInfer is 0.30x of the baseline here: still a loss;" in text
+    assert ("**Qwen1.5-MoE decode, GG by popularity: ScheInfer 0.75x of llama.cpp** (hw), where the headline "
+            "(gg_mode 'uniform') is 2.00x.") in text
+    headline = rows(12.0)
+    text = fig_si.report(headline[headline["system"] != "ScheInfer[GG popularity]"])
+    assert "GG by popularity" not in text and "the other reading" not in text
 
 WRONG_CSV = "a,b\n1,2\n"
 # every figure CLI that reads results CSVs, with each CSV argument given the wrong file

@@ -2,11 +2,11 @@
 
     python -m impl.experiments.scheinfer generate --model FILE (--prompt TEXT | --tokens IDS) --n-predict N
         [--gpu-mem BYTES] [--policy scheinfer|fiddler|layers] [--threads N] [--tile ROWS]
-        [--assign split|threshold|makespan] [--cost COST.json] [--cpu-kernel auto|torch|avx512|avx2|sse]
-        [--popularity-tokens N] [--timeline OUT.json [--out-record RECORD.json]]
+        [--assign split|threshold|makespan] [--gg-mode uniform|popularity] [--cost COST.json]
+        [--cpu-kernel auto|torch|avx512|avx2|sse] [--popularity-tokens N] [--timeline OUT.json [--out-record RECORD.json]]
     python -m impl.experiments.scheinfer bench --model FILE.gguf --prompt-tokens 16,64 --n-predict N
         [--policies scheinfer,fiddler,layers] [--gpu-mem BYTES] [--llamacpp [--llamacpp-offload auto|SPECS]]
-        [--popularity-tokens N] [--repeats R] --out-csv OUT.csv --out-record OUT.json
+        [--gg-mode uniform|popularity] [--popularity-tokens N] [--repeats R] --out-csv OUT.csv --out-record OUT.json
     python -m impl.experiments.scheinfer calibrate [--out COST.json] [--quick] [--hidden M] [--widths F,..] [--rows N,..]
 
 `bench` measures every (policy, prompt length) on one model (and the real llama.cpp on the same
@@ -19,8 +19,13 @@ engine's budget; `baselines.llamacpp.runner.settings_within_budget`), or give th
 'ngl=N[,ncmoe=K];...' (N an integer or 'all'; K = --n-cpu-moe). llama.cpp offloads only with a
 CUDA build (LLAMA_CPP_LIB_PATH, `make llamacpp-cuda`); how the budget binds each system, and the
 device memory each took, are in the record.
+--gg-mode: which of the scheinfer policy's readings of scheinfer.md 3.3 step 1 places its resident
+(GG) rows: 'uniform' (default; the same tile-snapped fraction of every FFN) or 'popularity' (whole
+FFNs in decreasing popularity, as Fiddler's experts; `impl.scheinfer.partition.resident_rows`); in
+the bench CSV (`gg_mode`, scheinfer's rows) and the records' config.
 Popularity: a policy that ranks FFNs by popularity (Fiddler, whose resident experts are the most
-popular ones) gets a profile made before its weights are placed, outside the timings, as Fiddler
+popular ones; scheinfer with --gg-mode popularity) gets a profile made before its weights are placed,
+outside the timings, as Fiddler
 profiles offline: the tokens each FFN is routed on one prefill of a calibration prompt of
 --popularity-tokens ids (default 64) drawn uniformly from 1..vocab-1 by a torch.Generator seeded
 POPULARITY_SEED, which is none of the measured prompts (bench's are the ramp 1, 2, 3, ...), counted by
@@ -131,14 +136,17 @@ def _device_bytes() -> int:
 
 
 def _validate_engine_options(args) -> str | None:
-    """The engine options generate and bench share (--assign, --gpu-mem, --threads, --tile, --cost,
-    --cpu-kernel)."""
+    """The engine options generate and bench share (--assign, --gg-mode, --gpu-mem, --threads, --tile,
+    --cost, --cpu-kernel)."""
     from impl.scheinfer.assign import ASSIGN_MODES
     from impl.scheinfer.fast_decode import KERNELS
+    from impl.scheinfer.partition import GG_MODES
     if args.cpu_kernel is not None and args.cpu_kernel not in KERNELS:
         return f"--cpu-kernel={args.cpu_kernel!r} is not allowed; expected one of {', '.join(KERNELS)}"
     if args.assign not in ASSIGN_MODES:
         return f"--assign={args.assign!r} is not allowed; expected one of {', '.join(ASSIGN_MODES)}"
+    if args.gg_mode not in GG_MODES:
+        return f"--gg-mode={args.gg_mode!r} is not allowed; expected one of {', '.join(GG_MODES)}"
     for err in (_check_int(args, "gpu_mem", 0, _device_bytes(), unit="bytes"),
                 _check_int(args, "threads", 1, MAX_THREADS), _check_int(args, "tile", 1, MAX_TILE)):
         if err:
@@ -185,9 +193,10 @@ def _gpu_mem(gpu_mem: int | None, cfg) -> int:
     return gpu_mem if gpu_mem is not None else sum(ffn_widths(cfg).values()) * 3 * cfg.hidden * 4 // 2
 
 
-def _policy_options(policy_name: str, assign: str) -> dict:
-    """The options the CLI builds a policy with (besides a popularity profile)."""
-    return {"assign": assign} if policy_name == "scheinfer" else {}
+def _policy_options(policy_name: str, args) -> dict:
+    """The options the CLI builds a policy with (besides a popularity profile): --assign and
+    --gg-mode for scheinfer."""
+    return {"assign": args.assign, "gg_mode": args.gg_mode} if policy_name == "scheinfer" else {}
 
 
 def ranks_by_popularity(policy_name: str, options: dict) -> bool:
@@ -239,12 +248,12 @@ def resident_summary(placement, cfg, popularity: dict | None) -> dict:
             sum(popularity.get(k, 0.0) for k in whole) / total if total else None}
 
 
-def _engine(policy_name: str, cost, cfg, gpu_mem: int, tile: int, assign: str, threads: int | None,
+def _engine(policy_name: str, cost, cfg, gpu_mem: int, tile: int, options: dict, threads: int | None,
             kernel: str | None = None, popularity: dict | None = None):
     import torch
     from impl.scheinfer.engine import HybridEngine
     from impl.scheinfer.policy import make_policy
-    opts = _policy_options(policy_name, assign)
+    opts = dict(options)
     if popularity is not None:
         opts["popularity"] = popularity
     policy = make_policy(policy_name, cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
@@ -282,9 +291,10 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     cost = _cost_model(args.cost, cfg.hidden, args.cpu_kernel)
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
-    popularity, made = profile(source, args.popularity_tokens) \
-        if ranks_by_popularity(args.policy, _policy_options(args.policy, args.assign)) else (None, None)
-    policy, engine = _engine(args.policy, cost, cfg, gpu_mem, args.tile, args.assign, args.threads, args.cpu_kernel,
+    options = _policy_options(args.policy, args)
+    popularity, made = profile(source, args.popularity_tokens) if ranks_by_popularity(args.policy, options) \
+        else (None, None)
+    policy, engine = _engine(args.policy, cost, cfg, gpu_mem, args.tile, options, args.threads, args.cpu_kernel,
                              popularity)
     bar = tqdm(total=len(prompt) + args.n_predict - 1, desc="tokens", unit="tok", file=sys.stderr,
                disable=args.no_progress)
@@ -302,7 +312,8 @@ def cmd_generate(args) -> int:
     print(f"decode: {out.decode_steps} tokens, {decode:.2f} tok/s")
     ranked = "" if made is None else ", popularity: key order" if popularity is None else \
         f", popularity from {made['tokens']} calibration tokens ({made['seconds']:.2f} s)"
-    print(f"policy: {policy.name}, gpu-mem {gpu_mem} B, resident FFN {engine.resident_bytes} B, "
+    gg_mode = f", gg-mode {options['gg_mode']}" if "gg_mode" in options else ""
+    print(f"policy: {policy.name}{gg_mode}, gpu-mem {gpu_mem} B, resident FFN {engine.resident_bytes} B, "
           f"device {engine.device}, GPU and PCIe lanes {gpu_lanes(engine.device)}, cost {cost.source}, "
           f"cpu kernel {engine.kernel.name} ({engine.kernel.how}){ranked}")
     if args.timeline:
@@ -488,7 +499,7 @@ def cmd_bench(args) -> int:
     torch.backends.cuda.matmul.allow_tf32 = args.gpu_matmul == "tf32"
     device_free = (lambda: torch.cuda.mem_get_info()[0]) if cuda else None
     llama = _llamacpp_systems(args, n_ctx, threads, gpu_mem) if args.llamacpp else {}
-    ranked = [p for p in args.policies if ranks_by_popularity(p, _policy_options(p, args.assign))]
+    ranked = [p for p in args.policies if ranks_by_popularity(p, _policy_options(p, args))]
     popularity, made = None, None
     decoders, engine_of, placement = {}, {}, {}
     try:
@@ -497,8 +508,8 @@ def cmd_bench(args) -> int:
         for name in sorted(args.policies, key=ranked.__contains__):
             if name in ranked and made is None:
                 popularity, made = profile(source, args.popularity_tokens, next(iter(decoders.items()), None))
-            policy, engine = _engine(name, cost, cfg, gpu_mem, args.tile, args.assign, args.threads, args.cpu_kernel,
-                                     popularity if name in ranked else None)
+            policy, engine = _engine(name, cost, cfg, gpu_mem, args.tile, _policy_options(name, args), args.threads,
+                                     args.cpu_kernel, popularity if name in ranked else None)
             engine_of[name] = engine
             before = torch.cuda.memory_allocated() if cuda else 0
             decoders[name] = HybridDecoder(source, engine)
@@ -538,7 +549,8 @@ def cmd_bench(args) -> int:
                                  "gpu_lanes": gpu_lanes(device) if system not in llama else
                                  ("cuda" if cuda else "CPU only (the real llama.cpp, nothing emulated)"),
                                  "threads": threads, "gpu_mem_bytes": gpu_mem,
-                                 "popularity_tokens": args.popularity_tokens if system in ranked else None})
+                                 "popularity_tokens": args.popularity_tokens if system in ranked else None,
+                                 "gg_mode": _policy_options(system, args).get("gg_mode")})
                     bar.update()
             # after every round, so that a run stopped from outside keeps the rounds it finished
             frame = _write_bench(args, cfg, rows, systems, device, threads, cost, engines[0].kernel, gpu_mem,
@@ -651,6 +663,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--gpu-mem", type=int, default=None, help="GPU bytes for FFN weights + staging (default: half the FFN bytes)")
     g.add_argument("--policy", default="scheinfer")
     g.add_argument("--assign", default="split")
+    g.add_argument("--gg-mode", default="uniform",
+                   help="the scheinfer policy's resident rows: 'uniform' (the same fraction of every FFN) or "
+                        "'popularity' (whole FFNs, most popular first; module doc)")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--tile", type=int, default=64)
     g.add_argument("--cost", default=None, help="a JSON written by 'calibrate --out'")
@@ -658,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU products' kernel (default: $SCHEINFER_CPU_KERNEL, else auto: measured at start-up)")
     g.add_argument("--popularity-tokens", type=int, default=DEFAULT_POPULARITY_TOKENS,
                    help="calibration tokens of the popularity profile of a policy that ranks FFNs by popularity "
-                        "(fiddler); 0: key order (module doc)")
+                        "(fiddler; scheinfer with --gg-mode popularity); 0: key order (module doc)")
     g.add_argument("--timeline", default=None, help="write lane events as JSON")
     g.add_argument("--out-record", default=None, help="the timeline's run record (JSON; needs --timeline)")
     g.add_argument("--ignore-eos", action="store_true")
@@ -673,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="'auto' (settings within --gpu-mem) or 'ngl=N[,ncmoe=K];...' (module doc)")
     b.add_argument("--gpu-mem", type=int, default=None, help="as for generate")
     b.add_argument("--assign", default="split")
+    b.add_argument("--gg-mode", default="uniform", help="as for generate")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--tile", type=int, default=64)
     b.add_argument("--cost", default=None)

@@ -28,7 +28,9 @@ What is assumption, not paper:
   every expert n * k / E tokens in prefill and rotates k experts per decode step.
 * Fiddler's popularity (which experts are resident) is counted on the same routing it then
   runs (an oracle: favourable to Fiddler), a shared expert with every token of its layer
-  (`policy.PopularityCounter`). Fiddler is run on MoE models only; the real Fiddler supports
+  (`policy.PopularityCounter`). So is ScheInfer's where its GG rows go by popularity (gg_mode
+  'popularity', or the ablation 'gg-popularity' beside a 'uniform' headline: scheinfer.md 3.3
+  step 1 reads both ways). Fiddler is run on MoE models only; the real Fiddler supports
   Mixtral only, so on the other MoE models it is our port of its policy.
 * llama.cpp ('layers') is held to its own accounting, the rule of `-ngl N` that
   `baselines.llamacpp.runner.gpu_weight_bytes` reads from a GGUF: the last N whole layers on
@@ -61,17 +63,22 @@ from impl.experiments.scheinfer.sim_config import SimConfig
 from impl.scheinfer.assign import ExpertLoad, layer_makespan
 from impl.scheinfer.config import DecoderConfig, weight_shapes
 from impl.scheinfer.layers import route
-from impl.scheinfer.partition import CostModel, PerRowLinear, Split, lane_times
+from impl.scheinfer.partition import GG_MODES, CostModel, PerRowLinear, Split, lane_times
 from impl.scheinfer.policy import Policy, PopularityCounter, ScheInferPolicy, ffn_widths, make_policy, place
 
-__all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "make_sim_policy", "predict_bench",
-           "Routing", "make_routing", "ffn_time", "CaseSetup", "setup_case", "simulate_case", "run", "resolve",
+__all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "GG_VARIANTS", "moe_only",
+           "make_sim_policy", "predict_bench", "Routing", "make_routing", "ffn_time", "CaseSetup", "setup_case", "simulate_case", "run", "resolve",
            "main"]
 
 REPO = Path(__file__).resolve().parents[3]
-# policy -> system name in figures (figures/style.py); cc-only / cg-only are ScheInfer's ablations
+# ScheInfer with its GG rows by one reading of scheinfer.md 3.3 step 1 whatever the config's gg_mode
+# (which the headline 'scheinfer' uses): 'uniform' (spread evenly over the layers) or 'popularity'
+# (whole experts by popularity, as Fiddler; MoE models only)
+GG_VARIANTS = {f"gg-{mode}": mode for mode in GG_MODES}
+# policy -> system name in figures (figures/style.py); cc-only / cg-only and gg-* are ScheInfer's ablations
 SYSTEMS = {"layers": "llama.cpp", "fiddler": "Fiddler", "scheinfer": "ScheInfer",
-           "cc-only": "ScheInfer[CC+GG]", "cg-only": "ScheInfer[CG+GG]"}
+           "cc-only": "ScheInfer[CC+GG]", "cg-only": "ScheInfer[CG+GG]",
+           **{p: f"ScheInfer[GG {mode}]" for p, mode in GG_VARIANTS.items()}}
 ROWS_GRID = tuple(2 ** i for i in range(15))          # 1 .. 16384 tokens
 
 
@@ -155,13 +162,20 @@ class _BandOnlyPolicy(ScheInferPolicy):
         return out
 
 
+def moe_only(policy: str) -> bool:
+    """Policies that rank experts by popularity (Fiddler, ScheInfer's GG by popularity): run on MoE
+    models only (a dense model has no experts to rank)."""
+    return policy == "fiddler" or GG_VARIANTS.get(policy) == "popularity"
+
+
 def make_sim_policy(name: str, cfg: DecoderConfig, cost: CostModel, sc: SimConfig,
                     popularity: dict | None = None, layer_bytes: dict[int, int] | None = None) -> Policy:
     """The sim's policy `name`; `layer_bytes` (llama.cpp's 'layers' only): GPU bytes of each layer
     besides its FFNs (module doc)."""
     common = dict(cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=sc.dtype_bytes, tile=sc.tile)
-    if name == "scheinfer":
-        return make_policy("scheinfer", **common, assign=sc.assign, gg_mode=sc.gg_mode, popularity=popularity)
+    if name == "scheinfer" or name in GG_VARIANTS:
+        return make_policy("scheinfer", **common, assign=sc.assign, gg_mode=GG_VARIANTS.get(name, sc.gg_mode),
+                           popularity=popularity)
     if name == "fiddler":
         return make_policy("fiddler", **common, popularity=popularity)
     if name == "layers":
@@ -353,7 +367,8 @@ def _offloads(st: CaseSetup, n: int) -> bool:
 
 
 def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_bytes: int, bands: dict) -> dict:
-    """One forward step (all layers + LM head): ffn / nonffn / act seconds; adds rows to `bands`.
+    """One forward step (all layers + LM head): ffn / nonffn / act seconds; adds rows to `bands`
+    (cc / cg / gg rows, and 'work' / 'gg_work': rows times tokens, all and on resident rows).
     A layer whose attention is on the GPU pays the activation round trip of its CPU lane's rows;
     a llama.cpp CPU layer runs its attention on the CPU, or, when its products are offloaded
     (`_offloads`), copies its attention weights to the GPU and its activations there and back.
@@ -370,6 +385,8 @@ def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_byte
                 raise RuntimeError(f"policy {st.policy.name!r} planned {s} for {ld} (cg_max {st.cg_max})")
             for k in ("cc", "cg", "gg"):
                 bands[k] += getattr(s, k)
+            bands["work"] += ld.n * ld.width
+            bands["gg_work"] += ld.n * s.gg
         out["ffn_s"] += ffn_time(st.policy, st.cost, loads, splits, M, b)
         here = "gpu" if i in st.gpu_layers else "cpu"
         if here != side:
@@ -392,13 +409,16 @@ def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_byte
     return out
 
 
+BANDS = ("cc", "cg", "gg", "work", "gg_work")       # what `step_time` counts
+
+
 def simulate_case(st: CaseSetup, sc: SimConfig) -> list[dict]:
     """Rows (prefill, decode, overall) of one (model, hardware, policy)."""
     b = sc.dtype_bytes
     rows, totals = [], {"ffn_s": 0.0, "nonffn_s": 0.0, "act_s": 0.0}
-    all_bands = {"cc": 0, "cg": 0, "gg": 0}
+    all_bands = dict.fromkeys(BANDS, 0)
     for phase in ("prefill", "decode"):
-        bands = {"cc": 0, "cg": 0, "gg": 0}
+        bands = dict.fromkeys(BANDS, 0)
         acc = {"ffn_s": 0.0, "nonffn_s": 0.0, "act_s": 0.0}
         steps = [(sc.prompt_tokens, sc.prompt_tokens, 0)] if phase == "prefill" else [
             (1, sc.prompt_tokens + t + 1, t) for t in range(sc.decode_tokens)]
@@ -417,14 +437,16 @@ def simulate_case(st: CaseSetup, sc: SimConfig) -> list[dict]:
 
 def _row(st: CaseSetup, sc: SimConfig, phase: str, tokens: int, acc: dict, bands: dict) -> dict:
     t = acc["ffn_s"] + acc["nonffn_s"] + acc["act_s"]
-    width = max(1, sum(bands.values()))
+    width = max(1, bands["cc"] + bands["cg"] + bands["gg"])
     ffn_rows = sum(st.widths.values())
     return {"hardware": st.hw.name, "model": st.model_name, "system": SYSTEMS[st.policy_key], "policy": st.policy_key,
             "phase": phase, "tokens": tokens, "time_s": t, "tokens_per_s": tokens / t if t > 0 else math.inf,
             **acc, "cc_frac": bands["cc"] / width, "cg_frac": bands["cg"] / width, "gg_frac": bands["gg"] / width,
+            "gg_work_frac": bands["gg_work"] / max(1, bands["work"]),
             "resident_frac": sum(st.gg.values()) / ffn_rows, "gpu_ffn_budget_bytes": st.budget_bytes,
             "cg_max": st.cg_max, "gpu_layers": len(st.gpu_layers), "num_layers": st.cfg.num_layers,
-            "head_on_gpu": st.head_on_gpu, "routing": sc.routing, "assign": sc.assign, "gg_mode": sc.gg_mode,
+            "head_on_gpu": st.head_on_gpu, "routing": sc.routing, "assign": sc.assign,
+            "gg_mode": getattr(st.policy, "gg_mode", sc.gg_mode),
             "prompt_tokens": sc.prompt_tokens, "decode_tokens": sc.decode_tokens}
 
 
@@ -470,8 +492,8 @@ def run(rz: Resolved) -> pd.DataFrame:
         routing = make_routing(cfg, sc.prompt_tokens, sc.decode_tokens, sc.routing, sc.seed)
         for hw in rz.hardware.values():
             for p in sc.policies:
-                if p == "fiddler" and not cfg.is_moe:
-                    continue                    # Fiddler supports MoE models only
+                if moe_only(p) and not cfg.is_moe:
+                    continue                    # no experts to rank by popularity
                 rows.extend(simulate_case(setup_case(cfg, hw, p, sc, routing, mname), sc))
     return pd.DataFrame(rows)
 

@@ -19,7 +19,7 @@ class SimConfig:
     models: tuple[str, ...] = MODELS
     hardware: tuple[str, ...] = ("rtx4090-pcie4-16core", "rtx3090-pcie3-8core")
     hardware_file: str = HARDWARE_FILE            # relative to the repository unless absolute
-    policies: tuple[str, ...] = ("layers", "fiddler", "scheinfer", "cc-only", "cg-only")
+    policies: tuple[str, ...] = ("layers", "fiddler", "scheinfer", "cc-only", "cg-only", "gg-popularity")
     prompt_tokens: int = bounded(128, ge=1, le=1 << 20)
     decode_tokens: int = bounded(32, ge=1, le=1 << 16)
     routing: Literal["gate", "uniform"] = "gate"
