@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from baselines.llamacpp.policy import OFFLOAD_MIN_BATCH  # noqa: E402
 from figures import style  # noqa: E402
 from figures.inputs import read_results  # noqa: E402
 from impl.common import cli  # noqa: E402
@@ -288,7 +289,7 @@ def _why(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
     lay = frame[(frame["system"] == "llama.cpp") & (frame["phase"] == "prefill")]
     if len(lay):
         text += (f" llama.cpp copies {_pct(lay['cg_frac'])} of its active prefill FFN rows to the GPU (ggml's offload "
-                 f"of CPU layers at >= 32 tokens) and computes {_pct(lay['cc_frac'])} on the CPU, the copies at the "
+                 f"of CPU layers at >= {OFFLOAD_MIN_BATCH} tokens) and computes {_pct(lay['cc_frac'])} on the CPU, the copies at the "
                  "hardware class's pinned PCIe bandwidth.")
     out.append(text)
     for model, g in frame.groupby("model", sort=False):
@@ -345,9 +346,9 @@ def _why(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
             + ("GPU" if g["head_on_gpu"].all() else "CPU" if not g["head_on_gpu"].any() else
                "GPU on " + ", ".join(g[g["head_on_gpu"]]["hardware"]))
             for m, g in lay.groupby("model", sort=False))
-        out.append("* **llama.cpp's placement (-ngl N).** The last N whole layers on the GPU (attention, norms, router "
-                   "and KV cache with their FFNs), N the most that fit; the other layers' attention runs on the CPU; "
-                   "the output head is on the GPU only with every layer; token embeddings on the CPU. Layers on "
+        out.append("* **llama.cpp's placement (-ngl N).** The output head on the GPU first, then the last N - 1 whole "
+                   "layers (attention, norms, router and KV cache with their FFNs), N the most that fit; the other "
+                   "layers' attention runs on the CPU; token embeddings on the CPU. Layers on "
                    f"the GPU: {per_model}. Attention + head take {_pct(lay['nonffn_s'] / lay['time_s'])} of its decode "
                    f"time ({_pct(sch['nonffn_s'] / sch['time_s'])} of ScheInfer's, whose non-FFN weights are all on "
                    "the GPU).")
@@ -459,12 +460,15 @@ BENCH_COLUMNS = ("round", "system", "prompt_tokens", "n_predict", "prefill_tok_s
 
 def _fiddler_profile(popularity: dict) -> str:
     """What Fiddler's resident experts were chosen by in a measured bench (its record's `popularity`)."""
-    if popularity.get("used_by") == []:
+    used_by = popularity.get("used_by", ["fiddler"])
+    if not used_by:
         return ""
+    whose = " and ".join("Fiddler's resident experts" if p == "fiddler" else f"{p}'s resident rows (GG by popularity)"
+                         for p in used_by)
     if not popularity.get("tokens"):
         why = "--popularity-tokens 0" if "tokens" in popularity else "no popularity profile in this record"
-        return f"Fiddler's resident experts: key order ({why})."
-    return (f"Fiddler's resident experts: the most popular on a calibration prompt of {popularity['tokens']} "
+        return f"{whose[0].upper()}{whose[1:]}: key order ({why})."
+    return (f"{whose[0].upper()}{whose[1:]}: the most popular on a calibration prompt of {popularity['tokens']} "
             f"tokens, none of the measured ones (profiled in {popularity.get('seconds', float('nan')):.1f} s outside "
             "the timings).")
 

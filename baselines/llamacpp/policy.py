@@ -2,8 +2,9 @@
 policy 'layers' (scheinfer.md 8.2), so the engine and the sim tier can run llama.cpp's placement
 on the same model as ScheInfer's.
 
-What is llama.cpp's: N whole layers resident on the GPU, N the most that fit, the last N layers
-(llama.cpp's i_gpu_start = n_layer - N; the same rule as `runner.gpu_weight_bytes`); a
+What is llama.cpp's: whole layers resident on the GPU, as many as fit, the last ones (-ngl N
+holds the output layer and the last N - 1: `runner.ngl_layers`; the caller that accounts for the
+output head takes it from the budget first, as the sim tier does); a
 CPU-resident layer is computed on the CPU when the layer's batch has fewer than `min_batch`
 tokens, else its weights are copied to the GPU and computed there (ggml's CUDA offload rule,
 min_batch_size = 32); parts run one after another. A layer's GPU bytes are its FFN rows plus
@@ -22,7 +23,11 @@ from impl.scheinfer.assign import ExpertLoad
 from impl.scheinfer.partition import CostModel, Split
 from impl.scheinfer.policy import POLICY_KIND, Policy
 
-__all__ = ["LayersPolicy"]
+__all__ = ["LayersPolicy", "OFFLOAD_MIN_BATCH"]
+
+# ggml's CUDA backend computes a CPU-resident layer's products on the GPU (weights copied) from
+# this many tokens of a batch on (ggml-cuda.cu: min_batch_size)
+OFFLOAD_MIN_BATCH = 32
 
 
 class LayersPolicy(Policy):
@@ -32,7 +37,7 @@ class LayersPolicy(Policy):
     concurrent = False
     staging_buffers = 1
 
-    def __init__(self, num_layers: int, order: str = "last", min_batch: int = 32,
+    def __init__(self, num_layers: int, order: str = "last", min_batch: int = OFFLOAD_MIN_BATCH,
                  layer_bytes: Mapping[int, int] | None = None):
         if order not in ("last", "first"):
             raise ConfigError(f"layers order={order!r} is not allowed; expected 'last' or 'first'")

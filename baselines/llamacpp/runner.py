@@ -15,7 +15,8 @@ Settings that matter for exactness (`LlamaCppSettings`):
   F32 engine they are compared with has; their records carry it in `command_line`
   ("-ctk f32 -ctv f32"). f32_kv_cache=False is llama.cpp's own default (F16 K/V).
 * flash_attn off; n_batch/n_ubatch as given (llama.cpp processes a prompt in ubatch chunks).
-* n_gpu_layers: the last N layers on the GPU (-ngl); needs a CUDA build of llama.cpp (a CUDA
+* n_gpu_layers: -ngl N, the output layer and the last N - 1 layers on the GPU (`ngl_layers`);
+  needs a CUDA build of llama.cpp (a CUDA
   build of llama-cpp-python, or the libraries of `make llamacpp-cuda` named by LLAMA_CPP_LIB_PATH).
   The CPU build ignores it.
 * n_cpu_moe: the expert tensors of the first K layers kept in CPU memory (llama.cpp's
@@ -25,7 +26,7 @@ Settings that matter for exactness (`LlamaCppSettings`):
   expressions, CPU buffer type) through `llama_model_params.tensor_buft_overrides`.
 
 `gpu_weight_bytes` says which weights of a GGUF file a setting puts on the GPU (llama.cpp's
-rules: the last N layers, the output layer when N exceeds the layer count, never the token
+rules: the output layer first, then the last N - 1 repeating layers, never the token
 embeddings; overridden expert tensors on the CPU), so a benchmark can hold llama.cpp to the same
 GPU budget as the other systems and say so.
 """
@@ -105,6 +106,14 @@ def cpu_moe_patterns(n_cpu_moe: int) -> list[str]:
     return [rf"blk\.{i}{FFN_EXPS_REGEX}" for i in range(n_cpu_moe)]
 
 
+def ngl_layers(n_layer: int, n_gpu_layers: int) -> tuple[int, bool]:
+    """What `-ngl N` offloads (llama.cpp's load_tensors: i_gpu_start = max(n_layer + 1 - N, 0),
+    the output layer counted as layer n_layer): the first repeating layer on the GPU (layers
+    first..n_layer-1 are), and whether the output layer is (any N >= 1: it goes first, so
+    -ngl N holds N - 1 repeating layers until N > n_layer)."""
+    return min(max(n_layer + 1 - n_gpu_layers, 0), n_layer), n_gpu_layers >= 1
+
+
 def gpu_weight_bytes(model_path: str | Path, settings: LlamaCppSettings) -> dict[str, Any]:
     """Bytes of the GGUF's weights that `settings` place on the GPU: 'ffn' (FFN and expert
     matrices, what the engine's GPU budget counts) and 'other' (attention, norms, routers, output),
@@ -115,16 +124,16 @@ def gpu_weight_bytes(model_path: str | Path, settings: LlamaCppSettings) -> dict
     reader = open_gguf(model_path)
     arch = gguf_field(reader, "general.architecture", str, where=model_path)
     n_layer = gguf_field(reader, f"{arch}.block_count", int, where=model_path)
-    first_gpu = max(n_layer - settings.n_gpu_layers, 0)
+    first_gpu, output_on_gpu = ngl_layers(n_layer, settings.n_gpu_layers)
     cpu_moe = [re.compile(p) for p in cpu_moe_patterns(settings.n_cpu_moe)]
     out = {"ffn": 0, "other": 0, "n_layer": n_layer, "gpu_layers": list(range(first_gpu, n_layer)),
-           "cpu_moe_layers": list(range(min(settings.n_cpu_moe, n_layer)))}
+           "output_on_gpu": output_on_gpu, "cpu_moe_layers": list(range(min(settings.n_cpu_moe, n_layer)))}
     for t in reader.tensors:
         m = _LAYER.match(t.name)
         if m:
             on_gpu = int(m[1]) >= first_gpu and not any(p.search(t.name) for p in cpu_moe)
-        else:           # output layer only when every repeating layer is offloaded; never token_embd
-            on_gpu = settings.n_gpu_layers > n_layer and t.name.startswith("output")
+        else:           # the output layer (output_norm, output); never token_embd
+            on_gpu = output_on_gpu and t.name.startswith("output")
         if on_gpu:
             out["ffn" if _FFN_WEIGHT.match(t.name) else "other"] += int(t.n_bytes)
     return out
@@ -139,7 +148,7 @@ def settings_within_budget(model_path: str | Path, budget_bytes: int, base: Llam
 
     n_layer = gpu_weight_bytes(model_path, base)["n_layer"]
     fits = lambda s: gpu_weight_bytes(model_path, s)["ffn"] <= budget_bytes      # noqa: E731
-    ngl = next(n for n in range(n_layer, -1, -1) if fits(replace(base, n_gpu_layers=n, n_cpu_moe=0)))
+    ngl = next(n for n in range(n_layer + 1, -1, -1) if fits(replace(base, n_gpu_layers=n, n_cpu_moe=0)))
     every = n_layer + 1                                   # the output layer too, as -ngl 99 does
     k_min = next(k for k in range(n_layer + 1) if fits(replace(base, n_gpu_layers=every, n_cpu_moe=k)))
     out = [replace(base, n_gpu_layers=ngl, n_cpu_moe=0)]

@@ -194,10 +194,10 @@ def test_popularity_counts_the_shared_expert_with_every_token():
 
 
 def test_layers_placement_is_llamacpp_ngl_rule(tmp_path):
-    """llama.cpp in the card's memory: -ngl N with N the most whole layers that fit, as
-    `runner.gpu_weight_bytes` counts them in a GGUF of the same shape (FFN and other weights of the
-    last N layers, the output head only when N > n_layer, never the token embeddings), plus
-    their KV cache and the staging buffer; one byte less and one layer (or the head) drops."""
+    """llama.cpp in the card's memory: -ngl N with N the most that fit, as `runner.gpu_weight_bytes`
+    counts them in a GGUF of the same shape (the output head first, then the FFN and other weights
+    of the last N - 1 layers, never the token embeddings), plus their KV cache and the staging
+    buffer; one byte less and the last layer placed drops."""
     from baselines.llamacpp.runner import LlamaCppSettings, gpu_weight_bytes
     from impl.scheinfer.generate_models import generate
     cfg = tiny_config("mixtral")
@@ -209,17 +209,19 @@ def test_layers_placement_is_llamacpp_ngl_rule(tmp_path):
     kv = 2 * cfg.num_kv_heads * cfg.head_dim * 4 * (4 + 2)
     staging = max(sim.ffn_widths(cfg).values()) * 3 * cfg.hidden * 4
 
+    def on_gpu(N):
+        return gpu_weight_bytes(path, LlamaCppSettings(n_gpu_layers=N))
+
     def need(N):
-        g = gpu_weight_bytes(path, LlamaCppSettings(n_gpu_layers=N))
-        return g["ffn"] + g["other"] + min(N, L) * kv + staging
-    for N in range(L + 2):
+        g = on_gpu(N)
+        return g["ffn"] + g["other"] + len(g["gpu_layers"]) * kv + staging
+    for N in range(1, L + 2):
         for less in (0, 1):
             hw = dataclasses.replace(hw0, gpu_mem_bytes=hw0.gpu_reserve_bytes + need(N) - less)
             st = sim.setup_case(cfg, hw, "layers", sc, routing)
-            placed = min(N, L) + (N > L) - (less if N else 0)        # layers + head
-            layers = min(placed, L)
-            assert sorted(st.gpu_layers) == gpu_weight_bytes(path, LlamaCppSettings(n_gpu_layers=layers))["gpu_layers"]
-            assert st.head_on_gpu == (placed > L) and not st.embed_on_gpu, (N, less)
+            g = on_gpu(N - less if N > 1 else N)     # -ngl 1 less a byte: the head, no staging buffer
+            assert sorted(st.gpu_layers) == g["gpu_layers"], (N, less)
+            assert st.head_on_gpu == g["output_on_gpu"] and st.head_on_gpu and not st.embed_on_gpu, (N, less)
 
 
 def test_layers_cpu_layers_run_attention_and_head_on_the_cpu():

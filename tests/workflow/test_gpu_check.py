@@ -78,7 +78,9 @@ def test_bad_arguments_exit_2(tmp_path):
                       (["--out", "--dry-run"], "--out needs a value"),
                       (["--repeats", "abc", "--out", str(tmp_path)], "--repeats=abc"),
                       (["--n-predict", "0", "--out", str(tmp_path)], "--n-predict=0"),
-                      (["--prompt-tokens", "3,,4", "--out", str(tmp_path)], "--prompt-tokens=3,,4")):
+                      (["--prompt-tokens", "3,,4", "--out", str(tmp_path)], "--prompt-tokens=3,,4"),
+                      (["--prompt-tokens", "0,8", "--out", str(tmp_path)], "--prompt-tokens=0,8"),
+                      (["--repeats", "00", "--out", str(tmp_path)], "--repeats=00")):
         env = {k: v for k, v in os.environ.items() if k != "OUT"}
         r = subprocess.run(["bash", "workflows/scripts/gpu_check.sh", *args], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=30)

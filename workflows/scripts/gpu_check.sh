@@ -63,10 +63,11 @@ else                          # 4.2 GB of F32 weights (6 layers x 8 experts x 3 
   L_SETUP=20 L_A=20 L_B=70 L_C1=75 L_C2=25 L_C3=120 L_D=20 L_E=10 DEADLINE=50
 fi
 case "$BUDGET" in (*[!0-9]*|'') echo "error: --budget=$BUDGET is not allowed; expected bytes (an integer)" >&2; exit 2;; esac
+positive() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 for opt in "--n-predict=$NPRED" "--repeats=$REPEATS"; do
-  case "${opt#*=}" in (*[!0-9]*|''|0) echo "error: $opt is not allowed; expected a positive integer" >&2; exit 2;; esac
+  positive "${opt#*=}" || { echo "error: $opt is not allowed; expected a positive integer" >&2; exit 2; }
 done
-case "$PROMPTS" in (*[!0-9,]*|''|,*|*,|*,,*) echo "error: --prompt-tokens=$PROMPTS is not allowed; expected comma-separated token counts, e.g. 32,128" >&2; exit 2;; esac
+[[ $PROMPTS =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || { echo "error: --prompt-tokens=$PROMPTS is not allowed; expected comma-separated positive token counts, e.g. 32,128" >&2; exit 2; }
 PY=${PYTHON:-python3}
 "$PY" -c "import torch" 2>/dev/null || { echo "error: $PY cannot import torch; set PYTHON to the interpreter of the project's environment (e.g. PYTHON=.venv/bin/python)" >&2; exit 2; }
 mkdir -p "$DEST" || exit 2

@@ -33,10 +33,11 @@ What is assumption, not paper:
   step 1 reads both ways). Fiddler is run on MoE models only; the real Fiddler supports
   Mixtral only, so on the other MoE models it is our port of its policy.
 * llama.cpp ('layers') is held to its own accounting, the rule of `-ngl N` that
-  `baselines.llamacpp.runner.gpu_weight_bytes` reads from a GGUF: the last N whole layers on
-  the GPU (FFNs, attention, norms, router and their KV cache), N the most that fit in the card
-  besides the staging buffer; token embeddings on the CPU; the output head on the GPU only when
-  every layer is there (-ngl > n_layer) and it fits besides. A CPU layer runs its attention on
+  `baselines.llamacpp.runner.gpu_weight_bytes` reads from a GGUF (llama.cpp's i_gpu_start =
+  n_layer + 1 - N, the output layer counted as layer n_layer): the output head on the GPU first
+  (any N >= 1), then the last N - 1 whole layers (FFNs, attention, norms, router and their KV
+  cache), N the most that fit in the card besides the staging buffer; token embeddings on the
+  CPU. A CPU layer runs its attention on
   the CPU (decode), or, at >= 32 tokens (ggml's offload rule), copies its attention weights to
   the GPU and computes there, with no KV copy charged. The other policies keep every non-FFN
   weight and the whole KV cache on the GPU, their FFN rows in what is left.
@@ -290,10 +291,10 @@ def setup_case(cfg: DecoderConfig, hw: HardwareClass, policy_name: str, sc: SimC
     """Cost model, policy and placement of one (model, hardware, policy). The FFN budget is what
     the card holds beside the other weights and the KV cache, or `ffn_budget_bytes` (a bench's
     `--gpu-mem`: FFN rows plus staging, the rest on the device besides). llama.cpp's 'layers' is
-    held to its own accounting (module doc): whole layers (FFNs, attention, norms, router, KV
-    cache) in the card's memory, token embeddings on the CPU, the output head on the GPU only when
-    every layer is there and it fits besides; under `ffn_budget_bytes` its FFN rows alone count
-    (as `baselines.llamacpp.runner.settings_within_budget` picks -ngl for a bench)."""
+    held to its own accounting (module doc): the output head, then whole layers (FFNs, attention,
+    norms, router, KV cache) in the card's memory, token embeddings on the CPU; under
+    `ffn_budget_bytes` its FFN rows alone count, the head on the GPU (as
+    `baselines.llamacpp.runner.settings_within_budget` picks -ngl for a bench)."""
     b = sc.dtype_bytes
     cost = cost_model(hw, b)
     attn, nonffn = _nonffn_params(cfg)
@@ -310,15 +311,16 @@ def setup_case(cfg: DecoderConfig, hw: HardwareClass, policy_name: str, sc: SimC
     else:
         budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes - nonffn * b - kv_layer * cfg.num_layers))
     widths = ffn_widths(cfg)
-    placement = place(policy, widths, cfg.hidden, b, budget)
-    gpu_layers, embed_on_gpu, head_on_gpu = frozenset(range(cfg.num_layers)), True, True
+    head_on_gpu, layers_budget = True, budget
+    if layer_bytes is not None:         # -ngl N >= 1 puts the output head on the GPU first
+        head_on_gpu = budget >= head_params * b
+        layers_budget = budget - head_params * b if head_on_gpu else 0
+    placement = place(policy, widths, cfg.hidden, b, layers_budget)
+    gpu_layers, embed_on_gpu = frozenset(range(cfg.num_layers)), True
     if whole_layers:
         gpu_layers = frozenset(i for i in range(cfg.num_layers)
                                if all(placement.gg[k] == w for k, w in widths.items() if k[0] == i))
-        left = (budget - placement.staging_bytes - placement.resident_bytes
-                - sum((layer_bytes or {}).get(i, 0) for i in gpu_layers))
         embed_on_gpu = False
-        head_on_gpu = len(gpu_layers) == cfg.num_layers and (layer_bytes is None or left >= head_params * b)
     return CaseSetup(cfg, hw, cost, policy, widths, dict(placement.gg), placement.cg_max, budget, nonffn * b, routing,
                      model_name, policy_name, b, attn, gpu_layers, embed_on_gpu, head_on_gpu)
 
