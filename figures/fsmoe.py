@@ -64,7 +64,9 @@ EMU_COLUMNS = ("task", "schedule", "kind", "measured_ms", "predicted_ms", "error
 
 
 def _wide(frame: pd.DataFrame, index: list[str]) -> pd.DataFrame:
-    return frame.pivot_table(index=index, columns="system", values="iteration_ms")
+    """Iteration times, one column per system; `index` must name each row once (pivot refuses
+    duplicates rather than averaging rows of different settings)."""
+    return frame.pivot(index=index, columns="system", values="iteration_ms")
 
 
 def table5(grid: pd.DataFrame) -> pd.DataFrame:
@@ -80,9 +82,10 @@ def table5(grid: pd.DataFrame) -> pd.DataFrame:
 
 
 def model_speedups(models: pd.DataFrame, figure: str, by: list[str]) -> pd.DataFrame:
-    """Per (figure row) the speedup of every system over every baseline, then averaged over `by`."""
+    """Per (figure row: testbed and model) the speedup of every system over every baseline, then
+    averaged over `by`."""
     sub = models[models["figure"] == figure]
-    wide = _wide(sub, by + ["model"])
+    wide = _wide(sub, by + ["testbed", "model"])
     rows = []
     for key, g in wide.groupby(level=list(range(len(by)))) if by else [((), wide)]:
         key = key if isinstance(key, tuple) else (key,)

@@ -130,6 +130,21 @@ def test_fsmoe_figures_draw_the_paper_beside_ours_and_say_modeled():
         plt.close(fig)
 
 
+def test_fsmoe_model_speedups_take_each_testbed_and_model_as_one_row():
+    """Fig. 6 runs a model on both testbeds: each (testbed, model) is one bar, never averaged."""
+    import pandas as pd
+    from figures.fsmoe import model_speedups
+    rows = [("A", "gpt2-xl", "DS-MoE", 300.0), ("A", "gpt2-xl", "FSMoE", 200.0),
+            ("B", "gpt2-xl", "DS-MoE", 100.0), ("B", "gpt2-xl", "FSMoE", 80.0)]
+    models = pd.DataFrame([{"figure": "fig6", "testbed": t, "model": m, "system": s, "iteration_ms": v}
+                           for t, m, s, v in rows])
+    sp = model_speedups(models, "fig6", []).set_index(["system", "baseline"])
+    assert sp.loc[("FSMoE", "DS-MoE"), "low"] == 1.25 and sp.loc[("FSMoE", "DS-MoE"), "high"] == 1.5
+    assert sp.loc[("FSMoE", "DS-MoE"), "mean"] == (1.25 + 1.5) / 2
+    with pytest.raises(ValueError):            # a duplicated row is refused, not averaged
+        model_speedups(pd.concat([models, models]), "fig6", [])
+
+
 @pytest.mark.parametrize("paper, ours, expected", [
     (1.12, 1.01, False),     # within 10% as ratios, but a 1% gain for a 12% one
     (1.09, 1.02, False),
