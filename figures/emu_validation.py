@@ -189,7 +189,7 @@ def _parse_steps(text) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="python -m figures.emu_validation", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m figures.emu_validation", description=cli.describe(__doc__))
     p.add_argument("--csv", required=True, type=cli.input_file, help="impl.experiments.emu_validation table output")
     p.add_argument("--baseline", default="flat", help="variant the speedups divide by")
     p.add_argument("--out", required=True, type=cli.output_path, help="figure path (PDF and PNG are written beside each other)")

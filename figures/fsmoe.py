@@ -607,7 +607,7 @@ def _record_beside(csv_path: str) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="python -m figures.fsmoe", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m figures.fsmoe", description=cli.describe(__doc__))
     p.add_argument("--grid", nargs="+", required=True, type=cli.input_file, help="results --part grid CSVs (one per testbed)")
     p.add_argument("--statistic", required=True, type=cli.input_file)
     p.add_argument("--table2", required=True, type=cli.input_file)

@@ -127,7 +127,7 @@ def markdown_fig9(paper: pd.DataFrame, header: dict, fits: pd.DataFrame, profile
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_fig9", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_fig9", description=cli.describe(__doc__))
     parser.add_argument("--profile", required=True, type=cli.input_file, help="calibrated profile YAML (impl.common.calibrate)")
     parser.add_argument("--out", required=True, type=cli.output_path, help="figure path without suffix (PDF and PNG are written)")
     parser.add_argument("--out-md", required=True, type=cli.output_path)

@@ -81,7 +81,7 @@ def markdown_scaleout(frame: pd.DataFrame, source: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_scaleout", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_scaleout", description=cli.describe(__doc__))
     parser.add_argument("--csv", required=True, type=cli.input_file)
     parser.add_argument("--out", required=True, type=cli.output_path, help="figure path without suffix (PDF and PNG)")
     parser.add_argument("--out-md", required=True, type=cli.output_path)

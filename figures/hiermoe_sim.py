@@ -1171,7 +1171,7 @@ def _ablation_table(runs: Runs) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_sim", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_sim", description=cli.describe(__doc__))
     parser.add_argument("--qwen3", type=cli.input_file, required=True)
     parser.add_argument("--deepseek", type=cli.input_file, required=True)
     parser.add_argument("--node", type=cli.input_file, required=True, help="one-node run (Fig. 13 right)")

@@ -125,7 +125,7 @@ def markdown_table2(frame: pd.DataFrame, source: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_table2", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m figures.hiermoe_table2", description=cli.describe(__doc__))
     parser.add_argument("--csv", required=True, type=cli.input_file, help="tidy CSV written by impl.experiments.hiermoe.table2")
     parser.add_argument("--out-pdf", required=True, type=cli.output_path)
     parser.add_argument("--out-png", required=True, type=cli.output_path)

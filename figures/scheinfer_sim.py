@@ -533,7 +533,7 @@ def gpu_section(bench_csv: str, bench_record: str, hardware_yaml: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = cli.ArgumentParser(prog="python -m figures.scheinfer_sim", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="python -m figures.scheinfer_sim", description=cli.describe(__doc__))
     ap.add_argument("--sim", required=True, type=cli.input_file, help="impl.experiments.scheinfer.sim CSV")
     ap.add_argument("--timeline", nargs="+", required=True, type=cli.input_file, help="generate --timeline JSONs named <policy>.json")
     ap.add_argument("--timeline-log", nargs="*", default=[], type=cli.input_file, help="the generate runs' stdout (device line)")

@@ -384,7 +384,7 @@ def calibrate(plan: CalibrationPlan, *, launcher: str = "local", backend: str = 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m impl.common.calibrate", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m impl.common.calibrate", description=cli.describe(__doc__),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", required=True, help="topology preset or NxG (e.g. 1x4, 2x2); G ranks are used")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,

@@ -33,10 +33,20 @@ INPUT_ERRORS = (ConfigError, ValueError, OSError)
 USAGE_EXIT = 2
 
 
+def describe(doc: str | None) -> str:
+    """A CLI's --help description: the first paragraph of its module docstring, on one line."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the suite's convention for bad input: one `prog: error: ...` line on stderr
     and exit code 2 (argparse's usage block would bury the line; `--help` shows the usage).
-    Subcommand parsers made by `add_subparsers` are of this class too."""
+    Flags are never abbreviated (`--emulate-lat` is not `--emulate-latency`: checks that read the
+    command line would miss it). Subcommand parsers made by `add_subparsers` are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(USAGE_EXIT, f"{self.prog}: error: {message}\n")
@@ -123,7 +133,7 @@ def parser(prog: str, doc: str | None, *, config: type | None = None, outputs: t
            progress: bool = False) -> ArgumentParser:
     """An ArgumentParser with the shared flags: `--config`/`--set` for a config dataclass,
     `--out-csv` / `--out-record` (required) for the outputs named, `--no-progress`."""
-    p = ArgumentParser(prog=prog, description=" ".join((doc or "").strip().split("\n\n")[0].split()))
+    p = ArgumentParser(prog=prog, description=describe(doc))
     if config is not None:
         p.add_argument("--config", type=input_file,
                        help=f"YAML file with {config.__name__} keys; defaults apply without it")

@@ -485,7 +485,7 @@ def _run_command(topology: Topology, cluster, command: Sequence[str], timeout_s:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m impl.common.emu_cluster", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m impl.common.emu_cluster", description=cli.describe(__doc__))
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="bring up an emulated cluster, run a probe or a command per rank, tear down")
     run.add_argument("--topology", required=True, help="NxG (nodes x GPUs per node) or any topology name")

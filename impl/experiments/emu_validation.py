@@ -300,7 +300,7 @@ def provenance(records: list[dict], profiles: dict[str, HardwareProfile]) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="python -m impl.experiments.emu_validation", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m impl.experiments.emu_validation", description=cli.describe(__doc__))
     sub = p.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("overrides", help="print the layer bench's --set flags of one run")
     t = sub.add_parser("table", help="measured vs predicted CSV from the runs' records")

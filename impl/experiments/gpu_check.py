@@ -367,7 +367,7 @@ def _directory(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = cli.ArgumentParser(prog="python -m impl.experiments.gpu_check", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="python -m impl.experiments.gpu_check", description=cli.describe(__doc__))
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("device", help="stage a: device, versions, bandwidth")
     d.add_argument("--out", required=True, type=cli.output_path)

@@ -58,13 +58,13 @@ class PlanError(ValueError):
     """Bad command-line input: reported as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(cli.ArgumentParser):
     def error(self, message):  # one line, not usage + message
         raise PlanError(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p = _Parser(prog=PROG, description=cli.describe(__doc__))
     p.add_argument("--topology", required=True, help="preset, NxG, nvswitch-Nx8 or hier:LEVEL=N,...")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", help="RoutingTrace file (.npz / .jsonl) or directory of router_trace_rank*.jsonl")

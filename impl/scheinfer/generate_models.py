@@ -166,7 +166,7 @@ def _out_path(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = cli.ArgumentParser(prog="python -m impl.scheinfer.generate_models", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="python -m impl.scheinfer.generate_models", description=cli.describe(__doc__))
     ap.add_argument("--kind", required=True,
                     help=f"one of {', '.join(KINDS)} or a model name from workflows/config/models")
     ap.add_argument("--out", required=True, type=_out_path, help="X.gguf for GGUF, otherwise a directory for safetensors")

@@ -740,6 +740,7 @@ def test_unknown_and_malformed_set_items(c, files):
     ("impl.common.calibrate", ["--topology", "9x9", "--out", "p.yaml"], ["--topology", "G <= 64"]),
     ("impl.common.calibrate", ["--topology", "1x2", "--emulate-burst", "32kb", "--out", "p.yaml"],
      ["--emulate-burst", "--emulate-rate"]),
+    ("impl.common.calibrate", ["--topology", "1x2", "--emulate-lat", "5ms", "--out", "p.yaml"], ["--emulate-lat"]),
     ("impl.experiments.layer_bench", ["--out-record", "/proc/r.json"], ["--out-record", "not writable"]),
     ("impl.experiments.hiermoe.sim", ["--set", 'systems=["HierMoE[gamma=abc]"]', "--out-csv", "x.csv",
                                       "--out-record", "x.json"], ["gamma"]),

@@ -246,3 +246,16 @@ def test_lina_chunks_fill_the_windows_of_the_degree_the_plan_runs():
                 assert sum(times) >= window - 1e-9
             assert all(t.nbytes <= LINA_CHUNK_BYTES + 1e-6 for t in plan.grads)
     assert differs > 0          # the executed degree is not the backward optimum in some blocks
+
+
+def test_sequence_parallel_tasks_are_priced_by_the_collective_they_run():
+    """Forward: AllGather (mpag) then ReduceScatter (mprs); backward: the ReduceScatter's gradient
+    is an AllGather and the AllGather's a ReduceScatter, each priced by its own model."""
+    from impl.fsmoe.schedules import backward_tasks, forward_tasks
+    from impl.fsmoe.schedules import LANES_3 as lanes
+    bc = replace(_blocks(1, 0)[0], mp_ag_ms=1.25, mp_rs_ms=7.5)
+    fwd, _ = forward_tasks([bc], [(1, 1)], lanes)
+    bwd, _ = backward_tasks([bc], [(1, 1)], [], lanes)
+    by_name = {t.name: t.duration for t in fwd + bwd}
+    assert (by_name["b0.f.mpag"], by_name["b0.f.mprs"]) == (1.25, 7.5)
+    assert (by_name["b0.b.mprs"], by_name["b0.b.mpag"]) == (1.25, 7.5)

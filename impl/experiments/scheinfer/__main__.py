@@ -652,7 +652,7 @@ def cmd_calibrate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = cli.ArgumentParser(prog="python -m impl.experiments.scheinfer", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="python -m impl.experiments.scheinfer", description=cli.describe(__doc__))
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate tokens with the hybrid engine")
     g.add_argument("--model", required=True, help=".gguf file or HF checkpoint directory")
