@@ -393,7 +393,8 @@ def gg_section(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
                     return rows[(rows["phase"] == phase) & rows["model"].isin(which)][column]
                 speed = [of(g[g["baseline"] == base], "speedup") for base in BASELINES for g in (sp, alt)]
                 work = [of(frame[frame["system"] == s_], "gg_work_frac") for s_ in ("ScheInfer", system, "Fiddler")]
-                port = " (port)" if which is not models and which[0] not in FIDDLER_MODELS else ""
+                ported = [m for m in which if m not in FIDDLER_MODELS]
+                port = "" if not ported else " (port)" if len(ported) == len(which) else " (port on some)"
                 cells = [_span(v) if len(v) else "n/a" for v in speed]
                 out.append(f"| {label} | {phase} | {cells[0]} / {cells[1]} | {cells[2]} / {cells[3]}{port} | "
                            f"{_span(of(gain, 'gain'))} | " + " / ".join(_pct(w) if len(w) else "n/a" for w in work) + " |")
@@ -469,7 +470,7 @@ def _fiddler_profile(popularity: dict) -> str:
         why = "--popularity-tokens 0" if "tokens" in popularity else "no popularity profile in this record"
         return f"{whose[0].upper()}{whose[1:]}: key order ({why})."
     return (f"{whose[0].upper()}{whose[1:]}: the most popular on a calibration prompt of {popularity['tokens']} "
-            f"tokens, none of the measured ones (profiled in {popularity.get('seconds', float('nan')):.1f} s outside "
+            f"tokens{', none of the measured ones' if popularity.get('differs_from_measured_prompts') else ''} (profiled in {popularity.get('seconds', float('nan')):.1f} s outside "
             "the timings).")
 
 

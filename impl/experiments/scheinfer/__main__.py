@@ -28,7 +28,8 @@ popular ones; scheinfer with --gg-mode popularity) gets a profile made before it
 outside the timings, as Fiddler
 profiles offline: the tokens each FFN is routed on one prefill of a calibration prompt of
 --popularity-tokens ids (default 64) drawn uniformly from 1..vocab-1 by a torch.Generator seeded
-POPULARITY_SEED, which is none of the measured prompts (bench's are the ramp 1, 2, 3, ...), counted by
+POPULARITY_SEED (the record says whether it differs from every measured prompt; bench's are the ramp
+1, 2, 3, ...), counted by
 `impl.scheinfer.policy.PopularityCounter` (a shared expert counts every token). The prefill runs on
 a decoder the bench has already loaded for a policy that needs no profile, else on the reference
 decoder on the CPU, layer by layer. --popularity-tokens 0: no profile, FFNs in key order. How the
@@ -211,7 +212,8 @@ def calibration_prompt(vocab_size: int, n: int) -> list[int]:
     return torch.randint(1, max(vocab_size, 2), (n,), generator=torch.Generator().manual_seed(POPULARITY_SEED)).tolist()
 
 
-def profile(source, n: int, loaded: tuple[str, object] | None = None) -> tuple[dict | None, dict]:
+def profile(source, n: int, loaded: tuple[str, object] | None = None,
+            measured: list[list[int]] = ()) -> tuple[dict | None, dict]:
     """A popularity profile on the calibration prompt of n tokens (module doc) and its record:
     with `loaded` = (policy, its decoder) that decoder's prefill, else the reference decoder's on
     the CPU, layer by layer. n = 0: no profile (None; placement in key order)."""
@@ -225,13 +227,15 @@ def profile(source, n: int, loaded: tuple[str, object] | None = None) -> tuple[d
         decoder, how = Decoder(source, cache_weights=False), "the reference decoder on the CPU, layer by layer"
     else:
         decoder, how = loaded[1], f"the engine decoder already loaded for policy {loaded[0]!r} ({loaded[1].device})"
-    counts = profile_popularity(decoder, calibration_prompt(cfg.vocab_size, n))
+    calibration = [int(t) for t in calibration_prompt(cfg.vocab_size, n)]
+    counts = profile_popularity(decoder, calibration)
     seconds = time.perf_counter() - t0
     widths = ffn_widths(cfg)
     return counts, {
         "tokens": n, "ranking": "popularity: tokens routed to each FFN on one prefill of the calibration prompt",
         "calibration_prompt": f"{n} token ids drawn uniformly from 1..{max(cfg.vocab_size, 2) - 1} by torch.Generator "
-                              f"seed {POPULARITY_SEED} (none of the measured prompts)",
+                              f"seed {POPULARITY_SEED}",
+        "differs_from_measured_prompts": all(calibration != list(m) for m in measured),
         "counter": "impl.scheinfer.policy.PopularityCounter (a shared expert counts every token of its layer)",
         "profiled_with": how, "seconds": seconds, "ffns": len(widths),
         "ffns_counted": sum(1 for k in widths if counts.get(k, 0) > 0),
@@ -292,8 +296,8 @@ def cmd_generate(args) -> int:
     cost = _cost_model(args.cost, cfg.hidden, args.cpu_kernel)
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
     options = _policy_options(args.policy, args)
-    popularity, made = profile(source, args.popularity_tokens) if ranks_by_popularity(args.policy, options) \
-        else (None, None)
+    popularity, made = profile(source, args.popularity_tokens, measured=[list(prompt)]) \
+        if ranks_by_popularity(args.policy, options) else (None, None)
     policy, engine = _engine(args.policy, cost, cfg, gpu_mem, args.tile, options, args.threads, args.cpu_kernel,
                              popularity)
     bar = tqdm(total=len(prompt) + args.n_predict - 1, desc="tokens", unit="tok", file=sys.stderr,
@@ -507,7 +511,8 @@ def cmd_bench(args) -> int:
         # profile last, so that it is made on a decoder already loaded (module doc)
         for name in sorted(args.policies, key=ranked.__contains__):
             if name in ranked and made is None:
-                popularity, made = profile(source, args.popularity_tokens, next(iter(decoders.items()), None))
+                popularity, made = profile(source, args.popularity_tokens, next(iter(decoders.items()), None),
+                                           measured=list(prompts.values()))
             policy, engine = _engine(name, cost, cfg, gpu_mem, args.tile, _policy_options(name, args), args.threads,
                                      args.cpu_kernel, popularity if name in ranked else None)
             engine_of[name] = engine
