@@ -251,7 +251,7 @@ def test_scheinfer_report_shows_the_other_gg_reading():
     assert "## ScheInfer with GG by popularity (ablation: the other reading)" in text
     assert "on the same routing it then runs: an oracle, like Fiddler's here" in text
     assert "| Qwen1.5-MoE | decode | 2.00x / 3.00x | 0.80x / 1.20x (port) | 1.50x | 50 % / 90 % / 50 % |" in text
-    assert "| all of these | overall | 2.00x / 3.00x | 0.80x / 1.20x | 1.50x | 50 % / 90 % / 50 % |" in text
+    assert "| all of these | overall | 2.00x / 3.00x | 0.80x / 1.20x (port) | 1.50x | 50 % / 90 % / 50 % |" in text
     assert ("GG by popularity (ScheInfer[GG popularity]), ScheInfer is 1.20x of the baseline here: a win, so this "
             "conclusion turns on the reading; its FFN time (CPU, PCIe and GPU lanes) is 0.50x of the baseline's") in text
     text = fig_si.report(rows(3.0))
