@@ -145,6 +145,15 @@ def test_fsmoe_model_speedups_take_each_testbed_and_model_as_one_row():
         model_speedups(pd.concat([models, models]), "fig6", [])
 
 
+def test_fsmoe_overlap_cap_is_the_baseline_over_the_systems_lower_bound():
+    import pandas as pd
+    from figures.fsmoe import overlap_cap
+    models = pd.DataFrame([
+        {"figure": "fig6", "testbed": "A", "model": "m", "system": "DS-MoE", "iteration_ms": 300.0, "over_lower_bound": 1.0},
+        {"figure": "fig6", "testbed": "A", "model": "m", "system": "FSMoE", "iteration_ms": 200.0, "over_lower_bound": 1.25}])
+    assert overlap_cap(models).tolist() == [300.0 / 160.0]
+
+
 @pytest.mark.parametrize("paper, ours, expected", [
     (1.12, 1.01, False),     # within 10% as ratios, but a 1% gain for a 12% one
     (1.09, 1.02, False),
