@@ -110,7 +110,7 @@ rule plot_fsmoe:
         emu="results/raw/fsmoe/emu.csv",
         profile="resources/calibration/fsmoe-2x2-gloo.yaml",
         paper=[paper_csv(n) for n in ("fsmoe_table2", "fsmoe_table5", "fsmoe_statistic", "fsmoe_fig5", "fsmoe_fig6",
-                                      "fsmoe_fig7", "fsmoe_fig8", "fsmoe_table6")],
+                                      "fsmoe_fig7", "fsmoe_fig8", "fsmoe_table6", "fsmoe_table3", "fsmoe_solver")],
     output:
         figures=[
             f"results/figures/fsmoe_{name}.{ext}"

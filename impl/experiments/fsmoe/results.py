@@ -191,6 +191,12 @@ def _model_shape(spec: ModelSpec, profile: HardwareProfile, seq: int, gate: str 
 DS_MOE_MP_ALLREDUCE = "DS-MoE (MP AllReduce)"
 
 
+def _allreduce_mp(blocks: list[BlockCosts]) -> list[BlockCosts]:
+    """The blocks with each sequence-parallel collective replaced by an AllReduce (a ReduceScatter
+    and an AllGather), as tensor-parallel attention synchronises."""
+    return [replace(bc, mp_ag_ms=bc.mp_ag_ms + bc.mp_rs_ms, mp_rs_ms=bc.mp_ag_ms + bc.mp_rs_ms) for bc in blocks]
+
+
 def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
     """Every FSMoE-paper plan on `blocks`, plus the ablation `DS_MOE_MP_ALLREDUCE`: DeepSpeed-MoE's
     sequential plan with tensor-parallel attention synchronised by AllReduce (as the released
@@ -206,8 +212,7 @@ def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
                      "moe_fwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "fwd"),
                      "moe_bwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "bwd"),
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
-    allreduce_mp = [replace(bc, mp_ag_ms=bc.mp_ag_ms + bc.mp_rs_ms, mp_rs_ms=bc.mp_ag_ms + bc.mp_rs_ms)
-                    for bc in blocks]
+    allreduce_mp = _allreduce_mp(blocks)
     plan = get_system("fsmoe", "DS-MoE").factory()(allreduce_mp)
     rows.append({**labels, "system": DS_MOE_MP_ALLREDUCE, "iteration_ms": simulate(plan.schedule(allreduce_mp)).makespan,
                  "r_fwd": 1, "r_bwd": 1, "plan_note": "ablation: MP attention synchronised by AllReduce"})
@@ -313,13 +318,20 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
     stage_profile = replace(testbed_profile, name=f"{testbed_profile.name}@pp2", topology=f"{half}x{topo.gpus_per_node}")
     bc = block_costs(_model_shape(spec, stage_profile, seq), stage_profile)
     per_stage = [[bc] * (spec.layers // 2), [bc] * (spec.layers - spec.layers // 2)]
+    def gpipe(factory, stages):
+        plans = [factory(blocks) for blocks in stages]
+        schedule = gpipe_iteration([(blocks, list(p.degrees), list(p.grads)) for blocks, p in zip(stages, plans)],
+                                   micro_batches, plans[0].lanes)
+        return simulate(schedule).makespan, plans[0]
+
     rows = []
     for system in _systems():
-        plans = [system.factory()(blocks) for blocks in per_stage]
-        schedule = gpipe_iteration([(blocks, list(p.degrees), list(p.grads)) for blocks, p in zip(per_stage, plans)],
-                                   micro_batches, plans[0].lanes)
-        rows.append({**labels, "system": system.name, "iteration_ms": simulate(schedule).makespan,
-                     "r_fwd": plans[0].degrees[0][0], "r_bwd": plans[0].degrees[0][1]})
+        makespan, plan = gpipe(system.factory(), per_stage)
+        rows.append({**labels, "system": system.name, "iteration_ms": makespan,
+                     "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1]})
+    makespan, _ = gpipe(get_system("fsmoe", "DS-MoE").factory(), [_allreduce_mp(blocks) for blocks in per_stage])
+    rows.append({**labels, "system": DS_MOE_MP_ALLREDUCE, "iteration_ms": makespan, "r_fwd": 1, "r_bwd": 1,
+                 "plan_note": "ablation: MP attention synchronised by AllReduce"})
     return rows
 
 
