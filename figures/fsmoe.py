@@ -27,6 +27,8 @@ import pandas as pd  # noqa: E402
 
 from figures import style  # noqa: E402
 from figures.inputs import read_results  # noqa: E402
+from figures.verdicts import RULE, reproduces  # noqa: E402
+from figures.verdicts import gap as _gap  # noqa: E402
 from impl.common import cli  # noqa: E402
 from impl.common.costmodel import load_profile  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
@@ -38,12 +40,6 @@ __all__ = ["table5", "model_speedups", "overlap_cap", "checks", "reproduces", "c
 MODELED = "MODELED (tier sim, shipped Testbed A/B profiles)"
 TABLE5_SYSTEMS = ("Tutel-Improved", "FSMoE-No-IIO", "FSMoE")
 PAPER_SYSTEMS = ("DS-MoE", "Tutel", "Tutel-Improved", "PipeMoE+Lina", "FSMoE-No-IIO", "FSMoE")
-# A paper speedup reproduces when ours is within TOLERANCE of it AND our gain (s - 1) has the
-# paper's sign and is within GAIN_TOLERANCE of the paper's gain (or GAIN_FLOOR, if larger): the
-# ratio alone would pass a 1% gain for a paper's 12%.
-TOLERANCE = 0.10
-GAIN_TOLERANCE = 0.5
-GAIN_FLOOR = 0.02
 # Table 6 is judged only when the runs differentiate the gates: DS-MoE's iteration spreads across
 # them by at least this much (the paper's spreads by 17%)
 GATE_SPREAD_MIN = 0.01
@@ -280,23 +276,6 @@ def plot_fig5(profile_path: str | None):
 
 
 # ---- report ------------------------------------------------------------------------------------
-def _gap(paper: float, ours: float) -> float:
-    return ours / paper - 1 if paper else float("nan")
-
-
-def reproduces(paper: float, ours: float) -> bool:
-    """The report's rule (see TOLERANCE): the speedups within TOLERANCE of each other, and the gains
-    (s - 1) of one sign with ours within GAIN_TOLERANCE of the paper's (or GAIN_FLOOR)."""
-    gain_paper, gain_ours = paper - 1, ours - 1
-    return (abs(_gap(paper, ours)) <= TOLERANCE and (gain_ours > 0) == (gain_paper > 0)
-            and abs(gain_ours - gain_paper) <= max(GAIN_TOLERANCE * abs(gain_paper), GAIN_FLOOR))
-
-
-RULE = (f"A paper speedup reproduces when ours is within {TOLERANCE:.0%} of it and our gain (speedup - 1) has the "
-        f"paper's sign and is within {GAIN_TOLERANCE:.0%} of the paper's gain (or {GAIN_FLOOR * 100:.0f} points, "
-        "if larger), so that a small gain does not pass for a larger one.")
-
-
 def gate_spreads(models: pd.DataFrame) -> tuple[float, float, float, float, float, float]:
     """DS-MoE's iteration across the gates of Table 6: (ours min, max, spread, paper's min, max,
     spread), spread = max / min - 1."""
