@@ -922,7 +922,8 @@ def swap_section(runs: Runs) -> str:
     plans = {s: int((measured[measured.system == s]["moved_experts"] > 0).sum())
              for s in ("HierMoE", "HierMoE[every=2]", "HierMoE[every=4]", "HierMoE[every=8]")
              if s in set(measured["system"])}
-    meas = runs.swap.groupby("pair", sort=False).agg(measured_ms=("measured_ms", "median"),
+    meas = runs.swap.groupby("pair", sort=False).agg(repeats=("measured_ms", "size"),
+                                                     measured_ms=("measured_ms", "median"),
                                                      bare_alltoall_ms=("transport_ms", "median"),
                                                      modeled_ms=("modeled_ms", "first"),
                                                      bytes_sent_per_expert=("bytes_per_expert", "first"),
@@ -947,14 +948,15 @@ def swap_section(runs: Runs) -> str:
         + ("exactly the bytes the model assumes" if same else "other bytes than the model assumes")
         + "; its time beside the model's prediction from this machine's calibration (Fig. 9, right) and the bare "
         "AlltoAll of the same bytes between the same ranks (the rest of the measured time is packing the state, "
-        "unpacking it and the state check):", "", _md_table(meas, 2)])
+        "unpacking it and the state check; medians over the `repeats` measured):", "", _md_table(meas, 2)])
 
 
 def deepep_section(runs: Runs) -> str:
     rows = []
-    for label, frame in (("Qwen3, 4 nodes of the testbed (D = 4)", runs.qwen3),
-                         ("DeepSeek-V3, 4 nodes of the testbed (D = 4)", runs.deepseek),
-                         ("Qwen3, one node (D = 3; DeepEP's 'node' is a socket)", runs.node)):
+    for label, frame in (("Qwen3, 4 nodes of the testbed (D = 4; `qwen3` run)", runs.qwen3),
+                         ("DeepSeek-V3, 4 nodes of the testbed (D = 4; `deepseek` run)", runs.deepseek),
+                         ("Qwen3, one node (D = 3; DeepEP's 'node' is a socket; `node` run, "
+                          f"{runs.node['layer'].nunique()} layers, not Table IV's G = 8 column)", runs.node)):
         systems = set(frame["system"])
         row = {"setting": label}
         for s in ("DeepEP", "DeepEP[overlap=true]", "HD2-MoE", "HD-MoE", "HierMoE"):
