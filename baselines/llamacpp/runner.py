@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import statistics
@@ -119,24 +120,33 @@ def gpu_weight_bytes(model_path: str | Path, settings: LlamaCppSettings) -> dict
     matrices, what the engine's GPU budget counts) and 'other' (attention, norms, routers, output),
     by llama.cpp's rules (module doc). Assumes a GPU backend is present; the KV cache and compute
     buffers come on top."""
-    from impl.scheinfer.weights import gguf_field, open_gguf
-
-    reader = open_gguf(model_path)
-    arch = gguf_field(reader, "general.architecture", str, where=model_path)
-    n_layer = gguf_field(reader, f"{arch}.block_count", int, where=model_path)
+    stat = Path(model_path).stat()
+    n_layer, tensors = _gguf_tensors(str(model_path), stat.st_mtime_ns, stat.st_size)
     first_gpu, output_on_gpu = ngl_layers(n_layer, settings.n_gpu_layers)
     cpu_moe = [re.compile(p) for p in cpu_moe_patterns(settings.n_cpu_moe)]
     out = {"ffn": 0, "other": 0, "n_layer": n_layer, "gpu_layers": list(range(first_gpu, n_layer)),
            "output_on_gpu": output_on_gpu, "cpu_moe_layers": list(range(min(settings.n_cpu_moe, n_layer)))}
-    for t in reader.tensors:
-        m = _LAYER.match(t.name)
+    for name, n_bytes in tensors:
+        m = _LAYER.match(name)
         if m:
-            on_gpu = int(m[1]) >= first_gpu and not any(p.search(t.name) for p in cpu_moe)
+            on_gpu = int(m[1]) >= first_gpu and not any(p.search(name) for p in cpu_moe)
         else:           # the output layer (output_norm, output); never token_embd
-            on_gpu = output_on_gpu and t.name.startswith("output")
+            on_gpu = output_on_gpu and name.startswith("output")
         if on_gpu:
-            out["ffn" if _FFN_WEIGHT.match(t.name) else "other"] += int(t.n_bytes)
+            out["ffn" if _FFN_WEIGHT.match(name) else "other"] += n_bytes
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_tensors(path: str, mtime_ns: int, size: int) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """A GGUF's layer count and (tensor name, bytes), read once per file version (the offload
+    search asks for every setting of one file)."""
+    from impl.scheinfer.weights import gguf_field, open_gguf
+
+    reader = open_gguf(path)
+    arch = gguf_field(reader, "general.architecture", str, where=path)
+    n_layer = gguf_field(reader, f"{arch}.block_count", int, where=path)
+    return n_layer, tuple((t.name, int(t.n_bytes)) for t in reader.tensors)
 
 
 def settings_within_budget(model_path: str | Path, budget_bytes: int, base: LlamaCppSettings) -> list[LlamaCppSettings]:

@@ -293,6 +293,12 @@ class Comm(ABC):
         and returned on the CPU."""
         return self.all_reduce(x.to(self.device), op, group, category=category, phase=phase).cpu()
 
+    def gather_on_host(self, x: torch.Tensor, group: CommGroup | None = None, *, category: str = "meta",
+                       phase: str = "fwd") -> torch.Tensor:
+        """`all_gather` of a small row the host reads, wherever `x` lives: sent from `self.device`,
+        returned stacked in group order ([members, *x.shape]) on the CPU."""
+        return torch.stack(self.all_gather(x.to(self.device), group, category=category, phase=phase)).cpu()
+
     def all_reduce_async(self, x: torch.Tensor, op: str = "sum", group: CommGroup | None = None, *,
                          category: str = "meta", phase: str = "fwd") -> Handle:
         self._check_op(op)

@@ -666,7 +666,7 @@ def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareP
     if q_C.numel():
         best = int(torch.argmin(key_C))
         mine[0], mine[1] = float(key_C[best]), float(q_C[best])
-    every = torch.stack([mine] if comm is None else comm.all_gather(mine.to(comm.device))).cpu()  # [ranks, (key, q, ties)]
+    every = mine.unsqueeze(0) if comm is None else comm.gather_on_host(mine)  # [ranks, (key, q, ties)]
     key, q_pair = (float(v) for v in every[int(torch.argmin(every[:, 0]))][:2])
     ties = int(every[:, 2].sum())
     if q_best < q_now - REL_TOL * max(1.0, abs(q_now)):

@@ -10,7 +10,6 @@ unless --allow-dry-run (for rehearsals into a scratch --to folder).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shlex
@@ -40,7 +39,9 @@ ROW = re.compile(r"^\| `([^`]+)` \|")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="commit_gpu_evidence", description=__doc__.split("\n")[0])
+    from impl.common import cli
+
+    p = cli.ArgumentParser(prog="commit_gpu_evidence", description=cli.describe(__doc__))
     p.add_argument("--from", dest="src", required=True, help="the folder the run's files came back to")
     p.add_argument("--card", required=True, help="a short name of the GPU, e.g. h100 (lower case, digits, -)")
     p.add_argument("--to", default=str(REPO / "figures" / "reference"), help="the reference folder")

@@ -34,16 +34,13 @@ REPEATS=""
 value() { [ $# -ge 2 ] && [ "${2#--}" = "$2" ] || { echo "error: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out|--budget|--model-set|--prompt-tokens|--n-predict|--repeats) value "$@";;
-  esac
-  case "$1" in
-    --out) DEST=$2; shift 2;;
+    --out) value "$@"; DEST=$2; shift 2;;
     --dry-run) DRY=1; shift;;
-    --budget) BUDGET=$2; shift 2;;
-    --model-set) MODEL_SET=$2; shift 2;;
-    --prompt-tokens) PROMPTS=$2; shift 2;;
-    --n-predict) NPRED=$2; shift 2;;
-    --repeats) REPEATS=$2; shift 2;;
+    --budget) value "$@"; BUDGET=$2; shift 2;;
+    --model-set) value "$@"; MODEL_SET=$2; shift 2;;
+    --prompt-tokens) value "$@"; PROMPTS=$2; shift 2;;
+    --n-predict) value "$@"; NPRED=$2; shift 2;;
+    --repeats) value "$@"; REPEATS=$2; shift 2;;
     -h|--help) sed -n 2,23p "$0"; exit 0;;
     *) echo "error: unknown argument $1; allowed: --out DIR, --dry-run, --budget BYTES, --model-set K=V,..., --prompt-tokens A,B, --n-predict N, --repeats R" >&2; exit 2;;
   esac

@@ -214,9 +214,13 @@ def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
     allreduce_mp = _allreduce_mp(blocks)
     plan = get_system("fsmoe", "DS-MoE").factory()(allreduce_mp)
-    rows.append({**labels, "system": DS_MOE_MP_ALLREDUCE, "iteration_ms": simulate(plan.schedule(allreduce_mp)).makespan,
-                 "r_fwd": 1, "r_bwd": 1, "plan_note": "ablation: MP attention synchronised by AllReduce"})
+    rows.append(_ds_moe_allreduce_row(labels, simulate(plan.schedule(allreduce_mp)).makespan))
     return rows
+
+
+def _ds_moe_allreduce_row(labels: dict, makespan: float) -> dict:
+    return {**labels, "system": DS_MOE_MP_ALLREDUCE, "iteration_ms": makespan, "r_fwd": 1, "r_bwd": 1,
+            "plan_note": "ablation: MP attention synchronised by AllReduce"}
 
 
 def _pass_over_lower_bound(bc: BlockCosts, plan, phase: str) -> float:
@@ -330,8 +334,7 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
         rows.append({**labels, "system": system.name, "iteration_ms": makespan,
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1]})
     makespan, _ = gpipe(get_system("fsmoe", "DS-MoE").factory(), [_allreduce_mp(blocks) for blocks in per_stage])
-    rows.append({**labels, "system": DS_MOE_MP_ALLREDUCE, "iteration_ms": makespan, "r_fwd": 1, "r_bwd": 1,
-                 "plan_note": "ablation: MP attention synchronised by AllReduce"})
+    rows.append(_ds_moe_allreduce_row(labels, makespan))
     return rows
 
 
@@ -379,8 +382,9 @@ def run_links(cfg: ResultsConfig) -> pd.DataFrame:
     paper = read_paper_csv("fsmoe_table3")[0].set_index("testbed")
     rows = []
     for testbed, name in cfg.testbeds.items():
+        published = load_profile(name)
         for reading in ("published", "comm-other-unit"):
-            profile = read_profile(load_profile(name), reading)
+            profile = read_profile(published, reading)
             topo = profile.get_topology()
             for (kind, step), model in profile.comm.items():
                 side, level = step.split("-")

@@ -397,13 +397,12 @@ def dense_compute_ms(rz: Resolved) -> float:
     proj = _gemm(rz, L * m.hidden * heads * hd) * 2 + _gemm(rz, L * m.hidden * kv * hd) * 2
     core = attention_model(rz.compute, L).time_ms(4 * L * L * heads * hd)
     gemms = 3 if m.ffn_kind == "swiglu" else 2
-    moe_layers = sum(1 for i in range(m.num_layers) if m.is_moe_layer(i))
     per_moe = _gemm(rz, L * m.hidden * rz.num_experts)
     if m.num_shared_experts:
         per_moe += gemms * _gemm(rz, L * m.hidden * (m.shared_expert_ffn_hidden or m.moe_ffn_hidden)
                                  * m.num_shared_experts)
     per_dense = gemms * _gemm(rz, L * m.hidden * (m.ffn_hidden or 1))
-    forward = (m.num_layers * (proj + core) + moe_layers * per_moe + (m.num_layers - moe_layers) * per_dense
+    forward = (m.num_layers * (proj + core) + m.num_moe_layers * per_moe + m.num_dense_layers * per_dense
                + _gemm(rz, L * m.hidden * m.vocab_size))
     return 3 * forward
 

@@ -69,7 +69,7 @@ def _transport_ms(comm, a: int, b: int, nbytes: int) -> float:
     comm.all_to_all(buf, send, send, category="probe")
     comm.barrier()
     elapsed = time.perf_counter() - start
-    return float(comm.all_reduce(torch.tensor([elapsed], dtype=torch.float64), "max")) * 1e3
+    return float(comm.reduce_on_host(torch.tensor([elapsed], dtype=torch.float64), "max")) * 1e3
 
 
 def measure_rank(comm, cfg: SwapMeasureConfig, hidden: int, ffn_hidden: int, kind: str) -> list[dict]:
@@ -97,7 +97,7 @@ def measure_rank(comm, cfg: SwapMeasureConfig, hidden: int, ffn_hidden: int, kin
             result = migrate_experts(comm, experts, old, new, optimizer=opt, extra_tensors=masters)
             comm.barrier()
             elapsed = time.perf_counter() - start
-            slowest = float(comm.all_reduce(torch.tensor([elapsed], dtype=torch.float64), "max"))
+            slowest = float(comm.reduce_on_host(torch.tensor([elapsed], dtype=torch.float64), "max"))
             sent = comm.total_traffic().by_level("bytes", MIGRATION_CATEGORY, None)
             transport = _transport_ms(comm, a, b, result.row_bytes)
             if r >= cfg.warmup:

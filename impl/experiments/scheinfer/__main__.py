@@ -227,7 +227,7 @@ def profile(source, n: int, loaded: tuple[str, object] | None = None,
         decoder, how = Decoder(source, cache_weights=False), "the reference decoder on the CPU, layer by layer"
     else:
         decoder, how = loaded[1], f"the engine decoder already loaded for policy {loaded[0]!r} ({loaded[1].device})"
-    calibration = [int(t) for t in calibration_prompt(cfg.vocab_size, n)]
+    calibration = calibration_prompt(cfg.vocab_size, n)
     counts = profile_popularity(decoder, calibration)
     seconds = time.perf_counter() - t0
     widths = ffn_widths(cfg)
