@@ -359,6 +359,14 @@ class Runs:
     def of(self, model: str) -> pd.DataFrame:
         return self.qwen3 if model == QWEN3 else self.deepseek
 
+    @functools.cached_property
+    def persistent_skew(self) -> Ablation:
+        """The persistent-skew run as one ablation for every number it bears on (its balance and the
+        fitted routing's read once)."""
+        return Ablation(f"a persistent skew (skew {self.persistent['skew'].iloc[0]:g}, no drift; MaxVio "
+                        f"{_balance(self.persistent)['maxvio']:.2f} against {_balance(self.ablation)['maxvio']:.2f})",
+                        "`ablation-persistent`", frame=self.persistent)
+
 
 def _md_table(frame: pd.DataFrame, digits: int = 2) -> str:
     cols = list(frame.columns)
@@ -540,11 +548,11 @@ def setting_checks(c: Compared, rows: list[Compared]) -> list[Compared]:
     return others + derived(c, others)
 
 
-def is_cause(ab: Ablation, c: Compared, rows: list[Compared], frame: pd.DataFrame) -> tuple[bool, str]:
+def is_cause(ab: Ablation, c: Compared, checks: list[Compared], frame: pd.DataFrame) -> tuple[bool, str]:
     """(whether `ab` accounts for c's gap, why in words): it must bring every other number of the
-    setting that it changes within the tolerance too, not only c."""
+    setting that it changes (`checks`: `setting_checks` of c) within the tolerance too, not only c."""
     checked = []
-    for o in setting_checks(c, rows):
+    for o in checks:
         if not ab.changes(o.system, o.baseline):
             continue
         v = ab.value(frame, o.system, o.baseline, o.metric, o.bound)
@@ -584,9 +592,7 @@ def ablations_of(runs: Runs, c: Compared, frame: pd.DataFrame) -> list[Ablation]
                 out.append(Ablation(f"routing skew {x:g}", "skew sweep", frame=runs.skew_runs[x]))
     if c.run in ("qwen3", "ablation", "ablation-gamma") and c.metric == "a2a_ms" and "HierMoE" in (base_name(s),
                                                                                                  base_name(b)):
-        out.append(Ablation(f"a persistent skew (skew {runs.persistent['skew'].iloc[0]:g}, no drift; MaxVio "
-                            f"{_balance(runs.persistent)['maxvio']:.2f} against {_balance(runs.ablation)['maxvio']:.2f})",
-                            "`ablation-persistent`", frame=runs.persistent))
+        out.append(runs.persistent_skew)
     if c.run == "deepseek":
         for variant, frame_v in runs.deepseek_ablation.items():
             if variant == "ungrouped":
@@ -617,13 +623,14 @@ def uniform_of(frame: pd.DataFrame) -> dict[str, float]:
                                top_k=int(first["K"]), num_experts=int(first["E"]))
 
 
-def cause_text(runs: Runs, c: Compared, rows: list[Compared], frame: pd.DataFrame, ours: float) -> str:
+def cause_text(runs: Runs, c: Compared, rows: list[Compared], frame: pd.DataFrame) -> str:
     """The one-assumption ablations of a gap with their numbers; one is named the cause only when
     `is_cause` says so, otherwise the closest is given without causal wording."""
     tried = [(ab, ab.value(frame, c.system, c.baseline, c.metric, c.bound)) for ab in ablations_of(runs, c, frame)]
     parts = [f"{ab.what}: {fmt(v)} ({ab.run})" for ab, v in tried]
+    checks = setting_checks(c, rows)
     if base_name(c.system) == "HierMoE" and c.baseline != "HD-MoE":
-        gain = [o for o in derived(c, setting_checks(c, rows)) if (o.system, o.baseline) == ("HierMoE", "HD-MoE")]
+        gain = [o for o in derived(c, checks) if (o.system, o.baseline) == ("HierMoE", "HD-MoE")]
         if gain:
             parts.insert(0, f"the swap gain here, HierMoE over HD-MoE: ours {fmt(ratio(frame, 'HierMoE', 'HD-MoE', c.metric))}"
                             f", the paper's {fmt(gain[0].paper)} ({gain[0].label.split('(')[1].rstrip(')')})")
@@ -637,14 +644,15 @@ def cause_text(runs: Runs, c: Compared, rows: list[Compared], frame: pd.DataFram
         return out or "no one-assumption ablation of this number in the runs"
     near = sorted(candidates, key=lambda t: abs(t[1] / c.paper - 1))
     within = [(ab, v) for ab, v in near if abs(v / c.paper - 1) <= TOLERANCE]
-    named = [(ab, v, why) for ab, v in within for ok, why in [is_cause(ab, c, rows, frame)] if ok]
+    verdicts = {ab: is_cause(ab, c, checks, frame) for ab, _ in within}
+    named = [(ab, v, verdicts[ab][1]) for ab, v in within if verdicts[ab][0]]
     if named:
         ab, v, why = named[0]
         out += f". Cause: {ab.what} ({fmt(v)}, {pct(v, c.paper)} from the paper); {why}"
     else:
         ab, v = near[0]
         out += f". Closest single ablation: {ab.what} ({fmt(v)}, {pct(v, c.paper)} from the paper)"
-        out += (f"; not named as the cause: {is_cause(ab, c, rows, frame)[1]}" if within else
+        out += (f"; not named as the cause: {verdicts[ab][1]}" if within else
                 f"; none brings this number within {100 * TOLERANCE:.0f}%")
     if not np.isnan(model_says) and abs(model_says / c.paper - 1) > TOLERANCE:
         out += (f"; the paper's measurement is {pct(c.paper, model_says)} off what its own model gives under "
@@ -712,7 +720,7 @@ def paper_rows(runs: Runs, t4: pd.DataFrame) -> pd.DataFrame:
         frame = frames[c.run]
         ours = ratio(frame, c.system, c.baseline, c.metric, c.bound)
         gap = abs(ours / c.paper - 1) if c.paper and not np.isnan(ours) else np.nan
-        cause = cause_text(runs, c, numbers, frame, ours) if gap > TOLERANCE or c.fitted else ""
+        cause = cause_text(runs, c, numbers, frame) if gap > TOLERANCE or c.fitted else ""
         if c.fitted:
             cause = ("FITTED: the routing skew was fitted to this number (left out of the comparison); "
                      + ("the fit sits at its lower bound, so it is not reached. " if runs.fit_at_bound else "") + cause)

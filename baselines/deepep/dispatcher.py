@@ -71,9 +71,9 @@ class DeepEPDispatcher(HierarchicalDispatcher):
     def recv_splits_of(self, routing_map_TS: torch.Tensor):
         comm, topo = self.comm, self.comm.topology
         G, El, T = topo.G, self.num_local_experts, routing_map_TS.shape[0]
-        need_TG = routing_map_TS.view(T, G, El).any(2).to(comm.device)   # the notify is built where comm sends
+        need_TG = routing_map_TS.view(T, G, El).any(2)             # the notify is built where the routing lives
         gpu_count = need_TG.sum(0)
-        payload = torch.zeros(G, notify_bytes(topo) // COUNT_BYTES, dtype=torch.int64, device=comm.device)
+        payload = torch.zeros(G, notify_bytes(topo) // COUNT_BYTES, dtype=torch.int64, device=need_TG.device)
         payload[:, 0] = gpu_count
         if self.dim == 2:
             N, Gn = topo.num_nodes, topo.gpus_per_node
@@ -82,7 +82,7 @@ class DeepEPDispatcher(HierarchicalDispatcher):
             forwarders = list(comm.group("inter", 1).ranks)      # my forwarder on every node, node order
             payload[forwarders, 1] = need_TN.sum(0)
             payload[forwarders, 3:] = gpu_count.view(N, Gn)
-        got = comm.all_to_all(payload, [1] * G, [1] * G, category="meta").cpu()   # row s: what rank s told me
+        got = comm.all_to_all_on_host(payload, [1] * G, [1] * G)         # row s: what rank s told me
         if self.dim == 2 and self.max_nodes is not None and int(got[:, 2].max()) > self.max_nodes:
             # every rank sees every rank's largest node count: all of them refuse together
             raise ValueError(f"deepep: a token needs experts on {int(got[:, 2].max())} nodes, more than "

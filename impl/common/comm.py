@@ -232,10 +232,9 @@ class Comm(ABC):
     def exchange_counts(self, counts: Sequence[int], group: CommGroup | None = None, *, phase: str = "fwd") -> list[int]:
         """Each rank tells each member how many rows it will send: an all-to-all of one int per peer.
         Counted as metadata."""
-        group = self._own(group)
-        t = torch.tensor([int(c) for c in counts], dtype=torch.int64, device=self.device)
-        out = self.all_to_all(t, [1] * group.size, [1] * group.size, group, category="meta", phase=phase)
-        return [int(v) for v in out.tolist()]
+        n = self._own(group).size
+        t = torch.tensor([int(c) for c in counts], dtype=torch.int64)
+        return self.all_to_all_on_host(t, [1] * n, [1] * n, group, category="meta", phase=phase).tolist()
 
     def all_to_all_async(self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
                          group: CommGroup | None = None, *, category: str = "tokens", phase: str = "fwd") -> Handle:
@@ -298,6 +297,13 @@ class Comm(ABC):
         """`all_gather` of a small row the host reads, wherever `x` lives: sent from `self.device`,
         returned stacked in group order ([members, *x.shape]) on the CPU."""
         return torch.stack(self.all_gather(x.to(self.device), group, category=category, phase=phase)).cpu()
+
+    def all_to_all_on_host(self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
+                           group: CommGroup | None = None, *, category: str = "meta", phase: str = "fwd") -> torch.Tensor:
+        """`all_to_all` of a small table the host reads (split counts, a notify), wherever `x` lives:
+        sent from `self.device` and returned on the CPU, the rows of each member in group order."""
+        return self.all_to_all(x.to(self.device), send_splits, recv_splits, group, category=category,
+                               phase=phase).cpu()
 
     def all_reduce_async(self, x: torch.Tensor, op: str = "sum", group: CommGroup | None = None, *,
                          category: str = "meta", phase: str = "fwd") -> Handle:

@@ -21,6 +21,7 @@ import math
 import random
 from collections import defaultdict, deque
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Callable, Iterable, Mapping
 
 __all__ = ["Task", "Schedule", "Timeline", "ScheduleError", "simulate", "lower_bound", "search_order", "compare"]
@@ -63,6 +64,12 @@ class Schedule:
             missing = [d for d in t.deps if d not in names]
             if missing:
                 raise ScheduleError(f"task {t.name!r} depends on unknown task {missing[0]!r}")
+
+    @cached_property
+    def _timeline(self) -> "Timeline":
+        """`simulate`'s result, computed once: a schedule is immutable, so asking again (a search
+        and its caller reading the same schedule's makespan) costs nothing."""
+        return _run(self)
 
     @property
     def lanes(self) -> tuple[str, ...]:
@@ -116,7 +123,12 @@ class Timeline:
 
 
 def simulate(schedule: Schedule) -> Timeline:
-    """Run the schedule on its lanes (FIFO per lane in issue order, dependencies respected)."""
+    """Run the schedule on its lanes (FIFO per lane in issue order, dependencies respected); once
+    per schedule, the same Timeline returned every time."""
+    return schedule._timeline
+
+
+def _run(schedule: Schedule) -> Timeline:
     queues: dict[str, deque[Task]] = defaultdict(deque)
     for t in schedule.tasks:
         queues[t.lane].append(t)
@@ -200,9 +212,11 @@ def search_order(schedule: Schedule, tries: int, seed: int = 0) -> Schedule:
     times, one task moves to another place in its lane's issue order (seeded), and the move stays
     when the makespan does not grow (an order that deadlocks is skipped). An upper estimate of the
     best any issue order reaches, to read a schedule's gap over `lower_bound` as what its order
-    leaves (schedule over searched) and what the bound cannot see (searched over bound)."""
+    leaves (schedule over searched) and what the bound cannot see (searched over bound). The input
+    is simulated once, here; the schedule returned (the input itself when no move stays) keeps its
+    timeline, so `simulate` of either afterwards does not run them again."""
     rng = random.Random(seed)
-    tasks = list(schedule.tasks)
+    found, tasks = schedule, list(schedule.tasks)
     positions = _lane_positions(tasks)
     movable = [lane for lane, where in positions.items() if len(where) > 1]
     best = simulate(schedule).makespan
@@ -212,13 +226,14 @@ def search_order(schedule: Schedule, tries: int, seed: int = 0) -> Schedule:
         candidate = tasks[:]
         candidate.insert(b, candidate.pop(a))        # the lane's other tasks keep their slots' order
         try:
-            makespan = simulate(Schedule(tuple(candidate))).makespan
+            moved = Schedule(tuple(candidate))
+            makespan = simulate(moved).makespan
         except ScheduleError:
             continue
         if makespan <= best:
-            best, tasks = makespan, candidate
+            best, found, tasks = makespan, moved, candidate
             positions = _lane_positions(tasks)
-    return Schedule(tuple(tasks))
+    return found
 
 
 def _lane_positions(tasks: list[Task]) -> dict[str, list[int]]:

@@ -87,7 +87,7 @@ class FSMoELayer(nn.Module):
             mine = capacity_for(num_tokens, cfg.num_experts, cfg.top_k, cfg.capacity_factor, multiple)
         else:
             mine = 0
-        stats = self.comm.all_reduce(torch.tensor([local_max, mine, -mine], device=self.comm.device), "max").tolist()
+        stats = self.comm.reduce_on_host(torch.tensor([local_max, mine, -mine]), "max").tolist()
         global_max, high, low = stats[0], stats[1], -stats[2]
         if high != low:
             raise ConfigError(f"capacity: GPUs computed different capacities ({low}..{high}) because their token "

@@ -34,6 +34,7 @@ the start: one copy per pair at every step. H1 is Megatron's flat AlltoAll.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -89,7 +90,11 @@ def step_groups(comm: Comm, dim: int) -> list[tuple[CommGroup, int, int]]:
     return out
 
 
-_BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+@lru_cache(maxsize=None)
+def _bit_values(device: torch.device) -> torch.Tensor:
+    """The value of each bit of a byte (uint8: the packed ids' type), made once per device: pack and
+    unpack run at every step of every dispatch. Cached by device alone, the one thing it depends on."""
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
 
 
 def pack_bits(mask_RB: torch.Tensor) -> torch.Tensor:
@@ -98,12 +103,12 @@ def pack_bits(mask_RB: torch.Tensor) -> torch.Tensor:
     nb = -(-B // 8)
     padded = torch.zeros(R, nb * 8, dtype=torch.uint8, device=mask_RB.device)
     padded[:, :B] = mask_RB
-    return (padded.view(R, nb, 8) * _BIT_VALUES.to(mask_RB.device)).sum(2, dtype=torch.uint8)
+    return (padded.view(R, nb, 8) * _bit_values(mask_RB.device)).sum(2, dtype=torch.uint8)
 
 
 def unpack_bits(packed_RN: torch.Tensor, B: int) -> torch.Tensor:
     """The inverse of `pack_bits`: uint8 [R, ceil(B / 8)] -> bool [R, B]."""
-    bits = packed_RN.unsqueeze(2).bitwise_and(_BIT_VALUES.to(packed_RN.device)).ne(0)
+    bits = packed_RN.unsqueeze(2).bitwise_and(_bit_values(packed_RN.device)).ne(0)
     return bits.view(packed_RN.shape[0], packed_RN.shape[1] * 8)[:, :B]
 
 

@@ -375,10 +375,11 @@ def _raw_tables(ids_TK: torch.Tensor, num_experts: int, num_groups: Sequence[int
 
 
 @lru_cache(maxsize=None)
-def _real_columns(groups: tuple[int, ...]) -> torch.Tensor:
-    """Indices of the real (not spare) columns of a `_raw_tables` layout."""
+def _real_columns(groups: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Indices of the real (not spare) columns of a `_raw_tables` layout, on `device` (int64, as
+    `index_select` takes them): made once per (hierarchy, device), as every layer's swap reads them."""
     starts = itertools.accumulate([0] + [u + 1 for u in groups])
-    return torch.cat([torch.arange(u) + o for u, o in zip(groups, starts)])
+    return torch.cat([torch.arange(u) + o for u, o in zip(groups, starts)]).to(device)
 
 
 @lru_cache(maxsize=None)
@@ -397,7 +398,7 @@ def _tables_of(flat: torch.Tensor, num_experts: int, num_groups: Sequence[int], 
     E, D, X = num_experts, len(num_groups), sum(num_groups)
     E1, X1 = E + 1, X + D
     off_co, off_w = num_ranks * X1, num_ranks * X1 + E1 * X1
-    keep = _real_columns(tuple(num_groups)).to(flat.device)
+    keep = _real_columns(tuple(num_groups), flat.device)
     route = flat[:off_co].view(num_ranks, X1).index_select(1, keep)
     co = flat[off_co:off_w].view(E1, X1)[:E].index_select(1, keep)
     w = flat[off_w:off_w + D * E1 * E1].view(D, E1, E1)

@@ -35,10 +35,10 @@ from impl.common.models import get_model
 from impl.common.topology import get_topology
 from impl.common.traces import synthetic_topk
 from impl.hiermoe.dimension import allreduce_time, iteration_times, select_dimension
-from impl.common.comm import Comm, Handle
 from impl.common.config import build_config
 from impl.hiermoe.expert_swap import MAX_FNS, _unflatten, decide_swap, local_swap_stats
 from impl.experiments.hiermoe.sim import SimExperimentConfig, dense_compute_ms, resolve
+from tests.support.rank_view import RankView
 
 pytestmark = pytest.mark.bench
 
@@ -110,53 +110,12 @@ def test_bench_local_tables(benchmark, scale):
     _report(benchmark, scale, "local tables")
 
 
-class _RankView(Comm):
-    """Rank 0 of the testbed as one process sees it, with its collectives answered locally: times
-    a rank's own compute in the split decision (its rows E / G x E), not the three scalar
-    collectives (latency only)."""
-
-    backend = "view"
-
-    def __init__(self, topology):
-        super().__init__(topology, 0)
-
-    def _make_lane(self, name):
-        raise NotImplementedError("the single-rank view has no lanes")
-
-    def _all_to_all(self, x, send_splits, recv_splits, group):
-        raise NotImplementedError
-
-    def _all_reduce(self, x, op, group):
-        return x.clone()
-
-    def _all_gather_cat(self, x, group):
-        return x.clone()
-
-    def _reduce_scatter(self, x, group):
-        return x[: x.shape[0] // group.size].clone()
-
-    def _start(self, run, kind, x, group, **args):
-        return Handle(run)
-
-    def all_reduce(self, x, op="sum", group=None, **counting):     # answered locally: no group to resolve
-        return x.clone()
-
-    def all_gather(self, x, group=None, **counting):
-        return [x.clone()]
-
-    def all_gather_object(self, obj):
-        return [obj]
-
-    def barrier(self, group=None):
-        pass
-
-
 @pytest.mark.parametrize("max_fn", MAX_FNS)
 @pytest.mark.parametrize("split", ["rank", "whole"])
 def test_bench_decision(benchmark, scale, max_fn, split):
     """Theorem 1 from the global tables: one rank's share of the pairs ('rank': its 8 x 256 rows,
     as `HierDExpertSwap` runs it) or all 32,640 pairs in one process ('whole': the sim tier)."""
-    comm = _RankView(scale["topo"]) if split == "rank" else None
+    comm = RankView(scale["topo"]) if split == "rank" else None
     dec = benchmark(decide_swap, scale["stats"], scale["placement"], scale["profile"], scale["row_bytes"],
                     max_fn=max_fn, comm=comm)
     assert dec.pair is not None or split == "rank"
@@ -168,7 +127,7 @@ def test_bench_planning_per_rank(benchmark, scale):
     aside; the clone stands for its fresh output) the global tables read and its share of the
     decision (default smooth-max, d*)."""
     reduced = scale["flat_sum"]
-    comm = _RankView(scale["topo"])
+    comm = RankView(scale["topo"])
 
     def plan():
         local_swap_stats(scale["maps"][0], scale["topo"], scale["placement"], 0)

@@ -10,6 +10,7 @@ import torch
 from impl.common.comm import SimWorld
 from impl.common.launcher import LaunchError, launch
 from impl.common.topology import get_topology
+from tests.support import host_exchange
 
 pytestmark = pytest.mark.dist
 
@@ -31,6 +32,12 @@ def _collectives(comm):
 def test_gloo_collectives_equal_simulated():
     topo = get_topology("2x2")
     assert launch(_collectives, 4, topology=topo) == SimWorld(topo).run(_collectives)
+
+
+def test_gloo_all_to_all_on_host_equals_brute_force_with_ragged_and_empty_splits():
+    topo = get_topology("2x2")
+    for rank, got in enumerate(launch(host_exchange.host_all_to_all, 4, topology=topo)):
+        assert got.device.type == "cpu" and torch.equal(got, host_exchange.reference(rank, topo.G))
 
 
 def _die_on_rank_1(comm):

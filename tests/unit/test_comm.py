@@ -3,6 +3,8 @@ import torch
 
 from impl.common.comm import CommError, SimWorld, all_gather_autograd, all_to_all_autograd, reduce_scatter_autograd
 from impl.common.topology import get_topology
+from tests.support import host_exchange
+from tests.support.rank_view import RankView
 
 
 def _exchange(comm):
@@ -132,6 +134,33 @@ def test_reduce_on_host_is_all_reduce_returned_on_the_cpu():
 
     for host, plain in SimWorld(get_topology("1x2")).run(job):
         assert host.device.type == "cpu" and torch.equal(host, plain) and host.tolist() == [1, 1, 0]
+
+
+@pytest.mark.parametrize("topo_name", ["1x1", "1x3", "2x2"])
+def test_all_to_all_on_host_equals_brute_force_with_ragged_and_empty_splits(topo_name):
+    """The host-side all-to-all on simulated ranks: every rank's rows from every source in rank
+    order, on the CPU, counted as metadata (ragged and empty splits: `tests.support.host_exchange`)."""
+    topo = get_topology(topo_name)
+    world = SimWorld(topo)
+    for rank, got in enumerate(world.run(host_exchange.host_all_to_all)):
+        assert got.device.type == "cpu" and got.dtype == torch.int64
+        assert torch.equal(got, host_exchange.reference(rank, topo.G))
+    rows = world.total_traffic().by_level("rows", category="meta")
+    sent = sum(host_exchange.send_splits(r, topo.G)[j] for r in range(topo.G) for j in range(topo.G) if j != r)
+    assert sum(rows.values()) == sent
+
+
+@pytest.mark.parametrize("topo_name", ["1x1", "1x3", "2x2"])
+def test_all_to_all_on_host_of_the_single_rank_view_is_what_it_sends_itself(topo_name):
+    """The single-rank view answers locally: of the brute-force result, the block from itself
+    (all of it on a one-rank topology), on the CPU."""
+    topo = get_topology(topo_name)
+    for rank in range(topo.G):
+        got = host_exchange.host_all_to_all(RankView(topo, rank))
+        mine = host_exchange.rows_of(rank, topo.G).split(host_exchange.send_splits(rank, topo.G))[rank]
+        assert got.device.type == "cpu" and torch.equal(got, mine)
+        if topo.G == 1:
+            assert torch.equal(got, host_exchange.reference(rank, 1))
 
 
 def test_gather_and_scatter_autograd_twins():

@@ -12,8 +12,8 @@ from impl.common.topology import get_topology
 from impl.common.traces import synthetic_topk
 from impl.hiermoe.dimension import choose_from_counts, dispatch_counts, local_counts, route_steps
 from impl.hiermoe.expert_swap import (MAX_FNS, REL_TOL, HierDExpertSwap, apply_max_fn, decide_swap, global_swap_stats,
-                                      _unflatten, level_stats, local_swap_stats, selected_slots, swap_objective,
-                                      z_four_case)
+                                      _real_columns, _unflatten, level_stats, local_swap_stats, selected_slots,
+                                      swap_objective, z_four_case)
 from tests.support.expert_training import TrainCase, profile_for_topology, train_rank
 
 
@@ -353,3 +353,14 @@ def test_stats_bytes_is_the_all_reduced_vector():
         m = routing_map(6, E, 2, seed=1)
         flat = local_swap_stats(m, topo, None, 0)
         assert stats_bytes(topo, E) == flat.numel() * flat.element_size()
+
+
+def test_real_columns_are_made_once_per_hierarchy_and_device():
+    """The spare column after each level's groups is dropped; the indices are kept per (groups,
+    device), a different hierarchy or device getting its own."""
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert _real_columns((2, 4), cpu).tolist() == [0, 1, 3, 4, 5, 6]
+    assert _real_columns((2, 4, 8), cpu).tolist() == [0, 1, 3, 4, 5, 6, *range(8, 16)]
+    assert _real_columns((2, 4), cpu) is _real_columns((2, 4), cpu)
+    on_meta = _real_columns((2, 4), meta)
+    assert on_meta.device == meta and on_meta.dtype == torch.int64 and on_meta is _real_columns((2, 4), meta)

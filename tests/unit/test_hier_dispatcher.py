@@ -8,7 +8,7 @@ from impl.common.comm import SimWorld
 from impl.common.dispatcher import ExpertPlacement
 from impl.common.topology import get_topology
 from baselines.deepep import DeepEPDispatcher
-from impl.hiermoe.dedup_a2a import HierarchicalDispatcher
+from impl.hiermoe.dedup_a2a import HierarchicalDispatcher, _bit_values, pack_bits, unpack_bits
 from tests.support.ep_case import EPCase, assert_matches_reference, identity_round_trip, reference, run_rank
 from tests.support.hier_route import brute_force_hier_traffic, information_minimum_node_bytes
 
@@ -149,3 +149,16 @@ def test_deepep_node_limit():
         SimWorld(topo).run(_node_limited_rank, 1, 2)
     with pytest.raises(Exception, match="max_nodes: 0 is not allowed; expected None or an integer >= 1"):
         SimWorld(topo).run(lambda comm: DeepEPDispatcher(comm, 16, max_nodes=0))
+
+
+def test_packed_ids_equal_brute_force_with_the_bit_table_made_once_per_device():
+    mask = torch.rand(5, 13, generator=torch.Generator().manual_seed(0)) < 0.5
+    packed = pack_bits(mask)
+    brute = [[sum(1 << (b % 8) for b in range(13) if mask[r, b] and b // 8 == n) for n in range(2)] for r in range(5)]
+    assert packed.dtype == torch.uint8 and packed.tolist() == brute
+    assert torch.equal(unpack_bits(packed, 13), mask)
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert _bit_values(cpu) is _bit_values(cpu)
+    # another device gets its own table: nothing is copied from the CPU one
+    assert _bit_values(meta).device == meta and _bit_values(meta) is _bit_values(meta)
+    assert pack_bits(mask.to(meta)).device == meta and unpack_bits(packed.to(meta), 13).device == meta

@@ -42,12 +42,12 @@ def test_an_ablation_within_tolerance_is_not_the_cause_when_it_moves_the_swap_ga
     rows = [compared("HD-MoE", 1.72), compared("HierMoE", 1.99)]
     ab = rep.Ablation("charge", "", option="charge=tokens")
     assert ab.value(frame, "HierMoE", rep.BASE, "a2a_ms") == pytest.approx(1.90)     # within 10% of 1.99
-    ok, why = rep.is_cause(ab, rows[1], rows, frame)
+    ok, why = rep.is_cause(ab, rows[1], rep.setting_checks(rows[1], rows), frame)
     assert not ok and "HierMoE over HD-MoE (derived: 1.99 / 1.72)" in why and "-12%" in why
     # the same switch raising only HierMoE (the swap gain) is the cause
     fixed = run({"Megatron-LM": 100, "HD-MoE": 100 / 1.72, "HierMoE": 100 / 1.75, "Megatron-LM[charge=tokens]": 100,
                  "HD-MoE[charge=tokens]": 100 / 1.74, "HierMoE[charge=tokens]": 100 / 1.98})
-    assert rep.is_cause(ab, rows[1], rows, fixed)[0]
+    assert rep.is_cause(ab, rows[1], rep.setting_checks(rows[1], rows), fixed)[0]
     # an option of one system changes only the numbers it enters
     tutel = rep.Ablation("dropless", "", option="capacity_factor=0", of="Tutel-2DH")
     assert tutel.changes("HierMoE", "Tutel-2DH") and not tutel.changes("HierMoE", rep.BASE)
@@ -58,7 +58,7 @@ def test_cause_text_names_no_cause_without_the_setting_and_says_why():
                  "HD-MoE[charge=tokens]": 100 / 1.87, "HierMoE[charge=tokens]": 100 / 1.90})
     rows = [compared("HD-MoE", 1.72), compared("HierMoE", 1.99)]
     runs = rep.Runs(*[frame] * 3, {}, frame, frame, frame, pd.DataFrame(), 0.0, False, pd.DataFrame())
-    text = rep.cause_text(runs, rows[1], rows, frame, 1.75)
+    text = rep.cause_text(runs, rows[1], rows, frame)
     assert "Closest single ablation: charging only the token rows" in text and "not named as the cause" in text
     assert "accounts for" not in text and ". Cause:" not in text
     assert "the swap gain here, HierMoE over HD-MoE: ours 1.02, the paper's 1.16" in text

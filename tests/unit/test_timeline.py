@@ -160,3 +160,21 @@ def test_searched_order_issues_a_dispatch_before_a_combine_that_blocks_it():
     found = search_order(s, tries=50)
     assert simulate(found).makespan == lower_bound(s) == 11
     assert [t.name for t in found.tasks if t.lane == "comm"][:2] == ["D1", "D2"]
+
+
+def test_a_schedule_is_simulated_once_and_the_search_reuses_it(monkeypatch):
+    """`simulate` runs a schedule once (it is immutable); `search_order` simulates its input and each
+    candidate once, and the caller's `simulate` of the input and of the result runs nothing more."""
+    import impl.common.timeline as timeline
+
+    runs = []
+    real = timeline._run
+    monkeypatch.setattr(timeline, "_run", lambda s: runs.append(s) or real(s))
+    s = _random_schedule(3)
+    found = search_order(s, tries=30, seed=3)
+    assert runs[0] is s and len(runs) <= 31
+    before = len(runs)
+    assert simulate(s) is simulate(s) and simulate(found) is simulate(found)
+    assert len(runs) == before
+    fresh = Schedule(s.tasks)                       # an equal schedule built anew is simulated anew
+    assert simulate(fresh).end == simulate(s).end and len(runs) == before + 1
