@@ -170,9 +170,10 @@ def moe_only(policy: str) -> bool:
 
 
 def make_sim_policy(name: str, cfg: DecoderConfig, cost: CostModel, sc: SimConfig,
-                    popularity: dict | None = None, layer_bytes: dict[int, int] | None = None) -> Policy:
-    """The sim's policy `name`; `layer_bytes` (llama.cpp's 'layers' only): GPU bytes of each layer
-    besides its FFNs (module doc)."""
+                    popularity: dict | None = None, layer_bytes: dict[int, int] | None = None,
+                    head_bytes: int | None = None) -> Policy:
+    """The sim's policy `name`; `layer_bytes` and `head_bytes` (llama.cpp's 'layers' only): GPU
+    bytes of each layer besides its FFNs and of the output head (module doc)."""
     common = dict(cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=sc.dtype_bytes, tile=sc.tile)
     if name == "scheinfer" or name in GG_VARIANTS:
         return make_policy("scheinfer", **common, assign=sc.assign, gg_mode=GG_VARIANTS.get(name, sc.gg_mode),
@@ -180,7 +181,7 @@ def make_sim_policy(name: str, cfg: DecoderConfig, cost: CostModel, sc: SimConfi
     if name == "fiddler":
         return make_policy("fiddler", **common, popularity=popularity)
     if name == "layers":
-        return make_policy("layers", **common, layer_bytes=layer_bytes)
+        return make_policy("layers", **common, layer_bytes=layer_bytes, head_bytes=head_bytes)
     if name in ("cc-only", "cg-only"):
         return _BandOnlyPolicy(name[:2], cost, cfg.hidden, sc.dtype_bytes, sc.tile, gg_mode=sc.gg_mode,
                                popularity=popularity)
@@ -291,9 +292,9 @@ def setup_case(cfg: DecoderConfig, hw: HardwareClass, policy_name: str, sc: SimC
     """Cost model, policy and placement of one (model, hardware, policy). The FFN budget is what
     the card holds beside the other weights and the KV cache, or `ffn_budget_bytes` (a bench's
     `--gpu-mem`: FFN rows plus staging, the rest on the device besides). llama.cpp's 'layers' is
-    held to its own accounting (module doc): the output head, then whole layers (FFNs, attention,
-    norms, router, KV cache) in the card's memory, token embeddings on the CPU; under
-    `ffn_budget_bytes` its FFN rows alone count, the head on the GPU (as
+    held to its own accounting (module doc): the output head (`LayersPolicy.place_head`), then
+    whole layers (FFNs, attention, norms, router, KV cache) in the card's memory, token embeddings
+    on the CPU; under `ffn_budget_bytes` its FFN rows alone count, the head on the GPU (as
     `baselines.llamacpp.runner.settings_within_budget` picks -ngl for a bench)."""
     b = sc.dtype_bytes
     cost = cost_model(hw, b)
@@ -301,9 +302,10 @@ def setup_case(cfg: DecoderConfig, hw: HardwareClass, policy_name: str, sc: SimC
     kv_layer = 2 * cfg.num_kv_heads * cfg.head_dim * b * (sc.prompt_tokens + sc.decode_tokens)
     layer_params, head_params = _layer_nonffn_params(cfg)
     whole_layers = policy_name == "layers"
-    layer_bytes = ({i: p * b + kv_layer for i, p in layer_params.items()}
-                   if whole_layers and ffn_budget_bytes is None else None)
-    policy = make_sim_policy(policy_name, cfg, cost, sc, routing.popularity(), layer_bytes)
+    own_accounting = whole_layers and ffn_budget_bytes is None
+    layer_bytes = {i: p * b + kv_layer for i, p in layer_params.items()} if own_accounting else None
+    policy = make_sim_policy(policy_name, cfg, cost, sc, routing.popularity(), layer_bytes,
+                             head_params * b if own_accounting else None)
     if ffn_budget_bytes is not None:
         budget = int(ffn_budget_bytes)
     elif whole_layers:
@@ -311,10 +313,7 @@ def setup_case(cfg: DecoderConfig, hw: HardwareClass, policy_name: str, sc: SimC
     else:
         budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes - nonffn * b - kv_layer * cfg.num_layers))
     widths = ffn_widths(cfg)
-    head_on_gpu, layers_budget = True, budget
-    if layer_bytes is not None:         # -ngl N >= 1 puts the output head on the GPU first
-        head_on_gpu = budget >= head_params * b
-        layers_budget = budget - head_params * b if head_on_gpu else 0
+    head_on_gpu, layers_budget = policy.place_head(budget) if whole_layers else (True, budget)
     placement = place(policy, widths, cfg.hidden, b, layers_budget)
     gpu_layers, embed_on_gpu = frozenset(range(cfg.num_layers)), True
     if whole_layers:
@@ -362,18 +361,13 @@ def _act_time(st: CaseSetup, cpu_tokens: int, dtype_bytes: int) -> float:
     return 2 * st.cost.h2d_time(dtype_bytes * cpu_tokens * st.cfg.hidden)
 
 
-def _offloads(st: CaseSetup, n: int) -> bool:
-    """A llama.cpp CPU layer's products run on the GPU, weights copied (ggml's rule, n >= min_batch;
-    as for its FFNs in `LayersPolicy.plan`, only with a staging buffer to copy into)."""
-    return n >= getattr(st.policy, "min_batch", math.inf) and st.cg_max > 0
-
-
 def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_bytes: int, bands: dict) -> dict:
     """One forward step (all layers + LM head): ffn / nonffn / act seconds; adds rows to `bands`
     (cc / cg / gg rows, and 'work' / 'gg_work': rows times tokens, all and on resident rows).
     A layer whose attention is on the GPU pays the activation round trip of its CPU lane's rows;
     a llama.cpp CPU layer runs its attention on the CPU, or, when its products are offloaded
-    (`_offloads`), copies its attention weights to the GPU and its activations there and back.
+    (its policy's plan copies the layer's FFN weights to the GPU: ggml's rule, `LayersPolicy.plan`),
+    copies its attention weights to the GPU and its activations there and back.
     Where consecutive stages (embedding, layers, head) sit on different sides the hidden state
     crosses PCIe once (the head reads the last position only)."""
     out = {"ffn_s": 0.0, "nonffn_s": 0.0, "act_s": 0.0}
@@ -397,7 +391,7 @@ def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_byte
         if here == "gpu":
             out["act_s"] += _act_time(st, sum(ld.n for ld, s in zip(loads, splits) if s.cc), b)
             out["nonffn_s"] += _nonffn_time(st, n, ctx)
-        elif _offloads(st, n):
+        elif any(s.cg for s in splits):          # the plan offloads this CPU layer's products
             out["act_s"] += _act_time(st, n, b)
             out["nonffn_s"] += st.cost.h2d_time(b * st.attn_params) + _nonffn_time(st, n, ctx)
         else:
