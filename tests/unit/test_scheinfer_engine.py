@@ -229,6 +229,16 @@ def test_layers_policy_puts_the_head_first_as_ngl_does(n_layer):
         LayersPolicy(n_layer, head_bytes=-1)
 
 
+def test_which_policies_rank_ffns_by_popularity():
+    """`uses_popularity`: Fiddler always, ScheInfer with GG rows by popularity, no other."""
+    common = dict(cost=REFERENCE_COST, hidden=8, num_layers=2, dtype_bytes=4)
+    assert make_policy("fiddler", **common).uses_popularity
+    assert make_policy("scheinfer", **common, gg_mode="popularity").uses_popularity
+    assert not make_policy("scheinfer", **common, gg_mode="uniform").uses_popularity
+    assert not make_policy("layers", **common).uses_popularity
+    assert not make_policy("fixed", **common, cc=0.5, cg=0.5, gg=0.0).uses_popularity
+
+
 # every registered policy, with the options it needs
 POLICY_OPTIONS = {"fixed": {"cc": 0.3, "cg": 0.3, "gg": 0.4}}
 

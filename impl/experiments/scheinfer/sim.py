@@ -68,7 +68,7 @@ from impl.scheinfer.partition import GG_MODES, CostModel, PerRowLinear, Split, l
 from impl.scheinfer.policy import Policy, PopularityCounter, ScheInferPolicy, ffn_widths, make_policy, place
 
 __all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "GG_VARIANTS", "moe_only",
-           "make_sim_policy", "predict_bench", "Routing", "make_routing", "ffn_time", "CaseSetup", "setup_case", "simulate_case", "run", "resolve",
+           "CONFIG_GG", "make_sim_policy", "predict_bench", "Routing", "make_routing", "ffn_time", "CaseSetup", "setup_case", "simulate_case", "run", "resolve",
            "main"]
 
 REPO = Path(__file__).resolve().parents[3]
@@ -80,6 +80,8 @@ GG_VARIANTS = {f"gg-{mode}": mode for mode in GG_MODES}
 SYSTEMS = {"layers": "llama.cpp", "fiddler": "Fiddler", "scheinfer": "ScheInfer",
            "cc-only": "ScheInfer[CC+GG]", "cg-only": "ScheInfer[CG+GG]",
            **{p: f"ScheInfer[GG {mode}]" for p, mode in GG_VARIANTS.items()}}
+# the policies whose GG rows follow the config's gg_mode: the headline and its CC / CG ablations
+CONFIG_GG = ("scheinfer", "cc-only", "cg-only")
 ROWS_GRID = tuple(2 ** i for i in range(15))          # 1 .. 16384 tokens
 
 
@@ -163,10 +165,12 @@ class _BandOnlyPolicy(ScheInferPolicy):
         return out
 
 
-def moe_only(policy: str) -> bool:
-    """Policies that rank experts by popularity (Fiddler, ScheInfer's GG by popularity): run on MoE
-    models only (a dense model has no experts to rank)."""
-    return policy == "fiddler" or GG_VARIANTS.get(policy) == "popularity"
+def moe_only(name: str, policy: Policy) -> bool:
+    """Whether the sim runs policy `name` on MoE models only: one that ranks FFNs by popularity
+    (`Policy.uses_popularity`: Fiddler, ScheInfer's GG by popularity), as a dense model has no
+    experts to rank; but ScheInfer and its band ablations (`CONFIG_GG`) run on every model
+    whatever the config's gg_mode."""
+    return policy.uses_popularity and name not in CONFIG_GG
 
 
 def make_sim_policy(name: str, cfg: DecoderConfig, cost: CostModel, sc: SimConfig,
@@ -488,9 +492,10 @@ def run(rz: Resolved) -> pd.DataFrame:
         routing = make_routing(cfg, sc.prompt_tokens, sc.decode_tokens, sc.routing, sc.seed)
         for hw in rz.hardware.values():
             for p in sc.policies:
-                if moe_only(p) and not cfg.is_moe:
+                st = setup_case(cfg, hw, p, sc, routing, mname)
+                if moe_only(p, st.policy) and not cfg.is_moe:
                     continue                    # no experts to rank by popularity
-                rows.extend(simulate_case(setup_case(cfg, hw, p, sc, routing, mname), sc))
+                rows.extend(simulate_case(st, sc))
     return pd.DataFrame(rows)
 
 
