@@ -40,7 +40,7 @@ from figures import style  # noqa: E402
 from figures.inputs import read_results  # noqa: E402
 from impl.common import cli  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
-from impl.common.records import atomic_write_text  # noqa: E402
+from impl.common.records import atomic_write_text, read_record  # noqa: E402
 
 __all__ = ["speedups", "gg_variants", "variant_speedups", "gg_section", "plot_speedup", "plot_partition",
            "plot_timeline", "report", "gpu_section", "main"]
@@ -490,13 +490,13 @@ def gpu_section(bench_csv: str, bench_record: str, hardware_yaml: str) -> str:
 
     bench = read_results(bench_csv, BENCH_COLUMNS, "python -m impl.experiments.scheinfer bench")
     try:
-        record = json.loads(Path(bench_record).read_text())
+        record = read_record(bench_record)
         cfg = DecoderConfig.from_dict(record["model"]["decoder_config"])
         budget = int(record["extra"]["budget"]["gpu_mem_bytes"])
         device, tier, git, when = record["topology"]["device"], record["tier"], record["git"], record["timestamp"]
         command, matmul = _command(record["command"]), record["extra"].get("gpu_fp32_matmul", {})
         popularity = record["extra"].get("popularity") or {}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise ValueError(f"{bench_record}: not a bench run record (python -m impl.experiments.scheinfer bench "
                          f"--out-record) with the model's decoder_config, budget and provenance ({e!r})") from None
     classes = load_hardware(hardware_yaml)
