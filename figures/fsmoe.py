@@ -14,7 +14,6 @@ says emu (measured on this machine).
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from figures.verdicts import gap as _gap  # noqa: E402
 from impl.common import cli  # noqa: E402
 from impl.common.costmodel import load_profile  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
-from impl.common.records import atomic_write_text  # noqa: E402
+from impl.common.records import atomic_write_text, read_record  # noqa: E402
 
 __all__ = ["table5", "model_speedups", "overlap_cap", "checks", "reproduces", "check_verdict", "gate_spreads", "gates_differentiated",
            "report", "main"]
@@ -607,12 +606,7 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
 def _record_beside(csv_path: str) -> dict | None:
     """The run record written beside a results CSV (same name, .json), if there is one."""
     path = Path(csv_path).with_suffix(".json")
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not a run record ({e})") from None
+    return read_record(path) if path.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,10 +40,10 @@ from figures import style  # noqa: E402
 from figures.inputs import read_results  # noqa: E402
 from impl.common import cli  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
-from impl.common.records import atomic_write_text  # noqa: E402
+from impl.common.records import atomic_write_text, read_record  # noqa: E402
 
-__all__ = ["speedups", "gg_variants", "gg_section", "plot_speedup", "plot_partition", "plot_timeline", "report",
-           "gpu_section", "main"]
+__all__ = ["speedups", "gg_variants", "variant_speedups", "gg_section", "plot_speedup", "plot_partition",
+           "plot_timeline", "report", "gpu_section", "main"]
 
 PHASES = ("prefill", "decode", "overall")
 BASELINES = ("llama.cpp", "Fiddler")
@@ -266,6 +266,12 @@ def gg_variants(frame: pd.DataFrame) -> dict[str, str]:
     return {s: m for s, m in rows.groupby("system", sort=False)["gg_mode"].first().items() if m != head}
 
 
+def variant_speedups(frame: pd.DataFrame) -> dict[str, tuple[str, pd.DataFrame]]:
+    """Each of `gg_variants`: system -> (its gg_mode, its `speedups`), computed once for every
+    section of the report that shows them."""
+    return {system: (mode, speedups(frame, system)) for system, mode in gg_variants(frame).items()}
+
+
 def _verdict(speedup: pd.Series, hardware: pd.Series) -> str:
     """Whether a set of speedups (one per hardware class) is a win, a loss or both."""
     won = speedup >= 1
@@ -276,8 +282,9 @@ def _verdict(speedup: pd.Series, hardware: pd.Series) -> str:
     return f"a win on {', '.join(hardware[won])}, a loss on {', '.join(hardware[~won])}"
 
 
-def _why(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
-    """The 'why ours differ' bullets, each computed from the sim CSV (or stating what was run)."""
+def _why(frame: pd.DataFrame, sp: pd.DataFrame, variants: dict[str, tuple[str, pd.DataFrame]]) -> list[str]:
+    """The 'why ours differ' bullets, each computed from the sim CSV (or stating what was run);
+    `variants`: `variant_speedups`."""
     paper, _ = _paper_ranges()
     first = frame.iloc[0]
     P = int(first["prompt_tokens"])
@@ -299,8 +306,6 @@ def _why(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
             out.append(f"* **All FFN rows resident.** {_label(model)} on {', '.join(hws)}: every system keeps all FFN "
                        f"rows on the GPU (resident_frac = 1), so ScheInfer over llama.cpp is {_span(s)} there.")
     keys = ["hardware", "model", "phase"]
-    variants = gg_variants(frame)
-    other = {system: speedups(frame, system) for system in variants}
     losses = sp[(sp["speedup"] < 1) & sp["phase"].isin(["prefill", "decode"])]     # overall: their sum
     for (model, base, phase), g in losses.groupby(["model", "baseline", "phase"], sort=False):
         hws = list(g["hardware"])
@@ -318,9 +323,8 @@ def _why(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
         if base == "Fiddler":
             text += (" Fiddler ranks whole experts by a popularity counted on the same routing it then runs (an "
                      f"oracle); ScheInfer's resident rows are gg_mode '{ours['gg_mode'].iloc[0]}'.")
-        for system, mode in variants.items():
+        for system, (mode, v) in variants.items():
             alt = pick(system)
-            v = other[system]
             v = v[(v["model"] == model) & (v["baseline"] == base) & (v["phase"] == phase)
                   & v["hardware"].isin(hws)].reset_index(drop=True)
             if len(alt) and len(v):
@@ -330,8 +334,8 @@ def _why(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
                          f"{TIME_PARTS[worst]} is {_span(alt[worst] / theirs[worst])} of the baseline's and it holds "
                          f"{_pct(alt['gg_frac'])} of the active FFN rows resident.")
         out.append(text)
-    for system, mode in variants.items():
-        v = other[system].merge(sp, on=["hardware", "model", "phase", "baseline"], suffixes=("", "_headline"))
+    for system, (mode, v) in variants.items():
+        v = v.merge(sp, on=["hardware", "model", "phase", "baseline"], suffixes=("", "_headline"))
         v = v[(v["speedup"] < 1) & (v["speedup_headline"] >= 1) & v["phase"].isin(["prefill", "decode"])]
         for (model, base, phase), g in v.groupby(["model", "baseline", "phase"], sort=False):
             name = _fiddler_name(model) if base == "Fiddler" else base
@@ -368,13 +372,13 @@ def _why(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
     return out
 
 
-def gg_section(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
-    """Per model and phase, ScheInfer under the other reading of GG (each of `gg_variants`) over
-    llama.cpp and over Fiddler beside the headline's, min-max over the hardware classes."""
+def gg_section(frame: pd.DataFrame, sp: pd.DataFrame, variants: dict[str, tuple[str, pd.DataFrame]]) -> list[str]:
+    """Per model and phase, ScheInfer under the other reading of GG (each of `variants`:
+    `variant_speedups`) over llama.cpp and over Fiddler beside the headline's, min-max over the
+    hardware classes."""
     head, out = _headline_gg(frame), []
-    for system, mode in gg_variants(frame).items():
-        alt = speedups(frame, system)
-        tps = frame.pivot_table(index=["hardware", "model", "phase"], columns="system", values="tokens_per_s")
+    tps = frame.pivot_table(index=["hardware", "model", "phase"], columns="system", values="tokens_per_s")
+    for system, (mode, alt) in variants.items():
         gain = (tps[system] / tps["ScheInfer"]).dropna().rename("gain").reset_index()
         models = list(dict.fromkeys(alt["model"]))
         out += ["", f"## ScheInfer with GG by {mode} (ablation: the other reading)", "",
@@ -402,14 +406,14 @@ def gg_section(frame: pd.DataFrame, sp: pd.DataFrame) -> list[str]:
 
 
 def report(frame: pd.DataFrame) -> str:
-    sp = speedups(frame)
+    sp, variants = speedups(frame), variant_speedups(frame)
     paper, header = _paper_ranges()
     lines = ["# ScheInfer: paper vs ours", "",
              f"Ours: {NOTE}. Prompt {int(frame['prompt_tokens'].iloc[0])} tokens, "
              f"{int(frame['decode_tokens'].iloc[0])} decode steps, batch 1, routing "
              f"'{frame['routing'].iloc[0]}', 16-bit weights. ScheInfer's GG rows (scheinfer.md 3.3 step 1): gg_mode "
              f"'{_headline_gg(frame)}', {GG_READING[_headline_gg(frame)]}"
-             + (f"; the other reading beside it below ({', '.join(gg_variants(frame))})." if gg_variants(frame) else "."),
+             + (f"; the other reading beside it below ({', '.join(variants)})." if variants else "."),
              f"Paper: {header['citation']}; {header['location']}. The paper states only these ranges "
              "(over its models, both baselines and three machines); no per-model number is public.", "",
              "| phase | paper (stated range) | ours vs llama.cpp (min-max) | ours vs llama.cpp, MoE models | "
@@ -437,8 +441,8 @@ def report(frame: pd.DataFrame) -> str:
         cell = lambda b: f"{row[b]:.2f}x" if b in row and pd.notna(row[b]) else "n/a"  # noqa: E731
         fid = cell("Fiddler") + (" (port)" if cell("Fiddler") != "n/a" and m not in FIDDLER_MODELS else "")
         lines.append(f"| {h} | {m} | {p} | {cell('llama.cpp')} | {fid} | {tps[(h, m, p)]:.1f} |")
-    lines += gg_section(frame, sp)
-    lines += ["", "## Why ours differ from the paper", "", *_why(frame, sp), "",
+    lines += gg_section(frame, sp, variants)
+    lines += ["", "## Why ours differ from the paper", "", *_why(frame, sp, variants), "",
               "Timeline figure: measured lane events of our HybridEngine on a small generated model, one run "
               "per engine policy: 'layers' and 'fiddler' are llama.cpp's layer offload and Fiddler's expert "
               "placement run by our engine (not llama.cpp or Fiddler themselves); each run has a run record "
@@ -486,13 +490,13 @@ def gpu_section(bench_csv: str, bench_record: str, hardware_yaml: str) -> str:
 
     bench = read_results(bench_csv, BENCH_COLUMNS, "python -m impl.experiments.scheinfer bench")
     try:
-        record = json.loads(Path(bench_record).read_text())
+        record = read_record(bench_record)
         cfg = DecoderConfig.from_dict(record["model"]["decoder_config"])
         budget = int(record["extra"]["budget"]["gpu_mem_bytes"])
         device, tier, git, when = record["topology"]["device"], record["tier"], record["git"], record["timestamp"]
         command, matmul = _command(record["command"]), record["extra"].get("gpu_fp32_matmul", {})
         popularity = record["extra"].get("popularity") or {}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise ValueError(f"{bench_record}: not a bench run record (python -m impl.experiments.scheinfer bench "
                          f"--out-record) with the model's decoder_config, budget and provenance ({e!r})") from None
     classes = load_hardware(hardware_yaml)

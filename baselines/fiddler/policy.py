@@ -40,6 +40,7 @@ class FiddlerPolicy(Policy):
     name = "fiddler"
     concurrent = False
     staging_buffers = 1
+    uses_popularity = True
 
     def __init__(self, cost: CostModel, hidden: int, dtype_bytes: int,
                  popularity: Mapping[tuple[int, Hashable], float] | None = None,

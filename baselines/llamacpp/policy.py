@@ -3,9 +3,10 @@ policy 'layers' (scheinfer.md 8.2), so the engine and the sim tier can run llama
 on the same model as ScheInfer's.
 
 What is llama.cpp's: whole layers resident on the GPU, as many as fit, the last ones (-ngl N
-holds the output layer and the last N - 1: `runner.ngl_layers`; the caller that accounts for the
-output head takes it from the budget first, as the sim tier does); a
-CPU-resident layer is computed on the CPU when the layer's batch has fewer than `min_batch`
+holds the output layer and the last N - 1: `runner.ngl_layers`); with `head_bytes` (the output
+head's GPU bytes, given by a caller whose budget counts it, as the sim tier's does) the head takes
+the budget first, any N >= 1 holding it, and without room for it no layer is on the GPU
+(`place_head`); a CPU-resident layer is computed on the CPU when the layer's batch has fewer than `min_batch`
 tokens, else its weights are copied to the GPU and computed there (ggml's CUDA offload rule,
 min_batch_size = 32); parts run one after another. A layer's GPU bytes are its FFN rows plus
 `layer_bytes[i]`: what else -ngl puts on the GPU with the layer (attention, norms, router, its KV
@@ -38,11 +39,26 @@ class LayersPolicy(Policy):
     staging_buffers = 1
 
     def __init__(self, num_layers: int, order: str = "last", min_batch: int = OFFLOAD_MIN_BATCH,
-                 layer_bytes: Mapping[int, int] | None = None):
+                 layer_bytes: Mapping[int, int] | None = None, head_bytes: int | None = None):
         if order not in ("last", "first"):
             raise ConfigError(f"layers order={order!r} is not allowed; expected 'last' or 'first'")
+        if head_bytes is not None and head_bytes < 0:
+            raise ConfigError(f"layers head_bytes={head_bytes!r} is not allowed; expected >= 0")
         self.num_layers, self.order, self.min_batch = num_layers, order, min_batch
         self.layer_bytes = dict(layer_bytes or {})
+        self.head_bytes = head_bytes
+
+    def place_head(self, budget_bytes: int) -> tuple[bool, int]:
+        """(whether the output head is on the GPU, the budget left for the layers and the staging
+        buffer): -ngl N >= 1 puts the output layer on the GPU before any repeating layer
+        (`runner.ngl_layers`), so the head takes `head_bytes` of the budget first, and where it
+        does not fit, N = 0: nothing is on the GPU. Without head_bytes the head is not the
+        budget's (True, budget_bytes)."""
+        if self.head_bytes is None:
+            return True, budget_bytes
+        if budget_bytes >= self.head_bytes:
+            return True, budget_bytes - self.head_bytes
+        return False, 0
 
     def gpu_layers(self, ffns, hidden, dtype_bytes, budget_bytes) -> list[int]:
         """The layers of `ffns` that go on the GPU within budget_bytes, in placement order. Computed

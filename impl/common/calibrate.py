@@ -418,8 +418,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--emulate-rate", default=None,
                    help="run the local ranks on an emulated cluster, each node's link shaped to this tc rate "
                         "(e.g. 200mbit; see impl.common.emu_cluster); loopback when omitted")
-    p.add_argument("--emulate-burst", default=NetworkConfig.burst, help="tbf bucket of the emulated links")
-    p.add_argument("--emulate-latency", default=NetworkConfig.latency, help="tbf queueing limit of the emulated links")
+    # the link flags default to None (given or not), so that one without --emulate-rate is refused
+    p.add_argument("--emulate-burst", default=None,
+                   help=f"tbf bucket of the emulated links (default {NetworkConfig.burst})")
+    p.add_argument("--emulate-latency", default=None,
+                   help=f"tbf queueing limit of the emulated links (default {NetworkConfig.latency})")
     p.add_argument("--emulate-intra-rate", default=None, help="also shape each emulated node's intra-node path")
     p.add_argument("--quiet", action="store_true", help="no per-point progress lines")
     return p
@@ -460,12 +463,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--gemm-tokens: needs >= 2 distinct token counts, got {gemm_tokens}")
         # every flag is checked, also those a run without --emulate-rate ignores
         emulate = args.emulate_rate is not None
-        shaping = [f for f in ("--emulate-burst", "--emulate-latency", "--emulate-intra-rate")
-                   if any(a == f or a.startswith(f + "=") for a in argv)]
+        links = {"--emulate-burst": args.emulate_burst, "--emulate-latency": args.emulate_latency,
+                 "--emulate-intra-rate": args.emulate_intra_rate}
+        shaping = [flag for flag, value in links.items() if value is not None]
         if shaping and not emulate:
             raise ValueError(f"{shaping[0]} needs --emulate-rate (links are shaped only on an emulated cluster)")
         network = NetworkConfig(emulate=emulate, rate=args.emulate_rate if emulate else NetworkConfig.rate,
-                                burst=args.emulate_burst, latency=args.emulate_latency,
+                                burst=NetworkConfig.burst if args.emulate_burst is None else args.emulate_burst,
+                                latency=NetworkConfig.latency if args.emulate_latency is None else args.emulate_latency,
                                 intra_rate=args.emulate_intra_rate)
         check_network(network, flag_prefix="emulate-")
         if network.emulate and args.launcher != "local":

@@ -36,7 +36,7 @@ from impl.common.config import config_hash, to_dict
 
 __all__ = [
     "RECORD_SCHEMA", "SCHEMA_VERSION", "TIERS", "summarize", "collect_env", "git_info", "make_record",
-    "validate_record", "write_record", "read_records", "record_path", "atomic_output",
+    "validate_record", "write_record", "read_record", "read_records", "record_path", "atomic_output",
     "atomic_write_text",
 ]
 
@@ -300,21 +300,24 @@ def write_record(path: str | Path, record: Mapping) -> Path:
     return atomic_write_text(path, text)
 
 
+def read_record(path: str | Path, validate: bool = True) -> dict:
+    """The record at exactly `path` (no glob: a `*` in it is a character of the name), validated;
+    ValueError naming the file where it is no record, OSError where it cannot be read."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: a directory; expected a run record (a JSON file)")
+    with open(path, "rb") as f:
+        try:
+            record = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if validate:
+        try:
+            validate_record(record)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return record
+
+
 def read_records(pattern: str | Path, validate: bool = True) -> list[dict]:
-    """All records matching a glob (`**` recurses), in path order, each validated."""
-    records = []
-    for name in sorted(globlib.glob(str(pattern), recursive=True)):
-        if Path(name).is_dir():
-            raise ValueError(f"{name}: a directory; expected a run record (a JSON file)")
-        with open(name, "rb") as f:
-            try:
-                record = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{name}: not valid JSON ({e})") from None
-        if validate:
-            try:
-                validate_record(record)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
-        records.append(record)
-    return records
+    """All records matching a glob (`**` recurses), in path order, each read by `read_record`."""
+    return [read_record(name, validate) for name in sorted(globlib.glob(str(pattern), recursive=True))]

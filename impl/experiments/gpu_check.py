@@ -298,10 +298,10 @@ def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
 def run_record(out_dir: Path, stages: list[dict[str, Any]], dry_run: bool, command: list[str]) -> dict:
     """Stage e (module doc)."""
     import yaml
-    from impl.common.records import make_record
+    from impl.common.records import make_record, read_record
 
     device = _read(out_dir / "a_device.json", lambda p: json.loads(p.read_text())) or {}
-    bench = _read(out_dir / "c_bench.json", lambda p: json.loads(p.read_text())) or {}
+    bench = _read(out_dir / "c_bench.json", read_record) or {}
     profile = _read(out_dir / "d_profile.yaml", lambda p: yaml.safe_load(p.read_text())) or {}
     hw = _read(out_dir / "d_scheinfer_hardware.yaml", lambda p: yaml.safe_load(p.read_text())) or {}
     tests = _junit(out_dir / "b_pytest.xml")

@@ -92,11 +92,14 @@ def profile_popularity(decoder, tokens: Sequence[int]) -> dict[FFNKey, float]:
 class Policy(ABC):
     """Where each FFN's rows live (resident GG rows, fixed at load) and how a layer's active FFNs
     are split at run time. `concurrent`: the three lanes overlap (else parts run one after
-    another); `staging_buffers`: host->device buffers the policy needs for CG."""
+    another); `staging_buffers`: host->device buffers the policy needs for CG;
+    `uses_popularity`: the policy ranks FFNs by popularity, so it is built with a profile
+    (`popularity`, e.g. `profile_popularity`) and has something to rank on MoE models only."""
 
     name: str = "?"
     concurrent: bool = True
     staging_buffers: int = 2
+    uses_popularity: bool = False
 
     @abstractmethod
     def resident(self, ffns: dict[FFNKey, int], hidden: int, dtype_bytes: int, budget_bytes: int) -> dict[FFNKey, int]:
@@ -123,6 +126,11 @@ class ScheInferPolicy(Policy):
             raise ConfigError(f"tile={tile!r} is not allowed; expected an integer >= 1")
         self.cost, self.hidden, self.dtype_bytes, self.tile = cost, hidden, dtype_bytes, tile
         self.assign, self.gg_mode, self.popularity, self.exhaustive = assign, gg_mode, popularity, exhaustive
+
+    @property
+    def uses_popularity(self) -> bool:
+        """GG rows by popularity (gg_mode 'popularity'): whole FFNs, most popular first."""
+        return self.gg_mode == "popularity"
 
     def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
         return resident_rows(ffns, hidden, dtype_bytes, budget_bytes, self.tile, self.gg_mode, self.popularity)

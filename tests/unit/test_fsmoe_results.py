@@ -115,3 +115,12 @@ def test_the_links_part_keeps_both_readings_in_its_csv(tmp_path):
     assert set(frame.reading) == {"published", "comm-other-unit"}
     assert set(frame[frame.testbed == "B"].groupby("reading").unit.first().items()) == {
         ("published", "byte"), ("comm-other-unit", "float32 element")}
+
+
+def test_each_part_says_whether_it_reports_progress():
+    """A part's `reports_progress` is whether its runner takes `progress`; the CLI's parts are the registry's."""
+    import inspect
+    from impl.experiments.fsmoe import results
+    assert results.PARTS == tuple(results.RUNNERS) == ("grid", "statistic", "table2", "models", "order", "links")
+    for name, part in results.RUNNERS.items():
+        assert part.reports_progress == ("progress" in inspect.signature(part.run).parameters), name

@@ -1,6 +1,7 @@
 """Run records (schema, atomic writes, summaries) and the name registry."""
 import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ import pytest
 
 from impl.common import records, registry
 from impl.common.config import config_hash
-from impl.common.records import (atomic_output, atomic_write_text, make_record, read_records,
+from impl.common.records import (atomic_output, atomic_write_text, make_record, read_record, read_records,
                                  record_path, summarize, validate_record, write_record)
 from impl.common.topology import get_topology
 
@@ -167,6 +168,23 @@ def test_read_records_reports_the_bad_file(tmp_path):
     with pytest.raises(ValueError, match=r"c\.json: not valid JSON"):
         read_records(tmp_path / "c.json")
     assert read_records(tmp_path / "none-*.json") == []
+
+
+def test_read_record_reads_the_one_path_given_never_a_glob(tmp_path):
+    """A '*' in the path is part of the name: the literal file is read, not the files it would match."""
+    star, other = demo_record(seed=1), demo_record(seed=2)
+    write_record(tmp_path / "a*.json", star)
+    write_record(tmp_path / "ab.json", other)
+    assert read_record(tmp_path / "a*.json") == star
+    assert read_records(tmp_path / "a*.json") == [star, other]          # the glob matches both
+    with pytest.raises(FileNotFoundError):
+        read_record(tmp_path / "a?.json")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}: a directory"):
+        read_record(tmp_path)
+    (tmp_path / "b.json").write_text(json.dumps({"experiment": "x"}))
+    with pytest.raises(ValueError, match=r"b\.json: invalid record at <record>"):
+        read_record(tmp_path / "b.json")
+    assert read_record(tmp_path / "b.json", validate=False) == {"experiment": "x"}
 
 
 # ---- registry ----------------------------------------------------------------------------------

@@ -207,6 +207,38 @@ def test_fiddler_and_layers_placement(models):
     assert LayersPolicy(2, layer_bytes={1: 2 * e_bytes}).gpu_layers(ffn_widths(cfg), cfg.hidden, 4, e_bytes * 8) == []
 
 
+
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_layers_policy_puts_the_head_first_as_ngl_does(n_layer):
+    """With head_bytes, llama.cpp's policy holds at every budget what -ngl N holds by
+    `runner.ngl_layers`, N the most that fit: the output head (any N >= 1) before any layer, then
+    the last N - 1 layers; a budget short of the head holds nothing (N = 0)."""
+    from baselines.llamacpp.runner import ngl_layers
+    widths = {(i, "dense"): 4 for i in range(n_layer)}          # 4 rows of 3 bytes: 12 bytes per layer
+    head, layer = 5, 12 + 2
+    policy = LayersPolicy(n_layer, layer_bytes=dict.fromkeys(range(n_layer), 2), head_bytes=head)
+    for budget in range(head + n_layer * layer + 3):
+        on_gpu, left = policy.place_head(budget)
+        layers = sorted(policy.gpu_layers(widths, 1, 1, left))
+        N = 1 + len(layers) if on_gpu else 0
+        first, output = ngl_layers(n_layer, N)
+        assert (layers, on_gpu) == (list(range(first, n_layer)), output), budget
+        assert N == n_layer + 1 or budget < head + N * layer, budget       # -ngl N + 1 does not fit
+    assert LayersPolicy(n_layer).place_head(7) == (True, 7)       # the head outside the budget
+    with pytest.raises(ConfigError, match="head_bytes=-1"):
+        LayersPolicy(n_layer, head_bytes=-1)
+
+
+def test_which_policies_rank_ffns_by_popularity():
+    """`uses_popularity`: Fiddler always, ScheInfer with GG rows by popularity, no other."""
+    common = dict(cost=REFERENCE_COST, hidden=8, num_layers=2, dtype_bytes=4)
+    assert make_policy("fiddler", **common).uses_popularity
+    assert make_policy("scheinfer", **common, gg_mode="popularity").uses_popularity
+    assert not make_policy("scheinfer", **common, gg_mode="uniform").uses_popularity
+    assert not make_policy("layers", **common).uses_popularity
+    assert not make_policy("fixed", **common, cc=0.5, cg=0.5, gg=0.0).uses_popularity
+
+
 # every registered policy, with the options it needs
 POLICY_OPTIONS = {"fixed": {"cc": 0.3, "cg": 0.3, "gg": 0.4}}
 

@@ -59,11 +59,11 @@ def test_placement_equals_the_engine():
     sc = SimConfig(models=("mixtral-8x7b-tiny",), hardware=(HW,), prompt_tokens=4, decode_tokens=1, tile=16,
                    dtype_bytes=4)
     hw = resolve(sc).hardware[HW]
-    routing = sim.make_routing(cfg, 4, 1, "uniform", 0)
+    model = sim.setup_model(cfg, sim.make_routing(cfg, 4, 1, "uniform", 0))
     half = sum(sim.ffn_widths(cfg).values()) * 3 * cfg.hidden * 4 // 2
     for p in ("scheinfer", "fiddler", "layers"):
-        overhead = hw.gpu_mem_bytes - sim.setup_case(cfg, hw, p, sc, routing).budget_bytes
-        st = sim.setup_case(cfg, dataclasses.replace(hw, gpu_mem_bytes=overhead + half), p, sc, routing)
+        overhead = hw.gpu_mem_bytes - sim.setup_case(model, hw, p, sc).budget_bytes
+        st = sim.setup_case(model, dataclasses.replace(hw, gpu_mem_bytes=overhead + half), p, sc)
         assert st.budget_bytes == half
         policy = st.policy
         with HybridEngine(policy, cfg.hidden, torch.float32, st.budget_bytes, device="cpu") as engine:
@@ -81,9 +81,9 @@ def test_predicting_a_bench_places_within_its_budget_and_runs_each_prompt():
     frame = sim.predict_bench(cfg, hw, half, [4, 8], 2)
     assert len(frame) == 2 * 2 * 3 and set(frame.policy) == {"scheinfer", "fiddler"}
     assert (frame.tokens_per_s > 0).all() and (frame[frame.policy == "fiddler"].gg_frac > 0).all()
-    routing = sim.make_routing(cfg, 4, 2, "gate", 0)
+    model = sim.setup_model(cfg, sim.make_routing(cfg, 4, 2, "gate", 0))
     sc = SimConfig(prompt_tokens=4, decode_tokens=2, dtype_bytes=4)
-    st = sim.setup_case(cfg, hw, "scheinfer", sc, routing, ffn_budget_bytes=half)
+    st = sim.setup_case(model, hw, "scheinfer", sc, ffn_budget_bytes=half)
     assert st.budget_bytes == half
     none = sim.predict_bench(cfg, hw, 0, [4], 2)
     assert (none.gg_frac == 0).all()
@@ -95,7 +95,7 @@ def _case(policy, model="mixtral-8x7b", **kw):
     rz = resolve(sc)
     cfg = rz.models[model]
     routing = sim.make_routing(cfg, sc.prompt_tokens, sc.decode_tokens, sc.routing, sc.seed)
-    st = sim.setup_case(cfg, rz.hardware[HW], policy, sc, routing, model)
+    st = sim.setup_case(sim.setup_model(cfg, routing, model), rz.hardware[HW], policy, sc)
     return sc, cfg, st, {r["phase"]: r for r in sim.simulate_case(st, sc)}
 
 
@@ -203,7 +203,7 @@ def test_layers_placement_is_llamacpp_ngl_rule(tmp_path):
     cfg = tiny_config("mixtral")
     path = generate("mixtral", tmp_path / "m.gguf", dtype="f32", seed=0)
     sc = SimConfig(prompt_tokens=4, decode_tokens=2, dtype_bytes=4, tile=16, policies=("layers",))
-    routing = sim.make_routing(cfg, 4, 2, "uniform", 0)
+    model = sim.setup_model(cfg, sim.make_routing(cfg, 4, 2, "uniform", 0))
     hw0 = resolve(SimConfig(hardware=(HW,), models=("mixtral-8x7b-tiny",))).hardware[HW]
     L = cfg.num_layers
     kv = 2 * cfg.num_kv_heads * cfg.head_dim * 4 * (4 + 2)
@@ -218,7 +218,7 @@ def test_layers_placement_is_llamacpp_ngl_rule(tmp_path):
     for N in range(1, L + 2):
         for less in (0, 1):
             hw = dataclasses.replace(hw0, gpu_mem_bytes=hw0.gpu_reserve_bytes + need(N) - less)
-            st = sim.setup_case(cfg, hw, "layers", sc, routing)
+            st = sim.setup_case(model, hw, "layers", sc)
             g = on_gpu(N - less if N > 1 else N)     # -ngl 1 less a byte: the head, no staging buffer
             assert sorted(st.gpu_layers) == g["gpu_layers"], (N, less)
             assert st.head_on_gpu == g["output_on_gpu"] and st.head_on_gpu and not st.embed_on_gpu, (N, less)
@@ -232,8 +232,8 @@ def test_layers_cpu_layers_run_attention_and_head_on_the_cpu():
     rz = resolve(sc)
     cfg, hw0 = rz.models["llama2-7b"], rz.hardware[HW]
     hw = dataclasses.replace(hw0, gpu_mem_bytes=hw0.gpu_reserve_bytes)
-    routing = sim.make_routing(cfg, 8, 2, "gate", 0)
-    st = sim.setup_case(cfg, hw, "layers", sc, routing)
+    model = sim.setup_model(cfg, sim.make_routing(cfg, 8, 2, "gate", 0))
+    st = sim.setup_case(model, hw, "layers", sc)
     assert not st.gpu_layers and not st.head_on_gpu
     rows = {r["phase"]: r for r in sim.simulate_case(st, sc)}
     b, p = 2, st.attn_params
@@ -246,7 +246,7 @@ def test_layers_cpu_layers_run_attention_and_head_on_the_cpu():
         expected += cfg.num_layers * layer + hw.cpu_alpha_s + b * cfg.vocab_size * cfg.hidden / hw.cpu_bytes_per_s
     assert math.isclose(rows["decode"]["nonffn_s"], expected, rel_tol=1e-12)
     assert rows["decode"]["act_s"] == 0
-    other = sim.setup_case(cfg, hw, "scheinfer", sc, routing)
+    other = sim.setup_case(model, hw, "scheinfer", sc)
     assert other.gpu_layers == frozenset(range(cfg.num_layers)) and other.head_on_gpu
 
 
@@ -278,3 +278,15 @@ def test_gg_readings_run_beside_the_headline(tmp_path):
     assert (fits["resident_frac"] == 1).all() and (fits["gg_frac"] == 1).all() and (fits["gg_work_frac"] == 1).all()
     for col in ("time_s", "ffn_s", "nonffn_s", "act_s"):
         assert (fits.xs("scheinfer", level="policy")[col] == fits.xs("gg-popularity", level="policy")[col]).all()
+
+
+def test_a_models_routing_popularity_and_widths_are_computed_once(monkeypatch):
+    """`setup_model` once per model: every (hardware, policy) case of it shares its popularity and
+    FFN widths, which `run` does not recount."""
+    calls = []
+    counted = sim.Routing.popularity
+    monkeypatch.setattr(sim.Routing, "popularity", lambda self: calls.append(1) or counted(self))
+    frame = sim.run(_resolve("models=[mixtral-8x7b-tiny, llama2-7b-tiny]", "prompt_tokens=8", "decode_tokens=2",
+                             "policies=[layers, fiddler, scheinfer]",
+                             "hardware=[rtx4090-pcie4-16core, rtx3090-pcie3-8core]"))
+    assert len(calls) == 2 and len(frame) == 3 * (2 * 3 + 2 * 2)       # Fiddler on the MoE model only

@@ -10,7 +10,6 @@ unless --allow-dry-run (for rehearsals into a scratch --to folder).
 """
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
@@ -55,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def commit(src: Path, card: str, dest: Path, allow_dry_run: bool = False) -> int:
+    from impl.common.records import read_record
+
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", card):
         raise ValueError(f"--card={card!r} is not allowed; expected lower-case letters, digits and '-', e.g. h100")
     if not src.is_dir():
@@ -65,12 +66,9 @@ def commit(src: Path, card: str, dest: Path, allow_dry_run: bool = False) -> int
     if missing:
         raise ValueError(f"--from {src}: missing {', '.join(missing)}; expected every file gpu_check.sh writes")
     try:
-        record = json.loads((src / "e_record.json").read_text())
-        bench = json.loads((src / "c_bench.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--from {src}: a record is not JSON ({e})") from None
-    if not (isinstance(record, dict) and isinstance(bench, dict)):
-        raise ValueError(f"--from {src}: e_record.json and c_bench.json must be run records (JSON objects)")
+        record, bench = read_record(src / "e_record.json"), read_record(src / "c_bench.json")
+    except ValueError as e:
+        raise ValueError(f"--from {e}; expected the run records gpu_check.sh writes") from None
     for name, r in (("e_record.json", record), ("c_bench.json", bench)):
         if r.get("tier") != "cluster" and not allow_dry_run:
             raise ValueError(f"--from {src / name}: tier {r.get('tier')!r}, not 'cluster': a run without a GPU "

@@ -33,7 +33,7 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Callable, Literal
 
 import pandas as pd
 from tqdm import tqdm
@@ -50,10 +50,9 @@ from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs
 from impl.fsmoe.degree import DOMAINS, integer_optimum
 from impl.fsmoe.schedules import fsmoe_pass, gpipe_iteration
 
-__all__ = ["ResultsConfig", "MODELS", "PARTS", "READINGS", "DS_MOE_MP_ALLREDUCE", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
+__all__ = ["ResultsConfig", "MODELS", "Part", "RUNNERS", "PARTS", "READINGS", "DS_MOE_MP_ALLREDUCE", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
 
 PROG = "python -m impl.experiments.fsmoe.results"
-PARTS = ("grid", "statistic", "table2", "models", "order", "links")
 
 
 @dataclass(frozen=True)
@@ -403,8 +402,22 @@ def run_links(cfg: ResultsConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-RUNNERS = {"grid": run_grid, "statistic": run_statistic, "table2": run_table2, "models": run_models, "order": run_order,
-           "links": run_links}
+@dataclass(frozen=True)
+class Part:
+    """One result of the CLI (`--part`): its runner, and whether that runner reports progress
+    (takes `progress`: a bar over its cases; None: tqdm's default, False: off)."""
+
+    run: Callable[..., pd.DataFrame]
+    reports_progress: bool = False
+
+    def __call__(self, cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
+        return self.run(cfg, progress=progress) if self.reports_progress else self.run(cfg)
+
+
+RUNNERS = {"grid": Part(run_grid, reports_progress=True), "statistic": Part(run_statistic),
+           "table2": Part(run_table2), "models": Part(run_models, reports_progress=True),
+           "order": Part(run_order, reports_progress=True), "links": Part(run_links)}
+PARTS = tuple(RUNNERS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,8 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, args.part)
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
-    runner = RUNNERS[args.part]
-    frame = runner(cfg, progress=False if args.no_progress else None) if args.part in ("grid", "models", "order") else runner(cfg)
+    frame = RUNNERS[args.part](cfg, progress=False if args.no_progress else None)
     frame["tier"] = "sim"
     if "reading" not in frame:              # `links` compares the readings itself
         frame["reading"] = cfg.reading

@@ -200,12 +200,6 @@ def _policy_options(policy_name: str, args) -> dict:
     return {"assign": args.assign, "gg_mode": args.gg_mode} if policy_name == "scheinfer" else {}
 
 
-def ranks_by_popularity(policy_name: str, options: dict) -> bool:
-    """Whether the policy places FFNs by popularity, so that it needs a profile: Fiddler always,
-    ScheInfer with gg_mode='popularity'."""
-    return policy_name == "fiddler" or options.get("gg_mode") == "popularity"
-
-
 def calibration_prompt(vocab_size: int, n: int) -> list[int]:
     """The prompt popularity is profiled on (module doc): n ids uniform in 1..vocab_size-1."""
     import torch
@@ -252,17 +246,21 @@ def resident_summary(placement, cfg, popularity: dict | None) -> dict:
             sum(popularity.get(k, 0.0) for k in whole) / total if total else None}
 
 
-def _engine(policy_name: str, cost, cfg, gpu_mem: int, tile: int, options: dict, threads: int | None,
-            kernel: str | None = None, popularity: dict | None = None):
-    import torch
-    from impl.scheinfer.engine import HybridEngine
+def _policy(policy_name: str, cost, cfg, tile: int, options: dict, popularity: dict | None = None):
+    """The policy the CLI runs: built by name with its options, and with a popularity profile
+    where one is given (asked for by the policy's `uses_popularity`)."""
     from impl.scheinfer.policy import make_policy
     opts = dict(options)
     if popularity is not None:
         opts["popularity"] = popularity
-    policy = make_policy(policy_name, cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
-                         tile=tile, **opts)
-    return policy, HybridEngine(policy, cfg.hidden, torch.float32, gpu_mem, threads=threads, kernel=kernel)
+    return make_policy(policy_name, cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
+                       tile=tile, **opts)
+
+
+def _engine(policy, cfg, gpu_mem: int, threads: int | None, kernel: str | None = None):
+    import torch
+    from impl.scheinfer.engine import HybridEngine
+    return HybridEngine(policy, cfg.hidden, torch.float32, gpu_mem, threads=threads, kernel=kernel)
 
 
 def cmd_generate(args) -> int:
@@ -296,10 +294,12 @@ def cmd_generate(args) -> int:
     cost = _cost_model(args.cost, cfg.hidden, args.cpu_kernel)
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
     options = _policy_options(args.policy, args)
+    policy = _policy(args.policy, cost, cfg, args.tile, options)
     popularity, made = profile(source, args.popularity_tokens, measured=[list(prompt)]) \
-        if ranks_by_popularity(args.policy, options) else (None, None)
-    policy, engine = _engine(args.policy, cost, cfg, gpu_mem, args.tile, options, args.threads, args.cpu_kernel,
-                             popularity)
+        if policy.uses_popularity else (None, None)
+    if popularity is not None:
+        policy = _policy(args.policy, cost, cfg, args.tile, options, popularity)
+    engine = _engine(policy, cfg, gpu_mem, args.threads, args.cpu_kernel)
     bar = tqdm(total=len(prompt) + args.n_predict - 1, desc="tokens", unit="tok", file=sys.stderr,
                disable=args.no_progress)
     from impl.scheinfer.engine import HybridDecoder
@@ -503,7 +503,8 @@ def cmd_bench(args) -> int:
     torch.backends.cuda.matmul.allow_tf32 = args.gpu_matmul == "tf32"
     device_free = (lambda: torch.cuda.mem_get_info()[0]) if cuda else None
     llama = _llamacpp_systems(args, n_ctx, threads, gpu_mem) if args.llamacpp else {}
-    ranked = [p for p in args.policies if ranks_by_popularity(p, _policy_options(p, args))]
+    policies = {name: _policy(name, cost, cfg, args.tile, _policy_options(name, args)) for name in args.policies}
+    ranked = [name for name, policy in policies.items() if policy.uses_popularity]
     popularity, made = None, None
     decoders, engine_of, placement = {}, {}, {}
     try:
@@ -513,8 +514,9 @@ def cmd_bench(args) -> int:
             if name in ranked and made is None:
                 popularity, made = profile(source, args.popularity_tokens, next(iter(decoders.items()), None),
                                            measured=list(prompts.values()))
-            policy, engine = _engine(name, cost, cfg, gpu_mem, args.tile, _policy_options(name, args), args.threads,
-                                     args.cpu_kernel, popularity if name in ranked else None)
+            policy = policies[name] if name not in ranked or popularity is None else \
+                _policy(name, cost, cfg, args.tile, _policy_options(name, args), popularity)
+            engine = _engine(policy, cfg, gpu_mem, args.threads, args.cpu_kernel)
             engine_of[name] = engine
             before = torch.cuda.memory_allocated() if cuda else 0
             decoders[name] = HybridDecoder(source, engine)

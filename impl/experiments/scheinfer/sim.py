@@ -68,8 +68,8 @@ from impl.scheinfer.partition import GG_MODES, CostModel, PerRowLinear, Split, l
 from impl.scheinfer.policy import Policy, PopularityCounter, ScheInferPolicy, ffn_widths, make_policy, place
 
 __all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "GG_VARIANTS", "moe_only",
-           "make_sim_policy", "predict_bench", "Routing", "make_routing", "ffn_time", "CaseSetup", "setup_case", "simulate_case", "run", "resolve",
-           "main"]
+           "CONFIG_GG", "make_sim_policy", "predict_bench", "Routing", "make_routing", "ffn_time", "ModelSetup",
+           "setup_model", "CaseSetup", "setup_case", "simulate_case", "run", "resolve", "main"]
 
 REPO = Path(__file__).resolve().parents[3]
 # ScheInfer with its GG rows by one reading of scheinfer.md 3.3 step 1 whatever the config's gg_mode
@@ -80,6 +80,8 @@ GG_VARIANTS = {f"gg-{mode}": mode for mode in GG_MODES}
 SYSTEMS = {"layers": "llama.cpp", "fiddler": "Fiddler", "scheinfer": "ScheInfer",
            "cc-only": "ScheInfer[CC+GG]", "cg-only": "ScheInfer[CG+GG]",
            **{p: f"ScheInfer[GG {mode}]" for p, mode in GG_VARIANTS.items()}}
+# the policies whose GG rows follow the config's gg_mode: the headline and its CC / CG ablations
+CONFIG_GG = ("scheinfer", "cc-only", "cg-only")
 ROWS_GRID = tuple(2 ** i for i in range(15))          # 1 .. 16384 tokens
 
 
@@ -163,16 +165,19 @@ class _BandOnlyPolicy(ScheInferPolicy):
         return out
 
 
-def moe_only(policy: str) -> bool:
-    """Policies that rank experts by popularity (Fiddler, ScheInfer's GG by popularity): run on MoE
-    models only (a dense model has no experts to rank)."""
-    return policy == "fiddler" or GG_VARIANTS.get(policy) == "popularity"
+def moe_only(name: str, policy: Policy) -> bool:
+    """Whether the sim runs policy `name` on MoE models only: one that ranks FFNs by popularity
+    (`Policy.uses_popularity`: Fiddler, ScheInfer's GG by popularity), as a dense model has no
+    experts to rank; but ScheInfer and its band ablations (`CONFIG_GG`) run on every model
+    whatever the config's gg_mode."""
+    return policy.uses_popularity and name not in CONFIG_GG
 
 
 def make_sim_policy(name: str, cfg: DecoderConfig, cost: CostModel, sc: SimConfig,
-                    popularity: dict | None = None, layer_bytes: dict[int, int] | None = None) -> Policy:
-    """The sim's policy `name`; `layer_bytes` (llama.cpp's 'layers' only): GPU bytes of each layer
-    besides its FFNs (module doc)."""
+                    popularity: dict | None = None, layer_bytes: dict[int, int] | None = None,
+                    head_bytes: int | None = None) -> Policy:
+    """The sim's policy `name`; `layer_bytes` and `head_bytes` (llama.cpp's 'layers' only): GPU
+    bytes of each layer besides its FFNs and of the output head (module doc)."""
     common = dict(cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=sc.dtype_bytes, tile=sc.tile)
     if name == "scheinfer" or name in GG_VARIANTS:
         return make_policy("scheinfer", **common, assign=sc.assign, gg_mode=GG_VARIANTS.get(name, sc.gg_mode),
@@ -180,7 +185,7 @@ def make_sim_policy(name: str, cfg: DecoderConfig, cost: CostModel, sc: SimConfi
     if name == "fiddler":
         return make_policy("fiddler", **common, popularity=popularity)
     if name == "layers":
-        return make_policy("layers", **common, layer_bytes=layer_bytes)
+        return make_policy("layers", **common, layer_bytes=layer_bytes, head_bytes=head_bytes)
     if name in ("cc-only", "cg-only"):
         return _BandOnlyPolicy(name[:2], cost, cfg.hidden, sc.dtype_bytes, sc.tile, gg_mode=sc.gg_mode,
                                popularity=popularity)
@@ -243,6 +248,21 @@ def make_routing(cfg: DecoderConfig, prompt_tokens: int, decode_tokens: int, kin
 
 # ----------------------------------------------------------------------------------- one case
 
+@dataclass(frozen=True)
+class ModelSetup:
+    """What every case of one model and its routing shares, computed once (`setup_model`)."""
+
+    name: str
+    cfg: DecoderConfig
+    routing: Routing
+    widths: dict              # every FFN: (layer, expert) -> width (`policy.ffn_widths`)
+    popularity: dict          # the routing's tokens per FFN (`Routing.popularity`)
+    attn_params: int          # per layer: attention projections + router
+    nonffn_params: int        # every parameter but the FFNs'
+    layer_params: dict        # per layer: its parameters but its FFNs'
+    head_params: int          # the output head: final norm and LM head (and the tied embedding table)
+
+
 @dataclass
 class CaseSetup:
     cfg: DecoderConfig
@@ -264,21 +284,21 @@ class CaseSetup:
     head_on_gpu: bool = True
 
 
-def _nonffn_params(cfg: DecoderConfig) -> tuple[int, int]:
+def _nonffn_params(cfg: DecoderConfig, widths: dict) -> tuple[int, int]:
     """(per-layer attention + router parameters, all non-FFN parameters)."""
     shapes = weight_shapes(cfg)
     total = sum(math.prod(s) for s in shapes.values())
-    ffn = sum(ffn_widths(cfg).values()) * 3 * cfg.hidden
+    ffn = sum(widths.values()) * 3 * cfg.hidden
     M, qd, kvd = cfg.hidden, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     return 2 * qd * M + 2 * kvd * M + cfg.num_experts * M, total - ffn
 
 
-def _layer_nonffn_params(cfg: DecoderConfig) -> tuple[dict[int, int], int]:
+def _layer_nonffn_params(cfg: DecoderConfig, widths: dict) -> tuple[dict[int, int], int]:
     """(per layer: every parameter of the layer but its FFNs (attention, norms, router, shared-
     expert gate), the output head: final norm and LM head, the embedding table when tied)."""
     shapes = weight_shapes(cfg)
     ffn: dict[int, int] = {}
-    for (i, _), w in ffn_widths(cfg).items():
+    for (i, _), w in widths.items():
         ffn[i] = ffn.get(i, 0) + 3 * w * cfg.hidden
     layer = {i: sum(math.prod(s) for name, s in shapes.items() if name.startswith(f"layers.{i}.")) - ffn[i]
              for i in range(cfg.num_layers)}
@@ -286,43 +306,48 @@ def _layer_nonffn_params(cfg: DecoderConfig) -> tuple[dict[int, int], int]:
     return layer, head + (cfg.vocab_size * cfg.hidden if cfg.tie_word_embeddings else 0)
 
 
-def setup_case(cfg: DecoderConfig, hw: HardwareClass, policy_name: str, sc: SimConfig,
-               routing: Routing, model_name: str = "", ffn_budget_bytes: int | None = None) -> CaseSetup:
+def setup_model(cfg: DecoderConfig, routing: Routing, name: str = "") -> ModelSetup:
+    """The model-level inputs of every (hardware, policy) case of `cfg` on `routing`."""
+    widths = ffn_widths(cfg)
+    attn, nonffn = _nonffn_params(cfg, widths)
+    layer, head = _layer_nonffn_params(cfg, widths)
+    return ModelSetup(name, cfg, routing, widths, routing.popularity(), attn, nonffn, layer, head)
+
+
+def setup_case(model: ModelSetup, hw: HardwareClass, policy_name: str, sc: SimConfig,
+               ffn_budget_bytes: int | None = None) -> CaseSetup:
     """Cost model, policy and placement of one (model, hardware, policy). The FFN budget is what
     the card holds beside the other weights and the KV cache, or `ffn_budget_bytes` (a bench's
     `--gpu-mem`: FFN rows plus staging, the rest on the device besides). llama.cpp's 'layers' is
-    held to its own accounting (module doc): the output head, then whole layers (FFNs, attention,
-    norms, router, KV cache) in the card's memory, token embeddings on the CPU; under
-    `ffn_budget_bytes` its FFN rows alone count, the head on the GPU (as
+    held to its own accounting (module doc): the output head (`LayersPolicy.place_head`), then
+    whole layers (FFNs, attention, norms, router, KV cache) in the card's memory, token embeddings
+    on the CPU; under `ffn_budget_bytes` its FFN rows alone count, the head on the GPU (as
     `baselines.llamacpp.runner.settings_within_budget` picks -ngl for a bench)."""
-    b = sc.dtype_bytes
+    cfg, b = model.cfg, sc.dtype_bytes
     cost = cost_model(hw, b)
-    attn, nonffn = _nonffn_params(cfg)
     kv_layer = 2 * cfg.num_kv_heads * cfg.head_dim * b * (sc.prompt_tokens + sc.decode_tokens)
-    layer_params, head_params = _layer_nonffn_params(cfg)
     whole_layers = policy_name == "layers"
-    layer_bytes = ({i: p * b + kv_layer for i, p in layer_params.items()}
-                   if whole_layers and ffn_budget_bytes is None else None)
-    policy = make_sim_policy(policy_name, cfg, cost, sc, routing.popularity(), layer_bytes)
+    own_accounting = whole_layers and ffn_budget_bytes is None
+    layer_bytes = {i: p * b + kv_layer for i, p in model.layer_params.items()} if own_accounting else None
+    policy = make_sim_policy(policy_name, cfg, cost, sc, model.popularity, layer_bytes,
+                             model.head_params * b if own_accounting else None)
     if ffn_budget_bytes is not None:
         budget = int(ffn_budget_bytes)
     elif whole_layers:
         budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes))
     else:
-        budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes - nonffn * b - kv_layer * cfg.num_layers))
-    widths = ffn_widths(cfg)
-    head_on_gpu, layers_budget = True, budget
-    if layer_bytes is not None:         # -ngl N >= 1 puts the output head on the GPU first
-        head_on_gpu = budget >= head_params * b
-        layers_budget = budget - head_params * b if head_on_gpu else 0
-    placement = place(policy, widths, cfg.hidden, b, layers_budget)
+        budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes - model.nonffn_params * b
+                            - kv_layer * cfg.num_layers))
+    head_on_gpu, layers_budget = policy.place_head(budget) if whole_layers else (True, budget)
+    placement = place(policy, model.widths, cfg.hidden, b, layers_budget)
     gpu_layers, embed_on_gpu = frozenset(range(cfg.num_layers)), True
     if whole_layers:
         gpu_layers = frozenset(i for i in range(cfg.num_layers)
-                               if all(placement.gg[k] == w for k, w in widths.items() if k[0] == i))
+                               if all(placement.gg[k] == w for k, w in model.widths.items() if k[0] == i))
         embed_on_gpu = False
-    return CaseSetup(cfg, hw, cost, policy, widths, dict(placement.gg), placement.cg_max, budget, nonffn * b, routing,
-                     model_name, policy_name, b, attn, gpu_layers, embed_on_gpu, head_on_gpu)
+    return CaseSetup(cfg, hw, cost, policy, model.widths, dict(placement.gg), placement.cg_max, budget,
+                     model.nonffn_params * b, model.routing, model.name, policy_name, b, model.attn_params, gpu_layers,
+                     embed_on_gpu, head_on_gpu)
 
 
 def _loads(st: CaseSetup, layer: int, phase: str, n: int, step: int) -> list[ExpertLoad]:
@@ -362,18 +387,13 @@ def _act_time(st: CaseSetup, cpu_tokens: int, dtype_bytes: int) -> float:
     return 2 * st.cost.h2d_time(dtype_bytes * cpu_tokens * st.cfg.hidden)
 
 
-def _offloads(st: CaseSetup, n: int) -> bool:
-    """A llama.cpp CPU layer's products run on the GPU, weights copied (ggml's rule, n >= min_batch;
-    as for its FFNs in `LayersPolicy.plan`, only with a staging buffer to copy into)."""
-    return n >= getattr(st.policy, "min_batch", math.inf) and st.cg_max > 0
-
-
 def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_bytes: int, bands: dict) -> dict:
     """One forward step (all layers + LM head): ffn / nonffn / act seconds; adds rows to `bands`
     (cc / cg / gg rows, and 'work' / 'gg_work': rows times tokens, all and on resident rows).
     A layer whose attention is on the GPU pays the activation round trip of its CPU lane's rows;
     a llama.cpp CPU layer runs its attention on the CPU, or, when its products are offloaded
-    (`_offloads`), copies its attention weights to the GPU and its activations there and back.
+    (its policy's plan copies the layer's FFN weights to the GPU: ggml's rule, `LayersPolicy.plan`),
+    copies its attention weights to the GPU and its activations there and back.
     Where consecutive stages (embedding, layers, head) sit on different sides the hidden state
     crosses PCIe once (the head reads the last position only)."""
     out = {"ffn_s": 0.0, "nonffn_s": 0.0, "act_s": 0.0}
@@ -397,7 +417,7 @@ def step_time(st: CaseSetup, phase: str, n: int, ctx: int, step: int, dtype_byte
         if here == "gpu":
             out["act_s"] += _act_time(st, sum(ld.n for ld, s in zip(loads, splits) if s.cc), b)
             out["nonffn_s"] += _nonffn_time(st, n, ctx)
-        elif _offloads(st, n):
+        elif any(s.cg for s in splits):          # the plan offloads this CPU layer's products
             out["act_s"] += _act_time(st, n, b)
             out["nonffn_s"] += st.cost.h2d_time(b * st.attn_params) + _nonffn_time(st, n, ctx)
         else:
@@ -491,12 +511,13 @@ def resolve(sc: SimConfig) -> Resolved:
 def run(rz: Resolved) -> pd.DataFrame:
     sc, rows = rz.config, []
     for mname, cfg in rz.models.items():
-        routing = make_routing(cfg, sc.prompt_tokens, sc.decode_tokens, sc.routing, sc.seed)
+        model = setup_model(cfg, make_routing(cfg, sc.prompt_tokens, sc.decode_tokens, sc.routing, sc.seed), mname)
         for hw in rz.hardware.values():
             for p in sc.policies:
-                if moe_only(p) and not cfg.is_moe:
+                st = setup_case(model, hw, p, sc)
+                if moe_only(p, st.policy) and not cfg.is_moe:
                     continue                    # no experts to rank by popularity
-                rows.extend(simulate_case(setup_case(cfg, hw, p, sc, routing, mname), sc))
+                rows.extend(simulate_case(st, sc))
     return pd.DataFrame(rows)
 
 
@@ -511,9 +532,9 @@ def predict_bench(cfg: DecoderConfig, hw: HardwareClass, ffn_budget_bytes: int, 
     for n in prompt_tokens:
         sc = SimConfig(prompt_tokens=n, decode_tokens=decode_tokens, dtype_bytes=dtype_bytes, seed=seed,
                        policies=tuple(policies))
-        routing = make_routing(cfg, n, decode_tokens, sc.routing, seed)
+        model = setup_model(cfg, make_routing(cfg, n, decode_tokens, sc.routing, seed))
         for p in policies:
-            for row in simulate_case(setup_case(cfg, hw, p, sc, routing, ffn_budget_bytes=ffn_budget_bytes), sc):
+            for row in simulate_case(setup_case(model, hw, p, sc, ffn_budget_bytes=ffn_budget_bytes), sc):
                 rows.append({"policy": p, "prompt_tokens": n, "phase": row["phase"],
                              "tokens_per_s": row["tokens_per_s"], "cc_frac": row["cc_frac"],
                              "cg_frac": row["cg_frac"], "gg_frac": row["gg_frac"]})
