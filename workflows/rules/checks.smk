@@ -10,6 +10,8 @@ localrules:
 
 rule check_configs:
     """Resolve every experiment config (models, topologies, systems, hardware classes)."""
+    input:
+        code=code_inputs("workflows/scripts/check_configs.py"),
     output:
         CHECKED,
     log:

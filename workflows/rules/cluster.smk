@@ -24,6 +24,7 @@ onstart:
 rule cluster_layer_bench:
     """One variant's MoE layer at paper scale on the paper's testbed (tier cluster, NCCL)."""
     input:
+        code=code_inputs("impl.experiments.layer_bench", "workflows/scripts/launch_cluster.sh"),
         checked=ancient(CHECKED),
     output:
         record="results/raw/cluster/layer_bench/{paper}/{variant}.json",
@@ -52,6 +53,7 @@ rule cluster_layer_bench:
 rule cluster_scheinfer_bench:
     """ScheInfer's policies beside the real llama.cpp on one GPU (measured tok/s)."""
     input:
+        code=code_inputs("impl.experiments.scheinfer"),
         model=scheinfer_cluster_model(),
     output:
         csv="results/raw/cluster/scheinfer/bench.csv",
