@@ -123,7 +123,7 @@ def test_every_rule_that_runs_our_code_lists_what_it_runs():
         if rule in WITHOUT_CODE_INPUTS:
             assert "code_inputs(" not in body, rule
             continue
-        runs = set(re.findall(r"python -m ([\w.]+)", body)) | set(re.findall(r'"\.\./scripts/(\w+\.py)"', body))
+        runs = set(re.findall(r"\s-m ((?:impl|baselines|figures)[\w.]*)", body)) | set(re.findall(r'"\.\./scripts/(\w+\.py)"', body))
         if not runs and not re.search(r"^    (shell|script|run):", body, re.M):
             continue
         listed = re.search(r"code=code_inputs\(([^)]*)\)", body)
