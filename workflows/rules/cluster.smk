@@ -24,6 +24,8 @@ onstart:
 rule cluster_layer_bench:
     """One variant's MoE layer at paper scale on the paper's testbed (tier cluster, NCCL)."""
     input:
+        code=code_inputs("impl.experiments.layer_bench"),
+        launch=LAUNCH,
         checked=ancient(CHECKED),
     output:
         record="results/raw/cluster/layer_bench/{paper}/{variant}.json",
@@ -32,7 +34,6 @@ rule cluster_layer_bench:
     wildcard_constraints:
         paper="|".join(CLUSTER_BENCH),
     params:
-        launch=LAUNCH,
         gpus_per_node=lambda wc: cluster_topology(wc).gpus_per_node,
         overrides=lambda wc: as_flags(overrides_of(cluster_bench_settings(wc.paper, wc.variant))),
     threads: 16
@@ -45,13 +46,14 @@ rule cluster_layer_bench:
         runtime=lambda wc: CLUSTER_BENCH[wc.paper].get("runtime", 60),
         mem_mb=lambda wc: CLUSTER_BENCH[wc.paper].get("mem_mb", 200000),
     shell:
-        "bash {params.launch} --srun '{resources.mpi}' --gpus-per-node {params.gpus_per_node}"
+        "bash {input.launch} --srun '{resources.mpi}' --gpus-per-node {params.gpus_per_node}"
         " -- -m impl.experiments.layer_bench {params.overrides} --out-record {output.record} > {log} 2>&1"
 
 
 rule cluster_scheinfer_bench:
     """ScheInfer's policies beside the real llama.cpp on one GPU (measured tok/s)."""
     input:
+        code=code_inputs("impl.experiments.scheinfer"),
         model=scheinfer_cluster_model(),
     output:
         csv="results/raw/cluster/scheinfer/bench.csv",

@@ -1,5 +1,6 @@
 # Shared helpers of the workflow: config validation and the paths and overrides every rule
 # needs. Functions only; rules live in the per-paper files.
+import importlib.util
 import json
 import shlex
 from pathlib import Path
@@ -40,6 +41,22 @@ def repo_path(relative):
     """A path from the config, relative to the repository unless it is absolute."""
     path = Path(relative)
     return str(path if path.is_absolute() else REPO / path)
+
+
+def _load_code_inputs():
+    """workflows/scripts/code_inputs.py, loaded by path (the workflows folder is no package)."""
+    spec = importlib.util.spec_from_file_location("code_inputs", REPO / "workflows/scripts/code_inputs.py")
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded.CodeInputs(REPO)
+
+
+# code_inputs("impl.experiments.scheinfer.sim", ...): the repository's Python files a job runs,
+# the modules it names and every project module they import (workflows/scripts/code_inputs.py).
+# Every rule that runs our code lists them as its input `code`, so the job reruns when the code
+# changes (by mtime, like any other input); Snakemake's own `code` trigger sees only the rule's
+# shell text.
+code_inputs = _load_code_inputs()
 
 
 def experiment_config(name):

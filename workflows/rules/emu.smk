@@ -4,6 +4,7 @@
 rule emu_calibration:
     """Alpha-beta fits of every AlltoAll step of one emulated cluster (Fig. 9's method)."""
     input:
+        code=code_inputs("impl.common.calibrate"),
         checked=ancient(CHECKED),
     output:
         profile=f"{EMU_DIR}/calibration/{{topology}}.yaml",
@@ -26,6 +27,7 @@ rule emu_layer_bench:
     """One variant's dispatch and combine, timed apart, on one emulated cluster and routing (one of
     `runs` independent processes whose repeats the table pools)."""
     input:
+        code=code_inputs("impl.experiments.layer_bench"),
         profile=lambda wc: emu_profile(wc.topology) if emu_val.uses_profile(EMU.variants[wc.variant]) else [],
         checked=ancient(CHECKED),
     output:
@@ -50,6 +52,7 @@ rule emu_layer_bench:
 rule emu_validation_table:
     """Measured vs predicted dispatch and combine of every run, with the model's error."""
     input:
+        code=code_inputs("impl.experiments.emu_validation"),
         records=[f"{EMU_DIR}/{t}/{r}/{v}/run{i}.json" for t, r, v, i in EMU_RUNS],
         profiles=[emu_profile(t) for t in EMU.topologies],
         config=experiment_config("emu_validation"),
@@ -72,6 +75,7 @@ rule emu_validation_table:
 rule plot_emu_validation:
     """Figure and markdown table: measured vs predicted per variant, the ratios to flat."""
     input:
+        code=code_inputs("figures.emu_validation"),
         csv=rules.emu_validation_table.output.csv,
     output:
         pdf="results/figures/emu_validation.pdf",

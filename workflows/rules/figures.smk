@@ -13,6 +13,7 @@ rule plot_hiermoe_table2:
     """HierMoE Table II as a figure (ours beside the closed form and the paper) and a
     markdown table of the differences."""
     input:
+        code=code_inputs("figures.hiermoe_table2"),
         csv=rules.hiermoe_table2.output.csv,
     output:
         pdf="results/figures/hiermoe_table2.pdf",
@@ -32,6 +33,7 @@ rule plot_hiermoe_table2:
 rule plot_hiermoe_fig9:
     """HierMoE Fig. 9: the paper's alpha-beta fits beside our calibration of this machine."""
     input:
+        code=code_inputs("figures.hiermoe_fig9"),
         profile=calibration_profile(),
         paper=paper_csv("hiermoe_fig9"),
     output:
@@ -54,6 +56,7 @@ rule plot_hiermoe_sim:
     (which also links Table II and Fig. 9, and includes the emulated-cluster table: this results
     folder's own after `make emu`, else the committed reference)."""
     input:
+        code=code_inputs("figures.hiermoe_sim"),
         qwen3="results/raw/hiermoe_sim/qwen3.csv",
         deepseek="results/raw/hiermoe_sim/deepseek.csv",
         deepseek_ablation="results/raw/hiermoe_sim/deepseek-ablation.csv",
@@ -97,6 +100,7 @@ rule plot_hiermoe_sim:
 rule plot_fsmoe:
     """FSMoE Fig. 5, Table 2, Table 5, Figs. 6-8, Table 6 and the paper-vs-ours report."""
     input:
+        code=code_inputs("figures.fsmoe"),
         grid=expand("results/raw/fsmoe/grid-{testbed}.csv", testbed=FSMOE_TESTBEDS),
         statistic="results/raw/fsmoe/statistic.csv",
         table2="results/raw/fsmoe/table2.csv",

@@ -4,6 +4,7 @@
 rule fsmoe_grid:
     """Table 4's configured layers on one testbed: every plan's degrees and iteration time."""
     input:
+        code=code_inputs("impl.experiments.fsmoe.results"),
         config=experiment_config("fsmoe"),
         checked=ancient(CHECKED),
     output:
@@ -29,6 +30,7 @@ rule fsmoe_part:
     the lane-order study of the plans' gaps over their lower bounds, or the link rates each unit
     reading of the communication betas implies."""
     input:
+        code=code_inputs("impl.experiments.fsmoe.results"),
         config=experiment_config("fsmoe"),
         checked=ancient(CHECKED),
     output:
@@ -52,6 +54,7 @@ rule fsmoe_part:
 rule fsmoe_ablation:
     """One assumption changed (a unit reading): a sample of the grid, the real models and Table 2."""
     input:
+        code=code_inputs("impl.experiments.fsmoe.results"),
         config=experiment_config("fsmoe"),
         checked=ancient(CHECKED),
     output:
@@ -83,6 +86,8 @@ rule fsmoe_ablation:
 
 rule fsmoe_calibration:
     """This machine's alpha-beta models of every FSMoE task (Fig. 5's bottom row, the emu prediction)."""
+    input:
+        code=code_inputs("impl.common.calibrate"),
     output:
         profile="resources/calibration/fsmoe-2x2-gloo.yaml",
     log:
@@ -101,6 +106,7 @@ rule fsmoe_calibration:
 rule fsmoe_emu:
     """The real FSMoE layer on 4 local gloo ranks, FSMoE's schedule against the sequential one."""
     input:
+        code=code_inputs("impl.experiments.fsmoe.emu"),
         profile=rules.fsmoe_calibration.output.profile,
         checked=ancient(CHECKED),
     output:

@@ -18,6 +18,7 @@ TABLE2_RECORD = record_path(
 rule hiermoe_table2:
     """HierMoE Table II: token duplication rate per number of expert groups R and top-K."""
     input:
+        code=code_inputs("impl.experiments.hiermoe.table2"),
         config=experiment_config("hiermoe_table2"),
         paper=paper_csv(TABLE2_CONFIG.paper),
     output:
@@ -38,6 +39,8 @@ rule hiermoe_table2:
 
 rule hiermoe_calibration:
     """Our alpha-beta fits of the AlltoAll kinds on this machine (Fig. 9, right panel)."""
+    input:
+        code=code_inputs("impl.common.calibrate"),
     output:
         profile="resources/calibration/{topology}-{backend}.yaml",
     log:
@@ -58,6 +61,7 @@ rule hiermoe_sim:
     """One sim-tier HierMoE run: every listed system on one routing stream (once per variant of a
     sweep run, in one process)."""
     input:
+        code=code_inputs("impl.experiments.hiermoe.sim"),
         config=lambda wc: repo_path(SIM_RUNS[wc.run]["config"]),
         checked=ancient(CHECKED),
     output:
@@ -85,6 +89,7 @@ rule hiermoe_swap_measure:
     """One expert swap on local gloo ranks (tier emu) beside the sim's model of it (this machine's
     calibration): what the report says about the swap cost's model."""
     input:
+        code=code_inputs("impl.experiments.hiermoe.swap_measure"),
         profile=calibration_profile(),
     output:
         csv="results/raw/hiermoe_swap/measure.csv",
@@ -110,6 +115,7 @@ rule hiermoe_scaleout:
     """Beyond the paper (not in the default target): AlltoAll speedups from 32 to 1,024 GPUs,
     8 per node, D = 2..4, with the crossover points; `snakemake --cores 2 hiermoe_scaleout`."""
     input:
+        code=code_inputs("impl.experiments.hiermoe.scaleout", "figures.hiermoe_scaleout"),
         config=repo_path(config["hiermoe_scaleout"]["config"]),
     output:
         csv="results/raw/hiermoe_scaleout/scaleout.csv",

@@ -12,6 +12,7 @@ localrules:
 rule scheinfer_sim:
     """Sim tier: prefill / decode / overall tok/s per hardware class, model and policy (modeled)."""
     input:
+        code=code_inputs("impl.experiments.scheinfer.sim"),
         config=experiment_config("scheinfer_sim"),
         hardware=repo_path(SCHEINFER_SIM_CONFIG.hardware_file),
         checked=ancient(CHECKED),
@@ -33,6 +34,8 @@ rule scheinfer_sim:
 
 rule scheinfer_tiny_model:
     """A small GGUF with the structure of a real model (impl.scheinfer.generate_models)."""
+    input:
+        code=code_inputs("impl.scheinfer.generate_models"),
     output:
         gguf="resources/scheinfer/model.gguf",
     log:
@@ -50,6 +53,8 @@ rule scheinfer_tiny_model:
 
 rule scheinfer_cost:
     """The engine's cost model fitted on this machine (GPU lanes emulated without CUDA)."""
+    input:
+        code=code_inputs("impl.experiments.scheinfer"),
     output:
         cost="resources/scheinfer/cost.json",
     log:
@@ -68,6 +73,7 @@ rule scheinfer_timeline:
     """One generation with the real HybridEngine under one policy ('layers' is our engine's
     llama.cpp-style layer offload, not llama.cpp); its lane events as JSON, with their run record."""
     input:
+        code=code_inputs("impl.experiments.scheinfer"),
         model=rules.scheinfer_tiny_model.output.gguf,
         cost=rules.scheinfer_cost.output.cost,
     output:
@@ -98,6 +104,7 @@ rule plot_scheinfer_sim:
     """ScheInfer speedups and partition ratios (sim), the measured lane timeline, and the
     paper-vs-ours report."""
     input:
+        code=code_inputs("figures.scheinfer_sim"),
         sim=rules.scheinfer_sim.output.csv,
         events=expand("results/raw/scheinfer_timeline/{policy}.json", policy=SCHEINFER_TIMELINE["policies"]),
         stdout=expand("results/raw/scheinfer_timeline/{policy}.txt", policy=SCHEINFER_TIMELINE["policies"]),

@@ -1,0 +1,197 @@
+"""A job reruns when the code it runs changes: every rule that runs project code lists the Python
+files it runs (workflows/scripts/code_inputs.py) as its input `code`. Checked on the import
+reader itself (a small made-up package and the real modules against what importing them loads),
+on the rule files (every `python -m` module a rule runs is among its code inputs), and on a dry run
+in a copy of the workflow where editing an imported module plans the job again."""
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = BIN / "snakemake"
+
+_spec = importlib.util.spec_from_file_location("code_inputs", REPO / "workflows/scripts/code_inputs.py")
+code_inputs_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(code_inputs_module)
+CodeInputs = code_inputs_module.CodeInputs
+
+
+def relative(paths, root):
+    return {str(Path(p).relative_to(root)) for p in paths}
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """A made-up repository with each kind of import the reader follows, and modules it must not reach."""
+    files = {
+        "impl/__init__.py": "",
+        "impl/common/__init__.py": "",
+        "impl/common/base.py": "import os\nimport numpy\n",
+        "impl/common/unused.py": "",
+        "impl/common/lazy/__init__.py": ("import importlib\n_HOME = {'A': 'alpha'}\n"
+                                         "def __getattr__(name):\n"
+                                         "    return getattr(importlib.import_module(f'.{_HOME[name]}', __name__), name)\n"),
+        "impl/common/lazy/alpha.py": "A = 1\n",
+        "impl/common/lazy/beta.py": "B = 2\n",
+        "impl/sys/__init__.py": "",
+        "impl/sys/core.py": "from ..common import base\nfrom impl.common.lazy import A\n",
+        "impl/sys/deferred.py": "X = 1\n",
+        "impl/sys/plugin.py": "",
+        "impl/sys/run.py": ("from . import core\nPROVIDERS = ['impl.sys.plugin']\n"
+                            "def main():\n    from impl.sys.deferred import X\n"),
+        "impl/tool/__init__.py": "",
+        "impl/tool/__main__.py": "from impl.common.base import os\n",
+        "baselines/__init__.py": "",
+        "figures/__init__.py": "",
+        "figures/plot.py": '"""Reads impl.sys.plugin output."""\nimport figures.style\n',
+        "figures/style.py": "",
+        "workflows/scripts/check.py": "def go():\n    from impl.sys import core\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_follows_every_kind_of_import_of_our_packages_and_nothing_else(toy):
+    code_inputs = CodeInputs(toy, cache=None)
+    assert relative(code_inputs("impl.sys.run"), toy) == {
+        "impl/__init__.py", "impl/sys/__init__.py", "impl/sys/run.py",   # the module and its packages
+        "impl/sys/core.py",                                              # from . import core
+        "impl/common/__init__.py", "impl/common/base.py",                # from ..common import base
+        "impl/common/lazy/__init__.py",                                  # from impl.common.lazy import A ...
+        "impl/common/lazy/alpha.py", "impl/common/lazy/beta.py",         # ... which imports by a computed name
+        "impl/sys/deferred.py",                                          # an import inside a function
+        "impl/sys/plugin.py",                                            # a module named by a string
+    }
+    # python -m package runs its __main__; a docstring naming a module imports nothing
+    assert relative(code_inputs("impl.tool"), toy) == {"impl/__init__.py", "impl/tool/__init__.py",
+                                                       "impl/tool/__main__.py", "impl/common/__init__.py",
+                                                       "impl/common/base.py"}
+    assert relative(code_inputs("figures.plot"), toy) == {"figures/__init__.py", "figures/plot.py", "figures/style.py"}
+    # a script run by path, and a shell script (itself only)
+    assert "workflows/scripts/check.py" in relative(code_inputs("workflows/scripts/check.py"), toy)
+    assert "impl/sys/core.py" in relative(code_inputs("workflows/scripts/check.py"), toy)
+    with pytest.raises(ValueError, match="impl.nothing"):
+        code_inputs("impl.nothing")
+
+
+def test_the_cache_file_is_reread_only_while_a_file_is_unchanged(toy, tmp_path):
+    cache = tmp_path / "cache" / "imports.json"
+    assert "impl/sys/plugin.py" not in relative(CodeInputs(toy, cache=cache)("impl.sys.core"), toy)
+    assert str(toy / "impl/sys/core.py") in json.loads(cache.read_text())["files"]
+    core = toy / "impl/sys/core.py"
+    core.write_text(core.read_text() + "import impl.sys.plugin\n")
+    assert "impl/sys/plugin.py" in relative(CodeInputs(toy, cache=cache)("impl.sys.core"), toy)
+    cache.write_text("not json")                                       # a spoiled cache is rebuilt
+    assert "impl/sys/plugin.py" in relative(CodeInputs(toy, cache=cache)("impl.sys.core"), toy)
+    assert json.loads(cache.read_text())["files"]
+
+
+def test_scheinfer_sim_covers_its_engine_policy_and_registered_baselines():
+    files = relative(CodeInputs(REPO, cache=None)("impl.experiments.scheinfer.sim"), REPO)
+    assert {"impl/experiments/scheinfer/sim.py", "impl/experiments/__init__.py", "impl/scheinfer/policy.py",
+            "impl/scheinfer/partition.py", "baselines/fiddler/policy.py", "impl/common/routing/gates.py"} <= files
+    assert "impl/fsmoe/layer.py" not in files
+
+
+def rule_blocks():
+    """(file, rule, text) of every rule in workflows/rules."""
+    for path in sorted((REPO / "workflows/rules").glob("*.smk")):
+        text = path.read_text()
+        for match in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.S | re.M):
+            yield path.name, match.group(1), match.group(2)
+
+
+# The config checks do not: their rerun would hide the experiments' changed code (checks.smk).
+WITHOUT_CODE_INPUTS = {"check_configs"}
+
+
+def test_every_rule_that_runs_our_code_lists_what_it_runs():
+    """A new rule, or a command that runs another module, without its code inputs fails here."""
+    missing = []
+    for name, rule, body in rule_blocks():
+        if rule in WITHOUT_CODE_INPUTS:
+            assert "code_inputs(" not in body, rule
+            continue
+        runs = set(re.findall(r"\s-m ((?:impl|baselines|figures)[\w.]*)", body)) | set(re.findall(r'"\.\./scripts/(\w+\.py)"', body))
+        if not runs and not re.search(r"^    (shell|script|run):", body, re.M):
+            continue
+        listed = re.search(r"code=code_inputs\(([^)]*)\)", body)
+        listed = set(re.findall(r'"([^"]+)"', listed.group(1))) if listed else set()
+        missing += [f"{name}:{rule}: {run}" for run in runs
+                    if run not in listed and f"workflows/scripts/{run}" not in listed]
+        if not listed:
+            missing.append(f"{name}:{rule}: no code input")
+    assert not missing, missing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["impl.experiments.scheinfer.sim", "impl.experiments.hiermoe.sim"])
+def test_covers_every_project_module_that_importing_it_loads(module):
+    """What Python actually loads (a superset is fine: imports inside functions and every module
+    of a lazy package count too)."""
+    probe = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
+             "print(json.dumps([getattr(m, '__file__', None) for m in list(sys.modules.values())]))")
+    proc = subprocess.run([sys.executable, "-c", probe, module], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = {Path(f).resolve() for f in json.loads(proc.stdout.splitlines()[-1]) if f}
+    ours = {f for f in loaded if f.is_relative_to(REPO) and f.relative_to(REPO).parts[0] in ("impl", "baselines", "figures")}
+    listed = {Path(f) for f in CodeInputs(REPO, cache=None)(module)}
+    assert ours and not ours - listed, sorted(str(f.relative_to(REPO)) for f in ours - listed)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed in this environment")
+def test_editing_an_imported_module_reruns_the_job_and_nothing_else(tmp_path):
+    """In a copy of the workflow (the repository's own files stay as they are): a finished
+    scheinfer_sim job (results faked, newer than every input) is up to date, stays so after a
+    module it does not import is edited, and is planned again with 'updated input files' after
+    one it imports is edited."""
+    repo = tmp_path / "repo"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for part in ("impl", "baselines", "figures", "workflows"):
+        shutil.copytree(REPO / part, repo / part, ignore=ignore)
+    shutil.copy2(REPO / "Snakefile", repo / "Snakefile")
+    work = tmp_path / "work"
+    target = "results/raw/scheinfer_sim/sim.csv"
+    for name in ("results/checks/configs.json", target, "results/raw/scheinfer_sim/sim.json"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text("{}")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(repo),
+               XDG_CACHE_HOME=str(tmp_path / "cache"))
+
+    def planned():
+        """{rule: its job's reason} of the dry run."""
+        proc = subprocess.run([str(SNAKEMAKE), "--snakefile", str(repo / "Snakefile"), "--directory", str(work),
+                               "-n", target], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = proc.stdout + proc.stderr
+        return dict(re.findall(r"^rule (\w+):\n(?:.*\n)*?\s+reason: (.*)$", out, re.M))
+
+    def edit(name):
+        with open(repo / name, "a") as out:
+            out.write("# edited\n")
+        later = time.time() + 10                    # newer than the results on any clock granularity
+        os.utime(repo / name, (later, later))
+
+    assert planned() == {}
+    edit("impl/fsmoe/layer.py")                     # not imported by ScheInfer's sim tier
+    assert planned() == {}
+    edit("impl/scheinfer/policy.py")
+    reasons = planned()
+    # only the job itself: were the config checks it waits for redone too, Snakemake would not
+    # look at the job's own inputs in this run (workflows/rules/checks.smk)
+    assert set(reasons) == {"scheinfer_sim"}, reasons
+    assert reasons["scheinfer_sim"].startswith("Updated input files:") and "impl/scheinfer/policy.py" in reasons[
+        "scheinfer_sim"], reasons

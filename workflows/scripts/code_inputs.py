@@ -1,0 +1,184 @@
+"""The project's source files a job runs, as inputs of its rule: change one and the job reruns.
+
+Snakemake's own `code` trigger sees a rule's shell or run text, not the modules that
+`python -m impl.experiments...` imports, so without these inputs a results folder would keep
+results of older code as current. `CodeInputs(repo)(*runs)` lists, for the modules (or scripts)
+a job runs, their own files, the `__init__.py` of every package above them (Python runs those
+first) and the same for every project module they import, transitively; a package run with
+`python -m` adds its `__main__.py`. Read from the source with `ast`, nothing imported (the
+workflow parses without torch).
+
+What counts as an import of one of our packages (`PACKAGES`), as `tests/unit/test_layers.py`
+reads them:
+* `import` and `from ... import` statements anywhere in a module, inside functions too (a lazy
+  import runs when the job calls it), relative ones resolved; `from pkg import name` counts
+  `pkg.name` when that is a module;
+* a string constant naming one of our modules (`importlib.import_module("baselines.x")`, a
+  provider list). Registries are filled by importing the registering modules, which
+  `impl.experiments.systems` does with plain imports, so a name looked up by string is covered;
+* `importlib.import_module` with a computed name, as a package's lazy `__getattr__` (PEP 562)
+  does: `impl.common.routing` loads its submodules on first use, named in a dict, so the calling
+  module's package counts with all its modules (which ones a job touches is known only at run
+  time).
+
+Not followed: data files read by path (configs, papers' CSVs, the native kernels' C++ sources);
+rules list those they read as inputs of their own.
+
+The DAG is built on every snakemake call, dry runs included, and parsing every module costs about
+a second: what each file imports is kept in a cache file (`CACHE`, keyed by path, mtime and size;
+an unwritable cache only costs the time).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["PACKAGES", "CACHE", "CodeInputs"]
+
+# The top-level packages that are this project's code; imports of anything else are not followed.
+PACKAGES = ("impl", "baselines", "figures")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-repro" / "code-imports.json"
+_FORMAT = 1
+
+
+class CodeInputs:
+    """Callable: `code_inputs("impl.experiments.scheinfer.sim", "workflows/scripts/x.py")` -> sorted
+    absolute paths of the files they run. One instance per workflow parse; results are cached."""
+
+    def __init__(self, repo: Path | str, cache: Path | None = CACHE):
+        self.repo = Path(repo).resolve()
+        self.modules = self._project_modules()
+        self._cache_file = cache
+        self._scans = self._load_cache()
+        self._scans_changed = False
+        self._closures: dict[tuple[str, ...], list[str]] = {}
+
+    def __call__(self, *runs: str) -> list[str]:
+        """The files that the given modules (dotted, as `python -m` takes them) or scripts (a path
+        relative to the repository; a `.py` one is followed like a module) run."""
+        if runs not in self._closures:
+            files: set[Path] = set()
+            pending: list[str] = []
+            for run in runs:
+                if "/" in run or run.endswith((".py", ".sh")):
+                    script = self.repo / run
+                    if not script.is_file():
+                        raise ValueError(f"code_inputs: {run}: no such file in {self.repo}")
+                    files.add(script)
+                    if script.suffix == ".py":
+                        pending += self._imports_of(script, package=None)
+                    continue
+                if run not in self.modules:
+                    raise ValueError(f"code_inputs: {run!r} is not a module of {', '.join(PACKAGES)} in {self.repo}")
+                pending.append(run)
+                main = self.modules[run].with_name("__main__.py")
+                if self.modules[run].name == "__init__.py" and main.is_file():   # python -m package
+                    files.add(main)
+                    pending += self._imports_of(main, package=run)
+            seen: set[str] = set()
+            while pending:
+                module = pending.pop()
+                if module in seen:
+                    continue
+                seen.add(module)
+                parts = module.split(".")
+                pending += [".".join(parts[:i]) for i in range(1, len(parts))]      # parent packages
+                files.add(self.modules[module])
+                pending += self._imports_of(self.modules[module], package=self._package(module))
+            self._closures[runs] = sorted(str(f) for f in files)
+            self._save_cache()
+        return list(self._closures[runs])
+
+    def _project_modules(self) -> dict[str, Path]:
+        out = {}
+        for package in PACKAGES:
+            for path in (self.repo / package).rglob("*.py"):
+                parts = list(path.relative_to(self.repo).with_suffix("").parts)
+                if parts[-1] == "__init__":
+                    parts.pop()
+                if parts[-1] != "__main__":
+                    out[".".join(parts)] = path
+        return out
+
+    def _package(self, module: str) -> str:
+        return module if self.modules[module].name == "__init__.py" else module.rpartition(".")[0]
+
+    def _imports_of(self, path: Path, package: str | None) -> set[str]:
+        """Our modules that the file at `path` (in `package`; None for a script) imports."""
+        imports, strings, computed = self._scan(path, package)
+        found = {name for name in strings if name in self.modules}
+        if computed and package:
+            found |= {m for m in self.modules if m.startswith(package + ".")}
+        for name in imports:
+            while name and name not in self.modules:          # `from pkg import function`
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+        return found
+
+    def _scan(self, path: Path, package: str | None) -> tuple[list[str], list[str], bool]:
+        """(dotted names imported, dotted strings of our packages, whether a computed
+        import_module is called) of one file, from the cache while the file is unchanged."""
+        stat = path.stat()
+        key, stamp = str(path), [stat.st_mtime_ns, stat.st_size]
+        cached = self._scans.get(key)
+        if cached and cached["stamp"] == stamp:
+            return cached["imports"], cached["strings"], cached["computed"]
+        imports: list[str] = []
+        strings: list[str] = []
+        computed = False
+        for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+            if isinstance(node, ast.Import):
+                imports += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    if package is None:
+                        continue
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                imports += [base] + [f"{base}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                text = node.value.split(":")[0]                           # "module:attribute" too
+                if "." in text and text.split(".")[0] in PACKAGES and text.isascii() and " " not in text:
+                    strings.append(text)
+            elif isinstance(node, ast.Call) and _is_import_module(node.func):
+                computed |= not (node.args and isinstance(node.args[0], ast.Constant))
+        imports = sorted({name for name in imports if name.split(".")[0] in PACKAGES})
+        self._scans[key] = {"stamp": stamp, "imports": imports, "strings": sorted(set(strings)), "computed": computed}
+        self._scans_changed = True
+        return imports, sorted(set(strings)), computed
+
+    def _load_cache(self) -> dict:
+        try:
+            data = json.loads(self._cache_file.read_text())
+            return data["files"] if data.get("format") == _FORMAT else {}
+        except (AttributeError, OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def _save_cache(self) -> None:
+        """Write the cache (atomically: several snakemake processes may parse at once), without
+        the entries of files that no longer exist."""
+        if self._cache_file is None or not self._scans_changed:
+            return
+        files = {key: value for key, value in self._scans.items() if Path(key).is_file()}
+        try:
+            self._cache_file.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self._cache_file.parent, delete=False, suffix=".tmp") as out:
+                try:
+                    json.dump({"format": _FORMAT, "files": files}, out)
+                    out.close()
+                    os.replace(out.name, self._cache_file)
+                finally:
+                    Path(out.name).unlink(missing_ok=True)
+            self._scans_changed = False
+        except OSError:
+            pass
+
+
+def _is_import_module(func: ast.expr) -> bool:
+    return (isinstance(func, ast.Attribute) and func.attr == "import_module") or (
+        isinstance(func, ast.Name) and func.id == "import_module")
