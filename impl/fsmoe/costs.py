@@ -23,6 +23,34 @@ What is ours where the paper is silent (each a documented choice, not a publishe
   own model;
 * the dense gradient volume per GPU is the released optimiser's: GPT 3M^2/N_MP + 3M/N_MP + M^2/N_MP
   + M, Mixtral (1 + 2 n_kv / n_heads) M^2 / N_MP + M^2 / N_MP (digest §4.1).
+
+GShard ordering (`gshard_order`), charged only where an experiment asks for it (a DeepSpeed-MoE
+ablation; FSMoE and Tutel order by sparse index, whose cost no system is charged): digest §1.2
+names it "einsum plus matrix multiplication with a one-hot dispatch mask", §5.3 says the released
+harness emulates DeepSpeed-MoE with "a DS dispatch/combine"; the sizes and GEMM shapes below are
+our reconstruction from DeepSpeed's `sharded_moe` (its `einsum` helper's matmul for each rule).
+With S tokens on a GPU, E experts of capacity C, M hidden, one GEMM of the one-hot [S, E C]
+dispatch mask or combine weights against the tokens costs S E C M multiply-accumulates:
+
+    forward   dispatch 'sec,sm->ecm'   [E C, S] x [S, M]      1 GEMM
+              combine  'sec,ecm->sm'   [S, E C] x [E C, M]    1 GEMM
+    backward  dispatch: the tokens' gradient [S, E C] x [E C, M] (the mask has none)  1 GEMM
+              combine: the expert output's [E C, S] x [S, M] and the combine
+              weights' [S, M] x [M, E C]                                           2 GEMMs
+
+each priced with the profile's GEMM model, the experts' (alpha per GEMM, beta per
+multiply-accumulate): forward 2 (alpha + beta S E C M), backward 3 (alpha + beta S E C M).
+C = ceil(k f S / E), DeepSpeed's `_capacity` (ceil(S / E * capacity_factor * k) for top-k) and
+ours; so E C is about k f S and the cost about k f S^2 M, whatever the number of experts (E
+changes it only through C's rounding). S per GPU ('tokens'): 'sequence-parallel' B L / N_MP (the
+MoE input of digest §1.5), or 'replicated' B L: tensor-parallel attention synchronised by
+AllReduce leaves every GPU of the MP group with the block's B L tokens, and DeepSpeed's
+`MOELayer.forward` orders all of them before `drop_tokens` splits the capacity over the MP group
+(so the AlltoAlls carry the same E C M / N_MP per GPU as ours). Not charged (reconstruction): the
+gate's element-wise [S, E, C] products (the one-hot locations times the gates, memory-bound; the
+profile has no model for them) and DeepSpeed's `min_capacity` floor. The ordering is added to the
+dense part's compute task of the block, exact for the one-lane plans it is charged to (on one lane
+where a task sits does not change the makespan).
 """
 from __future__ import annotations
 
@@ -33,7 +61,8 @@ from typing import Literal
 from impl.common.config import ConfigError
 from impl.common.costmodel import HardwareProfile, LinearModel
 
-__all__ = ["BlockShape", "ChunkModel", "PassModel", "BlockCosts", "block_costs", "ROUTER_MACS"]
+__all__ = ["BlockShape", "ChunkModel", "PassModel", "BlockCosts", "block_costs", "ROUTER_MACS", "ORDER_TOKENS",
+           "EINSUM_ORDER_GEMMS", "OrderCost", "capacity", "gshard_order", "with_gshard_order"]
 
 # The router's multiply-accumulates per token, per gate (M hidden, E experts): GShard's noisy
 # top-k has a second projection for its noise scale; X-MoE projects to 16 dimensions first
@@ -136,6 +165,7 @@ class BlockCosts:
     mp_rs_ms: float                # the sequence-parallel ReduceScatter, intra lane
     grad_bytes: int                # dense parameters' gradient per GPU
     allreduce: LinearModel         # over the data-parallel (inter-node) group
+    gemm: LinearModel              # the GEMM model every compute task is priced with
 
     def t_ar(self, nbytes: float) -> float:
         """AllReduce time of `nbytes` (0 for nothing to reduce)."""
@@ -151,10 +181,51 @@ class BlockCosts:
         return self.dense_bwd_ms + self.mp_ag_ms + self.mp_rs_ms
 
 
-def _per_gpu_capacity(shape: BlockShape, n_esp: int) -> int:
-    tokens = shape.batch * shape.seq // n_esp
+def capacity(shape: BlockShape, tokens: int) -> int:
+    """C = ceil(k f S / E) for S = `tokens` routed on one GPU (at least 1; no drop: f = 1)."""
     factor = 1.0 if shape.capacity_factor is None else shape.capacity_factor
     return max(1, math.ceil(shape.top_k * factor * tokens / shape.num_experts - 1e-9))
+
+
+def _per_gpu_capacity(shape: BlockShape, n_esp: int) -> int:
+    return capacity(shape, shape.batch * shape.seq // n_esp)
+
+
+# GEMMs of the one-hot ordering per pass (module docstring): dispatch and combine forward; the
+# dispatch's token gradient and the combine's two (expert output, combine weights) backward
+EINSUM_ORDER_GEMMS = {"fwd": 2, "bwd": 3}
+ORDER_TOKENS = ("sequence-parallel", "replicated")
+
+
+@dataclass(frozen=True)
+class OrderCost:
+    """GShard einsum ordering of one block on one GPU: S tokens, E C capacity slots, S E C M
+    multiply-accumulates per GEMM, and the ms of each pass."""
+
+    tokens: int
+    slots: int
+    macs_per_gemm: int
+    fwd_ms: float
+    bwd_ms: float
+
+
+def gshard_order(bc: BlockCosts, tokens: str = "sequence-parallel") -> OrderCost:
+    """The one-hot einsum ordering's cost for block `bc` (module docstring), with S = B L / N_MP
+    ('sequence-parallel') or B L ('replicated') tokens per GPU."""
+    if tokens not in ORDER_TOKENS:
+        raise ConfigError(f"tokens: {tokens!r} is not allowed; allowed: {', '.join(map(repr, ORDER_TOKENS))}")
+    shape = bc.shape
+    S = shape.batch * shape.seq // (bc.n_esp if tokens == "sequence-parallel" else 1)
+    slots = shape.num_experts * capacity(shape, S)
+    macs = S * slots * shape.hidden
+    per_gemm = bc.gemm.time_ms(macs)
+    return OrderCost(S, slots, macs, EINSUM_ORDER_GEMMS["fwd"] * per_gemm, EINSUM_ORDER_GEMMS["bwd"] * per_gemm)
+
+
+def with_gshard_order(bc: BlockCosts, tokens: str = "sequence-parallel") -> BlockCosts:
+    """Block `bc` with GShard einsum ordering charged to its compute (the dense part's task)."""
+    order = gshard_order(bc, tokens)
+    return replace(bc, dense_fwd_ms=bc.dense_fwd_ms + order.fwd_ms, dense_bwd_ms=bc.dense_bwd_ms + order.bwd_ms)
 
 
 def block_costs(shape: BlockShape, profile: HardwareProfile, *, ep_step: str = "inter-1",
@@ -196,4 +267,4 @@ def block_costs(shape: BlockShape, profile: HardwareProfile, *, ep_step: str = "
     else:
         grad_elems = 3 * M * M / n_esp + 3 * M / n_esp + M * M / n_esp + M
     return BlockCosts(shape, n_esp, n_ep, C, fwd, bwd, dense_fwd, 2 * dense_fwd, mp_ag, mp_rs, int(grad_elems * v),
-                      profile.comm_model("allreduce", ep_step))
+                      profile.comm_model("allreduce", ep_step), gemm)

@@ -13,6 +13,9 @@ shipped Testbed A and B profiles (times MODELED from their alpha-beta models):
 * `models`: Fig. 6 (GPT2-XL-MoE and Mixtral-7B on A and B, Mixtral-22B on A), Fig. 7 (L and P
   sweeps on A), Fig. 8 (GPipe, PP = 2, on A), Table 6 (the gates on B): iteration times of every
   plan; speedups are computed when figures aggregate;
+  beside every plan, in `models` and `grid` alike, DeepSpeed-MoE's sequential plan under each
+  `DS_MOE_ABLATIONS` entry (AllReduce MP attention; GShard einsum ordering; both, as the released
+  harness emulates DeepSpeed-MoE), each a row with its own system name;
 * `order`: what a plan's gap over its lower bound is made of, on `order_sample` configured
   layers per testbed: every plan's iteration, the same tasks in the lane orders a local search
   finds (`timeline.search_order`, `order_tries` moves), and the bound;
@@ -46,11 +49,11 @@ from impl.common.records import make_record
 from impl.common.timeline import lower_bound, search_order, simulate
 from impl.experiments.fsmoe.degrees import GRID, grid_shapes
 from impl.experiments.systems import get_system, paper_systems
-from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs
+from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs, with_gshard_order
 from impl.fsmoe.degree import DOMAINS, integer_optimum
 from impl.fsmoe.schedules import fsmoe_pass, gpipe_iteration
 
-__all__ = ["ResultsConfig", "MODELS", "Part", "RUNNERS", "PARTS", "READINGS", "DS_MOE_MP_ALLREDUCE", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
+__all__ = ["ResultsConfig", "MODELS", "Part", "RUNNERS", "PARTS", "READINGS", "DS_MOE_MP_ALLREDUCE", "DS_MOE_ABLATIONS", "DsAblation", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
 
 PROG = "python -m impl.experiments.fsmoe.results"
 
@@ -196,11 +199,52 @@ def _allreduce_mp(blocks: list[BlockCosts]) -> list[BlockCosts]:
     return [replace(bc, mp_ag_ms=bc.mp_ag_ms + bc.mp_rs_ms, mp_rs_ms=bc.mp_ag_ms + bc.mp_rs_ms) for bc in blocks]
 
 
+def _einsum_order(blocks: list[BlockCosts]) -> list[BlockCosts]:
+    """The blocks with GShard's one-hot einsum ordering charged for the sequence-parallel tokens."""
+    return [with_gshard_order(bc, "sequence-parallel") for bc in blocks]
+
+
+def _harness(blocks: list[BlockCosts]) -> list[BlockCosts]:
+    """DeepSpeed-MoE as the released harness emulates it (digest §5.3): AllReduce MP attention,
+    which leaves every GPU of the MP group with the block's tokens, and DeepSpeed's einsum ordering
+    of all of them (`costs.gshard_order`, 'replicated'). Its "2 local experts" are not modeled:
+    the digest does not say what they change (the expert count, the EP group or the sharding)."""
+    return [with_gshard_order(bc, "replicated") for bc in _allreduce_mp(blocks)]
+
+
+@dataclass(frozen=True)
+class DsAblation:
+    """DeepSpeed-MoE's sequential plan on blocks with one or more costs changed: the rows' system
+    name, the change, and the rows' plan note."""
+
+    system: str
+    blocks: Callable[[list[BlockCosts]], list[BlockCosts]]
+    note: str
+
+
+# name (as the report lists ablations) -> the DS-MoE variant run beside every model and grid row
+DS_MOE_ABLATIONS = {
+    "ds-moe-mp-allreduce": DsAblation(DS_MOE_MP_ALLREDUCE, _allreduce_mp,
+                                      "ablation: MP attention synchronised by AllReduce"),
+    "ds-moe-einsum-order": DsAblation("DS-MoE (einsum order)", _einsum_order,
+                                      "ablation: GShard einsum ordering of the sequence-parallel tokens"),
+    "ds-moe-harness": DsAblation("DS-MoE (harness)", _harness,
+                                 "ablation: MP attention synchronised by AllReduce and GShard einsum ordering of "
+                                 "the block's tokens on every GPU of the MP group"),
+}
+
+
+def _ds_moe_ablation_row(labels: dict, ablation: DsAblation, makespan: float) -> dict:
+    return {**labels, "system": ablation.system, "iteration_ms": makespan, "r_fwd": 1, "r_bwd": 1,
+            "plan_note": ablation.note}
+
+
 def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
-    """Every FSMoE-paper plan on `blocks`, plus the ablation `DS_MOE_MP_ALLREDUCE`: DeepSpeed-MoE's
-    sequential plan with tensor-parallel attention synchronised by AllReduce (as the released
-    harness emulates DeepSpeed-MoE) instead of sequence parallelism's AllGather / ReduceScatter:
-    each of the two collectives of a pass becomes an AllReduce (a ReduceScatter and an AllGather)."""
+    """Every FSMoE-paper plan on `blocks`, plus one row per `DS_MOE_ABLATIONS` entry: DeepSpeed-MoE's
+    sequential plan on the blocks that ablation changes (e.g. tensor-parallel attention
+    synchronised by AllReduce, as the released harness emulates DeepSpeed-MoE, instead of sequence
+    parallelism's AllGather / ReduceScatter: each of the two collectives of a pass becomes an
+    AllReduce; or GShard einsum ordering charged)."""
     rows = []
     for system in _systems():
         plan = system.factory()(blocks)
@@ -211,15 +255,11 @@ def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
                      "moe_fwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "fwd"),
                      "moe_bwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "bwd"),
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
-    allreduce_mp = _allreduce_mp(blocks)
-    plan = get_system("fsmoe", "DS-MoE").factory()(allreduce_mp)
-    rows.append(_ds_moe_allreduce_row(labels, simulate(plan.schedule(allreduce_mp)).makespan))
+    ds_moe = get_system("fsmoe", "DS-MoE").factory()
+    for ablation in DS_MOE_ABLATIONS.values():
+        changed = ablation.blocks(blocks)
+        rows.append(_ds_moe_ablation_row(labels, ablation, simulate(ds_moe(changed).schedule(changed)).makespan))
     return rows
-
-
-def _ds_moe_allreduce_row(labels: dict, makespan: float) -> dict:
-    return {**labels, "system": DS_MOE_MP_ALLREDUCE, "iteration_ms": makespan, "r_fwd": 1, "r_bwd": 1,
-            "plan_note": "ablation: MP attention synchronised by AllReduce"}
 
 
 def _pass_over_lower_bound(bc: BlockCosts, plan, phase: str) -> float:
@@ -332,8 +372,9 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
         makespan, plan = gpipe(system.factory(), per_stage)
         rows.append({**labels, "system": system.name, "iteration_ms": makespan,
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1]})
-    makespan, _ = gpipe(get_system("fsmoe", "DS-MoE").factory(), [_allreduce_mp(blocks) for blocks in per_stage])
-    rows.append(_ds_moe_allreduce_row(labels, makespan))
+    for ablation in DS_MOE_ABLATIONS.values():
+        makespan, _ = gpipe(get_system("fsmoe", "DS-MoE").factory(), [ablation.blocks(blocks) for blocks in per_stage])
+        rows.append(_ds_moe_ablation_row(labels, ablation, makespan))
     return rows
 
 

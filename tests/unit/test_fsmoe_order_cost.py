@@ -1,0 +1,105 @@
+"""GShard einsum ordering's cost (`impl.fsmoe.costs.gshard_order`) against DeepSpeed-MoE's own
+gate and einsum at tiny sizes: the [S, E, C] tensors its top-2 gate builds have our capacity, and
+torch's flop counter on DeepSpeed's `einsum` helper (dispatch and combine, forward and backward)
+counts exactly the multiply-accumulates we price; and the DS-MoE ablation rows the FSMoE results
+run beside every model row, each the headline DS-MoE plus exactly the costs it changes."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from impl.common.config import ConfigError
+from impl.common.costmodel import load_profile
+from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS, ResultsConfig, run_models
+from impl.fsmoe.costs import EINSUM_ORDER_GEMMS, ORDER_TOKENS, BlockShape, block_costs, gshard_order
+
+sharded_moe = pytest.importorskip("deepspeed.moe.sharded_moe")
+
+
+def _tiny_block():
+    # Testbed B: 8 nodes x 4 GPUs, one expert per node; 32 tokens per MP group
+    shape = BlockShape(batch=1, seq=32, hidden=8, ffn_hidden=16, heads=2, num_experts=8, top_k=2,
+                       capacity_factor=1.2)
+    return block_costs(shape, load_profile("fsmoe-testbed-b"))
+
+
+def _deepspeed_order_flops(S: int, E: int, M: int, capacity_factor: float) -> tuple[tuple[int, int, int], int]:
+    """DeepSpeed's top-2 gate on S random tokens, then its dispatch and combine einsums forward and
+    backward under torch's flop counter: ([S, E, C] shape, flops)."""
+    torch.manual_seed(0)
+    _, combine_weights, dispatch_mask, _ = sharded_moe.top2gating(torch.randn(S, E), capacity_factor, 1,
+                                                                   top2_2nd_expert_sampling=False)
+    x = torch.randn(S, M, requires_grad=True)
+    weights = combine_weights.detach().requires_grad_(True)          # gates carry a gradient, the mask none
+    expert_out = torch.randn(*combine_weights.shape[1:], M, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        dispatched = sharded_moe.einsum("sec,sm->ecm", dispatch_mask.type_as(x), x)
+        combined = sharded_moe.einsum("sec,ecm->sm", weights, expert_out)
+        (dispatched.sum() + combined.sum()).backward()
+    return tuple(combine_weights.shape), counter.get_total_flops()
+
+
+@pytest.mark.parametrize("use_einsum", [True, False], ids=["torch.einsum", "matmul"])
+@pytest.mark.parametrize("tokens", ORDER_TOKENS)
+def test_order_cost_counts_deepspeeds_einsum_multiply_accumulates(monkeypatch, tokens, use_einsum):
+    monkeypatch.setattr(sharded_moe, "USE_EINSUM", use_einsum)
+    bc = _tiny_block()
+    order = gshard_order(bc, tokens)
+    sec, flops = _deepspeed_order_flops(order.tokens, bc.shape.num_experts, bc.shape.hidden, bc.shape.capacity_factor)
+    S, E, C = sec
+    assert S == order.tokens == (32 // 4 if tokens == "sequence-parallel" else 32)
+    assert E * C == order.slots                              # DeepSpeed's capacity is ours
+    assert order.macs_per_gemm == S * E * C * bc.shape.hidden
+    assert flops == 2 * order.macs_per_gemm * sum(EINSUM_ORDER_GEMMS.values())
+    gemm = bc.gemm.time_ms(order.macs_per_gemm)
+    assert order.fwd_ms == pytest.approx(2 * gemm) and order.bwd_ms == pytest.approx(3 * gemm)
+
+
+def test_order_cost_refuses_an_unknown_token_layout():
+    with pytest.raises(ConfigError, match=r"tokens: 'all' is not allowed; allowed: 'sequence-parallel', 'replicated'"):
+        gshard_order(_tiny_block(), "all")
+
+
+@pytest.fixture(scope="module")
+def models():
+    cfg = ResultsConfig(fig6=(("A", "mixtral-7b"), ("B", "mixtral-7b")), fig7_seq=(512,),
+                        fig7_profiles={48: "fsmoe-testbed-a"}, gates=("gshard",))
+    return run_models(cfg, progress=False)
+
+
+def test_every_model_row_has_every_ds_moe_ablation(models):
+    keys = ["figure", "testbed", "model", "L", "P", "gate"]
+    wide = models.pivot(index=keys, columns="system", values="iteration_ms")
+    assert {"fig6", "fig7-L", "fig7-P", "fig8", "table6"} <= set(wide.index.get_level_values("figure"))
+    for ablation in DS_MOE_ABLATIONS.values():
+        assert wide[ablation.system].notna().all(), ablation.system
+        assert (wide[ablation.system] > wide["DS-MoE"]).all(), ablation.system   # each adds cost to a sequential plan
+    assert (models[models.system.isin([a.system for a in DS_MOE_ABLATIONS.values()])].r_fwd == 1).all()
+
+
+def test_the_harness_ablation_adds_exactly_the_replicated_tokens_ordering(models):
+    """On one lane the makespan is the sum of its tasks: the harness's DS-MoE is the MP-AllReduce
+    one plus each block's forward and backward ordering of the block's tokens; the einsum-order one
+    the headline plus the sequence-parallel tokens' ordering."""
+    from impl.experiments.fsmoe.results import MODELS, _model_shape
+
+    rows = models[models.figure == "fig6"].set_index(["testbed", "model", "system"])["iteration_ms"]
+    for testbed, model in {(t, m) for t, m, _ in rows.index}:
+        profile = load_profile(f"fsmoe-testbed-{testbed.lower()}")
+        spec = MODELS[model]
+        bc = block_costs(_model_shape(spec, profile, 1024 if testbed == "A" else 256), profile)
+        for system, base, tokens in (("ds-moe-harness", "ds-moe-mp-allreduce", "replicated"),
+                                     ("ds-moe-einsum-order", None, "sequence-parallel")):
+            order = gshard_order(bc, tokens)
+            base_ms = rows[(testbed, model, DS_MOE_ABLATIONS[base].system if base else "DS-MoE")]
+            assert rows[(testbed, model, DS_MOE_ABLATIONS[system].system)] == pytest.approx(
+                base_ms + spec.layers * (order.fwd_ms + order.bwd_ms), rel=1e-9)
+
+
+def test_the_report_section_names_every_ablation_and_table6s_times(models):
+    from figures.fsmoe import ds_moe_section
+
+    text = "\n".join(ds_moe_section(models))
+    for name in DS_MOE_ABLATIONS:
+        assert f"| {name} |" in text or f" {name} |" in text, name
+    assert "Table 6 in absolute time" in text and "909.9-1064.0 ms" in text and "685.5-746.9 ms" in text
+    assert "2 local experts" in text
