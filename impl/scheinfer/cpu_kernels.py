@@ -20,28 +20,33 @@ They are built on first use with torch.utils.cpp_extension (the system C++ compi
 about 20-40 s once, cached under ~/.cache/torch_extensions), one build for every x86 host: each
 instruction set's kernels are compiled in and picked at run time. Without a compiler the build
 fails with one clear warning and `available()` is False; callers then use torch's kernels.
-$SCHEINFER_NATIVE_KERNELS=off skips the build (a run that must not spend its time compiling, or
-whose earlier build was cut off).
+$SCHEINFER_NATIVE_KERNELS=off skips the build (a run that must not spend its time compiling).
+A build runs under a lock the kernel releases when its holder dies (`locked_build`): torch's own
+lock file outlives a build that was killed, and every later build would wait on it forever.
 Fake (meta) implementations let the ops sit inside torch.compile'd regions.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["ISAS", "NATIVE_ENV", "available", "supported_isas", "load_error", "host_info", "read_bandwidth"]
+__all__ = ["ISAS", "NATIVE_ENV", "available", "build_directory", "locked_build", "supported_isas", "load_error",
+           "host_info", "read_bandwidth"]
 
 ISAS = {"avx512": 2, "avx2": 1, "sse": 0}      # instruction set -> the ops' `isa` number
 _CSRC = Path(__file__).with_name("csrc")
 _EXTENSION = "scheinfer_cpu_kernels"
 _error: str | None = None
+BUILD_WAIT_S = 600.0                # seconds a build waits for another process's build to end
 NATIVE_ENV = "SCHEINFER_NATIVE_KERNELS"     # 'off': never build; anything else (default): build on first use
 
 
@@ -54,9 +59,11 @@ def available() -> bool:
         return False
     try:
         from torch.utils import cpp_extension
-        cpp_extension.load(name=_EXTENSION, sources=[str(_CSRC / "cpu_kernels.cpp")],
-                           extra_include_paths=[str(_CSRC)], extra_cflags=["-O3", "-ffp-contract=fast"],
-                           is_python_module=False, verbose=False)
+        build = build_directory()
+        locked_build(build, lambda: cpp_extension.load(
+            name=_EXTENSION, sources=[str(_CSRC / "cpu_kernels.cpp")], extra_include_paths=[str(_CSRC)],
+            extra_cflags=["-O3", "-ffp-contract=fast"], build_directory=str(build), is_python_module=False,
+            verbose=False))
     except Exception as e:                # no compiler / ninja, a failed build: torch's kernels instead
         _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         warnings.warn(f"ScheInfer's native CPU kernels are unavailable ({_error}); using torch's kernels. "
@@ -64,6 +71,34 @@ def available() -> bool:
         return False
     _register_fakes()
     return True
+
+
+def build_directory() -> Path:
+    """Where the extension is built: under torch's extensions root ($TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions), one folder per Python and torch version."""
+    from torch.utils import cpp_extension
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / f"{_EXTENSION}-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+
+
+def locked_build(build: Path, run_build, wait_s: float = BUILD_WAIT_S) -> None:
+    """Run `run_build` (torch's build and load) holding an exclusive flock on `build`/build.flock.
+    The kernel drops a flock when its holder exits, however it exits; torch's own `lock` file does
+    not go away with a killed build, so one found while the flock is held was left by a dead build
+    and is removed before torch would wait on it. Waiting for a live build ends after `wait_s`."""
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / "build.flock", "w") as held:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building {build} for over {wait_s:.0f} s") from None
+                time.sleep(0.2)
+        (build / "lock").unlink(missing_ok=True)
+        run_build()
 
 
 def load_error() -> str | None:

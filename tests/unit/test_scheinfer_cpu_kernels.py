@@ -242,3 +242,43 @@ def test_native_kernels_off_builds_nothing_and_decodes_with_torch():
                                                       "TORCH_EXTENSIONS_DIR": "/nonexistent/never-built"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "not built ($SCHEINFER_NATIVE_KERNELS=off) | torch only"
+
+
+# ------------------------------------------------------------------------- the build's lock
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_the_build_runs(tmp_path):
+    """torch's `lock` file outlives a killed build; under our flock it is stale and goes."""
+    (tmp_path / "lock").write_text("")
+    ran = []
+    cpu_kernels.locked_build(tmp_path, lambda: ran.append(sorted(p.name for p in tmp_path.iterdir())))
+    assert ran == [["build.flock"]]
+
+
+def test_a_live_build_elsewhere_is_waited_for_then_refused(tmp_path):
+    """While another process holds the flock (a build in progress) the build waits, and gives up
+    with a message naming the folder instead of hanging; the other's `lock` is left alone."""
+    import subprocess
+    import sys
+    (tmp_path / "lock").write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(tmp_path / 'build.flock')!r}, 'w'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match=f"another process has been building {tmp_path}"):
+            cpu_kernels.locked_build(tmp_path, lambda: pytest.fail("built while another build held the lock"),
+                                     wait_s=0.5)
+        assert (tmp_path / "lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    ran = []                                 # the holder died: its flock went with it
+    cpu_kernels.locked_build(tmp_path, lambda: ran.append(True), wait_s=5)
+    assert ran == [True] and not (tmp_path / "lock").exists()
+
+
+def test_the_build_folder_follows_torch_extensions_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = cpu_kernels.build_directory()
+    assert build.parent == tmp_path and build.name.startswith("scheinfer_cpu_kernels-py")
