@@ -2,7 +2,7 @@
 standalone outside one (checked against fake srun / torchrun / scontrol / sbatch that record their
 arguments); the Slurm profile's dry run lists the cluster jobs with the plugin's multi-node
 resources (and the emulated-cluster jobs of `make emu`); a real run with the profile's
-placeholders stops before anything is submitted."""
+placeholders, or with a bad config, stops before anything is submitted."""
 import os
 import re
 import subprocess
@@ -114,4 +114,15 @@ def test_real_run_with_placeholders_stops_before_submitting(fakes, tmp_path):
     assert proc.returncode != 0
     assert "slurm_partition = REPLACE_WITH_PARTITION" in proc.stderr
     assert "workflows/profiles/slurm/config.yaml" in proc.stderr
+    assert not record.exists() or "sbatch" not in record.read_text()
+
+
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed in this environment")
+def test_slurm_run_with_a_bad_config_stops_before_submitting(fakes, tmp_path):
+    """The deep config checks run in the submitting Snakemake (workflows/rules/checks.smk)."""
+    env, record = fakes
+    proc = _snakemake(env, tmp_path, "--default-resources", "slurm_partition=p", "slurm_account=a",
+                      "--config", "scheinfer_sim={set: {hardware: [a100]}}", "--", "results/raw/scheinfer_sim/sim.csv")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "check_configs: error: scheinfer_sim: hardware: 'a100' is not allowed" in proc.stderr
     assert not record.exists() or "sbatch" not in record.read_text()

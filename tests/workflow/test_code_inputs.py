@@ -112,17 +112,10 @@ def rule_blocks():
             yield path.name, match.group(1), match.group(2)
 
 
-# The config checks do not: their rerun would hide the experiments' changed code (checks.smk).
-WITHOUT_CODE_INPUTS = {"check_configs"}
-
-
 def test_every_rule_that_runs_our_code_lists_what_it_runs():
     """A new rule, or a command that runs another module, without its code inputs fails here."""
     missing = []
     for name, rule, body in rule_blocks():
-        if rule in WITHOUT_CODE_INPUTS:
-            assert "code_inputs(" not in body, rule
-            continue
         runs = set(re.findall(r"\s-m ((?:impl|baselines|figures)[\w.]*)", body)) | set(re.findall(r'"\.\./scripts/(\w+\.py)"', body))
         if not runs and not re.search(r"^    (shell|script|run):", body, re.M):
             continue
@@ -165,7 +158,7 @@ def test_editing_an_imported_module_reruns_the_job_and_nothing_else(tmp_path):
     shutil.copy2(REPO / "Snakefile", repo / "Snakefile")
     work = tmp_path / "work"
     target = "results/raw/scheinfer_sim/sim.csv"
-    for name in ("results/checks/configs.json", target, "results/raw/scheinfer_sim/sim.json"):
+    for name in (target, "results/raw/scheinfer_sim/sim.json"):
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         (work / name).write_text("{}")
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(repo),
@@ -190,8 +183,6 @@ def test_editing_an_imported_module_reruns_the_job_and_nothing_else(tmp_path):
     assert planned() == {}
     edit("impl/scheinfer/policy.py")
     reasons = planned()
-    # only the job itself: were the config checks it waits for redone too, Snakemake would not
-    # look at the job's own inputs in this run (workflows/rules/checks.smk)
     assert set(reasons) == {"scheinfer_sim"}, reasons
     assert reasons["scheinfer_sim"].startswith("Updated input files:") and "impl/scheinfer/policy.py" in reasons[
         "scheinfer_sim"], reasons

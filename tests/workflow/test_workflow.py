@@ -3,6 +3,7 @@ config errors. Each run uses its own working directory (--directory), so results
 .snakemake state never touch the repository."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,14 +153,43 @@ def test_bad_config_fails_while_parsing_with_a_clear_message(tmp_path, override,
     ("fsmoe={set: {fig6: [[A, gpt5]]}}", "fsmoe: fig6: model 'gpt5' is not allowed; allowed: gpt2-xl"),
     ("fsmoe={emu: {num_experts: 3}}", "fsmoe.emu: num_experts: 3 is not divisible by the expert-parallel size 2"),
 ])
-def test_bad_config_fails_in_the_first_job_with_a_clear_message(tmp_path, override, message):
-    """The deep checks (models, topologies, systems) run in `check_configs`, which every
-    experiment job waits for: the run stops there, naming the config, before any experiment."""
+def test_bad_config_stops_the_run_before_any_job_with_a_clear_message(tmp_path, override, message):
+    """The deep checks (models, topologies, systems) run before the first job (the workflow's
+    `onstart:` handler, workflows/rules/checks.smk): the run stops there with one line naming
+    the config and exit code 2, with no job started and nothing left behind."""
     proc = snakemake(tmp_path, "--cores", "1", "--config", override)
-    assert proc.returncode != 0
-    line = next(line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("check_configs: error:"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    [line] = [line for line in out.splitlines() if line.startswith("check_configs: error:")]
     assert message in line
-    assert not (tmp_path / "results" / "raw").exists()
+    assert not re.search(r"^(local)?rule \w+:", out, re.M), out[-3000:]          # no job started
+    assert not (tmp_path / "results").exists()
+    assert not list((tmp_path / ".snakemake").glob("locks/*"))
+
+
+def test_a_changed_config_reruns_its_experiment_in_the_same_call(tmp_path):
+    """After a finished run (faked: the outputs written, then recorded with --touch), a changed
+    config value plans the experiment it feeds in that very call, for its changed params: no job
+    in front of the experiments reruns for the change and leaves them for the next call
+    (workflows/rules/checks.smk)."""
+    target = "results/raw/scheinfer_sim/sim.csv"
+    for name in (target, "results/raw/scheinfer_sim/sim.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    proc = snakemake(tmp_path, "--touch", "--cores", "1", "--forceall", target)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def planned(*args):
+        """{rule: its job's reason} of a dry run."""
+        proc = snakemake(tmp_path, "-n", target, *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return dict(re.findall(r"^rule (\w+):\n(?:.*\n)*?\s+reason: (.*)$", proc.stdout + proc.stderr, re.M))
+
+    assert planned() == {}
+    reasons = planned("--config", "scheinfer_sim={set: {decode_tokens: 7}}")
+    assert set(reasons) == {"scheinfer_sim"}, reasons
+    assert reasons["scheinfer_sim"].startswith("Params have changed") and "decode_tokens=7" in reasons[
+        "scheinfer_sim"], reasons
 
 
 def test_parsing_the_workflow_imports_no_torch(tmp_path):

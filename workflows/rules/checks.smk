@@ -1,31 +1,42 @@
-# The deep config checks: every experiment config resolved with the experiment's own checks, in
-# one job that the experiments it checks wait for, scheduled before any other (priority); the
-# workflow itself parses without torch. Its output is an `ancient` input, so rechecking a changed
-# config reruns no experiment.
+# Checks before any job runs, in the workflow's one `onstart:` handler (Snakemake keeps only the
+# last `onstart:` it reads, so every such check lives here). Snakemake calls it in its main
+# process once it has planned the jobs of a call that has some to run, before the first starts:
+# never in a dry run nor when nothing is to be done, and with the Slurm executor on the submitting
+# host (its jobs run with --no-hooks). What it raises stops the run there, with no job started.
 #
-# Unlike every other rule that runs our code, it does not list the code it runs as inputs: when a
-# job must rerun, Snakemake (9.27) skips its own checks of every job downstream of it and, across
-# an `ancient` input, does not plan them either, so a check rerun on every code change would hide
-# the experiments' own changed code from that run (they would rerun only on the next call). The
-# experiments check their own configs again as they start.
+# The deep config checks run here, not as a job the experiments take as input: Snakemake (9.27)
+# plans nothing downstream of a job that must rerun across an `ancient` input, so such a job
+# rerunning for a changed config would leave the experiments that config feeds unplanned until
+# the next call, and a job they did not wait for could not stop them. Here the checks plan
+# nothing: each experiment reruns for its own changed config, code or params in the same call.
+import subprocess
+import sys
 
 
-localrules:
-    check_configs,
+def stop_on_slurm_placeholders():
+    """A real run with the Slurm executor and the profile's placeholders would submit jobs to a
+    partition that does not exist: stop before anything is submitted, saying what to edit."""
+    plugin = workflow.executor_plugin
+    if plugin is not None and plugin.name == "slurm" and (found := slurm_placeholders()):
+        raise SystemExit(
+            "The Slurm profile still has placeholders (" + "; ".join(found) + "). Edit slurm_partition and "
+            "slurm_account in workflows/profiles/slurm/config.yaml (or a copy of it for your site; "
+            "--slurm-no-account to skip the account). Passing --default-resources on the command line "
+            "replaces the profile's whole default-resources (runtime and mem_mb too)."
+        )
 
 
-rule check_configs:
-    """Resolve every experiment config (models, topologies, systems, hardware classes)."""
-    output:
-        CHECKED,
-    log:
-        "results/logs/check_configs.log",
-    params:
-        checks=json.dumps(config_checks()),
-    priority: 100
-    threads: 1
-    resources:
-        runtime=5,
-        mem_mb=2000,
-    script:
-        "../scripts/check_configs.py"
+def check_experiment_configs():
+    """Resolve every experiment config with the experiments' own checks (models, topologies,
+    systems, hardware classes): workflows/scripts/check_configs.py, in a process of its own with
+    Snakemake's Python (the experiments import torch; Snakemake's process stays without it). A
+    bad config prints one line naming it and stops the run with the script's exit code (2)."""
+    script = repo_path("workflows/scripts/check_configs.py")
+    code = subprocess.run([sys.executable, script, "--checks", json.dumps(config_checks())]).returncode
+    if code:
+        raise SystemExit(code)
+
+
+onstart:
+    stop_on_slurm_placeholders()
+    check_experiment_configs()

@@ -6,19 +6,8 @@
 # tasks_per_gpu=0 (no --ntasks-per-gpu), runtime, mem_mb. Partition and account live in the
 # profile only.
 
-# Every cluster run's config is resolved by check_configs (checks.smk) before any run.
-
-onstart:
-    # A real run with the Slurm executor and the profile's placeholders would submit jobs to a
-    # partition that does not exist: stop before anything is submitted, saying what to edit.
-    plugin = workflow.executor_plugin
-    if plugin is not None and plugin.name == "slurm" and (found := slurm_placeholders()):
-        raise SystemExit(
-            "The Slurm profile still has placeholders (" + "; ".join(found) + "). Edit slurm_partition and "
-            "slurm_account in workflows/profiles/slurm/config.yaml (or a copy of it for your site; "
-            "--slurm-no-account to skip the account). Passing --default-resources on the command line "
-            "replaces the profile's whole default-resources (runtime and mem_mb too)."
-        )
+# Before any job starts (checks.smk), every cluster run's config is resolved and a Slurm run with
+# the profile's placeholders stops.
 
 
 rule cluster_layer_bench:
@@ -26,7 +15,6 @@ rule cluster_layer_bench:
     input:
         code=code_inputs("impl.experiments.layer_bench"),
         launch=LAUNCH,
-        checked=ancient(CHECKED),
     output:
         record="results/raw/cluster/layer_bench/{paper}/{variant}.json",
     log:

@@ -140,7 +140,7 @@ def sim_variant_flags(run):
 
 
 def sim_run_checks():
-    """The deep checks of every sim run, each variant's too (`check_configs` job)."""
+    """The deep checks of every sim run, each variant's too (part of `config_checks`)."""
     return [{"name": f"hiermoe_sim.runs.{run}" + (f".variants.{name}" if name else ""), "kind": "hiermoe_sim",
              "config": repo_path(SIM_RUNS[run]["config"]), "set": variant + sim_overrides(run)}
             for run in SIM_RUNS for name, variant in sim_variants(run) or [("", [])]]
@@ -176,7 +176,7 @@ def emu_table():
 
 def scheinfer_sim_config():
     """The ScheInfer sim config (keys and types; its models, hardware and policies are resolved
-    by the `check_configs` job)."""
+    before any job starts, checks.smk)."""
     from impl.experiments.scheinfer.sim_config import SimConfig
 
     return build_config(SimConfig, experiment_config("scheinfer_sim"), experiment_overrides("scheinfer_sim"))
@@ -208,7 +208,7 @@ def scheinfer_prompt_ids():
 
 # Emulated cluster (workflows/rules/emu.smk) ----------------------------------------------------
 
-# The matrix's config now (its keys and types); every run's bench config in check_configs.
+# The matrix's config now (its keys and types); every run's bench config before any job (checks.smk).
 EMU = emu_val.load_config(experiment_config("emu_validation"), experiment_overrides("emu_validation"))
 EMU_DIR = "results/raw/emu_validation"
 EMU_RUNS = [(t, r, v, i) for t in EMU.topologies for r in EMU.routings for v in EMU.variants for i in range(EMU.runs)]
@@ -243,12 +243,12 @@ def cluster_bench_settings(paper, variant):
 
 
 def cluster_bench_config(paper, variant):
-    """The layer bench config of one cluster run (keys and types; resolved in check_configs)."""
+    """The layer bench config of one cluster run (keys and types; resolved before any job, checks.smk)."""
     return build_config(LayerBenchConfig, None, [], base=cluster_bench_settings(paper, variant))
 
 
 def cluster_run_checks():
-    """The deep checks of every cluster run's layer bench config (`check_configs` job)."""
+    """The deep checks of every cluster run's layer bench config (part of `config_checks`)."""
     return [{"name": f"cluster.layer_bench.{paper}.variants.{variant}", "kind": "layer_bench", "config": None,
              "set": overrides_of(cluster_bench_settings(paper, variant))}
             for paper, entry in CLUSTER_BENCH.items() for variant in entry["variants"]]
@@ -304,9 +304,7 @@ def fsmoe_checks():
     return results + [{"name": "fsmoe.emu", "kind": "fsmoe_emu", "config": None, "set": overrides_of(FSMOE["emu"])}]
 
 
-# The deep config checks (`check_configs` in checks.smk) --------------------------------------------
-
-CHECKED = "results/checks/configs.json"
+# The deep config checks (run before any job by checks.smk) -----------------------------------------
 
 
 def config_checks():

@@ -5,7 +5,6 @@ rule emu_calibration:
     """Alpha-beta fits of every AlltoAll step of one emulated cluster (Fig. 9's method)."""
     input:
         code=code_inputs("impl.common.calibrate"),
-        checked=ancient(CHECKED),
     output:
         profile=f"{EMU_DIR}/calibration/{{topology}}.yaml",
     log:
@@ -29,7 +28,6 @@ rule emu_layer_bench:
     input:
         code=code_inputs("impl.experiments.layer_bench"),
         profile=lambda wc: emu_profile(wc.topology) if emu_val.uses_profile(EMU.variants[wc.variant]) else [],
-        checked=ancient(CHECKED),
     output:
         record=f"{EMU_DIR}/{{topology}}/{{routing}}/{{variant}}/run{{run}}.json",
     log:

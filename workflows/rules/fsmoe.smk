@@ -6,7 +6,6 @@ rule fsmoe_grid:
     input:
         code=code_inputs("impl.experiments.fsmoe.results"),
         config=experiment_config("fsmoe"),
-        checked=ancient(CHECKED),
     output:
         csv="results/raw/fsmoe/grid-{testbed}.csv",
         record="results/raw/fsmoe/grid-{testbed}.json",
@@ -32,7 +31,6 @@ rule fsmoe_part:
     input:
         code=code_inputs("impl.experiments.fsmoe.results"),
         config=experiment_config("fsmoe"),
-        checked=ancient(CHECKED),
     output:
         csv="results/raw/fsmoe/{part}.csv",
         record="results/raw/fsmoe/{part}.json",
@@ -56,7 +54,6 @@ rule fsmoe_ablation:
     input:
         code=code_inputs("impl.experiments.fsmoe.results"),
         config=experiment_config("fsmoe"),
-        checked=ancient(CHECKED),
     output:
         grid="results/raw/fsmoe/ablation-{reading}-grid.csv",
         grid_record="results/raw/fsmoe/ablation-{reading}-grid.json",
@@ -108,7 +105,6 @@ rule fsmoe_emu:
     input:
         code=code_inputs("impl.experiments.fsmoe.emu"),
         profile=rules.fsmoe_calibration.output.profile,
-        checked=ancient(CHECKED),
     output:
         csv="results/raw/fsmoe/emu.csv",
         record="results/raw/fsmoe/emu.json",

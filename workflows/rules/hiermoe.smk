@@ -63,7 +63,6 @@ rule hiermoe_sim:
     input:
         code=code_inputs("impl.experiments.hiermoe.sim"),
         config=lambda wc: repo_path(SIM_RUNS[wc.run]["config"]),
-        checked=ancient(CHECKED),
     output:
         csv="results/raw/hiermoe_sim/{run}.csv",
         record="results/raw/hiermoe_sim/{run}.json",

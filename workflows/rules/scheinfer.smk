@@ -15,7 +15,6 @@ rule scheinfer_sim:
         code=code_inputs("impl.experiments.scheinfer.sim"),
         config=experiment_config("scheinfer_sim"),
         hardware=repo_path(SCHEINFER_SIM_CONFIG.hardware_file),
-        checked=ancient(CHECKED),
     output:
         csv="results/raw/scheinfer_sim/sim.csv",
         record="results/raw/scheinfer_sim/sim.json",

@@ -3,19 +3,19 @@ topologies, systems, hardware classes, cell by cell), in one process, before any
 
 The workflow parses without torch (a Slurm login node's Snakemake need not have it), so while it
 parses it checks only the config schema and the configs it needs to name outputs; the deep checks
-import the experiments and run here, as the first job every experiment job waits for.
+import the experiments and run here, started by the workflow's `onstart:` handler
+(workflows/rules/checks.smk) before any job, or by hand:
 
-    python workflows/scripts/check_configs.py --checks JSON --out checked.json
+    python workflows/scripts/check_configs.py --checks JSON
 
-(or as the `check_configs` rule's script, with the list as its `checks` param). JSON: a list of {"name": where the config sits in the workflow config, "kind": one of KINDS,
+JSON: a list of {"name": where the config sits in the workflow config, "kind": one of KINDS,
 "config": experiment YAML or null, "set": ["key=value", ...]}. A bad config prints one line
-naming it and exits 2; every good one is listed in --out.
+naming it and exits 2; when all are good it prints how many it resolved and exits 0.
 """
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _hiermoe_sim(path, overrides):
@@ -62,21 +62,11 @@ KINDS = {"hiermoe_sim": _hiermoe_sim, "scheinfer_sim": _scheinfer_sim, "emu_vali
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="check_configs", description=__doc__.split("\n")[0])
     p.add_argument("--checks", required=True, help="JSON list of the configs to check (module doc)")
-    p.add_argument("--out", required=True, help="JSON file listing the configs checked")
-    args = p.parse_args(argv)
-    return check(args.checks, args.out)
+    return check(p.parse_args(argv).checks)
 
 
-def check(checks_json: str, out: str, log: str | None = None) -> int:
-    """Run the checks; the outcome goes to stderr (and to `log`, the rule's log)."""
-
-    def say(line: str) -> None:
-        print(line, file=sys.stderr)
-        if log:
-            Path(log).parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "a") as f:
-                print(line, file=f)
-
+def check(checks_json: str) -> int:
+    """Run the checks; the outcome goes to stderr."""
     try:
         checks = json.loads(checks_json)
         if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get("kind") in KINDS
@@ -84,7 +74,7 @@ def check(checks_json: str, out: str, log: str | None = None) -> int:
             raise ValueError(f"expected a list of {{name, kind, config, set}} with kind in {', '.join(KINDS)} "
                              "and set a list of key=value")
     except ValueError as e:
-        say(f"check_configs: error: --checks: {e}")
+        print(f"check_configs: error: --checks: {e}", file=sys.stderr)
         return 2
     from impl.common.cli import INPUT_ERRORS
 
@@ -92,15 +82,11 @@ def check(checks_json: str, out: str, log: str | None = None) -> int:
         try:
             KINDS[check["kind"]](check.get("config"), list(check.get("set", [])))
         except INPUT_ERRORS as e:
-            say(f"check_configs: error: {check.get('name', check['kind'])}: {e}")
+            print(f"check_configs: error: {check.get('name', check['kind'])}: {e}", file=sys.stderr)
             return 2
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(checks, indent=1) + "\n")
-    say(f"{len(checks)} experiment configs resolved")
+    print(f"{len(checks)} experiment configs resolved", file=sys.stderr)
     return 0
 
 
-if "snakemake" in globals():           # run by the rule's `script:` directive
-    sys.exit(check(snakemake.params.checks, snakemake.output[0], snakemake.log[0]))  # noqa: F821
-elif __name__ == "__main__":
+if __name__ == "__main__":
     sys.exit(main())
