@@ -48,7 +48,7 @@ from .records import collect_env, git_info
 from .topology import Topology, TopologyError, get_topology
 
 __all__ = ["CalibrationPlan", "parse_size", "parse_sizes", "step_group_size", "message_nbytes", "calibrate",
-           "measure_collectives", "measure_gemm", "aggregate_repeats", "build_profile", "main", "COLLECTIVES",
+           "measure_collectives", "measure_gemm", "aggregate_repeats", "build_profile", "parse_args", "main", "COLLECTIVES",
            "R2_THRESHOLD", "PRESETS", "fit_warning", "poor_fits"]
 
 COLLECTIVES = ("a2a", "allgather", "reducescatter", "allreduce")
@@ -435,15 +435,20 @@ def _with_flag(flag: str, parse, value):
         raise ValueError(f"{flag}: {e}") from None
 
 
+def parse_args(argv: Sequence[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line, a --preset's values taking the place of the defaults (explicit flags win)."""
+    parser = parser or _parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    args = parser.parse_args(argv)
-    if args.preset:
-        given = {a.split("=")[0] for a in argv if a.startswith("--")}
-        for key, value in PRESETS[args.preset].items():
-            if f"--{key.replace('_', '-')}" not in given:
-                setattr(args, key, value)
+    args = parse_args(argv, parser)
     try:
         if not args.out.endswith((".yaml", ".yml")):
             raise ValueError(f"--out {args.out!r}: must end in .yaml or .yml")

@@ -21,3 +21,17 @@ def test_poor_fit_is_flagged_and_good_fit_is_not():
     assert len(flagged) == 2 and any("a2a/flat" in f for f in flagged) and any("gemm" in f for f in flagged)
     assert all(f"< {R2_THRESHOLD}" in f for f in flagged)
     assert profile.comm[("allreduce", "flat")].note == ""
+
+
+def test_a_preset_fills_what_the_command_line_leaves_out():
+    """--preset replaces the defaults; a flag given explicitly, in either spelling, keeps its value."""
+    from impl.common.calibrate import PRESETS, parse_args
+
+    base = ["--topology", "1x2", "--out", "p.yaml", "--preset", "fsmoe"]
+    args = parse_args(base)
+    for key, value in PRESETS["fsmoe"].items():
+        assert getattr(args, key) == value, key
+    for given in (["--repeats", "3"], ["--repeats=3"]):
+        args = parse_args(base + given)
+        assert args.repeats == 3 and args.gemm_dim == PRESETS["fsmoe"]["gemm_dim"]
+    assert parse_args(base[:4]).repeats == 5 and parse_args(base[:4]).gemm_dim == 512
