@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import shutil
 import statistics
@@ -48,7 +49,7 @@ from .layers import (AttentionWeights, ExpertWeights, KVCache, LayerWeights, MoE
                      gate_shared, rope_cos_sin, route)
 
 __all__ = ["KERNELS", "KERNEL_ENV", "KernelChoice", "choose_kernel", "split_linear", "product", "fast_ffn", "fast_ffns",
-           "paired_ffn", "JoinedExpertWeights", "JoinedAttentionWeights", "StackedMoEWeights", "FusedRMSNorm",
+           "paired_ffn", "ExpertGroups", "JoinedExpertWeights", "JoinedAttentionWeights", "StackedMoEWeights", "FusedRMSNorm",
            "FastDecoder"]
 
 # Few-token products x_TK @ w_NK^T are memory bound, and one BLAS call streams the weight on one
@@ -272,9 +273,7 @@ def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor, kernel: KernelChoice | None =
     """`layers.ffn`: the native FFN kernel of `kernel` (`product`'s conditions; gate and up with
     contiguous rows), else `split_linear` products, gate and up in one when they are joined."""
     isa = kernel.native(x_TM.shape[0]) if kernel is not None else None
-    if (isa is not None and x_TM.dtype == w.gate_FM.dtype == torch.float32 and x_TM.device.type == "cpu"
-            and w.gate_FM.stride(1) == 1 and w.up_FM.stride(1) == 1
-            and (w.down_MF.stride(1) == 1 or w.down_MF.stride(0) == 1)):
+    if isa is not None and _native_ffn_layout(w, x_TM):
         return torch.ops.scheinfer.ffn(x_TM, w.gate_FM, w.up_FM, w.down_MF, isa)
     if isinstance(w, JoinedExpertWeights):
         gu_T2F = split_linear(x_TM, w.gate_up_2FM)
@@ -286,15 +285,25 @@ def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor, kernel: KernelChoice | None =
 
 def fast_ffns(items: list[tuple[ExpertWeights, torch.Tensor]], kernel: KernelChoice | None = None
               ) -> list[torch.Tensor]:
-    """[`fast_ffn`(w, x_TM) for (w, x_TM) in items]: with a native kernel, all of them in one op
-    (`ffn_many`: two parallel regions in all, not two per FFN) when each qualifies."""
-    isa = kernel.native(max((x.shape[0] for _, x in items), default=0)) if kernel is not None else None
-    if isa is not None and len(items) > 1 and all(
-            x.dtype == w.gate_FM.dtype == torch.float32 and x.device.type == "cpu" and w.gate_FM.stride(1) == 1
-            and w.up_FM.stride(1) == 1 and (w.down_MF.stride(1) == 1 or w.down_MF.stride(0) == 1) for w, x in items):
-        return torch.ops.scheinfer.ffn_many([x for _, x in items], [w.gate_FM for w, _ in items],
-                                            [w.up_FM for w, _ in items], [w.down_MF for w, _ in items], isa)
-    return [fast_ffn(w, x, kernel) for w, x in items]
+    """[`fast_ffn`(w, x_TM) for (w, x_TM) in items]: with a native kernel, every FFN that
+    qualifies for it in one op (`ffn_many`: two parallel regions in all, not two per FFN, all
+    with the kernel for the most tokens among them), the others one by one."""
+    isas = [kernel.native(x.shape[0]) if kernel is not None and _native_ffn_layout(w, x) else None for w, x in items]
+    native = [j for j, isa in enumerate(isas) if isa is not None]
+    if len(native) < 2:
+        return [fast_ffn(w, x, kernel) for w, x in items]
+    ws = [items[j][0] for j in native]
+    isa = kernel.native(max(items[j][1].shape[0] for j in native))
+    ys = dict(zip(native, torch.ops.scheinfer.ffn_many([items[j][1] for j in native], [w.gate_FM for w in ws],
+                                                      [w.up_FM for w in ws], [w.down_MF for w in ws], isa)))
+    return [ys[j] if j in ys else fast_ffn(w, x, kernel) for j, (w, x) in enumerate(items)]
+
+
+def _native_ffn_layout(w: ExpertWeights, x_TM: torch.Tensor) -> bool:
+    """The native FFN ops take this FFN: float32 on the CPU, gate and up with contiguous rows,
+    down with rows or columns contiguous."""
+    return (x_TM.dtype == w.gate_FM.dtype == torch.float32 and x_TM.device.type == "cpu" and w.gate_FM.stride(1) == 1
+            and w.up_FM.stride(1) == 1 and (w.down_MF.stride(1) == 1 or w.down_MF.stride(0) == 1))
 
 
 def _fast_expert_fn(layer: int, expert: int | str, w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
@@ -318,6 +327,39 @@ def paired_ffn(w: StackedMoEWeights, a: int, b: int, x_1M: torch.Tensor) -> tupl
     return y_2M[0:1], y_2M[1:2]
 
 
+@dataclass(frozen=True)
+class ExpertGroups:
+    """The routed (token, slot) pairs of several tokens sorted by expert, tokens ascending within
+    each expert: pair n is token token_N[n] with router weight weight_N[n]; `blocks` lists
+    (expert, start, stop) of every expert with tokens, ascending. Each token's slots are first
+    put in ascending expert order, so that `combine` adds a token's terms in that order."""
+
+    token_N: torch.Tensor
+    weight_N: torch.Tensor
+    inverse_N: torch.Tensor       # sorted position of flat pair t * K + k (k in ascending expert order)
+    blocks: list[tuple[int, int, int]]
+    top_k: int
+
+    @classmethod
+    def of(cls, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int) -> "ExpertGroups":
+        K = ids_TK.shape[1]
+        ids_TK, slot_TK = ids_TK.sort(dim=1)
+        flat_N = ids_TK.flatten()
+        order_N = flat_N.argsort(stable=True)
+        counts = torch.bincount(flat_N, minlength=num_experts).tolist()
+        ends = list(itertools.accumulate(counts))
+        blocks = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts, ends)) if c]
+        return cls(order_N // K, weights_TK.gather(1, slot_TK).flatten()[order_N], order_N.argsort(), blocks, K)
+
+    def combine(self, y_NM: torch.Tensor) -> torch.Tensor:
+        """y_TM: each token's rows of y_NM (sorted pairs) added in ascending expert order."""
+        y_TKM = y_NM.index_select(0, self.inverse_N).view(-1, self.top_k, y_NM.shape[-1])
+        y_TM = y_TKM[:, 0]
+        for k in range(1, self.top_k):
+            y_TM = y_TM + y_TKM[:, k]
+        return y_TM
+
+
 # ----------------------------------------------------------------------------------- attention
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -330,8 +372,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 def _attention(cfg: DecoderConfig, w: JoinedAttentionWeights, h_BSM: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, cos_BSD: torch.Tensor, signed_sin_BSD: torch.Tensor,
                allowed_BSL: torch.Tensor | None, L1: int, kernel: KernelChoice | None = None) -> torch.Tensor:
-    """`layers.attention` with one q/k/v product and one RoPE; allowed_BSL None: every one of the
-    L1 cached slots is visible to every query."""
+    """`layers.attention` with one q/k/v product and one RoPE; allowed_BSL None: no padding and
+    query s sees the slots up to its own, L1 - S + s: with one new token every cached slot, with
+    S > 1 new tokens an empty cache before them (L1 = S), so the mask is the causal one and SDPA
+    needs none (`FastDecoder.attention_mask`)."""
     B, S, _ = h_BSM.shape
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv_BNSD = product(h_BSM, w.qkv_w, w.qkv_b, kernel).view(B, S, H + 2 * G, D).transpose(1, 2)
@@ -347,7 +391,8 @@ def _attention(cfg: DecoderConfig, w: JoinedAttentionWeights, h_BSM: torch.Tenso
         o_BSX = (p_BGRL.unsqueeze(-1) * v_BGLD.unsqueeze(2)).sum(3).reshape(B, S, H * D)
     else:
         mask = None if allowed_BSL is None else allowed_BSL[:, None]
-        o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, enable_gqa=G != H)
+        o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask,
+                                                is_causal=allowed_BSL is None and S > 1, enable_gqa=G != H)
         o_BSX = o_BHSD.transpose(1, 2).reshape(B, S, H * D)
     return product(o_BSX, w.o_w, w.o_b, kernel)
 
@@ -523,14 +568,15 @@ class FastDecoder(Decoder):
         return table[0][pos_BS], table[1][pos_BS]
 
     def attention_mask(self, cache: KVCache, L0: int, L1: int, padded: bool) -> torch.Tensor | None:
-        """None (no mask) when the one new token of each sequence sees every slot."""
-        if L1 - L0 == 1 and not padded and cache.unpadded:
+        """None (no mask) without padding when the one new token of each sequence sees every
+        slot, or when the new tokens fill an empty cache (a prompt: causal, `_attention`)."""
+        if not padded and (L0 == 0 or (L1 - L0 == 1 and cache.unpadded)):
             return None
         return super().attention_mask(cache, L0, L1, padded)
 
     def attention_block(self, i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, L1):
         block = self._compiled_attention_block if self._compiled_attention_block is not None \
-            and allowed_BSL is None else _attention_block
+            and allowed_BSL is None and x_BSM.shape[1] == 1 else _attention_block
         return block(self.config, w.attn_norm, w.attn, x_BSM, cache.k[i], cache.v[i], cos_BSD, sin_BSD,
                      allowed_BSL, L1, self.kernel)
 
@@ -566,10 +612,10 @@ class FastDecoder(Decoder):
         """One token: its routed experts added in ascending expert order. With the plain expert
         function and stacked experts: one native op (`moe_token`), or with torch's kernels on at
         most two cores pairs of experts (`paired_ffn`); else the layer's routed experts and its
-        shared one in one `run_ffns` call (the engine's `run_layer`). More tokens: the reference
-        path."""
+        shared one in one `run_ffns` call (the engine's `run_layer`). More tokens:
+        `_moe_tokens`."""
         if x_TM.shape[0] != 1:
-            return super().moe(i, w, x_TM)
+            return self._moe_tokens(i, w, x_TM)
         ids_1K, weights_1K = self.route(i, w, x_TM)
         stacked = isinstance(w, StackedMoEWeights) and self.expert_fn is _fast_expert_fn
         shared = [("shared", w.shared, x_TM)] if w.shared is not None else []
@@ -591,6 +637,25 @@ class FastDecoder(Decoder):
             y_e = y_e * gate_K[k]
             y_1M = y_e if y_1M is None else y_1M + y_e
         return y_1M + gate_shared(w, x_TM, ys[-1]) if shared else y_1M
+
+    def _moe_tokens(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
+        """`Decoder.moe` of several tokens (a prompt) with the routed (token, expert) pairs sorted
+        by expert once (`ExpertGroups`): one gather puts each expert's tokens in one contiguous
+        block, every routed and shared FFN goes to one `run_ffns` call, and the weighted outputs
+        come back to their tokens with one more gather, each token's terms added in ascending
+        expert order as the reference's index_add_ does (so the same values): a few operations a
+        layer instead of several per expert."""
+        ids_TK, weights_TK = self.route(i, w, x_TM)
+        groups = ExpertGroups.of(ids_TK, weights_TK, len(w.experts))
+        x_NM = x_TM.index_select(0, groups.token_N)
+        items = [(e, w.experts[e], x_NM[a:b]) for e, a, b in groups.blocks]
+        if w.shared is not None:
+            items.append(("shared", w.shared, x_TM))
+        ys = self.run_ffns(i, items, x_TM.shape[0])
+        routed = ys[:len(groups.blocks)]
+        y_NM = (torch.cat(routed) if len(routed) > 1 else routed[0]) * groups.weight_N[:, None].to(x_TM.dtype)
+        y_TM = groups.combine(y_NM)
+        return y_TM if w.shared is None else y_TM + gate_shared(w, x_TM, ys[-1])
 
     def lm_head(self, x_BSM: torch.Tensor) -> torch.Tensor:
         return product(x_BSM, self.lm_head_VM, self.lm_head_b, self.kernel)
