@@ -88,14 +88,16 @@ static constexpr int bitrev(int j) {     // j's log2(L) bits reversed
 // accumulators fill whole vectors of L sums, they are reduced L at a time by `fold_levels` (L - 1
 // vector adds per L sums instead of a horizontal sum each: at K = 512 that reduction is a third
 // of a 4 x 4 block's time).
+// `npf` rows from `pf` (row stride ldw) are prefetched along the way (the next rows' block).
 template <int R, int T>
 static inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K,
-                             float* y, int64_t ldy) {
+                             float* y, int64_t ldy, const float* pf = nullptr, int64_t npf = 0) {
   vf acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = vf{};
   int64_t k = 0;
   for (; k + L <= K; k += L) {
+    for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * ldw + k);
     vf xv[T];
     for (int t = 0; t < T; ++t) xv[t] = vload(x + t * ldx + k);
     for (int r = 0; r < R; ++r) {
@@ -172,13 +174,24 @@ static void dot_rows(const float* x, int64_t T, int64_t ldx, const float* w, int
     }
     return;
   }
+  // Each token block also prefetches its share of the next row block (one share per token
+  // block, in turn): the next block's weights arrive from memory while this block computes,
+  // rather than in a stall at the start of the next one (the hardware prefetchers run ahead only
+  // of the stream being read, and every token block after the first reads from cache).
+  const int64_t blocks_t = (T / TOKENS) + (T % TOKENS) / 2 + (T % 2);
+  const int64_t share = (4 + blocks_t - 1) / blocks_t;
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float* wn = w + n * ldw;
-    int64_t t = 0;
-    for (; t + TOKENS <= T; t += TOKENS) dot_block<4, TOKENS>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy);
-    for (; t + 2 <= T; t += 2) dot_block<4, 2>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy);
-    if (t < T) dot_block<4, 1>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy);
+    const int64_t next = std::min<int64_t>(4, std::max<int64_t>(n1 - n - 4, 0));
+    int64_t t = 0, b = 0;
+    auto pf_rows = [&](int64_t blk) { return std::max<int64_t>(0, std::min(next, (blk + 1) * share) - blk * share); };
+    auto pf_from = [&](int64_t blk) { return wn + (4 + blk * share) * ldw; };
+    for (; t + TOKENS <= T; t += TOKENS, ++b)
+      dot_block<4, TOKENS>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b));
+    for (; t + 2 <= T; t += 2, ++b)
+      dot_block<4, 2>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b));
+    if (t < T) dot_block<4, 1>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b));
   }
   for (; n < n1; ++n)
     for (int64_t t = 0; t < T; ++t) dot_block<1, 1>(x + t * ldx, ldx, w + n * ldw, ldw, K, y + t * ldy + n, ldy);
