@@ -103,7 +103,8 @@ def split_linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None =
 # width, its BLAS), so the choice is measured rather than assumed, and recorded with every run.
 KERNELS = ("auto", "torch", *cpu_kernels.ISAS)
 KERNEL_ENV = "SCHEINFER_CPU_KERNEL"
-NAMED_MAX_TOKENS = 16         # a named native kernel's batched products of up to this many tokens (unmeasured)
+NAMED_MAX_TOKENS = 64         # a named native kernel's batched products of up to this many tokens (unmeasured;
+                              # on cold weights, as a prompt's experts read them, it beats BLAS up to here)
 _BATCHED_TOKENS = (16, 64)    # product sizes at which 'auto' compares the kernels for batched products
 
 

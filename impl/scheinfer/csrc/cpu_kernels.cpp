@@ -49,7 +49,8 @@ namespace avx512 {
 enum Isa : int64_t { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
 
 struct Kernels {
-  void (*dot_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+  void (*dot_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t,
+                   const float*, int64_t);
   void (*axpy_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
   void (*swiglu)(const float*, const float*, float*, int64_t);
   double (*read_sum)(const float*, int64_t);
@@ -96,10 +97,15 @@ void parallel_units(int64_t n, int64_t unit_bytes, const Fn& fn) {
 // threads claim one after another: a thread that the OS holds back (a shared host) leaves its
 // chunks to the others instead of keeping them all waiting at the end, as a static split would.
 // Each unit is done by one call, so results do not depend on which thread took it.
+// A product of T > 2 tokens (compute bound) claims chunks of CHUNK_BYTES * min(T, 16) / 2 bytes:
+// about as much work per chunk as the memory-bound decode chunk, and several row blocks per
+// chunk, so that each block's weights are prefetched while the one before computes (kernels_isa.h
+// dot_rows; a chunk's first block cannot be).
 template <class Fn>
-void parallel_chunks(int64_t n, int64_t unit_bytes, const Fn& fn) {
+void parallel_chunks(int64_t n, int64_t unit_bytes, const Fn& fn, int64_t tokens = 1) {
   unit_bytes = std::max<int64_t>(unit_bytes, 1);
-  const int64_t per_chunk = std::max<int64_t>(1, CHUNK_BYTES / unit_bytes), chunks = cdiv(n, per_chunk);
+  const int64_t chunk_bytes = tokens <= 2 ? CHUNK_BYTES : CHUNK_BYTES * std::min<int64_t>(tokens, 16) / 2;
+  const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / unit_bytes), chunks = cdiv(n, per_chunk);
   const int64_t workers = std::min(chunks, std::max<int64_t>(1, n * unit_bytes / MIN_THREAD_BYTES));
   if (workers == 1) return fn(0, n);
   std::atomic<int64_t> next{0};
@@ -121,8 +127,8 @@ void product(const Kernels& k, const float* x, int64_t T, const at::Tensor& w, f
   const float* wp = w.data_ptr<float>();
   if (w.stride(1) == 1) {
     parallel_chunks(cdiv(N, ROWS), ROWS * K * 4, [&](int64_t u0, int64_t u1) {
-      k.dot_rows(x, T, K, wp, w.stride(0), K, y, N, u0 * ROWS, std::min(N, u1 * ROWS));
-    });
+      k.dot_rows(x, T, K, wp, w.stride(0), K, y, N, u0 * ROWS, std::min(N, u1 * ROWS), nullptr, 0);
+    }, T);
   } else {
     TORCH_CHECK(w.stride(0) == 1, "scheinfer kernels: a weight needs rows or columns contiguous; got strides ",
                 w.strides());
@@ -168,7 +174,7 @@ std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::v
   std::vector<at::Tensor> keep;                          // contiguous inputs and buffers, alive to the end
   std::vector<int64_t> first_unit(n + 1, 0);             // gate / up row blocks of item i: [first_unit[i], first_unit[i + 1])
   bool all_rows = true;
-  int64_t max_F = 0, sum_F = 0;
+  int64_t max_F = 0, sum_F = 0, max_T = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &x = xs[i], &gate = gates[i], &up = ups[i], &down = downs[i];
     for (auto& [t, name] : {std::pair{&x, "x"}, {&gate, "gate"}, {&up, "up"}, {&down, "down"}}) check_float_cpu(*t, name);
@@ -191,6 +197,7 @@ std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::v
     first_unit[i + 1] = first_unit[i] + (T ? cdiv(F, ROWS) : 0);
     all_rows = all_rows && rows;
     max_F = std::max(max_F, F);
+    max_T = std::max(max_T, T);
     sum_F += F;
   }
   parallel_chunks(first_unit[n], 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
@@ -199,15 +206,15 @@ std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::v
       const Item& it = items[i];
       const int64_t f0 = std::max(u0 - first_unit[i], int64_t(0)) * ROWS, f1 = std::min(it.F, (u1 - first_unit[i]) * ROWS);
       if (it.T == 0 || f0 >= f1) continue;
-      k.dot_rows(it.x, it.T, M, it.gate, it.ldg, M, it.g, it.F, f0, f1);
-      k.dot_rows(it.x, it.T, M, it.up, it.ldu, M, it.u, it.F, f0, f1);
+      k.dot_rows(it.x, it.T, M, it.gate, it.ldg, M, it.g, it.F, f0, f1, it.up + f0 * it.ldu, it.ldu);  // then up's rows
+      k.dot_rows(it.x, it.T, M, it.up, it.ldu, M, it.u, it.F, f0, f1, nullptr, 0);
       for (int64_t t = 0; t < it.T; ++t) k.swiglu(it.g + t * it.F + f0, it.u + t * it.F + f0, it.h + t * it.F + f0, f1 - f0);
     }
-  });
+  }, max_T);
   const int64_t blocks = cdiv(M, ROWS);                 // output row blocks per item (all_rows)
   auto down_part = [&](const Item& it, int64_t m0, int64_t m1) {
     if (it.rows)
-      k.dot_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, m0, m1);
+      k.dot_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, m0, m1, nullptr, 0);
     else
       k.axpy_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, m0, m1);
   };
@@ -218,7 +225,7 @@ std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::v
         if (items[i].T) down_part(items[i], (u - i * blocks) * ROWS, std::min(M, (end - i * blocks) * ROWS));
         u = end;
       }
-    });
+    }, max_T);
   } else {
     parallel_units(cdiv(M, COLS), COLS * sum_F * 4, [&](int64_t u0, int64_t u1) {
       for (const Item& it : items)
@@ -272,15 +279,16 @@ at::Tensor moe_token(const at::Tensor& x, const at::Tensor& gate_up, const at::T
       const int64_t f0 = std::max(u0 - j * units, int64_t(0)) * ROWS, f1 = std::min(F, (u1 - j * units) * ROWS);
       const float* w = gup + chosen[j].first * gate_up.stride(0);
       float *gj = g + j * 2 * F, *uj = gj + F;
-      k.dot_rows(xp, 1, M, w, M, M, gj, F, f0, f1);
-      k.dot_rows(xp, 1, M, w + F * M, M, M, uj, F, f0, f1);
+      k.dot_rows(xp, 1, M, w, M, M, gj, F, f0, f1, nullptr, 0);
+      k.dot_rows(xp, 1, M, w + F * M, M, M, uj, F, f0, f1, nullptr, 0);
       k.swiglu(gj + f0, uj + f0, hp + j * F + f0, f1 - f0);
     }
   });
   parallel_chunks(cdiv(M, ROWS), K * ROWS * F * 4, [&](int64_t u0, int64_t u1) {
     const int64_t m0 = u0 * ROWS, m1 = std::min(M, u1 * ROWS);
     for (int64_t j = 0; j < K; ++j)
-      k.dot_rows(hp + j * F, 1, F, dp + chosen[j].first * down.stride(0), down.stride(1), F, pp + j * M, M, m0, m1);
+      k.dot_rows(hp + j * F, 1, F, dp + chosen[j].first * down.stride(0), down.stride(1), F, pp + j * M, M, m0, m1,
+                   nullptr, 0);
     for (int64_t m = m0; m < m1; ++m) {
       float acc = 0.0f;
       for (int64_t j = 0; j < K; ++j) acc += chosen[j].second * pp[j * M + m];

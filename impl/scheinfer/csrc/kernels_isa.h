@@ -88,16 +88,16 @@ static constexpr int bitrev(int j) {     // j's log2(L) bits reversed
 // accumulators fill whole vectors of L sums, they are reduced L at a time by `fold_levels` (L - 1
 // vector adds per L sums instead of a horizontal sum each: at K = 512 that reduction is a third
 // of a 4 x 4 block's time).
-// `npf` rows from `pf` (row stride ldw) are prefetched along the way (the next rows' block).
+// `npf` rows from `pf` (row stride ldpf) are prefetched along the way (the next rows' block).
 template <int R, int T>
 static inline void dot_block(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K,
-                             float* y, int64_t ldy, const float* pf = nullptr, int64_t npf = 0) {
+                             float* y, int64_t ldy, const float* pf = nullptr, int64_t npf = 0, int64_t ldpf = 0) {
   vf acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = vf{};
   int64_t k = 0;
   for (; k + L <= K; k += L) {
-    for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * ldw + k);
+    for (int64_t p = 0; p < npf; ++p) __builtin_prefetch(pf + p * ldpf + k);
     vf xv[T];
     for (int t = 0; t < T; ++t) xv[t] = vload(x + t * ldx + k);
     for (int r = 0; r < R; ++r) {
@@ -157,13 +157,15 @@ static inline void dot_row(const float* x, int64_t ldx, const float* w, int64_t 
 // AVX-512, 16 below it) with room for the rows' and the tokens' loads.
 constexpr int TOKENS = VBYTES == 64 ? 4 : 2;
 
-// y[t, n] = x[t, :] . w[n, :] for rows n in [n0, n1), every token t < T (row-major weight rows).
+// y[t, n] = x[t, :] . w[n, :] for rows n in [n0, n1), every token t < T (row-major weight rows);
+// `after` (row stride ld_after, or null): the rows the caller reads next, prefetched with the last
+// block.
 // One or two tokens (decoding, memory bound): row after row, so consecutive rows are one
 // sequential stream through memory, which the hardware prefetchers follow best. More tokens
 // (compute bound): 4 rows at a time, the tokens TOKENS at a time, so a row block is read from
 // memory once and from L1 / L2 once per token block, each weight load serving several tokens.
 static void dot_rows(const float* x, int64_t T, int64_t ldx, const float* w, int64_t ldw, int64_t K,
-                     float* y, int64_t ldy, int64_t n0, int64_t n1) {
+                     float* y, int64_t ldy, int64_t n0, int64_t n1, const float* after, int64_t ld_after) {
   if (T <= 0) return;
   if (T <= 2) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -183,15 +185,17 @@ static void dot_rows(const float* x, int64_t T, int64_t ldx, const float* w, int
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float* wn = w + n * ldw;
-    const int64_t next = std::min<int64_t>(4, std::max<int64_t>(n1 - n - 4, 0));
+    int64_t next = std::min<int64_t>(4, std::max<int64_t>(n1 - n - 4, 0)), ldpf = ldw;
+    const float* pf = wn + 4 * ldw;
+    if (next == 0 && after != nullptr) pf = after, ldpf = ld_after, next = 4;
     int64_t t = 0, b = 0;
     auto pf_rows = [&](int64_t blk) { return std::max<int64_t>(0, std::min(next, (blk + 1) * share) - blk * share); };
-    auto pf_from = [&](int64_t blk) { return wn + (4 + blk * share) * ldw; };
+    auto pf_from = [&](int64_t blk) { return pf + blk * share * ldpf; };
     for (; t + TOKENS <= T; t += TOKENS, ++b)
-      dot_block<4, TOKENS>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b));
+      dot_block<4, TOKENS>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b), ldpf);
     for (; t + 2 <= T; t += 2, ++b)
-      dot_block<4, 2>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b));
-    if (t < T) dot_block<4, 1>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b));
+      dot_block<4, 2>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b), ldpf);
+    if (t < T) dot_block<4, 1>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b), ldpf);
   }
   for (; n < n1; ++n)
     for (int64_t t = 0; t < T; ++t) dot_block<1, 1>(x + t * ldx, ldx, w + n * ldw, ldw, K, y + t * ldy + n, ldy);
