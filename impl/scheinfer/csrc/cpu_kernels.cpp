@@ -1,11 +1,17 @@
 // Few-token float32 products for ScheInfer's CPU side (impl/scheinfer/cpu_kernels.py): a linear
 // layer, a whole SwiGLU FFN and a decoded token's routed experts, each streaming every weight
-// once at the memory bandwidth on torch's intra-op threads (at::parallel_for, so a lane thread's
-// own thread count applies): row-major weights in chunks the threads claim one after another,
-// transposed ones ([K, N] rows) split into one column range per thread. One build serves every
-// x86 host: the kernels exist for AVX-512, AVX2 + FMA and plain SSE (any CPU), and the caller
-// picks one by number (`isa`).
+// once at the memory bandwidth on as many threads as torch's intra-op count of the calling thread
+// (so a lane thread's own count applies; `Pool`): row-major weights in chunks the threads claim
+// one after another, transposed ones ([K, N] rows) split into one column range per thread. One
+// build serves every x86 host: the kernels exist for AVX-512, AVX2 + FMA and plain SSE (any CPU),
+// and the caller picks one by number (`isa`).
 #include <ATen/Parallel.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -84,17 +90,97 @@ constexpr int64_t CHUNK_BYTES = 64 << 10;        // weight per claimed chunk (pa
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// fn(u0, u1) over units [0, n) on torch's intra-op threads, each thread one contiguous range of
-// at least MIN_THREAD_BYTES of weight (unit_bytes per unit), so small products stay on the
-// caller's thread
+// Helper threads for the kernels' parallel loops. Not OpenMP (at::parallel_for; the extension is
+// built without it, so there it would run on the caller's thread alone), whose team barrier waits
+// for every thread: on a shared host a helper the OS has not scheduled yet would hold the caller
+// for a time slice. Here the caller claims chunks itself, a helper joins a job only if it wakes
+// while the job is open, and the caller waits only for helpers that joined: with no core free the
+// caller does the work alone, at one thread's speed. Helpers sleep between jobs. One job at a
+// time: a second caller meanwhile (another engine lane) runs its loop on its own thread. A forked
+// child starts a fresh pool (the parent's helpers do not exist there).
+class Pool {
+ public:
+  static Pool& get() {
+    static std::mutex m;
+    static Pool* pool = nullptr;
+    std::lock_guard<std::mutex> g(m);
+    if (pool == nullptr || pool->pid_ != getpid()) pool = new Pool();    // leaked: helpers live to exit
+    return *pool;
+  }
+
+  // fn(c) for every c in [0, chunks), each once, on up to `threads` threads (the caller's included)
+  void run(int64_t chunks, int64_t threads, const std::function<void(int64_t)>& fn) {
+    if (threads <= 1 || chunks <= 1 || busy_.exchange(true)) {
+      for (int64_t c = 0; c < chunks; ++c) fn(c);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> g(m_);
+      while (static_cast<int64_t>(helpers_.size()) < threads - 1) {
+        const int64_t index = helpers_.size();
+        helpers_.emplace_back([this, index] { serve(index); });
+        helpers_.back().detach();
+      }
+      job_ = &fn, chunks_ = chunks, wanted_ = threads - 1, open_ = true, ++generation_;
+      next_.store(0);
+    }
+    wake_.notify_all();
+    for (int64_t c = next_.fetch_add(1); c < chunks; c = next_.fetch_add(1)) fn(c);
+    {
+      std::unique_lock<std::mutex> lock(m_);
+      open_ = false;
+      done_.wait(lock, [this] { return joined_ == 0; });
+      job_ = nullptr;
+    }
+    busy_.store(false);
+  }
+
+ private:
+  void serve(int64_t index) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(m_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (!open_ || index >= wanted_) continue;
+      ++joined_;
+      const std::function<void(int64_t)>* fn = job_;
+      const int64_t chunks = chunks_;
+      lock.unlock();
+      for (int64_t c = next_.fetch_add(1); c < chunks; c = next_.fetch_add(1)) (*fn)(c);
+      lock.lock();
+      if (--joined_ == 0) done_.notify_all();
+    }
+  }
+
+  const pid_t pid_ = getpid();
+  std::mutex m_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> helpers_;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t chunks_ = 0, wanted_ = 0, joined_ = 0;
+  uint64_t generation_ = 0;
+  bool open_ = false;
+  std::atomic<int64_t> next_{0};
+  std::atomic<bool> busy_{false};
+};
+
+// fn(u0, u1) over units [0, n) on the calling thread's torch thread count, one contiguous range
+// per thread of at least MIN_THREAD_BYTES of weight (unit_bytes per unit), so small products
+// stay on the caller's thread
 template <class Fn>
 void parallel_units(int64_t n, int64_t unit_bytes, const Fn& fn) {
   const int64_t grain = std::max<int64_t>(1, cdiv(MIN_THREAD_BYTES, std::max<int64_t>(unit_bytes, 1)));
-  at::parallel_for(0, n, grain, fn);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), cdiv(n, grain));
+  if (threads <= 1) return fn(0, n);
+  const int64_t per = cdiv(n, threads);
+  Pool::get().run(threads, threads, [&](int64_t c) {
+    if (c * per < n) fn(c * per, std::min(n, (c + 1) * per));
+  });
 }
 
-// fn(u0, u1) over units [0, n) in chunks of about CHUNK_BYTES of weight that torch's intra-op
-// threads claim one after another: a thread that the OS holds back (a shared host) leaves its
+// fn(u0, u1) over units [0, n) in chunks of about CHUNK_BYTES of weight that the threads claim
+// one after another: a thread that the OS holds back (a shared host) leaves its
 // chunks to the others instead of keeping them all waiting at the end, as a static split would.
 // Each unit is done by one call, so results do not depend on which thread took it.
 // A product of T > 2 tokens (compute bound) claims chunks of CHUNK_BYTES * min(T, 16) / 2 bytes:
@@ -108,11 +194,8 @@ void parallel_chunks(int64_t n, int64_t unit_bytes, const Fn& fn, int64_t tokens
   const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / unit_bytes), chunks = cdiv(n, per_chunk);
   const int64_t workers = std::min(chunks, std::max<int64_t>(1, n * unit_bytes / MIN_THREAD_BYTES));
   if (workers == 1) return fn(0, n);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
-      fn(c * per_chunk, std::min(n, (c + 1) * per_chunk));
-  });
+  Pool::get().run(chunks, std::min<int64_t>(workers, at::get_num_threads()),
+                  [&](int64_t c) { fn(c * per_chunk, std::min(n, (c + 1) * per_chunk)); });
 }
 
 void check_float_cpu(const at::Tensor& t, const char* name) {
