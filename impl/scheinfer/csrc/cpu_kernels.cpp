@@ -2,9 +2,9 @@
 // layer, a whole SwiGLU FFN and a decoded token's routed experts, each streaming every weight
 // once at the memory bandwidth on as many threads as torch's intra-op count of the calling thread
 // (so a lane thread's own count applies; `Pool`): row-major weights in chunks the threads claim
-// one after another, transposed ones ([K, N] rows) split into one column range per thread. One
-// build serves every x86 host: the kernels exist for AVX-512, AVX2 + FMA and plain SSE (any CPU),
-// and the caller picks one by number (`isa`).
+// one after another, transposed ones ([K, N] rows) in ranges of whole rows summed in a fixed
+// order. One build serves every x86 host: the kernels exist for AVX-512, AVX2 + FMA and plain SSE
+// (any CPU), and the caller picks one by number (`isa`).
 #include <ATen/Parallel.h>
 #include <unistd.h>
 
@@ -84,7 +84,6 @@ const Kernels& kernels(int64_t isa) {
 }
 
 constexpr int64_t ROWS = 4;              // rows per dot-product block (kernels_isa.h dot_rows)
-constexpr int64_t COLS = 16;             // columns per transposed-weight block (one cache line)
 constexpr int64_t MIN_THREAD_BYTES = 64 << 10;   // less weight per thread than this runs inline
 constexpr int64_t CHUNK_BYTES = 64 << 10;        // weight per claimed chunk (parallel_chunks)
 
@@ -165,20 +164,6 @@ class Pool {
   std::atomic<bool> busy_{false};
 };
 
-// fn(u0, u1) over units [0, n) on the calling thread's torch thread count, one contiguous range
-// per thread of at least MIN_THREAD_BYTES of weight (unit_bytes per unit), so small products
-// stay on the caller's thread
-template <class Fn>
-void parallel_units(int64_t n, int64_t unit_bytes, const Fn& fn) {
-  const int64_t grain = std::max<int64_t>(1, cdiv(MIN_THREAD_BYTES, std::max<int64_t>(unit_bytes, 1)));
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), cdiv(n, grain));
-  if (threads <= 1) return fn(0, n);
-  const int64_t per = cdiv(n, threads);
-  Pool::get().run(threads, threads, [&](int64_t c) {
-    if (c * per < n) fn(c * per, std::min(n, (c + 1) * per));
-  });
-}
-
 // fn(u0, u1) over units [0, n) in chunks of about CHUNK_BYTES of weight that the threads claim
 // one after another: a thread that the OS holds back (a shared host) leaves its
 // chunks to the others instead of keeping them all waiting at the end, as a static split would.
@@ -203,6 +188,47 @@ void check_float_cpu(const at::Tensor& t, const char* name) {
               " must be a float32 CPU tensor; got ", t.scalar_type(), " on ", t.device());
 }
 
+// Products y_i [T_i, N] = x_i [T_i, K_i] wt_i [K_i, N] of weights stored transposed (wt_i's rows
+// contiguous, row stride ldw): each wt_i cut into K_SPLITS ranges of whole rows that the threads
+// claim, each range into its own partial [T_i, N], the partials then added in range order. So
+// every thread streams whole rows (a split of the columns between threads reads each row's
+// memory from both), and the sums do not depend on the thread count.
+struct TransposedProduct {
+  const float* x;
+  int64_t T, ldx;
+  const float* wt;
+  int64_t ldw, K;
+  float* y;
+};
+constexpr int64_t K_SPLITS = 8;
+
+void transposed_products(const Kernels& k, const std::vector<TransposedProduct>& items, int64_t N) {
+  std::vector<int64_t> offset(items.size() + 1, 0);
+  int64_t max_K = 0, max_T = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    offset[i + 1] = offset[i] + K_SPLITS * items[i].T * N;
+    max_K = std::max(max_K, items[i].K);
+    max_T = std::max(max_T, items[i].T);
+  }
+  std::vector<float> partial(offset.back());
+  parallel_chunks(static_cast<int64_t>(items.size()) * K_SPLITS, cdiv(max_K, K_SPLITS) * N * 4, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const TransposedProduct& it = items[u / K_SPLITS];
+      const int64_t r = u % K_SPLITS, k0 = r * it.K / K_SPLITS, k1 = (r + 1) * it.K / K_SPLITS;
+      k.axpy_rows(it.x + k0, it.T, it.ldx, it.wt + k0 * it.ldw, it.ldw, k1 - k0,
+                  partial.data() + offset[u / K_SPLITS] + r * it.T * N, N, 0, N);
+    }
+  }, max_T);
+  for (size_t i = 0; i < items.size(); ++i) {
+    const float* p = partial.data() + offset[i];
+    const int64_t TN = items[i].T * N;
+    float* y = items[i].y;
+    std::memcpy(y, p, TN * sizeof(float));
+    for (int64_t r = 1; r < K_SPLITS; ++r)
+      for (int64_t j = 0; j < TN; ++j) y[j] += p[r * TN + j];
+  }
+}
+
 // y[t, :] = w x[t, :] over rows of w (w[n, :] contiguous) or, w stored transposed (w[:, n]
 // contiguous), over its rows of the reduction dimension: x [T, K] contiguous, y [T, N]
 void product(const Kernels& k, const float* x, int64_t T, const at::Tensor& w, float* y) {
@@ -215,9 +241,7 @@ void product(const Kernels& k, const float* x, int64_t T, const at::Tensor& w, f
   } else {
     TORCH_CHECK(w.stride(0) == 1, "scheinfer kernels: a weight needs rows or columns contiguous; got strides ",
                 w.strides());
-    parallel_units(cdiv(N, COLS), COLS * K * 4, [&](int64_t u0, int64_t u1) {
-      k.axpy_rows(x, T, K, wp, w.stride(1), K, y, N, u0 * COLS, std::min(N, u1 * COLS));
-    });
+    transposed_products(k, {{x, T, K, wp, w.stride(1), K, y}}, N);
   }
 }
 
@@ -241,7 +265,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 // [F_i, M] with contiguous rows, down_i [M, F_i] either way (rows contiguous, or stored [F_i, M]
 // as the engine keeps it). Two parallel regions for all of them: the gate / up rows of every FFN
 // (in chunks, the SwiGLU of each chunk's own rows with it), then down: in chunks of output rows
-// when every down has contiguous rows, else one column range of every FFN per thread.
+// for the downs with contiguous rows, by `transposed_products` for the others.
 std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& gates,
                                  const std::vector<at::Tensor>& ups, const std::vector<at::Tensor>& downs,
                                  int64_t isa) {
@@ -256,8 +280,7 @@ std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::v
   std::vector<Item> items(n);
   std::vector<at::Tensor> keep;                          // contiguous inputs and buffers, alive to the end
   std::vector<int64_t> first_unit(n + 1, 0);             // gate / up row blocks of item i: [first_unit[i], first_unit[i + 1])
-  bool all_rows = true;
-  int64_t max_F = 0, sum_F = 0, max_T = 0;
+  int64_t max_F = 0, max_T = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &x = xs[i], &gate = gates[i], &up = ups[i], &down = downs[i];
     for (auto& [t, name] : {std::pair{&x, "x"}, {&gate, "gate"}, {&up, "up"}, {&down, "down"}}) check_float_cpu(*t, name);
@@ -278,10 +301,8 @@ std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::v
                 T, F, gate.stride(0), up.stride(0), rows ? down.stride(0) : down.stride(1), rows, g, g + T * F,
                 g + 2 * T * F, out[i].data_ptr<float>()};
     first_unit[i + 1] = first_unit[i] + (T ? cdiv(F, ROWS) : 0);
-    all_rows = all_rows && rows;
     max_F = std::max(max_F, F);
     max_T = std::max(max_T, T);
-    sum_F += F;
   }
   parallel_chunks(first_unit[n], 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
     for (size_t i = std::upper_bound(first_unit.begin(), first_unit.end(), u0) - first_unit.begin() - 1;
@@ -294,27 +315,29 @@ std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::v
       for (int64_t t = 0; t < it.T; ++t) k.swiglu(it.g + t * it.F + f0, it.u + t * it.F + f0, it.h + t * it.F + f0, f1 - f0);
     }
   }, max_T);
-  const int64_t blocks = cdiv(M, ROWS);                 // output row blocks per item (all_rows)
-  auto down_part = [&](const Item& it, int64_t m0, int64_t m1) {
+  // down: output row blocks of the items with rows contiguous, in chunks; the transposed ones
+  // by `transposed_products`
+  std::vector<const Item*> row_items;
+  std::vector<TransposedProduct> transposed;
+  for (const Item& it : items) {
+    if (it.T == 0) continue;
     if (it.rows)
-      k.dot_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, m0, m1, nullptr, 0);
+      row_items.push_back(&it);
     else
-      k.axpy_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, m0, m1);
-  };
-  if (all_rows) {
-    parallel_chunks(static_cast<int64_t>(n) * blocks, ROWS * max_F * 4, [&](int64_t u0, int64_t u1) {
+      transposed.push_back({it.h, it.T, it.F, it.down, it.ldd, it.F, it.y});
+  }
+  const int64_t blocks = cdiv(M, ROWS);                 // output row blocks per item
+  if (!row_items.empty())
+    parallel_chunks(static_cast<int64_t>(row_items.size()) * blocks, ROWS * max_F * 4, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1;) {                    // runs of one item's blocks
         const int64_t i = u / blocks, end = std::min(u1, (i + 1) * blocks);
-        if (items[i].T) down_part(items[i], (u - i * blocks) * ROWS, std::min(M, (end - i * blocks) * ROWS));
+        const Item& it = *row_items[i];
+        k.dot_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, (u - i * blocks) * ROWS,
+                   std::min(M, (end - i * blocks) * ROWS), nullptr, 0);
         u = end;
       }
     }, max_T);
-  } else {
-    parallel_units(cdiv(M, COLS), COLS * sum_F * 4, [&](int64_t u0, int64_t u1) {
-      for (const Item& it : items)
-        if (it.T) down_part(it, u0 * COLS, std::min(M, u1 * COLS));
-    });
-  }
+  if (!transposed.empty()) transposed_products(k, transposed, M);
   return out;
 }
 
