@@ -17,7 +17,12 @@ summation order:
   [2F, M] array, so each is one product; a layer's experts stacked as gate/up [E, 2F, M] and down
   [E, M, F].
 * RMSNorm as torch's fused kernel, RoPE from a cached table with the rotation's sign folded into
-  sin, no attention mask for a single unpadded new token, inference mode while generating.
+  sin, no attention mask for a single unpadded new token (SDPA's causal flag for a prompt on an
+  empty cache), inference mode while generating.
+* A prompt's MoE layer (`_moe_tokens`): the routed (token, expert) pairs sorted by expert once
+  (`ExpertGroups`), so that each expert's tokens are one contiguous block gathered in one
+  operation, every FFN of the layer goes to one `run_ffns` call (with a native kernel one op),
+  and the outputs return to their tokens with one more gather, added in the reference's order.
 * `compile_decode=True`: a decoded token of a single sequence is one compiled region through
   every layer and the LM head (`_token_step`): Inductor fuses the small operations and calls the
   native kernels (or, with torch's kernel, generates multiply-reduce loops that stream each weight
