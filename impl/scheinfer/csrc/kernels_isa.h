@@ -180,7 +180,8 @@ static void dot_rows(const float* x, int64_t T, int64_t ldx, const float* w, int
   // block, in turn): the next block's weights arrive from memory while this block computes,
   // rather than in a stall at the start of the next one (the hardware prefetchers run ahead only
   // of the stream being read, and every token block after the first reads from cache).
-  const int64_t blocks_t = (T / TOKENS) + (T % TOKENS) / 2 + (T % 2);
+  const int64_t rest = T % TOKENS;        // tokens after the full blocks: one pass if 3, else by 2 and 1
+  const int64_t blocks_t = T / TOKENS + (TOKENS > 3 && rest == 3 ? 1 : rest / 2 + rest % 2);
   const int64_t share = (4 + blocks_t - 1) / blocks_t;
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
@@ -193,6 +194,10 @@ static void dot_rows(const float* x, int64_t T, int64_t ldx, const float* w, int
     auto pf_from = [&](int64_t blk) { return pf + blk * share * ldpf; };
     for (; t + TOKENS <= T; t += TOKENS, ++b)
       dot_block<4, TOKENS>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b), ldpf);
+    if (TOKENS > 3 && T - t == 3) {                  // three last tokens in one pass over the rows
+      dot_block<4, 3>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b), ldpf);
+      t = T;
+    }
     for (; t + 2 <= T; t += 2, ++b)
       dot_block<4, 2>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b), ldpf);
     if (t < T) dot_block<4, 1>(x + t * ldx, ldx, wn, ldw, K, y + t * ldy + n, ldy, pf_from(b), pf_rows(b), ldpf);
