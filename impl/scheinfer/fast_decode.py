@@ -178,22 +178,19 @@ def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 5) -> 
     experts of a stacked [E, 2F, M] / [E, M, F] layer, M = 1024, F = 3584: Mixtral's shape ratio)
     streaming cold weights (3x the last-level cache, at least 96 MiB): torch's products, expert by
     expert, against each native `moe_token` op, which is what a decode step runs (a bare [N, K]
-    product, or one FFN, can rank the kernels otherwise). `batched`: GFLOP/s of products x @ w^T
-    in [2048, 1024] blocks at _BATCHED_TOKENS tokens, also on cold weights (2x the last-level
-    cache, at least 64 MiB: a prompt's expert products read each weight from memory once), picks
-    the best at the smallest size, and `max_tokens` (the largest size up to which it beats torch's
-    BLAS at each, at least 8). Candidates alternate in each round, and the fastest of `rounds`
+    product, or one FFN, can rank the kernels otherwise). `batched`: GFLOP/s of the same two
+    experts on the same cold weights, each for _BATCHED_TOKENS tokens (what a prompt's MoE layer
+    runs: `ffn_many`, or torch's products expert by expert, each weight read from memory once),
+    picks the best at the smallest size, and `max_tokens` (the largest size up to which it beats
+    torch's BLAS at each, at least 8). Candidates alternate in each round, and the fastest of `rounds`
     runs (after a warm-up) counts: on a shared host other work only ever slows a run down, so the
-    fastest is the one nearest the kernel's own speed (a median still moves with the load). Two to
-    three seconds in all, once per process and thread count."""
-    N, K = 2048, 1024
+    fastest is the one nearest the kernel's own speed (a median still moves with the load). About
+    a second in all, once per process and thread count."""
     M, F_ = 1024, 3584
     layer_bytes = 2 * 3 * M * F_ * 4
     layers = [(torch.ones(2, 2 * F_, M), torch.ones(2, M, F_))
               for _ in range(max(1, max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // layer_bytes))]
     ids, gate_weights = torch.tensor([0, 1]), torch.tensor([0.5, 0.5])
-    ws = [torch.ones(N, K) for _ in range(max(1, max(2 * cpu_kernels.last_level_cache_bytes(), 64 << 20)
-                                              // (N * K * 4)))]
 
     def torch_experts(x, gate_up, down):
         for e in range(2):
@@ -215,10 +212,12 @@ def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 5) -> 
         torch.ops.scheinfer.moe_token(x1, gu, d, ids, gate_weights, isa) if isa is not None else
         torch_experts(x1, gu, d) for gu, d in layers] for name in candidates})
     rates = {name: round(len(layers) * layer_bytes / t / 1e9, 2) for name, t in one.items()}
-    batched = fastest_times({f"{name}@{T}": lambda x=torch.ones(T, K), isa=cpu_kernels.ISAS.get(name): [
-        torch.ops.scheinfer.linear(x, w, None, isa) if isa is not None else split_linear(x, w) for w in ws]
+    batched = fastest_times({f"{name}@{T}": lambda x=torch.ones(T, M), isa=cpu_kernels.ISAS.get(name): [
+        torch.ops.scheinfer.ffn_many([x, x], [gu[0, :F_], gu[1, :F_]], [gu[0, F_:], gu[1, F_:]], [d[0], d[1]], isa)
+        if isa is not None else torch_experts(x, gu, d) for gu, d in layers]
         for T in _BATCHED_TOKENS for name in candidates})
-    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(ws) * N * K / t / 1e9, 1) for key, t in batched.items()}
+    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(layers) * layer_bytes / 4 / t / 1e9, 1)
+               for key, t in batched.items()}
     best = max(native, key=lambda name: gflop_s[f"{name}@{_BATCHED_TOKENS[0]}"])
     max_tokens = 8
     for T in _BATCHED_TOKENS:
