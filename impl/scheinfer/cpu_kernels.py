@@ -3,9 +3,11 @@
 Why native kernels: a decoded token's products are memory bound, so the CPU side's speed is how
 close it streams the weights to the DRAM bandwidth. MKL's float32 GEMV and Inductor's generated
 reduction loops (one row at a time, one accumulator) reach only part of it on some hosts; these
-kernels read several rows at once with independent accumulators and split the rows over torch's
-intra-op threads (`at::parallel_for`, so an engine lane's own thread count applies). Ops, all
-float32 on the CPU, `isa` one of `ISAS`' numbers:
+kernels read several rows at once with independent accumulators and split the rows over as many
+threads as torch's intra-op count of the calling thread (so an engine lane's own count applies):
+the extension's own helper threads, which the caller never waits for unless they took part (an
+OpenMP barrier would wait for a thread the OS has not scheduled, a time slice on a shared host).
+Ops, all float32 on the CPU, `isa` one of `ISAS`' numbers:
 
 * `torch.ops.scheinfer.linear(x [..., K], w [N, K], b?, isa)`: x @ w^T, w with contiguous rows
   or stored transposed (the engine's down slices);

@@ -10,7 +10,10 @@ a host->device copy lane and a GPU compute lane at the same time (scheinfer.md 2
   buffer back. Outputs are summed in the fixed order CC + CG + GG, so results never depend on
   timing. Concurrency is a property of the policy: Fiddler and llama.cpp run their parts one
   after another, in the caller's thread, as does any layer whose parts are all CC (nothing to
-  overlap, so no hand-off to a lane thread).
+  overlap, so no hand-off to a lane thread). A layer with no GPU part at all (no staging buffer,
+  no resident row: every FFN can only run whole on the CPU) is not planned either: its FFNs go
+  straight to the CPU lane's one call, so an engine with everything on the CPU costs about what
+  the fast decoder alone does.
 * With CUDA: the GPU lane issues on a compute stream, the copy lane on a copy stream from pinned
   host memory (non_blocking), with CUDA events between them; a lane synchronises its own stream
   before it stamps an end time. Without CUDA both GPU lanes run on CPU tensors (a real memcpy
@@ -343,6 +346,10 @@ class HybridEngine:
             if (layer, e) not in self._widths:          # FFNs met only at run time (expert_fn use)
                 self._widths[(layer, e)] = w.ffn_hidden
                 self._gg.update(self.policy.resident({(layer, e): w.ffn_hidden}, self.hidden, self.dtype_bytes, 0))
+        if not self.cg_max and not any(self._gg.get((layer, e)) for e, _, _ in items):
+            # no GPU part (no staging buffer, no resident row): every policy's only valid plan
+            # is each FFN whole on the CPU, so none is made; the CPU lane runs in this thread
+            return [self._to_dev(y) for y in self._cpu_ffns([((layer, e), w, x) for e, w, x in items])]
         loads = [ExpertLoad((layer, e), x.shape[0], w.ffn_hidden, self._gg.get((layer, e), 0)) for e, w, x in items]
         splits = self.policy.plan(layer, loads, self.phase, layer_tokens, self.cg_max)
         for ld, s in zip(loads, splits):
@@ -371,23 +378,29 @@ class HybridEngine:
             self.lane_hook(lane, band)
 
     def _cpu_bands(self, work, run: _LayerRun | None = None) -> dict[int, torch.Tensor]:
-        """The CC slices of a layer's FFNs (work item j -> y) as one call (`fast_ffns`: one native
-        op for all of them, whose events therefore share start and end)."""
-        jobs = [(j, key, w, x, s) for j, (key, w, x, s) in enumerate(work) if s.cc]
+        """The CC slices of a layer's FFNs (work item j -> y), `_cpu_ffns`."""
+        jobs = [(j, key, w if s.cc == w.ffn_hidden else w.slice(0, s.cc), x)
+                for j, (key, w, x, s) in enumerate(work) if s.cc]
         if not jobs:
             return {}
+        ys = self._cpu_ffns([(key, w, x) for _, key, w, x in jobs], run)
+        return {j: y for (j, *_), y in zip(jobs, ys)}
+
+    def _cpu_ffns(self, jobs: Sequence[tuple[FFNKey, ExpertWeights, torch.Tensor]],
+                  run: _LayerRun | None = None) -> list[torch.Tensor]:
+        """y_TM (on the host) of CC slices [(key, rows' weights, x_TM)] as one call (`fast_ffns`:
+        one native op for all of them, whose events therefore share start and end)."""
         if run is not None:
             run.check()
         t0 = time.perf_counter()
         for _ in jobs:
             self._hook("cpu", "cc")
-        xs = [self._to_host(x) for _, _, _, x, _ in jobs]
-        ys = fast_ffns([(w if s.cc == w.ffn_hidden else w.slice(0, s.cc), x)
-                        for (_, _, w, _, s), x in zip(jobs, xs)], self.kernel)
+        xs = [self._to_host(x) for _, _, x in jobs]
+        ys = fast_ffns([(w, x) for (_, w, _), x in zip(jobs, xs)], self.kernel)
         t1 = time.perf_counter()
-        for (_, key, _, _, s), x in zip(jobs, xs):
-            self._stamp("cpu", "cc", key, t0, s.cc, x.shape[0], t1)
-        return {j: y for (j, *_), y in zip(jobs, ys)}
+        for (key, w, _), x in zip(jobs, xs):
+            self._stamp("cpu", "cc", key, t0, w.ffn_hidden, x.shape[0], t1)
+        return ys
 
     def _copy_band(self, key, w, s, slot: Slot) -> Slot:
         t0 = time.perf_counter()

@@ -17,7 +17,12 @@ summation order:
   [2F, M] array, so each is one product; a layer's experts stacked as gate/up [E, 2F, M] and down
   [E, M, F].
 * RMSNorm as torch's fused kernel, RoPE from a cached table with the rotation's sign folded into
-  sin, no attention mask for a single unpadded new token, inference mode while generating.
+  sin, no attention mask for a single unpadded new token (SDPA's causal flag for a prompt on an
+  empty cache), inference mode while generating.
+* A prompt's MoE layer (`_moe_tokens`): the routed (token, expert) pairs sorted by expert once
+  (`ExpertGroups`), so that each expert's tokens are one contiguous block gathered in one
+  operation, every FFN of the layer goes to one `run_ffns` call (with a native kernel one op),
+  and the outputs return to their tokens with one more gather, added in the reference's order.
 * `compile_decode=True`: a decoded token of a single sequence is one compiled region through
   every layer and the LM head (`_token_step`): Inductor fuses the small operations and calls the
   native kernels (or, with torch's kernel, generates multiply-reduce loops that stream each weight
@@ -30,9 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import shutil
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -48,7 +53,7 @@ from .layers import (AttentionWeights, ExpertWeights, KVCache, LayerWeights, MoE
                      gate_shared, rope_cos_sin, route)
 
 __all__ = ["KERNELS", "KERNEL_ENV", "KernelChoice", "choose_kernel", "split_linear", "product", "fast_ffn", "fast_ffns",
-           "paired_ffn", "JoinedExpertWeights", "JoinedAttentionWeights", "StackedMoEWeights", "FusedRMSNorm",
+           "paired_ffn", "ExpertGroups", "JoinedExpertWeights", "JoinedAttentionWeights", "StackedMoEWeights", "FusedRMSNorm",
            "FastDecoder"]
 
 # Few-token products x_TK @ w_NK^T are memory bound, and one BLAS call streams the weight on one
@@ -103,7 +108,8 @@ def split_linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None =
 # width, its BLAS), so the choice is measured rather than assumed, and recorded with every run.
 KERNELS = ("auto", "torch", *cpu_kernels.ISAS)
 KERNEL_ENV = "SCHEINFER_CPU_KERNEL"
-NAMED_MAX_TOKENS = 16         # a named native kernel's batched products of up to this many tokens (unmeasured)
+NAMED_MAX_TOKENS = 64         # a named native kernel's batched products of up to this many tokens (unmeasured;
+                              # on cold weights, as a prompt's experts read them, it beats BLAS up to here)
 _BATCHED_TOKENS = (16, 64)    # product sizes at which 'auto' compares the kernels for batched products
 
 
@@ -167,48 +173,51 @@ def choose_kernel(requested: "str | KernelChoice | None" = None) -> KernelChoice
 
 
 @functools.cache
-def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 3) -> KernelChoice:
+def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 5) -> KernelChoice:
     """'auto' (KernelChoice). `name`: GB/s of a decoded token's routed experts (two SwiGLU
     experts of a stacked [E, 2F, M] / [E, M, F] layer, M = 1024, F = 3584: Mixtral's shape ratio)
     streaming cold weights (3x the last-level cache, at least 96 MiB): torch's products, expert by
     expert, against each native `moe_token` op, which is what a decode step runs (a bare [N, K]
-    product, or one FFN, can rank the kernels otherwise). `batched`: GFLOP/s of products x @ w^T
-    in [2048, 1024] blocks at _BATCHED_TOKENS tokens on 16 MiB picks the best at the smallest
-    size, and `max_tokens` (the largest size up to which it beats torch's BLAS at each, at least
-    8). Candidates alternate in each round, the medians of `rounds` (after a warm-up) count:
-    about a second in all."""
-    N, K = 2048, 1024
+    product, or one FFN, can rank the kernels otherwise). `batched`: GFLOP/s of the same two
+    experts on the same cold weights, each for _BATCHED_TOKENS tokens (what a prompt's MoE layer
+    runs: `ffn_many`, or torch's products expert by expert, each weight read from memory once),
+    picks the best at the smallest size, and `max_tokens` (the largest size up to which it beats
+    torch's BLAS at each, at least 8). Candidates alternate in each round, and the fastest of `rounds`
+    runs (after a warm-up) counts: on a shared host other work only ever slows a run down, so the
+    fastest is the one nearest the kernel's own speed (a median still moves with the load). About
+    a second in all, once per process and thread count."""
     M, F_ = 1024, 3584
     layer_bytes = 2 * 3 * M * F_ * 4
     layers = [(torch.ones(2, 2 * F_, M), torch.ones(2, M, F_))
               for _ in range(max(1, max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // layer_bytes))]
     ids, gate_weights = torch.tensor([0, 1]), torch.tensor([0.5, 0.5])
-    ws = [torch.ones(N, K) for _ in range(max(1, (16 << 20) // (N * K * 4)))]
 
     def torch_experts(x, gate_up, down):
         for e in range(2):
             gu = split_linear(x, gate_up[e])
             split_linear(F.silu(gu[:, :F_]) * gu[:, F_:], down[e])
 
-    def median_times(runs: dict) -> dict[str, float]:
+    def fastest_times(runs: dict) -> dict[str, float]:
         times: dict[str, list[float]] = {key: [] for key in runs}
         for _ in range(rounds + 1):                            # the first round warms up
             for key, run in runs.items():
                 t0 = time.perf_counter()
                 run()
                 times[key].append(time.perf_counter() - t0)
-        return {key: statistics.median(ts[1:]) for key, ts in times.items()}
+        return {key: min(ts[1:]) for key, ts in times.items()}
 
     candidates = ("torch", *native)
     x1 = torch.ones(1, M)
-    one = median_times({name: lambda isa=cpu_kernels.ISAS.get(name): [
+    one = fastest_times({name: lambda isa=cpu_kernels.ISAS.get(name): [
         torch.ops.scheinfer.moe_token(x1, gu, d, ids, gate_weights, isa) if isa is not None else
         torch_experts(x1, gu, d) for gu, d in layers] for name in candidates})
     rates = {name: round(len(layers) * layer_bytes / t / 1e9, 2) for name, t in one.items()}
-    batched = median_times({f"{name}@{T}": lambda x=torch.ones(T, K), isa=cpu_kernels.ISAS.get(name): [
-        torch.ops.scheinfer.linear(x, w, None, isa) if isa is not None else split_linear(x, w) for w in ws]
+    batched = fastest_times({f"{name}@{T}": lambda x=torch.ones(T, M), isa=cpu_kernels.ISAS.get(name): [
+        torch.ops.scheinfer.ffn_many([x, x], [gu[0, :F_], gu[1, :F_]], [gu[0, F_:], gu[1, F_:]], [d[0], d[1]], isa)
+        if isa is not None else torch_experts(x, gu, d) for gu, d in layers]
         for T in _BATCHED_TOKENS for name in candidates})
-    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(ws) * N * K / t / 1e9, 1) for key, t in batched.items()}
+    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(layers) * layer_bytes / 4 / t / 1e9, 1)
+               for key, t in batched.items()}
     best = max(native, key=lambda name: gflop_s[f"{name}@{_BATCHED_TOKENS[0]}"])
     max_tokens = 8
     for T in _BATCHED_TOKENS:
@@ -272,9 +281,7 @@ def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor, kernel: KernelChoice | None =
     """`layers.ffn`: the native FFN kernel of `kernel` (`product`'s conditions; gate and up with
     contiguous rows), else `split_linear` products, gate and up in one when they are joined."""
     isa = kernel.native(x_TM.shape[0]) if kernel is not None else None
-    if (isa is not None and x_TM.dtype == w.gate_FM.dtype == torch.float32 and x_TM.device.type == "cpu"
-            and w.gate_FM.stride(1) == 1 and w.up_FM.stride(1) == 1
-            and (w.down_MF.stride(1) == 1 or w.down_MF.stride(0) == 1)):
+    if isa is not None and _native_ffn_layout(w, x_TM):
         return torch.ops.scheinfer.ffn(x_TM, w.gate_FM, w.up_FM, w.down_MF, isa)
     if isinstance(w, JoinedExpertWeights):
         gu_T2F = split_linear(x_TM, w.gate_up_2FM)
@@ -286,15 +293,25 @@ def fast_ffn(w: ExpertWeights, x_TM: torch.Tensor, kernel: KernelChoice | None =
 
 def fast_ffns(items: list[tuple[ExpertWeights, torch.Tensor]], kernel: KernelChoice | None = None
               ) -> list[torch.Tensor]:
-    """[`fast_ffn`(w, x_TM) for (w, x_TM) in items]: with a native kernel, all of them in one op
-    (`ffn_many`: two parallel regions in all, not two per FFN) when each qualifies."""
-    isa = kernel.native(max((x.shape[0] for _, x in items), default=0)) if kernel is not None else None
-    if isa is not None and len(items) > 1 and all(
-            x.dtype == w.gate_FM.dtype == torch.float32 and x.device.type == "cpu" and w.gate_FM.stride(1) == 1
-            and w.up_FM.stride(1) == 1 and (w.down_MF.stride(1) == 1 or w.down_MF.stride(0) == 1) for w, x in items):
-        return torch.ops.scheinfer.ffn_many([x for _, x in items], [w.gate_FM for w, _ in items],
-                                            [w.up_FM for w, _ in items], [w.down_MF for w, _ in items], isa)
-    return [fast_ffn(w, x, kernel) for w, x in items]
+    """[`fast_ffn`(w, x_TM) for (w, x_TM) in items]: with a native kernel, every FFN that
+    qualifies for it in one op (`ffn_many`: two parallel regions in all, not two per FFN, all
+    with the kernel for the most tokens among them), the others one by one."""
+    isas = [kernel.native(x.shape[0]) if kernel is not None and _native_ffn_layout(w, x) else None for w, x in items]
+    native = [j for j, isa in enumerate(isas) if isa is not None]
+    if len(native) < 2:
+        return [fast_ffn(w, x, kernel) for w, x in items]
+    ws = [items[j][0] for j in native]
+    isa = kernel.native(max(items[j][1].shape[0] for j in native))
+    ys = dict(zip(native, torch.ops.scheinfer.ffn_many([items[j][1] for j in native], [w.gate_FM for w in ws],
+                                                      [w.up_FM for w in ws], [w.down_MF for w in ws], isa)))
+    return [ys[j] if j in ys else fast_ffn(w, x, kernel) for j, (w, x) in enumerate(items)]
+
+
+def _native_ffn_layout(w: ExpertWeights, x_TM: torch.Tensor) -> bool:
+    """The native FFN ops take this FFN: float32 on the CPU, gate and up with contiguous rows,
+    down with rows or columns contiguous."""
+    return (x_TM.dtype == w.gate_FM.dtype == torch.float32 and x_TM.device.type == "cpu" and w.gate_FM.stride(1) == 1
+            and w.up_FM.stride(1) == 1 and (w.down_MF.stride(1) == 1 or w.down_MF.stride(0) == 1))
 
 
 def _fast_expert_fn(layer: int, expert: int | str, w: ExpertWeights, x_TM: torch.Tensor) -> torch.Tensor:
@@ -318,6 +335,39 @@ def paired_ffn(w: StackedMoEWeights, a: int, b: int, x_1M: torch.Tensor) -> tupl
     return y_2M[0:1], y_2M[1:2]
 
 
+@dataclass(frozen=True)
+class ExpertGroups:
+    """The routed (token, slot) pairs of several tokens sorted by expert, tokens ascending within
+    each expert: pair n is token token_N[n] with router weight weight_N[n]; `blocks` lists
+    (expert, start, stop) of every expert with tokens, ascending. Each token's slots are first
+    put in ascending expert order, so that `combine` adds a token's terms in that order."""
+
+    token_N: torch.Tensor
+    weight_N: torch.Tensor
+    inverse_N: torch.Tensor       # sorted position of flat pair t * K + k (k in ascending expert order)
+    blocks: list[tuple[int, int, int]]
+    top_k: int
+
+    @classmethod
+    def of(cls, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int) -> "ExpertGroups":
+        K = ids_TK.shape[1]
+        ids_TK, slot_TK = ids_TK.sort(dim=1)
+        flat_N = ids_TK.flatten()
+        order_N = flat_N.argsort(stable=True)
+        counts = torch.bincount(flat_N, minlength=num_experts).tolist()
+        ends = list(itertools.accumulate(counts))
+        blocks = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts, ends)) if c]
+        return cls(order_N // K, weights_TK.gather(1, slot_TK).flatten()[order_N], order_N.argsort(), blocks, K)
+
+    def combine(self, y_NM: torch.Tensor) -> torch.Tensor:
+        """y_TM: each token's rows of y_NM (sorted pairs) added in ascending expert order."""
+        y_TKM = y_NM.index_select(0, self.inverse_N).view(-1, self.top_k, y_NM.shape[-1])
+        y_TM = y_TKM[:, 0]
+        for k in range(1, self.top_k):
+            y_TM = y_TM + y_TKM[:, k]
+        return y_TM
+
+
 # ----------------------------------------------------------------------------------- attention
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -330,8 +380,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 def _attention(cfg: DecoderConfig, w: JoinedAttentionWeights, h_BSM: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, cos_BSD: torch.Tensor, signed_sin_BSD: torch.Tensor,
                allowed_BSL: torch.Tensor | None, L1: int, kernel: KernelChoice | None = None) -> torch.Tensor:
-    """`layers.attention` with one q/k/v product and one RoPE; allowed_BSL None: every one of the
-    L1 cached slots is visible to every query."""
+    """`layers.attention` with one q/k/v product and one RoPE; allowed_BSL None: no padding and
+    query s sees the slots up to its own, L1 - S + s: with one new token every cached slot, with
+    S > 1 new tokens an empty cache before them (L1 = S), so the mask is the causal one and SDPA
+    needs none (`FastDecoder.attention_mask`)."""
     B, S, _ = h_BSM.shape
     H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv_BNSD = product(h_BSM, w.qkv_w, w.qkv_b, kernel).view(B, S, H + 2 * G, D).transpose(1, 2)
@@ -347,7 +399,8 @@ def _attention(cfg: DecoderConfig, w: JoinedAttentionWeights, h_BSM: torch.Tenso
         o_BSX = (p_BGRL.unsqueeze(-1) * v_BGLD.unsqueeze(2)).sum(3).reshape(B, S, H * D)
     else:
         mask = None if allowed_BSL is None else allowed_BSL[:, None]
-        o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, enable_gqa=G != H)
+        o_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask,
+                                                is_causal=allowed_BSL is None and S > 1, enable_gqa=G != H)
         o_BSX = o_BHSD.transpose(1, 2).reshape(B, S, H * D)
     return product(o_BSX, w.o_w, w.o_b, kernel)
 
@@ -523,14 +576,15 @@ class FastDecoder(Decoder):
         return table[0][pos_BS], table[1][pos_BS]
 
     def attention_mask(self, cache: KVCache, L0: int, L1: int, padded: bool) -> torch.Tensor | None:
-        """None (no mask) when the one new token of each sequence sees every slot."""
-        if L1 - L0 == 1 and not padded and cache.unpadded:
+        """None (no mask) without padding when the one new token of each sequence sees every
+        slot, or when the new tokens fill an empty cache (a prompt: causal, `_attention`)."""
+        if not padded and (L0 == 0 or (L1 - L0 == 1 and cache.unpadded)):
             return None
         return super().attention_mask(cache, L0, L1, padded)
 
     def attention_block(self, i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, L1):
         block = self._compiled_attention_block if self._compiled_attention_block is not None \
-            and allowed_BSL is None else _attention_block
+            and allowed_BSL is None and x_BSM.shape[1] == 1 else _attention_block
         return block(self.config, w.attn_norm, w.attn, x_BSM, cache.k[i], cache.v[i], cos_BSD, sin_BSD,
                      allowed_BSL, L1, self.kernel)
 
@@ -566,10 +620,10 @@ class FastDecoder(Decoder):
         """One token: its routed experts added in ascending expert order. With the plain expert
         function and stacked experts: one native op (`moe_token`), or with torch's kernels on at
         most two cores pairs of experts (`paired_ffn`); else the layer's routed experts and its
-        shared one in one `run_ffns` call (the engine's `run_layer`). More tokens: the reference
-        path."""
+        shared one in one `run_ffns` call (the engine's `run_layer`). More tokens:
+        `_moe_tokens`."""
         if x_TM.shape[0] != 1:
-            return super().moe(i, w, x_TM)
+            return self._moe_tokens(i, w, x_TM)
         ids_1K, weights_1K = self.route(i, w, x_TM)
         stacked = isinstance(w, StackedMoEWeights) and self.expert_fn is _fast_expert_fn
         shared = [("shared", w.shared, x_TM)] if w.shared is not None else []
@@ -591,6 +645,25 @@ class FastDecoder(Decoder):
             y_e = y_e * gate_K[k]
             y_1M = y_e if y_1M is None else y_1M + y_e
         return y_1M + gate_shared(w, x_TM, ys[-1]) if shared else y_1M
+
+    def _moe_tokens(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
+        """`Decoder.moe` of several tokens (a prompt) with the routed (token, expert) pairs sorted
+        by expert once (`ExpertGroups`): one gather puts each expert's tokens in one contiguous
+        block, every routed and shared FFN goes to one `run_ffns` call, and the weighted outputs
+        come back to their tokens with one more gather, each token's terms added in ascending
+        expert order as the reference's index_add_ does (so the same values): a few operations a
+        layer instead of several per expert."""
+        ids_TK, weights_TK = self.route(i, w, x_TM)
+        groups = ExpertGroups.of(ids_TK, weights_TK, len(w.experts))
+        x_NM = x_TM.index_select(0, groups.token_N)
+        items = [(e, w.experts[e], x_NM[a:b]) for e, a, b in groups.blocks]
+        if w.shared is not None:
+            items.append(("shared", w.shared, x_TM))
+        ys = self.run_ffns(i, items, x_TM.shape[0])
+        routed = ys[:len(groups.blocks)]
+        y_NM = (torch.cat(routed) if len(routed) > 1 else routed[0]) * groups.weight_N[:, None].to(x_TM.dtype)
+        y_TM = groups.combine(y_NM)
+        return y_TM if w.shared is None else y_TM + gate_shared(w, x_TM, ys[-1])
 
     def lm_head(self, x_BSM: torch.Tensor) -> torch.Tensor:
         return product(x_BSM, self.lm_head_VM, self.lm_head_b, self.kernel)

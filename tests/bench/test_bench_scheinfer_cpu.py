@@ -27,6 +27,48 @@ vector extensions), the kernel choice, the load average before and after, and ev
 the printout and to the benchmark's extra_info (in --benchmark-json). Targets (decode >= 0.9x of
 llama.cpp and >= 80% of the DRAM roofline, prefill >= 0.8x) are reported, not asserted: this is
 a benchmark, not a timed test.
+
+Measured with this file (--benchmark-enable, 2 threads, medians of the 7 rounds) on the 2-core AMD
+EPYC (Zen 4) VM that other jobs share; load is the 1-minute load average before -> after each
+width's run, 'x' our row over llama.cpp in the same rounds, [decode/batched kernel, max tokens
+if not 64] the 'auto' choice of that run; 'engine / fast eager' is decode:
+
+    code                         width           load         llama.cpp prefill  fast eager prefill      engine /
+                                                               / decode tok/s                             fast eager
+    before (129eaad)             small           5.0 -> 3.8   1853 / 217         0.41x [sse/avx512]      1.09x
+    before (129eaad)             mixtral-shaped  3.2 -> 2.5    564 / 77.6        0.62x [torch/avx512,8]  0.90x
+    after (8571216)              small           1.0 -> 1.1   2325 / 242         0.85x [avx2/avx2]       1.02x
+    after (8571216)              mixtral-shaped  1.2 -> 1.4    518 / 96.5        0.70x [torch/avx2]      0.87x
+    after (6d824d2)              mixtral-shaped  1.7 -> 1.5    537 / 82.9        0.96x [avx2/avx512]     1.18x
+    after (601c9fa)              small           1.7 -> 3.0   1233 / 248         1.01x [avx2/avx2]       0.95x
+    after (601c9fa)              mixtral-shaped  3.6 -> 7.0    288 / 70.1        1.00x [avx2/avx2]       1.10x
+
+What changed between the two (commits on top of 129eaad), and what the numbers say:
+* The native kernels had run on one thread: the extension is built without OpenMP, so ATen's
+  at::parallel_for ran every loop on the caller's thread. They now use their own helper threads
+  (csrc/cpu_kernels.cpp `Pool`), which the caller waits for only if they took part: cold expert
+  FFNs of 16 tokens went from about 60 to 105-120 GFLOP/s on two idle cores (M = 512 and 1024).
+  An OpenMP team was tried first and, at a load average of 3, ran a [16, 1024] x [1024, 1024]
+  product at 6-25 GFLOP/s against 94 on one thread: its barrier waits for a thread the OS has
+  not scheduled.
+* A prompt's MoE layer sorts its (token, expert) pairs once (fast_decode.ExpertGroups) and runs
+  every expert in one native op; the batched blocks reduce their accumulators with a fold tree
+  and prefetch the next row block (89 instead of 72 GFLOP/s for one core at K = 512, warm).
+* With idle cores (load about 1, llama.cpp at its quiet speed) the prefill ratio depends on the
+  'auto' choice of the batched kernel: at the Mixtral shape AVX-512 ran a 64-token prompt's FFNs
+  at 104 GFLOP/s (116 ms) and AVX2 at 90 (131 ms), while llama.cpp reads and multiplies at 93-96;
+  the choice measures both within a few percent and takes either.
+* The engine's all-CPU decode: a layer without any GPU part is no longer planned (its FFNs go
+  straight to one native op). With torch's kernel as the decode choice it stays below the fast
+  decoder (0.87x): the fast decoder runs a token's two experts as one pair of batched products
+  over its stacked experts (paired_ffn), the engine three products per expert over per-expert
+  host arrays. Gate and up rows interleaved in one host array (one product for both) were tried:
+  with the native kernels the engine then decoded at 0.54x (small) and 0.83x (Mixtral-shaped) of
+  the fast decoder, since the gate and up passes each read every other row, so that layout was
+  not kept.
+* Under load, torch's own multi-threaded operations lose most: at a load average of 4, one
+  index_add_ of [16, 512] rows took 47 ms at 2 threads and 86 us at one; the prompt path keeps
+  their number small (two gathers a layer), and llama.cpp's ratios move with the load as well.
 """
 import os
 import statistics

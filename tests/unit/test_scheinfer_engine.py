@@ -248,14 +248,15 @@ POLICY_OPTIONS = {"fixed": {"cc": 0.3, "cg": 0.3, "gg": 0.4}}
 def test_every_policy_stays_within_the_budget(models, name, path):
     """Resident rows plus staging never exceed the engine's budget, whether the placement is made
     for the whole model up front (HybridDecoder) or FFN by FFN as a plain Decoder meets them
-    (expert_fn: the first layer's FFNs placed on first use, the others at run time)."""
+    (expert_fn: the first layer's FFNs placed on first use, the others at run time); with no
+    budget at all every FFN runs whole on the CPU, unplanned."""
     for kind in KINDS:
         src, ref = models[kind]
         cfg = src.config
         row_bytes = 3 * cfg.hidden * 4
         widths = ffn_widths(cfg)
         layer0 = sum(w for (i, _), w in widths.items() if i == 0) * row_bytes
-        for budget in (2 * max(widths.values()) * row_bytes + layer0, sum(widths.values()) * row_bytes // 2):
+        for budget in (2 * max(widths.values()) * row_bytes + layer0, sum(widths.values()) * row_bytes // 2, 0):
             p = make_policy(name, cost=REFERENCE_COST, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
                             tile=16, **POLICY_OPTIONS.get(name, {}))
             with HybridEngine(p, cfg.hidden, gpu_mem_bytes=budget) as eng:
@@ -265,6 +266,8 @@ def test_every_policy_stays_within_the_budget(models, name, path):
                     out = Decoder(src, expert_fn=eng.expert_fn).generate([PROMPT], N_NEW, return_logits=True)
             _assert_same(out, ref)
             assert eng.resident_bytes + eng.placement.staging_bytes <= budget, (kind, budget)
+            if not budget:
+                assert {(e.band, e.rows) for e in eng.events} == {("cc", w) for w in widths.values()}
 
 
 def test_budget_below_staging_disables_cg(models):

@@ -1,11 +1,17 @@
 // Few-token float32 products for ScheInfer's CPU side (impl/scheinfer/cpu_kernels.py): a linear
 // layer, a whole SwiGLU FFN and a decoded token's routed experts, each streaming every weight
-// once at the memory bandwidth on torch's intra-op threads (at::parallel_for, so a lane thread's
-// own thread count applies): row-major weights in chunks the threads claim one after another,
-// transposed ones ([K, N] rows) split into one column range per thread. One build serves every
-// x86 host: the kernels exist for AVX-512, AVX2 + FMA and plain SSE (any CPU), and the caller
-// picks one by number (`isa`).
+// once at the memory bandwidth on as many threads as torch's intra-op count of the calling thread
+// (so a lane thread's own count applies; `Pool`): row-major weights in chunks the threads claim
+// one after another, transposed ones ([K, N] rows) in ranges of whole rows summed in a fixed
+// order. One build serves every x86 host: the kernels exist for AVX-512, AVX2 + FMA and plain SSE
+// (any CPU), and the caller picks one by number (`isa`).
 #include <ATen/Parallel.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -49,7 +55,8 @@ namespace avx512 {
 enum Isa : int64_t { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
 
 struct Kernels {
-  void (*dot_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+  void (*dot_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t,
+                   const float*, int64_t);
   void (*axpy_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
   void (*swiglu)(const float*, const float*, float*, int64_t);
   double (*read_sum)(const float*, int64_t);
@@ -77,41 +84,149 @@ const Kernels& kernels(int64_t isa) {
 }
 
 constexpr int64_t ROWS = 4;              // rows per dot-product block (kernels_isa.h dot_rows)
-constexpr int64_t COLS = 16;             // columns per transposed-weight block (one cache line)
 constexpr int64_t MIN_THREAD_BYTES = 64 << 10;   // less weight per thread than this runs inline
 constexpr int64_t CHUNK_BYTES = 64 << 10;        // weight per claimed chunk (parallel_chunks)
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// fn(u0, u1) over units [0, n) on torch's intra-op threads, each thread one contiguous range of
-// at least MIN_THREAD_BYTES of weight (unit_bytes per unit), so small products stay on the
-// caller's thread
-template <class Fn>
-void parallel_units(int64_t n, int64_t unit_bytes, const Fn& fn) {
-  const int64_t grain = std::max<int64_t>(1, cdiv(MIN_THREAD_BYTES, std::max<int64_t>(unit_bytes, 1)));
-  at::parallel_for(0, n, grain, fn);
-}
+// Helper threads for the kernels' parallel loops. Not OpenMP (at::parallel_for; the extension is
+// built without it, so there it would run on the caller's thread alone), whose team barrier waits
+// for every thread: on a shared host a helper the OS has not scheduled yet would hold the caller
+// for a time slice. Here the caller claims chunks itself, a helper joins a job only if it wakes
+// while the job is open, and the caller waits only for helpers that joined: with no core free the
+// caller does the work alone, at one thread's speed. Helpers sleep between jobs. One job at a
+// time: a second caller meanwhile (another engine lane) runs its loop on its own thread. A forked
+// child starts a fresh pool (the parent's helpers do not exist there).
+class Pool {
+ public:
+  static Pool& get() {
+    static std::mutex m;
+    static Pool* pool = nullptr;
+    std::lock_guard<std::mutex> g(m);
+    if (pool == nullptr || pool->pid_ != getpid()) pool = new Pool();    // leaked: helpers live to exit
+    return *pool;
+  }
 
-// fn(u0, u1) over units [0, n) in chunks of about CHUNK_BYTES of weight that torch's intra-op
-// threads claim one after another: a thread that the OS holds back (a shared host) leaves its
+  // fn(c) for every c in [0, chunks), each once, on up to `threads` threads (the caller's included)
+  void run(int64_t chunks, int64_t threads, const std::function<void(int64_t)>& fn) {
+    if (threads <= 1 || chunks <= 1 || busy_.exchange(true)) {
+      for (int64_t c = 0; c < chunks; ++c) fn(c);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> g(m_);
+      while (static_cast<int64_t>(helpers_.size()) < threads - 1) {
+        const int64_t index = helpers_.size();
+        helpers_.emplace_back([this, index] { serve(index); });
+        helpers_.back().detach();
+      }
+      job_ = &fn, chunks_ = chunks, wanted_ = threads - 1, open_ = true, ++generation_;
+      next_.store(0);
+    }
+    wake_.notify_all();
+    for (int64_t c = next_.fetch_add(1); c < chunks; c = next_.fetch_add(1)) fn(c);
+    {
+      std::unique_lock<std::mutex> lock(m_);
+      open_ = false;
+      done_.wait(lock, [this] { return joined_ == 0; });
+      job_ = nullptr;
+    }
+    busy_.store(false);
+  }
+
+ private:
+  void serve(int64_t index) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(m_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (!open_ || index >= wanted_) continue;
+      ++joined_;
+      const std::function<void(int64_t)>* fn = job_;
+      const int64_t chunks = chunks_;
+      lock.unlock();
+      for (int64_t c = next_.fetch_add(1); c < chunks; c = next_.fetch_add(1)) (*fn)(c);
+      lock.lock();
+      if (--joined_ == 0) done_.notify_all();
+    }
+  }
+
+  const pid_t pid_ = getpid();
+  std::mutex m_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> helpers_;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t chunks_ = 0, wanted_ = 0, joined_ = 0;
+  uint64_t generation_ = 0;
+  bool open_ = false;
+  std::atomic<int64_t> next_{0};
+  std::atomic<bool> busy_{false};
+};
+
+// fn(u0, u1) over units [0, n) in chunks of about CHUNK_BYTES of weight that the threads claim
+// one after another: a thread that the OS holds back (a shared host) leaves its
 // chunks to the others instead of keeping them all waiting at the end, as a static split would.
 // Each unit is done by one call, so results do not depend on which thread took it.
+// A product of T > 2 tokens (compute bound) claims chunks of CHUNK_BYTES * min(T, 16) / 2 bytes:
+// about as much work per chunk as the memory-bound decode chunk, and several row blocks per
+// chunk, so that each block's weights are prefetched while the one before computes (kernels_isa.h
+// dot_rows; a chunk's first block cannot be).
 template <class Fn>
-void parallel_chunks(int64_t n, int64_t unit_bytes, const Fn& fn) {
+void parallel_chunks(int64_t n, int64_t unit_bytes, const Fn& fn, int64_t tokens = 1) {
   unit_bytes = std::max<int64_t>(unit_bytes, 1);
-  const int64_t per_chunk = std::max<int64_t>(1, CHUNK_BYTES / unit_bytes), chunks = cdiv(n, per_chunk);
+  const int64_t chunk_bytes = tokens <= 2 ? CHUNK_BYTES : CHUNK_BYTES * std::min<int64_t>(tokens, 16) / 2;
+  const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / unit_bytes), chunks = cdiv(n, per_chunk);
   const int64_t workers = std::min(chunks, std::max<int64_t>(1, n * unit_bytes / MIN_THREAD_BYTES));
   if (workers == 1) return fn(0, n);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
-      fn(c * per_chunk, std::min(n, (c + 1) * per_chunk));
-  });
+  Pool::get().run(chunks, std::min<int64_t>(workers, at::get_num_threads()),
+                  [&](int64_t c) { fn(c * per_chunk, std::min(n, (c + 1) * per_chunk)); });
 }
 
 void check_float_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "scheinfer kernels: ", name,
               " must be a float32 CPU tensor; got ", t.scalar_type(), " on ", t.device());
+}
+
+// Products y_i [T_i, N] = x_i [T_i, K_i] wt_i [K_i, N] of weights stored transposed (wt_i's rows
+// contiguous, row stride ldw): each wt_i cut into K_SPLITS ranges of whole rows that the threads
+// claim, each range into its own partial [T_i, N], the partials then added in range order. So
+// every thread streams whole rows (a split of the columns between threads reads each row's
+// memory from both), and the sums do not depend on the thread count.
+struct TransposedProduct {
+  const float* x;
+  int64_t T, ldx;
+  const float* wt;
+  int64_t ldw, K;
+  float* y;
+};
+constexpr int64_t K_SPLITS = 8;
+
+void transposed_products(const Kernels& k, const std::vector<TransposedProduct>& items, int64_t N) {
+  std::vector<int64_t> offset(items.size() + 1, 0);
+  int64_t max_K = 0, max_T = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    offset[i + 1] = offset[i] + K_SPLITS * items[i].T * N;
+    max_K = std::max(max_K, items[i].K);
+    max_T = std::max(max_T, items[i].T);
+  }
+  std::vector<float> partial(offset.back());
+  parallel_chunks(static_cast<int64_t>(items.size()) * K_SPLITS, cdiv(max_K, K_SPLITS) * N * 4, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const TransposedProduct& it = items[u / K_SPLITS];
+      const int64_t r = u % K_SPLITS, k0 = r * it.K / K_SPLITS, k1 = (r + 1) * it.K / K_SPLITS;
+      k.axpy_rows(it.x + k0, it.T, it.ldx, it.wt + k0 * it.ldw, it.ldw, k1 - k0,
+                  partial.data() + offset[u / K_SPLITS] + r * it.T * N, N, 0, N);
+    }
+  }, max_T);
+  for (size_t i = 0; i < items.size(); ++i) {
+    const float* p = partial.data() + offset[i];
+    const int64_t TN = items[i].T * N;
+    float* y = items[i].y;
+    std::memcpy(y, p, TN * sizeof(float));
+    for (int64_t r = 1; r < K_SPLITS; ++r)
+      for (int64_t j = 0; j < TN; ++j) y[j] += p[r * TN + j];
+  }
 }
 
 // y[t, :] = w x[t, :] over rows of w (w[n, :] contiguous) or, w stored transposed (w[:, n]
@@ -121,14 +236,12 @@ void product(const Kernels& k, const float* x, int64_t T, const at::Tensor& w, f
   const float* wp = w.data_ptr<float>();
   if (w.stride(1) == 1) {
     parallel_chunks(cdiv(N, ROWS), ROWS * K * 4, [&](int64_t u0, int64_t u1) {
-      k.dot_rows(x, T, K, wp, w.stride(0), K, y, N, u0 * ROWS, std::min(N, u1 * ROWS));
-    });
+      k.dot_rows(x, T, K, wp, w.stride(0), K, y, N, u0 * ROWS, std::min(N, u1 * ROWS), nullptr, 0);
+    }, T);
   } else {
     TORCH_CHECK(w.stride(0) == 1, "scheinfer kernels: a weight needs rows or columns contiguous; got strides ",
                 w.strides());
-    parallel_units(cdiv(N, COLS), COLS * K * 4, [&](int64_t u0, int64_t u1) {
-      k.axpy_rows(x, T, K, wp, w.stride(1), K, y, N, u0 * COLS, std::min(N, u1 * COLS));
-    });
+    transposed_products(k, {{x, T, K, wp, w.stride(1), K, y}}, N);
   }
 }
 
@@ -152,7 +265,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 // [F_i, M] with contiguous rows, down_i [M, F_i] either way (rows contiguous, or stored [F_i, M]
 // as the engine keeps it). Two parallel regions for all of them: the gate / up rows of every FFN
 // (in chunks, the SwiGLU of each chunk's own rows with it), then down: in chunks of output rows
-// when every down has contiguous rows, else one column range of every FFN per thread.
+// for the downs with contiguous rows, by `transposed_products` for the others.
 std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& gates,
                                  const std::vector<at::Tensor>& ups, const std::vector<at::Tensor>& downs,
                                  int64_t isa) {
@@ -167,8 +280,7 @@ std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::v
   std::vector<Item> items(n);
   std::vector<at::Tensor> keep;                          // contiguous inputs and buffers, alive to the end
   std::vector<int64_t> first_unit(n + 1, 0);             // gate / up row blocks of item i: [first_unit[i], first_unit[i + 1])
-  bool all_rows = true;
-  int64_t max_F = 0, sum_F = 0;
+  int64_t max_F = 0, max_T = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &x = xs[i], &gate = gates[i], &up = ups[i], &down = downs[i];
     for (auto& [t, name] : {std::pair{&x, "x"}, {&gate, "gate"}, {&up, "up"}, {&down, "down"}}) check_float_cpu(*t, name);
@@ -189,9 +301,8 @@ std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::v
                 T, F, gate.stride(0), up.stride(0), rows ? down.stride(0) : down.stride(1), rows, g, g + T * F,
                 g + 2 * T * F, out[i].data_ptr<float>()};
     first_unit[i + 1] = first_unit[i] + (T ? cdiv(F, ROWS) : 0);
-    all_rows = all_rows && rows;
     max_F = std::max(max_F, F);
-    sum_F += F;
+    max_T = std::max(max_T, T);
   }
   parallel_chunks(first_unit[n], 2 * ROWS * M * 4, [&](int64_t u0, int64_t u1) {
     for (size_t i = std::upper_bound(first_unit.begin(), first_unit.end(), u0) - first_unit.begin() - 1;
@@ -199,32 +310,34 @@ std::vector<at::Tensor> ffn_many(const std::vector<at::Tensor>& xs, const std::v
       const Item& it = items[i];
       const int64_t f0 = std::max(u0 - first_unit[i], int64_t(0)) * ROWS, f1 = std::min(it.F, (u1 - first_unit[i]) * ROWS);
       if (it.T == 0 || f0 >= f1) continue;
-      k.dot_rows(it.x, it.T, M, it.gate, it.ldg, M, it.g, it.F, f0, f1);
-      k.dot_rows(it.x, it.T, M, it.up, it.ldu, M, it.u, it.F, f0, f1);
+      k.dot_rows(it.x, it.T, M, it.gate, it.ldg, M, it.g, it.F, f0, f1, it.up + f0 * it.ldu, it.ldu);  // then up's rows
+      k.dot_rows(it.x, it.T, M, it.up, it.ldu, M, it.u, it.F, f0, f1, nullptr, 0);
       for (int64_t t = 0; t < it.T; ++t) k.swiglu(it.g + t * it.F + f0, it.u + t * it.F + f0, it.h + t * it.F + f0, f1 - f0);
     }
-  });
-  const int64_t blocks = cdiv(M, ROWS);                 // output row blocks per item (all_rows)
-  auto down_part = [&](const Item& it, int64_t m0, int64_t m1) {
+  }, max_T);
+  // down: output row blocks of the items with rows contiguous, in chunks; the transposed ones
+  // by `transposed_products`
+  std::vector<const Item*> row_items;
+  std::vector<TransposedProduct> transposed;
+  for (const Item& it : items) {
+    if (it.T == 0) continue;
     if (it.rows)
-      k.dot_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, m0, m1);
+      row_items.push_back(&it);
     else
-      k.axpy_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, m0, m1);
-  };
-  if (all_rows) {
-    parallel_chunks(static_cast<int64_t>(n) * blocks, ROWS * max_F * 4, [&](int64_t u0, int64_t u1) {
+      transposed.push_back({it.h, it.T, it.F, it.down, it.ldd, it.F, it.y});
+  }
+  const int64_t blocks = cdiv(M, ROWS);                 // output row blocks per item
+  if (!row_items.empty())
+    parallel_chunks(static_cast<int64_t>(row_items.size()) * blocks, ROWS * max_F * 4, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1;) {                    // runs of one item's blocks
         const int64_t i = u / blocks, end = std::min(u1, (i + 1) * blocks);
-        if (items[i].T) down_part(items[i], (u - i * blocks) * ROWS, std::min(M, (end - i * blocks) * ROWS));
+        const Item& it = *row_items[i];
+        k.dot_rows(it.h, it.T, it.F, it.down, it.ldd, it.F, it.y, M, (u - i * blocks) * ROWS,
+                   std::min(M, (end - i * blocks) * ROWS), nullptr, 0);
         u = end;
       }
-    });
-  } else {
-    parallel_units(cdiv(M, COLS), COLS * sum_F * 4, [&](int64_t u0, int64_t u1) {
-      for (const Item& it : items)
-        if (it.T) down_part(it, u0 * COLS, std::min(M, u1 * COLS));
-    });
-  }
+    }, max_T);
+  if (!transposed.empty()) transposed_products(k, transposed, M);
   return out;
 }
 
@@ -272,15 +385,16 @@ at::Tensor moe_token(const at::Tensor& x, const at::Tensor& gate_up, const at::T
       const int64_t f0 = std::max(u0 - j * units, int64_t(0)) * ROWS, f1 = std::min(F, (u1 - j * units) * ROWS);
       const float* w = gup + chosen[j].first * gate_up.stride(0);
       float *gj = g + j * 2 * F, *uj = gj + F;
-      k.dot_rows(xp, 1, M, w, M, M, gj, F, f0, f1);
-      k.dot_rows(xp, 1, M, w + F * M, M, M, uj, F, f0, f1);
+      k.dot_rows(xp, 1, M, w, M, M, gj, F, f0, f1, nullptr, 0);
+      k.dot_rows(xp, 1, M, w + F * M, M, M, uj, F, f0, f1, nullptr, 0);
       k.swiglu(gj + f0, uj + f0, hp + j * F + f0, f1 - f0);
     }
   });
   parallel_chunks(cdiv(M, ROWS), K * ROWS * F * 4, [&](int64_t u0, int64_t u1) {
     const int64_t m0 = u0 * ROWS, m1 = std::min(M, u1 * ROWS);
     for (int64_t j = 0; j < K; ++j)
-      k.dot_rows(hp + j * F, 1, F, dp + chosen[j].first * down.stride(0), down.stride(1), F, pp + j * M, M, m0, m1);
+      k.dot_rows(hp + j * F, 1, F, dp + chosen[j].first * down.stride(0), down.stride(1), F, pp + j * M, M, m0, m1,
+                   nullptr, 0);
     for (int64_t m = m0; m < m1; ++m) {
       float acc = 0.0f;
       for (int64_t j = 0; j < K; ++j) acc += chosen[j].second * pp[j * M + m];
