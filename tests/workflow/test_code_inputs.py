@@ -104,6 +104,13 @@ def test_scheinfer_sim_covers_its_engine_policy_and_registered_baselines():
     assert "impl/fsmoe/layer.py" not in files
 
 
+def test_the_native_kernels_sources_count_with_the_module_that_builds_them():
+    files = relative(CodeInputs(REPO, cache=None)("impl.scheinfer.cpu_kernels"), REPO)
+    sources = {str(f.relative_to(REPO)) for f in (REPO / "impl/scheinfer/csrc").rglob("*") if f.is_file()}
+    assert "impl/scheinfer/csrc/cpu_kernels.cpp" in sources and sources <= files
+    assert not any("csrc" in f for f in relative(CodeInputs(REPO, cache=None)("impl.fsmoe.layer"), REPO))
+
+
 def rule_blocks():
     """(file, rule, text) of every rule in workflows/rules."""
     for path in sorted((REPO / "workflows/rules").glob("*.smk")):

@@ -21,7 +21,8 @@ reads them:
   module's package counts with all its modules (which ones a job touches is known only at run
   time).
 
-Not followed: data files read by path (configs, papers' CSVs, the native kernels' C++ sources);
+Compiled sources a module builds at run time count with it (`NATIVE_SOURCES`: the ScheInfer CPU
+kernels' C++, built on first use). Not followed: data files read by path (configs, papers' CSVs);
 rules list those they read as inputs of their own.
 
 The DAG is built on every snakemake call, dry runs included, and parsing every module costs about
@@ -36,10 +37,12 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["PACKAGES", "CACHE", "CodeInputs"]
+__all__ = ["PACKAGES", "NATIVE_SOURCES", "CACHE", "CodeInputs"]
 
 # The top-level packages that are this project's code; imports of anything else are not followed.
 PACKAGES = ("impl", "baselines", "figures")
+# module -> the folder of the sources it compiles when it runs (every file in it counts)
+NATIVE_SOURCES = {"impl.scheinfer.cpu_kernels": "impl/scheinfer/csrc"}
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-repro" / "code-imports.json"
 _FORMAT = 1
 
@@ -87,6 +90,8 @@ class CodeInputs:
                 parts = module.split(".")
                 pending += [".".join(parts[:i]) for i in range(1, len(parts))]      # parent packages
                 files.add(self.modules[module])
+                if module in NATIVE_SOURCES:
+                    files.update(f for f in (self.repo / NATIVE_SOURCES[module]).rglob("*") if f.is_file())
                 pending += self._imports_of(self.modules[module], package=self._package(module))
             self._closures[runs] = sorted(str(f) for f in files)
             self._save_cache()
