@@ -621,9 +621,9 @@ class FastDecoder(Decoder):
         function and stacked experts: one native op (`moe_token`), or with torch's kernels on at
         most two cores pairs of experts (`paired_ffn`); else the layer's routed experts and its
         shared one in one `run_ffns` call (the engine's `run_layer`). More tokens:
-        `_moe_tokens`."""
+        `_moe_tokens` (none: the reference's, which routes nothing)."""
         if x_TM.shape[0] != 1:
-            return self._moe_tokens(i, w, x_TM)
+            return self._moe_tokens(i, w, x_TM) if x_TM.shape[0] else super().moe(i, w, x_TM)
         ids_1K, weights_1K = self.route(i, w, x_TM)
         stacked = isinstance(w, StackedMoEWeights) and self.expert_fn is _fast_expert_fn
         shared = [("shared", w.shared, x_TM)] if w.shared is not None else []

@@ -204,6 +204,16 @@ def test_fast_decoder_equals_reference(decoders, kind, kernel):
         torch.testing.assert_close(wa, wb, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "phimoe"])
+def test_a_moe_layer_of_no_tokens_gives_no_rows(decoders, fast_decoders, kind):
+    """A layer handed zero tokens (every position padding) returns an empty block, as the reference."""
+    i = next(i for i in range(decoders[kind].config.num_layers) if decoders[kind].config.is_moe_layer(i))
+    x = torch.zeros(0, decoders[kind].config.hidden)
+    for dec in (decoders[kind], fast_decoders[kind]):
+        y = dec.moe(i, dec.layer_weights(i).moe, x)
+        assert y.shape == (0, decoders[kind].config.hidden)
+
+
 def test_paired_experts_equal_each_expert_alone(fast_decoders):
     """Any two experts of a stacked layer as one batched product give each expert's own `ffn`."""
     moe = fast_decoders["mixtral"].layer_weights(0).moe
