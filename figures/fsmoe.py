@@ -34,7 +34,7 @@ from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text, read_record  # noqa: E402
 
 __all__ = ["table5", "model_speedups", "overlap_cap", "checks", "reproduces", "check_verdict", "gate_spreads", "gates_differentiated",
-           "ds_moe_ranges", "ds_moe_section", "table6_absolute", "report", "main"]
+           "ds_moe_ranges", "ds_moe_variants", "ds_moe_section", "table6_absolute", "report", "main"]
 
 MODELED = "MODELED (tier sim, shipped Testbed A/B profiles)"
 TABLE5_SYSTEMS = ("Tutel-Improved", "FSMoE-No-IIO", "FSMoE")
@@ -490,14 +490,21 @@ def _moved(what: str, paper: float, ours: float, ablated: float) -> str:
     return text + ("; past it)" if (ablated - paper) * (ours - paper) < 0 else "; further from it)")
 
 
-def ds_moe_section(models: pd.DataFrame) -> list[str]:
-    """What the DS-MoE ablations give over DS-MoE per figure, against the headline and the paper,
-    and Table 6's absolute iteration times under each: computed from the runs' rows."""
+def ds_moe_variants(models: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The models' runs under each DS-MoE model: 'headline', then each DS-MoE ablation that ran."""
     from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS
 
     variants = {"headline": models}
     variants.update({name: _ds_moe_ablation(models, ab.system) for name, ab in DS_MOE_ABLATIONS.items()
                      if ab.system in set(models.system)})
+    return variants
+
+
+def ds_moe_section(models: pd.DataFrame, variants: dict[str, pd.DataFrame] | None = None) -> list[str]:
+    """What the DS-MoE ablations give over DS-MoE per figure, against the headline and the paper,
+    and Table 6's absolute iteration times under each: computed from the runs' rows (`variants`:
+    `ds_moe_variants(models)`, made here when not given)."""
+    variants = variants if variants is not None else ds_moe_variants(models)
     paper = _paper_ds_moe_ranges()
     lines = ["", "### DeepSpeed-MoE as the released harness emulates it", "",
              "The harness's DeepSpeed-MoE emulation (digest §5.3: AllReduce MP attention, \"a DS dispatch/combine\", 2 "
@@ -536,56 +543,65 @@ def ds_moe_section(models: pd.DataFrame) -> list[str]:
         lines += ["", "In Fig. 6, from the headline DS-MoE to the harness's: " + "; ".join(parts) + ". Even at its "
                   f"overlap lower bound FSMoE would be at most {cap.max():.2f}x the harness's DS-MoE (per testbed and "
                   f"model {cap.min():.2f}x-{cap.max():.2f}x)."]
-    lines += table6_absolute(variants)
+    lines += table6_absolute(variants, paper["FSMoE"].get("table6"))
     return lines
 
 
-def table6_absolute(variants: dict[str, pd.DataFrame]) -> list[str]:
+def table6_absolute(variants: dict[str, pd.DataFrame], paper_ratio: tuple[float, float] | None = None) -> list[str]:
     """Table 6's iteration times, ours (modeled, under each DS-MoE model) against the paper's: the
-    absolute times say whether our DS-MoE is too cheap or our FSMoE too dear."""
+    absolute times say whether our DS-MoE is too cheap or our FSMoE too dear. `paper_ratio`: the
+    paper's FSMoE over DS-MoE across the gates (read from its CSV when not given)."""
     paper, _ = read_paper_csv("fsmoe_table6")
     p = paper.groupby("system")["value"].agg(["min", "max"])
-    rows = {name: frame[frame.figure == "table6"].groupby("system")["iteration_ms"].agg(["min", "max"])
-            for name, frame in variants.items()}
+    if paper_ratio is None:
+        t6 = paper.pivot(index="gate", columns="system", values="value")
+        t6 = t6["DS-MoE"] / t6["FSMoE"]
+        paper_ratio = float(t6.min()), float(t6.max())
+    t6_rows = {name: frame[frame.figure == "table6"] for name, frame in variants.items()}
+    rows = {name: t.groupby("system")["iteration_ms"].agg(["min", "max"]) for name, t in t6_rows.items()}
     head = rows.get("headline")
     if head is None or not len(head) or not {"DS-MoE", "FSMoE"} <= set(head.index):
         return []
+    setting = t6_rows["headline"]
 
     def ms(r) -> str:
         return f"{r['min']:.1f} ms" if r["max"] - r["min"] < 0.05 else f"{r['min']:.1f}-{r['max']:.1f} ms"
 
-    def frac(ours, system) -> str:
-        lo, hi = ours["min"] / p.loc[system, "max"], ours["max"] / p.loc[system, "min"]
-        return f"{lo:.2f}x" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}x"
+    def fraction(ours, system) -> tuple[float, float]:
+        return ours["min"] / p.loc[system, "max"], ours["max"] / p.loc[system, "min"]
 
-    lines = ["", "Table 6 in absolute time (GPT2-XL MoE on Testbed B, all four gates; our depth of 48 blocks, which "
-             "the paper does not state, scales ours): paper DS-MoE "
-             f"{p.loc['DS-MoE', 'min']:.1f}-{p.loc['DS-MoE', 'max']:.1f} ms, FSMoE {p.loc['FSMoE', 'min']:.1f}-"
-             f"{p.loc['FSMoE', 'max']:.1f} ms; ours (modeled), as a fraction of the paper's:", "",
+    gates = setting.gate.nunique()
+    lines = ["", f"Table 6 in absolute time ({', '.join(sorted(setting.model.unique()))} on Testbed "
+             f"{', '.join(sorted(setting.testbed.unique()))}, {gates} gate{'s' if gates != 1 else ''}; our depth of "
+             f"{', '.join(str(n) for n in sorted(setting.layers.unique()))} blocks, which the paper does not state, "
+             f"scales ours): paper DS-MoE {p.loc['DS-MoE', 'min']:.1f}-{p.loc['DS-MoE', 'max']:.1f} ms, FSMoE "
+             f"{p.loc['FSMoE', 'min']:.1f}-{p.loc['FSMoE', 'max']:.1f} ms; ours (modeled), as a fraction of the "
+             "paper's:", "",
              "| DS-MoE model | our DS-MoE | of the paper's | our FSMoE | of the paper's |", "|---|---|---|---|---|"]
     fs = head.loc["FSMoE"]
     for name, r in rows.items():
         ds = r.loc["DS-MoE"]
-        lines.append(f"| {name} | {ms(ds)} | {frac(ds, 'DS-MoE')} | {ms(fs)} | {frac(fs, 'FSMoE')} |")
-    fs_lo, fs_hi = fs["min"] / p.loc["FSMoE", "max"], fs["max"] / p.loc["FSMoE", "min"]
-    closest = "ds-moe-harness" if "ds-moe-harness" in rows else "headline"
-    ds_c = rows[closest].loc["DS-MoE"]
-    ds_lo, ds_hi = ds_c["min"] / p.loc["DS-MoE", "max"], ds_c["max"] / p.loc["DS-MoE", "min"]
-    ours_ratio = ds_c["min"] / fs["max"], ds_c["max"] / fs["min"]
-    paper_ratio = _paper_ds_moe_ranges()["FSMoE"]["table6"]
-    ratios = f"our FSMoE over DS-MoE {_span(ours_ratio)} against the paper's {_span(paper_ratio)}"
-    if fs_hi < ds_lo:
-        verdict = (f"against the paper's times our FSMoE ({fs_lo:.2f}-{fs_hi:.2f}x) is cheaper than our DS-MoE "
-                   f"({ds_lo:.2f}-{ds_hi:.2f}x): on Table 6 the gap lies more in our FSMoE being too cheap than in our "
-                   f"DS-MoE being too cheap, and not in our FSMoE being too dear ({ratios})")
-    elif ds_hi < fs_lo:
-        verdict = (f"against the paper's times our DS-MoE ({ds_lo:.2f}-{ds_hi:.2f}x) is cheaper than our FSMoE "
-                   f"({fs_lo:.2f}-{fs_hi:.2f}x): on Table 6 the gap lies more in our DS-MoE being too cheap than in our "
-                   f"FSMoE ({ratios})")
+        lines.append(f"| {name} | {ms(ds)} | {_span(fraction(ds, 'DS-MoE'))} | {ms(fs)} | "
+                     f"{_span(fraction(fs, 'FSMoE'))} |")
+    shown = "ds-moe-harness" if "ds-moe-harness" in rows else "headline"
+    ds_c = rows[shown].loc["DS-MoE"]
+    (fs_lo, fs_hi), (ds_lo, ds_hi) = fraction(fs, "FSMoE"), fraction(ds_c, "DS-MoE")
+    ratios = (f"our FSMoE over DS-MoE {_span((ds_c['min'] / fs['max'], ds_c['max'] / fs['min']))} against the "
+              f"paper's {_span(paper_ratio)}")
+
+    def against_paper(lo: float, hi: float) -> str:
+        return "too cheap" if hi < 1 else "too dear" if lo > 1 else "about the paper's"
+
+    fs_is, ds_is = against_paper(fs_lo, fs_hi), against_paper(ds_lo, ds_hi)
+    if fs_hi < ds_lo or ds_hi < fs_lo:
+        first, second = (("FSMoE", fs_lo, fs_hi, fs_is), ("DS-MoE", ds_lo, ds_hi, ds_is)) if fs_hi < ds_lo else \
+            (("DS-MoE", ds_lo, ds_hi, ds_is), ("FSMoE", fs_lo, fs_hi, fs_is))
+        verdict = (f"against the paper's times our {first[0]} ({first[1]:.2f}-{first[2]:.2f}x, {first[3]}) is cheaper "
+                   f"than our {second[0]} ({second[1]:.2f}-{second[2]:.2f}x, {second[3]}) ({ratios})")
     else:
         verdict = (f"against the paper's times our FSMoE ({fs_lo:.2f}-{fs_hi:.2f}x) and our DS-MoE ({ds_lo:.2f}-"
                    f"{ds_hi:.2f}x) overlap, so the absolute times do not single one out ({ratios})")
-    return lines + ["", f"Under `{closest}`, {verdict}."]
+    return lines + ["", f"Under `{shown}`, {verdict}."]
 
 
 def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.DataFrame,
@@ -622,9 +638,10 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
                           "modeled)"}
     from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS
 
+    variants = ds_moe_variants(models)
     runs = dict(ablations)
     for name, ablation in DS_MOE_ABLATIONS.items():
-        runs[name] = (grid, _ds_moe_ablation(models, ablation.system))
+        runs[name] = (grid, variants[name] if name in variants else _ds_moe_ablation(models, ablation.system))
     for name in runs:
         lines.append(f"* `{name}`: {descriptions.get(name, name)}"
                      + (" (grid: a random sample of configured layers)" if name in ablations else ""))
@@ -660,7 +677,7 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
                   f"{p6[('FSMoE', 'DS-MoE', 'high')]:.2f}x and Tutel up to {p6[('Tutel', 'DS-MoE', 'high')]:.2f}x. Our "
                   "DS-MoE runs the same operations at the same modeled cost one after another, so FSMoE's scheduling "
                   "cannot explain the rest; what DeepSpeed-MoE's own operations add is computed below."]
-        lines += ds_moe_section(models)
+        lines += ds_moe_section(models, variants)
     lines += ["", "## Every number", "",
               "| result | paper | ours | gap | gain paper / ours | verdict | tier "
               "| the same number under each ablation |",

@@ -54,15 +54,15 @@ where a task sits does not change the makespan).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from impl.common import ordering
 from impl.common.config import ConfigError
 from impl.common.costmodel import HardwareProfile, LinearModel
 
 __all__ = ["BlockShape", "ChunkModel", "PassModel", "BlockCosts", "block_costs", "ROUTER_MACS", "ORDER_TOKENS",
-           "EINSUM_ORDER_GEMMS", "OrderCost", "capacity", "gshard_order", "with_gshard_order"]
+           "EINSUM_ORDER_GEMMS", "OrderCost", "gshard_order", "with_gshard_order"]
 
 # The router's multiply-accumulates per token, per gate (M hidden, E experts): GShard's noisy
 # top-k has a second projection for its noise scale; X-MoE projects to 16 dimensions first
@@ -181,14 +181,14 @@ class BlockCosts:
         return self.dense_bwd_ms + self.mp_ag_ms + self.mp_rs_ms
 
 
-def capacity(shape: BlockShape, tokens: int) -> int:
-    """C = ceil(k f S / E) for S = `tokens` routed on one GPU (at least 1; no drop: f = 1)."""
-    factor = 1.0 if shape.capacity_factor is None else shape.capacity_factor
-    return max(1, math.ceil(shape.top_k * factor * tokens / shape.num_experts - 1e-9))
+def _capacity(shape: BlockShape, tokens: int) -> int:
+    """The layer's capacity (`ordering.capacity`) for S = `tokens` routed on one GPU (no drop: f = 1)."""
+    return ordering.capacity(tokens, shape.num_experts, shape.top_k,
+                             1.0 if shape.capacity_factor is None else shape.capacity_factor)
 
 
 def _per_gpu_capacity(shape: BlockShape, n_esp: int) -> int:
-    return capacity(shape, shape.batch * shape.seq // n_esp)
+    return _capacity(shape, shape.batch * shape.seq // n_esp)
 
 
 # GEMMs of the one-hot ordering per pass (module docstring): dispatch and combine forward; the
@@ -216,7 +216,7 @@ def gshard_order(bc: BlockCosts, tokens: str = "sequence-parallel") -> OrderCost
         raise ConfigError(f"tokens: {tokens!r} is not allowed; allowed: {', '.join(map(repr, ORDER_TOKENS))}")
     shape = bc.shape
     S = shape.batch * shape.seq // (bc.n_esp if tokens == "sequence-parallel" else 1)
-    slots = shape.num_experts * capacity(shape, S)
+    slots = shape.num_experts * _capacity(shape, S)
     macs = S * slots * shape.hidden
     per_gemm = bc.gemm.time_ms(macs)
     return OrderCost(S, slots, macs, EINSUM_ORDER_GEMMS["fwd"] * per_gemm, EINSUM_ORDER_GEMMS["bwd"] * per_gemm)
