@@ -216,14 +216,14 @@ def search_order(schedule: Schedule, tries: int, seed: int = 0) -> Schedule:
     is simulated once, here; the schedule returned (the input itself when no move stays) keeps its
     timeline, so `simulate` of either afterwards does not run them again."""
     rng = random.Random(seed)
-    found, tasks = schedule, list(schedule.tasks)
-    positions = _lane_positions(tasks)
+    found = schedule
+    positions = _lane_positions(found.tasks)
     movable = [lane for lane, where in positions.items() if len(where) > 1]
     best = simulate(schedule).makespan
     for _ in range(tries if movable else 0):
         where = positions[rng.choice(movable)]
         a, b = rng.sample(where, 2)
-        candidate = tasks[:]
+        candidate = list(found.tasks)
         candidate.insert(b, candidate.pop(a))        # the lane's other tasks keep their slots' order
         try:
             moved = Schedule(tuple(candidate))
@@ -231,12 +231,12 @@ def search_order(schedule: Schedule, tries: int, seed: int = 0) -> Schedule:
         except ScheduleError:
             continue
         if makespan <= best:
-            best, found, tasks = makespan, moved, candidate
-            positions = _lane_positions(tasks)
+            best, found = makespan, moved
+            positions = _lane_positions(found.tasks)
     return found
 
 
-def _lane_positions(tasks: list[Task]) -> dict[str, list[int]]:
+def _lane_positions(tasks: "tuple[Task, ...] | list[Task]") -> dict[str, list[int]]:
     """Per lane, the indices of its tasks in `tasks` (its issue order)."""
     positions: dict[str, list[int]] = defaultdict(list)
     for i, t in enumerate(tasks):

@@ -29,8 +29,9 @@ def stop_on_slurm_placeholders():
 def check_experiment_configs():
     """Resolve every experiment config with the experiments' own checks (models, topologies,
     systems, hardware classes): workflows/scripts/check_configs.py, in a process of its own with
-    Snakemake's Python (the experiments import torch; Snakemake's process stays without it). A
-    bad config prints one line naming it and stops the run with the script's exit code (2)."""
+    Snakemake's Python (the experiments import torch; Snakemake's own process never imports it,
+    so the workflow parses and dry-runs without it). A bad config, or a Python that cannot import
+    the experiments, prints one line and stops the run with the script's exit code (2)."""
     script = repo_path("workflows/scripts/check_configs.py")
     code = subprocess.run([sys.executable, script, "--checks", json.dumps(config_checks())]).returncode
     if code:

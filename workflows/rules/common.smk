@@ -54,8 +54,8 @@ def _load_code_inputs():
 # code_inputs("impl.experiments.scheinfer.sim", ...): the repository's Python files a job runs,
 # the modules it names and every project module they import (workflows/scripts/code_inputs.py).
 # Every rule that runs our code lists them as its input `code`, so the job reruns when the code
-# changes (by mtime, like any other input); Snakemake's own `code` trigger sees only the rule's
-# shell text.
+# changes (like any other input: by time, and by content once a run has recorded it); Snakemake's
+# own `code` trigger sees only the rule's shell text.
 code_inputs = _load_code_inputs()
 
 

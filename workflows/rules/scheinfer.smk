@@ -1,7 +1,7 @@
 # ScheInfer experiments: the sim tier (tok/s of ScheInfer, llama.cpp, Fiddler on assumed hardware
 # classes) and MEASURED lane timelines of the real HybridEngine on a small generated model.
 
-# The sim config's keys and types now (its hardware file is an input); the rest in check_configs.
+# The sim config's keys and types now (its hardware file is an input); the rest in the deep checks (checks.smk).
 SCHEINFER_SIM_CONFIG = scheinfer_sim_config()
 
 

@@ -55,18 +55,22 @@ def _fsmoe_emu(path, overrides):
     emu.check(build_config(emu.EmuConfig, path, overrides))
 
 
+PROG = "check_configs"
 KINDS = {"hiermoe_sim": _hiermoe_sim, "scheinfer_sim": _scheinfer_sim, "emu_validation": _emu_validation,
          "layer_bench": _layer_bench, "fsmoe_results": _fsmoe_results, "fsmoe_emu": _fsmoe_emu}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="check_configs", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--checks", required=True, help="JSON list of the configs to check (module doc)")
     return check(p.parse_args(argv).checks)
 
 
 def check(checks_json: str) -> int:
-    """Run the checks; the outcome goes to stderr."""
+    """Run the checks; the outcome goes to stderr (a bad config, or a Python that cannot import
+    the experiments: one line, exit 2)."""
+    from impl.common.cli import INPUT_ERRORS, fail
+
     try:
         checks = json.loads(checks_json)
         if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get("kind") in KINDS
@@ -74,16 +78,15 @@ def check(checks_json: str) -> int:
             raise ValueError(f"expected a list of {{name, kind, config, set}} with kind in {', '.join(KINDS)} "
                              "and set a list of key=value")
     except ValueError as e:
-        print(f"check_configs: error: --checks: {e}", file=sys.stderr)
-        return 2
-    from impl.common.cli import INPUT_ERRORS
-
+        return fail(PROG, f"--checks: {e}")
     for check in checks:
         try:
             KINDS[check["kind"]](check.get("config"), list(check.get("set", [])))
         except INPUT_ERRORS as e:
-            print(f"check_configs: error: {check.get('name', check['kind'])}: {e}", file=sys.stderr)
-            return 2
+            return fail(PROG, f"{check.get('name', check['kind'])}: {e}")
+        except ImportError as e:
+            return fail(PROG, f"{sys.executable} cannot import the experiments ({e}); run Snakemake from the "
+                              "project's environment (make run), or dry-run (-n), which skips these checks")
     print(f"{len(checks)} experiment configs resolved", file=sys.stderr)
     return 0
 

@@ -158,10 +158,12 @@ class CodeInputs:
         return imports, sorted(set(strings)), computed
 
     def _load_cache(self) -> dict:
+        if self._cache_file is None:
+            return {}
         try:
             data = json.loads(self._cache_file.read_text())
             return data["files"] if data.get("format") == _FORMAT else {}
-        except (AttributeError, OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):   # unreadable or not our format
             return {}
 
     def _save_cache(self) -> None:
