@@ -109,6 +109,26 @@ def test_moe_token_equals_weighted_experts(isa, threads):
 
 
 @needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("tokens", [1, 2, 5, 19])
+def test_products_do_not_depend_on_the_thread_count(isa, tokens):
+    """Each unit of a product is one call on one thread, so 1 or several threads give the same bits."""
+    g = torch.Generator().manual_seed(tokens)
+    M, F_ = 256, 1536
+    x = torch.randn(tokens, M, generator=g)
+    gate, up, down = (torch.randn(F_, M, generator=g), torch.randn(F_, M, generator=g),
+                      torch.randn(M, F_, generator=g))
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(torch.ops.scheinfer.ffn(x, gate, up, down, cpu_kernels.ISAS[isa]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_ops_reject_bad_inputs_and_unsupported_isas():
     w = _randn(8, 4)
     with pytest.raises(RuntimeError, match="float32 CPU tensor"):

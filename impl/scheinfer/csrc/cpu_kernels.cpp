@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -117,10 +118,15 @@ class Pool {
       std::lock_guard<std::mutex> g(m_);
       while (static_cast<int64_t>(helpers_.size()) < threads - 1) {
         const int64_t index = helpers_.size();
-        helpers_.emplace_back([this, index] { serve(index); });
+        try {
+          helpers_.emplace_back([this, index] { serve(index); });
+        } catch (const std::system_error&) {    // the process's thread limit: run with those there are
+          break;
+        }
         helpers_.back().detach();
       }
-      job_ = &fn, chunks_ = chunks, wanted_ = threads - 1, open_ = true, ++generation_;
+      job_ = &fn, chunks_ = chunks, wanted_ = std::min<int64_t>(threads - 1, helpers_.size()), open_ = true;
+      ++generation_;
       next_.store(0);
     }
     wake_.notify_all();
@@ -178,9 +184,9 @@ void parallel_chunks(int64_t n, int64_t unit_bytes, const Fn& fn, int64_t tokens
   const int64_t chunk_bytes = tokens <= 2 ? CHUNK_BYTES : CHUNK_BYTES * std::min<int64_t>(tokens, 16) / 2;
   const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / unit_bytes), chunks = cdiv(n, per_chunk);
   const int64_t workers = std::min(chunks, std::max<int64_t>(1, n * unit_bytes / MIN_THREAD_BYTES));
-  if (workers == 1) return fn(0, n);
-  Pool::get().run(chunks, std::min<int64_t>(workers, at::get_num_threads()),
-                  [&](int64_t c) { fn(c * per_chunk, std::min(n, (c + 1) * per_chunk)); });
+  const int64_t threads = std::min<int64_t>(workers, at::get_num_threads());
+  if (threads == 1) return fn(0, n);    // one call: its blocks prefetched one after another
+  Pool::get().run(chunks, threads, [&](int64_t c) { fn(c * per_chunk, std::min(n, (c + 1) * per_chunk)); });
 }
 
 void check_float_cpu(const at::Tensor& t, const char* name) {
