@@ -504,16 +504,19 @@ def ds_moe_section(models: pd.DataFrame, variants: dict[str, pd.DataFrame] | Non
     """What the DS-MoE ablations give over DS-MoE per figure, against the headline and the paper,
     and Table 6's absolute iteration times under each: computed from the runs' rows (`variants`:
     `ds_moe_variants(models)`, made here when not given)."""
+    from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS
+
     variants = variants if variants is not None else ds_moe_variants(models)
     paper = _paper_ds_moe_ranges()
     lines = ["", "### DeepSpeed-MoE as the released harness emulates it", "",
              "The harness's DeepSpeed-MoE emulation (digest §5.3: AllReduce MP attention, \"a DS dispatch/combine\", 2 "
-             "local experts, a sequential gradient AllReduce), computed: `ds-moe-harness` runs our DS-MoE plan with "
-             "AllReduce MP attention and GShard's one-hot einsum ordering (dispatch and combine each a GEMM of "
-             "S x E C x M multiply-accumulates, 2 forward and 3 backward, priced with the profile's GEMM model, "
-             "`impl.fsmoe.costs.gshard_order`) of the block's B L tokens, which every GPU of the MP group holds after "
-             "the AllReduce and DeepSpeed's `MOELayer` orders before `drop_tokens`; `ds-moe-einsum-order` charges the "
-             "ordering alone, for the sequence-parallel B L / N_MP tokens. The \"2 local experts\" are not modeled: "
+             "local experts, a sequential gradient AllReduce), computed: "
+             + "; ".join(f"`{name}`: {ab.description}" for name, ab in DS_MOE_ABLATIONS.items()) + ". "
+             "GShard's one-hot einsum ordering is charged as dispatch and combine each a GEMM of "
+             "S x E C x M multiply-accumulates, 2 forward and 3 backward, priced with the profile's GEMM model "
+             "(`impl.fsmoe.costs.gshard_order`); the harness's ordering takes the block's B L tokens, which every GPU "
+             "of the MP group holds after the AllReduce and DeepSpeed's `MOELayer` orders before `drop_tokens`, the "
+             "einsum-order ablation's the sequence-parallel B L / N_MP. The \"2 local experts\" are not modeled: "
              "the digest does not say whether they change the expert count, the EP group or the sharding, and the "
              "ordering's cost does not depend on them (E C = k f S whatever E, up to C's rounding). FSMoE, Tutel and "
              "the headline DS-MoE order by sparse index, uncharged for all. The headline DS-MoE keeps sparse "
@@ -625,19 +628,9 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
              "assumption changed (the ablations below), so the cause of a gap is read off a run, not asserted. "
              "Figures: `fsmoe_fig5`, `fsmoe_table2`, `fsmoe_table5`, `fsmoe_grid_speedups`, `fsmoe_fig6`, "
              "`fsmoe_fig7`, `fsmoe_fig8`, `fsmoe_table6` (PNG and PDF).", "", "Ablations:"]
-    descriptions = {
-        "gemm-per-byte": "the GEMM beta read per multiply-accumulate instead of per 1/4 (experts and dense GEMMs 4x faster)",
-        "comm-other-unit": "every communication beta read in the other unit than its profile's: Testbed A's per byte "
-                           "(links 4x slower), Testbed B's per float element (links 4x faster)",
-        "ds-moe-mp-allreduce": "DS-MoE with tensor-parallel attention synchronised by AllReduce, as the released "
-                               "harness emulates DeepSpeed-MoE (ours: sequence-parallel AllGather / ReduceScatter)",
-        "ds-moe-einsum-order": "DS-MoE with GShard's one-hot einsum ordering charged (dispatch and combine GEMMs of "
-                               "the sequence-parallel tokens; ours: sparse index ordering, uncharged for every system)",
-        "ds-moe-harness": "DS-MoE as the released harness emulates DeepSpeed-MoE: AllReduce MP attention and GShard's "
-                          "einsum ordering of the block's tokens on every GPU of the MP group (its 2 local experts not "
-                          "modeled)"}
-    from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS
+    from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS, READINGS
 
+    descriptions = {**READINGS, **{name: ab.description for name, ab in DS_MOE_ABLATIONS.items()}}
     variants = ds_moe_variants(models)
     runs = dict(ablations)
     for name, ablation in DS_MOE_ABLATIONS.items():

@@ -117,10 +117,25 @@ def test_the_links_part_keeps_both_readings_in_its_csv(tmp_path):
         ("published", "byte"), ("comm-other-unit", "float32 element")}
 
 
-def test_each_part_says_whether_it_reports_progress():
-    """A part's `reports_progress` is whether its runner takes `progress`; the CLI's parts are the registry's."""
-    import inspect
+def test_a_part_reports_progress_exactly_when_its_runner_takes_it():
+    """`Part.reports_progress` comes from the runner's signature: the parts with many cases take
+    `progress` and get it; the others are called without it. The CLI's parts are the registry's."""
     from impl.experiments.fsmoe import results
     assert results.PARTS == tuple(results.RUNNERS) == ("grid", "statistic", "table2", "models", "order", "links")
-    for name, part in results.RUNNERS.items():
-        assert part.reports_progress == ("progress" in inspect.signature(part.run).parameters), name
+    assert {name for name, part in results.RUNNERS.items() if part.reports_progress} == {"grid", "models", "order"}
+    seen = []
+    with_progress = results.Part(lambda cfg, progress=None: seen.append(progress))
+    without = results.Part(lambda cfg: seen.append("called"))
+    with_progress(None, progress=False)
+    without(None, progress=False)
+    assert (with_progress.reports_progress, without.reports_progress, seen) == (True, False, [False, "called"])
+
+
+def test_the_grid_runs_no_ds_moe_ablation():
+    """No result over DS-MoE is read from the configured layers, so the grid runs only the paper's plans."""
+    from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS
+    from impl.experiments.systems import paper_systems
+
+    grid = run_grid(ResultsConfig(testbeds={"B": "fsmoe-testbed-b"}, grid_sample=2), progress=False)
+    assert set(grid.system) == {s.name for s in paper_systems("fsmoe")}
+    assert not set(grid.system) & {a.system for a in DS_MOE_ABLATIONS.values()}

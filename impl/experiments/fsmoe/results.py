@@ -13,9 +13,9 @@ shipped Testbed A and B profiles (times MODELED from their alpha-beta models):
 * `models`: Fig. 6 (GPT2-XL-MoE and Mixtral-7B on A and B, Mixtral-22B on A), Fig. 7 (L and P
   sweeps on A), Fig. 8 (GPipe, PP = 2, on A), Table 6 (the gates on B): iteration times of every
   plan; speedups are computed when figures aggregate;
-  beside every plan, in `models` and `grid` alike, DeepSpeed-MoE's sequential plan under each
-  `DS_MOE_ABLATIONS` entry (AllReduce MP attention; GShard einsum ordering; both, as the released
-  harness emulates DeepSpeed-MoE), each a row with its own system name;
+  beside every plan, DeepSpeed-MoE's sequential plan under each `DS_MOE_ABLATIONS` entry (its
+  `DsAblation.description`), each a row with its own system name (the grid has none: no result
+  over DS-MoE is read from the configured layers);
 * `order`: what a plan's gap over its lower bound is made of, on `order_sample` configured
   layers per testbed: every plan's iteration, the same tasks in the lane orders a local search
   finds (`timeline.search_order`, `order_tries` moves), and the bound;
@@ -33,6 +33,7 @@ Fig. 8, each of the two pipeline stages is half the nodes with half the layers, 
 """
 from __future__ import annotations
 
+import inspect
 import random
 import sys
 from dataclasses import dataclass, field, replace
@@ -73,7 +74,13 @@ MODELS = {"gpt2-xl": ModelSpec(1600, 6400, 25, 48),
           "mixtral-22b": ModelSpec(6144, 16384, 48, 33, 8, "mixtral")}
 
 
-READINGS = ("published", "gemm-per-byte", "comm-other-unit")
+# name -> what the reading changes (the report's ablation list reads these)
+READINGS = {
+    "published": "the profiles as they load",
+    "gemm-per-byte": "the GEMM beta read per multiply-accumulate instead of per 1/4 (experts and dense GEMMs 4x faster)",
+    "comm-other-unit": "every communication beta read in the other unit than its profile's: Testbed A's per byte "
+                       "(links 4x slower), Testbed B's per float element (links 4x faster)",
+}
 ELEMENT_BYTES = 4                       # the paper's runs are fp32
 
 
@@ -205,32 +212,40 @@ def _einsum_order(blocks: list[BlockCosts]) -> list[BlockCosts]:
 
 
 def _harness(blocks: list[BlockCosts]) -> list[BlockCosts]:
-    """DeepSpeed-MoE as the released harness emulates it (digest §5.3): AllReduce MP attention,
-    which leaves every GPU of the MP group with the block's tokens, and DeepSpeed's einsum ordering
-    of all of them (`costs.gshard_order`, 'replicated'). Its "2 local experts" are not modeled:
-    the digest does not say what they change (the expert count, the EP group or the sharding)."""
+    """AllReduce MP attention, which leaves every GPU of the MP group with the block's tokens, and
+    DeepSpeed's einsum ordering of all of them (`costs.gshard_order`, 'replicated')."""
     return [with_gshard_order(bc, "replicated") for bc in _allreduce_mp(blocks)]
 
 
 @dataclass(frozen=True)
 class DsAblation:
     """DeepSpeed-MoE's sequential plan on blocks with one or more costs changed: the rows' system
-    name, the change, and the rows' plan note."""
+    name, the change, and what it is (the one description the rows' plan note and the report
+    read)."""
 
     system: str
     blocks: Callable[[list[BlockCosts]], list[BlockCosts]]
-    note: str
+    description: str
+
+    @property
+    def note(self) -> str:
+        return f"ablation: {self.description}"
 
 
-# name (as the report lists ablations) -> the DS-MoE variant run beside every model and grid row
+# name (as the report lists ablations) -> the DS-MoE variant run beside every model row
 DS_MOE_ABLATIONS = {
-    "ds-moe-mp-allreduce": DsAblation(DS_MOE_MP_ALLREDUCE, _allreduce_mp,
-                                      "ablation: MP attention synchronised by AllReduce"),
-    "ds-moe-einsum-order": DsAblation("DS-MoE (einsum order)", _einsum_order,
-                                      "ablation: GShard einsum ordering of the sequence-parallel tokens"),
-    "ds-moe-harness": DsAblation("DS-MoE (harness)", _harness,
-                                 "ablation: MP attention synchronised by AllReduce and GShard einsum ordering of "
-                                 "the block's tokens on every GPU of the MP group"),
+    "ds-moe-mp-allreduce": DsAblation(
+        DS_MOE_MP_ALLREDUCE, _allreduce_mp,
+        "DS-MoE with tensor-parallel attention synchronised by AllReduce, as the released harness emulates "
+        "DeepSpeed-MoE (ours: sequence-parallel AllGather / ReduceScatter)"),
+    "ds-moe-einsum-order": DsAblation(
+        "DS-MoE (einsum order)", _einsum_order,
+        "DS-MoE with GShard's one-hot einsum ordering charged (dispatch and combine GEMMs of the sequence-parallel "
+        "tokens; ours: sparse index ordering, uncharged for every system)"),
+    "ds-moe-harness": DsAblation(
+        "DS-MoE (harness)", _harness,
+        "DS-MoE as the released harness emulates DeepSpeed-MoE: AllReduce MP attention and GShard's einsum ordering "
+        "of the block's tokens on every GPU of the MP group (its 2 local experts not modeled)"),
 }
 
 
@@ -239,12 +254,9 @@ def _ds_moe_ablation_row(labels: dict, ablation: DsAblation, makespan: float) ->
             "plan_note": ablation.note}
 
 
-def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
-    """Every FSMoE-paper plan on `blocks`, plus one row per `DS_MOE_ABLATIONS` entry: DeepSpeed-MoE's
-    sequential plan on the blocks that ablation changes (e.g. tensor-parallel attention
-    synchronised by AllReduce, as the released harness emulates DeepSpeed-MoE, instead of sequence
-    parallelism's AllGather / ReduceScatter: each of the two collectives of a pass becomes an
-    AllReduce; or GShard einsum ordering charged)."""
+def _iteration_rows(blocks: list[BlockCosts], ds_moe_ablations: bool = True, **labels) -> list[dict]:
+    """Every FSMoE-paper plan on `blocks`, plus (`ds_moe_ablations`) one row per `DS_MOE_ABLATIONS`
+    entry: DeepSpeed-MoE's sequential plan on the blocks that ablation changes."""
     rows = []
     for system in _systems():
         plan = system.factory()(blocks)
@@ -256,7 +268,7 @@ def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
                      "moe_bwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "bwd"),
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
     ds_moe = get_system("fsmoe", "DS-MoE").factory()
-    for ablation in DS_MOE_ABLATIONS.values():
+    for ablation in DS_MOE_ABLATIONS.values() if ds_moe_ablations else ():
         changed = ablation.blocks(blocks)
         rows.append(_ds_moe_ablation_row(labels, ablation, simulate(ds_moe(changed).schedule(changed)).makespan))
     return rows
@@ -280,7 +292,7 @@ def run_grid(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
         for i, shape in enumerate(tqdm(shapes, desc=f"configured layers, testbed {testbed}",
                                        disable=None if progress is None else not progress)):
             bc = block_costs(shape, profile)
-            rows += _iteration_rows([bc] * cfg.grid_blocks, testbed=testbed, layer=i, B=shape.batch, L=shape.seq,
+            rows += _iteration_rows([bc] * cfg.grid_blocks, ds_moe_ablations=False, testbed=testbed, layer=i, B=shape.batch, L=shape.seq,
                                     M=shape.hidden, H=shape.ffn_hidden, heads=shape.heads,
                                     f=shape.capacity_factor or "*", ffn=shape.ffn)
     return pd.DataFrame(rows)
@@ -445,19 +457,21 @@ def run_links(cfg: ResultsConfig) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Part:
-    """One result of the CLI (`--part`): its runner, and whether that runner reports progress
-    (takes `progress`: a bar over its cases; None: tqdm's default, False: off)."""
+    """One result of the CLI (`--part`): its runner. A runner that takes `progress` reports it (a
+    bar over its cases; None: tqdm's default, False: off)."""
 
     run: Callable[..., pd.DataFrame]
-    reports_progress: bool = False
+
+    @property
+    def reports_progress(self) -> bool:
+        return "progress" in inspect.signature(self.run).parameters
 
     def __call__(self, cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
         return self.run(cfg, progress=progress) if self.reports_progress else self.run(cfg)
 
 
-RUNNERS = {"grid": Part(run_grid, reports_progress=True), "statistic": Part(run_statistic),
-           "table2": Part(run_table2), "models": Part(run_models, reports_progress=True),
-           "order": Part(run_order, reports_progress=True), "links": Part(run_links)}
+RUNNERS = {"grid": Part(run_grid), "statistic": Part(run_statistic), "table2": Part(run_table2),
+           "models": Part(run_models), "order": Part(run_order), "links": Part(run_links)}
 PARTS = tuple(RUNNERS)
 
 
