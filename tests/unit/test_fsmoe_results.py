@@ -139,3 +139,25 @@ def test_the_grid_runs_no_ds_moe_ablation():
     grid = run_grid(ResultsConfig(testbeds={"B": "fsmoe-testbed-b"}, grid_sample=2), progress=False)
     assert set(grid.system) == {s.name for s in paper_systems("fsmoe")}
     assert not set(grid.system) & {a.system for a in DS_MOE_ABLATIONS.values()}
+
+
+def test_the_paper_table2_reading_gives_table2_the_papers_times():
+    """Each scaled operation's Table 2 times match the paper's in geometric mean (ratio 1 per
+    testbed and operation); a profile of no Table 2 testbed is refused in one line."""
+    from impl.common.config import ConfigError
+    from impl.common.costmodel import load_profile
+    from impl.common.paper import read_paper_csv
+    from impl.experiments.fsmoe.results import TABLE2_SCALED, read_profile, run_table2
+
+    t2 = run_table2(ResultsConfig(reading="paper-table2"))
+    paper = read_paper_csv("fsmoe_table2")[0]
+    both = t2.merge(paper, on=["testbed", "model", "phase", "op"])
+    both = both[(both.value > 0) & both.op.isin(list(TABLE2_SCALED))]
+    ratio = both.assign(log=lambda f: (f.ms / f.value).map(math.log)).groupby(["testbed", "op"]).log.mean()
+    assert len(ratio) == 2 * len(TABLE2_SCALED)
+    assert ratio.abs().max() < 1e-9
+    subset = read_profile(load_profile("fsmoe-testbed-a-16"), "paper-table2")
+    full = read_profile(load_profile("fsmoe-testbed-a"), "paper-table2")
+    assert subset.comm_model("allgather", "intra-1") == full.comm_model("allgather", "intra-1")
+    with pytest.raises(ConfigError, match=r"reading: 'paper-table2' is not allowed for profile 'hiermoe"):
+        read_profile(load_profile("hiermoe-testbed"), "paper-table2")
