@@ -161,3 +161,12 @@ def test_the_paper_table2_reading_gives_table2_the_papers_times():
     assert subset.comm_model("allgather", "intra-1") == full.comm_model("allgather", "intra-1")
     with pytest.raises(ConfigError, match=r"reading: 'paper-table2' is not allowed for profile 'hiermoe"):
         read_profile(load_profile("hiermoe-testbed"), "paper-table2")
+
+
+def test_the_paper_table2_reading_refuses_a_profile_of_no_table2_testbed_before_running(tmp_path, capsys):
+    from impl.experiments.fsmoe.results import main
+
+    code = main(["--part", "models", "--set", "reading=paper-table2", "--set", "fig7_profiles={48: hiermoe-testbed}",
+                 "--out-csv", str(tmp_path / "m.csv"), "--out-record", str(tmp_path / "m.json")])
+    assert code == 2 and not (tmp_path / "m.csv").exists()
+    assert "reading: 'paper-table2' is not allowed for profile 'hiermoe-testbed'" in capsys.readouterr().err

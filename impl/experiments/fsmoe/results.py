@@ -232,14 +232,17 @@ class ResultsConfig:
 
 
 def validate(cfg: ResultsConfig, part: str) -> None:
-    """Everything one part needs before it runs: the part's config checks and every profile it loads."""
+    """Everything one part needs before it runs: the part's config checks and every profile it
+    loads, under the config's reading (`paper-table2` reads only Table 2's testbeds)."""
     if part not in PARTS:
         raise ConfigError(f"part: {part!r} is not allowed; allowed: {', '.join(PARTS)}")
     cfg.check_part(part)
-    for testbed, name in cfg.testbeds.items():
-        checked(f"testbeds.{testbed}", load_profile, name)
-    for n, name in cfg.fig7_profiles.items():
-        checked(f"fig7_profiles.{n}", load_profile, name)
+    profiles = {f"testbeds.{k}": name for k, name in cfg.testbeds.items()}
+    profiles.update({f"fig7_profiles.{n}": name for n, name in cfg.fig7_profiles.items()})
+    for key, name in profiles.items():
+        profile = checked(key, load_profile, name)
+        if cfg.reading == "paper-table2" and part != "links":
+            _table2_testbed(profile)
 
 
 def _systems():
