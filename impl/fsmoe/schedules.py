@@ -142,28 +142,44 @@ def iteration(blocks: list, degrees: list[tuple[int, int]], grads: list[GradTask
 
 
 def gpipe_iteration(stages: list[tuple[list, list[tuple[int, int]], list[GradTask]]], micro_batches: int,
-                    lanes: dict[str, str] = LANES_3) -> Schedule:
+                    lanes: dict[str, str] = LANES_3, send_ms: float = 0.0) -> Schedule:
     """GPipe over pipeline stages, each (blocks, degrees, gradient tasks) on its own GPUs (its own
     lanes): every micro-batch's forward through the stages, then every backward in reverse; a
     stage all-reduces its gradients in its last backward (micro-batch 0), where its plan puts them.
-    Stage-to-stage activation transfers are not modeled (point-to-point, small against the MoE
-    traffic at these shapes)."""
+    `send_ms` > 0 charges each stage-to-stage transfer (a micro-batch's activations forward, their
+    gradients backward) as a task of that many ms on the sending stage's inter-node lane (the
+    AlltoAlls' lane), issued as soon as what it carries exists and waited for by the receiving
+    stage; 0 leaves the transfers out."""
     tasks: list[Task] = []
     ends: dict[tuple[int, int, str], tuple[str, ...]] = {}
+
+    def send(stage_tasks: list[Task], last: tuple[str, ...], s: int, name: str) -> tuple[str, ...]:
+        """Issue the transfer on stage s's inter-node lane right after `last`, the tasks whose
+        output it carries (before any later task of that stage, e.g. a gradient AllReduce)."""
+        if send_ms <= 0:
+            return last
+        at = max(i for i, t in enumerate(stage_tasks) if t.name in last) + 1
+        stage_tasks.insert(at, Task(name, f"{lanes['dispatch']}@s{s}", send_ms, last, "send"))
+        return (name,)
+
     for m in range(micro_batches):
         for s, (blocks, degrees, _) in enumerate(stages):
             stage_lanes = {k: f"{v}@s{s}" for k, v in lanes.items()}
             fwd, last = forward_tasks(blocks, degrees, stage_lanes, prefix=f"s{s}.m{m}.",
                                       first_deps=ends.get((s - 1, m, "f"), ()))
+            if s < len(stages) - 1:
+                last = send(fwd, last, s, f"s{s}.m{m}.f.send")
             tasks += fwd
             ends[(s, m, "f")] = last
     for m in reversed(range(micro_batches)):
         for s in reversed(range(len(stages))):
             blocks, degrees, grads = stages[s]
             stage_lanes = {k: f"{v}@s{s}" for k, v in lanes.items()}
-            after = ends.get((s + 1, m, "b"), ends[(len(stages) - 1, m, "f")] if s == len(stages) - 1 else ())
+            after = ends[(len(stages) - 1, m, "f")] if s == len(stages) - 1 else ends[(s + 1, m, "b")]
             bwd, last = backward_tasks(blocks, degrees, grads if m == 0 else [], stage_lanes, prefix=f"s{s}.m{m}.",
                                        first_deps=after)
+            if s > 0:
+                last = send(bwd, last, s, f"s{s}.m{m}.b.send")
             tasks += bwd
             ends[(s, m, "b")] = last
     return Schedule(tuple(tasks))

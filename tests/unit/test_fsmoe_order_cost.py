@@ -67,8 +67,11 @@ def models():
 
 
 def test_every_model_row_has_every_ds_moe_ablation(models):
+    """Every figure's row, the PP ablations' Fig. 8 rows (`fig8:<name>`, every plan under one GPipe
+    assumption) apart."""
     keys = ["figure", "testbed", "model", "L", "P", "gate"]
-    wide = models.pivot(index=keys, columns="system", values="iteration_ms")
+    headline = models[~models.figure.str.contains(":")]
+    wide = headline.pivot(index=keys, columns="system", values="iteration_ms")
     assert {"fig6", "fig7-L", "fig7-P", "fig8", "table6"} <= set(wide.index.get_level_values("figure"))
     for ablation in DS_MOE_ABLATIONS.values():
         assert wide[ablation.system].notna().all(), ablation.system
@@ -103,3 +106,40 @@ def test_the_report_section_names_every_ablation_and_table6s_times(models):
         assert f"| {name} |" in text or f" {name} |" in text, name
     assert "Table 6 in absolute time" in text and "909.9-1064.0 ms" in text and "685.5-746.9 ms" in text
     assert "2 local experts" in text
+
+
+def test_every_pp_ablation_runs_every_plan_on_fig8_and_moves_only_what_it_changes(models):
+    """Each `PP_ABLATIONS` entry has Fig. 8's rows for every paper system; charged transfers only
+    add time; with no gradients the plans whose degrees and placement ignore them (DS-MoE, Tutel)
+    only lose time (lanes run in a fixed order: a task gone cannot delay another)."""
+    from impl.experiments.fsmoe.results import PP_ABLATIONS
+    from impl.experiments.systems import paper_systems
+
+    systems = {s.name for s in paper_systems("fsmoe")}
+    head = models[models.figure == "fig8"].set_index(["model", "system"])["iteration_ms"]
+    for name in PP_ABLATIONS:
+        rows = models[models.figure == f"fig8:{name}"]
+        assert set(rows.system) == systems, name
+        alt = rows.set_index(["model", "system"])["iteration_ms"]
+        if name == "pp-send-recv":
+            assert (alt >= head.loc[alt.index] - 1e-9).all()
+        if name == "pp-no-gradients":
+            for system in ("DS-MoE", "Tutel"):
+                assert (alt.xs(system, level="system") < head.xs(system, level="system")).all()
+
+
+def test_the_fig8_section_reads_every_number_from_the_runs(models):
+    from figures.fsmoe import FIG8_VARIANTS, fig8_section, fig8_speedups, pp_ablation
+    from impl.experiments.fsmoe.results import PP_ABLATIONS
+
+    runs = {name: (None, pp_ablation(models, name)) for name in PP_ABLATIONS}
+    lines, cause = fig8_section(models, runs)
+    text = "\n".join(lines)
+    ours = fig8_speedups(models)
+    no_grad = fig8_speedups(runs["pp-no-gradients"][1])
+    for b in FIG8_VARIANTS:
+        row = next(line for line in lines if line.startswith(f"| {b} |"))
+        assert f"| {ours[b]:.2f} |" in row and row.rstrip(" |").endswith(f"{no_grad[b]:.2f}")
+    assert f"{no_grad['FSMoE-No-IIO']:.2f}x" in cause and "intra-node lane" in cause
+    assert "| pp-one-micro-batch | pp-send-recv | pp-no-gradients |" in text
+    assert fig8_section(models[models.figure != "fig8:pp-send-recv"], runs) == ([], "")

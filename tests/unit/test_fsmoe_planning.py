@@ -259,3 +259,28 @@ def test_sequence_parallel_tasks_are_priced_by_the_collective_they_run():
     by_name = {t.name: t.duration for t in fwd + bwd}
     assert (by_name["b0.f.mpag"], by_name["b0.f.mprs"]) == (1.25, 7.5)
     assert (by_name["b0.b.mprs"], by_name["b0.b.mpag"]) == (1.25, 7.5)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_gpipe_charges_each_stage_transfer_once_on_the_sending_stages_link(micro_batches):
+    """DS-MoE runs one lane per stage; with one micro-batch the stages take turns, so the
+    iteration is every task plus one forward and one backward transfer. With more micro-batches
+    each stage-to-stage transfer is one task on the sender's lane, waited for by the receiver;
+    a zero send_ms leaves the schedule as it was."""
+    from impl.fsmoe.schedules import LANES_SEQUENTIAL, gpipe_iteration
+
+    blocks = _blocks(2, 0)
+    plan = get(TRAINING_PLAN, "ds-moe")(blocks)
+    stages = [(blocks, list(plan.degrees), list(plan.grads))] * 2
+    plain = gpipe_iteration(stages, micro_batches, LANES_SEQUENTIAL)
+    assert gpipe_iteration(stages, micro_batches, LANES_SEQUENTIAL, 0.0) == plain
+    sent = gpipe_iteration(stages, micro_batches, LANES_SEQUENTIAL, 1.5)
+    sends = [t for t in sent.tasks if t.kind == "send"]
+    assert len(sends) == 2 * micro_batches
+    assert {t.lane for t in sends if ".f." in t.name} == {"seq@s0"} and {t.lane for t in sends if ".b." in t.name} == {"seq@s1"}
+    for t in sends:
+        receiver = next(u for u in sent.tasks if t.name in u.deps)
+        assert receiver.lane != t.lane
+    if micro_batches == 1:
+        assert simulate(sent).makespan == pytest.approx(simulate(plain).makespan + 2 * 1.5)
+    assert simulate(sent).makespan >= simulate(plain).makespan

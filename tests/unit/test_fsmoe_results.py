@@ -117,10 +117,56 @@ def test_the_links_part_keeps_both_readings_in_its_csv(tmp_path):
         ("published", "byte"), ("comm-other-unit", "float32 element")}
 
 
-def test_each_part_says_whether_it_reports_progress():
-    """A part's `reports_progress` is whether its runner takes `progress`; the CLI's parts are the registry's."""
-    import inspect
+def test_a_part_reports_progress_exactly_when_its_runner_takes_it():
+    """`Part.reports_progress` comes from the runner's signature: the parts with many cases take
+    `progress` and get it; the others are called without it. The CLI's parts are the registry's."""
     from impl.experiments.fsmoe import results
     assert results.PARTS == tuple(results.RUNNERS) == ("grid", "statistic", "table2", "models", "order", "links")
-    for name, part in results.RUNNERS.items():
-        assert part.reports_progress == ("progress" in inspect.signature(part.run).parameters), name
+    assert {name for name, part in results.RUNNERS.items() if part.reports_progress} == {"grid", "models", "order"}
+    seen = []
+    with_progress = results.Part(lambda cfg, progress=None: seen.append(progress))
+    without = results.Part(lambda cfg: seen.append("called"))
+    with_progress(None, progress=False)
+    without(None, progress=False)
+    assert (with_progress.reports_progress, without.reports_progress, seen) == (True, False, [False, "called"])
+
+
+def test_the_grid_runs_no_ds_moe_ablation():
+    """No result over DS-MoE is read from the configured layers, so the grid runs only the paper's plans."""
+    from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS
+    from impl.experiments.systems import paper_systems
+
+    grid = run_grid(ResultsConfig(testbeds={"B": "fsmoe-testbed-b"}, grid_sample=2), progress=False)
+    assert set(grid.system) == {s.name for s in paper_systems("fsmoe")}
+    assert not set(grid.system) & {a.system for a in DS_MOE_ABLATIONS.values()}
+
+
+def test_the_paper_table2_reading_gives_table2_the_papers_times():
+    """Each scaled operation's Table 2 times match the paper's in geometric mean (ratio 1 per
+    testbed and operation); a profile of no Table 2 testbed is refused in one line."""
+    from impl.common.config import ConfigError
+    from impl.common.costmodel import load_profile
+    from impl.common.paper import read_paper_csv
+    from impl.experiments.fsmoe.results import TABLE2_SCALED, read_profile, run_table2
+
+    t2 = run_table2(ResultsConfig(reading="paper-table2"))
+    paper = read_paper_csv("fsmoe_table2")[0]
+    both = t2.merge(paper, on=["testbed", "model", "phase", "op"])
+    both = both[(both.value > 0) & both.op.isin(list(TABLE2_SCALED))]
+    ratio = both.assign(log=lambda f: (f.ms / f.value).map(math.log)).groupby(["testbed", "op"]).log.mean()
+    assert len(ratio) == 2 * len(TABLE2_SCALED)
+    assert ratio.abs().max() < 1e-9
+    subset = read_profile(load_profile("fsmoe-testbed-a-16"), "paper-table2")
+    full = read_profile(load_profile("fsmoe-testbed-a"), "paper-table2")
+    assert subset.comm_model("allgather", "intra-1") == full.comm_model("allgather", "intra-1")
+    with pytest.raises(ConfigError, match=r"reading: 'paper-table2' is not allowed for profile 'hiermoe"):
+        read_profile(load_profile("hiermoe-testbed"), "paper-table2")
+
+
+def test_the_paper_table2_reading_refuses_a_profile_of_no_table2_testbed_before_running(tmp_path, capsys):
+    from impl.experiments.fsmoe.results import main
+
+    code = main(["--part", "models", "--set", "reading=paper-table2", "--set", "fig7_profiles={48: hiermoe-testbed}",
+                 "--out-csv", str(tmp_path / "m.csv"), "--out-record", str(tmp_path / "m.json")])
+    assert code == 2 and not (tmp_path / "m.csv").exists()
+    assert "reading: 'paper-table2' is not allowed for profile 'hiermoe-testbed'" in capsys.readouterr().err

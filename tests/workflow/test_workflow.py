@@ -134,7 +134,7 @@ def test_default_target_on_reduced_config(tmp_path):
     ("hiermoe_table2={set: {repeats: 0}}", "repeats: 0 is not allowed; allowed: 1..100000"),
     ("hiermoe_calibration={backend: mpi}", "'mpi' is not one of ['gloo']"),
     ("scheinfer_sim={set: {routing: random}}", "routing"),
-    ("fsmoe={ablation_readings: [per-flop]}", "'per-flop' is not one of ['gemm-per-byte', 'comm-other-unit']"),
+    ("fsmoe={ablation_readings: [per-flop]}", "'per-flop' is not one of ['gemm-per-byte', 'comm-other-unit', 'paper-table2']"),
 ])
 def test_bad_config_fails_while_parsing_with_a_clear_message(tmp_path, override, message):
     """What the workflow needs to plan (schema, the configs that name outputs) fails the parse."""

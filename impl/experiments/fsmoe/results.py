@@ -12,10 +12,11 @@ shipped Testbed A and B profiles (times MODELED from their alpha-beta models):
 * `table2`: per-operation times of one GPT2-XL-MoE and one Mixtral-7B block (B = 4, L = 1024);
 * `models`: Fig. 6 (GPT2-XL-MoE and Mixtral-7B on A and B, Mixtral-22B on A), Fig. 7 (L and P
   sweeps on A), Fig. 8 (GPipe, PP = 2, on A), Table 6 (the gates on B): iteration times of every
-  plan; speedups are computed when figures aggregate;
-  beside every plan, in `models` and `grid` alike, DeepSpeed-MoE's sequential plan under each
-  `DS_MOE_ABLATIONS` entry (AllReduce MP attention; GShard einsum ordering; both, as the released
-  harness emulates DeepSpeed-MoE), each a row with its own system name;
+  plan; speedups are computed when figures aggregate; Fig. 8 also under each `PP_ABLATIONS` entry
+  (one GPipe assumption changed for every plan, rows labelled `fig8:<name>`);
+  beside every plan, DeepSpeed-MoE's sequential plan under each `DS_MOE_ABLATIONS` entry (its
+  `DsAblation.description`), each a row with its own system name (the grid has none: no result
+  over DS-MoE is read from the configured layers);
 * `order`: what a plan's gap over its lower bound is made of, on `order_sample` configured
   layers per testbed: every plan's iteration, the same tasks in the lane orders a local search
   finds (`timeline.search_order`, `order_tries` moves), and the bound;
@@ -33,6 +34,8 @@ Fig. 8, each of the two pipeline stages is half the nodes with half the layers, 
 """
 from __future__ import annotations
 
+import inspect
+import math
 import random
 import sys
 from dataclasses import dataclass, field, replace
@@ -53,7 +56,7 @@ from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs, with_gshard_or
 from impl.fsmoe.degree import DOMAINS, integer_optimum
 from impl.fsmoe.schedules import fsmoe_pass, gpipe_iteration
 
-__all__ = ["ResultsConfig", "MODELS", "Part", "RUNNERS", "PARTS", "READINGS", "DS_MOE_MP_ALLREDUCE", "DS_MOE_ABLATIONS", "DsAblation", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
+__all__ = ["ResultsConfig", "MODELS", "Part", "RUNNERS", "PARTS", "READINGS", "TABLE2_PROFILES", "table2_factors", "DS_MOE_MP_ALLREDUCE", "DS_MOE_ABLATIONS", "DsAblation", "PP_ABLATIONS", "PpAblation", "FIG8", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
 
 PROG = "python -m impl.experiments.fsmoe.results"
 
@@ -73,7 +76,23 @@ MODELS = {"gpt2-xl": ModelSpec(1600, 6400, 25, 48),
           "mixtral-22b": ModelSpec(6144, 16384, 48, 33, 8, "mixtral")}
 
 
-READINGS = ("published", "gemm-per-byte", "comm-other-unit")
+# name -> what the reading changes (the report's ablation list reads these)
+READINGS = {
+    "published": "the profiles as they load",
+    "gemm-per-byte": "the GEMM beta read per multiply-accumulate instead of per 1/4 (experts and dense GEMMs 4x faster)",
+    "comm-other-unit": "every communication beta read in the other unit than its profile's: Testbed A's per byte "
+                       "(links 4x slower), Testbed B's per float element (links 4x faster)",
+    "paper-table2": "every operation's model scaled so that Table 2's blocks take the paper's times: per testbed and "
+                    "operation (AlltoAll, AllGather, ReduceScatter, AllReduce, and the GEMM by the experts' times), "
+                    "alpha and beta times the geometric mean of the paper's Table 2 time over ours",
+}
+# the profile each testbed's Table 2 comes from; Fig. 7's subsets of Testbed A share its factors
+TABLE2_PROFILES = {"A": "fsmoe-testbed-a", "B": "fsmoe-testbed-b"}
+TABLE2_MODELS = ("gpt2-xl", "mixtral-7b")
+# Table 2's operations -> the profile's model each is priced with
+TABLE2_SCALED = {"AlltoAll": ("comm", "a2a"), "AllGather": ("comm", "allgather"),
+                 "ReduceScatter": ("comm", "reducescatter"), "AllReduce": ("comm", "allreduce"),
+                 "Experts": ("compute", "gemm")}
 ELEMENT_BYTES = 4                       # the paper's runs are fp32
 
 
@@ -96,13 +115,53 @@ def _other_unit(model: LinearModel) -> LinearModel:
     return replace(model, beta_ms=model.beta_ms * size / other, published=published)
 
 
-def read_profile(profile: HardwareProfile, reading: str) -> HardwareProfile:
+def _table2_ops(profile: HardwareProfile, model: str, batch: int, seq: int) -> dict[str, dict[str, float]]:
+    """Table 2's operations of one block of `model` on `profile`: phase -> op -> ms."""
+    bc = block_costs(_model_shape(MODELS[model], profile, seq, batch=batch), profile)
+    return {phase: {"AlltoAll": 2 * m.a2a.at(1), "AllGather": m.ag.at(1), "ReduceScatter": m.rs.at(1),
+                    "Experts": m.exp.at(1), "AllReduce": bc.t_ar(bc.grad_bytes) if phase == "bwd" else 0.0,
+                    "Attention": bc.dense_fwd_ms if phase == "fwd" else bc.dense_bwd_ms,
+                    "MP AllGather+ReduceScatter": bc.mp_ag_ms + bc.mp_rs_ms}
+            for phase, m in (("fwd", bc.fwd), ("bwd", bc.bwd))}
+
+
+def table2_factors(testbed: str, batch: int, seq: int) -> dict[str, float]:
+    """Per `TABLE2_SCALED` operation: the geometric mean over Table 2's models and phases of the
+    paper's time over ours on the testbed's published profile (entries the paper prints as 0 left out)."""
+    paper = read_paper_csv("fsmoe_table2")[0]
+    profile = load_profile(TABLE2_PROFILES[testbed])
+    logs: dict[str, list[float]] = {op: [] for op in TABLE2_SCALED}
+    for model in TABLE2_MODELS:
+        for phase, ops in _table2_ops(profile, model, batch, seq).items():
+            for op in TABLE2_SCALED:
+                theirs = paper[(paper.testbed == testbed) & (paper.model == model) & (paper.phase == phase) &
+                               (paper.op == op)]["value"]
+                if len(theirs) and float(theirs.iloc[0]) > 0 and ops[op] > 0:
+                    logs[op].append(math.log(float(theirs.iloc[0]) / ops[op]))
+    return {op: math.exp(sum(v) / len(v)) for op, v in logs.items()}
+
+
+def _table2_testbed(profile: HardwareProfile) -> str:
+    name = profile.name.split("@")[0]
+    for testbed, published in TABLE2_PROFILES.items():
+        if name == published or name.startswith(f"{published}-"):
+            return testbed
+    raise ConfigError(f"reading: 'paper-table2' is not allowed for profile {profile.name!r}; allowed: the profiles "
+                      f"of Table 2's testbeds ({', '.join(TABLE2_PROFILES.values())} and their subsets)")
+
+
+def _scaled(model: LinearModel, factor: float) -> LinearModel:
+    return replace(model, alpha_ms=model.alpha_ms * factor, beta_ms=model.beta_ms * factor)
+
+
+def read_profile(profile: HardwareProfile, reading: str, table2: tuple[int, int] = (4, 1024)) -> HardwareProfile:
     """The profile under one reading of the paper's units (digest §8.5), for ablations:
     'published' (as the profiles load: Testbed A's communication betas per float element, B's per
     byte, see their notes; GEMM beta per 1/4 multiply-accumulate), 'gemm-per-byte' (the GEMM beta
     per multiply-accumulate: experts and dense GEMMs 4x faster), 'comm-other-unit' (every
     communication beta in the other unit: A's per byte, 4x slower links; B's per float element,
-    4x faster)."""
+    4x faster), 'paper-table2' (every operation scaled to the paper's Table 2, `table2_factors` at
+    Table 2's (batch, seq) `table2`)."""
     if reading == "published":
         return profile
     if reading == "gemm-per-byte":
@@ -111,13 +170,20 @@ def read_profile(profile: HardwareProfile, reading: str) -> HardwareProfile:
     if reading == "comm-other-unit":
         comm = {k: _other_unit(m) for k, m in profile.comm.items()}
         return replace(profile, name=f"{profile.name}[{reading}]", comm=comm)
+    if reading == "paper-table2":
+        factors = table2_factors(_table2_testbed(profile), *table2)
+        by_model = {key: factors[op] for op, key in TABLE2_SCALED.items()}
+        comm = {k: _scaled(m, by_model[("comm", k[0])]) for k, m in profile.comm.items()}
+        compute = {k: _scaled(m, by_model[("compute", k)]) if ("compute", k) in by_model else m
+                   for k, m in profile.compute.items()}
+        return replace(profile, name=f"{profile.name}[{reading}]", comm=comm, compute=compute)
     raise ConfigError(f"reading: {reading!r} is not allowed; allowed: {', '.join(READINGS)}")
 
 
 @dataclass(frozen=True)
 class ResultsConfig:
     testbeds: dict[str, str] = field(default_factory=lambda: {"A": "fsmoe-testbed-a", "B": "fsmoe-testbed-b"})
-    reading: Literal["published", "gemm-per-byte", "comm-other-unit"] = "published"
+    reading: Literal["published", "gemm-per-byte", "comm-other-unit", "paper-table2"] = "published"
     grid_blocks: int = bounded(2, ge=1, le=MAX_LAYERS)
     grid_sample: int | None = bounded(None, ge=1, le=MAX_REPEATS)   # a random sample of n configured layers per testbed (None: all 1,458)
     seq: dict[str, int] = bounded(ge=1, le=MAX_TOKENS, default_factory=lambda: {"A": 1024, "B": 256})
@@ -166,14 +232,17 @@ class ResultsConfig:
 
 
 def validate(cfg: ResultsConfig, part: str) -> None:
-    """Everything one part needs before it runs: the part's config checks and every profile it loads."""
+    """Everything one part needs before it runs: the part's config checks and every profile it
+    loads, under the config's reading (`paper-table2` reads only Table 2's testbeds)."""
     if part not in PARTS:
         raise ConfigError(f"part: {part!r} is not allowed; allowed: {', '.join(PARTS)}")
     cfg.check_part(part)
-    for testbed, name in cfg.testbeds.items():
-        checked(f"testbeds.{testbed}", load_profile, name)
-    for n, name in cfg.fig7_profiles.items():
-        checked(f"fig7_profiles.{n}", load_profile, name)
+    profiles = {f"testbeds.{k}": name for k, name in cfg.testbeds.items()}
+    profiles.update({f"fig7_profiles.{n}": name for n, name in cfg.fig7_profiles.items()})
+    for key, name in profiles.items():
+        profile = checked(key, load_profile, name)
+        if cfg.reading == "paper-table2" and part != "links":
+            _table2_testbed(profile)
 
 
 def _systems():
@@ -181,7 +250,8 @@ def _systems():
 
 
 def _profiles(cfg: ResultsConfig) -> dict[str, HardwareProfile]:
-    return {k: read_profile(load_profile(v), cfg.reading) for k, v in cfg.testbeds.items()}
+    return {k: read_profile(load_profile(v), cfg.reading, (cfg.table2_batch, cfg.table2_seq))
+            for k, v in cfg.testbeds.items()}
 
 
 def _model_shape(spec: ModelSpec, profile: HardwareProfile, seq: int, gate: str = "gshard",
@@ -205,32 +275,40 @@ def _einsum_order(blocks: list[BlockCosts]) -> list[BlockCosts]:
 
 
 def _harness(blocks: list[BlockCosts]) -> list[BlockCosts]:
-    """DeepSpeed-MoE as the released harness emulates it (digest §5.3): AllReduce MP attention,
-    which leaves every GPU of the MP group with the block's tokens, and DeepSpeed's einsum ordering
-    of all of them (`costs.gshard_order`, 'replicated'). Its "2 local experts" are not modeled:
-    the digest does not say what they change (the expert count, the EP group or the sharding)."""
+    """AllReduce MP attention, which leaves every GPU of the MP group with the block's tokens, and
+    DeepSpeed's einsum ordering of all of them (`costs.gshard_order`, 'replicated')."""
     return [with_gshard_order(bc, "replicated") for bc in _allreduce_mp(blocks)]
 
 
 @dataclass(frozen=True)
 class DsAblation:
     """DeepSpeed-MoE's sequential plan on blocks with one or more costs changed: the rows' system
-    name, the change, and the rows' plan note."""
+    name, the change, and what it is (the one description the rows' plan note and the report
+    read)."""
 
     system: str
     blocks: Callable[[list[BlockCosts]], list[BlockCosts]]
-    note: str
+    description: str
+
+    @property
+    def note(self) -> str:
+        return f"ablation: {self.description}"
 
 
-# name (as the report lists ablations) -> the DS-MoE variant run beside every model and grid row
+# name (as the report lists ablations) -> the DS-MoE variant run beside every model row
 DS_MOE_ABLATIONS = {
-    "ds-moe-mp-allreduce": DsAblation(DS_MOE_MP_ALLREDUCE, _allreduce_mp,
-                                      "ablation: MP attention synchronised by AllReduce"),
-    "ds-moe-einsum-order": DsAblation("DS-MoE (einsum order)", _einsum_order,
-                                      "ablation: GShard einsum ordering of the sequence-parallel tokens"),
-    "ds-moe-harness": DsAblation("DS-MoE (harness)", _harness,
-                                 "ablation: MP attention synchronised by AllReduce and GShard einsum ordering of "
-                                 "the block's tokens on every GPU of the MP group"),
+    "ds-moe-mp-allreduce": DsAblation(
+        DS_MOE_MP_ALLREDUCE, _allreduce_mp,
+        "DS-MoE with tensor-parallel attention synchronised by AllReduce, as the released harness emulates "
+        "DeepSpeed-MoE (ours: sequence-parallel AllGather / ReduceScatter)"),
+    "ds-moe-einsum-order": DsAblation(
+        "DS-MoE (einsum order)", _einsum_order,
+        "DS-MoE with GShard's one-hot einsum ordering charged (dispatch and combine GEMMs of the sequence-parallel "
+        "tokens; ours: sparse index ordering, uncharged for every system)"),
+    "ds-moe-harness": DsAblation(
+        "DS-MoE (harness)", _harness,
+        "DS-MoE as the released harness emulates DeepSpeed-MoE: AllReduce MP attention and GShard's einsum ordering "
+        "of the block's tokens on every GPU of the MP group (its 2 local experts not modeled)"),
 }
 
 
@@ -239,12 +317,9 @@ def _ds_moe_ablation_row(labels: dict, ablation: DsAblation, makespan: float) ->
             "plan_note": ablation.note}
 
 
-def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
-    """Every FSMoE-paper plan on `blocks`, plus one row per `DS_MOE_ABLATIONS` entry: DeepSpeed-MoE's
-    sequential plan on the blocks that ablation changes (e.g. tensor-parallel attention
-    synchronised by AllReduce, as the released harness emulates DeepSpeed-MoE, instead of sequence
-    parallelism's AllGather / ReduceScatter: each of the two collectives of a pass becomes an
-    AllReduce; or GShard einsum ordering charged)."""
+def _iteration_rows(blocks: list[BlockCosts], ds_moe_ablations: bool = True, **labels) -> list[dict]:
+    """Every FSMoE-paper plan on `blocks`, plus (`ds_moe_ablations`) one row per `DS_MOE_ABLATIONS`
+    entry: DeepSpeed-MoE's sequential plan on the blocks that ablation changes."""
     rows = []
     for system in _systems():
         plan = system.factory()(blocks)
@@ -256,7 +331,7 @@ def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
                      "moe_bwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "bwd"),
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
     ds_moe = get_system("fsmoe", "DS-MoE").factory()
-    for ablation in DS_MOE_ABLATIONS.values():
+    for ablation in DS_MOE_ABLATIONS.values() if ds_moe_ablations else ():
         changed = ablation.blocks(blocks)
         rows.append(_ds_moe_ablation_row(labels, ablation, simulate(ds_moe(changed).schedule(changed)).makespan))
     return rows
@@ -280,7 +355,7 @@ def run_grid(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
         for i, shape in enumerate(tqdm(shapes, desc=f"configured layers, testbed {testbed}",
                                        disable=None if progress is None else not progress)):
             bc = block_costs(shape, profile)
-            rows += _iteration_rows([bc] * cfg.grid_blocks, testbed=testbed, layer=i, B=shape.batch, L=shape.seq,
+            rows += _iteration_rows([bc] * cfg.grid_blocks, ds_moe_ablations=False, testbed=testbed, layer=i, B=shape.batch, L=shape.seq,
                                     M=shape.hidden, H=shape.ffn_hidden, heads=shape.heads,
                                     f=shape.capacity_factor or "*", ffn=shape.ffn)
     return pd.DataFrame(rows)
@@ -339,42 +414,76 @@ def run_statistic(cfg: ResultsConfig) -> pd.DataFrame:
 def run_table2(cfg: ResultsConfig) -> pd.DataFrame:
     rows = []
     for testbed, profile in _profiles(cfg).items():
-        for model in ("gpt2-xl", "mixtral-7b"):
-            spec = MODELS[model]
-            bc = block_costs(_model_shape(spec, profile, cfg.table2_seq, batch=cfg.table2_batch), profile)
-            for phase, m in (("fwd", bc.fwd), ("bwd", bc.bwd)):
-                ops = {"AlltoAll": 2 * m.a2a.at(1), "AllGather": m.ag.at(1), "ReduceScatter": m.rs.at(1),
-                       "Experts": m.exp.at(1), "AllReduce": bc.t_ar(bc.grad_bytes) if phase == "bwd" else 0.0,
-                       "Attention": bc.dense_fwd_ms if phase == "fwd" else bc.dense_bwd_ms,
-                       "MP AllGather+ReduceScatter": bc.mp_ag_ms + bc.mp_rs_ms}
+        for model in TABLE2_MODELS:
+            for phase, ops in _table2_ops(profile, model, cfg.table2_batch, cfg.table2_seq).items():
                 total = sum(ops.values())
                 rows += [{"testbed": testbed, "model": model, "phase": phase, "op": op, "ms": ms,
                           "share_pct": 100 * ms / total, "tier": "sim"} for op, ms in ops.items()]
     return pd.DataFrame(rows)
 
 
+@dataclass(frozen=True)
+class PpAblation:
+    """Fig. 8's GPipe run with one assumption changed for every plan alike; its rows carry the
+    figure label `fig8:<name>` (`PP_ABLATIONS`)."""
+
+    description: str
+    micro_batches: int | None = None    # None: the config's `pp_micro_batches`
+    gradients: bool = True              # False: no dense gradients to all-reduce in any plan
+    send_recv: bool = False             # charge the stage-to-stage transfers (`gpipe_iteration`'s send_ms)
+
+
+PP_ABLATIONS = {
+    "pp-one-micro-batch": PpAblation(
+        "Fig. 8 with one micro-batch per iteration instead of `pp_micro_batches` (the gradients' AllReduce then "
+        "weighs as much as one micro-batch's work, as without pipeline parallelism)", micro_batches=1),
+    "pp-send-recv": PpAblation(
+        "Fig. 8 with GPipe's stage-to-stage transfers charged: each micro-batch's activations (B L M / N_MP per GPU) "
+        "forward and their gradients backward on the sending stage's inter-node lane, priced with the AlltoAll model "
+        "(the profiles have no point-to-point fit; ours: not charged)", send_recv=True),
+    "pp-no-gradients": PpAblation(
+        "Fig. 8 with no Gradient-AllReduce in any plan: what is left of FSMoE's gain once the gradients' placement "
+        "(its partitioning, Tutel-Improved's dense windows, Lina's chunks) cannot matter", gradients=False),
+}
+FIG8 = "fig8"
+
+
 def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, micro_batches: int,
                 **labels) -> list[dict]:
-    """Two pipeline stages, each half the nodes and half the layers."""
+    """Two pipeline stages, each half the nodes and half the layers (the stages' AlltoAll and
+    AllReduce keep the whole testbed's fits: no fit exists for half of it); then every
+    `PP_ABLATIONS` entry for every plan, labelled `fig8:<name>`."""
     topo = testbed_profile.get_topology()
     half = topo.num_nodes // 2
     stage_profile = replace(testbed_profile, name=f"{testbed_profile.name}@pp2", topology=f"{half}x{topo.gpus_per_node}")
     bc = block_costs(_model_shape(spec, stage_profile, seq), stage_profile)
-    per_stage = [[bc] * (spec.layers // 2), [bc] * (spec.layers - spec.layers // 2)]
-    def gpipe(factory, stages):
+
+    def stages_of(block: BlockCosts) -> list[list[BlockCosts]]:
+        return [[block] * (spec.layers // 2), [block] * (spec.layers - spec.layers // 2)]
+
+    def gpipe(factory, stages, micro: int = micro_batches, send_ms: float = 0.0):
         plans = [factory(blocks) for blocks in stages]
         schedule = gpipe_iteration([(blocks, list(p.degrees), list(p.grads)) for blocks, p in zip(stages, plans)],
-                                   micro_batches, plans[0].lanes)
+                                   micro, plans[0].lanes, send_ms)
         return simulate(schedule).makespan, plans[0]
 
     rows = []
     for system in _systems():
-        makespan, plan = gpipe(system.factory(), per_stage)
+        makespan, plan = gpipe(system.factory(), stages_of(bc))
         rows.append({**labels, "system": system.name, "iteration_ms": makespan,
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1]})
     for ablation in DS_MOE_ABLATIONS.values():
-        makespan, _ = gpipe(get_system("fsmoe", "DS-MoE").factory(), [ablation.blocks(blocks) for blocks in per_stage])
+        makespan, _ = gpipe(get_system("fsmoe", "DS-MoE").factory(), [ablation.blocks(b) for b in stages_of(bc)])
         rows.append(_ds_moe_ablation_row(labels, ablation, makespan))
+    activations = bc.shape.batch * bc.shape.seq * bc.shape.hidden * bc.shape.bytes_per_elem / bc.n_esp
+    send_ms = stage_profile.comm_model("a2a", "inter-1").time_ms(activations)
+    for name, pp in PP_ABLATIONS.items():
+        block = bc if pp.gradients else replace(bc, grad_bytes=0)
+        for system in _systems():
+            makespan, plan = gpipe(system.factory(), stages_of(block), pp.micro_batches or micro_batches,
+                                   send_ms if pp.send_recv else 0.0)
+            rows.append({**labels, "figure": f"{FIG8}:{name}", "system": system.name, "iteration_ms": makespan,
+                         "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": pp.description})
     return rows
 
 
@@ -388,14 +497,14 @@ def run_models(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame
     rows = []
     for figure, testbed, model, seq, profile_name, gate in tqdm(jobs, desc="models", disable=None if progress is None
                                                                else not progress):
-        profile = read_profile(load_profile(profile_name), cfg.reading)
+        profile = read_profile(load_profile(profile_name), cfg.reading, (cfg.table2_batch, cfg.table2_seq))
         spec = MODELS[model]
         bc = block_costs(_model_shape(spec, profile, seq, gate), profile)
         rows += _iteration_rows([bc] * spec.layers, figure=figure, testbed=testbed, model=model, L=seq, gate=gate,
                                 profile=profile.name, P=profile.get_topology().G, layers=spec.layers)
     for model in a_models:
         spec = MODELS[model]
-        rows += _gpipe_rows(profiles["A"], spec, cfg.seq["A"], cfg.pp_micro_batches, figure="fig8", testbed="A",
+        rows += _gpipe_rows(profiles["A"], spec, cfg.seq["A"], cfg.pp_micro_batches, figure=FIG8, testbed="A",
                             model=model, L=cfg.seq["A"], gate="gshard", profile=profiles["A"].name,
                             P=profiles["A"].get_topology().G, layers=spec.layers)
     return pd.DataFrame(rows)
@@ -445,19 +554,21 @@ def run_links(cfg: ResultsConfig) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Part:
-    """One result of the CLI (`--part`): its runner, and whether that runner reports progress
-    (takes `progress`: a bar over its cases; None: tqdm's default, False: off)."""
+    """One result of the CLI (`--part`): its runner. A runner that takes `progress` reports it (a
+    bar over its cases; None: tqdm's default, False: off)."""
 
     run: Callable[..., pd.DataFrame]
-    reports_progress: bool = False
+
+    @property
+    def reports_progress(self) -> bool:
+        return "progress" in inspect.signature(self.run).parameters
 
     def __call__(self, cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
         return self.run(cfg, progress=progress) if self.reports_progress else self.run(cfg)
 
 
-RUNNERS = {"grid": Part(run_grid, reports_progress=True), "statistic": Part(run_statistic),
-           "table2": Part(run_table2), "models": Part(run_models, reports_progress=True),
-           "order": Part(run_order, reports_progress=True), "links": Part(run_links)}
+RUNNERS = {"grid": Part(run_grid), "statistic": Part(run_statistic), "table2": Part(run_table2),
+           "models": Part(run_models), "order": Part(run_order), "links": Part(run_links)}
 PARTS = tuple(RUNNERS)
 
 
