@@ -173,6 +173,15 @@ def placements(monkeypatch):
     return made
 
 
+@pytest.fixture
+def built(monkeypatch):
+    """The names of the policies the CLI built, one entry per construction."""
+    from impl.scheinfer import policy
+    names, make = [], policy.make_policy
+    monkeypatch.setattr(policy, "make_policy", lambda name, **kw: names.append(name) or make(name, **kw))
+    return names
+
+
 def _calibration_counts(model, n: int) -> dict:
     """Tokens per FFN on the CLI's calibration prompt, counted on the reference decoder."""
     from impl.experiments.scheinfer.__main__ import calibration_prompt
@@ -183,9 +192,10 @@ def _calibration_counts(model, n: int) -> dict:
     return counter.counts
 
 
-def test_bench_gives_fiddler_the_calibration_profile(files, capsys, tmp_path, placements):
+def test_bench_gives_fiddler_the_calibration_profile(files, capsys, tmp_path, placements, built):
     """Fiddler's resident experts are the most popular on the calibration prompt (profiled on the
-    decoder loaded for scheinfer), the shared experts first; the record and CSV say so."""
+    decoder loaded for scheinfer), the shared experts first; the record and CSV say so; each
+    policy is built once."""
     import pandas as pd
     from impl.scheinfer.policy import ffn_widths
     model, n, row = files["qwen"], 16, 3 * 64 * 4                 # tiny qwen2_moe: hidden 64, float32
@@ -195,6 +205,7 @@ def test_bench_gives_fiddler_the_calibration_profile(files, capsys, tmp_path, pl
                  "fiddler,scheinfer", "--repeats", "1", "--cost", str(files["cost"]), "--tile", "16", "--threads", "1",
                  "--gpu-mem", str(budget), "--popularity-tokens", str(n), "--out-csv", str(csv),
                  "--out-record", str(rec), "--no-progress"])
+    assert built == ["fiddler", "scheinfer"]
     counts = _calibration_counts(model, n)
     popularity = json.loads(rec.read_text())["extra"]["popularity"]
     assert popularity["counts"] == {f"{layer}.{e}": c for (layer, e), c in counts.items()}
@@ -214,9 +225,9 @@ def test_bench_gives_fiddler_the_calibration_profile(files, capsys, tmp_path, pl
 
 
 @pytest.mark.parametrize("n", [0, 24])
-def test_generate_places_fiddler_by_profile_or_key_order(files, capsys, placements, n):
+def test_generate_places_fiddler_by_profile_or_key_order(files, capsys, placements, built, n):
     """--popularity-tokens 0: Fiddler's residents in key order, as without a profile; else the
-    profile of n calibration tokens on the reference decoder."""
+    profile of n calibration tokens on the reference decoder, given to the policy built once."""
     from baselines.fiddler.policy import FiddlerPolicy
     from impl.scheinfer.partition import REFERENCE_COST
     from impl.scheinfer.policy import ffn_widths, place
@@ -224,6 +235,7 @@ def test_generate_places_fiddler_by_profile_or_key_order(files, capsys, placemen
     out = _ok(capsys, ["generate", "--model", str(model), "--tokens", "1,5,9", "--n-predict", "2", "--policy", "fiddler",
                        "--cost", str(files["cost"]), "--gpu-mem", str(budget), "--popularity-tokens", str(n),
                        "--threads", "1", "--no-progress"])
+    assert built == ["fiddler"]
     popularity = _calibration_counts(model, n) if n else None
     assert ("popularity: key order" if n == 0 else f"popularity from {n} calibration tokens") in out.out
     cfg = GGUFWeights(model).config

@@ -246,15 +246,13 @@ def resident_summary(placement, cfg, popularity: dict | None) -> dict:
             sum(popularity.get(k, 0.0) for k in whole) / total if total else None}
 
 
-def _policy(policy_name: str, cost, cfg, tile: int, options: dict, popularity: dict | None = None):
-    """The policy the CLI runs: built by name with its options, and with a popularity profile
-    where one is given (asked for by the policy's `uses_popularity`)."""
+def _policy(policy_name: str, cost, cfg, args):
+    """The policy the CLI runs, built once by name with its options (--tile, `_policy_options`);
+    one that asks for a popularity profile (`uses_popularity`) is given it by
+    `Policy.set_popularity` before it is placed."""
     from impl.scheinfer.policy import make_policy
-    opts = dict(options)
-    if popularity is not None:
-        opts["popularity"] = popularity
     return make_policy(policy_name, cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
-                       tile=tile, **opts)
+                       tile=args.tile, **_policy_options(policy_name, args))
 
 
 def _engine(policy, cfg, gpu_mem: int, threads: int | None, kernel: str | None = None):
@@ -293,12 +291,11 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     cost = _cost_model(args.cost, cfg.hidden, args.cpu_kernel)
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
-    options = _policy_options(args.policy, args)
-    policy = _policy(args.policy, cost, cfg, args.tile, options)
+    policy = _policy(args.policy, cost, cfg, args)
     popularity, made = profile(source, args.popularity_tokens, measured=[list(prompt)]) \
         if policy.uses_popularity else (None, None)
     if popularity is not None:
-        policy = _policy(args.policy, cost, cfg, args.tile, options, popularity)
+        policy.set_popularity(popularity)
     engine = _engine(policy, cfg, gpu_mem, args.threads, args.cpu_kernel)
     bar = tqdm(total=len(prompt) + args.n_predict - 1, desc="tokens", unit="tok", file=sys.stderr,
                disable=args.no_progress)
@@ -316,7 +313,7 @@ def cmd_generate(args) -> int:
     print(f"decode: {out.decode_steps} tokens, {decode:.2f} tok/s")
     ranked = "" if made is None else ", popularity: key order" if popularity is None else \
         f", popularity from {made['tokens']} calibration tokens ({made['seconds']:.2f} s)"
-    gg_mode = f", gg-mode {options['gg_mode']}" if "gg_mode" in options else ""
+    gg_mode = f", gg-mode {policy.gg_mode}" if hasattr(policy, "gg_mode") else ""
     print(f"policy: {policy.name}{gg_mode}, gpu-mem {gpu_mem} B, resident FFN {engine.resident_bytes} B, "
           f"device {engine.device}, GPU and PCIe lanes {gpu_lanes(engine.device)}, cost {cost.source}, "
           f"cpu kernel {engine.kernel.name} ({engine.kernel.how}){ranked}")
@@ -503,7 +500,7 @@ def cmd_bench(args) -> int:
     torch.backends.cuda.matmul.allow_tf32 = args.gpu_matmul == "tf32"
     device_free = (lambda: torch.cuda.mem_get_info()[0]) if cuda else None
     llama = _llamacpp_systems(args, n_ctx, threads, gpu_mem) if args.llamacpp else {}
-    policies = {name: _policy(name, cost, cfg, args.tile, _policy_options(name, args)) for name in args.policies}
+    policies = {name: _policy(name, cost, cfg, args) for name in args.policies}
     ranked = [name for name, policy in policies.items() if policy.uses_popularity]
     popularity, made = None, None
     decoders, engine_of, placement = {}, {}, {}
@@ -514,8 +511,9 @@ def cmd_bench(args) -> int:
             if name in ranked and made is None:
                 popularity, made = profile(source, args.popularity_tokens, next(iter(decoders.items()), None),
                                            measured=list(prompts.values()))
-            policy = policies[name] if name not in ranked or popularity is None else \
-                _policy(name, cost, cfg, args.tile, _policy_options(name, args), popularity)
+            policy = policies[name]
+            if name in ranked and popularity is not None:
+                policy.set_popularity(popularity)
             engine = _engine(policy, cfg, gpu_mem, args.threads, args.cpu_kernel)
             engine_of[name] = engine
             before = torch.cuda.memory_allocated() if cuda else 0
@@ -557,7 +555,7 @@ def cmd_bench(args) -> int:
                                  ("cuda" if cuda else "CPU only (the real llama.cpp, nothing emulated)"),
                                  "threads": threads, "gpu_mem_bytes": gpu_mem,
                                  "popularity_tokens": args.popularity_tokens if system in ranked else None,
-                                 "gg_mode": _policy_options(system, args).get("gg_mode")})
+                                 "gg_mode": getattr(policies.get(system), "gg_mode", None)})
                     bar.update()
             # after every round, so that a run stopped from outside keeps the rounds it finished
             frame = _write_bench(args, cfg, rows, systems, device, threads, cost, engines[0].kernel, gpu_mem,
