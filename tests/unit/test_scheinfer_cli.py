@@ -61,24 +61,36 @@ def test_prompt_is_byte_tokenized_and_timeline_written(files, capsys):
     assert record["metrics"]["decode_tok_s"]["n"] == 1
 
 
+MIXTRAL_RUN = ["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2"]
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--model", "{dir}/missing.gguf", "--tokens", "1", "--n-predict", "2"], "no such file"),
     (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "-1"], "--n-predict=-1"),
-    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--policy", "magic"], "--policy='magic'"),
+    ([*MIXTRAL_RUN, "--policy", "magic"], "--policy='magic'"),
     (["--model", "{mixtral}", "--tokens", "1,x", "--n-predict", "2"], "--tokens"),
     (["--model", "{mixtral}", "--tokens", "1,99999", "--n-predict", "2"], "outside the vocabulary"),
     (["--model", "{st}", "--prompt", "hi", "--n-predict", "2"], "pass --tokens"),
     (["--model", "{gpt2}", "--tokens", "1", "--n-predict", "2"], "not supported"),
-    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--gpu-mem", "-5"], "--gpu-mem"),
-    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--popularity-tokens", "-1"],
-     "--popularity-tokens=-1"),
-    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--popularity-tokens", "100000"],
-     "the model's positions"),
-    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--gg-mode", "even"],
+    ([*MIXTRAL_RUN, "--gpu-mem", "-5"], "--gpu-mem"),
+    ([*MIXTRAL_RUN, "--popularity-tokens", "-1"], "--popularity-tokens=-1"),
+    ([*MIXTRAL_RUN, "--popularity-tokens", "100000"], "the model's positions"),
+    ([*MIXTRAL_RUN, "--gg-mode", "even"],
      "--gg-mode='even' is not allowed; expected one of uniform, popularity"),
+    ([*MIXTRAL_RUN, "--calibration-text", "{dir}/missing.txt"], "missing.txt: no such file"),
+    ([*MIXTRAL_RUN, "--calibration-text", "{dir}/empty.txt"], "empty.txt: the file has no text"),
+    ([*MIXTRAL_RUN, "--calibration-text", "{dir}/short.txt"],
+     "tokens by the model's tokenizer, fewer than the --popularity-tokens 64 the profile needs"),
+    (["--model", "{st}", "--tokens", "1", "--n-predict", "2", "--calibration-text", "{dir}/short.txt"],
+     "has no tokenizer to split it (an HF checkpoint directory"),
 ])
-def test_bad_input_is_one_line_exit_2(files, capsys, argv, msg):
+def test_bad_input_is_one_line_exit_2(files, capsys, monkeypatch, argv, msg):
+    """One line, exit 2, before any work (the cost model's calibration comes before the weights)."""
     import gguf
+    from impl.experiments.scheinfer import __main__ as cli_main
+    monkeypatch.setattr(cli_main, "_cost_model", lambda *a, **k: pytest.fail("work started before the error"))
+    (files["dir"] / "empty.txt").write_text(" \n")
+    (files["dir"] / "short.txt").write_text("Hi.")
     gpt2 = files["dir"] / "gpt2.gguf"
     if not gpt2.exists():
         w = gguf.GGUFWriter(str(gpt2), "gpt2")
@@ -137,6 +149,8 @@ def test_bench_writes_rounds_and_a_valid_record(files, capsys, tmp_path):
     (["--popularity-tokens", "-3"], "--popularity-tokens=-3 is not allowed"),
     (["--popularity-tokens", "100000"], "--popularity-tokens=100000 is not allowed"),
     (["--gg-mode", "Popularity"], "--gg-mode='Popularity' is not allowed"),
+    (["--calibration-text", "/nonexistent/text.txt"], "--calibration-text /nonexistent/text.txt: no such file"),
+    (["--popularity-tokens", "5000"], "fewer than the --popularity-tokens 5000 the profile needs"),
 ])
 def test_bench_bad_arguments_fail_before_work(files, capsys, tmp_path, args, message):
     rc = main(["bench", "--model", str(files["mixtral"]), "--out-csv", str(tmp_path / "b.csv"),
@@ -183,12 +197,13 @@ def built(monkeypatch):
 
 
 def _calibration_counts(model, n: int) -> dict:
-    """Tokens per FFN on the CLI's calibration prompt, counted on the reference decoder."""
-    from impl.experiments.scheinfer.__main__ import calibration_prompt
+    """Tokens per FFN on the CLI's calibration prompt (the default text's first n tokens),
+    counted on the reference decoder."""
+    from impl.experiments.scheinfer.calibration_prompt import calibration_prompt
     from impl.scheinfer.policy import PopularityCounter
     src = GGUFWeights(model)
     counter = PopularityCounter.for_config(src.config)
-    Decoder(src, route_observer=counter).logits(calibration_prompt(src.config.vocab_size, n))
+    Decoder(src, route_observer=counter).logits(list(calibration_prompt(model, src.config.vocab_size, n).tokens))
     return counter.counts
 
 
@@ -210,7 +225,7 @@ def test_bench_gives_fiddler_the_calibration_profile(files, capsys, tmp_path, pl
     popularity = json.loads(rec.read_text())["extra"]["popularity"]
     assert popularity["counts"] == {f"{layer}.{e}": c for (layer, e), c in counts.items()}
     assert popularity["used_by"] == ["fiddler"] and popularity["tokens"] == n
-    assert "'scheinfer'" in popularity["profiled_with"] and "seed" in popularity["calibration_prompt"]
+    assert "'scheinfer'" in popularity["profiled_with"] and popularity["calibration_prompt"]["kind"] == "text"
     assert popularity["ffns_counted"] == len(counts) and popularity["ffns"] == 2 * 61
     frame = pd.read_csv(csv)
     assert frame.set_index("system")["popularity_tokens"].fillna(-1).to_dict() == {"fiddler": n, "scheinfer": -1}
