@@ -82,7 +82,7 @@ def read_text(path: str | Path | None) -> str:
     missing, unreadable, not UTF-8 or empty."""
     file = Path(path) if path is not None else DEFAULT_TEXT
     if not file.is_file():
-        raise ValueError(f"{_flag(path)}: no such file")
+        raise ValueError(f"{_flag(path)}: {'not a file' if file.exists() else 'no such file'}")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
