@@ -476,8 +476,11 @@ def _fiddler_profile(popularity: dict) -> str:
     if not popularity.get("tokens"):
         why = "--popularity-tokens 0" if "tokens" in popularity else "no popularity profile in this record"
         return f"{whose[0].upper()}{whose[1:]}: key order ({why})."
+    how = popularity.get("calibration_prompt")
+    source = (f" of {Path(how['text_file']).name} (sha256 {how['sha256'][:12]})" if how.get("kind") == "text" else
+              f" ({how['kind']})") if isinstance(how, dict) else ""
     return (f"{whose[0].upper()}{whose[1:]}: the most popular on a calibration prompt of {popularity['tokens']} "
-            f"tokens{', none of the measured ones' if popularity.get('differs_from_measured_prompts') else ''} (profiled in {popularity.get('seconds', float('nan')):.1f} s outside "
+            f"tokens{source}{', none of the measured ones' if popularity.get('differs_from_measured_prompts') else ''} (profiled in {popularity.get('seconds', float('nan')):.1f} s outside "
             "the timings).")
 
 

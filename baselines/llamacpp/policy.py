@@ -37,6 +37,7 @@ class LayersPolicy(Policy):
     name = "layers"
     concurrent = False
     staging_buffers = 1
+    whole_layers = True
 
     def __init__(self, num_layers: int, order: str = "last", min_batch: int = OFFLOAD_MIN_BATCH,
                  layer_bytes: Mapping[int, int] | None = None, head_bytes: int | None = None):
@@ -55,7 +56,7 @@ class LayersPolicy(Policy):
         does not fit, N = 0: nothing is on the GPU. Without head_bytes the head is not the
         budget's (True, budget_bytes)."""
         if self.head_bytes is None:
-            return True, budget_bytes
+            return super().place_head(budget_bytes)
         if budget_bytes >= self.head_bytes:
             return True, budget_bytes - self.head_bytes
         return False, 0

@@ -47,7 +47,7 @@ import numpy as np
 
 __all__ = ["LlamaCppSettings", "LlamaCppRunner", "GreedyResult", "SpeedResult", "measure_speed",
            "llama_cpp_info", "open_llama", "cpu_moe_patterns", "gpu_weight_bytes", "load_backends",
-           "settings_within_budget"]
+           "settings_within_budget", "tokenize"]
 
 GGML_TYPE_F32 = 0
 # llama.cpp common/common.h LLM_FFN_EXPS_REGEX and llm_ffn_block_regex: what --n-cpu-moe keeps on the CPU
@@ -246,6 +246,23 @@ def llama_cpp_info() -> dict[str, str]:
             "system_info": info.decode() if isinstance(info, bytes) else str(info),
             "gpu_offload": str(bool(llama_cpp.llama_supports_gpu_offload())),
             "lib_path": os.environ.get("LLAMA_CPP_LIB_PATH", "(the package's own)")}
+
+
+def tokenize(model_path: str | Path, text: str) -> list[int]:
+    """`text` as llama.cpp tokenizes it for this GGUF file: the model's own tokenizer, built from
+    its tokenizer.ggml.* metadata, BOS first where the model adds one. Loads the vocabulary only
+    (no weights, no context). ValueError where llama.cpp cannot load it."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel
+
+    load_backends()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = LlamaModel(path_model=str(model_path), params=params, verbose=False)
+    try:
+        return model.tokenize(text.encode("utf-8"), model.add_bos_token(), False)
+    finally:
+        model.close()
 
 
 @dataclass

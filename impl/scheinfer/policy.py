@@ -94,12 +94,30 @@ class Policy(ABC):
     are split at run time. `concurrent`: the three lanes overlap (else parts run one after
     another); `staging_buffers`: host->device buffers the policy needs for CG;
     `uses_popularity`: the policy ranks FFNs by popularity, so it is built with a profile
-    (`popularity`, e.g. `profile_popularity`) and has something to rank on MoE models only."""
+    (`popularity`, e.g. `profile_popularity`, or given one by `set_popularity`) and has something
+    to rank on MoE models only;
+    `whole_layers`: the policy's GPU budget holds whole layers, each layer's non-FFN weights and KV
+    cache going to the GPU with its FFN rows and the output head taking its share first
+    (`place_head`), the token embeddings on the CPU (llama.cpp's -ngl); other policies keep every
+    non-FFN weight on the GPU besides their budget."""
 
     name: str = "?"
     concurrent: bool = True
     staging_buffers: int = 2
     uses_popularity: bool = False
+    whole_layers: bool = False
+    popularity: Mapping[FFNKey, float] | None = None
+
+    def set_popularity(self, popularity: Mapping[FFNKey, float] | None) -> None:
+        """Give a policy that ranks FFNs by popularity (`uses_popularity`, which its options may
+        decide) the profile it ranks on, once it is built and before its weights are placed;
+        None: key order."""
+        self.popularity = None if popularity is None else dict(popularity)
+
+    def place_head(self, budget_bytes: int) -> tuple[bool, int]:
+        """(whether the output head is on the GPU, the budget left for the FFN rows and the staging
+        buffers): the head is on the GPU besides the budget, unless the policy counts it in."""
+        return True, budget_bytes
 
     @abstractmethod
     def resident(self, ffns: dict[FFNKey, int], hidden: int, dtype_bytes: int, budget_bytes: int) -> dict[FFNKey, int]:

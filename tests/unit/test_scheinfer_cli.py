@@ -61,24 +61,36 @@ def test_prompt_is_byte_tokenized_and_timeline_written(files, capsys):
     assert record["metrics"]["decode_tok_s"]["n"] == 1
 
 
+MIXTRAL_RUN = ["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2"]
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--model", "{dir}/missing.gguf", "--tokens", "1", "--n-predict", "2"], "no such file"),
     (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "-1"], "--n-predict=-1"),
-    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--policy", "magic"], "--policy='magic'"),
+    ([*MIXTRAL_RUN, "--policy", "magic"], "--policy='magic'"),
     (["--model", "{mixtral}", "--tokens", "1,x", "--n-predict", "2"], "--tokens"),
     (["--model", "{mixtral}", "--tokens", "1,99999", "--n-predict", "2"], "outside the vocabulary"),
     (["--model", "{st}", "--prompt", "hi", "--n-predict", "2"], "pass --tokens"),
     (["--model", "{gpt2}", "--tokens", "1", "--n-predict", "2"], "not supported"),
-    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--gpu-mem", "-5"], "--gpu-mem"),
-    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--popularity-tokens", "-1"],
-     "--popularity-tokens=-1"),
-    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--popularity-tokens", "100000"],
-     "the model's positions"),
-    (["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2", "--gg-mode", "even"],
+    ([*MIXTRAL_RUN, "--gpu-mem", "-5"], "--gpu-mem"),
+    ([*MIXTRAL_RUN, "--popularity-tokens", "-1"], "--popularity-tokens=-1"),
+    ([*MIXTRAL_RUN, "--popularity-tokens", "100000"], "the model's positions"),
+    ([*MIXTRAL_RUN, "--gg-mode", "even"],
      "--gg-mode='even' is not allowed; expected one of uniform, popularity"),
+    ([*MIXTRAL_RUN, "--calibration-text", "{dir}/missing.txt"], "missing.txt: no such file"),
+    ([*MIXTRAL_RUN, "--calibration-text", "{dir}/empty.txt"], "empty.txt: the file has no text"),
+    ([*MIXTRAL_RUN, "--calibration-text", "{dir}/short.txt"],
+     "tokens by the model's tokenizer, fewer than the --popularity-tokens 64 the profile needs"),
+    (["--model", "{st}", "--tokens", "1", "--n-predict", "2", "--calibration-text", "{dir}/short.txt"],
+     "has no tokenizer to split it (an HF checkpoint directory"),
 ])
-def test_bad_input_is_one_line_exit_2(files, capsys, argv, msg):
+def test_bad_input_is_one_line_exit_2(files, capsys, monkeypatch, argv, msg):
+    """One line, exit 2, before any work (the cost model's calibration comes before the weights)."""
     import gguf
+    from impl.experiments.scheinfer import __main__ as cli_main
+    monkeypatch.setattr(cli_main, "_cost_model", lambda *a, **k: pytest.fail("work started before the error"))
+    (files["dir"] / "empty.txt").write_text(" \n")
+    (files["dir"] / "short.txt").write_text("Hi.")
     gpt2 = files["dir"] / "gpt2.gguf"
     if not gpt2.exists():
         w = gguf.GGUFWriter(str(gpt2), "gpt2")
@@ -137,6 +149,8 @@ def test_bench_writes_rounds_and_a_valid_record(files, capsys, tmp_path):
     (["--popularity-tokens", "-3"], "--popularity-tokens=-3 is not allowed"),
     (["--popularity-tokens", "100000"], "--popularity-tokens=100000 is not allowed"),
     (["--gg-mode", "Popularity"], "--gg-mode='Popularity' is not allowed"),
+    (["--calibration-text", "/nonexistent/text.txt"], "--calibration-text /nonexistent/text.txt: no such file"),
+    (["--popularity-tokens", "5000"], "fewer than the --popularity-tokens 5000 the profile needs"),
 ])
 def test_bench_bad_arguments_fail_before_work(files, capsys, tmp_path, args, message):
     rc = main(["bench", "--model", str(files["mixtral"]), "--out-csv", str(tmp_path / "b.csv"),
@@ -173,19 +187,30 @@ def placements(monkeypatch):
     return made
 
 
+@pytest.fixture
+def built(monkeypatch):
+    """The names of the policies the CLI built, one entry per construction."""
+    from impl.scheinfer import policy
+    names, make = [], policy.make_policy
+    monkeypatch.setattr(policy, "make_policy", lambda name, **kw: names.append(name) or make(name, **kw))
+    return names
+
+
 def _calibration_counts(model, n: int) -> dict:
-    """Tokens per FFN on the CLI's calibration prompt, counted on the reference decoder."""
-    from impl.experiments.scheinfer.__main__ import calibration_prompt
+    """Tokens per FFN on the CLI's calibration prompt (the default text's first n tokens),
+    counted on the reference decoder."""
+    from impl.experiments.scheinfer.calibration_prompt import calibration_prompt
     from impl.scheinfer.policy import PopularityCounter
     src = GGUFWeights(model)
     counter = PopularityCounter.for_config(src.config)
-    Decoder(src, route_observer=counter).logits(calibration_prompt(src.config.vocab_size, n))
+    Decoder(src, route_observer=counter).logits(list(calibration_prompt(model, src.config.vocab_size, n).tokens))
     return counter.counts
 
 
-def test_bench_gives_fiddler_the_calibration_profile(files, capsys, tmp_path, placements):
+def test_bench_gives_fiddler_the_calibration_profile(files, capsys, tmp_path, placements, built):
     """Fiddler's resident experts are the most popular on the calibration prompt (profiled on the
-    decoder loaded for scheinfer), the shared experts first; the record and CSV say so."""
+    decoder loaded for scheinfer), the shared experts first; the record and CSV say so; each
+    policy is built once."""
     import pandas as pd
     from impl.scheinfer.policy import ffn_widths
     model, n, row = files["qwen"], 16, 3 * 64 * 4                 # tiny qwen2_moe: hidden 64, float32
@@ -195,11 +220,12 @@ def test_bench_gives_fiddler_the_calibration_profile(files, capsys, tmp_path, pl
                  "fiddler,scheinfer", "--repeats", "1", "--cost", str(files["cost"]), "--tile", "16", "--threads", "1",
                  "--gpu-mem", str(budget), "--popularity-tokens", str(n), "--out-csv", str(csv),
                  "--out-record", str(rec), "--no-progress"])
+    assert built == ["fiddler", "scheinfer"]
     counts = _calibration_counts(model, n)
     popularity = json.loads(rec.read_text())["extra"]["popularity"]
     assert popularity["counts"] == {f"{layer}.{e}": c for (layer, e), c in counts.items()}
     assert popularity["used_by"] == ["fiddler"] and popularity["tokens"] == n
-    assert "'scheinfer'" in popularity["profiled_with"] and "seed" in popularity["calibration_prompt"]
+    assert "'scheinfer'" in popularity["profiled_with"] and popularity["calibration_prompt"]["kind"] == "text"
     assert popularity["ffns_counted"] == len(counts) and popularity["ffns"] == 2 * 61
     frame = pd.read_csv(csv)
     assert frame.set_index("system")["popularity_tokens"].fillna(-1).to_dict() == {"fiddler": n, "scheinfer": -1}
@@ -214,9 +240,9 @@ def test_bench_gives_fiddler_the_calibration_profile(files, capsys, tmp_path, pl
 
 
 @pytest.mark.parametrize("n", [0, 24])
-def test_generate_places_fiddler_by_profile_or_key_order(files, capsys, placements, n):
+def test_generate_places_fiddler_by_profile_or_key_order(files, capsys, placements, built, n):
     """--popularity-tokens 0: Fiddler's residents in key order, as without a profile; else the
-    profile of n calibration tokens on the reference decoder."""
+    profile of n calibration tokens on the reference decoder, given to the policy built once."""
     from baselines.fiddler.policy import FiddlerPolicy
     from impl.scheinfer.partition import REFERENCE_COST
     from impl.scheinfer.policy import ffn_widths, place
@@ -224,6 +250,7 @@ def test_generate_places_fiddler_by_profile_or_key_order(files, capsys, placemen
     out = _ok(capsys, ["generate", "--model", str(model), "--tokens", "1,5,9", "--n-predict", "2", "--policy", "fiddler",
                        "--cost", str(files["cost"]), "--gpu-mem", str(budget), "--popularity-tokens", str(n),
                        "--threads", "1", "--no-progress"])
+    assert built == ["fiddler"]
     popularity = _calibration_counts(model, n) if n else None
     assert ("popularity: key order" if n == 0 else f"popularity from {n} calibration tokens") in out.out
     cfg = GGUFWeights(model).config

@@ -13,7 +13,8 @@ from impl.experiments.scheinfer.sim import SimConfig, resolve
 from impl.scheinfer.engine import HybridEngine
 from impl.scheinfer.generate_models import tiny_config
 from impl.scheinfer.partition import REFERENCE_COST, Split, lane_times, optimal_split
-from impl.scheinfer.policy import place
+from impl.common.registry import names
+from impl.scheinfer.policy import POLICY_KIND, make_policy, place
 
 HW = "rtx4090-pcie4-16core"
 
@@ -70,6 +71,58 @@ def test_placement_equals_the_engine():
             assert engine.place(st.widths) == st.gg and engine.cg_max == st.cg_max > 0, p
             assert 0 < engine.placement.resident_bytes + engine.placement.staging_bytes <= half
             assert engine.placement == place(policy, st.widths, cfg.hidden, 4, half)
+
+
+# every registered policy and every system of the sim; a registered policy the sim does not run is
+# built with these options
+POLICY_OPTIONS = {"fixed": {"cc": 0.3, "cg": 0.3, "gg": 0.4}}
+
+
+@pytest.mark.parametrize("name", sorted(set(names(POLICY_KIND)) | set(sim.SYSTEMS)))
+def test_the_sims_placement_is_the_policys_own_plan_at_every_budget(name):
+    """Whatever the policy, the sim places what the policy itself plans (`Policy.place_head`, then
+    the engine's `place`), from a card with no memory to one that holds everything, and under a
+    bench's FFN budget: the output head first where the policy counts it (llama.cpp's), whole
+    layers, with the token embeddings on the CPU, where it holds whole layers (`whole_layers`)."""
+    cfg = tiny_config("mixtral")
+    sc = SimConfig(prompt_tokens=4, decode_tokens=2, dtype_bytes=4, tile=16)
+    model = sim.setup_model(cfg, sim.make_routing(cfg, 4, 2, "gate", 0))
+    hw0 = resolve(SimConfig(hardware=(HW,), models=("mixtral-8x7b-tiny",))).hardware[HW]
+
+    def build(ffn_budget_bytes=None):
+        if name in sim.SYSTEMS:
+            return sim.case_policy(model, name, sim.cost_model(hw0, 4), sc, ffn_budget_bytes)
+        return make_policy(name, cost=REFERENCE_COST, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
+                           tile=sc.tile, **POLICY_OPTIONS[name])
+
+    widths, row_bytes = model.widths, 3 * cfg.hidden * 4
+    ffn = sum(widths.values()) * row_bytes
+    everything = (hw0.gpu_reserve_bytes + model.nonffn_params * 4 + ffn
+                  + 2 * cfg.num_kv_heads * cfg.head_dim * 4 * 6 * cfg.num_layers + 2 * max(widths.values()) * row_bytes)
+    cases = [(dataclasses.replace(hw0, gpu_mem_bytes=m), None) for m in (0, everything * 0.3, everything * 0.7, everything)]
+    cases += [(hw0, b) for b in (0, ffn // 2, ffn + 2 * max(widths.values()) * row_bytes)]
+    for hw, ffn_budget in cases:
+        policy = build(ffn_budget)
+        st = sim.setup_case(model, hw, policy, sc, ffn_budget)
+        on_gpu, left = policy.place_head(st.budget_bytes)
+        own = place(policy, widths, cfg.hidden, 4, left)
+        assert (st.policy, st.head_on_gpu, st.gg, st.cg_max) == (policy, on_gpu, dict(own.gg), own.cg_max)
+        if policy.whole_layers:
+            assert st.gpu_layers == set(policy.gpu_layers(widths, cfg.hidden, 4, left - own.staging_bytes))
+        assert st.gpu_layers == set(range(cfg.num_layers)) or policy.whole_layers
+        assert st.embed_on_gpu != policy.whole_layers
+        if name in sim.SYSTEMS:                        # by name, the sim builds the very same policy
+            by_name = sim.setup_case(model, hw, name, sc, ffn_budget)
+            assert (by_name.gg, by_name.cg_max, by_name.head_on_gpu, by_name.gpu_layers, by_name.budget_bytes) == \
+                (st.gg, st.cg_max, st.head_on_gpu, st.gpu_layers, st.budget_bytes)
+    policy = build()
+    nothing = sim.setup_case(model, dataclasses.replace(hw0, gpu_mem_bytes=0), policy, sc)
+    assert (nothing.budget_bytes, nothing.cg_max, sum(nothing.gg.values())) == (0, 0, 0)
+    assert nothing.head_on_gpu != policy.whole_layers       # llama.cpp's -ngl 0: not even the head
+    assert nothing.gpu_layers == (frozenset() if policy.whole_layers else set(range(cfg.num_layers)))
+    fits = sim.setup_case(model, dataclasses.replace(hw0, gpu_mem_bytes=everything), policy, sc)
+    assert fits.gg == policy.resident(widths, cfg.hidden, 4, 10 ** 15) and fits.cg_max == max(widths.values())
+    assert fits.head_on_gpu and fits.gpu_layers == set(range(cfg.num_layers))
 
 
 def test_predicting_a_bench_places_within_its_budget_and_runs_each_prompt():

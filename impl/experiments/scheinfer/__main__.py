@@ -3,10 +3,12 @@
     python -m impl.experiments.scheinfer generate --model FILE (--prompt TEXT | --tokens IDS) --n-predict N
         [--gpu-mem BYTES] [--policy scheinfer|fiddler|layers] [--threads N] [--tile ROWS]
         [--assign split|threshold|makespan] [--gg-mode uniform|popularity] [--cost COST.json]
-        [--cpu-kernel auto|torch|avx512|avx2|sse] [--popularity-tokens N] [--timeline OUT.json [--out-record RECORD.json]]
+        [--cpu-kernel auto|torch|avx512|avx2|sse] [--popularity-tokens N] [--calibration-text FILE]
+        [--timeline OUT.json [--out-record RECORD.json]]
     python -m impl.experiments.scheinfer bench --model FILE.gguf --prompt-tokens 16,64 --n-predict N
         [--policies scheinfer,fiddler,layers] [--gpu-mem BYTES] [--llamacpp [--llamacpp-offload auto|SPECS]]
-        [--gg-mode uniform|popularity] [--popularity-tokens N] [--repeats R] --out-csv OUT.csv --out-record OUT.json
+        [--gg-mode uniform|popularity] [--popularity-tokens N] [--calibration-text FILE] [--repeats R]
+        --out-csv OUT.csv --out-record OUT.json
     python -m impl.experiments.scheinfer calibrate [--out COST.json] [--quick] [--hidden M] [--widths F,..] [--rows N,..]
 
 `bench` measures every (policy, prompt length) on one model (and the real llama.cpp on the same
@@ -27,9 +29,11 @@ Popularity: a policy that ranks FFNs by popularity (Fiddler, whose resident expe
 popular ones; scheinfer with --gg-mode popularity) gets a profile made before its weights are placed,
 outside the timings, as Fiddler
 profiles offline: the tokens each FFN is routed on one prefill of a calibration prompt of
---popularity-tokens ids (default 64) drawn uniformly from 1..vocab-1 by a torch.Generator seeded
-POPULARITY_SEED (the record says whether it differs from every measured prompt; bench's are the ramp
-1, 2, 3, ...), counted by
+--popularity-tokens tokens (default 64): the first ones of a text (--calibration-text FILE, default
+impl/scheinfer/calibration_text.txt) as the model's own tokenizer splits it (llama.cpp's for a GGUF
+file with a vocabulary), random ids seeded only where the model has no tokenizer
+(`impl.experiments.scheinfer.calibration_prompt`; the record says which, with the text's sha256,
+and whether the prompt differs from every measured one; bench's are the ramp 1, 2, 3, ...), counted by
 `impl.scheinfer.policy.PopularityCounter` (a shared expert counts every token). The prefill runs on
 a decoder the bench has already loaded for a policy that needs no profile, else on the reference
 decoder on the CPU, layer by layer. --popularity-tokens 0: no profile, FFNs in key order. How the
@@ -58,6 +62,7 @@ import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
 import baselines.llamacpp  # noqa: F401  (registers the engine policy 'layers')
 from impl.common import cli
 from impl.common.config import MAX_REPEATS, MAX_SECONDS, host_memory_bytes
+from impl.experiments.scheinfer.calibration_prompt import byte_tokenize, calibration_prompt, read_text
 
 USAGE_EXIT = cli.USAGE_EXIT
 CLI_POLICIES = ("scheinfer", "fiddler", "layers")
@@ -66,7 +71,6 @@ GPU_MATMUL = ("ieee", "tf32")
 MAX_TILE = 1 << 20
 MAX_TOKENS = 1 << 20         # --n-predict; the model's positions bound prompt + generation anyway
 DEFAULT_POPULARITY_TOKENS = 64
-POPULARITY_SEED = 1729       # the calibration prompt's generator (module doc)
 
 
 def gpu_lanes(device) -> str:
@@ -88,6 +92,16 @@ def _check_int(args, name: str, low: int, high: int | None = None, unit: str = "
     return f"--{name.replace('_', '-')}={value} is not allowed; expected {allowed}"
 
 
+def _check_text(path: str | None) -> str | None:
+    """The one-line error of a calibration text (--calibration-text, else the default) that cannot
+    be read or is empty (None: it can be tokenized)."""
+    try:
+        read_text(path)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _check_output(flag: str, path: str | None) -> str | None:
     """The one-line error of an output path that cannot be written (None: it can)."""
     if path is None:
@@ -107,24 +121,6 @@ def _parse_tokens(text: str) -> list[int]:
     if not ids or min(ids) < 0:
         raise ValueError(f"--tokens={text!r}: expected at least one integer >= 0")
     return ids
-
-
-def byte_tokenize(model: Path, text: str) -> list[int]:
-    """BOS + one byte token per UTF-8 byte, if the GGUF vocabulary has all 256 byte tokens."""
-    if model.suffix != ".gguf":
-        raise ValueError(f"{model}: no tokenizer in this format; pass --tokens IDS")
-    from impl.scheinfer.weights import gguf_field, open_gguf
-    reader = open_gguf(model)
-    f = reader.get_field("tokenizer.ggml.tokens")
-    tokens = f.contents() if f is not None else []
-    tokens = tokens if isinstance(tokens, list) else []
-    index = {t: i for i, t in enumerate(tokens)}
-    byte_ids = [index.get(f"<0x{b:02X}>") for b in range(256)]
-    if not tokens or None in byte_ids:
-        raise ValueError(f"{model}: its vocabulary has no byte tokens, so --prompt cannot be tokenized here; "
-                         "pass --tokens IDS")
-    bos = gguf_field(reader, "tokenizer.ggml.bos_token_id", int, None, model)
-    return ([bos] if bos is not None else []) + [byte_ids[b] for b in text.encode("utf-8")]
 
 
 def _device_bytes() -> int:
@@ -175,7 +171,7 @@ def _validate_generate(args) -> str | None:
     if args.out_record is not None and args.timeline is None:
         return "--out-record needs --timeline (the record is the timeline's)"
     return (_check_int(args, "n_predict", 1, MAX_TOKENS) or _check_int(args, "popularity_tokens", 0, MAX_TOKENS)
-            or _check_output("--timeline", args.timeline)
+            or _check_text(args.calibration_text) or _check_output("--timeline", args.timeline)
             or _check_output("--out-record", args.out_record) or _validate_engine_options(args))
 
 
@@ -200,20 +196,24 @@ def _policy_options(policy_name: str, args) -> dict:
     return {"assign": args.assign, "gg_mode": args.gg_mode} if policy_name == "scheinfer" else {}
 
 
-def calibration_prompt(vocab_size: int, n: int) -> list[int]:
-    """The prompt popularity is profiled on (module doc): n ids uniform in 1..vocab_size-1."""
-    import torch
-    return torch.randint(1, max(vocab_size, 2), (n,), generator=torch.Generator().manual_seed(POPULARITY_SEED)).tolist()
+def _calibration(args, cfg):
+    """The calibration prompt of --popularity-tokens tokens (`calibration_prompt`: the text's
+    first tokens by the model's tokenizer, else random ids), or None for 0 (no profile); made
+    before any weights are read. ValueError, one line, on bad input."""
+    if args.popularity_tokens == 0:
+        return None
+    return calibration_prompt(Path(args.model), cfg.vocab_size, args.popularity_tokens, args.calibration_text)
 
 
-def profile(source, n: int, loaded: tuple[str, object] | None = None,
+def profile(source, prompt, loaded: tuple[str, object] | None = None,
             measured: list[list[int]] = ()) -> tuple[dict | None, dict]:
-    """A popularity profile on the calibration prompt of n tokens (module doc) and its record:
-    with `loaded` = (policy, its decoder) that decoder's prefill, else the reference decoder's on
-    the CPU, layer by layer. n = 0: no profile (None; placement in key order)."""
+    """A popularity profile on the calibration prompt (module doc; a `CalibrationPrompt`) and its
+    record: with `loaded` = (policy, its decoder) that decoder's prefill, else the reference
+    decoder's on the CPU, layer by layer. prompt None (--popularity-tokens 0): no profile (None;
+    placement in key order)."""
     from impl.scheinfer.policy import ffn_widths, profile_popularity
     cfg = source.config
-    if n == 0:
+    if prompt is None:
         return None, {"tokens": 0, "ranking": "key order (--popularity-tokens 0: no profile)"}
     t0 = time.perf_counter()
     if loaded is None:
@@ -221,15 +221,14 @@ def profile(source, n: int, loaded: tuple[str, object] | None = None,
         decoder, how = Decoder(source, cache_weights=False), "the reference decoder on the CPU, layer by layer"
     else:
         decoder, how = loaded[1], f"the engine decoder already loaded for policy {loaded[0]!r} ({loaded[1].device})"
-    calibration = calibration_prompt(cfg.vocab_size, n)
-    counts = profile_popularity(decoder, calibration)
+    counts = profile_popularity(decoder, prompt.tokens)
     seconds = time.perf_counter() - t0
     widths = ffn_widths(cfg)
     return counts, {
-        "tokens": n, "ranking": "popularity: tokens routed to each FFN on one prefill of the calibration prompt",
-        "calibration_prompt": f"{n} token ids drawn uniformly from 1..{max(cfg.vocab_size, 2) - 1} by torch.Generator "
-                              f"seed {POPULARITY_SEED}",
-        "differs_from_measured_prompts": all(calibration != list(m) for m in measured),
+        "tokens": len(prompt.tokens),
+        "ranking": "popularity: tokens routed to each FFN on one prefill of the calibration prompt",
+        "calibration_prompt": prompt.how, "prompt_label": prompt.label,
+        "differs_from_measured_prompts": all(list(prompt.tokens) != list(m) for m in measured),
         "counter": "impl.scheinfer.policy.PopularityCounter (a shared expert counts every token of its layer)",
         "profiled_with": how, "seconds": seconds, "ffns": len(widths),
         "ffns_counted": sum(1 for k in widths if counts.get(k, 0) > 0),
@@ -246,15 +245,13 @@ def resident_summary(placement, cfg, popularity: dict | None) -> dict:
             sum(popularity.get(k, 0.0) for k in whole) / total if total else None}
 
 
-def _policy(policy_name: str, cost, cfg, tile: int, options: dict, popularity: dict | None = None):
-    """The policy the CLI runs: built by name with its options, and with a popularity profile
-    where one is given (asked for by the policy's `uses_popularity`)."""
+def _policy(policy_name: str, cost, cfg, args):
+    """The policy the CLI runs, built once by name with its options (--tile, `_policy_options`);
+    one that asks for a popularity profile (`uses_popularity`) is given it by
+    `Policy.set_popularity` before it is placed."""
     from impl.scheinfer.policy import make_policy
-    opts = dict(options)
-    if popularity is not None:
-        opts["popularity"] = popularity
     return make_policy(policy_name, cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=4,
-                       tile=tile, **opts)
+                       tile=args.tile, **_policy_options(policy_name, args))
 
 
 def _engine(policy, cfg, gpu_mem: int, threads: int | None, kernel: str | None = None):
@@ -286,6 +283,10 @@ def cmd_generate(args) -> int:
                      f"{cfg.max_position_embeddings} positions")
     if err := _check_positions(args.popularity_tokens, cfg):
         return _fail(err)
+    try:
+        calibration = _calibration(args, cfg)
+    except ValueError as e:
+        return _fail(str(e))
 
     import torch
     from tqdm import tqdm
@@ -293,12 +294,11 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     cost = _cost_model(args.cost, cfg.hidden, args.cpu_kernel)
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
-    options = _policy_options(args.policy, args)
-    policy = _policy(args.policy, cost, cfg, args.tile, options)
-    popularity, made = profile(source, args.popularity_tokens, measured=[list(prompt)]) \
+    policy = _policy(args.policy, cost, cfg, args)
+    popularity, made = profile(source, calibration, measured=[list(prompt)]) \
         if policy.uses_popularity else (None, None)
     if popularity is not None:
-        policy = _policy(args.policy, cost, cfg, args.tile, options, popularity)
+        policy.set_popularity(popularity)
     engine = _engine(policy, cfg, gpu_mem, args.threads, args.cpu_kernel)
     bar = tqdm(total=len(prompt) + args.n_predict - 1, desc="tokens", unit="tok", file=sys.stderr,
                disable=args.no_progress)
@@ -315,8 +315,8 @@ def cmd_generate(args) -> int:
     print(f"prefill: {out.prompt_tokens} tokens, {prefill:.2f} tok/s")
     print(f"decode: {out.decode_steps} tokens, {decode:.2f} tok/s")
     ranked = "" if made is None else ", popularity: key order" if popularity is None else \
-        f", popularity from {made['tokens']} calibration tokens ({made['seconds']:.2f} s)"
-    gg_mode = f", gg-mode {options['gg_mode']}" if "gg_mode" in options else ""
+        f", popularity from {made['tokens']} calibration tokens ({made['prompt_label']}, {made['seconds']:.2f} s)"
+    gg_mode = f", gg-mode {policy.gg_mode}" if hasattr(policy, "gg_mode") else ""
     print(f"policy: {policy.name}{gg_mode}, gpu-mem {gpu_mem} B, resident FFN {engine.resident_bytes} B, "
           f"device {engine.device}, GPU and PCIe lanes {gpu_lanes(engine.device)}, cost {cost.source}, "
           f"cpu kernel {engine.kernel.name} ({engine.kernel.how}){ranked}")
@@ -392,6 +392,8 @@ def _validate_bench(args) -> str | None:
                             ("popularity_tokens", 0, MAX_TOKENS)):
         if err := _check_int(args, name, low, high):
             return err
+    if err := _check_text(args.calibration_text):
+        return err
     if args.deadline_s is not None and not (math.isfinite(args.deadline_s) and 0 < args.deadline_s <= MAX_SECONDS):
         return f"--deadline-s={args.deadline_s} is not allowed; expected seconds > 0 (at most {MAX_SECONDS:g})"
     err = _check_output("--out-csv", args.out_csv) or _check_output("--out-record", args.out_record)
@@ -489,6 +491,10 @@ def cmd_bench(args) -> int:
                      f"model's {cfg.max_position_embeddings} positions")
     if err := _check_positions(args.popularity_tokens, cfg):
         return _fail(err)
+    try:
+        calibration = _calibration(args, cfg)
+    except ValueError as e:
+        return _fail(str(e))
 
     import torch
     from tqdm import tqdm
@@ -503,7 +509,7 @@ def cmd_bench(args) -> int:
     torch.backends.cuda.matmul.allow_tf32 = args.gpu_matmul == "tf32"
     device_free = (lambda: torch.cuda.mem_get_info()[0]) if cuda else None
     llama = _llamacpp_systems(args, n_ctx, threads, gpu_mem) if args.llamacpp else {}
-    policies = {name: _policy(name, cost, cfg, args.tile, _policy_options(name, args)) for name in args.policies}
+    policies = {name: _policy(name, cost, cfg, args) for name in args.policies}
     ranked = [name for name, policy in policies.items() if policy.uses_popularity]
     popularity, made = None, None
     decoders, engine_of, placement = {}, {}, {}
@@ -512,10 +518,11 @@ def cmd_bench(args) -> int:
         # profile last, so that it is made on a decoder already loaded (module doc)
         for name in sorted(args.policies, key=ranked.__contains__):
             if name in ranked and made is None:
-                popularity, made = profile(source, args.popularity_tokens, next(iter(decoders.items()), None),
+                popularity, made = profile(source, calibration, next(iter(decoders.items()), None),
                                            measured=list(prompts.values()))
-            policy = policies[name] if name not in ranked or popularity is None else \
-                _policy(name, cost, cfg, args.tile, _policy_options(name, args), popularity)
+            policy = policies[name]
+            if name in ranked and popularity is not None:
+                policy.set_popularity(popularity)
             engine = _engine(policy, cfg, gpu_mem, args.threads, args.cpu_kernel)
             engine_of[name] = engine
             before = torch.cuda.memory_allocated() if cuda else 0
@@ -557,7 +564,7 @@ def cmd_bench(args) -> int:
                                  ("cuda" if cuda else "CPU only (the real llama.cpp, nothing emulated)"),
                                  "threads": threads, "gpu_mem_bytes": gpu_mem,
                                  "popularity_tokens": args.popularity_tokens if system in ranked else None,
-                                 "gg_mode": _policy_options(system, args).get("gg_mode")})
+                                 "gg_mode": getattr(policies.get(system), "gg_mode", None)})
                     bar.update()
             # after every round, so that a run stopped from outside keeps the rounds it finished
             frame = _write_bench(args, cfg, rows, systems, device, threads, cost, engines[0].kernel, gpu_mem,
@@ -681,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--popularity-tokens", type=int, default=DEFAULT_POPULARITY_TOKENS,
                    help="calibration tokens of the popularity profile of a policy that ranks FFNs by popularity "
                         "(fiddler; scheinfer with --gg-mode popularity); 0: key order (module doc)")
+    g.add_argument("--calibration-text", default=None,
+                   help="a UTF-8 text file whose first --popularity-tokens tokens (the model's tokenizer) the "
+                        "profile is made on (default: impl/scheinfer/calibration_text.txt; module doc)")
     g.add_argument("--timeline", default=None, help="write lane events as JSON")
     g.add_argument("--out-record", default=None, help="the timeline's run record (JSON; needs --timeline)")
     g.add_argument("--ignore-eos", action="store_true")
@@ -704,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="float32 products on a CUDA GPU: 'ieee' (torch's default) or 'tf32' (tensor cores, "
                         "the precision llama.cpp's CUDA backend always uses for F32 weights)")
     b.add_argument("--popularity-tokens", type=int, default=DEFAULT_POPULARITY_TOKENS, help="as for generate")
+    b.add_argument("--calibration-text", default=None, help="as for generate")
     b.add_argument("--repeats", type=int, default=3, help="alternating rounds")
     b.add_argument("--deadline-s", type=float, default=None,
                    help="start no new round after this many seconds of measuring (the rounds done are written)")

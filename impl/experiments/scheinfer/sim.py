@@ -69,7 +69,7 @@ from impl.scheinfer.policy import Policy, PopularityCounter, ScheInferPolicy, ff
 
 __all__ = ["SimConfig", "HardwareClass", "load_hardware", "cost_model", "SYSTEMS", "GG_VARIANTS", "moe_only",
            "CONFIG_GG", "make_sim_policy", "predict_bench", "Routing", "make_routing", "ffn_time", "ModelSetup",
-           "setup_model", "CaseSetup", "setup_case", "simulate_case", "run", "resolve", "main"]
+           "setup_model", "CaseSetup", "case_policy", "setup_case", "simulate_case", "run", "resolve", "main"]
 
 REPO = Path(__file__).resolve().parents[3]
 # ScheInfer with its GG rows by one reading of scheinfer.md 3.3 step 1 whatever the config's gg_mode
@@ -176,8 +176,9 @@ def moe_only(name: str, policy: Policy) -> bool:
 def make_sim_policy(name: str, cfg: DecoderConfig, cost: CostModel, sc: SimConfig,
                     popularity: dict | None = None, layer_bytes: dict[int, int] | None = None,
                     head_bytes: int | None = None) -> Policy:
-    """The sim's policy `name`; `layer_bytes` and `head_bytes` (llama.cpp's 'layers' only): GPU
-    bytes of each layer besides its FFNs and of the output head (module doc)."""
+    """The sim's policy `name`; `layer_bytes` and `head_bytes`: GPU bytes of each layer besides its
+    FFNs and of the output head, which llama.cpp's 'layers' (`Policy.whole_layers`) counts in its
+    budget and the others keep besides (module doc)."""
     common = dict(cost=cost, hidden=cfg.hidden, num_layers=cfg.num_layers, dtype_bytes=sc.dtype_bytes, tile=sc.tile)
     if name == "scheinfer" or name in GG_VARIANTS:
         return make_policy("scheinfer", **common, assign=sc.assign, gg_mode=GG_VARIANTS.get(name, sc.gg_mode),
@@ -314,40 +315,57 @@ def setup_model(cfg: DecoderConfig, routing: Routing, name: str = "") -> ModelSe
     return ModelSetup(name, cfg, routing, widths, routing.popularity(), attn, nonffn, layer, head)
 
 
-def setup_case(model: ModelSetup, hw: HardwareClass, policy_name: str, sc: SimConfig,
+def _kv_layer_bytes(cfg: DecoderConfig, sc: SimConfig) -> int:
+    """One layer's KV cache for the prompt and every decode step."""
+    return 2 * cfg.num_kv_heads * cfg.head_dim * sc.dtype_bytes * (sc.prompt_tokens + sc.decode_tokens)
+
+
+def case_policy(model: ModelSetup, name: str, cost: CostModel, sc: SimConfig,
+                ffn_budget_bytes: int | None = None) -> Policy:
+    """The sim's policy `name` (`make_sim_policy`) for a case of `model`: where the card's memory is
+    the budget (no `ffn_budget_bytes`), given what a policy that holds whole layers
+    (`Policy.whole_layers`, llama.cpp's) counts in it besides the FFNs: each layer's other weights
+    and KV cache, and the output head."""
+    b = sc.dtype_bytes
+    if ffn_budget_bytes is not None:
+        return make_sim_policy(name, model.cfg, cost, sc, model.popularity)
+    kv_layer = _kv_layer_bytes(model.cfg, sc)
+    return make_sim_policy(name, model.cfg, cost, sc, model.popularity,
+                           {i: p * b + kv_layer for i, p in model.layer_params.items()}, model.head_params * b)
+
+
+def setup_case(model: ModelSetup, hw: HardwareClass, policy: str | Policy, sc: SimConfig,
                ffn_budget_bytes: int | None = None) -> CaseSetup:
-    """Cost model, policy and placement of one (model, hardware, policy). The FFN budget is what
-    the card holds beside the other weights and the KV cache, or `ffn_budget_bytes` (a bench's
-    `--gpu-mem`: FFN rows plus staging, the rest on the device besides). llama.cpp's 'layers' is
-    held to its own accounting (module doc): the output head (`LayersPolicy.place_head`), then
-    whole layers (FFNs, attention, norms, router, KV cache) in the card's memory, token embeddings
-    on the CPU; under `ffn_budget_bytes` its FFN rows alone count, the head on the GPU (as
+    """Cost model, policy and placement of one (model, hardware, policy); `policy` a system of the
+    sim (`SYSTEMS`, built by `case_policy`) or a policy built already (its `name` the case's).
+    The FFN budget is what the card holds beside the other weights and the KV cache, or
+    `ffn_budget_bytes` (a bench's `--gpu-mem`: FFN rows plus staging, the rest on the device
+    besides). A policy that holds whole layers (`Policy.whole_layers`: llama.cpp's) is held to its
+    own accounting (module doc): the output head (`Policy.place_head`), then whole layers (FFNs,
+    attention, norms, router, KV cache) in the card's memory, token embeddings on the CPU; under
+    `ffn_budget_bytes` its FFN rows alone count, the head on the GPU (as
     `baselines.llamacpp.runner.settings_within_budget` picks -ngl for a bench)."""
     cfg, b = model.cfg, sc.dtype_bytes
     cost = cost_model(hw, b)
-    kv_layer = 2 * cfg.num_kv_heads * cfg.head_dim * b * (sc.prompt_tokens + sc.decode_tokens)
-    whole_layers = policy_name == "layers"
-    own_accounting = whole_layers and ffn_budget_bytes is None
-    layer_bytes = {i: p * b + kv_layer for i, p in model.layer_params.items()} if own_accounting else None
-    policy = make_sim_policy(policy_name, cfg, cost, sc, model.popularity, layer_bytes,
-                             model.head_params * b if own_accounting else None)
+    key = policy if isinstance(policy, str) else policy.name
+    if isinstance(policy, str):
+        policy = case_policy(model, key, cost, sc, ffn_budget_bytes)
     if ffn_budget_bytes is not None:
         budget = int(ffn_budget_bytes)
-    elif whole_layers:
+    elif policy.whole_layers:
         budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes))
     else:
         budget = max(0, int(hw.gpu_mem_bytes - hw.gpu_reserve_bytes - model.nonffn_params * b
-                            - kv_layer * cfg.num_layers))
-    head_on_gpu, layers_budget = policy.place_head(budget) if whole_layers else (True, budget)
+                            - _kv_layer_bytes(cfg, sc) * cfg.num_layers))
+    head_on_gpu, layers_budget = policy.place_head(budget)
     placement = place(policy, model.widths, cfg.hidden, b, layers_budget)
-    gpu_layers, embed_on_gpu = frozenset(range(cfg.num_layers)), True
-    if whole_layers:
+    gpu_layers = frozenset(range(cfg.num_layers))
+    if policy.whole_layers:
         gpu_layers = frozenset(i for i in range(cfg.num_layers)
                                if all(placement.gg[k] == w for k, w in model.widths.items() if k[0] == i))
-        embed_on_gpu = False
     return CaseSetup(cfg, hw, cost, policy, model.widths, dict(placement.gg), placement.cg_max, budget,
-                     model.nonffn_params * b, model.routing, model.name, policy_name, b, model.attn_params, gpu_layers,
-                     embed_on_gpu, head_on_gpu)
+                     model.nonffn_params * b, model.routing, model.name, key, b, model.attn_params, gpu_layers,
+                     not policy.whole_layers, head_on_gpu)
 
 
 def _loads(st: CaseSetup, layer: int, phase: str, n: int, step: int) -> list[ExpertLoad]:
