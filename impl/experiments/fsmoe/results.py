@@ -48,7 +48,7 @@ from impl.common.paper import read_paper_csv
 from impl.common.records import make_record
 from impl.common.timeline import lower_bound, search_order, simulate
 from impl.experiments.fsmoe.degrees import GRID, grid_shapes
-from impl.experiments.systems import get_system, paper_systems
+from impl.experiments.fsmoe.systems import FSMOE_SYSTEMS
 from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs, with_gshard_order
 from impl.fsmoe.degree import DOMAINS, integer_optimum
 from impl.fsmoe.schedules import fsmoe_pass, gpipe_iteration
@@ -176,10 +176,6 @@ def validate(cfg: ResultsConfig, part: str) -> None:
         checked(f"fig7_profiles.{n}", load_profile, name)
 
 
-def _systems():
-    return [s for s in paper_systems("fsmoe")]
-
-
 def _profiles(cfg: ResultsConfig) -> dict[str, HardwareProfile]:
     return {k: read_profile(load_profile(v), cfg.reading) for k, v in cfg.testbeds.items()}
 
@@ -246,7 +242,7 @@ def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
     parallelism's AllGather / ReduceScatter: each of the two collectives of a pass becomes an
     AllReduce; or GShard einsum ordering charged)."""
     rows = []
-    for system in _systems():
+    for system in FSMOE_SYSTEMS:
         plan = system.factory()(blocks)
         schedule = plan.schedule(blocks)
         timeline = simulate(schedule)
@@ -255,7 +251,7 @@ def _iteration_rows(blocks: list[BlockCosts], **labels) -> list[dict]:
                      "moe_fwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "fwd"),
                      "moe_bwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "bwd"),
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
-    ds_moe = get_system("fsmoe", "DS-MoE").factory()
+    ds_moe = FSMOE_SYSTEMS.get("DS-MoE").factory()
     for ablation in DS_MOE_ABLATIONS.values():
         changed = ablation.blocks(blocks)
         rows.append(_ds_moe_ablation_row(labels, ablation, simulate(ds_moe(changed).schedule(changed)).makespan))
@@ -296,7 +292,7 @@ def run_order(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
         for i, shape in enumerate(tqdm(shapes, desc=f"lane orders, testbed {testbed}",
                                        disable=None if progress is None else not progress)):
             blocks = [block_costs(shape, profile)] * cfg.grid_blocks
-            for system in _systems():
+            for system in FSMOE_SYSTEMS:
                 schedule = system.factory()(blocks).schedule(blocks)
                 if len(schedule.lanes) < 2:
                     continue
@@ -368,12 +364,12 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
         return simulate(schedule).makespan, plans[0]
 
     rows = []
-    for system in _systems():
+    for system in FSMOE_SYSTEMS:
         makespan, plan = gpipe(system.factory(), per_stage)
         rows.append({**labels, "system": system.name, "iteration_ms": makespan,
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1]})
     for ablation in DS_MOE_ABLATIONS.values():
-        makespan, _ = gpipe(get_system("fsmoe", "DS-MoE").factory(), [ablation.blocks(blocks) for blocks in per_stage])
+        makespan, _ = gpipe(FSMOE_SYSTEMS.get("DS-MoE").factory(), [ablation.blocks(blocks) for blocks in per_stage])
         rows.append(_ds_moe_ablation_row(labels, ablation, makespan))
     return rows
 
@@ -474,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     frame["tier"] = "sim"
     if "reading" not in frame:              # `links` compares the readings itself
         frame["reading"] = cfg.reading
-    record = make_record(experiment=f"fsmoe_{args.part}", system=",".join(s.name for s in _systems()), tier="sim",
+    record = make_record(experiment=f"fsmoe_{args.part}", system=",".join(s.name for s in FSMOE_SYSTEMS), tier="sim",
                          topology={"name": ",".join(cfg.testbeds.values())}, model={"part": args.part},
                          config=cfg, metrics={"rows": [float(len(frame))]}, seed=cfg.seed,
                          extra={"profiles": dict(cfg.testbeds), "note": "times MODELED from the profiles' alpha-beta models"})
