@@ -36,6 +36,11 @@ rule all:
         rules.plot_fsmoe.output,
 
 
+# Every rule has listed its code inputs: what was read of the sources goes to the import cache,
+# in one write (workflows/scripts/code_inputs.py).
+code_inputs.save()
+
+
 onerror:
     print(
         "\nThe workflow stopped with an error. Each job writes its log under results/logs/; "

@@ -88,14 +88,62 @@ def test_follows_every_kind_of_import_of_our_packages_and_nothing_else(toy):
 
 def test_the_cache_file_is_reread_only_while_a_file_is_unchanged(toy, tmp_path):
     cache = tmp_path / "cache" / "imports.json"
-    assert "impl/sys/plugin.py" not in relative(CodeInputs(toy, cache=cache)("impl.sys.core"), toy)
+    first = CodeInputs(toy, cache=cache)
+    assert "impl/sys/plugin.py" not in relative(first("impl.sys.core"), toy)
+    first("impl.tool")
+    assert not cache.exists()                                          # nothing written before save()
+    first.save()
     assert str(toy / "impl/sys/core.py") in json.loads(cache.read_text())["files"]
     core = toy / "impl/sys/core.py"
     core.write_text(core.read_text() + "import impl.sys.plugin\n")
     assert "impl/sys/plugin.py" in relative(CodeInputs(toy, cache=cache)("impl.sys.core"), toy)
-    cache.write_text("not json")                                       # a spoiled cache is rebuilt
-    assert "impl/sys/plugin.py" in relative(CodeInputs(toy, cache=cache)("impl.sys.core"), toy)
-    assert json.loads(cache.read_text())["files"]
+
+
+def test_a_parse_writes_the_cache_once_by_a_rename(toy, tmp_path, monkeypatch):
+    """However many closures a cold parse reads, `save` writes one new file and renames it over
+    the cache (never the cache itself); a second save with nothing new read writes nothing."""
+    cache = tmp_path / "cache" / "imports.json"
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(code_inputs_module.os, "replace", lambda a, b: (renames.append((a, b)), real_replace(a, b)))
+    code_inputs = CodeInputs(toy, cache=cache)
+    for run in ("impl.sys.run", "impl.tool", "figures.plot", "workflows/scripts/check.py"):
+        code_inputs(run)
+    code_inputs.save()
+    code_inputs.save()
+    assert [Path(b) for _, b in renames] == [cache] and Path(renames[0][0]).parent == cache.parent
+    assert os.listdir(cache.parent) == ["imports.json"]                # no temporary file left
+
+
+def test_a_failed_write_leaves_the_old_cache_and_no_temporary_file(toy, tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "imports.json"
+    cache.parent.mkdir()
+    cache.write_text("old")
+    code_inputs = CodeInputs(toy, cache=cache)
+    code_inputs("impl.sys.run")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(code_inputs_module.json, "dump", broken)
+    code_inputs.save()                                                 # an unwritable cache costs only time
+    assert cache.read_text() == "old" and os.listdir(cache.parent) == ["imports.json"]
+
+
+@pytest.mark.parametrize("spoiled", [
+    "not json",
+    '{"format": 2, "files": {"x": {"stamp": [1, 2], "imp',                         # cut short
+    '{"format": 2, "files": ["x"]}',
+    '{"format": 2, "files": {"x": {"stamp": "new", "imports": [], "strings": [], "computed": false}}}',
+    '{"format": 2, "files": {"x": {"stamp": [1, 2], "imports": [3], "strings": [], "computed": false}}}',
+])
+def test_a_spoiled_cache_is_ignored_and_rebuilt(toy, tmp_path, spoiled):
+    cache = tmp_path / "imports.json"
+    cache.write_text(spoiled)
+    code_inputs = CodeInputs(toy, cache=cache)
+    assert "impl/sys/plugin.py" in relative(code_inputs("impl.sys.run"), toy)
+    code_inputs.save()
+    assert str(toy / "impl/sys/run.py") in json.loads(cache.read_text())["files"]
 
 
 def test_scheinfer_sim_covers_its_engine_policy_and_registered_baselines():
