@@ -8,6 +8,10 @@
 #
 # Inputs shipped with the repository are found relative to this file; outputs go to results/
 # under the working directory (--directory), so the workflow can run from anywhere.
+#
+# Jobs run `python` from PATH (the project's environment: `make run` puts it first), not the
+# Python Snakemake runs in, which on a Slurm login node need not have torch; the config checks
+# before the first job run with that same `python` (workflows/rules/checks.smk says why).
 from snakemake.utils import min_version
 
 min_version("9.0")
