@@ -8,6 +8,10 @@
 #
 # Inputs shipped with the repository are found relative to this file; outputs go to results/
 # under the working directory (--directory), so the workflow can run from anywhere.
+#
+# Jobs run `python` from PATH (the project's environment: `make run` puts it first), not the
+# Python Snakemake runs in, which on a Slurm login node need not have torch; the config checks
+# before the first job run with that same `python` (workflows/rules/checks.smk says why).
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -34,6 +38,11 @@ rule all:
         rules.plot_hiermoe_sim.output,
         rules.plot_scheinfer_sim.output,
         rules.plot_fsmoe.output,
+
+
+# Every rule has listed its code inputs: what was read of the sources goes to the import cache,
+# in one write (workflows/scripts/code_inputs.py).
+code_inputs.save()
 
 
 onerror:

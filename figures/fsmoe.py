@@ -39,7 +39,7 @@ __all__ = ["table5", "model_speedups", "overlap_cap", "checks", "reproduces", "c
 
 MODELED = "MODELED (tier sim, shipped Testbed A/B profiles)"
 TABLE5_SYSTEMS = ("Tutel-Improved", "FSMoE-No-IIO", "FSMoE")
-PAPER_SYSTEMS = ("DS-MoE", "Tutel", "Tutel-Improved", "PipeMoE+Lina", "FSMoE-No-IIO", "FSMoE")
+PAPER_SYSTEMS = style.PAPER_SYSTEMS["fsmoe"]
 # Table 6 is judged only when the runs differentiate the gates: DS-MoE's iteration spreads across
 # them by at least this much (the paper's spreads by 17%)
 GATE_SPREAD_MIN = 0.01

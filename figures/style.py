@@ -15,21 +15,28 @@ import matplotlib as mpl
 import seaborn as sns
 
 from impl.common.records import atomic_output
-from impl.experiments import systems
 
-__all__ = ["PAPER_SYSTEMS", "SYSTEM_ORDER", "SYSTEM_STYLES", "REFERENCE_STYLES", "HATCHES",
+__all__ = ["STYLE_SLOTS", "PAPER_SYSTEMS", "SYSTEM_ORDER", "SYSTEM_STYLES", "REFERENCE_STYLES", "HATCHES",
            "COLUMN_WIDTH", "PAGE_WIDTH", "Style", "set_style", "style_for", "apply_hatches", "hatch_legend",
            "baseline_line", "save"]
 
 COLUMN_WIDTH = 3.4  # inches, one column of a two-column paper
 PAGE_WIDTH = 7.0    # inches, both columns
 
-# The systems each paper compares (baselines first, the paper's own system last), from the one
-# system registry.
-PAPER_SYSTEMS: dict[str, tuple[str, ...]] = {
-    paper: tuple(s.name for s in systems.paper_systems(paper) if s.style is not None) for paper in systems.PAPERS
+# Each paper's systems with a fixed style (baselines first, the paper's own system last, under
+# the names of the system registry, impl.experiments.systems) and their slots in the colour x
+# hatch cycle. Kept here, not in the registry, so a figure depends on no paper's implementations
+# (the registry's papers import theirs). DeepEP's slot 88: yellow and a hatch no other HierMoE
+# system has (the greys belong to the paper's reference series).
+STYLE_SLOTS: dict[str, dict[str, int]] = {
+    "hiermoe": {"Megatron-LM": 0, "Tutel-2DH": 1, "SmartMoE": 2, "HD2-MoE": 3, "HD2-MoE-Smart": 4, "HD-MoE": 5,
+                "HierMoE": 6, "DeepEP": 88},
+    "fsmoe": {"DS-MoE": 7, "Tutel": 8, "Tutel-Improved": 9, "PipeMoE+Lina": 10, "FSMoE-No-IIO": 11, "FSMoE": 12},
+    "scheinfer": {"llama.cpp": 13, "Fiddler": 14, "ScheInfer": 15},
 }
-SYSTEM_ORDER: tuple[str, ...] = tuple(sorted(systems.style_slots(), key=systems.style_slots().get))
+PAPER_SYSTEMS: dict[str, tuple[str, ...]] = {paper: tuple(slots) for paper, slots in STYLE_SLOTS.items()}
+_SLOTS: dict[str, int] = {name: i for slots in STYLE_SLOTS.values() for name, i in slots.items()}
+SYSTEM_ORDER: tuple[str, ...] = tuple(sorted(_SLOTS, key=_SLOTS.get))
 
 # Nine hatches against ten colours: 9 and 10 are coprime, so walking both lists with a system's
 # style slot gives every system a distinct (colour, hatch) pair (slots below 90), and consecutive
@@ -46,7 +53,7 @@ class Style:
 
 SYSTEM_STYLES: dict[str, Style] = {
     name: Style(color=tuple(_PALETTE[i % len(_PALETTE)]), hatch=HATCHES[i % len(HATCHES)])
-    for name, i in systems.style_slots().items()
+    for name, i in _SLOTS.items()
 }
 
 # Series drawn beside ours in every figure: the paper's reported numbers and our analytic models.

@@ -4,14 +4,19 @@ a string constant naming one of our modules (`importlib.import_module("baselines
 provider list) counts as an import."""
 from __future__ import annotations
 
-import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("impl", "baselines", "figures")
 LAYER_NAMES = ("common", "systems", "baselines", "experiments", "figures")
+
+# The import reader the workflow follows to list a job's code (workflows/scripts/code_inputs.py,
+# loaded by path: the workflows folder is no package), so what is checked here is what it follows.
+_spec = importlib.util.spec_from_file_location("code_inputs", ROOT / "workflows/scripts/code_inputs.py")
+code_inputs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(code_inputs)
 
 
 def layer_of(module: str) -> int:
@@ -22,52 +27,16 @@ def layer_of(module: str) -> int:
 
 
 def project_modules() -> dict[str, Path]:
-    out = {}
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            out[".".join(parts)] = path
-    return out
-
-
-def _docstring_nodes(tree: ast.AST) -> set[int]:
-    ids = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                ids.add(id(first.value))
-    return ids
+    return code_inputs.project_modules(ROOT, with_main=True)
 
 
 def referenced_modules(module: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """Our modules that `module` imports, statically or by a string naming them."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    """Our modules that `module` imports, statically or by a string naming them (a docstring
+    names none)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    docstrings = _docstring_nodes(tree)
-    names: list[str] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(up + ([base] if base else []))
-            names += [base] + [f"{base}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-            text = node.value.split(":")[0]
-            if "." in text and text.split(".")[0] in PACKAGES and text in known:   # not a bare path part
-                names.append(text)
-    found = set()
-    for name in names:
-        while name and name not in known:
-            name = name.rpartition(".")[0]
-        if name and name != module:
-            found.add(name)
-    return found
+    imports, strings, _ = code_inputs.read_imports(path.read_text(encoding="utf-8"), str(path), package)
+    found = {code_inputs.known_module(name, known) for name in imports} | {s for s in strings if s in known}
+    return found - {"", module}
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """A job reruns when the code it runs changes: every rule that runs project code lists the Python
 files it runs (workflows/scripts/code_inputs.py) as its input `code`. Checked on the import
 reader itself (a small made-up package and the real modules against what importing them loads),
-on the rule files (every `python -m` module a rule runs is among its code inputs), and on a dry run
-in a copy of the workflow where editing an imported module plans the job again."""
+on the rule files (every `python -m` module a rule runs is among its code inputs), and on dry runs
+in a copy of the workflow with a complete results folder, where editing one paper's module plans
+the jobs that run it again and no job of another paper."""
 import importlib.util
 import json
 import os
@@ -87,14 +88,62 @@ def test_follows_every_kind_of_import_of_our_packages_and_nothing_else(toy):
 
 def test_the_cache_file_is_reread_only_while_a_file_is_unchanged(toy, tmp_path):
     cache = tmp_path / "cache" / "imports.json"
-    assert "impl/sys/plugin.py" not in relative(CodeInputs(toy, cache=cache)("impl.sys.core"), toy)
+    first = CodeInputs(toy, cache=cache)
+    assert "impl/sys/plugin.py" not in relative(first("impl.sys.core"), toy)
+    first("impl.tool")
+    assert not cache.exists()                                          # nothing written before save()
+    first.save()
     assert str(toy / "impl/sys/core.py") in json.loads(cache.read_text())["files"]
     core = toy / "impl/sys/core.py"
     core.write_text(core.read_text() + "import impl.sys.plugin\n")
     assert "impl/sys/plugin.py" in relative(CodeInputs(toy, cache=cache)("impl.sys.core"), toy)
-    cache.write_text("not json")                                       # a spoiled cache is rebuilt
-    assert "impl/sys/plugin.py" in relative(CodeInputs(toy, cache=cache)("impl.sys.core"), toy)
-    assert json.loads(cache.read_text())["files"]
+
+
+def test_a_parse_writes_the_cache_once_by_a_rename(toy, tmp_path, monkeypatch):
+    """However many closures a cold parse reads, `save` writes one new file and renames it over
+    the cache (never the cache itself); a second save with nothing new read writes nothing."""
+    cache = tmp_path / "cache" / "imports.json"
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(code_inputs_module.os, "replace", lambda a, b: (renames.append((a, b)), real_replace(a, b)))
+    code_inputs = CodeInputs(toy, cache=cache)
+    for run in ("impl.sys.run", "impl.tool", "figures.plot", "workflows/scripts/check.py"):
+        code_inputs(run)
+    code_inputs.save()
+    code_inputs.save()
+    assert [Path(b) for _, b in renames] == [cache] and Path(renames[0][0]).parent == cache.parent
+    assert os.listdir(cache.parent) == ["imports.json"]                # no temporary file left
+
+
+def test_a_failed_write_leaves_the_old_cache_and_no_temporary_file(toy, tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "imports.json"
+    cache.parent.mkdir()
+    cache.write_text("old")
+    code_inputs = CodeInputs(toy, cache=cache)
+    code_inputs("impl.sys.run")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(code_inputs_module.json, "dump", broken)
+    code_inputs.save()                                                 # an unwritable cache costs only time
+    assert cache.read_text() == "old" and os.listdir(cache.parent) == ["imports.json"]
+
+
+@pytest.mark.parametrize("spoiled", [
+    "not json",
+    '{"format": 2, "files": {"x": {"stamp": [1, 2], "imp',                         # cut short
+    '{"format": 2, "files": ["x"]}',
+    '{"format": 2, "files": {"x": {"stamp": "new", "imports": [], "strings": [], "computed": false}}}',
+    '{"format": 2, "files": {"x": {"stamp": [1, 2], "imports": [3], "strings": [], "computed": false}}}',
+])
+def test_a_spoiled_cache_is_ignored_and_rebuilt(toy, tmp_path, spoiled):
+    cache = tmp_path / "imports.json"
+    cache.write_text(spoiled)
+    code_inputs = CodeInputs(toy, cache=cache)
+    assert "impl/sys/plugin.py" in relative(code_inputs("impl.sys.run"), toy)
+    code_inputs.save()
+    assert str(toy / "impl/sys/run.py") in json.loads(cache.read_text())["files"]
 
 
 def test_scheinfer_sim_covers_its_engine_policy_and_registered_baselines():
@@ -151,45 +200,60 @@ def test_covers_every_project_module_that_importing_it_loads(module):
     assert ours and not ours - listed, sorted(str(f.relative_to(REPO)) for f in ours - listed)
 
 
+# One module of each paper's own code, and the jobs an edit of it may rerun: that paper's.
+PAPER_EDITS = {"scheinfer": "impl/scheinfer/policy.py", "hiermoe": "impl/hiermoe/dedup_a2a.py",
+               "fsmoe": "impl/fsmoe/planner.py"}
+# Jobs that run the edited module, planned for it (their figures then for their new results).
+RUN_BY = {"scheinfer": {"scheinfer_sim", "scheinfer_cost"}, "hiermoe": {"hiermoe_sim"},
+          "fsmoe": {"fsmoe_part", "fsmoe_grid"}}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake is not installed in this environment")
-def test_editing_an_imported_module_reruns_the_job_and_nothing_else(tmp_path):
-    """In a copy of the workflow (the repository's own files stay as they are): a finished
-    scheinfer_sim job (results faked, newer than every input) is up to date, stays so after a
-    module it does not import is edited, and is planned again with 'updated input files' after
-    one it imports is edited."""
+def test_editing_a_papers_module_reruns_that_papers_jobs_and_nothing_else(tmp_path):
+    """In a copy of the workflow (the repository's own files stay as they are) with a complete
+    results folder of the default target (every output faked, newer than every input): nothing
+    is to be done; after an edit of one paper's own code, the jobs that run it are planned with
+    'updated input files', and no job of another paper (each paper's experiments and figures
+    import that paper's systems only, impl.experiments.<paper>.systems)."""
     repo = tmp_path / "repo"
     ignore = shutil.ignore_patterns("__pycache__")
     for part in ("impl", "baselines", "figures", "workflows"):
         shutil.copytree(REPO / part, repo / part, ignore=ignore)
     shutil.copy2(REPO / "Snakefile", repo / "Snakefile")
     work = tmp_path / "work"
-    target = "results/raw/scheinfer_sim/sim.csv"
-    for name in (target, "results/raw/scheinfer_sim/sim.json"):
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        (work / name).write_text("{}")
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(repo),
                XDG_CACHE_HOME=str(tmp_path / "cache"))
 
-    def planned():
-        """{rule: its job's reason} of the dry run."""
+    def snakemake(*args):
         proc = subprocess.run([str(SNAKEMAKE), "--snakefile", str(repo / "Snakefile"), "--directory", str(work),
-                               "-n", target], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+                               *args], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out = proc.stdout + proc.stderr
-        return dict(re.findall(r"^rule (\w+):\n(?:.*\n)*?\s+reason: (.*)$", out, re.M))
+        return proc.stdout + proc.stderr
 
-    def edit(name):
-        with open(repo / name, "a") as out:
-            out.write("# edited\n")
+    def planned():
+        """{rule: its first job's reason} of a dry run of the default target."""
+        return dict(reversed(re.findall(r"^rule (\w+):\n(?:.*\n)*?\s+reason: (.*)$", snakemake("-n"), re.M)))
+
+    now = time.time()
+    for line in snakemake("--summary").splitlines():       # output_file, date, rule, ... of every job
+        if "\t" in line and not line.startswith("output_file"):
+            output = work / line.split("\t")[0]
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text("{}")
+            os.utime(output, (now, now))
+    assert planned() == {}
+    for paper, module in PAPER_EDITS.items():
+        original = (repo / module).read_text()
+        (repo / module).write_text(original + "# edited\n")
         later = time.time() + 10                    # newer than the results on any clock granularity
-        os.utime(repo / name, (later, later))
-
+        os.utime(repo / module, (later, later))
+        reasons = planned()
+        jobs = set(reasons) - {"all"}
+        assert RUN_BY[paper] <= jobs and any(rule.startswith(f"plot_{paper}") for rule in jobs), (module, jobs)
+        assert all(paper in rule for rule in jobs), (module, sorted(jobs))
+        for rule in RUN_BY[paper]:
+            assert reasons[rule].startswith("Updated input files:") and module in reasons[rule], reasons[rule]
+        (repo / module).write_text(original)        # back to as before the results
+        os.utime(repo / module, (now - 3600, now - 3600))
     assert planned() == {}
-    edit("impl/fsmoe/layer.py")                     # not imported by ScheInfer's sim tier
-    assert planned() == {}
-    edit("impl/scheinfer/policy.py")
-    reasons = planned()
-    assert set(reasons) == {"scheinfer_sim"}, reasons
-    assert reasons["scheinfer_sim"].startswith("Updated input files:") and "impl/scheinfer/policy.py" in reasons[
-        "scheinfer_sim"], reasons

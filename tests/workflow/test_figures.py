@@ -25,6 +25,18 @@ def test_every_system_has_its_own_style():
         style.style_for("Hiermoe")
 
 
+def test_the_styled_systems_are_the_registrys():
+    """Each paper's styled systems are systems of that paper's list, in its order, and include
+    every baseline and the paper's own system (the ones its figures compare)."""
+    from impl.experiments import systems
+
+    assert tuple(style.STYLE_SLOTS) == systems.PAPERS
+    for paper, styled in style.PAPER_SYSTEMS.items():
+        listed = [s.name for s in systems.paper_systems(paper)]
+        assert list(styled) == [name for name in listed if name in styled], paper
+        assert {s.name for s in systems.paper_systems(paper, roles=("baseline", "ours"))} <= set(styled), paper
+
+
 def test_save_writes_pdf_with_type42_fonts_and_png(tmp_path):
     style.set_style()
     fig, ax = plt.subplots()

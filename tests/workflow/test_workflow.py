@@ -16,6 +16,14 @@ from impl.common.records import validate_record
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = BIN / "snakemake"
+CHECK_LOG = "results/logs/check_configs.log"
+# Makes torch unimportable in a Python that loads it (as sitecustomize, from PYTHONPATH).
+NO_TORCH = ("import sys\n"
+            "class _NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ImportError('torch is unimportable here')\n"
+            "sys.meta_path.insert(0, _NoTorch())\n")
 REDUCED = ["hiermoe_table2={set: {tokens_per_sample: 512, repeats: 2, top_ks: [2, 8], group_counts: [8, 4]}}",
            "hiermoe_calibration={topology: 1x2, args: '--sizes 64K,128K,256K --repeats 2 --warmup 1 --iters 1'}",
            "hiermoe_sim={set: {iterations: 3, warmup: 1, layers: 1, tokens_per_rank: 256}}",
@@ -158,13 +166,36 @@ def test_bad_config_stops_the_run_before_any_job_with_a_clear_message(tmp_path, 
     `onstart:` handler, workflows/rules/checks.smk): the run stops there with one line naming
     the config and exit code 2, with no job started and nothing left behind."""
     proc = snakemake(tmp_path, "--cores", "1", "--config", override)
+    assert_checks_stopped_the_run(proc, tmp_path, message, BIN / "python")
+
+
+def assert_checks_stopped_the_run(proc, workdir, message, python):
+    """Exit 2 with one line naming the bad input, no job started, and nothing left behind but the
+    checks' log, which names the Python they ran with and holds the same line."""
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     [line] = [line for line in out.splitlines() if line.startswith("check_configs: error:")]
     assert message in line
     assert not re.search(r"^(local)?rule \w+:", out, re.M), out[-3000:]          # no job started
-    assert not (tmp_path / "results").exists()
-    assert not list((tmp_path / ".snakemake").glob("locks/*"))
+    assert [str(p.relative_to(workdir)) for p in (workdir / "results").rglob("*") if p.is_file()] == [CHECK_LOG]
+    assert (workdir / CHECK_LOG).read_text().splitlines() == [f"check_configs with {python}", line]
+    assert not list((workdir / ".snakemake").glob("locks/*"))
+
+
+def test_the_checks_run_with_the_python_the_jobs_run(tmp_path):
+    """The jobs' commands start `python` from PATH, and so do the checks: with another `python`
+    first on PATH (one that cannot import torch), the checks fail in it, in one line, though
+    Snakemake's own Python has torch."""
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker/sitecustomize.py").write_text(NO_TORCH)
+    other = tmp_path / "other-bin"
+    other.mkdir()
+    (other / "python").write_text(f'#!/bin/sh\nPYTHONPATH="{tmp_path / "blocker"}:$PYTHONPATH" exec "{BIN / "python"}" "$@"\n')
+    (other / "python").chmod(0o755)
+    env = dict(os.environ, PATH=f"{other}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path / "run"),
+                           "--cores", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert_checks_stopped_the_run(proc, tmp_path / "run", "cannot import the experiments", other / "python")
 
 
 def test_a_changed_config_reruns_its_experiment_in_the_same_call(tmp_path):
@@ -178,6 +209,8 @@ def test_a_changed_config_reruns_its_experiment_in_the_same_call(tmp_path):
         (tmp_path / name).write_text("{}")
     proc = snakemake(tmp_path, "--touch", "--cores", "1", "--forceall", target)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / CHECK_LOG).read_text().splitlines()        # the checks ran first, with PATH's python
+    assert log[0] == f"check_configs with {BIN / 'python'}" and log[-1].endswith("experiment configs resolved")
 
     def planned(*args):
         """{rule: its job's reason} of a dry run."""
@@ -196,13 +229,7 @@ def test_parsing_the_workflow_imports_no_torch(tmp_path):
     """A dry run of every target with torch made unimportable: the workflow plans without it."""
     blocker = tmp_path / "blocker"
     blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class _NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.'):\n"
-        "            raise ImportError('torch imported while the workflow parses')\n"
-        "sys.meta_path.insert(0, _NoTorch())\n")
+    (blocker / "sitecustomize.py").write_text(NO_TORCH)
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                PYTHONPATH=os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")])))
     for target in ("all", "emu_validation", "cluster"):

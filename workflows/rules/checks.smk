@@ -9,8 +9,12 @@
 # rerunning for a changed config would leave the experiments that config feeds unplanned until
 # the next call, and a job they did not wait for could not stop them. Here the checks plan
 # nothing: each experiment reruns for its own changed config, code or params in the same call.
+import shutil
 import subprocess
 import sys
+
+# What the deep config checks printed, kept beside the jobs' logs.
+CHECK_LOG = "results/logs/check_configs.log"
 
 
 def stop_on_slurm_placeholders():
@@ -26,14 +30,35 @@ def stop_on_slurm_placeholders():
         )
 
 
+def job_python():
+    """The Python the jobs run: their shell commands start `python`, found on PATH when each job
+    starts. The checks run under that one, not Snakemake's own (`sys.executable`): Snakemake may
+    live in an environment of its own (a Slurm login node's needs only the `workflow` extra and no
+    torch), while `python` on PATH is the project's environment both locally and on a Slurm node
+    (sbatch exports the submitting shell's environment by default). Making the jobs run
+    `sys.executable` instead would tie them to Snakemake's environment. None when PATH has none."""
+    return shutil.which("python")
+
+
 def check_experiment_configs():
     """Resolve every experiment config with the experiments' own checks (models, topologies,
     systems, hardware classes): workflows/scripts/check_configs.py, in a process of its own with
-    Snakemake's Python (the experiments import torch; Snakemake's own process never imports it,
-    so the workflow parses and dry-runs without it). A bad config, or a Python that cannot import
-    the experiments, prints one line and stops the run with the script's exit code (2)."""
-    script = repo_path("workflows/scripts/check_configs.py")
-    code = subprocess.run([sys.executable, script, "--checks", json.dumps(config_checks())]).returncode
+    the jobs' Python (`job_python`; the experiments import torch, Snakemake's own process never
+    does, so the workflow parses and dry-runs without it). Its output goes to stderr and to
+    CHECK_LOG. A bad config, or a Python that cannot import the experiments, prints one line and
+    stops the run with the script's exit code (2)."""
+    python = job_python()
+    if python is None:
+        code, output = 2, ("check_configs: error: no `python` on PATH, which the jobs run; run Snakemake "
+                           "from the project's environment (make run)\n")
+    else:
+        script = repo_path("workflows/scripts/check_configs.py")
+        proc = subprocess.run([python, script, "--checks", json.dumps(config_checks())],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        code, output = proc.returncode, f"check_configs with {python}\n{proc.stdout}"
+    sys.stderr.write(output)
+    Path(CHECK_LOG).parent.mkdir(parents=True, exist_ok=True)
+    Path(CHECK_LOG).write_text(output)
     if code:
         raise SystemExit(code)
 

@@ -66,10 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     return check(p.parse_args(argv).checks)
 
 
+def _cannot_import(error: ImportError) -> str:
+    return (f"{sys.executable} cannot import the experiments ({error}); run Snakemake from the project's "
+            "environment (make run), or dry-run (-n), which skips these checks")
+
+
 def check(checks_json: str) -> int:
     """Run the checks; the outcome goes to stderr (a bad config, or a Python that cannot import
     the experiments: one line, exit 2)."""
-    from impl.common.cli import INPUT_ERRORS, fail
+    try:
+        from impl.common.cli import INPUT_ERRORS, fail
+    except ImportError as e:                   # not even the project: the line cli.fail would print
+        print(f"{PROG}: error: {_cannot_import(e)}", file=sys.stderr)
+        return 2
 
     try:
         checks = json.loads(checks_json)
@@ -85,8 +94,7 @@ def check(checks_json: str) -> int:
         except INPUT_ERRORS as e:
             return fail(PROG, f"{check.get('name', check['kind'])}: {e}")
         except ImportError as e:
-            return fail(PROG, f"{sys.executable} cannot import the experiments ({e}); run Snakemake from the "
-                              "project's environment (make run), or dry-run (-n), which skips these checks")
+            return fail(PROG, _cannot_import(e))
     print(f"{len(checks)} experiment configs resolved", file=sys.stderr)
     return 0
 

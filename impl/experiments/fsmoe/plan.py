@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from impl.common import cli
-from impl.common.config import MAX_EXPERTS, MAX_LAYERS, MAX_TOKENS, MAX_WIDTH, ConfigError, bounded, checked
+from impl.common.config import MAX_EXPERTS, MAX_LAYERS, MAX_TOKENS, MAX_WIDTH, bounded, checked
 from impl.common.costmodel import load_profile
 from impl.common.timeline import lower_bound, simulate
-from impl.experiments.systems import paper_systems
+from impl.experiments.fsmoe.systems import FSMOE_SYSTEMS
 from impl.fsmoe.costs import BlockShape, block_costs
 from impl.fsmoe.schedules import fsmoe_pass
 
@@ -50,12 +50,8 @@ def resolve(cfg: PlanConfig):
     shape = BlockShape(cfg.batch, cfg.seq, cfg.hidden, cfg.ffn_hidden, cfg.heads,
                        cfg.num_experts or profile.get_topology().num_nodes, cfg.top_k, cfg.capacity_factor, cfg.ffn,
                        cfg.kv_heads)
-    known = {s.name: s for s in paper_systems("fsmoe")}
-    systems = cfg.systems or tuple(known)
-    for name in systems:
-        if name not in known:
-            raise ConfigError(f"systems: unknown system {name!r} of the fsmoe paper; allowed: {', '.join(known)}")
-    return profile, block_costs(shape, profile), [known[n] for n in systems]
+    systems = [FSMOE_SYSTEMS.get(name) for name in cfg.systems] if cfg.systems else list(FSMOE_SYSTEMS)
+    return profile, block_costs(shape, profile), systems
 
 
 def plan_rows(cfg: PlanConfig) -> list[dict]:

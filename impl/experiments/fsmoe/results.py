@@ -51,7 +51,7 @@ from impl.common.paper import read_paper_csv
 from impl.common.records import make_record
 from impl.common.timeline import lower_bound, search_order, simulate
 from impl.experiments.fsmoe.degrees import GRID, grid_shapes
-from impl.experiments.systems import get_system, paper_systems
+from impl.experiments.fsmoe.systems import FSMOE_SYSTEMS
 from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs, with_gshard_order
 from impl.fsmoe.degree import DOMAINS, integer_optimum
 from impl.fsmoe.schedules import fsmoe_pass, gpipe_iteration
@@ -245,10 +245,6 @@ def validate(cfg: ResultsConfig, part: str) -> None:
             _table2_testbed(profile)
 
 
-def _systems():
-    return [s for s in paper_systems("fsmoe")]
-
-
 def _profiles(cfg: ResultsConfig) -> dict[str, HardwareProfile]:
     return {k: read_profile(load_profile(v), cfg.reading, (cfg.table2_batch, cfg.table2_seq))
             for k, v in cfg.testbeds.items()}
@@ -321,7 +317,7 @@ def _iteration_rows(blocks: list[BlockCosts], ds_moe_ablations: bool = True, **l
     """Every FSMoE-paper plan on `blocks`, plus (`ds_moe_ablations`) one row per `DS_MOE_ABLATIONS`
     entry: DeepSpeed-MoE's sequential plan on the blocks that ablation changes."""
     rows = []
-    for system in _systems():
+    for system in FSMOE_SYSTEMS:
         plan = system.factory()(blocks)
         schedule = plan.schedule(blocks)
         timeline = simulate(schedule)
@@ -330,7 +326,7 @@ def _iteration_rows(blocks: list[BlockCosts], ds_moe_ablations: bool = True, **l
                      "moe_fwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "fwd"),
                      "moe_bwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "bwd"),
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
-    ds_moe = get_system("fsmoe", "DS-MoE").factory()
+    ds_moe = FSMOE_SYSTEMS.get("DS-MoE").factory()
     for ablation in DS_MOE_ABLATIONS.values() if ds_moe_ablations else ():
         changed = ablation.blocks(blocks)
         rows.append(_ds_moe_ablation_row(labels, ablation, simulate(ds_moe(changed).schedule(changed)).makespan))
@@ -371,7 +367,7 @@ def run_order(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
         for i, shape in enumerate(tqdm(shapes, desc=f"lane orders, testbed {testbed}",
                                        disable=None if progress is None else not progress)):
             blocks = [block_costs(shape, profile)] * cfg.grid_blocks
-            for system in _systems():
+            for system in FSMOE_SYSTEMS:
                 schedule = system.factory()(blocks).schedule(blocks)
                 if len(schedule.lanes) < 2:
                     continue
@@ -468,18 +464,18 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
         return simulate(schedule).makespan, plans[0]
 
     rows = []
-    for system in _systems():
+    for system in FSMOE_SYSTEMS:
         makespan, plan = gpipe(system.factory(), stages_of(bc))
         rows.append({**labels, "system": system.name, "iteration_ms": makespan,
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1]})
     for ablation in DS_MOE_ABLATIONS.values():
-        makespan, _ = gpipe(get_system("fsmoe", "DS-MoE").factory(), [ablation.blocks(b) for b in stages_of(bc)])
+        makespan, _ = gpipe(FSMOE_SYSTEMS.get("DS-MoE").factory(), [ablation.blocks(b) for b in stages_of(bc)])
         rows.append(_ds_moe_ablation_row(labels, ablation, makespan))
     activations = bc.shape.batch * bc.shape.seq * bc.shape.hidden * bc.shape.bytes_per_elem / bc.n_esp
     send_ms = stage_profile.comm_model("a2a", "inter-1").time_ms(activations)
     for name, pp in PP_ABLATIONS.items():
         block = bc if pp.gradients else replace(bc, grad_bytes=0)
-        for system in _systems():
+        for system in FSMOE_SYSTEMS:
             makespan, plan = gpipe(system.factory(), stages_of(block), pp.micro_batches or micro_batches,
                                    send_ms if pp.send_recv else 0.0)
             rows.append({**labels, "figure": f"{FIG8}:{name}", "system": system.name, "iteration_ms": makespan,
@@ -585,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     frame["tier"] = "sim"
     if "reading" not in frame:              # `links` compares the readings itself
         frame["reading"] = cfg.reading
-    record = make_record(experiment=f"fsmoe_{args.part}", system=",".join(s.name for s in _systems()), tier="sim",
+    record = make_record(experiment=f"fsmoe_{args.part}", system=",".join(s.name for s in FSMOE_SYSTEMS), tier="sim",
                          topology={"name": ",".join(cfg.testbeds.values())}, model={"part": args.part},
                          config=cfg, metrics={"rows": [float(len(frame))]}, seed=cfg.seed,
                          extra={"profiles": dict(cfg.testbeds), "note": "times MODELED from the profiles' alpha-beta models"})

@@ -84,20 +84,20 @@ from impl.hiermoe.dimension import (COUNT_BYTES, DispatchCounts, agreement_bytes
                                     select_dimension, selected_slots)
 from impl.hiermoe.expert_swap import decide_swap, stats_bytes, swap_stats_from_slots
 from impl.experiments.hiermoe.spec import SystemSpec, option_default
+from impl.experiments.hiermoe.systems import HIERMOE_SYSTEMS
 from impl.experiments.hiermoe.workload import RoutingStream, TokenStreamConfig, routing_balance
-from impl.experiments.systems import paper_systems, parse_system_name
 
 __all__ = ["SimExperimentConfig", "parse_system", "run_experiment", "summarize_frame", "main", "a2a_time", "LayerRouting",
            "expert_state_bytes", "p2p_time", "migration_time", "uniform_paper_model", "attention_model",
            "ATTENTION_READING", "MODEL_OVERRIDES", "run_profile", "REKEYED"]
 
-PAPER_SYSTEMS = tuple(s.name for s in paper_systems("hiermoe", roles=("baseline", "ours")))
+PAPER_SYSTEMS = tuple(s.name for s in HIERMOE_SYSTEMS.select(roles=("baseline", "ours")))
 
 
 def parse_system(text: str, defaults: dict) -> SystemSpec:
     """'HierMoE', 'HD3', 'HierMoE[gamma=5,every=2]' -> SystemSpec (the registry's entry with its
     options); ConfigError names what is allowed."""
-    _, spec = parse_system_name(text, "hiermoe", defaults)
+    _, spec = HIERMOE_SYSTEMS.parse(text, defaults)
     return dataclasses.replace(spec, name=text.strip())
 
 
