@@ -288,6 +288,12 @@ CLIS: list[Cli] = [
          "--out-csv", "{tmp}/w.csv", "--out-record", "{tmp}/w.json"),
         {"--profile": IN + ["{garbage}", "{profile_1x2}"], "--out-csv": OUT, "--out-record": OUT, "--config": IN},
         config="hiermoe_swap"),
+    Cli("impl.experiments.hiermoe.swap_gap",
+        ("--set", "sim.model=deepseek-v3-tiny", "--set", "sim.topology=2x2", "--set", "sim.profile={profile_2x2}",
+         "--set", "sim.tokens_per_rank=256", "--set", "skews=[0.0]", "--set", "max_swaps=1", "--set", "checkpoints=[1]",
+         "--out-csv", "{tmp}/g.csv", "--out-record", "{tmp}/g.json", "--no-progress"),
+        {"--out-csv": OUT, "--out-record": OUT, "--config": IN},
+        config="hiermoe_swap_gap", free=frozenset({"experiment", "sim.experiment"})),
     Cli("impl.experiments.hiermoe.table2",
         ("--set", "num_experts=8", "--set", "top_ks=[2]", "--set", "group_counts=[2]", "--set", "tokens_per_sample=8",
          "--set", "repeats=1", "--out-csv", "{tmp}/t.csv", "--out-record", "{tmp}/t.json", "--no-progress"),
@@ -374,6 +380,7 @@ def _config_classes() -> dict[str, type]:
     from impl.experiments.fsmoe.results import ResultsConfig
     from impl.experiments.hiermoe.scaleout import ScaleoutConfig
     from impl.experiments.hiermoe.sim import SimExperimentConfig
+    from impl.experiments.hiermoe.swap_gap import SwapGapConfig
     from impl.experiments.hiermoe.swap_measure import SwapMeasureConfig
     from impl.experiments.hiermoe.table2 import Table2Config
     from impl.experiments.layer_bench import LayerBenchConfig
@@ -382,6 +389,7 @@ def _config_classes() -> dict[str, type]:
     return {"layer_bench": LayerBenchConfig, "emu_validation": EmuValidationConfig, "fsmoe_degrees": DegreeStudyConfig,
             "fsmoe_emu": EmuConfig, "fsmoe_plan": PlanConfig, "fsmoe_results": ResultsConfig,
             "hiermoe_scaleout": ScaleoutConfig, "hiermoe_sim": SimExperimentConfig, "hiermoe_swap": SwapMeasureConfig,
+            "hiermoe_swap_gap": SwapGapConfig,
             "hiermoe_table2": Table2Config, "scheinfer_sim": SimConfig}
 
 
