@@ -56,7 +56,7 @@ def test_bad_config_is_refused(override, message):
 
 
 def _rows(skew, maxvio, times):
-    return [{"skew": skew, "swaps": k, "converged": k == max(times), "maxvio": maxvio, "max_split_ratio": 1.0,
+    return [{"skew": skew, "swaps": k, "checkpoint": k == 1, "converged": k == max(times), "maxvio": maxvio, "max_split_ratio": 1.0,
              "q_ms": t, "a2a_ms_same": t, "a2a_ms_next": t, "a2a_ms_same_tokens": t, "a2a_ms_next_tokens": t}
             for k, t in times.items()]
 
@@ -66,6 +66,7 @@ def test_report_table_and_the_skew_needed_for_a_gain():
 
     gap = pd.DataFrame(_rows(0.0, 0.1, {0: 100.0, 1: 99.0, 50: 95.0}) + _rows(1.0, 2.1, {0: 100.0, 1: 98.0, 70: 85.0}))
     table = rep.swap_gap_table(gap)
+    assert [c for c in table.columns if c.startswith("after")] == ["after 1 swaps"]
     assert list(table["final, next routing"]) == pytest.approx([100 / 95, 100 / 85])
     assert list(table["after 1 swaps"]) == pytest.approx([100 / 99, 100 / 98])
     assert list(table["swaps made"]) == ["50", "70"]

@@ -55,8 +55,8 @@ class SwapGapConfig:
 def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: int, checkpoints: set[int]
               ) -> list[dict]:
     """HierD-ES planned repeatedly on `routing` from the identity placement (module docstring): one
-    row at 0 swaps, at every checkpoint reached and at the last swap (`converged` when the planner
-    kept the placement before `max_swaps`)."""
+    row at 0 swaps, at every checkpoint reached (`checkpoint`) and at the last swap (`converged` when
+    the planner kept the placement before `max_swaps`)."""
     cfg = rz.config
     specs = {charge: parse_system(f"HD-MoE[charge={charge}]", {"max_fn": cfg.max_fn, "gamma": cfg.gamma})
              for charge in ("all", "tokens")}
@@ -64,7 +64,8 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
     rows = []
 
     def row(swaps: int, converged: bool, d: int, q_ms: float, plan_s: float) -> dict:
-        out = {"swaps": swaps, "converged": converged, "dim": d, "q_ms": q_ms, "planning_s": plan_s}
+        out = {"swaps": swaps, "checkpoint": swaps in checkpoints, "converged": converged, "dim": d, "q_ms": q_ms,
+               "planning_s": plan_s}
         for charge, spec in specs.items():
             suffix = "" if charge == "all" else "_tokens"
             for which, r in (("same", routing), ("next", next_routing)):
