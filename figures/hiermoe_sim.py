@@ -1012,6 +1012,20 @@ def skew_needed(table: pd.DataFrame, target: float, column: str = "final, next r
     return {k: float(a[k] + w * (b[k] - a[k])) for k in ("skew", "MaxVio")}
 
 
+def _hd2_at_needed_skew(runs: Runs, need: dict[str, float] | None, gain: float) -> str:
+    """Whether the skew the swap gain needs keeps the number the skew was fitted to: HD2-MoE over
+    Megatron-LM on the skew sweep (linear between its points) at that skew, beside the paper's."""
+    g = runs.skew[runs.skew["system"] == "HD2-MoE"].sort_values("skew")
+    if need is None or g.empty or not g["skew"].min() <= need["skew"] <= g["skew"].max():
+        return ""
+    hd2 = float(np.interp(need["skew"], g["skew"], g["median"]))
+    return (f" At that skew the skew sweep gives HD2-MoE over Megatron-LM {fmt(hd2)} (paper {fmt(fit_target(runs.qwen3))}, "
+            f"the number the skew was fitted to), so under our model no one routing skew gives both the paper's "
+            f"swap gain of {fmt(gain)} and its HD2-MoE." if abs(hd2 / fit_target(runs.qwen3) - 1) > TOLERANCE else
+            f" At that skew the skew sweep gives HD2-MoE over Megatron-LM {fmt(hd2)} (paper "
+            f"{fmt(fit_target(runs.qwen3))}): both hold at one skew.")
+
+
 def swap_gap_lines(gap: pd.DataFrame, runs: Runs) -> tuple[str, str]:
     """(the headline's sentence, the section) on what the swap can gain on our routing, from the
     swap-gap sweep (`impl.experiments.hiermoe.swap_gap`)."""
@@ -1057,7 +1071,8 @@ def swap_gap_lines(gap: pd.DataFrame, runs: Runs) -> tuple[str, str]:
         f"{fmt(fitted['final, same routing'], 3)} on the same routing under our charge, "
         f"{fmt(fitted[PAPER_CHARGE], 3)} on the next under the paper's.",
         f"* What would have to be true for the paper's gain under our model, converged: {needed(lo)}; {needed(hi)} "
-        f"(the fitted routing has MaxVio {fitted['MaxVio']:.2f}; the paper states no load statistics)."])
+        f"(the fitted routing has MaxVio {fitted['MaxVio']:.2f}; the paper states no load statistics)."
+        + _hd2_at_needed_skew(runs, need[lo], lo)])
     return sentence, section
 
 
