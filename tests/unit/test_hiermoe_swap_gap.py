@@ -9,6 +9,7 @@ from impl.common.dispatcher import ExpertPlacement
 from impl.experiments.hiermoe import sim as simulate
 from impl.experiments.hiermoe import swap_gap
 from impl.experiments.hiermoe.workload import RoutingStream
+from impl.hiermoe.dimension import holder_rows, route_steps
 from impl.hiermoe.expert_swap import decide_swap
 
 SMALL = ["sim.model=qwen3-30b-a3b-32l-tiny", "sim.topology=hiermoe-node", "sim.profile=hiermoe-node",
@@ -38,6 +39,10 @@ def test_path_rows_are_the_planners_placements_evaluated_by_the_sim_model():
                                                 dim=d).pair)
     assert last["a2a_ms_same"] == pytest.approx(simulate.a2a_time(hd, first.of(placement)[0], None, rz)[0])
     assert last["a2a_ms_next"] == pytest.approx(simulate.a2a_time(hd, second.of(placement)[0], None, rz)[0])
+    d = simulate.a2a_time(hd, first.of(placement)[0], None, rz)[1]        # the route planned with
+    rows = holder_rows(second.of(placement)[0].copies, *route_steps(rz.topology, d)[0]).double()
+    assert (last["first_step_rows_mean"], last["first_step_rows_max"]) == pytest.approx(
+        (float(rows.mean()), float(rows.max())))
 
 
 @pytest.mark.slow
@@ -57,7 +62,8 @@ def test_bad_config_is_refused(override, message):
 
 def _rows(skew, maxvio, times):
     return [{"skew": skew, "swaps": k, "checkpoint": k == 1, "converged": k == max(times), "maxvio": maxvio, "max_split_ratio": 1.0,
-             "q_ms": t, "a2a_ms_same": t, "a2a_ms_next": t, "a2a_ms_same_tokens": t, "a2a_ms_next_tokens": t}
+             "q_ms": t, "a2a_ms_same": t, "a2a_ms_next": t, "a2a_ms_same_tokens": t, "a2a_ms_next_tokens": t,
+             "first_step_rows_mean": t, "first_step_rows_max": 1.5 * t}
             for k, t in times.items()]
 
 
@@ -70,6 +76,8 @@ def test_report_table_and_the_skew_needed_for_a_gain():
     assert list(table["final, next routing"]) == pytest.approx([100 / 95, 100 / 85])
     assert list(table["after 1 swaps"]) == pytest.approx([100 / 99, 100 / 98])
     assert list(table["swaps made"]) == ["50", "70"]
+    assert list(table[rep.FIRST_MEAN]) == pytest.approx([0.95, 0.85])
+    assert list(table[rep.FIRST_SPREAD]) == ["1.500 -> 1.500"] * 2
     target = (100 / 95 + 100 / 85) / 2                          # half way between the two points
     assert rep.skew_needed(table, target) == pytest.approx({"skew": 0.5, "MaxVio": 1.1})
     assert rep.skew_needed(table, 1.01) == pytest.approx({"skew": 0.0, "MaxVio": 0.1})

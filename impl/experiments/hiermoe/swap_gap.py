@@ -15,8 +15,11 @@ current placement (as the sim's HierMoE plans), until it keeps the placement (`c
 `max_swaps`. At every checkpoint the placement's modeled AlltoAll time (HD-MoE's model, d* and
 its agreement included) on the routing it was planned on (`a2a_ms_same`: no staleness) and on
 the next iteration's routing (`a2a_ms_next`: what a run that plans after its step sees), each
-under our charge ('all') and the paper's (Eqs. (1)-(5), 'tokens'), and the objective Q of the
-placement (`q_ms`, Eq. (8) at its d*). Gains are the rows of 0 swaps over the row's.
+under our charge ('all') and the paper's (Eqs. (1)-(5), 'tokens'), the objective Q of the
+placement (`q_ms`, Eq. (8) at its d*), and the duplicate-free rows of the route's first step (across
+the coarsest level) on the next routing, their mean and largest split (`first_step_rows_*`: a swap
+lowers the mean by placing experts that tokens select together in one group, the largest split
+over the mean by balancing). Gains are the rows of 0 swaps over the row's.
 
 What it measures (the report divides): the swap gain after as many swaps as the runs make,
 the converged gain (an upper bound for a run of any length on a routing that stays, under this
@@ -38,6 +41,7 @@ from impl.common.dispatcher import ExpertPlacement
 from impl.common.records import make_record
 from impl.experiments.hiermoe.sim import LayerRouting, SimExperimentConfig, a2a_time, parse_system, resolve
 from impl.experiments.hiermoe.workload import RoutingStream, routing_balance
+from impl.hiermoe.dimension import holder_rows, route_steps
 from impl.hiermoe.expert_swap import decide_swap
 
 __all__ = ["SwapGapConfig", "swap_path", "run_sweep", "main"]
@@ -70,6 +74,10 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
             suffix = "" if charge == "all" else "_tokens"
             for which, r in (("same", routing), ("next", next_routing)):
                 out[f"a2a_ms_{which}{suffix}"] = a2a_time(spec, r.of(placement)[0], None, rz)[0]
+        # the route's first step (across the coarsest level) on the next routing: its duplicate-free
+        # rows per (holder, peer), mean and largest (what dedup and balance change)
+        rows = holder_rows(next_routing.of(placement)[0].copies, *route_steps(rz.topology, d)[0]).double()
+        out["first_step_rows_mean"], out["first_step_rows_max"] = float(rows.mean()), float(rows.max())
         return out
 
     plan_s = 0.0
