@@ -356,6 +356,7 @@ class Runs:
     skew_runs: dict = field(default_factory=dict)          # {skew: that variant's rows}
     deepseek_ablation: dict = field(default_factory=dict)  # {variant: its rows} (ungrouped, dense0)
     swap_gap: pd.DataFrame | None = None                   # the swap-gap sweep (impl.experiments.hiermoe.swap_gap)
+    long: dict = field(default_factory=dict)               # {variant: its rows}: HD-MoE, HierMoE over a long run
 
     def of(self, model: str) -> pd.DataFrame:
         return self.qwen3 if model == QWEN3 else self.deepseek
@@ -1031,6 +1032,21 @@ def _hd2_at_needed_skew(runs: Runs, need: dict[str, float] | None, gain: float) 
             f"{fmt(fit_target(runs.qwen3))}): both hold at one skew.")
 
 
+def _long_run_lines(runs: Runs, first: int) -> list[str]:
+    """HierMoE over HD-MoE in the long run's first `first` iterations and its last third (paired per
+    iteration): the swaps accumulating with the run's own staleness and drift."""
+    out = []
+    for name, frame in runs.long.items():
+        n = int(frame["iteration"].max()) + 1
+        early = speedup(frame[frame["iteration"] < first], "HierMoE", "HD-MoE")["median"]
+        late = speedup(frame[frame["iteration"] >= n - n // 3], "HierMoE", "HD-MoE")["median"]
+        out.append(f"* A run long enough to converge (`ablation-long`, variant {name}: skew "
+                   f"{frame['skew'].iloc[0]:g}, drift {frame['drift'].iloc[0]:g}, {n} iterations, one swap plan per iteration, "
+                   f"planned on each iteration's routing and used from the next): HierMoE over HD-MoE "
+                   f"{fmt(early, 3)} over its first {min(first, n)} iterations, {fmt(late, 3)} over its last {n // 3}.")
+    return out
+
+
 def swap_gap_lines(gap: pd.DataFrame, runs: Runs) -> tuple[str, str]:
     """(the headline's sentence, the section) on what the swap can gain on our routing, from the
     swap-gap sweep (`impl.experiments.hiermoe.swap_gap`)."""
@@ -1070,6 +1086,7 @@ def swap_gap_lines(gap: pd.DataFrame, runs: Runs) -> tuple[str, str]:
         _md_table(table, 3), "",
         f"* Swaps made: {runs_made}converged ({fit_row['swaps made']} swaps), {fmt(fitted['final, next routing'])} at "
         f"the fitted skew {at:g} (MaxVio {fitted['MaxVio']:.2f}), against the paper's {fmt(lo)}-{fmt(hi)} (Sec. V-E).",
+        *_long_run_lines(runs, plans),
         f"* Where the gain comes from: at the fitted skew the route's first step (across nodes) carries "
         f"{100 * (1 - fitted[FIRST_MEAN]):.1f}% fewer duplicate-free rows per (holder, peer) on average after the "
         f"converged swaps (dedup: experts that tokens select together placed in one group), while its largest split "
@@ -1331,6 +1348,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Section V-E ablation run (variants fitted, gamma)")
     parser.add_argument("--ablation-persistent", type=cli.input_file, required=True,
                         help="the same on a persistent skew (variant persistent)")
+    parser.add_argument("--ablation-long", type=cli.input_file, required=True,
+                        help="HD-MoE and HierMoE over a long run (variants fitted, persistent)")
     parser.add_argument("--skew", type=cli.input_file, required=True, help="skew-sweep run (one variant per skew)")
     parser.add_argument("--swap", type=cli.input_file, required=True,
                         help="swap measurement CSV (impl.experiments.hiermoe.swap_measure)")
@@ -1350,6 +1369,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = variants_of(read_run(args.ablation), args.ablation, ("fitted", "gamma"))
         ablation, gamma = parts["fitted"], parts["gamma"]
         persistent = variants_of(read_run(args.ablation_persistent), args.ablation_persistent, ("persistent",))["persistent"]
+        long_runs = variants_of(read_run(args.ablation_long), args.ablation_long, ("fitted", "persistent"))
         skews = list(variants_of(read_run(args.skew), args.skew).values())
         ds_ablation = variants_of(read_run(args.deepseek_ablation), args.deepseek_ablation,
                                   ("defaults", "ungrouped", "dense0"))
@@ -1368,7 +1388,7 @@ def main(argv: list[str] | None = None) -> int:
     target = fit_target(q3)
     fitted, at_bound = fit_skew(sk, target)
     runs = Runs(q3, ds, node, t4_frames, ablation, persistent, gamma, sk, fitted, at_bound, swap,
-                {float(f["skew"].iloc[0]): f for f in skews}, ds_ablation, swap_gap)
+                {float(f["skew"].iloc[0]): f for f in skews}, ds_ablation, swap_gap, long_runs)
     for name, fig, source in (("fig10", plot_fig10(models), f"{args.deepseek}, {args.qwen3}"),
                               ("fig11", plot_fig11(models), f"{args.deepseek}, {args.qwen3}"),
                               ("fig12", plot_fig12(ablation), args.ablation),

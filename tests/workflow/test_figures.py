@@ -278,7 +278,8 @@ FIGURE_CLIS = {
                                         "--out-md", f"{out}/t.md"],
     "hiermoe_scaleout": lambda csv, out: ["--csv", csv, "--out", f"{out}/s", "--out-md", f"{out}/s.md"],
     "hiermoe_sim": lambda csv, out: [a for flag in ("--qwen3", "--deepseek", "--deepseek-ablation", "--node", "--table4", "--ablation",
-                                                    "--ablation-persistent", "--skew", "--swap", "--swap-gap")
+                                                    "--ablation-persistent", "--ablation-long", "--skew", "--swap",
+                                                    "--swap-gap")
                                     for a in (flag, csv)]
                                     + ["--out-dir", out],
     "scheinfer_sim": lambda csv, out: ["--sim", csv, "--timeline", csv, "--out-dir", out],
