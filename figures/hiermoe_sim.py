@@ -5,8 +5,8 @@ ours, and for every gap above 10% the ablations (one assumption changed at a tim
 recorded run) that show its cause.
 
     python -m figures.hiermoe_sim --qwen3 Q.csv --deepseek D.csv --deepseek-ablation DA.csv --node N.csv --table4 T4.csv \
-        --ablation A.csv --ablation-persistent P.csv --skew S.csv --swap swap.csv --table2-csv T2.csv --table2-md T2.md \
-        --fig9-md F9.md --out-dir results/figures
+        --ablation A.csv --ablation-persistent P.csv --ablation-long L.csv --skew S.csv --swap swap.csv \
+        --swap-gap gap.csv --table2-csv T2.csv --table2-md T2.md --fig9-md F9.md --out-dir results/figures
 
 Speedups are computed here, never stored: per iteration, baseline AlltoAll (or end-to-end) time
 over the system's on the same routing, then the median over the measured iterations, with
