@@ -5,8 +5,8 @@ ours, and for every gap above 10% the ablations (one assumption changed at a tim
 recorded run) that show its cause.
 
     python -m figures.hiermoe_sim --qwen3 Q.csv --deepseek D.csv --deepseek-ablation DA.csv --node N.csv --table4 T4.csv \
-        --ablation A.csv --ablation-persistent P.csv --skew S.csv --swap swap.csv --table2-csv T2.csv --table2-md T2.md \
-        --fig9-md F9.md --out-dir results/figures
+        --ablation A.csv --ablation-persistent P.csv --ablation-long L.csv --skew S.csv --swap swap.csv \
+        --swap-gap gap.csv --table2-csv T2.csv --table2-md T2.md --fig9-md F9.md --out-dir results/figures
 
 Speedups are computed here, never stored: per iteration, baseline AlltoAll (or end-to-end) time
 over the system's on the same routing, then the median over the measured iterations, with
@@ -355,6 +355,8 @@ class Runs:
     swap: pd.DataFrame
     skew_runs: dict = field(default_factory=dict)          # {skew: that variant's rows}
     deepseek_ablation: dict = field(default_factory=dict)  # {variant: its rows} (ungrouped, dense0)
+    swap_gap: pd.DataFrame | None = None                   # the swap-gap sweep (impl.experiments.hiermoe.swap_gap)
+    long: dict = field(default_factory=dict)               # {variant: its rows}: HD-MoE, HierMoE over a long run
 
     def of(self, model: str) -> pd.DataFrame:
         return self.qwen3 if model == QWEN3 else self.deepseek
@@ -885,7 +887,8 @@ def headline(runs: Runs, t4: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
         f"run's default HierMoE, paired per iteration; the Qwen3 run's medians give {fmt(q['HierMoE'] / q['HD-MoE'])}; paper "
         f"{fmt(lo_swap)}-{fmt(hi_swap)} in Sec. V-E), {fmt(pgain)}x on a persistent skew (skew "
         f"{runs.persistent['skew'].iloc[0]:g}, no drift)"
-        + ("" if top is None else f", {fmt(tgain)}x at skew {top:g} with drift (skew sweep)") + ".",
+        + ("" if top is None else f", {fmt(tgain)}x at skew {top:g} with drift (skew sweep)") + "."
+        + ("" if runs.swap_gap is None else " " + swap_gap_lines(runs.swap_gap, runs)[0]),
         f"* End to end on Qwen3, HierMoE over HD-MoE {fmt(e2e)}, over HD2-MoE {fmt(e2e_hd2)} (paper: over HD2-MoE "
         f"{fmt(lo10)}-{fmt(hi10)}, a range over both models).",
         *deepseek_setting(runs),
@@ -964,6 +967,139 @@ def swap_section(runs: Runs) -> str:
         + "; its time beside the model's prediction from this machine's calibration (Fig. 9, right) and the bare "
         "AlltoAll of the same bytes between the same ranks (the rest of the measured time is packing the state, "
         "unpacking it and the state check; medians over the `repeats` measured):", "", _md_table(meas, 2)])
+
+
+SWAP_GAP_COLUMNS = ("skew", "swaps", "checkpoint", "converged", "maxvio", "max_split_ratio", "q_ms", "a2a_ms_same", "a2a_ms_next",
+                    "a2a_ms_same_tokens", "a2a_ms_next_tokens", "first_step_rows_mean", "first_step_rows_max")
+PAPER_CHARGE = "final, paper's charge"
+FIRST_MEAN = "first step's mean rows, final / 0 swaps"
+FIRST_SPREAD = "first step's largest / mean split, 0 swaps -> final"
+
+
+def swap_gap_table(gap: pd.DataFrame) -> pd.DataFrame:
+    """One row per skew of the swap-gap sweep: HierMoE over HD-MoE (the placement at 0 swaps over
+    the one after k swaps) at every checkpoint of the sweep and where the planner stopped; a path
+    that stopped before a checkpoint keeps its last placement there."""
+    checkpoints = sorted({int(k) for k in gap[gap["checkpoint"].astype(bool)]["swaps"]})
+    rows = []
+    for skew, g in gap.groupby("skew", sort=True):
+        g = g.sort_values("swaps")
+        base, last = g.iloc[0], g.iloc[-1]
+        at = dict(zip(g["swaps"].astype(int), g["a2a_ms_next"]))
+        row = {"skew": float(skew), "MaxVio": float(base["maxvio"]), "largest flat split / mean": float(base["max_split_ratio"])}
+        for k in checkpoints:
+            stopped = bool(last["converged"]) and k >= last["swaps"]
+            row[f"after {k} swaps"] = (float(base["a2a_ms_next"] / (last["a2a_ms_next"] if stopped else at[k]))
+                                       if stopped or k in at else np.nan)
+        row["swaps made"] = f"{int(last['swaps'])}" + ("" if last["converged"] else " (cap)")
+        row["final, next routing"] = float(base["a2a_ms_next"] / last["a2a_ms_next"])
+        row["final, same routing"] = float(base["a2a_ms_same"] / last["a2a_ms_same"])
+        row[PAPER_CHARGE] = float(base["a2a_ms_next_tokens"] / last["a2a_ms_next_tokens"])
+        row["final, objective Q"] = float(base["q_ms"] / last["q_ms"])
+        row[FIRST_MEAN] = float(last["first_step_rows_mean"] / base["first_step_rows_mean"])
+        row[FIRST_SPREAD] = (f"{base['first_step_rows_max'] / base['first_step_rows_mean']:.3f} -> "
+                             f"{last['first_step_rows_max'] / last['first_step_rows_mean']:.3f}")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def skew_needed(table: pd.DataFrame, target: float, column: str = "final, next routing") -> dict[str, float] | None:
+    """The skew (and MaxVio) at which `column` first reaches `target`, linear between the sweep's
+    points; None if no point of the sweep reaches it."""
+    t = table.sort_values("skew").reset_index(drop=True)
+    hit = t.index[t[column] >= target]
+    if not len(hit):
+        return None
+    i = int(hit[0])
+    if i == 0:
+        return {"skew": float(t.loc[0, "skew"]), "MaxVio": float(t.loc[0, "MaxVio"])}
+    a, b = t.loc[i - 1], t.loc[i]
+    w = (target - a[column]) / (b[column] - a[column])
+    return {k: float(a[k] + w * (b[k] - a[k])) for k in ("skew", "MaxVio")}
+
+
+def _hd2_at_needed_skew(runs: Runs, need: dict[str, float] | None, gain: float) -> str:
+    """Whether the skew the swap gain needs keeps the number the skew was fitted to: HD2-MoE over
+    Megatron-LM on the skew sweep (linear between its points) at that skew, beside the paper's."""
+    g = runs.skew[runs.skew["system"] == "HD2-MoE"].sort_values("skew")
+    if need is None or g.empty or not g["skew"].min() <= need["skew"] <= g["skew"].max():
+        return ""
+    hd2 = float(np.interp(need["skew"], g["skew"], g["median"]))
+    return (f" At that skew the skew sweep gives HD2-MoE over Megatron-LM {fmt(hd2)} (paper {fmt(fit_target(runs.qwen3))}, "
+            f"the number the skew was fitted to), so under our model no one routing skew gives both the paper's "
+            f"swap gain of {fmt(gain)} and its HD2-MoE." if abs(hd2 / fit_target(runs.qwen3) - 1) > TOLERANCE else
+            f" At that skew the skew sweep gives HD2-MoE over Megatron-LM {fmt(hd2)} (paper "
+            f"{fmt(fit_target(runs.qwen3))}): both hold at one skew.")
+
+
+def _long_run_lines(runs: Runs, first: int) -> list[str]:
+    """HierMoE over HD-MoE in the long run's first `first` iterations and its last third (paired per
+    iteration): the swaps accumulating with the run's own staleness and drift."""
+    out = []
+    for name, frame in runs.long.items():
+        n = int(frame["iteration"].max()) + 1
+        early = speedup(frame[frame["iteration"] < first], "HierMoE", "HD-MoE")["median"]
+        late = speedup(frame[frame["iteration"] >= n - n // 3], "HierMoE", "HD-MoE")["median"]
+        out.append(f"* A run long enough to converge (`ablation-long`, variant {name}: skew "
+                   f"{frame['skew'].iloc[0]:g}, drift {frame['drift'].iloc[0]:g}, {n} iterations, one swap plan per iteration, "
+                   f"planned on each iteration's routing and used from the next): HierMoE over HD-MoE "
+                   f"{fmt(early, 3)} over its first {min(first, n)} iterations, {fmt(late, 3)} over its last {n // 3}.")
+    return out
+
+
+def swap_gap_lines(gap: pd.DataFrame, runs: Runs) -> tuple[str, str]:
+    """(the headline's sentence, the section) on what the swap can gain on our routing, from the
+    swap-gap sweep (`impl.experiments.hiermoe.swap_gap`)."""
+    table = swap_gap_table(gap)
+    lo, hi = paper_range("hiermoe_ablation")
+    at = runs.fitted_skew
+    fitted = {c: float(np.interp(at, table["skew"], table[c])) for c in table.columns
+              if c not in ("swaps made",) and table[c].dtype.kind == "f"}
+    plans = int((runs.ablation[(runs.ablation["system"] == "HierMoE") & (runs.ablation["iteration"]
+                                                                          >= runs.ablation["warmup"])]
+                 ["moved_experts"] > 0).sum())
+    made = f"after {plans} swaps"
+    need = {t: skew_needed(table, t) for t in (lo, hi)}
+
+    def needed(t: float) -> str:
+        n = need[t]
+        return (f"{fmt(t)} needs skew {n['skew']:.2f} (MaxVio {n['MaxVio']:.2f})" if n is not None else
+                f"{fmt(t)} is not reached up to skew {table['skew'].max():g} (MaxVio {table['MaxVio'].max():.2f})")
+
+    fit_row = table.iloc[(table["skew"] - at).abs().argmin()]
+    runs_made = (f"the ablation run makes {plans} swaps in its first layer, and {plans} swaps on the same routing "
+                 f"held fixed give {fmt(fitted[made])}; " if made in fitted else
+                 f"the ablation run makes {plans} swaps in its first layer; ")
+    sentence = (f"Why (swap-gap sweep, swaps accumulated on a routing that stays): at the fitted skew "
+                f"{at:g} the swap converges at {fit_row['swaps made']} swaps to {fmt(fitted['final, next routing'])} "
+                f"(objective Q {fmt(fitted['final, objective Q'])}); under our model the paper's {needed(lo)}, "
+                f"its {needed(hi)}, both converged.")
+    section = "\n".join([
+        "HierD-ES swaps one pair per layer and plan (Theorem 1), so its gain grows with the swaps made until no "
+        "single swap lowers the objective, and it is bounded by what the routing leaves to fix. The sweep takes both "
+        "limits of the runs away: per skew, one layer's routing with no drift, HierD-ES planned again and again on "
+        "it from the identity placement (d* of the current placement, as the runs plan) until it keeps the "
+        "placement; HierMoE over HD-MoE is the modeled AlltoAll time at 0 swaps over the time after k, on the next "
+        "iteration's routing (what a run that plans after its step sees; `same routing`: the routing planned on, "
+        "no staleness), under our charge; `paper's charge`: the paper's Eqs. (1)-(5); `objective Q`: Eq. (8) at "
+        "d*, what the planner predicts (`impl.experiments.hiermoe.swap_gap`, `results/raw/hiermoe_swap_gap`).", "",
+        _md_table(table, 3), "",
+        f"* Swaps made: {runs_made}converged ({fit_row['swaps made']} swaps), {fmt(fitted['final, next routing'])} at "
+        f"the fitted skew {at:g} (MaxVio {fitted['MaxVio']:.2f}), against the paper's {fmt(lo)}-{fmt(hi)} (Sec. V-E).",
+        *_long_run_lines(runs, plans),
+        f"* Where the gain comes from: at the fitted skew the route's first step (across nodes) carries "
+        f"{100 * (1 - fitted[FIRST_MEAN]):.1f}% fewer duplicate-free rows per (holder, peer) on average after the "
+        f"converged swaps (dedup: experts that tokens select together placed in one group), while its largest split "
+        f"over the mean goes {fit_row[FIRST_SPREAD]} (balance).",
+        f"* Staleness (planned on one iteration, used on the next): converged, {fmt(fitted['final, same routing'], 3)} "
+        f"on the routing planned on against {fmt(fitted['final, next routing'], 3)} on the next one.",
+        f"* Objective against the model: converged, Q gains {fmt(fitted['final, objective Q'], 3)}, the modeled time "
+        f"{fmt(fitted['final, same routing'], 3)} on the same routing under our charge, "
+        f"{fmt(fitted[PAPER_CHARGE], 3)} on the next under the paper's.",
+        f"* What would have to be true for the paper's gain under our model, converged: {needed(lo)}; {needed(hi)} "
+        f"(the fitted routing has MaxVio {fitted['MaxVio']:.2f}; the paper states no load statistics)."
+        + _hd2_at_needed_skew(runs, need[lo], lo)])
+    return sentence, section
 
 
 def deepep_section(runs: Runs) -> str:
@@ -1087,6 +1223,8 @@ def markdown_report(runs: Runs, t4: pd.DataFrame, fig9_md: str | None, table2: s
            _md_table(t4[["system", "sweep", "setting", "paper", "ours", "ours_p5", "ours_p95"]]), "",
            *table4_profiles(runs), "",
            "## Ablations of Section V-E: HierMoE over HD-MoE", "", _ablation_table(runs), "",
+           *(["## Why the swap gains less than the paper's: swaps accumulated on a routing that stays", "",
+              swap_gap_lines(runs.swap_gap, runs)[1], ""] if runs.swap_gap is not None else []),
            "## Expert swap: what it moves, when, and what it costs", "", swap_section(runs), "",
            "## Beyond the paper: a DeepEP-style dispatcher", "", deepep_section(runs), "",
            "## Table II and Fig. 9", "", table2, "",
@@ -1210,9 +1348,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="Section V-E ablation run (variants fitted, gamma)")
     parser.add_argument("--ablation-persistent", type=cli.input_file, required=True,
                         help="the same on a persistent skew (variant persistent)")
+    parser.add_argument("--ablation-long", type=cli.input_file, required=True,
+                        help="HD-MoE and HierMoE over a long run (variants fitted, persistent)")
     parser.add_argument("--skew", type=cli.input_file, required=True, help="skew-sweep run (one variant per skew)")
     parser.add_argument("--swap", type=cli.input_file, required=True,
                         help="swap measurement CSV (impl.experiments.hiermoe.swap_measure)")
+    parser.add_argument("--swap-gap", type=cli.input_file, required=True,
+                        help="swap-gap sweep CSV (impl.experiments.hiermoe.swap_gap)")
     parser.add_argument("--table2-csv", type=cli.input_file, help="Table II run CSV (its cells go into the report)")
     parser.add_argument("--table2-md", type=cli.input_file, help="Table II markdown (linked)")
     parser.add_argument("--fig9-md", type=cli.input_file, help="Fig. 9 markdown (linked and included)")
@@ -1227,12 +1369,14 @@ def main(argv: list[str] | None = None) -> int:
         parts = variants_of(read_run(args.ablation), args.ablation, ("fitted", "gamma"))
         ablation, gamma = parts["fitted"], parts["gamma"]
         persistent = variants_of(read_run(args.ablation_persistent), args.ablation_persistent, ("persistent",))["persistent"]
+        long_runs = variants_of(read_run(args.ablation_long), args.ablation_long, ("fitted", "persistent"))
         skews = list(variants_of(read_run(args.skew), args.skew).values())
         ds_ablation = variants_of(read_run(args.deepseek_ablation), args.deepseek_ablation,
                                   ("defaults", "ungrouped", "dense0"))
         swap = read_results(args.swap, ("pair", "measured_ms", "transport_ms", "modeled_ms", "bytes_per_expert",
                                         "bytes_per_expert_model", "topology", "model", "profile_path"),
                             "impl.experiments.hiermoe.swap_measure")
+        swap_gap = read_results(args.swap_gap, SWAP_GAP_COLUMNS, "impl.experiments.hiermoe.swap_gap")
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
@@ -1244,7 +1388,7 @@ def main(argv: list[str] | None = None) -> int:
     target = fit_target(q3)
     fitted, at_bound = fit_skew(sk, target)
     runs = Runs(q3, ds, node, t4_frames, ablation, persistent, gamma, sk, fitted, at_bound, swap,
-                {float(f["skew"].iloc[0]): f for f in skews}, ds_ablation)
+                {float(f["skew"].iloc[0]): f for f in skews}, ds_ablation, swap_gap, long_runs)
     for name, fig, source in (("fig10", plot_fig10(models), f"{args.deepseek}, {args.qwen3}"),
                               ("fig11", plot_fig11(models), f"{args.deepseek}, {args.qwen3}"),
                               ("fig12", plot_fig12(ablation), args.ablation),

@@ -288,6 +288,12 @@ CLIS: list[Cli] = [
          "--out-csv", "{tmp}/w.csv", "--out-record", "{tmp}/w.json"),
         {"--profile": IN + ["{garbage}", "{profile_1x2}"], "--out-csv": OUT, "--out-record": OUT, "--config": IN},
         config="hiermoe_swap"),
+    Cli("impl.experiments.hiermoe.swap_gap",
+        ("--set", "sim.model=deepseek-v3-tiny", "--set", "sim.topology=2x2", "--set", "sim.profile={profile_2x2}",
+         "--set", "sim.tokens_per_rank=256", "--set", "skews=[0.0]", "--set", "max_swaps=1", "--set", "checkpoints=[1]",
+         "--out-csv", "{tmp}/g.csv", "--out-record", "{tmp}/g.json", "--no-progress"),
+        {"--out-csv": OUT, "--out-record": OUT, "--config": IN},
+        config="hiermoe_swap_gap", free=frozenset({"experiment", "sim.experiment"})),
     Cli("impl.experiments.hiermoe.table2",
         ("--set", "num_experts=8", "--set", "top_ks=[2]", "--set", "group_counts=[2]", "--set", "tokens_per_sample=8",
          "--set", "repeats=1", "--out-csv", "{tmp}/t.csv", "--out-record", "{tmp}/t.json", "--no-progress"),
@@ -349,10 +355,11 @@ CLIS: list[Cli] = [
     Cli("figures.hiermoe_scaleout", ("--csv", "{garbage}", "--out", "{tmp}/fs", "--out-md", "{tmp}/fs.md"),
         {"--csv": IN, "--out": OUT, "--out-md": OUT}),
     Cli("figures.hiermoe_sim", tuple(x for k in ("--qwen3", "--deepseek", "--deepseek-ablation", "--node", "--table4", "--ablation",
-                                                 "--ablation-persistent", "--skew", "--swap")
+                                                 "--ablation-persistent", "--ablation-long", "--skew", "--swap", "--swap-gap")
                                      for x in (k, "{garbage}")) + ("--out-dir", "{tmp}/hs"),
         {k: IN for k in ("--qwen3", "--deepseek", "--deepseek-ablation", "--node", "--table4", "--ablation", "--ablation-persistent",
-                         "--skew", "--swap", "--table2-csv", "--table2-md", "--fig9-md", "--emu-md")}
+                         "--ablation-long", "--skew", "--swap", "--swap-gap", "--table2-csv", "--table2-md", "--fig9-md",
+                         "--emu-md")}
         | {"--out-dir": ["{garbage}", ""]}),
     Cli("figures.hiermoe_table2", ("--csv", "{garbage}", "--out-pdf", "{tmp}/t.pdf", "--out-png", "{tmp}/t.png",
                                    "--out-md", "{tmp}/t.md"),
@@ -375,6 +382,7 @@ def _config_classes() -> dict[str, type]:
     from impl.experiments.fsmoe.results import ResultsConfig
     from impl.experiments.hiermoe.scaleout import ScaleoutConfig
     from impl.experiments.hiermoe.sim import SimExperimentConfig
+    from impl.experiments.hiermoe.swap_gap import SwapGapConfig
     from impl.experiments.hiermoe.swap_measure import SwapMeasureConfig
     from impl.experiments.hiermoe.table2 import Table2Config
     from impl.experiments.layer_bench import LayerBenchConfig
@@ -383,6 +391,7 @@ def _config_classes() -> dict[str, type]:
     return {"layer_bench": LayerBenchConfig, "emu_validation": EmuValidationConfig, "fsmoe_degrees": DegreeStudyConfig,
             "fsmoe_emu": EmuConfig, "fsmoe_plan": PlanConfig, "fsmoe_results": ResultsConfig,
             "hiermoe_scaleout": ScaleoutConfig, "hiermoe_sim": SimExperimentConfig, "hiermoe_swap": SwapMeasureConfig,
+            "hiermoe_swap_gap": SwapGapConfig,
             "hiermoe_table2": Table2Config, "scheinfer_sim": SimConfig}
 
 

@@ -290,7 +290,9 @@ FIGURE_CLIS = {
                                         "--out-md", f"{out}/t.md"],
     "hiermoe_scaleout": lambda csv, out: ["--csv", csv, "--out", f"{out}/s", "--out-md", f"{out}/s.md"],
     "hiermoe_sim": lambda csv, out: [a for flag in ("--qwen3", "--deepseek", "--deepseek-ablation", "--node", "--table4", "--ablation",
-                                                    "--ablation-persistent", "--skew", "--swap") for a in (flag, csv)]
+                                                    "--ablation-persistent", "--ablation-long", "--skew", "--swap",
+                                                    "--swap-gap")
+                                    for a in (flag, csv)]
                                     + ["--out-dir", out],
     "scheinfer_sim": lambda csv, out: ["--sim", csv, "--timeline", csv, "--out-dir", out],
     "emu_validation": lambda csv, out: ["--csv", csv, "--out", f"{out}/e", "--out-md", f"{out}/e.md"],

@@ -28,6 +28,7 @@ REDUCED = ["hiermoe_table2={set: {tokens_per_sample: 512, repeats: 2, top_ks: [2
            "hiermoe_calibration={topology: 1x2, args: '--sizes 64K,128K,256K --repeats 2 --warmup 1 --iters 1'}",
            "hiermoe_sim={set: {iterations: 3, warmup: 1, layers: 1, tokens_per_rank: 256}}",
            "hiermoe_swap_measure={set: {repeats: 1, warmup: 0, model: qwen3-30b-a3b-32l-tiny}}",
+           "hiermoe_swap_gap={set: {skews: [0.0, 1.0], max_swaps: 4, checkpoints: [1], sim: {tokens_per_rank: 256}}}",
            "scheinfer_sim={set: {decode_tokens: 4, hardware: [rtx4090-pcie4-16core, rtx3090-pcie3-8core]}}",
            "fsmoe={set: {grid_sample: 6, order_sample: 2, order_tries: 50}, ablation_sample: 4, emu: {hidden: 32, ffn_hidden: 64, tokens_per_rank: 64, "
            "repeats: 1, warmup: 0, gradient_elements: 1024}, calibration_args: '--sizes 64K,128K,256K --repeats 2 "

@@ -64,8 +64,10 @@ rule plot_hiermoe_sim:
         table4="results/raw/hiermoe_sim/table4.csv",
         ablation="results/raw/hiermoe_sim/ablation.csv",
         persistent="results/raw/hiermoe_sim/ablation-persistent.csv",
+        long="results/raw/hiermoe_sim/ablation-long.csv",
         skew="results/raw/hiermoe_sim/skew.csv",
         swap=rules.hiermoe_swap_measure.output.csv,
+        swap_gap=rules.hiermoe_swap_gap.output.csv,
         table2_csv=rules.hiermoe_table2.output.csv,
         table2=rules.plot_hiermoe_table2.output.md,
         fig9=rules.plot_hiermoe_fig9.output.md,
@@ -92,7 +94,8 @@ rule plot_hiermoe_sim:
         "python -m figures.hiermoe_sim --qwen3 {input.qwen3} --deepseek {input.deepseek}"
         " --deepseek-ablation {input.deepseek_ablation} --node {input.node}"
         " --table4 {input.table4} --ablation {input.ablation} --ablation-persistent {input.persistent}"
-        " --skew {input.skew} --swap {input.swap} --table2-csv {input.table2_csv} --table2-md {input.table2}"
+        " --ablation-long {input.long}"
+        " --skew {input.skew} --swap {input.swap} --swap-gap {input.swap_gap} --table2-csv {input.table2_csv} --table2-md {input.table2}"
         " --fig9-md {input.fig9} --emu-md {params.emu}"
         " --out-dir results/figures > {log} 2>&1"
 

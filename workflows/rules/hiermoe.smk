@@ -110,6 +110,30 @@ rule hiermoe_swap_measure:
         " {params.overrides} --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
 
 
+rule hiermoe_swap_gap:
+    """What the expert swap can gain on our routing: HierD-ES planned until it stops, on routings of
+    several skews that stay (the report's explanation of the swap gain's gap to the paper)."""
+    input:
+        code=code_inputs("impl.experiments.hiermoe.swap_gap"),
+        config=repo_path(config["hiermoe_swap_gap"]["config"]),
+    output:
+        csv="results/raw/hiermoe_swap_gap/sweep.csv",
+        record="results/raw/hiermoe_swap_gap/sweep.json",
+    log:
+        "results/logs/hiermoe_swap_gap/sweep.log",
+    benchmark:
+        "results/benchmarks/hiermoe_swap_gap/sweep.tsv"
+    params:
+        overrides=as_flags(overrides_of(config["hiermoe_swap_gap"].get("set", {}))),
+    threads: 1
+    resources:
+        runtime=30,
+        mem_mb=4000,
+    shell:
+        "python -m impl.experiments.hiermoe.swap_gap --config {input.config} {params.overrides} --no-progress"
+        " --out-csv {output.csv} --out-record {output.record} > {log} 2>&1"
+
+
 rule hiermoe_scaleout:
     """Beyond the paper (not in the default target): AlltoAll speedups from 32 to 1,024 GPUs,
     8 per node, D = 2..4, with the crossover points; `snakemake --cores 2 hiermoe_scaleout`."""

@@ -462,6 +462,7 @@ def run_experiment(rz: Resolved, progress: bool | None = None) -> pd.DataFrame:
     for key, value in (("model", rz.model.name), ("topology", rz.topology.name), ("G", rz.topology.G),
                        ("E", rz.num_experts), ("K", rz.top_k), ("M", rz.model.hidden), ("tier", "sim"),
                        ("profile", rz.profile.name), ("warmup", cfg.warmup), ("skew", cfg.stream.skew),
+                       ("drift", cfg.stream.drift),
                        ("capacity_factor", cfg.capacity_factor), ("compute_profile", rz.compute.name),
                        ("num_layers", rz.model.num_layers), ("n_group", rz.model.n_group),
                        ("topk_group", rz.model.topk_group)):
