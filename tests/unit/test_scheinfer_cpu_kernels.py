@@ -129,6 +129,37 @@ def test_products_do_not_depend_on_the_thread_count(isa, tokens):
     assert torch.equal(outs[0], outs[1])
 
 
+@needs_native
+def test_a_forked_child_runs_products_on_threads_of_its_own():
+    """The parent's helper threads do not exist in a forked child: the child starts a fresh pool
+    (pthread_atfork) and its 2-thread products give the parent's bits, without hanging."""
+    import os
+    import time
+    g = torch.Generator().manual_seed(7)
+    x, gate, up, down = (torch.randn(1, 256, generator=g), torch.randn(1536, 256, generator=g),
+                         torch.randn(1536, 256, generator=g), torch.randn(256, 1536, generator=g))
+    isa = cpu_kernels.ISAS[ISAS[0]]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = torch.ops.scheinfer.ffn(x, gate, up, down, isa)        # the pool's helpers now exist
+        pid = os.fork()
+        if pid == 0:
+            ok = all(torch.equal(torch.ops.scheinfer.ffn(x, gate, up, down, isa), want) for _ in range(3))
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's product hung")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert torch.equal(torch.ops.scheinfer.ffn(x, gate, up, down, isa), want)    # and the parent's pool still works
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ops_reject_bad_inputs_and_unsupported_isas():
     w = _randn(8, 4)
     with pytest.raises(RuntimeError, match="float32 CPU tensor"):
