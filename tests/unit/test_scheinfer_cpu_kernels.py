@@ -237,6 +237,38 @@ def test_auto_measures_every_candidate_and_takes_the_fastest(monkeypatch):
     assert KERNELS == ("auto", "torch", *cpu_kernels.ISAS)
 
 
+def test_auto_ranks_the_candidates_as_the_decoders_mode_runs_them(monkeypatch):
+    """Injected timings (no kernel runs): the eager decoder takes the kernel fastest eagerly, the
+    compiled one the kernel fastest as compiled token steps, whose candidates are torch's loops and
+    the eagerly fastest native kernel; both rankings are recorded."""
+    from impl.scheinfer import fast_decode
+    eager_s = {"torch": 2.0, "avx512": 1.0, "avx2": 1.5}
+    compiled_s = {"torch": 1.0, "avx512": 3.0}
+    asked = []
+
+    def decode_seconds(candidates, layers, rounds, compiled):
+        asked.append((candidates, compiled))
+        return {n: (compiled_s if compiled else eager_s)[n] for n in candidates}
+
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setattr(cpu_kernels, "supported_isas", lambda: ("avx512", "avx2"))
+    monkeypatch.setattr(fast_decode, "_probe_layers", lambda: [None])   # one layer: rates from the timings
+    monkeypatch.setattr(fast_decode, "_decode_seconds", decode_seconds)
+    monkeypatch.setattr(fast_decode, "_batched_seconds",
+                        lambda candidates, layers, rounds: {f"{n}@{T}": 1.0 for n in candidates for T in (16, 64)})
+    _measured_choice.cache_clear()
+    try:
+        eager, compiled = choose_kernel(), choose_kernel(compiled=True)
+    finally:
+        _measured_choice.cache_clear()
+    assert (eager.name, eager.decode_mode, compiled.name, compiled.decode_mode) == ("avx512", "eager", "torch", "compiled")
+    assert asked == [(("torch", "avx512", "avx2"), False), (("torch", "avx512", "avx2"), False),
+                     (("torch", "avx512"), True)]
+    assert set(compiled.rates_gb_s) == {"torch", "avx512", "avx2", "torch, compiled", "avx512, compiled"}
+    assert compiled.as_dict()["decode_mode"] == "compiled" and set(eager.rates_gb_s) == {"torch", "avx512", "avx2"}
+    assert choose_kernel("avx2", compiled=True) == KernelChoice("avx2", "option", NAMED_MAX_TOKENS)
+
+
 def test_no_compiler_falls_back_to_torch_with_one_clear_warning(monkeypatch):
     """Where the extension cannot be built, `available()` is False with one warning naming what is
     needed, the native kernels are not offered, and 'auto' is torch's kernel."""
