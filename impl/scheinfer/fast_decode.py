@@ -25,11 +25,12 @@ summation order:
   and the outputs return to their tokens with one more gather, added in the reference's order.
 * `compile_decode=True`: a decoded token of a single sequence is one compiled region through
   every layer and the LM head (`_token_step`): Inductor fuses the small operations and calls the
-  native kernels (or, with torch's kernel, generates multiply-reduce loops that stream each weight
-  once); for a batch without padding the attention block is the compiled region. The first
+  native kernels, its own loops then on one thread (`_compiled_region`), or, with torch's kernel,
+  generates multiply-reduce loops that stream each weight once; for a batch without padding the
+  attention block is the compiled region. 'auto' measures the kernels compiled for such a decoder. The first
   decode steps of each new weight shape compile (seconds); prefill and padded batches stay
   eager. CPU only, plain expert function.
-Measured speeds are in tests/bench/test_bench_scheinfer_cpu.py.
+Measured speeds: tests/bench/test_bench_scheinfer_cpu.py, its latest tables in tests/bench/README.md.
 """
 from __future__ import annotations
 
@@ -178,6 +179,7 @@ def choose_kernel(requested: "str | KernelChoice | None" = None, *, compiled: bo
 
 
 _PROBE_M, _PROBE_F = 1024, 3584         # the probe's expert shape: Mixtral's width ratio
+_PROBE_LAYER_BYTES = 2 * 3 * _PROBE_M * _PROBE_F * 4     # a probe layer's two experts, float32
 COMPILED = ", compiled"                 # suffix of a compiled decode step's rate in KernelChoice.rates_gb_s
 
 
@@ -197,16 +199,15 @@ def _measured_choice(native: tuple[str, ...], threads: int, compiled: bool = Fal
     torch's BLAS at each, at least 8). About a second in all eagerly, once per process, thread
     count and mode."""
     layers = _probe_layers()
-    layer_bytes = 2 * 3 * _PROBE_M * _PROBE_F * 4
-    rates = {name: round(len(layers) * layer_bytes / t / 1e9, 2)
+    rates = {name: round(len(layers) * _PROBE_LAYER_BYTES / t / 1e9, 2)
              for name, t in _decode_seconds(("torch", *native), layers, rounds, compiled=False).items()}
     if compiled:
         best_native = max(native, key=rates.get)
-        rates.update({name + COMPILED: round(len(layers) * layer_bytes / t / 1e9, 2) for name, t in
+        rates.update({name + COMPILED: round(len(layers) * _PROBE_LAYER_BYTES / t / 1e9, 2) for name, t in
                       _decode_seconds(("torch", best_native), layers, rounds, compiled=True).items()})
     in_mode = {key: rate for key, rate in rates.items() if key.endswith(COMPILED) == compiled}
     name = max(in_mode, key=in_mode.get).removesuffix(COMPILED)
-    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(layers) * layer_bytes / 4 / t / 1e9, 1)
+    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(layers) * _PROBE_LAYER_BYTES / 4 / t / 1e9, 1)
                for key, t in _batched_seconds(("torch", *native), layers, rounds).items()}
     best = max(native, key=lambda n: gflop_s[f"{n}@{_BATCHED_TOKENS[0]}"])
     max_tokens = 8
@@ -221,8 +222,7 @@ def _measured_choice(native: tuple[str, ...], threads: int, compiled: bool = Fal
 def _probe_layers() -> list["StackedMoEWeights"]:
     """The probe's stacked layers of two experts: 3x the last-level cache in all (at least 96 MiB),
     so that each pass reads them from memory, as a decode step reads its experts."""
-    layer_bytes = 2 * 3 * _PROBE_M * _PROBE_F * 4
-    count = max(1, max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // layer_bytes)
+    count = max(1, max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // _PROBE_LAYER_BYTES)
     return [StackedMoEWeights.of(torch.zeros(2, _PROBE_M), torch.ones(2, 2 * _PROBE_F, _PROBE_M),
                                  torch.ones(2, _PROBE_M, _PROBE_F)) for _ in range(count)]
 

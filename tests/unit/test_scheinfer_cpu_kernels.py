@@ -261,7 +261,8 @@ def test_auto_ranks_the_candidates_as_the_decoders_mode_runs_them(monkeypatch):
         eager, compiled = choose_kernel(), choose_kernel(compiled=True)
     finally:
         _measured_choice.cache_clear()
-    assert (eager.name, eager.decode_mode, compiled.name, compiled.decode_mode) == ("avx512", "eager", "torch", "compiled")
+    assert (eager.name, eager.decode_mode) == ("avx512", "eager")
+    assert (compiled.name, compiled.decode_mode) == ("torch", "compiled")
     assert asked == [(("torch", "avx512", "avx2"), False), (("torch", "avx512", "avx2"), False),
                      (("torch", "avx512"), True)]
     assert set(compiled.rates_gb_s) == {"torch", "avx512", "avx2", "torch, compiled", "avx512, compiled"}
