@@ -11,9 +11,9 @@ a host->device copy lane and a GPU compute lane at the same time (scheinfer.md 2
   timing. Concurrency is a property of the policy: Fiddler and llama.cpp run their parts one
   after another, in the caller's thread, as does any layer whose parts are all CC (nothing to
   overlap, so no hand-off to a lane thread). A layer with no GPU part at all (no staging buffer,
-  no resident row: every FFN can only run whole on the CPU) is not planned either: its FFNs go
-  straight to the CPU lane's one call, so an engine with everything on the CPU costs about what
-  the fast decoder alone does.
+  no resident row: every FFN can only run whole on the CPU) skips only the policy's plan, whose
+  one valid answer is known, and runs the same serial path, so an engine with everything on the
+  CPU costs about what the fast decoder alone does.
 * With CUDA: the GPU lane issues on a compute stream, the copy lane on a copy stream from pinned
   host memory (non_blocking), with CUDA events between them; a lane synchronises its own stream
   before it stamps an end time. Without CUDA both GPU lanes run on CPU tensors (a real memcpy
@@ -55,6 +55,7 @@ from .assign import ExpertLoad
 from .decoder import Decoder, FFNItem
 from .fast_decode import FastDecoder, KernelChoice, choose_kernel, fast_ffn, fast_ffns
 from .layers import ExpertWeights
+from .partition import Split
 from .policy import FFNKey, Placement, Policy, ffn_widths, place
 
 __all__ = ["LANES", "LaneEvent", "LaneCancelled", "HybridEngine", "HybridDecoder"]
@@ -348,14 +349,10 @@ class HybridEngine:
                 self._gg.update(self.policy.resident({(layer, e): w.ffn_hidden}, self.hidden, self.dtype_bytes, 0))
         if not self.cg_max and not any(self._gg.get((layer, e)) for e, _, _ in items):
             # no GPU part (no staging buffer, no resident row): every policy's only valid plan
-            # is each FFN whole on the CPU, so none is made; the CPU lane runs in this thread
-            return [self._to_dev(y) for y in self._cpu_ffns([((layer, e), w, x) for e, w, x in items])]
-        loads = [ExpertLoad((layer, e), x.shape[0], w.ffn_hidden, self._gg.get((layer, e), 0)) for e, w, x in items]
-        splits = self.policy.plan(layer, loads, self.phase, layer_tokens, self.cg_max)
-        for ld, s in zip(loads, splits):
-            if s.width != ld.width or s.gg != ld.gg or s.cg > self.cg_max:
-                raise RuntimeError(f"policy {self.policy.name!r} planned {s} for {ld}; expected width "
-                                   f"{ld.width}, gg {ld.gg}, cg <= {self.cg_max}")
+            # is each FFN whole on the CPU, so none is asked for
+            splits = [Split(w.ffn_hidden, 0, 0) for _, w, _ in items]
+        else:
+            splits = self._plan(layer, items, layer_tokens)
         work = [((layer, e), w, x, s) for (e, w, x), s in zip(items, splits)]
         if self.cuda:       # GPU lanes start after the caller's stream has produced x
             self._main_stream = torch.cuda.current_stream(self.device)
@@ -370,6 +367,17 @@ class HybridEngine:
                 y = y + t
             out.append(y)
         return out
+
+    def _plan(self, layer: int, items: Sequence[FFNItem], layer_tokens: int) -> list[Split]:
+        """The policy's splits of the layer's FFNs, checked against the engine's resident rows and
+        staging buffer."""
+        loads = [ExpertLoad((layer, e), x.shape[0], w.ffn_hidden, self._gg.get((layer, e), 0)) for e, w, x in items]
+        splits = self.policy.plan(layer, loads, self.phase, layer_tokens, self.cg_max)
+        for ld, s in zip(loads, splits):
+            if s.width != ld.width or s.gg != ld.gg or s.cg > self.cg_max:
+                raise RuntimeError(f"policy {self.policy.name!r} planned {s} for {ld}; expected width "
+                                   f"{ld.width}, gg {ld.gg}, cg <= {self.cg_max}")
+        return splits
 
     # lane bodies -------------------------------------------------------------
 

@@ -25,11 +25,12 @@ summation order:
   and the outputs return to their tokens with one more gather, added in the reference's order.
 * `compile_decode=True`: a decoded token of a single sequence is one compiled region through
   every layer and the LM head (`_token_step`): Inductor fuses the small operations and calls the
-  native kernels (or, with torch's kernel, generates multiply-reduce loops that stream each weight
-  once); for a batch without padding the attention block is the compiled region. The first
+  native kernels, its own loops then on one thread (`_compiled_region`), or, with torch's kernel,
+  generates multiply-reduce loops that stream each weight once; for a batch without padding the
+  attention block is the compiled region. 'auto' measures the kernels compiled for such a decoder. The first
   decode steps of each new weight shape compile (seconds); prefill and padded batches stay
   eager. CPU only, plain expert function.
-Measured speeds are in tests/bench/test_bench_scheinfer_cpu.py.
+Measured speeds: tests/bench/test_bench_scheinfer_cpu.py, its latest tables in tests/bench/README.md.
 """
 from __future__ import annotations
 
@@ -118,10 +119,11 @@ class KernelChoice:
     """The CPU products' kernels and how they were chosen ('option', 'env', 'measured', or 'only'
     when torch's is the one candidate). Products of one or two tokens (decoding: memory bound) use
     `name`; of 3..max_tokens tokens (prefill: compute bound) `batched` (default: `name`); larger
-    ones torch's BLAS. 'auto' measures one decoded token's FFN (`rates_gb_s`: GB/s streaming cold
-    weights) for `name`, and batched ones (`batched_gflop_s`, per kernel@tokens) for `batched`
-    and `max_tokens`: the two can differ, since one-token products run at the memory bandwidth
-    with any vector width while batched ones gain from the widest."""
+    ones torch's BLAS. 'auto' measures a decoded token's routed experts (`rates_gb_s`: GB/s
+    streaming cold weights) as the decoder's step runs them (`decode_mode`: 'eager' or 'compiled')
+    for `name`, and batched ones (`batched_gflop_s`, per kernel@tokens) for `batched` and
+    `max_tokens`: the two can differ, since one-token products run at the memory bandwidth with
+    any vector width while batched ones gain from the widest."""
 
     name: str
     how: str
@@ -130,6 +132,7 @@ class KernelChoice:
     rates_gb_s: dict = field(default_factory=dict)
     batched_gflop_s: dict = field(default_factory=dict)
     note: str = ""
+    decode_mode: str = ""
 
     @property
     def isa(self) -> int | None:
@@ -144,13 +147,16 @@ class KernelChoice:
 
     def as_dict(self) -> dict:
         return {"kernel": self.name, "how": self.how, "batched": self.batched or self.name, "max_tokens": self.max_tokens,
-                "rates_gb_s": dict(self.rates_gb_s), "batched_gflop_s": dict(self.batched_gflop_s), "note": self.note}
+                "rates_gb_s": dict(self.rates_gb_s), "batched_gflop_s": dict(self.batched_gflop_s), "note": self.note,
+                "decode_mode": self.decode_mode}
 
 
-def choose_kernel(requested: "str | KernelChoice | None" = None) -> KernelChoice:
+def choose_kernel(requested: "str | KernelChoice | None" = None, *, compiled: bool = False) -> KernelChoice:
     """The kernel for this process's CPU products: `requested` (an option; a KernelChoice is taken
-    as made), else $SCHEINFER_CPU_KERNEL, else 'auto'. A named native kernel this host cannot run
-    is a one-line error."""
+    as made), else $SCHEINFER_CPU_KERNEL, else 'auto', measured for the decoder that will use it:
+    `compiled` when it decodes as compiled token steps (FastDecoder's compile_decode), where the
+    candidates run between Inductor's loops, else eagerly. A named native kernel this host cannot
+    run is a one-line error."""
     if isinstance(requested, KernelChoice):
         return requested
     how = "option" if requested else "env" if os.environ.get(KERNEL_ENV) else "measured"
@@ -169,62 +175,110 @@ def choose_kernel(requested: "str | KernelChoice | None" = None) -> KernelChoice
         return KernelChoice(name, how, NAMED_MAX_TOKENS)
     if not native:
         return KernelChoice("torch", "only", note=cpu_kernels.load_error() or "")
-    return _measured_choice(native, torch.get_num_threads())
+    return _measured_choice(native, torch.get_num_threads(), compiled)
+
+
+_PROBE_M, _PROBE_F = 1024, 3584         # the probe's expert shape: Mixtral's width ratio
+_PROBE_LAYER_BYTES = 2 * 3 * _PROBE_M * _PROBE_F * 4     # a probe layer's two experts, float32
+COMPILED = ", compiled"                 # suffix of a compiled decode step's rate in KernelChoice.rates_gb_s
 
 
 @functools.cache
-def _measured_choice(native: tuple[str, ...], threads: int, rounds: int = 5) -> KernelChoice:
-    """'auto' (KernelChoice). `name`: GB/s of a decoded token's routed experts (two SwiGLU
-    experts of a stacked [E, 2F, M] / [E, M, F] layer, M = 1024, F = 3584: Mixtral's shape ratio)
-    streaming cold weights (3x the last-level cache, at least 96 MiB): torch's products, expert by
-    expert, against each native `moe_token` op, which is what a decode step runs (a bare [N, K]
-    product, or one FFN, can rank the kernels otherwise). `batched`: GFLOP/s of the same two
-    experts on the same cold weights, each for _BATCHED_TOKENS tokens (what a prompt's MoE layer
-    runs: `ffn_many`, or torch's products expert by expert, each weight read from memory once),
-    picks the best at the smallest size, and `max_tokens` (the largest size up to which it beats
-    torch's BLAS at each, at least 8). Candidates alternate in each round, and the fastest of `rounds`
-    runs (after a warm-up) counts: on a shared host other work only ever slows a run down, so the
-    fastest is the one nearest the kernel's own speed (a median still moves with the load). About
-    a second in all, once per process and thread count."""
-    M, F_ = 1024, 3584
-    layer_bytes = 2 * 3 * M * F_ * 4
-    layers = [(torch.ones(2, 2 * F_, M), torch.ones(2, M, F_))
-              for _ in range(max(1, max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // layer_bytes))]
-    ids, gate_weights = torch.tensor([0, 1]), torch.tensor([0.5, 0.5])
-
-    def torch_experts(x, gate_up, down):
-        for e in range(2):
-            gu = split_linear(x, gate_up[e])
-            split_linear(F.silu(gu[:, :F_]) * gu[:, F_:], down[e])
-
-    def fastest_times(runs: dict) -> dict[str, float]:
-        times: dict[str, list[float]] = {key: [] for key in runs}
-        for _ in range(rounds + 1):                            # the first round warms up
-            for key, run in runs.items():
-                t0 = time.perf_counter()
-                run()
-                times[key].append(time.perf_counter() - t0)
-        return {key: min(ts[1:]) for key, ts in times.items()}
-
-    candidates = ("torch", *native)
-    x1 = torch.ones(1, M)
-    one = fastest_times({name: lambda isa=cpu_kernels.ISAS.get(name): [
-        torch.ops.scheinfer.moe_token(x1, gu, d, ids, gate_weights, isa) if isa is not None else
-        torch_experts(x1, gu, d) for gu, d in layers] for name in candidates})
-    rates = {name: round(len(layers) * layer_bytes / t / 1e9, 2) for name, t in one.items()}
-    batched = fastest_times({f"{name}@{T}": lambda x=torch.ones(T, M), isa=cpu_kernels.ISAS.get(name): [
-        torch.ops.scheinfer.ffn_many([x, x], [gu[0, :F_], gu[1, :F_]], [gu[0, F_:], gu[1, F_:]], [d[0], d[1]], isa)
-        if isa is not None else torch_experts(x, gu, d) for gu, d in layers]
-        for T in _BATCHED_TOKENS for name in candidates})
-    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(layers) * layer_bytes / 4 / t / 1e9, 1)
-               for key, t in batched.items()}
-    best = max(native, key=lambda name: gflop_s[f"{name}@{_BATCHED_TOKENS[0]}"])
+def _measured_choice(native: tuple[str, ...], threads: int, compiled: bool = False, rounds: int = 5) -> KernelChoice:
+    """'auto' (KernelChoice). `name`: GB/s (`rates_gb_s`) of a decoded token's routed experts (two
+    SwiGLU experts of stacked layers, `_PROBE_M` x `_PROBE_F`) streaming cold weights, each
+    candidate as the decode step runs it (`_probe_step`, `_decode_seconds`): eagerly
+    (`token_experts`: the native `moe_token` op, torch's paired products), and for a compiled
+    decoder also compiled (keys ending in `COMPILED`), where the native op runs between Inductor's
+    loops; the choice is the fastest in the decoder's mode. Compiling costs a few seconds per
+    candidate (once per process; Inductor's cache makes later processes' cheaper), so the
+    compiled comparison is torch's loops against the eagerly fastest native kernel: the native
+    ones differ only inside the op, which compiling does not change. `batched`: GFLOP/s of the
+    same two experts for _BATCHED_TOKENS tokens (a prompt's MoE layer, always eager: `fast_ffns`),
+    the best at the smallest size, and `max_tokens` (the largest size up to which it beats
+    torch's BLAS at each, at least 8). About a second in all eagerly, once per process, thread
+    count and mode."""
+    layers = _probe_layers()
+    rates = {name: round(len(layers) * _PROBE_LAYER_BYTES / t / 1e9, 2)
+             for name, t in _decode_seconds(("torch", *native), layers, rounds, compiled=False).items()}
+    if compiled:
+        best_native = max(native, key=rates.get)
+        rates.update({name + COMPILED: round(len(layers) * _PROBE_LAYER_BYTES / t / 1e9, 2) for name, t in
+                      _decode_seconds(("torch", best_native), layers, rounds, compiled=True).items()})
+    in_mode = {key: rate for key, rate in rates.items() if key.endswith(COMPILED) == compiled}
+    name = max(in_mode, key=in_mode.get).removesuffix(COMPILED)
+    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(layers) * _PROBE_LAYER_BYTES / 4 / t / 1e9, 1)
+               for key, t in _batched_seconds(("torch", *native), layers, rounds).items()}
+    best = max(native, key=lambda n: gflop_s[f"{n}@{_BATCHED_TOKENS[0]}"])
     max_tokens = 8
     for T in _BATCHED_TOKENS:
         if gflop_s[f"{best}@{T}"] <= gflop_s[f"torch@{T}"]:
             break
         max_tokens = T
-    return KernelChoice(max(rates, key=rates.get), "measured", max_tokens, best, rates, gflop_s)
+    return KernelChoice(name, "measured", max_tokens, best, rates, gflop_s,
+                        decode_mode="compiled" if compiled else "eager")
+
+
+def _probe_layers() -> list["StackedMoEWeights"]:
+    """The probe's stacked layers of two experts: 3x the last-level cache in all (at least 96 MiB),
+    so that each pass reads them from memory, as a decode step reads its experts."""
+    count = max(1, max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // _PROBE_LAYER_BYTES)
+    return [StackedMoEWeights.of(torch.zeros(2, _PROBE_M), torch.ones(2, 2 * _PROBE_F, _PROBE_M),
+                                 torch.ones(2, _PROBE_M, _PROBE_F)) for _ in range(count)]
+
+
+def _probe_step(x_1M: torch.Tensor, layers: tuple["StackedMoEWeights", ...], ids_1K: torch.Tensor,
+                weights_1K: torch.Tensor, kernel: KernelChoice) -> torch.Tensor:
+    """The MoE halves of a decode step over `layers`, x + experts(norm(x)) each, with the experts
+    as the decode step runs them: compiled as `_token_step` does (`_traced_token_experts`),
+    eagerly as `FastDecoder.moe` does (`token_experts`)."""
+    experts = _traced_token_experts if torch.compiler.is_compiling() else token_experts
+    for w in layers:
+        x_1M = x_1M + experts(w, torch.rms_norm(x_1M, (x_1M.shape[-1],)), ids_1K, weights_1K, kernel)
+    return x_1M
+
+
+def _fastest_seconds(runs: dict, rounds: int) -> dict[str, float]:
+    """The fastest of `rounds` timed runs of each of `runs` (after one untimed round: a warm-up,
+    and a compile), the candidates alternating in each round: on a shared host other work only
+    ever slows a run down, so the fastest is the one nearest the kernel's own speed (a median
+    still moves with the load)."""
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(rounds + 1):
+        for key, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - t0)
+    return {key: min(ts[1:]) for key, ts in times.items()}
+
+
+def _decode_seconds(candidates: tuple[str, ...], layers: list["StackedMoEWeights"], rounds: int,
+                    compiled: bool) -> dict[str, float]:
+    """Seconds of one `_probe_step` over `layers` (one token routed to both experts) with each
+    candidate kernel, eager or compiled (`_compiled_region`, as the decoder compiles its token
+    step)."""
+    x_1M, ids_1K, weights_1K = torch.ones(1, _PROBE_M), torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]])
+
+    def run(name: str):
+        kernel = KernelChoice(name, "probe")
+        step = _compiled_region(_probe_step, kernel.native(1) is not None) if compiled else _probe_step
+        return lambda: step(x_1M, tuple(layers), ids_1K, weights_1K, kernel)
+
+    with torch.inference_mode():
+        return _fastest_seconds({name: run(name) for name in candidates}, rounds)
+
+
+def _batched_seconds(candidates: tuple[str, ...], layers: list["StackedMoEWeights"], rounds: int
+                     ) -> dict[str, float]:
+    """Seconds ('kernel@tokens') of both experts of every layer for each of _BATCHED_TOKENS tokens,
+    as a prompt's MoE layer runs them (`fast_ffns`: one native op, or torch's products expert by
+    expert)."""
+    def run(name: str, T: int):
+        kernel, x_TM = KernelChoice(name, "probe", max(_BATCHED_TOKENS)), torch.ones(T, _PROBE_M)
+        return lambda: [fast_ffns([(e, x_TM) for e in w.experts], kernel) for w in layers]
+
+    with torch.inference_mode():
+        return _fastest_seconds({f"{name}@{T}": run(name, T) for T in _BATCHED_TOKENS for name in candidates}, rounds)
 
 
 def product(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None,
@@ -264,6 +318,17 @@ class StackedMoEWeights(MoEWeights):
 
     gate_up_E2FM: torch.Tensor | None = None
     down_EMF: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, router_EM: torch.Tensor, gate_up_E2FM: torch.Tensor, down_EMF: torch.Tensor,
+           shared: ExpertWeights | None = None, shared_gate_1M: torch.Tensor | None = None) -> "StackedMoEWeights":
+        """The layer whose expert e is gate_up_E2FM[e] (gate rows, then up rows) and down_EMF[e],
+        as views (slices along F stay views)."""
+        width = gate_up_E2FM.shape[1] // 2
+        experts = tuple(JoinedExpertWeights(gu[:width], gu[width:], dn, gate_up_2FM=gu)
+                        for gu, dn in zip(gate_up_E2FM, down_EMF))
+        return cls(router_EM=router_EM, experts=experts, shared=shared, shared_gate_1M=shared_gate_1M,
+                   gate_up_E2FM=gate_up_E2FM, down_EMF=down_EMF)
 
 
 @dataclass(frozen=True)
@@ -333,6 +398,35 @@ def paired_ffn(w: StackedMoEWeights, a: int, b: int, x_1M: torch.Tensor) -> tupl
     h_21F = F.silu(g_21F2[..., :width]) * g_21F2[..., width:]
     y_2M = torch.bmm(h_21F, down_2FM).view(2, M)
     return y_2M[0:1], y_2M[1:2]
+
+
+def token_experts(w: StackedMoEWeights, x_1M: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor,
+                  kernel: KernelChoice) -> torch.Tensor:
+    """y_1M: one token's routed experts of a stacked layer, weighted and added in ascending expert
+    order, as the eager decode step runs them: the native kernel of `kernel` as one op
+    (`moe_token`), or torch's products: pairs of experts (`paired_ffn`) on at most two cores, else
+    expert by expert (`fast_ffns`)."""
+    if kernel.native(1) is not None:
+        return torch.ops.scheinfer.moe_token(x_1M, w.gate_up_E2FM, w.down_EMF, ids_1K[0], weights_1K[0],
+                                             kernel.native(1))
+    order = sorted((e, k) for k, e in enumerate(ids_1K[0].tolist()))
+    ys = []
+    if torch.get_num_threads() <= 2:
+        for a, b in zip(order[::2], order[1::2]):
+            ys.extend(paired_ffn(w, a[0], b[0], x_1M))
+    ys += fast_ffns([(w.experts[e], x_1M) for e, _ in order[len(ys):]], kernel)
+    return _weighted_sum(order, ys, weights_1K, x_1M.dtype)
+
+
+def _weighted_sum(order: list[tuple[int, int]], ys: list[torch.Tensor], weights_1K: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """sum of ys[j] * weights_1K[0, k] over order's (expert, k) pairs, in that order."""
+    gate_K = weights_1K[0].to(dtype).tolist()   # Python numbers: scalar products, same values
+    y_1M = None
+    for (_, k), y_e in zip(order, ys):
+        y_e = y_e * gate_K[k]
+        y_1M = y_e if y_1M is None else y_1M + y_e
+    return y_1M
 
 
 @dataclass(frozen=True)
@@ -418,23 +512,27 @@ def _attention_block(cfg: DecoderConfig, norm: Norm, w: JoinedAttentionWeights, 
 
 def _routed_experts(cfg: DecoderConfig, w: StackedMoEWeights, h_1M: torch.Tensor,
                     kernel: KernelChoice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y_1M, ids_1K, weights_1K): the routing and the routed experts of one token, the experts as
-    the native kernel of `kernel` (one op), else as gathered multiply-reduce products. Written for
-    torch.compile (inside `_token_step`): Inductor fuses the gather into one reduction loop, so
-    each chosen expert's weights stream once (at one row per loop and one accumulator: slower than
-    the native kernel, tests/bench/test_bench_scheinfer_cpu.py). Run eagerly it would copy the
-    chosen experts' weights first."""
+    """(y_1M, ids_1K, weights_1K): the routing and the routed experts of one token
+    (`_traced_token_experts`)."""
     ids_1K, weights_1K = route(cfg, F.linear(h_1M, w.router_EM))
+    return _traced_token_experts(w, h_1M, ids_1K, weights_1K, kernel), ids_1K, weights_1K
+
+
+def _traced_token_experts(w: StackedMoEWeights, h_1M: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor,
+                          kernel: KernelChoice | None = None) -> torch.Tensor:
+    """y_1M: one token's routed experts as the compiled token step runs them: the native kernel of
+    `kernel` (one op), else gathered multiply-reduce products. Written for torch.compile: Inductor
+    fuses the gather into one reduction loop, so each chosen expert's weights stream once (at one
+    row per loop and one accumulator). Run eagerly it would copy the chosen experts' weights first
+    (eagerly: `token_experts`)."""
     isa = kernel.native(1) if kernel is not None else None
     if isa is not None and h_1M.dtype == torch.float32:
-        y_1M = torch.ops.scheinfer.moe_token(h_1M, w.gate_up_E2FM, w.down_EMF, ids_1K[0], weights_1K[0], isa)
-        return y_1M, ids_1K, weights_1K
+        return torch.ops.scheinfer.moe_token(h_1M, w.gate_up_E2FM, w.down_EMF, ids_1K[0], weights_1K[0], isa)
     ids_K, width = ids_1K[0], w.down_EMF.shape[-1]
     gu_K2F = (w.gate_up_E2FM[ids_K] * h_1M).sum(-1)
     h_KF = F.silu(gu_K2F[:, :width]) * gu_K2F[:, width:]
     y_KM = (w.down_EMF[ids_K] * h_KF[:, None, :]).sum(-1)
-    y_1M = (weights_1K[0, :, None].to(y_KM.dtype) * y_KM).sum(0, keepdim=True)
-    return y_1M, ids_1K, weights_1K
+    return (weights_1K[0, :, None].to(y_KM.dtype) * y_KM).sum(0, keepdim=True)
 
 
 def _token_step(cfg: DecoderConfig, layers: tuple[LayerWeights, ...], final_norm: Norm, lm_head_VM: torch.Tensor,
@@ -466,6 +564,19 @@ def _token_step(cfg: DecoderConfig, layers: tuple[LayerWeights, ...], final_norm
 _COMPILE_OPTIONS = {"cpp_wrapper": True}
 
 
+@functools.cache
+def _compiled_region(fn, native: bool):
+    """torch.compile(fn) for a region whose products are native ops (`native`) or Inductor's
+    loops. With native ops, Inductor's own loops (norms, RoPE, attention over the cache, small
+    weights: microseconds each) run on one thread: OpenMP's workers spin for a while after each
+    parallel loop, and on a host without a spare core they hold the core that the native op's
+    helper thread needs. Measured on the 2-core host, two cold stacked layers of the kernel probe
+    (`_probe_step`): 11-12 ms eager, 48-96 ms compiled with Inductor's parallel loops, 11 ms with
+    them on one thread (or with OMP_WAIT_POLICY=passive)."""
+    options = {**_COMPILE_OPTIONS, **({"cpp.threads": 1} if native else {})}
+    return torch.compile(fn, fullgraph=True, options=options)
+
+
 def _inductor_compilers() -> tuple[str, ...]:
     """The C++ compilers Inductor's CPU backend will try (its `cpp.cxx` setting: $CXX or g++)."""
     from torch._inductor import config
@@ -487,21 +598,18 @@ class FastDecoder(Decoder):
                  **decoder_kwargs):
         device, expert_fn = torch.device(decoder_kwargs.get("device", "cpu")), decoder_kwargs.get("expert_fn")
         self._native_dtype = decoder_kwargs.get("dtype", torch.float32) == torch.float32 and device.type == "cpu"
-        self.kernel = choose_kernel(kernel) if self._native_dtype else \
-            KernelChoice("torch", "only", note="not float32 on the CPU")
         if compile_decode and (device.type != "cpu" or expert_fn is not None):
             raise ValueError(f"compile_decode=True needs device 'cpu' and no expert_fn; got device "
                              f"{str(device)!r}, expert_fn {'given' if expert_fn else 'None'}")
         if compile_decode and not any(map(shutil.which, _inductor_compilers())):
             raise ValueError(f"compile_decode=True needs a C++ compiler for Inductor "
                              f"({' or '.join(_inductor_compilers())} on PATH, or set CXX); none was found")
-        self._compiled_token_step = self._compiled_attention_block = None
-        if compile_decode:   # each architecture / shape is its own graph of the two regions; a
+        self.compile_decode = compile_decode
+        if compile_decode:   # each architecture / shape / kernel is its own graph of the two regions; a
             # process with several models (the tests, a sweep) needs more than Dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            compiled = lambda fn: torch.compile(fn, fullgraph=True, options=_COMPILE_OPTIONS)  # noqa: E731
-            self._compiled_token_step = compiled(_token_step)
-            self._compiled_attention_block = compiled(_attention_block)
+        self.kernel = choose_kernel(kernel, compiled=compile_decode) if self._native_dtype else \
+            KernelChoice("torch", "only", note="not float32 on the CPU")
         self._rope_tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}   # long RoPE -> (cos, signed sin)
         super().__init__(source, **decoder_kwargs)
         self._moe_layers = [i for i in range(self.config.num_layers) if self.config.is_moe_layer(i)]
@@ -510,7 +618,7 @@ class FastDecoder(Decoder):
         """Switch the products' kernel (`choose_kernel`), e.g. to compare kernels on one set of
         weights; compiled regions compile once more for a new kernel."""
         if self._native_dtype:
-            self.kernel = choose_kernel(kernel)
+            self.kernel = choose_kernel(kernel, compiled=self.compile_decode)
         return self.kernel
 
     # -------------------------------------------------------------- weights
@@ -541,8 +649,7 @@ class FastDecoder(Decoder):
             o_b=self._w(f"{p}.o.bias") if cfg.out_proj_bias else None, qkv_w=qkv_w, qkv_b=qkv_b)
 
     def _moe_weights(self, i: int) -> StackedMoEWeights:
-        """Experts as views of gate/up [E, 2F, M] (gate rows, then up rows, per expert) and down
-        [E, M, F]; slices along F stay views."""
+        """Experts stacked as gate/up [E, 2F, M] and down [E, M, F] (`StackedMoEWeights.of`)."""
         cfg, p = self.config, f"layers.{i}.moe"
         E, width, M = cfg.num_experts, cfg.moe_ffn_hidden, cfg.hidden
         gu_E2FM = torch.empty(E, 2 * width, M, dtype=self.dtype, device=self.device)
@@ -551,13 +658,10 @@ class FastDecoder(Decoder):
             gu_E2FM[e, :width] = self._w(f"{p}.experts.{e}.gate.weight")
             gu_E2FM[e, width:] = self._w(f"{p}.experts.{e}.up.weight")
             down_EMF[e] = self._w(f"{p}.experts.{e}.down.weight")
-        experts = tuple(JoinedExpertWeights(gu[:width], gu[width:], dn, gate_up_2FM=gu)
-                        for gu, dn in zip(gu_E2FM, down_EMF))
-        return StackedMoEWeights(
-            router_EM=self._w(f"{p}.router.weight"), experts=experts,
+        return StackedMoEWeights.of(
+            self._w(f"{p}.router.weight"), gu_E2FM, down_EMF,
             shared=self._expert(f"{p}.shared") if cfg.shared_expert_ffn_hidden else None,
-            shared_gate_1M=self._w(f"{p}.shared_gate.weight") if cfg.shared_expert_gate else None,
-            gate_up_E2FM=gu_E2FM, down_EMF=down_EMF)
+            shared_gate_1M=self._w(f"{p}.shared_gate.weight") if cfg.shared_expert_gate else None)
 
     # -------------------------------------------------------------- pieces
 
@@ -583,8 +687,8 @@ class FastDecoder(Decoder):
         return super().attention_mask(cache, L0, L1, padded)
 
     def attention_block(self, i, w, x_BSM, cache, cos_BSD, sin_BSD, allowed_BSL, L1):
-        block = self._compiled_attention_block if self._compiled_attention_block is not None \
-            and allowed_BSL is None and x_BSM.shape[1] == 1 else _attention_block
+        block = _compiled_region(_attention_block, self.kernel.native(x_BSM.shape[0]) is not None) \
+            if self.compile_decode and allowed_BSL is None and x_BSM.shape[1] == 1 else _attention_block
         return block(self.config, w.attn_norm, w.attn, x_BSM, cache.k[i], cache.v[i], cos_BSD, sin_BSD,
                      allowed_BSL, L1, self.kernel)
 
@@ -594,14 +698,14 @@ class FastDecoder(Decoder):
         decode step of a single prompt) runs as the compiled `_token_step`, with the same cache
         bookkeeping and the route observer called after it."""
         tokens_BS = torch.as_tensor(tokens_BS, dtype=torch.long, device=self.device)
-        if (self._compiled_token_step is None or self._layers is None or tokens_BS.shape != (1, 1)
+        if (not self.compile_decode or self._layers is None or tokens_BS.shape != (1, 1)
                 or valid_BS is not None or cache.batch != 1 or not cache.unpadded or cache.length >= cache.max_len
                 or not 0 <= int(tokens_BS) < self.config.vocab_size):
             return super().forward(tokens_BS, cache, valid_BS, last_only)   # (which also raises on bad input)
         L1 = cache.length + 1
         cache.valid_BL[:, L1 - 1] = True
         cos_11D, sin_11D = self.rope(cache.next_pos_B[:, None])
-        logits_11V, routes = self._compiled_token_step(
+        logits_11V, routes = _compiled_region(_token_step, self.kernel.native(1) is not None)(
             self.config, tuple(self._layers), self.final_norm, self.lm_head_VM, self.lm_head_b, self.embed_VM[tokens_BS],
             tuple(cache.k), tuple(cache.v), cos_11D, sin_11D, L1, self.kernel)
         cache.length = L1
@@ -618,32 +722,19 @@ class FastDecoder(Decoder):
 
     def moe(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:
         """One token: its routed experts added in ascending expert order. With the plain expert
-        function and stacked experts: one native op (`moe_token`), or with torch's kernels on at
-        most two cores pairs of experts (`paired_ffn`); else the layer's routed experts and its
-        shared one in one `run_ffns` call (the engine's `run_layer`). More tokens:
+        function and stacked experts: `token_experts`, then the shared one; else the layer's routed
+        experts and its shared one in one `run_ffns` call (the engine's `run_layer`). More tokens:
         `_moe_tokens` (none: the reference's, which routes nothing)."""
         if x_TM.shape[0] != 1:
             return self._moe_tokens(i, w, x_TM) if x_TM.shape[0] else super().moe(i, w, x_TM)
         ids_1K, weights_1K = self.route(i, w, x_TM)
-        stacked = isinstance(w, StackedMoEWeights) and self.expert_fn is _fast_expert_fn
         shared = [("shared", w.shared, x_TM)] if w.shared is not None else []
-        if stacked and self.kernel.native(1) is not None:
-            y_1M = torch.ops.scheinfer.moe_token(x_TM, w.gate_up_E2FM, w.down_EMF, ids_1K[0], weights_1K[0],
-                                                 self.kernel.native(1))
+        if isinstance(w, StackedMoEWeights) and self.expert_fn is _fast_expert_fn:
+            y_1M = token_experts(w, x_TM, ids_1K, weights_1K, self.kernel)
             return y_1M + gate_shared(w, x_TM, self.run_ffns(i, shared, 1)[0]) if shared else y_1M
         order = sorted((e, k) for k, e in enumerate(ids_1K[0].tolist()))
-        if stacked and torch.get_num_threads() <= 2:
-            ys = []
-            for a, b in zip(order[::2], order[1::2]):
-                ys.extend(paired_ffn(w, a[0], b[0], x_TM))
-            ys += self.run_ffns(i, [(e, w.experts[e], x_TM) for e, _ in order[len(ys):]] + shared, 1)
-        else:
-            ys = self.run_ffns(i, [(e, w.experts[e], x_TM) for e, _ in order] + shared, 1)
-        gate_K = weights_1K[0].to(x_TM.dtype).tolist()   # Python numbers: scalar products, same values
-        y_1M = None
-        for (_, k), y_e in zip(order, ys):
-            y_e = y_e * gate_K[k]
-            y_1M = y_e if y_1M is None else y_1M + y_e
+        ys = self.run_ffns(i, [(e, w.experts[e], x_TM) for e, _ in order] + shared, 1)
+        y_1M = _weighted_sum(order, ys, weights_1K, x_TM.dtype)
         return y_1M + gate_shared(w, x_TM, ys[-1]) if shared else y_1M
 
     def _moe_tokens(self, i: int, w: MoEWeights, x_TM: torch.Tensor) -> torch.Tensor:

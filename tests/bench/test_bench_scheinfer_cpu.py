@@ -11,10 +11,11 @@ stated against the host's memory roofline:
 
 Rows: llama.cpp; the reference `Decoder`; the `FastDecoder` eager and with `compile_decode=True`
 (each decoded token's layer one compiled region; compile time paid in an untimed first
-generation), each with the host's chosen CPU kernel (fast_decode.choose_kernel: measured at
-start-up, or $SCHEINFER_CPU_KERNEL) and with torch's kernels (BLAS; Inductor's loops when
-compiled) for comparison; and the engine (`HybridDecoder`) with every FFN on its CPU lane, which
-should be no slower than the eager fast decoder alone.
+generation), each with the CPU kernel chosen for its own mode (fast_decode.choose_kernel: 'auto'
+measures the candidates as that decoder's step runs them, or $SCHEINFER_CPU_KERNEL) and with the
+other candidates (torch's kernels: BLAS eagerly, Inductor's loops compiled; the widest native
+kernel), so that a row shows what the choice gained or lost; and the engine (`HybridDecoder`)
+with every FFN on its CPU lane, which should be no slower than the eager fast decoder alone.
 
 Each of the 7 rounds (1 with --benchmark-disable, the default, where only the small width runs, at
 a reduced size, as a smoke test) runs llama.cpp, every row of ours (a warm-up generation, then a
@@ -23,60 +24,11 @@ another, so that the machine's noise hits all alike. Reported per row: medians o
 median of the per-round ratios to llama.cpp, GB/s (weights read per decoded token, config.
 decode_weight_bytes, times tok/s) and its fraction of the median DRAM read bandwidth; prefill as
 tok/s and GFLOP/s of its products (2 FLOPs per weight read per token). The host (CPU, cores,
-vector extensions), the kernel choice, the load average before and after, and every number go to
-the printout and to the benchmark's extra_info (in --benchmark-json). Targets (decode >= 0.9x of
-llama.cpp and >= 80% of the DRAM roofline, prefill >= 0.8x) are reported, not asserted: this is
-a benchmark, not a timed test.
-
-Measured with this file (--benchmark-enable, 2 threads, medians of the 7 rounds) on the 2-core AMD
-EPYC (Zen 4) VM that other jobs share, the two commits run back to back on an otherwise idle
-machine (1-minute load average before -> after each width's run); 'x' is our row over llama.cpp
-in the same rounds, [kernel] the 'auto' decode choice of that run, 'engine / fast eager' decode:
-
-    code               width           load         llama.cpp       fast eager   decode x llama.cpp      engine /
-                                                    prefill/decode  prefill x    eager, compiled         fast eager
-                                                    tok/s                        [auto]; compiled torch
-    before (129eaad)   small           1.35 -> 1.16  1846 / 211     0.51x        0.86, 1.13 [torch]      0.79x
-    after (917660e)    small           1.33 -> 1.44  2284 / 240     0.91x        0.86, 0.85 [avx512];    1.07x
-                                                                                 0.95
-    before (129eaad)   mixtral-shaped  1.14 -> 1.48   553 / 81.0    0.65x        0.89, 0.95 [torch]      0.88x
-    after (917660e)    mixtral-shaped  1.34 -> 1.63   567 / 80.8    1.12x        0.83, 0.88 [avx512];    1.02x
-                                                                                 0.96
-
-Prefill and the engine's all-CPU decode now meet their targets (>= 0.8x, >= 1.0x). Decode with
-the 'auto' choice is lower than before (0.85-0.88x compiled, was 0.95-1.13x): auto's probe (one
-token's two routed experts of a stacked layer, cold weights) now ranks the multi-threaded native
-kernel 15-20% above torch's (31.5 vs 26.6 GB/s), but inside the whole decode step, between torch's
-own operations, the compiled decoder on torch's kernel is faster (0.95-0.96x in the same rounds);
-`SCHEINFER_CPU_KERNEL=torch` restores it. Earlier runs of this branch under load 1-7 moved each
-ratio by up to 0.3 (llama.cpp slows under load too), so read single runs with care.
-
-What changed between the two (commits on top of 129eaad), and what the numbers say:
-* The native kernels had run on one thread: the extension is built without OpenMP, so ATen's
-  at::parallel_for ran every loop on the caller's thread. They now use their own helper threads
-  (csrc/cpu_kernels.cpp `Pool`), which the caller waits for only if they took part: cold expert
-  FFNs of 16 tokens went from about 60 to 105-120 GFLOP/s on two idle cores (M = 512 and 1024).
-  An OpenMP team was tried first and, at a load average of 3, ran a [16, 1024] x [1024, 1024]
-  product at 6-25 GFLOP/s against 94 on one thread: its barrier waits for a thread the OS has
-  not scheduled.
-* A prompt's MoE layer sorts its (token, expert) pairs once (fast_decode.ExpertGroups) and runs
-  every expert in one native op; the batched blocks reduce their accumulators with a fold tree
-  and prefetch the next row block (89 instead of 72 GFLOP/s for one core at K = 512, warm).
-* With idle cores (load about 1, llama.cpp at its quiet speed) the prefill ratio depends on the
-  'auto' choice of the batched kernel: at the Mixtral shape AVX-512 ran a 64-token prompt's FFNs
-  at 104 GFLOP/s (116 ms) and AVX2 at 90 (131 ms), while llama.cpp reads and multiplies at 93-96;
-  the choice measures both within a few percent and takes either.
-* The engine's all-CPU decode: a layer without any GPU part is no longer planned (its FFNs go
-  straight to one native op). With torch's kernel as the decode choice it stays below the fast
-  decoder (0.87x): the fast decoder runs a token's two experts as one pair of batched products
-  over its stacked experts (paired_ffn), the engine three products per expert over per-expert
-  host arrays. Gate and up rows interleaved in one host array (one product for both) were tried:
-  with the native kernels the engine then decoded at 0.54x (small) and 0.83x (Mixtral-shaped) of
-  the fast decoder, since the gate and up passes each read every other row, so that layout was
-  not kept.
-* Under load, torch's own multi-threaded operations lose most: at a load average of 4, one
-  index_add_ of [16, 512] rows took 47 ms at 2 threads and 86 us at one; the prompt path keeps
-  their number small (two gathers a layer), and llama.cpp's ratios move with the load as well.
+vector extensions), both kernel choices, the load average before and after, and every number go
+to the printout and to the benchmark's extra_info (in --benchmark-json). Targets (decode >= 0.9x
+of llama.cpp and >= 80% of the DRAM roofline, prefill >= 0.8x, engine >= 1.0x of the fast eager
+decoder) are reported, not asserted: this is a benchmark, not a timed test. Measured tables,
+with the machine, load, command and commit of each, are in tests/bench/README.md.
 """
 import os
 import statistics
@@ -89,7 +41,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from baselines.llamacpp.runner import LlamaCppSettings, measure_speed  # noqa: E402
 from impl.scheinfer.config import decode_weight_bytes  # noqa: E402
-from impl.scheinfer.cpu_kernels import host_info, read_bandwidth  # noqa: E402
+from impl.scheinfer.cpu_kernels import host_info, read_bandwidth, supported_isas  # noqa: E402
 from impl.scheinfer.decoder import Decoder  # noqa: E402
 from impl.scheinfer.engine import HybridDecoder, HybridEngine  # noqa: E402
 from impl.scheinfer.fast_decode import FastDecoder  # noqa: E402
@@ -125,15 +77,15 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
     threads = torch.get_num_threads()
     source = load_weights(path)
     eager, compiled = FastDecoder(source), FastDecoder(source, compile_decode=True)
-    kernel = eager.kernel
+    kernel, compiled_kernel = eager.kernel, compiled.kernel       # each chosen for its decoder's mode
     engine = HybridEngine(FixedPolicy(1.0, 0.0, 0.0), cfg.hidden, torch.float32, 0, device="cpu",
-                          kernel=kernel.name)
-    # rows: name -> (decoder, kernel it runs with); the torch-kernel rows share the weights
-    rows = {"reference": (Decoder(source), None), f"fast eager [{kernel.name}]": (eager, kernel.name),
-            f"compiled [{kernel.name}]": (compiled, kernel.name),
+                          kernel=kernel)
+    # rows: name -> (decoder, kernel it runs with); the other candidates' rows share the weights
+    rows = {"reference": (Decoder(source), None), f"fast eager [{kernel.name}]": (eager, kernel),
+            f"compiled [{compiled_kernel.name}]": (compiled, compiled_kernel),
             f"engine, all CPU [{kernel.name}]": (HybridDecoder(source, engine), None)}
-    if kernel.name != "torch":
-        rows.update({"fast eager [torch]": (eager, "torch"), "compiled [torch]": (compiled, "torch")})
+    for label, dec, chosen in (("fast eager", eager, kernel), ("compiled", compiled, compiled_kernel)):
+        rows.update({f"{label} [{k}]": (dec, k) for k in ("torch", *supported_isas()[:1]) if k != chosen.name})
     load_before = _load()
 
     def run():
@@ -159,7 +111,8 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
         ref, ours, dram, compile_s = benchmark.pedantic(run, rounds=1, iterations=1)
     finally:
         engine.close()
-        eager.use_kernel(kernel.name)
+        eager.use_kernel(kernel)
+        compiled.use_kernel(compiled_kernel)
     load_after = _load()
 
     token_bytes = decode_weight_bytes(cfg, 4)
@@ -185,6 +138,7 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
         "width": width, "config": {"hidden": cfg.hidden, "moe_ffn_hidden": cfg.moe_ffn_hidden,
                                    "layers": cfg.num_layers, "experts": cfg.num_experts, "top_k": cfg.top_k},
         "threads": threads, "rounds": rounds, "host": host, "cpu_kernel": kernel.as_dict(),
+        "compiled_cpu_kernel": compiled_kernel.as_dict(),
         "decode_weight_bytes": token_bytes, "dram_read_gb_s": dram_gb_s, "dram_read_gb_s_rounds": dram,
         "load_before": load_before, "load_after": load_after, "compile_s": compile_s, "results": results,
         "engine_decode_vs_fast_eager": engine_vs_eager})
@@ -196,9 +150,10 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
     print(f"  DRAM read bandwidth ({threads} threads, median of rounds): {dram_gb_s:.1f} GB/s; weights read per "
           f"decoded token: {token_bytes / 1e6:.1f} MB, so the decode roofline is "
           f"{dram_gb_s * 1e9 / token_bytes:.1f} tok/s")
-    print(f"  cpu kernel: {kernel.name} ({kernel.how}"
-          + (": " + ", ".join(f"{k} {v:.1f}" for k, v in kernel.rates_gb_s.items()) + " GB/s one-token FFNs"
-             if kernel.rates_gb_s else "") + f"); batched products of 3..{kernel.max_tokens} tokens: "
+    print(f"  cpu kernel: eager {kernel.name}, compiled {compiled_kernel.name} ({compiled_kernel.how}"
+          + (": " + ", ".join(f"{k} {v:.1f}" for k, v in compiled_kernel.rates_gb_s.items())
+             + " GB/s one token's routed experts" if compiled_kernel.rates_gb_s else "")
+          + f"); batched products of 3..{kernel.max_tokens} tokens: "
           f"{kernel.batched or kernel.name}"
           + (" (" + ", ".join(f"{k} {v:.0f}" for k, v in kernel.batched_gflop_s.items()) + " GFLOP/s)"
              if kernel.batched_gflop_s else ""))

@@ -129,6 +129,37 @@ def test_products_do_not_depend_on_the_thread_count(isa, tokens):
     assert torch.equal(outs[0], outs[1])
 
 
+@needs_native
+def test_a_forked_child_runs_products_on_threads_of_its_own():
+    """The parent's helper threads do not exist in a forked child: the child starts a fresh pool
+    (pthread_atfork) and its 2-thread products give the parent's bits, without hanging."""
+    import os
+    import time
+    g = torch.Generator().manual_seed(7)
+    x, gate, up, down = (torch.randn(1, 256, generator=g), torch.randn(1536, 256, generator=g),
+                         torch.randn(1536, 256, generator=g), torch.randn(256, 1536, generator=g))
+    isa = cpu_kernels.ISAS[ISAS[0]]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = torch.ops.scheinfer.ffn(x, gate, up, down, isa)        # the pool's helpers now exist
+        pid = os.fork()
+        if pid == 0:
+            ok = all(torch.equal(torch.ops.scheinfer.ffn(x, gate, up, down, isa), want) for _ in range(3))
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's product hung")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert torch.equal(torch.ops.scheinfer.ffn(x, gate, up, down, isa), want)    # and the parent's pool still works
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ops_reject_bad_inputs_and_unsupported_isas():
     w = _randn(8, 4)
     with pytest.raises(RuntimeError, match="float32 CPU tensor"):
@@ -204,6 +235,39 @@ def test_auto_measures_every_candidate_and_takes_the_fastest(monkeypatch):
     assert choice.native(3) == cpu_kernels.ISAS[choice.batched] and choice.native(choice.max_tokens + 1) is None
     assert choice.as_dict()["kernel"] == choice.name and choice.isa == cpu_kernels.ISAS.get(choice.name)
     assert KERNELS == ("auto", "torch", *cpu_kernels.ISAS)
+
+
+def test_auto_ranks_the_candidates_as_the_decoders_mode_runs_them(monkeypatch):
+    """Injected timings (no kernel runs): the eager decoder takes the kernel fastest eagerly, the
+    compiled one the kernel fastest as compiled token steps, whose candidates are torch's loops and
+    the eagerly fastest native kernel; both rankings are recorded."""
+    from impl.scheinfer import fast_decode
+    eager_s = {"torch": 2.0, "avx512": 1.0, "avx2": 1.5}
+    compiled_s = {"torch": 1.0, "avx512": 3.0}
+    asked = []
+
+    def decode_seconds(candidates, layers, rounds, compiled):
+        asked.append((candidates, compiled))
+        return {n: (compiled_s if compiled else eager_s)[n] for n in candidates}
+
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setattr(cpu_kernels, "supported_isas", lambda: ("avx512", "avx2"))
+    monkeypatch.setattr(fast_decode, "_probe_layers", lambda: [None])   # one layer: rates from the timings
+    monkeypatch.setattr(fast_decode, "_decode_seconds", decode_seconds)
+    monkeypatch.setattr(fast_decode, "_batched_seconds",
+                        lambda candidates, layers, rounds: {f"{n}@{T}": 1.0 for n in candidates for T in (16, 64)})
+    _measured_choice.cache_clear()
+    try:
+        eager, compiled = choose_kernel(), choose_kernel(compiled=True)
+    finally:
+        _measured_choice.cache_clear()
+    assert (eager.name, eager.decode_mode) == ("avx512", "eager")
+    assert (compiled.name, compiled.decode_mode) == ("torch", "compiled")
+    assert asked == [(("torch", "avx512", "avx2"), False), (("torch", "avx512", "avx2"), False),
+                     (("torch", "avx512"), True)]
+    assert set(compiled.rates_gb_s) == {"torch", "avx512", "avx2", "torch, compiled", "avx512, compiled"}
+    assert compiled.as_dict()["decode_mode"] == "compiled" and set(eager.rates_gb_s) == {"torch", "avx512", "avx2"}
+    assert choose_kernel("avx2", compiled=True) == KernelChoice("avx2", "option", NAMED_MAX_TOKENS)
 
 
 def test_no_compiler_falls_back_to_torch_with_one_clear_warning(monkeypatch):

@@ -278,6 +278,20 @@ def test_budget_below_staging_disables_cg(models):
     assert eng.cg_max == 0 and eng.resident_bytes == 0 and {e.band for e in eng.events} == {"cc"}
 
 
+def test_a_layer_without_a_gpu_part_is_not_planned_and_runs_the_serial_path(models, monkeypatch):
+    """No staging buffer and no resident row: the policy is not asked for a plan (its one valid
+    answer is every FFN whole on the CPU), and the layer runs the serial path all the same."""
+    src, ref = models["mixtral"]
+    policy = FixedPolicy(0.3, 0.3, 0.4)
+    monkeypatch.setattr(policy, "plan", lambda *a: pytest.fail("planned a layer with no GPU part"))
+    serial, run_serial = [], HybridEngine._run_serial
+    monkeypatch.setattr(HybridEngine, "_run_serial", lambda self, work: serial.append(len(work)) or run_serial(self, work))
+    out, eng = _run(src, policy, gpu_mem=0)
+    _assert_same(out, ref)
+    assert eng.cg_max == 0 and eng.resident_bytes == 0 and serial
+    assert {e.band for e in eng.events} == {"cc"}
+
+
 def test_bad_options():
     with pytest.raises(ConfigError, match=r"policy='magic' is not allowed; expected one of fiddler, fixed, layers"):
         make_policy("magic", cost=REFERENCE_COST, hidden=8, num_layers=1, dtype_bytes=4)

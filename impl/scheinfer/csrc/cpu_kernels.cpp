@@ -6,22 +6,22 @@
 // order. One build serves every x86 host: the kernels exist for AVX-512, AVX2 + FMA and plain SSE
 // (any CPU), and the caller picks one by number (`isa`).
 #include <ATen/Parallel.h>
-#include <unistd.h>
-
-#include <condition_variable>
-#include <functional>
-#include <mutex>
-#include <system_error>
-#include <thread>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <pthread.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -58,7 +58,7 @@ enum Isa : int64_t { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
 struct Kernels {
   void (*dot_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t,
                    const float*, int64_t);
-  void (*axpy_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+  void (*axpy_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t);
   void (*swiglu)(const float*, const float*, float*, int64_t);
   double (*read_sum)(const float*, int64_t);
 };
@@ -96,15 +96,18 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // for a time slice. Here the caller claims chunks itself, a helper joins a job only if it wakes
 // while the job is open, and the caller waits only for helpers that joined: with no core free the
 // caller does the work alone, at one thread's speed. Helpers sleep between jobs. One job at a
-// time: a second caller meanwhile (another engine lane) runs its loop on its own thread. A forked
-// child starts a fresh pool (the parent's helpers do not exist there).
+// time: a second caller meanwhile (another engine lane) runs its loop on its own thread.
+// A chunk that throws stops the job (no chunk is claimed after it) and its exception, the first
+// if several, is rethrown in the caller once every helper has left the job. A forked child
+// starts a fresh pool (the parent's helpers do not exist there; `pthread_atfork`).
 class Pool {
  public:
   static Pool& get() {
-    static std::mutex m;
-    static Pool* pool = nullptr;
-    std::lock_guard<std::mutex> g(m);
-    if (pool == nullptr || pool->pid_ != getpid()) pool = new Pool();    // leaked: helpers live to exit
+    Pool* pool = instance_.load(std::memory_order_acquire);
+    if (pool != nullptr) return *pool;
+    Pool* fresh = new Pool();              // leaked: helpers live to exit
+    if (instance_.compare_exchange_strong(pool, fresh, std::memory_order_acq_rel)) return *fresh;
+    delete fresh;                          // another thread's won (no helper started yet)
     return *pool;
   }
 
@@ -114,33 +117,61 @@ class Pool {
       for (int64_t c = 0; c < chunks; ++c) fn(c);
       return;
     }
+    std::exception_ptr error;
     {
-      std::lock_guard<std::mutex> g(m_);
-      while (static_cast<int64_t>(helpers_.size()) < threads - 1) {
-        const int64_t index = helpers_.size();
-        try {
-          helpers_.emplace_back([this, index] { serve(index); });
-        } catch (const std::system_error&) {    // the process's thread limit: run with those there are
-          break;
+      struct EndJob {          // however the job ends: no helper left in it, its error taken, the pool free
+        Pool& p;
+        std::exception_ptr& error;
+        bool opened = false;
+        ~EndJob() {
+          if (opened) {
+            std::unique_lock<std::mutex> lock(p.m_);
+            p.open_ = false;
+            p.done_.wait(lock, [this] { return p.joined_ == 0; });
+            p.job_ = nullptr;
+            std::swap(error, p.error_);
+          }
+          p.busy_.store(false);
         }
-        helpers_.back().detach();
+      } end{*this, error};
+      {
+        std::lock_guard<std::mutex> g(m_);
+        while (static_cast<int64_t>(helpers_.size()) < threads - 1) {
+          const int64_t index = helpers_.size();
+          try {
+            helpers_.emplace_back([this, index] { serve(index); });
+          } catch (const std::system_error&) {    // the process's thread limit: run with those there are
+            break;
+          }
+          helpers_.back().detach();
+        }
+        job_ = &fn, chunks_ = chunks, wanted_ = std::min<int64_t>(threads - 1, helpers_.size()), open_ = true;
+        ++generation_;
+        next_.store(0);
+        end.opened = true;
       }
-      job_ = &fn, chunks_ = chunks, wanted_ = std::min<int64_t>(threads - 1, helpers_.size()), open_ = true;
-      ++generation_;
-      next_.store(0);
+      wake_.notify_all();
+      work(fn, chunks);
     }
-    wake_.notify_all();
-    for (int64_t c = next_.fetch_add(1); c < chunks; c = next_.fetch_add(1)) fn(c);
-    {
-      std::unique_lock<std::mutex> lock(m_);
-      open_ = false;
-      done_.wait(lock, [this] { return joined_ == 0; });
-      job_ = nullptr;
-    }
-    busy_.store(false);
+    if (error) std::rethrow_exception(error);
   }
 
+  // the child of a fork: the parent's pool (its helpers, possibly a lock a helper held) stays behind
+  static void forget_in_child() { instance_.store(nullptr); }
+
  private:
+  // claim and run chunks until none is left; a throwing chunk ends the claiming for every thread
+  // and its exception (the job's first) is kept for the caller
+  void work(const std::function<void(int64_t)>& fn, int64_t chunks) {
+    try {
+      for (int64_t c = next_.fetch_add(1); c < chunks; c = next_.fetch_add(1)) fn(c);
+    } catch (...) {
+      next_.store(chunks);
+      std::lock_guard<std::mutex> g(m_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+
   void serve(int64_t index) {
     uint64_t seen = 0;
     std::unique_lock<std::mutex> lock(m_);
@@ -152,13 +183,14 @@ class Pool {
       const std::function<void(int64_t)>* fn = job_;
       const int64_t chunks = chunks_;
       lock.unlock();
-      for (int64_t c = next_.fetch_add(1); c < chunks; c = next_.fetch_add(1)) (*fn)(c);
+      work(*fn, chunks);
       lock.lock();
       if (--joined_ == 0) done_.notify_all();
     }
   }
 
-  const pid_t pid_ = getpid();
+  static inline std::atomic<Pool*> instance_{nullptr};
+
   std::mutex m_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> helpers_;
@@ -166,9 +198,12 @@ class Pool {
   int64_t chunks_ = 0, wanted_ = 0, joined_ = 0;
   uint64_t generation_ = 0;
   bool open_ = false;
+  std::exception_ptr error_;
   std::atomic<int64_t> next_{0};
   std::atomic<bool> busy_{false};
 };
+
+[[maybe_unused]] const int pool_atfork = pthread_atfork(nullptr, nullptr, &Pool::forget_in_child);
 
 // fn(u0, u1) over units [0, n) in chunks of about CHUNK_BYTES of weight that the threads claim
 // one after another: a thread that the OS holds back (a shared host) leaves its
@@ -216,17 +251,18 @@ void transposed_products(const Kernels& k, const std::vector<TransposedProduct>&
     max_K = std::max(max_K, items[i].K);
     max_T = std::max(max_T, items[i].T);
   }
-  std::vector<float> partial(offset.back());
+  at::Tensor scratch = at::empty({offset.back()}, at::kFloat);      // each range's partial, overwritten by axpy_rows
+  float* partial = scratch.data_ptr<float>();
   parallel_chunks(static_cast<int64_t>(items.size()) * K_SPLITS, cdiv(max_K, K_SPLITS) * N * 4, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const TransposedProduct& it = items[u / K_SPLITS];
       const int64_t r = u % K_SPLITS, k0 = r * it.K / K_SPLITS, k1 = (r + 1) * it.K / K_SPLITS;
       k.axpy_rows(it.x + k0, it.T, it.ldx, it.wt + k0 * it.ldw, it.ldw, k1 - k0,
-                  partial.data() + offset[u / K_SPLITS] + r * it.T * N, N, 0, N);
+                  partial + offset[u / K_SPLITS] + r * it.T * N, N, N);
     }
   }, max_T);
   for (size_t i = 0; i < items.size(); ++i) {
-    const float* p = partial.data() + offset[i];
+    const float* p = partial + offset[i];
     const int64_t TN = items[i].T * N;
     float* y = items[i].y;
     std::memcpy(y, p, TN * sizeof(float));

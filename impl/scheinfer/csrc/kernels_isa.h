@@ -206,20 +206,21 @@ static void dot_rows(const float* x, int64_t T, int64_t ldx, const float* w, int
     for (int64_t t = 0; t < T; ++t) dot_block<1, 1>(x + t * ldx, ldx, w + n * ldw, ldw, K, y + t * ldy + n, ldy);
 }
 
-// y[t, m] = sum_f h[t, f] wt[f, m] for columns m in [m0, m1), every token t < T: the weight stored
-// transposed ([F, M] rows), read row by row over the column range, y accumulated in place.
+// y[t, m] = sum_f h[t, f] wt[f, m] for m < M, every token t < T: the weight stored transposed
+// ([F, M] rows), read row by row; y is overwritten (zeroed, then accumulated in place), so it
+// may start as any scratch memory.
 static void axpy_rows(const float* h, int64_t T, int64_t ldh, const float* wt, int64_t ldw, int64_t F,
-                      float* y, int64_t ldy, int64_t m0, int64_t m1) {
-  for (int64_t t = 0; t < T; ++t) std::memset(y + t * ldy + m0, 0, (m1 - m0) * sizeof(float));
+                      float* y, int64_t ldy, int64_t M) {
+  for (int64_t t = 0; t < T; ++t) std::memset(y + t * ldy, 0, M * sizeof(float));
   for (int64_t f = 0; f < F; ++f) {
     const float* wf = wt + f * ldw;
     for (int64_t t = 0; t < T; ++t) {
       const float a = h[t * ldh + f];
       const vf av = vsplat(a);
       float* yt = y + t * ldy;
-      int64_t m = m0;
-      for (; m + L <= m1; m += L) vstore(yt + m, vload(yt + m) + av * vload(wf + m));
-      for (; m < m1; ++m) yt[m] += a * wf[m];
+      int64_t m = 0;
+      for (; m + L <= M; m += L) vstore(yt + m, vload(yt + m) + av * vload(wf + m));
+      for (; m < M; ++m) yt[m] += a * wf[m];
     }
   }
 }
