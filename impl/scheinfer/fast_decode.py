@@ -194,6 +194,11 @@ def choose_kernel(requested: "str | KernelChoice | None" = None, *, compiled: bo
 _PROBE_M, _PROBE_F = 1024, 3584         # the probe's expert shape: Mixtral's width ratio
 _PROBE_LAYER_BYTES = 2 * 3 * _PROBE_M * _PROBE_F * 4     # a probe layer's two experts, float32
 COMPILED = ", compiled"                 # suffix of a compiled decode step's rate in KernelChoice.rates_gb_s
+_DECODE_PROBE_S = 0.5
+"""Timed seconds each decode comparison runs at least (more rounds than `rounds` where a round is
+short). An eager probe step is a few milliseconds, under the scheduler's time slice on a loaded
+host, so one round's ratio is noisy and the paired median needs some twenty rounds; compiled
+steps and the batched comparison's rounds are long enough that their five cost as much."""
 
 
 @functools.cache
@@ -244,19 +249,20 @@ def _preferred(seconds: dict[str, list[float]], order: tuple[str, ...], margin: 
     round slows every candidate in it, and the ratio cancels it; the median ignores the rounds it
     did not). The pick starts as the default and passes to the first candidate in `order` whose
     ratio to it is at most 1 - margin, until none is: so a candidate displaces a preferred one only
-    by a clear win, and two near-equal ones that both beat the default go to the preferred one.
+    by a clear win, and two near-equal ones that both beat the default go to the preferred one; each
+    step's candidate also beats the default by the margin (noisy ratios need not be transitive).
     Returns the decision as `KernelChoice.basis` records it: the default, each other candidate's
     ratio to it (`time_ratios`), the margin, each step's ratio to the pick it replaced (`steps`)
     and the pick."""
     def ratio(key: str, to: str) -> float:
         return round(statistics.median(t / r for t, r in zip(seconds[key], seconds[to])), 3)
 
+    to_default = {key: ratio(key, order[0]) for key in order[1:]}
     pick, steps = order[0], {}
-    while winner := next((key for key in order if key not in steps and key != order[0]
+    while winner := next((key for key, r in to_default.items() if r <= 1 - margin and key not in steps
                           and ratio(key, pick) <= 1 - margin), None):
         steps[winner], pick = ratio(winner, pick), winner
-    return {"default": order[0], "time_ratios": {key: ratio(key, order[0]) for key in order[1:]}, "margin": margin,
-            "steps": steps, "pick": pick}
+    return {"default": order[0], "time_ratios": to_default, "margin": margin, "steps": steps, "pick": pick}
 
 
 def _probe_layers() -> list["StackedMoEWeights"]:
@@ -278,27 +284,32 @@ def _probe_step(x_1M: torch.Tensor, layers: tuple["StackedMoEWeights", ...], ids
     return x_1M
 
 
-def _round_seconds(runs: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds of each of `runs` in each of `rounds` rounds (after one untimed round: a warm-up,
-    and a compile). Each round runs every candidate once, in an order rotated by one between
+def _round_seconds(runs: dict, rounds: int, budget_s: float = 0.0, max_rounds: int = 200) -> dict[str, list[float]]:
+    """Seconds of each of `runs` in each round (after one untimed round: a warm-up, and a
+    compile): `rounds` rounds, and more while the timed ones took under `budget_s` (up to
+    `max_rounds`). Each round runs every candidate once, in an order rotated by one between
     rounds, so that load from other work falls on all candidates alike and no candidate always
     runs right after the same other one (whose cache and frequency state it would inherit); the
     rounds are compared paired (`_preferred`)."""
     keys = list(runs)
     times: dict[str, list[float]] = {key: [] for key in keys}
-    for r in range(rounds + 1):
+    timed_s = 0.0
+    for r in itertools.count():
+        if r > rounds and (timed_s >= budget_s or r > max_rounds):
+            break
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
             t0 = time.perf_counter()
             runs[key]()
             times[key].append(time.perf_counter() - t0)
+        timed_s += sum(times[key][-1] for key in keys) if r else 0.0
     return {key: ts[1:] for key, ts in times.items()}
 
 
 def _decode_seconds(candidates: tuple[str, ...], layers: list["StackedMoEWeights"], rounds: int,
                     compiled: bool) -> dict[str, list[float]]:
-    """Seconds per round (`_round_seconds`) of one `_probe_step` over `layers` (one token routed
-    to both experts) with each candidate kernel, eager or compiled (`_compiled_region`, as the
-    decoder compiles its token step)."""
+    """Seconds per round (`_round_seconds`: at least `rounds`, more until `_DECODE_PROBE_S`) of
+    one `_probe_step` over `layers` (one token routed to both experts) with each candidate
+    kernel, eager or compiled (`_compiled_region`, as the decoder compiles its token step)."""
     x_1M, ids_1K, weights_1K = torch.ones(1, _PROBE_M), torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]])
 
     def run(name: str):
@@ -307,7 +318,7 @@ def _decode_seconds(candidates: tuple[str, ...], layers: list["StackedMoEWeights
         return lambda: step(x_1M, tuple(layers), ids_1K, weights_1K, kernel)
 
     with torch.inference_mode():
-        return _round_seconds({name: run(name) for name in candidates}, rounds)
+        return _round_seconds({name: run(name) for name in candidates}, rounds, _DECODE_PROBE_S)
 
 
 def _batched_seconds(candidates: tuple[str, ...], layers: list["StackedMoEWeights"], rounds: int

@@ -1,6 +1,7 @@
 """ScheInfer's native CPU kernels (every instruction set this host runs) against torch, the
 kernel choice (option, environment, measurement, errors), the fallback without a compiler, and
 the host / bandwidth facts the CPU bench records."""
+import itertools
 import warnings
 
 import pytest
@@ -319,6 +320,10 @@ def test_a_clearly_faster_candidate_replaces_the_default_and_a_close_one_does_no
     chain = _preferred({"avx512": _rounds(1.0), "avx2": _rounds(0.8), "sse": _rounds(0.8), "torch": _rounds(0.6)}, order)
     assert (chain["pick"], chain["steps"]) == ("torch", {"avx2": 0.8, "torch": 0.75})
     assert _preferred({"avx512": _rounds(1.0), "torch": _rounds(1.0 - KERNEL_MARGIN)}, ("avx512", "torch"))["pick"] == "torch"
+    # noise makes paired medians intransitive: torch beats avx2 round by round but not the default
+    odd = _preferred({"avx512": [1, 1, 1, 1, 1], "avx2": [0.7, 0.7, 0.7, 2, 2], "torch": [0.5, 0.5, 1.2, 1.3, 1.3]},
+                     ("avx512", "avx2", "torch"))
+    assert (odd["pick"], odd["time_ratios"]) == ("avx2", {"avx2": 0.7, "torch": 1.2})
 
 
 def test_ties_and_a_single_candidate_keep_the_default(monkeypatch):
@@ -344,6 +349,19 @@ def test_candidates_are_timed_round_robin_in_a_rotating_order():
     assert [ran[i:i + 3] for i in range(0, len(ran), 3)] == [list("abc"), list("bca"), list("cab"), list("abc"),
                                                                 list("bca")]
     assert {key: len(ts) for key, ts in seconds.items()} == {"a": 4, "b": 4, "c": 4}   # the warm-up round dropped
+
+
+
+def test_short_rounds_repeat_until_the_time_budget(monkeypatch):
+    """Each run takes 2^-10 s on a fake clock (exact sums): 10 timed rounds of two fill a budget of
+    10 * 2^-9 s, `rounds` is the least and `max_rounds` the most."""
+    from impl.scheinfer import fast_decode
+    clock = iter(i * 2.0 ** -10 for i in itertools.count())
+    monkeypatch.setattr(fast_decode.time, "perf_counter", lambda: next(clock))
+    runs = {"a": lambda: None, "b": lambda: None}
+    assert {k: len(ts) for k, ts in fast_decode._round_seconds(runs, rounds=3, budget_s=10 * 2.0 ** -9).items()} == {"a": 10, "b": 10}
+    assert len(fast_decode._round_seconds(runs, rounds=3, budget_s=10, max_rounds=7)["a"]) == 7
+    assert len(fast_decode._round_seconds(runs, rounds=3, budget_s=0.001)["a"]) == 3
 
 
 def test_no_compiler_falls_back_to_torch_with_one_clear_warning(monkeypatch):
