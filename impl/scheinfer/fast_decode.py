@@ -39,6 +39,7 @@ import functools
 import itertools
 import os
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -105,13 +106,22 @@ def split_linear(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None =
 # Which kernel computes the float32 products of a few tokens on the CPU: 'torch' (`split_linear`
 # and `paired_ffn` over torch's BLAS; Inductor's loops inside compiled regions) or a native kernel
 # (cpu_kernels.py) for an instruction set. 'auto' measures each candidate this host runs, once per
-# process and thread count, and takes the fastest: which one wins depends on the host (its vector
-# width, its BLAS), so the choice is measured rather than assumed, and recorded with every run.
+# process and thread count: which one wins depends on the host (its vector width, its BLAS), so the
+# choice is measured rather than assumed, and recorded with every run. On a shared host the
+# candidates' differences (10-30%) are smaller than what the load moves one timed run, so the
+# measurement decides only a clear difference: the widest native kernel is the default, and
+# another candidate replaces it only when it is faster by `KERNEL_MARGIN` (`_preferred`).
 KERNELS = ("auto", "torch", *cpu_kernels.ISAS)
 KERNEL_ENV = "SCHEINFER_CPU_KERNEL"
 NAMED_MAX_TOKENS = 64         # a named native kernel's batched products of up to this many tokens (unmeasured;
                               # on cold weights, as a prompt's experts read them, it beats BLAS up to here)
 _BATCHED_TOKENS = (16, 64)    # product sizes at which 'auto' compares the kernels for batched products
+KERNEL_MARGIN = 0.10
+"""How much faster (fraction of the default's time, paired median over rounds) a candidate must be
+to replace 'auto''s default, the widest native kernel. The candidates differ by 10-30% while one
+probe run moves by more with the load of a shared host, and the pick then followed the noise from
+process to process; a default that only a clear win displaces makes the choice repeatable, and a
+loss below the margin is a small one."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +133,9 @@ class KernelChoice:
     streaming cold weights) as the decoder's step runs them (`decode_mode`: 'eager' or 'compiled')
     for `name`, and batched ones (`batched_gflop_s`, per kernel@tokens) for `batched` and
     `max_tokens`: the two can differ, since one-token products run at the memory bandwidth with
-    any vector width while batched ones gain from the widest."""
+    any vector width while batched ones gain from the widest. `basis`: what each measured decision
+    rested on (`_preferred`): per decision ('decode', 'decode, compiled', 'batched', 'torch@T'),
+    the default, the candidates' paired median time ratios to it, the margin and the pick."""
 
     name: str
     how: str
@@ -133,6 +145,7 @@ class KernelChoice:
     batched_gflop_s: dict = field(default_factory=dict)
     note: str = ""
     decode_mode: str = ""
+    basis: dict = field(default_factory=dict)
 
     @property
     def isa(self) -> int | None:
@@ -148,7 +161,7 @@ class KernelChoice:
     def as_dict(self) -> dict:
         return {"kernel": self.name, "how": self.how, "batched": self.batched or self.name, "max_tokens": self.max_tokens,
                 "rates_gb_s": dict(self.rates_gb_s), "batched_gflop_s": dict(self.batched_gflop_s), "note": self.note,
-                "decode_mode": self.decode_mode}
+                "decode_mode": self.decode_mode, "basis": {k: dict(v) for k, v in self.basis.items()}}
 
 
 def choose_kernel(requested: "str | KernelChoice | None" = None, *, compiled: bool = False) -> KernelChoice:
@@ -181,42 +194,75 @@ def choose_kernel(requested: "str | KernelChoice | None" = None, *, compiled: bo
 _PROBE_M, _PROBE_F = 1024, 3584         # the probe's expert shape: Mixtral's width ratio
 _PROBE_LAYER_BYTES = 2 * 3 * _PROBE_M * _PROBE_F * 4     # a probe layer's two experts, float32
 COMPILED = ", compiled"                 # suffix of a compiled decode step's rate in KernelChoice.rates_gb_s
+_DECODE_PROBE_S = 0.5
+"""Timed seconds each decode comparison runs at least (more rounds than `rounds` where a round is
+short). An eager probe step is a few milliseconds, under the scheduler's time slice on a loaded
+host, so one round's ratio is noisy and the paired median needs some twenty rounds; compiled
+steps and the batched comparison's rounds are long enough that their five cost as much."""
 
 
 @functools.cache
 def _measured_choice(native: tuple[str, ...], threads: int, compiled: bool = False, rounds: int = 5) -> KernelChoice:
-    """'auto' (KernelChoice). `name`: GB/s (`rates_gb_s`) of a decoded token's routed experts (two
-    SwiGLU experts of stacked layers, `_PROBE_M` x `_PROBE_F`) streaming cold weights, each
-    candidate as the decode step runs it (`_probe_step`, `_decode_seconds`): eagerly
-    (`token_experts`: the native `moe_token` op, torch's paired products), and for a compiled
-    decoder also compiled (keys ending in `COMPILED`), where the native op runs between Inductor's
-    loops; the choice is the fastest in the decoder's mode. Compiling costs a few seconds per
-    candidate (once per process; Inductor's cache makes later processes' cheaper), so the
-    compiled comparison is torch's loops against the eagerly fastest native kernel: the native
-    ones differ only inside the op, which compiling does not change. `batched`: GFLOP/s of the
-    same two experts for _BATCHED_TOKENS tokens (a prompt's MoE layer, always eager: `fast_ffns`),
-    the best at the smallest size, and `max_tokens` (the largest size up to which it beats
-    torch's BLAS at each, at least 8). About a second in all eagerly, once per process, thread
-    count and mode."""
+    """'auto' (KernelChoice). `name`: a decoded token's routed experts (two SwiGLU experts of
+    stacked layers, `_PROBE_M` x `_PROBE_F`) streaming cold weights, each candidate as the decode
+    step runs it (`_probe_step`, `_decode_seconds`): eagerly (`token_experts`: the native
+    `moe_token` op, torch's paired products), and for a compiled decoder also compiled (keys
+    ending in `COMPILED`), where the native op runs between Inductor's loops; the choice is
+    `_preferred` in the decoder's mode: the widest native kernel unless another is faster by
+    `KERNEL_MARGIN`. Compiling costs a few seconds per candidate (once per process; Inductor's
+    cache makes later processes' cheaper), so the compiled comparison is torch's loops against the
+    eagerly preferred native kernel: the native ones differ only inside the op, which compiling
+    does not change. `batched`: the same two experts for _BATCHED_TOKENS tokens (a prompt's MoE
+    layer, always eager: `fast_ffns`), the preferred native kernel at the smallest size, and
+    `max_tokens` (the largest size up to which torch's BLAS does not replace it, at least 8).
+    `rates_gb_s` and `batched_gflop_s` record each candidate's fastest run. About a second in all
+    eagerly, once per process, thread count and mode."""
     layers = _probe_layers()
-    rates = {name: round(len(layers) * _PROBE_LAYER_BYTES / t / 1e9, 2)
-             for name, t in _decode_seconds(("torch", *native), layers, rounds, compiled=False).items()}
+    decode_s = _decode_seconds(("torch", *native), layers, rounds, compiled=False)
+    rates = {name: round(len(layers) * _PROBE_LAYER_BYTES / min(ts) / 1e9, 2) for name, ts in decode_s.items()}
+    basis = {"decode": _preferred(decode_s, (*native, "torch"))}
     if compiled:
-        best_native = max(native, key=rates.get)
-        rates.update({name + COMPILED: round(len(layers) * _PROBE_LAYER_BYTES / t / 1e9, 2) for name, t in
-                      _decode_seconds(("torch", best_native), layers, rounds, compiled=True).items()})
-    in_mode = {key: rate for key, rate in rates.items() if key.endswith(COMPILED) == compiled}
-    name = max(in_mode, key=in_mode.get).removesuffix(COMPILED)
-    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(layers) * _PROBE_LAYER_BYTES / 4 / t / 1e9, 1)
-               for key, t in _batched_seconds(("torch", *native), layers, rounds).items()}
-    best = max(native, key=lambda n: gflop_s[f"{n}@{_BATCHED_TOKENS[0]}"])
-    max_tokens = 8
+        best_native = _preferred(decode_s, native)["pick"]
+        compiled_s = {name + COMPILED: ts for name, ts in
+                      _decode_seconds(("torch", best_native), layers, rounds, compiled=True).items()}
+        rates.update({key: round(len(layers) * _PROBE_LAYER_BYTES / min(ts) / 1e9, 2) for key, ts in compiled_s.items()})
+        basis["decode" + COMPILED] = _preferred(compiled_s, (best_native + COMPILED, "torch" + COMPILED))
+    name = basis["decode" + (COMPILED if compiled else "")]["pick"].removesuffix(COMPILED)
+    batched_s = _batched_seconds(("torch", *native), layers, rounds)
+    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(layers) * _PROBE_LAYER_BYTES / 4 / min(ts) / 1e9, 1)
+               for key, ts in batched_s.items()}
+    basis["batched"] = _preferred({n: batched_s[f"{n}@{_BATCHED_TOKENS[0]}"] for n in native}, native)
+    best, max_tokens = basis["batched"]["pick"], 8
     for T in _BATCHED_TOKENS:
-        if gflop_s[f"{best}@{T}"] <= gflop_s[f"torch@{T}"]:
+        basis[f"torch@{T}"] = _preferred(batched_s, (f"{best}@{T}", f"torch@{T}"))
+        if basis[f"torch@{T}"]["pick"] != f"{best}@{T}":
             break
         max_tokens = T
     return KernelChoice(name, "measured", max_tokens, best, rates, gflop_s,
-                        decode_mode="compiled" if compiled else "eager")
+                        decode_mode="compiled" if compiled else "eager", basis=basis)
+
+
+def _preferred(seconds: dict[str, list[float]], order: tuple[str, ...], margin: float = KERNEL_MARGIN) -> dict:
+    """The decision between candidates timed in the same rounds (`_round_seconds`: seconds per
+    round), `order` the preference (its first the default). One candidate compares to another by
+    the median over rounds of their per-round time ratio (paired: a load burst that slows one
+    round slows every candidate in it, and the ratio cancels it; the median ignores the rounds it
+    did not). The pick starts as the default and passes to the first candidate in `order` whose
+    ratio to it is at most 1 - margin, until none is: so a candidate displaces a preferred one only
+    by a clear win, and two near-equal ones that both beat the default go to the preferred one; each
+    step's candidate also beats the default by the margin (noisy ratios need not be transitive).
+    Returns the decision as `KernelChoice.basis` records it: the default, each other candidate's
+    ratio to it (`time_ratios`), the margin, each step's ratio to the pick it replaced (`steps`)
+    and the pick."""
+    def ratio(key: str, to: str) -> float:
+        return round(statistics.median(t / r for t, r in zip(seconds[key], seconds[to])), 3)
+
+    to_default = {key: ratio(key, order[0]) for key in order[1:]}
+    pick, steps = order[0], {}
+    while winner := next((key for key, r in to_default.items() if r <= 1 - margin and key not in steps
+                          and ratio(key, pick) <= 1 - margin), None):
+        steps[winner], pick = ratio(winner, pick), winner
+    return {"default": order[0], "time_ratios": to_default, "margin": margin, "steps": steps, "pick": pick}
 
 
 def _probe_layers() -> list["StackedMoEWeights"]:
@@ -238,25 +284,32 @@ def _probe_step(x_1M: torch.Tensor, layers: tuple["StackedMoEWeights", ...], ids
     return x_1M
 
 
-def _fastest_seconds(runs: dict, rounds: int) -> dict[str, float]:
-    """The fastest of `rounds` timed runs of each of `runs` (after one untimed round: a warm-up,
-    and a compile), the candidates alternating in each round: on a shared host other work only
-    ever slows a run down, so the fastest is the one nearest the kernel's own speed (a median
-    still moves with the load)."""
-    times: dict[str, list[float]] = {key: [] for key in runs}
-    for _ in range(rounds + 1):
-        for key, run in runs.items():
+def _round_seconds(runs: dict, rounds: int, budget_s: float = 0.0, max_rounds: int = 200) -> dict[str, list[float]]:
+    """Seconds of each of `runs` in each round (after one untimed round: a warm-up, and a
+    compile): `rounds` rounds, and more while the timed ones took under `budget_s` (up to
+    `max_rounds`). Each round runs every candidate once, in an order rotated by one between
+    rounds, so that load from other work falls on all candidates alike and no candidate always
+    runs right after the same other one (whose cache and frequency state it would inherit); the
+    rounds are compared paired (`_preferred`)."""
+    keys = list(runs)
+    times: dict[str, list[float]] = {key: [] for key in keys}
+    timed_s = 0.0
+    for r in itertools.count():
+        if r > rounds and (timed_s >= budget_s or r > max_rounds):
+            break
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
             t0 = time.perf_counter()
-            run()
+            runs[key]()
             times[key].append(time.perf_counter() - t0)
-    return {key: min(ts[1:]) for key, ts in times.items()}
+        timed_s += sum(times[key][-1] for key in keys) if r else 0.0
+    return {key: ts[1:] for key, ts in times.items()}
 
 
 def _decode_seconds(candidates: tuple[str, ...], layers: list["StackedMoEWeights"], rounds: int,
-                    compiled: bool) -> dict[str, float]:
-    """Seconds of one `_probe_step` over `layers` (one token routed to both experts) with each
-    candidate kernel, eager or compiled (`_compiled_region`, as the decoder compiles its token
-    step)."""
+                    compiled: bool) -> dict[str, list[float]]:
+    """Seconds per round (`_round_seconds`: at least `rounds`, more until `_DECODE_PROBE_S`) of
+    one `_probe_step` over `layers` (one token routed to both experts) with each candidate
+    kernel, eager or compiled (`_compiled_region`, as the decoder compiles its token step)."""
     x_1M, ids_1K, weights_1K = torch.ones(1, _PROBE_M), torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]])
 
     def run(name: str):
@@ -265,12 +318,12 @@ def _decode_seconds(candidates: tuple[str, ...], layers: list["StackedMoEWeights
         return lambda: step(x_1M, tuple(layers), ids_1K, weights_1K, kernel)
 
     with torch.inference_mode():
-        return _fastest_seconds({name: run(name) for name in candidates}, rounds)
+        return _round_seconds({name: run(name) for name in candidates}, rounds, _DECODE_PROBE_S)
 
 
 def _batched_seconds(candidates: tuple[str, ...], layers: list["StackedMoEWeights"], rounds: int
-                     ) -> dict[str, float]:
-    """Seconds ('kernel@tokens') of both experts of every layer for each of _BATCHED_TOKENS tokens,
+                     ) -> dict[str, list[float]]:
+    """Seconds per round (`_round_seconds`; keys 'kernel@tokens') of both experts of every layer for each of _BATCHED_TOKENS tokens,
     as a prompt's MoE layer runs them (`fast_ffns`: one native op, or torch's products expert by
     expert)."""
     def run(name: str, T: int):
@@ -278,7 +331,7 @@ def _batched_seconds(candidates: tuple[str, ...], layers: list["StackedMoEWeight
         return lambda: [fast_ffns([(e, x_TM) for e in w.experts], kernel) for w in layers]
 
     with torch.inference_mode():
-        return _fastest_seconds({f"{name}@{T}": run(name, T) for T in _BATCHED_TOKENS for name in candidates}, rounds)
+        return _round_seconds({f"{name}@{T}": run(name, T) for T in _BATCHED_TOKENS for name in candidates}, rounds)
 
 
 def product(x: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None,

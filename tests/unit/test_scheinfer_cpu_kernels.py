@@ -1,6 +1,7 @@
 """ScheInfer's native CPU kernels (every instruction set this host runs) against torch, the
 kernel choice (option, environment, measurement, errors), the fallback without a compiler, and
 the host / bandwidth facts the CPU bench records."""
+import itertools
 import warnings
 
 import pytest
@@ -219,7 +220,7 @@ def test_choose_kernel_option_env_and_errors(monkeypatch):
 
 
 @needs_native
-def test_auto_measures_every_candidate_and_takes_the_fastest(monkeypatch):
+def test_auto_measures_every_candidate_and_records_its_decisions(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     monkeypatch.setattr(cpu_kernels, "last_level_cache_bytes", lambda: 1 << 20)   # a small, quick probe
     _measured_choice.cache_clear()
@@ -228,7 +229,9 @@ def test_auto_measures_every_candidate_and_takes_the_fastest(monkeypatch):
     finally:
         _measured_choice.cache_clear()
     assert choice.how == "measured" and set(choice.rates_gb_s) == {"torch", *ISAS}
-    assert choice.name == max(choice.rates_gb_s, key=choice.rates_gb_s.get)
+    assert choice.name == choice.basis["decode"]["pick"] and choice.basis["decode"]["default"] == ISAS[0]
+    assert set(choice.basis) == {"decode", "batched", "torch@16"} | ({"torch@64"} if choice.max_tokens != 8 else set())
+    assert choice.basis["batched"]["pick"] == choice.batched and choice.as_dict()["basis"] == choice.basis
     assert set(choice.batched_gflop_s) == {f"{k}@{T}" for k in ("torch", *ISAS) for T in (16, 64)}
     assert choice.batched in ISAS and choice.max_tokens in (8, 16, 64)
     assert choice.native(1) == cpu_kernels.ISAS.get(choice.name)
@@ -248,14 +251,14 @@ def test_auto_ranks_the_candidates_as_the_decoders_mode_runs_them(monkeypatch):
 
     def decode_seconds(candidates, layers, rounds, compiled):
         asked.append((candidates, compiled))
-        return {n: (compiled_s if compiled else eager_s)[n] for n in candidates}
+        return {n: [(compiled_s if compiled else eager_s)[n]] * rounds for n in candidates}
 
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     monkeypatch.setattr(cpu_kernels, "supported_isas", lambda: ("avx512", "avx2"))
     monkeypatch.setattr(fast_decode, "_probe_layers", lambda: [None])   # one layer: rates from the timings
     monkeypatch.setattr(fast_decode, "_decode_seconds", decode_seconds)
     monkeypatch.setattr(fast_decode, "_batched_seconds",
-                        lambda candidates, layers, rounds: {f"{n}@{T}": 1.0 for n in candidates for T in (16, 64)})
+                        lambda candidates, layers, rounds: {f"{n}@{T}": [1.0] * rounds for n in candidates for T in (16, 64)})
     _measured_choice.cache_clear()
     try:
         eager, compiled = choose_kernel(), choose_kernel(compiled=True)
@@ -268,6 +271,97 @@ def test_auto_ranks_the_candidates_as_the_decoders_mode_runs_them(monkeypatch):
     assert set(compiled.rates_gb_s) == {"torch", "avx512", "avx2", "torch, compiled", "avx512, compiled"}
     assert compiled.as_dict()["decode_mode"] == "compiled" and set(eager.rates_gb_s) == {"torch", "avx512", "avx2"}
     assert choose_kernel("avx2", compiled=True) == KernelChoice("avx2", "option", NAMED_MAX_TOKENS)
+
+
+# Injected per-round seconds: a load factor per round (a burst in rounds 1 and 3) slows every
+# candidate timed in that round alike.
+_LOAD = [1.0, 1.6, 1.0, 1.4, 1.0]
+
+
+def _rounds(factor, noise=(1.0,) * 5):
+    return [factor * load * n for load, n in zip(_LOAD, noise)]
+
+
+def test_a_noisy_torch_that_wins_single_runs_keeps_the_native_default(monkeypatch):
+    """torch's fastest run beats every native one (the old rule's pick), but round by round it is
+    slower than the widest native kernel: the paired median keeps the default, and the record
+    says why."""
+    from impl.scheinfer import fast_decode
+    seconds = {"torch": _rounds(1.0, (0.8, 1.0625, 1.05, 1.07, 1.02)), "avx512": _rounds(1.0), "avx2": _rounds(1.05)}
+    assert min(seconds["torch"]) < min(min(seconds["avx512"]), min(seconds["avx2"]))
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setattr(cpu_kernels, "supported_isas", lambda: ("avx512", "avx2"))
+    monkeypatch.setattr(fast_decode, "_probe_layers", lambda: [None])
+    monkeypatch.setattr(fast_decode, "_decode_seconds", lambda candidates, layers, rounds, compiled: seconds)
+    monkeypatch.setattr(fast_decode, "_batched_seconds",
+                        lambda candidates, layers, rounds: {f"{n}@{T}": _rounds(1.0) for n in candidates for T in (16, 64)})
+    _measured_choice.cache_clear()
+    try:
+        choice = choose_kernel()
+    finally:
+        _measured_choice.cache_clear()
+    assert max(choice.rates_gb_s, key=choice.rates_gb_s.get) == "torch" and choice.name == "avx512"
+    assert choice.basis["decode"] == {"default": "avx512", "time_ratios": {"avx2": 1.05, "torch": 1.05},
+                                      "margin": fast_decode.KERNEL_MARGIN, "steps": {}, "pick": "avx512"}
+    assert (choice.batched, choice.max_tokens) == ("avx512", 64) and choice.basis["torch@64"]["pick"] == "avx512@64"
+
+
+def test_a_clearly_faster_candidate_replaces_the_default_and_a_close_one_does_not():
+    from impl.scheinfer.fast_decode import KERNEL_MARGIN, _preferred
+    order = ("avx512", "avx2", "sse", "torch")
+    clear = _preferred({"avx512": _rounds(1.0), "avx2": _rounds(1.0), "sse": _rounds(1.0), "torch": _rounds(0.8)}, order)
+    assert (clear["pick"], clear["steps"]) == ("torch", {"torch": 0.8})
+    close = _preferred({"avx512": _rounds(1.0), "avx2": _rounds(0.93), "sse": _rounds(0.95), "torch": _rounds(1.2)}, order)
+    assert (close["pick"], close["time_ratios"]) == ("avx512", {"avx2": 0.93, "sse": 0.95, "torch": 1.2})
+    # two narrower kernels clearly beat the default and tie with each other: the wider of them
+    both = _preferred({"avx512": _rounds(1.0), "avx2": _rounds(0.75), "sse": _rounds(0.74), "torch": _rounds(1.5)}, order)
+    assert (both["pick"], both["steps"]) == ("avx2", {"avx2": 0.75})
+    # then a candidate must beat the new pick by the margin, not only the default
+    chain = _preferred({"avx512": _rounds(1.0), "avx2": _rounds(0.8), "sse": _rounds(0.8), "torch": _rounds(0.6)}, order)
+    assert (chain["pick"], chain["steps"]) == ("torch", {"avx2": 0.8, "torch": 0.75})
+    assert _preferred({"avx512": _rounds(1.0), "torch": _rounds(1.0 - KERNEL_MARGIN)}, ("avx512", "torch"))["pick"] == "torch"
+    # noise makes paired medians intransitive: torch beats avx2 round by round but not the default
+    odd = _preferred({"avx512": [1, 1, 1, 1, 1], "avx2": [0.7, 0.7, 0.7, 2, 2], "torch": [0.5, 0.5, 1.2, 1.3, 1.3]},
+                     ("avx512", "avx2", "torch"))
+    assert (odd["pick"], odd["time_ratios"]) == ("avx2", {"avx2": 0.7, "torch": 1.2})
+
+
+def test_ties_and_a_single_candidate_keep_the_default(monkeypatch):
+    from impl.scheinfer import fast_decode
+    tie = fast_decode._preferred({n: _rounds(1.0) for n in ("avx512", "avx2", "torch")}, ("avx512", "avx2", "torch"))
+    assert (tie["pick"], tie["time_ratios"], tie["steps"]) == ("avx512", {"avx2": 1.0, "torch": 1.0}, {})
+    assert fast_decode._preferred({"sse": _rounds(1.0)}, ("sse",)) == {
+        "default": "sse", "time_ratios": {}, "margin": fast_decode.KERNEL_MARGIN, "steps": {}, "pick": "sse"}
+
+    def never(*args, **kwargs):
+        raise AssertionError("nothing to measure")
+
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setattr(cpu_kernels, "supported_isas", lambda: ())   # no native kernels: torch's, unmeasured
+    monkeypatch.setattr(fast_decode, "_decode_seconds", never)
+    assert choose_kernel() == KernelChoice("torch", "only", note=cpu_kernels.load_error() or "")
+
+
+def test_candidates_are_timed_round_robin_in_a_rotating_order():
+    from impl.scheinfer.fast_decode import _round_seconds
+    ran = []
+    seconds = _round_seconds({key: (lambda key=key: ran.append(key)) for key in "abc"}, rounds=4)
+    assert [ran[i:i + 3] for i in range(0, len(ran), 3)] == [list("abc"), list("bca"), list("cab"), list("abc"),
+                                                                list("bca")]
+    assert {key: len(ts) for key, ts in seconds.items()} == {"a": 4, "b": 4, "c": 4}   # the warm-up round dropped
+
+
+
+def test_short_rounds_repeat_until_the_time_budget(monkeypatch):
+    """Each run takes 2^-10 s on a fake clock (exact sums): 10 timed rounds of two fill a budget of
+    10 * 2^-9 s, `rounds` is the least and `max_rounds` the most."""
+    from impl.scheinfer import fast_decode
+    clock = iter(i * 2.0 ** -10 for i in itertools.count())
+    monkeypatch.setattr(fast_decode.time, "perf_counter", lambda: next(clock))
+    runs = {"a": lambda: None, "b": lambda: None}
+    assert {k: len(ts) for k, ts in fast_decode._round_seconds(runs, rounds=3, budget_s=10 * 2.0 ** -9).items()} == {"a": 10, "b": 10}
+    assert len(fast_decode._round_seconds(runs, rounds=3, budget_s=10, max_rounds=7)["a"]) == 7
+    assert len(fast_decode._round_seconds(runs, rounds=3, budget_s=0.001)["a"]) == 3
 
 
 def test_no_compiler_falls_back_to_torch_with_one_clear_warning(monkeypatch):
