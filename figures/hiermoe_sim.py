@@ -5,7 +5,7 @@ ours, and for every gap above 10% the ablations (one assumption changed at a tim
 recorded run) that show its cause.
 
     python -m figures.hiermoe_sim --qwen3 Q.csv --deepseek D.csv --deepseek-ablation DA.csv --node N.csv --table4 T4.csv \
-        --ablation A.csv --ablation-persistent P.csv --ablation-long L.csv --skew S.csv --swap swap.csv \
+        --ablation A.csv --ablation-persistent P.csv --ablation-long L.csv --ablation-long-persistent LP.csv --skew S.csv --swap swap.csv \
         --swap-gap gap.csv --table2-csv T2.csv --table2-md T2.md --fig9-md F9.md --out-dir results/figures
 
 Speedups are computed here, never stored: per iteration, baseline AlltoAll (or end-to-end) time
@@ -1040,7 +1040,7 @@ def _long_run_lines(runs: Runs, first: int) -> list[str]:
         n = int(frame["iteration"].max()) + 1
         early = speedup(frame[frame["iteration"] < first], "HierMoE", "HD-MoE")["median"]
         late = speedup(frame[frame["iteration"] >= n - n // 3], "HierMoE", "HD-MoE")["median"]
-        out.append(f"* A run long enough to converge (`ablation-long`, variant {name}: skew "
+        out.append(f"* A run long enough to converge (`ablation-long{'' if name == 'fitted' else '-' + name}`, variant {name}: skew "
                    f"{frame['skew'].iloc[0]:g}, drift {frame['drift'].iloc[0]:g}, {n} iterations, one swap plan per iteration, "
                    f"planned on each iteration's routing and used from the next): HierMoE over HD-MoE "
                    f"{fmt(early, 3)} over its first {min(first, n)} iterations, {fmt(late, 3)} over its last {n // 3}.")
@@ -1349,7 +1349,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation-persistent", type=cli.input_file, required=True,
                         help="the same on a persistent skew (variant persistent)")
     parser.add_argument("--ablation-long", type=cli.input_file, required=True,
-                        help="HD-MoE and HierMoE over a long run (variants fitted, persistent)")
+                        help="HD-MoE and HierMoE over a long run (variant fitted)")
+    parser.add_argument("--ablation-long-persistent", type=cli.input_file, required=True,
+                        help="the same on a persistent skew (variant persistent)")
     parser.add_argument("--skew", type=cli.input_file, required=True, help="skew-sweep run (one variant per skew)")
     parser.add_argument("--swap", type=cli.input_file, required=True,
                         help="swap measurement CSV (impl.experiments.hiermoe.swap_measure)")
@@ -1369,7 +1371,9 @@ def main(argv: list[str] | None = None) -> int:
         parts = variants_of(read_run(args.ablation), args.ablation, ("fitted", "gamma"))
         ablation, gamma = parts["fitted"], parts["gamma"]
         persistent = variants_of(read_run(args.ablation_persistent), args.ablation_persistent, ("persistent",))["persistent"]
-        long_runs = variants_of(read_run(args.ablation_long), args.ablation_long, ("fitted", "persistent"))
+        long_runs = {"fitted": variants_of(read_run(args.ablation_long), args.ablation_long, ("fitted",))["fitted"],
+                     "persistent": variants_of(read_run(args.ablation_long_persistent), args.ablation_long_persistent,
+                                               ("persistent",))["persistent"]}
         skews = list(variants_of(read_run(args.skew), args.skew).values())
         ds_ablation = variants_of(read_run(args.deepseek_ablation), args.deepseek_ablation,
                                   ("defaults", "ungrouped", "dense0"))

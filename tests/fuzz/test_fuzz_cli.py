@@ -355,10 +355,10 @@ CLIS: list[Cli] = [
     Cli("figures.hiermoe_scaleout", ("--csv", "{garbage}", "--out", "{tmp}/fs", "--out-md", "{tmp}/fs.md"),
         {"--csv": IN, "--out": OUT, "--out-md": OUT}),
     Cli("figures.hiermoe_sim", tuple(x for k in ("--qwen3", "--deepseek", "--deepseek-ablation", "--node", "--table4", "--ablation",
-                                                 "--ablation-persistent", "--ablation-long", "--skew", "--swap", "--swap-gap")
+                                                 "--ablation-persistent", "--ablation-long", "--ablation-long-persistent", "--skew", "--swap", "--swap-gap")
                                      for x in (k, "{garbage}")) + ("--out-dir", "{tmp}/hs"),
         {k: IN for k in ("--qwen3", "--deepseek", "--deepseek-ablation", "--node", "--table4", "--ablation", "--ablation-persistent",
-                         "--ablation-long", "--skew", "--swap", "--swap-gap", "--table2-csv", "--table2-md", "--fig9-md",
+                         "--ablation-long", "--ablation-long-persistent", "--skew", "--swap", "--swap-gap", "--table2-csv", "--table2-md", "--fig9-md",
                          "--emu-md")}
         | {"--out-dir": ["{garbage}", ""]}),
     Cli("figures.hiermoe_table2", ("--csv", "{garbage}", "--out-pdf", "{tmp}/t.pdf", "--out-png", "{tmp}/t.png",

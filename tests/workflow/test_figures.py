@@ -290,7 +290,7 @@ FIGURE_CLIS = {
                                         "--out-md", f"{out}/t.md"],
     "hiermoe_scaleout": lambda csv, out: ["--csv", csv, "--out", f"{out}/s", "--out-md", f"{out}/s.md"],
     "hiermoe_sim": lambda csv, out: [a for flag in ("--qwen3", "--deepseek", "--deepseek-ablation", "--node", "--table4", "--ablation",
-                                                    "--ablation-persistent", "--ablation-long", "--skew", "--swap",
+                                                    "--ablation-persistent", "--ablation-long", "--ablation-long-persistent", "--skew", "--swap",
                                                     "--swap-gap")
                                     for a in (flag, csv)]
                                     + ["--out-dir", out],

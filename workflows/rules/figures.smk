@@ -65,6 +65,7 @@ rule plot_hiermoe_sim:
         ablation="results/raw/hiermoe_sim/ablation.csv",
         persistent="results/raw/hiermoe_sim/ablation-persistent.csv",
         long="results/raw/hiermoe_sim/ablation-long.csv",
+        long_persistent="results/raw/hiermoe_sim/ablation-long-persistent.csv",
         skew="results/raw/hiermoe_sim/skew.csv",
         swap=rules.hiermoe_swap_measure.output.csv,
         swap_gap=rules.hiermoe_swap_gap.output.csv,
@@ -94,7 +95,7 @@ rule plot_hiermoe_sim:
         "python -m figures.hiermoe_sim --qwen3 {input.qwen3} --deepseek {input.deepseek}"
         " --deepseek-ablation {input.deepseek_ablation} --node {input.node}"
         " --table4 {input.table4} --ablation {input.ablation} --ablation-persistent {input.persistent}"
-        " --ablation-long {input.long}"
+        " --ablation-long {input.long} --ablation-long-persistent {input.long_persistent}"
         " --skew {input.skew} --swap {input.swap} --swap-gap {input.swap_gap} --table2-csv {input.table2_csv} --table2-md {input.table2}"
         " --fig9-md {input.fig9} --emu-md {params.emu}"
         " --out-dir results/figures > {log} 2>&1"
