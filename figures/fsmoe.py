@@ -506,6 +506,7 @@ def ds_moe_section(models: pd.DataFrame, variants: dict[str, pd.DataFrame] | Non
     and Table 6's absolute iteration times under each: computed from the runs' rows (`variants`:
     `ds_moe_variants(models)`, made here when not given)."""
     from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS
+    from impl.fsmoe.costs import EINSUM_ORDER_GEMMS
 
     variants = variants if variants is not None else ds_moe_variants(models)
     paper = _paper_ds_moe_ranges()
@@ -514,7 +515,7 @@ def ds_moe_section(models: pd.DataFrame, variants: dict[str, pd.DataFrame] | Non
              "local experts, a sequential gradient AllReduce), computed: "
              + "; ".join(f"`{name}`: {ab.description}" for name, ab in DS_MOE_ABLATIONS.items()) + ". "
              "GShard's one-hot einsum ordering is charged as dispatch and combine each a GEMM of "
-             "S x E C x M multiply-accumulates, 2 forward and 3 backward, priced with the profile's GEMM model "
+             f"S x E C x M multiply-accumulates, {EINSUM_ORDER_GEMMS['fwd']} forward and {EINSUM_ORDER_GEMMS['bwd']} backward, priced with the profile's GEMM model "
              "(`impl.fsmoe.costs.gshard_order`); the harness's ordering takes the block's B L tokens, which every GPU "
              "of the MP group holds after the AllReduce and DeepSpeed's `MOELayer` orders before `drop_tokens`, the "
              "einsum-order ablation's the sequence-parallel B L / N_MP. The \"2 local experts\" are not modeled: "
@@ -626,6 +627,7 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
     every ablation that changes the variants (`runs`: name -> (grid, models)), then what the
     ablations rule out, computed from them. Returns the lines and the cause to cite beside
     Fig. 8's verdicts ('' when the runs lack Fig. 8 or a PP ablation)."""
+    from baselines.pipemoe.plans import LINA_CHUNK_BYTES
     from impl.experiments.fsmoe.results import FIG8, PP_ABLATIONS
 
     if FIG8 not in set(models.figure) or not all(f"{FIG8}:{n}" in set(models.figure) for n in PP_ABLATIONS):
@@ -645,7 +647,7 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
              "and half the layers with its own lanes; GPipe's every forward micro-batch, then every backward, so the "
              "bubble is in every plan's simulated makespan alike; each stage's Gradient-AllReduce once per iteration, "
              "in its last backward micro-batch, where its plan places it (FSMoE: partitioned into that micro-batch's "
-             "MoE and dense windows; Tutel-Improved: the dense windows; Lina: 30 MB chunks; Tutel: whole, after each "
+             f"MoE and dense windows; Tutel-Improved: the dense windows; Lina: {LINA_CHUNK_BYTES / 1e6:g} MB chunks; Tutel: whole, after each "
              "block); the stage-to-stage transfers not charged. FSMoE over each variant, ours, ours without PP "
              "(Fig. 6's Testbed-A models, same testbed and models as Fig. 8), and under every ablation that changes "
              "them (the paper's Fig. 6 mean beside for comparison):", "",
@@ -717,8 +719,8 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
                     **{name: ab.description for name, ab in PP_ABLATIONS.items()}}
     variants = ds_moe_variants(models)
     runs = dict(ablations)
-    for name, ablation in DS_MOE_ABLATIONS.items():
-        runs[name] = (grid, variants[name] if name in variants else _ds_moe_ablation(models, ablation.system))
+    for name in DS_MOE_ABLATIONS:
+        runs[name] = (grid, variants.get(name, models))
     pp_runs = [name for name in PP_ABLATIONS if f"fig8:{name}" in set(models.figure)]
     for name in pp_runs:
         runs[name] = (grid, pp_ablation(models, name))

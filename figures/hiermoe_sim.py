@@ -362,6 +362,11 @@ class Runs:
         return self.qwen3 if model == QWEN3 else self.deepseek
 
     @functools.cached_property
+    def swap_gap_text(self) -> tuple[str, str] | None:
+        """`swap_gap_lines` of the swap-gap sweep (headline sentence, section), made once."""
+        return None if self.swap_gap is None else swap_gap_lines(self.swap_gap, self)
+
+    @functools.cached_property
     def persistent_skew(self) -> Ablation:
         """The persistent-skew run as one ablation for every number it bears on (its balance and the
         fitted routing's read once)."""
@@ -888,7 +893,7 @@ def headline(runs: Runs, t4: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
         f"{fmt(lo_swap)}-{fmt(hi_swap)} in Sec. V-E), {fmt(pgain)}x on a persistent skew (skew "
         f"{runs.persistent['skew'].iloc[0]:g}, no drift)"
         + ("" if top is None else f", {fmt(tgain)}x at skew {top:g} with drift (skew sweep)") + "."
-        + ("" if runs.swap_gap is None else " " + swap_gap_lines(runs.swap_gap, runs)[0]),
+        + ("" if runs.swap_gap_text is None else " " + runs.swap_gap_text[0]),
         f"* End to end on Qwen3, HierMoE over HD-MoE {fmt(e2e)}, over HD2-MoE {fmt(e2e_hd2)} (paper: over HD2-MoE "
         f"{fmt(lo10)}-{fmt(hi10)}, a range over both models).",
         *deepseek_setting(runs),
@@ -970,7 +975,7 @@ def swap_section(runs: Runs) -> str:
 
 
 SWAP_GAP_COLUMNS = ("skew", "swaps", "checkpoint", "converged", "maxvio", "max_split_ratio", "q_ms", "a2a_ms_same", "a2a_ms_next",
-                    "a2a_ms_same_tokens", "a2a_ms_next_tokens", "first_step_rows_mean", "first_step_rows_max")
+                    "a2a_ms_same_tokens", "a2a_ms_next_tokens", "first_step_rows_mean", "first_step_rows_max", "drift")
 PAPER_CHARGE = "final, paper's charge"
 FIRST_MEAN = "first step's mean rows, final / 0 swaps"
 FIRST_SPREAD = "first step's largest / mean split, 0 swaps -> final"
@@ -1074,10 +1079,12 @@ def swap_gap_lines(gap: pd.DataFrame, runs: Runs) -> tuple[str, str]:
                 f"{at:g} the swap converges at {fit_row['swaps made']} swaps to {fmt(fitted['final, next routing'])} "
                 f"(objective Q {fmt(fitted['final, objective Q'])}); under our model the paper's {needed(lo)}, "
                 f"its {needed(hi)}, both converged.")
+    drifts = sorted(set(gap["drift"].astype(float)))
+    drift = "no drift" if drifts == [0.0] else "drift " + ", ".join(f"{d:g}" for d in drifts)
     section = "\n".join([
         "HierD-ES swaps one pair per layer and plan (Theorem 1), so its gain grows with the swaps made until no "
         "single swap lowers the objective, and it is bounded by what the routing leaves to fix. The sweep takes both "
-        "limits of the runs away: per skew, one layer's routing with no drift, HierD-ES planned again and again on "
+        "limits of the runs away: per skew, one layer's routing with " + drift + ", HierD-ES planned again and again on "
         "it from the identity placement (d* of the current placement, as the runs plan) until it keeps the "
         "placement; HierMoE over HD-MoE is the modeled AlltoAll time at 0 swaps over the time after k, on the next "
         "iteration's routing (what a run that plans after its step sees; `same routing`: the routing planned on, "
@@ -1224,7 +1231,7 @@ def markdown_report(runs: Runs, t4: pd.DataFrame, fig9_md: str | None, table2: s
            *table4_profiles(runs), "",
            "## Ablations of Section V-E: HierMoE over HD-MoE", "", _ablation_table(runs), "",
            *(["## Why the swap gains less than the paper's: swaps accumulated on a routing that stays", "",
-              swap_gap_lines(runs.swap_gap, runs)[1], ""] if runs.swap_gap is not None else []),
+              runs.swap_gap_text[1], ""] if runs.swap_gap_text is not None else []),
            "## Expert swap: what it moves, when, and what it costs", "", swap_section(runs), "",
            "## Beyond the paper: a DeepEP-style dispatcher", "", deepep_section(runs), "",
            "## Table II and Fig. 9", "", table2, "",

@@ -14,7 +14,10 @@ __all__ = ["read_results"]
 def read_results(path: str, columns: Iterable[str], writer: str, *, comment: str | None = None,
                  allow_empty: bool = False) -> pd.DataFrame:
     """The CSV at `path` with at least `columns`; ValueError otherwise. `writer`: the command
-    (or module) that writes such a CSV, named in the message."""
+    (or module) that writes such a CSV, named in the message. A file that ends mid-line was cut
+    short (a writer ends every row with a newline): pandas would fill its last row's missing
+    fields with NaN, so it is refused here."""
+    _check_complete(path, writer)
     try:
         frame = pd.read_csv(path, comment=comment)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -27,3 +30,12 @@ def read_results(path: str, columns: Iterable[str], writer: str, *, comment: str
     if frame.empty and not allow_empty:
         raise ValueError(f"{path}: no rows; expected the results of {writer}")
     return frame
+
+
+def _check_complete(path: str, writer: str) -> None:
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return                      # empty: pandas' own message below
+        f.seek(-1, 2)
+        if f.read(1) != b"\n":
+            raise ValueError(f"{path}: ends mid-line, so it was cut short; run {writer} again to write it whole")

@@ -504,7 +504,9 @@ class ExpertGroups:
         counts = torch.bincount(flat_N, minlength=num_experts).tolist()
         ends = list(itertools.accumulate(counts))
         blocks = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts, ends)) if c]
-        return cls(order_N // K, weights_TK.gather(1, slot_TK).flatten()[order_N], order_N.argsort(), blocks, K)
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel())     # the permutation's inverse, without a sort
+        return cls(order_N // K, weights_TK.gather(1, slot_TK).flatten()[order_N], inverse_N, blocks, K)
 
     def combine(self, y_NM: torch.Tensor) -> torch.Tensor:
         """y_TM: each token's rows of y_NM (sorted pairs) added in ascending expert order."""

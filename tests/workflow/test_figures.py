@@ -315,6 +315,21 @@ def test_every_figure_names_the_missing_columns_of_a_wrong_csv(tmp_path, capsys,
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", sorted(FIGURE_CLIS))
+def test_every_figure_refuses_a_csv_cut_short(tmp_path, capsys, name):
+    """A results CSV that ends mid-line (a copy or a run cut short) stops the figure with one line
+    naming the file, instead of a report made from a last row of NaN."""
+    import importlib
+    csv = tmp_path / "cut.csv"
+    csv.write_text(WRONG_CSV + "3,")
+    out = tmp_path / "out"
+    out.mkdir()
+    code = importlib.import_module(f"figures.{name}").main(FIGURE_CLIS[name](str(csv), str(out)))
+    err = capsys.readouterr().err
+    assert code == 2 and f"{csv}: ends mid-line" in err and len(err.strip().splitlines()) == 1, err
+    assert list(out.iterdir()) == []
+
+
 def test_every_figure_cli_reading_csvs_is_in_the_bad_input_test():
     import pkgutil
     from pathlib import Path

@@ -76,8 +76,8 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
                 out[f"a2a_ms_{which}{suffix}"] = a2a_time(spec, r.of(placement)[0], None, rz)[0]
         # the route's first step (across the coarsest level) on the next routing: its duplicate-free
         # rows per (holder, peer), mean and largest (what dedup and balance change)
-        rows = holder_rows(next_routing.of(placement)[0].copies, *route_steps(rz.topology, d)[0]).double()
-        out["first_step_rows_mean"], out["first_step_rows_max"] = float(rows.mean()), float(rows.max())
+        first = holder_rows(next_routing.of(placement)[0].copies, *route_steps(rz.topology, d)[0]).double()
+        out["first_step_rows_mean"], out["first_step_rows_max"] = float(first.mean()), float(first.max())
         return out
 
     plan_s = 0.0
