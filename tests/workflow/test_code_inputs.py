@@ -160,6 +160,13 @@ def test_the_native_kernels_sources_count_with_the_module_that_builds_them():
     assert not any("csrc" in f for f in relative(CodeInputs(REPO, cache=None)("impl.fsmoe.layer"), REPO))
 
 
+def test_the_default_calibration_text_counts_with_the_scheinfer_cli():
+    """The CLI's popularity profile reads the shipped text at run time: editing it reruns the
+    jobs that run the CLI (and no others)."""
+    assert "impl/scheinfer/calibration_text.txt" in relative(CodeInputs(REPO, cache=None)("impl.experiments.scheinfer"), REPO)
+    assert "impl/scheinfer/calibration_text.txt" not in relative(CodeInputs(REPO, cache=None)("impl.fsmoe.layer"), REPO)
+
+
 def rule_blocks():
     """(file, rule, text) of every rule in workflows/rules."""
     for path in sorted((REPO / "workflows/rules").glob("*.smk")):

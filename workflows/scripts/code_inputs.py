@@ -22,9 +22,10 @@ What counts as an import of one of our packages (`PACKAGES`), read by `read_impo
   module's package counts with all its modules (which ones a job touches is known only at run
   time).
 
-Compiled sources a module builds at run time count with it (`NATIVE_SOURCES`: the ScheInfer CPU
-kernels' C++, built on first use). Not followed: data files read by path (configs, papers' CSVs);
-rules list those they read as inputs of their own.
+Files a module reads at run time as part of the code count with it (`RUN_TIME_FILES`: the
+ScheInfer CPU kernels' C++, built on first use; the default calibration text of the popularity
+profile). Not followed: data files read by path (configs, papers' CSVs); rules list those they
+read as inputs of their own.
 
 The DAG is built on every snakemake call, dry runs included, and parsing every module costs about
 a second: what each file imports is kept in a cache file (`CACHE`, keyed by path, mtime and size),
@@ -40,12 +41,13 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["PACKAGES", "NATIVE_SOURCES", "CACHE", "CodeInputs", "project_modules", "read_imports", "known_module"]
+__all__ = ["PACKAGES", "RUN_TIME_FILES", "CACHE", "CodeInputs", "project_modules", "read_imports", "known_module"]
 
 # The top-level packages that are this project's code; imports of anything else are not followed.
 PACKAGES = ("impl", "baselines", "figures")
-# module -> the folder of the sources it compiles when it runs (every file in it counts)
-NATIVE_SOURCES = {"impl.scheinfer.cpu_kernels": "impl/scheinfer/csrc"}
+# module -> a file, or a folder of files, it reads as part of the code when it runs
+RUN_TIME_FILES = {"impl.scheinfer.cpu_kernels": "impl/scheinfer/csrc",
+                  "impl.experiments.scheinfer.calibration_prompt": "impl/scheinfer/calibration_text.txt"}
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-repro" / "code-imports.json"
 _FORMAT = 2   # 2: docstrings name no module
 
@@ -147,8 +149,9 @@ class CodeInputs:
                 parts = module.split(".")
                 pending += [".".join(parts[:i]) for i in range(1, len(parts))]      # parent packages
                 files.add(self.modules[module])
-                if module in NATIVE_SOURCES:
-                    files.update(f for f in (self.repo / NATIVE_SOURCES[module]).rglob("*") if f.is_file())
+                if module in RUN_TIME_FILES:
+                    path = self.repo / RUN_TIME_FILES[module]
+                    files.update([f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path])
                 pending += self._imports_of(self.modules[module], package=self._package(module))
             self._closures[runs] = sorted(str(f) for f in files)
         return list(self._closures[runs])
