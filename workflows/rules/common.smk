@@ -311,6 +311,8 @@ def config_checks():
     """Every experiment config the deep checks resolve (those of `make emu` and the cluster
     target too, as before they were moved out of the parse), as the check script takes them."""
     return sim_run_checks() + [
+        {"name": "hiermoe_swap_gap", "kind": "hiermoe_swap_gap", "config": experiment_config("hiermoe_swap_gap"),
+         "set": experiment_overrides("hiermoe_swap_gap")},
         {"name": "scheinfer_sim", "kind": "scheinfer_sim", "config": experiment_config("scheinfer_sim"),
          "set": experiment_overrides("scheinfer_sim")},
         {"name": "emu_validation", "kind": "emu_validation", "config": experiment_config("emu_validation"),

@@ -99,7 +99,7 @@ rule hiermoe_swap_measure:
         "results/benchmarks/hiermoe_swap/measure.tsv"
     priority: 10  # both cores while nothing else runs: right after the calibration
     params:
-        overrides=as_flags(overrides_of(config["hiermoe_swap_measure"].get("set", {}))),
+        overrides=set_flags("hiermoe_swap_measure"),
         topology=config["hiermoe_calibration"]["topology"],
     threads: 2
     resources:
@@ -115,7 +115,7 @@ rule hiermoe_swap_gap:
     several skews that stay (the report's explanation of the swap gain's gap to the paper)."""
     input:
         code=code_inputs("impl.experiments.hiermoe.swap_gap"),
-        config=repo_path(config["hiermoe_swap_gap"]["config"]),
+        config=experiment_config("hiermoe_swap_gap"),
     output:
         csv="results/raw/hiermoe_swap_gap/sweep.csv",
         record="results/raw/hiermoe_swap_gap/sweep.json",
@@ -124,7 +124,7 @@ rule hiermoe_swap_gap:
     benchmark:
         "results/benchmarks/hiermoe_swap_gap/sweep.tsv"
     params:
-        overrides=as_flags(overrides_of(config["hiermoe_swap_gap"].get("set", {}))),
+        overrides=set_flags("hiermoe_swap_gap"),
     threads: 1
     resources:
         runtime=30,

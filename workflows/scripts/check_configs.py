@@ -24,6 +24,12 @@ def _hiermoe_sim(path, overrides):
     sim.resolve(build_config(sim.SimExperimentConfig, path, overrides))
 
 
+def _hiermoe_swap_gap(path, overrides):
+    from impl.common.config import build_config
+    from impl.experiments.hiermoe import swap_gap
+    swap_gap.check(build_config(swap_gap.SwapGapConfig, path, overrides))
+
+
 def _scheinfer_sim(path, overrides):
     from impl.common.config import build_config
     from impl.experiments.scheinfer import sim
@@ -56,7 +62,7 @@ def _fsmoe_emu(path, overrides):
 
 
 PROG = "check_configs"
-KINDS = {"hiermoe_sim": _hiermoe_sim, "scheinfer_sim": _scheinfer_sim, "emu_validation": _emu_validation,
+KINDS = {"hiermoe_sim": _hiermoe_sim, "hiermoe_swap_gap": _hiermoe_swap_gap, "scheinfer_sim": _scheinfer_sim, "emu_validation": _emu_validation,
          "layer_bench": _layer_bench, "fsmoe_results": _fsmoe_results, "fsmoe_emu": _fsmoe_emu}
 
 

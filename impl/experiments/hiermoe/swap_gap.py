@@ -44,7 +44,7 @@ from impl.experiments.hiermoe.workload import RoutingStream, routing_balance
 from impl.hiermoe.dimension import holder_rows, route_steps
 from impl.hiermoe.expert_swap import decide_swap
 
-__all__ = ["SwapGapConfig", "swap_path", "run_sweep", "main"]
+__all__ = ["SwapGapConfig", "swap_path", "run_sweep", "check", "main"]
 
 
 @dataclass(frozen=True)
@@ -117,16 +117,22 @@ def run_sweep(config: SwapGapConfig) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def check(config: SwapGapConfig) -> None:
+    """Every check of the config before any work (ConfigError, one line): at least one skew, and
+    the sim settings at every skew."""
+    if not config.skews:
+        raise ConfigError("skews: the list is empty; give at least one routing skew")
+    for skew in config.skews:
+        resolve(dataclasses.replace(config.sim, stream=dataclasses.replace(config.sim.stream, skew=skew)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("python -m impl.experiments.hiermoe.swap_gap", __doc__, config=SwapGapConfig,
                         outputs=("csv", "record"), progress=True)
     args = parser.parse_args(argv)
     try:
         config = cli.load_config(args, SwapGapConfig)
-        if not config.skews:
-            raise ConfigError("skews: the list is empty; give at least one routing skew")
-        for skew in config.skews:       # every check before any work
-            resolve(dataclasses.replace(config.sim, stream=dataclasses.replace(config.sim.stream, skew=skew)))
+        check(config)
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
     frame = run_sweep(config)
