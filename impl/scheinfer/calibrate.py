@@ -23,7 +23,7 @@ import torch
 
 from impl.common.costmodel import LinearFit, fit_linear
 
-from .fast_decode import KernelChoice, choose_kernel, fast_ffn
+from .fast_decode import KernelChoice, ProbeShape, choose_kernel, fast_ffn
 from .layers import ExpertWeights
 from .partition import CostModel, PerRowLinear
 
@@ -82,12 +82,14 @@ def calibrate(hidden: int = 256, widths=(128, 256, 512, 1024), rows=(1, 4, 16, 6
               dtype: torch.dtype = torch.float32, copy_sizes=(1 << 16, 1 << 18, 1 << 20, 1 << 22),
               device: str | None = None, kernel: str | None = None) -> Calibration:
     """Fit a CostModel for the engine's lanes on this machine (module doc); `kernel`: the CPU
-    lane's (`fast_decode.choose_kernel`)."""
+    lane's (a KernelChoice, e.g. the engine's, or `fast_decode.choose_kernel`'s for FFN by FFN
+    products at Mixtral's width ratio)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else None
     fits: dict[str, LinearFit] = {}
-    choice = choose_kernel(kernel) if dtype == torch.float32 else KernelChoice("torch", "only", note="not float32")
+    choice = choose_kernel(kernel, mode="ffns", shape=ProbeShape.at_hidden(hidden)) \
+        if dtype == torch.float32 else KernelChoice("torch", "only", note="not float32")
     cpu = _fit_ffn("cpu", dtype, hidden, widths, rows, reps, None, "cpu", fits, choice)
     gpu = _fit_ffn(dev, dtype, hidden, widths, rows, reps, sync, "gpu", fits) if cuda else cpu
     if not cuda:

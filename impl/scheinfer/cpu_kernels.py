@@ -29,6 +29,7 @@ Fake (meta) implementations let the ops sit inside torch.compile'd regions.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["ISAS", "NATIVE_ENV", "available", "build_directory", "locked_build", "supported_isas", "load_error",
-           "host_info", "read_bandwidth"]
+           "torch_ops_on_one_thread", "host_info", "read_bandwidth"]
 
 ISAS = {"avx512": 2, "avx2": 1, "sse": 0}      # instruction set -> the ops' `isa` number
 _CSRC = Path(__file__).with_name("csrc")
@@ -101,6 +102,29 @@ def locked_build(build: Path, run_build, wait_s: float = BUILD_WAIT_S) -> None:
                 time.sleep(0.2)
         (build / "lock").unlink(missing_ok=True)
         run_build()
+
+
+@contextlib.contextmanager
+def torch_ops_on_one_thread():
+    """For the context, on the calling thread: torch's own operations on one thread, the native
+    ops' loops on as many as torch's count before it (`set_threads`). Why: torch's OpenMP workers
+    spin for a while after each parallel region, and between a decode step's native ops (norms,
+    RoPE, attention over the cache, the router: microseconds each) they hold the cores that the
+    native ops' helpers need, so a native op ran on its caller's thread alone (tests/bench/README.md
+    has the measured effect). torch's MKL count is process-wide: not for a thread whose process
+    runs torch products on other threads meanwhile. Nothing changes with one thread or without the
+    extension."""
+    threads = torch.get_num_threads()
+    if threads == 1 or not available():
+        yield
+        return
+    before = torch.ops.scheinfer.set_threads(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.ops.scheinfer.set_threads(before)
 
 
 def load_error() -> str | None:

@@ -52,8 +52,10 @@ import torch.nn.functional as F
 from impl.common.config import ConfigError
 
 from .assign import ExpertLoad
+from .config import DecoderConfig
 from .decoder import Decoder, FFNItem
-from .fast_decode import FastDecoder, KernelChoice, choose_kernel, fast_ffn, fast_ffns
+from .fast_decode import (FastDecoder, KernelChoice, ProbeShape, choose_kernel, fast_ffn, fast_ffns,
+                          named_kernel)
 from .layers import ExpertWeights
 from .partition import Split
 from .policy import FFNKey, Placement, Policy, ffn_widths, place
@@ -243,9 +245,12 @@ class HybridEngine:
         _short_switch_interval(+1)
         self._open = True
         self._close_lock = threading.Lock()
-        # The CPU bands' kernel (fast_decode.choose_kernel: the decoder's choice, measured or named).
-        self.kernel: KernelChoice = choose_kernel(kernel) if dtype == torch.float32 else \
+        # The CPU bands' kernel (`kernel`): named now (a bad name fails here), or measured on first use
+        self._kernel_request = kernel
+        self._kernel: KernelChoice | None = named_kernel(kernel) if dtype == torch.float32 else \
             KernelChoice("torch", "only", note="not float32")
+        self._auto_kernel = self._kernel is None
+        self._probe_shape = ProbeShape.at_hidden(hidden)
         # Start every lane's thread now, with one small product: a thread's first torch call pays
         # one-off set-up (milliseconds) that would otherwise land in the first layer's timeline.
         # torch's thread count is per thread (OpenMP): the CPU lane gets this thread's (all the
@@ -266,6 +271,24 @@ class HybridEngine:
             self._copy_stream = torch.cuda.Stream(self.device)
         self.device_events = device_events and self.cuda
         self._device_marks: list[tuple[LaneEvent, torch.cuda.Event, torch.cuda.Event]] = []
+
+    @property
+    def kernel(self) -> KernelChoice:
+        """The CPU lane's kernel for float32 products (fast_decode.choose_kernel): the one named,
+        else 'auto' measured on first use as the lane runs a token's experts (FFN by FFN, mode
+        'ffns') at the shape of the model given to `use_model` (before it: Mixtral's width ratio
+        at the engine's hidden size)."""
+        if self._kernel is None:
+            self._kernel = choose_kernel(self._kernel_request, mode="ffns", shape=self._probe_shape)
+        return self._kernel
+
+    def use_model(self, cfg: DecoderConfig) -> KernelChoice:
+        """Measure 'auto' (again, where it was measured for another shape) at this model's expert
+        shape; the kernel (`kernel`)."""
+        shape = ProbeShape.of(cfg)
+        if self._auto_kernel and shape != self._probe_shape:
+            self._kernel, self._probe_shape = None, shape
+        return self.kernel
 
     def __enter__(self) -> "HybridEngine":
         return self
@@ -562,12 +585,17 @@ class HybridDecoder(FastDecoder):
     one `run_layer` call. `on_forward(S)` is called after every forward call with its number of
     new positions (progress displays)."""
 
+    # the lanes run torch products on their threads while a step runs, and torch's MKL count is
+    # process-wide: the caller's thread keeps its count
+    torch_ops_on_one_thread = False
+
     def __init__(self, source, engine: HybridEngine, *, on_forward: Callable[[int], None] | None = None,
                  pin_memory: bool | None = None):
         self.engine = engine
         self._pin = engine.cuda if pin_memory is None else pin_memory
         self.on_forward = on_forward
-        super().__init__(source, dtype=engine.dtype, device=engine.device, cache_weights=True, kernel=engine.kernel)
+        super().__init__(source, dtype=engine.dtype, device=engine.device, cache_weights=True,
+                         kernel=engine.use_model(source.config))
         if self.config.hidden != engine.hidden:
             raise ConfigError(f"engine hidden={engine.hidden} but the model's hidden={self.config.hidden}")
         engine.place(ffn_widths(self.config))

@@ -41,7 +41,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ from .decoder import Decoder, ExpertFn
 from .layers import (AttentionWeights, ExpertWeights, KVCache, LayerWeights, MoEWeights, Norm, append_to_cache,
                      gate_shared, rope_cos_sin, route)
 
-__all__ = ["KERNELS", "KERNEL_ENV", "KernelChoice", "choose_kernel", "split_linear", "product", "fast_ffn", "fast_ffns",
+__all__ = ["KERNELS", "KERNEL_ENV", "DECODE_MODES", "KernelChoice", "ProbeShape", "choose_kernel", "named_kernel", "split_linear", "product", "fast_ffn", "fast_ffns",
            "paired_ffn", "ExpertGroups", "JoinedExpertWeights", "JoinedAttentionWeights", "StackedMoEWeights", "FusedRMSNorm",
            "FastDecoder"]
 
@@ -130,12 +130,13 @@ class KernelChoice:
     when torch's is the one candidate). Products of one or two tokens (decoding: memory bound) use
     `name`; of 3..max_tokens tokens (prefill: compute bound) `batched` (default: `name`); larger
     ones torch's BLAS. 'auto' measures a decoded token's routed experts (`rates_gb_s`: GB/s
-    streaming cold weights) as the decoder's step runs them (`decode_mode`: 'eager' or 'compiled')
+    streaming cold weights) as the caller's step runs them (`decode_mode`, one of DECODE_MODES)
     for `name`, and batched ones (`batched_gflop_s`, per kernel@tokens) for `batched` and
     `max_tokens`: the two can differ, since one-token products run at the memory bandwidth with
-    any vector width while batched ones gain from the widest. `basis`: what each measured decision
-    rested on (`_preferred`): per decision ('decode', 'decode, compiled', 'batched', 'torch@T'),
-    the default, the candidates' paired median time ratios to it, the margin and the pick."""
+    any vector width while batched ones gain from the widest; both on experts of the caller's
+    model's shape (`probe`: `ProbeShape.probed`). `basis`: what each measured decision rested on
+    (`_preferred`): per decision ('decode', 'decode, compiled', 'batched', 'torch@T'), the
+    default, the candidates' paired median time ratios to it, the margin and the pick."""
 
     name: str
     how: str
@@ -146,6 +147,7 @@ class KernelChoice:
     note: str = ""
     decode_mode: str = ""
     basis: dict = field(default_factory=dict)
+    probe: dict = field(default_factory=dict)
 
     @property
     def isa(self) -> int | None:
@@ -161,15 +163,29 @@ class KernelChoice:
     def as_dict(self) -> dict:
         return {"kernel": self.name, "how": self.how, "batched": self.batched or self.name, "max_tokens": self.max_tokens,
                 "rates_gb_s": dict(self.rates_gb_s), "batched_gflop_s": dict(self.batched_gflop_s), "note": self.note,
-                "decode_mode": self.decode_mode, "basis": {k: dict(v) for k, v in self.basis.items()}}
+                "decode_mode": self.decode_mode, "basis": {k: dict(v) for k, v in self.basis.items()},
+                "probe": dict(self.probe)}
 
 
-def choose_kernel(requested: "str | KernelChoice | None" = None, *, compiled: bool = False) -> KernelChoice:
+def choose_kernel(requested: "str | KernelChoice | None" = None, *, mode: str = "eager",
+                  shape: "ProbeShape | None" = None) -> KernelChoice:
     """The kernel for this process's CPU products: `requested` (an option; a KernelChoice is taken
-    as made), else $SCHEINFER_CPU_KERNEL, else 'auto', measured for the decoder that will use it:
-    `compiled` when it decodes as compiled token steps (FastDecoder's compile_decode), where the
-    candidates run between Inductor's loops, else eagerly. A named native kernel this host cannot
-    run is a one-line error."""
+    as made), else $SCHEINFER_CPU_KERNEL, else 'auto', measured (`_measured_choice`) as the caller
+    will run its products (`mode`, one of DECODE_MODES) on experts of the caller's model's shape
+    (`shape`; None: Mixtral's ratio at hidden 1024), since the candidates' order depends on both.
+    A named native kernel this host cannot run is a one-line error."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; expected one of {', '.join(DECODE_MODES)}")
+    choice = named_kernel(requested)
+    if choice is not None:
+        return choice
+    return _measured_choice(cpu_kernels.supported_isas(), torch.get_num_threads(), mode, (shape or ProbeShape()).probed())
+
+
+def named_kernel(requested: "str | KernelChoice | None" = None) -> KernelChoice | None:
+    """`choose_kernel`'s choice where it needs no measurement (a KernelChoice, a kernel named by
+    the option or $SCHEINFER_CPU_KERNEL, or torch's when no native kernel loads), else None
+    ('auto'); a bad name is a one-line error either way, so callers can check it up front."""
     if isinstance(requested, KernelChoice):
         return requested
     how = "option" if requested else "env" if os.environ.get(KERNEL_ENV) else "measured"
@@ -188,12 +204,17 @@ def choose_kernel(requested: "str | KernelChoice | None" = None, *, compiled: bo
         return KernelChoice(name, how, NAMED_MAX_TOKENS)
     if not native:
         return KernelChoice("torch", "only", note=cpu_kernels.load_error() or "")
-    return _measured_choice(native, torch.get_num_threads(), compiled)
+    return None
 
 
-_PROBE_M, _PROBE_F = 1024, 3584         # the probe's expert shape: Mixtral's width ratio
-_PROBE_LAYER_BYTES = 2 * 3 * _PROBE_M * _PROBE_F * 4     # a probe layer's two experts, float32
+DECODE_MODES = ("eager", "compiled", "ffns")
+"""How a caller runs a decoded token's routed experts, as 'auto' measures them: 'eager' as
+`FastDecoder.moe` does (`token_experts`), 'compiled' as its compiled token step does (routing and
+experts in one graph, `_routed_experts`), 'ffns' as FFN by FFN (`fast_ffns`: the engine's CPU
+lane, whose experts are separate gate, up and down arrays)."""
 COMPILED = ", compiled"                 # suffix of a compiled decode step's rate in KernelChoice.rates_gb_s
+_PROBE_MAX_LAYER_BYTES = 256 << 20
+_PROBE_MAX_LAYERS = 8
 _DECODE_PROBE_S = 0.5
 """Timed seconds each decode comparison runs at least (more rounds than `rounds` where a round is
 short). An eager probe step is a few milliseconds, under the scheduler's time slice on a loaded
@@ -201,35 +222,83 @@ host, so one round's ratio is noisy and the paired median needs some twenty roun
 steps and the batched comparison's rounds are long enough that their five cost as much."""
 
 
+@dataclass(frozen=True)
+class ProbeShape:
+    """The experts one decoded token streams in one MoE layer of the caller's model, as 'auto''s
+    probe builds them: `top_k` SwiGLU FFNs of `hidden` x `width` (a dense model: its FFN, top_k
+    1), chosen by a router of `top_k` equal scores, so that every probe expert is routed to. The
+    routing fields (`router`, `normalize_topk`, `router_jitter_eps`) are those `layers.route`
+    reads of a DecoderConfig, so the probe routes as the model does, in a compiled graph too."""
+
+    hidden: int = 1024
+    width: int = 3584
+    top_k: int = 2
+    router: str = "softmax"
+    normalize_topk: bool = True
+    router_jitter_eps: float = 0.0
+
+    @classmethod
+    def at_hidden(cls, hidden: int) -> "ProbeShape":
+        """Two experts of Mixtral's width ratio (3.5) at `hidden`: for a caller that knows no model
+        (the default, ProbeShape(), is Mixtral's ratio at hidden 1024)."""
+        return cls(hidden, max(64, hidden * 7 // 2))
+
+    @classmethod
+    def of(cls, cfg: DecoderConfig) -> "ProbeShape":
+        if not cfg.num_experts:
+            return cls(cfg.hidden, cfg.ffn_hidden, 1)
+        return cls(cfg.hidden, cfg.moe_ffn_hidden, cfg.top_k, cfg.router, cfg.normalize_topk, cfg.router_jitter_eps)
+
+    @property
+    def layer_bytes(self) -> int:
+        """float32 bytes of one probe layer's experts (what a decoded token reads of a layer)."""
+        return self.top_k * 3 * self.hidden * self.width * 4
+
+    def probed(self) -> "ProbeShape":
+        """The shape the probe runs: experts narrowed (to a multiple of 64 wide) so that one layer
+        holds at most `_PROBE_MAX_LAYER_BYTES`: a real model's experts (Mixtral's: 1.4 GB a layer)
+        would make the probe cost seconds and gigabytes, and at those widths every kernel streams
+        at the memory bandwidth anyway."""
+        if self.layer_bytes <= _PROBE_MAX_LAYER_BYTES:
+            return self
+        width = max(64, _PROBE_MAX_LAYER_BYTES // (self.top_k * 3 * self.hidden * 4) // 64 * 64)
+        return replace(self, width=min(width, self.width))
+
+    def as_dict(self) -> dict:
+        return {"hidden": self.hidden, "width": self.width, "top_k": self.top_k, "router": self.router}
+
+
 @functools.cache
-def _measured_choice(native: tuple[str, ...], threads: int, compiled: bool = False, rounds: int = 5) -> KernelChoice:
-    """'auto' (KernelChoice). `name`: a decoded token's routed experts (two SwiGLU experts of
-    stacked layers, `_PROBE_M` x `_PROBE_F`) streaming cold weights, each candidate as the decode
-    step runs it (`_probe_step`, `_decode_seconds`): eagerly (`token_experts`: the native
-    `moe_token` op, torch's paired products), and for a compiled decoder also compiled (keys
-    ending in `COMPILED`), where the native op runs between Inductor's loops; the choice is
-    `_preferred` in the decoder's mode: the widest native kernel unless another is faster by
-    `KERNEL_MARGIN`. Compiling costs a few seconds per candidate (once per process; Inductor's
-    cache makes later processes' cheaper), so the compiled comparison is torch's loops against the
-    eagerly preferred native kernel: the native ones differ only inside the op, which compiling
-    does not change. `batched`: the same two experts for _BATCHED_TOKENS tokens (a prompt's MoE
-    layer, always eager: `fast_ffns`), the preferred native kernel at the smallest size, and
-    `max_tokens` (the largest size up to which torch's BLAS does not replace it, at least 8).
-    `rates_gb_s` and `batched_gflop_s` record each candidate's fastest run. About a second in all
-    eagerly, once per process, thread count and mode."""
-    layers = _probe_layers()
-    decode_s = _decode_seconds(("torch", *native), layers, rounds, compiled=False)
-    rates = {name: round(len(layers) * _PROBE_LAYER_BYTES / min(ts) / 1e9, 2) for name, ts in decode_s.items()}
+def _measured_choice(native: tuple[str, ...], threads: int, mode: str, shape: ProbeShape, rounds: int = 5) -> KernelChoice:
+    """'auto' (KernelChoice) for products run as `mode` runs them (DECODE_MODES) at `shape`.
+    `name`: a decoded token's routed experts of stacked probe layers (`_probe_layers`) streaming
+    cold weights, each candidate as the decode step runs them (`_probe_step`, `_decode_seconds`):
+    eagerly, and for a compiled decoder also compiled (keys ending in `COMPILED`), where the native
+    op runs between Inductor's loops; the choice is `_preferred` in the caller's mode: the widest
+    native kernel unless another is faster by `KERNEL_MARGIN`. Compiling costs a few seconds per
+    candidate (once per process; Inductor's cache makes later processes' cheaper), so the compiled
+    comparison is torch's loops against the eagerly preferred native kernel: the native ones differ
+    only inside the op, which compiling does not change. `batched`: the same experts for
+    _BATCHED_TOKENS tokens (a prompt's MoE layer, always eager: `fast_ffns`), the preferred native
+    kernel at the smallest size, and `max_tokens` (the largest size up to which torch's BLAS does
+    not replace it, at least 8). `rates_gb_s` and `batched_gflop_s` record each candidate's
+    fastest run. About a second in all eagerly, once per process, thread count, mode and shape
+    (the eager timings shared by the eager and compiled modes)."""
+    layers = _probe_layers(shape, mode == "ffns")
+    eager_mode = "ffns" if mode == "ffns" else "eager"
+    decode_s = _eager_decode_seconds(native, threads, eager_mode, shape, rounds)
+    rate = lambda ts: round(len(layers) * shape.layer_bytes / min(ts) / 1e9, 2)  # noqa: E731
+    rates = {name: rate(ts) for name, ts in decode_s.items()}
     basis = {"decode": _preferred(decode_s, (*native, "torch"))}
-    if compiled:
+    if mode == "compiled":
         best_native = _preferred(decode_s, native)["pick"]
         compiled_s = {name + COMPILED: ts for name, ts in
-                      _decode_seconds(("torch", best_native), layers, rounds, compiled=True).items()}
-        rates.update({key: round(len(layers) * _PROBE_LAYER_BYTES / min(ts) / 1e9, 2) for key, ts in compiled_s.items()})
+                      _decode_seconds(("torch", best_native), layers, rounds, "compiled", shape).items()}
+        rates.update({key: rate(ts) for key, ts in compiled_s.items()})
         basis["decode" + COMPILED] = _preferred(compiled_s, (best_native + COMPILED, "torch" + COMPILED))
-    name = basis["decode" + (COMPILED if compiled else "")]["pick"].removesuffix(COMPILED)
+    name = basis["decode" + (COMPILED if mode == "compiled" else "")]["pick"].removesuffix(COMPILED)
     batched_s = _batched_seconds(("torch", *native), layers, rounds)
-    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(layers) * _PROBE_LAYER_BYTES / 4 / min(ts) / 1e9, 1)
+    gflop_s = {key: round(2 * int(key.split("@")[1]) * len(layers) * shape.layer_bytes / 4 / min(ts) / 1e9, 1)
                for key, ts in batched_s.items()}
     basis["batched"] = _preferred({n: batched_s[f"{n}@{_BATCHED_TOKENS[0]}"] for n in native}, native)
     best, max_tokens = basis["batched"]["pick"], 8
@@ -238,8 +307,16 @@ def _measured_choice(native: tuple[str, ...], threads: int, compiled: bool = Fal
         if basis[f"torch@{T}"]["pick"] != f"{best}@{T}":
             break
         max_tokens = T
-    return KernelChoice(name, "measured", max_tokens, best, rates, gflop_s,
-                        decode_mode="compiled" if compiled else "eager", basis=basis)
+    return KernelChoice(name, "measured", max_tokens, best, rates, gflop_s, decode_mode=mode, basis=basis,
+                        probe=shape.as_dict())
+
+
+@functools.cache
+def _eager_decode_seconds(native: tuple[str, ...], threads: int, mode: str, shape: ProbeShape, rounds: int
+                          ) -> dict[str, list[float]]:
+    """`_decode_seconds` of every candidate run eagerly in `mode` ('eager' or 'ffns'), once per
+    process, thread count, mode and shape: the eager and the compiled choice both start from it."""
+    return _decode_seconds(("torch", *native), _probe_layers(shape, mode == "ffns"), rounds, mode, shape)
 
 
 def _preferred(seconds: dict[str, list[float]], order: tuple[str, ...], margin: float = KERNEL_MARGIN) -> dict:
@@ -265,22 +342,42 @@ def _preferred(seconds: dict[str, list[float]], order: tuple[str, ...], margin: 
     return {"default": order[0], "time_ratios": to_default, "margin": margin, "steps": steps, "pick": pick}
 
 
-def _probe_layers() -> list["StackedMoEWeights"]:
-    """The probe's stacked layers of two experts: 3x the last-level cache in all (at least 96 MiB),
-    so that each pass reads them from memory, as a decode step reads its experts."""
-    count = max(1, max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // _PROBE_LAYER_BYTES)
-    return [StackedMoEWeights.of(torch.zeros(2, _PROBE_M), torch.ones(2, 2 * _PROBE_F, _PROBE_M),
-                                 torch.ones(2, _PROBE_M, _PROBE_F)) for _ in range(count)]
+def _probe_layers(shape: ProbeShape, separate: bool) -> list[MoEWeights]:
+    """The probe's layers of `shape.top_k` experts of `shape` with a zero router (every expert
+    routed to): 3x the last-level cache in all (at least 96 MiB), so that each pass reads them from
+    memory, as a decode step reads its experts, but at most `_PROBE_MAX_LAYERS` (a compiled probe
+    step is one graph through all of them; a tiny model's experts stay in the cache anyway, and
+    its step costs what its operations do). Stacked (`StackedMoEWeights`, as FastDecoder holds
+    them) or `separate` (gate, up and down [F, M] arrays of each expert, as the engine holds them)."""
+    count = min(_PROBE_MAX_LAYERS, max(1, max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // shape.layer_bytes))
+    E, M, width = shape.top_k, shape.hidden, shape.width
+    if separate:
+        return [MoEWeights(torch.zeros(E, M), tuple(ExpertWeights(torch.ones(width, M), torch.ones(width, M),
+                                                                  torch.ones(width, M).t()) for _ in range(E)))
+                for _ in range(count)]
+    return [StackedMoEWeights.of(torch.zeros(E, M), torch.ones(E, 2 * width, M), torch.ones(E, M, width))
+            for _ in range(count)]
 
 
-def _probe_step(x_1M: torch.Tensor, layers: tuple["StackedMoEWeights", ...], ids_1K: torch.Tensor,
-                weights_1K: torch.Tensor, kernel: KernelChoice) -> torch.Tensor:
-    """The MoE halves of a decode step over `layers`, x + experts(norm(x)) each, with the experts
-    as the decode step runs them: compiled as `_token_step` does (`_traced_token_experts`),
-    eagerly as `FastDecoder.moe` does (`token_experts`)."""
-    experts = _traced_token_experts if torch.compiler.is_compiling() else token_experts
+def _probe_step(x_1M: torch.Tensor, layers: tuple[MoEWeights, ...], shape: ProbeShape, kernel: KernelChoice,
+                mode: str) -> torch.Tensor:
+    """The MoE halves of a decode step over `layers`, x + experts(norm(x)) each, the token routed
+    and its experts run as `mode` runs them (DECODE_MODES): in the compiled token step's graph
+    (`_routed_experts`), eagerly as `FastDecoder.moe` does (`token_experts`), or FFN by FFN
+    (`fast_ffns`, as the engine's CPU lane)."""
     for w in layers:
-        x_1M = x_1M + experts(w, torch.rms_norm(x_1M, (x_1M.shape[-1],)), ids_1K, weights_1K, kernel)
+        h_1M = torch.rms_norm(x_1M, (x_1M.shape[-1],))
+        if mode == "compiled":
+            y_1M = _routed_experts(shape, w, h_1M, kernel)[0]
+        else:
+            ids_1K, weights_1K = route(shape, F.linear(h_1M, w.router_EM))
+            if mode == "eager":
+                y_1M = token_experts(w, h_1M, ids_1K, weights_1K, kernel)
+            else:
+                order = sorted((e, k) for k, e in enumerate(ids_1K[0].tolist()))
+                y_1M = _weighted_sum(order, fast_ffns([(w.experts[e], h_1M) for e, _ in order], kernel), weights_1K,
+                                     h_1M.dtype)
+        x_1M = x_1M + y_1M
     return x_1M
 
 
@@ -305,29 +402,36 @@ def _round_seconds(runs: dict, rounds: int, budget_s: float = 0.0, max_rounds: i
     return {key: ts[1:] for key, ts in times.items()}
 
 
-def _decode_seconds(candidates: tuple[str, ...], layers: list["StackedMoEWeights"], rounds: int,
-                    compiled: bool) -> dict[str, list[float]]:
+def _decode_seconds(candidates: tuple[str, ...], layers: list[MoEWeights], rounds: int, mode: str,
+                    shape: ProbeShape) -> dict[str, list[float]]:
     """Seconds per round (`_round_seconds`: at least `rounds`, more until `_DECODE_PROBE_S`) of
-    one `_probe_step` over `layers` (one token routed to both experts) with each candidate
-    kernel, eager or compiled (`_compiled_region`, as the decoder compiles its token step)."""
-    x_1M, ids_1K, weights_1K = torch.ones(1, _PROBE_M), torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]])
+    one `_probe_step` over `layers` with each candidate kernel, run as `mode` runs it (compiled:
+    `_compiled_region`, as the decoder compiles its token step)."""
+    x_1M = torch.ones(1, shape.hidden)
 
     def run(name: str):
         kernel = KernelChoice(name, "probe")
-        step = _compiled_region(_probe_step, kernel.native(1) is not None) if compiled else _probe_step
-        return lambda: step(x_1M, tuple(layers), ids_1K, weights_1K, kernel)
+        native = kernel.native(1) is not None
+        if mode == "compiled":
+            return functools.partial(_compiled_region(_probe_step, native), x_1M, tuple(layers), shape, kernel, mode)
+
+        def eager():
+            with cpu_kernels.torch_ops_on_one_thread() if native and mode == "eager" else contextlib.nullcontext():
+                _probe_step(x_1M, tuple(layers), shape, kernel, mode)
+        return eager
 
     with torch.inference_mode():
         return _round_seconds({name: run(name) for name in candidates}, rounds, _DECODE_PROBE_S)
 
 
-def _batched_seconds(candidates: tuple[str, ...], layers: list["StackedMoEWeights"], rounds: int
-                     ) -> dict[str, list[float]]:
-    """Seconds per round (`_round_seconds`; keys 'kernel@tokens') of both experts of every layer for each of _BATCHED_TOKENS tokens,
-    as a prompt's MoE layer runs them (`fast_ffns`: one native op, or torch's products expert by
-    expert)."""
+def _batched_seconds(candidates: tuple[str, ...], layers: list[MoEWeights], rounds: int) -> dict[str, list[float]]:
+    """Seconds per round (`_round_seconds`; keys 'kernel@tokens') of every expert of every layer
+    for each of _BATCHED_TOKENS tokens, as a prompt's MoE layer runs them (`fast_ffns`: one
+    native op, or torch's products expert by expert)."""
+    hidden = layers[0].router_EM.shape[1]
+
     def run(name: str, T: int):
-        kernel, x_TM = KernelChoice(name, "probe", max(_BATCHED_TOKENS)), torch.ones(T, _PROBE_M)
+        kernel, x_TM = KernelChoice(name, "probe", max(_BATCHED_TOKENS)), torch.ones(T, hidden)
         return lambda: [fast_ffns([(e, x_TM) for e in w.experts], kernel) for w in layers]
 
     with torch.inference_mode():
@@ -663,17 +767,20 @@ class FastDecoder(Decoder):
         if compile_decode:   # each architecture / shape / kernel is its own graph of the two regions; a
             # process with several models (the tests, a sweep) needs more than Dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.kernel = choose_kernel(kernel, compiled=compile_decode) if self._native_dtype else \
-            KernelChoice("torch", "only", note="not float32 on the CPU")
+        if self._native_dtype:
+            named_kernel(kernel)              # a bad kernel name fails before the weights load
         self._rope_tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}   # long RoPE -> (cos, signed sin)
         super().__init__(source, **decoder_kwargs)
         self._moe_layers = [i for i in range(self.config.num_layers) if self.config.is_moe_layer(i)]
+        self.use_kernel(kernel)
 
     def use_kernel(self, kernel: "str | KernelChoice | None") -> KernelChoice:
-        """Switch the products' kernel (`choose_kernel`), e.g. to compare kernels on one set of
-        weights; compiled regions compile once more for a new kernel."""
-        if self._native_dtype:
-            self.kernel = choose_kernel(kernel, compiled=self.compile_decode)
+        """Switch the products' kernel (`choose_kernel`, 'auto' measured as this decoder runs a
+        token's experts, at its model's shape), e.g. to compare kernels on one set of weights;
+        compiled regions compile once more for a new kernel."""
+        self.kernel = choose_kernel(kernel, mode="compiled" if self.compile_decode else "eager",
+                                    shape=ProbeShape.of(self.config)) if self._native_dtype else \
+            KernelChoice("torch", "only", note="not float32 on the CPU")
         return self.kernel
 
     # -------------------------------------------------------------- weights
@@ -756,7 +863,8 @@ class FastDecoder(Decoder):
         if (not self.compile_decode or self._layers is None or tokens_BS.shape != (1, 1)
                 or valid_BS is not None or cache.batch != 1 or not cache.unpadded or cache.length >= cache.max_len
                 or not 0 <= int(tokens_BS) < self.config.vocab_size):
-            return super().forward(tokens_BS, cache, valid_BS, last_only)   # (which also raises on bad input)
+            with self._decode_threads(tokens_BS.shape):
+                return super().forward(tokens_BS, cache, valid_BS, last_only)   # (which also raises on bad input)
         L1 = cache.length + 1
         cache.valid_BL[:, L1 - 1] = True
         cos_11D, sin_11D = self.rope(cache.next_pos_B[:, None])
@@ -769,6 +877,17 @@ class FastDecoder(Decoder):
             for i, (ids_1K, weights_1K) in zip(self._moe_layers, routes):
                 self.route_observer(i, ids_1K, weights_1K)
         return logits_11V
+
+    torch_ops_on_one_thread = True
+    """Whether an eager decode step whose products are native ops runs torch's own operations on
+    one thread (`cpu_kernels.torch_ops_on_one_thread`)."""
+
+    def _decode_threads(self, shape_BS: torch.Size) -> contextlib.AbstractContextManager:
+        """`cpu_kernels.torch_ops_on_one_thread` for a decode step (one new token per sequence)
+        whose products are native ops, else nothing."""
+        if self.torch_ops_on_one_thread and shape_BS[1] == 1 and self.kernel.native(shape_BS[0]) is not None:
+            return cpu_kernels.torch_ops_on_one_thread()
+        return contextlib.nullcontext()
 
     def run_ffns(self, i, items, layer_tokens):
         if self.expert_fn is _fast_expert_fn:

@@ -101,6 +101,26 @@ def test_bad_input_is_one_line_exit_2(files, capsys, monkeypatch, argv, msg):
     assert len(err.splitlines()) == 1 and msg in err
 
 
+@pytest.mark.parametrize("cmd", ["generate", "bench"])
+def test_a_cpu_kernel_this_host_cannot_run_is_one_line_before_work(files, capsys, monkeypatch, tmp_path, cmd):
+    """A native kernel the CPU lacks, or a bad $SCHEINFER_CPU_KERNEL: one line naming it and what
+    this host runs, exit 2, before the kernel probe or the cost model."""
+    from impl.experiments.scheinfer import __main__ as cli_main
+    from impl.scheinfer import cpu_kernels
+    monkeypatch.setattr(cli_main, "_cost_model", lambda *a, **k: pytest.fail("work started before the error"))
+    monkeypatch.setattr(cpu_kernels, "supported_isas", lambda: ("sse",))
+    run = ["--model", str(files["mixtral"])] + (["--tokens", "1", "--n-predict", "2"] if cmd == "generate" else
+                                                 ["--out-csv", str(tmp_path / "b.csv"), "--out-record", str(tmp_path / "b.json")])
+    for argv, env, msg in ((["--cpu-kernel", "avx512"], None, "--cpu-kernel: cpu kernel='avx512' is not available "
+                            "on this host (this CPU runs sse); expected one of auto, torch, sse"),
+                           ([], "avx3", "--cpu-kernel: cpu kernel='avx3' is not allowed")):
+        if env:
+            monkeypatch.setenv("SCHEINFER_CPU_KERNEL", env)
+        assert main([cmd, *run, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and msg in err, err
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--n-predict", "2"])

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from impl.common.config import ConfigError
 from impl.scheinfer import cpu_kernels
-from impl.scheinfer.fast_decode import (KERNEL_ENV, KERNELS, NAMED_MAX_TOKENS, KernelChoice, _measured_choice,
-                                        choose_kernel, fast_ffn, fast_ffns, product)
+from impl.scheinfer.fast_decode import (KERNEL_ENV, KERNELS, NAMED_MAX_TOKENS, KernelChoice, ProbeShape,
+                                        _eager_decode_seconds, _measured_choice, choose_kernel, fast_ffn, fast_ffns,
+                                        named_kernel, product)
 from impl.scheinfer.layers import ExpertWeights, ffn
 
 ISAS = [name for name in cpu_kernels.ISAS if name in cpu_kernels.supported_isas()]
@@ -24,6 +25,11 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
+
+
+def _clear_choice_caches():
+    _measured_choice.cache_clear()
+    _eager_decode_seconds.cache_clear()
 
 
 def _randn(*shape, seed=0):
@@ -217,17 +223,21 @@ def test_choose_kernel_option_env_and_errors(monkeypatch):
     for name in set(cpu_kernels.ISAS) - set(ISAS):
         with pytest.raises(ConfigError, match=f"cpu kernel='{name}' is not available on this host"):
             choose_kernel(name)
+    # the same checks without measuring: 'auto' is left to the caller
+    assert named_kernel("torch") == KernelChoice("torch", "option") and (named_kernel() is None) == bool(ISAS)
+    with pytest.raises(ConfigError, match=r"cpu kernel='avx3' is not allowed"):
+        named_kernel("avx3")
 
 
 @needs_native
 def test_auto_measures_every_candidate_and_records_its_decisions(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     monkeypatch.setattr(cpu_kernels, "last_level_cache_bytes", lambda: 1 << 20)   # a small, quick probe
-    _measured_choice.cache_clear()
+    _clear_choice_caches()
     try:
         choice = choose_kernel()
     finally:
-        _measured_choice.cache_clear()
+        _clear_choice_caches()
     assert choice.how == "measured" and set(choice.rates_gb_s) == {"torch", *ISAS}
     assert choice.name == choice.basis["decode"]["pick"] and choice.basis["decode"]["default"] == ISAS[0]
     assert set(choice.basis) == {"decode", "batched", "torch@16"} | ({"torch@64"} if choice.max_tokens != 8 else set())
@@ -240,37 +250,91 @@ def test_auto_measures_every_candidate_and_records_its_decisions(monkeypatch):
     assert KERNELS == ("auto", "torch", *cpu_kernels.ISAS)
 
 
-def test_auto_ranks_the_candidates_as_the_decoders_mode_runs_them(monkeypatch):
+def test_auto_ranks_the_candidates_as_the_callers_mode_runs_them_at_its_shape(monkeypatch):
     """Injected timings (no kernel runs): the eager decoder takes the kernel fastest eagerly, the
     compiled one the kernel fastest as compiled token steps, whose candidates are torch's loops and
-    the eagerly fastest native kernel; both rankings are recorded."""
+    the eagerly fastest native kernel (the eager timings measured once for both), the engine's
+    lane the one fastest FFN by FFN; each at the shape it asks for, recorded with the rankings."""
     from impl.scheinfer import fast_decode
-    eager_s = {"torch": 2.0, "avx512": 1.0, "avx2": 1.5}
-    compiled_s = {"torch": 1.0, "avx512": 3.0}
-    asked = []
+    seconds = {"eager": {"torch": 2.0, "avx512": 1.0, "avx2": 1.5}, "compiled": {"torch": 1.0, "avx512": 3.0},
+               "ffns": {"torch": 2.0, "avx512": 1.5, "avx2": 1.0}}
+    asked, built = [], []
 
-    def decode_seconds(candidates, layers, rounds, compiled):
-        asked.append((candidates, compiled))
-        return {n: [(compiled_s if compiled else eager_s)[n]] * rounds for n in candidates}
+    def decode_seconds(candidates, layers, rounds, mode, shape):
+        asked.append((candidates, mode, shape.width))
+        return {n: [seconds[mode][n]] * rounds for n in candidates}
+
+    def probe_layers(shape, separate):
+        built.append((shape.width, separate))
+        return [None]                  # one layer: rates from the timings
 
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     monkeypatch.setattr(cpu_kernels, "supported_isas", lambda: ("avx512", "avx2"))
-    monkeypatch.setattr(fast_decode, "_probe_layers", lambda: [None])   # one layer: rates from the timings
+    monkeypatch.setattr(fast_decode, "_probe_layers", probe_layers)
     monkeypatch.setattr(fast_decode, "_decode_seconds", decode_seconds)
     monkeypatch.setattr(fast_decode, "_batched_seconds",
                         lambda candidates, layers, rounds: {f"{n}@{T}": [1.0] * rounds for n in candidates for T in (16, 64)})
-    _measured_choice.cache_clear()
+    small = ProbeShape(512, 1536, 2)
+    _clear_choice_caches()
     try:
-        eager, compiled = choose_kernel(), choose_kernel(compiled=True)
+        eager, compiled = choose_kernel(shape=small), choose_kernel(mode="compiled", shape=small)
+        lane = choose_kernel(mode="ffns", shape=small)
+        default = choose_kernel()
     finally:
-        _measured_choice.cache_clear()
+        _clear_choice_caches()
     assert (eager.name, eager.decode_mode) == ("avx512", "eager")
     assert (compiled.name, compiled.decode_mode) == ("torch", "compiled")
-    assert asked == [(("torch", "avx512", "avx2"), False), (("torch", "avx512", "avx2"), False),
-                     (("torch", "avx512"), True)]
+    assert (lane.name, lane.decode_mode) == ("avx2", "ffns")
+    assert asked == [(("torch", "avx512", "avx2"), "eager", 1536), (("torch", "avx512"), "compiled", 1536),
+                     (("torch", "avx512", "avx2"), "ffns", 1536), (("torch", "avx512", "avx2"), "eager", 3584)]
+    assert (1536, True) in built and (1536, False) in built and (3584, False) in built
+    assert eager.probe == {"hidden": 512, "width": 1536, "top_k": 2, "router": "softmax"} == eager.as_dict()["probe"]
+    assert default.probe["width"] == 3584 == ProbeShape().width
     assert set(compiled.rates_gb_s) == {"torch", "avx512", "avx2", "torch, compiled", "avx512, compiled"}
     assert compiled.as_dict()["decode_mode"] == "compiled" and set(eager.rates_gb_s) == {"torch", "avx512", "avx2"}
-    assert choose_kernel("avx2", compiled=True) == KernelChoice("avx2", "option", NAMED_MAX_TOKENS)
+    assert choose_kernel("avx2", mode="compiled") == KernelChoice("avx2", "option", NAMED_MAX_TOKENS)
+    with pytest.raises(ValueError, match="mode='lazy' is not allowed; expected one of eager, compiled, ffns"):
+        choose_kernel(mode="lazy")
+
+
+def test_the_probe_shape_of_a_model_and_its_cap():
+    """The probe streams the model's routed experts (top_k of them, its router), a dense model's
+    FFN; experts too large for a quick probe are narrowed to at most 256 MiB a layer."""
+    from impl.scheinfer.generate_models import tiny_config
+    moe, dense = tiny_config("mixtral", hidden=96, moe_ffn_hidden=160), tiny_config("llama", hidden=64)
+    assert ProbeShape.of(moe) == ProbeShape(96, 160, moe.top_k, moe.router, moe.normalize_topk, moe.router_jitter_eps)
+    assert ProbeShape.of(dense) == ProbeShape(64, dense.ffn_hidden, 1)
+    assert ProbeShape.at_hidden(1024) == ProbeShape() and ProbeShape.at_hidden(8).width == 64
+    mixtral = ProbeShape(4096, 14336, 2)
+    probed = mixtral.probed()
+    assert (probed.hidden, probed.top_k) == (4096, 2) and probed.width % 64 == 0 and probed.width < 14336
+    assert probed.layer_bytes <= 256 << 20 < probed.layer_bytes + 2 * 3 * 4096 * 64 * 4
+    assert ProbeShape(512, 1536).probed() == ProbeShape(512, 1536)
+
+
+@needs_native
+@pytest.mark.parametrize("mode", ["eager", "compiled", "ffns"])
+def test_every_decode_mode_probes_the_same_experts(mode):
+    """The probe step of each mode computes the same MoE halves (its kernels' summation orders
+    apart) over stacked or separate probe layers with random weights: each mode times real work
+    on the experts it says, not a shortcut."""
+    from impl.scheinfer import fast_decode
+    shape = ProbeShape(64, 96, 2)
+    layers = fast_decode._probe_layers(shape, separate=mode == "ffns")[:2]
+    for w in layers:               # random values in place (the probe's are ones)
+        for e in w.experts:
+            for t in (e.gate_FM, e.up_FM, e.down_MF):
+                t.copy_(_randn(*t.shape, seed=t.numel()) * 0.1)
+    x = _randn(1, 64)
+    want = x
+    for w in layers:
+        h = torch.rms_norm(want, (64,))
+        want = want + 0.5 * (ffn(w.experts[0], h) + ffn(w.experts[1], h))
+    step = fast_decode._probe_step
+    if mode == "compiled":
+        step = fast_decode._compiled_region(step, True)
+    got = step(x, tuple(layers), shape, KernelChoice(ISAS[0], "probe"), mode)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 # Injected per-round seconds: a load factor per round (a burst in rounds 1 and 3) slows every
@@ -291,15 +355,15 @@ def test_a_noisy_torch_that_wins_single_runs_keeps_the_native_default(monkeypatc
     assert min(seconds["torch"]) < min(min(seconds["avx512"]), min(seconds["avx2"]))
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     monkeypatch.setattr(cpu_kernels, "supported_isas", lambda: ("avx512", "avx2"))
-    monkeypatch.setattr(fast_decode, "_probe_layers", lambda: [None])
-    monkeypatch.setattr(fast_decode, "_decode_seconds", lambda candidates, layers, rounds, compiled: seconds)
+    monkeypatch.setattr(fast_decode, "_probe_layers", lambda shape, separate: [None])
+    monkeypatch.setattr(fast_decode, "_decode_seconds", lambda candidates, layers, rounds, mode, shape: seconds)
     monkeypatch.setattr(fast_decode, "_batched_seconds",
                         lambda candidates, layers, rounds: {f"{n}@{T}": _rounds(1.0) for n in candidates for T in (16, 64)})
-    _measured_choice.cache_clear()
+    _clear_choice_caches()
     try:
         choice = choose_kernel()
     finally:
-        _measured_choice.cache_clear()
+        _clear_choice_caches()
     assert max(choice.rates_gb_s, key=choice.rates_gb_s.get) == "torch" and choice.name == "avx512"
     assert choice.basis["decode"] == {"default": "avx512", "time_ratios": {"avx2": 1.05, "torch": 1.05},
                                       "margin": fast_decode.KERNEL_MARGIN, "steps": {}, "pick": "avx512"}
@@ -392,6 +456,31 @@ def test_no_compiler_falls_back_to_torch_with_one_clear_warning(monkeypatch):
             fn.cache_clear()
         cpu_kernels._error = None
         cpu_kernels.available()
+
+
+def _threads_override() -> int:
+    before = torch.ops.scheinfer.set_threads(0)
+    torch.ops.scheinfer.set_threads(before)
+    return before
+
+
+@needs_native
+def test_torch_ops_on_one_thread_keeps_the_native_loops_on_the_callers_count(threads):
+    """Inside the context torch runs on one thread and the native ops on the count before it (the
+    thread's override), with the same results; after it, also after an error, both are restored.
+    One thread: nothing changes."""
+    w, x = _randn(512, 256), _randn(2, 256, seed=1)
+    want = torch.ops.scheinfer.linear(x, w, None, cpu_kernels.ISAS[ISAS[0]])
+    assert _threads_override() == 0
+    with pytest.raises(KeyError):
+        with cpu_kernels.torch_ops_on_one_thread():
+            assert torch.get_num_threads() == 1 and _threads_override() == (threads if threads > 1 else 0)
+            torch.testing.assert_close(torch.ops.scheinfer.linear(x, w, None, cpu_kernels.ISAS[ISAS[0]]), want,
+                                       rtol=0, atol=0)
+            raise KeyError("inside")
+    assert torch.get_num_threads() == threads and _threads_override() == 0
+    with pytest.raises(RuntimeError, match=r"set_threads\(-1\): expected an integer >= 0"):
+        torch.ops.scheinfer.set_threads(-1)
 
 
 # ------------------------------------------------------------------------- the host

@@ -224,6 +224,28 @@ def test_paired_experts_equal_each_expert_alone(fast_decoders):
             torch.testing.assert_close(y, ffn(moe.experts[e], x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_eager_decode_steps_with_native_products_run_torch_on_one_thread(decoders, monkeypatch, kernel):
+    """Each eager decode step (not the prompt) whose products are native ops runs in
+    `torch_ops_on_one_thread`; with torch's kernel none does, nor in the engine's decoder (whose
+    lanes run torch products meanwhile)."""
+    from contextlib import contextmanager
+    from impl.scheinfer.engine import HybridDecoder
+    entered = []
+
+    @contextmanager
+    def recording():
+        entered.append(torch.get_num_threads())
+        yield
+
+    monkeypatch.setattr(cpu_kernels, "torch_ops_on_one_thread", recording)
+    src = decoders["mixtral"].source
+    fast = FastDecoder(src, kernel=kernel)
+    out = fast.generate([[1, 17, 300, 42]], 4)
+    assert len(entered) == (out.decode_steps if kernel != "torch" else 0)
+    assert HybridDecoder.torch_ops_on_one_thread is False and FastDecoder.torch_ops_on_one_thread is True
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,kernel", [(kind, None) for kind in ALL_KINDS]
                          + [("mixtral", kernel) for kernel in CPU_KERNELS])

@@ -135,11 +135,16 @@ def _device_bytes() -> int:
 def _validate_engine_options(args) -> str | None:
     """The engine options generate and bench share (--assign, --gg-mode, --gpu-mem, --threads, --tile,
     --cost, --cpu-kernel)."""
+    from impl.common.config import ConfigError
     from impl.scheinfer.assign import ASSIGN_MODES
-    from impl.scheinfer.fast_decode import KERNELS
+    from impl.scheinfer.fast_decode import KERNELS, named_kernel
     from impl.scheinfer.partition import GG_MODES
     if args.cpu_kernel is not None and args.cpu_kernel not in KERNELS:
         return f"--cpu-kernel={args.cpu_kernel!r} is not allowed; expected one of {', '.join(KERNELS)}"
+    try:
+        named_kernel(args.cpu_kernel)        # a kernel this host cannot run, or a bad $SCHEINFER_CPU_KERNEL
+    except ConfigError as e:
+        return f"--cpu-kernel: {e}"
     if args.assign not in ASSIGN_MODES:
         return f"--assign={args.assign!r} is not allowed; expected one of {', '.join(ASSIGN_MODES)}"
     if args.gg_mode not in GG_MODES:
@@ -149,7 +154,6 @@ def _validate_engine_options(args) -> str | None:
         if err:
             return err
     if args.cost is not None:
-        from impl.common.config import ConfigError
         from impl.scheinfer.partition import CostModel
         if not Path(args.cost).is_file():
             return f"--cost {args.cost}: no such file"
@@ -175,7 +179,7 @@ def _validate_generate(args) -> str | None:
             or _check_output("--out-record", args.out_record) or _validate_engine_options(args))
 
 
-def _cost_model(path: str | None, hidden: int, kernel: str | None = None):
+def _cost_model(path: str | None, hidden: int, kernel=None):
     """The engine's cost model: a `calibrate --out` JSON, else a quick calibration now."""
     from impl.scheinfer.calibrate import calibrate
     from impl.scheinfer.partition import CostModel
@@ -254,10 +258,17 @@ def _policy(policy_name: str, cost, cfg, args):
                        tile=args.tile, **_policy_options(policy_name, args))
 
 
-def _engine(policy, cfg, gpu_mem: int, threads: int | None, kernel: str | None = None):
+def _engine(policy, cfg, gpu_mem: int, threads: int | None, kernel=None):
     import torch
     from impl.scheinfer.engine import HybridEngine
     return HybridEngine(policy, cfg.hidden, torch.float32, gpu_mem, threads=threads, kernel=kernel)
+
+
+def _cpu_kernel(name: str | None, cfg):
+    """The CPU products' kernel (--cpu-kernel, fast_decode.choose_kernel) for the engine's CPU lane
+    on this model, chosen once: the cost model is calibrated with the kernel the engine runs."""
+    from impl.scheinfer.fast_decode import ProbeShape, choose_kernel
+    return choose_kernel(name, mode="ffns", shape=ProbeShape.of(cfg))
 
 
 def cmd_generate(args) -> int:
@@ -292,14 +303,15 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
     if args.threads:
         torch.set_num_threads(args.threads)
-    cost = _cost_model(args.cost, cfg.hidden, args.cpu_kernel)
+    kernel = _cpu_kernel(args.cpu_kernel, cfg)
+    cost = _cost_model(args.cost, cfg.hidden, kernel)
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
     policy = _policy(args.policy, cost, cfg, args)
     popularity, made = profile(source, calibration, measured=[list(prompt)]) \
         if policy.uses_popularity else (None, None)
     if popularity is not None:
         policy.set_popularity(popularity)
-    engine = _engine(policy, cfg, gpu_mem, args.threads, args.cpu_kernel)
+    engine = _engine(policy, cfg, gpu_mem, args.threads, kernel)
     bar = tqdm(total=len(prompt) + args.n_predict - 1, desc="tokens", unit="tok", file=sys.stderr,
                disable=args.no_progress)
     from impl.scheinfer.engine import HybridDecoder
@@ -502,7 +514,8 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    cost = _cost_model(args.cost, cfg.hidden, args.cpu_kernel)
+    kernel = _cpu_kernel(args.cpu_kernel, cfg)
+    cost = _cost_model(args.cost, cfg.hidden, kernel)
     gpu_mem = _gpu_mem(args.gpu_mem, cfg)
     prompts = {n: [1 + (i % (cfg.vocab_size - 1)) for i in range(n)] for n in args.prompt_tokens}
     cuda = torch.cuda.is_available()
@@ -523,7 +536,7 @@ def cmd_bench(args) -> int:
             policy = policies[name]
             if name in ranked and popularity is not None:
                 policy.set_popularity(popularity)
-            engine = _engine(policy, cfg, gpu_mem, args.threads, args.cpu_kernel)
+            engine = _engine(policy, cfg, gpu_mem, args.threads, kernel)
             engine_of[name] = engine
             before = torch.cuda.memory_allocated() if cuda else 0
             decoders[name] = HybridDecoder(source, engine)

@@ -205,6 +205,19 @@ class Pool {
 
 [[maybe_unused]] const int pool_atfork = pthread_atfork(nullptr, nullptr, &Pool::forget_in_child);
 
+// The calling thread's thread count for the kernels' loops when set above 0 (`set_threads`),
+// else torch's intra-op count of the thread: a decode step can run torch's own small operations
+// on one thread (their OpenMP workers spin after each parallel region, on the cores these loops'
+// helpers need) and these loops on all of them.
+thread_local int64_t threads_override = 0;
+
+int64_t set_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 0, "scheinfer kernels: set_threads(", threads, "): expected an integer >= 0");
+  const int64_t before = threads_override;
+  threads_override = threads;
+  return before;
+}
+
 // fn(u0, u1) over units [0, n) in chunks of about CHUNK_BYTES of weight that the threads claim
 // one after another: a thread that the OS holds back (a shared host) leaves its
 // chunks to the others instead of keeping them all waiting at the end, as a static split would.
@@ -219,7 +232,7 @@ void parallel_chunks(int64_t n, int64_t unit_bytes, const Fn& fn, int64_t tokens
   const int64_t chunk_bytes = tokens <= 2 ? CHUNK_BYTES : CHUNK_BYTES * std::min<int64_t>(tokens, 16) / 2;
   const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / unit_bytes), chunks = cdiv(n, per_chunk);
   const int64_t workers = std::min(chunks, std::max<int64_t>(1, n * unit_bytes / MIN_THREAD_BYTES));
-  const int64_t threads = std::min<int64_t>(workers, at::get_num_threads());
+  const int64_t threads = std::min<int64_t>(workers, threads_override > 0 ? threads_override : at::get_num_threads());
   if (threads == 1) return fn(0, n);    // one call: its blocks prefetched one after another
   Pool::get().run(chunks, threads, [&](int64_t c) { fn(c * per_chunk, std::min(n, (c + 1) * per_chunk)); });
 }
@@ -471,6 +484,7 @@ TORCH_LIBRARY(scheinfer, m) {
   m.def("moe_token(Tensor x, Tensor gate_up, Tensor down, Tensor ids, Tensor weights, int isa) -> Tensor");
   m.def("read_sum(Tensor buf, int isa) -> float");
   m.def("cpu_supports(int isa) -> bool", &cpu_supports);
+  m.def("set_threads(int threads) -> int", &set_threads);
 }
 
 TORCH_LIBRARY_IMPL(scheinfer, CPU, m) {
