@@ -220,9 +220,16 @@ class HybridEngine:
                  device_events: bool = False):
         if gpu_mem_bytes < 0:
             raise ConfigError(f"gpu_mem_bytes={gpu_mem_bytes!r} is not allowed; expected an integer >= 0")
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads={threads!r} is not allowed; expected an integer >= 1")
+        # The CPU bands' kernel (`kernel`): named now (a bad name fails here, before any thread
+        # starts), or measured on first use
+        self._kernel_request = kernel
+        self._kernel: KernelChoice | None = named_kernel(kernel) if dtype == torch.float32 else \
+            KernelChoice("torch", "only", note="not float32")
+        self._auto_kernel = self._kernel is None
+        self._probe_shape = ProbeShape.at_hidden(hidden)
         if threads is not None:
-            if threads < 1:
-                raise ConfigError(f"threads={threads!r} is not allowed; expected an integer >= 1")
             torch.set_num_threads(threads)
         self.policy, self.hidden, self.dtype = policy, hidden, dtype
         self.dtype_bytes = torch.empty((), dtype=dtype).element_size()
@@ -245,12 +252,6 @@ class HybridEngine:
         _short_switch_interval(+1)
         self._open = True
         self._close_lock = threading.Lock()
-        # The CPU bands' kernel (`kernel`): named now (a bad name fails here), or measured on first use
-        self._kernel_request = kernel
-        self._kernel: KernelChoice | None = named_kernel(kernel) if dtype == torch.float32 else \
-            KernelChoice("torch", "only", note="not float32")
-        self._auto_kernel = self._kernel is None
-        self._probe_shape = ProbeShape.at_hidden(hidden)
         # Start every lane's thread now, with one small product: a thread's first torch call pays
         # one-off set-up (milliseconds) that would otherwise land in the first layer's timeline.
         # torch's thread count is per thread (OpenMP): the CPU lane gets this thread's (all the

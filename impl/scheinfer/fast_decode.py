@@ -41,6 +41,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -49,12 +50,12 @@ import torch.nn.functional as F
 from impl.common.config import ConfigError
 
 from . import cpu_kernels
-from .config import DecoderConfig
+from .config import DecoderConfig, decode_weight_bytes
 from .decoder import Decoder, ExpertFn
 from .layers import (AttentionWeights, ExpertWeights, KVCache, LayerWeights, MoEWeights, Norm, append_to_cache,
                      gate_shared, rope_cos_sin, route)
 
-__all__ = ["KERNELS", "KERNEL_ENV", "DECODE_MODES", "KernelChoice", "ProbeShape", "choose_kernel", "named_kernel", "split_linear", "product", "fast_ffn", "fast_ffns",
+__all__ = ["KERNELS", "KERNEL_ENV", "DECODE_MODES", "KernelChoice", "ProbeShape", "OwnSteps", "choose_kernel", "named_kernel", "split_linear", "product", "fast_ffn", "fast_ffns",
            "paired_ffn", "ExpertGroups", "JoinedExpertWeights", "JoinedAttentionWeights", "StackedMoEWeights", "FusedRMSNorm",
            "FastDecoder"]
 
@@ -168,18 +169,22 @@ class KernelChoice:
 
 
 def choose_kernel(requested: "str | KernelChoice | None" = None, *, mode: str = "eager",
-                  shape: "ProbeShape | None" = None) -> KernelChoice:
+                  shape: "ProbeShape | None" = None, own_steps: "OwnSteps | None" = None) -> KernelChoice:
     """The kernel for this process's CPU products: `requested` (an option; a KernelChoice is taken
-    as made), else $SCHEINFER_CPU_KERNEL, else 'auto', measured (`_measured_choice`) as the caller
-    will run its products (`mode`, one of DECODE_MODES) on experts of the caller's model's shape
-    (`shape`; None: Mixtral's ratio at hidden 1024), since the candidates' order depends on both.
-    A named native kernel this host cannot run is a one-line error."""
+    as made), else $SCHEINFER_CPU_KERNEL, else 'auto', measured (`_choice`) as the caller will run
+    its products (`mode`, one of DECODE_MODES) on experts of the caller's model's shape (`shape`;
+    None: Mixtral's ratio at hidden 1024), since the candidates' order depends on both; with
+    `own_steps` (a decoder's own decode steps on its own weights) the one-token decision times
+    those instead of the probe's experts. A named native kernel this host cannot run is a one-line
+    error."""
     if mode not in DECODE_MODES:
         raise ValueError(f"mode={mode!r} is not allowed; expected one of {', '.join(DECODE_MODES)}")
     choice = named_kernel(requested)
     if choice is not None:
         return choice
-    return _measured_choice(cpu_kernels.supported_isas(), torch.get_num_threads(), mode, (shape or ProbeShape()).probed())
+    native, threads, shape = cpu_kernels.supported_isas(), torch.get_num_threads(), (shape or ProbeShape()).probed()
+    return _choice(native, threads, mode, shape, own_steps) if own_steps is not None else \
+        _measured_choice(native, threads, mode, shape)
 
 
 def named_kernel(requested: "str | KernelChoice | None" = None) -> KernelChoice | None:
@@ -268,47 +273,91 @@ class ProbeShape:
         return {"hidden": self.hidden, "width": self.width, "top_k": self.top_k, "router": self.router}
 
 
+@dataclass(frozen=True, eq=False)
+class OwnSteps:
+    """A decoder's own decode steps, for 'auto' to time in place of the probe's experts: what runs
+    around the experts (attention, norms, the LM head, and how torch's threads and the native ops'
+    share the cores between them) moves the candidates' order too. `run(kernel)` makes a few
+    steps with `kernel`, `weight_bytes` what they read of the weights in all."""
+
+    run: Callable[[KernelChoice], None]
+    weight_bytes: int
+
+
 @functools.cache
 def _measured_choice(native: tuple[str, ...], threads: int, mode: str, shape: ProbeShape, rounds: int = 5) -> KernelChoice:
+    """`_choice` on the probe's experts alone, once per process, thread count, mode and shape."""
+    return _choice(native, threads, mode, shape, None, rounds)
+
+
+def _choice(native: tuple[str, ...], threads: int, mode: str, shape: ProbeShape, own_steps: OwnSteps | None,
+            rounds: int = 5) -> KernelChoice:
     """'auto' (KernelChoice) for products run as `mode` runs them (DECODE_MODES) at `shape`.
-    `name`: a decoded token's routed experts of stacked probe layers (`_probe_layers`) streaming
-    cold weights, each candidate as the decode step runs them (`_probe_step`, `_decode_seconds`):
-    eagerly, and for a compiled decoder also compiled (keys ending in `COMPILED`), where the native
-    op runs between Inductor's loops; the choice is `_preferred` in the caller's mode: the widest
-    native kernel unless another is faster by `KERNEL_MARGIN`. Compiling costs a few seconds per
-    candidate (once per process; Inductor's cache makes later processes' cheaper), so the compiled
-    comparison is torch's loops against the eagerly preferred native kernel: the native ones differ
-    only inside the op, which compiling does not change. `batched`: the same experts for
-    _BATCHED_TOKENS tokens (a prompt's MoE layer, always eager: `fast_ffns`), the preferred native
-    kernel at the smallest size, and `max_tokens` (the largest size up to which torch's BLAS does
-    not replace it, at least 8). `rates_gb_s` and `batched_gflop_s` record each candidate's
-    fastest run. About a second in all eagerly, once per process, thread count, mode and shape
-    (the eager timings shared by the eager and compiled modes)."""
-    layers = _probe_layers(shape, mode == "ffns")
-    eager_mode = "ffns" if mode == "ffns" else "eager"
-    decode_s = _eager_decode_seconds(native, threads, eager_mode, shape, rounds)
-    rate = lambda ts: round(len(layers) * shape.layer_bytes / min(ts) / 1e9, 2)  # noqa: E731
-    rates = {name: rate(ts) for name, ts in decode_s.items()}
-    basis = {"decode": _preferred(decode_s, (*native, "torch"))}
+    `name`: a decoded token's routed experts of probe layers (`_probe_layers`) streaming cold
+    weights, each candidate as the decode step runs them (`_probe_step`, `_decode_seconds`), or,
+    given `own_steps`, the caller's own decode steps: eagerly, and for a compiled decoder
+    compiled (keys ending in `COMPILED`), where the native op runs between Inductor's loops; the
+    choice is `_preferred` in the caller's mode: the widest native kernel unless another is
+    faster by `KERNEL_MARGIN`. Compiling costs seconds per candidate, so the compiled comparison
+    is torch's loops against the native kernel the eager probe prefers: the native ones differ
+    only inside the op, which compiling does not change. `batched` and `max_tokens`: the prompt's
+    products (`_batched_decision`). `rates_gb_s` and `batched_gflop_s` record each candidate's
+    fastest run; `probe` the shape and what the one-token decision timed. About a second in all
+    eagerly (the probe's timings shared by every caller of the same shape and threads)."""
+    rates, basis = {}, {}
+    probe_bytes = _probe_layer_count(shape) * shape.layer_bytes
+
+    def decide(seconds: dict[str, list[float]], order: tuple[str, ...], key: str, nbytes: int) -> None:
+        rates.update({k: round(nbytes / min(ts) / 1e9, 2) for k, ts in seconds.items()})
+        basis[key] = _preferred(seconds, order)
+
     if mode == "compiled":
-        best_native = _preferred(decode_s, native)["pick"]
-        compiled_s = {name + COMPILED: ts for name, ts in
-                      _decode_seconds(("torch", best_native), layers, rounds, "compiled", shape).items()}
-        rates.update({key: rate(ts) for key, ts in compiled_s.items()})
-        basis["decode" + COMPILED] = _preferred(compiled_s, (best_native + COMPILED, "torch" + COMPILED))
+        eager_s = _eager_decode_seconds(native, threads, "eager", shape, rounds)
+        decide(eager_s, (*native, "torch"), "decode", probe_bytes)
+        best = _preferred(eager_s, native)["pick"]
+        compiled_s = _own_seconds(own_steps, ("torch", best), rounds, COMPILED) if own_steps else \
+            {k + COMPILED: ts for k, ts in _decode_seconds(("torch", best), _probe_layers(shape, False), rounds,
+                                                            "compiled", shape).items()}
+        decide(compiled_s, (best + COMPILED, "torch" + COMPILED), "decode" + COMPILED,
+               own_steps.weight_bytes if own_steps else probe_bytes)
+    elif own_steps:
+        decide(_own_seconds(own_steps, ("torch", *native), rounds), (*native, "torch"), "decode", own_steps.weight_bytes)
+    else:
+        decide(_eager_decode_seconds(native, threads, mode, shape, rounds), (*native, "torch"), "decode", probe_bytes)
     name = basis["decode" + (COMPILED if mode == "compiled" else "")]["pick"].removesuffix(COMPILED)
+    best, max_tokens, gflop_s, batched_basis = _batched_decision(native, threads, shape, mode == "ffns", rounds)
+    return KernelChoice(name, "measured", max_tokens, best, rates, dict(gflop_s), decode_mode=mode,
+                        basis={**basis, **batched_basis},
+                        probe={**shape.as_dict(), "decode_timed": "own steps" if own_steps else "probe experts"})
+
+
+@functools.cache
+def _batched_decision(native: tuple[str, ...], threads: int, shape: ProbeShape, separate: bool, rounds: int
+                      ) -> tuple[str, int, dict, dict]:
+    """(batched, max_tokens, batched_gflop_s, basis) of `_choice`: every probe expert for
+    _BATCHED_TOKENS tokens (a prompt's MoE layer, always eager: `fast_ffns`), the preferred
+    native kernel at the smallest size, and `max_tokens` (the largest size up to which torch's
+    BLAS does not replace it, at least 8); once per process, thread count, shape and layout."""
+    layers = _probe_layers(shape, separate)
     batched_s = _batched_seconds(("torch", *native), layers, rounds)
     gflop_s = {key: round(2 * int(key.split("@")[1]) * len(layers) * shape.layer_bytes / 4 / min(ts) / 1e9, 1)
                for key, ts in batched_s.items()}
-    basis["batched"] = _preferred({n: batched_s[f"{n}@{_BATCHED_TOKENS[0]}"] for n in native}, native)
+    basis = {"batched": _preferred({n: batched_s[f"{n}@{_BATCHED_TOKENS[0]}"] for n in native}, native)}
     best, max_tokens = basis["batched"]["pick"], 8
     for T in _BATCHED_TOKENS:
         basis[f"torch@{T}"] = _preferred(batched_s, (f"{best}@{T}", f"torch@{T}"))
         if basis[f"torch@{T}"]["pick"] != f"{best}@{T}":
             break
         max_tokens = T
-    return KernelChoice(name, "measured", max_tokens, best, rates, gflop_s, decode_mode=mode, basis=basis,
-                        probe=shape.as_dict())
+    return best, max_tokens, gflop_s, basis
+
+
+def _own_seconds(own_steps: OwnSteps, candidates: tuple[str, ...], rounds: int, suffix: str = ""
+                 ) -> dict[str, list[float]]:
+    """Seconds per round (`_round_seconds`, at least `_DECODE_PROBE_S`) of the caller's own steps
+    with each candidate kernel (keys: the kernel's name + `suffix`)."""
+    runs = {name + suffix: functools.partial(own_steps.run, KernelChoice(name, "probe")) for name in candidates}
+    return _round_seconds(runs, rounds, _DECODE_PROBE_S)
 
 
 @functools.cache
@@ -349,7 +398,7 @@ def _probe_layers(shape: ProbeShape, separate: bool) -> list[MoEWeights]:
     step is one graph through all of them; a tiny model's experts stay in the cache anyway, and
     its step costs what its operations do). Stacked (`StackedMoEWeights`, as FastDecoder holds
     them) or `separate` (gate, up and down [F, M] arrays of each expert, as the engine holds them)."""
-    count = min(_PROBE_MAX_LAYERS, max(1, max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // shape.layer_bytes))
+    count = _probe_layer_count(shape)
     E, M, width = shape.top_k, shape.hidden, shape.width
     if separate:
         return [MoEWeights(torch.zeros(E, M), tuple(ExpertWeights(torch.ones(width, M), torch.ones(width, M),
@@ -357,6 +406,10 @@ def _probe_layers(shape: ProbeShape, separate: bool) -> list[MoEWeights]:
                 for _ in range(count)]
     return [StackedMoEWeights.of(torch.zeros(E, M), torch.ones(E, 2 * width, M), torch.ones(E, M, width))
             for _ in range(count)]
+
+
+def _probe_layer_count(shape: ProbeShape) -> int:
+    return min(_PROBE_MAX_LAYERS, max(1, max(3 * cpu_kernels.last_level_cache_bytes(), 96 << 20) // shape.layer_bytes))
 
 
 def _probe_step(x_1M: torch.Tensor, layers: tuple[MoEWeights, ...], shape: ProbeShape, kernel: KernelChoice,
@@ -745,6 +798,9 @@ def _inductor_compilers() -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------------- decoder
 
+OWN_STEPS = 4      # decode steps per timed run of a FastDecoder's own 'auto' measurement
+
+
 class FastDecoder(Decoder):
     """`Decoder` with the speed paths of the module doc; `compile_decode=True` adds the compiled
     decode regions (CPU only, without an expert_fn). `kernel`: the few-token products' kernel
@@ -767,21 +823,39 @@ class FastDecoder(Decoder):
         if compile_decode:   # each architecture / shape / kernel is its own graph of the two regions; a
             # process with several models (the tests, a sweep) needs more than Dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        if self._native_dtype:
-            named_kernel(kernel)              # a bad kernel name fails before the weights load
+        # a bad kernel name fails before the weights load; 'auto' is measured once they are
+        self.kernel = (named_kernel(kernel) if self._native_dtype else None) or KernelChoice("torch", "only")
         self._rope_tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}   # long RoPE -> (cos, signed sin)
         super().__init__(source, **decoder_kwargs)
         self._moe_layers = [i for i in range(self.config.num_layers) if self.config.is_moe_layer(i)]
         self.use_kernel(kernel)
 
     def use_kernel(self, kernel: "str | KernelChoice | None") -> KernelChoice:
-        """Switch the products' kernel (`choose_kernel`, 'auto' measured as this decoder runs a
-        token's experts, at its model's shape), e.g. to compare kernels on one set of weights;
-        compiled regions compile once more for a new kernel."""
+        """Switch the products' kernel (`choose_kernel`), e.g. to compare kernels on one set of
+        weights; 'auto' is measured on this decoder's own decode steps (with the plain expert
+        function; else on the probe's experts of its model's shape). Compiled regions compile
+        once more for a new kernel."""
+        if not self._native_dtype:
+            self.kernel = KernelChoice("torch", "only", note="not float32 on the CPU")
+            return self.kernel
+        own = OwnSteps(self._own_steps, OWN_STEPS * decode_weight_bytes(self.config, 4)) \
+            if self.expert_fn is _fast_expert_fn else None
         self.kernel = choose_kernel(kernel, mode="compiled" if self.compile_decode else "eager",
-                                    shape=ProbeShape.of(self.config)) if self._native_dtype else \
-            KernelChoice("torch", "only", note="not float32 on the CPU")
+                                    shape=ProbeShape.of(self.config), own_steps=own)
         return self.kernel
+
+    def _own_steps(self, kernel: KernelChoice) -> None:
+        """OWN_STEPS decode steps of one sequence with `kernel` on a scratch cache, the route
+        observer off: what 'auto' times of this decoder (`OwnSteps`)."""
+        saved = self.kernel, self.route_observer
+        self.kernel, self.route_observer = kernel, None
+        try:
+            cache = self.new_cache(1, OWN_STEPS)
+            with self.generation_mode():
+                for t in range(OWN_STEPS):
+                    self.forward(torch.tensor([[(1 + t) % self.config.vocab_size]]), cache, last_only=True)
+        finally:
+            self.kernel, self.route_observer = saved
 
     # -------------------------------------------------------------- weights
 

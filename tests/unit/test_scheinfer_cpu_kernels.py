@@ -288,7 +288,8 @@ def test_auto_ranks_the_candidates_as_the_callers_mode_runs_them_at_its_shape(mo
     assert asked == [(("torch", "avx512", "avx2"), "eager", 1536), (("torch", "avx512"), "compiled", 1536),
                      (("torch", "avx512", "avx2"), "ffns", 1536), (("torch", "avx512", "avx2"), "eager", 3584)]
     assert (1536, True) in built and (1536, False) in built and (3584, False) in built
-    assert eager.probe == {"hidden": 512, "width": 1536, "top_k": 2, "router": "softmax"} == eager.as_dict()["probe"]
+    assert eager.probe == {"hidden": 512, "width": 1536, "top_k": 2, "router": "softmax",
+                           "decode_timed": "probe experts"} == eager.as_dict()["probe"]
     assert default.probe["width"] == 3584 == ProbeShape().width
     assert set(compiled.rates_gb_s) == {"torch", "avx512", "avx2", "torch, compiled", "avx512, compiled"}
     assert compiled.as_dict()["decode_mode"] == "compiled" and set(eager.rates_gb_s) == {"torch", "avx512", "avx2"}

@@ -101,6 +101,36 @@ def test_every_cpu_kernel_matches_reference(models, kernel, frac):
     assert eng.kernel.name == kernel and dec.kernel is eng.kernel
 
 
+@pytest.mark.skipif(len(CPU_KERNELS) < 2, reason="no native kernels: 'auto' is torch's, unmeasured")
+def test_auto_is_measured_for_the_engines_model_as_its_cpu_lane_runs_products(models, monkeypatch):
+    """'auto': nothing measured when the engine is made; its decoder has it measured at the
+    model's expert shape, FFN by FFN (mode 'ffns', the CPU lane's products), and uses the engine's
+    choice; a bad kernel name fails when the engine is made, before its lane threads start."""
+    from impl.scheinfer import fast_decode
+    from impl.scheinfer.fast_decode import KERNEL_ENV, KernelChoice, ProbeShape
+    asked = []
+
+    def measured(native, threads, mode, shape, rounds=5):
+        asked.append((mode, shape))
+        return KernelChoice(native[0], "measured")
+
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setattr(fast_decode, "_measured_choice", measured)
+    src, _ = models["qwen2_moe"]
+    eng = HybridEngine(FixedPolicy(1.0, 0.0, 0.0), src.config.hidden, gpu_mem_bytes=BIG)
+    try:
+        assert not asked
+        dec = HybridDecoder(src, eng)
+        assert asked == [("ffns", ProbeShape.of(src.config).probed())] and dec.kernel is eng.kernel
+        assert ProbeShape.of(src.config).top_k == src.config.top_k and eng.kernel.name == CPU_KERNELS[1]
+    finally:
+        eng.close()
+    before = threading.active_count()
+    with pytest.raises(ConfigError, match="cpu kernel='avx3' is not allowed"):
+        HybridEngine(FixedPolicy(1.0, 0.0, 0.0), src.config.hidden, kernel="avx3")
+    assert threading.active_count() == before          # failed before any lane thread started
+
+
 def test_lane_threads_and_cpu_only_layers_in_the_callers_thread(models):
     """Threads per lane (OpenMP's count is per thread): the CPU lane all of the engine's, the copy
     lane one, the emulated GPU lane the CPU lane's. A layer with CC parts only runs in the

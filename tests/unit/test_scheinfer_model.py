@@ -224,6 +224,53 @@ def test_paired_experts_equal_each_expert_alone(fast_decoders):
             torch.testing.assert_close(y, ffn(moe.experts[e], x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(len(CPU_KERNELS) < 2, reason="no native kernels: 'auto' is torch's, unmeasured")
+def test_auto_times_the_decoders_own_steps_and_leaves_nothing_behind(decoders, monkeypatch):
+    """'auto' on a FastDecoder times its own decode steps (OWN_STEPS with each candidate, the route
+    observer off) and picks by those timings (injected: torch's twice as fast); afterwards the
+    observer and cache are the decoder's own again. With a plugged-in expert function it times
+    the probe's experts instead, not the function."""
+    from collections import Counter
+    from impl.scheinfer import fast_decode
+    speed = {"torch": 0.5}
+    calls = []
+
+    def fake_round(runs, rounds, budget_s=0.0, max_rounds=200):
+        for run in runs.values():
+            run()
+        return {key: [speed.get(key, 1.0)] * rounds for key in runs}
+
+    real_forward = FastDecoder.forward
+
+    def forward(self, *args, **kwargs):
+        calls.append((self.kernel.name, self.route_observer))
+        return real_forward(self, *args, **kwargs)
+
+    def clear():
+        for fn in (fast_decode._measured_choice, fast_decode._eager_decode_seconds, fast_decode._batched_decision):
+            fn.cache_clear()
+
+    monkeypatch.delenv("SCHEINFER_CPU_KERNEL", raising=False)
+    monkeypatch.setattr(fast_decode, "_round_seconds", fake_round)
+    monkeypatch.setattr(FastDecoder, "forward", forward)
+    observed = []
+    observer = lambda layer, ids, weights: observed.append(layer)  # noqa: E731
+    clear()
+    try:
+        dec = FastDecoder(decoders["mixtral"].source, route_observer=observer)
+        assert (dec.kernel.name, dec.kernel.how, dec.kernel.probe["decode_timed"]) == ("torch", "measured", "own steps")
+        assert Counter(name for name, _ in calls) == {k: fast_decode.OWN_STEPS for k in CPU_KERNELS}
+        assert all(obs is None for _, obs in calls) and not observed
+        assert dec.route_observer is observer and dec.kernel.basis["decode"]["time_ratios"]["torch"] == 0.5
+        dec.generate([[1, 17, 300]], 2)
+        assert observed
+        calls.clear()
+        plugged = FastDecoder(decoders["mixtral"].source, expert_fn=lambda layer, e, w, x: ffn(w, x))
+        assert plugged.kernel.probe["decode_timed"] == "probe experts" and not calls
+    finally:
+        clear()
+
+
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
 def test_eager_decode_steps_with_native_products_run_torch_on_one_thread(decoders, monkeypatch, kernel):
     """Each eager decode step (not the prompt) whose products are native ops runs in
