@@ -17,6 +17,7 @@ experts. A schedule whose lane heads wait on each other forever is rejected, nam
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import random
 from collections import defaultdict, deque
@@ -122,10 +123,30 @@ class Timeline:
                 for t in self.schedule.tasks]
 
 
-def simulate(schedule: Schedule) -> Timeline:
+def simulate(schedule: Schedule, contention: Mapping[tuple[str, str], float] | None = None) -> Timeline:
     """Run the schedule on its lanes (FIFO per lane in issue order, dependencies respected); once
-    per schedule, the same Timeline returned every time."""
-    return schedule._timeline
+    per schedule, the same Timeline returned every time. `contention` {(lane, lane): c}: two lanes
+    that share a resource (an intra-node and an inter-node collective on one GPU's copy engines,
+    SMs and PCIe): while both run a task, each task progresses at 1 / (1 + c) of its speed, c
+    summed over the busy lanes it contends with (`_run_contended`); a lane 'name@group' contends
+    by its name with the lanes of its own group only (a pipeline stage's GPUs)."""
+    pair = _contention_pairs(contention or {})
+    if not any(_shared(x, y, pair) for x, y in itertools.combinations(schedule.lanes, 2)):
+        return schedule._timeline            # no two lanes contend: the same timeline, to the bit
+    return _run_contended(schedule, pair)
+
+
+def _contention_pairs(contention: Mapping[tuple[str, str], float]) -> dict[frozenset, float]:
+    for (a, b), c in contention.items():
+        if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0):
+            raise ScheduleError(f"contention[{a!r}, {b!r}] = {c!r} is not allowed; allowed: a finite number >= 0")
+    return {frozenset(k): float(c) for k, c in contention.items()}
+
+
+def _shared(x: str, y: str, pair: Mapping[frozenset, float]) -> float:
+    """The contention c between lanes x and y: their names' pair's, if both are in one group."""
+    (nx, _, gx), (ny, _, gy) = x.partition("@"), y.partition("@")
+    return pair.get(frozenset((nx, ny)), 0.0) if gx == gy and nx != ny else 0.0
 
 
 def _run(schedule: Schedule) -> Timeline:
@@ -151,6 +172,46 @@ def _run(schedule: Schedule) -> Timeline:
                      for lane, q in queues.items() if q]
             raise ScheduleError("deadlock: every lane's next task waits for a task queued behind another: "
                                 + "; ".join(heads))
+    return Timeline(schedule, start, end)
+
+
+def _run_contended(schedule: Schedule, pair: Mapping[frozenset, float]) -> Timeline:
+    """`_run` with contending lanes, as a fluid model: a task starts as in `_run` (its lane free,
+    its dependencies ended) and then runs at rate 1 / (1 + sum of c over the other lanes busy
+    with it that it contends with), the rates changing whenever a task starts or ends. Two tasks
+    of a <= b ms starting together on lanes with contention c end at a (1 + c) and b + c a; with
+    no contention every task keeps its `_run` times, to rounding (tests/unit/test_timeline.py)."""
+    queues: dict[str, deque[Task]] = defaultdict(deque)
+    for t in schedule.tasks:
+        queues[t.lane].append(t)
+    start: dict[str, float] = {}
+    end: dict[str, float] = {}
+    running: dict[str, list] = {}            # lane -> [task, remaining ms of its work]
+    now, remaining = 0.0, len(schedule.tasks)
+    while remaining:
+        for lane, q in queues.items():
+            if lane not in running and q and all(d in end for d in q[0].deps):
+                t = q.popleft()
+                start[t.name] = now
+                running[lane] = [t, t.duration]
+        if not running:
+            heads = [f"{q[0].name!r} on {lane!r} waits for {[d for d in q[0].deps if d not in end]}"
+                     for lane, q in queues.items() if q]
+            raise ScheduleError("deadlock: every lane's next task waits for a task queued behind another: "
+                                + "; ".join(heads))
+        rate = {lane: 1.0 / (1.0 + sum(_shared(lane, other, pair) for other in running if other != lane))
+                for lane in running}
+        step = min(work / rate[lane] for lane, (_, work) in running.items())
+        now += step
+        for lane in list(running):
+            t, work = running[lane]
+            work -= step * rate[lane]
+            if work <= 1e-12 * max(1.0, t.duration):
+                end[t.name] = now
+                del running[lane]
+                remaining -= 1
+            else:
+                running[lane][1] = work
     return Timeline(schedule, start, end)
 
 

@@ -12,7 +12,9 @@ summation order:
   tokens run as the native kernels of cpu_kernels.py (a product, a whole FFN, a decoded token's
   routed experts in one op), or as torch's: `split_linear` (one batched call over one weight
   block per core) and `paired_ffn` (a decoded token's routed experts two at a time). Which is
-  faster depends on the host (vector width, BLAS): 'auto' measures it at start-up.
+  faster depends on the host (vector width, BLAS) and the model's widths: 'auto' measures it at
+  start-up, on the decoder's own decode steps. An eager decode step on native kernels runs
+  torch's own operations on one thread (`cpu_kernels.torch_ops_on_one_thread`).
 * Joined weights: q, k, v as one [(H + 2G) * D, M] array and each FFN's gate and up as one
   [2F, M] array, so each is one product; a layer's experts stacked as gate/up [E, 2F, M] and down
   [E, M, F].
@@ -27,7 +29,7 @@ summation order:
   every layer and the LM head (`_token_step`): Inductor fuses the small operations and calls the
   native kernels, its own loops then on one thread (`_compiled_region`), or, with torch's kernel,
   generates multiply-reduce loops that stream each weight once; for a batch without padding the
-  attention block is the compiled region. 'auto' measures the kernels compiled for such a decoder. The first
+  attention block is the compiled region. 'auto' times such a decoder's compiled steps. The first
   decode steps of each new weight shape compile (seconds); prefill and padded batches stay
   eager. CPU only, plain expert function.
 Measured speeds: tests/bench/test_bench_scheinfer_cpu.py, its latest tables in tests/bench/README.md.
@@ -55,9 +57,9 @@ from .decoder import Decoder, ExpertFn
 from .layers import (AttentionWeights, ExpertWeights, KVCache, LayerWeights, MoEWeights, Norm, append_to_cache,
                      gate_shared, rope_cos_sin, route)
 
-__all__ = ["KERNELS", "KERNEL_ENV", "DECODE_MODES", "KernelChoice", "ProbeShape", "OwnSteps", "choose_kernel", "named_kernel", "split_linear", "product", "fast_ffn", "fast_ffns",
-           "paired_ffn", "ExpertGroups", "JoinedExpertWeights", "JoinedAttentionWeights", "StackedMoEWeights", "FusedRMSNorm",
-           "FastDecoder"]
+__all__ = ["KERNELS", "KERNEL_ENV", "DECODE_MODES", "KernelChoice", "ProbeShape", "OwnSteps", "choose_kernel",
+           "named_kernel", "split_linear", "product", "fast_ffn", "fast_ffns", "paired_ffn", "ExpertGroups",
+           "JoinedExpertWeights", "JoinedAttentionWeights", "StackedMoEWeights", "FusedRMSNorm", "FastDecoder"]
 
 # Few-token products x_TK @ w_NK^T are memory bound, and one BLAS call streams the weight on one
 # core. So the weight is cut into one block per core and one batched call runs the blocks on all
@@ -130,14 +132,16 @@ class KernelChoice:
     """The CPU products' kernels and how they were chosen ('option', 'env', 'measured', or 'only'
     when torch's is the one candidate). Products of one or two tokens (decoding: memory bound) use
     `name`; of 3..max_tokens tokens (prefill: compute bound) `batched` (default: `name`); larger
-    ones torch's BLAS. 'auto' measures a decoded token's routed experts (`rates_gb_s`: GB/s
-    streaming cold weights) as the caller's step runs them (`decode_mode`, one of DECODE_MODES)
-    for `name`, and batched ones (`batched_gflop_s`, per kernel@tokens) for `batched` and
-    `max_tokens`: the two can differ, since one-token products run at the memory bandwidth with
-    any vector width while batched ones gain from the widest; both on experts of the caller's
-    model's shape (`probe`: `ProbeShape.probed`). `basis`: what each measured decision rested on
-    (`_preferred`): per decision ('decode', 'decode, compiled', 'batched', 'torch@T'), the
-    default, the candidates' paired median time ratios to it, the margin and the pick."""
+    ones torch's BLAS. 'auto' times decode steps (`rates_gb_s`: GB/s of the weights they read)
+    as the caller runs them (`decode_mode`, one of DECODE_MODES) for `name`, a FastDecoder's own
+    steps or else a token's routed experts of probe layers, and batched products of probe
+    experts (`batched_gflop_s`, per kernel@tokens) for `batched` and `max_tokens`: the two can
+    differ, since one-token products run at the memory bandwidth with any vector width while
+    batched ones gain from the widest. `probe`: the probe experts' shape (the caller's model's,
+    `ProbeShape.probed`) and what the one-token decision timed ('own steps' or 'probe experts').
+    `basis`: what each measured decision rested on (`_preferred`): per decision ('decode',
+    'decode, compiled', 'batched', 'torch@T'), the default, the candidates' paired median time
+    ratios to it, the margin and the pick."""
 
     name: str
     how: str
@@ -328,7 +332,14 @@ def _choice(native: tuple[str, ...], threads: int, mode: str, shape: ProbeShape,
     best, max_tokens, gflop_s, batched_basis = _batched_decision(native, threads, shape, mode == "ffns", rounds)
     return KernelChoice(name, "measured", max_tokens, best, rates, dict(gflop_s), decode_mode=mode,
                         basis={**basis, **batched_basis},
-                        probe={**shape.as_dict(), "decode_timed": "own steps" if own_steps else "probe experts"})
+                        probe={**shape.as_dict(), "decode_timed": _decode_timed(mode, own_steps is not None)})
+
+
+def _decode_timed(mode: str, own: bool) -> str:
+    """What `_choice`'s one-token decision timed, as `KernelChoice.probe` records it."""
+    if not own:
+        return "probe experts"
+    return "own compiled steps (native kernels ranked on probe experts)" if mode == "compiled" else "own steps"
 
 
 @functools.cache

@@ -12,7 +12,7 @@ stated against the host's memory roofline:
 Rows: llama.cpp; the reference `Decoder`; the `FastDecoder` eager and with `compile_decode=True`
 (each decoded token's layer one compiled region; compile time paid in an untimed first
 generation), each with the CPU kernel chosen for its own mode (fast_decode.choose_kernel: 'auto'
-measures the candidates as that decoder's step runs them, or $SCHEINFER_CPU_KERNEL) and with the
+times that decoder's own decode steps with each candidate, or $SCHEINFER_CPU_KERNEL) and with the
 other candidates (torch's kernels: BLAS eagerly, Inductor's loops compiled; the widest native
 kernel), so that a row shows what the choice gained or lost; and the engine (`HybridDecoder`)
 with every FFN on its CPU lane, which should be no slower than the eager fast decoder alone.
@@ -20,7 +20,9 @@ with every FFN on its CPU lane, which should be no slower than the eager fast de
 Each of the 7 rounds (1 with --benchmark-disable, the default, where only the small width runs, at
 a reduced size, as a smoke test) runs llama.cpp, every row of ours (a warm-up generation, then a
 timed one) and the DRAM read probe (cpu_kernels.read_bandwidth, same thread count), one after
-another, so that the machine's noise hits all alike. Reported per row: medians of tok/s, the
+another, so that the machine's noise hits all alike. The engine's rows come after, in rounds of
+their own (llama.cpp, the fast eager decoder, the engine): an open engine's lane threads slow
+torch's OpenMP loops in every other row (tests/bench/README.md), so it opens only for them. Reported per row: medians of tok/s, the
 median of the per-round ratios to llama.cpp, GB/s (weights read per decoded token, config.
 decode_weight_bytes, times tok/s) and its fraction of the median DRAM read bandwidth; prefill as
 tok/s and GFLOP/s of its products (2 FLOPs per weight read per token). The host (CPU, cores,
@@ -78,24 +80,15 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
     source = load_weights(path)
     eager, compiled = FastDecoder(source), FastDecoder(source, compile_decode=True)
     kernel, compiled_kernel = eager.kernel, compiled.kernel       # each chosen for its decoder's mode
-    engine = HybridEngine(FixedPolicy(1.0, 0.0, 0.0), cfg.hidden, torch.float32, 0, device="cpu",
-                          kernel=kernel)
     # rows: name -> (decoder, kernel it runs with); the other candidates' rows share the weights
     rows = {"reference": (Decoder(source), None), f"fast eager [{kernel.name}]": (eager, kernel),
-            f"compiled [{compiled_kernel.name}]": (compiled, compiled_kernel),
-            f"engine, all CPU [{kernel.name}]": (HybridDecoder(source, engine), None)}
+            f"compiled [{compiled_kernel.name}]": (compiled, compiled_kernel)}
     for label, dec, chosen in (("fast eager", eager, kernel), ("compiled", compiled, compiled_kernel)):
         rows.update({f"{label} [{k}]": (dec, k) for k in ("torch", *supported_isas()[:1]) if k != chosen.name})
+    eager_name, engine_name = f"fast eager [{kernel.name}]", f"engine, all CPU [{kernel.name}]"
     load_before = _load()
 
-    def run():
-        compile_s = {}
-        for name, (dec, k) in rows.items():     # compile each region and kernel once, untimed
-            if dec is compiled:
-                dec.use_kernel(k)
-                t0 = time.perf_counter()
-                dec.generate([prompt], 2)
-                compile_s[name] = time.perf_counter() - t0
+    def measure(rows: dict) -> tuple[list, dict, list]:
         ref, ours, dram = [], {name: [] for name in rows}, []
         for _ in range(rounds):
             r = measure_speed(path, prompt, n_decode, LlamaCppSettings(n_threads=threads), repeats=1)
@@ -105,34 +98,55 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
                     dec.use_kernel(k)
                 ours[name].append(_ours_speed(dec, prompt, n_decode))
             dram.append(read_bandwidth(threads, repeats=3)["gb_s"])
-        return ref, ours, dram, compile_s
+        return ref, ours, dram
+
+    def run():
+        compile_s = {}
+        for name, (dec, k) in rows.items():     # compile each region and kernel once, untimed
+            if dec is compiled:
+                dec.use_kernel(k)
+                t0 = time.perf_counter()
+                dec.generate([prompt], 2)
+                compile_s[name] = time.perf_counter() - t0
+        decoders = measure(rows)
+        # the engine opens only now: its lane threads' own OpenMP teams slow torch's OpenMP loops
+        # on the caller's thread even while they idle (tests/bench/README.md), which would tax
+        # every other row; its rounds pair it with the fast eager decoder and llama.cpp again
+        with HybridEngine(FixedPolicy(1.0, 0.0, 0.0), cfg.hidden, torch.float32, 0, device="cpu",
+                          kernel=kernel) as engine:
+            engines = measure({f"{eager_name}, engine open": (eager, kernel),
+                               engine_name: (HybridDecoder(source, engine), None)})
+        return decoders, engines, compile_s
 
     try:
-        ref, ours, dram, compile_s = benchmark.pedantic(run, rounds=1, iterations=1)
+        decoders, engines, compile_s = benchmark.pedantic(run, rounds=1, iterations=1)
     finally:
-        engine.close()
         eager.use_kernel(kernel)
         compiled.use_kernel(compiled_kernel)
     load_after = _load()
 
     token_bytes = decode_weight_bytes(cfg, 4)
+    dram = decoders[2] + engines[2]
     dram_gb_s = statistics.median(dram)
     med = lambda rs, i: statistics.median(x[i] for x in rs)  # noqa: E731
-    ratio = lambda rs, i: statistics.median(o[i] / r[i] for o, r in zip(rs, ref))  # noqa: E731
 
-    def summary(rs, with_ratio=True):
+    def summary(rs, ref=None):
         decode, prefill = med(rs, 1), med(rs, 0)
         out = {"decode_tok_s": decode, "prefill_tok_s": prefill, "decode_gb_s": decode * token_bytes / 1e9,
                "decode_of_dram": decode * token_bytes / 1e9 / dram_gb_s,
                "prefill_gflop_s": prefill * token_bytes / 4 * 2 / 1e9,
                "decode_tok_s_rounds": [x[1] for x in rs], "prefill_tok_s_rounds": [x[0] for x in rs]}
-        if with_ratio:
-            out.update(decode_vs_llamacpp=ratio(rs, 1), prefill_vs_llamacpp=ratio(rs, 0))
+        if ref is not None:        # medians of the per-round ratios to llama.cpp in the same rounds
+            out.update({f"{phase}_vs_llamacpp": statistics.median(o[i] / r[i] for o, r in zip(rs, ref))
+                        for i, phase in ((1, "decode"), (0, "prefill"))})
         return out
 
-    results = {"llama.cpp": summary(ref, False), **{name: summary(rs) for name, rs in ours.items()}}
-    eager_name, engine_name = f"fast eager [{kernel.name}]", f"engine, all CPU [{kernel.name}]"
-    engine_vs_eager = statistics.median(e[1] / f[1] for e, f in zip(ours[engine_name], ours[eager_name]))
+    results = {"llama.cpp": summary(decoders[0]), **{name: summary(rs, decoders[0]) for name, rs in decoders[1].items()},
+               "llama.cpp (engine rounds)": summary(engines[0]),
+               **{name: summary(rs, engines[0]) for name, rs in engines[1].items()}}
+    ours = {**decoders[1], **engines[1]}
+    engine_vs_eager = statistics.median(e[1] / f[1] for e, f in
+                                        zip(ours[engine_name], ours[f"{eager_name}, engine open"]))
     host = host_info()
     benchmark.extra_info.update({
         "width": width, "config": {"hidden": cfg.hidden, "moe_ffn_hidden": cfg.moe_ffn_hidden,
@@ -150,10 +164,11 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
     print(f"  DRAM read bandwidth ({threads} threads, median of rounds): {dram_gb_s:.1f} GB/s; weights read per "
           f"decoded token: {token_bytes / 1e6:.1f} MB, so the decode roofline is "
           f"{dram_gb_s * 1e9 / token_bytes:.1f} tok/s")
-    print(f"  cpu kernel: eager {kernel.name}, compiled {compiled_kernel.name} ({compiled_kernel.how}"
-          + (": " + ", ".join(f"{k} {v:.1f}" for k, v in compiled_kernel.rates_gb_s.items())
-             + " GB/s one token's routed experts" if compiled_kernel.rates_gb_s else "")
-          + f"); batched products of 3..{kernel.max_tokens} tokens: "
+    for label, k in (("eager", kernel), ("compiled", compiled_kernel)):
+        timed = {d: b["time_ratios"] for d, b in k.basis.items() if d.startswith("decode")}
+        print(f"  cpu kernel, {label}: {k.name} ({k.how}" + (f"; decode timed on {k.probe.get('decode_timed')}, time "
+              f"ratios to the default {timed}, GB/s {k.rates_gb_s}" if k.basis else "") + ")")
+    print(f"  batched products of 3..{kernel.max_tokens} tokens: "
           f"{kernel.batched or kernel.name}"
           + (" (" + ", ".join(f"{k} {v:.0f}" for k, v in kernel.batched_gflop_s.items()) + " GFLOP/s)"
              if kernel.batched_gflop_s else ""))
@@ -167,4 +182,4 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
     print(f"  engine (all CPU) / fast eager decode: {engine_vs_eager:.2f}x; targets: decode >= 0.9x of llama.cpp "
           f"and >= 0.80 of DRAM, prefill >= 0.8x; compile (untimed): "
           + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
-    assert all(r[1] > 0 for r in ref) and all(o[1] > 0 for rs in ours.values() for o in rs)
+    assert all(r[1] > 0 for r in decoders[0] + engines[0]) and all(o[1] > 0 for rs in ours.values() for o in rs)

@@ -108,11 +108,20 @@ def test_the_report_section_names_every_ablation_and_table6s_times(models):
     assert "2 local experts" in text
 
 
+def _plan_lanes(system: str) -> set[str]:
+    """The lanes a paper system's plan runs its tasks on (one Testbed-A Mixtral block)."""
+    from impl.experiments.fsmoe.results import MODELS, _model_shape
+    from impl.experiments.fsmoe.systems import FSMOE_SYSTEMS
+    profile = load_profile("fsmoe-testbed-a")
+    block = block_costs(_model_shape(MODELS["mixtral-7b"], profile, 1024), profile)
+    return set(FSMOE_SYSTEMS.get(system).factory()([block]).lanes.values())
+
+
 def test_every_pp_ablation_runs_every_plan_on_fig8_and_moves_only_what_it_changes(models):
     """Each `PP_ABLATIONS` entry has Fig. 8's rows for every paper system; charged transfers only
     add time; with no gradients the plans whose degrees and placement ignore them (DS-MoE, Tutel)
     only lose time (lanes run in a fixed order: a task gone cannot delay another)."""
-    from impl.experiments.fsmoe.results import PP_ABLATIONS
+    from impl.experiments.fsmoe.results import PP_ABLATIONS, PP_CONTENTION
     from impl.experiments.systems import paper_systems
 
     systems = {s.name for s in paper_systems("fsmoe")}
@@ -126,20 +135,55 @@ def test_every_pp_ablation_runs_every_plan_on_fig8_and_moves_only_what_it_change
         if name == "pp-no-gradients":
             for system in ("DS-MoE", "Tutel"):
                 assert (alt.xs(system, level="system") < head.xs(system, level="system")).all()
+        if PP_ABLATIONS[name].contention:
+            # only plans with a separate intra-node lane (FSMoE's three lanes) overlap intra- and
+            # inter-node collectives: they lose time, FSMoE itself always; every other is unchanged
+            for system in systems:
+                got, want = alt.xs(system, level="system"), head.xs(system, level="system")
+                lanes = _plan_lanes(system)
+                if {"intra", "inter"} <= lanes:
+                    assert (got >= want).all() and (system != "FSMoE" or (got > want).all()), (name, system)
+                else:
+                    assert (got == want).all(), (name, system)
+    fsmoe = [models[models.figure == f"fig8:pp-contention-{c:g}"].set_index(["model", "system"])["iteration_ms"]
+             .xs("FSMoE", level="system") for c in PP_CONTENTION]
+    for lower, higher in zip(fsmoe, fsmoe[1:]):
+        assert (higher >= lower - 1e-9).all()      # more contention, never faster
 
 
 def test_the_fig8_section_reads_every_number_from_the_runs(models):
-    from figures.fsmoe import FIG8_VARIANTS, fig8_section, fig8_speedups, pp_ablation
-    from impl.experiments.fsmoe.results import PP_ABLATIONS
+    from figures.fsmoe import FIG8_VARIANTS, _crossing, fig8_section, fig8_speedups, pp_ablation
+    from impl.common.paper import read_paper_csv
+    from impl.experiments.fsmoe.results import PP_ABLATIONS, PP_CONTENTION
 
     runs = {name: (None, pp_ablation(models, name)) for name in PP_ABLATIONS}
     lines, cause = fig8_section(models, runs)
     text = "\n".join(lines)
     ours = fig8_speedups(models)
     no_grad = fig8_speedups(runs["pp-no-gradients"][1])
+    most = fig8_speedups(runs[f"pp-contention-{PP_CONTENTION[-1]:g}"][1])
     for b in FIG8_VARIANTS:
         row = next(line for line in lines if line.startswith(f"| {b} |"))
-        assert f"| {ours[b]:.2f} |" in row and row.rstrip(" |").endswith(f"{no_grad[b]:.2f}")
+        assert f"| {ours[b]:.2f} |" in row and f"| {no_grad[b]:.2f} |" in row
+        assert row.rstrip(" |").endswith(f"{most[b]:.2f}")
     assert f"{no_grad['FSMoE-No-IIO']:.2f}x" in cause and "intra-node lane" in cause
-    assert "| pp-one-micro-batch | pp-send-recv | pp-no-gradients |" in text
+    assert "| pp-one-micro-batch | pp-send-recv | pp-no-gradients | pp-contention-0.25 |" in text
+    # the contention the paper's number implies, interpolated on the runs' own curve
+    paper8, _ = read_paper_csv("fsmoe_fig8")
+    paper = dict(zip(paper8.baseline, paper8.value))
+    levels = [0.0, *PP_CONTENTION]
+    curve = [ours["FSMoE-No-IIO"]] + [fig8_speedups(runs[f"pp-contention-{c:g}"][1])["FSMoE-No-IIO"]
+                                      for c in PP_CONTENTION]
+    implied = _crossing(levels, curve, paper["FSMoE-No-IIO"])
+    assert ", ".join(f"{v:.2f}x at c = {c:g}" for c, v in zip(levels, curve)) in text
+    if implied is not None:
+        assert f"implies c = {implied:.2f}" in cause and f"{implied:.2f} over FSMoE-No-IIO" in text
     assert fig8_section(models[models.figure != "fig8:pp-send-recv"], runs) == ([], "")
+
+
+def test_crossing_interpolates_the_first_segment_that_reaches_the_target():
+    from figures.fsmoe import _crossing
+    assert _crossing([0, 1, 2], [1.3, 1.1, 0.9], 1.2) == pytest.approx(0.5)
+    assert _crossing([0, 1, 2], [1.3, 1.1, 0.9], 1.1) == pytest.approx(1.0)
+    assert _crossing([0, 0.5], [1.3, 1.2], 1.05) is None and _crossing([0, 1], [1.0, 1.0], 1.0) == 0
+    assert _crossing([0, 1, 2], [1.0, 2.0, 1.0], 1.5) == pytest.approx(0.5)

@@ -6,7 +6,8 @@ import random
 import pytest
 
 from impl.common.pipeline import dualpipe, gpipe, one_f_one_b
-from impl.common.timeline import Schedule, ScheduleError, Task, compare, lower_bound, search_order, simulate
+from impl.common.timeline import (Schedule, ScheduleError, Task, _run_contended, compare, lower_bound, search_order,
+                                  simulate)
 
 
 def test_fifo_lanes_and_dependencies_by_hand():
@@ -178,3 +179,75 @@ def test_a_schedule_is_simulated_once_and_the_search_reuses_it(monkeypatch):
     assert len(runs) == before
     fresh = Schedule(s.tasks)                       # an equal schedule built anew is simulated anew
     assert simulate(fresh).end == simulate(s).end and len(runs) == before + 1
+
+
+# ------------------------------------------------------------------------- contending lanes
+
+def test_two_contending_tasks_end_at_the_closed_form():
+    """a <= b ms starting together on lanes with contention c: both at 1 / (1 + c) until the
+    shorter ends at a (1 + c), then the longer alone: b + c a."""
+    for a, b, c in ((2.0, 5.0, 0.5), (3.0, 3.0, 1.0), (0.0, 4.0, 2.0), (1.0, 7.0, 0.0)):
+        s = Schedule((Task("x", "intra", a), Task("y", "inter", b)))
+        tl = simulate(s, {("inter", "intra"): c})
+        assert tl.end["x"] == pytest.approx(a * (1 + c)) and tl.end["y"] == pytest.approx(b + c * a)
+        assert tl.start == {"x": 0.0, "y": 0.0}
+
+
+def _stepped(schedule: Schedule, contention: dict, dt: float = 1e-3) -> dict[str, float]:
+    """Task ends by a fixed-step reference: every dt, start what may start, then advance each
+    running task by dt at its contended rate (independent of the event-driven simulation)."""
+    pair = {frozenset(k): c for k, c in contention.items()}
+    queues = {lane: [t for t in schedule.tasks if t.lane == lane] for lane in schedule.lanes}
+    running, end, now = {}, {}, 0.0
+    while len(end) < len(schedule.tasks):
+        changed = True
+        while changed:                      # zero-length tasks end at once and may release others
+            changed = False
+            for lane, q in queues.items():
+                if lane not in running and q and all(d in end for d in q[0].deps):
+                    t = q.pop(0)
+                    if t.duration == 0:
+                        end[t.name] = now
+                    else:
+                        running[lane] = [t, t.duration]
+                    changed = True
+        rates = {lane: 1 / (1 + sum(pair.get(frozenset((lane, o)), 0.0) for o in running if o != lane))
+                 for lane in running}
+        now += dt
+        for lane in list(running):
+            running[lane][1] -= dt * rates[lane]
+            if running[lane][1] <= 1e-9:
+                end[running.pop(lane)[0].name] = now
+    return end
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_contended_timeline_matches_a_fixed_step_reference_and_is_run_without_contention(seed):
+    """Random DAGs over 2-3 lanes: with contention between lanes a and b (c = 0.7) and between b
+    and c (c = 0.3) the event-driven ends equal a 1 us fixed-step simulation's (within the steps'
+    rounding); with none, or with only lanes the schedule lacks, `simulate` gives the schedule's
+    own timeline, and the event-driven model itself every start and end of it."""
+    s = _random_schedule(seed)
+    contention = {("a", "b"): 0.7, ("b", "c"): 0.3}
+    got = simulate(s, contention)
+    want = _stepped(s, contention)
+    for name, t_end in want.items():
+        assert got.end[name] == pytest.approx(t_end, abs=0.02)
+    assert got.makespan >= simulate(s).makespan - 1e-9
+    for none in ({}, {("a", "b"): 0.0}, {("x", "y"): 1.0}):
+        assert simulate(s, none) is simulate(s)          # nothing contends: the schedule's own timeline
+        fluid = _run_contended(s, {frozenset(k): c for k, c in none.items()})
+        assert fluid.start == pytest.approx(simulate(s).start) and fluid.end == pytest.approx(simulate(s).end)
+
+
+def test_lanes_contend_within_their_group_only_and_bad_values_fail():
+    s = Schedule((Task("x", "intra@s0", 2.0), Task("y", "inter@s0", 2.0), Task("z", "inter@s1", 2.0)))
+    tl = simulate(s, {("inter", "intra"): 1.0})
+    assert (tl.end["x"], tl.end["y"], tl.end["z"]) == pytest.approx((4.0, 4.0, 2.0))
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ScheduleError, match=r"contention\['inter', 'intra'\] = .* is not allowed; allowed: a finite "
+                                                r"number >= 0"):
+            simulate(s, {("inter", "intra"): bad})
+    with pytest.raises(ScheduleError, match="deadlock"):
+        simulate(Schedule((Task("p", "a", 1.0, ("q",)), Task("r", "a", 1.0), Task("q", "b", 1.0, ("r",)))),
+                 {("a", "b"): 0.5})

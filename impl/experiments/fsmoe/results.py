@@ -55,9 +55,9 @@ from impl.experiments.fsmoe.degrees import GRID, grid_shapes
 from impl.experiments.fsmoe.systems import FSMOE_SYSTEMS
 from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs, with_gshard_order
 from impl.fsmoe.degree import DOMAINS, integer_optimum
-from impl.fsmoe.schedules import fsmoe_pass, gpipe_iteration
+from impl.fsmoe.schedules import LANES_3, fsmoe_pass, gpipe_iteration
 
-__all__ = ["ResultsConfig", "MODELS", "Part", "RUNNERS", "PARTS", "READINGS", "TABLE2_PROFILES", "table2_factors", "DS_MOE_MP_ALLREDUCE", "DS_MOE_ABLATIONS", "DsAblation", "PP_ABLATIONS", "PpAblation", "FIG8", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
+__all__ = ["ResultsConfig", "MODELS", "Part", "RUNNERS", "PARTS", "READINGS", "TABLE2_PROFILES", "table2_factors", "DS_MOE_MP_ALLREDUCE", "DS_MOE_ABLATIONS", "DsAblation", "PP_ABLATIONS", "PP_CONTENTION", "PpAblation", "FIG8", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
 
 PROG = "python -m impl.experiments.fsmoe.results"
 
@@ -421,6 +421,13 @@ def run_table2(cfg: ResultsConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+PP_CONTENTION = (0.25, 0.5, 1.0)
+"""Lane contentions Fig. 8 is also timed under (`PP_ABLATIONS`' 'pp-contention-<c>'): the paper
+publishes no measure of how much concurrent intra- and inter-node collectives slow each other, so
+the report computes FSMoE's gain as a function of it. c = 1: two overlapping collectives share
+one resource evenly (each at half speed, together as long as one after the other)."""
+
+
 @dataclass(frozen=True)
 class PpAblation:
     """Fig. 8's GPipe run with one assumption changed for every plan alike; its rows carry the
@@ -430,6 +437,7 @@ class PpAblation:
     micro_batches: int | None = None    # None: the config's `pp_micro_batches`
     gradients: bool = True              # False: no dense gradients to all-reduce in any plan
     send_recv: bool = False             # charge the stage-to-stage transfers (`gpipe_iteration`'s send_ms)
+    contention: float = 0.0             # c: overlapping intra- and inter-node collectives each at 1 / (1 + c)
 
 
 PP_ABLATIONS = {
@@ -443,6 +451,11 @@ PP_ABLATIONS = {
     "pp-no-gradients": PpAblation(
         "Fig. 8 with no Gradient-AllReduce in any plan: what is left of FSMoE's gain once the gradients' placement "
         "(its partitioning, Tutel-Improved's dense windows, Lina's chunks) cannot matter", gradients=False),
+    **{f"pp-contention-{c:g}": PpAblation(
+        f"Fig. 8 with the same plans timed under lane contention c = {c:g}: while an intra-node and an inter-node "
+        f"collective of one stage overlap, each runs at 1 / (1 + c) = {1 / (1 + c):.2f} of its speed (shared copy "
+        "engines, SMs, PCIe; `timeline.simulate`'s contention; ours: c = 0, no contention); only plans with a "
+        "separate intra-node lane (FSMoE's) overlap them", contention=c) for c in PP_CONTENTION},
 }
 FIG8 = "fig8"
 
@@ -460,11 +473,11 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
     def stages_of(block: BlockCosts) -> list[list[BlockCosts]]:
         return [[block] * (spec.layers // 2), [block] * (spec.layers - spec.layers // 2)]
 
-    def gpipe(factory, stages, micro: int = micro_batches, send_ms: float = 0.0):
+    def gpipe(factory, stages, micro: int = micro_batches, send_ms: float = 0.0, contention: float = 0.0):
         plans = [factory(blocks) for blocks in stages]
         schedule = gpipe_iteration([(blocks, list(p.degrees), list(p.grads)) for blocks, p in zip(stages, plans)],
                                    micro, plans[0].lanes, send_ms)
-        return simulate(schedule).makespan, plans[0]
+        return simulate(schedule, {(LANES_3["ag"], LANES_3["dispatch"]): contention}).makespan, plans[0]
 
     rows = []
     for system in FSMOE_SYSTEMS:
@@ -480,7 +493,7 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
         block = bc if pp.gradients else replace(bc, grad_bytes=0)
         for system in FSMOE_SYSTEMS:
             makespan, plan = gpipe(system.factory(), stages_of(block), pp.micro_batches or micro_batches,
-                                   send_ms if pp.send_recv else 0.0)
+                                   send_ms if pp.send_recv else 0.0, pp.contention)
             rows.append({**labels, "figure": f"{FIG8}:{name}", "system": system.name, "iteration_ms": makespan,
                          "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": pp.description})
     return rows
