@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["LlamaCppSettings", "LlamaCppRunner", "GreedyResult", "SpeedResult", "measure_speed",
+__all__ = ["LlamaCppSettings", "LlamaCppRunner", "GreedyResult", "SpeedResult", "measure_speed", "SeparateProcess",
            "llama_cpp_info", "open_llama", "cpu_moe_patterns", "gpu_weight_bytes", "load_backends",
            "settings_within_budget", "tokenize"]
 
@@ -351,6 +351,54 @@ class SpeedResult:
         d = asdict(self)
         d.update(prefill_tok_s_median=self.prefill_median, decode_tok_s_median=self.decode_median)
         return d
+
+
+class SeparateProcess:
+    """`measure_speed` in a process of its own (spawned on first use, reused, ended on `close`).
+    Why: the caller's process shares one OpenMP runtime with llama.cpp (torch's libgomp), and a
+    thread there that once ran a parallel torch operation (an open engine's lane) slows llama.cpp's
+    parallel loops even while it idles, by up to 40% on a 2-core host (tests/bench/README.md), so a
+    comparison in one process would favour the other system. `device_free=True` reads the device's
+    free bytes in the child (torch.cuda.mem_get_info: device-wide, so it counts llama.cpp's own
+    allocations). A child that dies is a RuntimeError naming the model."""
+
+    def __init__(self):
+        self._pool = None
+
+    def measure_speed(self, model_path: str | Path, prompt: Sequence[int], n_decode: int,
+                      settings: "LlamaCppSettings | None" = None, repeats: int = 3, warmup: int = 1,
+                      device_free: bool = False) -> "SpeedResult":
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        import multiprocessing
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return self._pool.submit(_measure_speed_in_child, str(model_path), [int(t) for t in prompt], n_decode,
+                                     settings, repeats, warmup, device_free).result()
+        except BrokenProcessPool:
+            self.close()
+            raise RuntimeError(f"llama.cpp's process died measuring {model_path}") from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "SeparateProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _measure_speed_in_child(model_path: str, prompt: list[int], n_decode: int, settings, repeats: int, warmup: int,
+                            device_free: bool) -> "SpeedResult":
+    free = None
+    if device_free:
+        import torch
+        free = lambda: torch.cuda.mem_get_info()[0]  # noqa: E731
+    return measure_speed(model_path, prompt, n_decode, settings, repeats, warmup, free)
 
 
 def measure_speed(model_path: str | Path, prompt: Sequence[int], n_decode: int,

@@ -20,9 +20,10 @@ with every FFN on its CPU lane, which should be no slower than the eager fast de
 Each of the 7 rounds (1 with --benchmark-disable, the default, where only the small width runs, at
 a reduced size, as a smoke test) runs llama.cpp, every row of ours (a warm-up generation, then a
 timed one) and the DRAM read probe (cpu_kernels.read_bandwidth, same thread count), one after
-another, so that the machine's noise hits all alike. The engine's rows come after, in rounds of
-their own (llama.cpp, the fast eager decoder, the engine): an open engine's lane threads slow
-torch's OpenMP loops in every other row (tests/bench/README.md), so it opens only for them. Reported per row: medians of tok/s, the
+another, so that the machine's noise hits all alike; llama.cpp in a process of its own (as the
+CLI's bench runs it). The engine's rows come after, in rounds of their own (llama.cpp, the fast
+eager decoder, the engine): an open engine's lane threads slow torch's OpenMP loops in every other
+row (tests/bench/README.md), so it opens only for them. Reported per row: medians of tok/s, the
 median of the per-round ratios to llama.cpp, GB/s (weights read per decoded token, config.
 decode_weight_bytes, times tok/s) and its fraction of the median DRAM read bandwidth; prefill as
 tok/s and GFLOP/s of its products (2 FLOPs per weight read per token). The host (CPU, cores,
@@ -41,7 +42,7 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from baselines.llamacpp.runner import LlamaCppSettings, measure_speed  # noqa: E402
+from baselines.llamacpp.runner import LlamaCppSettings, SeparateProcess  # noqa: E402
 from impl.scheinfer.config import decode_weight_bytes  # noqa: E402
 from impl.scheinfer.cpu_kernels import host_info, read_bandwidth, supported_isas  # noqa: E402
 from impl.scheinfer.decoder import Decoder  # noqa: E402
@@ -91,7 +92,7 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
     def measure(rows: dict) -> tuple[list, dict, list]:
         ref, ours, dram = [], {name: [] for name in rows}, []
         for _ in range(rounds):
-            r = measure_speed(path, prompt, n_decode, LlamaCppSettings(n_threads=threads), repeats=1)
+            r = llama_process.measure_speed(path, prompt, n_decode, LlamaCppSettings(n_threads=threads), repeats=1)
             ref.append((r.prefill_median, r.decode_median))
             for name, (dec, k) in rows.items():
                 if k is not None:
@@ -118,9 +119,11 @@ def test_cpu_speed_against_llamacpp(tmp_path, request, width, benchmark):
                                engine_name: (HybridDecoder(source, engine), None)})
         return decoders, engines, compile_s
 
+    llama_process = SeparateProcess()        # llama.cpp apart from our threads, as the CLI's bench runs it
     try:
         decoders, engines, compile_s = benchmark.pedantic(run, rounds=1, iterations=1)
     finally:
+        llama_process.close()
         eager.use_kernel(kernel)
         compiled.use_kernel(compiled_kernel)
     load_after = _load()

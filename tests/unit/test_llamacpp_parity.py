@@ -165,3 +165,26 @@ def test_runner_errors_and_speed_helper(gguf_dir):
     assert res.prefill_median > 0 and res.decode_median > 0
     d = res.as_dict()
     assert "-ctk f32 -ctv f32" in d["command_line"] and d["info"]["llama_cpp_python"] == llama_cpp.__version__
+
+
+def test_speed_in_a_separate_process_and_a_dead_one_named(gguf_dir):
+    """`SeparateProcess` measures in one spawned child, reused across calls, not in this process;
+    a child killed meanwhile is one RuntimeError naming the model, and the next call starts a
+    fresh one."""
+    import os
+    import signal
+    from baselines.llamacpp.runner import SeparateProcess
+    path = _model(gguf_dir, "llama", "f32")
+    with SeparateProcess() as proc:
+        res = proc.measure_speed(path, PROMPT[:16], n_decode=4, settings=SETTINGS, repeats=2, warmup=0)
+        assert len(res.decode_tok_s) == 2 and res.decode_median > 0 and res.device_bytes_used is None
+        (pid,) = proc._pool._processes
+        assert pid != os.getpid()
+        assert proc.measure_speed(path, PROMPT[:8], n_decode=2, settings=SETTINGS, repeats=1).prefill_median > 0
+        assert list(proc._pool._processes) == [pid]
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=f"llama.cpp's process died measuring {path}"):
+            proc.measure_speed(path, PROMPT[:8], n_decode=2, settings=SETTINGS, repeats=1)
+        assert proc.measure_speed(path, PROMPT[:8], n_decode=2, settings=SETTINGS, repeats=1).decode_median > 0
+    assert proc._pool is None
+

@@ -137,6 +137,31 @@ def test_module_entry_point(files):
     assert len(r.stdout.splitlines()[0].split()) == 2
 
 
+def test_bench_measures_llamacpp_in_its_own_process(files, capsys, tmp_path, monkeypatch):
+    """--llamacpp: llama.cpp's rows come from `SeparateProcess` (its own process), never from an
+    in-process call, and the child is gone when the command returns."""
+    pytest.importorskip("llama_cpp")
+    from baselines.llamacpp import runner
+    made = []
+    real = runner.SeparateProcess
+
+    class Recorded(real):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(runner, "SeparateProcess", Recorded)
+    monkeypatch.setattr(runner, "measure_speed", lambda *a, **k: pytest.fail("llama.cpp measured in this process"))
+    csv, rec = tmp_path / "b.csv", tmp_path / "b.json"
+    _ok(capsys, ["bench", "--model", str(files["mixtral"]), "--prompt-tokens", "4", "--n-predict", "3",
+                 "--policies", "scheinfer", "--repeats", "1", "--cost", str(files["cost"]), "--llamacpp",
+                 "--threads", "1", "--out-csv", str(csv), "--out-record", str(rec), "--no-progress"])
+    import pandas as pd
+    frame = pd.read_csv(csv)
+    assert set(frame["system"]) == {"scheinfer", "llama.cpp"} and (frame["decode_tok_s"] > 0).all()
+    assert len(made) == 1 and made[0]._pool is None
+
+
 def test_bench_writes_rounds_and_a_valid_record(files, capsys, tmp_path):
     from impl.common.records import validate_record
     csv, rec = tmp_path / "b.csv", tmp_path / "b.json"

@@ -12,7 +12,8 @@
     python -m impl.experiments.scheinfer calibrate [--out COST.json] [--quick] [--hidden M] [--widths F,..] [--rows N,..]
 
 `bench` measures every (policy, prompt length) on one model (and the real llama.cpp on the same
-GGUF with --llamacpp), in alternating rounds so that machine noise hits every system alike, and
+GGUF with --llamacpp, in a process of its own: `baselines.llamacpp.runner.SeparateProcess`), in
+alternating rounds so that machine noise hits every system alike, and
 writes the per-round tok/s as a CSV and one run record (medians, p5/p95, and ScheInfer's speed over
 each other system's, medians of this run). Tier 'emu' when the GPU lanes run on the CPU, 'cluster'
 on a CUDA device. --llamacpp-offload runs llama.cpp partially offloaded, one system per setting:
@@ -520,8 +521,9 @@ def cmd_bench(args) -> int:
     prompts = {n: [1 + (i % (cfg.vocab_size - 1)) for i in range(n)] for n in args.prompt_tokens}
     cuda = torch.cuda.is_available()
     torch.backends.cuda.matmul.allow_tf32 = args.gpu_matmul == "tf32"
-    device_free = (lambda: torch.cuda.mem_get_info()[0]) if cuda else None
     llama = _llamacpp_systems(args, n_ctx, threads, gpu_mem) if args.llamacpp else {}
+    from baselines.llamacpp.runner import SeparateProcess
+    llama_process = SeparateProcess()    # llama.cpp apart from the engines' threads (SeparateProcess)
     policies = {name: _policy(name, cost, cfg, args) for name in args.policies}
     ranked = [name for name, policy in policies.items() if policy.uses_popularity]
     popularity, made = None, None
@@ -560,9 +562,8 @@ def cmd_bench(args) -> int:
             for n, prompt in prompts.items():
                 for system in systems:
                     if system in llama:
-                        from baselines.llamacpp.runner import measure_speed
-                        res = measure_speed(args.model, prompt, args.n_predict, llama[system], repeats=1,
-                                            device_free=device_free)
+                        res = llama_process.measure_speed(args.model, prompt, args.n_predict, llama[system], repeats=1,
+                                                          device_free=cuda)
                         pre, dec = res.prefill_median, res.decode_median
                         if res.device_bytes_used is not None:
                             llama_used[system].append(res.device_bytes_used)
@@ -586,6 +587,7 @@ def cmd_bench(args) -> int:
     finally:
         for e in engine_of.values():
             e.close()
+        llama_process.close()
     med = frame.groupby(["prompt_tokens", "system"], sort=False)[["prefill_tok_s", "decode_tok_s"]].median()
     print(f"device {device}, GPU and PCIe lanes {gpu_lanes(device)}, {threads} threads, cpu kernel "
           f"{engines[0].kernel.name} ({engines[0].kernel.how}), {frame['round'].nunique()} rounds (medians, tok/s):")
