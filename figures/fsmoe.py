@@ -657,8 +657,10 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
         lines.append(f"| {b} | {paper[b]:.2f} | {ours[b]:.2f} | {p6.get(b, float('nan')):.2f} | {no_pp[b]:.2f} | "
                      + " | ".join(f"{v[b]:.2f}" for v in under.values()) + " |")
     iio = "FSMoE-No-IIO"
-    closest = min(((name, b, _closed(paper[b], ours[b], v[b])) for name, v in under.items() for b in FIG8_VARIANTS),
-                  key=lambda x: -x[2])
+    # the ablation closing the largest share of a gap (a share past 1 counts as 1; among those,
+    # the one landing nearest the paper)
+    closest = max(((name, b, _closed(paper[b], ours[b], v[b])) for name, v in under.items() for b in FIG8_VARIANTS),
+                  key=lambda x: (min(x[2], 1.0), -abs(under[x[0]][x[1]] - paper[x[1]])))
     fixed = {b: [name for name, v in under.items() if reproduces(paper[b], v[b])] for b in FIG8_VARIANTS}
     fixed = {b: names for b, names in fixed.items() if names}
     no_grad = under.get("pp-no-gradients", {}).get(iio)
@@ -676,7 +678,9 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
                   + "; ".join(f"{b} (under {', '.join(f'`{n}`' for n in names)})" for b, names in fixed.items())
                   + (f", none FSMoE over {iio}" if iio not in fixed else ""))
                  + f"; the largest move toward the paper is `{closest[0]}` on {closest[1]} "
-                 f"({max(closest[2], 0):.0%} of its gap).")
+                 f"({min(max(closest[2], 0), 1):.0%} of its gap"
+                 + (f", to {under[closest[0]][closest[1]]:.2f} against the paper's {paper[closest[1]]:.2f}"
+                    if closest[2] > 1 else "") + ").")
     levels = [0.0] + [c for c in PP_CONTENTION if f"pp-contention-{c:g}" in runs]
     curve = {b: [ours[b]] + [fig8_speedups(runs[f"pp-contention-{c:g}"][1])[b] for c in levels[1:]]
              for b in FIG8_VARIANTS}
@@ -693,7 +697,10 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
                + "; ".join(f"{c:.2f} over {b} (paper {paper[b]:.2f}x)" for b, c in found.items())
                + (f"; none of the levels reaches the paper over {', '.join(b for b in FIG8_VARIANTS if b not in found)}"
                   if len(found) < len(FIG8_VARIANTS) else "")
-               + ": the contention the paper's numbers imply, read off our runs, not a measurement of it."
+               + ": the contention the paper's numbers imply, read off our runs, not a measurement of it"
+               + (f"; no single c gives them all (they need {min(found.values()):.2f} to {max(found.values()):.2f}), "
+                  "so contention alone, as modeled, does not account for every gap."
+                  if len(found) > 1 and max(found.values()) - min(found.values()) > 0.1 else ".")
                if found else f"No level up to c = {levels[-1]:g} reaches the paper's numbers."))
     else:
         parts.append("What no ablation changes is the overlap itself: our lanes run concurrent intra- and inter-node "

@@ -13,6 +13,8 @@ lane. The same `Schedule` drives the real executor (`impl.common.executor`), whi
 task (`compare`). Issue order matters exactly as on a GPU: a task that waits for a dependency
 blocks every later task of its lane, which is why FSMoE launches all dispatches before the
 experts. A schedule whose lane heads wait on each other forever is rejected, naming them.
+Lanes that share a resource can be given a contention (`simulate(schedule, contention)`): while
+tasks run on two contending lanes at once, each progresses more slowly (`_run_contended`).
 """
 from __future__ import annotations
 
