@@ -34,7 +34,7 @@ from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text, read_record  # noqa: E402
 
 __all__ = ["table5", "model_speedups", "overlap_cap", "checks", "reproduces", "check_verdict", "gate_spreads", "gates_differentiated",
-           "ds_moe_ranges", "ds_moe_variants", "ds_moe_section", "table6_absolute", "pp_ablation", "fig8_section", "report",
+           "ds_moe_ranges", "ds_moe_variants", "ds_moe_section", "table6_absolute", "figure_ablation", "ablated_figures", "fig8_section", "report",
            "main"]
 
 MODELED = "MODELED (tier sim, shipped Testbed A/B profiles)"
@@ -609,14 +609,20 @@ def table6_absolute(variants: dict[str, pd.DataFrame], paper_ratio: tuple[float,
     return lines + ["", f"Under `{shown}`, {verdict}."]
 
 
-def pp_ablation(models: pd.DataFrame, name: str) -> pd.DataFrame:
-    """The models' runs with Fig. 8's rows replaced by those of PP ablation `name` (results.py's
-    `PP_ABLATIONS`, rows labelled `fig8:<name>`)."""
-    from impl.experiments.fsmoe.results import FIG8
-
-    alt = models[models.figure != FIG8].copy()
-    alt.loc[alt.figure == f"{FIG8}:{name}", "figure"] = FIG8
+def figure_ablation(models: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The models' runs with the rows of every figure that has rows for ablation `name` (labelled
+    '<figure>:<name>': results.py's `PP_ABLATIONS` for Fig. 8, `CONTENTION_ABLATIONS` for Figs. 6
+    and 8) in place of that figure's own."""
+    changed = ablated_figures(models, name)
+    alt = models[~models.figure.isin(changed)].copy()
+    for figure in changed:
+        alt.loc[alt.figure == f"{figure}:{name}", "figure"] = figure
     return alt
+
+
+def ablated_figures(models: pd.DataFrame, name: str) -> list[str]:
+    """The figures (labels) for which the runs have rows of ablation `name`."""
+    return sorted({f.split(":", 1)[0] for f in set(models.figure) if f.endswith(f":{name}")})
 
 
 FIG8_VARIANTS = PAPER_SYSTEMS[1:-1]
@@ -628,7 +634,7 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
     ablations rule out, computed from them. Returns the lines and the cause to cite beside
     Fig. 8's verdicts ('' when the runs lack Fig. 8 or a PP ablation)."""
     from baselines.pipemoe.plans import LINA_CHUNK_BYTES
-    from impl.experiments.fsmoe.results import FIG8, PP_ABLATIONS, PP_CONTENTION
+    from impl.experiments.fsmoe.results import CONTENTION, FIG8, PP_ABLATIONS
 
     if FIG8 not in set(models.figure) or not all(f"{FIG8}:{n}" in set(models.figure) for n in PP_ABLATIONS):
         return [], ""
@@ -637,8 +643,12 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
     paper6, _ = read_paper_csv("fsmoe_fig6")
     p6 = paper6[(paper6.system == "FSMoE") & (paper6.bound == "mean")].set_index("baseline")["value"]
     ours = fig8_speedups(models)
-    a6 = model_speedups(models[models.testbed == "A"], "fig6", [])
-    no_pp = {b: float(a6[(a6.system == "FSMoE") & (a6.baseline == b)]["mean"].iloc[0]) for b in FIG8_VARIANTS}
+
+    def without_pp(frame: pd.DataFrame) -> dict[str, float]:
+        a6 = model_speedups(frame[frame.testbed == "A"], "fig6", [])
+        return {b: float(a6[(a6.system == "FSMoE") & (a6.baseline == b)]["mean"].iloc[0]) for b in FIG8_VARIANTS}
+
+    no_pp = without_pp(models)
     under = {name: fig8_speedups(frames[1]) for name, frames in runs.items()
              if name in PP_ABLATIONS or frames[1] is not models}
     under = {name: v for name, v in under.items() if any(abs(v[b] - ours[b]) > 1e-12 for b in FIG8_VARIANTS)}
@@ -681,18 +691,23 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
                  f"({min(max(closest[2], 0), 1):.0%} of its gap"
                  + (f", to {under[closest[0]][closest[1]]:.2f} against the paper's {paper[closest[1]]:.2f}"
                     if closest[2] > 1 else "") + ").")
-    levels = [0.0] + [c for c in PP_CONTENTION if f"pp-contention-{c:g}" in runs]
-    curve = {b: [ours[b]] + [fig8_speedups(runs[f"pp-contention-{c:g}"][1])[b] for c in levels[1:]]
+    levels = [0.0] + [c for c in CONTENTION if f"contention-{c:g}" in runs]
+    curve = {b: [ours[b]] + [fig8_speedups(runs[f"contention-{c:g}"][1])[b] for c in levels[1:]]
              for b in FIG8_VARIANTS}
     implied = {b: _crossing(levels, curve[b], paper[b]) for b in FIG8_VARIANTS}
     if len(levels) > 1:
         found = {b: c for b, c in implied.items() if c is not None}
+        curve6 = [no_pp[iio]] + [without_pp(runs[f"contention-{c:g}"][1])[iio] for c in levels[1:]]
+        implied6 = _crossing(levels, curve6, float(p6.get(iio, float("nan"))))
         parts.append(
             "Our lanes run concurrent intra- and inter-node collectives each at its full modeled speed; the paper "
             "publishes no measure of how much they slow each other (shared copy engines, SMs, PCIe). Timed with lane "
-            "contention c (the same plans; while an intra- and an inter-node collective of a stage overlap, each runs "
-            f"at 1 / (1 + c); `pp-contention-<c>`), FSMoE over {iio} is "
-            + ", ".join(f"{v:.2f}x at c = {c:g}" for c, v in zip(levels, curve[iio])) + ". "
+            "contention c (the same plans; while an intra- and an inter-node collective of a GPU's plan overlap, each "
+            f"runs at 1 / (1 + c); `contention-<c>`), FSMoE over {iio} is "
+            + ", ".join(f"{v:.2f}x at c = {c:g}" for c, v in zip(levels, curve[iio])) + " with PP, and "
+            + ", ".join(f"{v:.2f}x" for v in curve6) + " without (Fig. 6, Testbed A; the paper's "
+            f"{p6.get(iio, float('nan')):.2f}x " + (f"corresponds to c = {implied6:.2f}" if implied6 is not None
+                                                      else "is not reached") + "). "
             + ("The paper's Fig. 8 numbers correspond, under our model, to c = "
                + "; ".join(f"{c:.2f} over {b} (paper {paper[b]:.2f}x)" for b, c in found.items())
                + (f"; none of the levels reaches the paper over {', '.join(b for b in FIG8_VARIANTS if b not in found)}"
@@ -748,23 +763,26 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
              "assumption changed (the ablations below), so the cause of a gap is read off a run, not asserted. "
              "Figures: `fsmoe_fig5`, `fsmoe_table2`, `fsmoe_table5`, `fsmoe_grid_speedups`, `fsmoe_fig6`, "
              "`fsmoe_fig7`, `fsmoe_fig8`, `fsmoe_table6` (PNG and PDF).", "", "Ablations:"]
-    from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS, PP_ABLATIONS, READINGS
+    from impl.experiments.fsmoe.results import CONTENTION_ABLATIONS, DS_MOE_ABLATIONS, PP_ABLATIONS, READINGS
 
     descriptions = {**READINGS, **{name: ab.description for name, ab in DS_MOE_ABLATIONS.items()},
-                    **{name: ab.description for name, ab in PP_ABLATIONS.items()}}
+                    **{name: ab.description for name, ab in PP_ABLATIONS.items()},
+                    **{name: description for name, (description, _) in CONTENTION_ABLATIONS.items()}}
     variants = ds_moe_variants(models)
     runs = dict(ablations)
     for name in DS_MOE_ABLATIONS:
         runs[name] = (grid, variants.get(name, models))
-    pp_runs = [name for name in PP_ABLATIONS if f"fig8:{name}" in set(models.figure)]
-    for name in pp_runs:
-        runs[name] = (grid, pp_ablation(models, name))
+    figure_runs = {name: ablated_figures(models, name) for name in [*PP_ABLATIONS, *CONTENTION_ABLATIONS]}
+    figure_runs = {name: figures for name, figures in figure_runs.items() if figures}
+    for name in figure_runs:
+        runs[name] = (grid, figure_ablation(models, name))
     for name in runs:
         lines.append(f"* `{name}`: {descriptions.get(name, name)}"
                      + (" (grid: a random sample of configured layers)" if name in ablations else ""))
     base = checks(grid, models)
-    # a PP ablation changes Fig. 8 only: its column shows there alone
-    moved = {name: {what: ours for what, _, ours in checks(*frames) if name not in pp_runs or what.startswith("Fig. 8")}
+    # an ablation of some figures' rows changes those figures only: its column shows there alone
+    moved = {name: {what: ours for what, _, ours in checks(*frames)
+                    if name not in figure_runs or what.startswith(tuple(DS_MOE_FIGURES[f] for f in figure_runs[name]))}
              for name, frames in runs.items()}
     fig8_lines, fig8_cause = fig8_section(models, runs)
     lo, hi, spread, plo, phi, pspread = gate_spreads(models)

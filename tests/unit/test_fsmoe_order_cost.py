@@ -121,7 +121,7 @@ def test_every_pp_ablation_runs_every_plan_on_fig8_and_moves_only_what_it_change
     """Each `PP_ABLATIONS` entry has Fig. 8's rows for every paper system; charged transfers only
     add time; with no gradients the plans whose degrees and placement ignore them (DS-MoE, Tutel)
     only lose time (lanes run in a fixed order: a task gone cannot delay another)."""
-    from impl.experiments.fsmoe.results import PP_ABLATIONS, PP_CONTENTION
+    from impl.experiments.fsmoe.results import PP_ABLATIONS
     from impl.experiments.systems import paper_systems
 
     systems = {s.name for s in paper_systems("fsmoe")}
@@ -135,49 +135,68 @@ def test_every_pp_ablation_runs_every_plan_on_fig8_and_moves_only_what_it_change
         if name == "pp-no-gradients":
             for system in ("DS-MoE", "Tutel"):
                 assert (alt.xs(system, level="system") < head.xs(system, level="system")).all()
-        if PP_ABLATIONS[name].contention:
-            # only plans with a separate intra-node lane (FSMoE's three lanes) overlap intra- and
-            # inter-node collectives: they lose time, FSMoE itself always; every other is unchanged
-            for system in systems:
-                got, want = alt.xs(system, level="system"), head.xs(system, level="system")
-                lanes = _plan_lanes(system)
-                if {"intra", "inter"} <= lanes:
-                    assert (got >= want).all() and (system != "FSMoE" or (got > want).all()), (name, system)
-                else:
-                    assert (got == want).all(), (name, system)
-    fsmoe = [models[models.figure == f"fig8:pp-contention-{c:g}"].set_index(["model", "system"])["iteration_ms"]
-             .xs("FSMoE", level="system") for c in PP_CONTENTION]
+
+
+@pytest.mark.parametrize("figure", ["fig6", "fig8"])
+def test_contention_slows_only_plans_with_a_separate_intra_node_lane(models, figure):
+    """Every `CONTENTION_ABLATIONS` entry times every paper system's plan on Figs. 6 and 8: plans
+    with FSMoE's three lanes lose time (FSMoE's own always, more with more contention), every
+    other plan keeps its time to the bit (nothing of it overlaps on contending lanes)."""
+    from impl.experiments.fsmoe.results import CONTENTION, CONTENTION_ABLATIONS
+    from impl.experiments.systems import paper_systems
+
+    systems = {s.name for s in paper_systems("fsmoe")}
+    keys = ["testbed", "model", "system"]
+    head = models[(models.figure == figure) & models.system.isin(systems)].set_index(keys)["iteration_ms"]
+    for name in CONTENTION_ABLATIONS:
+        alt = models[models.figure == f"{figure}:{name}"].set_index(keys)["iteration_ms"]
+        assert set(alt.index.get_level_values("system")) == systems and len(alt) == len(head), name
+        for system in systems:
+            got = alt.xs(system, level="system")
+            want = head.xs(system, level="system").loc[got.index]
+            if {"intra", "inter"} <= _plan_lanes(system):
+                assert (got >= want).all() and (system != "FSMoE" or (got > want).all()), (name, system)
+            else:
+                assert (got == want).all(), (name, system)
+    fsmoe = [models[models.figure == f"{figure}:contention-{c:g}"].set_index(keys)["iteration_ms"]
+             .xs("FSMoE", level="system") for c in CONTENTION]
     for lower, higher in zip(fsmoe, fsmoe[1:]):
         assert (higher >= lower - 1e-9).all()      # more contention, never faster
 
 
 def test_the_fig8_section_reads_every_number_from_the_runs(models):
-    from figures.fsmoe import FIG8_VARIANTS, _crossing, fig8_section, fig8_speedups, pp_ablation
+    from figures.fsmoe import FIG8_VARIANTS, _crossing, figure_ablation, fig8_section, fig8_speedups, model_speedups
     from impl.common.paper import read_paper_csv
-    from impl.experiments.fsmoe.results import PP_ABLATIONS, PP_CONTENTION
+    from impl.experiments.fsmoe.results import CONTENTION, CONTENTION_ABLATIONS, PP_ABLATIONS
 
-    runs = {name: (None, pp_ablation(models, name)) for name in PP_ABLATIONS}
+    runs = {name: (None, figure_ablation(models, name)) for name in [*PP_ABLATIONS, *CONTENTION_ABLATIONS]}
     lines, cause = fig8_section(models, runs)
     text = "\n".join(lines)
     ours = fig8_speedups(models)
     no_grad = fig8_speedups(runs["pp-no-gradients"][1])
-    most = fig8_speedups(runs[f"pp-contention-{PP_CONTENTION[-1]:g}"][1])
+    most = fig8_speedups(runs[f"contention-{CONTENTION[-1]:g}"][1])
     for b in FIG8_VARIANTS:
         row = next(line for line in lines if line.startswith(f"| {b} |"))
         assert f"| {ours[b]:.2f} |" in row and f"| {no_grad[b]:.2f} |" in row
         assert row.rstrip(" |").endswith(f"{most[b]:.2f}")
     assert f"{no_grad['FSMoE-No-IIO']:.2f}x" in cause and "intra-node lane" in cause
-    assert "| pp-one-micro-batch | pp-send-recv | pp-no-gradients | pp-contention-0.25 |" in text
-    # the contention the paper's number implies, interpolated on the runs' own curve
+    assert "| pp-one-micro-batch | pp-send-recv | pp-no-gradients | contention-0.25 |" in text
+    # the contention the paper's numbers imply, interpolated on the runs' own curves, with PP and without
     paper8, _ = read_paper_csv("fsmoe_fig8")
     paper = dict(zip(paper8.baseline, paper8.value))
-    levels = [0.0, *PP_CONTENTION]
-    curve = [ours["FSMoE-No-IIO"]] + [fig8_speedups(runs[f"pp-contention-{c:g}"][1])["FSMoE-No-IIO"]
-                                      for c in PP_CONTENTION]
+    levels = [0.0, *CONTENTION]
+    curve = [ours["FSMoE-No-IIO"]] + [fig8_speedups(runs[f"contention-{c:g}"][1])["FSMoE-No-IIO"] for c in CONTENTION]
     implied = _crossing(levels, curve, paper["FSMoE-No-IIO"])
-    assert ", ".join(f"{v:.2f}x at c = {c:g}" for c, v in zip(levels, curve)) in text
+    assert ", ".join(f"{v:.2f}x at c = {c:g}" for c, v in zip(levels, curve)) + " with PP" in text
     if implied is not None:
         assert f"implies c = {implied:.2f}" in cause and f"{implied:.2f} over FSMoE-No-IIO" in text
+
+    def no_pp(frame):
+        a6 = model_speedups(frame[frame.testbed == "A"], "fig6", [])
+        return float(a6[(a6.system == "FSMoE") & (a6.baseline == "FSMoE-No-IIO")]["mean"].iloc[0])
+
+    assert ", ".join(f"{v:.2f}x" for v in [no_pp(models)] + [no_pp(runs[f"contention-{c:g}"][1]) for c in CONTENTION]) \
+        + " without (Fig. 6, Testbed A" in text
     assert fig8_section(models[models.figure != "fig8:pp-send-recv"], runs) == ([], "")
 
 

@@ -13,7 +13,8 @@ shipped Testbed A and B profiles (times MODELED from their alpha-beta models):
 * `models`: Fig. 6 (GPT2-XL-MoE and Mixtral-7B on A and B, Mixtral-22B on A), Fig. 7 (L and P
   sweeps on A), Fig. 8 (GPipe, PP = 2, on A), Table 6 (the gates on B): iteration times of every
   plan; speedups are computed when figures aggregate; Fig. 8 also under each `PP_ABLATIONS` entry
-  (one GPipe assumption changed for every plan, rows labelled `fig8:<name>`);
+  (one GPipe assumption changed for every plan, rows labelled `fig8:<name>`), Figs. 6 and 8 under
+  each `CONTENTION_ABLATIONS` entry (the same plans timed with contending lanes, `<figure>:<name>`);
   beside every plan, DeepSpeed-MoE's sequential plan under each `DS_MOE_ABLATIONS` entry (its
   `DsAblation.description`), each a row with its own system name (the grid has none: no result
   over DS-MoE is read from the configured layers);
@@ -57,7 +58,7 @@ from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs, with_gshard_or
 from impl.fsmoe.degree import DOMAINS, integer_optimum
 from impl.fsmoe.schedules import LANES_3, fsmoe_pass, gpipe_iteration
 
-__all__ = ["ResultsConfig", "MODELS", "Part", "RUNNERS", "PARTS", "READINGS", "TABLE2_PROFILES", "table2_factors", "DS_MOE_MP_ALLREDUCE", "DS_MOE_ABLATIONS", "DsAblation", "PP_ABLATIONS", "PP_CONTENTION", "PpAblation", "FIG8", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
+__all__ = ["ResultsConfig", "MODELS", "Part", "RUNNERS", "PARTS", "READINGS", "TABLE2_PROFILES", "table2_factors", "DS_MOE_MP_ALLREDUCE", "DS_MOE_ABLATIONS", "DsAblation", "PP_ABLATIONS", "PpAblation", "CONTENTION", "CONTENTION_ABLATIONS", "FIG8", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
 
 PROG = "python -m impl.experiments.fsmoe.results"
 
@@ -421,11 +422,20 @@ def run_table2(cfg: ResultsConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-PP_CONTENTION = (0.25, 0.5, 1.0)
-"""Lane contentions Fig. 8 is also timed under (`PP_ABLATIONS`' 'pp-contention-<c>'): the paper
+CONTENTION = (0.25, 0.5, 1.0)
+"""Lane contentions Figs. 6 and 8 are also timed under (`CONTENTION_ABLATIONS`): the paper
 publishes no measure of how much concurrent intra- and inter-node collectives slow each other, so
 the report computes FSMoE's gain as a function of it. c = 1: two overlapping collectives share
 one resource evenly (each at half speed, together as long as one after the other)."""
+CONTENTION_FIGURES = ("fig6", "fig8")
+CONTENTION_ABLATIONS = {
+    f"contention-{c:g}": (
+        f"Figs. 6 and 8 with the same plans timed under lane contention c = {c:g}: while an intra-node and an "
+        f"inter-node collective of one GPU's plan overlap, each runs at 1 / (1 + c) = {1 / (1 + c):.2f} of its speed "
+        "(shared copy engines, SMs, PCIe; `timeline.simulate`'s contention; ours: c = 0, none); only plans with a "
+        "separate intra-node lane (FSMoE's) overlap them", c) for c in CONTENTION}
+"""name -> (description, c); rows labelled '<figure>:<name>' for each of CONTENTION_FIGURES."""
+_CONTENDING = (LANES_3["ag"], LANES_3["dispatch"])       # the intra-node and the inter-node lane
 
 
 @dataclass(frozen=True)
@@ -437,7 +447,6 @@ class PpAblation:
     micro_batches: int | None = None    # None: the config's `pp_micro_batches`
     gradients: bool = True              # False: no dense gradients to all-reduce in any plan
     send_recv: bool = False             # charge the stage-to-stage transfers (`gpipe_iteration`'s send_ms)
-    contention: float = 0.0             # c: overlapping intra- and inter-node collectives each at 1 / (1 + c)
 
 
 PP_ABLATIONS = {
@@ -451,11 +460,6 @@ PP_ABLATIONS = {
     "pp-no-gradients": PpAblation(
         "Fig. 8 with no Gradient-AllReduce in any plan: what is left of FSMoE's gain once the gradients' placement "
         "(its partitioning, Tutel-Improved's dense windows, Lina's chunks) cannot matter", gradients=False),
-    **{f"pp-contention-{c:g}": PpAblation(
-        f"Fig. 8 with the same plans timed under lane contention c = {c:g}: while an intra-node and an inter-node "
-        f"collective of one stage overlap, each runs at 1 / (1 + c) = {1 / (1 + c):.2f} of its speed (shared copy "
-        "engines, SMs, PCIe; `timeline.simulate`'s contention; ours: c = 0, no contention); only plans with a "
-        "separate intra-node lane (FSMoE's) overlap them", contention=c) for c in PP_CONTENTION},
 }
 FIG8 = "fig8"
 
@@ -477,7 +481,7 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
         plans = [factory(blocks) for blocks in stages]
         schedule = gpipe_iteration([(blocks, list(p.degrees), list(p.grads)) for blocks, p in zip(stages, plans)],
                                    micro, plans[0].lanes, send_ms)
-        return simulate(schedule, {(LANES_3["ag"], LANES_3["dispatch"]): contention}).makespan, plans[0]
+        return simulate(schedule, {_CONTENDING: contention}).makespan, plans[0]
 
     rows = []
     for system in FSMOE_SYSTEMS:
@@ -493,9 +497,28 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
         block = bc if pp.gradients else replace(bc, grad_bytes=0)
         for system in FSMOE_SYSTEMS:
             makespan, plan = gpipe(system.factory(), stages_of(block), pp.micro_batches or micro_batches,
-                                   send_ms if pp.send_recv else 0.0, pp.contention)
+                                   send_ms if pp.send_recv else 0.0)
             rows.append({**labels, "figure": f"{FIG8}:{name}", "system": system.name, "iteration_ms": makespan,
                          "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": pp.description})
+    for name, (description, c) in CONTENTION_ABLATIONS.items():
+        for system in FSMOE_SYSTEMS:
+            makespan, plan = gpipe(system.factory(), stages_of(bc), contention=c)
+            rows.append({**labels, "figure": f"{FIG8}:{name}", "system": system.name, "iteration_ms": makespan,
+                         "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": description})
+    return rows
+
+
+def _contention_rows(blocks: list[BlockCosts], figure: str, **labels) -> list[dict]:
+    """Every FSMoE-paper plan on `blocks` timed under each `CONTENTION_ABLATIONS` entry, labelled
+    '<figure>:<name>' (the plans are those made without contention)."""
+    rows = []
+    for system in FSMOE_SYSTEMS:
+        plan = system.factory()(blocks)
+        schedule = plan.schedule(blocks)
+        for name, (description, c) in CONTENTION_ABLATIONS.items():
+            rows.append({**labels, "figure": f"{figure}:{name}", "system": system.name,
+                         "iteration_ms": simulate(schedule, {_CONTENDING: c}).makespan,
+                         "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": description})
     return rows
 
 
@@ -512,8 +535,11 @@ def run_models(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame
         profile = read_profile(load_profile(profile_name), cfg.reading, (cfg.table2_batch, cfg.table2_seq))
         spec = MODELS[model]
         bc = block_costs(_model_shape(spec, profile, seq, gate), profile)
-        rows += _iteration_rows([bc] * spec.layers, figure=figure, testbed=testbed, model=model, L=seq, gate=gate,
-                                profile=profile.name, P=profile.get_topology().G, layers=spec.layers)
+        labels = dict(testbed=testbed, model=model, L=seq, gate=gate, profile=profile.name,
+                      P=profile.get_topology().G, layers=spec.layers)
+        rows += _iteration_rows([bc] * spec.layers, figure=figure, **labels)
+        if figure in CONTENTION_FIGURES:
+            rows += _contention_rows([bc] * spec.layers, figure, **labels)
     for model in a_models:
         spec = MODELS[model]
         rows += _gpipe_rows(profiles["A"], spec, cfg.seq["A"], cfg.pp_micro_batches, figure=FIG8, testbed="A",
