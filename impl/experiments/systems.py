@@ -16,8 +16,6 @@ experiments layer's job: the substrate's registry names no module above it.
 """
 from __future__ import annotations
 
-from typing import Any
-
 # Every module that registers implementations (import for the side effect); the papers' lists
 # import those their own factories look up.
 import baselines.deepep  # noqa: F401
@@ -35,7 +33,7 @@ from impl.experiments.hiermoe.systems import HIERMOE_SYSTEMS
 from impl.experiments.paper_registry import PAPERS, PaperSystems, System
 from impl.experiments.scheinfer.systems import SCHEINFER_SYSTEMS
 
-__all__ = ["PAPERS", "System", "SYSTEMS", "BY_PAPER", "get_system", "paper_systems", "parse_system_name"]
+__all__ = ["PAPERS", "System", "SYSTEMS", "BY_PAPER", "paper_systems"]
 
 BY_PAPER: dict[str, PaperSystems] = {s.paper: s for s in (HIERMOE_SYSTEMS, FSMOE_SYSTEMS, SCHEINFER_SYSTEMS)}
 SYSTEMS: tuple[System, ...] = tuple(s for paper in PAPERS for s in BY_PAPER[paper])
@@ -50,12 +48,3 @@ def _of(paper: str) -> PaperSystems:
 def paper_systems(paper: str, roles: tuple[str, ...] = ("baseline", "ours", "variant")) -> tuple[System, ...]:
     """The systems of one paper in registry order (baselines first, the paper's own last)."""
     return _of(paper).select(roles)
-
-
-def get_system(paper: str, name: str) -> System:
-    return _of(paper).get(name)
-
-
-def parse_system_name(text: str, paper: str, defaults: dict | None = None) -> tuple[System, Any]:
-    """'HierMoE[gamma=5,every=2]' -> (its System, what the experiment runs); see `PaperSystems.parse`."""
-    return _of(paper).parse(text, defaults)

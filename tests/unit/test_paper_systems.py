@@ -23,12 +23,12 @@ def test_the_registry_is_the_union_of_the_papers_lists():
 
 
 def test_a_system_name_parses_with_its_options_and_fails_in_one_line():
-    system, spec = systems.parse_system_name("HierMoE[gamma=5,every=2]", "hiermoe", {"gamma": 9.0})
+    system, spec = systems.BY_PAPER["hiermoe"].parse("HierMoE[gamma=5,every=2]", {"gamma": 9.0})
     assert system.name == "HierMoE" and (spec.gamma, spec.every, spec.planner) == (5, 2, "hierd-es")
     with pytest.raises(ConfigError, match="unknown system 'Foo' of the fsmoe paper; allowed: DS-MoE, "):
-        systems.get_system("fsmoe", "Foo")
+        systems.BY_PAPER["fsmoe"].get("Foo")
     with pytest.raises(ConfigError, match="systems: FSMoE takes no options; got r"):
-        systems.parse_system_name("FSMoE[r=2]", "fsmoe")
+        systems.BY_PAPER["fsmoe"].parse("FSMoE[r=2]")
 
 
 # What each paper's systems resolve to, checked in a process that imported that paper's list only.
