@@ -57,9 +57,49 @@ def test_without_llama_cpp_the_vocabularys_byte_tokens_split_the_text(models, mo
 def test_random_ids_only_where_the_model_has_no_tokenizer(models):
     prompt = calibration_prompt(models["hf"], 512, 16)
     assert list(prompt.tokens) == random_ids(512, 16)
-    assert prompt.how["kind"] == f"random ids, seed {POPULARITY_SEED}" and "HF checkpoint" in prompt.how["why"]
+    assert prompt.how["kind"] == f"random ids, seed {POPULARITY_SEED}"
+    assert prompt.how["why"] == "an HF checkpoint directory without tokenizer.json"
     with pytest.raises(ValueError, match="has no tokenizer to split it"):
         calibration_prompt(models["hf"], 512, 16, DEFAULT_TEXT)
+
+
+def _word_tokenizer(words: list[str]):
+    """A word-level HF tokenizer: <s> 1 before every text, each known word its id from 3, others <unk>."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: 3 + i for i, w in enumerate(words)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok, vocab
+
+
+def test_an_hf_checkpoint_splits_the_text_by_its_tokenizer_json(models, tmp_path):
+    """With tokenizer.json beside the weights, the prompt is that tokenizer's split of the text
+    (its post-processor's BOS first) and the record names it; a file it cannot read is one line."""
+    import shutil
+    checkpoint = tmp_path / "qwen_st"
+    shutil.copytree(models["hf"], checkpoint)
+    tok, vocab = _word_tokenizer(["tides", "turn", "slowly", "."])
+    tok.save(str(checkpoint / "tokenizer.json"))
+    text = tmp_path / "text.txt"
+    text.write_text("tides turn slowly . " * 5 + "unknown words too")
+    prompt = calibration_prompt(checkpoint, 512, 12, text)
+    assert list(prompt.tokens) == [1] + [vocab[w] for w in ("tides turn slowly . " * 3).split()][:11]
+    assert prompt.how["kind"] == "text" and prompt.how["text_tokens"] == 1 + 20 + 3
+    assert prompt.how["tokenizer"].startswith("HF tokenizers ") and prompt.how["tokenizer"].endswith("tokenizer.json")
+    (checkpoint / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"tokenizer.json: HF tokenizers cannot read it \("):
+        calibration_prompt(checkpoint, 512, 12, text)
+
+
+def test_an_hf_checkpoint_without_the_tokenizers_library_gets_random_ids(models, tmp_path, monkeypatch):
+    import shutil
+    checkpoint = tmp_path / "qwen_st"
+    shutil.copytree(models["hf"], checkpoint)
+    _word_tokenizer(["a"])[0].save(str(checkpoint / "tokenizer.json"))
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    prompt = calibration_prompt(checkpoint, 512, 8)
+    assert list(prompt.tokens) == random_ids(512, 8) and "HF tokenizers" in prompt.how["why"]
 
 
 def test_the_run_record_says_which_prompt_the_profile_was_made_on(models, capsys):

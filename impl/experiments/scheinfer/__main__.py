@@ -32,7 +32,8 @@ outside the timings, as Fiddler
 profiles offline: the tokens each FFN is routed on one prefill of a calibration prompt of
 --popularity-tokens tokens (default 64): the first ones of a text (--calibration-text FILE, default
 impl/scheinfer/calibration_text.txt) as the model's own tokenizer splits it (llama.cpp's for a GGUF
-file with a vocabulary), random ids seeded only where the model has no tokenizer
+file with a vocabulary, tokenizer.json's for an HF checkpoint), random ids seeded only where the
+model has no tokenizer
 (`impl.experiments.scheinfer.calibration_prompt`; the record says which, with the text's sha256,
 and whether the prompt differs from every measured one; bench's are the ramp 1, 2, 3, ...), counted by
 `impl.scheinfer.policy.PopularityCounter` (a shared expert counts every token). The prefill runs on

@@ -10,9 +10,11 @@ only where the model has no tokenizer.
   tokenizer.ggml.* metadata as llama.cpp itself does. Without llama-cpp-python (or where it
   cannot load the file): the vocabulary's byte tokens <0x00>..<0xFF>, byte by byte
   (SentencePiece byte fallback, BOS first, as --prompt: `byte_tokenize`), where it has them.
-* Random ids otherwise (an HF checkpoint directory, a GGUF file without a vocabulary): N ids
-  uniform in 1..vocab-1 from a torch.Generator seeded `POPULARITY_SEED`; a text given there is
-  an error.
+* Tokenizer of an HF checkpoint directory: its tokenizer.json, through HF `tokenizers` (special
+  tokens as its post-processor adds them), where both exist.
+* Random ids otherwise (an HF checkpoint without tokenizer.json or without `tokenizers`, a GGUF
+  file without a vocabulary): N ids uniform in 1..vocab-1 from a torch.Generator seeded
+  `POPULARITY_SEED`; a text given there is an error.
 What was used is in the record (`CalibrationPrompt.how`): the text file, its sha256 and the
 tokenizer, or the random ids, their seed and why.
 """
@@ -98,7 +100,7 @@ def model_tokens(model: Path, text: str) -> tuple[list[int] | None, str]:
     """(`text`'s ids by the model's own tokenizer, what tokenized it), or (None, why the model has
     none) (module doc)."""
     if model.suffix != ".gguf":
-        return None, "an HF checkpoint directory: its tokenizer files are not read here"
+        return _hf_tokens(model, text)
     from impl.scheinfer.weights import gguf_field, open_gguf
     reader = open_gguf(model)
     if not _vocabulary(reader):
@@ -117,6 +119,24 @@ def model_tokens(model: Path, text: str) -> tuple[list[int] | None, str]:
         return byte_tokenize(model, text), f"the vocabulary's byte tokens, byte by byte (SentencePiece byte fallback; {why})"
     except ValueError:
         return None, f"{why}, and the vocabulary (model {kind!r}) has no byte tokens to fall back on"
+
+
+def _hf_tokens(checkpoint: Path, text: str) -> tuple[list[int] | None, str]:
+    """An HF checkpoint directory's split of `text` by its tokenizer.json (HF `tokenizers`, with
+    the special tokens its post-processor adds, as transformers' tokenizer call does), or (None,
+    why not)."""
+    file = checkpoint / "tokenizer.json"
+    if not file.is_file():
+        return None, "an HF checkpoint directory without tokenizer.json"
+    try:
+        import tokenizers
+    except ImportError:
+        return None, "an HF checkpoint directory, and HF tokenizers (which reads its tokenizer.json) is not installed"
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:                # the library's own parse errors have no common base
+        raise ValueError(f"{file}: HF tokenizers cannot read it ({str(e).strip().splitlines()[0]})") from None
+    return tokenizer.encode(text).ids, f"HF tokenizers {tokenizers.__version__} from {file.name}"
 
 
 def calibration_prompt(model: Path, vocab_size: int, n: int, text_file: str | Path | None = None) -> CalibrationPrompt:
