@@ -33,9 +33,9 @@ from impl.common.costmodel import load_profile  # noqa: E402
 from impl.common.paper import read_paper_csv  # noqa: E402
 from impl.common.records import atomic_write_text, read_record  # noqa: E402
 
-__all__ = ["table5", "model_speedups", "overlap_cap", "checks", "reproduces", "check_verdict", "gate_spreads", "gates_differentiated",
-           "ds_moe_ranges", "ds_moe_variants", "ds_moe_section", "table6_absolute", "figure_ablation", "ablated_figures", "fig8_section", "report",
-           "main"]
+__all__ = ["table5", "model_speedups", "overlap_cap", "checks", "reproduces", "check_verdict", "gate_spreads",
+           "gates_differentiated", "ds_moe_ranges", "ds_moe_variants", "ds_moe_section", "table6_absolute",
+           "figure_ablation", "ablated_figures", "fig8_section", "report", "main"]
 
 MODELED = "MODELED (tier sim, shipped Testbed A/B profiles)"
 TABLE5_SYSTEMS = ("Tutel-Improved", "FSMoE-No-IIO", "FSMoE")
