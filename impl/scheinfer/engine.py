@@ -224,11 +224,9 @@ class HybridEngine:
             raise ConfigError(f"threads={threads!r} is not allowed; expected an integer >= 1")
         # The CPU bands' kernel (`kernel`): named now (a bad name fails here, before any thread
         # starts), or measured on first use
-        self._kernel_request = kernel
-        self._kernel: KernelChoice | None = named_kernel(kernel) if dtype == torch.float32 else \
-            KernelChoice("torch", "only", note="not float32")
-        self._auto_kernel = self._kernel is None
+        self.dtype = dtype
         self._probe_shape = ProbeShape.at_hidden(hidden)
+        self.use_kernel(kernel)
         if threads is not None:
             torch.set_num_threads(threads)
         self.policy, self.hidden, self.dtype = policy, hidden, dtype
@@ -282,6 +280,12 @@ class HybridEngine:
         if self._kernel is None:
             self._kernel = choose_kernel(self._kernel_request, mode="ffns", shape=self._probe_shape)
         return self._kernel
+
+    def use_kernel(self, kernel: "str | KernelChoice | None") -> None:
+        """The CPU lane's kernel from now on (as the constructor's `kernel`): a named one checked
+        now, 'auto' measured on first use."""
+        named = named_kernel(kernel) if self.dtype == torch.float32 else KernelChoice("torch", "only", note="not float32")
+        self._kernel_request, self._kernel, self._auto_kernel = kernel, named, named is None
 
     def use_model(self, cfg: DecoderConfig) -> KernelChoice:
         """Measure 'auto' (again, where it was measured for another shape) at this model's expert
@@ -596,7 +600,7 @@ class HybridDecoder(FastDecoder):
         self._pin = engine.cuda if pin_memory is None else pin_memory
         self.on_forward = on_forward
         super().__init__(source, dtype=engine.dtype, device=engine.device, cache_weights=True,
-                         kernel=engine.use_model(source.config))
+                         kernel=engine.use_model(source.config))      # (then `use_kernel`: the same choice)
         if self.config.hidden != engine.hidden:
             raise ConfigError(f"engine hidden={engine.hidden} but the model's hidden={self.config.hidden}")
         engine.place(ffn_widths(self.config))
@@ -606,6 +610,13 @@ class HybridDecoder(FastDecoder):
                 **dict(enumerate(lw.moe.experts)), **({"shared": lw.moe.shared} if lw.moe.shared else {})}
             for e, w in ffns.items():
                 engine.resident_slice((i, e), w)
+
+    def use_kernel(self, kernel: "str | KernelChoice | None") -> KernelChoice:
+        """The engine's CPU lane and this decoder's own products switch together (the engine's
+        `use_kernel`; 'auto' measured as the lane runs products, at this model's shape)."""
+        self.engine.use_kernel(kernel)
+        self.kernel = self.engine.use_model(self.config)
+        return self.kernel
 
     def _expert(self, prefix: str) -> ExpertWeights:
         # FFN weights stay in host memory (pinned with CUDA); down kept as [F, M] rows.

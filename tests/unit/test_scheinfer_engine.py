@@ -131,6 +131,23 @@ def test_auto_is_measured_for_the_engines_model_as_its_cpu_lane_runs_products(mo
     assert threading.active_count() == before          # failed before any lane thread started
 
 
+def test_switching_the_decoders_kernel_switches_the_engines_lanes(models):
+    """`HybridDecoder.use_kernel`: the decoder's products and the engine's CPU lane keep one kernel,
+    and the outputs stay the reference's with each."""
+    src, ref = models["mixtral"]
+    eng = HybridEngine(FixedPolicy(*FRACTIONS["mixed"]), src.config.hidden, gpu_mem_bytes=BIG, kernel="torch")
+    try:
+        dec = HybridDecoder(src, eng)
+        for kernel in reversed(CPU_KERNELS):
+            assert dec.use_kernel(kernel) is eng.kernel and eng.kernel.name == kernel and dec.kernel is eng.kernel
+            _assert_same(dec.generate([PROMPT], N_NEW, return_logits=True), ref)
+        with pytest.raises(ConfigError, match="cpu kernel='avx3' is not allowed"):
+            dec.use_kernel("avx3")
+        assert eng.kernel.name == CPU_KERNELS[0] and dec.kernel is eng.kernel      # unchanged by the error
+    finally:
+        eng.close()
+
+
 def test_lane_threads_and_cpu_only_layers_in_the_callers_thread(models):
     """Threads per lane (OpenMP's count is per thread): the CPU lane all of the engine's, the copy
     lane one, the emulated GPU lane the CPU lane's. A layer with CC parts only runs in the
