@@ -649,9 +649,9 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
         return {b: float(a6[(a6.system == "FSMoE") & (a6.baseline == b)]["mean"].iloc[0]) for b in FIG8_VARIANTS}
 
     no_pp = without_pp(models)
-    under = {name: fig8_speedups(frames[1]) for name, frames in runs.items()
-             if name in PP_ABLATIONS or frames[1] is not models}
-    under = {name: v for name, v in under.items() if any(abs(v[b] - ours[b]) > 1e-12 for b in FIG8_VARIANTS)}
+    speedups = {name: fig8_speedups(frames[1]) for name, frames in runs.items()
+                if name in PP_ABLATIONS or frames[1] is not models}
+    under = {name: v for name, v in speedups.items() if any(abs(v[b] - ours[b]) > 1e-12 for b in FIG8_VARIANTS)}
     lines = ["", "### Fig. 8 (PP = 2): where FSMoE's gain over the variants comes from", "",
              "PP = 2 as modeled (`results._gpipe_rows`, `schedules.gpipe_iteration`): two stages, each half the nodes "
              "and half the layers with its own lanes; GPipe's every forward micro-batch, then every backward, so the "
@@ -692,8 +692,7 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
                  + (f", to {under[closest[0]][closest[1]]:.2f} against the paper's {paper[closest[1]]:.2f}"
                     if closest[2] > 1 else "") + ").")
     levels = [0.0] + [c for c in CONTENTION if f"contention-{c:g}" in runs]
-    curve = {b: [ours[b]] + [fig8_speedups(runs[f"contention-{c:g}"][1])[b] for c in levels[1:]]
-             for b in FIG8_VARIANTS}
+    curve = {b: [ours[b]] + [speedups[f"contention-{c:g}"][b] for c in levels[1:]] for b in FIG8_VARIANTS}
     implied = {b: _crossing(levels, curve[b], paper[b]) for b in FIG8_VARIANTS}
     if len(levels) > 1:
         found = {b: c for b, c in implied.items() if c is not None}

@@ -19,7 +19,6 @@ tasks run on two contending lanes at once, each progresses more slowly (`_run_co
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import random
 from collections import defaultdict, deque
@@ -132,10 +131,11 @@ def simulate(schedule: Schedule, contention: Mapping[tuple[str, str], float] | N
     SMs and PCIe): while both run a task, each task progresses at 1 / (1 + c) of its speed, c
     summed over the busy lanes it contends with (`_run_contended`); a lane 'name@group' contends
     by its name with the lanes of its own group only (a pipeline stage's GPUs)."""
-    pair = _contention_pairs(contention or {})
-    if not any(_shared(x, y, pair) for x, y in itertools.combinations(schedule.lanes, 2)):
+    pair = {k: c for k, c in _contention_pairs(contention or {}).items() if c > 0}
+    between = {x: {y: c for y in schedule.lanes if (c := _shared(x, y, pair))} for x in schedule.lanes} if pair else {}
+    if not any(between.values()):
         return schedule._timeline            # no two lanes contend: the same timeline, to the bit
-    return _run_contended(schedule, pair)
+    return _run_contended(schedule, between)
 
 
 def _contention_pairs(contention: Mapping[tuple[str, str], float]) -> dict[frozenset, float]:
@@ -177,10 +177,11 @@ def _run(schedule: Schedule) -> Timeline:
     return Timeline(schedule, start, end)
 
 
-def _run_contended(schedule: Schedule, pair: Mapping[frozenset, float]) -> Timeline:
+def _run_contended(schedule: Schedule, between: Mapping[str, Mapping[str, float]]) -> Timeline:
     """`_run` with contending lanes, as a fluid model: a task starts as in `_run` (its lane free,
     its dependencies ended) and then runs at rate 1 / (1 + sum of c over the other lanes busy
-    with it that it contends with), the rates changing whenever a task starts or ends. Two tasks
+    with it that it contends with: `between[lane][other]`), the rates changing whenever a task
+    starts or ends. Two tasks
     of a <= b ms starting together on lanes with contention c end at a (1 + c) and b + c a; with
     no contention every task keeps its `_run` times, to rounding (tests/unit/test_timeline.py)."""
     queues: dict[str, deque[Task]] = defaultdict(deque)
@@ -201,7 +202,7 @@ def _run_contended(schedule: Schedule, pair: Mapping[frozenset, float]) -> Timel
                      for lane, q in queues.items() if q]
             raise ScheduleError("deadlock: every lane's next task waits for a task queued behind another: "
                                 + "; ".join(heads))
-        rate = {lane: 1.0 / (1.0 + sum(_shared(lane, other, pair) for other in running if other != lane))
+        rate = {lane: 1.0 / (1.0 + sum(between.get(lane, {}).get(other, 0.0) for other in running))
                 for lane in running}
         step = min(work / rate[lane] for lane, (_, work) in running.items())
         now += step

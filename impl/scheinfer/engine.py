@@ -229,7 +229,7 @@ class HybridEngine:
         self.use_kernel(kernel)
         if threads is not None:
             torch.set_num_threads(threads)
-        self.policy, self.hidden, self.dtype = policy, hidden, dtype
+        self.policy, self.hidden = policy, hidden
         self.dtype_bytes = torch.empty((), dtype=dtype).element_size()
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda = self.device.type == "cuda"

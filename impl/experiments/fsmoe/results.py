@@ -51,7 +51,7 @@ from impl.common.config import MAX_LAYERS, MAX_REPEATS, MAX_TOKENS, SEED_MAX, Co
 from impl.common.costmodel import HardwareProfile, LinearModel, load_profile
 from impl.common.paper import read_paper_csv
 from impl.common.records import make_record
-from impl.common.timeline import lower_bound, search_order, simulate
+from impl.common.timeline import Schedule, lower_bound, search_order, simulate
 from impl.experiments.fsmoe.degrees import GRID, grid_shapes
 from impl.experiments.fsmoe.systems import FSMOE_SYSTEMS
 from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs, with_gshard_order
@@ -330,6 +330,8 @@ def _iteration_rows(blocks: list[BlockCosts], ds_moe_ablations: bool = True, **l
                      "moe_fwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "fwd"),
                      "moe_bwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "bwd"),
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
+        if labels.get("figure") in CONTENTION_FIGURES:
+            rows += _contention_rows(schedule, plan, system.name, labels)
     ds_moe = FSMOE_SYSTEMS.get("DS-MoE").factory()
     for ablation in DS_MOE_ABLATIONS.values() if ds_moe_ablations else ():
         changed = ablation.blocks(blocks)
@@ -477,49 +479,41 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
     def stages_of(block: BlockCosts) -> list[list[BlockCosts]]:
         return [[block] * (spec.layers // 2), [block] * (spec.layers - spec.layers // 2)]
 
-    def gpipe(factory, stages, micro: int = micro_batches, send_ms: float = 0.0, contention: float = 0.0):
+    def gpipe(factory, stages, micro: int = micro_batches, send_ms: float = 0.0):
         plans = [factory(blocks) for blocks in stages]
         schedule = gpipe_iteration([(blocks, list(p.degrees), list(p.grads)) for blocks, p in zip(stages, plans)],
                                    micro, plans[0].lanes, send_ms)
-        return simulate(schedule, {_CONTENDING: contention}).makespan, plans[0]
+        return schedule, plans[0]
 
     rows = []
     for system in FSMOE_SYSTEMS:
-        makespan, plan = gpipe(system.factory(), stages_of(bc))
-        rows.append({**labels, "system": system.name, "iteration_ms": makespan,
+        schedule, plan = gpipe(system.factory(), stages_of(bc))
+        rows.append({**labels, "system": system.name, "iteration_ms": simulate(schedule).makespan,
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1]})
+        rows += _contention_rows(schedule, plan, system.name, labels)
     for ablation in DS_MOE_ABLATIONS.values():
-        makespan, _ = gpipe(FSMOE_SYSTEMS.get("DS-MoE").factory(), [ablation.blocks(b) for b in stages_of(bc)])
-        rows.append(_ds_moe_ablation_row(labels, ablation, makespan))
+        schedule, _ = gpipe(FSMOE_SYSTEMS.get("DS-MoE").factory(), [ablation.blocks(b) for b in stages_of(bc)])
+        rows.append(_ds_moe_ablation_row(labels, ablation, simulate(schedule).makespan))
     activations = bc.shape.batch * bc.shape.seq * bc.shape.hidden * bc.shape.bytes_per_elem / bc.n_esp
     send_ms = stage_profile.comm_model("a2a", "inter-1").time_ms(activations)
     for name, pp in PP_ABLATIONS.items():
         block = bc if pp.gradients else replace(bc, grad_bytes=0)
         for system in FSMOE_SYSTEMS:
-            makespan, plan = gpipe(system.factory(), stages_of(block), pp.micro_batches or micro_batches,
+            schedule, plan = gpipe(system.factory(), stages_of(block), pp.micro_batches or micro_batches,
                                    send_ms if pp.send_recv else 0.0)
-            rows.append({**labels, "figure": f"{FIG8}:{name}", "system": system.name, "iteration_ms": makespan,
-                         "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": pp.description})
-    for name, (description, c) in CONTENTION_ABLATIONS.items():
-        for system in FSMOE_SYSTEMS:
-            makespan, plan = gpipe(system.factory(), stages_of(bc), contention=c)
-            rows.append({**labels, "figure": f"{FIG8}:{name}", "system": system.name, "iteration_ms": makespan,
-                         "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": description})
+            rows.append({**labels, "figure": f"{FIG8}:{name}", "system": system.name,
+                         "iteration_ms": simulate(schedule).makespan, "r_fwd": plan.degrees[0][0],
+                         "r_bwd": plan.degrees[0][1], "plan_note": pp.description})
     return rows
 
 
-def _contention_rows(blocks: list[BlockCosts], figure: str, **labels) -> list[dict]:
-    """Every FSMoE-paper plan on `blocks` timed under each `CONTENTION_ABLATIONS` entry, labelled
-    '<figure>:<name>' (the plans are those made without contention)."""
-    rows = []
-    for system in FSMOE_SYSTEMS:
-        plan = system.factory()(blocks)
-        schedule = plan.schedule(blocks)
-        for name, (description, c) in CONTENTION_ABLATIONS.items():
-            rows.append({**labels, "figure": f"{figure}:{name}", "system": system.name,
-                         "iteration_ms": simulate(schedule, {_CONTENDING: c}).makespan,
-                         "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": description})
-    return rows
+def _contention_rows(schedule: Schedule, plan, system: str, labels: dict) -> list[dict]:
+    """A plan's schedule (made without contention) timed under each `CONTENTION_ABLATIONS` entry,
+    each a row labelled '<figure>:<name>'."""
+    return [{**labels, "figure": f"{labels['figure']}:{name}", "system": system,
+             "iteration_ms": simulate(schedule, {_CONTENDING: c}).makespan,
+             "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": description}
+            for name, (description, c) in CONTENTION_ABLATIONS.items()]
 
 
 def run_models(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
@@ -535,11 +529,8 @@ def run_models(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame
         profile = read_profile(load_profile(profile_name), cfg.reading, (cfg.table2_batch, cfg.table2_seq))
         spec = MODELS[model]
         bc = block_costs(_model_shape(spec, profile, seq, gate), profile)
-        labels = dict(testbed=testbed, model=model, L=seq, gate=gate, profile=profile.name,
-                      P=profile.get_topology().G, layers=spec.layers)
-        rows += _iteration_rows([bc] * spec.layers, figure=figure, **labels)
-        if figure in CONTENTION_FIGURES:
-            rows += _contention_rows([bc] * spec.layers, figure, **labels)
+        rows += _iteration_rows([bc] * spec.layers, figure=figure, testbed=testbed, model=model, L=seq, gate=gate,
+                                profile=profile.name, P=profile.get_topology().G, layers=spec.layers)
     for model in a_models:
         spec = MODELS[model]
         rows += _gpipe_rows(profiles["A"], spec, cfg.seq["A"], cfg.pp_micro_batches, figure=FIG8, testbed="A",
