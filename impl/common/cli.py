@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -161,9 +162,13 @@ def fail(p: argparse.ArgumentParser | str, error: BaseException | str) -> int:
 
 
 def write_csv_and_record(frame, csv_path: str, record: dict, record_path: str) -> None:
-    """Both outputs atomically: the tidy CSV, then the run record describing it."""
-    from .records import atomic_output, write_record
+    """Both outputs atomically: the tidy CSV, then the run record describing it, its `outputs`
+    naming the CSV (path relative to the record, rows, sha256) so a reader can refuse a CSV that
+    is not the one this run wrote (`figures.inputs.read_results`)."""
+    from .records import atomic_output, describe_output, write_record
 
     with atomic_output(csv_path) as tmp:
         frame.to_csv(tmp, index=False)
-    write_record(record_path, record)
+        described = describe_output(tmp, len(frame))
+    name = os.path.relpath(os.path.abspath(csv_path), os.path.dirname(os.path.abspath(record_path)))
+    write_record(record_path, {**record, "outputs": {**record.get("outputs", {}), name: described}})

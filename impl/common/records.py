@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import glob as globlib
+import hashlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from impl.common.config import config_hash, to_dict
 __all__ = [
     "RECORD_SCHEMA", "SCHEMA_VERSION", "TIERS", "summarize", "collect_env", "git_info", "make_record",
     "validate_record", "write_record", "read_record", "read_records", "record_path", "atomic_output",
-    "atomic_write_text",
+    "atomic_write_text", "describe_output",
 ]
 
 SCHEMA_VERSION = 1
@@ -117,6 +118,10 @@ RECORD_SCHEMA: dict = {
         "command": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         "timestamp": {"type": "string",
                       "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?\+00:00$"},
+        "outputs": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["rows", "sha256"], "additionalProperties": False,
+            "properties": {"rows": {"type": "integer", "minimum": 0},
+                           "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}},
         "extra": {"type": "object"},
     },
 }
@@ -291,6 +296,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
     return Path(path)
+
+
+def describe_output(path: str | Path, rows: int) -> dict:
+    """What a record says of a data file it describes (its `outputs` entry): the row count and the
+    sha256 of the bytes, so a reader can tell a file cut short at a line end, or edited, from the
+    one the run wrote."""
+    return {"rows": int(rows), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
 
 def write_record(path: str | Path, record: Mapping) -> Path:

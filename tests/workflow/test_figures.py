@@ -330,6 +330,57 @@ def test_every_figure_refuses_a_csv_cut_short(tmp_path, capsys, name):
     assert list(out.iterdir()) == []
 
 
+def _csv_with_its_record(tmp_path, frame, name="run.csv"):
+    """A CSV and its run record written as every experiment CLI writes them."""
+    from impl.common import cli
+    from impl.common.records import make_record
+    csv = tmp_path / name
+    record = make_record(experiment="t", system="s", tier="sim", topology={"name": "t"}, model={}, config={},
+                         metrics={}, seed=0)
+    cli.write_csv_and_record(frame, str(csv), record, str(csv.with_suffix(".json")))
+    return csv
+
+
+@pytest.mark.parametrize("name", sorted(FIGURE_CLIS))
+@pytest.mark.parametrize("damage", ["fewer rows", "edited"])
+def test_every_figure_refuses_a_csv_its_run_record_does_not_describe(tmp_path, capsys, name, damage):
+    """A CSV cut short at a line end (or edited) parses cleanly; its run record beside it says how
+    many rows the run wrote and their sha256, so the figure stops with one line naming both files."""
+    import importlib
+    import io
+    import pandas as pd
+    csv = _csv_with_its_record(tmp_path, pd.read_csv(io.StringIO(WRONG_CSV)))
+    lines = csv.read_text().splitlines(keepends=True)
+    csv.write_text("".join(lines[:-1]) if damage == "fewer rows" else "".join(lines).replace("1", "7"))
+    out = tmp_path / "out"
+    out.mkdir()
+    code = importlib.import_module(f"figures.{name}").main(FIGURE_CLIS[name](str(csv), str(out)))
+    err = capsys.readouterr().err
+    expected = "rows, but its run record" if damage == "fewer rows" else "sha256 differs"
+    assert code == 2 and expected in err and str(csv.with_suffix(".json")) in err, err
+    assert len(err.strip().splitlines()) == 1 and list(out.iterdir()) == []
+
+
+def test_a_csv_its_run_record_describes_reads_as_written(tmp_path):
+    """The check passes the untouched file, a file its record does not name (records of older
+    runs), and a CSV without a record beside it."""
+    import json
+    import pandas as pd
+    from figures.inputs import read_results
+    frame = pd.DataFrame({"a": [1, 2, 3], "b": [0.5, float("nan"), 2.0]})
+    csv = _csv_with_its_record(tmp_path, frame)
+    pd.testing.assert_frame_equal(read_results(str(csv), ["a", "b"], "w"), frame)
+    record = json.loads(csv.with_suffix(".json").read_text())
+    assert record["outputs"] == {"run.csv": {"rows": 3, "sha256": record["outputs"]["run.csv"]["sha256"]}}
+    del record["outputs"]
+    csv.with_suffix(".json").write_text(json.dumps(record))
+    csv.write_text(csv.read_text().splitlines(keepends=True)[0])
+    assert read_results(str(csv), ["a"], "w", allow_empty=True).empty
+    alone = tmp_path / "alone.csv"
+    frame.to_csv(alone, index=False)
+    assert len(read_results(str(alone), ["a"], "w")) == 3
+
+
 def test_every_figure_cli_reading_csvs_is_in_the_bad_input_test():
     import pkgutil
     from pathlib import Path

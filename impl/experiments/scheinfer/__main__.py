@@ -601,7 +601,7 @@ def _write_bench(args, cfg, rows, systems, device, threads, cost, kernel, gpu_me
     """The bench's CSV (one row per round, system and prompt length) and run record, atomically;
     `popularity`: the profile given to the policies that rank FFNs by popularity."""
     import pandas as pd
-    from impl.common.records import atomic_output, make_record, write_record
+    from impl.common.records import make_record
     from impl.scheinfer.cpu_kernels import host_info
     frame = pd.DataFrame(rows)
     frame["popularity_tokens"] = frame["popularity_tokens"].astype("Int64")    # empty: no profile used
@@ -629,9 +629,7 @@ def _write_bench(args, cfg, rows, systems, device, threads, cost, kernel, gpu_me
         model={"path": str(args.model), "arch": cfg.arch, "hidden": cfg.hidden, "layers": cfg.num_layers,
                "experts": cfg.num_experts, "dtype": "float32", "decoder_config": cfg.as_dict()},
         config={k: v for k, v in vars(args).items() if k not in ("cmd",)}, metrics=metrics, seed=0, extra=extra)
-    with atomic_output(args.out_csv) as tmp:
-        frame.to_csv(tmp, index=False)
-    write_record(args.out_record, record)
+    cli.write_csv_and_record(frame, args.out_csv, record, args.out_record)
     return frame
 
 

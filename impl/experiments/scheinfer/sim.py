@@ -59,7 +59,7 @@ import baselines.fiddler  # noqa: F401  (registers the engine policy 'fiddler')
 import baselines.llamacpp  # noqa: F401  (registers the engine policy 'layers')
 from impl.common import cli
 from impl.common.config import ConfigError, check_host_memory, load_yaml
-from impl.common.records import atomic_output, make_record, write_record
+from impl.common.records import make_record
 from impl.experiments.scheinfer.sim_config import SimConfig
 from impl.scheinfer.assign import ExpertLoad, layer_makespan
 from impl.scheinfer.config import DecoderConfig, weight_shapes
@@ -583,9 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     except cli.INPUT_ERRORS as e:
         return cli.fail(parser, e)
     frame = run(rz)
-    with atomic_output(args.out_csv) as tmp:
-        frame.to_csv(tmp, index=False)
-    write_record(args.out_record, make_sim_record(rz, frame))
+    cli.write_csv_and_record(frame, args.out_csv, make_sim_record(rz, frame), args.out_record)
     for (hw, model), g in frame[frame["phase"] == "overall"].groupby(["hardware", "model"], sort=False):
         print(f"{hw} {model}: " + ", ".join(f"{r.system} {r.tokens_per_s:.2f}" for r in g.itertuples())
               + " tok/s overall (modeled)")
