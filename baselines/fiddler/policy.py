@@ -36,6 +36,7 @@ __all__ = ["FiddlerPolicy", "FIDDLER_CONSTANTS"]
 FIDDLER_CONSTANTS = {"latency_cpu": 7.0, "latency_gpu": 70.0}     # per token / per non-resident expert
 
 
+@register(POLICY_KIND, "fiddler")
 class FiddlerPolicy(Policy):
     name = "fiddler"
     concurrent = False
@@ -48,6 +49,10 @@ class FiddlerPolicy(Policy):
         self.cost, self.hidden, self.dtype_bytes = cost, hidden, dtype_bytes
         self.popularity = dict(popularity or {})
         self.constants = dict(constants) if constants is not None else None
+
+    @classmethod
+    def build(cls, *, cost, hidden, num_layers, dtype_bytes, tile=64, **options):
+        return cls(needs_cost(cls.name, cost), hidden, dtype_bytes, **options)
 
     def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
         return resident_rows(ffns, hidden, dtype_bytes, budget_bytes, tile=1, mode="popularity",
@@ -73,9 +78,3 @@ class FiddlerPolicy(Policy):
                 r = ld.width - ld.gg
                 out.append(Split(r, 0, ld.gg))
         return out
-
-
-@register(POLICY_KIND, "fiddler")
-def _fiddler(*, cost: CostModel | None, hidden: int, num_layers: int, dtype_bytes: int, tile: int = 64,
-             **options) -> FiddlerPolicy:
-    return FiddlerPolicy(needs_cost("fiddler", cost), hidden, dtype_bytes, **options)

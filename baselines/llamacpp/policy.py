@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 from impl.common.config import ConfigError
 from impl.common.registry import register
 from impl.scheinfer.assign import ExpertLoad
-from impl.scheinfer.partition import CostModel, Split
+from impl.scheinfer.partition import Split
 from impl.scheinfer.policy import POLICY_KIND, Policy
 
 __all__ = ["LayersPolicy", "OFFLOAD_MIN_BATCH"]
@@ -31,6 +31,7 @@ __all__ = ["LayersPolicy", "OFFLOAD_MIN_BATCH"]
 OFFLOAD_MIN_BATCH = 32
 
 
+@register(POLICY_KIND, "layers")
 class LayersPolicy(Policy):
     """Whole layers resident, the rest on the CPU or copied per layer (module doc)."""
 
@@ -48,6 +49,10 @@ class LayersPolicy(Policy):
         self.num_layers, self.order, self.min_batch = num_layers, order, min_batch
         self.layer_bytes = dict(layer_bytes or {})
         self.head_bytes = head_bytes
+
+    @classmethod
+    def build(cls, *, cost, hidden, num_layers, dtype_bytes, tile=64, **options):
+        return cls(num_layers, **options)
 
     def place_head(self, budget_bytes: int) -> tuple[bool, int]:
         """(whether the output head is on the GPU, the budget left for the layers and the staging
@@ -89,9 +94,3 @@ class LayersPolicy(Policy):
             to_gpu = layer_tokens >= self.min_batch and (cg_max is None or r <= cg_max)
             out.append(Split(0, r, ld.gg) if to_gpu else Split(r, 0, ld.gg))
         return out
-
-
-@register(POLICY_KIND, "layers")
-def _layers(*, cost: CostModel | None, hidden: int, num_layers: int, dtype_bytes: int, tile: int = 64,
-            **options) -> LayersPolicy:
-    return LayersPolicy(num_layers, **options)

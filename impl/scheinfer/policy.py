@@ -27,6 +27,7 @@ from .config import DecoderConfig
 from .partition import GG_MODES, CostModel, Split, resident_rows
 
 __all__ = ["POLICY_KIND", "FFNKey", "Policy", "ScheInferPolicy", "FixedPolicy", "needs_cost", "make_policy",
+           "policy_ranks_by_popularity",
            "ffn_widths", "PopularityCounter", "profile_popularity", "Placement", "place"]
 
 POLICY_KIND = "inference_policy"
@@ -108,6 +109,20 @@ class Policy(ABC):
     whole_layers: bool = False
     popularity: Mapping[FFNKey, float] | None = None
 
+    @classmethod
+    @abstractmethod
+    def build(cls, *, cost: CostModel | None, hidden: int, num_layers: int, dtype_bytes: int, tile: int = 64,
+              **options) -> Policy:
+        """The policy `make_policy` builds by name: every policy is offered the same arguments and
+        takes what it uses; `options` are its own."""
+
+    @classmethod
+    def ranks_by_popularity(cls, **options) -> bool:
+        """Whether a policy built with `options` has `uses_popularity`, known before it is built
+        (it may need a cost model first): a caller makes a calibration prompt only for one that
+        profiles."""
+        return cls.uses_popularity
+
     def set_popularity(self, popularity: Mapping[FFNKey, float] | None) -> None:
         """Give a policy that ranks FFNs by popularity (`uses_popularity`, which its options may
         decide) the profile it ranks on, once it is built and before its weights are placed;
@@ -129,6 +144,7 @@ class Policy(ABC):
         """A Split per active FFN (loads carry token counts and resident rows)."""
 
 
+@register(POLICY_KIND, "scheinfer")
 class ScheInferPolicy(Policy):
     """partition.py's static GG + per (phase, expert) CC/CG optimiser, with assign.py's modes."""
 
@@ -145,10 +161,18 @@ class ScheInferPolicy(Policy):
         self.cost, self.hidden, self.dtype_bytes, self.tile = cost, hidden, dtype_bytes, tile
         self.assign, self.gg_mode, self.popularity, self.exhaustive = assign, gg_mode, popularity, exhaustive
 
+    @classmethod
+    def build(cls, *, cost, hidden, num_layers, dtype_bytes, tile=64, **options):
+        return cls(needs_cost(cls.name, cost), hidden, dtype_bytes, tile, **options)
+
+    @classmethod
+    def ranks_by_popularity(cls, gg_mode: str = "uniform", **options) -> bool:
+        """GG rows by popularity (gg_mode 'popularity'): whole FFNs, most popular first."""
+        return gg_mode == "popularity"
+
     @property
     def uses_popularity(self) -> bool:
-        """GG rows by popularity (gg_mode 'popularity'): whole FFNs, most popular first."""
-        return self.gg_mode == "popularity"
+        return self.ranks_by_popularity(gg_mode=self.gg_mode)
 
     def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
         return resident_rows(ffns, hidden, dtype_bytes, budget_bytes, self.tile, self.gg_mode, self.popularity)
@@ -158,6 +182,7 @@ class ScheInferPolicy(Policy):
                             exhaustive=self.exhaustive)
 
 
+@register(POLICY_KIND, "fixed")
 class FixedPolicy(Policy):
     """Given CC / CG / GG fractions of every FFN (rounded to rows): forced partitions for exactness
     tests and ablations. FFNs take their GG rows in key order, each if the budget still holds
@@ -169,6 +194,10 @@ class FixedPolicy(Policy):
         if min(cc, cg, gg) < 0 or abs(cc + cg + gg - 1) > 1e-9:
             raise ConfigError(f"fixed fractions (cc, cg, gg)={(cc, cg, gg)!r}; expected numbers >= 0 summing to 1")
         self.frac, self.concurrent = (cc, cg, gg), concurrent
+
+    @classmethod
+    def build(cls, *, cost, hidden, num_layers, dtype_bytes, tile=64, **options):
+        return cls(**options)
 
     def resident(self, ffns, hidden, dtype_bytes, budget_bytes):
         out, left = {}, budget_bytes
@@ -196,18 +225,6 @@ def needs_cost(name: str, cost: CostModel | None) -> CostModel:
     return cost
 
 
-@register(POLICY_KIND, "scheinfer")
-def _scheinfer(*, cost: CostModel | None, hidden: int, num_layers: int, dtype_bytes: int, tile: int = 64,
-               **options) -> ScheInferPolicy:
-    return ScheInferPolicy(needs_cost("scheinfer", cost), hidden, dtype_bytes, tile, **options)
-
-
-@register(POLICY_KIND, "fixed")
-def _fixed(*, cost: CostModel | None, hidden: int, num_layers: int, dtype_bytes: int, tile: int = 64,
-           **options) -> FixedPolicy:
-    return FixedPolicy(**options)
-
-
 def make_policy(name: str, *, cost: CostModel | None, hidden: int, num_layers: int, dtype_bytes: int,
                 tile: int = 64, **options) -> Policy:
     """The policy registered under `name` (module doc); `options` go to its constructor."""
@@ -215,8 +232,14 @@ def make_policy(name: str, *, cost: CostModel | None, hidden: int, num_layers: i
     if name not in registered:
         raise ConfigError(f"policy={name!r} is not allowed; expected one of {', '.join(registered)} (a baseline's "
                           "policy is registered when its package is imported: baselines.fiddler, baselines.llamacpp)")
-    return get(POLICY_KIND, name)(cost=cost, hidden=hidden, num_layers=num_layers, dtype_bytes=dtype_bytes,
-                                  tile=tile, **options)
+    return get(POLICY_KIND, name).build(cost=cost, hidden=hidden, num_layers=num_layers, dtype_bytes=dtype_bytes,
+                                        tile=tile, **options)
+
+
+def policy_ranks_by_popularity(name: str, **options) -> bool:
+    """`Policy.ranks_by_popularity` of the policy registered under `name` (a name `make_policy`
+    takes), before any is built."""
+    return get(POLICY_KIND, name).ranks_by_popularity(**options)
 
 
 # ----------------------------------------------------------------------------------- placement

@@ -123,3 +123,41 @@ def test_the_run_record_says_which_prompt_the_profile_was_made_on(models, capsys
         else:
             assert how["kind"] == f"random ids, seed {POPULARITY_SEED}"
             assert f"(random ids, seed {POPULARITY_SEED}," in capsys.readouterr().out
+
+
+def test_only_a_policy_that_profiles_reads_the_calibration_prompt(models, tmp_path, capsys):
+    """A tokenizer.json that cannot be read stops a run whose policy ranks FFNs by popularity
+    (Fiddler), one line, exit 2; a run whose policy never profiles (llama.cpp's -ngl) makes no
+    calibration prompt, so it runs."""
+    import shutil
+    checkpoint = tmp_path / "qwen_st"
+    shutil.copytree(models["hf"], checkpoint)
+    (checkpoint / "tokenizer.json").write_text("{not json")
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({"cost": json.loads(REFERENCE_COST.to_json())}))
+    argv = ["generate", "--model", str(checkpoint), "--tokens", "1,5,9", "--n-predict", "2", "--cost", str(cost),
+            "--threads", "1", "--popularity-tokens", "8", "--no-progress", "--policy"]
+    assert main(argv + ["layers"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["fiddler"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json: HF tokenizers cannot read it (" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("policies, profiles", [("layers,scheinfer", False), ("layers,fiddler", True),
+                                                ("scheinfer --gg-mode popularity", True)])
+def test_bench_makes_a_calibration_prompt_only_for_policies_that_profile(models, tmp_path, monkeypatch,
+                                                                           policies, profiles):
+    """Every registered way to profile is decided before the cost model: by the policy (Fiddler)
+    or by its options (ScheInfer's --gg-mode popularity)."""
+    import impl.experiments.scheinfer.__main__ as cli_module
+    made = []
+    monkeypatch.setattr(cli_module, "calibration_prompt", lambda *a: made.append(a) or calibration_prompt(*a))
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({"cost": json.loads(REFERENCE_COST.to_json())}))
+    names, *options = policies.split()
+    argv = ["bench", "--model", str(models["gguf"]), "--n-predict", "2", "--cost", str(cost), "--threads", "1",
+            "--popularity-tokens", "8", "--prompt-tokens", "3", "--repeats", "1", "--policies", names, *options,
+            "--out-csv", str(tmp_path / "b.csv"), "--out-record", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    assert len(made) == int(profiles)

@@ -79,9 +79,10 @@ MIXTRAL_RUN = ["--model", "{mixtral}", "--tokens", "1", "--n-predict", "2"]
      "--gg-mode='even' is not allowed; expected one of uniform, popularity"),
     ([*MIXTRAL_RUN, "--calibration-text", "{dir}/missing.txt"], "missing.txt: no such file"),
     ([*MIXTRAL_RUN, "--calibration-text", "{dir}/empty.txt"], "empty.txt: the file has no text"),
-    ([*MIXTRAL_RUN, "--calibration-text", "{dir}/short.txt"],
+    ([*MIXTRAL_RUN, "--policy", "fiddler", "--calibration-text", "{dir}/short.txt"],
      "tokens by the model's tokenizer, fewer than the --popularity-tokens 64 the profile needs"),
-    (["--model", "{st}", "--tokens", "1", "--n-predict", "2", "--calibration-text", "{dir}/short.txt"],
+    (["--model", "{st}", "--tokens", "1", "--n-predict", "2", "--policy", "fiddler", "--calibration-text",
+      "{dir}/short.txt"],
      "has no tokenizer to split it (an HF checkpoint directory"),
 ])
 def test_bad_input_is_one_line_exit_2(files, capsys, monkeypatch, argv, msg):

@@ -17,7 +17,7 @@ from impl.scheinfer.decoder import Decoder
 from impl.scheinfer.engine import HybridDecoder, HybridEngine
 from impl.scheinfer.generate_models import generate
 from impl.scheinfer.partition import REFERENCE_COST
-from impl.scheinfer.policy import POLICY_KIND, FixedPolicy, ffn_widths, make_policy
+from impl.scheinfer.policy import POLICY_KIND, FixedPolicy, ffn_widths, make_policy, policy_ranks_by_popularity
 from impl.scheinfer.weights import GGUFWeights
 
 KINDS = ("llama", "mixtral", "qwen2_moe", "phimoe")
@@ -284,6 +284,16 @@ def test_which_policies_rank_ffns_by_popularity():
     assert not make_policy("scheinfer", **common, gg_mode="uniform").uses_popularity
     assert not make_policy("layers", **common).uses_popularity
     assert not make_policy("fixed", **common, cc=0.5, cg=0.5, gg=0.0).uses_popularity
+
+
+@pytest.mark.parametrize("name", names(POLICY_KIND))
+@pytest.mark.parametrize("gg_mode", [None, "uniform", "popularity"])
+def test_every_policy_says_whether_it_profiles_before_it_is_built(name, gg_mode):
+    """`policy_ranks_by_popularity(name, **options)` (what the CLI asks before it has a cost model)
+    equals the built policy's `uses_popularity`, for every registered policy and option."""
+    options = dict(POLICY_OPTIONS.get(name, {}), **({} if gg_mode is None or name != "scheinfer" else {"gg_mode": gg_mode}))
+    built = make_policy(name, cost=REFERENCE_COST, hidden=8, num_layers=2, dtype_bytes=4, **options)
+    assert policy_ranks_by_popularity(name, **options) == built.uses_popularity
 
 
 # every registered policy, with the options it needs

@@ -202,11 +202,14 @@ def _policy_options(policy_name: str, args) -> dict:
     return {"assign": args.assign, "gg_mode": args.gg_mode} if policy_name == "scheinfer" else {}
 
 
-def _calibration(args, cfg):
+def _calibration(args, cfg, policy_names):
     """The calibration prompt of --popularity-tokens tokens (`calibration_prompt`: the text's
-    first tokens by the model's tokenizer, else random ids), or None for 0 (no profile); made
+    first tokens by the model's tokenizer, else random ids), or None for 0 or where none of
+    `policy_names` profiles (`policy_ranks_by_popularity`, known before the cost model); made
     before any weights are read. ValueError, one line, on bad input."""
-    if args.popularity_tokens == 0:
+    from impl.scheinfer.policy import policy_ranks_by_popularity
+    if args.popularity_tokens == 0 or not any(policy_ranks_by_popularity(name, **_policy_options(name, args))
+                                              for name in policy_names):
         return None
     return calibration_prompt(Path(args.model), cfg.vocab_size, args.popularity_tokens, args.calibration_text)
 
@@ -297,7 +300,7 @@ def cmd_generate(args) -> int:
     if err := _check_positions(args.popularity_tokens, cfg):
         return _fail(err)
     try:
-        calibration = _calibration(args, cfg)
+        calibration = _calibration(args, cfg, [args.policy])
     except ValueError as e:
         return _fail(str(e))
 
@@ -506,7 +509,7 @@ def cmd_bench(args) -> int:
     if err := _check_positions(args.popularity_tokens, cfg):
         return _fail(err)
     try:
-        calibration = _calibration(args, cfg)
+        calibration = _calibration(args, cfg, args.policies)
     except ValueError as e:
         return _fail(str(e))
 
