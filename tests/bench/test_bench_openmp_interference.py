@@ -1,10 +1,13 @@
 """Why llama.cpp is measured in a process of its own: the real llama.cpp's decode speed (and a
 compiled torch decoder's, with --benchmark-enable) in one process, alone, with an idle
-`HybridEngine` open beside it, after the engine closed, and beside one idle thread that once ran a
-two-thread torch product (its own OpenMP team, no engine). torch and llama.cpp share one OpenMP
-runtime (torch's libgomp.so.1); on a host with few cores the idle teams slowed every OpenMP loop in
-the process (tests/bench/README.md has the measured table), which is why
-`baselines.llamacpp.runner.SeparateProcess` exists and the CPU bench opens its engine last.
+`HybridEngine` open beside it, after the engine closed, beside one idle thread that once ran a
+torch product on all threads (its own OpenMP team, no engine), and beside one whose product ran on
+one thread (no team: the control). torch and llama.cpp share one OpenMP runtime (torch's
+libgomp.so.1), which waits only very briefly before sleeping (about 100 spins instead of about
+300,000) once it manages more threads than there are CPUs, idle teams' workers counted; every
+parallel loop in the process then pays a futex wake-up per region (tests/bench/README.md has the
+measured tables). That is why `baselines.llamacpp.runner.SeparateProcess` exists and the CPU bench
+opens its engine last.
 
     .venv/bin/python -m pytest tests/bench/test_bench_openmp_interference.py --benchmark-enable -s
 
@@ -37,14 +40,14 @@ from impl.scheinfer.weights import load_weights  # noqa: E402
 pytestmark = pytest.mark.bench
 
 
-def _idle_openmp_thread() -> tuple[threading.Thread, queue.SimpleQueue]:
-    """A thread that runs one product on torch's thread count (creating its OpenMP team), then
-    waits until told to end."""
+def _idle_openmp_thread(team: int) -> tuple[threading.Thread, queue.SimpleQueue]:
+    """A thread that runs one product on `team` threads (creating its OpenMP team of that size;
+    1: none), then waits until told to end."""
     stop: queue.SimpleQueue = queue.SimpleQueue()
     threads, ready = torch.get_num_threads(), threading.Event()
 
     def run():
-        torch.set_num_threads(threads)
+        torch.set_num_threads(team)
         x = torch.ones(256, 256)
         F.linear(x, x)
         ready.set()
@@ -88,12 +91,14 @@ def test_idle_openmp_teams_slow_llamacpp_in_the_same_process(tmp_path, request, 
         finally:
             engine.close()
         table["the engine closed"] = speeds()
-        thread, stop = _idle_openmp_thread()
-        try:
-            table["one idle thread with its own OpenMP team"] = speeds()
-        finally:
-            stop.put(None)
-            thread.join(timeout=10)
+        for team, condition in ((threads, "one idle thread with its own OpenMP team"),
+                                (1, "one idle thread whose product ran on one thread")):
+            thread, stop = _idle_openmp_thread(team)
+            try:
+                table[condition] = speeds()
+            finally:
+                stop.put(None)
+                thread.join(timeout=10)
         return table
 
     table = benchmark.pedantic(run, rounds=1, iterations=1)
@@ -102,5 +107,5 @@ def test_idle_openmp_teams_slow_llamacpp_in_the_same_process(tmp_path, request, 
                                  "layers": layers, "decode_tok_s": table, "load": list(os.getloadavg())})
     print(f"\nOpenMP interference, {threads} threads, {rounds} runs per cell (medians, decode tok/s, ratio to alone):")
     for condition, row in table.items():
-        print(f"  {condition:42s} " + "  ".join(f"{k} {v:8.1f} ({v / base[k]:.2f}x)" for k, v in row.items()))
+        print(f"  {condition:48s} " + "  ".join(f"{k} {v:8.1f} ({v / base[k]:.2f}x)" for k, v in row.items()))
     assert all(v > 0 for row in table.values() for v in row.values())
