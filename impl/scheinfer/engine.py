@@ -190,9 +190,17 @@ def _short_switch_interval(delta: int) -> None:
 
 
 def _start_lane_thread(threads: int) -> None:
-    torch.set_num_threads(threads)
+    """A lane thread's one-off set-up (its first torch call), on one thread, then its own count:
+    a lane holds no OpenMP team until one of its products needs one. Why: libgomp waits only
+    briefly before sleeping once it manages more threads than there are CPUs (idle teams' workers
+    counted), which slows every parallel loop in the process (tests/bench/README.md). torch sets a
+    thread up on its first parallel call from a process-wide default that every
+    `torch.set_num_threads` writes, lanes starting together included, so that comes first."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
     x = torch.ones(4, 64)
     F.linear(x, x)
+    torch.set_num_threads(threads)
 
 
 def _wait_blocking(stream) -> None:
@@ -262,8 +270,8 @@ class HybridEngine:
         for f in [lane.submit(lambda n=self.lane_threads[name]: _start_lane_thread(n))
                   for name, lane in self._lanes.items()]:
             f.result()
-        # each thread's OpenMP count stays its own, but torch.get_num_threads() and MKL's count are
-        # process-wide and now hold whichever lane set them last: the caller's count again
+        # each thread's count is its own (OpenMP's and MKL's: tests/unit/test_scheinfer_engine.py);
+        # the caller's set again for a build that keeps either process-wide
         torch.set_num_threads(self.threads)
         if self.cuda:
             self._compute_stream = torch.cuda.Stream(self.device)
@@ -589,10 +597,6 @@ class HybridDecoder(FastDecoder):
     `HybridEngine` (module doc): a layer's routed experts and shared expert go to the engine in
     one `run_layer` call. `on_forward(S)` is called after every forward call with its number of
     new positions (progress displays)."""
-
-    # the lanes run torch products on their threads while a step runs, and torch's MKL count is
-    # process-wide: the caller's thread keeps its count
-    torch_ops_on_one_thread = False
 
     def __init__(self, source, engine: HybridEngine, *, on_forward: Callable[[int], None] | None = None,
                  pin_memory: bool | None = None):

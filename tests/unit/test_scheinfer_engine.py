@@ -1,6 +1,7 @@
 """ScheInfer three-lane engine: exact outputs under every partition and policy, real lane overlap,
 determinism under injected delays, placement within the GPU budget, a failing lane surfacing in
 the caller without hanging, calibration."""
+import os
 import random
 import threading
 import time
@@ -165,6 +166,48 @@ def test_lane_threads_and_cpu_only_layers_in_the_callers_thread(models):
             assert seen.pop(("cpu", "cc")) == {threading.current_thread().name}
     assert seen == {("cpu", "cc"): {"scheinfer-cpu"}, ("h2d", "cg"): {"scheinfer-h2d"},
                     ("gpu", "cg"): {"scheinfer-gpu"}, ("gpu", "gg"): {"scheinfer-gpu"}}
+
+
+def _mkl_threads() -> int | None:
+    info = [line for line in torch.__config__.parallel_info().splitlines() if "mkl_get_max_threads()" in line]
+    return int(info[0].split(":")[1]) if info else None
+
+
+def test_thread_counts_are_per_thread():
+    """What the engine and `cpu_kernels.torch_ops_on_one_thread` rest on: a thread that sets
+    torch's count (OpenMP's, and MKL's where torch has it) leaves every other thread's as it was."""
+    before = (torch.get_num_threads(), _mkl_threads())
+    seen = []
+
+    def lane():
+        torch.set_num_threads(1)
+        seen.append((torch.get_num_threads(), _mkl_threads()))
+    t = threading.Thread(target=lane)
+    t.start()
+    t.join()
+    assert seen == [(1, None if before[1] is None else 1)]
+    assert (torch.get_num_threads(), _mkl_threads()) == before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc/self/task")
+def test_lanes_start_without_an_openmp_team(models):
+    """An engine's lanes start no OpenMP workers: the threads an engine adds do not depend on its
+    thread count (each lane's set-up product runs on one thread, its own count set after; libgomp
+    waits only briefly once it manages more threads than CPUs, idle workers counted:
+    tests/bench/README.md), and each lane keeps its own count."""
+    src, _ = models["mixtral"]
+    added = {}
+    for threads in (1, 3):
+        before = len(os.listdir("/proc/self/task"))
+        eng = HybridEngine(FixedPolicy(1.0, 0.0, 0.0), src.config.hidden, torch.float32, 0, device="cpu",
+                           threads=threads, kernel="torch")
+        try:
+            added[threads] = len(os.listdir("/proc/self/task")) - before
+            counts = {name: lane.submit(torch.get_num_threads).result() for name, lane in eng._lanes.items()}
+            assert counts == eng.lane_threads == {"cpu": threads, "h2d": 1, "gpu": threads}
+        finally:
+            eng.close()
+    assert added[3] == added[1] >= len(eng.lane_threads), added
 
 
 def test_scheinfer_split_differs_by_phase(models):
