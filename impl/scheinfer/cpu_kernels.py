@@ -111,9 +111,8 @@ def torch_ops_on_one_thread():
     spin for a while after each parallel region, and between a decode step's native ops (norms,
     RoPE, attention over the cache, the router: microseconds each) they hold the cores that the
     native ops' helpers need, so a native op ran on its caller's thread alone (tests/bench/README.md
-    has the measured effect). torch's MKL count is process-wide: not for a thread whose process
-    runs torch products on other threads meanwhile. Nothing changes with one thread or without the
-    extension."""
+    has the measured effect). Other threads keep their counts (OpenMP's and MKL's are per thread
+    once torch has set the thread up). Nothing changes with one thread or without the extension."""
     threads = torch.get_num_threads()
     if threads == 1 or not available():
         yield
