@@ -5,7 +5,9 @@ how a layer's active FFNs are split into CC / CG / GG bands at run time. Policie
 name through the registry (kind "inference_policy"): ScheInfer's own ('scheinfer', 'fixed') are
 registered here; baselines register theirs in their own packages ('fiddler' in
 baselines.fiddler, llama.cpp's 'layers' in baselines.llamacpp), which a caller imports to make
-those names available. The engine and the sim tier both place weights with `place`, so a
+those names available. The registry holds the classes: `make_policy` builds one with
+`Policy.build`, and `policy_ranks_by_popularity` asks one, before it is built, whether it will
+need a popularity profile. The engine and the sim tier both place weights with `place`, so a
 prediction and a measurement of one policy use the very same placement.
 
 GPU memory counts FFN / expert weights and staging buffers only; attention, embeddings, norms,
