@@ -122,7 +122,7 @@ rule plot_fsmoe:
     output:
         figures=[
             f"results/figures/fsmoe_{name}.{ext}"
-            for name in ("fig5", "table2", "table5", "grid_speedups", "fig6", "fig7", "fig8", "table6")
+            for name in ("fig5", "table2", "table5", "grid_speedups", "fig6", "fig7", "fig8", "table6", "contention")
             for ext in ("pdf", "png")
         ],
         report="results/figures/fsmoe_report.md",
