@@ -86,19 +86,20 @@ def table5(grid: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def model_speedups(models: pd.DataFrame, figure: str, by: list[str]) -> pd.DataFrame:
-    """Per (figure row: testbed and model) the speedup of every system over every baseline, then
-    averaged over `by`."""
+def model_speedups(models: pd.DataFrame, figure: str, by: list[str], systems: tuple[str, ...] | None = None
+                   ) -> pd.DataFrame:
+    """Per (figure row: testbed and model) the speedup of every system (or only `systems`) over
+    every baseline, then averaged over `by`."""
     sub = models[models["figure"] == figure]
     wide = _wide(sub, by + ["testbed", "model"])
     rows = []
     for key, g in wide.groupby(level=list(range(len(by)))) if by else [((), wide)]:
         key = key if isinstance(key, tuple) else (key,)
-        for system in g.columns:
+        for system in g.columns if systems is None else [c for c in g.columns if c in systems]:
             for base in g.columns:
+                ratio = g[base] / g[system]
                 rows.append({**dict(zip(by, key)), "system": system, "baseline": base,
-                             "mean": float((g[base] / g[system]).mean()), "low": float((g[base] / g[system]).min()),
-                             "high": float((g[base] / g[system]).max())})
+                             "mean": float(ratio.mean()), "low": float(ratio.min()), "high": float(ratio.max())})
     return pd.DataFrame(rows)
 
 
@@ -175,7 +176,7 @@ def plot_fig7(models: pd.DataFrame):
     paper, _ = read_paper_csv("fsmoe_fig7")
     fig, axes = plt.subplots(1, 2, figsize=(style.PAGE_WIDTH, 2.3))
     for ax, (figure, sweep, col) in zip(axes, (("fig7-L", "L", "L"), ("fig7-P", "P", "P"))):
-        sp = model_speedups(models, figure, [col])
+        sp = model_speedups(models, figure, [col], ("FSMoE",))
         for base, marker in (("DS-MoE", "o"), ("Tutel", "s")):
             ours = sp[(sp.system == "FSMoE") & (sp.baseline == base)].sort_values(col)
             ax.plot(ours[col], ours["mean"], marker=marker, color=style.style_for("FSMoE").color,
@@ -212,12 +213,12 @@ def _bars_vs_paper(ours: dict[str, float], paper: dict[str, float], ylabel: str,
 
 
 def fig8_speedups(models: pd.DataFrame) -> dict[str, float]:
-    sp = model_speedups(models, "fig8", [])
+    sp = model_speedups(models, "fig8", [], ("FSMoE",))
     return {b: float(sp[(sp.system == "FSMoE") & (sp.baseline == b)]["mean"].iloc[0]) for b in PAPER_SYSTEMS[:-1]}
 
 
 def table6_speedups(models: pd.DataFrame) -> dict[str, float]:
-    sp = model_speedups(models, "table6", ["gate"])
+    sp = model_speedups(models, "table6", ["gate"], ("FSMoE",))
     return {g: float(sp[(sp.system == "FSMoE") & (sp.baseline == "DS-MoE") & (sp.gate == g)]["mean"].iloc[0])
             for g in sp["gate"].unique()}
 
@@ -342,14 +343,14 @@ def checks(grid: pd.DataFrame, models: pd.DataFrame) -> list[Check]:
         out.append(Check(f"Table 5, Testbed {row.testbed}, {row.system} over Tutel", row.value, float(ours.iloc[0]),
                          "grid", row.system, "Tutel"))
     paper6, _ = read_paper_csv("fsmoe_fig6")
-    sp6 = model_speedups(models, "fig6", [])
+    sp6 = model_speedups(models, "fig6", [], ("FSMoE", "Tutel"))
     for _, row in paper6.iterrows():
         sel = sp6[(sp6.system == row.system) & (sp6.baseline == row.baseline)]
         out.append(Check(f"Fig. 6, {row.system} over {row.baseline} ({row.bound})", row.value,
                          float(sel[row.bound].iloc[0]), "fig6", row.system, row.baseline))
     paper7, _ = read_paper_csv("fsmoe_fig7")
     for figure, col in (("fig7-L", "L"), ("fig7-P", "P")):
-        sp = model_speedups(models, figure, [col])
+        sp = model_speedups(models, figure, [col], ("FSMoE",))
         for _, row in paper7[paper7.sweep == col].iterrows():
             sel = sp[(sp.system == "FSMoE") & (sp.baseline == row.baseline) & (sp[col] == row.setting)]
             out.append(Check(f"Fig. 7, {col} = {row.setting}, FSMoE over {row.baseline}", row.value,
@@ -677,7 +678,7 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
     ours = fig8_speedups(models)
 
     def without_pp(frame: pd.DataFrame) -> dict[str, float]:
-        a6 = model_speedups(frame[frame.testbed == "A"], "fig6", [])
+        a6 = model_speedups(frame[frame.testbed == "A"], "fig6", [], ("FSMoE",))
         return {b: float(a6[(a6.system == "FSMoE") & (a6.baseline == b)]["mean"].iloc[0]) for b in FIG8_VARIANTS}
 
     no_pp = without_pp(models)
@@ -790,7 +791,7 @@ def fsmoe_speedups(grid: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     for figure, by in (("fig6", None), ("fig7-L", "L"), ("fig7-P", "P"), ("fig8", None), ("table6", "gate")):
         if figure not in set(models.figure):
             continue
-        sp = model_speedups(models, figure, [by] if by else [])
+        sp = model_speedups(models, figure, [by] if by else [], ("FSMoE",))
         for _, r in sp[(sp.system == "FSMoE") & sp.baseline.isin(baselines)].iterrows():
             rows.append({"figure": figure, "setting": f"{by} = {r[by]}" if by else "all models",
                          "baseline": r.baseline, "speedup": float(r["mean"])})
@@ -907,8 +908,8 @@ def _contention_conclusion(levels: list[float], moving: list[tuple[Check, list[f
         parts.append(f"{len(unmet)} are met at no c in [0, {top:g}]" + (" " if len(why) == 1 else ": ")
                      + "; ".join(groups) + ".")
     counts = [sum(reproduces(check.paper, curve[i]) for check, curve, _ in moving) for i in range(len(levels))]
-    parts.append(f"At the levels run, of the {len(moving)} that contention moves, "
-                 + ", ".join(f"{n} reproduce at c = {c:g}" for c, n in zip(levels, counts)) + " (the rule above)"
+    parts.append(f"At the levels run, of the {len(moving)} that contention moves, the number that reproduce (the rule "
+                 "above) is " + ", ".join(f"{n} at c = {c:g}" for c, n in zip(levels, counts))
                  + ("; at no level do all of them" if max(counts) < len(moving) else "") + ".")
     if still:
         parts.append(f"Of the {len(still)} it leaves unchanged, "
