@@ -160,7 +160,7 @@ MODEL_KEYS = ["testbed", "model", "L", "P", "gate"]
 @pytest.mark.parametrize("figure", list(FIGURES))
 def test_contention_slows_only_plans_with_a_separate_intra_node_lane(grid, models, figure):
     """Every `CONTENTION_ABLATIONS` entry on every figure: rows for exactly the plans with FSMoE's
-    separate intra-node lane, each at least its headline time (FSMoE's longer somewhere), longer
+    separate intra-node lane, each at least its headline time (FSMoE's always longer), longer
     with more contention; the figure as the report reads it (`figure_ablation`) has every row of
     the headline, every other plan at its headline time to the bit, and FSMoE's speedup over each
     plan without that lane never grows with c."""
@@ -185,7 +185,7 @@ def test_contention_slows_only_plans_with_a_separate_intra_node_lane(grid, model
         for system in PAPER_SYSTEMS:
             got, want = alt.xs(system, level="system"), head.xs(system, level="system")
             if system in contending:
-                assert (got >= want).all() and (system != "FSMoE" or (got > want).any()), (name, system)
+                assert (got >= want).all() and (system != "FSMoE" or (got > want).all()), (name, system)
             else:
                 assert (got == want).all(), (name, system)
         times.append(alt)
