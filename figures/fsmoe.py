@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -35,7 +36,8 @@ from impl.common.records import atomic_write_text, read_record  # noqa: E402
 
 __all__ = ["table5", "model_speedups", "overlap_cap", "checks", "reproduces", "check_verdict", "gate_spreads",
            "gates_differentiated", "ds_moe_ranges", "ds_moe_variants", "ds_moe_section", "table6_absolute",
-           "figure_ablation", "ablated_figures", "fig8_section", "report", "main"]
+           "figure_ablation", "ablated_figures", "fig8_section", "Check", "FIGURES", "fsmoe_speedups", "contention_runs",
+           "contention_curves", "contention_section", "plot_contention", "report", "main"]
 
 MODELED = "MODELED (tier sim, shipped Testbed A/B profiles)"
 TABLE5_SYSTEMS = ("Tutel-Improved", "FSMoE-No-IIO", "FSMoE")
@@ -46,7 +48,7 @@ GATE_SPREAD_MIN = 0.01
 
 # the columns each input CSV must have for the figures and the report
 RESULTS = "python -m impl.experiments.fsmoe.results"
-GRID_COLUMNS = ("testbed", "layer", "system", "iteration_ms")
+GRID_COLUMNS = ("figure", "testbed", "layer", "system", "iteration_ms")
 STATISTIC_COLUMNS = ("testbed", "domain", "backward_t_gar", "released_rules", "differ", "total")
 TABLE2_COLUMNS = ("testbed", "model", "phase", "op", "ms", "share_pct")
 MODELS_COLUMNS = ("figure", "testbed", "model", "L", "gate", "P", "system", "iteration_ms")
@@ -65,9 +67,16 @@ def _wide(frame: pd.DataFrame, index: list[str]) -> pd.DataFrame:
     return frame.pivot(index=index, columns="system", values="iteration_ms")
 
 
+def _grid_rows(grid: pd.DataFrame) -> pd.DataFrame:
+    """The configured layers' own rows (figure `grid`), without the rows of an ablation of them
+    (`grid:<name>`, see `figure_ablation`)."""
+    from impl.experiments.fsmoe.results import GRID_FIGURE
+    return grid[grid.figure == GRID_FIGURE]
+
+
 def table5(grid: pd.DataFrame) -> pd.DataFrame:
     """Mean over configured layers of the per-layer speedup over Tutel, per testbed and system."""
-    wide = _wide(grid, ["testbed", "layer"])
+    wide = _wide(_grid_rows(grid), ["testbed", "layer"])
     rows = []
     for testbed, g in wide.groupby(level=0):
         for system in wide.columns:
@@ -77,19 +86,20 @@ def table5(grid: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def model_speedups(models: pd.DataFrame, figure: str, by: list[str]) -> pd.DataFrame:
-    """Per (figure row: testbed and model) the speedup of every system over every baseline, then
-    averaged over `by`."""
+def model_speedups(models: pd.DataFrame, figure: str, by: list[str], systems: tuple[str, ...] | None = None
+                   ) -> pd.DataFrame:
+    """Per (figure row: testbed and model) the speedup of every system (or only `systems`) over
+    every baseline, then averaged over `by`."""
     sub = models[models["figure"] == figure]
     wide = _wide(sub, by + ["testbed", "model"])
     rows = []
     for key, g in wide.groupby(level=list(range(len(by)))) if by else [((), wide)]:
         key = key if isinstance(key, tuple) else (key,)
-        for system in g.columns:
+        for system in g.columns if systems is None else [c for c in g.columns if c in systems]:
             for base in g.columns:
+                ratio = g[base] / g[system]
                 rows.append({**dict(zip(by, key)), "system": system, "baseline": base,
-                             "mean": float((g[base] / g[system]).mean()), "low": float((g[base] / g[system]).min()),
-                             "high": float((g[base] / g[system]).max())})
+                             "mean": float(ratio.mean()), "low": float(ratio.min()), "high": float(ratio.max())})
     return pd.DataFrame(rows)
 
 
@@ -121,7 +131,7 @@ def plot_table5(t5: pd.DataFrame):
 
 
 def plot_grid_distribution(grid: pd.DataFrame):
-    wide = _wide(grid, ["testbed", "layer"])
+    wide = _wide(_grid_rows(grid), ["testbed", "layer"])
     fig, axes = plt.subplots(1, 2, figsize=(style.PAGE_WIDTH, 2.3), sharey=True)
     for ax, (testbed, g) in zip(axes, wide.groupby(level=0)):
         data = [(g["Tutel"] / g[s]).to_numpy() for s in TABLE5_SYSTEMS]
@@ -166,7 +176,7 @@ def plot_fig7(models: pd.DataFrame):
     paper, _ = read_paper_csv("fsmoe_fig7")
     fig, axes = plt.subplots(1, 2, figsize=(style.PAGE_WIDTH, 2.3))
     for ax, (figure, sweep, col) in zip(axes, (("fig7-L", "L", "L"), ("fig7-P", "P", "P"))):
-        sp = model_speedups(models, figure, [col])
+        sp = model_speedups(models, figure, [col], ("FSMoE",))
         for base, marker in (("DS-MoE", "o"), ("Tutel", "s")):
             ours = sp[(sp.system == "FSMoE") & (sp.baseline == base)].sort_values(col)
             ax.plot(ours[col], ours["mean"], marker=marker, color=style.style_for("FSMoE").color,
@@ -203,12 +213,12 @@ def _bars_vs_paper(ours: dict[str, float], paper: dict[str, float], ylabel: str,
 
 
 def fig8_speedups(models: pd.DataFrame) -> dict[str, float]:
-    sp = model_speedups(models, "fig8", [])
+    sp = model_speedups(models, "fig8", [], ("FSMoE",))
     return {b: float(sp[(sp.system == "FSMoE") & (sp.baseline == b)]["mean"].iloc[0]) for b in PAPER_SYSTEMS[:-1]}
 
 
 def table6_speedups(models: pd.DataFrame) -> dict[str, float]:
-    sp = model_speedups(models, "table6", ["gate"])
+    sp = model_speedups(models, "table6", ["gate"], ("FSMoE",))
     return {g: float(sp[(sp.system == "FSMoE") & (sp.baseline == "DS-MoE") & (sp.gate == g)]["mean"].iloc[0])
             for g in sp["gate"].unique()}
 
@@ -311,34 +321,50 @@ def overlap_cap(models: pd.DataFrame, figure: str = "fig6", system: str = "FSMoE
     return (sub["iteration_ms"].xs(baseline, level="system") / bound.xs(system, level="system")).dropna()
 
 
-def checks(grid: pd.DataFrame, models: pd.DataFrame) -> list[tuple[str, float, float]]:
-    """(result, paper value, our value) for every speedup the paper prints, from one set of runs."""
+class Check(NamedTuple):
+    """One speedup the paper prints: what it is, the paper's value, ours, the figure label of the
+    rows it is computed from (`FIGURES`), and the system and baseline it compares."""
+
+    what: str
+    paper: float
+    ours: float
+    figure: str
+    system: str
+    baseline: str
+
+
+def checks(grid: pd.DataFrame, models: pd.DataFrame) -> list[Check]:
+    """Every speedup the paper prints, from one set of runs."""
     out = []
     t5 = table5(grid)
     paper5, _ = read_paper_csv("fsmoe_table5")
     for _, row in paper5[paper5.system != "Tutel"].iterrows():
         ours = t5[(t5.testbed == row.testbed) & (t5.system == row.system)]["mean"]
-        out.append((f"Table 5, Testbed {row.testbed}, {row.system} over Tutel", row.value, float(ours.iloc[0])))
+        out.append(Check(f"Table 5, Testbed {row.testbed}, {row.system} over Tutel", row.value, float(ours.iloc[0]),
+                         "grid", row.system, "Tutel"))
     paper6, _ = read_paper_csv("fsmoe_fig6")
-    sp6 = model_speedups(models, "fig6", [])
+    sp6 = model_speedups(models, "fig6", [], ("FSMoE", "Tutel"))
     for _, row in paper6.iterrows():
         sel = sp6[(sp6.system == row.system) & (sp6.baseline == row.baseline)]
-        out.append((f"Fig. 6, {row.system} over {row.baseline} ({row.bound})", row.value, float(sel[row.bound].iloc[0])))
+        out.append(Check(f"Fig. 6, {row.system} over {row.baseline} ({row.bound})", row.value,
+                         float(sel[row.bound].iloc[0]), "fig6", row.system, row.baseline))
     paper7, _ = read_paper_csv("fsmoe_fig7")
     for figure, col in (("fig7-L", "L"), ("fig7-P", "P")):
-        sp = model_speedups(models, figure, [col])
+        sp = model_speedups(models, figure, [col], ("FSMoE",))
         for _, row in paper7[paper7.sweep == col].iterrows():
             sel = sp[(sp.system == "FSMoE") & (sp.baseline == row.baseline) & (sp[col] == row.setting)]
-            out.append((f"Fig. 7, {col} = {row.setting}, FSMoE over {row.baseline}", row.value, float(sel["mean"].iloc[0])))
+            out.append(Check(f"Fig. 7, {col} = {row.setting}, FSMoE over {row.baseline}", row.value,
+                             float(sel["mean"].iloc[0]), figure, "FSMoE", row.baseline))
     paper8, _ = read_paper_csv("fsmoe_fig8")
     ours8 = fig8_speedups(models)
     for _, row in paper8.iterrows():
-        out.append((f"Fig. 8 (PP = 2), FSMoE over {row.baseline}", row.value, ours8[row.baseline]))
+        out.append(Check(f"Fig. 8 (PP = 2), FSMoE over {row.baseline}", row.value, ours8[row.baseline], "fig8",
+                         "FSMoE", row.baseline))
     paper6t, _ = read_paper_csv("fsmoe_table6")
     ours6 = table6_speedups(models)
     for gate, g in paper6t.groupby("gate"):
         ratio = float(g[g.system == "DS-MoE"]["value"].iloc[0] / g[g.system == "FSMoE"]["value"].iloc[0])
-        out.append((f"Table 6, {gate}: FSMoE over DS-MoE", ratio, ours6[gate]))
+        out.append(Check(f"Table 6, {gate}: FSMoE over DS-MoE", ratio, ours6[gate], "table6", "FSMoE", "DS-MoE"))
     return out
 
 
@@ -442,9 +468,11 @@ def _ds_moe_ablation(models: pd.DataFrame, system: str) -> pd.DataFrame:
     return alt
 
 
+# every figure label of the runs (results.py's rows), as the report names it
+FIGURES = {"grid": "Table 5", "fig6": "Fig. 6", "fig7-L": "Fig. 7 (L)", "fig7-P": "Fig. 7 (P)",
+           "fig8": "Fig. 8 (PP = 2)", "table6": "Table 6"}
 # the figures over DS-MoE, as `ds_moe_ranges` reads them, and where the paper prints them
-DS_MOE_FIGURES = {"fig6": "Fig. 6", "fig7-L": "Fig. 7 (L)", "fig7-P": "Fig. 7 (P)", "fig8": "Fig. 8 (PP = 2)",
-                  "table6": "Table 6"}
+DS_MOE_FIGURES = {figure: label for figure, label in FIGURES.items() if figure != "grid"}
 
 
 def ds_moe_ranges(models: pd.DataFrame, system: str) -> dict[str, tuple[float, float]]:
@@ -609,14 +637,19 @@ def table6_absolute(variants: dict[str, pd.DataFrame], paper_ratio: tuple[float,
     return lines + ["", f"Under `{shown}`, {verdict}."]
 
 
-def figure_ablation(models: pd.DataFrame, name: str) -> pd.DataFrame:
-    """The models' runs with the rows of every figure that has rows for ablation `name` (labelled
-    '<figure>:<name>': results.py's `PP_ABLATIONS` for Fig. 8, `CONTENTION_ABLATIONS` for Figs. 6
-    and 8) in place of that figure's own."""
-    changed = ablated_figures(models, name)
-    alt = models[~models.figure.isin(changed)].copy()
-    for figure in changed:
-        alt.loc[alt.figure == f"{figure}:{name}", "figure"] = figure
+def figure_ablation(runs: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The runs (grid or models) with the rows of ablation `name` (labelled '<figure>:<name>':
+    results.py's `PP_ABLATIONS` for Fig. 8, `CONTENTION_ABLATIONS` for every figure) in place of
+    their figure's own rows of the same systems. A system an ablation has no rows for in a figure
+    keeps that figure's own rows: an ablation may leave out the plans it cannot change (contention
+    those without a separate intra-node lane)."""
+    figure, system = runs.figure.to_numpy(), runs.system.to_numpy()
+    own = runs.figure.str.split(":", n=1).str[0].to_numpy()
+    ablated = np.isin(figure, [f"{f}:{name}" for f in ablated_figures(runs, name)])
+    replaced = set(zip(own[ablated], system[ablated]))
+    keep = np.array([(f, s) not in replaced for f, s in zip(figure, system)], dtype=bool)
+    alt = runs[keep].copy()
+    alt["figure"] = np.where(ablated, own, figure)[keep]
     return alt
 
 
@@ -645,7 +678,7 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
     ours = fig8_speedups(models)
 
     def without_pp(frame: pd.DataFrame) -> dict[str, float]:
-        a6 = model_speedups(frame[frame.testbed == "A"], "fig6", [])
+        a6 = model_speedups(frame[frame.testbed == "A"], "fig6", [], ("FSMoE",))
         return {b: float(a6[(a6.system == "FSMoE") & (a6.baseline == b)]["mean"].iloc[0]) for b in FIG8_VARIANTS}
 
     no_pp = without_pp(models)
@@ -712,10 +745,10 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
                + (f"; none of the levels reaches the paper over {', '.join(b for b in FIG8_VARIANTS if b not in found)}"
                   if len(found) < len(FIG8_VARIANTS) else "")
                + ": the contention the paper's numbers imply, read off our runs, not a measurement of it"
-               + (f"; no single c gives them all (they need {min(found.values()):.2f} to {max(found.values()):.2f}), "
-                  "so contention alone, as modeled, does not account for every gap."
-                  if len(found) > 1 and max(found.values()) - min(found.values()) > 0.1 else ".")
-               if found else f"No level up to c = {levels[-1]:g} reaches the paper's numbers."))
+               + (f" (from {min(found.values()):.2f} to {max(found.values()):.2f} in Fig. 8 alone)" if len(found) > 1
+                  else "") + ". " if found else f"No level up to c = {levels[-1]:g} reaches the paper's Fig. 8 "
+               "numbers. ")
+            + f"Whether one c gives the numbers of every figure: see '{CONTENTION_HEADING}' below.")
     else:
         parts.append("What no ablation changes is the overlap itself: our lanes run concurrent intra- and inter-node "
                      "collectives each at its full modeled speed (no lane-contention run in these results), so the "
@@ -726,6 +759,217 @@ def fig8_section(models: pd.DataFrame, runs: dict[str, tuple[pd.DataFrame, pd.Da
              + (f" (the paper's {paper[iio]:.2f}x implies c = {implied[iio]:.2f})" if implied.get(iio) is not None else "")
              + ", see 'Fig. 8 (PP = 2)' below")
     return lines + ["", " ".join(parts)], cause
+
+
+CONTENTION_HEADING = "Lane contention: the c the paper's numbers imply, over every figure"
+IMPLIED_C_SPREAD = 0.1
+"""Contentions the paper's numbers imply that lie within this of each other count as one c."""
+
+
+def contention_runs(grid: pd.DataFrame, models: pd.DataFrame) -> dict[float, tuple[pd.DataFrame, pd.DataFrame]]:
+    """c -> (grid, models) timed under lane contention c: 0, the headline runs, then every
+    `CONTENTION_ABLATIONS` entry the runs have rows of (`figure_ablation`)."""
+    from impl.experiments.fsmoe.results import CONTENTION_ABLATIONS
+
+    levels = {0.0: (grid, models)}
+    levels.update({c: (figure_ablation(grid, name), figure_ablation(models, name))
+                   for name, (_, c) in CONTENTION_ABLATIONS.items()
+                   if ablated_figures(grid, name) or ablated_figures(models, name)})
+    return levels
+
+
+def fsmoe_speedups(grid: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    """FSMoE's speedup over each other paper system per figure and setting (rows: figure,
+    setting, baseline, speedup): Table 5's configured layers per testbed (the mean of the
+    per-layer speedups, as Table 5), Figs. 6 and 8 the mean over their model-testbed pairs, Fig. 7
+    per sequence length or GPU count and Table 6 per gate, each the mean over its models."""
+    baselines = PAPER_SYSTEMS[:-1]
+    rows = []
+    for testbed, g in _wide(_grid_rows(grid), ["testbed", "layer"]).groupby(level=0):
+        rows += [{"figure": "grid", "setting": f"Testbed {testbed}", "baseline": b,
+                  "speedup": float((g[b] / g["FSMoE"]).mean())} for b in baselines if b in g]
+    for figure, by in (("fig6", None), ("fig7-L", "L"), ("fig7-P", "P"), ("fig8", None), ("table6", "gate")):
+        if figure not in set(models.figure):
+            continue
+        sp = model_speedups(models, figure, [by] if by else [], ("FSMoE",))
+        for _, r in sp[(sp.system == "FSMoE") & sp.baseline.isin(baselines)].iterrows():
+            rows.append({"figure": figure, "setting": f"{by} = {r[by]}" if by else "all models",
+                         "baseline": r.baseline, "speedup": float(r["mean"])})
+    return pd.DataFrame(rows)
+
+
+def contention_curves(levels: dict[float, tuple[pd.DataFrame, pd.DataFrame]]
+                      ) -> list[tuple[Check, list[float], float | None]]:
+    """For every speedup the paper prints (`checks`): ours at each contention level
+    (`contention_runs`) and the c at which ours meets the paper's (`_crossing`, linear between
+    the levels; None where no c in the levels' range does)."""
+    per_level = [checks(*frames) for frames in levels.values()]
+    curves = []
+    for i, check in enumerate(per_level[0]):
+        curve = [level[i].ours for level in per_level]
+        curves.append((check, curve, _crossing(list(levels), curve, check.paper)))
+    return curves
+
+
+def _moves(curve: list[float]) -> bool:
+    return max(curve) - min(curve) > 1e-9
+
+
+def _unmet(curve: list[float], paper: float, top: float) -> str:
+    """Why a curve that never meets the paper's number does not (it never crosses it)."""
+    if curve[0] < paper and curve[-1] <= curve[0]:
+        return "ours below it already at c = 0, and contention only lowers it"
+    if curve[-1] > paper and curve[-1] <= curve[0]:
+        return f"ours above it even at c = {top:g}"
+    return "not reached"
+
+
+def contention_section(grid: pd.DataFrame, models: pd.DataFrame) -> list[str]:
+    """Every figure under every lane contention the runs have: how FSMoE's speedup over each plan
+    moves with c, the c at which ours meets each speedup the paper prints, and whether one c meets
+    them all, computed over every figure. [] when the runs have no contention level."""
+    frames = contention_runs(grid, models)
+    levels = list(frames)
+    if len(levels) < 2:
+        return []
+    curves = contention_curves(frames)
+    cs = " / ".join(f"{c:g}" for c in levels)
+    top = levels[-1]
+    changed = sorted({s for frame in (0, 1) for s in _changed_systems(frames[0.0][frame], frames[top][frame])})
+    speed = {c: fsmoe_speedups(*f).set_index(["figure", "setting", "baseline"])["speedup"] for c, f in frames.items()}
+    baselines = [b for b in PAPER_SYSTEMS[:-1] if b in set(speed[0.0].index.get_level_values("baseline"))]
+    lines = ["", f"## {CONTENTION_HEADING}", "",
+             f"Every figure is also timed under lane contention c = {', '.join(f'{c:g}' for c in levels[1:])} "
+             "(`contention-<c>`, the ablations above): the same plans and schedules as the headline runs (c = 0), "
+             "with each intra-node and inter-node collective of one GPU's plan that overlap running at 1 / (1 + c) of "
+             "its speed. The plans whose iteration changes anywhere in these runs: "
+             + (", ".join(changed) if changed else "none") + "; every other plan keeps its time to the bit: none runs "
+             "tasks on both an intra-node and an inter-node lane, so none of its collectives overlap on contending "
+             "lanes.", "",
+             f"FSMoE's speedup over each plan at c = {cs} (Table 5: the mean over the configured layers of the "
+             "per-layer speedup; Figs. 6 and 8: the mean over their model-testbed pairs; Fig. 7 and Table 6: per "
+             "setting, the mean over its models):", "",
+             "| figure | setting | " + " | ".join(f"over {b}" for b in baselines) + " |",
+             "|---|---|" + "---|" * len(baselines)]
+    for (figure, setting), _ in speed[0.0].groupby(level=[0, 1], sort=False):
+        cells = [" / ".join(f"{speed[c].get((figure, setting, b), float('nan')):.2f}" for c in levels)
+                 for b in baselines]
+        lines.append(f"| {FIGURES[figure]} | {setting} | " + " | ".join(cells) + " |")
+
+    moving = [(check, curve, c) for check, curve, c in curves if _moves(curve)]
+    still = [check for check, curve, _ in curves if not _moves(curve)]
+    lines += ["", f"Every speedup the paper prints that contention moves, ours at c = {cs}, and the c at which ours "
+              f"meets the paper's number (linear between the levels run; none: no c in [0, {top:g}] does):", "",
+              "| result | paper | " + " | ".join(f"ours, c = {c:g}" for c in levels) + " | ours meets the paper's at |",
+              "|---|---|" + "---|" * len(levels) + "---|"]
+    for check, curve, c in moving:
+        meets = f"c = {c:.2f}" if c is not None else f"none ({_unmet(curve, check.paper, top)})"
+        lines.append(f"| {check.what} | {check.paper:.2f} | " + " | ".join(f"{v:.2f}" for v in curve) + f" | {meets} |")
+    lines += ["", " ".join(_contention_conclusion(levels, moving, still))]
+    return lines
+
+
+def _changed_systems(head: pd.DataFrame, alt: pd.DataFrame) -> set[str]:
+    """The systems whose iteration differs between two runs of the same rows."""
+    keys = [k for k in ("figure", "testbed", "layer", "model", "L", "P", "gate") if k in head.columns]
+    both = head.merge(alt, on=[*keys, "system"], suffixes=("", "_alt"))
+    return set(both[both.iteration_ms != both.iteration_ms_alt].system)
+
+
+def _contention_conclusion(levels: list[float], moving: list[tuple[Check, list[float], float | None]],
+                           still: list[Check]) -> list[str]:
+    """Whether one c is consistent with every gap the paper reports, computed over every figure:
+    the comparisons contention moves (met at some c, or at none, and why), how many reproduce at
+    each level run, and the gaps contention cannot touch."""
+    top = levels[-1]
+    if not moving:
+        return [f"Over every figure the paper prints {len(still)} speedups; lane contention moves none of them."]
+    met = [(check, c) for check, _, c in moving if c is not None]
+    unmet = [(check, curve) for check, curve, c in moving if c is None]
+    still_gaps = [check for check in still if not reproduces(check.paper, check.ours)]
+    fsmoe_only = all(check.system == "FSMoE" for check, _, _ in moving)
+    parts = [f"Over every figure the paper prints {len(moving) + len(still)} speedups; lane contention moves "
+             f"{len(moving)} of them" + (" (each FSMoE's over a plan without a separate intra-node lane)" if fsmoe_only
+                                         else "") + f" and leaves {len(still)} unchanged."]
+    if met:
+        by_figure = {}
+        for check, c in met:
+            by_figure.setdefault(check.figure, []).append(c)
+        lo, hi = min(met, key=lambda m: m[1]), max(met, key=lambda m: m[1])
+        parts.append(f"Ours meets {len(met)} of the {len(moving)} at some c in [0, {top:g}]: "
+                     + "; ".join(f"{FIGURES[f]} at c = {_c_span(v)}" for f, v in by_figure.items())
+                     + f", from c = {lo[1]:.2f} ({lo[0].what}) to c = {hi[1]:.2f} ({hi[0].what}).")
+    if unmet:
+        why = {}
+        for check, curve in unmet:
+            why.setdefault(_unmet(curve, check.paper, top), []).append(check)
+        groups = [f"({_count_by(group)}): {reason}" if len(why) == 1 else f"{len(group)} ({_count_by(group)}): {reason}"
+                  for reason, group in why.items()]
+        parts.append(f"{len(unmet)} are met at no c in [0, {top:g}]" + (" " if len(why) == 1 else ": ")
+                     + "; ".join(groups) + ".")
+    counts = [sum(reproduces(check.paper, curve[i]) for check, curve, _ in moving) for i in range(len(levels))]
+    parts.append(f"At the levels run, of the {len(moving)} that contention moves, the number that reproduce (the rule "
+                 "above) is " + ", ".join(f"{n} at c = {c:g}" for c, n in zip(levels, counts))
+                 + ("; at no level do all of them" if max(counts) < len(moving) else "") + ".")
+    if still:
+        parts.append(f"Of the {len(still)} it leaves unchanged, "
+                     + (f"{len(still_gaps)} do not reproduce at any c ({_count_by(still_gaps)})." if still_gaps
+                        else "every one reproduces."))
+    spread = hi[1] - lo[1] if met else 0.0
+    reasons = ([f"{len(unmet)} of the paper's numbers are met at no c"] if unmet else []) \
+        + ([f"those met need c from {lo[1]:.2f} to {hi[1]:.2f}, more than {IMPLIED_C_SPREAD:g} apart"]
+           if spread > IMPLIED_C_SPREAD else []) \
+        + ([f"{len(still_gaps)} gaps do not depend on c"] if still_gaps else [])
+    if reasons:
+        parts.append("So no single c is consistent with every gap the paper reports (" + "; ".join(reasons)
+                     + "): lane contention, as modeled, accounts for some of the gaps at most, each at its own c.")
+    else:
+        parts.append(f"So one c, {lo[1]:.2f} to {hi[1]:.2f}, is consistent with every gap the paper reports (within "
+                     f"{IMPLIED_C_SPREAD:g}).")
+    return parts
+
+
+def _c_span(values: list[float]) -> str:
+    return f"{min(values):.2f}" if max(values) - min(values) < 0.005 else f"{min(values):.2f}-{max(values):.2f}"
+
+
+def _count_by(group: list[Check]) -> str:
+    """How many of `group` each figure and comparison has, e.g. 'Fig. 7 (L): 3 FSMoE over DS-MoE'."""
+    counts = {}
+    for check in group:
+        key = (FIGURES[check.figure], f"{check.system} over {check.baseline}")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{figure}: {n} {pair}" for (figure, pair), n in counts.items())
+
+
+def plot_contention(levels: list[float], curves: list[tuple[Check, list[float], float | None]]):
+    """Ours over the paper's number against c for every speedup the paper prints that contention
+    moves, one panel per table or figure, coloured by the baseline: where a line crosses 1 is the
+    c at which ours meets the paper's (marked)."""
+    moving = [(check, curve, c) for check, curve, c in curves if _moves(curve)]
+    panels = {}
+    for check, curve, c in moving:
+        panels.setdefault(FIGURES[check.figure].split(" (")[0], []).append((check, curve, c))
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(style.PAGE_WIDTH, 2.3), sharey=True, squeeze=False)
+    handles = {}
+    for ax, (title, items) in zip(axes[0], panels.items()):
+        for check, curve, c in items:
+            color = style.style_for(check.baseline).color
+            (handles[(check.system, check.baseline)],) = ax.plot(levels, [v / check.paper for v in curve], marker="o",
+                                                                  ms=2.5, lw=0.9, color=color)
+            if c is not None:
+                ax.scatter([c], [1.0], s=14, color=color, edgecolor="black", linewidth=0.4, zorder=5)
+        style.baseline_line(ax)
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("lane contention c", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("ours / paper's speedup", fontsize=7)
+    order = sorted(handles, key=lambda pair: (PAPER_SYSTEMS.index(pair[1]) if pair[1] in PAPER_SYSTEMS else 99, pair))
+    fig.legend([handles[p] for p in order], [f"{s} over {b}" for s, b in order], loc="upper center", ncol=5,
+               fontsize=6, frameon=False, bbox_to_anchor=(0.5, 1.1))
+    fig.text(0.5, -0.08, f"ours: {MODELED}, the same plans timed under each c; dots: the c at which ours meets "
+             "the paper's number", ha="center", fontsize=6)
+    return fig
 
 
 def _crossing(xs: list[float], ys: list[float], target: float) -> float | None:
@@ -761,7 +1005,7 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
              "the last column gives the same number from runs with one "
              "assumption changed (the ablations below), so the cause of a gap is read off a run, not asserted. "
              "Figures: `fsmoe_fig5`, `fsmoe_table2`, `fsmoe_table5`, `fsmoe_grid_speedups`, `fsmoe_fig6`, "
-             "`fsmoe_fig7`, `fsmoe_fig8`, `fsmoe_table6` (PNG and PDF).", "", "Ablations:"]
+             "`fsmoe_fig7`, `fsmoe_fig8`, `fsmoe_table6`, `fsmoe_contention` (PNG and PDF).", "", "Ablations:"]
     from impl.experiments.fsmoe.results import CONTENTION_ABLATIONS, DS_MOE_ABLATIONS, PP_ABLATIONS, READINGS
 
     descriptions = {**READINGS, **{name: ab.description for name, ab in DS_MOE_ABLATIONS.items()},
@@ -771,17 +1015,17 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
     runs = dict(ablations)
     for name in DS_MOE_ABLATIONS:
         runs[name] = (grid, variants.get(name, models))
-    figure_runs = {name: ablated_figures(models, name) for name in [*PP_ABLATIONS, *CONTENTION_ABLATIONS]}
+    figure_runs = {name: ablated_figures(grid, name) + ablated_figures(models, name)
+                   for name in [*PP_ABLATIONS, *CONTENTION_ABLATIONS]}
     figure_runs = {name: figures for name, figures in figure_runs.items() if figures}
     for name in figure_runs:
-        runs[name] = (grid, figure_ablation(models, name))
+        runs[name] = (figure_ablation(grid, name), figure_ablation(models, name))
     for name in runs:
         lines.append(f"* `{name}`: {descriptions.get(name, name)}"
                      + (" (grid: a random sample of configured layers)" if name in ablations else ""))
     base = checks(grid, models)
     # an ablation of some figures' rows changes those figures only: its column shows there alone
-    moved = {name: {what: ours for what, _, ours in checks(*frames)
-                    if name not in figure_runs or what.startswith(tuple(DS_MOE_FIGURES[f] for f in figure_runs[name]))}
+    moved = {name: {c.what: c.ours for c in checks(*frames) if name not in figure_runs or c.figure in figure_runs[name]}
              for name, frames in runs.items()}
     fig8_lines, fig8_cause = fig8_section(models, runs)
     lo, hi, spread, plo, phi, pspread = gate_spreads(models)
@@ -790,12 +1034,12 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
     def verdict(what: str, paper: float, ours: float) -> str:
         return check_verdict(what, paper, ours, gates_judged)
 
-    judged = [c for c in base if verdict(*c) != UNDIFFERENTIATED]
-    ok = [c for c in judged if verdict(*c) == "reproduces"]
+    judged = [c for c in base if verdict(c.what, c.paper, c.ours) != UNDIFFERENTIATED]
+    ok = [c for c in judged if verdict(c.what, c.paper, c.ours) == "reproduces"]
     lines += ["", "## What reproduces and what does not", "",
               f"{len(ok)} of the {len(judged)} speedups the paper prints that our runs can judge reproduce under the "
               f"rule above ({len(base) - len(judged)} left unjudged, see Table 6 below)."]
-    for what, paper, ours in base:
+    for what, paper, ours, *_ in base:
         cause = (f"; {fig8_cause}" if fig8_cause and what.startswith("Fig. 8") and " over DS-MoE" not in what
                  and verdict(what, paper, ours) == "does not" else "")
         lines.append(f"* {verdict(what, paper, ours)}: {what} (paper {paper:.2f}, ours {ours:.2f}; gain "
@@ -818,11 +1062,12 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
                   "cannot explain the rest; what DeepSpeed-MoE's own operations add is computed below."]
         lines += ds_moe_section(models, variants)
     lines += fig8_lines
+    lines += contention_section(grid, models)
     lines += ["", "## Every number", "",
               "| result | paper | ours | gap | gain paper / ours | verdict | tier "
               "| the same number under each ablation |",
               "|---|---|---|---|---|---|---|---|"]
-    for what, paper, ours in base:
+    for what, paper, ours, *_ in base:
         gap, v = _gap(paper, ours), verdict(what, paper, ours)
         alts = "-" if v == "reproduces" else ", ".join(
             f"{name}: {m[what]:.2f}" for name, m in moved.items() if what in m)
@@ -979,6 +1224,8 @@ def main(argv: list[str] | None = None) -> int:
         table6_speedups(models), ratios, "FSMoE over DS-MoE", f"GPT2-XL MoE on Testbed B per gate; ours {MODELED}"
         + ("; a gate changes only the router's multiply-accumulates" if undifferentiated else ""),
         title=f"gates {UNDIFFERENTIATED}" if undifferentiated else "")
+    levels = contention_runs(grid, models)
+    figures["fsmoe_contention"] = plot_contention(list(levels), contention_curves(levels))
     for name, fig in figures.items():
         style.save(fig, out / name, source=",".join(args.grid))
         plt.close(fig)

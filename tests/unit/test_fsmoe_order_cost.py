@@ -1,18 +1,25 @@
 """GShard einsum ordering's cost (`impl.fsmoe.costs.gshard_order`) against DeepSpeed-MoE's own
 gate and einsum at tiny sizes: the [S, E, C] tensors its top-2 gate builds have our capacity, and
 torch's flop counter on DeepSpeed's `einsum` helper (dispatch and combine, forward and backward)
-counts exactly the multiply-accumulates we price; and the DS-MoE ablation rows the FSMoE results
-run beside every model row, each the headline DS-MoE plus exactly the costs it changes."""
+counts exactly the multiply-accumulates we price; the DS-MoE ablation rows the FSMoE results
+run beside every model row, each the headline DS-MoE plus exactly the costs it changes; and the
+figure ablations (GPipe assumptions on Fig. 8, lane contention on every figure) with the report
+sections that read them."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from figures.fsmoe import FIGURES
 from impl.common.config import ConfigError
 from impl.common.costmodel import load_profile
-from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS, ResultsConfig, run_models
+from impl.experiments.fsmoe.results import DS_MOE_ABLATIONS, ResultsConfig, run_grid, run_models
+from impl.experiments.systems import paper_systems
 from impl.fsmoe.costs import EINSUM_ORDER_GEMMS, ORDER_TOKENS, BlockShape, block_costs, gshard_order
 
-sharded_moe = pytest.importorskip("deepspeed.moe.sharded_moe")
+
+@pytest.fixture
+def sharded_moe():
+    return pytest.importorskip("deepspeed.moe.sharded_moe")
 
 
 def _tiny_block():
@@ -22,7 +29,8 @@ def _tiny_block():
     return block_costs(shape, load_profile("fsmoe-testbed-b"))
 
 
-def _deepspeed_order_flops(S: int, E: int, M: int, capacity_factor: float) -> tuple[tuple[int, int, int], int]:
+def _deepspeed_order_flops(sharded_moe, S: int, E: int, M: int, capacity_factor: float
+                           ) -> tuple[tuple[int, int, int], int]:
     """DeepSpeed's top-2 gate on S random tokens, then its dispatch and combine einsums forward and
     backward under torch's flop counter: ([S, E, C] shape, flops)."""
     torch.manual_seed(0)
@@ -40,11 +48,12 @@ def _deepspeed_order_flops(S: int, E: int, M: int, capacity_factor: float) -> tu
 
 @pytest.mark.parametrize("use_einsum", [True, False], ids=["torch.einsum", "matmul"])
 @pytest.mark.parametrize("tokens", ORDER_TOKENS)
-def test_order_cost_counts_deepspeeds_einsum_multiply_accumulates(monkeypatch, tokens, use_einsum):
+def test_order_cost_counts_deepspeeds_einsum_multiply_accumulates(monkeypatch, sharded_moe, tokens, use_einsum):
     monkeypatch.setattr(sharded_moe, "USE_EINSUM", use_einsum)
     bc = _tiny_block()
     order = gshard_order(bc, tokens)
-    sec, flops = _deepspeed_order_flops(order.tokens, bc.shape.num_experts, bc.shape.hidden, bc.shape.capacity_factor)
+    sec, flops = _deepspeed_order_flops(sharded_moe, order.tokens, bc.shape.num_experts, bc.shape.hidden,
+                                        bc.shape.capacity_factor)
     S, E, C = sec
     assert S == order.tokens == (32 // 4 if tokens == "sequence-parallel" else 32)
     assert E * C == order.slots                              # DeepSpeed's capacity is ours
@@ -61,9 +70,15 @@ def test_order_cost_refuses_an_unknown_token_layout():
 
 @pytest.fixture(scope="module")
 def models():
-    cfg = ResultsConfig(fig6=(("A", "mixtral-7b"), ("B", "mixtral-7b")), fig7_seq=(512,),
-                        fig7_profiles={48: "fsmoe-testbed-a"}, gates=("gshard",))
-    return run_models(cfg, progress=False)
+    """Every figure at every setting the paper prints (so every paper number is computed), Fig. 6
+    on its cheapest model alone."""
+    return run_models(ResultsConfig(fig6=(("A", "mixtral-7b"), ("B", "mixtral-7b"))), progress=False)
+
+
+@pytest.fixture(scope="module")
+def grid():
+    """Three configured layers per testbed."""
+    return run_grid(ResultsConfig(grid_sample=3), progress=False)
 
 
 def test_every_model_row_has_every_ds_moe_ablation(models):
@@ -137,31 +152,69 @@ def test_every_pp_ablation_runs_every_plan_on_fig8_and_moves_only_what_it_change
                 assert (alt.xs(system, level="system") < head.xs(system, level="system")).all()
 
 
-@pytest.mark.parametrize("figure", ["fig6", "fig8"])
-def test_contention_slows_only_plans_with_a_separate_intra_node_lane(models, figure):
-    """Every `CONTENTION_ABLATIONS` entry times every paper system's plan on Figs. 6 and 8: plans
-    with FSMoE's three lanes lose time (FSMoE's own always, more with more contention), every
-    other plan keeps its time to the bit (nothing of it overlaps on contending lanes)."""
-    from impl.experiments.fsmoe.results import CONTENTION, CONTENTION_ABLATIONS
-    from impl.experiments.systems import paper_systems
+PAPER_SYSTEMS = [s.name for s in paper_systems("fsmoe")]
+FIGURE_KEYS = {"grid": ["testbed", "layer"]}            # every other figure: a models row's labels
+MODEL_KEYS = ["testbed", "model", "L", "P", "gate"]
 
-    systems = {s.name for s in paper_systems("fsmoe")}
-    keys = ["testbed", "model", "system"]
-    head = models[(models.figure == figure) & models.system.isin(systems)].set_index(keys)["iteration_ms"]
+
+@pytest.mark.parametrize("figure", list(FIGURES))
+def test_contention_slows_only_plans_with_a_separate_intra_node_lane(grid, models, figure):
+    """Every `CONTENTION_ABLATIONS` entry on every figure: rows for exactly the plans with FSMoE's
+    separate intra-node lane, each at least its headline time (FSMoE's always longer), longer
+    with more contention; the figure as the report reads it (`figure_ablation`) has every row of
+    the headline, every other plan at its headline time to the bit, and FSMoE's speedup over each
+    plan without that lane never grows with c."""
+    from figures.fsmoe import figure_ablation
+    from impl.experiments.fsmoe.results import CONTENTION, CONTENTION_ABLATIONS
+
+    runs = grid if figure == "grid" else models
+    keys = [*FIGURE_KEYS.get(figure, MODEL_KEYS), "system"]
+    contending = {s for s in PAPER_SYSTEMS if {"intra", "inter"} <= _plan_lanes(s)}
+    assert "FSMoE" in contending and "Tutel" not in contending
+    others = [s for s in PAPER_SYSTEMS if s not in contending]
+    head = runs[(runs.figure == figure) & runs.system.isin(PAPER_SYSTEMS)].set_index(keys)["iteration_ms"]
+    assert len(head) and set(head.index.get_level_values("system")) == set(PAPER_SYSTEMS)
+    assert list(CONTENTION_ABLATIONS) == [f"contention-{c:g}" for c in CONTENTION]
+    times = [head]
     for name in CONTENTION_ABLATIONS:
-        alt = models[models.figure == f"{figure}:{name}"].set_index(keys)["iteration_ms"]
-        assert set(alt.index.get_level_values("system")) == systems and len(alt) == len(head), name
-        for system in systems:
-            got = alt.xs(system, level="system")
-            want = head.xs(system, level="system").loc[got.index]
-            if {"intra", "inter"} <= _plan_lanes(system):
+        assert set(runs[runs.figure == f"{figure}:{name}"].system) == contending, name
+        alt = figure_ablation(runs, name)
+        alt = alt[(alt.figure == figure) & alt.system.isin(PAPER_SYSTEMS)].set_index(keys)["iteration_ms"]
+        assert sorted(alt.index) == sorted(head.index), name
+        alt = alt.loc[head.index]
+        for system in PAPER_SYSTEMS:
+            got, want = alt.xs(system, level="system"), head.xs(system, level="system")
+            if system in contending:
                 assert (got >= want).all() and (system != "FSMoE" or (got > want).all()), (name, system)
             else:
                 assert (got == want).all(), (name, system)
-    fsmoe = [models[models.figure == f"{figure}:contention-{c:g}"].set_index(keys)["iteration_ms"]
-             .xs("FSMoE", level="system") for c in CONTENTION]
-    for lower, higher in zip(fsmoe, fsmoe[1:]):
-        assert (higher >= lower - 1e-9).all()      # more contention, never faster
+        times.append(alt)
+    speedups = [t.unstack("system")[others].div(t.unstack("system")["FSMoE"], axis=0) for t in times]
+    for lower, higher in zip(speedups, speedups[1:]):
+        assert (higher <= lower + 1e-12).all().all()       # more contention, never a larger gain
+    for lower, higher in zip(times, times[1:]):
+        assert (higher.xs("FSMoE", level="system") >= lower.xs("FSMoE", level="system") - 1e-9).all()
+
+
+@pytest.mark.parametrize("system", PAPER_SYSTEMS)
+def test_a_plan_without_both_contending_lanes_keeps_its_timeline_under_contention(system):
+    """Why the results write contention rows only for the plans `_contends` names: every other
+    registered plan's schedule has the same timeline under any contention, to the bit; FSMoE's
+    takes longer."""
+    from impl.common.timeline import simulate
+    from impl.experiments.fsmoe.results import _CONTENDING, MODELS, _contends, _model_shape
+    from impl.experiments.fsmoe.systems import FSMOE_SYSTEMS
+
+    profile = load_profile("fsmoe-testbed-b")
+    blocks = [block_costs(_model_shape(MODELS["mixtral-7b"], profile, 256), profile)] * 2
+    plan = FSMOE_SYSTEMS.get(system).factory()(blocks)
+    schedule = plan.schedule(blocks)
+    own, contended = simulate(schedule), simulate(schedule, {_CONTENDING: 1.0})
+    assert _contends(plan) == ({"intra", "inter"} <= _plan_lanes(system))
+    if _contends(plan):
+        assert contended.makespan >= own.makespan and (system != "FSMoE" or contended.makespan > own.makespan)
+    else:
+        assert contended.end == own.end and contended.makespan == own.makespan
 
 
 def test_the_fig8_section_reads_every_number_from_the_runs(models):
@@ -206,3 +259,47 @@ def test_crossing_interpolates_the_first_segment_that_reaches_the_target():
     assert _crossing([0, 1, 2], [1.3, 1.1, 0.9], 1.1) == pytest.approx(1.0)
     assert _crossing([0, 0.5], [1.3, 1.2], 1.05) is None and _crossing([0, 1], [1.0, 1.0], 1.0) == 0
     assert _crossing([0, 1, 2], [1.0, 2.0, 1.0], 1.5) == pytest.approx(0.5)
+
+
+def test_the_contention_section_reads_every_figure_from_the_runs(grid, models):
+    """FSMoE over each plan per figure and setting at every c (Table 5's recomputed here from the
+    grid's own rows), every paper number contention moves with the c at which ours meets it
+    (`_crossing`), and a conclusion over every figure that follows from those curves."""
+    from figures.fsmoe import (IMPLIED_C_SPREAD, _crossing, contention_curves, contention_runs, contention_section,
+                               fsmoe_speedups, reproduces)
+    from impl.experiments.fsmoe.results import CONTENTION
+
+    lines = contention_section(grid, models)
+    levels = contention_runs(grid, models)
+    assert list(levels) == [0.0, *CONTENTION]
+    speed = {c: fsmoe_speedups(*frames).set_index(["figure", "setting", "baseline"])["speedup"]
+             for c, frames in levels.items()}
+    assert set(speed[0.0].index.get_level_values("figure")) == set(FIGURES)
+    for (figure, setting, baseline) in speed[0.0].index:
+        row = next(line for line in lines if line.startswith(f"| {FIGURES[figure]} | {setting} |"))
+        assert " / ".join(f"{speed[c][(figure, setting, baseline)]:.2f}" for c in levels) in row
+    # Table 5 under contention: FSMoE's rows of 'grid:<name>' against every baseline's own rows
+    for c in CONTENTION:
+        fsmoe = grid[grid.figure == f"grid:contention-{c:g}"].query("system == 'FSMoE'").set_index(["testbed", "layer"])
+        tutel = grid[(grid.figure == "grid") & (grid.system == "Tutel")].set_index(["testbed", "layer"])
+        ratio = (tutel.iteration_ms / fsmoe.iteration_ms).groupby(level="testbed").mean()
+        for testbed, value in ratio.items():
+            assert speed[c][("grid", f"Testbed {testbed}", "Tutel")] == pytest.approx(value, rel=1e-12)
+
+    curves = contention_curves(levels)
+    moving = [(check, curve, c) for check, curve, c in curves if max(curve) - min(curve) > 1e-9]
+    assert {check.figure for check, _, _ in moving} == set(FIGURES)        # every figure has a paper number c moves
+    for check, curve, c in moving:
+        assert c == _crossing(list(levels), curve, check.paper)
+        row = next(line for line in lines if line.startswith(f"| {check.what} |"))
+        assert row.endswith(f"| c = {c:.2f} |" if c is not None else ") |") and (c is not None or "| none (" in row)
+    conclusion = lines[-1]
+    assert conclusion.startswith(f"Over every figure the paper prints {len(curves)} speedups; lane contention moves "
+                                 f"{len(moving)} of them")
+    met = [c for _, _, c in moving if c is not None]
+    still_gaps = [check for check, curve, _ in curves if max(curve) - min(curve) <= 1e-9
+                  and not reproduces(check.paper, check.ours)]
+    single = len(met) == len(moving) and max(met) - min(met) <= IMPLIED_C_SPREAD and not still_gaps
+    assert ("So no single c is consistent with every gap" in conclusion) == (not single)
+    if met:
+        assert f"from c = {min(met):.2f} (" in conclusion and f"to c = {max(met):.2f} (" in conclusion

@@ -39,7 +39,7 @@ DEFAULT_OUTPUTS = tuple(f"results/figures/{name}.{ext}" for name in ("hiermoe_ta
                         for ext in ("pdf", "png")) + ("results/figures/hiermoe_report.md",) + tuple(
     f"results/figures/scheinfer_{name}.{ext}" for name in ("speedup", "partition", "timeline") for ext in ("pdf", "png")
 ) + ("results/figures/scheinfer_report.md",) + tuple(
-    f"results/figures/fsmoe_{name}.{ext}" for name in ("fig5", "table2", "table5", "fig6", "fig7", "fig8", "table6")
+    f"results/figures/fsmoe_{name}.{ext}" for name in ("fig5", "table2", "table5", "fig6", "fig7", "fig8", "table6", "contention")
     for ext in ("pdf", "png")) + ("results/figures/fsmoe_report.md",)
 
 # Every test here starts snakemake in a subprocess (seconds each): the quick subset leaves them out.

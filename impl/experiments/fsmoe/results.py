@@ -3,8 +3,8 @@ shipped Testbed A and B profiles (times MODELED from their alpha-beta models):
 
 * `grid`: Table 4's 1,458 configured layers per testbed, each a stack of `grid_blocks` identical
   blocks (the released optimiser's default stack of 2; the paper's "one block with its gradient
-  aggregation" leaves no later block to hide a gradient in); every plan's degrees and makespan;
-  Table 5 is the mean of the per-layer speedups over Tutel;
+  aggregation" leaves no later block to hide a gradient in); every plan's degrees and makespan,
+  rows labelled figure `grid` (`GRID_FIGURE`); Table 5 is the mean of the per-layer speedups over Tutel;
 * `statistic`: how many configured layers have different best forward and backward degrees
   (paper: 912 of 1,458 on Testbed B), under each reading the paper leaves open: r in 1..8 or
   {1, 2, 4, 8}; backward with its layer's gradient (t_gar) or without; with the released
@@ -13,11 +13,13 @@ shipped Testbed A and B profiles (times MODELED from their alpha-beta models):
 * `models`: Fig. 6 (GPT2-XL-MoE and Mixtral-7B on A and B, Mixtral-22B on A), Fig. 7 (L and P
   sweeps on A), Fig. 8 (GPipe, PP = 2, on A), Table 6 (the gates on B): iteration times of every
   plan; speedups are computed when figures aggregate; Fig. 8 also under each `PP_ABLATIONS` entry
-  (one GPipe assumption changed for every plan, rows labelled `fig8:<name>`), Figs. 6 and 8 under
-  each `CONTENTION_ABLATIONS` entry (the same plans timed with contending lanes, `<figure>:<name>`);
+  (one GPipe assumption changed for every plan, rows labelled `fig8:<name>`);
   beside every plan, DeepSpeed-MoE's sequential plan under each `DS_MOE_ABLATIONS` entry (its
   `DsAblation.description`), each a row with its own system name (the grid has none: no result
   over DS-MoE is read from the configured layers);
+* every figure of `grid` and `models` (the configured layers, Figs. 6-8, Table 6) also under each
+  `CONTENTION_ABLATIONS` entry: the same plans' schedules timed with contending lanes, rows
+  labelled `<figure>:<name>` (`_contention_rows`);
 * `order`: what a plan's gap over its lower bound is made of, on `order_sample` configured
   layers per testbed: every plan's iteration, the same tasks in the lane orders a local search
   finds (`timeline.search_order`, `order_tries` moves), and the bound;
@@ -58,7 +60,7 @@ from impl.fsmoe.costs import BlockCosts, BlockShape, block_costs, with_gshard_or
 from impl.fsmoe.degree import DOMAINS, integer_optimum
 from impl.fsmoe.schedules import LANES_3, fsmoe_pass, gpipe_iteration
 
-__all__ = ["ResultsConfig", "MODELS", "Part", "RUNNERS", "PARTS", "READINGS", "TABLE2_PROFILES", "table2_factors", "DS_MOE_MP_ALLREDUCE", "DS_MOE_ABLATIONS", "DsAblation", "PP_ABLATIONS", "PpAblation", "CONTENTION", "CONTENTION_ABLATIONS", "FIG8", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
+__all__ = ["ResultsConfig", "MODELS", "Part", "RUNNERS", "PARTS", "READINGS", "TABLE2_PROFILES", "table2_factors", "DS_MOE_MP_ALLREDUCE", "DS_MOE_ABLATIONS", "DsAblation", "PP_ABLATIONS", "PpAblation", "CONTENTION", "CONTENTION_ABLATIONS", "FIG8", "GRID_FIGURE", "read_profile", "validate", "run_grid", "run_statistic", "run_table2", "run_models", "run_order", "run_links", "comm_unit", "main"]
 
 PROG = "python -m impl.experiments.fsmoe.results"
 
@@ -330,8 +332,7 @@ def _iteration_rows(blocks: list[BlockCosts], ds_moe_ablations: bool = True, **l
                      "moe_fwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "fwd"),
                      "moe_bwd_over_lower_bound": _pass_over_lower_bound(blocks[0], plan, "bwd"),
                      "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": plan.note})
-        if labels.get("figure") in CONTENTION_FIGURES:
-            rows += _contention_rows(schedule, plan, system.name, labels)
+        rows += _contention_rows(schedule, plan, system.name, labels)
     ds_moe = FSMOE_SYSTEMS.get("DS-MoE").factory()
     for ablation in DS_MOE_ABLATIONS.values() if ds_moe_ablations else ():
         changed = ablation.blocks(blocks)
@@ -357,9 +358,9 @@ def run_grid(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
         for i, shape in enumerate(tqdm(shapes, desc=f"configured layers, testbed {testbed}",
                                        disable=None if progress is None else not progress)):
             bc = block_costs(shape, profile)
-            rows += _iteration_rows([bc] * cfg.grid_blocks, ds_moe_ablations=False, testbed=testbed, layer=i, B=shape.batch, L=shape.seq,
-                                    M=shape.hidden, H=shape.ffn_hidden, heads=shape.heads,
-                                    f=shape.capacity_factor or "*", ffn=shape.ffn)
+            rows += _iteration_rows([bc] * cfg.grid_blocks, ds_moe_ablations=False, figure=GRID_FIGURE, testbed=testbed,
+                                    layer=i, B=shape.batch, L=shape.seq, M=shape.hidden, H=shape.ffn_hidden,
+                                    heads=shape.heads, f=shape.capacity_factor or "*", ffn=shape.ffn)
     return pd.DataFrame(rows)
 
 
@@ -425,18 +426,18 @@ def run_table2(cfg: ResultsConfig) -> pd.DataFrame:
 
 
 CONTENTION = (0.25, 0.5, 1.0)
-"""Lane contentions Figs. 6 and 8 are also timed under (`CONTENTION_ABLATIONS`): the paper
+"""Lane contentions every figure is also timed under (`CONTENTION_ABLATIONS`): the paper
 publishes no measure of how much concurrent intra- and inter-node collectives slow each other, so
 the report computes FSMoE's gain as a function of it. c = 1: two overlapping collectives share
 one resource evenly (each at half speed, together as long as one after the other)."""
-CONTENTION_FIGURES = ("fig6", "fig8")
 CONTENTION_ABLATIONS = {
     f"contention-{c:g}": (
-        f"Figs. 6 and 8 with the same plans timed under lane contention c = {c:g}: while an intra-node and an "
-        f"inter-node collective of one GPU's plan overlap, each runs at 1 / (1 + c) = {1 / (1 + c):.2f} of its speed "
-        "(shared copy engines, SMs, PCIe; `timeline.simulate`'s contention; ours: c = 0, none); only plans with a "
-        "separate intra-node lane (FSMoE's) overlap them", c) for c in CONTENTION}
-"""name -> (description, c); rows labelled '<figure>:<name>' for each of CONTENTION_FIGURES."""
+        f"every figure (the configured layers, Figs. 6-8, Table 6) with the same plans timed under lane contention "
+        f"c = {c:g}: while an intra-node and an inter-node collective of one GPU's plan overlap, each runs at "
+        f"1 / (1 + c) = {1 / (1 + c):.2f} of its speed (shared copy engines, SMs, PCIe; `timeline.simulate`'s "
+        "contention; ours: c = 0, none); only plans with a separate intra-node lane (FSMoE's) overlap them", c)
+    for c in CONTENTION}
+"""name -> (description, c); each figure's rows under it labelled '<figure>:<name>'."""
 _CONTENDING = (LANES_3["ag"], LANES_3["dispatch"])       # the intra-node and the inter-node lane
 
 
@@ -464,13 +465,15 @@ PP_ABLATIONS = {
         "(its partitioning, Tutel-Improved's dense windows, Lina's chunks) cannot matter", gradients=False),
 }
 FIG8 = "fig8"
+GRID_FIGURE = "grid"                     # the figure label of the configured layers' rows
 
 
 def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, micro_batches: int,
                 **labels) -> list[dict]:
     """Two pipeline stages, each half the nodes and half the layers (the stages' AlltoAll and
-    AllReduce keep the whole testbed's fits: no fit exists for half of it); then every
-    `PP_ABLATIONS` entry for every plan, labelled `fig8:<name>`."""
+    AllReduce keep the whole testbed's fits: no fit exists for half of it), each plan's schedule also
+    under every `CONTENTION_ABLATIONS` entry; then every `PP_ABLATIONS` entry for every plan,
+    labelled `fig8:<name>`."""
     topo = testbed_profile.get_topology()
     half = topo.num_nodes // 2
     stage_profile = replace(testbed_profile, name=f"{testbed_profile.name}@pp2", topology=f"{half}x{topo.gpus_per_node}")
@@ -507,13 +510,26 @@ def _gpipe_rows(testbed_profile: HardwareProfile, spec: ModelSpec, seq: int, mic
     return rows
 
 
+def _contends(plan) -> bool:
+    """Whether lane contention can change the plan's iteration: it runs tasks on both contending
+    lanes (FSMoE's separate intra-node lane beside the inter-node one). Any other plan's schedule
+    keeps its own timeline under contention, to the bit (`simulate`)."""
+    return set(_CONTENDING) <= set(plan.lanes.values())
+
+
 def _contention_rows(schedule: Schedule, plan, system: str, labels: dict) -> list[dict]:
-    """A plan's schedule (made without contention) timed under each `CONTENTION_ABLATIONS` entry,
-    each a row labelled '<figure>:<name>'."""
+    """A plan's schedule (made without contention: its degrees stay those of the headline row)
+    timed under each `CONTENTION_ABLATIONS` entry, each a row labelled '<figure>:<name>'. Every
+    figure's runner passes its schedules through here. A plan contention cannot change
+    (`_contends`) gets no rows: its headline row stands for it under every c (the figures'
+    `figure_ablation` keeps it), so the 1,458-layer grid times and writes only what can change."""
+    if not _contends(plan):
+        return []
     return [{**labels, "figure": f"{labels['figure']}:{name}", "system": system,
              "iteration_ms": simulate(schedule, {_CONTENDING: c}).makespan,
-             "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1], "plan_note": description}
-            for name, (description, c) in CONTENTION_ABLATIONS.items()]
+             "r_fwd": plan.degrees[0][0], "r_bwd": plan.degrees[0][1],
+             "plan_note": f"{plan.note}; contention c = {c:g}"}
+            for name, (_, c) in CONTENTION_ABLATIONS.items()]
 
 
 def run_models(cfg: ResultsConfig, progress: bool | None = None) -> pd.DataFrame:
