@@ -3,6 +3,7 @@ README.md). They are data, read by path from every layer that compares with them
 figures), so the reader sits at the bottom."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pandas as pd
@@ -17,13 +18,22 @@ def read_paper_csv(name_or_path: str | Path) -> tuple[pd.DataFrame, dict[str, st
     """(table, header) of a paper CSV, given a path or a bare name like 'hiermoe_table2'.
 
     The header is the leading `# key: value` lines; a file missing a required key or the
-    `value` column is refused, so no figure draws numbers without a citation."""
+    `value` column is refused, so no figure draws numbers without a citation. A file is parsed
+    once per version (its modification time and size) and each caller gets its own copy, since figures
+    read the same table from several places."""
     path = Path(name_or_path)
     if path.suffix != ".csv" and not path.exists():
         path = PAPER_DIR / f"{path.name}.csv"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PAPER_DIR.glob("*.csv")))
         raise ValueError(f"paper CSV {str(name_or_path)!r} not found; known: {known}")
+    stat = path.stat()
+    table, header = _parse(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    return table.copy(), dict(header)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(path: Path, mtime_ns: int, size: int) -> tuple[pd.DataFrame, dict[str, str]]:
     header: dict[str, str] = {}
     with open(path) as f:
         for line in f:
