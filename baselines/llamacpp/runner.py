@@ -356,9 +356,11 @@ class SpeedResult:
 class SeparateProcess:
     """`measure_speed` in a process of its own (spawned on first use, reused, ended on `close`).
     Why: the caller's process shares one OpenMP runtime with llama.cpp (torch's libgomp), and a
-    thread there that once ran a parallel torch operation (an open engine's lane) slows llama.cpp's
-    parallel loops even while it idles, by up to 40% on a 2-core host (tests/bench/README.md), so a
-    comparison in one process would favour the other system. `device_free=True` reads the device's
+    thread there that once ran a parallel torch operation (an engine's lane that ran torch
+    products, say) holds an OpenMP team; once the runtime manages more threads than CPUs it
+    barely spins before sleeping, which slowed llama.cpp by about 40% on a 2-core host even with
+    the team idle (tests/bench/README.md), so a comparison in one process would favour the other
+    system. `device_free=True` reads the device's
     free bytes in the child (torch.cuda.mem_get_info: device-wide, so it counts llama.cpp's own
     allocations). A child that dies is a RuntimeError naming the model."""
 
