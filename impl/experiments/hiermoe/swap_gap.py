@@ -92,7 +92,9 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
             rows.append(row(swaps, done, d, decision.q_current, plan_s))
         if done:
             break
-        placement = placement.swap(*decision.pair)
+        swapped = placement.swap(*decision.pair)
+        routing.move(placement, swapped)         # the next plan's statistics: only the moved experts' tokens recounted
+        placement = swapped
     return rows
 
 
