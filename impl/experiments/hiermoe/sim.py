@@ -320,8 +320,9 @@ class LayerRouting:
         return self._slots[placement]
 
     def _derived(self, placement: ExpertPlacement, counts: DispatchCounts) -> tuple[DispatchCounts, torch.Tensor, float]:
-        return counts, self.counts_GE[:, list(placement.expert_of_slot)], expert_compute_ms(self.rz, self.rows_E,
-                                                                                               placement)
+        """`of`'s entry from the placement's dispatch counts."""
+        return (counts, self.counts_GE[:, list(placement.expert_of_slot)],
+                expert_compute_ms(self.rz, self.rows_E, placement))
 
     def of(self, placement: ExpertPlacement) -> tuple[DispatchCounts, torch.Tensor, float]:
         """(dispatch counts, per-rank counts per slot [G, E], expert compute ms) under `placement`."""
@@ -358,17 +359,17 @@ class LayerRouting:
         before = ids[hit]
         after = torch.sort(remap[before], dim=1).values
         origin = self.origin_N[hit]
-        out, into = counts_from_slots(before, origin, topo, E), counts_from_slots(after, origin, topo, E)
+        lost, gained = counts_from_slots(before, origin, topo, E), counts_from_slots(after, origin, topo, E)
 
-        def recount(total: RouteCounts, out: RouteCounts, into: RouteCounts) -> RouteCounts:
-            return RouteCounts(topo, total.dedup, tuple(t - o + i for t, o, i in zip(total.by_level, out.by_level,
-                                                                                       into.by_level)))
+        def recount(total: RouteCounts, lost: RouteCounts, gained: RouteCounts) -> RouteCounts:
+            return RouteCounts(topo, total.dedup, tuple(t - o + i for t, o, i in zip(total.by_level, lost.by_level,
+                                                                                       gained.by_level)))
 
         slots_new = ids.clone()
         slots_new[hit] = after
         self._slots[new] = slots_new
-        self._counts[new] = self._derived(new, DispatchCounts(recount(counts.copies, out.copies, into.copies),
-                                                              recount(counts.pairs, out.pairs, into.pairs), E))
+        self._counts[new] = self._derived(new, DispatchCounts(recount(counts.copies, lost.copies, gained.copies),
+                                                              recount(counts.pairs, lost.pairs, gained.pairs), E))
         self._tables[new] = tables - swap_tables(before, E, topo.U[1:]) + swap_tables(after, E, topo.U[1:])
         for cache in (self._slots, self._counts, self._tables, self._stats):
             cache.pop(old, None)
