@@ -6,7 +6,7 @@ recorded run) that show its cause.
 
     python -m figures.hiermoe_sim --qwen3 Q.csv --deepseek D.csv --deepseek-ablation DA.csv --node N.csv --table4 T4.csv \
         --ablation A.csv --ablation-persistent P.csv --ablation-long L.csv --ablation-long-persistent LP.csv --skew S.csv --swap swap.csv \
-        --swap-gap gap.csv --table2-csv T2.csv --table2-md T2.md --fig9-md F9.md --out-dir results/figures
+        --swap-gap gap-qwen3.csv gap-deepseek.csv --table2-csv T2.csv --table2-md T2.md --fig9-md F9.md --out-dir results/figures
 
 Speedups are computed here, never stored: per iteration, baseline AlltoAll (or end-to-end) time
 over the system's on the same routing, then the median over the measured iterations, with
@@ -355,7 +355,7 @@ class Runs:
     swap: pd.DataFrame
     skew_runs: dict = field(default_factory=dict)          # {skew: that variant's rows}
     deepseek_ablation: dict = field(default_factory=dict)  # {variant: its rows} (ungrouped, dense0)
-    swap_gap: pd.DataFrame | None = None                   # the swap-gap sweep (impl.experiments.hiermoe.swap_gap)
+    swap_gap: dict = field(default_factory=dict)           # {model: its swap-gap sweep} (impl.experiments.hiermoe.swap_gap)
     long: dict = field(default_factory=dict)               # {variant: its rows}: HD-MoE, HierMoE over a long run
 
     def of(self, model: str) -> pd.DataFrame:
@@ -363,8 +363,8 @@ class Runs:
 
     @functools.cached_property
     def swap_gap_text(self) -> tuple[str, str] | None:
-        """`swap_gap_lines` of the swap-gap sweep (headline sentence, section), made once."""
-        return None if self.swap_gap is None else swap_gap_lines(self.swap_gap, self)
+        """`swap_gap_lines` of the swap-gap sweeps (headline sentence, section), made once."""
+        return swap_gap_lines(self.swap_gap, self) if self.swap_gap else None
 
     @functools.cached_property
     def persistent_skew(self) -> Ablation:
@@ -867,6 +867,7 @@ def headline(runs: Runs, t4: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
     lo10, hi10 = paper_range("hiermoe_fig10", system="HierMoE", baseline="HD2-MoE")
     lo_swap, hi_swap = paper_range("hiermoe_ablation")
     gain = speedup(runs.ablation, "HierMoE", "HD-MoE")["median"]
+    ds = swap_gap_setting(DEEPSEEK, runs)
     pgain = speedup(runs.persistent, "HierMoE", "HD-MoE")["median"]
     top = max(runs.skew_runs) if runs.skew_runs else None
     tgain = speedup(runs.skew_runs[top], "HierMoE", "HD-MoE")["median"] if top is not None else np.nan
@@ -892,7 +893,9 @@ def headline(runs: Runs, t4: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
         f"run's default HierMoE, paired per iteration; the Qwen3 run's medians give {fmt(q['HierMoE'] / q['HD-MoE'])}; paper "
         f"{fmt(lo_swap)}-{fmt(hi_swap)} in Sec. V-E), {fmt(pgain)}x on a persistent skew (skew "
         f"{runs.persistent['skew'].iloc[0]:g}, no drift)"
-        + ("" if top is None else f", {fmt(tgain)}x at skew {top:g} with drift (skew sweep)") + "."
+        + ("" if top is None else f", {fmt(tgain)}x at skew {top:g} with drift (skew sweep)")
+        + f"; on DeepSeek-V3 {fmt(speedup(ds.run, 'HierMoE', 'HD-MoE')['median'])}x in the `{ds.run_name}` run "
+          f"(paired per iteration; paper {fmt(ds.paper[0])}, {ds.paper_words})."
         + ("" if runs.swap_gap_text is None else " " + runs.swap_gap_text[0]),
         f"* End to end on Qwen3, HierMoE over HD-MoE {fmt(e2e)}, over HD2-MoE {fmt(e2e_hd2)} (paper: over HD2-MoE "
         f"{fmt(lo10)}-{fmt(hi10)}, a range over both models).",
@@ -975,10 +978,27 @@ def swap_section(runs: Runs) -> str:
 
 
 SWAP_GAP_COLUMNS = ("skew", "swaps", "checkpoint", "converged", "maxvio", "max_split_ratio", "q_ms", "a2a_ms_same", "a2a_ms_next",
-                    "a2a_ms_same_tokens", "a2a_ms_next_tokens", "first_step_rows_mean", "first_step_rows_max", "drift")
+                    "a2a_ms_same_tokens", "a2a_ms_next_tokens", "first_step_rows_mean", "first_step_rows_max", "drift",
+                    "model", "topology", "E", "K", "G", "n_group", "topk_group")
 PAPER_CHARGE = "final, paper's charge"
 FIRST_MEAN = "first step's mean rows, final / 0 swaps"
 FIRST_SPREAD = "first step's largest / mean split, 0 swaps -> final"
+
+
+def read_swap_gaps(paths: list[str]) -> dict[str, pd.DataFrame]:
+    """{model: its sweep} of swap-gap CSVs, in the report's model order; ValueError for a sweep of
+    another model than the runs' or a second sweep of one."""
+    gaps = {}
+    for path in paths:
+        gap = read_results(path, SWAP_GAP_COLUMNS, "impl.experiments.hiermoe.swap_gap")
+        models = sorted(set(gap["model"]))
+        if len(models) != 1 or models[0] not in MODEL_LABEL:
+            raise ValueError(f"{path}: a swap-gap sweep of model {', '.join(models)}; the report reads one sweep of "
+                             f"each of {', '.join(MODEL_LABEL)}")
+        if models[0] in gaps:
+            raise ValueError(f"{path}: a second swap-gap sweep of {models[0]}; give one per model")
+        gaps[models[0]] = gap
+    return {m: gaps[m] for m in MODEL_LABEL if m in gaps}
 
 
 def swap_gap_table(gap: pd.DataFrame) -> pd.DataFrame:
@@ -1037,11 +1057,13 @@ def _hd2_at_needed_skew(runs: Runs, need: dict[str, float] | None, gain: float) 
             f"{fmt(fit_target(runs.qwen3))}): both hold at one skew.")
 
 
-def _long_run_lines(runs: Runs, first: int) -> list[str]:
-    """HierMoE over HD-MoE in the long run's first `first` iterations and its last third (paired per
-    iteration): the swaps accumulating with the run's own staleness and drift."""
+def _long_run_lines(runs: Runs, first: int, model: str) -> list[str]:
+    """HierMoE over HD-MoE in the long runs of `model`, their first `first` iterations and their last
+    third (paired per iteration): the swaps accumulating with the run's own staleness and drift."""
     out = []
     for name, frame in runs.long.items():
+        if frame["model"].iloc[0] != model:
+            continue
         n = int(frame["iteration"].max()) + 1
         early = speedup(frame[frame["iteration"] < first], "HierMoE", "HD-MoE")["median"]
         late = speedup(frame[frame["iteration"] >= n - n // 3], "HierMoE", "HD-MoE")["median"]
@@ -1052,34 +1074,101 @@ def _long_run_lines(runs: Runs, first: int) -> list[str]:
     return out
 
 
-def swap_gap_lines(gap: pd.DataFrame, runs: Runs) -> tuple[str, str]:
-    """(the headline's sentence, the section) on what the swap can gain on our routing, from the
-    swap-gap sweep (`impl.experiments.hiermoe.swap_gap`)."""
-    table = swap_gap_table(gap)
-    lo, hi = paper_range("hiermoe_ablation")
-    at = runs.fitted_skew
+@dataclass(frozen=True)
+class SwapGapSetting:
+    """What one model's swap-gap sweep is read against: the sim run whose swaps it explains (at that
+    run's skew) and the paper's swap gain for the model."""
+
+    run: pd.DataFrame
+    run_name: str
+    skew: float
+    skew_words: str               # how the text names the skew
+    paper: tuple[float, ...]      # the paper's HierMoE over HD-MoE: a (low, high) range or one value
+    paper_words: str              # where the paper states it
+
+
+def swap_gap_setting(model: str, runs: Runs) -> SwapGapSetting:
+    """Qwen3: the Sec. V-E ablation run at the fitted skew, against Sec. V-E's range (the ablations
+    ran on Qwen3); DeepSeek-V3: the `deepseek` run at its skew, against Fig. 11's HierMoE over HD-MoE,
+    the paper's only DeepSeek-V3 swap gain."""
+    if model == QWEN3:
+        return SwapGapSetting(runs.ablation, "ablation", runs.fitted_skew, "the fitted skew",
+                              paper_range("hiermoe_ablation"), "Sec. V-E")
+    hier, hd = (paper_value("hiermoe_fig11", system=s, baseline=BASE, model=model) for s in ("HierMoE", "HD-MoE"))
+    return SwapGapSetting(runs.of(model), "deepseek", float(runs.of(model)["skew"].iloc[0]), "the `deepseek` run's skew",
+                          (hier / hd,), f"Fig. 11: {fmt(hier)} / {fmt(hd)}")
+
+
+def _swap_gap_model(model: str, gap: pd.DataFrame, runs: Runs) -> tuple[str, list[str]]:
+    """(the headline's clause, the section's lines) of one model's swap-gap sweep."""
+    setting, table = swap_gap_setting(model, runs), swap_gap_table(gap)
+    at, where = setting.skew, f"{setting.skew_words} {setting.skew:g}"
     fitted = {c: float(np.interp(at, table["skew"], table[c])) for c in table.columns
               if c not in ("swaps made",) and table[c].dtype.kind == "f"}
-    plans = int((runs.ablation[(runs.ablation["system"] == "HierMoE") & (runs.ablation["iteration"]
-                                                                          >= runs.ablation["warmup"])]
-                 ["moved_experts"] > 0).sum())
+    run = setting.run
+    first_layer = run[(run["system"] == "HierMoE") & (run["layer"] == 0) & (run["iteration"] >= run["warmup"])]
+    plans, measured = int((first_layer["moved_experts"] > 0).sum()), first_layer["iteration"].nunique()
     made = f"after {plans} swaps"
-    need = {t: skew_needed(table, t) for t in (lo, hi)}
+    need = {t: skew_needed(table, t) for t in setting.paper}
 
     def needed(t: float) -> str:
         n = need[t]
         return (f"{fmt(t)} needs skew {n['skew']:.2f} (MaxVio {n['MaxVio']:.2f})" if n is not None else
                 f"{fmt(t)} is not reached up to skew {table['skew'].max():g} (MaxVio {table['MaxVio'].max():.2f})")
 
+    paper = "-".join(fmt(t) for t in setting.paper) + f" ({setting.paper_words})"
+    needs = "the paper's " + ", its ".join(needed(t) for t in setting.paper) + (
+        ", both converged" if len(setting.paper) > 1 else ", converged")
     fit_row = table.iloc[(table["skew"] - at).abs().argmin()]
-    runs_made = (f"the ablation run makes {plans} swaps in its first layer, and {plans} swaps on the same routing "
-                 f"held fixed give {fmt(fitted[made])}; " if made in fitted else
-                 f"the ablation run makes {plans} swaps in its first layer; ")
-    sentence = (f"Why (swap-gap sweep, swaps accumulated on a routing that stays): at the fitted skew "
-                f"{at:g} the swap converges at {fit_row['swaps made']} swaps to {fmt(fitted['final, next routing'])} "
-                f"(objective Q {fmt(fitted['final, objective Q'])}); under our model the paper's {needed(lo)}, "
-                f"its {needed(hi)}, both converged.")
-    drifts = sorted(set(gap["drift"].astype(float)))
+    label = MODEL_LABEL.get(model, model)
+    clause = (f"{label}, at {where}: the swap converges at {fit_row['swaps made']} swaps to "
+              f"{fmt(fitted['final, next routing'])} (objective Q {fmt(fitted['final, objective Q'])}); under our "
+              f"model {needs}.")
+    first = gap.iloc[0]
+    groups, chosen = int(first["n_group"]), int(first["topk_group"])
+    as_run = (int(run["n_group"].iloc[0]), int(run["topk_group"].iloc[0])) == (groups, chosen)
+    routing = ((f"node-limited (n_group {groups}, topk_group {chosen}: a token's experts lie in at most {chosen} of "
+                f"{groups} expert groups)" if groups > 1 else "without expert groups")
+               + (f", as in the `{setting.run_name}` run" if as_run else
+                  f", unlike the `{setting.run_name}` run (n_group {int(run['n_group'].iloc[0])}, topk_group "
+                  f"{int(run['topk_group'].iloc[0])})"))
+    gain = speedup(run, "HierMoE", "HD-MoE")["median"]
+    runs_made = (f"the `{setting.run_name}` run makes {plans} swaps in its first layer over its {measured} measured "
+                 f"iterations (HierMoE over HD-MoE there {fmt(gain)}), and {plans} swaps on the same routing held fixed "
+                 f"give {fmt(fitted[made])}; " if made in fitted else
+                 f"the `{setting.run_name}` run makes {plans} swaps in its first layer over its {measured} measured "
+                 f"iterations (HierMoE over HD-MoE there {fmt(gain)}); ")
+    lines = [
+        f"### {label}", "",
+        f"E = {int(first['E'])}, K = {int(first['K'])}, G = {int(first['G'])} (`{first['topology']}`); routing {routing}.",
+        "", _md_table(table, 3), "",
+        f"* Swaps made: {runs_made}converged ({fit_row['swaps made']} swaps), {fmt(fitted['final, next routing'])} at "
+        f"{where} (MaxVio {fitted['MaxVio']:.2f}), against the paper's {paper}.",
+        *_long_run_lines(runs, plans, model),
+        f"* Where the gain comes from: at {where} the route's first step (across nodes) carries "
+        f"{100 * (1 - fitted[FIRST_MEAN]):.1f}% fewer duplicate-free rows per (holder, peer) on average after the "
+        f"converged swaps (dedup: experts that tokens select together placed in one group), while its largest split "
+        f"over the mean goes {fit_row[FIRST_SPREAD]} (balance).",
+        f"* Staleness (planned on one iteration, used on the next): converged, {fmt(fitted['final, same routing'], 3)} "
+        f"on the routing planned on against {fmt(fitted['final, next routing'], 3)} on the next one.",
+        f"* Objective against the model: converged, Q gains {fmt(fitted['final, objective Q'], 3)}, the modeled time "
+        f"{fmt(fitted['final, same routing'], 3)} on the same routing under our charge, "
+        f"{fmt(fitted[PAPER_CHARGE], 3)} on the next under the paper's.",
+        f"* What would have to be true for the paper's gain under our model, converged: "
+        + "; ".join(needed(t) for t in setting.paper)
+        + f" (the routing at {where} has MaxVio {fitted['MaxVio']:.2f}; the paper states no load statistics)."
+        # the skew sweep, and the HD2-MoE number the skew was fitted to, are Qwen3's
+        + (_hd2_at_needed_skew(runs, need[setting.paper[0]], setting.paper[0]) if model == QWEN3 else "")]
+    return clause, lines
+
+
+def swap_gap_lines(gaps: dict[str, pd.DataFrame], runs: Runs) -> tuple[str, str]:
+    """(the headline's sentence, the section) on what the swap can gain on our routing, from the
+    swap-gap sweeps (`impl.experiments.hiermoe.swap_gap`), one per model."""
+    parts = [_swap_gap_model(model, gap, runs) for model, gap in gaps.items()]
+    sentence = ("Why (swap-gap sweep, swaps accumulated on a routing that stays): "
+                + " ".join(clause for clause, _ in parts))
+    drifts = sorted({float(d) for gap in gaps.values() for d in gap["drift"]})
     drift = "no drift" if drifts == [0.0] else "drift " + ", ".join(f"{d:g}" for d in drifts)
     section = "\n".join([
         "HierD-ES swaps one pair per layer and plan (Theorem 1), so its gain grows with the swaps made until no "
@@ -1089,23 +1178,10 @@ def swap_gap_lines(gap: pd.DataFrame, runs: Runs) -> tuple[str, str]:
         "placement; HierMoE over HD-MoE is the modeled AlltoAll time at 0 swaps over the time after k, on the next "
         "iteration's routing (what a run that plans after its step sees; `same routing`: the routing planned on, "
         "no staleness), under our charge; `paper's charge`: the paper's Eqs. (1)-(5); `objective Q`: Eq. (8) at "
-        "d*, what the planner predicts (`impl.experiments.hiermoe.swap_gap`, `results/raw/hiermoe_swap_gap`).", "",
-        _md_table(table, 3), "",
-        f"* Swaps made: {runs_made}converged ({fit_row['swaps made']} swaps), {fmt(fitted['final, next routing'])} at "
-        f"the fitted skew {at:g} (MaxVio {fitted['MaxVio']:.2f}), against the paper's {fmt(lo)}-{fmt(hi)} (Sec. V-E).",
-        *_long_run_lines(runs, plans),
-        f"* Where the gain comes from: at the fitted skew the route's first step (across nodes) carries "
-        f"{100 * (1 - fitted[FIRST_MEAN]):.1f}% fewer duplicate-free rows per (holder, peer) on average after the "
-        f"converged swaps (dedup: experts that tokens select together placed in one group), while its largest split "
-        f"over the mean goes {fit_row[FIRST_SPREAD]} (balance).",
-        f"* Staleness (planned on one iteration, used on the next): converged, {fmt(fitted['final, same routing'], 3)} "
-        f"on the routing planned on against {fmt(fitted['final, next routing'], 3)} on the next one.",
-        f"* Objective against the model: converged, Q gains {fmt(fitted['final, objective Q'], 3)}, the modeled time "
-        f"{fmt(fitted['final, same routing'], 3)} on the same routing under our charge, "
-        f"{fmt(fitted[PAPER_CHARGE], 3)} on the next under the paper's.",
-        f"* What would have to be true for the paper's gain under our model, converged: {needed(lo)}; {needed(hi)} "
-        f"(the fitted routing has MaxVio {fitted['MaxVio']:.2f}; the paper states no load statistics)."
-        + _hd2_at_needed_skew(runs, need[lo], lo)])
+        "d*, what the planner predicts (`impl.experiments.hiermoe.swap_gap`, `results/raw/hiermoe_swap_gap`). One "
+        "sweep per model, on the setting of that model's runs; the paper's swap gain is Sec. V-E's range for Qwen3 "
+        "(its ablations) and Fig. 11's HierMoE over HD-MoE for DeepSeek-V3.", "",
+        *(line for _, lines in parts for line in lines + [""])][:-1])
     return sentence, section
 
 
@@ -1362,8 +1438,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skew", type=cli.input_file, required=True, help="skew-sweep run (one variant per skew)")
     parser.add_argument("--swap", type=cli.input_file, required=True,
                         help="swap measurement CSV (impl.experiments.hiermoe.swap_measure)")
-    parser.add_argument("--swap-gap", type=cli.input_file, required=True,
-                        help="swap-gap sweep CSV (impl.experiments.hiermoe.swap_gap)")
+    parser.add_argument("--swap-gap", type=cli.input_file, required=True, nargs="+",
+                        help="swap-gap sweep CSVs (impl.experiments.hiermoe.swap_gap), one per model")
     parser.add_argument("--table2-csv", type=cli.input_file, help="Table II run CSV (its cells go into the report)")
     parser.add_argument("--table2-md", type=cli.input_file, help="Table II markdown (linked)")
     parser.add_argument("--fig9-md", type=cli.input_file, help="Fig. 9 markdown (linked and included)")
@@ -1387,7 +1463,7 @@ def main(argv: list[str] | None = None) -> int:
         swap = read_results(args.swap, ("pair", "measured_ms", "transport_ms", "modeled_ms", "bytes_per_expert",
                                         "bytes_per_expert_model", "topology", "model", "profile_path"),
                             "impl.experiments.hiermoe.swap_measure")
-        swap_gap = read_results(args.swap_gap, SWAP_GAP_COLUMNS, "impl.experiments.hiermoe.swap_gap")
+        swap_gap = read_swap_gaps(args.swap_gap)
     except (OSError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2

@@ -78,7 +78,8 @@ from impl.hiermoe.dimension import (DispatchCounts, RouteCounts, check_profile, 
 
 __all__ = ["MAX_FNS", "Z_METHODS", "LevelStats", "StackedLevels", "SwapStats", "SwapDecision", "HierDExpertSwap", "apply_max_fn",
            "selected_slots", "level_stats", "z_four_case", "local_swap_stats", "global_swap_stats",
-           "gather_swap_stats", "swap_stats_from_slots", "swap_objective", "decide_swap", "stats_bytes"]
+           "gather_swap_stats", "swap_stats_from_slots", "swap_tables", "swap_stats_from_tables", "swap_objective",
+           "decide_swap", "stats_bytes"]
 
 MAX_FNS = ("max", "smooth", "lse")
 Z_METHODS = ("factored", "four_case")
@@ -543,9 +544,23 @@ def swap_stats_from_slots(ids_NK: torch.Tensor, origin_N: torch.Tensor, topology
                           ) -> SwapStats:
     """The global statistics from every token's sorted selected slots (`selected_slots`, padded with
     E) and its origin rank ('factored' tables)."""
-    E, groups = num_experts, topology.U[1:]
-    counts = counts_from_slots(ids_NK, origin_N, topology, E)
-    route, co, w = _tables_of(_raw_tables(ids_NK, E, groups, 0, 1), E, groups, 1)
+    return swap_stats_from_tables(counts_from_slots(ids_NK, origin_N, topology, num_experts),
+                                  swap_tables(ids_NK, num_experts, topology.U[1:]))
+
+
+def swap_tables(ids_NK: torch.Tensor, num_experts: int, num_groups: Sequence[int]) -> torch.Tensor:
+    """The four-case counts of tokens' sorted selected slots (`selected_slots`, padded with E), all
+    tokens as one rank, as one flat int64 vector (`_raw_tables`). A sum over tokens: when some
+    tokens' slots change (a swap moves the experts they select), the vector of the new slots is the
+    old one minus those tokens' old vector plus their new one. `swap_stats_from_tables` reads it."""
+    return _raw_tables(ids_NK, num_experts, num_groups, 0, 1)
+
+
+def swap_stats_from_tables(counts: DispatchCounts, tables: torch.Tensor) -> SwapStats:
+    """The global statistics from the per-origin counts and the `swap_tables` of the same tokens
+    (`tables` left as it is)."""
+    E, groups = counts.num_experts, counts.topology.U[1:]
+    route, co, w = _tables_of(tables.clone(), E, groups, 1)
     return SwapStats(counts.copies, counts.pairs, StackedLevels.from_tables(route[0], co, w, groups))
 
 

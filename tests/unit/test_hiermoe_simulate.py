@@ -176,3 +176,34 @@ def test_model_overrides_change_the_routing_groups_and_the_dense_layers():
     assert (frame["moe_layers_total"] == frame["num_layers"]).all() and (frame["n_group"] == 8).all()
     with pytest.raises(ConfigError, match="n_group=3 is not allowed"):
         resolved(*base, "n_group=3")
+
+
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b-32l-tiny", "deepseek-v3-tiny"])
+def test_a_moved_placement_has_the_tensors_it_would_have_afresh(model):
+    """`LayerRouting.move` recounts only the tokens of the moved experts; the slot lists, both count
+    tables, HierD-ES's tables and its statistics equal a fresh derivation bit for bit, for swaps,
+    a wider permutation and tokens that select fewer than K experts (padded slot lists)."""
+    rz = resolved(f"model={model}", "systems=[Megatron-LM]")
+    stream = simulate.RoutingStream(rz.model, 1, rz.topology.G, rz.config.tokens_per_rank, rz.config.stream, 0)
+    full = stream.next_iteration()[0]
+    full[::7, :3] = False                                       # some tokens select fewer experts
+    moving, placement = simulate.LayerRouting(full, rz), ExpertPlacement.identity(rz.num_experts)
+    g = torch.Generator().manual_seed(0)
+    steps = [placement.swap(0, 1)] + [None] * 3 + [ExpertPlacement(tuple(torch.randperm(rz.num_experts, generator=g)
+                                                                         .tolist()))]
+    for new in steps:
+        new = new or placement.swap(*torch.randperm(rz.num_experts, generator=g)[:2].tolist())
+        moving.swap_stats(placement)
+        moving.move(placement, new)
+        placement, fresh = new, simulate.LayerRouting(full, rz)
+        assert torch.equal(moving.slots(placement), fresh.slots(placement))
+        assert torch.equal(moving.tables(placement), fresh.tables(placement))
+        for ours, theirs in zip(moving.of(placement)[:2], fresh.of(placement)[:2]):
+            if isinstance(ours, torch.Tensor):
+                assert torch.equal(ours, theirs)
+            else:
+                for a, b in ((ours.copies, theirs.copies), (ours.pairs, theirs.pairs)):
+                    assert all(torch.equal(x, y) for x, y in zip(a.by_level, b.by_level))
+        assert moving.of(placement)[2] == fresh.of(placement)[2]
+        ours, theirs = moving.swap_stats(placement).tables, fresh.swap_stats(placement).tables
+        assert all(torch.equal(getattr(ours, k), getattr(theirs, k)) for k in ("z0", "x", "solo", "w"))

@@ -1,6 +1,9 @@
-"""The swap-gap sweep (swaps accumulated on a routing that stays): each row's placement is the one
-the planner reached, re-evaluated with the sim's model; the objective never rises along the path;
-the report's table and the skew needed for a target gain follow from the rows."""
+"""The swap-gap sweep (swaps accumulated on a routing that stays), on both models' settings: each
+row's placement is the one the planner reached, re-evaluated with the sim's model; the objective
+never rises along the path; each shipped sweep is its model's run setting; the report's table, the
+skew needed for a target gain and its section on both models follow from the rows."""
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -14,19 +17,26 @@ from impl.hiermoe.expert_swap import decide_swap
 
 SMALL = ["sim.model=qwen3-30b-a3b-32l-tiny", "sim.topology=hiermoe-node", "sim.profile=hiermoe-node",
          "sim.tokens_per_rank=256"]
+# DeepSeek-V3's structure: 32 experts in 8 groups, a token's in at most 4 (node-limited), bias balancing
+DEEPSEEK_SMALL = ["sim.model=deepseek-v3-tiny"] + SMALL[1:]
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "workflows/config/experiments"
 
 
-def config(*extra):
-    return build_config(swap_gap.SwapGapConfig, None, SMALL + list(extra))
+def config(*extra, small=SMALL):
+    return build_config(swap_gap.SwapGapConfig, None, small + list(extra))
 
 
-def test_path_rows_are_the_planners_placements_evaluated_by_the_sim_model():
-    frame = swap_gap.run_sweep(config("skews=[1.0]", "max_swaps=4", "checkpoints=[1, 3]"))
-    assert list(frame["swaps"]) == [0, 1, 3, 4] and not frame["converged"].any()
+@pytest.mark.parametrize("small,skew,rows", [(SMALL, 1.0, {0: False, 1: False, 3: False, 4: False}),
+                                              (DEEPSEEK_SMALL, 3.0, {0: False, 1: False, 3: True})],
+                         ids=["qwen3", "deepseek"])
+def test_path_rows_are_the_planners_placements_evaluated_by_the_sim_model(small, skew, rows):
+    frame = swap_gap.run_sweep(config(f"skews=[{skew}]", "max_swaps=4", "checkpoints=[1, 3]", small=small))
+    assert dict(zip(frame["swaps"], frame["converged"])) == rows    # the last row: the cap, or where the planner stopped
     assert (frame["q_ms"].diff().dropna() <= 1e-12).all()          # a swap is made only when Q falls
     # replay: the same plans from the identity placement, the last row's time re-evaluated directly
     rz = simulate.resolve(build_config(simulate.SimExperimentConfig, None,
-                                       [s.removeprefix("sim.") for s in SMALL] + ["layers=1", "stream.skew=1.0"]))
+                                       [s.removeprefix("sim.") for s in small] + ["layers=1", f"stream.skew={skew}"]))
+    assert (frame["n_group"] == rz.model.n_group).all() and (frame["topk_group"] == rz.model.topk_group).all()
     stream = RoutingStream(rz.model, 1, rz.topology.G, rz.config.tokens_per_rank, rz.config.stream, 0,
                            num_experts=rz.num_experts, top_k=rz.top_k)
     first, second = (simulate.LayerRouting(stream.next_iteration()[0], rz) for _ in range(2))
@@ -60,6 +70,34 @@ def test_bad_config_is_refused(override, message):
         simulate.resolve(cfg.sim)
 
 
+@pytest.mark.parametrize("sweep,run", [("hiermoe_swap_gap.yaml", "hiermoe_ablation.yaml"),
+                                       ("hiermoe_swap_gap_deepseek.yaml", "hiermoe_deepseek.yaml")])
+def test_each_shipped_sweep_is_its_models_run_setting(sweep, run):
+    """The sweep explains the swaps of a run: same model, topology, profiles, token rows and routing
+    settings (DeepSeek-V3's node-limited groups as the model has them in the `deepseek` run)."""
+    gap = build_config(swap_gap.SwapGapConfig, EXPERIMENTS / sweep, [])
+    ran = build_config(simulate.SimExperimentConfig, EXPERIMENTS / run, [])
+    swap_gap.check(gap)
+    for key in ("model", "topology", "profile", "compute_profile", "tokens_per_rank", "bytes_per_elem",
+                "weight_bytes", "num_experts", "top_k", "n_group", "topk_group", "max_fn", "gamma", "seed"):
+        assert getattr(gap.sim, key) == getattr(ran, key), key
+    assert gap.sim.stream.drift == 0 and ran.stream.skew in gap.skews
+    model = simulate.resolve(gap.sim).model
+    assert (model.n_group, model.topk_group) == ((8, 4) if "deepseek" in sweep else (1, 1))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sim.n_group=3", "n_group"), ("skews=[]", "skews: the list is empty"),
+    ("sim.model=deepseek-v3-halfsix", "model: unknown model 'deepseek-v3-halfsix'")])
+def test_bad_deepseek_input_is_one_line_before_any_work(tmp_path, capsys, override, message):
+    out = tmp_path / "gap.csv"
+    code = swap_gap.main(["--config", str(EXPERIMENTS / "hiermoe_swap_gap_deepseek.yaml"), "--set", override,
+                          "--out-csv", str(out), "--out-record", str(tmp_path / "gap.json"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not list(tmp_path.iterdir())
+
+
 def _rows(skew, maxvio, times):
     return [{"skew": skew, "swaps": k, "checkpoint": k == 1, "converged": k == max(times), "maxvio": maxvio, "max_split_ratio": 1.0,
              "q_ms": t, "a2a_ms_same": t, "a2a_ms_next": t, "a2a_ms_same_tokens": t, "a2a_ms_next_tokens": t,
@@ -82,3 +120,60 @@ def test_report_table_and_the_skew_needed_for_a_gain():
     assert rep.skew_needed(table, target) == pytest.approx({"skew": 0.5, "MaxVio": 1.1})
     assert rep.skew_needed(table, 1.01) == pytest.approx({"skew": 0.0, "MaxVio": 0.1})
     assert rep.skew_needed(table, 1.5) is None
+
+
+def _sweep(model, n_group, topk_group, points):
+    """A sweep's rows for `model`: {skew: (MaxVio, {swaps: ms})}, the last point of each converged."""
+    rows = [r for skew, (maxvio, times) in points.items() for r in _rows(skew, maxvio, times)]
+    return pd.DataFrame(rows).assign(model=model, topology="hiermoe-testbed", E=256 if n_group > 1 else 128, K=8, G=32,
+                                     n_group=n_group, topk_group=topk_group, drift=0.0)
+
+
+def test_the_report_section_covers_each_models_sweep_against_its_run_and_paper_number():
+    from figures import hiermoe_sim as rep
+    from tests.unit.test_hiermoe_report import run as sim_rows
+
+    def with_swaps(frame, n_group, topk_group):       # HierMoE swaps one pair per iteration
+        frame = frame.assign(n_group=n_group, topk_group=topk_group)
+        frame.loc[frame["system"] == "HierMoE", "moved_experts"] = 2
+        return frame
+
+    ablation = with_swaps(sim_rows({"Megatron-LM": 100, "HD-MoE": 60, "HierMoE": 60 / 1.02}), 1, 1)
+    deepseek = with_swaps(sim_rows({"Megatron-LM": 100, "HD-MoE": 40, "HierMoE": 40 / 1.01}, model=rep.DEEPSEEK), 8, 4)
+    gaps = {rep.QWEN3: _sweep(rep.QWEN3, 1, 1, {0.0: (0.1, {0: 100.0, 1: 99.0, 50: 95.0}),
+                                                 2.0: (4.0, {0: 100.0, 1: 98.0, 70: 80.0})}),
+            rep.DEEPSEEK: _sweep(rep.DEEPSEEK, 8, 4, {0.0: (0.2, {0: 100.0, 1: 99.9, 40: 99.5}),
+                                                       2.0: (5.0, {0: 100.0, 1: 99.0, 90: 85.0})})}
+    runs = rep.Runs(ablation, deepseek, ablation, {}, ablation, ablation, ablation,
+                    pd.DataFrame(columns=["system", "skew", "median"]), 0.0, False, pd.DataFrame(), swap_gap=gaps)
+    sentence, section = rep.swap_gap_lines(gaps, runs)
+    paper = (rep.paper_value("hiermoe_fig11", system="HierMoE", baseline=rep.BASE, model=rep.DEEPSEEK)
+             / rep.paper_value("hiermoe_fig11", system="HD-MoE", baseline=rep.BASE, model=rep.DEEPSEEK))
+    need = rep.skew_needed(rep.swap_gap_table(gaps[rep.DEEPSEEK]), paper)
+    assert sentence.index("Qwen3-30B-A3B, at the fitted skew 0: the swap converges at 50 swaps to 1.05") < sentence.index(
+        "DeepSeek-V3 (6L, half), at the `deepseek` run's skew 0: the swap converges at 40 swaps to 1.01")
+    assert (f"under our model the paper's {rep.fmt(paper)} needs skew {need['skew']:.2f} (MaxVio "
+            f"{need['MaxVio']:.2f}), converged.") in sentence
+    lo, hi = rep.paper_range("hiermoe_ablation")
+    assert f"the paper's {rep.fmt(lo)} needs skew" in sentence and ", both converged." in sentence
+    assert "### Qwen3-30B-A3B" in section and "routing without expert groups, as in the `ablation` run" in section
+    assert ("### DeepSeek-V3 (6L, half)" in section and "routing node-limited (n_group 8, topk_group 4: a token's "
+            "experts lie in at most 4 of 8 expert groups), as in the `deepseek` run" in section)
+    assert ("the `deepseek` run makes 5 swaps in its first layer over its 5 measured iterations (HierMoE over HD-MoE "
+            "there 1.01)") in section
+    assert f"against the paper's {rep.fmt(paper)} (Fig. 11: 2.72 / 2.55)" in section
+    assert f"against the paper's {rep.fmt(lo)}-{rep.fmt(hi)} (Sec. V-E)" in section
+
+
+def test_the_report_reads_one_sweep_per_model_in_its_order(tmp_path):
+    from figures import hiermoe_sim as rep
+
+    paths = {}
+    for name, model in (("d", rep.DEEPSEEK), ("q", rep.QWEN3), ("q2", rep.QWEN3), ("x", "mixtral-8x7b")):
+        paths[name] = tmp_path / f"{name}.csv"
+        _sweep(model, 1, 1, {0.0: (0.1, {0: 100.0, 1: 99.0})}).to_csv(paths[name], index=False)
+    assert list(rep.read_swap_gaps([str(paths["d"]), str(paths["q"])])) == [rep.QWEN3, rep.DEEPSEEK]
+    with pytest.raises(ValueError, match="a second swap-gap sweep of qwen3-30b-a3b-32l"):
+        rep.read_swap_gaps([str(paths["q"]), str(paths["q2"])])
+    with pytest.raises(ValueError, match="a swap-gap sweep of model mixtral-8x7b; the report reads one sweep of each"):
+        rep.read_swap_gaps([str(paths["x"])])

@@ -161,7 +161,9 @@ def test_bad_config_fails_while_parsing_with_a_clear_message(tmp_path, override,
     ("scheinfer_sim={set: {hardware: [a100]}}", "hardware: 'a100' is not allowed; allowed: rtx4090-pcie4-16core"),
     ("fsmoe={set: {fig6: [[A, gpt5]]}}", "fsmoe: fig6: model 'gpt5' is not allowed; allowed: gpt2-xl"),
     ("fsmoe={emu: {num_experts: 3}}", "fsmoe.emu: num_experts: 3 is not divisible by the expert-parallel size 2"),
-    ("hiermoe_swap_gap={set: {skews: []}}", "hiermoe_swap_gap: skews: the list is empty"),
+    ("hiermoe_swap_gap={set: {skews: []}}", "hiermoe_swap_gap.runs.qwen3: skews: the list is empty"),
+    ("hiermoe_swap_gap={runs: {deepseek: {set: {sim: {n_group: 3}}}}}",
+     "hiermoe_swap_gap.runs.deepseek: ModelConfig 'deepseek-v3-half6': n_group=3 is not allowed"),
 ])
 def test_bad_config_stops_the_run_before_any_job_with_a_clear_message(tmp_path, override, message):
     """The deep checks (models, topologies, systems) run before the first job (the workflow's

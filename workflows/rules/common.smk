@@ -118,12 +118,28 @@ def calibration_profile():
     return f"resources/calibration/{entry['topology']}-{entry['backend']}.yaml"
 
 
+def run_overrides(name, run):
+    """One run of an experiment entry with `runs`: the run's own overrides, then the ones for every run."""
+    entry = config[name]
+    return overrides_of(entry["runs"][run].get("set", {})) + overrides_of(entry.get("set", {}))
+
+
 SIM_RUNS = config["hiermoe_sim"]["runs"]
 
 
 def sim_overrides(run):
-    """The run's own overrides, then the ones for every run."""
-    return overrides_of(SIM_RUNS[run].get("set", {})) + overrides_of(config["hiermoe_sim"].get("set", {}))
+    return run_overrides("hiermoe_sim", run)
+
+
+# The swap-gap sweeps (one per model): results/raw/hiermoe_swap_gap/<run>.csv.
+SWAP_GAP_RUNS = config["hiermoe_swap_gap"]["runs"]
+
+
+def swap_gap_checks():
+    """The deep checks of every swap-gap sweep (part of `config_checks`)."""
+    return [{"name": f"hiermoe_swap_gap.runs.{run}", "kind": "hiermoe_swap_gap",
+             "config": repo_path(SWAP_GAP_RUNS[run]["config"]), "set": run_overrides("hiermoe_swap_gap", run)}
+            for run in SWAP_GAP_RUNS]
 
 
 def sim_variants(run):
@@ -310,9 +326,7 @@ def fsmoe_checks():
 def config_checks():
     """Every experiment config the deep checks resolve (those of `make emu` and the cluster
     target too, as before they were moved out of the parse), as the check script takes them."""
-    return sim_run_checks() + [
-        {"name": "hiermoe_swap_gap", "kind": "hiermoe_swap_gap", "config": experiment_config("hiermoe_swap_gap"),
-         "set": experiment_overrides("hiermoe_swap_gap")},
+    return sim_run_checks() + swap_gap_checks() + [
         {"name": "scheinfer_sim", "kind": "scheinfer_sim", "config": experiment_config("scheinfer_sim"),
          "set": experiment_overrides("scheinfer_sim")},
         {"name": "emu_validation", "kind": "emu_validation", "config": experiment_config("emu_validation"),

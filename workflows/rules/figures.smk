@@ -68,7 +68,7 @@ rule plot_hiermoe_sim:
         long_persistent="results/raw/hiermoe_sim/ablation-long-persistent.csv",
         skew="results/raw/hiermoe_sim/skew.csv",
         swap=rules.hiermoe_swap_measure.output.csv,
-        swap_gap=rules.hiermoe_swap_gap.output.csv,
+        swap_gap=expand("results/raw/hiermoe_swap_gap/{run}.csv", run=SWAP_GAP_RUNS),
         table2_csv=rules.hiermoe_table2.output.csv,
         table2=rules.plot_hiermoe_table2.output.md,
         fig9=rules.plot_hiermoe_fig9.output.md,

@@ -112,19 +112,22 @@ rule hiermoe_swap_measure:
 
 rule hiermoe_swap_gap:
     """What the expert swap can gain on our routing: HierD-ES planned until it stops, on routings of
-    several skews that stay (the report's explanation of the swap gain's gap to the paper)."""
+    several skews that stay (the report's explanation of the swap gain's gap to the paper); one
+    sweep per run (model) of the config."""
     input:
         code=code_inputs("impl.experiments.hiermoe.swap_gap"),
-        config=experiment_config("hiermoe_swap_gap"),
+        config=lambda wc: repo_path(SWAP_GAP_RUNS[wc.run]["config"]),
     output:
-        csv="results/raw/hiermoe_swap_gap/sweep.csv",
-        record="results/raw/hiermoe_swap_gap/sweep.json",
+        csv="results/raw/hiermoe_swap_gap/{run}.csv",
+        record="results/raw/hiermoe_swap_gap/{run}.json",
     log:
-        "results/logs/hiermoe_swap_gap/sweep.log",
+        "results/logs/hiermoe_swap_gap/{run}.log",
     benchmark:
-        "results/benchmarks/hiermoe_swap_gap/sweep.tsv"
+        "results/benchmarks/hiermoe_swap_gap/{run}.tsv"
+    wildcard_constraints:
+        run="|".join(SWAP_GAP_RUNS),
     params:
-        overrides=set_flags("hiermoe_swap_gap"),
+        overrides=lambda wc: as_flags(run_overrides("hiermoe_swap_gap", wc.run)),
     threads: 1
     resources:
         runtime=30,

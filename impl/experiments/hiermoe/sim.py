@@ -79,10 +79,10 @@ from impl.common.dispatcher import ExpertPlacement
 from impl.common.models import ModelConfig, get_model
 from impl.common.records import make_record
 from impl.common.topology import Topology, get_topology
-from impl.hiermoe.dimension import (COUNT_BYTES, DispatchCounts, agreement_bytes, allreduce_time, check_profile,
-                                    collective_time, counts_from_slots, flat_time, iteration_times, route_time,
-                                    select_dimension, selected_slots)
-from impl.hiermoe.expert_swap import decide_swap, stats_bytes, swap_stats_from_slots
+from impl.hiermoe.dimension import (COUNT_BYTES, DispatchCounts, RouteCounts, agreement_bytes, allreduce_time,
+                                    check_profile, collective_time, counts_from_slots, flat_time, iteration_times,
+                                    route_time, select_dimension, selected_slots)
+from impl.hiermoe.expert_swap import decide_swap, stats_bytes, swap_stats_from_tables, swap_tables
 from impl.experiments.hiermoe.spec import SystemSpec, option_default
 from impl.experiments.hiermoe.systems import HIERMOE_SYSTEMS
 from impl.experiments.hiermoe.workload import RoutingStream, TokenStreamConfig, routing_balance
@@ -311,6 +311,7 @@ class LayerRouting:
         self.origin_N = torch.arange(G).repeat_interleave(full_map_TE.shape[0] // G)
         self._slots: dict[ExpertPlacement, torch.Tensor] = {}
         self._counts: dict[ExpertPlacement, tuple] = {}
+        self._tables: dict[ExpertPlacement, torch.Tensor] = {}
         self._stats: dict = {}
 
     def slots(self, placement: ExpertPlacement) -> torch.Tensor:
@@ -318,20 +319,60 @@ class LayerRouting:
             self._slots[placement] = selected_slots(self.full_map, placement)[0]
         return self._slots[placement]
 
+    def _derived(self, placement: ExpertPlacement, counts: DispatchCounts) -> tuple[DispatchCounts, torch.Tensor, float]:
+        """`of`'s entry from the placement's dispatch counts."""
+        return (counts, self.counts_GE[:, list(placement.expert_of_slot)],
+                expert_compute_ms(self.rz, self.rows_E, placement))
+
     def of(self, placement: ExpertPlacement) -> tuple[DispatchCounts, torch.Tensor, float]:
         """(dispatch counts, per-rank counts per slot [G, E], expert compute ms) under `placement`."""
         if placement not in self._counts:
-            self._counts[placement] = (
-                counts_from_slots(self.slots(placement), self.origin_N, self.rz.topology, self.rz.num_experts),
-                self.counts_GE[:, list(placement.expert_of_slot)],
-                expert_compute_ms(self.rz, self.rows_E, placement))
+            self._counts[placement] = self._derived(placement, counts_from_slots(
+                self.slots(placement), self.origin_N, self.rz.topology, self.rz.num_experts))
         return self._counts[placement]
+
+    def tables(self, placement: ExpertPlacement) -> torch.Tensor:
+        """HierD-ES's four-case counts under `placement` (`swap_tables`)."""
+        if placement not in self._tables:
+            self._tables[placement] = swap_tables(self.slots(placement), self.rz.num_experts, self.rz.topology.U[1:])
+        return self._tables[placement]
 
     def swap_stats(self, placement: ExpertPlacement):
         if placement not in self._stats:
-            self._stats[placement] = swap_stats_from_slots(self.slots(placement), self.origin_N, self.rz.topology,
-                                                           self.rz.num_experts)
+            self._stats[placement] = swap_stats_from_tables(self.of(placement)[0], self.tables(placement))
         return self._stats[placement]
+
+    def move(self, old: ExpertPlacement, new: ExpertPlacement) -> None:
+        """Derive `new`'s slot lists, counts and HierD-ES tables from `old`'s, in their place (a
+        planner that goes on from `new` needs `old` no more). A token that selects none of the
+        experts whose slot changed keeps its slot list, and every count is a sum over tokens, so
+        only the other tokens are counted again: out under `old`, in under `new` (a swap: about
+        2 K / E of the tokens). The same tensors as deriving `new` afresh, bit for bit (tested)."""
+        if new == old:
+            return
+        topo, E = self.rz.topology, self.rz.num_experts
+        ids = self.slots(old)
+        counts, tables = self.of(old)[0], self.tables(old)
+        # old slot -> new slot of the same expert; the padding slot E stays
+        remap = torch.tensor(new.slot_of_expert + (E,))[torch.tensor(old.expert_of_slot + (E,))]
+        hit = (remap[ids] != ids).any(1)
+        before = ids[hit]
+        after = torch.sort(remap[before], dim=1).values
+        origin = self.origin_N[hit]
+        lost, gained = counts_from_slots(before, origin, topo, E), counts_from_slots(after, origin, topo, E)
+
+        def recount(total: RouteCounts, lost: RouteCounts, gained: RouteCounts) -> RouteCounts:
+            return RouteCounts(topo, total.dedup, tuple(t - o + i for t, o, i in zip(total.by_level, lost.by_level,
+                                                                                       gained.by_level)))
+
+        slots_new = ids.clone()
+        slots_new[hit] = after
+        self._slots[new] = slots_new
+        self._counts[new] = self._derived(new, DispatchCounts(recount(counts.copies, lost.copies, gained.copies),
+                                                              recount(counts.pairs, lost.pairs, gained.pairs), E))
+        self._tables[new] = tables - swap_tables(before, E, topo.U[1:]) + swap_tables(after, E, topo.U[1:])
+        for cache in (self._slots, self._counts, self._tables, self._stats):
+            cache.pop(old, None)
 
 
 class SystemState:

@@ -2,7 +2,10 @@
 accumulate on a routing that stays, against routing skew (sim tier, modeled times).
 
     python -m impl.experiments.hiermoe.swap_gap --config workflows/config/experiments/hiermoe_swap_gap.yaml \
-        --out-csv results/raw/hiermoe_swap_gap/sweep.csv --out-record results/raw/hiermoe_swap_gap/sweep.json
+        --out-csv results/raw/hiermoe_swap_gap/qwen3.csv --out-record results/raw/hiermoe_swap_gap/qwen3.json
+
+(`hiermoe_swap_gap_deepseek.yaml`: the same on the DeepSeek-V3 setting, node-limited routing as
+its sim run has it.)
 
 Why. HierD-ES makes one swap per layer and plan (Theorem 1: the single best pair), so its gain
 grows with the swaps made, up to where no single swap lowers the modeled time any more (a local
@@ -92,7 +95,9 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
             rows.append(row(swaps, done, d, decision.q_current, plan_s))
         if done:
             break
-        placement = placement.swap(*decision.pair)
+        swapped = placement.swap(*decision.pair)
+        routing.move(placement, swapped)         # the next plan's statistics: only the moved experts' tokens recounted
+        placement = swapped
     return rows
 
 
@@ -111,7 +116,8 @@ def run_sweep(config: SwapGapConfig) -> pd.DataFrame:
         for key, value in {"skew": skew, "drift": sim.stream.drift, **routing_balance(first, rz.topology.G),
                            "model": rz.model.name, "topology": rz.topology.name, "E": rz.num_experts,
                            "K": rz.top_k, "G": rz.topology.G, "profile": rz.profile.name,
-                           "max_fn": sim.max_fn, "gamma": sim.gamma, "tier": "sim"}.items():
+                           "max_fn": sim.max_fn, "gamma": sim.gamma, "tier": "sim",
+                           "n_group": rz.model.n_group, "topk_group": rz.model.topk_group}.items():
             frame[key] = value
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
