@@ -300,7 +300,7 @@ CLIS: list[Cli] = [
         {"--out-csv": OUT, "--out-record": OUT, "--config": IN}, config="hiermoe_table2"),
     Cli("impl.experiments.scheinfer.__main__",
         ("generate", "--model", "{gguf}", "--tokens", "1,2", "--n-predict", "1", "--cost", "{cost}", "--threads", "1",
-         "--tile", "16", "--no-progress"),
+         "--tile", "16", "--gg-mode", "popularity", "--no-progress"),     # a policy that profiles: --calibration-text is read
         {"--model": IN + ["{garbage}"], "--tokens": ["x", "", "-1", "1,,x", "99999999"],
          "--n-predict": ints(1, 1 << 20), "--gpu-mem": ints(0), "--policy": NAME, "--assign": NAME, "--gg-mode": NAME,
          "--threads": ints(1, 4096), "--tile": ints(1, 1 << 20), "--cost": IN + ["{garbage}"],
@@ -309,7 +309,7 @@ CLIS: list[Cli] = [
          "--out-record": ["{tmp}/g.record.json", "{dir}", ""]},
         id="scheinfer generate", unchecked={"--prompt": "any text (exclusive with --tokens, which the base uses)"}),
     Cli("impl.experiments.scheinfer.__main__",
-        ("bench", "--model", "{gguf}", "--prompt-tokens", "2", "--n-predict", "1", "--policies", "scheinfer",
+        ("bench", "--model", "{gguf}", "--prompt-tokens", "2", "--n-predict", "1", "--policies", "fiddler",
          "--cost", "{cost}", "--repeats", "1", "--threads", "1", "--tile", "16", "--out-csv", "{tmp}/b.csv",
          "--out-record", "{tmp}/b.json", "--no-progress"),
         {"--model": IN + ["{garbage}"], "--prompt-tokens": ["x", "", "0", "2,-1", "1" + "0" * 30],

@@ -138,7 +138,11 @@ def test_only_a_policy_that_profiles_reads_the_calibration_prompt(models, tmp_pa
     argv = ["generate", "--model", str(checkpoint), "--tokens", "1,5,9", "--n-predict", "2", "--cost", str(cost),
             "--threads", "1", "--popularity-tokens", "8", "--no-progress", "--policy"]
     assert main(argv + ["layers"]) == 0
-    capsys.readouterr()
+    assert "note: --calibration-text" not in capsys.readouterr().err
+    text = tmp_path / "text.txt"
+    text.write_text("unused")
+    assert main(argv + ["layers", "--calibration-text", str(text)]) == 0
+    assert "note: --calibration-text is not read: no policy of this run (layers) ranks" in capsys.readouterr().err
     assert main(argv + ["fiddler"]) == 2
     err = capsys.readouterr().err
     assert "tokenizer.json: HF tokenizers cannot read it (" in err and len(err.strip().splitlines()) == 1, err

@@ -274,10 +274,11 @@ def test_auto_times_the_decoders_own_steps_and_leaves_nothing_behind(decoders, m
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
 def test_eager_decode_steps_with_native_products_run_torch_on_one_thread(decoders, monkeypatch, kernel):
     """Each eager decode step (not the prompt) whose products are native ops runs in
-    `torch_ops_on_one_thread`; with torch's kernel none does, nor in the engine's decoder (whose
-    lanes run torch products meanwhile)."""
+    `torch_ops_on_one_thread`; with torch's kernel none does. The engine's decoder too (each
+    thread's count is its own: the lanes keep theirs)."""
     from contextlib import contextmanager
-    from impl.scheinfer.engine import HybridDecoder
+    from impl.scheinfer.engine import HybridDecoder, HybridEngine
+    from impl.scheinfer.policy import FixedPolicy
     entered = []
 
     @contextmanager
@@ -290,7 +291,11 @@ def test_eager_decode_steps_with_native_products_run_torch_on_one_thread(decoder
     fast = FastDecoder(src, kernel=kernel)
     out = fast.generate([[1, 17, 300, 42]], 4)
     assert len(entered) == (out.decode_steps if kernel != "torch" else 0)
-    assert HybridDecoder.torch_ops_on_one_thread is False and FastDecoder.torch_ops_on_one_thread is True
+    entered.clear()
+    with HybridEngine(FixedPolicy(0.5, 0.25, 0.25), src.config.hidden, gpu_mem_bytes=1 << 30, device="cpu",
+                      kernel=kernel) as engine:
+        out = HybridDecoder(src, engine).generate([[1, 17, 300, 42]], 4)
+    assert len(entered) == (out.decode_steps if kernel != "torch" else 0)
 
 
 @pytest.mark.slow

@@ -208,8 +208,12 @@ def _calibration(args, cfg, policy_names):
     `policy_names` profiles (`policy_ranks_by_popularity`, known before the cost model); made
     before any weights are read. ValueError, one line, on bad input."""
     from impl.scheinfer.policy import policy_ranks_by_popularity
-    if args.popularity_tokens == 0 or not any(policy_ranks_by_popularity(name, **_policy_options(name, args))
-                                              for name in policy_names):
+    if args.popularity_tokens == 0:
+        return None
+    if not any(policy_ranks_by_popularity(name, **_policy_options(name, args)) for name in policy_names):
+        if args.calibration_text is not None:
+            print(f"note: --calibration-text is not read: no policy of this run ({', '.join(policy_names)}) ranks "
+                  "FFNs by popularity", file=sys.stderr)
         return None
     return calibration_prompt(Path(args.model), cfg.vocab_size, args.popularity_tokens, args.calibration_text)
 
