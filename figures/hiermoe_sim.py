@@ -978,11 +978,12 @@ def swap_section(runs: Runs) -> str:
 
 
 SWAP_GAP_COLUMNS = ("skew", "swaps", "checkpoint", "converged", "maxvio", "max_split_ratio", "q_ms", "a2a_ms_same", "a2a_ms_next",
-                    "a2a_ms_same_tokens", "a2a_ms_next_tokens", "first_step_rows_mean", "first_step_rows_max", "drift",
-                    "model", "topology", "E", "K", "G", "n_group", "topk_group")
+                    "a2a_ms_same_tokens", "a2a_ms_next_tokens", "first_step_rows_mean", "first_step_rows_max", "cross_node_swaps",
+                    "drift", "model", "topology", "E", "K", "G", "n_group", "topk_group")
 PAPER_CHARGE = "final, paper's charge"
 FIRST_MEAN = "first step's mean rows, final / 0 swaps"
 FIRST_SPREAD = "first step's largest / mean split, 0 swaps -> final"
+CROSS_NODE = "of them across nodes"
 
 
 def read_swap_gaps(paths: list[str]) -> dict[str, pd.DataFrame]:
@@ -1017,6 +1018,7 @@ def swap_gap_table(gap: pd.DataFrame) -> pd.DataFrame:
             row[f"after {k} swaps"] = (float(base["a2a_ms_next"] / (last["a2a_ms_next"] if stopped else at[k]))
                                        if stopped or k in at else np.nan)
         row["swaps made"] = f"{int(last['swaps'])}" + ("" if last["converged"] else " (cap)")
+        row[CROSS_NODE] = int(last["cross_node_swaps"])
         row["final, next routing"] = float(base["a2a_ms_next"] / last["a2a_ms_next"])
         row["final, same routing"] = float(base["a2a_ms_same"] / last["a2a_ms_same"])
         row[PAPER_CHARGE] = float(base["a2a_ms_next_tokens"] / last["a2a_ms_next_tokens"])
@@ -1148,7 +1150,8 @@ def _swap_gap_model(model: str, gap: pd.DataFrame, runs: Runs) -> tuple[str, lis
         f"* Where the gain comes from: at {where} the route's first step (across nodes) carries "
         f"{100 * (1 - fitted[FIRST_MEAN]):.1f}% fewer duplicate-free rows per (holder, peer) on average after the "
         f"converged swaps (dedup: experts that tokens select together placed in one group), while its largest split "
-        f"over the mean goes {fit_row[FIRST_SPREAD]} (balance).",
+        f"over the mean goes {fit_row[FIRST_SPREAD]} (balance); {fit_row[CROSS_NODE]} of its {fit_row['swaps made']} "
+        f"swaps exchange experts on two nodes, the others stay inside one, where only the finer steps change.",
         f"* Staleness (planned on one iteration, used on the next): converged, {fmt(fitted['final, same routing'], 3)} "
         f"on the routing planned on against {fmt(fitted['final, next routing'], 3)} on the next one.",
         f"* Objective against the model: converged, Q gains {fmt(fitted['final, objective Q'], 3)}, the modeled time "

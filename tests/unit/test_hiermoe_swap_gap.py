@@ -43,12 +43,16 @@ def test_path_rows_are_the_planners_placements_evaluated_by_the_sim_model(small,
     hd = simulate.parse_system("HD-MoE", {})
     placement = ExpertPlacement.identity(rz.num_experts)
     last = frame[frame["swaps"] == 3].iloc[0]
+    cross = 0
     for _ in range(3):
         d = simulate.a2a_time(hd, first.of(placement)[0], None, rz)[1]
-        placement = placement.swap(*decide_swap(first.swap_stats(placement), placement, rz.profile, rz.row_bytes,
-                                                dim=d).pair)
+        a, b = decide_swap(first.swap_stats(placement), placement, rz.profile, rz.row_bytes, dim=d).pair
+        per_node = rz.num_experts // rz.topology.num_nodes       # slots are node-major
+        cross += placement.slot_of_expert[a] // per_node != placement.slot_of_expert[b] // per_node
+        placement = placement.swap(a, b)
     assert last["a2a_ms_same"] == pytest.approx(simulate.a2a_time(hd, first.of(placement)[0], None, rz)[0])
     assert last["a2a_ms_next"] == pytest.approx(simulate.a2a_time(hd, second.of(placement)[0], None, rz)[0])
+    assert last["cross_node_swaps"] == cross            # swaps whose two experts were on different nodes
     d = simulate.a2a_time(hd, first.of(placement)[0], None, rz)[1]        # the route planned with
     rows = holder_rows(second.of(placement)[0].copies, *route_steps(rz.topology, d)[0]).double()
     assert (last["first_step_rows_mean"], last["first_step_rows_max"]) == pytest.approx(
@@ -101,7 +105,7 @@ def test_bad_deepseek_input_is_one_line_before_any_work(tmp_path, capsys, overri
 def _rows(skew, maxvio, times):
     return [{"skew": skew, "swaps": k, "checkpoint": k == 1, "converged": k == max(times), "maxvio": maxvio, "max_split_ratio": 1.0,
              "q_ms": t, "a2a_ms_same": t, "a2a_ms_next": t, "a2a_ms_same_tokens": t, "a2a_ms_next_tokens": t,
-             "first_step_rows_mean": t, "first_step_rows_max": 1.5 * t}
+             "first_step_rows_mean": t, "first_step_rows_max": 1.5 * t, "cross_node_swaps": k // 2}
             for k, t in times.items()]
 
 

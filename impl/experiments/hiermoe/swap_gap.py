@@ -22,7 +22,9 @@ under our charge ('all') and the paper's (Eqs. (1)-(5), 'tokens'), the objective
 placement (`q_ms`, Eq. (8) at its d*), and the duplicate-free rows of the route's first step (across
 the coarsest level) on the next routing, their mean and largest split (`first_step_rows_*`: a swap
 lowers the mean by placing experts that tokens select together in one group, the largest split
-over the mean by balancing). Gains are the rows of 0 swaps over the row's.
+over the mean by balancing), and how many of the swaps so far exchanged experts on two nodes
+(`cross_node_swaps`; the others stay inside a node, where only the finer steps can change). Gains
+are the rows of 0 swaps over the row's.
 
 What it measures (the report divides): the swap gain after as many swaps as the runs make,
 the converged gain (an upper bound for a run of any length on a routing that stays, under this
@@ -72,7 +74,7 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
 
     def row(swaps: int, converged: bool, d: int, q_ms: float, plan_s: float) -> dict:
         out = {"swaps": swaps, "checkpoint": swaps in checkpoints, "converged": converged, "dim": d, "q_ms": q_ms,
-               "planning_s": plan_s}
+               "planning_s": plan_s, "cross_node_swaps": cross_node}
         for charge, spec in specs.items():
             suffix = "" if charge == "all" else "_tokens"
             for which, r in (("same", routing), ("next", next_routing)):
@@ -83,7 +85,10 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
         out["first_step_rows_mean"], out["first_step_rows_max"] = float(first.mean()), float(first.max())
         return out
 
-    plan_s = 0.0
+    def node(expert: int) -> int:
+        return rz.topology.group_index(placement.owner_rank(expert, rz.topology.G), 1)
+
+    plan_s, cross_node = 0.0, 0
     for swaps in range(max_swaps + 1):
         _, d = a2a_time(specs["all"], routing.of(placement)[0], None, rz)
         start = time.perf_counter()
@@ -95,6 +100,7 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
             rows.append(row(swaps, done, d, decision.q_current, plan_s))
         if done:
             break
+        cross_node += node(decision.pair[0]) != node(decision.pair[1])
         swapped = placement.swap(*decision.pair)
         routing.move(placement, swapped)         # the next plan's statistics: only the moved experts' tokens recounted
         placement = swapped
