@@ -1157,7 +1157,7 @@ def _swap_gap_model(model: str, gap: pd.DataFrame, runs: Runs) -> tuple[str, lis
         f"* Objective against the model: converged, Q gains {fmt(fitted['final, objective Q'], 3)}, the modeled time "
         f"{fmt(fitted['final, same routing'], 3)} on the same routing under our charge, "
         f"{fmt(fitted[PAPER_CHARGE], 3)} on the next under the paper's.",
-        f"* What would have to be true for the paper's gain under our model, converged: "
+        "* What would have to be true for the paper's gain under our model, converged: "
         + "; ".join(needed(t) for t in setting.paper)
         + f" (the routing at {where} has MaxVio {fitted['MaxVio']:.2f}; the paper states no load statistics)."
         # the skew sweep, and the HD2-MoE number the skew was fitted to, are Qwen3's
