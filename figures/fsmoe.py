@@ -824,11 +824,13 @@ def _unmet(curve: list[float], paper: float, top: float) -> str:
     return "not reached"
 
 
-def contention_section(grid: pd.DataFrame, models: pd.DataFrame) -> list[str]:
+def contention_section(grid: pd.DataFrame, models: pd.DataFrame,
+                       frames: dict[float, tuple[pd.DataFrame, pd.DataFrame]] | None = None) -> list[str]:
     """Every figure under every lane contention the runs have: how FSMoE's speedup over each plan
     moves with c, the c at which ours meets each speedup the paper prints, and whether one c meets
-    them all, computed over every figure. [] when the runs have no contention level."""
-    frames = contention_runs(grid, models)
+    them all, computed over every figure. [] when the runs have no contention level. `frames`:
+    `contention_runs(grid, models)`, where the caller has it already."""
+    frames = contention_runs(grid, models) if frames is None else frames
     levels = list(frames)
     if len(levels) < 2:
         return []
@@ -988,11 +990,14 @@ def _closed(paper: float, ours: float, ablated: float) -> float:
 def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.DataFrame,
            ablations: dict[str, tuple[pd.DataFrame, pd.DataFrame]], degrees: pd.DataFrame | None,
            emu: pd.DataFrame | None, order: pd.DataFrame | None = None, links: pd.DataFrame | None = None,
-           ablation_table2: dict[str, pd.DataFrame] | None = None, degrees_record: dict | None = None) -> str:
+           ablation_table2: dict[str, pd.DataFrame] | None = None, degrees_record: dict | None = None,
+           contention: dict[float, tuple[pd.DataFrame, pd.DataFrame]] | None = None) -> str:
     """`ablations`: name -> (grid, models) of a run with one assumption changed; `order`: the
     lane-order study (results --part order); `links`: results --part links; `ablation_table2`:
     reading -> Table 2 under that reading; `degrees_record`: the run record beside the degree
-    study's CSV (its commit and date)."""
+    study's CSV (its commit and date); `contention`: `contention_runs(grid, models)`, where the
+    caller has it already."""
+    contention = contention_runs(grid, models) if contention is None else contention
     where = "the committed reference run `figures/reference/fsmoe_degree_methods.csv`"
     if degrees_record:
         where += (f" (made at commit {str(degrees_record.get('git', {}).get('sha', '?'))[:12]}, "
@@ -1019,7 +1024,8 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
                    for name in [*PP_ABLATIONS, *CONTENTION_ABLATIONS]}
     figure_runs = {name: figures for name, figures in figure_runs.items() if figures}
     for name in figure_runs:
-        runs[name] = (figure_ablation(grid, name), figure_ablation(models, name))
+        runs[name] = (contention[CONTENTION_ABLATIONS[name][1]] if name in CONTENTION_ABLATIONS
+                      else (figure_ablation(grid, name), figure_ablation(models, name)))
     for name in runs:
         lines.append(f"* `{name}`: {descriptions.get(name, name)}"
                      + (" (grid: a random sample of configured layers)" if name in ablations else ""))
@@ -1062,7 +1068,7 @@ def report(grid: pd.DataFrame, stat: pd.DataFrame, t2: pd.DataFrame, models: pd.
                   "cannot explain the rest; what DeepSpeed-MoE's own operations add is computed below."]
         lines += ds_moe_section(models, variants)
     lines += fig8_lines
-    lines += contention_section(grid, models)
+    lines += contention_section(grid, models, contention)
     lines += ["", "## Every number", "",
               "| result | paper | ours | gap | gain paper / ours | verdict | tier "
               "| the same number under each ablation |",
@@ -1230,7 +1236,7 @@ def main(argv: list[str] | None = None) -> int:
         style.save(fig, out / name, source=",".join(args.grid))
         plt.close(fig)
     atomic_write_text(out / "fsmoe_report.md", report(grid, stat, t2, models, ablations, degrees, emu, order, links,
-                                                             ablation_table2, degrees_record))
+                                                             ablation_table2, degrees_record, levels))
     print(f"fsmoe figures and report -> {out}")
     return 0
 
