@@ -189,25 +189,26 @@ def test_thread_counts_are_per_thread():
     assert (torch.get_num_threads(), _mkl_threads()) == before
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc/self/task")
-def test_lanes_start_without_an_openmp_team(models):
-    """An engine's lanes start no OpenMP workers: the threads an engine adds do not depend on its
-    thread count (each lane's set-up product runs on one thread, its own count set after; libgomp
-    waits only briefly once it manages more threads than CPUs, idle workers counted:
-    tests/bench/README.md), and each lane keeps its own count."""
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads in /proc/self/task")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_lanes_start_without_an_openmp_team(models, threads):
+    """An engine's lanes start no OpenMP workers: the threads an engine adds are its lanes and
+    nothing else, whatever its thread count (each lane's set-up product runs on one thread, its own
+    count set after; libgomp waits only briefly once it manages more threads than CPUs, idle workers
+    counted: tests/bench/README.md), and each lane keeps its own count. Thread ids are compared as
+    sets, so a thread elsewhere in the process ending meanwhile does not count."""
     src, _ = models["mixtral"]
-    added = {}
-    for threads in (1, 3):
-        before = len(os.listdir("/proc/self/task"))
-        eng = HybridEngine(FixedPolicy(1.0, 0.0, 0.0), src.config.hidden, torch.float32, 0, device="cpu",
-                           threads=threads, kernel="torch")
-        try:
-            added[threads] = len(os.listdir("/proc/self/task")) - before
-            counts = {name: lane.submit(torch.get_num_threads).result() for name, lane in eng._lanes.items()}
-            assert counts == eng.lane_threads == {"cpu": threads, "h2d": 1, "gpu": threads}
-        finally:
-            eng.close()
-    assert added[3] == added[1] >= len(eng.lane_threads), added
+    before = set(os.listdir("/proc/self/task"))
+    eng = HybridEngine(FixedPolicy(1.0, 0.0, 0.0), src.config.hidden, torch.float32, 0, device="cpu",
+                       threads=threads, kernel="torch")
+    try:
+        added = set(os.listdir("/proc/self/task")) - before
+        lane_ids = {str(lane.submit(threading.get_native_id).result()) for lane in eng._lanes.values()}
+        assert added == lane_ids and len(lane_ids) == len(eng.lane_threads), (added, lane_ids)
+        counts = {name: lane.submit(torch.get_num_threads).result() for name, lane in eng._lanes.items()}
+        assert counts == eng.lane_threads == {"cpu": threads, "h2d": 1, "gpu": threads}
+    finally:
+        eng.close()
 
 
 def test_scheinfer_split_differs_by_phase(models):
