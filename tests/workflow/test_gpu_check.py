@@ -3,6 +3,7 @@ without a GPU (the engine's device lanes emulated on the CPU) and writes the sam
 GPU run writes, each readable by what consumes it, so the script cannot rot between GPU runs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -62,6 +63,17 @@ def test_dry_run_writes_every_result_file(tmp_path):
     assert commit(tmp_path, "h100", ref, allow_dry_run=True) == 0          # again: rows replaced, not added
     readme = (ref / "README.md").read_text()
     assert readme.count("| `scheinfer_gpu_bench.csv` |") == 1 and "gpu_profile_h100.yaml" in readme
+    committed = json.loads((ref / "scheinfer_gpu_bench.json").read_text())
+    assert committed["outputs"] == {"scheinfer_gpu_bench.csv": bench_record["outputs"]["c_bench.csv"]}
+    assert {k: v for k, v in committed.items() if k != "outputs"} == {
+        k: v for k, v in bench_record.items() if k != "outputs"}
+    changed = tmp_path / "changed"
+    shutil.copytree(tmp_path, changed, ignore=shutil.ignore_patterns("reference"))
+    text = (changed / "c_bench.csv").read_text()
+    (changed / "c_bench.csv").write_text(text + text.splitlines()[-1] + "\n")     # a row twice
+    with pytest.raises(ValueError, match="c_bench.csv: not the file the run wrote"):
+        commit(changed, "h100", tmp_path / "reference2", allow_dry_run=True)
+    assert not (tmp_path / "reference2").exists()
     from figures.scheinfer_sim import gpu_section
     section = gpu_section(str(ref / "scheinfer_gpu_bench.csv"), str(ref / "scheinfer_gpu_bench.json"),
                           str(ref / "scheinfer_gpu_hardware.yaml"))

@@ -1,7 +1,9 @@
 """Put what one `gpu_check.sh` run brought back into figures/reference/ under the names the suite
 reads (the ScheInfer report picks up the bench, its record and the measured hardware class), and
 write the reference README's rows for them from the run's own records (device, date, commit,
-command), so that nothing about the run is typed by hand.
+command), so that nothing about the run is typed by hand. The records' `outputs` entries are
+renamed with their files (after each file is checked against its entry), so the readers' check of
+a CSV against its record holds for the committed pair too.
 
     python workflows/scripts/commit_gpu_evidence.py --from RESULT_DIR --card h100 [--to figures/reference]
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def commit(src: Path, card: str, dest: Path, allow_dry_run: bool = False) -> int:
-    from impl.common.records import read_record
+    from impl.common.records import read_record, write_record
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", card):
         raise ValueError(f"--card={card!r} is not allowed; expected lower-case letters, digits and '-', e.g. h100")
@@ -66,22 +68,28 @@ def commit(src: Path, card: str, dest: Path, allow_dry_run: bool = False) -> int
     if missing:
         raise ValueError(f"--from {src}: missing {', '.join(missing)}; expected every file gpu_check.sh writes")
     try:
-        record, bench = read_record(src / "e_record.json"), read_record(src / "c_bench.json")
+        runs = {name: read_record(src / name) for name in ("e_record.json", "c_bench.json")}
     except ValueError as e:
         raise ValueError(f"--from {e}; expected the run records gpu_check.sh writes") from None
-    for name, r in (("e_record.json", record), ("c_bench.json", bench)):
+    record, bench = runs["e_record.json"], runs["c_bench.json"]
+    for name, r in runs.items():
         if r.get("tier") != "cluster" and not allow_dry_run:
             raise ValueError(f"--from {src / name}: tier {r.get('tier')!r}, not 'cluster': a run without a GPU "
                              "(--allow-dry-run to accept it)")
-    dest.mkdir(parents=True, exist_ok=True)
     device = bench.get("topology", {}).get("device") or record.get("topology", {}).get("device", "?")
     sha = (record.get("git", {}).get("sha") or "?")[:12]
     command = record.get("command")
     command = shlex.join(command) if isinstance(command, list) else str(command)
+    targets = {name: target.format(card=card) for name, (target, _) in FILES.items()}
+    records = {name: _renamed_outputs(src, name, r, targets) for name, r in runs.items()}
+    dest.mkdir(parents=True, exist_ok=True)
     rows = {}
-    for name, (target, what) in FILES.items():
-        target = target.format(card=card)
-        shutil.copyfile(src / name, dest / target)
+    for name, (_, what) in FILES.items():
+        target = targets[name]
+        if name in records:
+            write_record(dest / target, records[name])
+        else:
+            shutil.copyfile(src / name, dest / target)
         rows[target] = (f"| `{target}` | {what} | {record.get('tier')} ({device}; {record.get('timestamp', '?')[:10]}, "
                         f"commit {sha}) | `{command}`, then `python workflows/scripts/commit_gpu_evidence.py "
                         f"--card {card}` |")
@@ -92,6 +100,24 @@ def commit(src: Path, card: str, dest: Path, allow_dry_run: bool = False) -> int
     readme.write_text("\n".join(kept + list(rows.values())) + "\n")
     print(f"{len(rows)} files from {src} ({device}) -> {dest}; README rows written; review and commit them")
     return 0
+
+
+def _renamed_outputs(src: Path, name: str, record: dict, targets: dict[str, str]) -> dict:
+    """`record` with its `outputs` entries under the names the files are committed under, so the
+    readers' check of a CSV against its record still applies there; each file is first checked
+    against its entry (a file cut short or changed on the way back is refused, not committed)."""
+    from impl.common.records import describe_output
+
+    outputs = {}
+    for out, expected in record.get("outputs", {}).items():
+        if out not in targets:
+            raise ValueError(f"--from {src / name}: describes {out!r}, a file gpu_check.sh does not bring back")
+        found = describe_output(src / out, expected["rows"])
+        if found["sha256"] != expected["sha256"]:
+            raise ValueError(f"--from {src / out}: not the file the run wrote (sha256 differs from {name}'s); "
+                             "fetch the run's files again")
+        outputs[targets[out]] = expected
+    return {**record, "outputs": outputs} if "outputs" in record else record
 
 
 if __name__ == "__main__":
