@@ -355,7 +355,7 @@ class Runs:
     swap: pd.DataFrame
     skew_runs: dict = field(default_factory=dict)          # {skew: that variant's rows}
     deepseek_ablation: dict = field(default_factory=dict)  # {variant: its rows} (ungrouped, dense0)
-    swap_gap: dict = field(default_factory=dict)           # {model: its swap-gap sweep} (impl.experiments.hiermoe.swap_gap)
+    swap_gap: dict = field(default_factory=dict)           # {model: its swap-gap sweeps} (`read_swap_gaps`)
     long: dict = field(default_factory=dict)               # {variant: its rows}: HD-MoE, HierMoE over a long run
 
     def of(self, model: str) -> pd.DataFrame:
@@ -979,26 +979,36 @@ def swap_section(runs: Runs) -> str:
 
 SWAP_GAP_COLUMNS = ("skew", "swaps", "checkpoint", "converged", "maxvio", "max_split_ratio", "q_ms", "a2a_ms_same", "a2a_ms_next",
                     "a2a_ms_same_tokens", "a2a_ms_next_tokens", "first_step_rows_mean", "first_step_rows_max", "cross_node_swaps",
-                    "drift", "model", "topology", "E", "K", "G", "n_group", "topk_group")
+                    "cross_node_best_dq", "in_node_best_dq", "cross_node_lowering_share", "in_node_lowering_share", "drift", "model", "topology", "E", "K", "G", "n_group", "topk_group")
 PAPER_CHARGE = "final, paper's charge"
 FIRST_MEAN = "first step's mean rows, final / 0 swaps"
 FIRST_SPREAD = "first step's largest / mean split, 0 swaps -> final"
 CROSS_NODE = "of them across nodes"
 
 
-def read_swap_gaps(paths: list[str]) -> dict[str, pd.DataFrame]:
-    """{model: its sweep} of swap-gap CSVs, in the report's model order; ValueError for a sweep of
-    another model than the runs' or a second sweep of one."""
-    gaps = {}
+def _grouping(gap: pd.DataFrame) -> tuple[int, int]:
+    """A sweep's (or run's) expert groups: (n_group, topk_group)."""
+    return int(gap["n_group"].iloc[0]), int(gap["topk_group"].iloc[0])
+
+
+def read_swap_gaps(paths: list[str]) -> dict[str, list[pd.DataFrame]]:
+    """{model: its swap-gap sweeps, in the order given} in the report's model order, one sweep per
+    model and routing (`_grouping`: a second routing of a model is an ablation of its node-limited
+    routing); ValueError for a sweep of another model than the runs' or a second sweep of one
+    model and routing."""
+    gaps: dict[str, list[pd.DataFrame]] = {}
     for path in paths:
         gap = read_results(path, SWAP_GAP_COLUMNS, "impl.experiments.hiermoe.swap_gap")
         models = sorted(set(gap["model"]))
         if len(models) != 1 or models[0] not in MODEL_LABEL:
             raise ValueError(f"{path}: a swap-gap sweep of model {', '.join(models)}; the report reads one sweep of "
                              f"each of {', '.join(MODEL_LABEL)}")
-        if models[0] in gaps:
-            raise ValueError(f"{path}: a second swap-gap sweep of {models[0]}; give one per model")
-        gaps[models[0]] = gap
+        if len(gap[["n_group", "topk_group"]].drop_duplicates()) != 1:
+            raise ValueError(f"{path}: a swap-gap sweep of several routings (n_group, topk_group); give one per file")
+        if any(_grouping(other) == _grouping(gap) for other in gaps.get(models[0], [])):
+            raise ValueError(f"{path}: a second swap-gap sweep of {models[0]} with n_group {_grouping(gap)[0]}, "
+                             f"topk_group {_grouping(gap)[1]}; give one per model and routing")
+        gaps.setdefault(models[0], []).append(gap)
     return {m: gaps[m] for m in MODEL_LABEL if m in gaps}
 
 
@@ -1101,9 +1111,78 @@ def swap_gap_setting(model: str, runs: Runs) -> SwapGapSetting:
                           (hier / hd,), f"Fig. 11: {fmt(hier)} / {fmt(hd)}")
 
 
-def _swap_gap_model(model: str, gap: pd.DataFrame, runs: Runs) -> tuple[str, list[str]]:
-    """(the headline's clause, the section's lines) of one model's swap-gap sweep."""
-    setting, table = swap_gap_setting(model, runs), swap_gap_table(gap)
+def _routing_words(grouping: tuple[int, int]) -> str:
+    groups, chosen = grouping
+    return (f"node-limited (n_group {groups}, topk_group {chosen}: a token's experts lie in at most {chosen} of "
+            f"{groups} expert groups)" if groups > 1 else "without expert groups")
+
+
+@dataclass(frozen=True)
+class AcrossNodes:
+    """One swap path of a sweep (the skew nearest the one asked for), read for which swaps cross
+    nodes: the swaps made and how many of them crossed, and of the single swaps each checkpoint's
+    placement allows, the share across nodes that would lower Q (at 0 swaps; the largest on the
+    path) and the best one across nodes and inside a node at 0 swaps (Q's relative change)."""
+
+    skew: float
+    swaps: int
+    crossed: int
+    share_start: float
+    share_most: float
+    best_across: float
+    best_inside: float
+
+    @classmethod
+    def of(cls, gap: pd.DataFrame, skew: float) -> "AcrossNodes":
+        at = float(gap["skew"].iloc[(gap["skew"] - skew).abs().argmin()])
+        path = gap[gap["skew"] == at].sort_values("swaps")
+        first, last = path.iloc[0], path.iloc[-1]
+        return cls(at, int(last["swaps"]), int(last["cross_node_swaps"]), float(first["cross_node_lowering_share"]),
+                   float(path["cross_node_lowering_share"].max()), float(first["cross_node_best_dq"]),
+                   float(first["in_node_best_dq"]))
+
+
+def _whole_groups(gap: pd.DataFrame) -> str:
+    """Whether each expert group lies whole on one node under the identity placement (the sweeps'
+    start), computed from E, n_group and the topology's nodes; '' when not (or no groups)."""
+    first = gap.iloc[0]
+    E, groups = int(first["E"]), int(first["n_group"])
+    nodes = get_topology(str(first["topology"])).U[1]
+    if groups <= 1 or E % groups or E % nodes or (E // nodes) % (E // groups):
+        return ""
+    return (f"; under the identity placement the swaps start from, each of its {groups} expert groups "
+            f"({E // groups} consecutive experts) lies whole on one node ({E // nodes} experts per node), so a swap "
+            f"across nodes splits a group that tokens select together")
+
+
+def _across_nodes_lines(gap: pd.DataFrame, variants: list[pd.DataFrame], skew: float, where: str) -> list[str]:
+    """Why the converged swaps cross nodes or not (`AcrossNodes`), and the same sweep under each
+    other routing of the model (an ablation of node-limited routing), with what follows from them."""
+    a = AcrossNodes.of(gap, skew)
+    lines = [f"* Across nodes or not (Q of every single swap each checkpoint's placement allows): at {where}, at 0 "
+             f"swaps {100 * a.share_start:.1f}% of the swaps across nodes would lower Q (the best across nodes "
+             f"{100 * a.best_across:+.3f}%, the best inside a node {100 * a.best_inside:+.3f}%), at most "
+             f"{100 * a.share_most:.1f}% at any checkpoint of the path; {a.crossed} of its {a.swaps} swaps cross nodes."]
+    for variant in variants:
+        v = AcrossNodes.of(variant, skew)
+        line = (f"* Ablation, the same sweep with routing {_routing_words(_grouping(variant))}: at skew {v.skew:g}, "
+                f"{v.crossed} of its {v.swaps} swaps cross nodes (routing as above: {a.crossed} of {a.swaps}); at 0 "
+                f"swaps {100 * v.share_start:.1f}% of the swaps across nodes would lower Q (as above: "
+                f"{100 * a.share_start:.1f}%), the best across nodes {100 * v.best_across:+.3f}%.")
+        if _grouping(gap)[0] > 1 >= _grouping(variant)[0] and a.crossed == 0 == a.share_most < v.crossed:
+            line += (" So the node-limited routing is what keeps the swaps inside nodes: with it no swap across nodes "
+                     f"lowers Q anywhere on the path{_whole_groups(gap)}.")
+        lines.append(line)
+    return lines
+
+
+def _swap_gap_model(model: str, sweeps: list[pd.DataFrame], runs: Runs) -> tuple[str, list[str]]:
+    """(the headline's clause, the section's lines) of one model's swap-gap sweeps: the one with the
+    routing of the model's run (else the first), and the others as ablations of its routing."""
+    setting = swap_gap_setting(model, runs)
+    gap = next((g for g in sweeps if _grouping(g) == _grouping(setting.run)), sweeps[0])
+    variants = [g for g in sweeps if g is not gap]
+    table = swap_gap_table(gap)
     at, where = setting.skew, f"{setting.skew_words} {setting.skew:g}"
     fitted = {c: float(np.interp(at, table["skew"], table[c])) for c in table.columns
               if c not in ("swaps made",) and table[c].dtype.kind == "f"}
@@ -1127,11 +1206,8 @@ def _swap_gap_model(model: str, gap: pd.DataFrame, runs: Runs) -> tuple[str, lis
               f"{fmt(fitted['final, next routing'])} (objective Q {fmt(fitted['final, objective Q'])}); under our "
               f"model {needs}.")
     first = gap.iloc[0]
-    groups, chosen = int(first["n_group"]), int(first["topk_group"])
-    as_run = (int(run["n_group"].iloc[0]), int(run["topk_group"].iloc[0])) == (groups, chosen)
-    routing = ((f"node-limited (n_group {groups}, topk_group {chosen}: a token's experts lie in at most {chosen} of "
-                f"{groups} expert groups)" if groups > 1 else "without expert groups")
-               + (f", as in the `{setting.run_name}` run" if as_run else
+    routing = (_routing_words(_grouping(gap))
+               + (f", as in the `{setting.run_name}` run" if _grouping(gap) == _grouping(run) else
                   f", unlike the `{setting.run_name}` run (n_group {int(run['n_group'].iloc[0])}, topk_group "
                   f"{int(run['topk_group'].iloc[0])})"))
     gain = speedup(run, "HierMoE", "HD-MoE")["median"]
@@ -1152,6 +1228,7 @@ def _swap_gap_model(model: str, gap: pd.DataFrame, runs: Runs) -> tuple[str, lis
         f"converged swaps (dedup: experts that tokens select together placed in one group), while its largest split "
         f"over the mean goes {fit_row[FIRST_SPREAD]} (balance); {fit_row[CROSS_NODE]} of its {fit_row['swaps made']} "
         f"swaps exchange experts on two nodes, the others stay inside one, where only the finer steps change.",
+        *_across_nodes_lines(gap, variants, at, where),
         f"* Staleness (planned on one iteration, used on the next): converged, {fmt(fitted['final, same routing'], 3)} "
         f"on the routing planned on against {fmt(fitted['final, next routing'], 3)} on the next one.",
         f"* Objective against the model: converged, Q gains {fmt(fitted['final, objective Q'], 3)}, the modeled time "
@@ -1167,11 +1244,11 @@ def _swap_gap_model(model: str, gap: pd.DataFrame, runs: Runs) -> tuple[str, lis
 
 def swap_gap_lines(gaps: dict[str, pd.DataFrame], runs: Runs) -> tuple[str, str]:
     """(the headline's sentence, the section) on what the swap can gain on our routing, from the
-    swap-gap sweeps (`impl.experiments.hiermoe.swap_gap`), one per model."""
-    parts = [_swap_gap_model(model, gap, runs) for model, gap in gaps.items()]
+    swap-gap sweeps (`impl.experiments.hiermoe.swap_gap`), one or more per model (`read_swap_gaps`)."""
+    parts = [_swap_gap_model(model, sweeps, runs) for model, sweeps in gaps.items()]
     sentence = ("Why (swap-gap sweep, swaps accumulated on a routing that stays): "
                 + " ".join(clause for clause, _ in parts))
-    drifts = sorted({float(d) for gap in gaps.values() for d in gap["drift"]})
+    drifts = sorted({float(d) for sweeps in gaps.values() for gap in sweeps for d in gap["drift"]})
     drift = "no drift" if drifts == [0.0] else "drift " + ", ".join(f"{d:g}" for d in drifts)
     section = "\n".join([
         "HierD-ES swaps one pair per layer and plan (Theorem 1), so its gain grows with the swaps made until no "
@@ -1442,7 +1519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swap", type=cli.input_file, required=True,
                         help="swap measurement CSV (impl.experiments.hiermoe.swap_measure)")
     parser.add_argument("--swap-gap", type=cli.input_file, required=True, nargs="+",
-                        help="swap-gap sweep CSVs (impl.experiments.hiermoe.swap_gap), one per model")
+                        help="swap-gap sweep CSVs (impl.experiments.hiermoe.swap_gap), one per model and routing")
     parser.add_argument("--table2-csv", type=cli.input_file, help="Table II run CSV (its cells go into the report)")
     parser.add_argument("--table2-md", type=cli.input_file, help="Table II markdown (linked)")
     parser.add_argument("--fig9-md", type=cli.input_file, help="Fig. 9 markdown (linked and included)")

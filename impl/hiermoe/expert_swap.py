@@ -79,7 +79,7 @@ from impl.hiermoe.dimension import (DispatchCounts, RouteCounts, check_profile, 
 __all__ = ["MAX_FNS", "Z_METHODS", "LevelStats", "StackedLevels", "SwapStats", "SwapDecision", "HierDExpertSwap", "apply_max_fn",
            "selected_slots", "level_stats", "z_four_case", "local_swap_stats", "global_swap_stats",
            "gather_swap_stats", "swap_stats_from_slots", "swap_tables", "swap_stats_from_tables", "swap_objective",
-           "decide_swap", "stats_bytes"]
+           "pair_objectives", "decide_swap", "stats_bytes"]
 
 MAX_FNS = ("max", "smooth", "lse")
 Z_METHODS = ("factored", "four_case")
@@ -463,9 +463,12 @@ class SwapStats:
         return self.counts.topology
 
     @property
+    def num_experts(self) -> int:
+        return self.tables.num_experts if self.tables is not None else self.z[0].shape[0]
+
+    @property
     def dispatch_counts(self) -> DispatchCounts:
-        E = self.tables.num_experts if self.tables is not None else self.z[0].shape[0]
-        return DispatchCounts(self.counts, self.pairs, E)
+        return DispatchCounts(self.counts, self.pairs, self.num_experts)
 
     def level(self, L: int):
         """LevelStats (factored) or Z (four_case) of level L."""
@@ -600,6 +603,36 @@ def swap_objective(counts_by_level: Mapping[int, torch.Tensor], topology: Topolo
     return total
 
 
+def pair_objectives(stats: SwapStats, profile: HardwareProfile, row_bytes: int, dim: int, *,
+                    max_fn: str = "smooth", gamma: float = 10.0, dtype: torch.dtype = torch.float64,
+                    rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Q_d (ms, Eq. (8)) of swapping slot s1 with slot s2, for the slots s1 in `rows` [first, end)
+    (default: all) and every s2: [end - first, E] in `dtype`, the pairs of slots on one GPU inf (a
+    swap there changes nothing; Q of the current placement is `swap_objective` of z0). What
+    `decide_swap` screens; also what tells which swaps lower Q (e.g. those between two nodes)."""
+    _check_options(max_fn, gamma)
+    topo = stats.topology
+    E = stats.num_experts
+    El = check_expert_parallel(E, topo.G)
+    first, end = (0, E) if rows is None else rows
+    terms = _step_terms(topo, dim, profile)
+    n = end - first
+    coef = [beta * fan * row_bytes for _, _, fan, _, beta in terms]
+    if stats.tables is not None:
+        f_LRS = stats.tables.pair_values([scale for _, scale, *_ in terms], max_fn, gamma, dtype,
+                                         rows=(first, end), levels=[L - 1 for L, *_ in terms])
+        q_RS = f_LRS.mul_(torch.tensor(coef, dtype=dtype).view(-1, 1, 1)).sum(0)
+    else:
+        q_RS = torch.zeros(n, E, dtype=dtype)
+        for (L, scale, *_), c in zip(terms, coef):
+            zs = stats.level(L)[first:end].reshape(n * E, -1).to(torch.float64) * scale
+            q_RS.add_(apply_max_fn(zs, max_fn, gamma).view(n, E).to(dtype), alpha=c)
+    q_RS += sum(alpha for _, _, _, alpha, _ in terms)
+    gpu = torch.arange(first, end) // El
+    q_RS.view(n, topo.G, El)[torch.arange(n), gpu] = math.inf              # pairs on one GPU change nothing
+    return q_RS
+
+
 @dataclass(frozen=True)
 class SwapDecision:
     """One HierD-ES decision: swap logical experts `pair` (None: keep the placement)."""
@@ -653,19 +686,9 @@ def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareP
     def reduce_min(value: float) -> float:
         return value if comm is None else float(comm.reduce_on_host(torch.tensor([value], dtype=torch.float64), "min"))
 
+    q_RS = pair_objectives(stats, profile, row_bytes, d, max_fn=max_fn, gamma=gamma, dtype=screen_dtype,
+                           rows=(first, end))
     n = end - first
-    coef = [beta * fan * row_bytes for _, _, fan, _, beta in terms]
-    if stats.tables is not None:
-        f_LRS = stats.tables.pair_values([scale for _, scale, *_ in terms], max_fn, gamma, screen_dtype,
-                                         rows=(first, end), levels=[L - 1 for L in levels])
-        q_RS = f_LRS.mul_(torch.tensor(coef, dtype=screen_dtype).view(-1, 1, 1)).sum(0)
-    else:
-        q_RS = torch.zeros(n, E, dtype=screen_dtype)
-        for (L, scale, *_), c in zip(terms, coef):
-            zs = stats.level(L)[first:end].reshape(n * E, -1).to(torch.float64) * scale
-            q_RS.add_(apply_max_fn(zs, max_fn, gamma).view(n, E).to(screen_dtype), alpha=c)
-    gpu = torch.arange(first, end) // El
-    q_RS.view(n, topo.G, El)[torch.arange(n), gpu] = math.inf              # pairs on one GPU change nothing
     q_min = reduce_min(float(q_RS.min()))
     near = q_RS <= q_min + SCREEN_TOL * max(1.0, abs(q_min))
     i, s2 = (near & (torch.arange(E).view(1, E) > torch.arange(first, end).view(n, 1))).nonzero(as_tuple=True)

@@ -12,6 +12,7 @@ from impl.common.topology import get_topology
 from impl.common.traces import synthetic_topk
 from impl.hiermoe.dimension import choose_from_counts, dispatch_counts, local_counts, route_steps
 from impl.hiermoe.expert_swap import (MAX_FNS, REL_TOL, HierDExpertSwap, apply_max_fn, decide_swap, global_swap_stats,
+                                     pair_objectives,
                                       _real_columns, _unflatten, level_stats, local_swap_stats, selected_slots,
                                       swap_objective, z_four_case)
 from tests.support.expert_training import TrainCase, profile_for_topology, train_rank
@@ -184,6 +185,39 @@ def test_choice_equals_exhaustive_search(topo_name, E, K, T, max_fn):
             assert got.q_current == pytest.approx(q_now, rel=1e-12)
         split = SimWorld(topo).run(_decide_rank, stats, placement, profile, row_bytes, max_fn, dim)
         assert all(s == got for s in split)                   # rows split over the ranks: the same decision
+
+
+@pytest.mark.parametrize("topo_name,E", TOPOLOGIES)
+@pytest.mark.parametrize("z_method", ["factored", "four_case"])
+def test_pair_objectives_equal_the_recount_of_every_swap(topo_name, E, z_method):
+    """Q of every slot pair (what the planner screens, and what tells which swaps lower Q) is the
+    objective of the recounted swapped placement; pairs on one GPU are inf; any rows are the rows
+    of the whole."""
+    topo = get_topology(topo_name)
+    profile = profile_for_topology(topo)
+    maps = [routing_map(12, E, 3, seed=r, distribution="zipf") for r in range(topo.G)]
+    placement = ExpertPlacement(tuple(torch.randperm(E, generator=torch.Generator().manual_seed(E)).tolist()))
+    stats = global_swap_stats(maps, topo, placement, z_method)
+    El = E // topo.G
+    for dim, max_fn in ((1, "smooth"), (topo.D, "max"), (topo.D, "lse")):
+        levels = [L for L, _ in route_steps(topo, dim)]
+
+        def q_of(pl):
+            full = torch.cat([pl.to_slots(m) for m in maps])
+            counts = {L: full.view(full.shape[0], topo.U[L], -1).any(2).sum(0, keepdim=True) for L in levels}
+            return float(swap_objective(counts, topo, dim, profile, 1 << 16, max_fn, 10.0)[0])
+
+        q = pair_objectives(stats, profile, 1 << 16, dim, max_fn=max_fn)
+        of_slot = placement.expert_of_slot
+        for s1 in range(E):
+            for s2 in range(E):
+                if s1 // El == s2 // El:
+                    assert q[s1, s2] == math.inf
+                else:
+                    assert float(q[s1, s2]) == pytest.approx(q_of(placement.swap(of_slot[s1], of_slot[s2])),
+                                                             rel=1e-12), (s1, s2)
+        torch.testing.assert_close(pair_objectives(stats, profile, 1 << 16, dim, max_fn=max_fn, rows=(El, 3 * El)),
+                                   q[El:3 * El], rtol=0, atol=0)
 
 
 def _decide_rank(comm, stats, placement, profile, row_bytes, max_fn, dim):

@@ -53,6 +53,21 @@ def test_path_rows_are_the_planners_placements_evaluated_by_the_sim_model(small,
     assert last["a2a_ms_same"] == pytest.approx(simulate.a2a_time(hd, first.of(placement)[0], None, rz)[0])
     assert last["a2a_ms_next"] == pytest.approx(simulate.a2a_time(hd, second.of(placement)[0], None, rz)[0])
     assert last["cross_node_swaps"] == cross            # swaps whose two experts were on different nodes
+    # the single swaps the last placement allows: the best across nodes or inside one is the planner's
+    # choice (itself checked against an exhaustive search), and none lowers Q where the planner stopped
+    d = simulate.a2a_time(hd, first.of(placement)[0], None, rz)[1]
+    decision = decide_swap(first.swap_stats(placement), placement, rz.profile, rz.row_bytes, dim=d)
+    best = {kind: last[f"{kind}_best_dq"] for kind in ("cross_node", "in_node")}
+    if decision.pair is None:
+        assert last["cross_node_lowering_share"] == last["in_node_lowering_share"] == 0
+        assert min(best.values()) > -1e-9
+    else:
+        assert min(best.values()) == pytest.approx(decision.q_best / decision.q_current - 1, abs=1e-12)
+        a, b = decision.pair
+        kind = "cross_node" if placement.slot_of_expert[a] // per_node != placement.slot_of_expert[b] // per_node \
+            else "in_node"
+        assert best[kind] == min(best.values()) < 0 and last[f"{kind}_lowering_share"] > 0
+    assert frame[["cross_node_lowering_share", "in_node_lowering_share"]].stack().between(0, 1).all()
     d = simulate.a2a_time(hd, first.of(placement)[0], None, rz)[1]        # the route planned with
     rows = holder_rows(second.of(placement)[0].copies, *route_steps(rz.topology, d)[0]).double()
     assert (last["first_step_rows_mean"], last["first_step_rows_max"]) == pytest.approx(
@@ -105,7 +120,9 @@ def test_bad_deepseek_input_is_one_line_before_any_work(tmp_path, capsys, overri
 def _rows(skew, maxvio, times):
     return [{"skew": skew, "swaps": k, "checkpoint": k == 1, "converged": k == max(times), "maxvio": maxvio, "max_split_ratio": 1.0,
              "q_ms": t, "a2a_ms_same": t, "a2a_ms_next": t, "a2a_ms_same_tokens": t, "a2a_ms_next_tokens": t,
-             "first_step_rows_mean": t, "first_step_rows_max": 1.5 * t, "cross_node_swaps": k // 2}
+             "first_step_rows_mean": t, "first_step_rows_max": 1.5 * t, "cross_node_swaps": k // 2,
+             "cross_node_best_dq": 0.002, "in_node_best_dq": -0.001 if k < max(times) else 0.0,
+             "cross_node_lowering_share": 0.0, "in_node_lowering_share": 0.2 if k < max(times) else 0.0}
             for k, t in times.items()]
 
 
@@ -144,16 +161,18 @@ def test_the_report_section_covers_each_models_sweep_against_its_run_and_paper_n
 
     ablation = with_swaps(sim_rows({"Megatron-LM": 100, "HD-MoE": 60, "HierMoE": 60 / 1.02}), 1, 1)
     deepseek = with_swaps(sim_rows({"Megatron-LM": 100, "HD-MoE": 40, "HierMoE": 40 / 1.01}, model=rep.DEEPSEEK), 8, 4)
-    gaps = {rep.QWEN3: _sweep(rep.QWEN3, 1, 1, {0.0: (0.1, {0: 100.0, 1: 99.0, 50: 95.0}),
-                                                 2.0: (4.0, {0: 100.0, 1: 98.0, 70: 80.0})}),
-            rep.DEEPSEEK: _sweep(rep.DEEPSEEK, 8, 4, {0.0: (0.2, {0: 100.0, 1: 99.9, 40: 99.5}),
-                                                       2.0: (5.0, {0: 100.0, 1: 99.0, 90: 85.0})})}
+    ds_points = {0.0: (0.2, {0: 100.0, 1: 99.9, 40: 99.5}), 2.0: (5.0, {0: 100.0, 1: 99.0, 90: 85.0})}
+    # DeepSeek-V3's own routing keeps every swap inside nodes; without expert groups, some cross
+    ungrouped = _sweep(rep.DEEPSEEK, 1, 1, ds_points).assign(cross_node_lowering_share=0.3, cross_node_best_dq=-0.004)
+    gaps = {rep.QWEN3: [_sweep(rep.QWEN3, 1, 1, {0.0: (0.1, {0: 100.0, 1: 99.0, 50: 95.0}),
+                                                  2.0: (4.0, {0: 100.0, 1: 98.0, 70: 80.0})})],
+            rep.DEEPSEEK: [ungrouped, _sweep(rep.DEEPSEEK, 8, 4, ds_points).assign(cross_node_swaps=0)]}
     runs = rep.Runs(ablation, deepseek, ablation, {}, ablation, ablation, ablation,
                     pd.DataFrame(columns=["system", "skew", "median"]), 0.0, False, pd.DataFrame(), swap_gap=gaps)
     sentence, section = rep.swap_gap_lines(gaps, runs)
     paper = (rep.paper_value("hiermoe_fig11", system="HierMoE", baseline=rep.BASE, model=rep.DEEPSEEK)
              / rep.paper_value("hiermoe_fig11", system="HD-MoE", baseline=rep.BASE, model=rep.DEEPSEEK))
-    need = rep.skew_needed(rep.swap_gap_table(gaps[rep.DEEPSEEK]), paper)
+    need = rep.skew_needed(rep.swap_gap_table(gaps[rep.DEEPSEEK][1]), paper)   # the sweep with the run's routing
     assert sentence.index("Qwen3-30B-A3B, at the fitted skew 0: the swap converges at 50 swaps to 1.05") < sentence.index(
         "DeepSeek-V3 (6L, half), at the `deepseek` run's skew 0: the swap converges at 40 swaps to 1.01")
     assert (f"under our model the paper's {rep.fmt(paper)} needs skew {need['skew']:.2f} (MaxVio "
@@ -167,6 +186,15 @@ def test_the_report_section_covers_each_models_sweep_against_its_run_and_paper_n
             "there 1.01)") in section
     assert f"against the paper's {rep.fmt(paper)} (Fig. 11: 2.72 / 2.55)" in section
     assert f"against the paper's {rep.fmt(lo)}-{rep.fmt(hi)} (Sec. V-E)" in section
+    assert ("at 0 swaps 0.0% of the swaps across nodes would lower Q (the best across nodes +0.200%, the best inside "
+            "a node -0.100%), at most 0.0% at any checkpoint of the path; 0 of its 40 swaps cross nodes.") in section
+    assert ("* Ablation, the same sweep with routing without expert groups: at skew 0, 20 of its 40 swaps cross nodes "
+            "(routing as above: 0 of 40); at 0 swaps 30.0% of the swaps across nodes would lower Q (as above: 0.0%), "
+            "the best across nodes -0.400%. So the node-limited routing is what keeps the swaps inside nodes: with it "
+            "no swap across nodes lowers Q anywhere on the path; under the identity placement the swaps start from, "
+            "each of its 8 expert groups (32 consecutive experts) lies whole on one node (64 experts per node), so a "
+            "swap across nodes splits a group that tokens select together.") in section
+    assert section.count("* Ablation,") == 1                     # Qwen3 has one routing
 
 
 def test_the_report_reads_one_sweep_per_model_in_its_order(tmp_path):
@@ -176,8 +204,15 @@ def test_the_report_reads_one_sweep_per_model_in_its_order(tmp_path):
     for name, model in (("d", rep.DEEPSEEK), ("q", rep.QWEN3), ("q2", rep.QWEN3), ("x", "mixtral-8x7b")):
         paths[name] = tmp_path / f"{name}.csv"
         _sweep(model, 1, 1, {0.0: (0.1, {0: 100.0, 1: 99.0})}).to_csv(paths[name], index=False)
-    assert list(rep.read_swap_gaps([str(paths["d"]), str(paths["q"])])) == [rep.QWEN3, rep.DEEPSEEK]
-    with pytest.raises(ValueError, match="a second swap-gap sweep of qwen3-30b-a3b-32l"):
+    _sweep(rep.DEEPSEEK, 8, 4, {0.0: (0.1, {0: 100.0, 1: 99.0})}).to_csv(tmp_path / "d8.csv", index=False)
+    gaps = rep.read_swap_gaps([str(paths["d"]), str(paths["q"]), str(tmp_path / "d8.csv")])
+    assert list(gaps) == [rep.QWEN3, rep.DEEPSEEK]
+    assert [rep._grouping(g) for g in gaps[rep.DEEPSEEK]] == [(1, 1), (8, 4)]     # a second routing: an ablation
+    with pytest.raises(ValueError, match="a second swap-gap sweep of qwen3-30b-a3b-32l with n_group 1, topk_group 1"):
         rep.read_swap_gaps([str(paths["q"]), str(paths["q2"])])
+    both = pd.concat([pd.read_csv(paths["d"]), pd.read_csv(tmp_path / "d8.csv")])
+    both.to_csv(tmp_path / "both.csv", index=False)
+    with pytest.raises(ValueError, match="both.csv: a swap-gap sweep of several routings"):
+        rep.read_swap_gaps([str(tmp_path / "both.csv")])
     with pytest.raises(ValueError, match="a swap-gap sweep of model mixtral-8x7b; the report reads one sweep of each"):
         rep.read_swap_gaps([str(paths["x"])])

@@ -113,7 +113,7 @@ rule hiermoe_swap_measure:
 rule hiermoe_swap_gap:
     """What the expert swap can gain on our routing: HierD-ES planned until it stops, on routings of
     several skews that stay (the report's explanation of the swap gain's gap to the paper); one
-    sweep per run (model) of the config."""
+    sweep per run of the config (a model, or an ablation of its routing)."""
     input:
         code=code_inputs("impl.experiments.hiermoe.swap_gap"),
         config=lambda wc: repo_path(SWAP_GAP_RUNS[wc.run]["config"]),

@@ -23,8 +23,10 @@ placement (`q_ms`, Eq. (8) at its d*), and the duplicate-free rows of the route'
 the coarsest level) on the next routing, their mean and largest split (`first_step_rows_*`: a swap
 lowers the mean by placing experts that tokens select together in one group, the largest split
 over the mean by balancing), and how many of the swaps so far exchanged experts on two nodes
-(`cross_node_swaps`; the others stay inside a node, where only the finer steps can change). Gains
-are the rows of 0 swaps over the row's.
+(`cross_node_swaps`; the others stay inside a node, where only the finer steps can change), and
+why: of the single swaps the placement allows, the best one across nodes and the best one inside a
+node, as Q's relative change (`cross_node_best_dq`, `in_node_best_dq`), and the share of each kind
+that would lower Q (`*_lowering_share`). Gains are the rows of 0 swaps over the row's.
 
 What it measures (the report divides): the swap gain after as many swaps as the runs make,
 the converged gain (an upper bound for a run of any length on a routing that stays, under this
@@ -34,11 +36,13 @@ the time's).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 
 import pandas as pd
+import torch
 
 from impl.common import cli
 from impl.common.config import MAX_REPEATS, ConfigError, bounded
@@ -47,7 +51,7 @@ from impl.common.records import make_record
 from impl.experiments.hiermoe.sim import LayerRouting, SimExperimentConfig, a2a_time, parse_system, resolve
 from impl.experiments.hiermoe.workload import RoutingStream, routing_balance
 from impl.hiermoe.dimension import holder_rows, route_steps
-from impl.hiermoe.expert_swap import decide_swap
+from impl.hiermoe.expert_swap import REL_TOL, decide_swap, pair_objectives
 
 __all__ = ["SwapGapConfig", "swap_path", "run_sweep", "check", "main"]
 
@@ -72,9 +76,10 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
     placement = ExpertPlacement.identity(rz.num_experts)
     rows = []
 
-    def row(swaps: int, converged: bool, d: int, q_ms: float, plan_s: float) -> dict:
+    def row(swaps: int, converged: bool, d: int, q_ms: float, plan_s: float, stats) -> dict:
         out = {"swaps": swaps, "checkpoint": swaps in checkpoints, "converged": converged, "dim": d, "q_ms": q_ms,
-               "planning_s": plan_s, "cross_node_swaps": cross_node}
+               "planning_s": plan_s, "cross_node_swaps": cross_node,
+               **_swaps_by_nodes(rz, stats, placement, d, q_ms)}
         for charge, spec in specs.items():
             suffix = "" if charge == "all" else "_tokens"
             for which, r in (("same", routing), ("next", next_routing)):
@@ -92,12 +97,13 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
     for swaps in range(max_swaps + 1):
         _, d = a2a_time(specs["all"], routing.of(placement)[0], None, rz)
         start = time.perf_counter()
-        decision = decide_swap(routing.swap_stats(placement), placement, rz.profile, rz.row_bytes,
+        stats = routing.swap_stats(placement)
+        decision = decide_swap(stats, placement, rz.profile, rz.row_bytes,
                                max_fn=cfg.max_fn, gamma=cfg.gamma, dim=d, weight_bytes=cfg.weight_bytes)
         plan_s += time.perf_counter() - start
         done = decision.pair is None
         if swaps == 0 or swaps in checkpoints or done or swaps == max_swaps:
-            rows.append(row(swaps, done, d, decision.q_current, plan_s))
+            rows.append(row(swaps, done, d, decision.q_current, plan_s, stats))
         if done:
             break
         cross_node += node(decision.pair[0]) != node(decision.pair[1])
@@ -105,6 +111,28 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
         routing.move(placement, swapped)         # the next plan's statistics: only the moved experts' tokens recounted
         placement = swapped
     return rows
+
+
+def _swaps_by_nodes(rz, stats, placement: ExpertPlacement, d: int, q_ms: float) -> dict:
+    """Which single swaps of this placement would lower the objective Q (Eq. (8) at d, float64),
+    split by whether the two experts lie on two nodes or in one: the best of each as Q's relative
+    change (`*_best_dq`, negative: lowers Q) and the share of each kind of pair that lowers Q. What
+    shows why the planner does or does not swap across nodes (e.g. under node-limited routing)."""
+    cfg = rz.config
+    q = pair_objectives(stats, rz.profile, rz.row_bytes, d, max_fn=cfg.max_fn, gamma=cfg.gamma)
+    topo = rz.topology
+    node = torch.tensor([topo.group_index(g, 1) for g in range(topo.G)])[torch.arange(rz.num_experts) // (
+        rz.num_experts // topo.G)]
+    upper = torch.ones_like(q, dtype=torch.bool).triu(1) & (q < math.inf)      # each pair of GPUs' slots once
+    lowers = q < q_ms - REL_TOL * max(1.0, abs(q_ms))
+    out = {}
+    for kind, where in (("cross_node", node.view(-1, 1) != node.view(1, -1)),
+                        ("in_node", node.view(-1, 1) == node.view(1, -1))):
+        pairs = upper & where
+        n = int(pairs.sum())
+        out[f"{kind}_best_dq"] = float(q[pairs].min()) / q_ms - 1 if n else math.nan
+        out[f"{kind}_lowering_share"] = int((pairs & lowers).sum()) / n if n else math.nan
+    return out
 
 
 def run_sweep(config: SwapGapConfig) -> pd.DataFrame:
