@@ -979,7 +979,8 @@ def swap_section(runs: Runs) -> str:
 
 SWAP_GAP_COLUMNS = ("skew", "swaps", "checkpoint", "converged", "maxvio", "max_split_ratio", "q_ms", "a2a_ms_same", "a2a_ms_next",
                     "a2a_ms_same_tokens", "a2a_ms_next_tokens", "first_step_rows_mean", "first_step_rows_max", "cross_node_swaps",
-                    "cross_node_best_dq", "in_node_best_dq", "cross_node_lowering_share", "in_node_lowering_share", "drift", "model", "topology", "E", "K", "G", "n_group", "topk_group")
+                    "cross_node_best_dq", "in_node_best_dq", "cross_node_lowering_share", "in_node_lowering_share",
+                    "drift", "model", "topology", "E", "K", "G", "n_group", "topk_group")
 PAPER_CHARGE = "final, paper's charge"
 FIRST_MEAN = "first step's mean rows, final / 0 swaps"
 FIRST_SPREAD = "first step's largest / mean split, 0 swaps -> final"
@@ -1242,7 +1243,7 @@ def _swap_gap_model(model: str, sweeps: list[pd.DataFrame], runs: Runs) -> tuple
     return clause, lines
 
 
-def swap_gap_lines(gaps: dict[str, pd.DataFrame], runs: Runs) -> tuple[str, str]:
+def swap_gap_lines(gaps: dict[str, list[pd.DataFrame]], runs: Runs) -> tuple[str, str]:
     """(the headline's sentence, the section) on what the swap can gain on our routing, from the
     swap-gap sweeps (`impl.experiments.hiermoe.swap_gap`), one or more per model (`read_swap_gaps`)."""
     parts = [_swap_gap_model(model, sweeps, runs) for model, sweeps in gaps.items()]

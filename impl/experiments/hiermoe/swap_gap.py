@@ -79,7 +79,7 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
     def row(swaps: int, converged: bool, d: int, q_ms: float, plan_s: float, stats) -> dict:
         out = {"swaps": swaps, "checkpoint": swaps in checkpoints, "converged": converged, "dim": d, "q_ms": q_ms,
                "planning_s": plan_s, "cross_node_swaps": cross_node,
-               **_swaps_by_nodes(rz, stats, placement, d, q_ms)}
+               **_swaps_by_nodes(rz, stats, d, q_ms)}
         for charge, spec in specs.items():
             suffix = "" if charge == "all" else "_tokens"
             for which, r in (("same", routing), ("next", next_routing)):
@@ -113,11 +113,12 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
     return rows
 
 
-def _swaps_by_nodes(rz, stats, placement: ExpertPlacement, d: int, q_ms: float) -> dict:
-    """Which single swaps of this placement would lower the objective Q (Eq. (8) at d, float64),
-    split by whether the two experts lie on two nodes or in one: the best of each as Q's relative
-    change (`*_best_dq`, negative: lowers Q) and the share of each kind of pair that lowers Q. What
-    shows why the planner does or does not swap across nodes (e.g. under node-limited routing)."""
+def _swaps_by_nodes(rz, stats, d: int, q_ms: float) -> dict:
+    """Which single swaps of the placement `stats` were counted on would lower the objective Q
+    (Eq. (8) at d, float64), split by whether the two slots (node-major) lie on two nodes or in one:
+    the best of each as Q's relative change (`*_best_dq`, negative: lowers Q) and the share of each
+    kind of pair that lowers Q. What shows why the planner does or does not swap across nodes (e.g.
+    under node-limited routing)."""
     cfg = rz.config
     q = pair_objectives(stats, rz.profile, rz.row_bytes, d, max_fn=cfg.max_fn, gamma=cfg.gamma)
     topo = rz.topology
