@@ -1172,7 +1172,7 @@ def _across_nodes_lines(gap: pd.DataFrame, variants: list[pd.DataFrame], skew: f
                 f"{100 * a.share_start:.1f}%), the best across nodes {100 * v.best_across:+.3f}%.")
         if _grouping(gap)[0] > 1 >= _grouping(variant)[0] and a.crossed == 0 == a.share_most < v.crossed:
             line += (" So the node-limited routing is what keeps the swaps inside nodes: with it no swap across nodes "
-                     f"lowers Q anywhere on the path{_whole_groups(gap)}.")
+                     f"lowers Q at any checkpoint of the path, and none is made{_whole_groups(gap)}.")
         lines.append(line)
     return lines
 

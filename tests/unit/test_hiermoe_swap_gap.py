@@ -191,7 +191,7 @@ def test_the_report_section_covers_each_models_sweep_against_its_run_and_paper_n
     assert ("* Ablation, the same sweep with routing without expert groups: at skew 0, 20 of its 40 swaps cross nodes "
             "(routing as above: 0 of 40); at 0 swaps 30.0% of the swaps across nodes would lower Q (as above: 0.0%), "
             "the best across nodes -0.400%. So the node-limited routing is what keeps the swaps inside nodes: with it "
-            "no swap across nodes lowers Q anywhere on the path; under the identity placement the swaps start from, "
+            "no swap across nodes lowers Q at any checkpoint of the path, and none is made; under the identity placement the swaps start from, "
             "each of its 8 expert groups (32 consecutive experts) lies whole on one node (64 experts per node), so a "
             "swap across nodes splits a group that tokens select together.") in section
     assert section.count("* Ablation,") == 1                     # Qwen3 has one routing
