@@ -1006,9 +1006,10 @@ def read_swap_gaps(paths: list[str]) -> dict[str, list[pd.DataFrame]]:
                              f"each of {', '.join(MODEL_LABEL)}")
         if len(gap[["n_group", "topk_group"]].drop_duplicates()) != 1:
             raise ValueError(f"{path}: a swap-gap sweep of several routings (n_group, topk_group); give one per file")
-        if any(_grouping(other) == _grouping(gap) for other in gaps.get(models[0], [])):
-            raise ValueError(f"{path}: a second swap-gap sweep of {models[0]} with n_group {_grouping(gap)[0]}, "
-                             f"topk_group {_grouping(gap)[1]}; give one per model and routing")
+        groups, chosen = _grouping(gap)
+        if any(_grouping(other) == (groups, chosen) for other in gaps.get(models[0], [])):
+            raise ValueError(f"{path}: a second swap-gap sweep of {models[0]} with n_group {groups}, "
+                             f"topk_group {chosen}; give one per model and routing")
         gaps.setdefault(models[0], []).append(gap)
     return {m: gaps[m] for m in MODEL_LABEL if m in gaps}
 

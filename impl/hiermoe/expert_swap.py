@@ -667,8 +667,7 @@ def decide_swap(stats: SwapStats, placement: ExpertPlacement, profile: HardwareP
     E = placement.num_experts
     El = check_expert_parallel(E, topo.G)
     d = choose_from_counts(stats.dispatch_counts, profile, row_bytes, weight_bytes) if dim is None else dim
-    terms = _step_terms(topo, d, profile)
-    levels = [L for L, *_ in terms]
+    levels = [L for L, _ in route_steps(topo, d)]
 
     def exact_q(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:                  # float64 Q of swaps
         if stats.tables is not None:

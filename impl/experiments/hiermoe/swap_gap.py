@@ -74,12 +74,13 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
     specs = {charge: parse_system(f"HD-MoE[charge={charge}]", {"max_fn": cfg.max_fn, "gamma": cfg.gamma})
              for charge in ("all", "tokens")}
     placement = ExpertPlacement.identity(rz.num_experts)
+    node_of_slot = torch.arange(rz.num_experts) // (rz.num_experts // rz.topology.num_nodes)   # slots are node-major
     rows = []
 
     def row(swaps: int, converged: bool, d: int, q_ms: float, plan_s: float, stats) -> dict:
         out = {"swaps": swaps, "checkpoint": swaps in checkpoints, "converged": converged, "dim": d, "q_ms": q_ms,
                "planning_s": plan_s, "cross_node_swaps": cross_node,
-               **_swaps_by_nodes(rz, stats, d, q_ms)}
+               **_swaps_by_nodes(rz, stats, d, q_ms, node_of_slot)}
         for charge, spec in specs.items():
             suffix = "" if charge == "all" else "_tokens"
             for which, r in (("same", routing), ("next", next_routing)):
@@ -89,9 +90,6 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
         first = holder_rows(next_routing.of(placement)[0].copies, *route_steps(rz.topology, d)[0]).double()
         out["first_step_rows_mean"], out["first_step_rows_max"] = float(first.mean()), float(first.max())
         return out
-
-    def node(expert: int) -> int:
-        return rz.topology.group_index(placement.owner_rank(expert, rz.topology.G), 1)
 
     plan_s, cross_node = 0.0, 0
     for swaps in range(max_swaps + 1):
@@ -106,29 +104,27 @@ def swap_path(rz, routing: LayerRouting, next_routing: LayerRouting, max_swaps: 
             rows.append(row(swaps, done, d, decision.q_current, plan_s, stats))
         if done:
             break
-        cross_node += node(decision.pair[0]) != node(decision.pair[1])
+        a, b = (placement.slot_of_expert[e] for e in decision.pair)
+        cross_node += bool(node_of_slot[a] != node_of_slot[b])
         swapped = placement.swap(*decision.pair)
         routing.move(placement, swapped)         # the next plan's statistics: only the moved experts' tokens recounted
         placement = swapped
     return rows
 
 
-def _swaps_by_nodes(rz, stats, d: int, q_ms: float) -> dict:
+def _swaps_by_nodes(rz, stats, d: int, q_ms: float, node_of_slot: torch.Tensor) -> dict:
     """Which single swaps of the placement `stats` were counted on would lower the objective Q
-    (Eq. (8) at d, float64), split by whether the two slots (node-major) lie on two nodes or in one:
-    the best of each as Q's relative change (`*_best_dq`, negative: lowers Q) and the share of each
-    kind of pair that lowers Q. What shows why the planner does or does not swap across nodes (e.g.
-    under node-limited routing)."""
+    (Eq. (8) at d, float64), split by whether the two slots lie on two nodes or in one: the best of
+    each as Q's relative change (`*_best_dq`, negative: lowers Q) and the share of each kind of pair
+    that lowers Q. What shows why the planner does or does not swap across nodes (e.g. under
+    node-limited routing)."""
     cfg = rz.config
     q = pair_objectives(stats, rz.profile, rz.row_bytes, d, max_fn=cfg.max_fn, gamma=cfg.gamma)
-    topo = rz.topology
-    node = torch.tensor([topo.group_index(g, 1) for g in range(topo.G)])[torch.arange(rz.num_experts) // (
-        rz.num_experts // topo.G)]
     upper = torch.ones_like(q, dtype=torch.bool).triu(1) & (q < math.inf)      # each pair of GPUs' slots once
     lowers = q < q_ms - REL_TOL * max(1.0, abs(q_ms))
+    across = node_of_slot.view(-1, 1) != node_of_slot.view(1, -1)
     out = {}
-    for kind, where in (("cross_node", node.view(-1, 1) != node.view(1, -1)),
-                        ("in_node", node.view(-1, 1) == node.view(1, -1))):
+    for kind, where in (("cross_node", across), ("in_node", ~across)):
         pairs = upper & where
         n = int(pairs.sum())
         out[f"{kind}_best_dq"] = float(q[pairs].min()) / q_ms - 1 if n else math.nan
